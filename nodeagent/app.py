@@ -1,0 +1,170 @@
+"""Composition root: builds the agent of one node, starts its tasks, drains on SIGTERM.
+
+Only wiring lives here: config source → snapshot → proxy; admin socket and HTTP
+endpoints read the agent through ``AgentView``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from nodeagent.config import AgentSettings
+from nodeagent.control.files import ConfigWatcher, LoadedConfig
+from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.status import ConfigStatus, ConnectionInfo
+from nodeagent.proxy.server import Proxy
+from nodeagent.redirect import netns
+from nodeagent.telemetry.metrics import Metrics
+
+log = logging.getLogger("nodeagent")
+
+
+class Agent:
+    """One node's agent; implements ``nodeagent.model.status.AgentView``."""
+
+    def __init__(self, settings: AgentSettings, watcher: ConfigWatcher, loaded: LoadedConfig):
+        self.settings = settings
+        self.node = settings.node
+        self.started_at = time.time()
+        self.watcher = watcher
+        self._loaded = loaded
+        self._snapshot = loaded.snapshot
+        self.metrics = Metrics()
+        self.proxy = Proxy(
+            settings.node, self.snapshot, self.metrics, connect_timeout=settings.connect_timeout
+        )
+        self._stop = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
+
+    # -- AgentView -------------------------------------------------------------------
+    def snapshot(self) -> MeshSnapshot:
+        return self._snapshot
+
+    def config_status(self) -> ConfigStatus:
+        w = self.watcher
+        return ConfigStatus(
+            version=self._snapshot.version,
+            loaded_at=w.loaded_at,
+            sources=self._snapshot.sources,
+            last_error=w.last_error,
+            last_error_at=w.last_error_at,
+        )
+
+    def connections(self) -> list[ConnectionInfo]:
+        return self.proxy.table.snapshot()
+
+    def ready(self) -> bool:
+        return self.proxy.all_ready() and not self._stop.is_set()
+
+    def redirect_mode(self) -> str:
+        return self.settings.redirect
+
+    def config_dump(self) -> list[dict[str, Any]]:
+        return [dict(o) for o in self._loaded.objects]
+
+    def local_pods(self) -> list[dict[str, Any]]:
+        return self.proxy.pod_states()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _on_update(self, loaded: LoadedConfig) -> None:
+        self._loaded = loaded
+        self._snapshot = loaded.snapshot  # one assignment: readers see old or new
+        self.metrics.config_reloads.labels(result="ok").inc()
+        asyncio.get_running_loop().create_task(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        async with self._reconcile_lock:
+            await self.proxy.reconcile(self._snapshot)
+
+    async def _retry_failed(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            if not self.proxy.all_ready():
+                await self._reconcile()
+
+    async def serve(self) -> int:
+        from nodeagent.admin.http import start_http_servers
+        from nodeagent.admin.server import start_admin_server
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self._reconcile()
+        admin = await start_admin_server(self, self.settings.socket_path)
+        http_servers = await start_http_servers(
+            self,
+            "0.0.0.0",
+            self.settings.metrics_port,
+            self.settings.ready_port,
+            registry=self.metrics.registry,
+        )
+        tasks = [
+            loop.create_task(self.watcher.run()),
+            loop.create_task(self._retry_failed()),
+        ]
+        log.info(
+            "agent for node %s serving: %d local pod(s), config version %d, socket %s",
+            self.node,
+            len(self.proxy.pods),
+            self._snapshot.version,
+            self.settings.socket_path,
+        )
+        await self._stop.wait()
+        log.info(
+            "shutting down: no new connections; draining for up to %gs", self.settings.drain_seconds
+        )
+        self.proxy.stop_accepting()
+        await self.proxy.drain(self.settings.drain_seconds)
+        for t in tasks:
+            t.cancel()
+        for s in http_servers:
+            s.close()
+        await admin.stop(0.5)
+        self.proxy.close()
+        return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_agent(settings: AgentSettings) -> int:
+    _setup_logging(settings.log_level)
+    if settings.netns:
+        try:
+            netns.enter(settings.netns)
+        except LocalStateError as e:
+            print(f"nodeagent run: {e}", file=sys.stderr)
+            return 1
+    watcher = ConfigWatcher(
+        directory=settings.config_dir,
+        pods_file=settings.pods_file,
+        on_update=lambda _loaded: None,
+        interval=settings.reload_interval,
+    )
+    try:
+        loaded = watcher.load_once()
+    except (ConfigErrors, ConfigError) as e:
+        print(
+            f"nodeagent run: the config in {settings.config_dir} is invalid:\n{e}", file=sys.stderr
+        )
+        return 2
+
+    async def main() -> int:
+        agent = Agent(settings, watcher, loaded)
+        watcher.on_update = agent._on_update
+        return await agent.serve()
+
+    return uvloop.run(main())

@@ -1,0 +1,64 @@
+"""The command line: the only place that prints for humans.
+
+Subcommands: ``run`` (the agent of one node), ``sandbox`` (the local multi-node
+playground), ``ctl`` (query a running agent over its node agent socket) and
+``sample-app`` (the HTTP service of the examples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nodeagent import __version__
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the agent of one node")
+    p.add_argument("--node", required=True, help="this node's name (Pod spec.nodeName)")
+    p.add_argument("--config", required=True, help="directory of mesh YAML files")
+    p.add_argument("--pods", default="", help="pod runtime file (JSON) naming pod IPs/netns")
+    p.add_argument("--netns", default="", help="enter this network namespace (name or path)")
+    p.add_argument("--socket", default="", help="node agent socket path")
+    p.add_argument("--state-dir", default="", help="state directory")
+    p.add_argument("--redirect", default="iptables", choices=["iptables"], help="capture mode")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nodeagent.app import run_agent
+    from nodeagent.config import AgentSettings
+
+    settings = AgentSettings.from_args(args)
+    return run_agent(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nodeagent import sampleapp
+    from nodeagent.admin import ctl
+    from nodeagent.sandbox import cli as sandbox_cli
+
+    parser = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    sandbox_cli.add_parser(sub)
+    ctl.add_parser(sub)
+    sampleapp.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""File-mode config source: a directory of Kubernetes/Istio YAML files.
+
+``load_directory`` parses and validates every object (each problem names the file, the
+object and the field path) and builds one ``MeshSnapshot``. ``ConfigWatcher`` polls the
+directory (and the pod runtime file) and publishes a new snapshot after each good edit;
+a bad edit keeps the last good snapshot and records the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeagent.control.kinds import find_kind, supported_kinds, validate
+from nodeagent.control.runtime import load_runtimes
+from nodeagent.errors import ConfigError, ConfigErrors
+from nodeagent.model.objects import Pod, PodRuntime, Service
+from nodeagent.model.snapshot import MeshSnapshot
+
+log = logging.getLogger(__name__)
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The result of one successful load."""
+
+    snapshot: MeshSnapshot
+    objects: tuple[dict[str, Any], ...]
+    """Raw objects as read, each with ``_source`` (file) added, for the config dump."""
+
+
+def _files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ConfigErrors([ConfigError("not a directory", source=str(directory))])
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix in YAML_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _obj_name(doc: dict[str, Any]) -> str:
+    kind = doc.get("kind", "?")
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    assert isinstance(meta, dict)
+    ns = meta.get("namespace", "default")
+    return f"{kind} {ns}/{meta.get('name', '?')}"
+
+
+def parse_documents(
+    text: str, source: str
+) -> tuple[list[tuple[dict[str, Any], object]], list[ConfigError]]:
+    """Parse one file's YAML documents into ``(raw, model object)`` pairs."""
+    errors: list[ConfigError] = []
+    out: list[tuple[dict[str, Any], object]] = []
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        return [], [ConfigError(f"{where}invalid YAML: {problem}", source=source)]
+    for index, doc in enumerate(docs):
+        if doc is None:
+            continue
+        here = f"{source} (document {index + 1})" if len(docs) > 1 else source
+        if not isinstance(doc, dict):
+            errors.append(ConfigError("expected a mapping with apiVersion and kind", source=here))
+            continue
+        api, kind_name = doc.get("apiVersion"), doc.get("kind")
+        if not isinstance(api, str) or not isinstance(kind_name, str):
+            errors.append(ConfigError("apiVersion and kind are required strings", source=here))
+            continue
+        kind = find_kind(api, kind_name)
+        if kind is None:
+            errors.append(
+                ConfigError(
+                    f"unknown kind {kind_name!r} (apiVersion {api!r}); "
+                    f"supported: {supported_kinds()}",
+                    source=here,
+                    obj=_obj_name(doc),
+                    field="kind",
+                )
+            )
+            continue
+        obj, problems = validate(doc, kind, source)
+        for path, msg in problems.items:
+            errors.append(ConfigError(msg, source=here, obj=_obj_name(doc), field=path))
+        if obj is not None and not problems.items:
+            out.append(({**doc, "_source": source}, obj))
+    return out, errors
+
+
+def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
+    """Checks across objects: duplicates, clusterIP clashes, selectors matching nothing."""
+    errors: list[ConfigError] = []
+    seen: dict[tuple[str, str], str] = {}
+    for kind, items in (("Pod", pods), ("Service", services)):
+        for o in items:
+            k = (kind, o.key)
+            if k in seen:
+                errors.append(
+                    ConfigError(
+                        f"duplicate name: also defined in {seen[k]}",
+                        source=o.source,
+                        obj=f"{kind} {o.key}",
+                        field="metadata.name",
+                    )
+                )
+            else:
+                seen[k] = o.source
+    ips: dict[str, Service] = {}
+    for s in services:
+        if s.cluster_ip is None:
+            continue
+        other = ips.get(s.cluster_ip)
+        if other is not None and other.key != s.key:
+            errors.append(
+                ConfigError(
+                    f"clusterIP {s.cluster_ip} is already used by Service {other.key} "
+                    f"({other.source})",
+                    source=s.source,
+                    obj=f"Service {s.key}",
+                    field="spec.clusterIP",
+                )
+            )
+        ips[s.cluster_ip] = s
+    for s in services:
+        if not s.selector:
+            continue
+        if not any(p.namespace == s.namespace and p.labels.matches(s.selector) for p in pods):
+            errors.append(
+                ConfigError(
+                    f"selector {s.selector} matches no Pod in namespace {s.namespace}",
+                    source=s.source,
+                    obj=f"Service {s.key}",
+                    field="spec.selector",
+                )
+            )
+    pod_ips: dict[str, Pod] = {}
+    for p in pods:
+        if p.pod_ip is None:
+            continue
+        if p.pod_ip in pod_ips:
+            errors.append(
+                ConfigError(
+                    f"podIP {p.pod_ip} is also Pod {pod_ips[p.pod_ip].key}",
+                    source=p.source,
+                    obj=f"Pod {p.key}",
+                    field="status.podIP",
+                )
+            )
+        pod_ips[p.pod_ip] = p
+    return errors
+
+
+def load_directory(
+    directory: str | Path,
+    *,
+    runtimes: dict[str, PodRuntime] | None = None,
+    version: int = 1,
+) -> LoadedConfig:
+    """Load and validate every YAML file under ``directory``; raise ``ConfigErrors``."""
+    d = Path(directory)
+    errors: list[ConfigError] = []
+    pods: list[Pod] = []
+    services: list[Service] = []
+    raws: list[dict[str, Any]] = []
+    files = _files(d)
+    for f in files:
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(ConfigError(f"cannot read: {e}", source=str(f)))
+            continue
+        pairs, errs = parse_documents(text, str(f))
+        errors.extend(errs)
+        for raw, obj in pairs:
+            raws.append(raw)
+            if isinstance(obj, Pod):
+                pods.append(obj)
+            elif isinstance(obj, Service):
+                services.append(obj)
+    errors.extend(cross_check(pods, services))
+    if errors:
+        raise ConfigErrors(errors)
+    snap = MeshSnapshot.build(
+        version=version,
+        pods=tuple(pods),
+        services=tuple(services),
+        runtimes=runtimes or {},
+        sources=tuple(str(f) for f in files),
+    )
+    return LoadedConfig(snapshot=snap, objects=tuple(raws))
+
+
+def _fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out: list[tuple[str, int, int]] = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((str(p), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+@dataclass
+class ConfigWatcher:
+    """Polls a config directory and a pod runtime file; publishes good snapshots.
+
+    ``on_update`` is called on the event loop with each new ``LoadedConfig``.
+    """
+
+    directory: Path
+    pods_file: Path | None
+    on_update: Callable[[LoadedConfig], None]
+    interval: float = 0.5
+    version: int = 0
+    current: LoadedConfig | None = None
+    last_error: str = ""
+    last_error_at: float = 0.0
+    loaded_at: float = 0.0
+    _print: tuple[tuple[str, int, int], ...] = field(default=())
+
+    def _watched(self) -> list[Path]:
+        try:
+            paths = _files(self.directory)
+        except ConfigErrors:
+            paths = []
+        if self.pods_file is not None:
+            paths.append(self.pods_file)
+        return [self.directory, *paths]
+
+    def load_once(self) -> LoadedConfig:
+        """Load now (raises on a bad config); used at start, where a bad config is fatal."""
+        self._print = _fingerprint(self._watched())
+        runtimes = load_runtimes(self.pods_file) if self.pods_file else {}
+        loaded = load_directory(self.directory, runtimes=runtimes, version=self.version + 1)
+        self.version += 1
+        self.current = loaded
+        self.loaded_at = time.time()
+        self.last_error = ""
+        return loaded
+
+    def _try_reload(self) -> LoadedConfig | None:
+        try:
+            return self.load_once()
+        except (ConfigErrors, ConfigError) as e:
+            self.last_error = str(e)
+            self.last_error_at = time.time()
+            log.error("config rejected, still serving version %d: %s", self.version, e)
+            return None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            fp = await loop.run_in_executor(None, lambda: _fingerprint(self._watched()))
+            if fp == self._print:
+                continue
+            loaded = await loop.run_in_executor(None, self._try_reload)
+            if loaded is None:
+                self._print = fp
+                continue
+            log.info(
+                "config version %d loaded (%d files)",
+                loaded.snapshot.version,
+                len(loaded.snapshot.sources),
+            )
+            self.on_update(loaded)

@@ -1,0 +1,117 @@
+"""A small declarative checker for Kubernetes-shaped YAML: types, required fields and
+unknown fields, each reported with its field path (``spec.ports[0].port``).
+
+Shapes are plain data so the supported subset can be read (and documented) in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class Obj:
+    """A mapping with known fields; anything else is an error."""
+
+    fields: dict[str, Shape]
+    required: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Shape
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """A mapping of string keys to values of one shape (labels, selectors)."""
+
+    value: Shape
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """One of the Python types ``str``, ``int``, ``bool``, ``float`` (int accepted for float)."""
+
+    types: tuple[type, ...]
+    name: str
+
+
+@dataclass(frozen=True)
+class AnyShape:
+    """Accepted as is (checked by the converter)."""
+
+
+Shape = Union[Obj, ListOf, MapOf, Scalar, AnyShape]  # noqa: UP007
+
+STR = Scalar((str,), "string")
+INT = Scalar((int,), "integer")
+BOOL = Scalar((bool,), "boolean")
+INT_OR_STR = Scalar((int, str), "integer or string")
+STR_MAP = MapOf(STR)
+
+
+@dataclass
+class Problems:
+    """Collects ``(field path, message)`` pairs while checking one object."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, message))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check(value: Any, shape: Shape, path: str, problems: Problems) -> None:
+    """Check ``value`` against ``shape``, adding one problem per wrong field."""
+    if isinstance(shape, AnyShape):
+        return
+    if isinstance(shape, Scalar):
+        ok = isinstance(value, shape.types) and not (
+            isinstance(value, bool) and bool not in shape.types
+        )
+        if not ok:
+            problems.add(path, f"expected {shape.name}, got {_type_name(value)} {value!r}")
+        return
+    if isinstance(shape, ListOf):
+        if not isinstance(value, list):
+            problems.add(path, f"expected a list, got {_type_name(value)}")
+            return
+        for i, item in enumerate(value):
+            check(item, shape.item, f"{path}[{i}]", problems)
+        return
+    if isinstance(shape, MapOf):
+        if not isinstance(value, dict):
+            problems.add(path, f"expected a mapping, got {_type_name(value)}")
+            return
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.add(path, f"key {k!r} is not a string")
+                continue
+            check(v, shape.value, _join(path, k), problems)
+        return
+    if not isinstance(value, dict):
+        problems.add(path, f"expected a mapping, got {_type_name(value)}")
+        return
+    for k, v in value.items():
+        sub = shape.fields.get(k) if isinstance(k, str) else None
+        if sub is None:
+            known = ", ".join(sorted(shape.fields))
+            problems.add(_join(path, str(k)), f"unknown field (supported here: {known})")
+            continue
+        check(v, sub, _join(path, k), problems)
+    for k in sorted(shape.required):
+        if k not in value:
+            problems.add(_join(path, k), "required field is missing")

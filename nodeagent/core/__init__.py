@@ -1,0 +1,4 @@
+"""Pure decisions over a ``MeshSnapshot``: where a connection goes, which endpoint.
+
+No I/O, no asyncio, no sockets.
+"""

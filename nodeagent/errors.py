@@ -1,0 +1,45 @@
+"""The error types of nodeagent, one per whose-fault.
+
+- ``ConfigError``: the user's configuration is wrong (names the file, object and field).
+- ``PeerError``: a remote peer misbehaved or is unreachable (names the peer).
+- ``LocalStateError``: this machine is not in the state we need (a missing netns, a
+  command that failed, a permission), with what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class NodeAgentError(Exception):
+    """Base of every error nodeagent raises on purpose."""
+
+
+class ConfigError(NodeAgentError):
+    """A configuration object is invalid.
+
+    The message reads ``FILE: KIND NAMESPACE/NAME: FIELD.PATH: what is wrong``.
+    """
+
+    def __init__(self, message: str, *, source: str = "", obj: str = "", field: str = "") -> None:
+        self.source = source
+        self.obj = obj
+        self.field = field
+        self.reason = message
+        parts = [p for p in (source, obj, field) if p]
+        super().__init__(": ".join([*parts, message]))
+
+
+class ConfigErrors(NodeAgentError):
+    """Several configuration errors found in one load (each reported, all at once)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{len(errors)} configuration error(s):\n{lines}")
+
+
+class PeerError(NodeAgentError):
+    """A peer (client, upstream, CA) failed or misbehaved."""
+
+
+class LocalStateError(NodeAgentError):
+    """The local machine is not in a state we can work with."""

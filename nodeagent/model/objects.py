@@ -1,0 +1,136 @@
+"""Frozen model objects with Kubernetes shapes: Pod, Service and their parts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+
+
+@dataclass(frozen=True)
+class Labels(Mapping[str, str]):
+    """An immutable, hashable label set (also used for selectors)."""
+
+    items_: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, d: Mapping[str, str] | None) -> Labels:
+        return cls(tuple(sorted((d or {}).items())))
+
+    def __getitem__(self, key: str) -> str:
+        for k, v in self.items_:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
+
+    def matches(self, selector: Labels) -> bool:
+        """True when every key/value of ``selector`` is in these labels (empty matches none)."""
+        if not selector.items_:
+            return False
+        mine = dict(self.items_)
+        return all(mine.get(k) == v for k, v in selector.items_)
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.items_)
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    image: str = ""
+    ports: tuple[tuple[str, int], ...] = ()
+    """(name, containerPort) pairs; the name may be empty."""
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A workload: one Pod with its identity inputs and placement."""
+
+    namespace: str
+    name: str
+    node_name: str
+    service_account: str = "default"
+    labels: Labels = field(default_factory=Labels)
+    annotations: Labels = field(default_factory=Labels)
+    containers: tuple[Container, ...] = ()
+    pod_ip: str | None = None
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def identity(self, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
+        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    def named_port(self, name: str) -> int | None:
+        for c in self.containers:
+            for pname, number in c.ports:
+                if pname == name:
+                    return number
+        return None
+
+    def excluded_ports(self, direction: str) -> frozenset[int]:
+        """Ports named by Istio's ``traffic.sidecar.istio.io/exclude{In,Out}boundPorts``."""
+        key = f"traffic.sidecar.istio.io/exclude{direction}Ports"
+        raw = dict(self.annotations.items_).get(key, "")
+        return frozenset(int(p) for p in raw.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int | str
+    name: str = ""
+    protocol: str = "TCP"
+    app_protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    ports: tuple[ServicePort, ...]
+    selector: Labels = field(default_factory=Labels)
+    cluster_ip: str | None = None
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def hostnames(self, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
+        """The names a pod may use for this service, shortest first."""
+        return (
+            self.name,
+            f"{self.name}.{self.namespace}",
+            f"{self.name}.{self.namespace}.svc",
+            f"{self.name}.{self.namespace}.svc.{cluster_domain}",
+        )
+
+    def port(self, number: int) -> ServicePort | None:
+        for p in self.ports:
+            if p.port == number:
+                return p
+        return None
+
+
+@dataclass(frozen=True)
+class PodRuntime:
+    """Where a pod lives on its node: what a CNI plugin would tell the agent."""
+
+    key: str
+    ip: str
+    node: str
+    netns: str
+    cgroup: str = ""

@@ -1,0 +1,134 @@
+"""``MeshSnapshot``: one immutable, indexed view of the mesh.
+
+Built once per config change by the control layer and published with one assignment;
+readers take the current snapshot once per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One backend of a service port: a pod and the port it listens on."""
+
+    pod: Pod
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port} ({self.pod.key})"
+
+
+def _empty() -> Mapping[str, object]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class MeshSnapshot:
+    """Everything the agent knows about the mesh at one version."""
+
+    version: int = 0
+    pods: tuple[Pod, ...] = ()
+    services: tuple[Service, ...] = ()
+    runtimes: Mapping[str, PodRuntime] = field(default_factory=lambda: MappingProxyType({}))
+    sources: tuple[str, ...] = ()
+    # indexes, filled by build()
+    pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
+    pod_by_ip: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
+    service_by_key: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
+    service_by_ip: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
+    service_by_host: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
+    endpoints_by_service: Mapping[str, tuple[Pod, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        version: int,
+        pods: tuple[Pod, ...],
+        services: tuple[Service, ...],
+        runtimes: Mapping[str, PodRuntime] | None = None,
+        sources: tuple[str, ...] = (),
+    ) -> MeshSnapshot:
+        runtimes = dict(runtimes or {})
+        resolved: list[Pod] = []
+        for pod in pods:
+            rt = runtimes.get(pod.key)
+            if rt is not None and pod.pod_ip is None:
+                pod = Pod(
+                    namespace=pod.namespace,
+                    name=pod.name,
+                    node_name=pod.node_name,
+                    service_account=pod.service_account,
+                    labels=pod.labels,
+                    annotations=pod.annotations,
+                    containers=pod.containers,
+                    pod_ip=rt.ip,
+                    source=pod.source,
+                )
+            resolved.append(pod)
+        pod_by_key = {p.key: p for p in resolved}
+        pod_by_ip = {p.pod_ip: p for p in resolved if p.pod_ip}
+        service_by_key = {s.key: s for s in services}
+        service_by_ip = {s.cluster_ip: s for s in services if s.cluster_ip}
+        service_by_host: dict[str, Service] = {}
+        for s in services:
+            for h in s.hostnames():
+                service_by_host[h] = s
+        endpoints = {
+            s.key: tuple(
+                p for p in resolved if p.namespace == s.namespace and p.labels.matches(s.selector)
+            )
+            for s in services
+        }
+        return cls(
+            version=version,
+            pods=tuple(resolved),
+            services=services,
+            runtimes=MappingProxyType(runtimes),
+            sources=sources,
+            pod_by_key=MappingProxyType(pod_by_key),
+            pod_by_ip=MappingProxyType(pod_by_ip),
+            service_by_key=MappingProxyType(service_by_key),
+            service_by_ip=MappingProxyType(service_by_ip),
+            service_by_host=MappingProxyType(service_by_host),
+            endpoints_by_service=MappingProxyType(endpoints),
+        )
+
+    def pods_on_node(self, node: str) -> tuple[Pod, ...]:
+        return tuple(p for p in self.pods if p.node_name == node)
+
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(sorted({p.node_name for p in self.pods}))
+
+    def endpoints(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
+        """Ready endpoints of one service port (pods with an IP whose target port resolves)."""
+        out: list[Endpoint] = []
+        for pod in self.endpoints_by_service.get(service.key, ()):
+            if not pod.pod_ip:
+                continue
+            if isinstance(port.target_port, int):
+                number: int | None = port.target_port
+            else:
+                number = pod.named_port(port.target_port)
+            if number is None:
+                continue
+            out.append(Endpoint(pod=pod, ip=pod.pod_ip, port=number))
+        return tuple(out)
+
+    def is_mesh_address(self, ip: str) -> bool:
+        return ip in self.service_by_ip or ip in self.pod_by_ip
+
+
+def parse_ip(value: str) -> str:
+    """Normalise an IPv4/IPv6 literal (raises ValueError when it is not one)."""
+    return str(ipaddress.ip_address(value))

@@ -1,0 +1,75 @@
+"""Read-only views of a running agent, as the node agent socket reports them.
+
+``AgentView`` is what the admin layer may ask of the agent; ``app.py`` implements it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nodeagent.model.snapshot import MeshSnapshot
+
+
+@dataclass(frozen=True)
+class ConfigStatus:
+    """Where the config stands: the version serving now and the last error, if any."""
+
+    version: int
+    loaded_at: float
+    """Unix time the serving snapshot was published."""
+    sources: tuple[str, ...]
+    last_error: str = ""
+    """Empty when the last load succeeded; otherwise why the last edit was rejected."""
+    last_error_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """One live proxied connection."""
+
+    id: int
+    direction: str
+    """``outbound``, ``inbound`` or ``passthrough``."""
+    pod: str
+    """The local pod (namespace/name) whose listener accepted the connection."""
+    source: str
+    """ip:port of the client."""
+    destination: str
+    """ip:port the client dialled (the original destination)."""
+    upstream: str
+    """ip:port the proxy connected to."""
+    service: str
+    """namespace/name of the service, or empty."""
+    peer_workload: str
+    """namespace/name of the workload at the other end, or empty."""
+    bytes_sent: int
+    """Bytes from client to upstream so far."""
+    bytes_received: int
+    """Bytes from upstream to client so far."""
+    opened_at: float
+
+
+class AgentView(Protocol):
+    """What the admin layer (node agent socket, metrics) may read from the agent."""
+
+    node: str
+    started_at: float
+
+    def snapshot(self) -> MeshSnapshot: ...
+
+    def config_status(self) -> ConfigStatus: ...
+
+    def connections(self) -> list[ConnectionInfo]: ...
+
+    def ready(self) -> bool: ...
+
+    def redirect_mode(self) -> str: ...
+
+    def config_dump(self) -> list[dict[str, Any]]:
+        """The raw config objects of the serving snapshot, as loaded from YAML."""
+        ...
+
+    def local_pods(self) -> list[dict[str, Any]]:
+        """Per local pod: key, ip, netns, capture state (``ready`` or an error)."""
+        ...

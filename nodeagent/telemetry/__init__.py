@@ -1,0 +1,1 @@
+"""Metrics (Istio's names), access logs and, later, tracing."""

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian 12 machine (as root) for nodeagent:
+# Debian packages, the virtualenv at .venv with nodeagent installed, kernel bits.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (it installs Debian packages and makes network namespaces)" >&2
+  exit 1
+fi
+
+# Debian packages: only those missing, so a second run installs nothing.
+PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tcpdump
+      python3 python3-venv ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The distro starts these peers as services; the benchmark runs its own copies.
+  for svc in haproxy nginx; do
+    systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
+  done
+fi
+
+# Python: the machine's python3 (Debian's on a fresh box).
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.nodeagent-installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: installing nodeagent and its Python dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$STAMP"
+fi
+
+# The kernel bits the sandbox uses.
+mountpoint -q /sys/fs/cgroup/unified 2>/dev/null || [ -f /sys/fs/cgroup/cgroup.controllers ] || {
+  mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified; }
+mkdir -p /run/nodeagent /var/run/netns
+echo "setup: ready ($ROOT/.venv/bin/nodeagent)"
