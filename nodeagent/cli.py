@@ -36,9 +36,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import nodeagent.sandbox.cli as sandbox_cli
     from nodeagent import sampleapp
     from nodeagent.admin import ctl
-    from nodeagent.sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")

@@ -170,8 +170,7 @@ class Proxy:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("connection handler failed: %r", task.exception(),
-                      exc_info=task.exception())
+            log.error("connection handler failed: %r", task.exception(), exc_info=task.exception())
 
     def _refuse(self, relay: Relay, direction: str, flag: str, reason: str) -> None:
         self.metrics.failures.labels(direction=direction, response_flags=flag).inc()

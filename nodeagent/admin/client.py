@@ -1,0 +1,154 @@
+"""A small synchronous client of the node agent socket, returning plain JSON-able dicts.
+
+Owns the client side of ``nodeagent.v1.NodeAgent``: dialling ``unix:PATH``, deadlines, and
+turning gRPC failures into ``LocalStateError`` with a message a person can act on. Used by
+``nodeagent ctl`` and by the sandbox (which polls ``status()["ready"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from nodeagent.admin import nodeagent_pb2 as pb
+from nodeagent.errors import LocalStateError
+
+__all__ = ["AdminClient", "message_to_dict"]
+
+_Resp = TypeVar("_Resp", bound=Message)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Largest answer we accept (a big config dump exceeds gRPC's 4 MiB default)."""
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """A message as a plain dict: proto field names, every field present, 64-bit ints as ints."""
+    return MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+class AdminClient:
+    """Talks to one agent over its node agent socket. Each call has a ``timeout`` deadline."""
+
+    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._channel: grpc.Channel | None = None
+
+    # -- the RPCs -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Version, node, uptime, CPU/RSS, redirect mode, ``ready`` and the config state."""
+        return message_to_dict(self._call("Status", pb.StatusRequest(), pb.StatusResponse))
+
+    def workloads(self) -> list[dict[str, Any]]:
+        """Every workload of the serving snapshot (``local`` marks this node's pods)."""
+        resp = self._call("Workloads", pb.WorkloadsRequest(), pb.WorkloadsResponse)
+        return [message_to_dict(w) for w in resp.workloads]
+
+    def services(self) -> list[dict[str, Any]]:
+        """Every service with its ports and, per port, its endpoints."""
+        resp = self._call("Services", pb.ServicesRequest(), pb.ServicesResponse)
+        return [message_to_dict(s) for s in resp.services]
+
+    def connections(self) -> list[dict[str, Any]]:
+        """The live proxied connections of the agent's node."""
+        resp = self._call("Connections", pb.ConnectionsRequest(), pb.ConnectionsResponse)
+        return [message_to_dict(c) for c in resp.connections]
+
+    def config_dump(self) -> dict[str, Any]:
+        """``{"version": int, "objects": [the raw config objects, parsed from JSON]}``."""
+        resp = self._call("ConfigDump", pb.ConfigDumpRequest(), pb.ConfigDumpResponse)
+        objects: list[Any] = []
+        for i, text in enumerate(resp.objects):
+            try:
+                objects.append(json.loads(text))
+            except ValueError as e:
+                raise LocalStateError(
+                    f"the agent on {self.socket_path} sent config object #{i} that is not JSON: {e}"
+                ) from e
+        return {"version": resp.version, "objects": objects}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _not_listening(self, why: str = "") -> LocalStateError:
+        detail = f" ({why})" if why else ""
+        return LocalStateError(
+            f"no agent is listening on {self.socket_path}{detail}: "
+            "is `nodeagent run` (or the sandbox) up?"
+        )
+
+    def _check_socket(self) -> None:
+        if not os.path.exists(self.socket_path):
+            raise self._not_listening("no such socket")
+        if not os.access(self.socket_path, os.R_OK | os.W_OK):
+            raise LocalStateError(
+                f"permission denied on {self.socket_path}: the node agent socket is for "
+                "its owner only (mode 0600); run this as the agent's user (e.g. with sudo)"
+            )
+
+    def _call(self, method: str, request: Message, response_type: type[_Resp]) -> _Resp:
+        self._check_socket()
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(
+                f"unix:{self.socket_path}",
+                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+            )
+        rpc: Callable[..., _Resp] = self._channel.unary_unary(
+            f"/nodeagent.v1.NodeAgent/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
+        try:
+            return rpc(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._error(method, e) from None
+
+    def _error(self, method: str, e: grpc.RpcError) -> LocalStateError:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            if "connection refused" in details.lower():
+                details = "connection refused: the socket is stale"
+            return self._not_listening(details)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return LocalStateError(
+                f"the agent on {self.socket_path} did not answer {method} within "
+                f"{self.timeout:g}s: is it overloaded or stuck? (see its log)"
+            )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return LocalStateError(
+                f"the agent on {self.socket_path} does not know {method}: "
+                "is it an older nodeagent than this client?"
+            )
+        name = code.name if code is not None else "error"
+        return LocalStateError(
+            f"the agent on {self.socket_path} failed to answer {method} ({name}): {details}"
+        )

@@ -1,0 +1,354 @@
+"""``nodeagent ctl``: query a running agent over its node agent socket and print the answer.
+
+Owns the ``ctl`` arguments, choosing the socket (``--socket``, ``--node`` or the only one
+in /run/nodeagent), and the human formatting. The formatting functions are pure (dicts as
+``AdminClient`` returns them in, text out; the current time is a parameter) so they are
+tested without an agent. Errors go to stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nodeagent.admin import DEFAULT_SOCKET_DIR, default_socket_path
+from nodeagent.errors import NodeAgentError
+
+__all__ = [
+    "add_parser",
+    "format_age",
+    "format_bytes",
+    "format_config",
+    "format_connections",
+    "format_duration",
+    "format_services",
+    "format_status",
+    "format_table",
+    "format_workloads",
+    "render",
+    "resolve_socket",
+]
+
+NONE = "<none>"
+"""What a table shows for an empty value, as kubectl does."""
+
+MAX_ENDPOINTS_SHOWN = 3
+"""The ENDPOINTS column lists this many endpoints, then ``+ N more...`` (like kubectl)."""
+
+COMMANDS = ("status", "workloads", "services", "connections", "config")
+
+
+# -- choosing the socket ------------------------------------------------------------------
+
+
+def resolve_socket(
+    node: str | None, socket_path: str | None, socket_dir: str = DEFAULT_SOCKET_DIR
+) -> str:
+    """The socket to talk to: ``--socket``, else ``--node``'s, else the only one in the dir."""
+    if socket_path:
+        return socket_path
+    if node:
+        return default_socket_path(node, socket_dir)
+    found = sorted(Path(socket_dir).glob("*.sock"))
+    if len(found) == 1:
+        return str(found[0])
+    if not found:
+        raise NodeAgentError(
+            f"no agent socket in {socket_dir}: is `nodeagent run` (or the sandbox) up? "
+            "(or name one with --socket PATH)"
+        )
+    nodes = ", ".join(p.stem for p in found)
+    raise NodeAgentError(
+        f"several agents have sockets in {socket_dir} ({nodes}): "
+        "choose one with --node NAME (or --socket PATH)"
+    )
+
+
+# -- pure formatting ----------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, three spaces apart, no trailing spaces, like ``kubectl get``."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *[list(r) for r in rows]]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("   ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """A short duration: ``45s``, ``3m12s``, ``2h5m``, ``3d4h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s}s" if s else f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(h, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def format_age(at: float, now: float) -> str:
+    """How long ago the Unix time ``at`` was (``<unknown>`` when it is not set)."""
+    if at <= 0:
+        return "<unknown>"
+    return format_duration(now - at)
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes in binary units: ``512B``, ``1.5KiB``, ``20.0MiB``."""
+    value = float(n)
+    if value < 1024:
+        return f"{int(value)}B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f}{unit}"
+
+
+def _time(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def _s(value: Any) -> str:
+    """A table cell: one line, ``<none>`` when empty."""
+    text = "" if value is None else " ".join(str(value).splitlines())
+    return text if text else NONE
+
+
+def format_status(status: Mapping[str, Any], now: float) -> str:
+    """``kubectl describe``-style lines for ``AdminClient.status()``."""
+    cfg: Mapping[str, Any] = status.get("config") or {}
+    loaded_at = float(cfg.get("loaded_at") or 0)
+    loaded = f"{_time(loaded_at)} ({format_age(loaded_at, now)} ago)" if loaded_at > 0 else NONE
+    error = str(cfg.get("last_error") or "")
+    error_at = float(cfg.get("last_error_at") or 0)
+    if error and error_at > 0:
+        error = f"{error} ({format_age(error_at, now)} ago)"
+    sources = [str(s) for s in cfg.get("sources") or []]
+    fields: list[tuple[str, str]] = [
+        ("Node", _s(status.get("node"))),
+        ("Version", _s(status.get("version"))),
+        ("Ready", "true" if status.get("ready") else "false"),
+        ("Uptime", format_duration(float(status.get("uptime_seconds") or 0))),
+        ("CPU", f"{float(status.get('cpu_percent') or 0):.1f}%"),
+        ("Memory (RSS)", format_bytes(int(status.get("memory_rss_bytes") or 0))),
+        ("Redirect mode", _s(status.get("redirect_mode"))),
+        ("Config version", _s(cfg.get("version", 0))),
+        ("Config loaded", loaded),
+        ("Config sources", sources[0] if sources else NONE),
+    ]
+    width = max(len(k) for k, _ in fields) + 2
+    lines = [f"{k + ':':<{width}}{v}" for k, v in fields]
+    lines.extend(f"{'':<{width}}{s}" for s in sources[1:])
+    error_lines = error.splitlines() or [NONE]
+    lines.append(f"{'Last error:':<{width}}{error_lines[0]}")
+    lines.extend(f"{'':<{width}}{line}" for line in error_lines[1:])
+    return "\n".join(lines)
+
+
+def format_workloads(workloads: Sequence[Mapping[str, Any]]) -> str:
+    """One row per workload: where it runs, its address, identity and capture state."""
+    headers = ["NAMESPACE", "NAME", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"]
+    rows = [
+        [
+            _s(w.get("namespace")),
+            _s(w.get("name")),
+            _s(w.get("node")),
+            _s(w.get("ip")),
+            "yes" if w.get("local") else "no",
+            _s(w.get("capture")) if w.get("local") else "-",
+            _s(w.get("identity")),
+        ]
+        for w in workloads
+    ]
+    return format_table(headers, rows)
+
+
+def _endpoints(endpoints: Sequence[Mapping[str, Any]]) -> str:
+    if not endpoints:
+        return NONE
+    addrs = [f"{e.get('ip')}:{e.get('port')}" for e in endpoints]
+    shown = ",".join(addrs[:MAX_ENDPOINTS_SHOWN])
+    more = len(addrs) - MAX_ENDPOINTS_SHOWN
+    return f"{shown} + {more} more..." if more > 0 else shown
+
+
+def format_services(services: Sequence[Mapping[str, Any]]) -> str:
+    """One row per service port, with the endpoints of that port."""
+    headers = ["NAMESPACE", "NAME", "CLUSTER-IP", "PORT", "TARGET", "APP-PROTOCOL", "ENDPOINTS"]
+    rows: list[list[str]] = []
+    for svc in services:
+        ports: Sequence[Mapping[str, Any]] = svc.get("ports") or []
+        base = [_s(svc.get("namespace")), _s(svc.get("name")), _s(svc.get("cluster_ip"))]
+        if not ports:
+            rows.append([*base, NONE, NONE, NONE, NONE])
+            continue
+        for p in ports:
+            port = f"{p.get('port')}/{p.get('protocol') or 'TCP'}"
+            if p.get("name"):
+                port = f"{p.get('name')}:{port}"
+            rows.append(
+                [
+                    *base,
+                    port,
+                    _s(p.get("target_port")),
+                    _s(p.get("app_protocol")),
+                    _endpoints(p.get("endpoints") or []),
+                ]
+            )
+    return format_table(headers, rows)
+
+
+def format_connections(connections: Sequence[Mapping[str, Any]], now: float) -> str:
+    """One row per live connection, with byte counts and age."""
+    headers = [
+        "ID",
+        "DIRECTION",
+        "POD",
+        "SOURCE",
+        "DESTINATION",
+        "UPSTREAM",
+        "SERVICE",
+        "PEER",
+        "SENT",
+        "RECEIVED",
+        "AGE",
+    ]
+    rows = [
+        [
+            _s(c.get("id")),
+            _s(c.get("direction")),
+            _s(c.get("pod")),
+            _s(c.get("source")),
+            _s(c.get("destination")),
+            _s(c.get("upstream")),
+            _s(c.get("service")),
+            _s(c.get("peer_workload")),
+            format_bytes(int(c.get("bytes_sent") or 0)),
+            format_bytes(int(c.get("bytes_received") or 0)),
+            format_age(float(c.get("opened_at") or 0), now),
+        ]
+        for c in connections
+    ]
+    return format_table(headers, rows)
+
+
+def format_config(dump: Mapping[str, Any]) -> str:
+    """A summary of ``AdminClient.config_dump()``: one row per object."""
+    rows = []
+    for obj in dump.get("objects") or []:
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        kind = obj.get("kind") if isinstance(obj, Mapping) else None
+        api = obj.get("apiVersion") if isinstance(obj, Mapping) else None
+        rows.append([_s(kind), _s(meta.get("namespace")), _s(meta.get("name")), _s(api)])
+    table = format_table(["KIND", "NAMESPACE", "NAME", "API-VERSION"], rows)
+    return f"Config version: {dump.get('version', 0)}\n\n{table}"
+
+
+def render(command: str, data: Any, output: str, now: float) -> str:
+    """The text ``nodeagent ctl COMMAND -o OUTPUT`` prints for ``data``."""
+    if output == "json":
+        return json.dumps(data, indent=2, sort_keys=False)
+    if isinstance(data, list) and not data:
+        return f"No {command} found."
+    formatters: dict[str, Callable[[Any], str]] = {
+        "status": lambda d: format_status(d, now),
+        "workloads": format_workloads,
+        "services": format_services,
+        "connections": lambda d: format_connections(d, now),
+        "config": format_config,
+    }
+    return formatters[command](data)
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``nodeagent ctl`` and its subcommands."""
+    p = sub.add_parser(
+        "ctl",
+        help="query a running agent over its node agent socket",
+        description="Query a running agent over its node agent socket.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--node",
+        default=None,
+        metavar="NAME",
+        help=f"the agent of this node ({DEFAULT_SOCKET_DIR}/NAME.sock)",
+    )
+    where.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help=f"node agent socket path (default: the only *.sock in {DEFAULT_SOCKET_DIR})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for an answer",
+    )
+    _add_output(p, default=None)
+    csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
+    helps = {
+        "status": "the agent: version, readiness, resource use, config state",
+        "workloads": "every workload, with identity and (on this node) capture state",
+        "services": "every service port with its endpoints",
+        "connections": "live proxied connections on this node",
+        "config": "the raw config objects the agent serves (JSON by default)",
+    }
+    for name in COMMANDS:
+        cp = csub.add_parser(name, help=helps[name], description=helps[name])
+        _add_output(cp, default=argparse.SUPPRESS)
+        cp.set_defaults(func=_cmd_ctl)
+
+
+def _add_output(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default=default,
+        help="output format (default: table; json for config)",
+    )
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from nodeagent.admin.client import AdminClient
+
+    command: str = args.ctl_command
+    output: str = args.output or ("json" if command == "config" else "table")
+    try:
+        path = resolve_socket(args.node, args.socket)
+        with AdminClient(path, timeout=args.timeout) as client:
+            fetch: dict[str, Callable[[], Any]] = {
+                "status": client.status,
+                "workloads": client.workloads,
+                "services": client.services,
+                "connections": client.connections,
+                "config": client.config_dump,
+            }
+            data = fetch[command]()
+    except NodeAgentError as e:
+        print(f"nodeagent ctl: error: {e}", file=sys.stderr)
+        return 1
+    print(render(command, data, output, now=time.time()))
+    return 0

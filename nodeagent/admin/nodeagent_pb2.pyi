@@ -1,0 +1,184 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConfigStatus(_message.Message):
+    __slots__ = ("version", "loaded_at", "sources", "last_error", "last_error_at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    loaded_at: float
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    last_error: str
+    last_error_at: float
+    def __init__(self, version: _Optional[int] = ..., loaded_at: _Optional[float] = ..., sources: _Optional[_Iterable[str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[float] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_MODE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    node: str
+    uptime_seconds: float
+    cpu_percent: float
+    memory_rss_bytes: int
+    redirect_mode: str
+    ready: bool
+    config: ConfigStatus
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ...) -> None: ...
+
+class WorkloadsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Workload(_message.Message):
+    __slots__ = ("namespace", "name", "node", "service_account", "identity", "ip", "labels", "local", "capture", "netns")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    node: str
+    service_account: str
+    identity: str
+    ip: str
+    labels: _containers.ScalarMap[str, str]
+    local: bool
+    capture: str
+    netns: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., service_account: _Optional[str] = ..., identity: _Optional[str] = ..., ip: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., local: _Optional[bool] = ..., capture: _Optional[str] = ..., netns: _Optional[str] = ...) -> None: ...
+
+class WorkloadsResponse(_message.Message):
+    __slots__ = ("workloads",)
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    workloads: _containers.RepeatedCompositeFieldContainer[Workload]
+    def __init__(self, workloads: _Optional[_Iterable[_Union[Workload, _Mapping]]] = ...) -> None: ...
+
+class ServicesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServiceEndpoint(_message.Message):
+    __slots__ = ("pod", "ip", "port", "node")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    ip: str
+    port: int
+    node: str
+    def __init__(self, pod: _Optional[str] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
+
+class ServicePort(_message.Message):
+    __slots__ = ("name", "port", "target_port", "protocol", "app_protocol", "endpoints")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    APP_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    port: int
+    target_port: str
+    protocol: str
+    app_protocol: str
+    endpoints: _containers.RepeatedCompositeFieldContainer[ServiceEndpoint]
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., target_port: _Optional[str] = ..., protocol: _Optional[str] = ..., app_protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[ServiceEndpoint, _Mapping]]] = ...) -> None: ...
+
+class Service(_message.Message):
+    __slots__ = ("namespace", "name", "cluster_ip", "ports")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_IP_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    cluster_ip: str
+    ports: _containers.RepeatedCompositeFieldContainer[ServicePort]
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., cluster_ip: _Optional[str] = ..., ports: _Optional[_Iterable[_Union[ServicePort, _Mapping]]] = ...) -> None: ...
+
+class ServicesResponse(_message.Message):
+    __slots__ = ("services",)
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[Service]
+    def __init__(self, services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ...) -> None: ...
+
+class ConnectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Connection(_message.Message):
+    __slots__ = ("id", "direction", "pod", "source", "destination", "upstream", "service", "peer_workload", "bytes_sent", "bytes_received", "opened_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PEER_WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    OPENED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    direction: str
+    pod: str
+    source: str
+    destination: str
+    upstream: str
+    service: str
+    peer_workload: str
+    bytes_sent: int
+    bytes_received: int
+    opened_at: float
+    def __init__(self, id: _Optional[int] = ..., direction: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., upstream: _Optional[str] = ..., service: _Optional[str] = ..., peer_workload: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., opened_at: _Optional[float] = ...) -> None: ...
+
+class ConnectionsResponse(_message.Message):
+    __slots__ = ("connections",)
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    connections: _containers.RepeatedCompositeFieldContainer[Connection]
+    def __init__(self, connections: _Optional[_Iterable[_Union[Connection, _Mapping]]] = ...) -> None: ...
+
+class ConfigDumpRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConfigDumpResponse(_message.Message):
+    __slots__ = ("version", "objects")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    objects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...

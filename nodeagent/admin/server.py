@@ -1,0 +1,270 @@
+"""The node agent socket: the gRPC service ``nodeagent.v1.NodeAgent`` on a UNIX socket.
+
+Owns turning an ``AgentView`` into the typed messages of ``nodeagent.proto`` and serving them
+with ``grpc.aio`` (which runs on uvloop as well as on asyncio's own loop). It only reads the
+agent: every RPC takes ``view.snapshot()`` once and answers from it. A failing handler
+answers ``INTERNAL`` with what went wrong; it never takes the server down.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import psutil
+
+from nodeagent import __version__
+from nodeagent.admin import capture_state
+from nodeagent.admin import nodeagent_pb2 as pb
+from nodeagent.admin import nodeagent_pb2_grpc as pb_grpc
+from nodeagent.errors import LocalStateError
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.status import AgentView, ConnectionInfo
+
+__all__ = ["NodeAgentService", "start_admin_server"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_MAX_UNIX_PATH = 107
+"""``sun_path`` holds 108 bytes including the terminating NUL."""
+
+
+class NodeAgentService(pb_grpc.NodeAgentServicer):
+    """The RPC handlers, over one ``AgentView``."""
+
+    def __init__(self, view: AgentView) -> None:
+        self._view = view
+        self._process = psutil.Process()
+        # The first cpu_percent() call only starts the measurement: prime it now, so that
+        # each Status reports the CPU use since the previous Status (or since start).
+        self._process.cpu_percent(interval=None)
+
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StatusResponse:
+        return await _answer("Status", context, self._status)
+
+    async def Workloads(
+        self, request: pb.WorkloadsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.WorkloadsResponse:
+        return await _answer("Workloads", context, self._workloads)
+
+    async def Services(
+        self, request: pb.ServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServicesResponse:
+        return await _answer("Services", context, self._services)
+
+    async def Connections(
+        self, request: pb.ConnectionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ConnectionsResponse:
+        return await _answer("Connections", context, self._connections)
+
+    async def ConfigDump(
+        self, request: pb.ConfigDumpRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ConfigDumpResponse:
+        return await _answer("ConfigDump", context, self._config_dump)
+
+    # -- builders: plain functions of the view, one snapshot each --------------------------
+
+    def _status(self) -> pb.StatusResponse:
+        view = self._view
+        cfg = view.config_status()
+        with self._process.oneshot():
+            cpu = self._process.cpu_percent(interval=None)
+            rss = self._process.memory_info().rss
+        return pb.StatusResponse(
+            version=__version__,
+            node=view.node,
+            uptime_seconds=max(0.0, time.time() - view.started_at),
+            cpu_percent=cpu,
+            memory_rss_bytes=rss,
+            redirect_mode=view.redirect_mode(),
+            ready=view.ready(),
+            config=pb.ConfigStatus(
+                version=cfg.version,
+                loaded_at=cfg.loaded_at,
+                sources=list(cfg.sources),
+                last_error=cfg.last_error,
+                last_error_at=cfg.last_error_at,
+            ),
+        )
+
+    def _workloads(self) -> pb.WorkloadsResponse:
+        snap = self._view.snapshot()
+        local = {str(p.get("key", "")): p for p in self._view.local_pods()}
+        return pb.WorkloadsResponse(workloads=workload_messages(snap, self._view.node, local))
+
+    def _services(self) -> pb.ServicesResponse:
+        return pb.ServicesResponse(services=service_messages(self._view.snapshot()))
+
+    def _connections(self) -> pb.ConnectionsResponse:
+        conns = sorted(self._view.connections(), key=lambda c: c.id)
+        return pb.ConnectionsResponse(connections=[connection_message(c) for c in conns])
+
+    def _config_dump(self) -> pb.ConfigDumpResponse:
+        snap = self._view.snapshot()
+        objects = [json.dumps(o, default=str) for o in self._view.config_dump()]
+        return pb.ConfigDumpResponse(version=snap.version, objects=objects)
+
+
+async def _answer(
+    name: str, context: grpc.aio.ServicerContext[Any, Any], build: Callable[[], _T]
+) -> _T:
+    """Run one handler; turn any error into an ``INTERNAL`` status naming the RPC."""
+    try:
+        return build()
+    except Exception as e:
+        log.exception("node agent socket: %s failed", name)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"{name} failed in the agent: {type(e).__name__}: {e}"
+        )
+
+
+def workload_messages(
+    snap: MeshSnapshot, node: str, local_pods: dict[str, dict[str, Any]]
+) -> list[pb.Workload]:
+    """One ``Workload`` per pod of ``snap``, sorted by namespace/name."""
+    out: list[pb.Workload] = []
+    for pod in sorted(snap.pods, key=lambda p: (p.namespace, p.name)):
+        is_local = pod.node_name == node
+        lp = local_pods.get(pod.key) if is_local else None
+        ip = pod.pod_ip or (str(lp.get("ip") or "") if lp else "")
+        out.append(
+            pb.Workload(
+                namespace=pod.namespace,
+                name=pod.name,
+                node=pod.node_name,
+                service_account=pod.service_account,
+                identity=pod.identity(),
+                ip=ip,
+                labels=dict(pod.labels.items_),
+                local=is_local,
+                capture=capture_state(lp) if is_local else "",
+                netns=str(lp.get("netns") or "") if lp else "",
+            )
+        )
+    return out
+
+
+def service_messages(snap: MeshSnapshot) -> list[pb.Service]:
+    """One ``Service`` per service of ``snap`` with its endpoints per port, sorted."""
+    out: list[pb.Service] = []
+    for svc in sorted(snap.services, key=lambda s: (s.namespace, s.name)):
+        ports = []
+        for port in svc.ports:
+            endpoints = [
+                pb.ServiceEndpoint(pod=ep.pod.key, ip=ep.ip, port=ep.port, node=ep.pod.node_name)
+                for ep in sorted(snap.endpoints(svc, port), key=lambda e: (e.pod.key, e.port))
+            ]
+            ports.append(
+                pb.ServicePort(
+                    name=port.name,
+                    port=port.port,
+                    target_port=str(port.target_port),
+                    protocol=port.protocol,
+                    app_protocol=port.app_protocol or "",
+                    endpoints=endpoints,
+                )
+            )
+        out.append(
+            pb.Service(
+                namespace=svc.namespace,
+                name=svc.name,
+                cluster_ip=svc.cluster_ip or "",
+                ports=ports,
+            )
+        )
+    return out
+
+
+def connection_message(c: ConnectionInfo) -> pb.Connection:
+    return pb.Connection(
+        id=c.id,
+        direction=c.direction,
+        pod=c.pod,
+        source=c.source,
+        destination=c.destination,
+        upstream=c.upstream,
+        service=c.service,
+        peer_workload=c.peer_workload,
+        bytes_sent=c.bytes_sent,
+        bytes_received=c.bytes_received,
+        opened_at=c.opened_at,
+    )
+
+
+def _prepare_socket_path(socket_path: str) -> Path:
+    """Create the parent directory and remove a stale socket; refuse to steal a live one."""
+    if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
+        raise LocalStateError(
+            f"node agent socket path is too long for a UNIX socket "
+            f"({len(os.fsencode(socket_path))} > {_MAX_UNIX_PATH} bytes): {socket_path}; "
+            "choose a shorter --socket"
+        )
+    path = Path(socket_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocalStateError(
+            f"cannot create the directory of the node agent socket {path.parent}: {e}"
+        ) from e
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISSOCK(st.st_mode):
+        raise LocalStateError(
+            f"{path} exists and is not a socket: remove it or choose another --socket"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise LocalStateError(f"cannot check the node agent socket {path}: {e}") from e
+        else:
+            raise LocalStateError(
+                f"another agent is already listening on {path}: stop it first "
+                "(or give this one another --socket)"
+            )
+    log.info("removing stale node agent socket %s", path)
+    path.unlink(missing_ok=True)
+    return path
+
+
+async def start_admin_server(view: AgentView, socket_path: str) -> grpc.aio.Server:
+    """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server.
+
+    Call from inside the running event loop (asyncio or uvloop). Stop it with
+    ``await server.stop(grace)``.
+    """
+    path = _prepare_socket_path(socket_path)
+    server = grpc.aio.server()
+    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view), server)  # type: ignore[no-untyped-call]
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as e:
+        raise LocalStateError(f"cannot listen on the node agent socket {path}: {e}") from e
+    if not bound:
+        raise LocalStateError(f"cannot listen on the node agent socket {path}")
+    await server.start()
+    try:
+        os.chmod(path, 0o600)
+    except OSError as e:
+        await server.stop(None)
+        raise LocalStateError(f"cannot restrict the node agent socket {path} to 0600: {e}") from e
+    log.info("node agent socket listening on %s", path)
+    return server

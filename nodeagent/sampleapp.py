@@ -1,0 +1,544 @@
+"""``nodeagent sample-app``: the HTTP service (and raw TCP echo) of the examples.
+
+This module owns the workload process that ``examples/bookinfo`` runs in every pod: a
+small HTTP/1.1 server (keep-alive, ``Content-Length``) that answers every request with a
+JSON description of who answered and what it received, and optionally calls downstream
+services on each request, as Istio's bookinfo does (``productpage`` calls ``details`` and
+``reviews``, ``reviews`` v2/v3 call ``ratings``). It is pure stdlib and knows nothing of
+the mesh: it is the thing the mesh carries traffic for.
+
+Any method on any path answers ``200`` with ``application/json``::
+
+    {"pod", "namespace", "node", "service", "version", "method", "path",
+     "headers": {lower-cased request headers}, "body_bytes": n,
+     "calls": [{"url", "status", "body", "duration_ms"[, "error"]}]}
+
+Downstream calls forward the trace headers received (``traceparent``, ``tracestate``,
+``baggage``, ``x-request-id``, ``end-user``, ``user`` and the B3 headers); a failed call
+is reported with status 0 (or the 5xx it got) and the answer is still ``200``.
+
+Special paths (no downstream calls): ``/status/NNN`` answers status NNN,
+``/delay/SECONDS`` sleeps first, ``/bytes/N`` answers N bytes where byte ``i`` is
+``i % 251``, ``/healthz`` answers ``ok``.
+
+``--tcp-echo PORT`` also serves a raw TCP echo on PORT: every byte is echoed, and when the
+client half-closes, the rest is written back and then the write side is shut (half-close
+preserved). One thread per connection, 64 KiB buffers, so memory stays bounded.
+
+Every listener prints ``listening KIND HOST:PORT`` at start (useful with port 0) and every
+HTTP request prints one line ``TIME SERVICE/VERSION METHOD PATH STATUS DURATIONms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+DEFAULT_PORT = 9080
+CALL_TIMEOUT_S = 10.0
+MAX_DELAY_S = 600.0
+MAX_BYTES = 1 << 40
+MAX_CALL_BODY = 1 << 20
+"""Downstream answers are read up to this many bytes (memory stays bounded)."""
+CHUNK = 64 * 1024
+PATTERN_PERIOD = 251
+"""``/bytes/N`` answers byte ``i`` = ``i % 251`` (a prime period shows shifted data)."""
+
+FORWARDED_HEADERS: tuple[str, ...] = (
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "x-request-id",
+    "end-user",
+    "user",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-ot-span-context",
+)
+"""Request headers copied onto downstream calls, as Istio's bookinfo does."""
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+# One period-aligned block: every full chunk written keeps the pattern continuous.
+_PATTERN_BLOCK = bytes(range(PATTERN_PERIOD)) * (CHUNK // PATTERN_PERIOD + 1)
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The first ``n`` bytes ``/bytes/N`` answers (for tests and clients)."""
+    reps = n // PATTERN_PERIOD + 1
+    return (bytes(range(PATTERN_PERIOD)) * reps)[:n]
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the sample app says about itself and whom it calls."""
+
+    pod: str
+    namespace: str
+    node: str
+    service: str
+    version: str
+    calls: tuple[str, ...] = ()
+    call_timeout: float = CALL_TIMEOUT_S
+
+
+class _Log:
+    """Line-at-a-time, flushed writes to stdout, safe across threads."""
+
+    _lock = threading.Lock()
+
+    @classmethod
+    def line(cls, text: str) -> None:
+        with cls._lock:
+            try:
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone (closed pipe): keep serving
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class _BadRequest(Exception):
+    """The client sent a request we cannot read (answered 400, connection closed)."""
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 256
+
+    def __init__(self, host: str, port: int, settings: AppSettings) -> None:
+        self.address_family = _family(host)
+        self.settings = settings
+        super().__init__((host, port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls getfqdn(), which can hang for seconds in a network
+        # namespace without DNS; we need no server name.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 600  # idle keep-alive connections are dropped after this many seconds
+
+    # Every method the same way.
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_OPTIONS(self) -> None:
+        self._handle()
+
+    def do_TRACE(self) -> None:
+        self._handle()
+
+    def version_string(self) -> str:
+        return "nodeagent-sample-app"
+
+    @property
+    def settings(self) -> AppSettings:
+        return cast(_HTTPServer, self.server).settings
+
+    # -- logging: our own one line per request, to stdout
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _Log.line(f"{_now()} {self.address_string()} {format % args}")
+
+    # -- request handling
+    def _handle(self) -> None:
+        start = time.monotonic()
+        status = 500
+        try:
+            status = self._respond()
+        except _BadRequest as e:
+            self.close_connection = True
+            status = 400
+            self._send(400, f"bad request: {e}\n".encode(), "text/plain")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            status = 499  # the client went away
+        finally:
+            ms = (time.monotonic() - start) * 1000
+            s = self.settings
+            _Log.line(
+                f"{_now()} {s.service}/{s.version} {self.command} {self.path} {status} {ms:.1f}ms"
+            )
+
+    def _respond(self) -> int:
+        body_bytes = self._drain_body()
+        path = urlsplit(self.path).path
+        parts = path.strip("/").split("/")
+        if path == "/healthz":
+            return self._send(200, b"ok", "text/plain")
+        if len(parts) == 2 and parts[0] == "status":
+            code = _int_arg(parts[1], 200, 599, "status")
+            return self._send_json(code, self._describe(body_bytes, []))
+        if len(parts) == 2 and parts[0] == "delay":
+            seconds = _float_arg(parts[1], 0.0, MAX_DELAY_S, "delay")
+            time.sleep(seconds)
+            return self._send_json(200, self._describe(body_bytes, []))
+        if len(parts) == 2 and parts[0] == "bytes":
+            return self._send_bytes(_int_arg(parts[1], 0, MAX_BYTES, "bytes"))
+        calls = [self._call(url) for url in self.settings.calls]
+        return self._send_json(200, self._describe(body_bytes, calls))
+
+    def _describe(self, body_bytes: int, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        s = self.settings
+        headers: dict[str, str] = {}
+        for k, v in self.headers.items():
+            key = k.lower()
+            headers[key] = f"{headers[key]}, {v}" if key in headers else v
+        return {
+            "pod": s.pod,
+            "namespace": s.namespace,
+            "node": s.node,
+            "service": s.service,
+            "version": s.version,
+            "method": self.command,
+            "path": self.path,
+            "client": f"{self.client_address[0]}:{self.client_address[1]}",
+            "headers": headers,
+            "body_bytes": body_bytes,
+            "calls": calls,
+        }
+
+    def _drain_body(self) -> int:
+        """Read (and count, without keeping) the request body."""
+        te = self.headers.get("Transfer-Encoding", "")
+        if te:
+            if te.strip().lower() != "chunked":
+                raise _BadRequest(f"unsupported Transfer-Encoding {te!r}")
+            return self._drain_chunked()
+        cl = self.headers.get("Content-Length")
+        if cl is None:
+            return 0
+        try:
+            remaining = int(cl)
+        except ValueError:
+            raise _BadRequest(f"bad Content-Length {cl!r}") from None
+        if remaining < 0:
+            raise _BadRequest(f"bad Content-Length {cl!r}")
+        return self._drain_exact(remaining)
+
+    def _drain_exact(self, n: int) -> int:
+        remaining = n
+        while remaining:
+            data = self.rfile.read(min(remaining, CHUNK))
+            if not data:
+                raise _BadRequest("body shorter than Content-Length")
+            remaining -= len(data)
+        return n
+
+    def _drain_chunked(self) -> int:
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\n"):
+                raise _BadRequest("bad chunk size line")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BadRequest("bad chunk size") from None
+            if size == 0:
+                break
+            total += self._drain_exact(size)
+            if self.rfile.readline(3).strip():
+                raise _BadRequest("missing CRLF after chunk")
+        while True:  # trailers up to the empty line
+            line = self.rfile.readline(8192)
+            if not line:
+                raise _BadRequest("body ended inside trailers")
+            if line in (b"\r\n", b"\n"):
+                return total
+
+    # -- responses
+    def _send_json(self, status: int, doc: dict[str, Any]) -> int:
+        body = (json.dumps(doc, indent=2) + "\n").encode()
+        return self._send(status, body, "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> int:
+        self.send_response(status)
+        if status in _NO_BODY_STATUSES:
+            self.end_headers()
+            return status
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        return status
+
+    def _send_bytes(self, n: int) -> int:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        if self.command == "HEAD":
+            return 200
+        remaining = n
+        view = memoryview(_PATTERN_BLOCK)
+        while remaining:
+            # Every write but the last is a whole block (a multiple of the period).
+            part = view[: min(remaining, len(_PATTERN_BLOCK))]
+            self.wfile.write(part)
+            remaining -= len(part)
+        return 200
+
+    # -- downstream calls
+    def _call(self, url: str) -> dict[str, Any]:
+        s = self.settings
+        start = time.monotonic()
+        result: dict[str, Any] = {"url": url, "status": 0, "body": None}
+        headers = {h: v for h in FORWARDED_HEADERS if (v := self.headers.get(h)) is not None}
+        headers["User-Agent"] = f"nodeagent-sample-app/{s.service}/{s.version}"
+        try:
+            u = urlsplit(url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError(f"unsupported URL {url!r} (need http://HOST[:PORT]/PATH)")
+            target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            conn_cls = (
+                http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+            )
+            conn = conn_cls(u.hostname, u.port, timeout=s.call_timeout)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read(MAX_CALL_BODY)
+                result["status"] = resp.status
+            finally:
+                conn.close()
+            text = raw.decode("utf-8", errors="replace")
+            try:
+                result["body"] = json.loads(text)
+            except ValueError:
+                result["body"] = text
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            err = f"timeout after {s.call_timeout:g}s" if isinstance(e, TimeoutError) else str(e)
+            err = f"{type(e).__name__}: {err}"
+            result["body"] = err
+            result["error"] = err
+        result["duration_ms"] = round((time.monotonic() - start) * 1000, 1)
+        return result
+
+
+def _int_arg(raw: str, lo: int, hi: int, what: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _BadRequest(f"/{what}/ wants an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise _BadRequest(f"/{what}/ wants {lo}..{hi}, got {value}")
+    return value
+
+
+def _float_arg(raw: str, lo: float, hi: float, what: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _BadRequest(f"/{what}/ wants a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise _BadRequest(f"/{what}/ wants {lo:g}..{hi:g}, got {value:g}")
+    return value
+
+
+# --------------------------------------------------------------------------- TCP echo
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address_family = _family(host)
+        super().__init__((host, port), _EchoHandler)
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock = cast(socket.socket, self.request)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = sock.recv_into(buf)
+                if n == 0:  # the client half-closed: all echoed, now close our side
+                    break
+                sock.sendall(view[:n])
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # reset by the peer: nothing to finish
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+_DESCRIPTION = "The HTTP service of the examples: answers JSON, calls downstreams."
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default 9080)")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument(
+        "--service",
+        default=env.get("SERVICE_NAME", "sample-app"),
+        help="service name to report (default $SERVICE_NAME)",
+    )
+    p.add_argument(
+        "--version",
+        default=env.get("SERVICE_VERSION", "v1"),
+        help="version to report (default $SERVICE_VERSION)",
+    )
+    p.add_argument(
+        "--call",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="downstream URL to GET on each request (repeatable)",
+    )
+    p.add_argument(
+        "--tcp-echo",
+        action="append",
+        type=int,
+        default=[],
+        metavar="PORT",
+        help="also serve a raw TCP echo on PORT (repeatable)",
+    )
+    p.add_argument(
+        "--call-timeout",
+        type=float,
+        default=CALL_TIMEOUT_S,
+        metavar="SECONDS",
+        help="timeout of each downstream call (default 10)",
+    )
+    p.set_defaults(func=run)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``nodeagent sample-app``."""
+    p = sub.add_parser(
+        "sample-app",
+        help="run the HTTP (and TCP echo) service of the examples",
+        description=_DESCRIPTION,
+    )
+    _add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code is 0 after a clean stop."""
+    env = os.environ
+    settings = AppSettings(
+        pod=env.get("POD_NAME") or socket.gethostname(),
+        namespace=env.get("POD_NAMESPACE", ""),
+        node=env.get("NODE_NAME", ""),
+        service=args.service,
+        version=args.version,
+        calls=tuple(args.call),
+        call_timeout=args.call_timeout,
+    )
+    servers: list[socketserver.TCPServer] = []
+    try:
+        http_server = _HTTPServer(args.host, args.port, settings)
+        servers.append(http_server)
+        for port in args.tcp_echo:
+            servers.append(_EchoServer(args.host, port))
+    except OSError as e:
+        for srv in servers:
+            srv.server_close()
+        print(f"sample-app: cannot listen on {args.host}: {e}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    for i, srv in enumerate(servers):
+        host, port = srv.socket.getsockname()[:2]
+        kind = "http" if i == 0 else "tcp-echo"
+        shown = f"[{host}]" if srv.address_family == socket.AF_INET6 else str(host)
+        _Log.line(f"listening {kind} {shown}:{port} service={settings.service}/{settings.version}")
+        t = threading.Thread(
+            target=srv.serve_forever, args=(0.1,), name=f"sample-app-{kind}", daemon=True
+        )
+        t.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+    _Log.line("sample-app stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sample app alone (``python -m nodeagent.sampleapp --port 9080 ...``)."""
+    parser = argparse.ArgumentParser(prog="nodeagent sample-app", description=_DESCRIPTION)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

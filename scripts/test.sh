@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets everything up (idempotently) and runs the whole test suite: lint, types, unit,
+# integration and the privileged end-to-end tier. Fails if the privileged tier was skipped.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+# A sandbox left over from an interrupted run would make `sandbox up` refuse.
+.venv/bin/nodeagent sandbox down >/dev/null 2>&1 || true
+echo "== ruff"; .venv/bin/ruff check nodeagent tests bench
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"
+export NODEAGENT_REQUIRE_PRIVILEGED=1
+exec .venv/bin/pytest -p no:cacheprovider -ra "$@"

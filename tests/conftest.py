@@ -1,0 +1,43 @@
+"""Suite-wide rules: the privileged end-to-end tier must run where it is required.
+
+With ``NODEAGENT_REQUIRE_PRIVILEGED=1`` (set by ``scripts/test.sh``, hence CI), a run in
+which any ``privileged`` test was skipped, or none ran, fails: a skipped end-to-end tier
+is a failure in disguise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_priv: dict[str, list[str]] = {"passed": [], "skipped": [], "failed": []}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "privileged" not in report.keywords:
+        return
+    if report.when == "call" and report.passed:
+        _priv["passed"].append(report.nodeid)
+    elif report.skipped:
+        _priv["skipped"].append(report.nodeid)
+    elif report.failed:
+        _priv["failed"].append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("NODEAGENT_REQUIRE_PRIVILEGED") != "1":
+        return
+    if session.config.option.collectonly or session.config.getoption("-k", default=""):
+        return
+    problem = ""
+    if _priv["skipped"]:
+        problem = f"{len(_priv['skipped'])} privileged test(s) were skipped"
+    elif not _priv["passed"] and not _priv["failed"]:
+        problem = "no privileged test ran"
+    if problem:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = f"privileged tier required (NODEAGENT_REQUIRE_PRIVILEGED=1): {problem}"
+        if tr is not None:
+            tr.write_line(msg, red=True, bold=True)
+        session.exitstatus = 1

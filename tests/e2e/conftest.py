@@ -1,0 +1,50 @@
+"""Shared end-to-end fixtures: the ``privileged`` skip and config directories from YAML."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def privileged_skip_reason() -> str | None:
+    """Why the privileged tier cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, cgroups, iptables): run the e2e tier as root"
+    for tool in ("ip", "iptables", "iptables-save"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` on PATH (scripts/setup.sh installs it)"
+    if not any(
+        os.path.exists(f"{d}/cgroup.controllers")
+        for d in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+    ):
+        return "needs a cgroup v2 mount (scripts/setup.sh mounts /sys/fs/cgroup/unified)"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _skip_unprivileged(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("privileged") is not None:
+        reason = privileged_skip_reason()
+        if reason is not None:
+            pytest.skip(reason)
+
+
+WriteConfig = Callable[[str], Path]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> WriteConfig:
+    """``write_config(yaml_text) -> dir``: a config directory holding one mesh.yaml."""
+
+    def write(text: str) -> Path:
+        d = tmp_path / "config"
+        d.mkdir(exist_ok=True)
+        (d / "mesh.yaml").write_text(textwrap.dedent(text))
+        return d
+
+    return write

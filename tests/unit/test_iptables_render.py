@@ -1,0 +1,60 @@
+"""The capture rules are a pure function of the pod's capture spec."""
+
+from __future__ import annotations
+
+from nodeagent.redirect.iptables import (
+    JUMP_IN,
+    JUMP_OUT,
+    CaptureSpec,
+    render_removal,
+    render_rules,
+)
+
+
+def test_default_rules_capture_tcp_both_ways_and_spare_our_own_traffic() -> None:
+    rules = render_rules(CaptureSpec()).splitlines()
+    assert rules[0] == "*nat" and rules[-1] == "COMMIT"
+    assert JUMP_IN in rules and JUMP_OUT in rules
+    out = [r for r in rules if r.startswith("-A NODEAGENT_OUTPUT")]
+    # order matters: the proxy's marked sockets and loopback return before the REDIRECT
+    assert out == [
+        "-A NODEAGENT_OUTPUT -m mark --mark 0x539/0xfff -j RETURN",
+        "-A NODEAGENT_OUTPUT -o lo -j RETURN",
+        "-A NODEAGENT_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+    ]
+    inbound = [r for r in rules if r.startswith("-A NODEAGENT_INBOUND")]
+    assert inbound[0] == "-A NODEAGENT_INBOUND -p tcp --dport 15008 -j RETURN"
+    assert inbound[-1] == "-A NODEAGENT_INBOUND -p tcp -j REDIRECT --to-ports 15006"
+
+
+def test_excluded_ports_return_before_redirect() -> None:
+    rules = render_rules(
+        CaptureSpec(
+            exclude_inbound_ports=frozenset({9000, 22}), exclude_outbound_ports=frozenset({5432})
+        )
+    ).splitlines()
+    i22 = rules.index("-A NODEAGENT_INBOUND -p tcp --dport 22 -j RETURN")
+    i9000 = rules.index("-A NODEAGENT_INBOUND -p tcp --dport 9000 -j RETURN")
+    iredir = rules.index("-A NODEAGENT_INBOUND -p tcp -j REDIRECT --to-ports 15006")
+    assert i22 < i9000 < iredir
+    assert rules.index("-A NODEAGENT_OUTPUT -p tcp --dport 5432 -j RETURN") < rules.index(
+        "-A NODEAGENT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"
+    )
+
+
+def test_applying_twice_does_not_duplicate_jumps() -> None:
+    first = render_rules(CaptureSpec())
+    existing = "\n".join(["*nat", ":PREROUTING ACCEPT [0:0]", JUMP_IN, JUMP_OUT, "COMMIT"])
+    second = render_rules(CaptureSpec(), existing)
+    assert JUMP_IN in first.splitlines() and JUMP_IN not in second.splitlines()
+    assert JUMP_OUT not in second.splitlines()
+
+
+def test_removal_only_touches_what_exists() -> None:
+    assert render_removal("*nat\nCOMMIT\n").splitlines() == ["*nat", "COMMIT"]
+    existing = "\n".join(
+        [":NODEAGENT_INBOUND - [0:0]", ":NODEAGENT_OUTPUT - [0:0]", JUMP_IN, JUMP_OUT]
+    )
+    removal = render_removal(existing).splitlines()
+    assert "-D PREROUTING -p tcp -j NODEAGENT_INBOUND" in removal
+    assert "-X NODEAGENT_OUTPUT" in removal
