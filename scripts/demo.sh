@@ -11,10 +11,13 @@ $NA sandbox up "${1:-examples/bookinfo}"
 $NA sandbox status
 echo
 echo "\$ nodeagent sandbox exec sleep -- curl -s http://productpage:9080/"
-$NA sandbox exec sleep -- curl -s http://productpage:9080/ | head -c 1500; echo
+$NA sandbox exec sleep -- curl -s http://productpage:9080/ | head -n 30; echo "  ..."
 echo
-echo "\$ nodeagent ctl --node node1 connections"
+echo "\$ nodeagent ctl --node node1 status"
 $NA ctl --node node1 status
+echo
+echo "\$ nodeagent ctl --node node2 services"
+$NA ctl --node node2 services
 echo
 echo "The mesh is up. Try: $NA sandbox exec sleep -- curl -s http://reviews:9080/"
 echo "                     $NA ctl --node node2 services"

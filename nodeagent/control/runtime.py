@@ -5,7 +5,7 @@ Format (JSON)::
 
     {"pods": {"default/productpage-v1": {"ip": "10.244.1.2", "node": "node1",
               "netns": "/var/run/netns/na-p-default-productpage-v1",
-              "cgroup": "/sys/fs/cgroup/unified/nodeagent/node1/default_productpage-v1"}}}
+              "cgroup": "/sys/fs/cgroup/unified/nodeagent/pods/node1/default_productpage-v1"}}}
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,19 @@ def write_config(tmp_path: Path) -> WriteConfig:
         return d
 
     return write
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_sandbox_user_at_a_time() -> Iterator[None]:
+    """The sandbox is one per machine: hold ``/run/nodeagent/e2e.lock`` for the session
+    (the benchmark takes the same lock), so two runs never tear down each other's mesh."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.makedirs("/run/nodeagent", exist_ok=True)
+    fd = os.open("/run/nodeagent/e2e.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
