@@ -22,6 +22,7 @@ from nodeagent.control.kinds import find_kind, supported_kinds, validate
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.objects import Pod, PodRuntime, Service
+from nodeagent.model.security import PeerAuthentication
 from nodeagent.model.snapshot import MeshSnapshot
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,41 @@ def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
     return errors
 
 
+def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigError]:
+    """Duplicates, and two namespace-wide policies in one namespace (Istio would silently
+    pick the oldest; we say so instead)."""
+    errors: list[ConfigError] = []
+    seen: dict[str, PeerAuthentication] = {}
+    wide: dict[str, PeerAuthentication] = {}
+    for pa in items:
+        obj = f"PeerAuthentication {pa.key}"
+        if pa.key in seen:
+            errors.append(
+                ConfigError(
+                    f"duplicate name: also defined in {seen[pa.key].source}",
+                    source=pa.source,
+                    obj=obj,
+                    field="metadata.name",
+                )
+            )
+            continue
+        seen[pa.key] = pa
+        if pa.selector is None:
+            other = wide.get(pa.namespace)
+            if other is not None:
+                errors.append(
+                    ConfigError(
+                        f"namespace {pa.namespace} already has a namespace-wide "
+                        f"PeerAuthentication {other.key} ({other.source}): merge them",
+                        source=pa.source,
+                        obj=obj,
+                        field="spec.selector",
+                    )
+                )
+            wide[pa.namespace] = pa
+    return errors
+
+
 def load_directory(
     directory: str | Path,
     *,
@@ -174,6 +210,7 @@ def load_directory(
     errors: list[ConfigError] = []
     pods: list[Pod] = []
     services: list[Service] = []
+    peer_auths: list[PeerAuthentication] = []
     raws: list[dict[str, Any]] = []
     files = _files(d)
     for f in files:
@@ -190,7 +227,10 @@ def load_directory(
                 pods.append(obj)
             elif isinstance(obj, Service):
                 services.append(obj)
+            elif isinstance(obj, PeerAuthentication):
+                peer_auths.append(obj)
     errors.extend(cross_check(pods, services))
+    errors.extend(check_peer_authentications(peer_auths))
     if errors:
         raise ConfigErrors(errors)
     snap = MeshSnapshot.build(
@@ -199,6 +239,7 @@ def load_directory(
         services=tuple(services),
         runtimes=runtimes or {},
         sources=tuple(str(f) for f in files),
+        peer_authentications=tuple(peer_auths),
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))
 

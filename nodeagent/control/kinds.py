@@ -15,12 +15,14 @@ from nodeagent.control.schema import (
     STR,
     STR_MAP,
     ListOf,
+    MapOf,
     Obj,
     Problems,
     Shape,
     check,
 )
 from nodeagent.model.objects import Container, Labels, Pod, Service, ServicePort
+from nodeagent.model.security import MtlsMode, PeerAuthentication
 
 METADATA = Obj(
     {
@@ -94,6 +96,23 @@ SERVICE = Obj(
         ),
     },
     required=frozenset({"metadata", "spec"}),
+)
+
+MTLS = Obj({"mode": STR})
+PEER_AUTHENTICATION = Obj(
+    {
+        "apiVersion": STR,
+        "kind": STR,
+        "metadata": METADATA,
+        "spec": Obj(
+            {
+                "selector": Obj({"matchLabels": STR_MAP}),
+                "mtls": MTLS,
+                "portLevelMtls": MapOf(MTLS, int_keys=True),
+            }
+        ),
+    },
+    required=frozenset({"metadata"}),
 )
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -246,9 +265,57 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
     )
 
 
+def _mode(value: object, path: str, problems: Problems) -> MtlsMode:
+    try:
+        return MtlsMode(str(value).upper() if value is not None else "UNSET")
+    except ValueError:
+        allowed = ", ".join(m.value for m in MtlsMode)
+        problems.add(path, f"unknown mode {value!r} (one of {allowed})")
+        return MtlsMode.UNSET
+
+
+def convert_peer_authentication(
+    doc: dict[str, Any], source: str, problems: Problems
+) -> PeerAuthentication | None:
+    ns, name = _meta(doc, problems)
+    spec = doc.get("spec") or {}
+    selector = None
+    if "selector" in spec:
+        selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
+        if not selector:
+            problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    mode = _mode((spec.get("mtls") or {}).get("mode"), "spec.mtls.mode", problems)
+    ports: list[tuple[int, MtlsMode]] = []
+    for key, value in (spec.get("portLevelMtls") or {}).items():
+        path = f"spec.portLevelMtls.{key}"
+        if not str(key).isdigit() or not 0 < int(key) < 65536:
+            problems.add(path, f"{key!r} is not a port number")
+            continue
+        ports.append((int(key), _mode((value or {}).get("mode"), f"{path}.mode", problems)))
+    if ports and selector is None:
+        problems.add(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a workload selector (as in Istio)",
+        )
+    return PeerAuthentication(
+        namespace=ns,
+        name=name,
+        mode=mode,
+        selector=selector,
+        port_modes=tuple(sorted(ports)),
+        source=source,
+    )
+
+
 KINDS: tuple[Kind, ...] = (
     Kind(("v1",), "Pod", POD, convert_pod),
     Kind(("v1",), "Service", SERVICE, convert_service),
+    Kind(
+        ("security.istio.io/v1", "security.istio.io/v1beta1"),
+        "PeerAuthentication",
+        PEER_AUTHENTICATION,
+        convert_peer_authentication,
+    ),
 )
 
 

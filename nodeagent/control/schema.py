@@ -28,6 +28,8 @@ class MapOf:
     """A mapping of string keys to values of one shape (labels, selectors)."""
 
     value: Shape
+    int_keys: bool = False
+    """Also accept integer keys (``portLevelMtls: {8080: ...}``)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,10 @@ def check(value: Any, shape: Shape, path: str, problems: Problems) -> None:
             problems.add(path, f"expected a mapping, got {_type_name(value)}")
             return
         for k, v in value.items():
-            if not isinstance(k, str):
+            if not isinstance(k, str) and not (shape.int_keys and isinstance(k, int)):
                 problems.add(path, f"key {k!r} is not a string")
                 continue
-            check(v, shape.value, _join(path, k), problems)
+            check(v, shape.value, _join(path, str(k)), problems)
         return
     if not isinstance(value, dict):
         problems.add(path, f"expected a mapping, got {_type_name(value)}")

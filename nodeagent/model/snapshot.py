@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
+from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class MeshSnapshot:
     services: tuple[Service, ...] = ()
     runtimes: Mapping[str, PodRuntime] = field(default_factory=lambda: MappingProxyType({}))
     sources: tuple[str, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
     pod_by_ip: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -58,6 +61,8 @@ class MeshSnapshot:
         services: tuple[Service, ...],
         runtimes: Mapping[str, PodRuntime] | None = None,
         sources: tuple[str, ...] = (),
+        peer_authentications: tuple[PeerAuthentication, ...] = (),
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
         resolved: list[Pod] = []
@@ -96,6 +101,8 @@ class MeshSnapshot:
             services=services,
             runtimes=MappingProxyType(runtimes),
             sources=sources,
+            peer_authentications=peer_authentications,
+            root_namespace=root_namespace,
             pod_by_key=MappingProxyType(pod_by_key),
             pod_by_ip=MappingProxyType(pod_by_ip),
             service_by_key=MappingProxyType(service_by_key),
