@@ -18,8 +18,11 @@ import uvloop
 from nodeagent.config import AgentSettings
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
+from nodeagent.identity.ca_client import CaClient
+from nodeagent.identity.store import CertificateStore
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo
+from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import netns
 from nodeagent.telemetry.metrics import Metrics
@@ -38,8 +41,24 @@ class Agent:
         self._loaded = loaded
         self._snapshot = loaded.snapshot
         self.metrics = Metrics()
+        self.certs: CertificateStore | None = None
+        self.ca_client: CaClient | None = None
+        identity: MeshIdentity | None = None
+        if settings.mtls:
+            self.ca_client = CaClient(settings.ca_addr, settings.ca_token_file)
+            self.certs = CertificateStore(
+                self.ca_client,
+                settings.trust_domain,
+                settings.cert_lifetime,
+                settings.trust_bundle,
+            )
+            identity = MeshIdentity(self.certs, settings.trust_domain)
         self.proxy = Proxy(
-            settings.node, self.snapshot, self.metrics, connect_timeout=settings.connect_timeout
+            settings.node,
+            self.snapshot,
+            self.metrics,
+            connect_timeout=settings.connect_timeout,
+            identity=identity,
         )
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
@@ -73,6 +92,12 @@ class Agent:
     def local_pods(self) -> list[dict[str, Any]]:
         return self.proxy.pod_states()
 
+    def certificates(self) -> list[dict[str, Any]]:
+        return self.certs.describe() if self.certs else []
+
+    def ca_status(self) -> dict[str, Any]:
+        return self.certs.status() if self.certs else {"state": "disabled"}
+
     # -- lifecycle -------------------------------------------------------------------
     def _on_update(self, loaded: LoadedConfig) -> None:
         self._loaded = loaded
@@ -82,7 +107,15 @@ class Agent:
 
     async def _reconcile(self) -> None:
         async with self._reconcile_lock:
-            await self.proxy.reconcile(self._snapshot)
+            snap = self._snapshot
+            if self.certs is not None:
+                wanted = {
+                    p.identity(self.settings.trust_domain) for p in snap.pods_on_node(self.node)
+                }
+                errors = await self.certs.ensure(wanted)
+                for identity, err in errors.items():
+                    log.warning("no certificate for %s yet: %s", identity, err)
+            await self.proxy.reconcile(snap)
 
     async def _retry_failed(self) -> None:
         while True:
@@ -110,6 +143,8 @@ class Agent:
             loop.create_task(self.watcher.run()),
             loop.create_task(self._retry_failed()),
         ]
+        if self.certs is not None:
+            tasks.append(loop.create_task(self.certs.run()))
         log.info(
             "agent for node %s serving: %d local pod(s), config version %d, socket %s",
             self.node,
@@ -128,7 +163,9 @@ class Agent:
         for s in http_servers:
             s.close()
         await admin.stop(0.5)
-        self.proxy.close()
+        await self.proxy.close()
+        if self.ca_client is not None:
+            await self.ca_client.close()
         return 0
 
 
@@ -153,6 +190,7 @@ def run_agent(settings: AgentSettings) -> int:
         pods_file=settings.pods_file,
         on_update=lambda _loaded: None,
         interval=settings.reload_interval,
+        root_namespace=settings.root_namespace,
     )
     try:
         loaded = watcher.load_once()

@@ -23,8 +23,33 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--socket", default="", help="node agent socket path")
     p.add_argument("--state-dir", default="", help="state directory")
     p.add_argument("--redirect", default="iptables", choices=["iptables"], help="capture mode")
+    p.add_argument(
+        "--ca-addr",
+        default="",
+        help="mesh CA (unix:PATH or HOST:PORT); without it, node-to-node traffic is plain TCP",
+    )
+    p.add_argument("--ca-token-file", default="", help="this node's credential for the CA")
+    p.add_argument("--trust-bundle", default="", help="PEM file of the trusted root(s)")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument(
+        "--cert-lifetime",
+        default="24h",
+        type=_duration,
+        help="lifetime asked for workload certificates (renewed at half-life)",
+    )
+    p.add_argument(
+        "--root-namespace",
+        default="istio-system",
+        help="namespace whose policies apply mesh-wide",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_run)
+
+
+def _duration(text: str) -> float:
+    from nodeagent.identity.cli import parse_duration
+
+    return parse_duration(text)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -39,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
     from nodeagent import sampleapp
     from nodeagent.admin import ctl
+    from nodeagent.identity import cli as ca_cli
 
     parser = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
@@ -46,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
+    ca_cli.add_parser(sub)
     sampleapp.add_parser(sub)
     return parser
 

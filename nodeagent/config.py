@@ -23,6 +23,17 @@ class AgentSettings:
     metrics_port: int = 15020
     ready_port: int = 15021
     drain_seconds: float = 5.0
+    ca_addr: str = ""
+    """The mesh CA; empty means no identities: plain TCP between nodes."""
+    ca_token_file: str = ""
+    trust_bundle: str = ""
+    trust_domain: str = "cluster.local"
+    cert_lifetime: float = 86400.0
+    root_namespace: str = "istio-system"
+
+    @property
+    def mtls(self) -> bool:
+        return bool(self.ca_addr)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -36,4 +47,10 @@ class AgentSettings:
             state_dir=Path(args.state_dir) if args.state_dir else Path("/var/lib/nodeagent"),
             redirect=args.redirect,
             log_level=args.log_level,
+            ca_addr=args.ca_addr,
+            ca_token_file=args.ca_token_file,
+            trust_bundle=args.trust_bundle,
+            trust_domain=args.trust_domain,
+            cert_lifetime=float(args.cert_lifetime),
+            root_namespace=args.root_namespace,
         )

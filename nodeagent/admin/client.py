@@ -80,6 +80,14 @@ class AdminClient:
                 ) from e
         return {"version": resp.version, "objects": objects}
 
+    def certs(self) -> dict[str, Any]:
+        """``{"certificates": [per identity, with its chain], "ca": {the CA's status}}``."""
+        resp = self._call("Certs", pb.CertsRequest(), pb.CertsResponse)
+        return {
+            "certificates": [message_to_dict(c) for c in resp.certificates],
+            "ca": message_to_dict(resp.ca),
+        }
+
     # -- plumbing -------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -23,6 +23,8 @@ __all__ = [
     "add_parser",
     "format_age",
     "format_bytes",
+    "format_ca",
+    "format_certs",
     "format_config",
     "format_connections",
     "format_duration",
@@ -40,7 +42,7 @@ NONE = "<none>"
 MAX_ENDPOINTS_SHOWN = 3
 """The ENDPOINTS column lists this many endpoints, then ``+ N more...`` (like kubectl)."""
 
-COMMANDS = ("status", "workloads", "services", "connections", "config")
+COMMANDS = ("status", "workloads", "services", "connections", "config", "certs")
 
 
 # -- choosing the socket ------------------------------------------------------------------
@@ -147,6 +149,7 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
         ("CPU", f"{float(status.get('cpu_percent') or 0):.1f}%"),
         ("Memory (RSS)", format_bytes(int(status.get("memory_rss_bytes") or 0))),
         ("Redirect mode", _s(status.get("redirect_mode"))),
+        *([("CA", format_ca(status["ca"], now))] if status.get("ca") else []),
         ("Config version", _s(cfg.get("version", 0))),
         ("Config loaded", loaded),
         ("Config sources", sources[0] if sources else NONE),
@@ -157,6 +160,61 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     error_lines = error.splitlines() or [NONE]
     lines.append(f"{'Last error:':<{width}}{error_lines[0]}")
     lines.extend(f"{'':<{width}}{line}" for line in error_lines[1:])
+    return "\n".join(lines)
+
+
+def format_ca(ca: Mapping[str, Any], now: float) -> str:
+    """One line on the mesh CA: reachable, or unreachable since when and why."""
+    state = str(ca.get("state") or "unknown")
+    address = str(ca.get("address") or "")
+    at = f" ({address})" if address else ""
+    error = " ".join(str(ca.get("last_error") or "").splitlines())
+    error_at = float(ca.get("last_error_at") or 0)
+    if state == "disabled":
+        return "disabled (no CA configured)"
+    if state == "unreachable":
+        since = float(ca.get("unreachable_since") or error_at)
+        when = f" since {_time(since)} ({format_age(since, now)} ago)" if since > 0 else ""
+        return f"unreachable{when}: {error or 'no answer'}"
+    if state == "reachable":
+        text = f"reachable{at}"
+        if error and error_at > 0:
+            text += f"; last error {format_age(error_at, now)} ago: {error}"
+        return text
+    return f"not contacted yet{at}"
+
+
+def _renews_in(cert: Mapping[str, Any]) -> str:
+    state = str(cert.get("state") or "")
+    due = float(cert.get("renews_in_seconds") or 0)
+    if state == "pending":
+        return f"pending, retry in {format_duration(due)}" if cert.get("last_error") else "pending"
+    if state == "expired":
+        return f"EXPIRED, retry in {format_duration(due)}"
+    if state == "renewing":
+        return f"overdue, retry in {format_duration(due)}"
+    return format_duration(due)
+
+
+def format_certs(data: Mapping[str, Any], now: float) -> str:
+    """One row per identity held, then the CA's state (``AdminClient.certs()``)."""
+    certs: Sequence[Mapping[str, Any]] = data.get("certificates") or []
+    headers = ["IDENTITY", "SERIAL", "NOT BEFORE", "NOT AFTER", "RENEWS IN"]
+    rows = [
+        [
+            _s(c.get("identity")),
+            _s(c.get("serial")),
+            _time(float(c["not_before"])) if c.get("not_before") else NONE,
+            _time(float(c["not_after"])) if c.get("not_after") else NONE,
+            _renews_in(c),
+        ]
+        for c in certs
+    ]
+    table = format_table(headers, rows) if rows else "No certificates found."
+    errors = [f"{c.get('identity')}: {c.get('last_error')}" for c in certs if c.get("last_error")]
+    lines = [table, "", f"CA: {format_ca(data.get('ca') or {}, now)}"]
+    if errors:
+        lines += ["", "Errors:", *(f"  {' '.join(e.splitlines())}" for e in errors)]
     return "\n".join(lines)
 
 
@@ -272,6 +330,7 @@ def render(command: str, data: Any, output: str, now: float) -> str:
         "services": format_services,
         "connections": lambda d: format_connections(d, now),
         "config": format_config,
+        "certs": lambda d: format_certs(d, now),
     }
     return formatters[command](data)
 
@@ -314,6 +373,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "services": "every service port with its endpoints",
         "connections": "live proxied connections on this node",
         "config": "the raw config objects the agent serves (JSON by default)",
+        "certs": "the workload certificates this agent holds, and its CA's state "
+        "(-o json adds each chain)",
     }
     for name in COMMANDS:
         cp = csub.add_parser(name, help=helps[name], description=helps[name])
@@ -345,6 +406,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                 "services": client.services,
                 "connections": client.connections,
                 "config": client.config_dump,
+                "certs": client.certs,
             }
             data = fetch[command]()
     except NodeAgentError as e:

@@ -25,7 +25,7 @@ class ConfigStatus(_message.Message):
     def __init__(self, version: _Optional[int] = ..., loaded_at: _Optional[float] = ..., sources: _Optional[_Iterable[str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config")
+    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class StatusResponse(_message.Message):
     REDIRECT_MODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CA_FIELD_NUMBER: _ClassVar[int]
     version: str
     node: str
     uptime_seconds: float
@@ -42,7 +43,26 @@ class StatusResponse(_message.Message):
     redirect_mode: str
     ready: bool
     config: ConfigStatus
-    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ...) -> None: ...
+    ca: CaStatus
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ...) -> None: ...
+
+class CaStatus(_message.Message):
+    __slots__ = ("state", "address", "last_error", "last_error_at", "unreachable_since", "last_success_at", "next_renewal_at")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SUCCESS_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RENEWAL_AT_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    address: str
+    last_error: str
+    last_error_at: float
+    unreachable_since: float
+    last_success_at: float
+    next_renewal_at: float
+    def __init__(self, state: _Optional[str] = ..., address: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[float] = ..., unreachable_since: _Optional[float] = ..., last_success_at: _Optional[float] = ..., next_renewal_at: _Optional[float] = ...) -> None: ...
 
 class WorkloadsRequest(_message.Message):
     __slots__ = ()
@@ -182,3 +202,51 @@ class ConfigDumpResponse(_message.Message):
     version: int
     objects: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, version: _Optional[int] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChainCertificate(_message.Message):
+    __slots__ = ("subject", "issuer", "serial", "not_before", "not_after", "uris")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    URIS_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    issuer: str
+    serial: str
+    not_before: float
+    not_after: float
+    uris: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, subject: _Optional[str] = ..., issuer: _Optional[str] = ..., serial: _Optional[str] = ..., not_before: _Optional[float] = ..., not_after: _Optional[float] = ..., uris: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Certificate(_message.Message):
+    __slots__ = ("identity", "serial", "not_before", "not_after", "renews_in_seconds", "state", "last_error", "chain")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RENEWS_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    serial: str
+    not_before: float
+    not_after: float
+    renews_in_seconds: float
+    state: str
+    last_error: str
+    chain: _containers.RepeatedCompositeFieldContainer[ChainCertificate]
+    def __init__(self, identity: _Optional[str] = ..., serial: _Optional[str] = ..., not_before: _Optional[float] = ..., not_after: _Optional[float] = ..., renews_in_seconds: _Optional[float] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., chain: _Optional[_Iterable[_Union[ChainCertificate, _Mapping]]] = ...) -> None: ...
+
+class CertsResponse(_message.Message):
+    __slots__ = ("certificates", "ca")
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    CA_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[Certificate]
+    ca: CaStatus
+    def __init__(self, certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ...) -> None: ...

@@ -59,6 +59,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.ConfigDumpRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.ConfigDumpResponse.FromString,
                 _registered_method=True)
+        self.Certs = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/Certs',
+                request_serializer=nodeagent__pb2.CertsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.CertsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -99,6 +104,13 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Certs(self, request, context):
+        """The workload certificates this agent holds, and how its mesh CA is doing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.ConfigDump,
                     request_deserializer=nodeagent__pb2.ConfigDumpRequest.FromString,
                     response_serializer=nodeagent__pb2.ConfigDumpResponse.SerializeToString,
+            ),
+            'Certs': grpc.unary_unary_rpc_method_handler(
+                    servicer.Certs,
+                    request_deserializer=nodeagent__pb2.CertsRequest.FromString,
+                    response_serializer=nodeagent__pb2.CertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/ConfigDump',
             nodeagent__pb2.ConfigDumpRequest.SerializeToString,
             nodeagent__pb2.ConfigDumpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Certs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/Certs',
+            nodeagent__pb2.CertsRequest.SerializeToString,
+            nodeagent__pb2.CertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

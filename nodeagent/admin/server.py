@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,12 @@ from nodeagent.errors import LocalStateError
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import AgentView, ConnectionInfo
 
-__all__ = ["NodeAgentService", "start_admin_server"]
+__all__ = [
+    "NodeAgentService",
+    "ca_status_message",
+    "certificate_message",
+    "start_admin_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     ) -> pb.ConfigDumpResponse:
         return await _answer("ConfigDump", context, self._config_dump)
 
+    async def Certs(
+        self, request: pb.CertsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CertsResponse:
+        return await _answer("Certs", context, self._certs)
+
     # -- builders: plain functions of the view, one snapshot each --------------------------
 
     def _status(self) -> pb.StatusResponse:
@@ -99,6 +109,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 last_error=cfg.last_error,
                 last_error_at=cfg.last_error_at,
             ),
+            ca=ca_status_message(view.ca_status()),
         )
 
     def _workloads(self) -> pb.WorkloadsResponse:
@@ -117,6 +128,12 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         snap = self._view.snapshot()
         objects = [json.dumps(o, default=str) for o in self._view.config_dump()]
         return pb.ConfigDumpResponse(version=snap.version, objects=objects)
+
+    def _certs(self) -> pb.CertsResponse:
+        return pb.CertsResponse(
+            certificates=[certificate_message(c) for c in self._view.certificates()],
+            ca=ca_status_message(self._view.ca_status()),
+        )
 
 
 async def _answer(
@@ -202,6 +219,54 @@ def connection_message(c: ConnectionInfo) -> pb.Connection:
         bytes_sent=c.bytes_sent,
         bytes_received=c.bytes_received,
         opened_at=c.opened_at,
+    )
+
+
+def _str(d: Mapping[str, Any], key: str) -> str:
+    value = d.get(key)
+    return "" if value is None else str(value)
+
+
+def _float(d: Mapping[str, Any], key: str) -> float:
+    value = d.get(key)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def ca_status_message(ca: Mapping[str, Any]) -> pb.CaStatus:
+    """``AgentView.ca_status()`` as a ``CaStatus`` (missing keys: empty / 0)."""
+    return pb.CaStatus(
+        state=_str(ca, "state") or "unknown",
+        address=_str(ca, "address"),
+        last_error=_str(ca, "last_error"),
+        last_error_at=_float(ca, "last_error_at"),
+        unreachable_since=_float(ca, "unreachable_since"),
+        last_success_at=_float(ca, "last_success_at"),
+        next_renewal_at=_float(ca, "next_renewal_at"),
+    )
+
+
+def certificate_message(cert: Mapping[str, Any]) -> pb.Certificate:
+    """One entry of ``AgentView.certificates()`` as a ``Certificate``."""
+    chain: list[Mapping[str, Any]] = list(cert.get("chain") or [])
+    return pb.Certificate(
+        identity=_str(cert, "identity"),
+        serial=_str(cert, "serial"),
+        not_before=_float(cert, "not_before"),
+        not_after=_float(cert, "not_after"),
+        renews_in_seconds=_float(cert, "renews_in_seconds"),
+        state=_str(cert, "state"),
+        last_error=_str(cert, "last_error"),
+        chain=[
+            pb.ChainCertificate(
+                subject=_str(c, "subject"),
+                issuer=_str(c, "issuer"),
+                serial=_str(c, "serial"),
+                not_before=_float(c, "not_before"),
+                not_after=_float(c, "not_after"),
+                uris=[str(u) for u in c.get("uris") or []],
+            )
+            for c in chain
+        ],
     )
 
 

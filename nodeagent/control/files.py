@@ -22,7 +22,7 @@ from nodeagent.control.kinds import find_kind, supported_kinds, validate
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.objects import Pod, PodRuntime, Service
-from nodeagent.model.security import PeerAuthentication
+from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
 from nodeagent.model.snapshot import MeshSnapshot
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def load_directory(
     *,
     runtimes: dict[str, PodRuntime] | None = None,
     version: int = 1,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
 ) -> LoadedConfig:
     """Load and validate every YAML file under ``directory``; raise ``ConfigErrors``."""
     d = Path(directory)
@@ -240,6 +241,7 @@ def load_directory(
         runtimes=runtimes or {},
         sources=tuple(str(f) for f in files),
         peer_authentications=tuple(peer_auths),
+        root_namespace=root_namespace,
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))
 
@@ -266,6 +268,7 @@ class ConfigWatcher:
     pods_file: Path | None
     on_update: Callable[[LoadedConfig], None]
     interval: float = 0.5
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
     version: int = 0
     current: LoadedConfig | None = None
     last_error: str = ""
@@ -286,7 +289,12 @@ class ConfigWatcher:
         """Load now (raises on a bad config); used at start, where a bad config is fatal."""
         self._print = _fingerprint(self._watched())
         runtimes = load_runtimes(self.pods_file) if self.pods_file else {}
-        loaded = load_directory(self.directory, runtimes=runtimes, version=self.version + 1)
+        loaded = load_directory(
+            self.directory,
+            runtimes=runtimes,
+            version=self.version + 1,
+            root_namespace=self.root_namespace,
+        )
         self.version += 1
         self.current = loaded
         self.loaded_at = time.time()

@@ -73,3 +73,12 @@ class AgentView(Protocol):
     def local_pods(self) -> list[dict[str, Any]]:
         """Per local pod: key, ip, netns, capture state (``ready`` or an error)."""
         ...
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """Per workload identity held: ``CertificateStore.describe()`` (empty without a CA)."""
+        ...
+
+    def ca_status(self) -> dict[str, Any]:
+        """How the mesh CA is doing: ``CertificateStore.status()``, or
+        ``{"state": "disabled"}`` when the agent has no CA."""
+        ...

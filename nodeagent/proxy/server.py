@@ -18,6 +18,7 @@ from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
 from nodeagent.redirect import iptables
@@ -71,8 +72,10 @@ class Proxy:
         snapshot: Callable[[], MeshSnapshot],
         metrics: Metrics,
         connect_timeout: float = 5.0,
+        identity: MeshIdentity | None = None,
     ) -> None:
         self.node = node
+        self.identity = identity
         self.snapshot = snapshot
         self.metrics = metrics
         self.table = ConnectionTable(metrics)
@@ -138,7 +141,16 @@ class Proxy:
             pp.close()
 
     def all_ready(self) -> bool:
-        return all(pp.state == "ready" for pp in self.pods.values())
+        return all(self._pod_ready(pp) for pp in self.pods.values())
+
+    def _pod_ready(self, pp: PodProxy) -> bool:
+        if pp.state != "ready":
+            return False
+        return self.identity is None or self.identity.has(self._identity_of(pp.pod))
+
+    def _identity_of(self, pod: Pod) -> str:
+        td = self.identity.trust_domain if self.identity is not None else "cluster.local"
+        return pod.identity(td)
 
     def pod_states(self) -> list[dict[str, Any]]:
         return [
@@ -290,7 +302,7 @@ class Proxy:
         for relay in list(self.table.live.values()):
             relay.abort("agent shutting down")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for pp in self.pods.values():
             pp.close()
         self.pods.clear()

@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="ARG",
         help="pass ARG to every `nodeagent run` (repeat; write --agent-arg=--redirect=iptables)",
     )
+    up.add_argument(
+        "--no-mtls",
+        action="store_true",
+        help="no mesh CA: agents relay plain TCP between nodes (the L4 skeleton only)",
+    )
     up.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     up.set_defaults(func=_cmd_up)
 
@@ -97,6 +102,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             agents=not args.no_agents,
             agent_args=args.agent_arg,
             progress=_say(args.quiet),
+            mtls=not args.no_mtls,
         )
     except ConfigErrors as e:
         return _err(str(e))

@@ -43,6 +43,12 @@ from nodeagent.sandbox.topology import (
 )
 
 STATE_FILE = f"{STATE_DIR}/state.json"
+CA_DIR = f"{STATE_DIR}/ca"
+CA_SOCKET = f"{STATE_DIR}/ca.sock"
+CA_TOKENS = f"{STATE_DIR}/ca-tokens.json"
+CA_LOG_NAME = "ca.log"
+CA_CGROUP = "ca"
+"""The mesh CA's cgroup, under our subtree (so teardown kills it like everything else)."""
 PODS_FILE = f"{STATE_DIR}/pods.json"
 STATE_VERSION = 1
 AGENT_TIMEOUT = 30.0
@@ -292,8 +298,12 @@ class Sandbox:
         created: float,
         agent_pids: dict[str, int] | None = None,
         pod_pids: dict[str, list[int]] | None = None,
+        mtls: bool = True,
+        ca_pid: int = 0,
     ) -> None:
         self.topology = topology
+        self.mtls = mtls
+        self.ca_pid = ca_pid
         self.config_dir = config_dir
         self.cgroup_root = cgroup_root
         self.agents = agents
@@ -316,6 +326,7 @@ class Sandbox:
         agent_timeout: float = AGENT_TIMEOUT,
         pod_timeout: float = POD_TIMEOUT,
         progress: Progress = _quiet,
+        mtls: bool = True,
     ) -> Sandbox:
         """Load ``config_dir`` and bring the sandbox up; on any failure, tear it all down.
 
@@ -361,6 +372,7 @@ class Sandbox:
                 agent_args=agent_args,
                 containers=containers,
                 created=time.time(),
+                mtls=mtls and agents,
             )
             try:
                 sb._build(progress, agent_timeout=agent_timeout, pod_timeout=pod_timeout)
@@ -426,6 +438,8 @@ class Sandbox:
             created=float(state.get("created", 0.0)),
             agent_pids={k: int(v) for k, v in state.get("agent_pids", {}).items()},
             pod_pids={k: [int(x) for x in v] for k, v in state.get("pod_pids", {}).items()},
+            mtls=bool(state.get("mtls", False)),
+            ca_pid=int(state.get("ca_pid", 0)),
         )
 
     def _save(self) -> None:
@@ -445,6 +459,8 @@ class Sandbox:
                 },
                 "agent_pids": self.agent_pids,
                 "pod_pids": self.pod_pids,
+                "mtls": self.mtls,
+                "ca_pid": self.ca_pid,
             },
         )
 
@@ -477,6 +493,8 @@ class Sandbox:
                 for p in topo.pods
             },
         )
+        if self.mtls:
+            self._start_ca(progress)
         if self.agents:
             for node in topo.nodes:
                 self._start_agent(node)
@@ -488,6 +506,87 @@ class Sandbox:
         for pod in topo.pods:
             self._wait_pod(pod, pod_timeout)
             progress(f"pod {pod.key} is ready")
+
+    # -- the mesh CA -----------------------------------------------------------------------
+
+    def ca_token_file(self, node: str) -> str:
+        return f"{STATE_DIR}/ca-token-{node}"
+
+    @property
+    def ca_log(self) -> str:
+        return f"{log_dir()}/{CA_LOG_NAME}"
+
+    def _start_ca(self, progress: Progress) -> None:
+        """One CA for the mesh (its own process; its key never reaches an agent), and a
+        random credential per node that the CA maps back to the node's name."""
+        import secrets
+
+        progress(f"mesh CA: {CA_DIR}, serving on unix:{CA_SOCKET}")
+        tokens = {n.name: secrets.token_urlsafe(32) for n in self.topology.nodes}
+        _write_json(CA_TOKENS, tokens)
+        os.chmod(CA_TOKENS, 0o600)
+        for name, token in tokens.items():
+            path = self.ca_token_file(name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+        if not os.path.exists(f"{CA_DIR}/root-cert.pem"):
+            subprocess.run(
+                [*processes.agent_command(), "ca", "init", "--dir", CA_DIR],
+                check=True,
+                capture_output=True,
+            )
+        cg = cgroups.subtree(self.cgroup_root) / CA_CGROUP
+        cgroups.create(cg)
+        argv = [
+            *processes.agent_command(),
+            "ca",
+            "serve",
+            "--dir",
+            CA_DIR,
+            "--listen",
+            f"unix:{CA_SOCKET}",
+            "--config",
+            self.config_dir,
+            "--tokens",
+            CA_TOKENS,
+        ]
+        env = dict(os.environ)
+        env["PATH"] = processes.search_path()
+        env["PYTHONUNBUFFERED"] = "1"
+        p = processes.spawn(processes.launcher(cg, argv), log=self.ca_log, env=env)
+        self._popens.append(p)
+        self.ca_pid = p.pid
+        deadline = time.monotonic() + 15
+        while not os.path.exists(CA_SOCKET):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise LocalStateError(
+                    f"the mesh CA did not start; the end of {self.ca_log}:\n"
+                    f"{processes.indent(processes.tail(self.ca_log))}"
+                )
+            time.sleep(0.05)
+
+    def stop_ca(self) -> None:
+        """Stop the mesh CA (tests: certificates must keep working without it)."""
+        cgroups.kill(cgroups.subtree(self.cgroup_root) / CA_CGROUP)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(CA_SOCKET)
+
+    def start_ca(self) -> None:
+        self._start_ca(_quiet)
+        self._save()
+
+    def _ca_args(self, node: NodePlan) -> list[str]:
+        if not self.mtls:
+            return []
+        return [
+            "--ca-addr",
+            f"unix:{CA_SOCKET}",
+            "--ca-token-file",
+            self.ca_token_file(node.name),
+            "--trust-bundle",
+            f"{CA_DIR}/trust-bundle.pem",
+        ]
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -510,6 +609,7 @@ class Sandbox:
             node.socket,
             "--state-dir",
             node.state_dir,
+            *self._ca_args(node),
             *self.agent_args,
         ]
         env = dict(os.environ)

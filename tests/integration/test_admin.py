@@ -125,6 +125,8 @@ class FakeView:
     """Name of a method that raises, to check the server survives a failing handler."""
     snapshot_calls: int = 0
     conns: list[ConnectionInfo] = field(default_factory=list)
+    certs: list[dict[str, Any]] = field(default_factory=list)
+    ca: dict[str, Any] = field(default_factory=lambda: {"state": "disabled"})
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -169,6 +171,13 @@ class FakeView:
                 "spec": {"hosts": ["reviews"]},
             },
         ]
+
+    def certificates(self) -> list[dict[str, Any]]:
+        self._maybe_fail("certificates")
+        return list(self.certs)
+
+    def ca_status(self) -> dict[str, Any]:
+        return dict(self.ca)
 
     def local_pods(self) -> list[dict[str, Any]]:
         return [
@@ -309,6 +318,15 @@ def test_status(agent: Agent) -> None:
         "last_error": "/etc/mesh/bad.yaml: VirtualService default/x: spec.foo: unknown field",
         "last_error_at": STARTED + 60,
     }
+    assert s["ca"] == {
+        "state": "disabled",
+        "address": "",
+        "last_error": "",
+        "last_error_at": 0.0,
+        "unreachable_since": 0.0,
+        "last_success_at": 0.0,
+        "next_renewal_at": 0.0,
+    }
     agent.view.is_ready = False
     with agent.client() as c:
         assert c.status()["ready"] is False
@@ -442,6 +460,126 @@ def test_config_dump(agent: Agent) -> None:
         dump = c.config_dump()
     assert dump["version"] == 7
     assert dump["objects"] == agent.view.config_dump()
+
+
+ROOT_SUBJECT = "CN=nodeagent root CA 0a1b2c3d,O=cluster.local"
+PRODUCTPAGE_ID = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+
+
+def certificates() -> list[dict[str, Any]]:
+    """What ``CertificateStore.describe()`` returns for two identities."""
+    return [
+        {
+            "identity": PRODUCTPAGE_ID,
+            "serial": "5f3a9c0de1",
+            "not_before": STARTED,
+            "not_after": STARTED + 86460,
+            "renews_in_seconds": 43000.5,
+            "state": "valid",
+            "last_error": "",
+            "chain": [
+                {
+                    "subject": "",
+                    "issuer": ROOT_SUBJECT,
+                    "serial": "5f3a9c0de1",
+                    "not_before": STARTED,
+                    "not_after": STARTED + 86460,
+                    "uris": [PRODUCTPAGE_ID],
+                },
+                {
+                    "subject": ROOT_SUBJECT,
+                    "issuer": ROOT_SUBJECT,
+                    "serial": "77",
+                    "not_before": STARTED - 1000,
+                    "not_after": STARTED + 10 * 365 * 86400,
+                    "uris": [],
+                },
+            ],
+        },
+        {
+            "identity": REVIEWS_ID,
+            "serial": "",
+            "not_before": 0.0,
+            "not_after": 0.0,
+            "renews_in_seconds": 7.0,
+            "state": "pending",
+            "last_error": "CA at unix:/run/nodeagent/ca.sock unreachable: connection refused",
+            "chain": [],
+        },
+    ]
+
+
+UNREACHABLE = {
+    "state": "unreachable",
+    "reachable": False,
+    "address": "unix:/run/nodeagent/ca.sock",
+    "last_error": "CA at unix:/run/nodeagent/ca.sock unreachable: connection refused",
+    "last_error_at": STARTED + 100,
+    "unreachable_since": STARTED + 90,
+    "last_success_at": STARTED + 10,
+    "next_renewal_at": STARTED + 107,
+}
+
+
+def test_certs(agent: Agent) -> None:
+    agent.view.certs = certificates()
+    agent.view.ca = dict(UNREACHABLE)
+    with agent.client() as c:
+        data = c.certs()
+        status = c.status()
+    expected_ca = {k: v for k, v in UNREACHABLE.items() if k != "reachable"}
+    assert data["ca"] == expected_ca
+    assert status["ca"] == expected_ca
+    assert data["certificates"] == certificates()
+    agent.view.certs = []
+    agent.view.ca = {"state": "reachable", "address": "unix:/run/nodeagent/ca.sock"}
+    with agent.client() as c:
+        data = c.certs()
+    assert data["certificates"] == []
+    assert data["ca"]["state"] == "reachable"
+
+
+def test_ctl_certs_and_ca_status(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    agent.view.certs = certificates()
+    agent.view.ca = dict(UNREACHABLE)
+    rc, out, err = run_ctl(["--socket", agent.socket_path, "certs"], capsys)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "IDENTITY",
+        "SERIAL",
+        "NOT",
+        "BEFORE",
+        "NOT",
+        "AFTER",
+        "RENEWS",
+        "IN",
+    ]
+    assert lines[1].split()[:2] == [PRODUCTPAGE_ID, "5f3a9c0de1"]
+    assert lines[1].rstrip().endswith("11h56m")
+    assert lines[2].split()[:2] == [REVIEWS_ID, "<none>"]
+    assert "pending, retry in 7s" in lines[2]
+    assert any(
+        line.startswith("CA: unreachable since ") and "connection refused" in line for line in lines
+    )
+    rc, out, _ = run_ctl(["--socket", agent.socket_path, "certs", "-o", "json"], capsys)
+    assert rc == 0
+    data = json.loads(out)
+    assert data["certificates"][0]["chain"][1]["subject"] == ROOT_SUBJECT
+    assert data["ca"]["state"] == "unreachable"
+    rc, out, _ = run_ctl(["--socket", agent.socket_path, "status"], capsys)
+    assert rc == 0
+    ca_line = next(line for line in out.splitlines() if line.startswith("CA:"))
+    assert "unreachable since" in ca_line and "connection refused" in ca_line
+    agent.view.certs = []
+    agent.view.ca = {"state": "disabled"}
+    rc, out, _ = run_ctl(["--socket", agent.socket_path, "certs"], capsys)
+    assert rc == 0
+    assert out.splitlines()[0] == "No certificates found."
+    assert "CA: disabled (no CA configured)" in out
 
 
 def test_a_failing_handler_answers_an_error_and_the_server_lives_on(agent: Agent) -> None:

@@ -1,0 +1,118 @@
+"""Just enough pcap reading for the wire tests: TCP payloads per direction of a capture
+(from ``tcpdump -w``, Ethernet link type), and a check that a byte stream is a sequence
+of well-formed TLS records."""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+Flow = tuple[str, int, str, int]
+
+
+@dataclass
+class Capture:
+    streams: dict[Flow, bytes]
+    """Reassembled (in sequence order, duplicates dropped) TCP payload per direction."""
+    packets: int
+
+
+def _ip(b: bytes) -> str:
+    return ".".join(str(x) for x in b)
+
+
+def read_pcap(path: Path) -> Capture:
+    data = path.read_bytes()
+    magic = struct.unpack_from("<I", data, 0)[0]
+    if magic == 0xA1B2C3D4:
+        endian = "<"
+    elif magic == 0xD4C3B2A1:
+        endian = ">"
+    else:
+        raise ValueError(f"{path}: not a pcap file (magic {magic:#x})")
+    linktype = struct.unpack_from(endian + "I", data, 20)[0]
+    off = 24
+    segments: dict[Flow, dict[int, bytes]] = defaultdict(dict)
+    packets = 0
+    while off + 16 <= len(data):
+        _, _, caplen, _ = struct.unpack_from(endian + "IIII", data, off)
+        off += 16
+        pkt = data[off : off + caplen]
+        off += caplen
+        packets += 1
+        if linktype == 1:  # Ethernet
+            if len(pkt) < 14 or struct.unpack_from("!H", pkt, 12)[0] != 0x0800:
+                continue
+            ip = pkt[14:]
+        elif linktype == 113:  # Linux cooked
+            if struct.unpack_from("!H", pkt, 14)[0] != 0x0800:
+                continue
+            ip = pkt[16:]
+        else:
+            raise ValueError(f"unsupported link type {linktype}")
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != 6:
+            continue
+        total = struct.unpack_from("!H", ip, 2)[0]
+        tcp = ip[ihl:total]
+        sport, dport, seq = struct.unpack_from("!HHI", tcp, 0)
+        doff = (tcp[12] >> 4) * 4
+        payload = tcp[doff:]
+        if payload:
+            flow = (_ip(ip[12:16]), sport, _ip(ip[16:20]), dport)
+            segments[flow].setdefault(seq, payload)
+    streams: dict[Flow, bytes] = {}
+    for flow, segs in segments.items():
+        out = bytearray()
+        expected: int | None = None
+        for seq in sorted(segs):
+            payload = segs[seq]
+            if expected is not None and seq < expected:
+                payload = payload[expected - seq :]
+            out += payload
+            expected = seq + len(segs[seq])
+        streams[flow] = bytes(out)
+    return Capture(streams=streams, packets=packets)
+
+
+def tls_records(stream: bytes) -> list[tuple[int, int]]:
+    """``(content type, length)`` of each TLS record; raises ValueError if the stream is
+    not a sequence of TLS records (a trailing partial record is allowed: capture cut)."""
+    records = []
+    i = 0
+    while i + 5 <= len(stream):
+        ctype, major, minor, length = struct.unpack_from("!BBBH", stream, i)
+        if ctype not in (20, 21, 22, 23) or major != 3 or minor not in (1, 3):
+            raise ValueError(f"not a TLS record at offset {i}: {stream[i : i + 5].hex()}")
+        if length > 16384 + 256:
+            raise ValueError(f"TLS record too long at offset {i}: {length}")
+        records.append((ctype, length))
+        i += 5 + length
+    return records
+
+
+def server_hello_version(stream: bytes) -> int | None:
+    """The TLS version a ServerHello selected (``0x0304`` for TLS 1.3), from the server's
+    side of a capture; None if there is no ServerHello at the start."""
+    if len(stream) < 5 or stream[0] != 22:
+        return None
+    length = struct.unpack_from("!H", stream, 3)[0]
+    hs = stream[5 : 5 + length]
+    if not hs or hs[0] != 2:  # ServerHello
+        return None
+    # type(1) len(3) version(2) random(32) session_id(1+n) cipher(2) compression(1)
+    i = 4 + 2 + 32
+    i += 1 + hs[i]
+    i += 2 + 1
+    ext_len = struct.unpack_from("!H", hs, i)[0]
+    i += 2
+    end = i + ext_len
+    legacy = struct.unpack_from("!H", hs, 4)[0]
+    while i + 4 <= end:
+        etype, elen = struct.unpack_from("!HH", hs, i)
+        if etype == 0x002B and elen == 2:
+            return int(struct.unpack_from("!H", hs, i + 4)[0])
+        i += 4 + elen
+    return int(legacy)
