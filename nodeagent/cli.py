@@ -53,6 +53,10 @@ def _duration(text: str) -> float:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    # The agent forks only for nsenter/iptables; gRPC's fork handlers just log noise then.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from nodeagent.app import run_agent
     from nodeagent.config import AgentSettings
 

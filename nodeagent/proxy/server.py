@@ -14,10 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.core.outbound import Action, RoundRobin, resolve
+from nodeagent.core.peerauth import effective_mtls
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
 from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.hbone import (
+    HBONE_PORT,
+    ConnectRefusal,
+    ConnectRequest,
+    HboneClientPool,
+    HboneServer,
+    start_hbone_server,
+)
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
@@ -36,6 +46,8 @@ class PodProxy:
     runtime: PodRuntime
     ns: NetnsHandle | None = None
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    hbone: HboneServer | None = None
+    pool: HboneClientPool | None = None
     state: str = "pending"
     rules: str = ""
 
@@ -43,25 +55,39 @@ class PodProxy:
         for s in self.servers:
             s.close()
         self.servers.clear()
+        if self.hbone is not None:
+            self.hbone.close()
+            self.hbone = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
         if self.ns is not None:
             self.ns.close()
             self.ns = None
 
 
 def _labels(
-    reporter: str, src: Pod | None, dst: Pod | None, service: str, flags: str = "-"
+    reporter: str,
+    src: Pod | None,
+    dst: Pod | None,
+    service: str,
+    flags: str = "-",
+    *,
+    src_principal: str = "unknown",
+    dst_principal: str = "unknown",
 ) -> dict[str, str]:
+    mtls = src_principal != "unknown" and dst_principal != "unknown"
     return {
         "reporter": reporter,
         "source_workload": src.name if src else "unknown",
         "source_workload_namespace": src.namespace if src else "unknown",
-        "source_principal": "unknown",
+        "source_principal": src_principal,
         "destination_workload": dst.name if dst else "unknown",
         "destination_workload_namespace": dst.namespace if dst else "unknown",
         "destination_service": service or "unknown",
-        "destination_principal": "unknown",
+        "destination_principal": dst_principal,
         "response_flags": flags,
-        "connection_security_policy": "none",
+        "connection_security_policy": "mutual_tls" if mtls else "none",
     }
 
 
@@ -128,6 +154,8 @@ class Proxy:
                         self._factory(pp, "inbound"), sock=in_sock, backlog=4096
                     )
                 )
+            if self.identity is not None and pp.hbone is None:
+                await self._start_hbone(pp)
             spec = iptables.CaptureSpec(
                 exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
                 exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
@@ -139,6 +167,24 @@ class Proxy:
             pp.state = f"error: {e}"
             log.error("cannot capture pod %s: %s", key, e)
             pp.close()
+
+    async def _start_hbone(self, pp: PodProxy) -> None:
+        """The pod's HBONE server on 15008 and its outbound tunnel pool."""
+        identity = self.identity
+        ns = pp.ns
+        assert identity is not None and ns is not None
+        me = self._identity_of(pp.pod)
+        sock = listen_in(ns, "0.0.0.0", HBONE_PORT)
+        pp.hbone = await start_hbone_server(
+            sock,
+            lambda: identity.server_context(me),
+            lambda req: self._on_hbone(pp, req),
+        )
+
+        async def dial(addr: tuple[str, int]) -> Any:
+            return await connect_in(ns, addr, self.connect_timeout)
+
+        pp.pool = HboneClientPool(dial, identity.client_context, self.connect_timeout)
 
     def all_ready(self) -> bool:
         return all(self._pod_ready(pp) for pp in self.pods.values())
@@ -256,15 +302,138 @@ class Proxy:
         service = decision.service.key if decision.service else ""
         relay.meta["service"] = service
         relay.meta["peer"] = ep.pod.key
-        relay.meta["labels"] = _labels(
-            "source",
-            pp.pod,
-            ep.pod,
+        service_host = (
             f"{decision.service.name}.{decision.service.namespace}.svc.cluster.local"
             if decision.service
-            else "",
+            else ""
         )
-        await self._dial(pp, relay, (ep.ip, ep.port), "outbound")
+        if self.identity is None or effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE:
+            relay.meta["labels"] = _labels("source", pp.pod, ep.pod, service_host)
+            await self._dial(pp, relay, (ep.ip, ep.port), "outbound")
+            return
+        await self._tunnel(pp, relay, snap, ep.pod, (ep.ip, ep.port), service_host)
+
+    def _hbone_peer(self, snap: MeshSnapshot, dst: Pod) -> str:
+        """The address to tunnel to for ``dst``: one pod per (node, identity), so tunnels
+        are pooled per (source identity, destination identity, destination node)."""
+        want = self._identity_of(dst)
+        ips = sorted(
+            (
+                p.pod_ip
+                for p in snap.pods_on_node(dst.node_name)
+                if p.pod_ip and self._identity_of(p) == want
+            ),
+            key=lambda ip: tuple(int(x) for x in ip.split(".")) if "." in ip else (0,),
+        )
+        return ips[0] if ips else (dst.pod_ip or "")
+
+    async def _tunnel(
+        self,
+        pp: PodProxy,
+        relay: Relay,
+        snap: MeshSnapshot,
+        dst: Pod,
+        addr: tuple[str, int],
+        service_host: str,
+    ) -> None:
+        pool = pp.pool
+        if pool is None:
+            self._refuse(relay, "outbound", "UF", f"pod {pp.pod.key} has no HBONE pool yet")
+            return
+        src_id = self._identity_of(pp.pod)
+        dst_id = self._identity_of(dst)
+        peer = (self._hbone_peer(snap, dst), HBONE_PORT)
+        relay.meta["upstream"] = f"hbone {peer[0]}:{peer[1]} -> {addr[0]}:{addr[1]}"
+        relay.meta["labels"] = _labels(
+            "source", pp.pod, dst, service_host, src_principal=src_id, dst_principal=dst_id
+        )
+        client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
+        headers = {
+            "forwarded": f"for={client_ip}",
+            "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
+        }
+        try:
+            await pool.open_stream(
+                source_identity=src_id,
+                expected_identity=dst_id,
+                peer=peer,
+                authority=f"{addr[0]}:{addr[1]}",
+                headers=headers,
+                protocol=UpstreamSide(relay),
+            )
+        except PeerError as e:
+            if not relay.closed:
+                self._refuse(relay, "outbound", "UF", str(e))
+            return
+        if relay.closed:
+            return
+        relay.meta["counted"] = True
+        self.table.counted(relay)
+
+    async def _on_hbone(
+        self, pp: PodProxy, req: ConnectRequest
+    ) -> asyncio.BaseProtocol | ConnectRefusal:
+        """A CONNECT arrived on ``pp``'s 15008: check the target, dial it, wire a relay."""
+        snap = self.snapshot()
+        ip, port = req.destination
+        target = snap.pod_by_ip.get(ip)
+        me = self._identity_of(pp.pod)
+        if target is None or target.key not in self.pods or self._identity_of(target) != me:
+            self.metrics.failures.labels(direction="inbound", response_flags="NR").inc()
+            reason = f"{req.authority} is not a pod running as {me} on node {self.node}"
+            log.warning("HBONE from %s refused: %s", req.peer_identity, reason)
+            return ConnectRefusal(400, reason)
+        tpp = self.pods[target.key]
+        ns = tpp.ns
+        if ns is None:
+            return ConnectRefusal(503, f"pod {target.key} is not captured")
+        try:
+            sock = await connect_in(ns, (ip, port), self.connect_timeout)
+        except PeerError as e:
+            self.metrics.failures.labels(direction="inbound", response_flags="UF").inc()
+            log.warning("inbound HBONE %s -> %s failed: %s", req.peer_identity, req.authority, e)
+            return ConnectRefusal(503, str(e))
+        src_pod = self._pod_of_identity(snap, req.peer_identity)
+        relay = self.table.open(
+            {
+                "direction": "inbound",
+                "pod": target.key,
+                "source": f"{req.peer_addr[0]}:{req.peer_addr[1]}",
+                "destination": req.authority,
+                "upstream": req.authority,
+                "peer": req.peer_identity,
+                "labels": _labels(
+                    "destination",
+                    src_pod,
+                    target,
+                    "",
+                    src_principal=req.peer_identity,
+                    dst_principal=me,
+                ),
+            }
+        )
+        loop = asyncio.get_running_loop()
+
+        def attach(side: ClientSide) -> None:
+            async def go() -> None:
+                try:
+                    await loop.create_connection(lambda: UpstreamSide(relay), sock=sock)
+                except OSError as e:
+                    sock.close()
+                    relay.abort(f"upstream {req.authority}: {e}")
+                    return
+                relay.meta["counted"] = True
+                self.table.counted(relay)
+
+            self._spawn(go())
+
+        return ClientSide(relay, attach)
+
+    def _pod_of_identity(self, snap: MeshSnapshot, identity: str) -> Pod | None:
+        for p in snap.pods:
+            if self._identity_of(p) == identity:
+                return p
+        return None
 
     async def _on_inbound(self, pp: PodProxy, side: ClientSide) -> None:
         relay = side.relay
@@ -282,6 +451,17 @@ class Proxy:
             return
         relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
         snap = self.snapshot()
+        if self.identity is not None:
+            mtls = effective_mtls(snap, pp.pod, dst[1])
+            if not mtls.accepts_plaintext:
+                self._refuse(
+                    relay,
+                    "inbound",
+                    "MTLS_REQUIRED",
+                    f"plaintext to {pp.pod.key} port {dst[1]} refused: PeerAuthentication "
+                    f"{mtls.policy} requires mTLS (STRICT)",
+                )
+                return
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
         relay.meta["peer"] = src_pod.key if src_pod else ""
         relay.meta["labels"] = _labels("destination", src_pod, pp.pod, "")

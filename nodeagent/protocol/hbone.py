@@ -1,0 +1,956 @@
+"""HBONE as sans-I/O machines: HTTP/2 ``CONNECT`` tunnels, one stream per proxied TCP
+connection, on top of python-hyper's ``h2``.
+
+Rule: **no I/O here**. No asyncio, no sockets, no clocks, no logging side effects. Bytes
+from the peer go in with ``receive_data`` and come out as events; the caller's actions
+(``send_connect``, ``accept``, ``send_data``, ``end_stream``, ...) queue bytes that
+``data_to_send`` hands back. ``nodeagent.proxy.hbone`` owns the sockets and TLS.
+
+What this module owns beyond ``h2``:
+
+- the HBONE request shape (``:method CONNECT``, ``:authority <ip>:<port>``, ``baggage``,
+  ``forwarded``, ``traceparent``) and its answers (``200``, or an error status with an
+  ``x-nodeagent-reason`` header, then the stream reset; ``405`` for anything but CONNECT,
+  ``400`` for an authority that is not ``<ip>:<port>``);
+- outbound flow control: data written to a stream is queued here and framed only as the
+  stream's and the connection's send windows allow (round-robin over blocked streams when
+  the connection window is the limit); ``pending(stream_id)`` is what the I/O layer
+  compares with its high/low water marks;
+- inbound flow control: a stream's window is returned only for bytes the application has
+  consumed (``acknowledge``), so a paused reader stops its sender after one window; the
+  *connection* window is returned as soon as bytes arrive (they are then bounded by the
+  stream windows), so one paused stream can never stall the others;
+- graceful GOAWAY, which ``h2`` does not model (python-hyper/h2#1181: it closes the
+  connection on any GOAWAY): a received GOAWAY ends only the streams above its
+  last-stream-id, and ``drain()`` sends one while letting open streams finish;
+- the DATA fast path (see ``_Connection``): DATA frames are built and parsed here, not by
+  ``h2``, whose per-frame cost was several times that of TLS itself.
+
+Coupling to ``h2`` beyond its public API, all in this file (pin ``h2<5``): the GOAWAY
+override above, reading ``H2Connection._data_to_send`` to keep frame order without a
+copy, and adjusting the public ``outbound_flow_control_window`` attributes when we send.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import struct
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import h2.events as h2e
+import h2.exceptions as h2x
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream
+from hyperframe.frame import GoAwayFrame
+
+if TYPE_CHECKING:
+    from hyperframe.frame import Frame
+
+__all__ = [
+    "REASON_HEADER",
+    "ClientConnection",
+    "ConnectAccepted",
+    "ConnectRefused",
+    "ConnectRequested",
+    "ConnectionFailed",
+    "DataReceived",
+    "ErrorCodes",
+    "Event",
+    "GoAwayReceived",
+    "HboneSettings",
+    "RequestRejected",
+    "ServerConnection",
+    "StreamClosed",
+    "StreamEnded",
+    "connect_headers",
+    "forwarded_for",
+    "new_traceparent",
+    "parse_authority",
+]
+
+REASON_HEADER = "x-nodeagent-reason"
+"""Response header carrying a human-readable reason with an error status."""
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HboneSettings:
+    """The HTTP/2 parameters one side announces (and enforces) on a connection."""
+
+    stream_window: int = 4 * MiB
+    """SETTINGS_INITIAL_WINDOW_SIZE: bytes a peer may send on one stream before we
+    acknowledge them; also the most a paused stream can make us buffer."""
+    connection_window: int = 16 * MiB
+    """Connection-level receive window (raised from 64 KiB by a WINDOW_UPDATE)."""
+    max_frame_size: int = 64 * 1024
+    """SETTINGS_MAX_FRAME_SIZE: the largest DATA frame we accept."""
+    max_concurrent_streams: int = 100
+    """SETTINGS_MAX_CONCURRENT_STREAMS: streams the peer may open towards us."""
+    max_header_list_size: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stream_window <= 2**31 - 1:
+            raise ValueError(f"stream_window {self.stream_window} is not in 1..2^31-1")
+        if not 65535 <= self.connection_window <= 2**31 - 1:
+            raise ValueError(f"connection_window {self.connection_window} is not in 65535..2^31-1")
+        if not 16384 <= self.max_frame_size <= 2**24 - 1:
+            raise ValueError(f"max_frame_size {self.max_frame_size} is not in 16384..2^24-1")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("max_concurrent_streams must be at least 1")
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequested:
+    """Server: a well-formed CONNECT arrived; answer with ``accept`` or ``refuse``."""
+
+    stream_id: int
+    authority: str
+    destination: tuple[str, int]
+    headers: Mapping[str, str]
+    """Regular (non-pseudo) request headers, names lower-case; repeated names joined
+    with ``", "``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """Server: a request that is not a valid HBONE CONNECT was answered here already."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAccepted:
+    """Client: the server answered the CONNECT with a 2xx: the tunnel is open."""
+
+    stream_id: int
+    status: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRefused:
+    """Client: the server answered the CONNECT with an error status."""
+
+    stream_id: int
+    status: int
+    reason: str
+    """The ``x-nodeagent-reason`` header, or ``""``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Tunnel bytes. Call ``acknowledge(stream_id, len(data))`` once they are consumed."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream (END_STREAM): EOF in that direction."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The stream is over; the last event for ``stream_id``."""
+
+    stream_id: int
+    error_code: int | None
+    """None: both directions ended cleanly. Otherwise the RST_STREAM code (NO_ERROR for
+    a graceful close of a direction still open, REFUSED_STREAM for a stream a GOAWAY
+    said was never processed)."""
+    by_peer: bool
+    """True if the peer reset the stream (or refused it with GOAWAY)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer sent GOAWAY: open no new streams here. Streams above
+    ``last_stream_id`` were closed (``StreamClosed(..., REFUSED_STREAM, True)``)."""
+
+    last_stream_id: int
+    error_code: int
+    debug: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The peer broke the protocol; a GOAWAY is queued. Flush it and close the connection."""
+
+    reason: str
+
+
+Event = (
+    ConnectRequested
+    | RequestRejected
+    | ConnectAccepted
+    | ConnectRefused
+    | DataReceived
+    | StreamEnded
+    | StreamClosed
+    | GoAwayReceived
+    | ConnectionFailed
+)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """``"10.1.2.3:8080"`` or ``"[fd00::1]:80"`` -> (ip, port); ValueError otherwise."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"authority {authority!r} is not <ip>:<port>")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"authority {authority!r} has port {port} out of range")
+    try:
+        bracketed = host.startswith("[") and host.endswith("]")
+        addr = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise ValueError(f"authority {authority!r} is not <ip>:<port>") from None
+    if bracketed != (addr.version == 6):
+        raise ValueError(f"authority {authority!r}: IPv6 goes in brackets, IPv4 does not")
+    return str(addr), port
+
+
+def format_authority(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def forwarded_for(ip: str) -> str:
+    """The RFC 7239 ``Forwarded`` value naming the source address."""
+    return f'for="[{ip}]"' if ":" in ip else f"for={ip}"
+
+
+def new_traceparent(random: bytes | None = None) -> str:
+    """A fresh W3C ``traceparent`` (not sampled), from 24 random bytes if given."""
+    rnd = random if random is not None else secrets.token_bytes(24)
+    trace, span = rnd[:16].hex(), rnd[16:24].hex()
+    if trace == "0" * 32 or span == "0" * 16:  # all-zero ids are invalid
+        trace, span = "0" * 31 + "1", "0" * 15 + "1"
+    return f"00-{trace}-{span}-00"
+
+
+def connect_headers(
+    *,
+    source_ip: str | None = None,
+    baggage: str | None = None,
+    traceparent: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The regular headers of an HBONE CONNECT (a ``traceparent`` is made if not given)."""
+    headers: dict[str, str] = {}
+    if baggage:
+        headers["baggage"] = baggage
+    if source_ip:
+        headers["forwarded"] = forwarded_for(source_ip)
+    headers["traceparent"] = traceparent or new_traceparent()
+    if extra:
+        headers.update({k.lower(): v for k, v in extra.items()})
+    return headers
+
+
+def _clean_reason(reason: str) -> str:
+    """A header-safe reason: printable, one line, bounded."""
+    text = "".join(c if " " <= c <= "~" else " " for c in reason).strip()
+    return text[:512]
+
+
+def _decode_headers(
+    raw: Iterable[tuple[bytes | str, bytes | str]],
+) -> tuple[dict[str, str], dict[str, str]]:
+    pseudo: dict[str, str] = {}
+    regular: dict[str, str] = {}
+    for k, v in raw:
+        name = k.decode("latin-1") if isinstance(k, bytes) else k
+        value = v.decode("latin-1") if isinstance(v, bytes) else v
+        if name.startswith(":"):
+            pseudo[name] = value
+        elif name in regular:
+            regular[name] = f"{regular[name]}, {value}"
+        else:
+            regular[name] = value
+    return pseudo, regular
+
+
+# -- machines -----------------------------------------------------------------------------
+
+# Frame layout (RFC 9113 §4.1): 24-bit length, type, flags, 31-bit stream id.
+_FRAME_HEADER = struct.Struct(">BHBBL")
+_WINDOW_UPDATE = struct.Struct(">BHBBLL")
+_DATA = 0x0
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_CONTINUATION = 0x9
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+
+
+def _data_header(length: int, stream_id: int, flags: int = 0) -> bytes:
+    return _FRAME_HEADER.pack(length >> 16, length & 0xFFFF, _DATA, flags, stream_id)
+
+
+def _window_update(stream_id: int, increment: int) -> bytes:
+    return _WINDOW_UPDATE.pack(0, 4, 0x8, 0, stream_id, increment)
+
+
+class _H2(H2Connection):
+    """``h2`` with RFC 9113 §6.8 GOAWAY semantics: a received GOAWAY is reported but does
+    not close the connection, so streams at or below its last-stream-id can finish
+    (python-hyper/h2#1181)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2e.Event]]:
+        event = h2e.ConnectionTerminated()
+        event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class _Stream:
+    __slots__ = (
+        "closed",
+        "discard",
+        "eof_sent",
+        "eof_wanted",
+        "h2",
+        "id",
+        "pending",
+        "pending_len",
+        "recv_window",
+        "remote_ended",
+        "reset_after_eof",
+        "unacked",
+    )
+
+    def __init__(self, stream_id: int, h2_stream: H2Stream, recv_window: int) -> None:
+        self.id = stream_id
+        self.h2 = h2_stream
+        self.pending: deque[bytes | memoryview] = deque()
+        self.pending_len = 0
+        self.recv_window = recv_window
+        self.eof_wanted = False
+        self.eof_sent = False
+        self.remote_ended = False
+        self.reset_after_eof = False
+        self.discard = False
+        self.closed = False
+        self.unacked = 0
+
+
+class _Connection:
+    """What client and server share: stream bookkeeping and both directions of flow
+    control. Not used directly: see ``ClientConnection`` and ``ServerConnection``.
+
+    DATA frames, the hot path, are framed and parsed here and never reach ``h2`` (its
+    per-frame cost was ~20 µs each way, more than TLS); ``h2`` does everything else
+    (HEADERS, SETTINGS, WINDOW_UPDATE received, RST_STREAM, GOAWAY, PING) and its
+    stream state machine sees each END_STREAM as an empty DATA frame. Send windows are
+    ``h2``'s (updated by the peer's WINDOW_UPDATEs and SETTINGS, consumed here); receive
+    windows and the WINDOW_UPDATEs that reopen them are this class's.
+    """
+
+    _client_side = True
+
+    def __init__(self, settings: HboneSettings | None = None) -> None:
+        self.settings = s = settings or HboneSettings()
+        config = H2Configuration(
+            client_side=self._client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=True,
+        )
+        h2 = self._h2 = _H2(config=config)
+        h2.local_settings = Settings(
+            client=self._client_side,
+            initial_values={
+                SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
+                SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
+                SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        h2.max_inbound_frame_size = s.max_frame_size
+        self._streams: dict[int, _Stream] = {}
+        self._blocked: dict[int, None] = {}
+        """Streams with queued data, in the order they will be served (an ordered set)."""
+        self._events: list[Event] = []
+        self._out: list[bytes | memoryview] = []
+        """Frames we built, in order with h2's (see ``_emit``)."""
+        self._inbuf = b""
+        """The start of a frame whose end has not arrived yet."""
+        self._preface_left = 0 if self._client_side else 24
+        self._header_block = False
+        self._window_opened = False
+        self._output_paused = False
+        self._conn_recv_window = s.connection_window
+        self._conn_unacked = 0
+        self._stream_ack_at = max(1, s.stream_window // 4)
+        self._conn_ack_at = max(1, s.connection_window // 4)
+        self.goaway_received: int | None = None
+        """The last-stream-id of a GOAWAY from the peer, once one arrived."""
+        self.goaway_sent: int | None = None
+        self.failed: str | None = None
+        self.closed = False
+
+    # -- connection ------------------------------------------------------------------
+    def initiate(self) -> None:
+        """Queue our preface: SETTINGS, and the connection window update."""
+        self._h2.initiate_connection()
+        increment = self.settings.connection_window - self._h2.inbound_flow_control_window
+        if increment > 0:
+            # Through h2, so that its own view of the connection window (used for frames
+            # it would see on closed streams) is as large as the real one.
+            self._h2.increment_flow_control_window(increment)
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return self._h2.data_to_send() if self._h2._data_to_send else b""
+        if self._h2._data_to_send:
+            out.append(self._h2.data_to_send())
+        data = b"".join(out)
+        out.clear()
+        return data
+
+    def _emit(self, *frames: bytes | memoryview) -> None:
+        """Queue frames built here, after everything h2 has queued so far."""
+        if self._h2._data_to_send:  # h2's output buffer (checked to skip a copy)
+            self._out.append(self._h2.data_to_send())
+        self._out.extend(frames)
+
+    def take_events(self) -> list[Event]:
+        """Events caused by local actions since the last call (``receive_data`` returns
+        these too)."""
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self.failed is not None or self.closed:
+            return self.take_events()
+        mv = memoryview(data)
+        pos = 0
+        if self._preface_left:
+            pos = min(self._preface_left, len(mv))
+            self._preface_left -= pos
+            if not self._to_h2(mv[:pos]):
+                return self.take_events()
+        if self._inbuf:
+            # Complete the frame left over from the last read, copying only that frame.
+            head = self._inbuf
+            if len(head) < 9:
+                take = min(9 - len(head), len(mv) - pos)
+                head += mv[pos : pos + take]
+                pos += take
+            if len(head) >= 9:
+                need = 9 + ((head[0] << 16) | (head[1] << 8) | head[2]) - len(head)
+                take = min(max(need, 0), len(mv) - pos)
+                head += mv[pos : pos + take]
+                pos += take
+            self._inbuf = b""
+            rest = self._frames(memoryview(head), 0)
+            if self.failed is not None:
+                return self.take_events()
+            if rest < len(head):  # still incomplete: all of ``data`` went into it
+                self._inbuf = head[rest:]
+                return self._after_receive()
+        if pos < len(mv):
+            rest = self._frames(mv, pos)
+            if self.failed is not None:
+                return self.take_events()
+            if rest < len(mv):
+                self._inbuf = mv[rest:].tobytes()
+        if self._window_opened or self._conn_unacked >= self._conn_ack_at:
+            return self._after_receive()
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def _frames(self, mv: memoryview, pos: int) -> int:
+        """Handle the complete frames in ``mv`` from ``pos``; the offset where they end."""
+        n = len(mv)
+        run = pos  # start of a run of frames for h2
+        max_in = self.settings.max_frame_size
+        unpack = _FRAME_HEADER.unpack_from
+        while n - pos >= 9:
+            hi, lo, ftype, flags, sid = unpack(mv, pos)
+            length = (hi << 16) | lo
+            if length > max_in:
+                self._to_h2(mv[run:])  # h2 answers FRAME_SIZE_ERROR
+                if self.failed is None:
+                    self._fail(
+                        f"frame of {length} bytes exceeds our maximum", ErrorCodes.FRAME_SIZE_ERROR
+                    )
+                return n
+            end = pos + 9 + length
+            if end > n:
+                break
+            if ftype == _DATA and not self._header_block:
+                if run < pos and not self._to_h2(mv[run:pos]):
+                    return n
+                self._on_data_frame(mv, pos + 9, end, flags, sid & 0x7FFFFFFF)
+                if self.failed is not None:
+                    return n
+                run = end
+            elif ftype in (_HEADERS, _PUSH_PROMISE):
+                self._header_block = not flags & _END_HEADERS
+            elif ftype == _CONTINUATION and flags & _END_HEADERS:
+                self._header_block = False
+            pos = end
+        if run < pos:
+            self._to_h2(mv[run:pos])
+        return pos
+
+    def _after_receive(self) -> list[Event]:
+        if self._window_opened:
+            self._window_opened = False
+            if self._blocked and not self._output_paused:
+                self._flush_blocked()
+        if self._conn_unacked >= self._conn_ack_at and not self.closed:
+            increment, self._conn_unacked = self._conn_unacked, 0
+            self._conn_recv_window += increment
+            self._emit(_window_update(0, increment))
+        return self.take_events()
+
+    def _to_h2(self, frames: memoryview | bytes) -> bool:
+        """Feed complete non-DATA frames to h2 and act on its events; False if it failed."""
+        try:
+            h2_events = self._h2.receive_data(frames)
+        except h2x.ProtocolError as e:  # h2 has queued a GOAWAY
+            self._fail(f"malformed HTTP/2 from the peer: {e}", None)
+            return False
+        for ev in h2_events:
+            t = type(ev)
+            if t is h2e.WindowUpdated or t is h2e.RemoteSettingsChanged:
+                self._window_opened = True
+            elif t is not h2e.DataReceived:  # only the empty END_STREAM ones we made
+                self._on_event(ev)
+        return True
+
+    def _on_data_frame(self, mv: memoryview, start: int, stop: int, flags: int, sid: int) -> None:
+        length = stop - start
+        padding = 0
+        if flags & _PADDED:
+            pad = mv[start] if length else 256
+            if pad >= length:
+                self._fail("DATA frame padding exceeds its length", ErrorCodes.PROTOCOL_ERROR)
+                return
+            start += 1
+            stop -= pad
+            padding = pad + 1
+        if sid == 0:
+            self._fail("DATA frame on stream 0", ErrorCodes.PROTOCOL_ERROR)
+            return
+        self._conn_recv_window -= length
+        if self._conn_recv_window < 0:
+            self._fail("the peer overran the connection window", ErrorCodes.FLOW_CONTROL_ERROR)
+            return
+        self._conn_unacked += length
+        s = self._streams.get(sid)
+        if s is None:
+            ours = (sid % 2 == 1) == self._client_side
+            h2 = self._h2
+            if sid > (h2.highest_outbound_stream_id if ours else h2.highest_inbound_stream_id):
+                self._fail(f"DATA frame on idle stream {sid}", ErrorCodes.PROTOCOL_ERROR)
+            return  # a stream that is over (we reset or answered it): drop
+        if s.remote_ended:
+            self.reset_stream(sid, ErrorCodes.STREAM_CLOSED)
+            return
+        s.recv_window -= length
+        if s.recv_window < 0:
+            self.reset_stream(sid, ErrorCodes.FLOW_CONTROL_ERROR)
+            return
+        if padding:
+            self._credit(s, padding)
+        if stop > start:
+            if s.discard:
+                self._credit(s, stop - start)
+            else:
+                self._events.append(DataReceived(sid, mv[start:stop].tobytes()))
+        if flags & _END_STREAM:
+            self._to_h2(_data_header(0, sid, _END_STREAM))
+
+    def pause_output(self) -> None:
+        """Stop framing stream data (the transport below is full); control frames still go."""
+        self._output_paused = True
+
+    def resume_output(self) -> None:
+        self._output_paused = False
+        if self._blocked:
+            self._flush_blocked()
+
+    def drain(self) -> None:
+        """Graceful GOAWAY: the peer may open no new streams; open ones may finish."""
+        if self.goaway_sent is not None or self.closed:
+            return
+        last = self._h2.highest_inbound_stream_id
+        self.goaway_sent = last
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._emit(frame.serialize())
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
+        """Final GOAWAY; no more frames after it. Streams still open are dropped silently
+        (the I/O layer ends them)."""
+        if self.closed:
+            return
+        self.closed = True
+        last = self._h2.highest_inbound_stream_id
+        if self.goaway_sent is not None:
+            last = min(last, self.goaway_sent)
+        self._h2.close_connection(
+            error_code, additional_data=reason.encode()[:256] or None, last_stream_id=last
+        )
+        self._blocked.clear()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def stream_ids(self) -> list[int]:
+        return list(self._streams)
+
+    # -- streams: sending ------------------------------------------------------------
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue tunnel bytes; they are framed as far as the windows allow, now or later.
+        Returns the bytes still queued on the stream (``pending``). Data for a stream that
+        is already over is dropped (as a closed socket would)."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed or self.closed:
+            return 0
+        if s.eof_wanted:
+            raise ValueError(f"stream {stream_id}: data after end_stream")
+        size = len(data)
+        if not size:
+            return s.pending_len
+        if not s.pending and not self._output_paused:
+            # Fast path: nothing queued, and it fits the windows and one frame.
+            h2 = self._h2
+            hs = s.h2
+            conn_window = h2.outbound_flow_control_window
+            if (
+                size <= conn_window
+                and size <= hs.outbound_flow_control_window
+                and size <= h2.max_outbound_frame_size
+            ):
+                h2.outbound_flow_control_window = conn_window - size
+                hs.outbound_flow_control_window -= size
+                out = self._out
+                if h2._data_to_send:
+                    out.append(h2.data_to_send())
+                out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id))
+                out.append(data)
+                return 0
+        s.pending.append(data)
+        s.pending_len += size
+        if len(s.pending) == 1 and not self._output_paused:
+            self._flush(s)
+            if s.pending:
+                self._blocked[stream_id] = None
+        else:
+            self._blocked[stream_id] = None
+        return s.pending_len
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction once the queued data has gone (END_STREAM)."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed or s.eof_wanted or self.closed:
+            return
+        s.eof_wanted = True
+        if not s.pending:
+            self._flush(s)
+
+    def close_stream(self, stream_id: int) -> None:
+        """Graceful close: flush, END_STREAM, then reset (NO_ERROR) if the peer's
+        direction is still open; bytes arriving meanwhile are dropped."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed or self.closed:
+            return
+        s.discard = True
+        s.reset_after_eof = True
+        if s.eof_sent:
+            self._after_local_end(s)
+        else:
+            self.end_stream(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort the stream now (RST_STREAM); queued data is dropped."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed:
+            return
+        if not self.closed and not s.h2.closed:
+            self._h2.reset_stream(stream_id, error_code)
+        self._finish(s, error_code, by_peer=False)
+
+    def pending(self, stream_id: int) -> int:
+        """Bytes queued on the stream and not yet framed (waiting for a window)."""
+        s = self._streams.get(stream_id)
+        return s.pending_len if s is not None else 0
+
+    def _flush_blocked(self) -> None:
+        for stream_id in list(self._blocked):
+            if self._output_paused or self._h2.outbound_flow_control_window <= 0:
+                return
+            s = self._streams.get(stream_id)
+            if s is None:
+                self._blocked.pop(stream_id, None)
+                continue
+            del self._blocked[stream_id]
+            self._flush(s)
+            if s.pending:  # still blocked: serve it last next time (round robin)
+                self._blocked[stream_id] = None
+
+    def _flush(self, s: _Stream) -> None:
+        h2 = self._h2
+        hs = s.h2
+        pending = s.pending
+        sid = s.id
+        max_frame = h2.max_outbound_frame_size
+        out = self._out
+        while pending:
+            conn_window = h2.outbound_flow_control_window
+            window = hs.outbound_flow_control_window
+            if conn_window < window:
+                window = conn_window
+            if window <= 0:
+                return
+            chunk = pending[0]
+            size = len(chunk)
+            limit = window if window < max_frame else max_frame
+            if size <= limit:
+                pending.popleft()
+                piece = chunk
+            else:
+                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                piece = view[:limit]
+                pending[0] = view[limit:]
+                size = limit
+            s.pending_len -= size
+            h2.outbound_flow_control_window = conn_window - size
+            hs.outbound_flow_control_window -= size
+            if h2._data_to_send:  # h2's frames (HEADERS, ...) go first
+                out.append(h2.data_to_send())
+            out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, sid))
+            out.append(piece)
+        if s.eof_wanted and not s.eof_sent:
+            h2.end_stream(sid)
+            s.eof_sent = True
+            self._after_local_end(s)
+
+    def _after_local_end(self, s: _Stream) -> None:
+        if s.remote_ended:
+            self._finish(s, None, by_peer=False)
+        elif s.reset_after_eof:
+            self._h2.reset_stream(s.id, ErrorCodes.NO_ERROR)
+            self._finish(s, ErrorCodes.NO_ERROR, by_peer=False)
+
+    # -- streams: receiving ----------------------------------------------------------
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        """The application consumed ``size`` bytes of the stream: let the peer send more."""
+        s = self._streams.get(stream_id)
+        if s is None or s.remote_ended or self.closed:
+            return
+        s.unacked += size
+        if s.unacked >= self._stream_ack_at:
+            increment, s.unacked = s.unacked, 0
+            s.recv_window += increment
+            self._emit(_window_update(stream_id, increment))
+
+    def _credit(self, s: _Stream, size: int) -> None:
+        if s.remote_ended or s.closed or self.closed:
+            return
+        s.unacked += size
+        if s.unacked >= self._stream_ack_at:
+            increment, s.unacked = s.unacked, 0
+            s.recv_window += increment
+            self._emit(_window_update(s.id, increment))
+
+    def _on_event(self, ev: h2e.Event) -> None:
+        if isinstance(ev, h2e.StreamEnded):
+            s = self._streams.get(ev.stream_id or 0)
+            if s is None:
+                return
+            s.remote_ended = True
+            if not s.discard:
+                self._events.append(StreamEnded(s.id))
+            if s.eof_sent:
+                self._finish(s, None, by_peer=False)
+        elif isinstance(ev, h2e.StreamReset):
+            s = self._streams.get(ev.stream_id or 0)
+            if s is not None:
+                self._finish(s, int(ev.error_code or 0), by_peer=True)
+        elif isinstance(ev, h2e.ConnectionTerminated):
+            self._on_goaway(ev)
+        elif isinstance(ev, h2e.RequestReceived):
+            self._on_request(ev.stream_id or 0, ev.headers or [])
+        elif isinstance(ev, h2e.ResponseReceived):
+            self._on_response(ev.stream_id or 0, ev.headers or [])
+        # Everything else (PINGs, SETTINGS acks, priority, trailers, 1xx) needs nothing.
+
+    def _on_goaway(self, ev: h2e.ConnectionTerminated) -> None:
+        last = ev.last_stream_id or 0
+        code = int(ev.error_code or 0)
+        if self.goaway_received is not None:
+            last = min(last, self.goaway_received)
+        self.goaway_received = last
+        ours = 1 if self._client_side else 0  # client-initiated streams are odd
+        for s in list(self._streams.values()):
+            if s.id > last and s.id % 2 == ours:  # never processed by the peer
+                if not s.h2.closed:
+                    self._h2.reset_stream(s.id, ErrorCodes.CANCEL)
+                self._finish(s, ErrorCodes.REFUSED_STREAM, by_peer=True)
+        debug = (ev.additional_data or b"").decode("utf-8", "replace")
+        self._events.append(GoAwayReceived(last, code, debug))
+
+    def _on_request(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        # A client gets no requests: h2 already refuses server-initiated streams.
+        self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_response(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def _track(self, stream_id: int) -> _Stream:
+        s = _Stream(stream_id, self._h2.streams[stream_id], self.settings.stream_window)
+        self._streams[stream_id] = s
+        return s
+
+    # -- common ----------------------------------------------------------------------
+    def _finish(self, s: _Stream, error_code: int | None, *, by_peer: bool) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        s.pending.clear()
+        s.pending_len = 0
+        self._streams.pop(s.id, None)
+        self._blocked.pop(s.id, None)
+        self._events.append(StreamClosed(s.id, error_code, by_peer))
+
+    def _fail(self, reason: str, error_code: int | None) -> None:
+        """The peer broke the protocol: GOAWAY (h2 queued one already if code is None)."""
+        if error_code is not None and not self.closed:
+            self._h2.close_connection(error_code, additional_data=reason.encode()[:256])
+        self.failed = reason
+        self.closed = True
+        for s in list(self._streams.values()):
+            self._finish(s, ErrorCodes.PROTOCOL_ERROR, by_peer=True)
+        self._events.append(ConnectionFailed(reason))
+
+
+class ClientConnection(_Connection):
+    """The initiating side: opens CONNECT streams and waits for their answers."""
+
+    _client_side = True
+
+    def can_open_stream(self) -> bool:
+        """False once GOAWAY went either way, or the peer's stream limit is reached."""
+        if self.closed or self.goaway_received is not None or self.goaway_sent is not None:
+            return False
+        h2 = self._h2
+        return h2.open_outbound_streams < h2.remote_settings.max_concurrent_streams
+
+    @property
+    def peer_max_streams(self) -> int:
+        """The peer's SETTINGS_MAX_CONCURRENT_STREAMS (huge until its SETTINGS arrive)."""
+        return self._h2.remote_settings.max_concurrent_streams
+
+    def send_connect(self, authority: str, headers: Mapping[str, str]) -> int:
+        """Open a stream with ``CONNECT authority``; returns its id. The answer arrives
+        as ``ConnectAccepted`` or ``ConnectRefused``."""
+        if not self.can_open_stream():
+            raise RuntimeError("this HBONE connection cannot open more streams")
+        sid = self._h2.get_next_available_stream_id()
+        block: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", authority)]
+        block.extend((k.lower(), v) for k, v in headers.items())
+        self._h2.send_headers(sid, block)
+        self._track(sid)
+        return sid
+
+    def _on_response(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        s = self._streams.get(stream_id)
+        if s is None:
+            return
+        pseudo, headers = _decode_headers(raw)
+        status = int(pseudo.get(":status", "0"))
+        if 200 <= status < 300:
+            self._events.append(ConnectAccepted(stream_id, status, headers))
+        else:
+            s.discard = True
+            self._events.append(ConnectRefused(stream_id, status, headers.get(REASON_HEADER, "")))
+
+
+class ServerConnection(_Connection):
+    """The accepting side: turns CONNECT requests into ``ConnectRequested`` and answers."""
+
+    _client_side = False
+
+    def accept(self, stream_id: int, headers: Mapping[str, str] | None = None) -> None:
+        """Answer ``200``: the tunnel is open (after the destination was connected)."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed or self.closed:
+            return
+        block = [(":status", "200")]
+        if headers:
+            block.extend((k.lower(), v) for k, v in headers.items())
+        self._h2.send_headers(stream_id, block)
+
+    def refuse(self, stream_id: int, status: int, reason: str) -> None:
+        """Answer an error status with ``x-nodeagent-reason`` and reset the stream."""
+        s = self._streams.get(stream_id)
+        if s is None or s.closed or self.closed:
+            return
+        self._respond_error(stream_id, status, reason)
+        self._finish(s, ErrorCodes.NO_ERROR, by_peer=False)
+
+    def _respond_error(self, stream_id: int, status: int, reason: str) -> None:
+        if not 400 <= status <= 599:
+            raise ValueError(f"refusal status {status} is not 4xx/5xx")
+        block = [(":status", str(status)), (REASON_HEADER, _clean_reason(reason))]
+        if status == 405:
+            block.append(("allow", "CONNECT"))
+        self._h2.send_headers(stream_id, block, end_stream=True)
+        hs = self._h2.streams.get(stream_id)
+        if hs is not None and not hs.closed:
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+
+    def _on_request(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        if self.goaway_sent is not None and stream_id > self.goaway_sent:
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        pseudo, headers = _decode_headers(raw)
+        method = pseudo.get(":method", "")
+        if method != "CONNECT":
+            reason = f"{method or 'a request without a method'}: only CONNECT is served here"
+            self._respond_error(stream_id, 405, reason)
+            self._events.append(RequestRejected(stream_id, 405, reason))
+            return
+        authority = pseudo.get(":authority", "")
+        try:
+            destination = parse_authority(authority)
+        except ValueError as e:
+            self._respond_error(stream_id, 400, str(e))
+            self._events.append(RequestRejected(stream_id, 400, str(e)))
+            return
+        self._track(stream_id)
+        self._events.append(ConnectRequested(stream_id, authority, destination, headers))
