@@ -6,7 +6,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 # A sandbox left over from an interrupted run would make `sandbox up` refuse.
-.venv/bin/nodeagent sandbox down >/dev/null 2>&1 || true
+mkdir -p /run/nodeagent
+flock /run/nodeagent/e2e.lock .venv/bin/nodeagent sandbox down >/dev/null 2>&1 || true
 echo "== ruff"; .venv/bin/ruff check nodeagent tests bench
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"

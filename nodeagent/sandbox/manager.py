@@ -659,6 +659,10 @@ class Sandbox:
             if pending:
                 time.sleep(0.1)
 
+    def stop_agent(self, node: str) -> None:
+        """Kill a node's agent (tests: what happens while it is gone)."""
+        cgroups.kill(self.cgroup_root / self._node(node).cgroup)
+
     def restart_agent(self, node: str, timeout: float = AGENT_TIMEOUT) -> None:
         """Stop a node's agent (SIGTERM, then SIGKILL) and start it again; wait until ready."""
         if not self.agents:

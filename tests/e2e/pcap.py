@@ -15,7 +15,10 @@ Flow = tuple[str, int, str, int]
 @dataclass
 class Capture:
     streams: dict[Flow, bytes]
-    """Reassembled (in sequence order, duplicates dropped) TCP payload per direction."""
+    """Reassembled TCP payload per direction, in sequence order, duplicates dropped, up to
+    the first hole (a packet the capture missed)."""
+    sizes: dict[Flow, int]
+    """All payload bytes seen per direction (holes or not)."""
     packets: int
 
 
@@ -64,17 +67,21 @@ def read_pcap(path: Path) -> Capture:
             flow = (_ip(ip[12:16]), sport, _ip(ip[16:20]), dport)
             segments[flow].setdefault(seq, payload)
     streams: dict[Flow, bytes] = {}
+    sizes: dict[Flow, int] = {}
     for flow, segs in segments.items():
         out = bytearray()
         expected: int | None = None
         for seq in sorted(segs):
             payload = segs[seq]
+            if expected is not None and seq > expected:
+                break  # a hole: the capture missed a packet
             if expected is not None and seq < expected:
                 payload = payload[expected - seq :]
             out += payload
-            expected = seq + len(segs[seq])
+            expected = max(expected or 0, seq + len(segs[seq]))
         streams[flow] = bytes(out)
-    return Capture(streams=streams, packets=packets)
+        sizes[flow] = sum(len(p) for p in segs.values())
+    return Capture(streams=streams, sizes=sizes, packets=packets)
 
 
 def tls_records(stream: bytes) -> list[tuple[int, int]]:

@@ -1,0 +1,1623 @@
+"""The mesh benchmark: direct pod→pod vs a two-hop HAProxy relay vs the nodeagent mesh, in one
+run, on one sandbox topology (client pod on node1, server pod on node2).
+
+    .venv/bin/python bench/run.py [--seconds 10] [--rounds 2] [--out bench/results/latest.json]
+    .venv/bin/python bench/run.py --quick          # smoke test: 3 s, 1 round
+    .venv/bin/python bench/run.py --mtls           # node-to-node hop with mutual TLS
+    .venv/bin/python bench/run.py --cases direct,haproxy,haproxy-pod,mesh --profile
+
+Needs root. It takes ``/run/nodeagent/e2e.lock`` itself (or uses the lock of an enclosing
+``flock /run/nodeagent/e2e.lock ...``), brings a sandbox up from a generated config, and
+always brings it down again (also on an error, Ctrl-C or SIGTERM).
+
+Cases (same netns, same links; the upstream is one nginx worker in the server pod):
+
+- ``direct``: client pod → server pod port 8081, which both pods exclude from capture
+  (Istio's ``traffic.sidecar.istio.io/exclude{In,Out}boundPorts`` annotations);
+- ``haproxy``: client pod → HAProxy in node1's netns → HAProxy in node2's netns → server pod
+  port 8081 (Debian's HAProxy, TCP mode, ``nbthread 1``; ports excluded from capture);
+- ``mesh``: client pod → the Service's clusterIP:8080 → node1's agent (outbound listener in
+  the client pod's netns) → node2's agent (inbound, in the server pod's netns) → nginx:8080;
+- ``haproxy-pod`` (diagnostic, ``--cases``): the HAProxies where the agents' sockets are.
+
+The node-to-node hop is plain TCP for both (the sandbox without mTLS); ``--mtls`` runs the
+mesh with HBONE (mutual TLS) and gives HAProxy's middle hop mutual TLS 1.3. A check before
+measuring makes sure each case takes its path and the mesh the transport asked for.
+
+Tests, each round interleaved per test (direct, haproxy, mesh, then the next test):
+
+- ``keepalive``: wrk, 1 thread, 50 keep-alive connections, ``--seconds``: req/s, p50/p99,
+  proxy CPU per request (utime+stime of the proxy processes) and CPU1 busy per request
+  (``/proc/stat``);
+- ``latency1``: wrk ``-c1 -t1`` with *everything* (wrk, nginx, proxies) on CPU0, because a
+  cross-CPU wake-up costs ~50 µs on this VM (see ``/work/shared/BENCHMARKING.md``);
+- ``bulk``: one connection downloading a sparse file on tmpfs again and again
+  (``bench/bulk_client.py``): MB/s (10^6 bytes) and proxy CPU per MB;
+- ``newconn``: wrk, 50 connections, ``Connection: close``: new connections/s and proxy CPU per
+  connection.
+
+Layout: load generator and nginx on CPU0, every proxy (both agents, both HAProxies) on CPU1.
+The secondary tests last ``max(2, seconds / 2)`` s each. Output: a table on stdout (absolute
+numbers with their spread across rounds, per-round ratios to direct and mesh/haproxy) and
+a JSON file with every raw run. A run during which other users of the machine took more
+than 15 % of a CPU is repeated once, then flagged and left out of the summary where a clean
+one exists. ``--profile`` adds py-spy profiles of the agents. Exit status 1 only when
+something failed to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import inspect
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import yaml
+
+import nodeagent
+from nodeagent.errors import NodeAgentError
+from nodeagent.sandbox import Sandbox, cgroups
+from nodeagent.sandbox.netlink import netns_path
+from nodeagent.sandbox.processes import tcp_open
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+LOCK_FILE = "/run/nodeagent/e2e.lock"
+CASES = ("direct", "haproxy", "mesh")
+ALL_CASES = (*CASES, "haproxy-pod")
+"""``haproxy-pod`` (diagnostic, with ``--cases``): the two HAProxies where the agents'
+sockets are, in the client's and the server's netns, reached over loopback, without the
+capture's NAT: it separates what the placement costs from what the mesh's proxy costs."""
+TESTS = ("keepalive", "latency1", "bulk", "newconn")
+NODES = ("node1", "node2")
+CLIENT, SERVER = "client", "server"
+MESH_PORT = 8080
+DIRECT_PORT = 8081
+HAPROXY_FRONT_PORT = 9101
+HAPROXY_NEXT_PORT = 9102
+HAPROXY_POD_FRONT_PORT = 9201
+HAPROXY_POD_NEXT_PORT = 9202
+CLUSTER_IP = "10.96.80.80"
+BULK_PATH = "/big.bin"
+LOAD_CPU = 0
+PROXY_CPU = 1
+KEEPALIVE_CONNS = 50
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+OTHER_LOAD_WARN = 0.15
+"""A run during which more than this share of a CPU went to work that is not the
+benchmark's (other users of the machine) is repeated, then flagged."""
+OTHER_LOAD_RETRIES = 1
+QUIET_WAIT = 20.0
+"""Seconds to wait at most for the machine to be quiet before repeating a run."""
+ERROR_FRACTION = 0.01
+"""A wrk run with more failed requests than this fraction counts as failed to run."""
+REQUIRED_TOOLS = ("wrk", "haproxy", "nginx", "curl", "taskset", "nsenter", "sysctl")
+
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "status": %d, "timeout": %d, "mean_us": %.1f, "max_us": %d, ' ..
+    '"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency.mean, latency.max, latency:percentile(50),
+    latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
+end
+"""
+
+NGINX_CONF = """\
+user root;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    server {{
+        listen {mesh_port} backlog=4096;
+        listen {direct_port} backlog=4096;
+        location = / {{
+            return 200 "ok\\n";
+        }}
+        location = {bulk_path} {{
+            root {dir};
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend bench_in
+    bind {bind_ip}:{bind_port}{bind_tls}
+    default_backend bench_next
+backend bench_next
+    server next {up_ip}:{up_port}{server_tls}
+"""
+TLS_SUITE = "TLS_AES_256_GCM_SHA384"
+"""The TLS 1.3 suite HAProxy's mTLS hop is pinned to (what the peers negotiated here)."""
+HAPROXY_BIND_TLS = (
+    " ssl crt {dir}/hop2.pem ca-file {dir}/ca.pem verify required"
+    f" ssl-min-ver TLSv1.3 ciphersuites {TLS_SUITE}"
+)
+HAPROXY_SERVER_TLS = (
+    " ssl crt {dir}/hop1.pem ca-file {dir}/ca.pem verify required verifyhost hop2"
+    f" sni str(hop2) ssl-min-ver TLSv1.3 ciphersuites {TLS_SUITE}"
+)
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """Something the benchmark needs could not be run or set up."""
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    higher_is_better: bool
+    vs_direct: bool = True
+    """False for proxy CPU figures: direct has no proxy to compare with."""
+
+
+FIGURES = (
+    Figure("ka_rps", "keep-alive req/s (c50)", True),
+    Figure("ka_p50_ms", "  p50 latency ms", False),
+    Figure("ka_p99_ms", "  p99 latency ms", False),
+    Figure("ka_proxy_us", "  proxy CPU µs/req", False, vs_direct=False),
+    Figure("ka_proxy_user_us", "    of which user", False, vs_direct=False),
+    Figure("ka_cpu1_us", "  CPU1 busy µs/req", False, vs_direct=False),
+    Figure("ka_switches", "  proxy ctx switches/req", False, vs_direct=False),
+    Figure("lat1_p50_us", "1-conn p50 µs (1 CPU)", False),
+    Figure("lat1_p99_us", "1-conn p99 µs (1 CPU)", False),
+    Figure("bulk_mbps", "bulk MB/s (1 conn)", True),
+    Figure("bulk_proxy_us_per_mb", "  proxy CPU µs/MB", False, vs_direct=False),
+    Figure("conn_rps", "new conn/s (c50, close)", True),
+    Figure("conn_proxy_us", "  proxy CPU µs/conn", False, vs_direct=False),
+    Figure("conn_proxy_user_us", "    of which user", False, vs_direct=False),
+)
+TARGET_FIGURES = ("ka_rps", "conn_rps", "bulk_mbps")
+TARGET = 0.8
+"""The goal: mesh >= 0.8 x HAProxy for req/s and bulk."""
+
+
+# -- the e2e lock --------------------------------------------------------------------------
+
+
+def _ancestors() -> set[int]:
+    pids: set[int] = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return pids
+
+
+def _lock_held_by_us() -> bool:
+    """True when an enclosing ``flock LOCK_FILE cmd`` (our process or an ancestor) holds it."""
+    try:
+        st = os.stat(LOCK_FILE)
+    except FileNotFoundError:
+        return False
+    # the fd `flock` passes down: locking it again on the same open file succeeds at once
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            fd = int(name)
+            fst = os.fstat(fd)
+            if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    pass
+    # `flock -o` closes it in the child: look for an ancestor among the holders
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    ancestors = _ancestors()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if (
+                len(parts) >= 6
+                and parts[1] == "FLOCK"
+                and parts[5] == dev
+                and int(parts[4]) in ancestors
+            ):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def e2e_lock() -> Iterator[None]:
+    """Serialise with other sandbox users (end-to-end tests) on ``LOCK_FILE``."""
+    os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
+    if _lock_held_by_us():
+        yield
+        return
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {LOCK_FILE} (another sandbox user holds it)")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- signals -------------------------------------------------------------------------------
+
+
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    """Ctrl-C / SIGTERM / SIGHUP: unwind (so every ``finally`` runs) in this process only.
+
+    pyroute2 forks helper children to work inside a netns and stops them with SIGTERM; a
+    forked child shares this handler and our stack, and must not unwind through
+    ``Sandbox.up``'s clean-up or ours: it exits at once.
+    """
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM/SIGHUP while cleaning up, so a second Ctrl-C cannot leave a
+    half-torn-down sandbox behind."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# -- CPU accounting ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """Counters of one process (all its threads)."""
+
+    utime: int
+    """User time (Python, uvloop, HAProxy's own code), in clock ticks."""
+    stime: int
+    """System time (syscalls, and the softirq work they trigger), in clock ticks."""
+    syscalls: int
+    """read/write syscalls (``syscr + syscw`` of ``/proc/PID/io``): counts ``read``/``write``
+    (libuv's) but not ``recv``/``send`` (HAProxy's), so it only compares a proxy with itself."""
+    switches: int
+    """voluntary + involuntary context switches (``/proc/PID/status``, main thread)."""
+
+
+def _proc_sample(pid: int) -> ProcSample | None:
+    """None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        io = Path(f"/proc/{pid}/io").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    counters = dict(line.split(":", 1) for line in (io + status).splitlines() if ":" in line)
+
+    def num(key: str) -> int:
+        return int(counters.get(key, "0").split()[0] or 0)
+
+    return ProcSample(
+        utime=int(fields[11]),
+        stime=int(fields[12]),
+        syscalls=num("syscr") + num("syscw"),
+        switches=num("voluntary_ctxt_switches") + num("nonvoluntary_ctxt_switches"),
+    )
+
+
+def _cpu_times() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *vals = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            out[int(name[3:])] = [int(v) for v in vals]
+    return out
+
+
+def _all_ticks() -> dict[int, tuple[str, int]]:
+    """(comm, CPU ticks of it and its reaped children) of every process on the machine but
+    this one, to name other load: short-lived processes show up in their parent."""
+    out: dict[int, tuple[str, int]] = {}
+    me = str(os.getpid())
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == me:
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        out[int(name)] = (comm, sum(int(f) for f in fields[11:15]))
+    return out
+
+
+def _cgroup_usage_us(path: str) -> int:
+    """CPU time of everything in a cgroup v2 directory (``cpu.stat`` ``usage_usec``)."""
+    try:
+        for line in Path(path, "cpu.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class CpuSnap:
+    wall: float
+    procs: dict[int, ProcSample | None]
+    cgroups: dict[str, int]
+    cpus: dict[int, list[int]]
+    everything: dict[int, tuple[str, int]]
+
+    @classmethod
+    def take(cls, pids: Sequence[int], cgroup_dirs: Sequence[str]) -> CpuSnap:
+        return cls(
+            time.monotonic(),
+            {p: _proc_sample(p) for p in pids},
+            {c: _cgroup_usage_us(c) for c in cgroup_dirs},
+            _cpu_times(),
+            _all_ticks(),
+        )
+
+
+@dataclass(frozen=True)
+class ProcDelta:
+    cpu_s: float
+    user_s: float
+    syscalls: int
+    switches: int
+
+
+@dataclass
+class CpuDelta:
+    wall_s: float
+    procs: dict[int, ProcDelta]
+    cgroups_s: dict[str, float]
+    """CPU time of the watched cgroups (pods: load generator and nginx; agents)."""
+    busy_s: dict[int, float]
+    """Per CPU: user+nice+system+irq+softirq (not idle, iowait or steal)."""
+    steal: dict[int, float]
+    """Per CPU: fraction of the interval stolen by the hypervisor."""
+    fields_s: dict[int, dict[str, float]]
+    """Per CPU: the busy fields of ``/proc/stat`` (user, system, softirq, ...)."""
+    top: list[tuple[int, str, float]]
+    """The processes that used most CPU during the interval: (pid, comm, seconds)."""
+
+    @classmethod
+    def between(cls, a: CpuSnap, b: CpuSnap) -> CpuDelta:
+        procs: dict[int, ProcDelta] = {}
+        for pid, s0 in a.procs.items():
+            s1 = b.procs.get(pid)
+            if s0 is None or s1 is None:
+                raise BenchError(f"proxy process {pid} exited during the run")
+            procs[pid] = ProcDelta(
+                cpu_s=(s1.utime + s1.stime - s0.utime - s0.stime) / CLK_TCK,
+                user_s=(s1.utime - s0.utime) / CLK_TCK,
+                syscalls=s1.syscalls - s0.syscalls,
+                switches=s1.switches - s0.switches,
+            )
+        cgroups_s = {c: (b.cgroups[c] - a.cgroups[c]) / 1e6 for c in a.cgroups}
+        busy_s: dict[int, float] = {}
+        steal: dict[int, float] = {}
+        fields_s: dict[int, dict[str, float]] = {}
+        for cpu, v0 in a.cpus.items():
+            d = [y - x for x, y in zip(v0, b.cpus[cpu], strict=False)]
+            user, nice, system, idle, iowait, irq, softirq, st = (d + [0] * 8)[:8]
+            busy_s[cpu] = (user + nice + system + irq + softirq) / CLK_TCK
+            total = user + nice + system + idle + iowait + irq + softirq + st
+            steal[cpu] = st / total if total else 0.0
+            fields_s[cpu] = {
+                "user": (user + nice) / CLK_TCK,
+                "system": system / CLK_TCK,
+                "irq": irq / CLK_TCK,
+                "softirq": softirq / CLK_TCK,
+            }
+        used = [
+            (pid, comm, (t1 - a.everything[pid][1]) / CLK_TCK)
+            for pid, (comm, t1) in b.everything.items()
+            if pid in a.everything
+        ]
+        top = sorted((u for u in used if u[2] > 0), key=lambda u: -u[2])[:6]
+        return cls(b.wall - a.wall, procs, cgroups_s, busy_s, steal, fields_s, top)
+
+    def of(self, pids: Sequence[int]) -> ProcDelta:
+        ds = [self.procs[p] for p in pids]
+        return ProcDelta(
+            cpu_s=sum(d.cpu_s for d in ds),
+            user_s=sum(d.user_s for d in ds),
+            syscalls=sum(d.syscalls for d in ds),
+            switches=sum(d.switches for d in ds),
+        )
+
+    def other_s(self, uncontained: Sequence[int]) -> float:
+        """CPU time of the machine not spent by the watched cgroups and the ``uncontained``
+        processes (HAProxy): other users' work, plus kernel threads (a little of which is
+        our own traffic, e.g. ksoftirqd)."""
+        tracked = sum(self.cgroups_s.values()) + self.of(uncontained).cpu_s
+        return max(0.0, sum(self.busy_s.values()) - tracked)
+
+    def as_json(self, case_pids: Sequence[int], uncontained: Sequence[int]) -> dict[str, Any]:
+        mine = self.of(case_pids)
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "proxy_cpu_s": round(mine.cpu_s, 3),
+            "proxy_user_s": round(mine.user_s, 3),
+            "proxy_rw_syscalls": mine.syscalls,
+            "proxy_context_switches": mine.switches,
+            "proc_cpu_s": {str(k): round(v.cpu_s, 3) for k, v in self.procs.items()},
+            "cpu_busy_s": {str(k): round(v, 3) for k, v in self.busy_s.items()},
+            "other_cpu_s": round(self.other_s(uncontained), 3),
+            "cgroup_cpu_s": {Path(k).name: round(v, 3) for k, v in self.cgroups_s.items()},
+            "cpu_fields_s": {
+                str(c): {k: round(v, 3) for k, v in f.items()} for c, f in self.fields_s.items()
+            },
+            "top_processes": [[pid, comm, round(t, 3)] for pid, comm, t in self.top],
+            "steal": {str(k): round(v, 4) for k, v in self.steal.items()},
+        }
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: int
+    rounds: int
+    short: int
+    warmup: int
+    bulk_mib: int
+    out: Path
+    profile: bool = False
+    cases: tuple[str, ...] = CASES
+    mtls: bool = False
+    """Mesh with mutual TLS (HBONE) between nodes, and HAProxy's middle hop with mTLS."""
+    retry_budget: float = 90.0
+    """Seconds the whole run may spend repeating runs disturbed by other users."""
+
+
+def _per(total: float, count: float) -> float | None:
+    return total / count if count > 0 else None
+
+
+def _ms(us: float) -> float:
+    return us / 1000.0
+
+
+@dataclass
+class Bench:
+    sb: Sandbox
+    work: Path
+    opts: Options
+    haproxies: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    profile: dict[str, Any] = field(default_factory=dict)
+    mesh_transport: str = "?"
+    retry_spent: float = 0.0
+    """Seconds spent so far waiting for quiet and repeating runs (see ``--retry-budget``)."""
+
+    # -- addresses and processes -----------------------------------------------------------
+
+    def endpoint(self, case: str) -> tuple[str, int]:
+        if case == "direct":
+            return self.sb.pod_ip(SERVER), DIRECT_PORT
+        if case == "haproxy":
+            return self.sb.node_ip("node1"), HAPROXY_FRONT_PORT
+        if case == "haproxy-pod":
+            return "127.0.0.1", HAPROXY_POD_FRONT_PORT
+        return CLUSTER_IP, MESH_PORT
+
+    def url(self, case: str, path: str = "/") -> str:
+        host, port = self.endpoint(case)
+        return f"http://{host}:{port}{path}"
+
+    def agent_pids(self) -> list[int]:
+        pids: list[int] = []
+        for node in NODES:
+            pids += cgroups.procs(Path(self.sb.agent_cgroup(node)))
+        return pids
+
+    def haproxy_pids(self, case: str | None = None) -> list[int]:
+        return [p.pid for c, ps in self.haproxies.items() if case in (None, c) for p in ps]
+
+    def proxy_pids(self, case: str) -> list[int]:
+        if case.startswith("haproxy"):
+            return self.haproxy_pids(case)
+        if case == "mesh":
+            return self.agent_pids()
+        return []
+
+    def check_proxies_alive(self) -> None:
+        for p in (p for ps in self.haproxies.values() for p in ps):
+            if p.poll() is not None:
+                logs = "".join(
+                    f.read_text(errors="replace")[-2000:] for f in self.work.glob("haproxy-*.log")
+                )
+                raise BenchError(f"HAProxy (pid {p.pid}) exited with {p.returncode}:\n{logs}")
+        gone = [ns for ns in self.sb.topology.netns_names() if not os.path.exists(netns_path(ns))]
+        if gone:
+            raise BenchError(
+                f"the sandbox was torn down under the benchmark (netns {', '.join(gone)} "
+                f"gone): something ran `nodeagent sandbox down` without holding {LOCK_FILE} "
+                "(scripts/test.sh does, as its first step)"
+            )
+        for node in NODES:
+            if not cgroups.procs(Path(self.sb.agent_cgroup(node))):
+                raise BenchError(
+                    f"the agent of {node} is gone; the end of {self.sb.agent_log(node)} tells why"
+                )
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def tune_netns(self) -> None:
+        """Wider ephemeral ports and TIME_WAIT reuse for the connection-rate test, in the
+        namespaces that dial (the same for every case)."""
+        names = [self.sb.pod_netns(CLIENT), self.sb.pod_netns(SERVER)]
+        names += [self.sb.node_netns(n) for n in NODES]
+        for ns in names:
+            _run(
+                [
+                    "nsenter",
+                    f"--net={netns_path(ns)}",
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv4.ip_local_port_range=1024 65535",
+                    "net.ipv4.tcp_tw_reuse=1",
+                ]
+            )
+
+    def pin(self, pids: Sequence[int], cpu: int) -> None:
+        for pid in pids:
+            p = subprocess.run(
+                ["taskset", "-apc", str(cpu), str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            if p.returncode != 0:
+                raise BenchError(f"taskset -apc {cpu} {pid} failed: {p.stderr.strip()}")
+
+    def pin_all(self, proxies_on: int = PROXY_CPU) -> None:
+        self.pin(self.sb.pod_pids_live(SERVER) + self.sb.pod_pids_live(CLIENT), LOAD_CPU)
+        self.pin(self.agent_pids() + self.haproxy_pids(), proxies_on)
+
+    def start_haproxy(self, case: str) -> None:
+        """Two HAProxies relaying like the mesh's two hops; where depends on ``case``."""
+        server = self.sb.pod_ip(SERVER)
+        if case == "haproxy":  # in the node netns, like a node-level proxy outside the pods
+            n1, n2 = self.sb.node_ip("node1"), self.sb.node_ip("node2")
+            hops = [
+                (self.sb.node_netns("node1"), n1, HAPROXY_FRONT_PORT, n2, HAPROXY_NEXT_PORT),
+                (self.sb.node_netns("node2"), n2, HAPROXY_NEXT_PORT, server, DIRECT_PORT),
+            ]
+        else:  # in the pods' netns, where the agents' listeners and upstream sockets are
+            hops = [
+                (
+                    self.sb.pod_netns(CLIENT),
+                    "127.0.0.1",
+                    HAPROXY_POD_FRONT_PORT,
+                    server,
+                    HAPROXY_POD_NEXT_PORT,
+                ),
+                (
+                    self.sb.pod_netns(SERVER),
+                    server,
+                    HAPROXY_POD_NEXT_PORT,
+                    "127.0.0.1",
+                    DIRECT_PORT,
+                ),
+            ]
+        procs = self.haproxies.setdefault(case, [])
+        for ns, bind_ip, bind_port, up_ip, up_port in hops:
+            name = f"{case}-{ns}"
+            cfg = self.work / f"{name}.cfg"
+            first = bind_port in (HAPROXY_FRONT_PORT, HAPROXY_POD_FRONT_PORT)
+            tls = self.opts.mtls
+            cfg.write_text(
+                HAPROXY_CFG.format(
+                    bind_ip=bind_ip,
+                    bind_port=bind_port,
+                    up_ip=up_ip,
+                    up_port=up_port,
+                    bind_tls=HAPROXY_BIND_TLS.format(dir=self.work) if tls and not first else "",
+                    server_tls=HAPROXY_SERVER_TLS.format(dir=self.work) if tls and first else "",
+                )
+            )
+            _run(["haproxy", "-c", "-q", "-f", str(cfg)])
+            logfile = self.work / f"haproxy-{name}.log"
+            with open(logfile, "ab") as out:
+                argv = ["taskset", "-c", str(PROXY_CPU), "nsenter", f"--net={netns_path(ns)}"]
+                argv += ["haproxy", "-db", "-f", str(cfg)]
+                p = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            procs.append(p)
+            deadline = time.monotonic() + 10
+            while not tcp_open(ns, bind_ip, bind_port):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    tail = logfile.read_text(errors="replace")
+                    raise BenchError(
+                        f"HAProxy in {ns} did not listen on {bind_ip}:{bind_port}:\n{tail}"
+                    )
+                time.sleep(0.05)
+
+    def stop_haproxy(self) -> None:
+        procs = [p for ps in self.haproxies.values() for p in ps]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=3)
+        self.haproxies.clear()
+
+    def opened(self, node: str) -> dict[str, float]:
+        """``istio_tcp_connections_opened_total`` of a node's agent, per label set."""
+        text = _run(
+            [
+                "nsenter",
+                f"--net={netns_path(self.sb.node_netns(node))}",
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "http://127.0.0.1:15020/metrics",
+            ]
+        )
+        series: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("istio_tcp_connections_opened_total{"):
+                labels, _, value = line.rpartition(" ")
+                series[labels] = float(value)
+        return series
+
+    def check_paths(self) -> None:
+        """Each case answers ``ok``; only the mesh case goes through the agents, with the
+        transport asked for (``connection_security_policy``: mutual_tls or none)."""
+        for case in self.opts.cases:
+            before = [self.opened(n) for n in NODES]
+            p = self.sb.exec(
+                CLIENT,
+                ["curl", "-sS", "-m", "5", self.url(case)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            if p.returncode != 0 or p.stdout != "ok\n":
+                raise BenchError(
+                    f"{case}: curl {self.url(case)} from the client pod failed "
+                    f"(exit {p.returncode}): {p.stderr.strip() or p.stdout[:200]!r}"
+                )
+            after = [self.opened(n) for n in NODES]
+            grown = [
+                [k for k, v in a.items() if v > b.get(k, 0.0)]
+                for a, b in zip(after, before, strict=True)
+            ]
+            delta = [sum(a.values()) - sum(b.values()) for a, b in zip(after, before, strict=True)]
+            want = [1.0, 1.0] if case == "mesh" else [0.0, 0.0]
+            if delta != want:
+                raise BenchError(
+                    f"{case}: the agents counted {delta} new connections (node1, node2) for one "
+                    f"request, expected {want}: the {case} path is not what it should be"
+                )
+            if case == "mesh":
+                policies = {
+                    m.split('connection_security_policy="', 1)[1].split('"', 1)[0]
+                    for keys in grown
+                    for m in keys
+                    if 'connection_security_policy="' in m
+                }
+                expected = "mutual_tls" if self.opts.mtls else "none"
+                if policies != {expected}:
+                    raise BenchError(
+                        f"mesh: the agents report connection_security_policy {sorted(policies)} "
+                        f"for the test connection, expected {expected!r} "
+                        f"({'--mtls' if self.opts.mtls else 'no --mtls'})"
+                    )
+                self.mesh_transport = "HBONE, mutual TLS" if self.opts.mtls else "plain TCP"
+            log(f"path {case}: {self.url(case)} answers ok (agents saw {delta})")
+
+    # -- one test ---------------------------------------------------------------------------
+
+    def wrk(self, case: str, *, conns: int, seconds: int, close: bool = False) -> dict[str, Any]:
+        argv = ["taskset", "-c", str(LOAD_CPU), "wrk", "-t1", f"-c{conns}", f"-d{seconds}s"]
+        argv += ["--latency", "--timeout", "5s", "-s", str(self.work / "report.lua")]
+        if close:
+            argv += ["-H", "Connection: close"]
+        argv.append(self.url(case))
+        p = self.sb.exec(CLIENT, argv, capture_output=True, text=True, timeout=seconds + 60)
+        for line in p.stdout.splitlines():
+            if line.startswith("WRKJSON "):
+                data: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
+                break
+        else:
+            raise BenchError(
+                f"wrk exited {p.returncode} without a report: {p.stderr.strip() or p.stdout}"
+            )
+        if p.returncode != 0:
+            raise BenchError(f"wrk exited {p.returncode}: {p.stderr.strip()}")
+        errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
+        data["errors"] = errors
+        if data["requests"] == 0:
+            raise BenchError(f"wrk completed no request: {p.stdout.strip()}")
+        if errors:
+            msg = f"{case}: wrk -c{conns}{' close' if close else ''}: {errors} errors " + str(
+                {k: data[k] for k in ("connect", "read", "write", "status", "timeout") if data[k]}
+            )
+            if errors > ERROR_FRACTION * data["requests"]:
+                raise BenchError(msg)
+            self.warnings.append(msg)
+        return data
+
+    def bulk(self, case: str, seconds: int) -> dict[str, Any]:
+        host, port = self.endpoint(case)
+        argv = ["taskset", "-c", str(LOAD_CPU), sys.executable, str(ROOT / "bench/bulk_client.py")]
+        argv += [host, str(port), BULK_PATH, str(seconds)]
+        p = self.sb.exec(CLIENT, argv, capture_output=True, text=True, timeout=seconds + 120)
+        if p.returncode != 0:
+            raise BenchError(f"bulk client exited {p.returncode}: {p.stderr.strip()}")
+        data: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+        return data
+
+    def wait_quiet(self, limit: float = QUIET_WAIT) -> None:
+        """Wait until other work takes less than ``OTHER_LOAD_WARN`` of a CPU for a second
+        (at most ``limit`` seconds)."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            a = CpuSnap.take(self.haproxy_pids(), self.watched_cgroups())
+            time.sleep(1.0)
+            d = CpuDelta.between(a, CpuSnap.take(self.haproxy_pids(), self.watched_cgroups()))
+            if d.other_s(self.haproxy_pids()) <= OTHER_LOAD_WARN * d.wall_s:
+                return
+
+    def watched_cgroups(self) -> list[str]:
+        return [self.sb.pod_cgroup(CLIENT), self.sb.pod_cgroup(SERVER)] + [
+            self.sb.agent_cgroup(n) for n in NODES
+        ]
+
+    def run_test(self, rnd: int, test: str, case: str) -> None:
+        pids = self.proxy_pids(case)
+        everyone = self.agent_pids() + self.haproxy_pids()
+        raw: dict[str, Any] = {}
+        figures: dict[str, float | None] = {}
+        retried: list[float] = []
+        try:
+            while True:
+                before = CpuSnap.take(everyone, self.watched_cgroups())
+                if test == "keepalive":
+                    raw = self.wrk(case, conns=KEEPALIVE_CONNS, seconds=self.opts.seconds)
+                elif test == "latency1":
+                    raw = self.wrk(case, conns=1, seconds=self.opts.short)
+                elif test == "bulk":
+                    raw = self.bulk(case, self.opts.short)
+                else:
+                    raw = self.wrk(case, conns=KEEPALIVE_CONNS, seconds=self.opts.short, close=True)
+                cpu = CpuDelta.between(before, CpuSnap.take(everyone, self.watched_cgroups()))
+                other = cpu.other_s(self.haproxy_pids()) / cpu.wall_s if cpu.wall_s else 0.0
+                if (
+                    other <= OTHER_LOAD_WARN
+                    or len(retried) >= OTHER_LOAD_RETRIES
+                    or self.retry_spent >= self.opts.retry_budget
+                ):
+                    break
+                started = time.monotonic()
+                retried.append(round(other, 3))
+                top = ", ".join(f"{comm} {t:.1f}s" for _, comm, t in cpu.top[:3])
+                log(
+                    f"round {rnd} {test} {case}: {other:.0%} of a CPU went to other work "
+                    f"({top}): once more, when the machine is quiet"
+                )
+                self.wait_quiet(min(QUIET_WAIT, self.opts.retry_budget - self.retry_spent))
+                self.retry_spent += time.monotonic() - started + cpu.wall_s
+        except (BenchError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+            self.failures.append(f"round {rnd} {test} {case}: {e}")
+            log(f"FAILED round {rnd} {test} {case}: {e}")
+            self.runs.append({"round": rnd, "test": test, "case": case, "error": str(e)})
+            self.check_proxies_alive()
+            return
+        mine = cpu.of(pids) if pids else None
+
+        def per(count: float, value: Callable[[ProcDelta], float]) -> float | None:
+            return _per(value(mine) * 1e6, count) if mine is not None else None
+
+        if test in ("keepalive", "latency1", "newconn"):
+            reqs = float(raw["requests"])
+            rate = reqs / (raw["duration_us"] / 1e6)
+            if test == "keepalive":
+                figures["ka_rps"] = rate
+                figures["ka_p50_ms"] = _ms(raw["p50_us"])
+                figures["ka_p99_ms"] = _ms(raw["p99_us"])
+                figures["ka_proxy_us"] = per(reqs, lambda d: d.cpu_s)
+                figures["ka_proxy_user_us"] = per(reqs, lambda d: d.user_s)
+                figures["ka_cpu1_us"] = (
+                    _per(cpu.busy_s[PROXY_CPU] * 1e6, reqs) if mine is not None else None
+                )
+                figures["ka_switches"] = _per(mine.switches, reqs) if mine else None
+            elif test == "latency1":
+                figures["lat1_p50_us"] = float(raw["p50_us"])
+                figures["lat1_p99_us"] = float(raw["p99_us"])
+            else:
+                figures["conn_rps"] = rate
+                figures["conn_proxy_us"] = per(reqs, lambda d: d.cpu_s)
+                figures["conn_proxy_user_us"] = per(reqs, lambda d: d.user_s)
+        else:
+            mb = raw["bytes"] / 1e6
+            figures["bulk_mbps"] = mb / raw["seconds"]
+            figures["bulk_proxy_us_per_mb"] = per(mb, lambda d: d.cpu_s)
+        run = {"round": rnd, "test": test, "case": case, "figures": figures, "raw": raw}
+        run["cpu"] = cpu.as_json(pids, self.haproxy_pids())
+        run["suspect"] = other > OTHER_LOAD_WARN
+        if retried:
+            run["retried_after_other_load"] = retried
+        if not pids:
+            run["idle_agents_cpu_s"] = round(cpu.of(self.agent_pids()).cpu_s, 3)
+        self.runs.append(run)
+        if other > OTHER_LOAD_WARN:
+            top = ", ".join(f"{comm} {t:.1f}s" for _, comm, t in cpu.top[:3])
+            self.warnings.append(
+                f"round {rnd} {test} {case}: {other:.0%} of a CPU went to other work "
+                f"(busiest processes: {top}), "
+                f"{'also after a retry' if retried else 'not repeated (retry budget spent)'}: "
+                "suspect"
+            )
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
+        steal = max(cpu.steal.values(), default=0.0)
+        log(f"round {rnd} {test:9} {case:7} {shown} (other load {other:.0%}, steal {steal:.0%})")
+        self.check_proxies_alive()
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.tune_netns()
+        for case in self.opts.cases:
+            if case.startswith("haproxy"):
+                self.start_haproxy(case)
+        self.pin_all()
+        self.check_paths()
+        for case in self.opts.cases:
+            log(f"warm-up {case} ({self.opts.warmup}s)")
+            self.wrk(case, conns=KEEPALIVE_CONNS, seconds=self.opts.warmup)
+        self.check_proxies_alive()
+
+    def run(self) -> None:
+        for rnd in range(1, self.opts.rounds + 1):
+            for test in TESTS:
+                # the one-connection latency test runs with everything on one CPU
+                self.pin_all(LOAD_CPU if test == "latency1" else PROXY_CPU)
+                try:
+                    for case in self.opts.cases:
+                        self.run_test(rnd, test, case)
+                finally:
+                    self.pin_all(PROXY_CPU)
+
+    def run_profile(self, outdir: Path) -> None:
+        """Extra mesh runs (not in the table) with py-spy sampling both agents: where the
+        agents' CPU goes, per test. Raw collapsed stacks go to ``outdir``."""
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.access(pyspy, os.X_OK):
+            raise BenchError(
+                "--profile needs py-spy: .venv/bin/pip install py-spy (not a project dependency)"
+            )
+        outdir.mkdir(parents=True, exist_ok=True)
+        for test in ("keepalive", "newconn", "bulk"):
+            spies: list[tuple[str, Path, subprocess.Popen[str]]] = []
+            for node in NODES:
+                pids = cgroups.procs(Path(self.sb.agent_cgroup(node)))
+                if not pids:
+                    raise BenchError(f"no agent process for {node}")
+                raw = outdir / f"{test}-{node}.txt"
+                # --native (C frames of uvloop/libuv) needs py-spy to stop the agent per
+                # sample: these runs are slower than the measured ones and not in the table
+                argv = ["taskset", "-c", str(LOAD_CPU), pyspy, "record", "--native"]
+                argv += ["-p", str(pids[0]), "-d", str(self.opts.short + 2), "-r", "250"]
+                argv += ["--format", "raw", "-o", str(raw)]
+                spy = subprocess.Popen(
+                    argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+                spies.append((node, raw, spy))
+            try:
+                time.sleep(0.5)  # let py-spy attach
+                if test == "bulk":
+                    self.bulk("mesh", self.opts.short)
+                else:
+                    close = test == "newconn"
+                    self.wrk("mesh", conns=KEEPALIVE_CONNS, seconds=self.opts.short, close=close)
+            finally:
+                for node, raw, spy in spies:
+                    try:
+                        _, err = spy.communicate(timeout=self.opts.short + 30)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
+                        _, err = spy.communicate()
+                    if spy.returncode != 0 or not raw.exists():
+                        raise BenchError(f"py-spy on {node} failed: {err.strip()}")
+                    self.profile.setdefault(test, {})[node] = hot_spots(raw)
+            log(f"profiled mesh {test}: {outdir}/{test}-node*.txt")
+
+
+SYSCALLS = frozenset(
+    (
+        *("accept", "accept4", "brk", "close", "connect", "epoll_ctl", "getpeername"),
+        *("getsockname", "getsockopt", "ioctl", "read", "readv", "recv", "recvfrom"),
+        *("sendmsg", "sendto", "setns", "setsockopt", "shutdown", "socket", "syscall"),
+        *("write", "writev"),
+    )
+)
+"""libc leaf frames that are (almost) only the kernel's time: a syscall wrapper."""
+IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
+
+
+def hot_spots(raw: Path, top: int = 14) -> dict[str, Any]:
+    """Where the event-loop thread spends its busy time, from py-spy's collapsed stacks.
+
+    Keeps the stacks of the thread running the asyncio loop (other threads are gRPC and
+    executor threads, idle here), drops those waiting in ``epoll_wait`` (idle), then gives
+    the share of busy samples per leaf frame (``self``), per Python function including its
+    callees (``inclusive``), and in syscalls.
+    """
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    busy = idle = kernel = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if f]
+        if not any(f.startswith("Runner.run ") for f in frames):
+            continue
+        n = int(count)
+        leaf = _frame_name(frames[-1])
+        if leaf.startswith(IDLE_LEAVES):
+            idle += n
+            continue
+        busy += n
+        own[leaf] = own.get(leaf, 0) + n
+        if leaf.split(" ", 1)[0] in SYSCALLS:
+            kernel += n
+        for name in {_frame_name(f) for f in frames if ".py:" in f}:
+            incl[name] = incl.get(name, 0) + n
+
+    def share(d: dict[str, int]) -> list[list[Any]]:
+        items = [(k, c) for k, c in d.items() if c < 0.99 * busy]  # drop main() & co
+        items.sort(key=lambda kv: -kv[1])
+        return [[name, round(c / busy, 3)] for name, c in items[:top]] if busy else []
+
+    return {
+        "busy_samples": busy,
+        "idle_samples": idle,
+        "syscalls": round(kernel / busy, 3) if busy else None,
+        "self": share(own),
+        "inclusive": share(incl),
+    }
+
+
+def _frame_name(frame: str) -> str:
+    """``func (file:line)`` → ``func (short/file.py)``; C frames keep their library."""
+    if " (" not in frame:
+        return frame
+    func, where = frame.split(" (", 1)
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/nodeagent/", "/lib/python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            if marker == "/nodeagent/":
+                where = "nodeagent/" + where
+            break
+    if func.startswith("0x"):
+        func = "?"
+    return f"{func} ({where})"
+
+
+def _run(argv: Sequence[str], timeout: float = 30) -> str:
+    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed (exit {p.returncode}): {p.stderr.strip()}")
+    return p.stdout
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def write_config(work: Path, bulk_mib: int, cases: Sequence[str]) -> Path:
+    """The sandbox config (YAML dir), nginx's config, the bulk file and wrk's report script."""
+    work.chmod(0o755)
+    bulk = work / BULK_PATH.lstrip("/")
+    with open(bulk, "wb") as f:
+        f.truncate(bulk_mib * 1024 * 1024)  # sparse, on tmpfs: no page cache churn
+    conf = work / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            dir=work, mesh_port=MESH_PORT, direct_port=DIRECT_PORT, bulk_path=BULK_PATH
+        )
+    )
+    _run(
+        ["nginx", "-t", "-q", "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf)]
+    )
+    (work / "report.lua").write_text(WRK_LUA)
+    pod_hops = "haproxy-pod" in cases
+    excluded = f"{DIRECT_PORT},{HAPROXY_POD_NEXT_PORT}" if pod_hops else str(DIRECT_PORT)
+    client_out = f"{DIRECT_PORT},{HAPROXY_FRONT_PORT}"
+    if pod_hops:
+        client_out += f",{HAPROXY_POD_NEXT_PORT}"
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": CLIENT,
+                "namespace": "default",
+                "labels": {"app": "bench-client"},
+                "annotations": {
+                    "traffic.sidecar.istio.io/excludeInboundPorts": excluded,
+                    "traffic.sidecar.istio.io/excludeOutboundPorts": client_out,
+                },
+            },
+            "spec": {
+                "nodeName": "node1",
+                "serviceAccountName": "bench-client",
+                "containers": [{"name": "main", "command": ["sleep", "infinity"]}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": SERVER,
+                "namespace": "default",
+                "labels": {"app": "bench-server"},
+                "annotations": {
+                    "traffic.sidecar.istio.io/excludeInboundPorts": excluded,
+                    "traffic.sidecar.istio.io/excludeOutboundPorts": excluded,
+                },
+            },
+            "spec": {
+                "nodeName": "node2",
+                "serviceAccountName": "bench-server",
+                "containers": [
+                    {
+                        "name": "nginx",
+                        "command": ["taskset", "-c", str(LOAD_CPU), "nginx"],
+                        "args": [
+                            "-e",
+                            str(work / "nginx-error.log"),
+                            "-p",
+                            str(work),
+                            "-c",
+                            str(conf),
+                        ],
+                        "ports": [
+                            {"name": "tcp-mesh", "containerPort": MESH_PORT},
+                            {"name": "tcp-direct", "containerPort": DIRECT_PORT},
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "bench-server", "namespace": "default"},
+            "spec": {
+                "selector": {"app": "bench-server"},
+                "clusterIP": CLUSTER_IP,
+                "ports": [{"name": "tcp", "port": MESH_PORT, "targetPort": MESH_PORT}],
+            },
+        },
+    ]
+    mesh = work / "mesh"
+    mesh.mkdir()
+    (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return mesh
+
+
+def write_certs(work: Path) -> None:
+    """A throw-away CA and two ECDSA P-256 certificates (like the mesh's identities) for
+    HAProxy's mTLS hop: ``ca.pem``, ``hop1.pem`` (client), ``hop2.pem`` (server)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def builder(
+        subject: str, issuer: str, key: ec.EllipticCurvePrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        builder("bench-ca", "bench-ca", ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (work / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for hop in ("hop1", "hop2"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            builder(hop, "bench-ca", key)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hop)]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (work / f"{hop}.pem").write_bytes(pem)
+
+
+def sandbox_up(config: Path, mtls: bool) -> Sandbox:
+    """``Sandbox.up`` with mTLS on or off (older sandboxes have no mTLS at all)."""
+    kwargs: dict[str, Any] = {}
+    if "mtls" in inspect.signature(Sandbox.up).parameters:
+        kwargs["mtls"] = mtls
+    elif mtls:
+        raise BenchError("--mtls: this nodeagent's sandbox has no mTLS (Sandbox.up(mtls=...))")
+    return Sandbox.up(config, progress=lambda m: log(f"sandbox: {m}"), **kwargs)
+
+
+def environment(opts: Options) -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError as e:
+            return f"? ({e})"
+        return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr) else "?"
+
+    import uvloop
+
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True
+    ).stdout.count("\n")
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "uvloop": getattr(uvloop, "__version__", "?"),
+        "haproxy": first_line(["haproxy", "-v"]),
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "git": f"{commit}{f' (+{dirty} changed files)' if dirty else ''}",
+        "nodeagent_code": str(Path(nodeagent.__file__).parent),
+        "seconds": opts.seconds,
+        "short_seconds": opts.short,
+        "rounds": opts.rounds,
+        "retry_budget_s": opts.retry_budget,
+        "bulk_file_mib": opts.bulk_mib,
+        "transport": (
+            f"node-to-node hop with mutual TLS (mesh: HBONE; HAProxy: TLS 1.3 {TLS_SUITE})"
+            if opts.mtls
+            else "node-to-node hop in plain TCP (mesh and HAProxy)"
+        ),
+        "layout": f"wrk/bulk client + nginx on CPU{LOAD_CPU}, proxies on CPU{PROXY_CPU}; "
+        f"latency1: everything on CPU{LOAD_CPU}",
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+# -- summary and table ----------------------------------------------------------------------
+
+
+def ratio_pairs(cases: Sequence[str], vs_direct: bool = True) -> list[tuple[str, str]]:
+    """(base, case) pairs whose case/base ratio is shown."""
+    pairs = [("direct", c) for c in cases if c != "direct"] if vs_direct else []
+    if "direct" not in cases:
+        pairs = []
+    pairs += [(b, "mesh") for b in ("haproxy", "haproxy-pod") if b in cases and "mesh" in cases]
+    return pairs
+
+
+def _stats(xs: list[float], suspect: bool) -> dict[str, Any]:
+    return {
+        "median": statistics.median(xs) if xs else None,
+        "min": min(xs) if xs else None,
+        "max": max(xs) if xs else None,
+        "from_suspect_runs": suspect,
+    }
+
+
+def summarize(runs: list[dict[str, Any]], rounds: int, cases: Sequence[str]) -> dict[str, Any]:
+    """Per figure: values per case and round, median/min/max, per-round ratios.
+
+    Runs flagged suspect (other work on the machine) are left out when a clean run of the
+    same case exists (for ratios: a clean pair in the same round); otherwise they are used
+    and the result says ``from_suspect_runs``.
+    """
+    per: dict[str, dict[str, list[tuple[float, bool] | None]]] = {
+        f.key: {c: [None] * rounds for c in cases} for f in FIGURES
+    }
+    for run in runs:
+        for key, v in run.get("figures", {}).items():
+            if v is not None:
+                per[key][run["case"]][run["round"] - 1] = (v, bool(run.get("suspect")))
+    out: dict[str, Any] = {}
+    for fig in FIGURES:
+        vals = per[fig.key]
+        entry: dict[str, Any] = {
+            "label": fig.label.strip(),
+            "higher_is_better": fig.higher_is_better,
+        }
+        for case in cases:
+            got = [x for x in vals[case] if x is not None]
+            clean = [v for v, sus in got if not sus]
+            entry[case] = {
+                "values": [x[0] if x else None for x in vals[case]],
+                "suspect": [x[1] if x else None for x in vals[case]],
+                **_stats(clean or [v for v, _ in got], not clean and bool(got)),
+            }
+        ratios: dict[str, Any] = {}
+        for base, case in ratio_pairs(cases, fig.vs_direct):
+            pairs = [
+                (b[0] / a[0], a[1] or b[1])
+                for a, b in zip(vals[base], vals[case], strict=True)
+                if a is not None and b is not None and a[0] > 0
+            ]
+            clean = [r for r, sus in pairs if not sus]
+            ratios[f"{case}/{base}"] = {
+                "per_round": [r for r, _ in pairs],
+                **_stats(clean or [r for r, _ in pairs], not clean and bool(pairs)),
+                "rounds_used": len(clean or pairs),
+            }
+        entry["ratios"] = ratios
+        out[fig.key] = entry
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    a = abs(v)
+    if a >= 100_000:
+        return f"{v / 1000:.0f}k"
+    if a >= 10_000:
+        return f"{v / 1000:.1f}k"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _abs_cell(e: dict[str, Any]) -> str:
+    med, lo, hi = e["median"], e["min"], e["max"]
+    mark = "*" if e["from_suspect_runs"] else ""
+    if med is None:
+        return "—"
+    if lo is None or hi is None or lo == hi or med == 0:
+        return _fmt(med) + mark
+    return f"{_fmt(med)} ±{(hi - lo) / 2 / abs(med):.0%}{mark}"
+
+
+def _ratio_cell(r: dict[str, Any] | None) -> str:
+    if r is None or r["median"] is None:
+        return "—"
+    mark = "*" if r["from_suspect_runs"] else ""
+    if r["min"] != r["max"]:
+        return f"{r['min']:.2f}-{r['max']:.2f}{mark}"
+    return f"{r['median']:.2f}{mark}"
+
+
+def table(
+    summary: dict[str, Any], env: dict[str, Any], runs: list[dict[str, Any]], cases: Sequence[str]
+) -> str:
+    cols = [("figure", 28), *((c, 15) for c in cases)]
+    ratio_cols = [(f"{c}/{b}", max(13, len(f"{c}/{b}") + 2)) for b, c in ratio_pairs(cases)]
+    lines = [
+        f"nodeagent bench — {env['date']}, git {env['git']}, kernel {env['kernel']}",
+        f"{env['rounds']} round(s), keep-alive {env['seconds']}s, other tests "
+        f"{env['short_seconds']}s; {env['layout']}",
+        f"{env.get('transport', '')}",
+        "absolute: median ±half-range across rounds; ratios: per round (min-max), "
+        "case / base; ↑ higher is better, ↓ lower is better",
+        "",
+        "".join(f"{name:<{w}}" for name, w in cols)
+        + "".join(f"{name:>{w}}" for name, w in ratio_cols),
+    ]
+    lines.append("-" * (sum(w for _, w in cols) + sum(w for _, w in ratio_cols)))
+    for fig in FIGURES:
+        e = summary[fig.key]
+        arrow = "↑" if fig.higher_is_better else "↓"
+        row = f"{fig.label + ' ' + arrow:<28}"
+        row += "".join(f"{_abs_cell(e[c]):<15}" for c in cases)
+        for name, w in ratio_cols:
+            row += f"{_ratio_cell(e['ratios'].get(name)):>{w}}"
+        lines.append(row)
+    loads = [
+        r["cpu"]["other_cpu_s"] / r["cpu"]["wall_s"] for r in runs if r.get("cpu", {}).get("wall_s")
+    ]
+    steals = [max(r["cpu"]["steal"].values()) for r in runs if r.get("cpu", {}).get("steal")]
+    if loads:
+        lines.append(
+            f"other work on the machine during the runs: median {statistics.median(loads):.0%}, "
+            f"max {max(loads):.0%} of a CPU; steal max {max(steals, default=0.0):.0%}"
+        )
+    suspect = sum(1 for r in runs if r.get("suspect"))
+    if suspect:
+        lines.append(
+            f"{suspect} run(s) had other work above {OTHER_LOAD_WARN:.0%} of a CPU (after a retry "
+            "while the budget lasted): left out where a clean run exists; * = only from such runs"
+        )
+    if "haproxy" not in cases or "mesh" not in cases:
+        return "\n".join(lines)
+    lines += ["", f"target: mesh >= {TARGET:.1f} x HAProxy (mesh/haproxy, median of rounds)"]
+    gaps = []
+    for key in TARGET_FIGURES:
+        r = summary[key]["ratios"]["mesh/haproxy"]["median"]
+        if r is not None:
+            gaps.append((r, key))
+    for r, key in sorted(gaps):
+        label = summary[key]["label"]
+        verdict = "met" if r >= TARGET else f"needs x{TARGET / r:.2f}" if r > 0 else "no result"
+        lines.append(f"  {label:<26} {r:5.2f}  {verdict}")
+    if gaps:
+        r, key = min(gaps)
+        lines.append(f"  furthest from the target: {summary[key]['label']} ({r:.2f})")
+    return "\n".join(lines)
+
+
+def profile_table(profile: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "where the agents' event loops spend their busy time (py-spy --native, mesh runs):",
+    ]
+    for test, nodes in profile.items():
+        for node, spots in nodes.items():
+            total = spots["busy_samples"] + spots["idle_samples"]
+            lines.append(
+                f"  {test} / {node}: busy {spots['busy_samples']}/{total} samples, "
+                f"{spots['syscalls']:.0%} of busy in syscalls"
+            )
+            lines.append(
+                "    self:      " + ", ".join(f"{n} {sh:.0%}" for n, sh in spots["self"][:6])
+            )
+            lines.append(
+                "    inclusive: " + ", ".join(f"{n} {sh:.0%}" for n, sh in spots["inclusive"][:6])
+            )
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    ap = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="direct vs HAProxy vs nodeagent mesh on one sandbox (needs root)",
+    )
+    ap.add_argument("--seconds", type=int, default=10, help="keep-alive test length (default 10)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "bench/results/latest.json", help="JSON results file"
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 s, 1 round")
+    ap.add_argument("--bulk-mib", type=int, default=128, help="size of the bulk file (MiB)")
+    ap.add_argument(
+        "--retry-budget",
+        type=float,
+        default=90.0,
+        help="seconds the whole run may spend waiting for a quiet machine and repeating runs "
+        "disturbed by other users (default 90; 0: never repeat, only flag)",
+    )
+    ap.add_argument(
+        "--mtls",
+        action="store_true",
+        help="mesh with mutual TLS between nodes (HBONE), and HAProxy's middle hop with "
+        f"mutual TLS 1.3 ({TLS_SUITE}, ECDSA P-256); default: both plain TCP",
+    )
+    ap.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated, in run order, from {', '.join(ALL_CASES)} "
+        f"(default {','.join(CASES)})",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, profile both agents with py-spy during extra mesh runs "
+        "(needs `.venv/bin/pip install py-spy`); stacks go next to --out",
+    )
+    a = ap.parse_args(argv)
+    seconds, rounds = (3, 1) if a.quick else (a.seconds, a.rounds)
+    if seconds < 1 or rounds < 1 or a.bulk_mib < 1:
+        ap.error("--seconds, --rounds and --bulk-mib must be at least 1")
+    cases = tuple(c.strip() for c in a.cases.split(",") if c.strip())
+    unknown = [c for c in cases if c not in ALL_CASES]
+    if unknown or not cases or len(set(cases)) != len(cases):
+        ap.error(f"--cases: pick each of {', '.join(ALL_CASES)} at most once (got {a.cases!r})")
+    return Options(
+        seconds=seconds,
+        rounds=rounds,
+        short=max(2, round(seconds / 2)),
+        warmup=1 if a.quick else 2,
+        bulk_mib=a.bulk_mib,
+        out=a.out,
+        profile=a.profile,
+        cases=cases,
+        mtls=a.mtls,
+        retry_budget=max(0.0, a.retry_budget),
+    )
+
+
+def preflight() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (the sandbox makes netns, cgroups, iptables rules)")
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)} (scripts/setup.sh installs them)")
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("needs 2 CPUs (load on CPU0, proxies on CPU1)")
+
+
+def _guarded(fn: Callable[[], T]) -> T:
+    """Run a cleanup step that must not be interrupted, and must not hide the first error."""
+    with shielded():
+        return fn()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    env: dict[str, Any] = {}
+    bench: Bench | None = None
+    error: str | None = None
+    started = time.monotonic()
+    try:
+        preflight()
+        env = environment(opts)
+        with e2e_lock():
+            work = Path(tempfile.mkdtemp(prefix="nodeagent-bench-", dir="/dev/shm"))
+            try:
+                config = write_config(work, opts.bulk_mib, opts.cases)
+                log(f"bringing the sandbox up from {config}")
+                if opts.mtls:
+                    write_certs(work)
+                sb = sandbox_up(config, opts.mtls)
+                try:
+                    bench = Bench(sb, work, opts)
+                    try:
+                        bench.prepare()
+                        bench.run()
+                        if opts.profile:
+                            bench.run_profile(
+                                opts.out.with_suffix("").with_name(opts.out.stem + "-profile")
+                            )
+                    finally:
+                        _guarded(bench.stop_haproxy)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        sb.dump_logs(sys.stderr, lines=15)
+                    raise
+                finally:
+                    log("bringing the sandbox down")
+                    _guarded(sb.down)
+            finally:
+                _guarded(lambda: shutil.rmtree(work, ignore_errors=True))
+    except KeyboardInterrupt as e:
+        error = f"interrupted ({str(e) or 'Ctrl-C'})"
+    except (BenchError, NodeAgentError, OSError, subprocess.SubprocessError) as e:
+        error = str(e)
+    runs = bench.runs if bench else []
+    failures = (bench.failures if bench else []) + ([error] if error else [])
+    rounds_done = max((r["round"] for r in runs), default=0)
+    summary = summarize(runs, max(rounds_done, 1), opts.cases) if runs else {}
+    warnings = bench.warnings if bench else []
+    result: dict[str, Any] = {
+        "environment": env,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "cases": list(opts.cases),
+        "mesh_transport_checked": bench.mesh_transport if bench else None,
+        "summary": summary,
+        "runs": runs,
+        "warnings": warnings,
+        "profile": bench.profile if bench else {},
+        "failures": failures,
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(result, indent=2) + "\n")
+    if summary:
+        print(table(summary, {**env, "rounds": rounds_done}, runs, opts.cases))
+    if bench and bench.profile:
+        print(profile_table(bench.profile))
+    for w in warnings:
+        print(f"warning: {w}")
+    print(f"\nresults: {opts.out} ({result['elapsed_s']:.0f}s)")
+    if failures:
+        for f in failures:
+            print(f"FAILED: {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
