@@ -18,6 +18,22 @@ class ConnectionTable:
         self.metrics = metrics
         self._ids = itertools.count(1)
         self.live: dict[int, Relay] = {}
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+
+    def _counters(self, labels: dict[str, str]) -> tuple[Any, Any, Any, Any]:
+        """The labelled counters (opened, closed, sent, received), cached: prometheus'
+        ``labels(**kw)`` lookup costs more than the increment."""
+        key = tuple(labels.values())
+        c = self._children.get(key)
+        if c is None:
+            m = self.metrics
+            c = self._children[key] = (
+                m.tcp_opened.labels(**labels),
+                m.tcp_closed.labels(**labels),
+                m.tcp_sent.labels(**labels),
+                m.tcp_received.labels(**labels),
+            )
+        return c
 
     def open(self, meta: dict[str, Any]) -> Relay:
         relay = Relay(next(self._ids), meta, self._closed)
@@ -28,15 +44,16 @@ class ConnectionTable:
         """The relay reached its upstream: count it as opened."""
         labels = relay.meta.get("labels")
         if labels is not None:
-            self.metrics.tcp_opened.labels(**labels).inc()
+            self._counters(labels)[0].inc()
 
     def _closed(self, relay: Relay) -> None:
         self.live.pop(relay.id, None)
         labels = relay.meta.get("labels")
         if labels is not None and relay.meta.get("counted"):
-            self.metrics.tcp_closed.labels(**labels).inc()
-            self.metrics.tcp_sent.labels(**labels).inc(relay.bytes_sent)
-            self.metrics.tcp_received.labels(**labels).inc(relay.bytes_received)
+            _, closed, sent, received = self._counters(labels)
+            closed.inc()
+            sent.inc(relay.bytes_sent)
+            received.inc(relay.bytes_received)
         if relay.close_reason not in ("done", "client closed", "upstream closed"):
             log.info(
                 "conn %d %s %s -> %s closed: %s (sent %d, received %d)",

@@ -52,7 +52,8 @@ async def connect_in(
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(s, addr), timeout)
+        async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
+            await loop.sock_connect(s, addr)
     except TimeoutError:
         s.close()
         raise PeerError(
