@@ -37,8 +37,14 @@ fi
 STAMP=.venv/.nodeagent-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: installing nodeagent and its Python dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e '.[dev]'; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"
+    echo "setup: pip install failed (output above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$STAMP"
 fi
 
