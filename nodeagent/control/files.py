@@ -24,6 +24,7 @@ from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.objects import Pod, PodRuntime, Service
 from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
 from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,132 @@ def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigEr
     return errors
 
 
+def check_traffic(
+    virtual_services: list[VirtualService],
+    destination_rules: list[DestinationRule],
+    pods: list[Pod],
+    services: list[Service],
+) -> list[ConfigError]:
+    """VirtualService/DestinationRule checks across objects: duplicates, two rules for one
+    host, a route naming a subset no DestinationRule defines or a port its Service lacks,
+    a subset selecting no Pod."""
+    errors: list[ConfigError] = []
+    for kind, items in (
+        ("VirtualService", virtual_services),
+        ("DestinationRule", destination_rules),
+    ):
+        seen: dict[str, str] = {}
+        for o in items:
+            if o.key in seen:
+                errors.append(
+                    ConfigError(
+                        f"duplicate name: also defined in {seen[o.key]}",
+                        source=o.source,
+                        obj=f"{kind} {o.key}",
+                        field="metadata.name",
+                    )
+                )
+            seen.setdefault(o.key, o.source)
+    vs_hosts: dict[str, VirtualService] = {}
+    for vs in virtual_services:
+        for i, host in enumerate(vs.hosts):
+            other = vs_hosts.get(host)
+            if other is not None and other.key != vs.key:
+                errors.append(
+                    ConfigError(
+                        f"host {host} is also routed by VirtualService {other.key} "
+                        f"({other.source}): merge them",
+                        source=vs.source,
+                        obj=f"VirtualService {vs.key}",
+                        field=f"spec.hosts[{i}]",
+                    )
+                )
+            vs_hosts.setdefault(host, vs)
+    rules: dict[str, DestinationRule] = {}
+    for dr in destination_rules:
+        other_dr = rules.get(dr.host)
+        if other_dr is not None and other_dr.key != dr.key:
+            errors.append(
+                ConfigError(
+                    f"host {dr.host} already has DestinationRule {other_dr.key} "
+                    f"({other_dr.source}): merge them",
+                    source=dr.source,
+                    obj=f"DestinationRule {dr.key}",
+                    field="spec.host",
+                )
+            )
+        rules.setdefault(dr.host, dr)
+
+    by_fqdn = {s.hostnames()[-1]: s for s in services}
+
+    def check_subset(vs: VirtualService, dest: Destination, path: str) -> None:
+        svc = by_fqdn.get(dest.host)
+        if svc is not None and dest.port is not None and svc.port(dest.port) is None:
+            errors.append(
+                ConfigError(
+                    f"Service {svc.key} has no port {dest.port} "
+                    f"(its ports: {', '.join(str(p.port) for p in svc.ports)})",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path.removesuffix(".subset") + ".port.number",
+                )
+            )
+        if dest.subset is None:
+            return
+        dr = rules.get(dest.host)
+        if dr is None:
+            errors.append(
+                ConfigError(
+                    f"subset {dest.subset!r} of host {dest.host} is not defined: "
+                    f"no DestinationRule for {dest.host}",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path,
+                )
+            )
+        elif dr.subset(dest.subset) is None:
+            known = ", ".join(s.name for s in dr.subsets) or "none"
+            errors.append(
+                ConfigError(
+                    f"subset {dest.subset!r} is not defined by DestinationRule {dr.key} "
+                    f"({dr.source}; its subsets: {known})",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path,
+                )
+            )
+
+    for vs in virtual_services:
+        for i, rule in enumerate(vs.http):
+            for j, rd in enumerate(rule.routes):
+                check_subset(vs, rd.destination, f"spec.http[{i}].route[{j}].destination.subset")
+            if rule.mirror is not None:
+                check_subset(vs, rule.mirror, f"spec.http[{i}].mirror.subset")
+        for i, tcp in enumerate(vs.tcp):
+            for j, rd in enumerate(tcp.routes):
+                check_subset(vs, rd.destination, f"spec.tcp[{i}].route[{j}].destination.subset")
+
+    for dr in destination_rules:
+        svc = by_fqdn.get(dr.host)
+        if svc is None or not svc.selector:
+            continue
+        backends = [
+            p for p in pods if p.namespace == svc.namespace and p.labels.matches(svc.selector)
+        ]
+        for i, subset in enumerate(dr.subsets):
+            if subset.labels and not any(p.labels.matches(subset.labels) for p in backends):
+                errors.append(
+                    ConfigError(
+                        f"labels {subset.labels} select no Pod of Service {svc.key} "
+                        f"(selector {svc.selector})",
+                        source=dr.source,
+                        obj=f"DestinationRule {dr.key}",
+                        field=f"spec.subsets[{i}].labels",
+                    )
+                )
+    return errors
+
+
 def load_directory(
     directory: str | Path,
     *,
@@ -212,6 +339,8 @@ def load_directory(
     pods: list[Pod] = []
     services: list[Service] = []
     peer_auths: list[PeerAuthentication] = []
+    virtual_services: list[VirtualService] = []
+    destination_rules: list[DestinationRule] = []
     raws: list[dict[str, Any]] = []
     files = _files(d)
     for f in files:
@@ -230,8 +359,13 @@ def load_directory(
                 services.append(obj)
             elif isinstance(obj, PeerAuthentication):
                 peer_auths.append(obj)
+            elif isinstance(obj, VirtualService):
+                virtual_services.append(obj)
+            elif isinstance(obj, DestinationRule):
+                destination_rules.append(obj)
     errors.extend(cross_check(pods, services))
     errors.extend(check_peer_authentications(peer_auths))
+    errors.extend(check_traffic(virtual_services, destination_rules, pods, services))
     if errors:
         raise ConfigErrors(errors)
     snap = MeshSnapshot.build(
@@ -241,6 +375,8 @@ def load_directory(
         runtimes=runtimes or {},
         sources=tuple(str(f) for f in files),
         peer_authentications=tuple(peer_auths),
+        virtual_services=tuple(virtual_services),
+        destination_rules=tuple(destination_rules),
         root_namespace=root_namespace,
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))

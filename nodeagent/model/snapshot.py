@@ -13,6 +13,7 @@ from types import MappingProxyType
 
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
+from nodeagent.model.traffic import DestinationRule, VirtualService
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class MeshSnapshot:
     runtimes: Mapping[str, PodRuntime] = field(default_factory=lambda: MappingProxyType({}))
     sources: tuple[str, ...] = ()
     peer_authentications: tuple[PeerAuthentication, ...] = ()
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -49,6 +52,13 @@ class MeshSnapshot:
     service_by_ip: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     service_by_host: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     endpoints_by_service: Mapping[str, tuple[Pod, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    virtual_service_by_host: Mapping[str, VirtualService] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Host (FQDN or ``*``-wildcard, as written) → the VirtualService for it (first wins)."""
+    destination_rule_by_host: Mapping[str, DestinationRule] = field(
         default_factory=lambda: MappingProxyType({})
     )
 
@@ -62,6 +72,8 @@ class MeshSnapshot:
         runtimes: Mapping[str, PodRuntime] | None = None,
         sources: tuple[str, ...] = (),
         peer_authentications: tuple[PeerAuthentication, ...] = (),
+        virtual_services: tuple[VirtualService, ...] = (),
+        destination_rules: tuple[DestinationRule, ...] = (),
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
@@ -95,6 +107,13 @@ class MeshSnapshot:
             )
             for s in services
         }
+        vs_by_host: dict[str, VirtualService] = {}
+        for vs in virtual_services:
+            for h in vs.hosts:
+                vs_by_host.setdefault(h, vs)
+        dr_by_host: dict[str, DestinationRule] = {}
+        for dr in destination_rules:
+            dr_by_host.setdefault(dr.host, dr)
         return cls(
             version=version,
             pods=tuple(resolved),
@@ -102,6 +121,8 @@ class MeshSnapshot:
             runtimes=MappingProxyType(runtimes),
             sources=sources,
             peer_authentications=peer_authentications,
+            virtual_services=virtual_services,
+            destination_rules=destination_rules,
             root_namespace=root_namespace,
             pod_by_key=MappingProxyType(pod_by_key),
             pod_by_ip=MappingProxyType(pod_by_ip),
@@ -109,6 +130,8 @@ class MeshSnapshot:
             service_by_ip=MappingProxyType(service_by_ip),
             service_by_host=MappingProxyType(service_by_host),
             endpoints_by_service=MappingProxyType(endpoints),
+            virtual_service_by_host=MappingProxyType(vs_by_host),
+            destination_rule_by_host=MappingProxyType(dr_by_host),
         )
 
     def pods_on_node(self, node: str) -> tuple[Pod, ...]:
@@ -131,6 +154,10 @@ class MeshSnapshot:
                 continue
             out.append(Endpoint(pod=pod, ip=pod.pod_ip, port=number))
         return tuple(out)
+
+    def service_for_host(self, host: str) -> Service | None:
+        """The Service a host name (short, partly or fully qualified) names, if any."""
+        return self.service_by_host.get(host)
 
     def is_mesh_address(self, ip: str) -> bool:
         return ip in self.service_by_ip or ip in self.pod_by_ip

@@ -1,0 +1,332 @@
+"""Route selection over VirtualServices parsed from YAML: match semantics, first rule
+wins, weighted splits, and the DestinationRule policy merge."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodeagent.control.files import load_directory
+from nodeagent.core.route import (
+    RequestInfo,
+    RouteOutcome,
+    pick_weighted,
+    select_route,
+    subset_filter,
+    traffic_policy_for,
+    virtual_service_for,
+)
+from nodeagent.model.objects import Labels
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.traffic import (
+    Destination,
+    HTTPRoute,
+    RouteDestination,
+    SimpleLB,
+    VirtualService,
+)
+
+HOST = "reviews.default.svc.cluster.local"
+
+MESH = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}, {name: admin, port: 9090}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
+spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2}}
+spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool: {tcp: {maxConnections: 100}}
+    outlierDetection: {consecutive5xxErrors: 7}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+      portLevelSettings:
+      - port: {number: 9080}
+        connectionPool: {tcp: {maxConnections: 5}}
+  - name: v2
+    labels: {version: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: exact-uri
+    match: [{uri: {exact: /exact}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: prefix-uri-nocase
+    match: [{uri: {prefix: /Api/}, ignoreUriCase: true, name: api}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: regex-uri
+    match: [{uri: {regex: "/items/[0-9]+"}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: header-or-query
+    match:
+    - {name: by-header, headers: {end-user: {exact: jason}}}
+    - {name: by-query, queryParams: {user: {regex: "ja.*"}}}
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: header-present
+    match: [{headers: {x-debug: {}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: method-and-port
+    match: [{method: {exact: DELETE}, port: 9090}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: source
+    match: [{sourceLabels: {app: productpage}, sourceNamespace: front}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: authority
+    match: [{authority: {prefix: "reviews.internal"}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: first-of-two
+    match: [{uri: {prefix: /both}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - name: second-of-two
+    match: [{uri: {prefix: /both}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - name: canary
+    match: [{uri: {prefix: /canary}}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+"""
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory: pytest.TempPathFactory) -> MeshSnapshot:
+    d = tmp_path_factory.mktemp("route")
+    (d / "mesh.yaml").write_text(MESH)
+    return load_directory(d).snapshot
+
+
+def req(
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    port: int = 9080,
+    authority: str = "reviews:9080",
+    labels: dict[str, str] | None = None,
+    ns: str = "default",
+) -> RequestInfo:
+    return RequestInfo(
+        method=method,
+        authority=authority,
+        path=path,
+        headers=headers or {},
+        port=port,
+        source_labels=Labels.of(labels),
+        source_namespace=ns,
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "rule", "match"),
+    [
+        (req("/exact"), "exact-uri", 0),
+        (req("/exact?x=1"), "exact-uri", 0),  # the query is not part of the uri
+        (req("/API/list"), "prefix-uri-nocase", 0),
+        (req("/api/list"), "prefix-uri-nocase", 0),
+        (req("/items/42"), "regex-uri", 0),
+        (req("/p", headers={"end-user": "jason"}), "header-or-query", 0),
+        (req("/p?user=jane&x=1"), "header-or-query", 1),
+        (req("/p", headers={"x-debug": ""}), "header-present", 0),
+        (req("/p", method="DELETE", port=9090), "method-and-port", 0),
+        (req("/p", labels={"app": "productpage", "v": "1"}, ns="front"), "source", 0),
+        (req("/p", authority="reviews.internal:80"), "authority", 0),
+        (req("/both"), "first-of-two", 0),
+    ],
+)
+def test_first_matching_rule_wins(
+    snap: MeshSnapshot, request_: RequestInfo, rule: str, match: int
+) -> None:
+    d = select_route(snap, HOST, request_)
+    assert d.outcome is RouteOutcome.ROUTE
+    assert (d.rule_name, d.match_index) == (rule, match)
+    assert d.virtual_service is not None and d.virtual_service.key == "default/reviews"
+    assert d.rule_index is not None and d.virtual_service.http[d.rule_index].name == rule
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        req("/exact/more"),  # exact is exact
+        req("/Exact"),  # case matters without ignoreUriCase
+        req("/items/42x"),  # a regex matches the whole path
+        req("/items/"),
+        req("/p", headers={"end-user": "jasonx"}),
+        req("/p?user=bob"),
+        req("/p", method="DELETE"),  # method alone; the port must also match (AND)
+        req("/p", method="delete", port=9090),  # methods are case-sensitive
+        req("/p", labels={"app": "productpage"}, ns="default"),
+        req("/p", labels={"app": "other"}, ns="front"),
+        req("/p", authority="reviews:9080"),
+    ],
+)
+def test_no_rule_matches(snap: MeshSnapshot, request_: RequestInfo) -> None:
+    d = select_route(snap, HOST, request_)
+    assert d.outcome is RouteOutcome.NO_ROUTE
+    assert d.routes == ()
+
+
+def test_match_name_and_rule_without_matches(snap: MeshSnapshot) -> None:
+    assert select_route(snap, HOST, req("/api/x")).match_name == "api"
+    assert select_route(snap, HOST, req("/p?user=jack")).match_name == "by-query"
+
+
+def test_without_virtual_service_the_service_is_the_default_route(snap: MeshSnapshot) -> None:
+    host = "ratings.default.svc.cluster.local"
+    d = select_route(snap, host, req("/anything"))
+    assert d.outcome is RouteOutcome.DEFAULT
+    assert d.routes == (RouteDestination(Destination(host), 100),)
+
+
+def test_wildcard_hosts_exact_first_then_longest_suffix() -> None:
+    def v(name: str, host: str) -> VirtualService:
+        route = HTTPRoute(routes=(RouteDestination(Destination(name)),))
+        return VirtualService("default", name, (host,), http=(route,))
+
+    snap = MeshSnapshot.build(
+        version=1,
+        pods=(),
+        services=(),
+        virtual_services=(
+            v("exact", "a.example.com"),
+            v("narrow", "*.b.example.com"),
+            v("wide", "*.example.com"),
+            v("all", "*"),
+        ),
+    )
+    for host, name in [
+        ("a.example.com", "exact"),
+        ("x.b.example.com", "narrow"),
+        ("x.example.com", "wide"),
+        ("example.org", "all"),
+    ]:
+        found = virtual_service_for(snap, host)
+        assert found is not None and found.name == name
+        assert select_route(snap, host, req()).rule_index == 0
+
+
+def test_weighted_split_proportions(snap: MeshSnapshot) -> None:
+    routes = select_route(snap, HOST, req("/canary")).routes
+    picks = Counter(
+        p.destination.subset
+        for i in range(1000)
+        if (p := pick_weighted(routes, i / 1000)) is not None
+    )
+    assert picks == {"v1": 900, "v2": 100}
+
+
+def test_pick_weighted_edges() -> None:
+    a = RouteDestination(Destination("a"), 0)
+    b = RouteDestination(Destination("b"), 100)
+    assert pick_weighted([], 0.5) is None
+    assert {pick_weighted([a, b], r) for r in (0.0, 0.5, 0.999999, 1.0)} == {b}
+    assert pick_weighted([b], 0.0) is b
+
+
+def test_subset_filter(snap: MeshSnapshot) -> None:
+    assert subset_filter(snap, HOST, "v2") == Labels.of({"version": "v2"})
+    assert subset_filter(snap, HOST, None) == Labels()
+    with pytest.raises(KeyError):
+        subset_filter(snap, HOST, "v9")
+
+
+@pytest.mark.parametrize(
+    ("subset", "port", "lb", "max_conns", "consecutive_5xx"),
+    [
+        (None, 9080, SimpleLB.LEAST_REQUEST, 100, 7),  # rule level
+        (None, 9090, SimpleLB.RANDOM, None, None),  # rule port level replaces all three
+        ("v2", 9080, SimpleLB.LEAST_REQUEST, 100, 7),  # subset without policy inherits
+        ("v1", 9090, SimpleLB.ROUND_ROBIN, None, None),  # subset field over rule port level
+        ("v1", 7000, SimpleLB.ROUND_ROBIN, 100, 7),  # subset field over rule level
+        ("v1", 9080, None, 5, None),  # subset port level replaces all three
+    ],
+)
+def test_policy_merge_precedence(
+    snap: MeshSnapshot,
+    subset: str | None,
+    port: int,
+    lb: SimpleLB | None,
+    max_conns: int | None,
+    consecutive_5xx: int | None,
+) -> None:
+    p = traffic_policy_for(snap, HOST, subset, port)
+    assert (p.load_balancer.simple if p.load_balancer else None) is lb
+    assert (p.connection_pool.max_connections if p.connection_pool else None) == max_conns
+    got_5xx = p.outlier_detection.consecutive_5xx_errors if p.outlier_detection else None
+    assert got_5xx == consecutive_5xx
+    assert p.port_level == ()
+
+
+def test_no_destination_rule_means_no_policy(snap: MeshSnapshot) -> None:
+    p = traffic_policy_for(snap, "ratings.default.svc.cluster.local", None, 9080)
+    assert p.load_balancer is None and p.connection_pool is None
+
+
+text = st.text(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=text,
+    authority=text,
+    path=text,
+    headers=st.dictionaries(text, text, max_size=4),
+    port=st.integers(min_value=-1, max_value=70000),
+    labels=st.dictionaries(text, text, max_size=3),
+    ns=text,
+    host=st.sampled_from([HOST, "ratings.default.svc.cluster.local", "", "*", "a.b"]),
+    rnd=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_select_route_never_raises(
+    snap: MeshSnapshot,
+    method: str,
+    authority: str,
+    path: str,
+    headers: dict[str, str],
+    port: int,
+    labels: dict[str, str],
+    ns: str,
+    host: str,
+    rnd: float,
+) -> None:
+    r = RequestInfo(method, authority, path, headers, port, Labels.of(labels), ns)
+    d = select_route(snap, host, r)
+    assert d.outcome in RouteOutcome
+    if d.routes:
+        assert pick_weighted(d.routes, rnd) in d.routes

@@ -1,0 +1,421 @@
+"""VirtualService and DestinationRule from YAML: what converts, and each kind of mistake
+named by file, object and field path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodeagent.control.files import load_directory
+from nodeagent.control.kinds import parse_duration
+from nodeagent.errors import ConfigErrors
+from nodeagent.model.traffic import MatchKind, SimpleLB
+
+MESH = """
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
+spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2}}
+spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def vs(spec: str, name: str = "r", api: str = "networking.istio.io/v1") -> str:
+    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
+    return (
+        f"---\napiVersion: {api}\nkind: VirtualService\n"
+        f"metadata: {{name: {name}, namespace: default}}\nspec:\n{body}\n"
+    )
+
+
+def dr(spec: str, name: str = "d") -> str:
+    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
+    return (
+        "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n"
+        f"metadata: {{name: {name}, namespace: default}}\nspec:\n{body}\n"
+    )
+
+
+def load(tmp_path: Path, extra: str) -> Path:
+    (tmp_path / "mesh.yaml").write_text(MESH + extra)
+    return tmp_path
+
+
+FULL_VS = vs(
+    """
+hosts: [reviews]
+http:
+- name: jason
+  match:
+  - headers: {end-user: {exact: jason}}
+    uri: {prefix: /api}
+    ignoreUriCase: true
+  - queryParams: {debug: {regex: "1|yes"}}
+    method: {exact: GET}
+    port: 9080
+    sourceLabels: {app: productpage}
+    sourceNamespace: default
+  route:
+  - destination: {host: reviews, subset: v2, port: {number: 9080}}
+    headers: {request: {set: {X-Canary: "1"}}}
+  timeout: 7s
+  retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,connect-failure,503"}
+  fault:
+    delay: {fixedDelay: 2s, percentage: {value: 50}}
+    abort: {httpStatus: 500, percentage: {value: 10.5}}
+  mirror: {host: reviews, subset: v1}
+  mirrorPercentage: {value: 25}
+  headers: {response: {add: {X-Via: mesh}, remove: [Server]}}
+- name: canary
+  route:
+  - {destination: {host: reviews, subset: v1}, weight: 90}
+  - {destination: {host: reviews.default.svc.cluster.local, subset: v2}, weight: 10}
+tcp:
+- match: [{port: 9090}]
+  route: [{destination: {host: reviews}}]
+""",
+    api="networking.istio.io/v1alpha3",
+)
+
+
+def test_full_virtual_service_converts(tmp_path: Path) -> None:
+    snap = load_directory(load(tmp_path, FULL_VS)).snapshot
+    host = "reviews.default.svc.cluster.local"
+    v = snap.virtual_service_by_host[host]
+    assert v.hosts == (host,)
+    first, second = v.http
+    m0, m1 = first.matches
+    assert m0.headers[0][0] == "end-user" and m0.uri is not None
+    assert (m0.uri.kind, m0.uri.value, m0.ignore_uri_case) == (MatchKind.PREFIX, "/api", True)
+    assert m1.query_params[0][1].regex is not None and m1.port == 9080
+    assert first.routes[0].weight == 100 and first.routes[0].destination.subset == "v2"
+    assert first.timeout == 7.0
+    assert first.retries is not None and first.retries.per_try_timeout == 0.5
+    assert first.retries.retry_on == ("5xx", "connect-failure", "503")
+    assert first.fault is not None and first.fault.abort is not None
+    assert first.fault.abort.percentage == 10.5
+    assert first.mirror is not None and first.mirror.host == host
+    assert first.mirror_percentage == 25.0
+    assert [r.weight for r in second.routes] == [90, 10]
+    assert {r.destination.host for r in second.routes} == {host}
+    assert v.tcp[0].routes[0].weight == 100
+
+
+def test_full_destination_rule_converts(tmp_path: Path) -> None:
+    rule = dr(
+        """
+host: ratings.prod.svc.cluster.local
+trafficPolicy:
+  loadBalancer:
+    consistentHash: {httpCookie: {name: user, ttl: 60s}}
+    localityLbSetting: {enabled: true, failover: [{from: us-east, to: eu-west}]}
+  connectionPool:
+    tcp: {maxConnections: 100, connectTimeout: 30ms}
+    http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000,
+           maxRequestsPerConnection: 10, idleTimeout: 1m30s}
+  outlierDetection: {consecutive5xxErrors: 5, consecutiveGatewayErrors: 3, interval: 10s,
+                     baseEjectionTime: 30s, maxEjectionPercent: 50}
+  portLevelSettings:
+  - port: {number: 80}
+    loadBalancer: {simple: LEAST_REQUEST}
+subsets:
+- name: v1
+  labels: {version: v1}
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"""
+    )
+    snap = load_directory(load(tmp_path, rule)).snapshot
+    d = snap.destination_rule_by_host["ratings.prod.svc.cluster.local"]
+    tp = d.traffic_policy
+    assert tp is not None and tp.load_balancer is not None
+    ch = tp.load_balancer.consistent_hash
+    assert ch is not None and ch.http_cookie is not None and ch.http_cookie.ttl == 60.0
+    assert tp.load_balancer.locality is not None
+    assert tp.load_balancer.locality.failover == (("us-east", "eu-west"),)
+    assert tp.connection_pool is not None and tp.connection_pool.idle_timeout == 90.0
+    assert tp.connection_pool.connect_timeout == pytest.approx(0.03)
+    assert tp.outlier_detection is not None and tp.outlier_detection.max_ejection_percent == 50
+    pl = tp.for_port(80)
+    assert pl is not None and pl.load_balancer is not None
+    assert pl.load_balancer.simple is SimpleLB.LEAST_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("7s", 7.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5s", 1.5), ("2h", 7200.0), ("0s", 0.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "7", "s", "7 s", "-1s", "1d", "7sx"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+OBJ = "VirtualService default/r"
+R0 = "hosts: [reviews]\nhttp:\n- "
+
+
+@pytest.mark.parametrize(
+    ("extra", "obj", "field", "reason"),
+    [
+        # unknown field, from the schema checker
+        (
+            vs(R0 + "route: [{destination: {host: reviews}}]\n  corsPolicy: {}"),
+            OBJ,
+            "spec.http[0].corsPolicy",
+            "unknown field",
+        ),
+        (
+            vs(
+                R0 + "route: [{destination: {host: reviews}, weight: 60}, "
+                "{destination: {host: reviews}, weight: 30}]"
+            ),
+            OBJ,
+            "spec.http[0].route",
+            "must sum to 100, not 90",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: reviews}, weight: 101}]"),
+            OBJ,
+            "spec.http[0].route[0].weight",
+            "not a percentage",
+        ),
+        (
+            vs(R0 + "match: [{uri: {exact: /a, prefix: /b}}]\n  route: [{destination: {host: x}}]"),
+            OBJ,
+            "spec.http[0].match[0].uri",
+            "exactly one of exact, prefix, regex (got exact, prefix)",
+        ),
+        (
+            vs(R0 + "match: [{method: {}}]\n  route: [{destination: {host: x}}]"),
+            OBJ,
+            "spec.http[0].match[0].method",
+            "exactly one of exact, prefix, regex",
+        ),
+        (
+            vs(R0 + 'match: [{uri: {regex: "(unclosed"}}]\n  route: [{destination: {host: x}}]'),
+            OBJ,
+            "spec.http[0].match[0].uri.regex",
+            "invalid regular expression '(unclosed': missing ), unterminated subpattern",
+        ),
+        (
+            vs(
+                R0 + "match: [{queryParams: {q: {prefix: a}}}]\n  route: [{destination: {host: x}}]"
+            ),
+            OBJ,
+            "spec.http[0].match[0].queryParams.q.prefix",
+            "exact or regex only",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: x}}]\n  timeout: 7 seconds"),
+            OBJ,
+            "spec.http[0].timeout",
+            "'7 seconds' is not a duration",
+        ),
+        (
+            vs(
+                R0
+                + "route: [{destination: {host: x}}]\n  retries: {attempts: 2, retryOn: '5xx,oops'}"
+            ),
+            OBJ,
+            "spec.http[0].retries.retryOn",
+            "unknown retry condition 'oops'",
+        ),
+        (
+            vs(
+                R0 + "route: [{destination: {host: x}}]\n  retries: {attempts: 2, perTryTimeout: 2}"
+            ),
+            OBJ,
+            "spec.http[0].retries.perTryTimeout",
+            "expected string",
+        ),
+        (
+            vs(
+                R0 + "route: [{destination: {host: x}}]\n"
+                "  fault: {abort: {httpStatus: 503, percentage: {value: 150}}}"
+            ),
+            OBJ,
+            "spec.http[0].fault.abort.percentage.value",
+            "150 is not a percentage",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: x}}]\n  mirrorPercentage: {value: -1}"),
+            OBJ,
+            "spec.http[0].mirrorPercentage.value",
+            "not a percentage",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: x}}]\n  redirect: {uri: /new}"),
+            OBJ,
+            "spec.http[0].redirect",
+            "either route or redirect, not both",
+        ),
+        (
+            vs(R0 + "redirect: {uri: /new, redirectCode: 200}"),
+            OBJ,
+            "spec.http[0].redirect.redirectCode",
+            "200 is not a redirect code",
+        ),
+        (
+            vs(R0 + "name: empty"),
+            OBJ,
+            "spec.http[0]",
+            "a rule needs route or redirect",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: reviews, subset: v9}}]"),
+            OBJ,
+            "spec.http[0].route[0].destination.subset",
+            "subset 'v9' is not defined by DestinationRule default/reviews",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: ratings, subset: v1}}]"),
+            OBJ,
+            "spec.http[0].route[0].destination.subset",
+            "no DestinationRule for ratings.default.svc.cluster.local",
+        ),
+        (
+            vs(
+                "hosts: [reviews]\ntcp:\n"
+                "- route: [{destination: {host: reviews, port: {number: 0}}}]"
+            ),
+            OBJ,
+            "spec.tcp[0].route[0].destination.port.number",
+            "out of range",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: reviews}}]")
+            + vs(R0 + "route: [{destination: {host: reviews}}]", name="s"),
+            "VirtualService default/s",
+            "spec.hosts[0]",
+            "also routed by VirtualService default/r",
+        ),
+        (
+            vs(R0 + "route: [{destination: {host: reviews, port: {number: 80}}}]"),
+            OBJ,
+            "spec.http[0].route[0].destination.port.number",
+            "Service default/reviews has no port 80 (its ports: 9080)",
+        ),
+        # DestinationRule mistakes
+        (
+            dr("host: reviews\nsubsets: [{name: v3, labels: {version: v3}}]"),
+            "DestinationRule default/d",
+            "spec.host",
+            "already has DestinationRule default/reviews",
+        ),
+        (
+            dr("host: ratings\nsubsets: [{name: v1}, {name: v1}]"),
+            "DestinationRule default/d",
+            "spec.subsets[1].name",
+            "subset 'v1' is also spec.subsets[0]",
+        ),
+        (
+            dr("host: ratings\ntrafficPolicy: {loadBalancer: {simple: FASTEST}}"),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.loadBalancer.simple",
+            "unknown policy 'FASTEST'",
+        ),
+        (
+            dr(
+                "host: ratings\ntrafficPolicy: {loadBalancer: {simple: RANDOM, "
+                "consistentHash: {useSourceIp: true}}}"
+            ),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.loadBalancer",
+            "simple and consistentHash cannot both be set",
+        ),
+        (
+            dr(
+                "host: ratings\ntrafficPolicy: {loadBalancer: {consistentHash: "
+                "{httpHeaderName: x, httpQueryParameterName: y}}}"
+            ),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "needs exactly one of",
+        ),
+        (
+            dr("host: ratings\ntrafficPolicy: {outlierDetection: {maxEjectionPercent: 120}}"),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+            "120 is not a percentage",
+        ),
+        (
+            dr("host: ratings\ntrafficPolicy: {connectionPool: {http: {idleTimeout: soon}}}"),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.connectionPool.http.idleTimeout",
+            "'soon' is not a duration",
+        ),
+        (
+            dr(
+                "host: ratings\ntrafficPolicy: {portLevelSettings: "
+                "[{port: {number: 80}}, {port: {number: 80}}]}"
+            ),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.portLevelSettings[1].port.number",
+            "port 80 is listed twice",
+        ),
+        (
+            dr("host: ratings\ntrafficPolicy: {tls: {mode: ISTIO_MUTUAL}}"),
+            "DestinationRule default/d",
+            "spec.trafficPolicy.tls",
+            "unknown field",
+        ),
+    ],
+)
+def test_each_mistake_is_named(
+    tmp_path: Path, extra: str, obj: str, field: str, reason: str
+) -> None:
+    assert_named(tmp_path, MESH + extra, obj, field, reason)
+
+
+def assert_named(tmp_path: Path, text: str, obj: str, field: str, reason: str) -> None:
+    (tmp_path / "mesh.yaml").write_text(text)
+    with pytest.raises(ConfigErrors) as info:
+        load_directory(tmp_path)
+    errors = info.value.errors
+    hits = [e for e in errors if e.obj == obj and e.field == field and reason in e.reason]
+    assert hits, "\n".join(str(e) for e in errors)
+    assert hits[0].source.startswith(str(tmp_path / "mesh.yaml"))
+
+
+def test_subset_selecting_no_pod_is_named(tmp_path: Path) -> None:
+    assert_named(
+        tmp_path,
+        MESH + "  - {name: v3, labels: {version: v3}}\n",
+        "DestinationRule default/reviews",
+        "spec.subsets[2].labels",
+        "labels version=v3 select no Pod of Service default/reviews",
+    )
+
+
+def test_short_and_full_host_names_are_the_same_host(tmp_path: Path) -> None:
+    extra = vs(
+        "hosts: [reviews.default.svc.cluster.local]\nhttp:\n- route: "
+        "[{destination: {host: reviews, subset: v1}}]"
+    )
+    snap = load_directory(load(tmp_path, extra)).snapshot
+    assert set(snap.destination_rule_by_host) == {"reviews.default.svc.cluster.local"}
