@@ -99,7 +99,19 @@ class Agent:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
     # -- lifecycle -------------------------------------------------------------------
+    @staticmethod
+    def _warn_not_enforced(snap: MeshSnapshot) -> None:
+        names = [f"VirtualService {v.namespace}/{v.name}" for v in snap.virtual_services]
+        names += [f"DestinationRule {d.namespace}/{d.name}" for d in snap.destination_rules]
+        if names:
+            log.warning(
+                "%s: validated but NOT applied: L7 routing is not in the data path yet "
+                "(traffic is balanced round robin over the service's endpoints)",
+                ", ".join(names),
+            )
+
     def _on_update(self, loaded: LoadedConfig) -> None:
+        self._warn_not_enforced(loaded.snapshot)
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
         self.metrics.config_reloads.labels(result="ok").inc()
@@ -128,6 +140,7 @@ class Agent:
         from nodeagent.admin.server import start_admin_server
 
         loop = asyncio.get_running_loop()
+        self._warn_not_enforced(self._snapshot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self._reconcile()
