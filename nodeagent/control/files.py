@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -102,24 +102,38 @@ def parse_documents(
     return out, errors
 
 
-def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
-    """Checks across objects: duplicates, clusterIP clashes, selectors matching nothing."""
+class _Named(Protocol):
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+def check_duplicate_names(by_kind: Mapping[str, Sequence[_Named]]) -> list[ConfigError]:
+    """One object per (kind, namespace/name); a repeat names the file of the first."""
     errors: list[ConfigError] = []
-    seen: dict[tuple[str, str], str] = {}
-    for kind, items in (("Pod", pods), ("Service", services)):
+    for kind, items in by_kind.items():
+        seen: dict[str, str] = {}
         for o in items:
-            k = (kind, o.key)
-            if k in seen:
+            if o.key in seen:
                 errors.append(
                     ConfigError(
-                        f"duplicate name: also defined in {seen[k]}",
+                        f"duplicate name: also defined in {seen[o.key]}",
                         source=o.source,
                         obj=f"{kind} {o.key}",
                         field="metadata.name",
                     )
                 )
             else:
-                seen[k] = o.source
+                seen[o.key] = o.source
+    return errors
+
+
+def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
+    """Checks across Pods and Services: clusterIP clashes, selectors matching nothing,
+    pod IP clashes."""
+    errors: list[ConfigError] = []
     ips: dict[str, Service] = {}
     for s in services:
         if s.cluster_ip is None:
@@ -166,24 +180,16 @@ def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
 
 
 def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigError]:
-    """Duplicates, and two namespace-wide policies in one namespace (Istio would silently
-    pick the oldest; we say so instead)."""
+    """Two namespace-wide policies in one namespace (Istio would silently pick the
+    oldest; we say so instead)."""
     errors: list[ConfigError] = []
-    seen: dict[str, PeerAuthentication] = {}
+    seen: set[str] = set()
     wide: dict[str, PeerAuthentication] = {}
     for pa in items:
-        obj = f"PeerAuthentication {pa.key}"
-        if pa.key in seen:
-            errors.append(
-                ConfigError(
-                    f"duplicate name: also defined in {seen[pa.key].source}",
-                    source=pa.source,
-                    obj=obj,
-                    field="metadata.name",
-                )
-            )
+        if pa.key in seen:  # a duplicate: reported by check_duplicate_names
             continue
-        seen[pa.key] = pa
+        seen.add(pa.key)
+        obj = f"PeerAuthentication {pa.key}"
         if pa.selector is None:
             other = wide.get(pa.namespace)
             if other is not None:
@@ -206,26 +212,10 @@ def check_traffic(
     pods: list[Pod],
     services: list[Service],
 ) -> list[ConfigError]:
-    """VirtualService/DestinationRule checks across objects: duplicates, two rules for one
-    host, a route naming a subset no DestinationRule defines or a port its Service lacks,
-    a subset selecting no Pod."""
+    """VirtualService/DestinationRule checks across objects: two rules for one host, a
+    route naming a subset no DestinationRule defines or a port its Service lacks, a
+    subset selecting no Pod."""
     errors: list[ConfigError] = []
-    for kind, items in (
-        ("VirtualService", virtual_services),
-        ("DestinationRule", destination_rules),
-    ):
-        seen: dict[str, str] = {}
-        for o in items:
-            if o.key in seen:
-                errors.append(
-                    ConfigError(
-                        f"duplicate name: also defined in {seen[o.key]}",
-                        source=o.source,
-                        obj=f"{kind} {o.key}",
-                        field="metadata.name",
-                    )
-                )
-            seen.setdefault(o.key, o.source)
     vs_hosts: dict[str, VirtualService] = {}
     for vs in virtual_services:
         for i, host in enumerate(vs.hosts):
@@ -363,6 +353,17 @@ def load_directory(
                 virtual_services.append(obj)
             elif isinstance(obj, DestinationRule):
                 destination_rules.append(obj)
+    errors.extend(
+        check_duplicate_names(
+            {
+                "Pod": pods,
+                "Service": services,
+                "PeerAuthentication": peer_auths,
+                "VirtualService": virtual_services,
+                "DestinationRule": destination_rules,
+            }
+        )
+    )
     errors.extend(cross_check(pods, services))
     errors.extend(check_peer_authentications(peer_auths))
     errors.extend(check_traffic(virtual_services, destination_rules, pods, services))
@@ -382,9 +383,18 @@ def load_directory(
     return LoadedConfig(snapshot=snap, objects=tuple(raws))
 
 
-def _fingerprint(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def config_fingerprint(directory: Path, *extra: Path) -> Fingerprint:
+    """(path, mtime, size) of the directory, every config file ``load_directory`` would
+    read, and ``extra`` files: when it changes, the config may have changed."""
+    try:
+        paths = _files(directory)
+    except ConfigErrors:
+        paths = []
     out: list[tuple[str, int, int]] = []
-    for p in paths:
+    for p in [directory, *paths, *extra]:
         try:
             st = p.stat()
         except OSError:
@@ -410,20 +420,15 @@ class ConfigWatcher:
     last_error: str = ""
     last_error_at: float = 0.0
     loaded_at: float = 0.0
-    _print: tuple[tuple[str, int, int], ...] = field(default=())
+    _print: Fingerprint = field(default=())
 
-    def _watched(self) -> list[Path]:
-        try:
-            paths = _files(self.directory)
-        except ConfigErrors:
-            paths = []
-        if self.pods_file is not None:
-            paths.append(self.pods_file)
-        return [self.directory, *paths]
+    def _fingerprint(self) -> Fingerprint:
+        extra = (self.pods_file,) if self.pods_file is not None else ()
+        return config_fingerprint(self.directory, *extra)
 
     def load_once(self) -> LoadedConfig:
         """Load now (raises on a bad config); used at start, where a bad config is fatal."""
-        self._print = _fingerprint(self._watched())
+        self._print = self._fingerprint()
         runtimes = load_runtimes(self.pods_file) if self.pods_file else {}
         loaded = load_directory(
             self.directory,
@@ -450,7 +455,7 @@ class ConfigWatcher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            fp = await loop.run_in_executor(None, lambda: _fingerprint(self._watched()))
+            fp = await loop.run_in_executor(None, self._fingerprint)
             if fp == self._print:
                 continue
             loaded = await loop.run_in_executor(None, self._try_reload)
