@@ -8,15 +8,11 @@ answers ``INTERNAL`` with what went wrong; it never takes the server down.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import socket
-import stat
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +26,7 @@ from nodeagent.admin import nodeagent_pb2_grpc as pb_grpc
 from nodeagent.errors import LocalStateError
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import AgentView, ConnectionInfo
+from nodeagent.unixsocket import prepare_unix_socket_path
 
 __all__ = [
     "NodeAgentService",
@@ -42,7 +39,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-_MAX_UNIX_PATH = 107
 """``sun_path`` holds 108 bytes including the terminating NUL."""
 
 
@@ -270,53 +266,13 @@ def certificate_message(cert: Mapping[str, Any]) -> pb.Certificate:
     )
 
 
-def _prepare_socket_path(socket_path: str) -> Path:
-    """Create the parent directory and remove a stale socket; refuse to steal a live one."""
-    if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
-        raise LocalStateError(
-            f"node agent socket path is too long for a UNIX socket "
-            f"({len(os.fsencode(socket_path))} > {_MAX_UNIX_PATH} bytes): {socket_path}; "
-            "choose a shorter --socket"
-        )
-    path = Path(socket_path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LocalStateError(
-            f"cannot create the directory of the node agent socket {path.parent}: {e}"
-        ) from e
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return path
-    if not stat.S_ISSOCK(st.st_mode):
-        raise LocalStateError(
-            f"{path} exists and is not a socket: remove it or choose another --socket"
-        )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise LocalStateError(f"cannot check the node agent socket {path}: {e}") from e
-        else:
-            raise LocalStateError(
-                f"another agent is already listening on {path}: stop it first "
-                "(or give this one another --socket)"
-            )
-    log.info("removing stale node agent socket %s", path)
-    path.unlink(missing_ok=True)
-    return path
-
-
 async def start_admin_server(view: AgentView, socket_path: str) -> grpc.aio.Server:
     """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server.
 
     Call from inside the running event loop (asyncio or uvloop). Stop it with
     ``await server.stop(grace)``.
     """
-    path = _prepare_socket_path(socket_path)
+    path = prepare_unix_socket_path(socket_path, "node agent socket", "agent", "--socket")
     server = grpc.aio.server()
     pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view), server)  # type: ignore[no-untyped-call]
     try:

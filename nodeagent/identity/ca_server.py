@@ -24,12 +24,10 @@ CSR), each with a message naming the node and the identity.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import json
 import logging
 import os
-import socket
 import stat
 import time
 from collections.abc import Mapping
@@ -40,7 +38,7 @@ import grpc
 import grpc.aio
 from google.protobuf.json_format import MessageToDict
 
-from nodeagent.control.files import YAML_SUFFIXES, load_directory
+from nodeagent.control.files import config_fingerprint, load_directory
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError, PeerError
 from nodeagent.identity import ca_pb2 as pb
 from nodeagent.identity import ca_pb2_grpc as pb_grpc
@@ -51,6 +49,7 @@ from nodeagent.identity.ca import (
     csr_identity,
 )
 from nodeagent.model.objects import DEFAULT_TRUST_DOMAIN
+from nodeagent.unixsocket import prepare_unix_socket_path
 
 __all__ = [
     "AuthenticationFailed",
@@ -64,8 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_MAX_UNIX_PATH = 107
 
 
 class AuthenticationFailed(PeerError):
@@ -175,23 +172,6 @@ class NodeTokenAuthenticator:
 # -- placement ------------------------------------------------------------------------------
 
 
-def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    out: list[tuple[str, int, int]] = []
-    try:
-        st = directory.stat()
-        out.append((str(directory), st.st_mtime_ns, st.st_size))
-        paths = sorted(p for p in directory.rglob("*") if p.suffix in YAML_SUFFIXES)
-    except OSError:
-        return tuple(out)
-    for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        out.append((str(p), st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
 class PlacementAuthorizer:
     """Allows identity X for node N only if a Pod with ``spec.nodeName == N`` runs as X.
 
@@ -209,7 +189,7 @@ class PlacementAuthorizer:
         self.config_dir = Path(config_dir)
         self.trust_domain = trust_domain
         self.interval = interval
-        self._print = _fingerprint(self.config_dir)
+        self._print = config_fingerprint(self.config_dir)
         self._checked_at = time.monotonic()
         self._allowed = self._load()  # a bad config is fatal at start
         self._lock = asyncio.Lock()
@@ -238,7 +218,7 @@ class PlacementAuthorizer:
         async with self._lock:
             if time.monotonic() - self._checked_at < self.interval:
                 return
-            fp = await asyncio.to_thread(_fingerprint, self.config_dir)
+            fp = await asyncio.to_thread(config_fingerprint, self.config_dir)
             self._checked_at = time.monotonic()
             if fp == self._print:
                 return
@@ -332,35 +312,6 @@ def _impersonated(request: pb.IstioCertificateRequest) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _prepare_unix_path(path_text: str) -> Path:
-    if len(os.fsencode(path_text)) > _MAX_UNIX_PATH:
-        raise LocalStateError(
-            f"CA socket path is too long for a UNIX socket ({path_text}); choose a shorter one"
-        )
-    path = Path(path_text)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LocalStateError(f"cannot create the directory of the CA socket {path}: {e}") from e
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return path
-    if not stat.S_ISSOCK(st.st_mode):
-        raise LocalStateError(f"{path} exists and is not a socket: remove it or choose another")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise LocalStateError(f"cannot check the CA socket {path}: {e}") from e
-        else:
-            raise LocalStateError(f"another CA is already listening on {path}: stop it first")
-    path.unlink(missing_ok=True)
-    return path
-
-
 async def start_ca_server(
     ca: CertificateAuthority,
     listen: str,
@@ -379,7 +330,9 @@ async def start_ca_server(
     pb_grpc.add_IstioCertificateServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     unix_path: Path | None = None
     if listen.startswith("unix:"):
-        unix_path = _prepare_unix_path(listen.removeprefix("unix:").removeprefix("//"))
+        unix_path = prepare_unix_socket_path(
+            listen.removeprefix("unix:").removeprefix("//"), "CA socket", "CA", "--listen"
+        )
         address = f"unix:{unix_path}"
     else:
         address = listen
