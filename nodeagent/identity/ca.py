@@ -146,7 +146,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
     return bc.ca
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
+def is_self_signed(cert: x509.Certificate) -> bool:
     if cert.issuer != cert.subject:
         return False
     try:
@@ -258,7 +258,7 @@ def _new_root(trust_domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePriv
 def _check_root(cert: x509.Certificate, key: _SigningKey | None, what: str) -> None:
     if not _is_ca(cert):
         raise LocalStateError(f"{what}: {_describe(cert)} is not a CA (BasicConstraints ca=false)")
-    if not _is_self_signed(cert):
+    if not is_self_signed(cert):
         raise LocalStateError(f"{what}: {_describe(cert)} is not a self-signed root")
     if key is not None and not _same_public_key(cert, key):
         raise LocalStateError(f"{what}: the key does not belong to {_describe(cert)}")
@@ -278,7 +278,7 @@ def _check_chain(chain: Sequence[x509.Certificate], what: str) -> None:
                 f"{_describe(parent)} ({e or 'bad signature'}): order it leaf-most first, "
                 "root last"
             ) from e
-    if not _is_self_signed(chain[-1]):
+    if not is_self_signed(chain[-1]):
         raise LocalStateError(
             f"{what}: the chain must end with its self-signed root; it ends with "
             f"{_describe(chain[-1])}"

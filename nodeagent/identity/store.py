@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
-from nodeagent.identity.ca import parse_spiffe_id
+from nodeagent.identity.ca import is_self_signed, parse_spiffe_id
 from nodeagent.identity.ca_client import CaUnreachable
 from nodeagent.identity.tls import WorkloadCert
 
@@ -91,16 +91,6 @@ def _uris(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-def _self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -246,7 +236,7 @@ class CertificateStore:
         if not self.bundle_file:
             roots: list[bytes] = []
             for entry in self._entries.values():
-                if entry.chain and _self_signed(entry.chain[-1]):
+                if entry.chain and is_self_signed(entry.chain[-1]):
                     pem = _pem(entry.chain[-1])
                     if pem not in roots:
                         roots.append(pem)
@@ -445,7 +435,7 @@ class CertificateStore:
                     f"by a root of the trust bundle {self.bundle_file}: add the CA's root to "
                     "the bundle (root rotation) or fix the CA"
                 )
-        body = [c for c in chain[1:] if not _self_signed(c)]
+        body = [c for c in chain[1:] if not is_self_signed(c)]
         cert = WorkloadCert(
             identity=identity,
             chain_pem=b"".join(_pem(c) for c in (leaf, *body)),
