@@ -66,6 +66,33 @@ class PodProxy:
             self.ns = None
 
 
+def _ip_order(ip: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in ip.split(".")) if "." in ip else (0,)
+
+
+@dataclass(frozen=True)
+class _IdentityIndex:
+    """Per-snapshot lookups by workload identity."""
+
+    tunnel_peer: dict[tuple[str, str], str]
+    """(node, identity) → the lowest pod IP of that identity on that node."""
+    pod_by_identity: dict[str, Pod]
+    """identity → the first pod (in config order) running as it."""
+
+    @classmethod
+    def build(cls, snap: MeshSnapshot, identity_of: Callable[[Pod], str]) -> _IdentityIndex:
+        peers: dict[tuple[str, str], str] = {}
+        by_identity: dict[str, Pod] = {}
+        for p in snap.pods:
+            ident = identity_of(p)
+            by_identity.setdefault(ident, p)
+            if p.pod_ip:
+                key = (p.node_name, ident)
+                if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
+                    peers[key] = p.pod_ip
+        return cls(tunnel_peer=peers, pod_by_identity=by_identity)
+
+
 def _labels(
     reporter: str,
     src: Pod | None,
@@ -108,6 +135,7 @@ class Proxy:
         self.connect_timeout = connect_timeout
         self.rr = RoundRobin()
         self.pods: dict[str, PodProxy] = {}
+        self._index_cache: tuple[MeshSnapshot, _IdentityIndex] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
 
@@ -262,17 +290,29 @@ class Proxy:
             sock.close()
             self.metrics.failures.labels(direction=direction, response_flags="DC").inc()
             return
-        loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: UpstreamSide(relay), sock=sock)
+            await self._wire_upstream(relay, sock)
         except OSError as e:
-            sock.close()
             self._refuse(relay, direction, "UF", f"upstream {addr}: {e}")
-            return
+
+    async def _wire_upstream(self, relay: Relay, sock: Any) -> None:
+        """Make the connected ``sock`` the relay's upstream and count the connection as
+        opened; on failure the socket is closed and the error raised."""
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: UpstreamSide(relay), sock=sock
+            )
+        except OSError:
+            sock.close()
+            raise
         relay.meta["counted"] = True
         self.table.counted(relay)
 
-    async def _on_outbound(self, pp: PodProxy, side: ClientSide) -> None:
+    def _captured_destination(
+        self, side: ClientSide, direction: str, own_ports: tuple[int, ...] = ()
+    ) -> tuple[str, int] | None:
+        """Record the client's address and return the address it dialled before capture;
+        refuse the connection (and return None) when there is none."""
         relay = side.relay
         t = side.transport
         assert t is not None
@@ -281,12 +321,19 @@ class Proxy:
         try:
             dst = original_dst(t.get_extra_info("socket"))
         except OSError as e:
-            self._refuse(relay, "outbound", "NR", f"cannot read the original destination: {e}")
-            return
-        if dst is None:
-            self._refuse(relay, "outbound", "NR", "connection was not redirected by capture")
-            return
+            self._refuse(relay, direction, "NR", f"cannot read the original destination: {e}")
+            return None
+        if dst is None or dst[1] in own_ports:
+            self._refuse(relay, direction, "NR", "connection was not redirected by capture")
+            return None
         relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
+        return dst
+
+    async def _on_outbound(self, pp: PodProxy, side: ClientSide) -> None:
+        relay = side.relay
+        dst = self._captured_destination(side, "outbound")
+        if dst is None:
+            return
         snap = self.snapshot()
         decision = resolve(snap, pp.pod, dst[0], dst[1], self.rr)
         if decision.action is Action.REFUSE:
@@ -313,19 +360,20 @@ class Proxy:
             return
         await self._tunnel(pp, relay, snap, ep.pod, (ep.ip, ep.port), service_host)
 
+    def _index(self, snap: MeshSnapshot) -> _IdentityIndex:
+        """Identity lookups for ``snap``, built once per snapshot, not per connection."""
+        cached = self._index_cache
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        index = _IdentityIndex.build(snap, self._identity_of)
+        self._index_cache = (snap, index)
+        return index
+
     def _hbone_peer(self, snap: MeshSnapshot, dst: Pod) -> str:
         """The address to tunnel to for ``dst``: one pod per (node, identity), so tunnels
         are pooled per (source identity, destination identity, destination node)."""
-        want = self._identity_of(dst)
-        ips = sorted(
-            (
-                p.pod_ip
-                for p in snap.pods_on_node(dst.node_name)
-                if p.pod_ip and self._identity_of(p) == want
-            ),
-            key=lambda ip: tuple(int(x) for x in ip.split(".")) if "." in ip else (0,),
-        )
-        return ips[0] if ips else (dst.pod_ip or "")
+        peer = self._index(snap).tunnel_peer.get((dst.node_name, self._identity_of(dst)))
+        return peer or dst.pod_ip or ""
 
     async def _tunnel(
         self,
@@ -393,7 +441,7 @@ class Proxy:
             self.metrics.failures.labels(direction="inbound", response_flags="UF").inc()
             log.warning("inbound HBONE %s -> %s failed: %s", req.peer_identity, req.authority, e)
             return ConnectRefusal(503, str(e))
-        src_pod = self._pod_of_identity(snap, req.peer_identity)
+        src_pod = self._index(snap).pod_by_identity.get(req.peer_identity)
         relay = self.table.open(
             {
                 "direction": "inbound",
@@ -412,44 +460,26 @@ class Proxy:
                 ),
             }
         )
-        loop = asyncio.get_running_loop()
 
         def attach(side: ClientSide) -> None:
             async def go() -> None:
                 try:
-                    await loop.create_connection(lambda: UpstreamSide(relay), sock=sock)
+                    await self._wire_upstream(relay, sock)
                 except OSError as e:
-                    sock.close()
                     relay.abort(f"upstream {req.authority}: {e}")
-                    return
-                relay.meta["counted"] = True
-                self.table.counted(relay)
 
             self._spawn(go())
 
         return ClientSide(relay, attach)
 
-    def _pod_of_identity(self, snap: MeshSnapshot, identity: str) -> Pod | None:
-        for p in snap.pods:
-            if self._identity_of(p) == identity:
-                return p
-        return None
-
     async def _on_inbound(self, pp: PodProxy, side: ClientSide) -> None:
         relay = side.relay
-        t = side.transport
-        assert t is not None
-        peer = t.get_extra_info("peername")
-        relay.meta["source"] = f"{peer[0]}:{peer[1]}" if peer else "?"
-        try:
-            dst = original_dst(t.get_extra_info("socket"))
-        except OSError as e:
-            self._refuse(relay, "inbound", "NR", f"cannot read the original destination: {e}")
+        dst = self._captured_destination(
+            side, "inbound", own_ports=(iptables.INBOUND_PORT, iptables.OUTBOUND_PORT)
+        )
+        if dst is None:
             return
-        if dst is None or dst[1] in (iptables.INBOUND_PORT, iptables.OUTBOUND_PORT):
-            self._refuse(relay, "inbound", "NR", "connection was not redirected by capture")
-            return
-        relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
+        peer = side.transport.get_extra_info("peername") if side.transport else None
         snap = self.snapshot()
         if self.identity is not None:
             mtls = effective_mtls(snap, pp.pod, dst[1])
