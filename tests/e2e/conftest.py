@@ -5,11 +5,14 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from nodeagent.sandbox import Sandbox
 
 
 def privileged_skip_reason() -> str | None:
@@ -65,3 +68,30 @@ def _one_sandbox_user_at_a_time() -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+MESH_DIR = Path(__file__).parent / "mesh"
+"""The end-to-end mesh (client on node1, echo servers on node2) shared by the mesh tests."""
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of ``mesh/`` per test module, so a module may edit its config."""
+    d = tmp_path_factory.mktemp("mesh")
+    for f in MESH_DIR.glob("*.yaml"):
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def sb(request: pytest.FixtureRequest, config_dir: Path) -> Iterator[Sandbox]:
+    """The sandbox of ``config_dir`` for one module; extra agent flags come from the
+    module's ``AGENT_ARGS``. Logs go to stderr and the sandbox comes down, always."""
+    box = Sandbox.up(config_dir, agent_args=getattr(request.module, "AGENT_ARGS", ()))
+    try:
+        yield box
+    finally:
+        try:
+            box.dump_logs(sys.stderr)
+        finally:
+            box.down()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns and iptables"),
 ]
 
-MESH = Path(__file__).parent / "mesh"
 TCPCLIENT = str(Path(__file__).parent / "tcpclient.py")
 PY = sys.executable
 
@@ -72,26 +69,6 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-@pytest.fixture(scope="module")
-def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("mesh")
-    for f in MESH.glob("*.yaml"):
-        shutil.copy(f, d / f.name)
-    return d
-
-
-@pytest.fixture(scope="module")
-def sb(config_dir: Path) -> Iterator[Sandbox]:
-    box = Sandbox.up(config_dir)
-    try:
-        yield box
-    finally:
-        try:
-            box.dump_logs(sys.stderr)
-        finally:
-            box.down()
 
 
 def test_reach_service_on_other_node_by_name_and_cluster_ip(sb: Sandbox) -> None:

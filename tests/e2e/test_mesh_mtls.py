@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,6 @@ from pcap import read_pcap, server_hello_version, tls_records
 pytestmark = [pytest.mark.privileged]
 
 HERE = Path(__file__).parent
-MESH = HERE / "mesh"
 TCPCLIENT = str(HERE / "tcpclient.py")
 HBONE_TOOL = str(HERE / "hbone_tool.py")
 PY = sys.executable
@@ -86,24 +83,8 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("mesh-mtls")
-    for f in MESH.glob("*.yaml"):
-        shutil.copy(f, d / f.name)
-    return d
-
-
-@pytest.fixture(scope="module")
-def sb(config_dir: Path) -> Iterator[Sandbox]:
-    box = Sandbox.up(config_dir, agent_args=["--cert-lifetime=20s"])
-    try:
-        yield box
-    finally:
-        try:
-            box.dump_logs(sys.stderr)
-        finally:
-            box.down()
+AGENT_ARGS = ("--cert-lifetime=20s",)
+"""Certificates live 20 s, so they rotate during the tests."""
 
 
 def test_wire_between_nodes_carries_only_tls13(sb: Sandbox, tmp_path: Path) -> None:
