@@ -8,7 +8,6 @@ import itertools
 import os
 from collections.abc import Sequence
 
-import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +18,7 @@ from nodeagent.protocol.http1 import (
     ConnectionClosed,
     DownstreamHttp1,
     Informational,
+    LocalProtocolError,
     ProtocolError,
     RequestEnd,
     RequestHead,
@@ -59,6 +59,28 @@ def merged(events: Sequence[object]) -> list[object]:
         else:
             out.append(ev)
     return out
+
+
+def decode_message(wire: bytes) -> tuple[bytes, bytes, bytes]:
+    """An independent reader for what the machines write: (head, decoded body, rest) of
+    the first message in ``wire``, framed by Content-Length or chunked (trailers skipped).
+    """
+    end = wire.index(b"\r\n\r\n") + 4
+    head, rest = wire[:end], wire[end:]
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:] if line)
+    if fields.get(b"transfer-encoding") == b"chunked":
+        body = bytearray()
+        while True:
+            size_line, rest = rest.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            if size == 0:  # then trailer lines, up to an empty line
+                end = 2 if rest.startswith(b"\r\n") else rest.index(b"\r\n\r\n") + 4
+                return head, bytes(body), rest[end:]
+            body += rest[:size]
+            assert rest[size : size + 2] == b"\r\n"
+            rest = rest[size + 2 :]
+    length = int(fields.get(b"content-length", b"0"))
+    return head, rest[:length], rest[length:]
 
 
 def respond_ok(down: DownstreamHttp1, body: bytes = b"ok") -> bytes:
@@ -375,36 +397,26 @@ def test_request_body_streams_downstream_to_upstream_byte_exact(chunked: bool) -
         wire_in += body
 
     down, up = DownstreamHttp1(), UpstreamHttp1()
-    app = h11.Connection(h11.SERVER)  # the application, a plain h11 server
-    received = hashlib.sha256()
+    to_app = bytearray()  # what the application would read
     largest_chunk = 0
-    ended = False
     for i in range(0, len(wire_in), 16384):  # socket-sized reads
         for ev in down.receive_data(wire_in[i : i + 16384]):
             if isinstance(ev, RequestHead):
-                out = up.send_request_head(
+                to_app += up.send_request_head(
                     ev.method, ev.target, forwardable_headers(ev.headers), body=ev.has_body
                 )
             elif isinstance(ev, BodyChunk):
                 largest_chunk = max(largest_chunk, len(ev.data))
-                out = up.send_body(ev.data)
+                to_app += up.send_body(ev.data)
             elif isinstance(ev, RequestEnd):
-                out = up.send_end(ev.trailers)
+                to_app += up.send_end(ev.trailers)
             else:
                 raise AssertionError(ev)
-            if not out:
-                continue  # b"" would mean EOF to h11
-            app.receive_data(out)
-            while True:
-                aev = app.next_event()
-                if isinstance(aev, h11.Data):
-                    received.update(aev.data)
-                elif isinstance(aev, h11.EndOfMessage):
-                    ended = True
-                elif not isinstance(aev, h11.Request):
-                    break
-    assert ended
-    assert received.hexdigest() == hashlib.sha256(body).hexdigest()
+    head, received, rest = decode_message(bytes(to_app))
+    assert head.startswith(b"POST /u HTTP/1.1\r\nhost: svc\r\n")
+    assert (b"transfer-encoding: chunked" in head) == chunked
+    assert rest == b""
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(body).hexdigest()
     assert largest_chunk <= 16384  # streamed: never the whole body at once
 
 
@@ -462,3 +474,709 @@ def test_error_to_a_head_request_has_no_body() -> None:
     wire = down.send_error(503, "no healthy upstream", "UH")
     assert wire.startswith(b"HTTP/1.1 503 ") and wire.endswith(b"\r\n\r\n")
     assert down.keep_alive
+
+
+# -- request smuggling and malformed input ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (  # both framings: the classic CL.TE / TE.CL desync
+            b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 3"
+            b"\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3x\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length:\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: s\r\nX-A: a\r\n folded\r\n\r\n", 400),  # obs-fold
+        (b"GET / HTTP/1.1\r\nHost : s\r\n\r\n", 400),  # space before the colon
+        (b"GET / HTTP/1.1\nHost: s\n\n", 400),  # bare LF
+        (b"GET / HTTP/1.1\r\nHost: s\rX: y\r\n\r\n", 400),  # bare CR
+        (b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n Host: s\r\n\r\n", 400),  # whitespace before the first field
+        (b"GET /a\tb HTTP/1.1\r\nHost: s\r\n\r\n", 400),
+        (b"BREW / HTTP/1.1\r\nHost: s\r\n\r\n", 400),  # a method llhttp does not know
+        (b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: gzip\r\n\r\nabc", 501),
+        (b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nHost: s\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\r\nX-Host: s\r\n\r\n", 400),  # Host is mandatory in 1.1
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: \x7f\r\n\r\n", 400),  # DEL is a control
+    ],
+)
+def test_smuggling_vectors_and_malformed_requests_are_refused(
+    request_bytes: bytes, status: int
+) -> None:
+    down = DownstreamHttp1()
+    events = down.receive_data(request_bytes)
+    assert len(events) == 1, events  # no RequestHead escapes before the error
+    assert isinstance(events[0], ProtocolError) and events[0].status == status, events
+    assert down.receive_data(GET) == []
+    wire = down.send_error(events[0].status, "bad request", "DPE")
+    assert b"connection: close" in wire
+    assert not down.keep_alive
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"5 \r\nhello\r\n", b"5\r\nhelloXX", b"zz\r\n", b"5;\x00\r\nhello\r\n"],
+)
+def test_malformed_chunked_body_is_400_after_the_head(body: bytes) -> None:
+    down = DownstreamHttp1()
+    events = down.receive_data(
+        b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    )
+    assert isinstance(events[0], RequestHead)
+    assert isinstance(events[-1], ProtocolError) and events[-1].status == 400
+    assert b"connection: close" in down.send_error(400, "bad chunk", "DPE")
+
+
+def test_a_bad_request_behind_a_good_one_waits_its_turn() -> None:
+    down = DownstreamHttp1()
+    assert down.receive_data(GET + b"GET / HTTP/1.1\r\nHost : s\r\n\r\n") == [head(), RequestEnd()]
+    assert down.keep_alive  # the error belongs to the next request
+    respond_ok(down)
+    [ev] = down.start_next_request()
+    assert isinstance(ev, ProtocolError) and ev.status == 400
+    assert not down.keep_alive
+
+
+def test_http10_request_may_omit_host() -> None:
+    events = DownstreamHttp1().receive_data(b"GET / HTTP/1.0\r\n\r\n")
+    assert isinstance(events[0], RequestHead) and events[0].headers == ()
+
+
+def test_header_values_lose_surrounding_whitespace() -> None:
+    down = DownstreamHttp1()
+    [ev, _] = down.receive_data(b"GET / HTTP/1.1\r\nHost:   svc \t \r\nX-Empty:\r\n\r\n")
+    assert isinstance(ev, RequestHead)
+    assert ev.headers == (("host", "svc"), ("x-empty", ""))
+
+
+# -- head size limit ----------------------------------------------------------------------
+
+
+def test_head_limit_is_counted_per_read_for_a_head_that_never_ends() -> None:
+    down = DownstreamHttp1(max_header_size=1000)
+    assert down.receive_data(b"GET / HTTP/1.1\r\nHost: svc\r\nx-endless: ") == []
+    sent = 37
+    while sent + 100 <= 1000:  # up to the limit: still waiting for the end of the head
+        assert down.receive_data(b"v" * 100) == []
+        sent += 100
+    [ev] = down.receive_data(b"v" * 100)  # the read that crosses the limit
+    assert ev == ProtocolError(431, "request head exceeds 1000 bytes")
+    assert down.receive_data(b"v" * 100 + b"\r\n\r\n") == []
+    assert down.send_error(431, "request headers too large", "DPE").startswith(b"HTTP/1.1 431 ")
+
+
+def test_head_at_the_limit_is_accepted() -> None:
+    request = b"GET / HTTP/1.1\r\nHost: svc\r\nx-a: " + b"a" * 30 + b"\r\n\r\n"
+    assert len(request) == 66
+    for pieces in ([request], [request[:20], request[20:]], [request[:-1], request[-1:]]):
+        down = DownstreamHttp1(max_header_size=66)
+        events = feed(down, pieces)
+        assert isinstance(events[0], RequestHead) and events[1:] == [RequestEnd()]
+        down = DownstreamHttp1(max_header_size=65)
+        assert feed(down, pieces) == [ProtocolError(431, "request head exceeds 65 bytes")]
+
+
+def test_oversize_pipelined_head_is_431_for_that_request_only() -> None:
+    big = b"GET /big HTTP/1.1\r\nHost: svc\r\nx-a: " + b"a" * 200 + b"\r\n\r\n"
+    down = DownstreamHttp1(max_header_size=100)
+    assert down.receive_data(GET + big) == [head(), RequestEnd()]
+    respond_ok(down)
+    assert down.start_next_request() == [ProtocolError(431, "request head exceeds 100 bytes")]
+
+
+def test_body_bytes_do_not_count_against_the_head_limit() -> None:
+    down = DownstreamHttp1(max_header_size=100)
+    request = b"POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000
+    events = feed(down, [request[:60], request[60:500], request[500:]])
+    assert events[1:] == [BodyChunk(b"x" * 1000), RequestEnd()]
+
+
+# -- pipelining ---------------------------------------------------------------------------
+
+PIPELINE = (
+    b"POST /one HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nfirst"
+    + CHUNKED_REQUEST
+    + b"PUT /three HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc"
+    + GET_B
+)
+PIPELINE_EVENTS = [
+    [
+        head("/one", (("host", "svc"), ("content-length", "5")), method="POST", has_body=True),
+        BodyChunk(b"first"),
+        RequestEnd(),
+    ],
+    CHUNKED_EVENTS,
+    [
+        head("/three", (("host", "svc"), ("content-length", "3")), method="PUT", has_body=True),
+        BodyChunk(b"abc"),
+        RequestEnd(),
+    ],
+    [head("/b"), RequestEnd()],
+]
+
+
+def test_pipelined_requests_with_bodies_come_one_at_a_time() -> None:
+    down = DownstreamHttp1()
+    assert down.receive_data(PIPELINE) == PIPELINE_EVENTS[0]
+    assert down.awaiting_response
+    assert down.receive_data(GET) == []  # a fifth: queued too
+    for expected in [*PIPELINE_EVENTS[1:], [head(), RequestEnd()]]:
+        with pytest.raises(LocalProtocolError):
+            down.start_next_request()  # not before the response is complete
+        respond_ok(down)
+        assert merged(down.start_next_request()) == expected
+    respond_ok(down)
+    assert down.start_next_request() == []
+    assert not down.awaiting_response
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, len(PIPELINE)), max_size=10))
+def test_pipelined_requests_with_bodies_any_split(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(PIPELINE)]
+    pieces = [PIPELINE[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    down = DownstreamHttp1()
+    got = [feed(down, pieces)]
+    for _ in PIPELINE_EVENTS[1:]:
+        respond_ok(down)
+        got.append(merged(down.start_next_request()))
+    assert got == PIPELINE_EVENTS
+
+
+def test_client_eof_with_nothing_pending_is_reported_at_once() -> None:
+    down = DownstreamHttp1()
+    assert down.receive_data(GET) == [head(), RequestEnd()]
+    assert down.receive_data(b"") == [ConnectionClosed()]
+    assert not down.keep_alive
+    assert respond_ok(down).startswith(b"HTTP/1.1 200 ")  # the answer still goes out
+
+
+def test_client_eof_inside_a_pipelined_head_waits_its_turn() -> None:
+    down = DownstreamHttp1()
+    assert down.receive_data(GET + b"GET /b HTTP/1.1\r\nHo") == [head(), RequestEnd()]
+    assert down.receive_data(b"") == []
+    respond_ok(down)
+    assert down.start_next_request() == [ConnectionClosed(clean=False)]
+
+
+def test_bytes_after_a_connection_close_request_are_ignored() -> None:
+    down = DownstreamHttp1()
+    events = down.receive_data(b"GET / HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n" + GET_B)
+    assert isinstance(events[0], RequestHead) and events[1:] == [RequestEnd()]
+    assert b"Connection: close\r\n" in respond_ok(down)
+    assert not down.keep_alive
+    with pytest.raises(LocalProtocolError):
+        down.start_next_request()
+
+
+# -- responses written downstream --------------------------------------------------------
+
+
+def test_http10_client_gets_a_close_delimited_body() -> None:
+    down = DownstreamHttp1()
+    [ev, _] = down.receive_data(b"GET / HTTP/1.0\r\nHost: s\r\n\r\n")
+    assert isinstance(ev, RequestHead) and ev.http_version == "1.0" and not ev.keep_alive
+    wire = down.send_response_head(200, [("x-a", "1")]) + down.send_body(b"abc") + down.send_end()
+    assert wire == b"HTTP/1.1 200 \r\nx-a: 1\r\nConnection: close\r\n\r\nabc"
+    assert not down.keep_alive
+
+
+def test_connection_close_from_the_caller_ends_keep_alive() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    wire = down.send_response_head(200, [("content-length", "0"), ("Connection", "close")])
+    assert wire == b"HTTP/1.1 200 \r\ncontent-length: 0\r\nConnection: close\r\n\r\n"
+    down.send_end()
+    assert not down.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "framing"),
+    [
+        (GET, 204, b""),
+        (GET, 304, b""),
+        # as for a GET (RFC 9110 §9.3.2), but no body follows
+        (b"HEAD / HTTP/1.1\r\nHost: s\r\n\r\n", 200, b"Transfer-Encoding: chunked\r\n"),
+    ],
+)
+def test_no_body_for_204_304_and_head(request_bytes: bytes, status: int, framing: bytes) -> None:
+    down = DownstreamHttp1()
+    down.receive_data(request_bytes)
+    wire = down.send_response_head(status, [("etag", '"x"')])
+    with pytest.raises(LocalProtocolError):
+        down.send_body(b"x")
+    wire += down.send_end()
+    assert wire == b'HTTP/1.1 %d \r\netag: "x"\r\n%s\r\n' % (status, framing)
+    assert down.keep_alive
+
+
+def test_head_response_without_length_announces_what_get_would_get() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(b"HEAD / HTTP/1.1\r\nHost: s\r\n\r\n")
+    wire = down.send_response_head(200, []) + down.send_end()
+    assert wire == b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_content_length_is_enforced_on_the_body() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    down.send_response_head(200, [("content-length", "3")])
+    with pytest.raises(LocalProtocolError):
+        down.send_body(b"abcd")
+    assert down.send_body(b"ab") == b"ab"
+    with pytest.raises(LocalProtocolError):
+        down.send_end()
+    assert down.send_body(b"c") == b"c"
+    assert down.send_end() == b""
+
+
+def test_trailers_cross_the_proxy_on_chunked_bodies() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    wire = down.send_response_head(200, []) + down.send_body(b"ab")
+    wire += down.send_end((("grpc-status", "0"), ("grpc-message", "ok")))
+    assert wire.endswith(b"2\r\nab\r\n0\r\ngrpc-status: 0\r\ngrpc-message: ok\r\n\r\n")
+    up = UpstreamHttp1()
+    up.send_request_head("POST", "/", [("host", "svc")], body=True)
+    assert up.send_end((("x-sum", "1"),)) == b"0\r\nx-sum: 1\r\n\r\n"
+
+
+def test_informational_responses_go_out_before_the_final_one() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    assert down.send_response_head(103, [("link", "</a.css>; rel=preload")]) == (
+        b"HTTP/1.1 103 \r\nlink: </a.css>; rel=preload\r\n\r\n"
+    )
+    assert not down.response_started
+    assert respond_ok(down).startswith(b"HTTP/1.1 200 ")
+
+
+def test_commands_out_of_order_are_refused() -> None:
+    down = DownstreamHttp1()
+    with pytest.raises(LocalProtocolError):
+        down.send_response_head(200, [])  # no request yet
+    down.receive_data(GET)
+    with pytest.raises(LocalProtocolError):
+        down.send_body(b"x")  # no head yet
+    with pytest.raises(LocalProtocolError):
+        down.send_response_head(101, [])  # nothing offered a switch
+    respond_ok(down)
+    with pytest.raises(LocalProtocolError):
+        down.send_response_head(200, [])  # a second response
+    up = UpstreamHttp1()
+    with pytest.raises(LocalProtocolError):
+        up.send_request_head("GET", "/", [])  # no Host
+    up.send_request_head("GET", "/", [("host", "s")])
+    with pytest.raises(LocalProtocolError):
+        up.send_body(b"x")  # no body declared
+    with pytest.raises(LocalProtocolError):
+        up.send_request_head("GET", "/", [("host", "s")])  # one request at a time
+
+
+# -- header injection ---------------------------------------------------------------------
+
+INJECTIONS = [
+    [("x-a", "1\r\nx-evil: 1")],
+    [("x-a", "1\nx-evil: 1")],
+    [("x-a", "1\rx-evil: 1")],
+    [("x-a", "1\x00")],
+    [("x-a\r\nx-evil", "1")],
+    [("x-a: 1\r\nx-evil", "1")],
+    [("host: evil", "1")],  # a name that is not a token
+    [("", "1")],
+    [("x-a", "caf\u20ac")],  # not latin-1
+]
+
+
+@pytest.mark.parametrize("headers", INJECTIONS)
+def test_header_injection_is_refused_downstream(headers: list[tuple[str, str]]) -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    with pytest.raises(ValueError):
+        down.send_response_head(200, headers)
+    assert not down.response_started  # nothing was sent: a proper answer still can be
+    assert respond_ok(down) == b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("headers", INJECTIONS)
+def test_header_injection_is_refused_upstream(headers: list[tuple[str, str]]) -> None:
+    up = UpstreamHttp1()
+    with pytest.raises(ValueError):
+        up.send_request_head("GET", "/", [("host", "svc"), *headers])
+    assert up.send_request_head("GET", "/", [("host", "svc")]) == (
+        b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("GET", "/a b"), ("GET", "/a\r\nx: y"), ("GET", ""), ("G T", "/"), ("GET\r\n", "/")],
+)
+def test_request_line_injection_is_refused(method: str, target: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        UpstreamHttp1().send_request_head(method, target, [("host", "svc")])
+
+
+def test_reason_and_trailer_injection_is_refused() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    with pytest.raises(LocalProtocolError):
+        down.send_response_head(200, [], "OK\r\nx-evil: 1")
+    down.send_response_head(200, [], "OK")
+    with pytest.raises(LocalProtocolError):
+        down.send_end([("x-t", "1\r\n\r\nHTTP/1.1 200 OK")])
+
+
+# -- switching protocols downstream ------------------------------------------------------
+
+
+def test_connect_switches_on_2xx_with_the_bytes_behind_the_head() -> None:
+    down = DownstreamHttp1()
+    events = down.receive_data(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n\x00\x01")
+    assert events == [
+        RequestHead("CONNECT", "db:5432", (("host", "db:5432"),), "1.1", True, False, None, False),
+        RequestEnd(),
+    ]
+    assert down.receive_data(b"\x02") == []  # held until the answer
+    assert down.send_response_head(200, []) == b"HTTP/1.1 200 \r\n\r\n"
+    assert down.upgraded
+    assert down.take_events() == [Upgraded(b"\x00\x01\x02")]
+    assert down.receive_data(b"more") == [Upgraded(b"more")]
+
+
+def test_refused_connect_reads_what_followed_as_http() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n" + GET_B)
+    down.send_response_head(403, [("content-length", "0")])
+    down.send_end()
+    assert not down.upgraded
+    assert down.start_next_request() == [head("/b"), RequestEnd()]
+
+
+def test_client_eof_behind_an_upgrade_request_follows_the_switch() -> None:
+    down = DownstreamHttp1()
+    down.receive_data(WS_REQUEST + b"bye")
+    assert down.receive_data(b"") == []
+    down.send_response_head(101, [("connection", "upgrade"), ("upgrade", "websocket")])
+    assert down.take_events() == [Upgraded(b"bye"), ConnectionClosed()]
+
+
+def test_upgrade_request_with_a_counted_body() -> None:
+    down = DownstreamHttp1()
+    request = (
+        b"POST /h2c HTTP/1.1\r\nHost: s\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\n"
+    )
+    events = feed(down, [request + b"he", b"llo", b"PRI * HTTP/2.0"])
+    assert isinstance(events[0], RequestHead)
+    assert events[0].upgrade == "h2c" and events[0].has_body
+    assert events[1:] == [BodyChunk(b"hello"), RequestEnd()]
+    down.send_response_head(101, [("connection", "upgrade"), ("upgrade", "h2c")])
+    assert down.take_events() == [Upgraded(b"PRI * HTTP/2.0")]
+
+
+def test_upgrade_offer_on_a_chunked_request_is_dropped() -> None:
+    down = DownstreamHttp1()
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    for i in range(len(request) + 1):
+        down = DownstreamHttp1()
+        events = feed(down, [p for p in (request[:i], request[i:] + GET_B) if p])
+        assert isinstance(events[0], RequestHead), i
+        assert events[0].upgrade is None and events[0].has_body
+        assert events[1:] == [BodyChunk(b"abc"), RequestEnd()], i
+        with pytest.raises(LocalProtocolError):
+            down.send_response_head(101, [])
+        respond_ok(down)
+        assert down.start_next_request() == [head("/b"), RequestEnd()]
+
+
+def test_connect_with_a_chunked_body_is_400() -> None:
+    down = DownstreamHttp1()
+    [ev] = down.receive_data(
+        b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert isinstance(ev, ProtocolError) and ev.status == 400
+
+
+# -- upstream responses -------------------------------------------------------------------
+
+RESPONSE_WITH_INTERIM = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\ngrpc-status: 0\r\ngrpc-message: fine\r\n\r\n"
+)
+RESPONSE_WITH_INTERIM_EVENTS = [
+    Informational(100, ()),
+    ResponseHead(
+        200, (("content-type", "text/plain"), ("transfer-encoding", "chunked")), "OK", "1.1", True
+    ),
+    BodyChunk(b"abc0123456789abcdef"),
+    ResponseEnd((("grpc-status", "0"), ("grpc-message", "fine"))),
+]
+
+
+def upstream_after_request(method: str = "GET", **kwargs: bool) -> UpstreamHttp1:
+    up = UpstreamHttp1()
+    up.send_request_head(method, "/", [("host", "svc")], **kwargs)
+    up.send_end()
+    return up
+
+
+def test_upstream_response_split_at_every_byte_boundary() -> None:
+    data = RESPONSE_WITH_INTERIM
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1, 7):
+            up = upstream_after_request()
+            pieces = [p for p in (data[:i], data[i:j], data[j:]) if p]
+            assert feed(up, pieces) == RESPONSE_WITH_INTERIM_EVENTS, (i, j)
+            assert up.reusable
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, len(RESPONSE_WITH_INTERIM)), max_size=15))
+def test_upstream_response_any_split(cuts: list[int]) -> None:
+    data = RESPONSE_WITH_INTERIM
+    bounds = [0, *sorted(cuts), len(data)]
+    up = upstream_after_request()
+    assert feed(up, [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]) == (
+        RESPONSE_WITH_INTERIM_EVENTS
+    )
+    assert up.reusable
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_upstream_204_and_304_have_no_body(status: int) -> None:
+    up = upstream_after_request()
+    events = up.receive_data(b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status)
+    assert events == [
+        ResponseHead(status, (("content-length", "5"),), "X", "1.1", True),
+        ResponseEnd(),
+    ]
+    assert up.reusable
+
+
+def test_upstream_head_response_split_and_reused() -> None:
+    up = upstream_after_request("HEAD")
+    assert up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n") == []
+    assert up.receive_data(b"\r\n") == [
+        ResponseHead(200, (("content-length", "10"),), "OK", "1.1", True),
+        ResponseEnd(),
+    ]
+    assert up.reusable
+    up.start_next_request()
+    up.send_request_head("GET", "/", [("host", "svc")])
+    up.send_end()
+    assert up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")[1:] == [
+        BodyChunk(b"ok"),
+        ResponseEnd(),
+    ]
+
+
+def test_upstream_head_response_with_a_body_is_not_reused() -> None:
+    up = upstream_after_request("HEAD")
+    events = up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert events[1:] == [ResponseEnd()]
+    assert not up.reusable
+
+
+def test_upstream_bytes_after_the_response_spoil_the_connection() -> None:
+    up = upstream_after_request()
+    events = up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")
+    assert events[1:] == [BodyChunk(b"ok"), ResponseEnd()]
+    assert not up.reusable
+    up = upstream_after_request()
+    up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert up.reusable
+    assert up.receive_data(b"junk") == []
+    assert not up.reusable
+
+
+def test_upstream_connect_tunnel_keeps_the_bytes_behind_the_head() -> None:
+    up = UpstreamHttp1()
+    up.send_request_head("CONNECT", "db:5432", [("host", "db:5432")])
+    up.send_end()
+    first = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n"
+    assert up.receive_data(first) == [Informational(100, ())]
+    assert up.receive_data(b"\r\nbanner") == [
+        ResponseHead(200, (), "Connection established", "1.1", True),
+        Upgraded(b"banner"),
+    ]
+    assert up.upgraded and not up.reusable
+    assert up.receive_data(b"more") == [Upgraded(b"more")]
+    assert up.send_body(b"raw") == b"raw"
+
+
+def test_upstream_refused_connect_is_an_ordinary_response() -> None:
+    up = UpstreamHttp1()
+    up.send_request_head("CONNECT", "db:5432", [("host", "db:5432")])
+    up.send_end()
+    events = up.receive_data(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    assert events[1:] == [BodyChunk(b"no"), ResponseEnd()]
+    assert not up.upgraded
+
+
+def test_upstream_101_without_an_offer_is_502() -> None:
+    up = upstream_after_request()
+    [ev] = up.receive_data(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert isinstance(ev, ProtocolError) and ev.status == 502
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+        b"HTTP/2.0 200 OK\r\n\r\n",
+        b"HTTP/1.1 000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",  # would be relayed encoded
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+        b"HTTP/1.1 200 O\x00K\r\nContent-Length: 0\r\n\r\n",  # a reason that could not be sent on
+        b"HTTP/1.1 200 O\x1bK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_malformed_upstream_responses_are_502(answer: bytes) -> None:
+    up = upstream_after_request()
+    events = up.receive_data(answer)
+    assert isinstance(events[-1], ProtocolError) and events[-1].status == 502, events
+    assert events[-1].reason.startswith("upstream: ")
+    assert not up.reusable
+    assert up.receive_data(b"more") == []
+
+
+def test_upstream_eof_mid_body_is_502() -> None:
+    up = upstream_after_request()
+    up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    [ev] = up.receive_data(b"")
+    assert isinstance(ev, ProtocolError) and ev.status == 502
+
+
+def test_upstream_read_until_close_in_pieces() -> None:
+    up = upstream_after_request()
+    assert feed(up, [b"HTTP/1.0 200 OK\r\n\r\nab", b"cd", b""]) == [
+        ResponseHead(200, (), "OK", "1.0", False),
+        BodyChunk(b"abcd"),
+        ResponseEnd(),
+        ConnectionClosed(),
+    ]
+
+
+def test_upstream_response_head_limit() -> None:
+    up = UpstreamHttp1(max_header_size=200)
+    up.send_request_head("GET", "/", [("host", "svc")])
+    up.send_end()
+    assert up.receive_data(b"HTTP/1.1 200 OK\r\nx-a: ") == []
+    events = up.receive_data(b"a" * 250)
+    assert events == [ProtocolError(502, "upstream: response head exceeds 200 bytes")]
+
+
+def test_upstream_idle_eof_is_clean_and_data_without_a_request_is_502() -> None:
+    up = UpstreamHttp1()
+    assert up.receive_data(b"") == [ConnectionClosed()]
+    up = UpstreamHttp1()
+    [ev] = up.receive_data(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    assert isinstance(ev, ProtocolError) and ev.status == 502
+
+
+def test_upstream_request_framing() -> None:
+    up = UpstreamHttp1()
+    wire = up.send_request_head("PUT", "/f", [("host", "s"), ("content-length", "3")], body=True)
+    assert wire == b"PUT /f HTTP/1.1\r\nhost: s\r\ncontent-length: 3\r\n\r\n"
+    with pytest.raises(LocalProtocolError):
+        up.send_body(b"abcd")
+    assert up.send_body(b"abc") == b"abc"
+    assert up.send_end() == b""
+    up = UpstreamHttp1()
+    wire = up.send_request_head("POST", "/", [("host", "s")], body=True)
+    assert wire.endswith(b"transfer-encoding: chunked\r\n\r\n")
+    assert up.send_body(b"x" * 17) == b"11\r\n" + b"x" * 17 + b"\r\n"
+    assert up.send_body(b"") == b""
+    assert up.send_end() == b"0\r\n\r\n"
+    with pytest.raises(LocalProtocolError):
+        UpstreamHttp1().send_request_head(
+            "POST", "/", [("host", "s"), ("content-length", "1"), ("transfer-encoding", "chunked")]
+        )
+
+
+def test_upstream_connection_close_is_not_reusable() -> None:
+    up = upstream_after_request()
+    up.receive_data(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert not up.reusable
+    up = UpstreamHttp1()
+    up.send_request_head("GET", "/", [("host", "s"), ("connection", "close")])
+    up.send_end()
+    up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert not up.reusable
+    with pytest.raises(LocalProtocolError):
+        up.start_next_request()
+
+
+def test_forwardable_headers_any_case_and_connection_named_fields() -> None:
+    headers = [
+        ("X-Private", "a"),
+        ("CONNECTION", "X-Private, close"),
+        ("content-length", "0"),
+        ("Transfer-Encoding", "chunked"),
+        ("x-private", "b"),
+    ]
+    assert forwardable_headers(headers) == [("content-length", "0")]
+    assert forwardable_headers(()) == []
+
+
+def test_trailers_that_never_end_are_cut_like_a_head() -> None:
+    down = DownstreamHttp1(max_header_size=1000)
+    down.receive_data(b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx-t: ")
+    sent = 0
+    while sent + 100 <= 1000:
+        assert down.receive_data(b"v" * 100) == []
+        sent += 100
+    assert down.receive_data(b"v" * 100) == [
+        ProtocolError(431, "request trailers exceed 1000 bytes")
+    ]
+    up = UpstreamHttp1(max_header_size=1000)
+    up.send_request_head("GET", "/", [("host", "svc")])
+    up.send_end()
+    up.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    assert up.receive_data(b"x-t: " + b"v" * 1000) == [
+        ProtocolError(502, "upstream: response trailers exceed 1000 bytes")
+    ]
+
+
+def test_big_chunks_in_big_reads_are_not_mistaken_for_trailers() -> None:
+    body = os.urandom(200_000)
+    wire = (
+        b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(
+            b"%x\r\n%s\r\n" % (len(body[i : i + 50_000]), body[i : i + 50_000])
+            for i in range(0, len(body), 50_000)
+        )
+        + b"0\r\n\r\n"
+    )
+    for size in (3, 1000, 65536):
+        pieces = [wire[i : i + size] for i in range(0, len(wire), size)]
+        down = DownstreamHttp1(max_header_size=100)
+        events = feed(down, pieces)
+        assert events[1:] == [BodyChunk(body), RequestEnd()], size
