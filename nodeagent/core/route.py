@@ -5,15 +5,38 @@ Owns: matching one request against ``http[]`` rules (first rule wins; a rule's m
 are OR-ed, the fields of one match AND-ed), weighted destination picks, subset label
 filters and the rule → subset → port traffic-policy merge. No I/O, no asyncio, no
 randomness of its own (callers pass ``rnd``).
+
+Also owns the route index (``_RouteIndex``) that keeps ``select_route`` cheap with many
+rules: with 1,000 rules about 6 µs a request instead of 1-2 ms on the 2-CPU dev box, whether
+the first, the last or no rule matches (``bench/route_bench.py``). It is built once per
+VirtualService object, on first use, and kept in a side table keyed by the object's
+*identity* and held through a weak reference: a VirtualService is frozen, so its index never
+goes stale, and the entry goes when the object does (a config change brings a new snapshot
+with new objects, hence new indexes). Not keyed by value: hashing a 1,000-rule
+VirtualService costs milliseconds. The index holds no reference to the VirtualService.
+
+The index puts each ``match[]`` entry in one bucket, keyed by the first of these conditions
+it has (each is necessary for the match to be true): uri exact; a header's exact value; uri
+prefix, or the literal text a regex uri starts with; method exact; a header's presence (any
+header match needs it). Uris with ``ignoreUriCase`` go to lowercased tables (a regex ignores
+that flag and sees the path as sent). Entries with none of these go to a "scan" bucket every
+request evaluates. A rule without matches matches every request, so nothing after it is
+indexed: it is the answer when no earlier match is true. A request looks up the buckets it
+can match, evaluates their entries with ``match_request``, and keeps the lowest true
+``(rule, match)`` position: exactly what the linear walk, ``select_route_linear`` (kept as
+the reference), returns.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import re
+import string
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from types import MappingProxyType
+from typing import Generic, Self, TypeVar, overload
 from urllib.parse import parse_qsl
 
 from nodeagent.model.objects import Labels
@@ -38,10 +61,42 @@ __all__ = [
     "match_string",
     "pick_weighted",
     "select_route",
+    "select_route_linear",
     "subset_filter",
     "traffic_policy_for",
     "virtual_service_for",
 ]
+
+
+_O = TypeVar("_O")
+_T = TypeVar("_T")
+
+
+class _cached(Generic[_O, _T]):
+    """``functools.cached_property`` without the lock Python 3.11 takes on every first read
+    (~1.4 µs here; 3.12 dropped it): the first read computes and puts the value in the
+    instance's ``__dict__``, where later reads find it before this descriptor. Two threads
+    racing on one instance compute twice, harmlessly.
+    """
+
+    def __init__(self, func: Callable[[_O], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type[_O], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type[_O] | None = None) -> Self: ...
+    @overload
+    def __get__(self, obj: _O, owner: type[_O] | None = None) -> _T: ...
+    def __get__(self, obj: _O | None, owner: type[_O] | None = None) -> Self | _T:
+        if obj is None:
+            return self
+        value = self.func(obj)
+        obj.__dict__[self.name] = value
+        return value
 
 
 def _no_headers() -> Mapping[str, str]:
@@ -63,21 +118,21 @@ class RequestInfo:
     source_labels: Labels = field(default_factory=Labels)
     source_namespace: str = ""
 
-    @cached_property
+    @_cached
     def uri_path(self) -> str:
         """The path without query or fragment (what Istio's ``uri`` matches)."""
         return self.path.split("?", 1)[0].split("#", 1)[0]
 
-    @cached_property
+    @_cached
     def uri_path_lower(self) -> str:
         return self.uri_path.lower()
 
-    @cached_property
+    @_cached
     def query(self) -> str:
         rest = self.path.split("?", 1)
         return rest[1].split("#", 1)[0] if len(rest) == 2 else ""
 
-    @cached_property
+    @_cached
     def query_params(self) -> Mapping[str, str]:
         """First value of each query parameter (computed once per request)."""
         out: dict[str, str] = {}
@@ -173,7 +228,35 @@ def virtual_service_for(snapshot: MeshSnapshot, host: str) -> VirtualService | N
 
 
 def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo) -> RouteDecision:
-    """The first ``http[]`` rule of the host's VirtualService that matches ``request``."""
+    """The first ``http[]`` rule of the host's VirtualService that matches ``request``.
+
+    Same result as ``select_route_linear``; looks only at the rules the route index says
+    can match (the index is built on the VirtualService's first request).
+    """
+    vs = virtual_service_for(snapshot, service_fqdn)
+    if vs is None or not vs.http:
+        return RouteDecision(RouteOutcome.DEFAULT, service_fqdn)
+    hit = _route_index(vs).first_match(request)
+    if hit is None:
+        return RouteDecision(RouteOutcome.NO_ROUTE, service_fqdn, vs)
+    index, mi, m = hit
+    rule = vs.http[index]
+    return RouteDecision(
+        RouteOutcome.ROUTE,
+        service_fqdn,
+        vs,
+        rule,
+        index,
+        rule.name,
+        mi,
+        m.name if m is not None else "",
+    )
+
+
+def select_route_linear(
+    snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
+) -> RouteDecision:
+    """``select_route`` by walking every rule in order: the reference semantics."""
     vs = virtual_service_for(snapshot, service_fqdn)
     if vs is None or not vs.http:
         return RouteDecision(RouteOutcome.DEFAULT, service_fqdn)
@@ -188,6 +271,231 @@ def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
                     RouteOutcome.ROUTE, service_fqdn, vs, rule, index, rule.name, mi, m.name
                 )
     return RouteDecision(RouteOutcome.NO_ROUTE, service_fqdn, vs)
+
+
+_Hit = tuple[int, int | None, HTTPMatchRequest | None]
+"""(rule index, match index, match); the indexes are None for a rule without matches."""
+_Entry = tuple[int, HTTPMatchRequest]
+"""(position in linear order, the match): one candidate of a bucket."""
+_Bucket = tuple[_Entry, ...]
+"""Entries in ascending position."""
+
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]\\|()")
+_REGEX_REPEAT = frozenset("*+?{")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _regex_literal_prefix(pattern: re.Pattern[str]) -> str:
+    """Text every full match of ``pattern`` starts with ("" when unsure; never too long).
+
+    Conservative on purpose: no prefix for a pattern with ``|`` anywhere or compiled with
+    IGNORECASE or VERBOSE; reads a leading ``^``, plain characters and backslash-escaped
+    punctuation, and stops at the first other construct (dropping a character a quantifier
+    applies to).
+    """
+    src = pattern.pattern
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE) or "|" in src:
+        return ""
+    out: list[str] = []
+    i = 1 if src.startswith("^") else 0
+    n = len(src)
+    while i < n:
+        c = src[i]
+        if c == "\\" and i + 1 < n and src[i + 1] in _PUNCTUATION:
+            out.append(src[i + 1])
+            i += 2
+        elif c in _REGEX_SPECIAL:
+            break
+        else:
+            out.append(c)
+            i += 1
+    if out and i < n and src[i] in _REGEX_REPEAT:
+        out.pop()
+    return "".join(out)
+
+
+def _freeze(table: dict[str, list[_Entry]]) -> dict[str, _Bucket]:
+    return {k: tuple(v) for k, v in table.items()}
+
+
+class _RouteIndex:
+    """Candidate ``match[]`` entries of one VirtualService's ``http[]`` by what they need.
+
+    Positions number the (rule, match) pairs in the order the linear walk tries them;
+    ``hits[p]`` is what position ``p`` stands for. Each match is in exactly one bucket, keyed
+    by a condition the request must meet for the match to be true (the first of: uri exact,
+    header exact, uri prefix or a regex uri's literal prefix, method exact, header present);
+    the rest go to ``scan``. So the lowest true position over the buckets a request looks
+    up is the linear walk's answer.
+    """
+
+    __slots__ = (
+        "exact",
+        "exact_nocase",
+        "fallback",
+        "header_any",
+        "header_exact",
+        "hits",
+        "method",
+        "prefix",
+        "prefix_lengths",
+        "prefix_nocase",
+        "prefix_nocase_lengths",
+        "scan",
+    )
+
+    def __init__(self, http: Sequence[HTTPRoute]) -> None:
+        exact: dict[str, list[_Entry]] = {}
+        exact_nocase: dict[str, list[_Entry]] = {}
+        prefix: dict[str, list[_Entry]] = {}
+        prefix_nocase: dict[str, list[_Entry]] = {}
+        header_exact: dict[str, dict[str, list[_Entry]]] = {}
+        method: dict[str, list[_Entry]] = {}
+        header_any: dict[str, list[_Entry]] = {}
+        scan: list[_Entry] = []
+        hits: list[_Hit] = []
+        for index, rule in enumerate(http):
+            if not rule.matches:
+                # Matches every request: the answer when no earlier match is true, and
+                # nothing after it can ever be chosen.
+                hits.append((index, None, None))
+                break
+            for mi, m in enumerate(rule.matches):
+                entry = (len(hits), m)
+                hits.append((index, mi, m))
+                uri, nocase = m.uri, m.ignore_uri_case
+                uri_prefix = ""
+                if uri is not None and uri.kind is MatchKind.PREFIX:
+                    uri_prefix = uri.value.lower() if nocase else uri.value
+                elif uri is not None and uri.kind is MatchKind.REGEX and uri.regex is not None:
+                    # A regex ignores ignoreUriCase: it sees the path as sent.
+                    uri_prefix, nocase = _regex_literal_prefix(uri.regex), False
+                header = next((h for h in m.headers if h[1].kind is MatchKind.EXACT), None)
+                if uri is not None and uri.kind is MatchKind.EXACT:
+                    if nocase:
+                        exact_nocase.setdefault(uri.value.lower(), []).append(entry)
+                    else:
+                        exact.setdefault(uri.value, []).append(entry)
+                elif header is not None:
+                    by_value = header_exact.setdefault(header[0], {})
+                    by_value.setdefault(header[1].value, []).append(entry)
+                elif uri_prefix:
+                    table = prefix_nocase if nocase else prefix
+                    table.setdefault(uri_prefix, []).append(entry)
+                elif m.method is not None and m.method.kind is MatchKind.EXACT:
+                    method.setdefault(m.method.value, []).append(entry)
+                elif m.headers:
+                    header_any.setdefault(m.headers[0][0], []).append(entry)
+                else:
+                    scan.append(entry)
+        self.hits: tuple[_Hit, ...] = tuple(hits)
+        self.fallback: int = len(hits) - 1 if hits and hits[-1][2] is None else len(hits)
+        """The position to beat: the rule without matches, or past the end (no route)."""
+        self.exact: dict[str, _Bucket] = _freeze(exact)
+        self.exact_nocase: dict[str, _Bucket] = _freeze(exact_nocase)
+        self.prefix: dict[str, _Bucket] = _freeze(prefix)
+        self.prefix_lengths: tuple[int, ...] = tuple(sorted({len(k) for k in prefix}))
+        self.prefix_nocase: dict[str, _Bucket] = _freeze(prefix_nocase)
+        self.prefix_nocase_lengths: tuple[int, ...] = tuple(sorted({len(k) for k in prefix_nocase}))
+        self.header_exact: dict[str, dict[str, _Bucket]] = {
+            name: _freeze(by_value) for name, by_value in header_exact.items()
+        }
+        self.method: dict[str, _Bucket] = _freeze(method)
+        self.header_any: dict[str, _Bucket] = _freeze(header_any)
+        self.scan: _Bucket = tuple(scan)
+
+    def buckets(self, req: RequestInfo) -> list[_Bucket]:
+        """Every bucket holding a match that could be true for ``req``."""
+        out: list[_Bucket] = []
+        if self.exact or self.prefix:
+            path = req.uri_path
+            if (b := self.exact.get(path)) is not None:
+                out.append(b)
+            if self.prefix:
+                table, n = self.prefix, len(path)
+                for length in self.prefix_lengths:
+                    if length > n:
+                        break
+                    if (b := table.get(path[:length])) is not None:
+                        out.append(b)
+        if self.exact_nocase or self.prefix_nocase:
+            lower = req.uri_path_lower
+            if (b := self.exact_nocase.get(lower)) is not None:
+                out.append(b)
+            if self.prefix_nocase:
+                table, n = self.prefix_nocase, len(lower)
+                for length in self.prefix_nocase_lengths:
+                    if length > n:
+                        break
+                    if (b := table.get(lower[:length])) is not None:
+                        out.append(b)
+        if self.header_exact or self.header_any:
+            _with_header(self.header_exact, self.header_any, req.headers, out)
+        if self.method and (b := self.method.get(req.method)) is not None:
+            out.append(b)
+        if self.scan:
+            out.append(self.scan)
+        return out
+
+    def first_match(self, req: RequestInfo) -> _Hit | None:
+        """The first true match in linear order; None: no rule matches."""
+        best = self.fallback
+        for bucket in self.buckets(req):
+            for pos, m in bucket:
+                if pos >= best:
+                    break
+                if match_request(m, req):
+                    best = pos
+                    break
+        return self.hits[best] if best < len(self.hits) else None
+
+
+def _with_header(
+    exact: Mapping[str, Mapping[str, _Bucket]],
+    present: Mapping[str, _Bucket],
+    headers: Mapping[str, str],
+    out: list[_Bucket],
+) -> None:
+    """Append the buckets of the headers ``headers`` has (by value for ``exact``).
+
+    Walks whichever side is shorter: the index's header names or the request's headers.
+    """
+    if len(exact) + len(present) <= len(headers):
+        for name, by_value in exact.items():
+            value = headers.get(name)
+            if value is not None and (b := by_value.get(value)) is not None:
+                out.append(b)
+        for name, b in present.items():
+            if headers.get(name) is not None:
+                out.append(b)
+        return
+    for name, value in headers.items():
+        values = exact.get(name)
+        if values is not None and (b := values.get(value)) is not None:
+            out.append(b)
+        if (b := present.get(name)) is not None:
+            out.append(b)
+
+
+_INDEXES: dict[int, tuple[weakref.ref[VirtualService], _RouteIndex]] = {}
+"""id(VirtualService) → (a weak reference to it, its index); an entry goes with its object."""
+
+
+def _route_index(vs: VirtualService) -> _RouteIndex:
+    """The index of ``vs.http``, built on first use and kept while ``vs`` lives."""
+    key = id(vs)
+    cached = _INDEXES.get(key)
+    if cached is not None and cached[0]() is vs:
+        return cached[1]
+    index = _RouteIndex(vs.http)
+
+    def forget(ref: weakref.ref[VirtualService]) -> None:
+        entry = _INDEXES.get(key)
+        if entry is not None and entry[0] is ref:
+            _INDEXES.pop(key, None)
+
+    _INDEXES[key] = (weakref.ref(vs, forget), index)
+    return index
 
 
 def pick_weighted(routes: Sequence[RouteDestination], rnd: float) -> RouteDestination | None:

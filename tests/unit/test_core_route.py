@@ -3,7 +3,10 @@ wins, weighted splits, and the DestinationRule policy merge."""
 
 from __future__ import annotations
 
+import gc
+import re
 from collections import Counter
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -11,10 +14,14 @@ from hypothesis import strategies as st
 
 from nodeagent.control.files import load_directory
 from nodeagent.core.route import (
+    _INDEXES,
     RequestInfo,
     RouteOutcome,
+    _regex_literal_prefix,
+    _route_index,
     pick_weighted,
     select_route,
+    select_route_linear,
     subset_filter,
     traffic_policy_for,
     virtual_service_for,
@@ -23,12 +30,16 @@ from nodeagent.model.objects import Labels
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.traffic import (
     Destination,
+    HTTPMatchRequest,
     HTTPRoute,
+    MatchKind,
     RouteDestination,
     SimpleLB,
+    StringMatch,
     VirtualService,
 )
 
+T = TypeVar("T")
 HOST = "reviews.default.svc.cluster.local"
 
 MESH = """
@@ -330,3 +341,219 @@ def test_select_route_never_raises(
     assert d.outcome in RouteOutcome
     if d.routes:
         assert pick_weighted(d.routes, rnd) in d.routes
+
+
+# --- the route index: same answers as the linear walk ---------------------------------
+
+REGEXES = (
+    "/a.*",
+    "/a/b",
+    "^/a.*",
+    r"/a\.b.*",
+    "/ab*",
+    "/a?b",
+    "/a{2}.*",
+    "/a|/b.*",
+    "(?i)/a.*",
+    ".*",
+    "/[ab]+",
+    "/İ.*",
+    "/(a|b)/.*",
+    "/a/b/c+",
+    "/A.*",
+    "/K/.*",
+)
+"""Regex uris for the generated rules: literal prefixes of every shape the index reads."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.sampled_from(REGEXES), data=st.data())
+def test_regex_literal_prefix_starts_every_full_match(pattern: str, data: st.DataObject) -> None:
+    compiled = re.compile(pattern)
+    value = data.draw(st.from_regex(compiled, fullmatch=True))
+    assert compiled.fullmatch(value) is not None
+    assert value.startswith(_regex_literal_prefix(compiled))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "flags", "prefix"),
+    [
+        ("/api/v1/[0-9]+", 0, "/api/v1/"),
+        ("^/api/.*", 0, "/api/"),
+        (r"/v1\.0/x", 0, "/v1.0/x"),
+        ("/items?", 0, "/item"),
+        ("/a{2}", 0, "/"),
+        ("/a|/b", 0, ""),
+        ("/api/(x|y)", 0, ""),
+        ("/api", re.IGNORECASE, ""),
+        ("(?i)/api", 0, ""),
+        (r"/\d+", 0, "/"),
+        (".*", 0, ""),
+    ],
+)
+def test_regex_literal_prefix(pattern: str, flags: int, prefix: str) -> None:
+    assert _regex_literal_prefix(re.compile(pattern, flags)) == prefix
+
+
+SEGMENTS = ("a", "A", "b", "ab", "a.b", "İ", "i̇", "K", "k", "ß", "SS")
+
+
+def _uri_text(parts: list[str]) -> str:
+    return "/" + "/".join(parts)
+
+
+uri_text = st.lists(st.sampled_from(SEGMENTS), max_size=2).map(_uri_text)
+small = st.sampled_from(("", "1", "2", "12"))
+
+
+def _regex(pattern: str) -> StringMatch:
+    return StringMatch(MatchKind.REGEX, pattern, re.compile(pattern))
+
+
+def _string_match(values: st.SearchStrategy[str]) -> st.SearchStrategy[StringMatch]:
+    return st.one_of(
+        values.map(lambda v: StringMatch(MatchKind.EXACT, v)),
+        values.map(lambda v: StringMatch(MatchKind.PREFIX, v)),
+        values.map(lambda v: _regex(re.escape(v) + ".*")),
+    )
+
+
+uri_match = st.integers(0, 9).flatmap(
+    lambda k: (
+        st.none()
+        if k == 0
+        else st.sampled_from(("", "/")).map(lambda v: StringMatch(MatchKind.PREFIX, v))
+        if k == 1
+        else uri_text.map(lambda v: StringMatch(MatchKind.EXACT, v))
+        if k < 5
+        else uri_text.filter(lambda v: v != "/").map(lambda v: StringMatch(MatchKind.PREFIX, v))
+        if k < 8
+        else st.sampled_from(REGEXES).map(_regex)
+    )
+)
+"""Mostly exact, prefix and regex uris; now and then none, or a prefix every path has."""
+method_match = st.one_of(
+    st.none(),
+    st.sampled_from(("GET", "POST", "get")).map(lambda v: StringMatch(MatchKind.EXACT, v)),
+    st.just(StringMatch(MatchKind.PREFIX, "G")),
+    st.just(_regex("P.*")),
+)
+header_match = st.tuples(
+    st.sampled_from(("x-a", "x-b")),
+    st.one_of(_string_match(small), st.just(StringMatch(MatchKind.PRESENT))),
+)
+
+
+def _rarely(strategy: st.SearchStrategy[T], otherwise: T) -> st.SearchStrategy[T]:
+    """``strategy`` one time in four, else ``otherwise`` (so that many matches can be true)."""
+    return st.integers(0, 3).flatmap(lambda k: strategy if k == 0 else st.just(otherwise))
+
+
+match_request_ = st.builds(
+    HTTPMatchRequest,
+    name=st.sampled_from(("", "m")),
+    uri=uri_match,
+    method=_rarely(method_match, None),
+    headers=_rarely(st.lists(header_match, min_size=1, max_size=2).map(tuple), ()),
+    query_params=_rarely(
+        st.lists(st.tuples(st.just("q"), _string_match(small)), max_size=1).map(tuple), ()
+    ),
+    port=_rarely(st.sampled_from((80, 8080)), None),
+    ignore_uri_case=st.booleans(),
+)
+rule_matches = st.integers(0, 9).flatmap(
+    lambda k: st.just(()) if k == 0 else st.lists(match_request_, min_size=1, max_size=3).map(tuple)
+)
+rules = st.lists(
+    st.builds(HTTPRoute, name=st.sampled_from(("", "r")), matches=rule_matches),
+    min_size=1,
+    max_size=25,
+)
+requests = st.builds(
+    RequestInfo,
+    method=st.sampled_from(("GET", "POST", "get", "PUT")),
+    authority=st.just("h"),
+    path=st.tuples(uri_text, st.sampled_from(("", "?q=1", "?q=12", "#x"))).map("".join),
+    headers=st.dictionaries(st.sampled_from(("x-a", "x-b", "x-c")), small, max_size=3),
+    port=st.sampled_from((80, 8080)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(http=rules, reqs=st.lists(requests, min_size=1, max_size=12))
+def test_indexed_selection_is_the_linear_one(
+    http: list[HTTPRoute], reqs: list[RequestInfo]
+) -> None:
+    vs = VirtualService("default", "gen", ("gen.example.com",), http=tuple(http))
+    snap = MeshSnapshot.build(version=1, pods=(), services=(), virtual_services=(vs,))
+    for r in reqs:
+        assert select_route(snap, "gen.example.com", r) == select_route_linear(
+            snap, "gen.example.com", r
+        )
+
+
+def _numbered(n: int, target: str) -> VirtualService:
+    http = tuple(
+        HTTPRoute(
+            name=f"r{i}",
+            matches=(HTTPMatchRequest(uri=StringMatch(MatchKind.EXACT, f"/r/{i}")),),
+            routes=(RouteDestination(Destination(target)),),
+        )
+        for i in range(n)
+    )
+    return VirtualService("default", "numbered", ("n.example.com",), http=http)
+
+
+def test_index_is_built_once_per_virtual_service_and_dropped_with_it() -> None:
+    vs = _numbered(50, "a")
+    twin = _numbered(50, "a")
+    assert vs == twin and vs is not twin
+    index = _route_index(vs)
+    assert _route_index(vs) is index
+    assert _route_index(twin) is not index  # by identity: no hashing of a big object
+    key = id(vs)
+    del vs, index
+    gc.collect()
+    assert key not in _INDEXES
+
+
+def test_a_new_snapshot_routes_by_its_own_virtual_service() -> None:
+    def snap_for(target: str) -> MeshSnapshot:
+        vs = _numbered(300, target)
+        return MeshSnapshot.build(version=1, pods=(), services=(), virtual_services=(vs,))
+
+    old, new = snap_for("old"), snap_for("new")
+    for snap, target in ((old, "old"), (new, "new")):
+        d = select_route(snap, "n.example.com", req("/r/299"))
+        assert (d.rule_index, d.routes[0].destination.host) == (299, target)
+        assert select_route(snap, "n.example.com", req("/r/300")).outcome is RouteOutcome.NO_ROUTE
+
+
+def test_a_regex_uri_sees_the_path_as_sent_even_with_ignore_uri_case() -> None:
+    def rule(name: str, uri: StringMatch, nocase: bool) -> HTTPRoute:
+        return HTTPRoute(name=name, matches=(HTTPMatchRequest(uri=uri, ignore_uri_case=nocase),))
+
+    vs = VirtualService(
+        "default",
+        "v",
+        ("v.example.com",),
+        http=(
+            rule("regex", _regex("/Api/[0-9]+"), True),
+            rule("prefix", StringMatch(MatchKind.PREFIX, "/API/"), True),
+        ),
+    )
+    snap = MeshSnapshot.build(version=1, pods=(), services=(), virtual_services=(vs,))
+    for path, name in (("/Api/7", "regex"), ("/api/7", "prefix"), ("/aPI/x", "prefix")):
+        d = select_route(snap, "v.example.com", req(path))
+        assert d.rule_name == name
+        assert d == select_route_linear(snap, "v.example.com", req(path))
+
+
+def test_nothing_after_a_rule_without_matches_is_chosen() -> None:
+    catch_all = HTTPRoute(name="all")
+    exact = HTTPRoute(name="x", matches=(HTTPMatchRequest(uri=StringMatch(MatchKind.EXACT, "/x")),))
+    vs = VirtualService("default", "v", ("v.example.com",), http=(exact, catch_all, exact))
+    snap = MeshSnapshot.build(version=1, pods=(), services=(), virtual_services=(vs,))
+    assert select_route(snap, "v.example.com", req("/x")).rule_index == 0
+    d = select_route(snap, "v.example.com", req("/y"))
+    assert (d.rule_name, d.rule_index, d.match_index) == ("all", 1, None)
