@@ -1,37 +1,74 @@
-"""``nodeagent sample-app``: the HTTP service (and raw TCP echo) of the examples.
+"""``nodeagent sample-app``: the HTTP service (TCP echo, gRPC echo) of the examples and tests.
 
-This module owns the workload process that ``examples/bookinfo`` runs in every pod: a
-small HTTP/1.1 server (keep-alive, ``Content-Length``) that answers every request with a
-JSON description of who answered and what it received, and optionally calls downstream
-services on each request, as Istio's bookinfo does (``productpage`` calls ``details`` and
-``reviews``, ``reviews`` v2/v3 call ``ratings``). It is pure stdlib and knows nothing of
-the mesh: it is the thing the mesh carries traffic for.
+This module owns the workload process that ``examples/bookinfo`` runs in every pod and that
+the end-to-end tests drive L7 routing through: a small HTTP/1.1 server (keep-alive,
+``Content-Length``) that answers every request with a JSON description of who answered and
+what it received, and optionally calls downstream services on each request, as Istio's
+bookinfo does (``productpage`` calls ``details`` and ``reviews``, ``reviews`` v2/v3 call
+``ratings``). It is stdlib only (the gRPC service lives in ``nodeagent.samplegrpc``) and
+knows nothing of the mesh: it is the thing the mesh carries traffic for.
 
 Any method on any path answers ``200`` with ``application/json``::
 
-    {"pod", "namespace", "node", "service", "version", "method", "path",
-     "headers": {lower-cased request headers}, "body_bytes": n,
-     "calls": [{"url", "status", "body", "duration_ms"[, "error"]}]}
+    {"pod", "namespace", "node", "service", "version", "method", "path", "client",
+     "headers": {lower-cased request headers}, "body_bytes": n, "body_sha256": hex,
+     "served": n, "calls": [{"url", "status", "body", "duration_ms"[, "error"]}]}
+
+``body_sha256`` is the SHA-256 of the request body received (hashed while it is drained in
+64 KiB pieces, never kept), so a test can check a body arrived intact through a proxy.
+``served`` is the number of requests this process has answered, this one included, on
+every path but ``/healthz`` (health probes do not disturb it): a test sees retries reach
+the upstream as jumps in it. One counter per process, shared with the gRPC service.
 
 Downstream calls forward the trace headers received (``traceparent``, ``tracestate``,
 ``baggage``, ``x-request-id``, ``end-user``, ``user`` and the B3 headers); a failed call
 is reported with status 0 (or the 5xx it got) and the answer is still ``200``.
 
-Special paths (no downstream calls): ``/status/NNN`` answers status NNN,
-``/delay/SECONDS`` sleeps first, ``/bytes/N`` answers N bytes where byte ``i`` is
-``i % 251``, ``/healthz`` answers ``ok``.
+Special paths (no downstream calls, never failed by ``--fail-status``):
+
+``/status/NNN``
+    answers status NNN.
+``/delay/SECONDS``
+    sleeps first.
+``/bytes/N``
+    answers N bytes where byte ``i`` is ``i % 251``.
+``/healthz``
+    answers ``ok``.
+``/fail/N/KEY``
+    answers ``503`` to the first N requests this process receives with that KEY, then
+    ``200``; the JSON says which ``attempt`` (1, 2, ...) of KEY it was. For retry tests.
+    The counters are per process and thread-safe; the oldest KEY is forgotten beyond
+    ``MAX_FAIL_KEYS`` keys.
+``/toggle-fail/CODE``
+    sets the ``--fail-status`` of the running process (``0`` turns it off) and answers
+    ``200`` with ``fail_status`` and ``previous_fail_status``.
+``/upgrade-echo``
+    with ``Connection: Upgrade`` and ``Upgrade: echo`` answers ``101 Switching
+    Protocols`` (``Upgrade: echo``), then echoes raw bytes like ``--tcp-echo`` until the
+    client half-closes, then closes its write side; without those headers it answers
+    ``426``.
+
+``--fail-status CODE`` makes every request on a non-special path answer CODE (the usual
+JSON, no downstream calls) until ``/toggle-fail/0``: one persistently bad endpoint for
+outlier-detection tests.
 
 ``--tcp-echo PORT`` also serves a raw TCP echo on PORT: every byte is echoed, and when the
 client half-closes, the rest is written back and then the write side is shut (half-close
 preserved). One thread per connection, 64 KiB buffers, so memory stays bounded.
 
-Every listener prints ``listening KIND HOST:PORT`` at start (useful with port 0) and every
-HTTP request prints one line ``TIME SERVICE/VERSION METHOD PATH STATUS DURATIONms``.
+``--grpc-port PORT`` also serves the gRPC ``nodeagent.sample.Echo`` service of
+``nodeagent.samplegrpc`` on PORT, in this process (its own thread pool).
+
+Every listener prints ``listening KIND HOST:PORT`` at start (KIND is ``http``,
+``tcp-echo`` or ``grpc``; useful with port 0) and every request prints one line
+``TIME SERVICE/VERSION METHOD PATH STATUS DURATIONms`` (gRPC calls: ``GRPC /SERVICE/METHOD
+CODE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -41,13 +78,16 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from nodeagent.samplegrpc import SampleGrpcServer
 
 DEFAULT_PORT = 9080
 CALL_TIMEOUT_S = 10.0
@@ -58,6 +98,9 @@ MAX_CALL_BODY = 1 << 20
 CHUNK = 64 * 1024
 PATTERN_PERIOD = 251
 """``/bytes/N`` answers byte ``i`` = ``i % 251`` (a prime period shows shifted data)."""
+MAX_FAIL_KEYS = 10_000
+"""``/fail/N/KEY`` counts at most this many keys; the oldest is forgotten beyond."""
+MAX_FAIL_COUNT = 1_000_000_000
 
 FORWARDED_HEADERS: tuple[str, ...] = (
     "traceparent",
@@ -99,6 +142,58 @@ class AppSettings:
     version: str
     calls: tuple[str, ...] = ()
     call_timeout: float = CALL_TIMEOUT_S
+    fail_status: int = 0
+    """Non-zero: the status of every answer on a non-special path (``--fail-status``)."""
+
+
+class ServedCounter:
+    """The running count of requests one process has answered (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def next(self) -> int:
+        """Count one more request; its number (the first is 1)."""
+        with self._lock:
+            self._value += 1
+            return self._value
+
+    @property
+    def value(self) -> int:
+        """How many requests were counted so far."""
+        with self._lock:
+            return self._value
+
+
+class _Runtime:
+    """The mutable per-process state the HTTP handler threads share."""
+
+    def __init__(self, fail_status: int, served: ServedCounter) -> None:
+        self.served = served
+        self._lock = threading.Lock()
+        self._fail_status = fail_status
+        self._fail_counts: dict[str, int] = {}
+
+    @property
+    def fail_status(self) -> int:
+        with self._lock:
+            return self._fail_status
+
+    def set_fail_status(self, code: int) -> int:
+        """Set the ``--fail-status`` (0: off); the previous one."""
+        with self._lock:
+            previous, self._fail_status = self._fail_status, code
+            return previous
+
+    def fail_attempt(self, key: str) -> int:
+        """Count one more request of ``/fail/N/KEY``; its number for KEY (the first is 1)."""
+        with self._lock:
+            n = self._fail_counts.pop(key, 0) + 1
+            self._fail_counts[key] = n  # re-inserted: the dict order is the age order
+            if len(self._fail_counts) > MAX_FAIL_KEYS:
+                del self._fail_counts[next(iter(self._fail_counts))]
+            return n
 
 
 class _Log:
@@ -120,6 +215,11 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def log_request(settings: AppSettings, what: str, status: int | str, ms: float) -> None:
+    """Print the one line of a request: ``TIME SERVICE/VERSION WHAT STATUS DURATIONms``."""
+    _Log.line(f"{_now()} {settings.service}/{settings.version} {what} {status} {ms:.1f}ms")
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -131,14 +231,25 @@ class _BadRequest(Exception):
     """The client sent a request we cannot read (answered 400, connection closed)."""
 
 
+@dataclass(frozen=True)
+class _Body:
+    """What was received of a request body (drained, not kept)."""
+
+    size: int
+    sha256: str
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 256
 
-    def __init__(self, host: str, port: int, settings: AppSettings) -> None:
+    def __init__(
+        self, host: str, port: int, settings: AppSettings, served: ServedCounter | None = None
+    ) -> None:
         self.address_family = _family(host)
         self.settings = settings
+        self.runtime = _Runtime(settings.fail_status, served or ServedCounter())
         super().__init__((host, port), _Handler)
 
     def server_bind(self) -> None:
@@ -153,6 +264,8 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 600  # idle keep-alive connections are dropped after this many seconds
+    _served = 0
+    """The ``served`` number of the request being answered (0 for ``/healthz``)."""
 
     # Every method the same way.
     def do_GET(self) -> None:
@@ -186,6 +299,10 @@ class _Handler(BaseHTTPRequestHandler):
     def settings(self) -> AppSettings:
         return cast(_HTTPServer, self.server).settings
 
+    @property
+    def runtime(self) -> _Runtime:
+        return cast(_HTTPServer, self.server).runtime
+
     # -- logging: our own one line per request, to stdout
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -197,6 +314,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         start = time.monotonic()
         status = 500
+        if urlsplit(self.path).path == "/healthz":
+            self._served = 0
+        else:
+            self._served = self.runtime.served.next()
         try:
             status = self._respond()
         except _BadRequest as e:
@@ -208,30 +329,46 @@ class _Handler(BaseHTTPRequestHandler):
             status = 499  # the client went away
         finally:
             ms = (time.monotonic() - start) * 1000
-            s = self.settings
-            _Log.line(
-                f"{_now()} {s.service}/{s.version} {self.command} {self.path} {status} {ms:.1f}ms"
-            )
+            log_request(self.settings, f"{self.command} {self.path}", status, ms)
 
     def _respond(self) -> int:
-        body_bytes = self._drain_body()
+        body = self._drain_body()
         path = urlsplit(self.path).path
         parts = path.strip("/").split("/")
         if path == "/healthz":
             return self._send(200, b"ok", "text/plain")
         if len(parts) == 2 and parts[0] == "status":
             code = _int_arg(parts[1], 200, 599, "status")
-            return self._send_json(code, self._describe(body_bytes, []))
+            return self._send_json(code, self._describe(body, []))
         if len(parts) == 2 and parts[0] == "delay":
             seconds = _float_arg(parts[1], 0.0, MAX_DELAY_S, "delay")
             time.sleep(seconds)
-            return self._send_json(200, self._describe(body_bytes, []))
+            return self._send_json(200, self._describe(body, []))
         if len(parts) == 2 and parts[0] == "bytes":
             return self._send_bytes(_int_arg(parts[1], 0, MAX_BYTES, "bytes"))
+        if len(parts) == 3 and parts[0] == "fail" and parts[2]:
+            n = _int_arg(parts[1], 0, MAX_FAIL_COUNT, "fail")
+            attempt = self.runtime.fail_attempt(parts[2])
+            doc = self._describe(body, [])
+            doc["attempt"] = attempt
+            return self._send_json(503 if attempt <= n else 200, doc)
+        if len(parts) == 2 and parts[0] == "toggle-fail":
+            code = _int_arg(parts[1], 0, 599, "toggle-fail")
+            if code and code < 200:
+                raise _BadRequest(f"/toggle-fail/ wants 0 or 200..599, got {code}")
+            doc = self._describe(body, [])
+            doc["previous_fail_status"] = self.runtime.set_fail_status(code)
+            doc["fail_status"] = code
+            return self._send_json(200, doc)
+        if path == "/upgrade-echo":
+            return self._upgrade_echo()
+        fail_status = self.runtime.fail_status
+        if fail_status:
+            return self._send_json(fail_status, self._describe(body, []))
         calls = [self._call(url) for url in self.settings.calls]
-        return self._send_json(200, self._describe(body_bytes, calls))
+        return self._send_json(200, self._describe(body, calls))
 
-    def _describe(self, body_bytes: int, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    def _describe(self, body: _Body, calls: list[dict[str, Any]]) -> dict[str, Any]:
         s = self.settings
         headers: dict[str, str] = {}
         for k, v in self.headers.items():
@@ -247,38 +384,42 @@ class _Handler(BaseHTTPRequestHandler):
             "path": self.path,
             "client": f"{self.client_address[0]}:{self.client_address[1]}",
             "headers": headers,
-            "body_bytes": body_bytes,
+            "body_bytes": body.size,
+            "body_sha256": body.sha256,
+            "served": self._served,
             "calls": calls,
         }
 
-    def _drain_body(self) -> int:
-        """Read (and count, without keeping) the request body."""
+    def _drain_body(self) -> _Body:
+        """Read (counting and hashing, without keeping) the request body."""
+        digest = hashlib.sha256()
         te = self.headers.get("Transfer-Encoding", "")
         if te:
             if te.strip().lower() != "chunked":
                 raise _BadRequest(f"unsupported Transfer-Encoding {te!r}")
-            return self._drain_chunked()
+            return _Body(self._drain_chunked(digest.update), digest.hexdigest())
         cl = self.headers.get("Content-Length")
         if cl is None:
-            return 0
+            return _Body(0, digest.hexdigest())
         try:
             remaining = int(cl)
         except ValueError:
             raise _BadRequest(f"bad Content-Length {cl!r}") from None
         if remaining < 0:
             raise _BadRequest(f"bad Content-Length {cl!r}")
-        return self._drain_exact(remaining)
+        return _Body(self._drain_exact(remaining, digest.update), digest.hexdigest())
 
-    def _drain_exact(self, n: int) -> int:
+    def _drain_exact(self, n: int, update: Callable[[bytes], object]) -> int:
         remaining = n
         while remaining:
             data = self.rfile.read(min(remaining, CHUNK))
             if not data:
                 raise _BadRequest("body shorter than Content-Length")
+            update(data)
             remaining -= len(data)
         return n
 
-    def _drain_chunked(self) -> int:
+    def _drain_chunked(self, update: Callable[[bytes], object]) -> int:
         total = 0
         while True:
             line = self.rfile.readline(1024)
@@ -290,7 +431,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _BadRequest("bad chunk size") from None
             if size == 0:
                 break
-            total += self._drain_exact(size)
+            total += self._drain_exact(size, update)
             if self.rfile.readline(3).strip():
                 raise _BadRequest("missing CRLF after chunk")
         while True:  # trailers up to the empty line
@@ -305,8 +446,16 @@ class _Handler(BaseHTTPRequestHandler):
         body = (json.dumps(doc, indent=2) + "\n").encode()
         return self._send(status, body, "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str) -> int:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> int:
         self.send_response(status)
+        for name, value in extra_headers:
+            self.send_header(name, value)
         if status in _NO_BODY_STATUSES:
             self.end_headers()
             return status
@@ -334,6 +483,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(part)
             remaining -= len(part)
         return 200
+
+    def _upgrade_echo(self) -> int:
+        """``/upgrade-echo``: switch to a raw echo of the connection (half-close kept)."""
+        connection = _tokens(self.headers.get_all("Connection") or [])
+        upgrade = _tokens(self.headers.get_all("Upgrade") or [])
+        if "upgrade" not in connection or "echo" not in upgrade:
+            message = b"upgrade-echo needs Connection: Upgrade and Upgrade: echo\n"
+            return self._send(426, message, "text/plain", [("Upgrade", "echo")])
+        self.close_connection = True  # the connection is not HTTP any more
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", "echo")
+        self.end_headers()
+        sock = cast(socket.socket, self.connection)
+        try:
+            # Through rfile: it may already hold bytes sent right behind the request.
+            while data := self.rfile.read1(CHUNK):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # the client half-closed: all echoed, now ours
+        except OSError:
+            pass  # reset by the peer (or idle past the timeout): nothing to finish
+        return 101
 
     # -- downstream calls
     def _call(self, url: str) -> dict[str, Any]:
@@ -370,6 +541,11 @@ class _Handler(BaseHTTPRequestHandler):
             result["error"] = err
         result["duration_ms"] = round((time.monotonic() - start) * 1000, 1)
         return result
+
+
+def _tokens(values: Sequence[str]) -> set[str]:
+    """The lower-cased tokens of comma-separated header values."""
+    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
 def _int_arg(raw: str, lo: int, hi: int, what: str) -> int:
@@ -425,7 +601,20 @@ class _EchoHandler(socketserver.BaseRequestHandler):
 # --------------------------------------------------------------------------- CLI
 
 
-_DESCRIPTION = "The HTTP service of the examples: answers JSON, calls downstreams."
+_DESCRIPTION = (
+    "The HTTP service of the examples and tests: answers JSON, calls downstreams; "
+    "optionally a TCP echo and a gRPC echo service."
+)
+
+
+def _fail_status(text: str) -> int:
+    try:
+        code = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a status code: {text!r}") from None
+    if code != 0 and not 200 <= code <= 599:
+        raise argparse.ArgumentTypeError(f"wants 0 (off) or 200..599, got {code}")
+    return code
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -464,6 +653,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="timeout of each downstream call (default 10)",
     )
+    p.add_argument(
+        "--fail-status",
+        type=_fail_status,
+        default=0,
+        metavar="CODE",
+        help="answer CODE on every non-special path (0: off; /toggle-fail/CODE changes it)",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the gRPC nodeagent.sample.Echo service on PORT",
+    )
     p.set_defaults(func=run)
 
 
@@ -471,7 +674,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Register ``nodeagent sample-app``."""
     p = sub.add_parser(
         "sample-app",
-        help="run the HTTP (and TCP echo) service of the examples",
+        help="run the HTTP (and TCP echo, gRPC echo) service of the examples and tests",
         description=_DESCRIPTION,
     )
     _add_arguments(p)
@@ -488,13 +691,21 @@ def run(args: argparse.Namespace) -> int:
         version=args.version,
         calls=tuple(args.call),
         call_timeout=args.call_timeout,
+        fail_status=args.fail_status,
     )
+    served = ServedCounter()
     servers: list[socketserver.TCPServer] = []
+    grpc_server: SampleGrpcServer | None = None
     try:
-        http_server = _HTTPServer(args.host, args.port, settings)
+        http_server = _HTTPServer(args.host, args.port, settings, served)
         servers.append(http_server)
         for port in args.tcp_echo:
             servers.append(_EchoServer(args.host, port))
+        if args.grpc_port is not None:
+            # Imported only when asked for: plain HTTP runs need no grpc import.
+            from nodeagent.samplegrpc import start_server
+
+            grpc_server = start_server(args.host, args.grpc_port, settings, served)
     except OSError as e:
         for srv in servers:
             srv.server_close()
@@ -519,11 +730,19 @@ def run(args: argparse.Namespace) -> int:
             target=srv.serve_forever, args=(0.1,), name=f"sample-app-{kind}", daemon=True
         )
         t.start()
+    if grpc_server is not None:
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        _Log.line(
+            f"listening grpc {shown}:{grpc_server.port} "
+            f"service={settings.service}/{settings.version}"
+        )
     try:
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
         pass
+    if grpc_server is not None:
+        grpc_server.stop()
     for srv in servers:
         srv.shutdown()
         srv.server_close()
@@ -541,4 +760,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: nodeagent.samplegrpc imports
+    # nodeagent.sampleapp, and both must share one module (its log lock, its classes).
+    from nodeagent.sampleapp import main as _main
+
+    sys.exit(_main())

@@ -2,6 +2,7 @@
 # Regenerate the Python modules of our gRPC services:
 #   nodeagent/admin/nodeagent.proto  the node agent socket (nodeagent.v1.NodeAgent)
 #   nodeagent/identity/ca.proto      the mesh CA (istio.v1.auth.IstioCertificateService)
+#   nodeagent/sample.proto           the sample app's echo service (nodeagent.sample.Echo)
 # The generated gRPC modules import their messages as top-level modules; rewrite that to a
 # package import so they work from an installed nodeagent.
 set -euo pipefail
@@ -38,8 +39,9 @@ mark_generated() {
 
 gen nodeagent/admin nodeagent
 gen nodeagent/identity ca
-# (mypy still reads the types of ca_pb2.pyi; it only stops reporting errors inside it.)
-mark_generated nodeagent/identity/ca_pb2.py nodeagent/identity/ca_pb2.pyi \
-  nodeagent/identity/ca_pb2_grpc.py
-"$PY" -m ruff format --quiet nodeagent/identity/ca_pb2.py nodeagent/identity/ca_pb2.pyi \
-  nodeagent/identity/ca_pb2_grpc.py
+gen nodeagent sample
+# (mypy still reads the types of the .pyi files; it only stops reporting errors inside.)
+for stem in nodeagent/identity/ca nodeagent/sample; do
+  mark_generated "${stem}_pb2.py" "${stem}_pb2.pyi" "${stem}_pb2_grpc.py"
+  "$PY" -m ruff format --quiet "${stem}_pb2.py" "${stem}_pb2.pyi" "${stem}_pb2_grpc.py"
+done

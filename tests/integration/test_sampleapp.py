@@ -278,6 +278,179 @@ def test_logs_one_line_per_request_and_stops_cleanly(start_app: StartApp) -> Non
     assert "sample-app stopped" in text
 
 
+# --------------------------------------------------------------------------- fail modes
+
+
+def test_fail_n_key_answers_503_n_times_then_200(start_app: StartApp) -> None:
+    app = start_app("--call", f"http://127.0.0.1:{closed_port()}/")
+    seen = []
+    for _ in range(4):
+        status, _, data = request(app.http_port, "/fail/2/alpha")
+        doc = json.loads(data)
+        seen.append((status, doc["attempt"]))
+        assert doc["calls"] == []  # a special path: no downstream calls
+        assert doc["path"] == "/fail/2/alpha"
+    assert seen == [(503, 1), (503, 2), (200, 3), (200, 4)]
+    # Another key counts on its own; N=0 never fails.
+    status, _, data = request(app.http_port, "/fail/1/beta", method="POST", body=b"x")
+    assert (status, json.loads(data)["attempt"]) == (503, 1)
+    assert request(app.http_port, "/fail/1/beta")[0] == 200
+    assert request(app.http_port, "/fail/0/gamma")[0] == 200
+    assert request(app.http_port, "/fail/x/delta")[0] == 400
+    assert request(app.http_port, "/fail/-1/delta")[0] == 400
+
+
+def test_fail_n_key_counter_is_thread_safe(start_app: StartApp) -> None:
+    app = start_app()
+    n, total = 10, 40
+
+    def one(_: int) -> tuple[int, int]:
+        status, _, data = request(app.http_port, "/fail/10/shared")
+        return status, json.loads(data)["attempt"]
+
+    with ThreadPoolExecutor(max_workers=total) as pool:
+        results = list(pool.map(one, range(total)))
+    assert sorted(a for _, a in results) == list(range(1, total + 1))
+    assert all((status == 503) == (attempt <= n) for status, attempt in results)
+    assert sum(status == 503 for status, _ in results) == n
+
+
+def test_served_counts_every_request_but_healthz(start_app: StartApp) -> None:
+    app = start_app()
+    conn = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=30)
+    try:
+        first = get_json(app.http_port, "/", conn=conn)["served"]
+        request(app.http_port, "/healthz", conn=conn)
+        status, _, data = request(app.http_port, "/status/503", conn=conn)
+        assert (status, json.loads(data)["served"]) == (503, first + 1)
+        request(app.http_port, "/fail/1/k", conn=conn)
+        request(app.http_port, "/bytes/10")  # another connection counts too
+        assert get_json(app.http_port, "/", conn=conn)["served"] == first + 4
+    finally:
+        conn.close()
+    assert first == 1
+
+
+def test_fail_status_flag_and_runtime_toggle(start_app: StartApp) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    app = start_app("--service", "reviews", "--fail-status", "503", "--call", dead)
+    status, resp, data = request(app.http_port, "/any/path", method="POST", body=b"abc")
+    assert status == 503
+    assert resp.getheader("Content-Type") == "application/json"
+    doc = json.loads(data)
+    assert (doc["service"], doc["body_bytes"], doc["calls"]) == ("reviews", 3, [])
+    # Special paths are not failed.
+    assert request(app.http_port, "/healthz")[:1] == (200,)
+    assert request(app.http_port, "/status/200")[0] == 200
+    assert request(app.http_port, "/delay/0")[0] == 200
+    assert request(app.http_port, "/bytes/3")[0] == 200
+    # Good again, at runtime.
+    doc = get_json(app.http_port, "/toggle-fail/0")
+    assert (doc["fail_status"], doc["previous_fail_status"]) == (0, 503)
+    doc = get_json(app.http_port, "/")
+    assert len(doc["calls"]) == 1  # the normal answer again, downstream calls included
+    # And bad again, with another status.
+    doc = get_json(app.http_port, "/toggle-fail/500")
+    assert (doc["fail_status"], doc["previous_fail_status"]) == (500, 0)
+    assert request(app.http_port, "/")[0] == 500
+    assert request(app.http_port, "/", method="HEAD")[:1] == (500,)
+    assert request(app.http_port, "/toggle-fail/99")[0] == 400
+    assert request(app.http_port, "/toggle-fail/600")[0] == 400
+    assert request(app.http_port, "/")[0] == 500  # a bad toggle changed nothing
+
+
+@pytest.mark.parametrize("value", ["42", "600", "x"])
+def test_fail_status_flag_is_checked(value: str) -> None:
+    parser = argparse.ArgumentParser()
+    sampleapp.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample-app", "--fail-status", value])
+    args = parser.parse_args(["sample-app", "--fail-status", "0"])
+    assert args.fail_status == 0
+
+
+# --------------------------------------------------------------------------- body digest
+
+
+def test_body_sha256_content_length_chunked_and_empty(start_app: StartApp) -> None:
+    app = start_app()
+    body = os.urandom(3 * 1024 * 1024 + 7)
+    doc = get_json(app.http_port, "/", method="POST", body=body)
+    assert doc["body_bytes"] == len(body)
+    assert doc["body_sha256"] == hashlib.sha256(body).hexdigest()
+    pieces = [os.urandom(100_000), b"", os.urandom(1)]  # the empty piece is skipped
+    doc = get_json(app.http_port, "/", method="PUT", body=iter(pieces))
+    assert doc["headers"]["transfer-encoding"] == "chunked"
+    assert doc["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+    doc = get_json(app.http_port, "/")
+    assert (doc["body_bytes"], doc["body_sha256"]) == (0, hashlib.sha256().hexdigest())
+    # Special paths report it too.
+    status, _, data = request(app.http_port, "/status/502", method="POST", body=b"abc")
+    assert status == 502
+    assert json.loads(data)["body_sha256"] == hashlib.sha256(b"abc").hexdigest()
+
+
+# --------------------------------------------------------------------------- upgrade echo
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The response head up to the empty line, and the bytes already read past it."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the end of the head: {buf!r}"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def test_upgrade_echo_switches_and_echoes_with_half_close(start_app: StartApp) -> None:
+    app = start_app("--service", "ws", "--version", "v3")
+    data = os.urandom(2 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", app.http_port), timeout=30) as s:
+        # Bytes right behind the request, in the same segment, are echoed too.
+        s.sendall(
+            b"GET /upgrade-echo HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\nearly"
+        )
+        head, got = read_head(s)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 101 Switching Protocols"
+        fields = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        assert fields["upgrade"] == "echo"
+        assert fields["connection"].lower() == "upgrade"
+        while len(got) < 5:
+            got += s.recv(100)
+        assert got == b"early"
+
+        def write() -> None:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        echoed = bytearray()
+        while chunk := s.recv(1 << 16):
+            echoed += chunk
+        writer.join(timeout=30)
+        assert bytes(echoed) == data  # all of it came back, then EOF: half-close kept
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(timeout=10) == 0
+    assert re.search(r" ws/v3 GET /upgrade-echo 101 [\d.]+ms$", app.log_text(), re.MULTILINE)
+
+
+def test_upgrade_echo_needs_the_upgrade_headers(start_app: StartApp) -> None:
+    app = start_app()
+    status, resp, data = request(app.http_port, "/upgrade-echo")
+    assert status == 426
+    assert resp.getheader("Upgrade") == "echo"
+    assert b"Upgrade: echo" in data
+    status, _, _ = request(
+        app.http_port, "/upgrade-echo", headers={"Connection": "Upgrade", "Upgrade": "websocket"}
+    )
+    assert status == 426
+
+
 # --------------------------------------------------------------------------- TCP echo
 
 
