@@ -25,6 +25,7 @@ from nodeagent.model.status import ConfigStatus, ConnectionInfo
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import netns
+from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent")
@@ -59,6 +60,7 @@ class Agent:
             self.metrics,
             connect_timeout=settings.connect_timeout,
             identity=identity,
+            access_log=_access_log(settings.access_log),
         )
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
@@ -99,19 +101,7 @@ class Agent:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
     # -- lifecycle -------------------------------------------------------------------
-    @staticmethod
-    def _warn_not_enforced(snap: MeshSnapshot) -> None:
-        names = [f"VirtualService {v.namespace}/{v.name}" for v in snap.virtual_services]
-        names += [f"DestinationRule {d.namespace}/{d.name}" for d in snap.destination_rules]
-        if names:
-            log.warning(
-                "%s: validated but NOT applied: L7 routing is not in the data path yet "
-                "(traffic is balanced round robin over the service's endpoints)",
-                ", ".join(names),
-            )
-
     def _on_update(self, loaded: LoadedConfig) -> None:
-        self._warn_not_enforced(loaded.snapshot)
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
         self.metrics.config_reloads.labels(result="ok").inc()
@@ -140,7 +130,6 @@ class Agent:
         from nodeagent.admin.server import start_admin_server
 
         loop = asyncio.get_running_loop()
-        self._warn_not_enforced(self._snapshot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self._reconcile()
@@ -180,6 +169,17 @@ class Agent:
         if self.ca_client is not None:
             await self.ca_client.close()
         return 0
+
+
+def _access_log(target: str) -> AccessLog:
+    """``-`` is stdout, ``off`` keeps only the recent records for ``nodeagent ctl``."""
+    if target in ("", "-"):
+        return AccessLog()
+    if target == "off":
+        log_ = AccessLog()
+        log_.enabled = False
+        return log_
+    return AccessLog(open(target, "a", buffering=1 << 16, encoding="utf-8"))
 
 
 def _setup_logging(level: str) -> None:

@@ -42,6 +42,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="istio-system",
         help="namespace whose policies apply mesh-wide",
     )
+    p.add_argument(
+        "--access-log",
+        default="-",
+        help="per-request JSON access log: - (stdout, default), a file path, or off",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_run)
 

@@ -30,6 +30,8 @@ class AgentSettings:
     trust_domain: str = "cluster.local"
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
+    access_log: str = "-"
+    """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
 
     @property
     def mtls(self) -> bool:
@@ -53,4 +55,5 @@ class AgentSettings:
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
+            access_log=args.access_log,
         )

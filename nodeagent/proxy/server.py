@@ -18,7 +18,8 @@ from nodeagent.core.peerauth import effective_mtls
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.security import MtlsMode
-from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.proxy.clusters import port_protocol
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.hbone import (
     HBONE_PORT,
@@ -29,10 +30,13 @@ from nodeagent.proxy.hbone import (
     start_hbone_server,
 )
 from nodeagent.proxy.identity import MeshIdentity
+from nodeagent.proxy.l7 import Downstream, L7Proxy
+from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
 from nodeagent.redirect import iptables
 from nodeagent.redirect.netns import NetnsHandle
+from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent.proxy")
@@ -126,6 +130,7 @@ class Proxy:
         metrics: Metrics,
         connect_timeout: float = 5.0,
         identity: MeshIdentity | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.node = node
         self.identity = identity
@@ -138,6 +143,8 @@ class Proxy:
         self._index_cache: tuple[MeshSnapshot, _IdentityIndex] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        self.access_log = access_log or AccessLog()
+        self.l7 = L7Proxy(snapshot, metrics, self.access_log, self._identity_of)
 
     # -- pods ------------------------------------------------------------------------
     async def reconcile(self, snap: MeshSnapshot) -> None:
@@ -354,11 +361,87 @@ class Proxy:
             if decision.service
             else ""
         )
+        if decision.service is not None and decision.port is not None:
+            proto = port_protocol(decision.port)
+            if proto == "http1":
+                await self._serve_l7(pp, side, decision.service, decision.port, proto)
+                return
         if self.identity is None or effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE:
             relay.meta["labels"] = _labels("source", pp.pod, ep.pod, service_host)
             await self._dial(pp, relay, (ep.ip, ep.port), "outbound")
             return
         await self._tunnel(pp, relay, snap, ep.pod, (ep.ip, ep.port), service_host)
+
+    async def _serve_l7(
+        self, pp: PodProxy, side: ClientSide, svc: Any, port: Any, proto: str
+    ) -> None:
+        """Hand the client connection to the L7 path: requests are routed one by one."""
+        relay = side.relay
+        t = side.transport
+        assert t is not None
+        relay.meta["direction"] = "outbound-http"
+        relay.meta["upstream"] = "per request"
+        client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
+        ds = Downstream(
+            pod=pp.pod,
+            source_principal=(
+                self._identity_of(pp.pod) if self.identity is not None else "unknown"
+            ),
+            source_ip=client_ip,
+            service=svc,
+            port=port,
+            protocol=proto,
+            connect=self._l7_connect(pp, client_ip),
+            meta=relay.meta,
+        )
+        pipe = Pipe()
+        pending, relay.pending = relay.pending, []
+        pipe.adopt(t, pending)
+        try:
+            await self.l7.serve_http1(ds, pipe)
+        finally:
+            relay.bytes_sent, relay.bytes_received = pipe.bytes_in, pipe.bytes_out
+            relay.close("done")
+
+    def _l7_connect(
+        self, pp: PodProxy, client_ip: str
+    ) -> Callable[[Endpoint, Pipe], Any]:
+        async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
+            snap = self.snapshot()
+            addr = (ep.ip, ep.port)
+            if self.identity is None or (
+                effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE
+            ):
+                ns = pp.ns
+                if ns is None:
+                    raise PeerError(f"pod {pp.pod.key} is no longer captured")
+                sock = await connect_in(ns, addr, self.connect_timeout)
+                try:
+                    await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+                except OSError as e:
+                    sock.close()
+                    raise PeerError(f"upstream {ep}: {e}") from None
+                return f"{ep.ip}:{ep.port}", "unknown"
+            pool = pp.pool
+            if pool is None:
+                raise PeerError(f"pod {pp.pod.key} has no HBONE pool yet")
+            dst_id = self._identity_of(ep.pod)
+            peer = (self._hbone_peer(snap, ep.pod), HBONE_PORT)
+            await pool.open_stream(
+                source_identity=self._identity_of(pp.pod),
+                expected_identity=dst_id,
+                peer=peer,
+                authority=f"{ep.ip}:{ep.port}",
+                headers={
+                    "forwarded": f"for={client_ip}",
+                    "baggage": f"k8s.namespace.name={pp.pod.namespace},"
+                    f"k8s.pod.name={pp.pod.name}",
+                },
+                protocol=pipe,
+            )
+            return f"hbone {peer[0]}:{peer[1]} -> {ep.ip}:{ep.port}", dst_id
+
+        return connect
 
     def _index(self, snap: MeshSnapshot) -> _IdentityIndex:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
@@ -513,6 +596,7 @@ class Proxy:
             relay.abort("agent shutting down")
 
     async def close(self) -> None:
+        self.l7.close()
         for pp in self.pods.values():
             pp.close()
         self.pods.clear()

@@ -1,12 +1,14 @@
-"""Prometheus metrics with Istio's names and labels (TCP subset for now).
+"""Prometheus metrics with Istio's names and labels: TCP connections and HTTP requests.
 
-Counters are updated once per connection (open, close), not per chunk, to keep the
-data path cheap; live byte counts are on the node agent socket.
+TCP counters are updated once per connection (open, close), not per chunk, to keep the
+data path cheap; live byte counts are on the node agent socket. HTTP metrics are updated
+once per request (``istio_requests_total``, ``istio_request_duration_milliseconds``) with
+the labels of ``HTTP_LABELS``; byte counts per request are in the access log.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 TCP_LABELS = (
     "reporter",
@@ -20,6 +22,19 @@ TCP_LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+
+HTTP_LABELS = (
+    *TCP_LABELS[:8],
+    "destination_version",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+    "route_name",
+)
+"""Istio's request labels, plus ``route_name`` (the VirtualService rule that matched)."""
+
+DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
 
 class Metrics:
@@ -55,4 +70,26 @@ class Metrics:
         )
         self.config_reloads = Counter(
             "nodeagent_config_reloads", "Config loads by result", ("result",), registry=r
+        )
+        self.requests = Counter(
+            "istio_requests_total", "HTTP requests proxied", HTTP_LABELS, registry=r
+        )
+        self.request_duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration, from the request head to the end of the response",
+            HTTP_LABELS,
+            buckets=DURATION_BUCKETS_MS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "nodeagent_http_retries",
+            "HTTP request attempts beyond the first, by destination service and reason",
+            ("destination_service", "reason"),
+            registry=r,
+        )
+        self.outlier_ejections = Counter(
+            "nodeagent_outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ("destination_service",),
+            registry=r,
         )

@@ -102,8 +102,8 @@ def test_both_proxies_saw_the_connection(sb: Sandbox) -> None:
         reporter="destination",
         destination_workload_namespace="default",
     )
-    for _ in range(3):
-        assert curl(sb, "client", "http://echo/").returncode == 0
+    for _ in range(3):  # port 9000 is plain TCP (port 80 is HTTP: see test_mesh_l7)
+        assert run_json(sb, "client", "echo", "echo", "9000", "--bytes", "1000")["ok"]
     after1 = metric_value(
         metrics(sb, "node1"),
         "istio_tcp_connections_opened_total",

@@ -1,0 +1,171 @@
+"""The upstream HTTP/1.1 connection pool of the L7 path: idle keep-alive connections per
+(source pod, endpoint), and the per-cluster limits of a DestinationRule's
+``connectionPool`` (``tcp.maxConnections``, ``http.http1MaxPendingRequests``,
+``maxRequestsPerConnection``, ``idleTimeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from nodeagent.model.snapshot import Endpoint
+from nodeagent.protocol.http1 import ConnectionClosed, UpstreamEvent, UpstreamHttp1
+from nodeagent.proxy.clusters import Cluster
+from nodeagent.proxy.pipe import Pipe
+
+
+class Overflow(Exception):
+    """The cluster's connection pool and its pending queue are full (503, flag ``UO``)."""
+
+
+ConnectFn = Callable[[Endpoint, Pipe], Awaitable[tuple[str, str]]]
+"""Dial ``endpoint`` (through the HBONE tunnel or plain TCP) wired to ``pipe``; returns
+(a description of the upstream path, the destination principal or ``unknown``)."""
+
+
+class H1Conn:
+    """One upstream HTTP/1.1 connection."""
+
+    __slots__ = (
+        "cluster",
+        "events",
+        "idle_since",
+        "key",
+        "machine",
+        "path",
+        "pipe",
+        "principal",
+        "requests",
+    )
+
+    def __init__(self, key: tuple[str, str, int], cluster: str, pipe: Pipe) -> None:
+        self.key = key
+        self.cluster = cluster
+        self.pipe = pipe
+        self.machine = UpstreamHttp1()
+        self.events: deque[UpstreamEvent] = deque()
+        self.requests = 0
+        self.idle_since = 0.0
+        self.path = ""
+        self.principal = "unknown"
+
+    async def next_event(self) -> UpstreamEvent:
+        while not self.events:
+            data = await self.pipe.read()
+            evs = self.machine.receive_data(data)
+            if not evs and not data:
+                return ConnectionClosed(clean=False)
+            self.events.extend(evs)
+        return self.events.popleft()
+
+
+class H1Pool:
+    """Idle keep-alive connections per (source pod, endpoint), and per-cluster limits."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str, int], list[H1Conn]] = {}
+        self._active: dict[str, int] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+
+    def open_count(self, cluster: str) -> int:
+        return self._active.get(cluster, 0)
+
+    async def acquire(
+        self, source: str, cluster: Cluster, ep: Endpoint, connect: ConnectFn
+    ) -> tuple[H1Conn, bool]:
+        """A connection to ``ep`` (reused when one is idle) and whether it was reused."""
+        key = (source, ep.ip, ep.port)
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            stale = now - conn.idle_since > cluster.idle_timeout
+            if conn.pipe.lost or conn.pipe.has_input() or stale:
+                self._discard(conn)
+                continue
+            return conn, True
+        name = cluster.name
+        while self._active.get(name, 0) >= cluster.max_connections:
+            if self._close_idle_of(name):
+                continue  # an idle connection to another endpoint made room
+            waiters = self._waiters.setdefault(name, deque())
+            if len(waiters) >= cluster.max_pending:
+                raise Overflow(
+                    f"{name}: {cluster.max_connections} connections open and "
+                    f"{len(waiters)} requests pending (DestinationRule connectionPool)"
+                )
+            fut = asyncio.get_running_loop().create_future()
+            waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        self._active[name] = self._active.get(name, 0) + 1
+        pipe = Pipe()
+        conn = H1Conn(key, name, pipe)
+        try:
+            conn.path, conn.principal = await connect(ep, pipe)
+        except BaseException:
+            self._discard(conn)
+            raise
+        return conn, False
+
+    def _close_idle_of(self, cluster: str) -> bool:
+        for conns in self._idle.values():
+            for i, c in enumerate(conns):
+                if c.cluster == cluster:
+                    del conns[i]
+                    self._discard(c)
+                    return True
+        return False
+
+    def release(self, conn: H1Conn, cluster: Cluster) -> None:
+        """Back to the pool when reusable, else closed."""
+        conn.requests += 1
+        limit = cluster.max_requests_per_connection
+        if (
+            conn.machine.reusable
+            and not conn.pipe.has_input()
+            and not conn.pipe.lost
+            and (limit <= 0 or conn.requests < limit)
+        ):
+            conn.machine.start_next_request()
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(conn.key, []).append(conn)
+            self._wake(conn.cluster)
+            return
+        self._discard(conn)
+
+    def _discard(self, conn: H1Conn) -> None:
+        conn.pipe.close()
+        n = self._active.get(conn.cluster, 0)
+        if n > 0:
+            self._active[conn.cluster] = n - 1
+        self._wake(conn.cluster)
+
+    def discard(self, conn: H1Conn, *, abort: bool = False) -> None:
+        if abort:
+            conn.pipe.abort()
+        self._discard(conn)
+
+    def _wake(self, cluster: str) -> None:
+        waiters = self._waiters.get(cluster)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                c.pipe.close()
+        self._idle.clear()

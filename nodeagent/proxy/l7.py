@@ -1,0 +1,1138 @@
+"""The L7 path of the shared proxy: HTTP requests routed per VirtualService and
+DestinationRule on the client's node, then sent through the mTLS tunnels.
+
+Owns, per request: route selection (``core/route.py``), redirects and rewrites, header
+operations, fault injection, the weighted destination pick, endpoint choice by the
+destination's load balancer and outlier detection (``core/balancer.py``), retries with
+Istio's default policy, route and per-try timeouts, mirroring, the upstream connection
+pool with DestinationRule ``connectionPool`` limits, the access-log record and the
+request metrics. Protocol machines (``protocol/http1.py``, ``protocol/http2.py``) do the
+framing; this module never parses bytes itself.
+
+Each downstream connection is one coroutine; each exchange streams its request body to
+the upstream while keeping a copy of at most ``RETRY_BUFFER`` bytes, so a request can be
+retried only while its body fits (as Envoy's retry buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeagent.core.balancer import Balancer, BalancerRegistry, endpoint_address, hash_key_for
+from nodeagent.core.route import (
+    RequestInfo,
+    RouteDecision,
+    RouteOutcome,
+    pick_weighted,
+    select_route,
+)
+from nodeagent.errors import PeerError
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.traffic import (
+    DEFAULT_RETRY,
+    Destination,
+    HeaderOperations,
+    HTTPRetry,
+    HTTPRoute,
+    MatchKind,
+)
+from nodeagent.protocol.hbone import new_traceparent
+from nodeagent.protocol.http1 import (
+    BodyChunk,
+    ConnectionClosed,
+    DownstreamEvent,
+    DownstreamHttp1,
+    Informational,
+    ProtocolError,
+    RequestEnd,
+    RequestHead,
+    ResponseEnd,
+    ResponseHead,
+    Upgraded,
+    forwardable_headers,
+)
+from nodeagent.proxy.clusters import Cluster, ClusterError, build_cluster, fqdn
+from nodeagent.proxy.h1pool import ConnectFn, H1Conn, H1Pool, Overflow
+from nodeagent.proxy.pipe import Pipe, PipeClosed
+from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
+from nodeagent.telemetry.metrics import Metrics
+
+log = logging.getLogger("nodeagent.proxy.l7")
+
+RETRY_BUFFER = 64 * 1024
+"""Request body bytes kept for a retry; a longer body is streamed and not retried."""
+RETRY_BACKOFF_BASE = 0.025
+RETRY_BACKOFF_MAX = 0.25
+"""Envoy's defaults: fully jittered exponential back-off between attempts."""
+GRPC_RETRY_STATUS = {
+    "cancelled": "1",
+    "deadline-exceeded": "4",
+    "internal": "13",
+    "resource-exhausted": "8",
+    "unavailable": "14",
+}
+"""``retryOn`` names of gRPC status codes (matched on ``grpc-status`` of the response)."""
+
+# -- per-request bookkeeping ---------------------------------------------------------------
+
+
+@dataclass
+class Downstream:
+    """What the L7 path knows about one client connection."""
+
+    pod: Pod
+    source_principal: str
+    source_ip: str
+    service: Service
+    port: ServicePort
+    protocol: str
+    connect: ConnectFn
+    meta: dict[str, Any] = field(default_factory=dict)
+    """The connection-table record, for ``nodeagent ctl connections``."""
+
+
+@dataclass
+class Exchange:
+    """Everything measured about one request, for the access log and the metrics."""
+
+    start: float
+    start_wall: float
+    method: str
+    authority: str
+    path: str
+    protocol: str
+    route_name: str = ""
+    cluster: str = ""
+    status: int = 0
+    flags: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream: str = "-"
+    dst_pod: Pod | None = None
+    dst_principal: str = "unknown"
+    attempts: int = 0
+    trace_id: str = ""
+    request_id: str = ""
+    user_agent: str = ""
+
+    def flag(self, f: str) -> None:
+        if f not in self.flags:
+            self.flags.append(f)
+
+
+def _join_headers(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k in out:
+            out[k] = f"{out[k]}, {v}" if k != "cookie" else f"{out[k]}; {v}"
+        else:
+            out[k] = v
+    return out
+
+
+def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOperations | None) -> None:
+    """Istio's header operations, in place: ``set`` replaces, ``add`` appends, ``remove``
+    drops (names are case-insensitive)."""
+    if ops is None:
+        return
+    if ops.remove or ops.set:
+        drop = {n.lower() for n in ops.remove} | {n.lower() for n, _ in ops.set}
+        headers[:] = [(k, v) for k, v in headers if k.lower() not in drop]
+    for n, v in ops.set:
+        headers.append((n.lower(), v))
+    for n, v in ops.add:
+        headers.append((n.lower(), v))
+
+
+def _cookies(header: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not header:
+        return out
+    for part in header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k not in out:
+            out[k] = v
+    return out
+
+
+def _rewrite_path(decision: RouteDecision, path: str, new: str) -> str:
+    """Istio's ``rewrite.uri``: replaces the matched prefix for a prefix match, else the
+    whole path (the query string is kept)."""
+    rule = decision.rule
+    query = ""
+    p, sep, q = path.partition("?")
+    if sep:
+        query = "?" + q
+    if rule is not None and decision.match_index is not None:
+        m = rule.matches[decision.match_index].uri
+        if m is not None and m.kind is MatchKind.PREFIX and p.startswith(m.value):
+            return new + p[len(m.value) :] + query
+    return new + query
+
+
+def _retry_policy(rule: HTTPRoute | None) -> HTTPRetry:
+    if rule is None or rule.retries is None:
+        return DEFAULT_RETRY
+    return rule.retries
+
+
+def _retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str]) -> str | None:
+    """The ``retryOn`` condition a response meets, or None."""
+    on = policy.retry_on
+    if status >= 500 and "5xx" in on:
+        return "5xx"
+    if status in (502, 503, 504) and "gateway-error" in on:
+        return "gateway-error"
+    if status == 409 and "retriable-4xx" in on:
+        return "retriable-4xx"
+    code = str(status)
+    if code in on:
+        return code
+    grpc = headers.get("grpc-status")
+    if grpc is not None:
+        for name, value in GRPC_RETRY_STATUS.items():
+            if grpc == value and name in on:
+                return name
+    return None
+
+
+def _retriable_failure(policy: HTTPRetry, kind: str) -> bool:
+    """Whether a failure before any response (``connect-failure``, ``reset``,
+    ``refused-stream``, ``per-try-timeout``) may be retried under ``retryOn``."""
+    on = policy.retry_on
+    if kind in on:
+        return True
+    if kind in ("connect-failure", "reset", "per-try-timeout"):
+        return "5xx" in on or "gateway-error" in on
+    return False
+
+
+def _backoff(attempt: int) -> float:
+    cap = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2 ** max(attempt - 1, 0)))
+    return random.uniform(0, cap)
+
+
+class _Body:
+    """The request body of one exchange (up to and including its end), read from the
+    client as the upstream takes it, with a bounded copy kept for retries."""
+
+    def __init__(
+        self,
+        next_event: Callable[[], Awaitable[DownstreamEvent]],
+        take_now: Callable[[], DownstreamEvent | None],
+        limit: int = RETRY_BUFFER,
+    ) -> None:
+        self._next = next_event
+        self._take_now = take_now
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.total = 0
+        self.complete = False
+        self.overflow = False
+        """More than ``limit`` bytes: no retry (the copy is dropped once sent)."""
+        self.discard = False
+        """The exchange is over: read the rest only to keep the connection in sync."""
+        self.client_gone = False
+        self.error: ProtocolError | None = None
+        self.limit = limit
+        self.target: H1Conn | None = None
+        self.ended_upstream = False
+        self.task: asyncio.Task[None] | None = None
+        self._attached = asyncio.Event()
+        self._drain_ready()
+
+    @property
+    def replayable(self) -> bool:
+        return not self.overflow and not self.client_gone
+
+    def _drain_ready(self) -> None:
+        """Take the events already read (a small body and its end usually arrive with
+        the head) without a task switch."""
+        while not self.complete and not self.client_gone:
+            if self._must_wait():
+                return
+            ev = self._take_now()
+            if ev is None:
+                return
+            self._consume(ev)
+
+    def _must_wait(self) -> bool:
+        """No upstream to send to and the buffer is full: stop reading the client."""
+        return self.target is None and not self.discard and self.size >= self.limit
+
+    def _consume(self, ev: DownstreamEvent) -> None:
+        t = self.target
+        if isinstance(ev, BodyChunk):
+            data = ev.data
+            self.total += len(data)
+            if t is None:
+                if not self.discard:  # kept until an upstream takes it
+                    self.chunks.append(data)
+                    self.size += len(data)
+                    self.overflow = self.overflow or self.size > self.limit
+            else:
+                if not self.overflow:
+                    if self.size + len(data) > self.limit:
+                        self.overflow = True
+                        self.chunks.clear()
+                        self.size = 0
+                    else:
+                        self.chunks.append(data)
+                        self.size += len(data)
+                t.pipe.write(t.machine.send_body(data))
+        elif isinstance(ev, RequestEnd):
+            self.complete = True
+            if t is not None:
+                t.pipe.write(t.machine.send_end(ev.trailers))
+                self.ended_upstream = True
+        elif isinstance(ev, ProtocolError):
+            self.error = ev
+            self.client_gone = True
+        else:  # ConnectionClosed mid-body, or a stray event
+            self.client_gone = True
+
+    def attach(self, conn: H1Conn) -> None:
+        """Send what is buffered to ``conn`` and stream the rest of the body to it."""
+        self.target = conn
+        self.ended_upstream = False
+        m = conn.machine
+        for c in self.chunks:
+            conn.pipe.write(m.send_body(c))
+        if self.overflow:  # sent, but too much to keep for a retry
+            self.chunks.clear()
+            self.size = 0
+        if self.complete:
+            conn.pipe.write(m.send_end())
+            self.ended_upstream = True
+        else:
+            self._drain_ready()
+        self._attached.set()
+        if not self.complete and not self.client_gone and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    def detach(self) -> None:
+        self.target = None
+        self._attached.clear()
+
+    async def _pump(self) -> None:
+        try:
+            await self._pump_events()
+        except Exception as e:  # a bug must end this exchange, not hang it
+            log.error("request body relay failed: %r", e, exc_info=e)
+            self.client_gone = True
+            if self.target is not None:
+                self.target.pipe.abort()
+
+    async def _pump_events(self) -> None:
+        while not self.complete and not self.client_gone:
+            if self._must_wait():
+                await self._attached.wait()
+                continue
+            try:
+                ev = await self._next()
+            except (PipeClosed, ConnectionError):
+                self.client_gone = True
+                return
+            self._consume(ev)
+            t = self.target
+            if t is not None and isinstance(ev, BodyChunk):
+                await t.pipe.drain()
+
+    async def finish(self) -> None:
+        """Read the rest of the body (discarding it) so the connection stays in sync."""
+        self.detach()
+        self.discard = self.overflow = True
+        self.chunks.clear()
+        self.size = 0
+        self._drain_ready()
+        if self.task is None and not self.complete and not self.client_gone:
+            self.task = asyncio.get_running_loop().create_task(self._pump())
+        if self.task is not None:
+            self._attached.set()
+            await self.task
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class _Reply(Exception):
+    """End the exchange with a local response."""
+
+    def __init__(self, status: int, flag: str, body: str) -> None:
+        super().__init__(body)
+        self.status = status
+        self.flag = flag
+        self.body = body
+
+
+class _Redirect(Exception):
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__(location)
+        self.status = status
+        self.location = location
+
+
+@dataclass
+class Plan:
+    """What routing decided for one request, before the first attempt."""
+
+    snap: MeshSnapshot
+    rule: HTTPRoute | None
+    cluster: Cluster
+    path: str
+    """The request target after ``rewrite.uri``."""
+    authority: str
+    """The authority after ``rewrite.authority``."""
+    retry: HTTPRetry = DEFAULT_RETRY
+    timeout: float | None = None
+    hash_key: str | None = None
+    set_cookie: str | None = None
+    response_ops: list[HeaderOperations | None] = field(default_factory=list)
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+class L7Proxy:
+    """Routes HTTP requests of local pods; one instance per agent."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], MeshSnapshot],
+        metrics: Metrics,
+        access_log: AccessLog,
+        identity_of: Callable[[Pod], str],
+        *,
+        rnd: random.Random | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.metrics = metrics
+        self.access_log = access_log
+        self.identity_of = identity_of
+        self.rnd = rnd or random.Random()
+        # Istio's minHealthPercent defaults to 0: no panic mode, ejected hosts stay out
+        self.balancers = BalancerRegistry(
+            time.monotonic,
+            self.rnd,
+            panic_threshold=0,
+            on_eject=self._on_eject,
+            on_return=self._on_return,
+        )
+        self.pool = H1Pool()
+        self._clusters: dict[tuple[str, str | None, int | None, int], Cluster] = {}
+        self._clusters_of: MeshSnapshot | None = None
+        self._metric_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _on_eject(self, key: object, addr: str, reason: str) -> None:
+        host = str(key).rsplit("|", 1)[-1]
+        self.metrics.outlier_ejections.labels(destination_service=host).inc()
+        log.warning("outlier detection: ejected %s from %s (%s)", addr, key, reason)
+
+    def _on_return(self, key: object, addr: str) -> None:
+        log.info("outlier detection: %s is back in %s", addr, key)
+
+    # -- clusters and endpoints -------------------------------------------------------------
+    def cluster(self, snap: MeshSnapshot, dest: Destination, request_port: int) -> Cluster:
+        if self._clusters_of is not snap:
+            self._clusters.clear()
+            self._clusters_of = snap
+        key = (dest.host, dest.subset, dest.port, request_port)
+        c = self._clusters.get(key)
+        if c is None:
+            c = self._clusters[key] = build_cluster(snap, dest, request_port)
+        return c
+
+    def balancer(self, c: Cluster, source: Pod) -> Balancer:
+        p = c.policy
+        return self.balancers.get(c.name, c.endpoints, p.load_balancer, p.outlier_detection, source)
+
+    # -- HTTP/1.1 ---------------------------------------------------------------------------
+    async def serve_http1(self, ds: Downstream, pipe: Pipe) -> None:
+        """Serve one client connection until it closes or a response says close."""
+        down = DownstreamHttp1()
+        events: deque[DownstreamEvent] = deque()
+
+        async def next_event() -> DownstreamEvent:
+            while not events:
+                data = await pipe.read()
+                evs = down.receive_data(data)
+                if not evs and not data:
+                    return ConnectionClosed(clean=False)
+                events.extend(evs)
+            return events.popleft()
+
+        def take_now() -> DownstreamEvent | None:
+            return events.popleft() if events else None
+
+        try:
+            while True:
+                try:
+                    ev = await next_event()
+                except PipeClosed:
+                    return
+                if isinstance(ev, RequestHead):
+                    keep = await self._exchange1(ds, pipe, down, ev, next_event, take_now)
+                    ds.meta["bytes"] = (pipe.bytes_in, pipe.bytes_out)
+                    if not keep or not down.keep_alive:
+                        return
+                    events.extend(down.start_next_request())
+                elif isinstance(ev, ProtocolError):
+                    flag = "DPE"
+                    pipe.write(down.send_error(ev.status, ev.reason, flag))
+                    log.warning(
+                        "malformed request from %s (%s) to %s: %d %s",
+                        ds.pod.key,
+                        ds.source_ip,
+                        ds.service.key,
+                        ev.status,
+                        ev.reason,
+                    )
+                    x = Exchange(
+                        time.monotonic(),
+                        time.time(),
+                        "-",
+                        "-",
+                        "-",
+                        "HTTP/1.1",
+                        status=ev.status,
+                        flags=[flag],
+                    )
+                    self._record(ds, x)
+                    return
+                else:  # EOF between requests, or stray bytes
+                    return
+        finally:
+            pipe.write_eof()
+            pipe.close()
+
+    async def _exchange1(
+        self,
+        ds: Downstream,
+        pipe: Pipe,
+        down: DownstreamHttp1,
+        head: RequestHead,
+        next_event: Callable[[], Awaitable[DownstreamEvent]],
+        take_now: Callable[[], DownstreamEvent | None],
+    ) -> bool:
+        """One request/response; returns False when the client connection must close."""
+        hdrs = _join_headers(head.headers)
+        x = Exchange(
+            start=time.monotonic(),
+            start_wall=time.time(),
+            method=head.method,
+            authority=hdrs.get("host", ""),
+            path=head.target,
+            protocol=f"HTTP/{head.http_version}",
+            user_agent=hdrs.get("user-agent", ""),
+        )
+        body = _Body(next_event, take_now)
+        if head.expect_continue:  # Envoy's default: answer 100 ourselves
+            pipe.write(down.send_continue())
+        keep = True
+        try:
+            keep = await self._route1(ds, pipe, down, head, hdrs, body, x)
+        except _Reply as r:
+            keep = await self._local_reply(pipe, down, body, x, r)
+        except (PipeClosed, ConnectionError):
+            x.flag("DC")
+            keep = False
+        finally:
+            body.cancel()
+            x.bytes_in = body.total
+            self._record(ds, x)
+        return keep and not body.client_gone
+
+    async def _local_reply(
+        self, pipe: Pipe, down: DownstreamHttp1, body: _Body, x: Exchange, r: _Reply
+    ) -> bool:
+        x.flag(r.flag)
+        x.status = r.status
+        data = down.send_error(r.status, r.body, r.flag)
+        if not data:  # a response had already started: all we can do is close
+            pipe.abort()
+            return False
+        pipe.write(data)
+        x.bytes_out += len(r.body) + 1
+        if not down.keep_alive:
+            return False
+        if not body.complete and not body.client_gone:
+            if body.total > 4 * RETRY_BUFFER:
+                return False  # do not read a huge body just to throw it away
+            await body.finish()
+        return down.keep_alive and body.complete
+
+    async def plan(
+        self,
+        ds: Downstream,
+        method: str,
+        path: str,
+        hdrs: dict[str, str],
+        out: list[tuple[str, str]],
+        x: Exchange,
+    ) -> Plan:
+        """Route one request: everything decided before the first attempt. ``out`` (the
+        headers to send upstream) is completed in place. Raises ``_Reply`` for answers made
+        here (no route, fault abort, a bad destination) and ``_Redirect``."""
+        snap = self.snapshot()
+        svc_host = fqdn(ds.service)
+        info = RequestInfo(
+            method=method,
+            authority=x.authority,
+            path=path,
+            headers=hdrs,
+            port=ds.port.port,
+            source_labels=ds.pod.labels,
+            source_namespace=ds.pod.namespace,
+        )
+        decision = select_route(snap, svc_host, info)
+        if decision.outcome is RouteOutcome.NO_ROUTE:
+            raise _Reply(404, "NR", f"no VirtualService route of {svc_host} matches this request")
+        rule = decision.rule
+        x.route_name = _route_name(decision)
+        if rule is not None and rule.redirect is not None:
+            rd = rule.redirect
+            target = rd.uri if rd.uri is not None else path
+            raise _Redirect(rd.redirect_code, f"http://{rd.authority or x.authority}{target}")
+        if rule is not None and rule.fault is not None:
+            await self._fault(rule, x)
+        rdest = pick_weighted(decision.routes, self.rnd.random())
+        if rdest is None:
+            raise _Reply(503, "NR", f"route {x.route_name or svc_host} has no destinations")
+        try:
+            cluster = self.cluster(snap, rdest.destination, ds.port.port)
+        except ClusterError as e:
+            raise _Reply(503, "NC", str(e)) from None
+        x.cluster = cluster.name
+        p = Plan(snap=snap, rule=rule, cluster=cluster, path=path, authority=x.authority)
+        if rule is not None and rule.rewrite is not None:
+            if rule.rewrite.uri is not None:
+                p.path = _rewrite_path(decision, path, rule.rewrite.uri)
+            if rule.rewrite.authority is not None:
+                p.authority = rule.rewrite.authority
+        tp = hdrs.get("traceparent")
+        if tp is None:
+            tp = new_traceparent()
+            out.append(("traceparent", tp))
+        x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
+        rid = hdrs.get("x-request-id")
+        if rid is None:
+            rid = str(uuid.uuid4())
+            out.append(("x-request-id", rid))
+        x.request_id = rid
+        out.append(("x-forwarded-proto", "http"))
+        if rule is not None and rule.headers is not None:
+            apply_header_ops(out, rule.headers.request)
+            p.response_ops.append(rule.headers.response)
+        if rdest.headers is not None:
+            apply_header_ops(out, rdest.headers.request)
+            p.response_ops.append(rdest.headers.response)
+        # consistent hashing needs the key before the pick
+        lb = cluster.policy.load_balancer
+        if lb is not None and lb.consistent_hash is not None:
+            p.hash_key, cookie = hash_key_for(
+                lb.consistent_hash,
+                hdrs,
+                _cookies(hdrs.get("cookie")),
+                ds.source_ip,
+                info.query_params,
+                connection=str(ds.meta.get("source", "")),
+            )
+            if cookie is not None:
+                p.set_cookie = cookie.header_value()
+        p.retry = _retry_policy(rule)
+        p.timeout = rule.timeout if rule is not None else None
+        return p
+
+    async def _route1(
+        self,
+        ds: Downstream,
+        pipe: Pipe,
+        down: DownstreamHttp1,
+        head: RequestHead,
+        hdrs: dict[str, str],
+        body: _Body,
+        x: Exchange,
+    ) -> bool:
+        out = forwardable_headers(head.headers, upgrade=head.upgrade)
+        if head.expect_continue:
+            out = [(k, v) for k, v in out if k != "expect"]
+        try:
+            p = await self.plan(ds, head.method, head.target, hdrs, out, x)
+        except _Redirect as r:
+            x.status = r.status
+            pipe.write(
+                down.send_response_head(
+                    r.status, [("location", r.location), ("content-length", "0")]
+                )
+                + down.send_end()
+            )
+            if not body.complete:
+                await body.finish()
+            return True
+        if p.authority != x.authority:
+            out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
+        if head.upgrade is not None:
+            return await self._upgrade1(ds, pipe, down, head, p.path, out, p.cluster, x)
+        if p.rule is not None and p.rule.mirror is not None:
+            self._maybe_mirror(ds, p.snap, p.rule, head, p.path, out, body)
+        try:
+            async with asyncio.timeout(p.timeout):
+                return await self._attempts1(ds, pipe, down, head, out, body, p, x)
+        except TimeoutError:
+            x.flag("UT")
+            if down.response_started:
+                pipe.abort()
+                return False
+            raise _Reply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
+
+    async def _fault(self, rule: HTTPRoute, x: Exchange) -> None:
+        f = rule.fault
+        assert f is not None
+        if f.delay is not None and self.rnd.random() * 100 < f.delay.percentage:
+            x.flag("DI")
+            await asyncio.sleep(f.delay.fixed_delay)
+        if f.abort is not None and self.rnd.random() * 100 < f.abort.percentage:
+            raise _Reply(f.abort.http_status, "FI", "fault filter abort")
+
+    async def _attempts1(
+        self,
+        ds: Downstream,
+        pipe: Pipe,
+        down: DownstreamHttp1,
+        head: RequestHead,
+        out: list[tuple[str, str]],
+        body: _Body,
+        p: Plan,
+        x: Exchange,
+    ) -> bool:
+        cluster, policy, target = p.cluster, p.retry, p.path
+        bal = self.balancer(cluster, ds.pod)
+        tried: set[str] = set()
+        retries_left = policy.attempts
+        last_flag = "UF"
+        while True:
+            ep = bal.pick(p.hash_key, tried)
+            if ep is None:
+                raise _Reply(503, "UH", f"no healthy upstream for {cluster.name}")
+            addr = endpoint_address(ep)
+            tried.add(addr)
+            x.attempts += 1
+            x.upstream = addr
+            x.dst_pod = ep.pod
+            failure: str | None = None
+            status_retry = False
+            bal.started(ep)
+            conn: H1Conn | None = None
+            try:
+                try:
+                    conn, reused = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+                except Overflow as e:
+                    raise _Reply(503, "UO", str(e)) from None
+                except PeerError as e:
+                    bal.report(ep, None, True)
+                    failure, last_flag = "connect-failure", "UF"
+                    log.info("%s: connect to %s failed: %s", cluster.name, addr, e)
+                else:
+                    x.dst_principal = conn.principal
+                    resp, fail = await self._send1(conn, head, target, out, body, policy)
+                    if fail is not None and fail[1] == "UC" and reused and body.replayable:
+                        # a pooled connection the peer had closed: once more, on a new one
+                        self.pool.discard(conn)
+                        conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+                        resp, fail = await self._send1(conn, head, target, out, body, policy)
+                    if fail is not None:
+                        failure, last_flag = fail
+                        bal.report(ep, 504 if last_flag == "UT" else 503, False)
+                        self.pool.discard(conn, abort=True)
+                        conn = None
+                    else:
+                        assert resp is not None
+                        bal.report(ep, resp.status, False)
+                        reason = _retriable_status(policy, resp.status, _join_headers(resp.headers))
+                        if reason is not None and retries_left > 0 and body.replayable:
+                            self.pool.discard(conn, abort=True)
+                            conn = None
+                            failure, last_flag, status_retry = reason, "URX", True
+                        else:
+                            if reason is not None and x.attempts > 1:
+                                x.flag("URX")
+                            c = conn
+                            conn = None
+                            return await self._respond1(
+                                pipe,
+                                down,
+                                c,
+                                cluster,
+                                resp,
+                                body,
+                                p.set_cookie,
+                                p.response_ops,
+                                x,
+                            )
+            finally:
+                bal.finished(ep)
+                if conn is not None:
+                    self.pool.discard(conn, abort=True)
+            # a failed attempt: retry, or tell the client
+            body.detach()
+            retriable = status_retry or _retriable_failure(policy, failure or "")
+            if retries_left > 0 and body.replayable and retriable:
+                retries_left -= 1
+                self.metrics.retries.labels(
+                    destination_service=cluster.host, reason=failure or "?"
+                ).inc()
+                await asyncio.sleep(_backoff(x.attempts))
+                continue
+            flag = "URX" if x.attempts > 1 else last_flag
+            if failure == "per-try-timeout":
+                raise _Reply(504, "UT", f"upstream {x.upstream} did not answer in time")
+            if failure == "connect-failure":
+                raise _Reply(
+                    503,
+                    flag,
+                    f"upstream connect error: cannot reach {x.upstream} ({cluster.name}) "
+                    f"after {x.attempts} attempt(s)",
+                )
+            raise _Reply(
+                502 if last_flag == "UPE" else 503,
+                flag,
+                f"upstream {x.upstream} reset before response headers",
+            )
+
+    async def _send1(
+        self,
+        conn: H1Conn,
+        head: RequestHead,
+        target: str,
+        out: list[tuple[str, str]],
+        body: _Body,
+        policy: HTTPRetry,
+    ) -> tuple[ResponseHead | None, tuple[str, str] | None]:
+        """Send the request on ``conn`` and wait for the response head; a failure is
+        (retryOn kind, response flag)."""
+        conn.pipe.write(
+            conn.machine.send_request_head(head.method, target, out, body=head.has_body)
+        )
+        body.attach(conn)
+        try:
+            async with asyncio.timeout(policy.per_try_timeout):
+                while True:
+                    ev = await conn.next_event()
+                    if isinstance(ev, ResponseHead):
+                        return ev, None
+                    if isinstance(ev, Informational):
+                        continue
+                    if isinstance(ev, ProtocolError):
+                        log.info("upstream protocol error: %s", ev.reason)
+                        return None, ("reset", "UPE")
+                    return None, ("reset", "UC")
+        except TimeoutError:
+            return None, ("per-try-timeout", "UT")
+        except (PipeClosed, ConnectionError):
+            return None, ("reset", "UC")
+
+    async def _respond1(
+        self,
+        pipe: Pipe,
+        down: DownstreamHttp1,
+        conn: H1Conn,
+        cluster: Cluster,
+        resp: ResponseHead,
+        body: _Body,
+        set_cookie: str | None,
+        resp_ops: list[HeaderOperations | None],
+        x: Exchange,
+    ) -> bool:
+        x.status = resp.status
+        headers = forwardable_headers(resp.headers)
+        for ops in resp_ops:
+            apply_header_ops(headers, ops)
+        if set_cookie is not None:
+            headers.append(("set-cookie", set_cookie))
+        ok = False
+        try:
+            pipe.write(down.send_response_head(resp.status, headers, resp.reason))
+            while True:
+                ev = await conn.next_event()
+                if isinstance(ev, BodyChunk):
+                    x.bytes_out += len(ev.data)
+                    pipe.write(down.send_body(ev.data))
+                    if pipe.lost:
+                        x.flag("DC")
+                        return False
+                    await pipe.drain()
+                elif isinstance(ev, ResponseEnd):
+                    pipe.write(down.send_end(ev.trailers))
+                    ok = True
+                    break
+                elif isinstance(ev, ConnectionClosed) and ev.clean:
+                    pipe.write(down.send_end())
+                    ok = True
+                    break
+                else:
+                    x.flag("UC")
+                    pipe.abort()
+                    return False
+        finally:
+            if ok and body.complete and body.ended_upstream:
+                self.pool.release(conn, cluster)
+            else:
+                self.pool.discard(conn, abort=not ok)
+        # the upstream may answer before the request body ended: then close
+        return body.complete
+
+    async def _upgrade1(
+        self,
+        ds: Downstream,
+        pipe: Pipe,
+        down: DownstreamHttp1,
+        head: RequestHead,
+        target: str,
+        out: list[tuple[str, str]],
+        cluster: Cluster,
+        x: Exchange,
+    ) -> bool:
+        """A protocol switch (WebSocket): one attempt, then raw bytes both ways."""
+        bal = self.balancer(cluster, ds.pod)
+        ep = bal.pick(None, set())
+        if ep is None:
+            raise _Reply(503, "UH", f"no healthy upstream for {cluster.name}")
+        x.attempts, x.upstream, x.dst_pod = 1, f"{ep.ip}:{ep.port}", ep.pod
+        try:
+            conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+        except PeerError as e:
+            raise _Reply(503, "UF", f"upstream connect error: {e}") from None
+        x.dst_principal = conn.principal
+        try:
+            conn.pipe.write(conn.machine.send_request_head(head.method, target, out))
+            while True:
+                ev = await conn.next_event()
+                if isinstance(ev, ResponseHead):
+                    break
+                if not isinstance(ev, Informational):
+                    raise _Reply(503, "UC", "upstream closed before answering the upgrade")
+            x.status = ev.status
+            if ev.status != 101:
+                # refused: an ordinary response
+                return await self._respond1(
+                    pipe, down, conn, cluster, ev, _done_body(), None, [], x
+                )
+            upgrade = next((v for k, v in ev.headers if k == "upgrade"), head.upgrade)
+            pipe.write(
+                down.send_response_head(101, forwardable_headers(ev.headers, upgrade=upgrade))
+            )
+            for item in down.take_events():
+                if isinstance(item, Upgraded):
+                    conn.pipe.write(item.data)
+            for up_item in list(conn.events):
+                if isinstance(up_item, Upgraded):
+                    pipe.write(up_item.data)
+            conn.events.clear()
+            await asyncio.gather(_copy(pipe, conn.pipe), _copy(conn.pipe, pipe))
+            return False
+        finally:
+            self.pool.discard(conn)
+
+    # -- mirroring ----------------------------------------------------------------------------
+    def _maybe_mirror(
+        self,
+        ds: Downstream,
+        snap: MeshSnapshot,
+        rule: HTTPRoute,
+        head: RequestHead,
+        target: str,
+        out: list[tuple[str, str]],
+        body: _Body,
+    ) -> None:
+        pct = rule.mirror_percentage if rule.mirror_percentage is not None else 100.0
+        if rule.mirror is None or self.rnd.random() * 100 >= pct:
+            return
+        try:
+            cluster = self.cluster(snap, rule.mirror, ds.port.port)
+        except ClusterError as e:
+            log.info("mirror skipped: %s", e)
+            return
+        headers = [(k, f"{v}-shadow" if k == "host" else v) for k, v in out]
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(ds, cluster, head.method, target, headers, body)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _mirror(
+        self,
+        ds: Downstream,
+        cluster: Cluster,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: _Body,
+    ) -> None:
+        """Send a copy once the request body is known; the answer is read and dropped."""
+        for _ in range(200):
+            if body.complete or not body.replayable:
+                break
+            await asyncio.sleep(0.01)
+        if not body.complete or not body.replayable:
+            return
+        ep = self.balancer(cluster, ds.pod).pick(None, set())
+        if ep is None:
+            return
+        try:
+            conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+        except (PeerError, Overflow):
+            return
+        ok = False
+        try:
+            m = conn.machine
+            hs = [(k, v) for k, v in headers if k != "content-length"]
+            data = b"".join(body.chunks)
+            hs.append(("content-length", str(len(data))))
+            conn.pipe.write(m.send_request_head(method, target, hs, body=bool(data)))
+            if data:
+                conn.pipe.write(m.send_body(data))
+            conn.pipe.write(m.send_end())
+            async with asyncio.timeout(30):
+                while True:
+                    ev = await conn.next_event()
+                    if isinstance(ev, ResponseEnd):
+                        ok = True
+                        break
+                    if isinstance(ev, ConnectionClosed | ProtocolError):
+                        break
+        except (TimeoutError, PipeClosed, ConnectionError):
+            pass
+        finally:
+            if ok:
+                self.pool.release(conn, cluster)
+            else:
+                self.pool.discard(conn, abort=True)
+
+    # -- telemetry ----------------------------------------------------------------------------
+    def _record(self, ds: Downstream, x: Exchange) -> None:
+        duration_ms = (time.monotonic() - x.start) * 1000
+        flags = ",".join(f for f in x.flags if f != "-") or "-"
+        dst = x.dst_pod
+        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
+        svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
+        key = (
+            ds.pod.name,
+            ds.pod.namespace,
+            ds.source_principal,
+            dst.name if dst else "unknown",
+            dst.namespace if dst else "unknown",
+            svc_host,
+            x.dst_principal,
+            dst.labels.get("version", "unknown") if dst else "unknown",
+            x.protocol,
+            str(x.status),
+            flags,
+            "mutual_tls" if mtls else "none",
+            x.route_name,
+        )
+        children = self._metric_children.get(key)
+        if children is None:
+            labels = {
+                "reporter": "source",
+                "source_workload": key[0],
+                "source_workload_namespace": key[1],
+                "source_principal": key[2],
+                "destination_workload": key[3],
+                "destination_workload_namespace": key[4],
+                "destination_service": key[5],
+                "destination_principal": key[6],
+                "destination_version": key[7],
+                "request_protocol": "grpc" if x.protocol == "gRPC" else "http",
+                "response_code": key[9],
+                "response_flags": key[10],
+                "connection_security_policy": key[11],
+                "route_name": key[12] or "default",
+            }
+            children = self._metric_children[key] = (
+                self.metrics.requests.labels(**labels),
+                self.metrics.request_duration.labels(**labels),
+            )
+        children[0].inc()
+        children[1].observe(duration_ms)
+        self.access_log.write(
+            AccessRecord(
+                start_time=rfc3339(x.start_wall),
+                source_workload=ds.pod.name,
+                source_namespace=ds.pod.namespace,
+                source_principal=ds.source_principal,
+                destination_service=svc_host,
+                destination_workload=dst.name if dst else "unknown",
+                destination_namespace=dst.namespace if dst else "unknown",
+                destination_principal=x.dst_principal,
+                method=x.method,
+                authority=x.authority,
+                path=x.path,
+                protocol=x.protocol,
+                response_code=x.status,
+                response_flags=flags,
+                bytes_received=x.bytes_in,
+                bytes_sent=x.bytes_out,
+                duration_ms=round(duration_ms, 3),
+                upstream_host=x.upstream,
+                upstream_cluster=x.cluster or "-",
+                route_name=x.route_name or "-",
+                attempts=x.attempts,
+                trace_id=x.trace_id,
+                request_id=x.request_id,
+                user_agent=x.user_agent,
+            )
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+        for t in self._tasks:
+            t.cancel()
+
+
+def _route_name(d: RouteDecision) -> str:
+    if d.virtual_service is None or d.rule_index is None:
+        return ""
+    return d.rule_name or f"{d.virtual_service.key}#{d.rule_index}"
+
+
+async def _never() -> DownstreamEvent:
+    return ConnectionClosed()
+
+
+def _done_body() -> _Body:
+    b = _Body(_never, lambda: None)
+    b.complete = b.ended_upstream = True
+    return b
+
+
+async def _copy(src: Pipe, dst: Pipe) -> None:
+    try:
+        while True:
+            data = await src.read()
+            if not data:
+                dst.write_eof()
+                return
+            dst.write(data)
+            await dst.drain()
+    except (PipeClosed, ConnectionError):
+        dst.abort()
+
+
+__all__ = [
+    "Downstream",
+    "Exchange",
+    "L7Proxy",
+    "Plan",
+    "apply_header_ops",
+]

@@ -1,0 +1,96 @@
+"""The per-request access log: one JSON object per line, Envoy/Istio field meanings.
+
+Owns the record's shape (``AccessRecord``) and its writer. The writer appends to a text
+stream (the agent's stdout by default, or a file) and flushes at most every
+``flush_interval`` seconds from the event loop, so logging costs one ``json.dumps`` and one
+buffered write per request, never a blocking flush on the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import TextIO
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    start_time: str
+    """RFC 3339 UTC time the request head arrived."""
+    source_workload: str
+    source_namespace: str
+    source_principal: str
+    destination_service: str
+    destination_workload: str
+    destination_namespace: str
+    destination_principal: str
+    method: str
+    authority: str
+    path: str
+    protocol: str
+    """``HTTP/1.1`` or ``HTTP/2``."""
+    response_code: int
+    """0 when no response was sent (the client left or the stream was reset)."""
+    response_flags: str
+    """Envoy's flags: ``-`` none, ``UF`` connect failure, ``UH`` no healthy upstream,
+    ``URX`` retries exhausted, ``UT`` upstream timeout, ``UC`` upstream closed, ``DC``
+    downstream closed, ``NR`` no route, ``FI`` fault abort, ``DI`` fault delay, ``UO``
+    overflow (connection pool), ``DPE`` downstream protocol error, ``UPE`` upstream one."""
+    bytes_received: int
+    """Request body bytes from the client."""
+    bytes_sent: int
+    """Response body bytes to the client."""
+    duration_ms: float
+    upstream_host: str
+    """The endpoint (``ip:port``) of the last attempt, ``-`` if none."""
+    upstream_cluster: str
+    """``outbound|port|subset|host`` as Istio names clusters."""
+    route_name: str
+    attempts: int
+    trace_id: str
+    request_id: str
+    user_agent: str
+
+
+def rfc3339(ts: float) -> str:
+    t = time.gmtime(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class AccessLog:
+    """Buffered JSON-lines writer; ``recent`` keeps the last records for ``nodeagent ctl``."""
+
+    def __init__(
+        self, out: TextIO | None = None, *, flush_interval: float = 0.5, keep: int = 200
+    ) -> None:
+        self.out = out if out is not None else sys.stdout
+        self.enabled = True
+        self.flush_interval = flush_interval
+        self.recent: deque[AccessRecord] = deque(maxlen=keep)
+        self._flush_handle: asyncio.TimerHandle | None = None
+
+    def write(self, record: AccessRecord) -> None:
+        self.recent.append(record)
+        if not self.enabled:
+            return
+        try:
+            self.out.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+        except (OSError, ValueError):
+            return
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(self.flush_interval, self.flush)
+
+    def flush(self) -> None:
+        self._flush_handle = None
+        with contextlib.suppress(OSError, ValueError):
+            self.out.flush()

@@ -1,0 +1,266 @@
+"""The L7 path on loopback: the real ``L7Proxy`` between real clients and real sample-app
+processes (see ``l7harness.py``); what the sandbox tests cover end to end is checked here
+in the corners that are slow or awkward to reach through the mesh: pipelining, retry
+buffer limits, connection-pool limits, mirroring, access-log fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from l7harness import L7Rig
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[L7Rig]:
+    with L7Rig(tmp_path, {"v1": 1, "v2": 1}) as r:
+        yield r
+
+
+def get(rig: L7Rig, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    c = http.client.HTTPConnection(*rig.address, timeout=10)
+    try:
+        c.request("GET", path, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = data
+        return r.status, doc, r
+    finally:
+        c.close()
+
+
+def raw(rig: L7Rig, data: bytes, *, read_until_close: bool = True) -> bytes:
+    s = socket.create_connection(rig.address, timeout=10)
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return out
+            out += d
+    finally:
+        s.close()
+
+
+def test_pipelined_requests_are_answered_in_order(rig: L7Rig) -> None:
+    reqs = b"".join(
+        f"GET /p{i} HTTP/1.1\r\nHost: web\r\n\r\n".encode() for i in range(5)
+    ) + b"GET /last HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    out = raw(rig, reqs)
+    assert out.count(b"HTTP/1.1 200") == 6
+    paths = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["path"]
+             for part in out.split(b"HTTP/1.1 200 OK")[1:]]
+    assert paths == ["/p0", "/p1", "/p2", "/p3", "/p4", "/last"]
+
+
+def test_large_bodies_arrive_intact_on_one_connection(rig: L7Rig) -> None:
+    body = bytes(i % 251 for i in range(5 << 20))
+    want = hashlib.sha256(body).hexdigest()
+    c = http.client.HTTPConnection(*rig.address, timeout=20)
+    for _ in range(3):
+        c.request("POST", "/", body=body)
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read())["body_sha256"] == want
+    c.request("GET", f"/bytes/{5 << 20}")
+    r = c.getresponse()
+    assert hashlib.sha256(r.read()).hexdigest() == want
+    c.close()
+
+
+def test_malformed_request_gets_400_with_flag_and_log(rig: L7Rig) -> None:
+    out = raw(rig, b"GET / HTTP/1.1\r\nHost: web\r\nContent-Length: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400")
+    assert b"x-nodeagent-response-flag: DPE" in out.lower().replace(b"dpe", b"DPE")
+    rec = rig.records()[-1]
+    assert rec["response_code"] == 400 and rec["response_flags"] == "DPE"
+
+
+def test_oversize_head_gets_431(rig: L7Rig) -> None:
+    out = raw(rig, b"GET / HTTP/1.1\r\nHost: web\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431")
+
+
+def test_body_larger_than_retry_buffer_streams_but_is_not_retried(tmp_path: Path) -> None:
+    with L7Rig(tmp_path, {"v1": 1}) as rig:  # one endpoint: /fail counts per process
+        _retry_buffer(rig)
+
+
+def _retry_buffer(rig: L7Rig) -> None:
+    body = bytes(i % 251 for i in range(300_000))
+    key = f"k{time.time_ns()}"
+    c = http.client.HTTPConnection(*rig.address, timeout=10)
+    c.request("POST", f"/fail/1/{key}", body=body)
+    r = c.getresponse()
+    r.read()
+    assert r.status == 503  # a 300 kB body cannot be replayed from a 64 KiB buffer
+    small = b"x" * 1000
+    c.request("POST", f"/fail/1/{key}-small", body=small)
+    r = c.getresponse()
+    doc = json.loads(r.read())
+    assert r.status == 200 and doc["body_sha256"] == hashlib.sha256(small).hexdigest()
+    rec = rig.records()
+    assert rec[-1]["attempts"] == 2 and rec[-2]["attempts"] == 1
+
+
+def test_connection_pool_overflow_is_503_uo(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          trafficPolicy:
+            connectionPool:
+              tcp: {maxConnections: 1}
+              http: {http1MaxPendingRequests: 1}
+    """)
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(get(rig, "/delay/1")[0])
+
+    threads = [threading.Thread(target=slow) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # one in flight, one waiting, the others overflow
+    assert sorted(results) == [200, 200, 503, 503], results
+    flags = [r["response_flags"] for r in rig.records() if r["response_code"] == 503]
+    assert flags == ["UO", "UO"]
+
+
+def test_max_requests_per_connection_opens_new_upstream_connections(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN}
+            connectionPool: {http: {maxRequestsPerConnection: 1}}
+    """)
+    clients = set()
+    for _ in range(4):
+        status, doc, _ = get(rig, "/")
+        assert status == 200
+        clients.add(doc["client"])
+    assert len(clients) == 4  # every request on its own upstream connection
+
+
+def test_keep_alive_upstream_connections_are_reused(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http: [{route: [{destination: {host: web, subset: v1}}]}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          subsets: [{name: v1, labels: {version: v1}}]
+    """)
+    clients = {get(rig, "/")[1]["client"] for _ in range(5)}
+    assert len(clients) == 1
+
+
+def test_mirror_sends_a_copy_with_shadow_host(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http:
+          - route: [{destination: {host: web, subset: v1}}]
+            mirror: {host: web, subset: v2}
+            mirrorPercentage: {value: 100}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+    """)
+    for _ in range(3):
+        status, doc, _ = get(rig, "/mirrored")
+        assert status == 200 and doc["version"] == "v1"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        served_v2 = get_direct(rig, "web-v2-0", "/count")["served"]
+        if served_v2 >= 4:
+            break
+        time.sleep(0.1)
+    assert served_v2 == 4  # three mirrored copies and this count request
+
+
+def get_direct(rig: L7Rig, pod: str, path: str) -> Any:
+    c = http.client.HTTPConnection("127.0.0.1", rig.app_port[pod], timeout=5)
+    try:
+        c.request("GET", path)
+        return json.loads(c.getresponse().read())
+    finally:
+        c.close()
+
+
+def test_upstream_gone_is_503_uf_after_retries(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http: [{route: [{destination: {host: web, subset: v2}}]}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          subsets: [{name: v2, labels: {version: v2}}]
+    """)
+    rig.apps["web-v2-0"].kill()
+    rig.apps["web-v2-0"].wait()
+    status, body, r = get(rig, "/")
+    assert status == 503 and r.getheader("x-nodeagent-response-flag") == "URX"
+    rec = rig.records()[-1]
+    assert rec["attempts"] == 3  # Istio's default: 2 retries on connect-failure
+    assert b"connect" in body
+
+
+def test_consistent_hash_cookie_is_generated_and_sticks(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          trafficPolicy:
+            loadBalancer: {consistentHash: {httpCookie: {name: user, ttl: 60s}}}
+    """)
+    status, _, r = get(rig, "/")
+    cookie = r.getheader("set-cookie")
+    assert status == 200 and cookie and cookie.startswith("user=")
+    value = cookie.split(";", 1)[0]
+    pods = {get(rig, "/", {"cookie": value})[1]["pod"] for _ in range(10)}
+    assert len(pods) == 1
