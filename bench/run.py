@@ -4,6 +4,7 @@ run, on one sandbox topology (client pod on node1, server pod on node2).
     .venv/bin/python bench/run.py [--seconds 10] [--rounds 2] [--out bench/results/latest.json]
     .venv/bin/python bench/run.py --quick          # smoke test: 3 s, 1 round
     .venv/bin/python bench/run.py --mtls           # node-to-node hop with mutual TLS
+    .venv/bin/python bench/run.py --l7             # HTTP routing (implies --mtls)
     .venv/bin/python bench/run.py --cases direct,haproxy,haproxy-pod,mesh --profile
 
 Needs root. It takes ``/run/nodeagent/e2e.lock`` itself (or uses the lock of an enclosing
@@ -23,6 +24,15 @@ Cases (same netns, same links; the upstream is one nginx worker in the server po
 The node-to-node hop is plain TCP for both (the sandbox without mTLS); ``--mtls`` runs the
 mesh with HBONE (mutual TLS) and gives HAProxy's middle hop mutual TLS 1.3. A check before
 measuring makes sure each case takes its path and the mesh the transport asked for.
+
+``--l7`` (implies ``--mtls``) measures HTTP routing, issue 4's target: the Service port is
+HTTP (``appProtocol: http``, port name ``http-...``) and a ``networking.istio.io/v1``
+VirtualService routes its host with one ``http`` rule matching ``uri: {prefix: /}``; both
+HAProxies run in ``mode http`` (keep-alive, ``http-reuse always``, the same mTLS hop) and the
+first one makes one route match (``acl`` on ``path_beg /`` + ``use_backend``). The summary
+then prints the two target ratios: mesh/haproxy keep-alive req/s >= 0.6 and mesh/haproxy
+p99 at 50 connections <= 2.0. The path check says whether the agents counted the HTTP
+request (``istio_requests_total``), i.e. whether the mesh really took an L7 path.
 
 Tests, each round interleaved per test (direct, haproxy, mesh, then the next test):
 
@@ -95,10 +105,17 @@ HAPROXY_NEXT_PORT = 9102
 HAPROXY_POD_FRONT_PORT = 9201
 HAPROXY_POD_NEXT_PORT = 9202
 CLUSTER_IP = "10.96.80.80"
+TCP_OPENED = "istio_tcp_connections_opened_total"
+REQUESTS = "istio_requests_total"
+"""``--l7``: the agents' HTTP request counter (Istio's name), to tell an L7 path from L4."""
 BULK_PATH = "/big.bin"
 LOAD_CPU = 0
 PROXY_CPU = 1
 KEEPALIVE_CONNS = 50
+L7_PREFIX = "/"
+"""``--l7``: the URI prefix of the one route match (mesh VirtualService, HAProxy ``acl``)."""
+L7_RULE = "bench"
+"""``--l7``: the name of the VirtualService's http rule (the agents' ``route_name`` label)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTHER_LOAD_WARN = 0.15
 """A run during which more than this share of a CPU went to work that is not the
@@ -168,6 +185,33 @@ frontend bench_in
 backend bench_next
     server next {up_ip}:{up_port}{server_tls}
 """
+HAPROXY_HTTP_CFG = """\
+global
+    nbthread 1
+    maxconn 8192
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend bench_in
+    bind {bind_ip}:{bind_port}{bind_tls}
+{route}
+backend bench_next
+    server next {up_ip}:{up_port}{server_tls}
+"""
+"""``--l7``: HAProxy in HTTP mode. ``http-reuse always`` keeps pooled server connections in
+use when clients send ``Connection: close`` (``safe``, the default, would not: see
+BENCHMARKING.md), as the mesh keeps its HBONE tunnels."""
+HAPROXY_ROUTE = f"""\
+    acl bench_route path_beg {L7_PREFIX}
+    use_backend bench_next if bench_route"""
+"""The first HAProxy's route match (the mesh's VirtualService rule: ``uri: {prefix: /}``);
+a request that does not match gets HAProxy's 503, as the mesh answers 404 (no route)."""
+HAPROXY_DEFAULT = "    default_backend bench_next"
 TLS_SUITE = "TLS_AES_256_GCM_SHA384"
 """The TLS 1.3 suite HAProxy's mTLS hop is pinned to (what the peers negotiated here)."""
 HAPROXY_BIND_TLS = (
@@ -219,6 +263,17 @@ FIGURES = (
 TARGET_FIGURES = ("ka_rps", "conn_rps", "bulk_mbps")
 TARGET = 0.8
 """The goal: mesh >= 0.8 x HAProxy for req/s and bulk."""
+L7_TARGETS = (
+    ("ka_rps", "L7 keep-alive req/s (c50)", True, 0.6),
+    ("ka_p99_ms", "L7 keep-alive p99 (c50)", False, 2.0),
+)
+"""``--l7`` (issue 4): (figure, label, at least?, bound) on mesh/haproxy: keep-alive req/s
+at least 0.6 x HAProxy's, p99 latency at 50 connections no worse than 2 x HAProxy's."""
+
+
+def figure_label(fig: Figure, l7: bool) -> str:
+    """The row label; with ``--l7`` the top-level rows say L7 (sub-rows are indented)."""
+    return f"L7 {fig.label}" if l7 and not fig.label.startswith(" ") else fig.label
 
 
 # -- the e2e lock --------------------------------------------------------------------------
@@ -529,6 +584,9 @@ class Options:
     cases: tuple[str, ...] = CASES
     mtls: bool = False
     """Mesh with mutual TLS (HBONE) between nodes, and HAProxy's middle hop with mTLS."""
+    l7: bool = False
+    """HTTP routing: an HTTP Service port with a VirtualService route match for the mesh,
+    HAProxy in HTTP mode with an ``acl`` route match (implies ``mtls``)."""
     retry_budget: float = 90.0
     """Seconds the whole run may spend repeating runs disturbed by other users."""
 
@@ -552,6 +610,10 @@ class Bench:
     warnings: list[str] = field(default_factory=list)
     profile: dict[str, Any] = field(default_factory=dict)
     mesh_transport: str = "?"
+    mesh_l7_seen: bool | None = None
+    """``--l7``: whether node1's agent (the one that routes) counted the test request in
+    ``istio_requests_total`` (the mesh took an L7 path); None without ``--l7`` or before the
+    check."""
     retry_spent: float = 0.0
     """Seconds spent so far waiting for quiet and repeating runs (see ``--retry-budget``)."""
 
@@ -673,16 +735,19 @@ class Bench:
             cfg = self.work / f"{name}.cfg"
             first = bind_port in (HAPROXY_FRONT_PORT, HAPROXY_POD_FRONT_PORT)
             tls = self.opts.mtls
-            cfg.write_text(
-                HAPROXY_CFG.format(
-                    bind_ip=bind_ip,
-                    bind_port=bind_port,
-                    up_ip=up_ip,
-                    up_port=up_port,
-                    bind_tls=HAPROXY_BIND_TLS.format(dir=self.work) if tls and not first else "",
-                    server_tls=HAPROXY_SERVER_TLS.format(dir=self.work) if tls and first else "",
-                )
-            )
+            fields = {
+                "bind_ip": bind_ip,
+                "bind_port": bind_port,
+                "up_ip": up_ip,
+                "up_port": up_port,
+                "bind_tls": HAPROXY_BIND_TLS.format(dir=self.work) if tls and not first else "",
+                "server_tls": HAPROXY_SERVER_TLS.format(dir=self.work) if tls and first else "",
+            }
+            if self.opts.l7:  # HTTP mode; the first hop routes, like the mesh's outbound
+                route = HAPROXY_ROUTE if first else HAPROXY_DEFAULT
+                cfg.write_text(HAPROXY_HTTP_CFG.format(route=route, **fields))
+            else:
+                cfg.write_text(HAPROXY_CFG.format(**fields))
             _run(["haproxy", "-c", "-q", "-f", str(cfg)])
             logfile = self.work / f"haproxy-{name}.log"
             with open(logfile, "ab") as out:
@@ -718,8 +783,9 @@ class Bench:
                 p.wait(timeout=3)
         self.haproxies.clear()
 
-    def opened(self, node: str) -> dict[str, float]:
-        """``istio_tcp_connections_opened_total`` of a node's agent, per label set."""
+    def opened(self, node: str, metrics: Sequence[str] = (TCP_OPENED,)) -> dict[str, float]:
+        """The agent's counters ``metrics`` (``istio_tcp_connections_opened_total`` by
+        default) of a node, per series (``name{labels}``)."""
         text = _run(
             [
                 "nsenter",
@@ -733,16 +799,24 @@ class Bench:
         )
         series: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("istio_tcp_connections_opened_total{"):
+            if line.startswith(tuple(f"{m}{{" for m in metrics)):
                 labels, _, value = line.rpartition(" ")
                 series[labels] = float(value)
         return series
 
     def check_paths(self) -> None:
         """Each case answers ``ok``; only the mesh case goes through the agents, with the
-        transport asked for (``connection_security_policy``: mutual_tls or none)."""
+        transport asked for (``connection_security_policy``: mutual_tls or none).
+
+        With ``--l7`` the HTTP requests the agents count (``istio_requests_total``) count as
+        well: each agent must have seen the test request as one connection or one request or
+        both; whether node1's agent (the one that routes) counted it as an HTTP request tells
+        if the mesh took its L7 path (``mesh_l7_seen``; an L4-only mesh is reported, not
+        failed).
+        """
+        metrics = (TCP_OPENED, REQUESTS) if self.opts.l7 else (TCP_OPENED,)
         for case in self.opts.cases:
-            before = [self.opened(n) for n in NODES]
+            before = [self.opened(n, metrics) for n in NODES]
             p = self.sb.exec(
                 CLIENT,
                 ["curl", "-sS", "-m", "5", self.url(case)],
@@ -755,17 +829,31 @@ class Bench:
                     f"{case}: curl {self.url(case)} from the client pod failed "
                     f"(exit {p.returncode}): {p.stderr.strip() or p.stdout[:200]!r}"
                 )
-            after = [self.opened(n) for n in NODES]
+            after = [self.opened(n, metrics) for n in NODES]
             grown = [
                 [k for k, v in a.items() if v > b.get(k, 0.0)]
                 for a, b in zip(after, before, strict=True)
             ]
-            delta = [sum(a.values()) - sum(b.values()) for a, b in zip(after, before, strict=True)]
-            want = [1.0, 1.0] if case == "mesh" else [0.0, 0.0]
-            if delta != want:
+            conns, reqs = (_growth(m, before, after) for m in (TCP_OPENED, REQUESTS))
+            if not self.opts.l7:
+                want = [1.0, 1.0] if case == "mesh" else [0.0, 0.0]
+                wrong = conns != want
+                seen, counted, expected = f"{conns}", f"{conns} new connections", f"{want}"
+            else:
+                seen = counted = f"{conns} connections and {reqs} HTTP requests"
+                if case == "mesh":  # each agent: the connection, the request, or both
+                    wrong = any(
+                        not (c in (0.0, 1.0) and r in (0.0, 1.0) and c + r >= 1)
+                        for c, r in zip(conns, reqs, strict=True)
+                    )
+                    expected = "at most one connection and one request, at least one of them"
+                else:
+                    wrong = conns != [0.0, 0.0] or reqs != [0.0, 0.0]
+                    expected = "nothing"
+            if wrong:
                 raise BenchError(
-                    f"{case}: the agents counted {delta} new connections (node1, node2) for one "
-                    f"request, expected {want}: the {case} path is not what it should be"
+                    f"{case}: the agents counted {counted} (node1, node2) for one request, "
+                    f"expected {expected}: the {case} path is not what it should be"
                 )
             if case == "mesh":
                 policies = {
@@ -774,6 +862,8 @@ class Bench:
                     for m in keys
                     if 'connection_security_policy="' in m
                 }
+                if self.opts.l7:  # a source reporter may say "unknown" (Istio's, per request)
+                    policies.discard("unknown")
                 expected = "mutual_tls" if self.opts.mtls else "none"
                 if policies != {expected}:
                     raise BenchError(
@@ -782,7 +872,36 @@ class Bench:
                         f"({'--mtls' if self.opts.mtls else 'no --mtls'})"
                     )
                 self.mesh_transport = "HBONE, mutual TLS" if self.opts.mtls else "plain TCP"
-            log(f"path {case}: {self.url(case)} answers ok (agents saw {delta})")
+                if self.opts.l7:
+                    # node1's agent is the one that routes (the client's outbound side)
+                    self.mesh_l7_seen = reqs[0] >= 1
+                    if self.mesh_l7_seen:
+                        # the rule that matched, where the agent reports it (route_name)
+                        routes = {
+                            m.split('route_name="', 1)[1].split('"', 1)[0]
+                            for m in grown[0]
+                            if m.startswith(REQUESTS + "{") and 'route_name="' in m
+                        }
+                        if routes and routes != {L7_RULE}:
+                            raise BenchError(
+                                f"mesh: node1's agent routed the test request by rule(s) "
+                                f"{sorted(routes)}, expected the VirtualService rule {L7_RULE!r}"
+                            )
+                        how = f"rule {L7_RULE!r}" if routes else "no route_name reported"
+                        self.mesh_transport += (
+                            f", L7 ({REQUESTS} grew by {reqs} on node1, node2; {how})"
+                        )
+                    else:
+                        self.mesh_transport += (
+                            f", NOT L7: {REQUESTS} grew by {reqs} (node1, node2) for the test "
+                            "request: node1's agent relayed it at L4"
+                        )
+                        self.warnings.append(
+                            f"--l7: node1's agent counted no HTTP request for the test request "
+                            f"({REQUESTS} grew by {reqs} on node1, node2): the mesh took its L4 "
+                            "path, its figures are not L7 routing"
+                        )
+            log(f"path {case}: {self.url(case)} answers ok (agents saw {seen})")
 
     # -- one test ---------------------------------------------------------------------------
 
@@ -1075,6 +1194,17 @@ def _frame_name(frame: str) -> str:
     return f"{func} ({where})"
 
 
+def _growth(
+    metric: str, before: Sequence[dict[str, float]], after: Sequence[dict[str, float]]
+) -> list[float]:
+    """Per node: how much the series of ``metric`` grew in total."""
+
+    def total(series: dict[str, float]) -> float:
+        return sum(v for k, v in series.items() if k.startswith(metric + "{"))
+
+    return [total(a) - total(b) for a, b in zip(after, before, strict=True)]
+
+
 def _run(argv: Sequence[str], timeout: float = 30) -> str:
     p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -1085,8 +1215,13 @@ def _run(argv: Sequence[str], timeout: float = 30) -> str:
 # -- config -------------------------------------------------------------------------------
 
 
-def write_config(work: Path, bulk_mib: int, cases: Sequence[str]) -> Path:
-    """The sandbox config (YAML dir), nginx's config, the bulk file and wrk's report script."""
+def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = False) -> Path:
+    """The sandbox config (YAML dir), nginx's config, the bulk file and wrk's report script.
+
+    ``l7``: the Service port is HTTP (``appProtocol: http``, name ``http-mesh``) and a
+    VirtualService routes the Service's host with one ``http`` rule: one match (URI prefix
+    ``L7_PREFIX``), one route to the Service itself.
+    """
     work.chmod(0o755)
     bulk = work / BULK_PATH.lstrip("/")
     with open(bulk, "wb") as f:
@@ -1171,6 +1306,39 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str]) -> Path:
             },
         },
     ]
+    if l7:
+        docs[-1]["spec"]["ports"] = [
+            {
+                "name": "http-mesh",
+                "port": MESH_PORT,
+                "targetPort": MESH_PORT,
+                "appProtocol": "http",
+            }
+        ]
+        docs.append(
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "VirtualService",
+                "metadata": {"name": "bench-server", "namespace": "default"},
+                "spec": {
+                    "hosts": ["bench-server"],
+                    "http": [
+                        {
+                            "name": L7_RULE,
+                            "match": [{"uri": {"prefix": L7_PREFIX}}],
+                            "route": [
+                                {
+                                    "destination": {
+                                        "host": "bench-server",
+                                        "port": {"number": MESH_PORT},
+                                    }
+                                }
+                            ],
+                        }
+                    ],
+                },
+            }
+        )
     mesh = work / "mesh"
     mesh.mkdir()
     (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
@@ -1277,6 +1445,13 @@ def environment(opts: Options) -> dict[str, Any]:
             if opts.mtls
             else "node-to-node hop in plain TCP (mesh and HAProxy)"
         ),
+        "mode": (
+            f"L7: HTTP routing, one route match on URI prefix {L7_PREFIX!r} (mesh: HTTP "
+            "Service port + VirtualService; HAProxy: mode http, acl path_beg + use_backend, "
+            "http-reuse always)"
+            if opts.l7
+            else "L4: TCP relay (mesh: TCP Service port; HAProxy: mode tcp)"
+        ),
         "layout": f"wrk/bulk client + nginx on CPU{LOAD_CPU}, proxies on CPU{PROXY_CPU}; "
         f"latency1: everything on CPU{LOAD_CPU}",
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
@@ -1304,7 +1479,9 @@ def _stats(xs: list[float], suspect: bool) -> dict[str, Any]:
     }
 
 
-def summarize(runs: list[dict[str, Any]], rounds: int, cases: Sequence[str]) -> dict[str, Any]:
+def summarize(
+    runs: list[dict[str, Any]], rounds: int, cases: Sequence[str], l7: bool = False
+) -> dict[str, Any]:
     """Per figure: values per case and round, median/min/max, per-round ratios.
 
     Runs flagged suspect (other work on the machine) are left out when a clean run of the
@@ -1322,7 +1499,7 @@ def summarize(runs: list[dict[str, Any]], rounds: int, cases: Sequence[str]) -> 
     for fig in FIGURES:
         vals = per[fig.key]
         entry: dict[str, Any] = {
-            "label": fig.label.strip(),
+            "label": figure_label(fig, l7).strip(),
             "higher_is_better": fig.higher_is_better,
         }
         for case in cases:
@@ -1386,15 +1563,25 @@ def _ratio_cell(r: dict[str, Any] | None) -> str:
 
 
 def table(
-    summary: dict[str, Any], env: dict[str, Any], runs: list[dict[str, Any]], cases: Sequence[str]
+    summary: dict[str, Any],
+    env: dict[str, Any],
+    runs: list[dict[str, Any]],
+    cases: Sequence[str],
+    l7: bool = False,
+    mesh_path: str | None = None,
 ) -> str:
-    cols = [("figure", 28), *((c, 15) for c in cases)]
+    """``l7``: figures labelled L7, the mode and the mesh path checked in the header, and
+    issue 4's two targets instead of the L4 one."""
+    width = 31 if l7 else 28
+    cols = [("figure", width), *((c, 15) for c in cases)]
     ratio_cols = [(f"{c}/{b}", max(13, len(f"{c}/{b}") + 2)) for b, c in ratio_pairs(cases)]
     lines = [
         f"nodeagent bench — {env['date']}, git {env['git']}, kernel {env['kernel']}",
         f"{env['rounds']} round(s), keep-alive {env['seconds']}s, other tests "
         f"{env['short_seconds']}s; {env['layout']}",
         f"{env.get('transport', '')}",
+        *([env.get("mode", "")] if l7 else []),
+        *([f"mesh path checked: {mesh_path}"] if l7 and mesh_path else []),
         "absolute: median ±half-range across rounds; ratios: per round (min-max), "
         "case / base; ↑ higher is better, ↓ lower is better",
         "",
@@ -1405,7 +1592,7 @@ def table(
     for fig in FIGURES:
         e = summary[fig.key]
         arrow = "↑" if fig.higher_is_better else "↓"
-        row = f"{fig.label + ' ' + arrow:<28}"
+        row = f"{figure_label(fig, l7) + ' ' + arrow:<{width}}"
         row += "".join(f"{_abs_cell(e[c]):<15}" for c in cases)
         for name, w in ratio_cols:
             row += f"{_ratio_cell(e['ratios'].get(name)):>{w}}"
@@ -1427,6 +1614,8 @@ def table(
         )
     if "haproxy" not in cases or "mesh" not in cases:
         return "\n".join(lines)
+    if l7:
+        return "\n".join(lines + l7_targets(summary, mesh_path))
     lines += ["", f"target: mesh >= {TARGET:.1f} x HAProxy (mesh/haproxy, median of rounds)"]
     gaps = []
     for key in TARGET_FIGURES:
@@ -1441,6 +1630,30 @@ def table(
         r, key = min(gaps)
         lines.append(f"  furthest from the target: {summary[key]['label']} ({r:.2f})")
     return "\n".join(lines)
+
+
+def l7_targets(summary: dict[str, Any], mesh_path: str | None) -> list[str]:
+    """Issue 4's targets on mesh/haproxy (median of the per-round ratios), PASS or FAIL."""
+    lines = [
+        "",
+        "L7 targets (issue 4; mesh/haproxy, median of rounds; HTTP routing, mTLS between nodes):",
+    ]
+    for key, label, at_least, bound in L7_TARGETS:
+        r = summary[key]["ratios"].get("mesh/haproxy") or {}
+        value = r.get("median")
+        want = f"{'>=' if at_least else '<='} {bound:.1f}"
+        if value is None:
+            lines.append(f"  {label:<29} {'—':>5}  want {want}  no result")
+            continue
+        ok = value >= bound if at_least else value <= bound
+        mark = " (* only from suspect runs)" if r.get("from_suspect_runs") else ""
+        lines.append(f"  {label:<29} {value:5.2f}  want {want}  {'PASS' if ok else 'FAIL'}{mark}")
+    if mesh_path is not None and "NOT L7" in mesh_path:
+        lines += [
+            "  the mesh did not take an L7 path (see 'mesh path checked'): these ratios",
+            "  compare its L4 relay with HAProxy's HTTP mode, not L7 routing with L7 routing",
+        ]
+    return lines
 
 
 def profile_table(profile: dict[str, Any]) -> str:
@@ -1493,6 +1706,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         f"mutual TLS 1.3 ({TLS_SUITE}, ECDSA P-256); default: both plain TCP",
     )
     ap.add_argument(
+        "--l7",
+        action="store_true",
+        help="HTTP routing (implies --mtls): the mesh's Service port is HTTP with a "
+        "VirtualService route match, both HAProxies run in mode http with an acl/use_backend "
+        "route match; the summary checks issue 4's targets (mesh/haproxy keep-alive req/s "
+        ">= 0.6, p99 at c50 <= 2.0)",
+    )
+    ap.add_argument(
         "--cases",
         default=",".join(CASES),
         help=f"comma-separated, in run order, from {', '.join(ALL_CASES)} "
@@ -1521,7 +1742,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         out=a.out,
         profile=a.profile,
         cases=cases,
-        mtls=a.mtls,
+        mtls=a.mtls or a.l7,
+        l7=a.l7,
         retry_budget=max(0.0, a.retry_budget),
     )
 
@@ -1558,7 +1780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with e2e_lock():
             work = Path(tempfile.mkdtemp(prefix="nodeagent-bench-", dir="/dev/shm"))
             try:
-                config = write_config(work, opts.bulk_mib, opts.cases)
+                config = write_config(work, opts.bulk_mib, opts.cases, opts.l7)
                 log(f"bringing the sandbox up from {config}")
                 if opts.mtls:
                     write_certs(work)
@@ -1590,13 +1812,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = bench.runs if bench else []
     failures = (bench.failures if bench else []) + ([error] if error else [])
     rounds_done = max((r["round"] for r in runs), default=0)
-    summary = summarize(runs, max(rounds_done, 1), opts.cases) if runs else {}
+    summary = summarize(runs, max(rounds_done, 1), opts.cases, opts.l7) if runs else {}
     warnings = bench.warnings if bench else []
     result: dict[str, Any] = {
         "environment": env,
         "elapsed_s": round(time.monotonic() - started, 1),
         "cases": list(opts.cases),
         "mesh_transport_checked": bench.mesh_transport if bench else None,
+        "l7": opts.l7,
+        "mesh_l7_seen": bench.mesh_l7_seen if bench else None,
         "summary": summary,
         "runs": runs,
         "warnings": warnings,
@@ -1606,7 +1830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(result, indent=2) + "\n")
     if summary:
-        print(table(summary, {**env, "rounds": rounds_done}, runs, opts.cases))
+        mesh_path = bench.mesh_transport if bench and "mesh" in opts.cases else None
+        print(table(summary, {**env, "rounds": rounds_done}, runs, opts.cases, opts.l7, mesh_path))
     if bench and bench.profile:
         print(profile_table(bench.profile))
     for w in warnings:
