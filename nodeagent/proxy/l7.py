@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nodeagent.core.balancer import Balancer, BalancerRegistry, endpoint_address, hash_key_for
 from nodeagent.core.route import (
@@ -51,6 +51,7 @@ from nodeagent.protocol.http1 import (
     ConnectionClosed,
     DownstreamEvent,
     DownstreamHttp1,
+    Headers,
     Informational,
     ProtocolError,
     RequestEnd,
@@ -129,7 +130,7 @@ class Exchange:
             self.flags.append(f)
 
 
-def _join_headers(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+def join_headers(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in headers:
         if k in out:
@@ -185,7 +186,7 @@ def _retry_policy(rule: HTTPRoute | None) -> HTTPRetry:
     return rule.retries
 
 
-def _retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str]) -> str | None:
+def retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str]) -> str | None:
     """The ``retryOn`` condition a response meets, or None."""
     on = policy.retry_on
     if status >= 500 and "5xx" in on:
@@ -205,7 +206,7 @@ def _retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str]
     return None
 
 
-def _retriable_failure(policy: HTTPRetry, kind: str) -> bool:
+def retriable_failure(policy: HTTPRetry, kind: str) -> bool:
     """Whether a failure before any response (``connect-failure``, ``reset``,
     ``refused-stream``, ``per-try-timeout``) may be retried under ``retryOn``."""
     on = policy.retry_on
@@ -216,12 +217,41 @@ def _retriable_failure(policy: HTTPRetry, kind: str) -> bool:
     return False
 
 
-def _backoff(attempt: int) -> float:
+def backoff(attempt: int) -> float:
     cap = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2 ** max(attempt - 1, 0)))
     return random.uniform(0, cap)
 
 
-class _Body:
+class BodySink(Protocol):
+    """Where a request body goes: one upstream attempt (an HTTP/1.1 connection or an
+    HTTP/2 stream)."""
+
+    def body(self, data: bytes) -> None: ...
+
+    def end(self, trailers: Headers) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class H1Sink:
+    """A request body written to an upstream HTTP/1.1 connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: H1Conn) -> None:
+        self.conn = conn
+
+    def body(self, data: bytes) -> None:
+        self.conn.pipe.write(self.conn.machine.send_body(data))
+
+    def end(self, trailers: Headers) -> None:
+        self.conn.pipe.write(self.conn.machine.send_end(trailers))
+
+    async def drain(self) -> None:
+        await self.conn.pipe.drain()
+
+
+class RequestBody:
     """The request body of one exchange (up to and including its end), read from the
     client as the upstream takes it, with a bounded copy kept for retries."""
 
@@ -244,7 +274,7 @@ class _Body:
         self.client_gone = False
         self.error: ProtocolError | None = None
         self.limit = limit
-        self.target: H1Conn | None = None
+        self.target: BodySink | None = None
         self.ended_upstream = False
         self.task: asyncio.Task[None] | None = None
         self._attached = asyncio.Event()
@@ -288,11 +318,11 @@ class _Body:
                     else:
                         self.chunks.append(data)
                         self.size += len(data)
-                t.pipe.write(t.machine.send_body(data))
+                t.body(data)
         elif isinstance(ev, RequestEnd):
             self.complete = True
             if t is not None:
-                t.pipe.write(t.machine.send_end(ev.trailers))
+                t.end(ev.trailers)
                 self.ended_upstream = True
         elif isinstance(ev, ProtocolError):
             self.error = ev
@@ -300,18 +330,17 @@ class _Body:
         else:  # ConnectionClosed mid-body, or a stray event
             self.client_gone = True
 
-    def attach(self, conn: H1Conn) -> None:
-        """Send what is buffered to ``conn`` and stream the rest of the body to it."""
-        self.target = conn
+    def attach(self, sink: BodySink) -> None:
+        """Send what is buffered to ``sink`` and stream the rest of the body to it."""
+        self.target = sink
         self.ended_upstream = False
-        m = conn.machine
         for c in self.chunks:
-            conn.pipe.write(m.send_body(c))
+            sink.body(c)
         if self.overflow:  # sent, but too much to keep for a retry
             self.chunks.clear()
             self.size = 0
         if self.complete:
-            conn.pipe.write(m.send_end())
+            sink.end(())
             self.ended_upstream = True
         else:
             self._drain_ready()
@@ -329,8 +358,9 @@ class _Body:
         except Exception as e:  # a bug must end this exchange, not hang it
             log.error("request body relay failed: %r", e, exc_info=e)
             self.client_gone = True
-            if self.target is not None:
-                self.target.pipe.abort()
+            abort = getattr(self.target, "abort", None)
+            if abort is not None:
+                abort()
 
     async def _pump_events(self) -> None:
         while not self.complete and not self.client_gone:
@@ -345,7 +375,7 @@ class _Body:
             self._consume(ev)
             t = self.target
             if t is not None and isinstance(ev, BodyChunk):
-                await t.pipe.drain()
+                await t.drain()
 
     async def finish(self) -> None:
         """Read the rest of the body (discarding it) so the connection stays in sync."""
@@ -365,7 +395,7 @@ class _Body:
             self.task.cancel()
 
 
-class _Reply(Exception):
+class LocalReply(Exception):
     """End the exchange with a local response."""
 
     def __init__(self, status: int, flag: str, body: str) -> None:
@@ -375,7 +405,7 @@ class _Reply(Exception):
         self.body = body
 
 
-class _Redirect(Exception):
+class Redirect(Exception):
     def __init__(self, status: int, location: str) -> None:
         super().__init__(location)
         self.status = status
@@ -508,7 +538,7 @@ class L7Proxy:
                         status=ev.status,
                         flags=[flag],
                     )
-                    self._record(ds, x)
+                    self.record(ds, x)
                     return
                 else:  # EOF between requests, or stray bytes
                     return
@@ -526,7 +556,7 @@ class L7Proxy:
         take_now: Callable[[], DownstreamEvent | None],
     ) -> bool:
         """One request/response; returns False when the client connection must close."""
-        hdrs = _join_headers(head.headers)
+        hdrs = join_headers(head.headers)
         x = Exchange(
             start=time.monotonic(),
             start_wall=time.time(),
@@ -536,13 +566,13 @@ class L7Proxy:
             protocol=f"HTTP/{head.http_version}",
             user_agent=hdrs.get("user-agent", ""),
         )
-        body = _Body(next_event, take_now)
+        body = RequestBody(next_event, take_now)
         if head.expect_continue:  # Envoy's default: answer 100 ourselves
             pipe.write(down.send_continue())
         keep = True
         try:
             keep = await self._route1(ds, pipe, down, head, hdrs, body, x)
-        except _Reply as r:
+        except LocalReply as r:
             keep = await self._local_reply(pipe, down, body, x, r)
         except (PipeClosed, ConnectionError):
             x.flag("DC")
@@ -550,11 +580,11 @@ class L7Proxy:
         finally:
             body.cancel()
             x.bytes_in = body.total
-            self._record(ds, x)
+            self.record(ds, x)
         return keep and not body.client_gone
 
     async def _local_reply(
-        self, pipe: Pipe, down: DownstreamHttp1, body: _Body, x: Exchange, r: _Reply
+        self, pipe: Pipe, down: DownstreamHttp1, body: RequestBody, x: Exchange, r: LocalReply
     ) -> bool:
         x.flag(r.flag)
         x.status = r.status
@@ -582,8 +612,8 @@ class L7Proxy:
         x: Exchange,
     ) -> Plan:
         """Route one request: everything decided before the first attempt. ``out`` (the
-        headers to send upstream) is completed in place. Raises ``_Reply`` for answers made
-        here (no route, fault abort, a bad destination) and ``_Redirect``."""
+        headers to send upstream) is completed in place. Raises ``LocalReply`` for answers made
+        here (no route, fault abort, a bad destination) and ``Redirect``."""
         snap = self.snapshot()
         svc_host = fqdn(ds.service)
         info = RequestInfo(
@@ -597,22 +627,24 @@ class L7Proxy:
         )
         decision = select_route(snap, svc_host, info)
         if decision.outcome is RouteOutcome.NO_ROUTE:
-            raise _Reply(404, "NR", f"no VirtualService route of {svc_host} matches this request")
+            raise LocalReply(
+                404, "NR", f"no VirtualService route of {svc_host} matches this request"
+            )
         rule = decision.rule
         x.route_name = _route_name(decision)
         if rule is not None and rule.redirect is not None:
             rd = rule.redirect
             target = rd.uri if rd.uri is not None else path
-            raise _Redirect(rd.redirect_code, f"http://{rd.authority or x.authority}{target}")
+            raise Redirect(rd.redirect_code, f"http://{rd.authority or x.authority}{target}")
         if rule is not None and rule.fault is not None:
             await self._fault(rule, x)
         rdest = pick_weighted(decision.routes, self.rnd.random())
         if rdest is None:
-            raise _Reply(503, "NR", f"route {x.route_name or svc_host} has no destinations")
+            raise LocalReply(503, "NR", f"route {x.route_name or svc_host} has no destinations")
         try:
             cluster = self.cluster(snap, rdest.destination, ds.port.port)
         except ClusterError as e:
-            raise _Reply(503, "NC", str(e)) from None
+            raise LocalReply(503, "NC", str(e)) from None
         x.cluster = cluster.name
         p = Plan(snap=snap, rule=rule, cluster=cluster, path=path, authority=x.authority)
         if rule is not None and rule.rewrite is not None:
@@ -661,7 +693,7 @@ class L7Proxy:
         down: DownstreamHttp1,
         head: RequestHead,
         hdrs: dict[str, str],
-        body: _Body,
+        body: RequestBody,
         x: Exchange,
     ) -> bool:
         out = forwardable_headers(head.headers, upgrade=head.upgrade)
@@ -669,7 +701,7 @@ class L7Proxy:
             out = [(k, v) for k, v in out if k != "expect"]
         try:
             p = await self.plan(ds, head.method, head.target, hdrs, out, x)
-        except _Redirect as r:
+        except Redirect as r:
             x.status = r.status
             pipe.write(
                 down.send_response_head(
@@ -694,7 +726,7 @@ class L7Proxy:
             if down.response_started:
                 pipe.abort()
                 return False
-            raise _Reply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
+            raise LocalReply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
 
     async def _fault(self, rule: HTTPRoute, x: Exchange) -> None:
         f = rule.fault
@@ -703,7 +735,7 @@ class L7Proxy:
             x.flag("DI")
             await asyncio.sleep(f.delay.fixed_delay)
         if f.abort is not None and self.rnd.random() * 100 < f.abort.percentage:
-            raise _Reply(f.abort.http_status, "FI", "fault filter abort")
+            raise LocalReply(f.abort.http_status, "FI", "fault filter abort")
 
     async def _attempts1(
         self,
@@ -712,7 +744,7 @@ class L7Proxy:
         down: DownstreamHttp1,
         head: RequestHead,
         out: list[tuple[str, str]],
-        body: _Body,
+        body: RequestBody,
         p: Plan,
         x: Exchange,
     ) -> bool:
@@ -724,7 +756,7 @@ class L7Proxy:
         while True:
             ep = bal.pick(p.hash_key, tried)
             if ep is None:
-                raise _Reply(503, "UH", f"no healthy upstream for {cluster.name}")
+                raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
             addr = endpoint_address(ep)
             tried.add(addr)
             x.attempts += 1
@@ -738,7 +770,7 @@ class L7Proxy:
                 try:
                     conn, reused = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
                 except Overflow as e:
-                    raise _Reply(503, "UO", str(e)) from None
+                    raise LocalReply(503, "UO", str(e)) from None
                 except PeerError as e:
                     bal.report(ep, None, True)
                     failure, last_flag = "connect-failure", "UF"
@@ -759,7 +791,7 @@ class L7Proxy:
                     else:
                         assert resp is not None
                         bal.report(ep, resp.status, False)
-                        reason = _retriable_status(policy, resp.status, _join_headers(resp.headers))
+                        reason = retriable_status(policy, resp.status, join_headers(resp.headers))
                         if reason is not None and retries_left > 0 and body.replayable:
                             self.pool.discard(conn, abort=True)
                             conn = None
@@ -786,25 +818,25 @@ class L7Proxy:
                     self.pool.discard(conn, abort=True)
             # a failed attempt: retry, or tell the client
             body.detach()
-            retriable = status_retry or _retriable_failure(policy, failure or "")
+            retriable = status_retry or retriable_failure(policy, failure or "")
             if retries_left > 0 and body.replayable and retriable:
                 retries_left -= 1
                 self.metrics.retries.labels(
                     destination_service=cluster.host, reason=failure or "?"
                 ).inc()
-                await asyncio.sleep(_backoff(x.attempts))
+                await asyncio.sleep(backoff(x.attempts))
                 continue
             flag = "URX" if x.attempts > 1 else last_flag
             if failure == "per-try-timeout":
-                raise _Reply(504, "UT", f"upstream {x.upstream} did not answer in time")
+                raise LocalReply(504, "UT", f"upstream {x.upstream} did not answer in time")
             if failure == "connect-failure":
-                raise _Reply(
+                raise LocalReply(
                     503,
                     flag,
                     f"upstream connect error: cannot reach {x.upstream} ({cluster.name}) "
                     f"after {x.attempts} attempt(s)",
                 )
-            raise _Reply(
+            raise LocalReply(
                 502 if last_flag == "UPE" else 503,
                 flag,
                 f"upstream {x.upstream} reset before response headers",
@@ -816,7 +848,7 @@ class L7Proxy:
         head: RequestHead,
         target: str,
         out: list[tuple[str, str]],
-        body: _Body,
+        body: RequestBody,
         policy: HTTPRetry,
     ) -> tuple[ResponseHead | None, tuple[str, str] | None]:
         """Send the request on ``conn`` and wait for the response head; a failure is
@@ -824,7 +856,7 @@ class L7Proxy:
         conn.pipe.write(
             conn.machine.send_request_head(head.method, target, out, body=head.has_body)
         )
-        body.attach(conn)
+        body.attach(H1Sink(conn))
         try:
             async with asyncio.timeout(policy.per_try_timeout):
                 while True:
@@ -849,7 +881,7 @@ class L7Proxy:
         conn: H1Conn,
         cluster: Cluster,
         resp: ResponseHead,
-        body: _Body,
+        body: RequestBody,
         set_cookie: str | None,
         resp_ops: list[HeaderOperations | None],
         x: Exchange,
@@ -907,12 +939,12 @@ class L7Proxy:
         bal = self.balancer(cluster, ds.pod)
         ep = bal.pick(None, set())
         if ep is None:
-            raise _Reply(503, "UH", f"no healthy upstream for {cluster.name}")
+            raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
         x.attempts, x.upstream, x.dst_pod = 1, f"{ep.ip}:{ep.port}", ep.pod
         try:
             conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
         except PeerError as e:
-            raise _Reply(503, "UF", f"upstream connect error: {e}") from None
+            raise LocalReply(503, "UF", f"upstream connect error: {e}") from None
         x.dst_principal = conn.principal
         try:
             conn.pipe.write(conn.machine.send_request_head(head.method, target, out))
@@ -921,7 +953,7 @@ class L7Proxy:
                 if isinstance(ev, ResponseHead):
                     break
                 if not isinstance(ev, Informational):
-                    raise _Reply(503, "UC", "upstream closed before answering the upgrade")
+                    raise LocalReply(503, "UC", "upstream closed before answering the upgrade")
             x.status = ev.status
             if ev.status != 101:
                 # refused: an ordinary response
@@ -953,7 +985,7 @@ class L7Proxy:
         head: RequestHead,
         target: str,
         out: list[tuple[str, str]],
-        body: _Body,
+        body: RequestBody,
     ) -> None:
         pct = rule.mirror_percentage if rule.mirror_percentage is not None else 100.0
         if rule.mirror is None or self.rnd.random() * 100 >= pct:
@@ -977,7 +1009,7 @@ class L7Proxy:
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: _Body,
+        body: RequestBody,
     ) -> None:
         """Send a copy once the request body is known; the answer is read and dropped."""
         for _ in range(200):
@@ -1020,7 +1052,7 @@ class L7Proxy:
                 self.pool.discard(conn, abort=True)
 
     # -- telemetry ----------------------------------------------------------------------------
-    def _record(self, ds: Downstream, x: Exchange) -> None:
+    def record(self, ds: Downstream, x: Exchange) -> None:
         duration_ms = (time.monotonic() - x.start) * 1000
         flags = ",".join(f for f in x.flags if f != "-") or "-"
         dst = x.dst_pod
@@ -1110,8 +1142,8 @@ async def _never() -> DownstreamEvent:
     return ConnectionClosed()
 
 
-def _done_body() -> _Body:
-    b = _Body(_never, lambda: None)
+def _done_body() -> RequestBody:
+    b = RequestBody(_never, lambda: None)
     b.complete = b.ended_upstream = True
     return b
 
@@ -1130,9 +1162,18 @@ async def _copy(src: Pipe, dst: Pipe) -> None:
 
 
 __all__ = [
+    "BodySink",
     "Downstream",
     "Exchange",
+    "H1Sink",
     "L7Proxy",
+    "LocalReply",
     "Plan",
+    "Redirect",
+    "RequestBody",
     "apply_header_ops",
+    "backoff",
+    "join_headers",
+    "retriable_failure",
+    "retriable_status",
 ]

@@ -31,6 +31,7 @@ from nodeagent.proxy.hbone import (
 )
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.l7 import Downstream, L7Proxy
+from nodeagent.proxy.l7h2 import H2Pool, serve_h2
 from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
@@ -145,6 +146,7 @@ class Proxy:
         self.accepting = True
         self.access_log = access_log or AccessLog()
         self.l7 = L7Proxy(snapshot, metrics, self.access_log, self._identity_of)
+        self.h2pool = H2Pool()
 
     # -- pods ------------------------------------------------------------------------
     async def reconcile(self, snap: MeshSnapshot) -> None:
@@ -363,7 +365,7 @@ class Proxy:
         )
         if decision.service is not None and decision.port is not None:
             proto = port_protocol(decision.port)
-            if proto == "http1":
+            if proto is not None:
                 await self._serve_l7(pp, side, decision.service, decision.port, proto)
                 return
         if self.identity is None or effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE:
@@ -398,7 +400,10 @@ class Proxy:
         pending, relay.pending = relay.pending, []
         pipe.adopt(t, pending)
         try:
-            await self.l7.serve_http1(ds, pipe)
+            if proto == "h2":
+                await serve_h2(self.l7, self.h2pool, ds, pipe)
+            else:
+                await self.l7.serve_http1(ds, pipe)
         finally:
             relay.bytes_sent, relay.bytes_received = pipe.bytes_in, pipe.bytes_out
             relay.close("done")
@@ -597,6 +602,7 @@ class Proxy:
 
     async def close(self) -> None:
         self.l7.close()
+        self.h2pool.close()
         for pp in self.pods.values():
             pp.close()
         self.pods.clear()

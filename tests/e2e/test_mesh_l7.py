@@ -536,3 +536,43 @@ def access_records(sb: Sandbox, node: str, pred: Any) -> list[dict[str, Any]]:
         if out or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
+
+
+# -- gRPC -------------------------------------------------------------------------------------
+
+
+def grpc_client(sb: Sandbox, *args: str) -> list[dict[str, Any]]:
+    p = sb.exec(
+        "client",
+        [PY, "-m", "nodeagent.samplegrpc", "client", "--target", "web:50051", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+def test_grpc_unary_and_streaming_route_by_method(sb: Sandbox, routing: Any) -> None:
+    routing("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http:
+          - name: unary-to-v2
+            match: [{uri: {exact: /nodeagent.sample.Echo/Unary}}]
+            route: [{destination: {host: web, subset: v2}}]
+          - name: streams-to-v3
+            route: [{destination: {host: web, subset: v3}}]
+    """)
+    summary = grpc_client(sb, "--method", "unary", "--repeat", "50")[-1]
+    assert summary["ok"] == 50 and summary["versions"] == {"v2": 50}, summary
+    stream = grpc_client(sb, "--method", "server-stream", "--count", "20", "--text", "s")
+    assert len(stream) == 20 and {r["version"] for r in stream} == {"v3"}
+    bidi = grpc_client(sb, "--method", "bidi", "--count", "10", "--text", "b")
+    assert len(bidi) == 10 and {r["version"] for r in bidi} == {"v3"}
+    up = grpc_client(sb, "--method", "client-stream", "--count", "7", "--payload-bytes", "300000")
+    assert up[-1]["count"] == 7 and up[-1]["version"] == "v3"
+    rec = access_records(sb, "node1", lambda r: r["path"].endswith("/Unary"))
+    assert rec[-1]["protocol"] == "gRPC" and rec[-1]["route_name"] == "unary-to-v2"
+    assert rec[-1]["destination_principal"].endswith("/sa/web")

@@ -27,11 +27,12 @@ from nodeagent.control.files import load_directory
 from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.proxy.l7 import Downstream, L7Proxy
+from nodeagent.proxy.l7h2 import H2Pool, serve_h2
 from nodeagent.proxy.pipe import Pipe
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
-LISTENING = re.compile(r"^listening http (\S+):(\d+)", re.MULTILINE)
+LISTENING = re.compile(r"^listening (http|grpc) (\S+):(\d+)", re.MULTILINE)
 
 BASE = """
 apiVersion: v1
@@ -45,7 +46,9 @@ metadata: {{name: web, namespace: default}}
 spec:
   selector: {{app: web}}
   clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080}}
+  - {{name: grpc, port: 50051, targetPort: 50051, appProtocol: grpc}}
 {pods}
 """
 
@@ -64,6 +67,7 @@ class L7Rig:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.apps: dict[str, subprocess.Popen[str]] = {}
         self.app_port: dict[str, int] = {}
+        self.grpc_port: dict[str, int] = {}
         self.pod_ip: dict[str, str] = {}
         pods = ""
         n = 0
@@ -83,6 +87,7 @@ class L7Rig:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
+        self.h2pool = H2Pool()
         self.proxy = L7Proxy(
             lambda: self._snap, self.metrics, self.access_log, lambda p: "unknown"
         )
@@ -92,16 +97,20 @@ class L7Rig:
     def _start_app(self, name: str, version: str, extra: tuple[str, ...]) -> None:
         p = subprocess.Popen(
             [sys.executable, "-m", "nodeagent", "sample-app", "--host", "127.0.0.1", "--port",
-             "0", "--service", "web", "--version", version, *extra],
+             "0", "--grpc-port", "0", "--service", "web", "--version", version, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "POD_NAME": name, "POD_NAMESPACE": "default"},
         )
         assert p.stdout is not None
-        line = p.stdout.readline()
-        m = LISTENING.match(line)
-        assert m, line
         self.apps[name] = p
-        self.app_port[name] = int(m.group(2))
+        for _ in range(2):
+            line = p.stdout.readline()
+            m = LISTENING.match(line)
+            assert m, line
+            if m.group(1) == "http":
+                self.app_port[name] = int(m.group(3))
+            else:
+                self.grpc_port[name] = int(m.group(3))
         threading.Thread(target=lambda: p.stdout and p.stdout.read(), daemon=True).start()
 
     def _load(self) -> MeshSnapshot:
@@ -132,7 +141,7 @@ class L7Rig:
 
         async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
             name = ep.pod.name
-            port = self.app_port[name]
+            port = self.grpc_port[name] if ep.port == 50051 else self.app_port[name]
             loop = asyncio.get_running_loop()
             try:
                 await loop.create_connection(lambda: pipe, "127.0.0.1", port)
@@ -142,23 +151,35 @@ class L7Rig:
                 raise PeerError(f"{name}: {e}") from None
             return f"127.0.0.1:{port}", "unknown"
 
-        def factory() -> Pipe:
+        def factory(h2: bool) -> Pipe:
             pipe = Pipe()
             ds = Downstream(
-                pod=client, source_principal="unknown", source_ip="10.244.9.9",
-                service=svc, port=svc.ports[0], protocol="http1", connect=connect,
+                pod=client,
+                source_principal="unknown",
+                source_ip="10.244.9.9",
+                service=svc,
+                port=svc.ports[1 if h2 else 0],
+                protocol="h2" if h2 else "http1",
+                connect=connect,
             )
+
             def start() -> None:
-                task = asyncio.ensure_future(self.proxy.serve_http1(ds, pipe))
+                if h2:
+                    coro = serve_h2(self.proxy, self.h2pool, ds, pipe)
+                else:
+                    coro = self.proxy.serve_http1(ds, pipe)
+                task = asyncio.ensure_future(coro)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
             asyncio.get_running_loop().call_soon(start)
             return pipe
 
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        self._server = server
-        sock = server.sockets[0].getsockname()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: factory(False), "127.0.0.1", 0)
+        self._h2server = await loop.create_server(lambda: factory(True), "127.0.0.1", 0)
+        self.grpc_address: tuple[str, int] = self._h2server.sockets[0].getsockname()[:2]
+        sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
 
     def records(self) -> list[dict[str, Any]]:
@@ -170,7 +191,9 @@ class L7Rig:
     def close(self) -> None:
         async def stop() -> None:
             self._server.close()
+            self._h2server.close()
             self.proxy.close()
+            self.h2pool.close()
             for t in list(self._tasks):
                 t.cancel()
 

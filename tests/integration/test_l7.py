@@ -16,8 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from l7harness import L7Rig
+
+from nodeagent.samplegrpc import (
+    BidiSession,
+    call_client_stream,
+    call_server_stream,
+    call_unary,
+)
 
 
 @pytest.fixture
@@ -264,3 +272,74 @@ def test_consistent_hash_cookie_is_generated_and_sticks(rig: L7Rig) -> None:
     value = cookie.split(";", 1)[0]
     pods = {get(rig, "/", {"cookie": value})[1]["pod"] for _ in range(10)}
     assert len(pods) == 1
+
+
+# -- HTTP/2 and gRPC ---------------------------------------------------------------------
+
+
+def grpc_target(rig: L7Rig) -> str:
+    return f"{rig.grpc_address[0]}:{rig.grpc_address[1]}"
+
+
+def test_grpc_unary_and_streams_through_the_h2_path(rig: L7Rig) -> None:
+    t = grpc_target(rig)
+    reply = call_unary(t, "hello", {"x-user": "alice"})
+    assert reply.text == "hello" and reply.metadata["x-user"] == "alice"
+    replies = call_server_stream(t, "s", count=5)
+    assert len(replies) == 5 and {r.text for r in replies} == {"s"}
+    agg = call_client_stream(t, ["a", "bb", "ccc"])
+    assert agg.count == 3
+    with BidiSession(t) as bidi:
+        for word in ("one", "two", "three"):
+            bidi.send(word)
+            assert bidi.recv().text == word  # echoed before the next is sent
+    payload = bytes(i % 251 for i in range(3 << 20))
+    big = call_unary(t, "big", payload=payload)
+    assert big.payload == payload
+    rec = rig.records()[-1]
+    assert rec["protocol"] == "gRPC" and rec["response_code"] == 200
+    assert rec["path"] == "/nodeagent.sample.Echo/Unary"
+
+
+def test_grpc_routes_by_method(rig: L7Rig) -> None:
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http:
+          - match: [{uri: {exact: /nodeagent.sample.Echo/Unary}}]
+            route: [{destination: {host: web, subset: v2}}]
+          - route: [{destination: {host: web, subset: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web
+          subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+    """)
+    t = grpc_target(rig)
+    assert {call_unary(t, "u").version for _ in range(10)} == {"v2"}
+    assert {r.version for _ in range(5) for r in call_server_stream(t, "s", count=2)} == {"v1"}
+
+
+def test_grpc_unavailable_is_retried(tmp_path: Path) -> None:
+    with L7Rig(tmp_path, {"v1": 1}) as rig:
+        rig.apply("""
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: web, namespace: default}
+            spec:
+              hosts: [web]
+              http:
+              - retries: {attempts: 2, retryOn: unavailable}
+                route: [{destination: {host: web}}]
+        """)
+        t = grpc_target(rig)
+        with pytest.raises(grpc.RpcError) as e:
+            call_unary(t, "x", fail_code=14)
+        assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert rig.records()[-1]["attempts"] == 3  # tried three times, still failing
+        assert call_unary(t, "ok").text == "ok"

@@ -1,0 +1,587 @@
+"""HTTP/2 and gRPC on the L7 path: h2c (prior knowledge) from the client, each stream
+routed on its own by the same ``L7Proxy.plan`` as HTTP/1.1, and sent on a multiplexed
+HTTP/2 connection per (source pod, endpoint) through the mTLS tunnel.
+
+Owns the per-stream exchange (retries on ``refused-stream``, ``reset``, status codes and
+gRPC statuses, route and per-try timeouts, trailers both ways, bidirectional streaming)
+and the HTTP/2 upstream pool. Flow control is end to end: bytes received on one side are
+acknowledged (``ack_data``) only when the other side's machine framed them, so a slow
+reader slows its writer stream by stream, never the whole connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nodeagent.core.balancer import endpoint_address
+from nodeagent.errors import PeerError
+from nodeagent.model.snapshot import Endpoint
+from nodeagent.protocol import http1
+from nodeagent.protocol.http2 import (
+    ConnectionEnded,
+    DataSent,
+    DownstreamHttp2,
+    ErrorCodes,
+    ProtocolError,
+    StreamData,
+    StreamInformational,
+    StreamRejected,
+    StreamRequest,
+    StreamReset,
+    StreamResponse,
+    StreamTrailers,
+    UpstreamEvent,
+    UpstreamHttp2,
+    forwardable_h2_headers,
+)
+from nodeagent.proxy.clusters import Cluster
+from nodeagent.proxy.h1pool import ConnectFn, Overflow
+from nodeagent.proxy.l7 import (
+    Downstream,
+    Exchange,
+    L7Proxy,
+    LocalReply,
+    Plan,
+    Redirect,
+    RequestBody,
+    apply_header_ops,
+    backoff,
+    join_headers,
+    retriable_failure,
+    retriable_status,
+)
+from nodeagent.proxy.pipe import Pipe, PipeClosed
+
+log = logging.getLogger("nodeagent.proxy.l7")
+
+UpstreamStreamEvent = UpstreamEvent
+
+
+# -- upstream ---------------------------------------------------------------------------
+
+
+class _UpStream:
+    """One stream of an upstream connection, as the exchange sees it."""
+
+    __slots__ = ("conn", "events", "id", "on_sent", "waiter")
+
+    def __init__(self, conn: H2Conn, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.events: deque[UpstreamEvent] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.on_sent: Callable[[int], None] | None = None
+        """Called with the size of request bytes framed later (to ack the client)."""
+
+    def push(self, ev: UpstreamEvent) -> None:
+        self.events.append(ev)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next_event(self) -> UpstreamEvent:
+        while not self.events:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.events.popleft()
+
+
+class H2Conn:
+    """One multiplexed HTTP/2 connection to an endpoint, with its reader task."""
+
+    def __init__(self, key: tuple[str, str, int], cluster: str, pipe: Pipe) -> None:
+        self.key = key
+        self.cluster = cluster
+        self.pipe = pipe
+        self.machine = UpstreamHttp2()
+        self.streams: dict[int, _UpStream] = {}
+        self.dead = False
+        self.principal = "unknown"
+        self.path = ""
+        self.reader: asyncio.Task[None] | None = None
+
+    def flush(self) -> None:
+        data = self.machine.data_to_send()
+        if data:
+            self.pipe.write(data)
+
+    def usable(self) -> bool:
+        m = self.machine
+        return (
+            not self.dead
+            and not self.pipe.lost
+            and m.goaway_received is None
+            and (m.can_open_stream())
+        )
+
+    def open(
+        self,
+        method: str,
+        scheme: str,
+        authority: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        end_stream: bool,
+    ) -> _UpStream:
+        sid = self.machine.send_request(method, scheme, authority, path, headers, end_stream)
+        s = self.streams[sid] = _UpStream(self, sid)
+        self.flush()
+        return s
+
+    def start(self) -> None:
+        self.flush()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                data = await self.pipe.read()
+                for ev in self.machine.receive_data(data):
+                    self._dispatch(ev)
+                self.flush()
+                if not data:
+                    break
+        except (PipeClosed, ConnectionError):
+            pass
+        finally:
+            self.dead = True
+            for s in list(self.streams.values()):
+                s.push(StreamReset(s.id, ErrorCodes.CANCEL, "upstream connection lost"))
+            self.streams.clear()
+            self.pipe.close()
+
+    def _dispatch(self, ev: UpstreamEvent) -> None:
+        if isinstance(ev, DataSent):
+            s = self.streams.get(ev.stream_id)
+            if s is not None and s.on_sent is not None:
+                s.on_sent(ev.size)
+            return
+        if isinstance(ev, ConnectionEnded):
+            self.dead = True
+            return
+        if isinstance(ev, ProtocolError):
+            self.dead = True
+            for s in list(self.streams.values()):
+                s.push(StreamReset(s.id, ErrorCodes.PROTOCOL_ERROR, ev.reason))
+            self.streams.clear()
+            return
+        sid = getattr(ev, "stream_id", None)
+        s = self.streams.get(sid) if sid is not None else None
+        if s is None:
+            return
+        s.push(ev)
+        if isinstance(ev, StreamReset) or (
+            isinstance(ev, StreamTrailers)
+            or (isinstance(ev, StreamData | StreamResponse) and ev.end_stream)
+        ):
+            self.streams.pop(s.id, None)
+
+    def forget(self, s: _UpStream) -> None:
+        """The exchange gave up on ``s``: reset it if still open."""
+        if self.streams.pop(s.id, None) is not None:
+            self.machine.reset_stream(s.id, ErrorCodes.CANCEL)
+            self.flush()
+
+    def close(self) -> None:
+        self.dead = True
+        self.pipe.close()
+
+
+class H2Pool:
+    """Multiplexed connections per (source pod, endpoint); ``http2MaxRequests`` limits the
+    requests in flight per cluster."""
+
+    def __init__(self) -> None:
+        self._conns: dict[tuple[str, str, int], list[H2Conn]] = {}
+        self._active: dict[str, int] = {}
+
+    async def stream(
+        self,
+        source: str,
+        cluster: Cluster,
+        ep: Endpoint,
+        connect: ConnectFn,
+        open_args: tuple[str, str, str, str, list[tuple[str, str]], bool],
+    ) -> _UpStream:
+        limit = cluster.max_h2_requests
+        if self._active.get(cluster.name, 0) >= limit:
+            raise Overflow(f"{cluster.name}: {limit} requests in flight (http2MaxRequests)")
+        key = (source, ep.ip, ep.port)
+        conns = self._conns.setdefault(key, [])
+        conns[:] = [c for c in conns if not c.dead]
+        conn = next((c for c in conns if c.usable()), None)
+        if conn is None:
+            pipe = Pipe()
+            conn = H2Conn(key, cluster.name, pipe)
+            conn.path, conn.principal = await connect(ep, pipe)
+            conn.start()
+            conns.append(conn)
+        self._active[cluster.name] = self._active.get(cluster.name, 0) + 1
+        return conn.open(*open_args)
+
+    def done(self, cluster: Cluster) -> None:
+        n = self._active.get(cluster.name, 0)
+        if n > 0:
+            self._active[cluster.name] = n - 1
+
+    def close(self) -> None:
+        for conns in self._conns.values():
+            for c in conns:
+                c.close()
+        self._conns.clear()
+
+
+# -- downstream -------------------------------------------------------------------------
+
+
+@dataclass
+class _DownStream:
+    """One client stream: its queued events and the upstream stream it is routed to."""
+
+    id: int
+    events: deque[http1.DownstreamEvent] = field(default_factory=deque)
+    waiter: asyncio.Future[None] | None = None
+    upstream: _UpStream | None = None
+    received: int = 0
+    acked: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def push(self, ev: http1.DownstreamEvent) -> None:
+        self.events.append(ev)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def take_now(self) -> http1.DownstreamEvent | None:
+        return self.events.popleft() if self.events else None
+
+    async def next_event(self) -> http1.DownstreamEvent:
+        while not self.events:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.events.popleft()
+
+
+class _H2Sink:
+    """The request body of one client stream, written to one upstream stream."""
+
+    def __init__(self, session: _Session, ds: _DownStream, up: _UpStream) -> None:
+        self.session = session
+        self.ds = ds
+        self.up = up
+        up.on_sent = lambda n: session.ack_client(ds, n)
+
+    def body(self, data: bytes) -> None:
+        conn = self.up.conn
+        if self.up.id not in conn.streams:
+            return
+        framed = conn.machine.send_data(self.up.id, data)
+        conn.flush()
+        self.session.ack_client(self.ds, framed)
+
+    def end(self, trailers: http1.Headers) -> None:
+        conn = self.up.conn
+        if self.up.id not in conn.streams and conn.machine.closed:
+            return
+        try:
+            if trailers:
+                conn.machine.send_trailers(self.up.id, trailers)
+            else:
+                conn.machine.send_data(self.up.id, b"", end_stream=True)
+        except Exception as e:  # the stream may have been reset by the server meanwhile
+            log.debug("cannot end upstream stream %d: %r", self.up.id, e)
+        conn.flush()
+
+    async def drain(self) -> None:
+        await self.up.conn.pipe.drain()
+
+    def abort(self) -> None:
+        self.up.conn.forget(self.up)
+
+
+class _Session:
+    """One client connection speaking HTTP/2."""
+
+    def __init__(self, engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+        self.engine = engine
+        self.pool = h2pool
+        self.ds = ds
+        self.pipe = pipe
+        self.down = DownstreamHttp2()
+        self.streams: dict[int, _DownStream] = {}
+
+    def flush(self) -> None:
+        data = self.down.data_to_send()
+        if data:
+            self.pipe.write(data)
+
+    def ack_client(self, s: _DownStream, n: int) -> None:
+        """Let the client send ``n`` more bytes on ``s`` (never more than it sent)."""
+        n = min(n, s.received - s.acked)
+        if n > 0:
+            s.acked += n
+            self.down.ack_data(s.id, n)
+            self.flush()
+
+    async def serve(self) -> None:
+        self.flush()
+        try:
+            while True:
+                data = await self.pipe.read()
+                for ev in self.down.receive_data(data):
+                    self._dispatch(ev)
+                self.flush()
+                if not data or self.down.closed:
+                    break
+        except (PipeClosed, ConnectionError):
+            pass
+        finally:
+            for s in list(self.streams.values()):
+                if s.task is not None:
+                    s.task.cancel()
+            self.flush()
+            self.pipe.close()
+
+    def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, StreamRequest):
+            s = self.streams[ev.stream_id] = _DownStream(ev.stream_id)
+            if ev.end_stream:
+                s.push(http1.RequestEnd())
+            s.task = asyncio.get_running_loop().create_task(self._exchange(s, ev))
+        elif isinstance(ev, StreamData):
+            s2 = self.streams.get(ev.stream_id)
+            if s2 is None:
+                return
+            s2.received += len(ev.data)
+            if ev.data:
+                s2.push(http1.BodyChunk(ev.data))
+            if ev.end_stream:
+                s2.push(http1.RequestEnd())
+        elif isinstance(ev, StreamTrailers):
+            s3 = self.streams.get(ev.stream_id)
+            if s3 is not None:
+                s3.push(http1.RequestEnd(ev.headers))
+        elif isinstance(ev, StreamReset):
+            s4 = self.streams.pop(ev.stream_id, None)
+            if s4 is not None:
+                s4.push(http1.ConnectionClosed(clean=False))
+                if s4.task is not None:
+                    s4.task.cancel()
+        elif isinstance(ev, DataSent):
+            s5 = self.streams.get(ev.stream_id)
+            if s5 is not None and s5.upstream is not None:
+                up = s5.upstream
+                up.conn.machine.ack_data(up.id, ev.size)
+                up.conn.flush()
+        elif isinstance(ev, StreamRejected):
+            x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/2")
+            x.status = ev.status
+            x.flag("DPE")
+            self.engine.record(self.ds, x)
+
+    # -- one stream ---------------------------------------------------------------------
+    async def _exchange(self, s: _DownStream, req: StreamRequest) -> None:
+        hdrs = join_headers(req.headers)
+        grpc = hdrs.get("content-type", "").startswith("application/grpc")
+        x = Exchange(
+            start=time.monotonic(),
+            start_wall=time.time(),
+            method=req.method,
+            authority=req.authority,
+            path=req.path,
+            protocol="gRPC" if grpc else "HTTP/2",
+            user_agent=hdrs.get("user-agent", ""),
+        )
+        body = RequestBody(s.next_event, s.take_now)
+        out = list(forwardable_h2_headers(req.headers))
+        try:
+            p = await self.engine.plan(self.ds, req.method, req.path, hdrs, out, x)
+            async with asyncio.timeout(p.timeout):
+                await self._attempts(s, req, out, body, p, x)
+        except LocalReply as r:
+            x.flag(r.flag)
+            x.status = r.status
+            self.down.send_error(s.id, r.status, r.body, r.flag)
+        except Redirect as r:
+            x.status = r.status
+            self.down.send_response_head(s.id, r.status, [("location", r.location)], True)
+        except TimeoutError:
+            x.flag("UT")
+            if x.status == 0:
+                x.status = 504
+                self.down.send_error(s.id, 504, "upstream request timeout", "UT")
+            else:
+                self.down.reset_stream(s.id, ErrorCodes.CANCEL)
+        except asyncio.CancelledError:
+            x.flag("DC")
+            if s.upstream is not None:
+                s.upstream.conn.forget(s.upstream)
+            raise
+        finally:
+            body.cancel()
+            x.bytes_in = body.total
+            self.flush()
+            self.streams.pop(s.id, None)
+            self.engine.record(self.ds, x)
+
+    async def _attempts(
+        self,
+        s: _DownStream,
+        req: StreamRequest,
+        out: list[tuple[str, str]],
+        body: RequestBody,
+        p: Plan,
+        x: Exchange,
+    ) -> None:
+        engine = self.engine
+        cluster, policy = p.cluster, p.retry
+        bal = engine.balancer(cluster, self.ds.pod)
+        tried: set[str] = set()
+        retries_left = policy.attempts
+        while True:
+            ep = bal.pick(p.hash_key, tried)
+            if ep is None:
+                raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
+            tried.add(endpoint_address(ep))
+            x.attempts += 1
+            x.upstream, x.dst_pod = endpoint_address(ep), ep.pod
+            bal.started(ep)
+            failure = ""
+            flag = "UF"
+            try:
+                try:
+                    up = await self.pool.stream(
+                        self.ds.pod.key,
+                        cluster,
+                        ep,
+                        self.ds.connect,
+                        (req.method, "http", p.authority, p.path, out, False),
+                    )
+                except Overflow as e:
+                    raise LocalReply(503, "UO", str(e)) from None
+                except PeerError as e:
+                    bal.report(ep, None, True)
+                    failure = "connect-failure"
+                    log.info("%s: connect to %s failed: %s", cluster.name, x.upstream, e)
+                else:
+                    try:
+                        x.dst_principal = up.conn.principal
+                        s.upstream = up
+                        body.attach(_H2Sink(self, s, up))
+                        result = await self._response(s, up, body, p, x, retries_left > 0)
+                    finally:
+                        self.pool.done(cluster)
+                    if result is None:
+                        bal.report(ep, x.status, False)
+                        return
+                    failure, flag = result
+                    bal.report(ep, 504 if flag == "UT" else 503, False)
+            finally:
+                bal.finished(ep)
+            body.detach()
+            s.upstream = None
+            status_retry = flag == "URX"
+            if (
+                retries_left > 0
+                and body.replayable
+                and (status_retry or retriable_failure(policy, failure))
+            ):
+                retries_left -= 1
+                engine.metrics.retries.labels(
+                    destination_service=cluster.host, reason=failure
+                ).inc()
+                await asyncio.sleep(backoff(x.attempts))
+                continue
+            final = "URX" if x.attempts > 1 else flag
+            if failure == "per-try-timeout":
+                raise LocalReply(504, "UT", f"upstream {x.upstream} did not answer in time")
+            if failure == "connect-failure":
+                raise LocalReply(503, final, f"upstream connect error: cannot reach {x.upstream}")
+            raise LocalReply(503, final, f"upstream {x.upstream} reset before response headers")
+
+    async def _response(
+        self,
+        s: _DownStream,
+        up: _UpStream,
+        body: RequestBody,
+        p: Plan,
+        x: Exchange,
+        may_retry: bool,
+    ) -> tuple[str, str] | None:
+        """Relay the response of ``up``; a failure before the head is returned as
+        (retryOn kind, flag) for the retry loop (None: the exchange is done)."""
+        policy = p.retry
+        conn = up.conn
+        try:
+            async with asyncio.timeout(policy.per_try_timeout):
+                while True:
+                    ev = await up.next_event()
+                    if isinstance(ev, StreamInformational):
+                        continue
+                    if isinstance(ev, StreamResponse):
+                        break
+                    if isinstance(ev, StreamReset):
+                        return ("refused-stream" if ev.refused else "reset"), "UC"
+                    return "reset", "UC"
+        except TimeoutError:
+            conn.forget(up)
+            return "per-try-timeout", "UT"
+        hdrs = join_headers(ev.headers)
+        reason = retriable_status(policy, ev.status, hdrs)
+        if reason is not None and may_retry and body.replayable:
+            conn.forget(up)
+            return reason, "URX"
+        if reason is not None and x.attempts > 1:
+            x.flag("URX")
+        x.status = ev.status
+        headers = list(forwardable_h2_headers(ev.headers))
+        for ops in p.response_ops:
+            apply_header_ops(headers, ops)
+        if p.set_cookie is not None:
+            headers.append(("set-cookie", p.set_cookie))
+        down = self.down
+        down.send_response_head(s.id, ev.status, headers, ev.end_stream)
+        self.flush()
+        if ev.end_stream:
+            return None
+        while True:
+            ev2 = await up.next_event()
+            if isinstance(ev2, StreamData):
+                x.bytes_out += len(ev2.data)
+                framed = down.send_data(s.id, ev2.data, ev2.end_stream)
+                self.flush()
+                conn.machine.ack_data(up.id, framed)
+                conn.flush()
+                if ev2.end_stream:
+                    return None
+                await self.pipe.drain()
+            elif isinstance(ev2, StreamTrailers):
+                down.send_trailers(s.id, ev2.headers)
+                self.flush()
+                return None
+            elif isinstance(ev2, StreamReset):
+                x.flag("UC")
+                down.reset_stream(
+                    s.id, ErrorCodes.CANCEL if ev2.error_code == 0 else ev2.error_code
+                )
+                self.flush()
+                return None
+
+
+async def serve_h2(engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+    """Serve one client connection speaking h2c (prior knowledge)."""
+    await _Session(engine, h2pool, ds, pipe).serve()
+
+
+__all__ = ["H2Conn", "H2Pool", "serve_h2"]
