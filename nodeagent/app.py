@@ -97,6 +97,18 @@ class Agent:
     def certificates(self) -> list[dict[str, Any]]:
         return self.certs.describe() if self.certs else []
 
+    def recent_requests(self, limit: int) -> list[dict[str, Any]]:
+        records = list(self.proxy.access_log.recent)
+        if limit:
+            records = records[-limit:]
+        return [r.as_dict() for r in records]
+
+    def ejections(self) -> list[tuple[str, str, float]]:
+        out: list[tuple[str, str, float]] = []
+        for key, hosts in self.proxy.l7.balancers.ejected().items():
+            out.extend((str(key), addr, secs) for addr, secs in hosts)
+        return out
+
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
@@ -179,7 +191,7 @@ def _access_log(target: str) -> AccessLog:
         log_ = AccessLog()
         log_.enabled = False
         return log_
-    return AccessLog(open(target, "a", buffering=1 << 16, encoding="utf-8"))
+    return AccessLog(open(target, "ab", buffering=1 << 16))
 
 
 def _setup_logging(level: str) -> None:

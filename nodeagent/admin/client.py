@@ -67,6 +67,15 @@ class AdminClient:
         resp = self._call("Connections", pb.ConnectionsRequest(), pb.ConnectionsResponse)
         return [message_to_dict(c) for c in resp.connections]
 
+    def requests(self, limit: int = 0) -> dict[str, Any]:
+        """``{"records": [access-log record...], "ejected": [{cluster, endpoint,
+        returns_in_seconds}...]}``: the last HTTP requests and ejected endpoints."""
+        resp = self._call("Requests", pb.RequestsRequest(limit=limit), pb.RequestsResponse)
+        return {
+            "records": [json.loads(r) for r in resp.records],
+            "ejected": [message_to_dict(e) for e in resp.ejected],
+        }
+
     def config_dump(self) -> dict[str, Any]:
         """``{"version": int, "objects": [the raw config objects, parsed from JSON]}``."""
         resp = self._call("ConfigDump", pb.ConfigDumpRequest(), pb.ConfigDumpResponse)

@@ -28,6 +28,7 @@ __all__ = [
     "format_config",
     "format_connections",
     "format_duration",
+    "format_requests",
     "format_services",
     "format_status",
     "format_table",
@@ -42,7 +43,7 @@ NONE = "<none>"
 MAX_ENDPOINTS_SHOWN = 3
 """The ENDPOINTS column lists this many endpoints, then ``+ N more...`` (like kubectl)."""
 
-COMMANDS = ("status", "workloads", "services", "connections", "config", "certs")
+COMMANDS = ("status", "workloads", "services", "connections", "requests", "config", "certs")
 
 
 # -- choosing the socket ------------------------------------------------------------------
@@ -305,6 +306,52 @@ def format_connections(connections: Sequence[Mapping[str, Any]], now: float) -> 
     return format_table(headers, rows)
 
 
+def format_requests(data: Mapping[str, Any]) -> str:
+    """The last HTTP requests (one row each, newest last) and the ejected endpoints."""
+    headers = [
+        "TIME",
+        "SOURCE",
+        "METHOD",
+        "AUTHORITY",
+        "PATH",
+        "CODE",
+        "FLAGS",
+        "TRIES",
+        "UPSTREAM",
+        "ROUTE",
+        "MS",
+    ]
+    rows = [
+        [
+            _s(r.get("start_time"))[11:23],
+            _s(r.get("source_workload")),
+            _s(r.get("method")),
+            _s(r.get("authority")),
+            _s(r.get("path"))[:40],
+            _s(r.get("response_code")),
+            _s(r.get("response_flags")),
+            _s(r.get("attempts")),
+            _s(r.get("upstream_host")),
+            _s(r.get("route_name")),
+            f"{float(r.get('duration_ms') or 0):.1f}",
+        ]
+        for r in data.get("records") or []
+    ]
+    out = format_table(headers, rows) if rows else "No requests yet."
+    ejected = [
+        [
+            _s(e.get("cluster")),
+            _s(e.get("endpoint")),
+            f"{float(e.get('returns_in_seconds') or 0):.1f}s",
+        ]
+        for e in data.get("ejected") or []
+    ]
+    if ejected:
+        out += "\n\nEjected by outlier detection:\n"
+        out += format_table(["CLUSTER", "ENDPOINT", "RETURNS IN"], ejected)
+    return out
+
+
 def format_config(dump: Mapping[str, Any]) -> str:
     """A summary of ``AdminClient.config_dump()``: one row per object."""
     rows = []
@@ -329,6 +376,7 @@ def render(command: str, data: Any, output: str, now: float) -> str:
         "workloads": format_workloads,
         "services": format_services,
         "connections": lambda d: format_connections(d, now),
+        "requests": format_requests,
         "config": format_config,
         "certs": lambda d: format_certs(d, now),
     }
@@ -372,6 +420,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "workloads": "every workload, with identity and (on this node) capture state",
         "services": "every service port with its endpoints",
         "connections": "live proxied connections on this node",
+        "requests": "the last HTTP requests routed here (access log) and ejected endpoints",
         "config": "the raw config objects the agent serves (JSON by default)",
         "certs": "the workload certificates this agent holds, and its CA's state "
         "(-o json adds each chain)",
@@ -405,6 +454,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                 "workloads": client.workloads,
                 "services": client.services,
                 "connections": client.connections,
+                "requests": client.requests,
                 "config": client.config_dump,
                 "certs": client.certs,
             }

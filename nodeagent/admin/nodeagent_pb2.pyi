@@ -250,3 +250,27 @@ class CertsResponse(_message.Message):
     certificates: _containers.RepeatedCompositeFieldContainer[Certificate]
     ca: CaStatus
     def __init__(self, certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ...) -> None: ...
+
+class RequestsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class Ejection(_message.Message):
+    __slots__ = ("cluster", "endpoint", "returns_in_seconds")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    endpoint: str
+    returns_in_seconds: float
+    def __init__(self, cluster: _Optional[str] = ..., endpoint: _Optional[str] = ..., returns_in_seconds: _Optional[float] = ...) -> None: ...
+
+class RequestsResponse(_message.Message):
+    __slots__ = ("records", "ejected")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedScalarFieldContainer[str]
+    ejected: _containers.RepeatedCompositeFieldContainer[Ejection]
+    def __init__(self, records: _Optional[_Iterable[str]] = ..., ejected: _Optional[_Iterable[_Union[Ejection, _Mapping]]] = ...) -> None: ...

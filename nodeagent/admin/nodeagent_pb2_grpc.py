@@ -64,6 +64,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.CertsRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.CertsResponse.FromString,
                 _registered_method=True)
+        self.Requests = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/Requests',
+                request_serializer=nodeagent__pb2.RequestsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.RequestsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -111,6 +116,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Requests(self, request, context):
+        """The last HTTP requests this node's proxy routed, and the endpoints outlier
+        detection keeps out of rotation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Certs,
                     request_deserializer=nodeagent__pb2.CertsRequest.FromString,
                     response_serializer=nodeagent__pb2.CertsResponse.SerializeToString,
+            ),
+            'Requests': grpc.unary_unary_rpc_method_handler(
+                    servicer.Requests,
+                    request_deserializer=nodeagent__pb2.RequestsRequest.FromString,
+                    response_serializer=nodeagent__pb2.RequestsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/Certs',
             nodeagent__pb2.CertsRequest.SerializeToString,
             nodeagent__pb2.CertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Requests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/Requests',
+            nodeagent__pb2.RequestsRequest.SerializeToString,
+            nodeagent__pb2.RequestsResponse.FromString,
             options,
             channel_credentials,
             insecure,

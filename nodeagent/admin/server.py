@@ -72,6 +72,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     ) -> pb.ConnectionsResponse:
         return await _answer("Connections", context, self._connections)
 
+    async def Requests(
+        self, request: pb.RequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RequestsResponse:
+        return await _answer("Requests", context, lambda: self._requests(request.limit))
+
     async def ConfigDump(
         self, request: pb.ConfigDumpRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ConfigDumpResponse:
@@ -119,6 +124,14 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     def _connections(self) -> pb.ConnectionsResponse:
         conns = sorted(self._view.connections(), key=lambda c: c.id)
         return pb.ConnectionsResponse(connections=[connection_message(c) for c in conns])
+
+    def _requests(self, limit: int) -> pb.RequestsResponse:
+        records = [json.dumps(r) for r in self._view.recent_requests(limit)]
+        ejected = [
+            pb.Ejection(cluster=c, endpoint=e, returns_in_seconds=t)
+            for c, e, t in self._view.ejections()
+        ]
+        return pb.RequestsResponse(records=records, ejected=ejected)
 
     def _config_dump(self) -> pb.ConfigDumpResponse:
         snap = self._view.snapshot()

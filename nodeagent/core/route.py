@@ -49,6 +49,7 @@ from nodeagent.model.traffic import (
     MatchKind,
     RouteDestination,
     StringMatch,
+    TCPRoute,
     TrafficPolicy,
     VirtualService,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "pick_weighted",
     "select_route",
     "select_route_linear",
+    "select_tcp_route",
     "subset_filter",
     "traffic_policy_for",
     "virtual_service_for",
@@ -496,6 +498,26 @@ def _route_index(vs: VirtualService) -> _RouteIndex:
 
     _INDEXES[key] = (weakref.ref(vs, forget), index)
     return index
+
+
+def select_tcp_route(
+    snapshot: MeshSnapshot, service_fqdn: str, port: int, source_labels: Labels
+) -> TCPRoute | None:
+    """The first ``tcp[]`` rule of the host's VirtualService that matches a connection to
+    ``port`` from a pod with ``source_labels`` (None: no rule, use the service itself)."""
+    vs = virtual_service_for(snapshot, service_fqdn)
+    if vs is None:
+        return None
+    for rule in vs.tcp:
+        if not rule.matches:
+            return rule
+        for m in rule.matches:
+            if m.port is not None and m.port != port:
+                continue
+            if m.source_labels is not None and not source_labels.matches(m.source_labels):
+                continue
+            return rule
+    return None
 
 
 def pick_weighted(routes: Sequence[RouteDestination], rnd: float) -> RouteDestination | None:

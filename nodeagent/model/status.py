@@ -78,6 +78,14 @@ class AgentView(Protocol):
         """Per workload identity held: ``CertificateStore.describe()`` (empty without a CA)."""
         ...
 
+    def recent_requests(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` access-log records (all kept when 0), newest last."""
+        ...
+
+    def ejections(self) -> list[tuple[str, str, float]]:
+        """(cluster, endpoint, seconds until return) of every ejected endpoint."""
+        ...
+
     def ca_status(self) -> dict[str, Any]:
         """How the mesh CA is doing: ``CertificateStore.status()``, or
         ``{"state": "disabled"}`` when the agent has no CA."""

@@ -60,6 +60,8 @@ class Cluster:
     policy: TrafficPolicy
     max_connections: int = UNLIMITED
     max_pending: int = UNLIMITED
+    connect_timeout: float | None = None
+    """``connectionPool.tcp.connectTimeout``; None: the agent's ``--connect-timeout``."""
     max_h2_requests: int = UNLIMITED
     max_requests_per_connection: int = 0
     idle_timeout: float = 3600.0
@@ -105,6 +107,7 @@ def build_cluster(snap: MeshSnapshot, dest: Destination, request_port: int) -> C
     if pool is not None:
         c.max_connections = pool.max_connections or UNLIMITED
         c.max_pending = pool.http1_max_pending_requests or UNLIMITED
+        c.connect_timeout = pool.connect_timeout
         c.max_h2_requests = pool.http2_max_requests or UNLIMITED
         c.max_requests_per_connection = pool.max_requests_per_connection or 0
         if pool.idle_timeout:

@@ -12,10 +12,27 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from nodeagent.errors import PeerError
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.protocol.http1 import ConnectionClosed, UpstreamEvent, UpstreamHttp1
 from nodeagent.proxy.clusters import Cluster
 from nodeagent.proxy.pipe import Pipe
+
+
+async def dial(connect: ConnectFn, ep: Endpoint, pipe: Pipe, cluster: Cluster) -> tuple[str, str]:
+    """``connect`` within the cluster's ``connectTimeout`` (when the DestinationRule sets
+    one); a timeout is a ``PeerError`` like any other connect failure."""
+    if cluster.connect_timeout is None:
+        return await connect(ep, pipe)
+    try:
+        async with asyncio.timeout(cluster.connect_timeout):
+            return await connect(ep, pipe)
+    except TimeoutError:
+        pipe.abort()
+        raise PeerError(
+            f"connect to {ep} timed out after {cluster.connect_timeout:g}s "
+            f"(connectionPool.tcp.connectTimeout of {cluster.name})"
+        ) from None
 
 
 class Overflow(Exception):
@@ -112,7 +129,7 @@ class H1Pool:
         pipe = Pipe()
         conn = H1Conn(key, name, pipe)
         try:
-            conn.path, conn.principal = await connect(ep, pipe)
+            conn.path, conn.principal = await dial(connect, ep, pipe, cluster)
         except BaseException:
             self._discard(conn)
             raise

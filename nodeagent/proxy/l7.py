@@ -17,6 +17,7 @@ retried only while its body fits (as Envoy's retry buffer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -217,6 +218,14 @@ def retriable_failure(policy: HTTPRetry, kind: str) -> bool:
     return False
 
 
+def deadline(seconds: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """``asyncio.timeout(seconds)``, or nothing at all when there is no limit (most
+    routes: the timer machinery costs a few microseconds per request)."""
+    if seconds is None:
+        return contextlib.nullcontext()
+    return asyncio.timeout(seconds)
+
+
 def backoff(attempt: int) -> float:
     cap = min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * (2 ** max(attempt - 1, 0)))
     return random.uniform(0, cap)
@@ -277,12 +286,20 @@ class RequestBody:
         self.target: BodySink | None = None
         self.ended_upstream = False
         self.task: asyncio.Task[None] | None = None
-        self._attached = asyncio.Event()
+        self._attached_event: asyncio.Event | None = None
         self._drain_ready()
 
     @property
     def replayable(self) -> bool:
         return not self.overflow and not self.client_gone
+
+    @property
+    def _attached(self) -> asyncio.Event:
+        """Set while an upstream takes the body (made on first use: most requests have
+        no body to wait for)."""
+        if self._attached_event is None:
+            self._attached_event = asyncio.Event()
+        return self._attached_event
 
     def _drain_ready(self) -> None:
         """Take the events already read (a small body and its end usually arrive with
@@ -344,13 +361,15 @@ class RequestBody:
             self.ended_upstream = True
         else:
             self._drain_ready()
-        self._attached.set()
+        if self._attached_event is not None:
+            self._attached_event.set()
         if not self.complete and not self.client_gone and self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._pump())
 
     def detach(self) -> None:
         self.target = None
-        self._attached.clear()
+        if self._attached_event is not None:
+            self._attached_event.clear()
 
     async def _pump(self) -> None:
         try:
@@ -654,12 +673,13 @@ class L7Proxy:
                 p.authority = rule.rewrite.authority
         tp = hdrs.get("traceparent")
         if tp is None:
-            tp = new_traceparent()
+            tp = new_traceparent(self.rnd.getrandbits(192).to_bytes(24, "big"))
             out.append(("traceparent", tp))
         x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
         rid = hdrs.get("x-request-id")
         if rid is None:
-            rid = str(uuid.uuid4())
+            # ids for correlation, not secrets: the seeded PRNG, not a syscall per request
+            rid = str(uuid.UUID(int=self.rnd.getrandbits(128), version=4))
             out.append(("x-request-id", rid))
         x.request_id = rid
         out.append(("x-forwarded-proto", "http"))
@@ -719,7 +739,7 @@ class L7Proxy:
         if p.rule is not None and p.rule.mirror is not None:
             self._maybe_mirror(ds, p.snap, p.rule, head, p.path, out, body)
         try:
-            async with asyncio.timeout(p.timeout):
+            async with deadline(p.timeout):
                 return await self._attempts1(ds, pipe, down, head, out, body, p, x)
         except TimeoutError:
             x.flag("UT")
@@ -858,7 +878,7 @@ class L7Proxy:
         )
         body.attach(H1Sink(conn))
         try:
-            async with asyncio.timeout(policy.per_try_timeout):
+            async with deadline(policy.per_try_timeout):
                 while True:
                     ev = await conn.next_event()
                     if isinstance(ev, ResponseHead):
@@ -894,28 +914,37 @@ class L7Proxy:
             headers.append(("set-cookie", set_cookie))
         ok = False
         try:
-            pipe.write(down.send_response_head(resp.status, headers, resp.reason))
+            # Bytes are gathered while events are already buffered and written once: a
+            # small response (head, body, end in one read) costs one write, not three.
+            out = [down.send_response_head(resp.status, headers, resp.reason)]
             while True:
-                ev = await conn.next_event()
+                if conn.events:
+                    ev = conn.events.popleft()
+                else:
+                    if out:
+                        pipe.write(b"".join(out))
+                        out = []
+                        if pipe.lost:
+                            x.flag("DC")
+                            return False
+                        await pipe.drain()
+                    ev = await conn.next_event()
                 if isinstance(ev, BodyChunk):
                     x.bytes_out += len(ev.data)
-                    pipe.write(down.send_body(ev.data))
-                    if pipe.lost:
-                        x.flag("DC")
-                        return False
-                    await pipe.drain()
+                    out.append(down.send_body(ev.data))
                 elif isinstance(ev, ResponseEnd):
-                    pipe.write(down.send_end(ev.trailers))
+                    out.append(down.send_end(ev.trailers))
                     ok = True
                     break
                 elif isinstance(ev, ConnectionClosed) and ev.clean:
-                    pipe.write(down.send_end())
+                    out.append(down.send_end())
                     ok = True
                     break
                 else:
                     x.flag("UC")
                     pipe.abort()
                     return False
+            pipe.write(b"".join(out))
         finally:
             if ok and body.complete and body.ended_upstream:
                 self.pool.release(conn, cluster)
@@ -1173,6 +1202,7 @@ __all__ = [
     "RequestBody",
     "apply_header_ops",
     "backoff",
+    "deadline",
     "join_headers",
     "retriable_failure",
     "retriable_status",

@@ -40,7 +40,7 @@ from nodeagent.protocol.http2 import (
     forwardable_h2_headers,
 )
 from nodeagent.proxy.clusters import Cluster
-from nodeagent.proxy.h1pool import ConnectFn, Overflow
+from nodeagent.proxy.h1pool import ConnectFn, Overflow, dial
 from nodeagent.proxy.l7 import (
     Downstream,
     Exchange,
@@ -51,6 +51,7 @@ from nodeagent.proxy.l7 import (
     RequestBody,
     apply_header_ops,
     backoff,
+    deadline,
     join_headers,
     retriable_failure,
     retriable_status,
@@ -221,7 +222,7 @@ class H2Pool:
         if conn is None:
             pipe = Pipe()
             conn = H2Conn(key, cluster.name, pipe)
-            conn.path, conn.principal = await connect(ep, pipe)
+            conn.path, conn.principal = await dial(connect, ep, pipe, cluster)
             conn.start()
             conns.append(conn)
         self._active[cluster.name] = self._active.get(cluster.name, 0) + 1
@@ -407,7 +408,7 @@ class _Session:
         out = list(forwardable_h2_headers(req.headers))
         try:
             p = await self.engine.plan(self.ds, req.method, req.path, hdrs, out, x)
-            async with asyncio.timeout(p.timeout):
+            async with deadline(p.timeout):
                 await self._attempts(s, req, out, body, p, x)
         except LocalReply as r:
             x.flag(r.flag)
@@ -524,7 +525,7 @@ class _Session:
         policy = p.retry
         conn = up.conn
         try:
-            async with asyncio.timeout(policy.per_try_timeout):
+            async with deadline(policy.per_try_timeout):
                 while True:
                     ev = await up.next_event()
                     if isinstance(ev, StreamInformational):

@@ -15,11 +15,13 @@ from typing import Any
 
 from nodeagent.core.outbound import Action, RoundRobin, resolve
 from nodeagent.core.peerauth import effective_mtls
+from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
-from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.objects import Pod, PodRuntime, Service
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
-from nodeagent.proxy.clusters import port_protocol
+from nodeagent.model.traffic import Destination
+from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.hbone import (
     HBONE_PORT,
@@ -368,11 +370,40 @@ class Proxy:
             if proto is not None:
                 await self._serve_l7(pp, side, decision.service, decision.port, proto)
                 return
+            try:
+                routed = self._tcp_route(snap, pp.pod, decision.service, decision.port.port)
+            except ClusterError as e:
+                self._refuse(relay, "outbound", "NC", str(e))
+                return
+            if routed is not None:
+                ep, service_host = routed
+                relay.meta["peer"] = ep.pod.key
         if self.identity is None or effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE:
             relay.meta["labels"] = _labels("source", pp.pod, ep.pod, service_host)
             await self._dial(pp, relay, (ep.ip, ep.port), "outbound")
             return
         await self._tunnel(pp, relay, snap, ep.pod, (ep.ip, ep.port), service_host)
+
+    def _tcp_route(
+        self, snap: MeshSnapshot, src: Pod, svc: Service, port: int
+    ) -> tuple[Endpoint, str] | None:
+        """For a TCP service port with a VirtualService ``tcp[]`` rule or a
+        DestinationRule: the endpoint its weighted route and load balancer choose, and the
+        destination host. None: neither applies (round robin over the service)."""
+        host = fqdn(svc)
+        rule = select_tcp_route(snap, host, port, src.labels)
+        if rule is not None:
+            rd = pick_weighted(rule.routes, self.l7.rnd.random())
+            dest = rd.destination if rd is not None else Destination(host)
+        elif host in snap.destination_rule_by_host:
+            dest = Destination(host)
+        else:
+            return None
+        cluster = self.l7.cluster(snap, dest, port)
+        ep = self.l7.balancer(cluster, src).pick(None)
+        if ep is None:
+            raise ClusterError(f"no endpoint of {cluster.name} is ready")
+        return ep, cluster.host
 
     async def _serve_l7(
         self, pp: PodProxy, side: ClientSide, svc: Any, port: Any, proto: str

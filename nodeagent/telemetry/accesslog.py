@@ -1,21 +1,23 @@
 """The per-request access log: one JSON object per line, Envoy/Istio field meanings.
 
-Owns the record's shape (``AccessRecord``) and its writer. The writer appends to a text
+Owns the record's shape (``AccessRecord``) and its writer. The writer appends to a binary
 stream (the agent's stdout by default, or a file) and flushes at most every
-``flush_interval`` seconds from the event loop, so logging costs one ``json.dumps`` and one
-buffered write per request, never a blocking flush on the data path.
+``flush_interval`` seconds from the event loop, so logging costs one ``orjson.dumps``
+(about 1 us; the standard library's ``json`` takes 15) and one buffered write per
+request, never a blocking flush on the data path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
-from typing import TextIO
+from dataclasses import dataclass, fields
+from typing import BinaryIO
+
+import orjson
 
 
 @dataclass(slots=True)
@@ -57,18 +59,33 @@ class AccessRecord:
     user_agent: str
 
 
+    def as_dict(self) -> dict[str, object]:
+        """The record as a plain dict (``dataclasses.asdict`` deep-copies: 10x slower)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS = tuple(f.name for f in fields(AccessRecord))
+
+
+_second: list[object] = [-1, ""]
+
+
 def rfc3339(ts: float) -> str:
-    t = time.gmtime(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(ts % 1 * 1000):03d}Z"
+    """``2026-11-26T03:16:18.123Z`` (the formatted second is cached: one per second)."""
+    sec = int(ts)
+    if _second[0] != sec:
+        _second[0] = sec
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int(ts % 1 * 1000):03d}Z"
 
 
 class AccessLog:
     """Buffered JSON-lines writer; ``recent`` keeps the last records for ``nodeagent ctl``."""
 
     def __init__(
-        self, out: TextIO | None = None, *, flush_interval: float = 0.5, keep: int = 200
+        self, out: BinaryIO | None = None, *, flush_interval: float = 0.5, keep: int = 200
     ) -> None:
-        self.out = out if out is not None else sys.stdout
+        self.out: BinaryIO = out if out is not None else sys.stdout.buffer
         self.enabled = True
         self.flush_interval = flush_interval
         self.recent: deque[AccessRecord] = deque(maxlen=keep)
@@ -79,7 +96,7 @@ class AccessLog:
         if not self.enabled:
             return
         try:
-            self.out.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+            self.out.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         except (OSError, ValueError):
             return
         if self._flush_handle is None:

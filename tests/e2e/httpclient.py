@@ -2,6 +2,7 @@
 JSON summary line (what a user would tally by hand with curl in a loop).
 
     httpclient.py URL [-n N] [-c CONNS] [-H 'name: value']... [--method M] [--body-bytes B]
+                  [--new-conn]
 
 Summary: ``{"n", "statuses": {code: count}, "versions": {v: count}, "pods": {pod: count},
 "flags": {flag: count}, "max_s", "min_s", "errors": [..first few..]}``. ``versions`` and
@@ -31,6 +32,7 @@ def main() -> int:
     ap.add_argument("--method", default="GET")
     ap.add_argument("--body-bytes", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=15)
+    ap.add_argument("--new-conn", action="store_true", help="one connection per request")
     a = ap.parse_args()
     u = urlsplit(a.url)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -57,7 +59,7 @@ def main() -> int:
                 data = r.read()
                 status = r.status
                 flag = r.getheader("x-nodeagent-response-flag")
-                if r.getheader("connection", "").lower() == "close":
+                if a.new_conn or r.getheader("connection", "").lower() == "close":
                     conn.close()
                     conn = None
             except Exception as e:

@@ -351,6 +351,15 @@ def test_outlier_detection_ejects_then_brings_back(sb: Sandbox, routing: Any) ->
         assert first["statuses"].get("503", 0) <= 2, first
         later = http(sb, f"{WEB}/", "-n", "30")
         assert "v2" not in later["versions"] and later["statuses"] == {"200": 30}, later
+        # the operator sees why
+        with AdminClient(sb.agent_socket("node1")) as c:
+            ejected = c.requests()["ejected"]
+        assert [e["endpoint"] for e in ejected] == [f"{sb.pod_ip('web-v2')}:8080"], ejected
+        p = subprocess.run(
+            [sys.executable, "-m", "nodeagent", "ctl", "--node", "node1", "requests"],
+            capture_output=True, text=True, timeout=20,
+        )
+        assert "Ejected by outlier detection" in p.stdout and sb.pod_ip("web-v2") in p.stdout
     finally:
         app_get(sb, "web-v2", "/toggle-fail/0")
     time.sleep(3.5)
@@ -418,6 +427,27 @@ def test_no_matching_rule_is_404_nr(sb: Sandbox, routing: Any) -> None:
     """)
     out = http(sb, f"{WEB}/elsewhere", "-n", "1")
     assert out["statuses"] == {"404": 1} and out["flags"] == {"NR": 1}, out
+
+
+def test_tcp_route_weights_split_connections(sb: Sandbox, routing: Any) -> None:
+    routing("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          tcp:
+          - match: [{port: 8081}]
+            route:
+            - {destination: {host: web, subset: v1, port: {number: 8081}}, weight: 80}
+            - {destination: {host: web, subset: v2, port: {number: 8081}}, weight: 20}
+    """)
+    out = http(sb, "http://web:8081/", "-n", "400", "-c", "4", "--new-conn")
+    assert out["statuses"] == {"200": 400}, out
+    assert set(out["versions"]) <= {"v1", "v2"}, out
+    assert within(out["versions"].get("v2", 0), 400, 0.2), out
+    # it really is L4: no request was logged for port 8081
+    assert not access_records(sb, "node1", lambda r: ":8081" in r["authority"])
 
 
 # -- protocol ---------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class L7Rig:
                 self.pod_ip[name] = f"10.244.0.{n}"
                 self._start_app(name, version, app_args)
         (self.dir / "base.yaml").write_text(BASE.format(pods=pods))
-        self.log_buffer = io.StringIO()
+        self.log_buffer = io.BytesIO()
         self.access_log = AccessLog(self.log_buffer)
         self.metrics = Metrics()
         self._version = 1

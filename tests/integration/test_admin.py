@@ -179,6 +179,16 @@ class FakeView:
     def ca_status(self) -> dict[str, Any]:
         return dict(self.ca)
 
+    def recent_requests(self, limit: int) -> list[dict[str, Any]]:
+        records = [
+            {"path": f"/r{i}", "response_code": 200, "response_flags": "-", "attempts": 1}
+            for i in range(5)
+        ]
+        return records[-limit:] if limit else records
+
+    def ejections(self) -> list[tuple[str, str, float]]:
+        return [("outbound|80|v2|web.default.svc.cluster.local", "10.244.2.3:8080", 12.5)]
+
     def local_pods(self) -> list[dict[str, Any]]:
         return [
             {
@@ -404,6 +414,21 @@ def test_services(agent: Agent) -> None:
     ratings = by_name["ratings"]
     assert ratings["cluster_ip"] == ""
     assert ratings["ports"][0]["endpoints"] == []  # the only pod has no IP yet
+
+
+def test_requests_and_ejections(agent: Agent) -> None:
+    with agent.client() as c:
+        data = c.requests(limit=2)
+        everything = c.requests()
+    assert [r["path"] for r in data["records"]] == ["/r3", "/r4"]
+    assert len(everything["records"]) == 5
+    assert data["ejected"] == [
+        {
+            "cluster": "outbound|80|v2|web.default.svc.cluster.local",
+            "endpoint": "10.244.2.3:8080",
+            "returns_in_seconds": 12.5,
+        }
+    ]
 
 
 def test_connections(agent: Agent) -> None:
