@@ -105,7 +105,7 @@ def _no_headers() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class RequestInfo:
     """What routing may look at in one HTTP request."""
 

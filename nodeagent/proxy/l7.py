@@ -1127,7 +1127,7 @@ class L7Proxy:
         children[0].inc()
         children[1].observe(duration_ms)
         self.access_log.write(
-            AccessRecord(
+            AccessRecord(  # a TypedDict: a dict literal at run time
                 start_time=rfc3339(x.start_wall),
                 source_workload=ds.pod.name,
                 source_namespace=ds.pod.namespace,

@@ -1,6 +1,7 @@
 """The per-request access log: one JSON object per line, Envoy/Istio field meanings.
 
-Owns the record's shape (``AccessRecord``) and its writer. The writer appends to a binary
+Owns the record's shape (``AccessRecord``, a ``TypedDict``: a plain dict per request is
+cheaper to build than an object) and its writer. The writer appends to a binary
 stream (the agent's stdout by default, or a file) and flushes at most every
 ``flush_interval`` seconds from the event loop, so logging costs one ``orjson.dumps``
 (about 1 us; the standard library's ``json`` takes 15) and one buffered write per
@@ -14,14 +15,12 @@ import contextlib
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, fields
-from typing import BinaryIO
+from typing import BinaryIO, TypedDict
 
 import orjson
 
 
-@dataclass(slots=True)
-class AccessRecord:
+class AccessRecord(TypedDict):
     start_time: str
     """RFC 3339 UTC time the request head arrived."""
     source_workload: str
@@ -57,14 +56,6 @@ class AccessRecord:
     trace_id: str
     request_id: str
     user_agent: str
-
-
-    def as_dict(self) -> dict[str, object]:
-        """The record as a plain dict (``dataclasses.asdict`` deep-copies: 10x slower)."""
-        return {name: getattr(self, name) for name in _FIELDS}
-
-
-_FIELDS = tuple(f.name for f in fields(AccessRecord))
 
 
 _second: list[object] = [-1, ""]
