@@ -838,29 +838,49 @@ class L7Proxy:
                     self.pool.discard(conn, abort=True)
             # a failed attempt: retry, or tell the client
             body.detach()
-            retriable = status_retry or retriable_failure(policy, failure or "")
-            if retries_left > 0 and body.replayable and retriable:
+            if await self.retry_or_fail(
+                x, cluster, policy, body, retries_left, failure or "", last_flag, status_retry
+            ):
                 retries_left -= 1
-                self.metrics.retries.labels(
-                    destination_service=cluster.host, reason=failure or "?"
-                ).inc()
-                await asyncio.sleep(backoff(x.attempts))
                 continue
-            flag = "URX" if x.attempts > 1 else last_flag
-            if failure == "per-try-timeout":
-                raise LocalReply(504, "UT", f"upstream {x.upstream} did not answer in time")
-            if failure == "connect-failure":
-                raise LocalReply(
-                    503,
-                    flag,
-                    f"upstream connect error: cannot reach {x.upstream} ({cluster.name}) "
-                    f"after {x.attempts} attempt(s)",
-                )
+
+    async def retry_or_fail(
+        self,
+        x: Exchange,
+        cluster: Cluster,
+        policy: HTTPRetry,
+        body: RequestBody,
+        retries_left: int,
+        failure: str,
+        flag: str,
+        status_retry: bool,
+    ) -> bool:
+        """After a failed attempt (``failure`` is its ``retryOn`` kind, ``flag`` its
+        response flag): True once the back-off has passed when another attempt may go;
+        otherwise raises the ``LocalReply`` the client gets."""
+        if (
+            retries_left > 0
+            and body.replayable
+            and (status_retry or retriable_failure(policy, failure))
+        ):
+            self.metrics.retries.labels(destination_service=cluster.host, reason=failure).inc()
+            await asyncio.sleep(backoff(x.attempts))
+            return True
+        final = "URX" if x.attempts > 1 else flag
+        if failure == "per-try-timeout":
+            raise LocalReply(504, "UT", f"upstream {x.upstream} did not answer in time")
+        if failure == "connect-failure":
             raise LocalReply(
-                502 if last_flag == "UPE" else 503,
-                flag,
-                f"upstream {x.upstream} reset before response headers",
+                503,
+                final,
+                f"upstream connect error: cannot reach {x.upstream} ({cluster.name}) "
+                f"after {x.attempts} attempt(s)",
             )
+        raise LocalReply(
+            502 if flag == "UPE" else 503,
+            final,
+            f"upstream {x.upstream} reset before response headers ({failure})",
+        )
 
     async def _send1(
         self,

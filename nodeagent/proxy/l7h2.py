@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.errors import PeerError
@@ -50,42 +50,40 @@ from nodeagent.proxy.l7 import (
     Redirect,
     RequestBody,
     apply_header_ops,
-    backoff,
     deadline,
     join_headers,
-    retriable_failure,
     retriable_status,
 )
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 
 log = logging.getLogger("nodeagent.proxy.l7")
 
-UpstreamStreamEvent = UpstreamEvent
+E = TypeVar("E")
 
 
 # -- upstream ---------------------------------------------------------------------------
 
 
-class _UpStream:
-    """One stream of an upstream connection, as the exchange sees it."""
+class _Events(Generic[E]):
+    """Events of one stream, queued by the connection's reader for the exchange's
+    coroutine."""
 
-    __slots__ = ("conn", "events", "id", "on_sent", "waiter")
+    __slots__ = ("events", "waiter")
 
-    def __init__(self, conn: H2Conn, stream_id: int) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.events: deque[UpstreamEvent] = deque()
+    def __init__(self) -> None:
+        self.events: deque[E] = deque()
         self.waiter: asyncio.Future[None] | None = None
-        self.on_sent: Callable[[int], None] | None = None
-        """Called with the size of request bytes framed later (to ack the client)."""
 
-    def push(self, ev: UpstreamEvent) -> None:
+    def push(self, ev: E) -> None:
         self.events.append(ev)
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def next_event(self) -> UpstreamEvent:
+    def take_now(self) -> E | None:
+        return self.events.popleft() if self.events else None
+
+    async def next_event(self) -> E:
         while not self.events:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
@@ -93,6 +91,19 @@ class _UpStream:
             finally:
                 self.waiter = None
         return self.events.popleft()
+
+
+class _UpStream(_Events[UpstreamEvent]):
+    """One stream of an upstream connection, as the exchange sees it."""
+
+    __slots__ = ("conn", "id", "on_sent")
+
+    def __init__(self, conn: H2Conn, stream_id: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.id = stream_id
+        self.on_sent: Callable[[int], None] | None = None
+        """Called with the size of request bytes framed later (to ack the client)."""
 
 
 class H2Conn:
@@ -243,35 +254,19 @@ class H2Pool:
 # -- downstream -------------------------------------------------------------------------
 
 
-@dataclass
-class _DownStream:
-    """One client stream: its queued events and the upstream stream it is routed to."""
+class _DownStream(_Events[http1.DownstreamEvent]):
+    """One client stream: its queued events (in the HTTP/1.1 machine's event types, so
+    the request-body relay is shared) and the upstream stream it is routed to."""
 
-    id: int
-    events: deque[http1.DownstreamEvent] = field(default_factory=deque)
-    waiter: asyncio.Future[None] | None = None
-    upstream: _UpStream | None = None
-    received: int = 0
-    acked: int = 0
-    task: asyncio.Task[None] | None = None
+    __slots__ = ("acked", "id", "received", "task", "upstream")
 
-    def push(self, ev: http1.DownstreamEvent) -> None:
-        self.events.append(ev)
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def take_now(self) -> http1.DownstreamEvent | None:
-        return self.events.popleft() if self.events else None
-
-    async def next_event(self) -> http1.DownstreamEvent:
-        while not self.events:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.events.popleft()
+    def __init__(self, stream_id: int) -> None:
+        super().__init__()
+        self.id = stream_id
+        self.upstream: _UpStream | None = None
+        self.received = 0
+        self.acked = 0
+        self.task: asyncio.Task[None] | None = None
 
 
 class _H2Sink:
@@ -492,24 +487,11 @@ class _Session:
                 bal.finished(ep)
             body.detach()
             s.upstream = None
-            status_retry = flag == "URX"
-            if (
-                retries_left > 0
-                and body.replayable
-                and (status_retry or retriable_failure(policy, failure))
+            if await engine.retry_or_fail(
+                x, cluster, policy, body, retries_left, failure, flag, flag == "URX"
             ):
                 retries_left -= 1
-                engine.metrics.retries.labels(
-                    destination_service=cluster.host, reason=failure
-                ).inc()
-                await asyncio.sleep(backoff(x.attempts))
                 continue
-            final = "URX" if x.attempts > 1 else flag
-            if failure == "per-try-timeout":
-                raise LocalReply(504, "UT", f"upstream {x.upstream} did not answer in time")
-            if failure == "connect-failure":
-                raise LocalReply(503, final, f"upstream connect error: cannot reach {x.upstream}")
-            raise LocalReply(503, final, f"upstream {x.upstream} reset before response headers")
 
     async def _response(
         self,
