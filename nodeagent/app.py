@@ -18,6 +18,7 @@ import uvloop
 
 from nodeagent.config import AgentSettings
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
+from nodeagent.core import route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
@@ -42,6 +43,7 @@ class Agent:
         self.watcher = watcher
         self._loaded = loaded
         self._snapshot = loaded.snapshot
+        route.prepare(loaded.snapshot)
         self.metrics = Metrics()
         self.certs: CertificateStore | None = None
         self.ca_client: CaClient | None = None
@@ -115,6 +117,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------
     def _on_update(self, loaded: LoadedConfig) -> None:
+        route.prepare(loaded.snapshot)  # route indexes built before the first request
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
         self.metrics.config_reloads.labels(result="ok").inc()

@@ -557,3 +557,14 @@ def test_nothing_after_a_rule_without_matches_is_chosen() -> None:
     assert select_route(snap, "v.example.com", req("/x")).rule_index == 0
     d = select_route(snap, "v.example.com", req("/y"))
     assert (d.rule_name, d.rule_index, d.match_index) == ("all", 1, None)
+
+
+def test_prepare_builds_the_index_before_the_first_request(snap: MeshSnapshot) -> None:
+    from nodeagent.core import route as route_mod
+
+    vss = [vs for vs in snap.virtual_services if vs.http]
+    assert vss
+    for vs in vss:  # earlier tests of this module may have built them already
+        route_mod._INDEXES.pop(id(vs), None)
+    route_mod.prepare(snap)
+    assert all(id(vs) in route_mod._INDEXES for vs in vss)
