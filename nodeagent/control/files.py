@@ -22,7 +22,11 @@ from nodeagent.control.kinds import find_kind, supported_kinds, validate
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.objects import Pod, PodRuntime, Service
-from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
+from nodeagent.model.security import (
+    DEFAULT_ROOT_NAMESPACE,
+    AuthorizationPolicy,
+    PeerAuthentication,
+)
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
 
@@ -331,6 +335,7 @@ def load_directory(
     peer_auths: list[PeerAuthentication] = []
     virtual_services: list[VirtualService] = []
     destination_rules: list[DestinationRule] = []
+    authz_policies: list[AuthorizationPolicy] = []
     raws: list[dict[str, Any]] = []
     files = _files(d)
     for f in files:
@@ -353,6 +358,8 @@ def load_directory(
                 virtual_services.append(obj)
             elif isinstance(obj, DestinationRule):
                 destination_rules.append(obj)
+            elif isinstance(obj, AuthorizationPolicy):
+                authz_policies.append(obj)
     errors.extend(
         check_duplicate_names(
             {
@@ -361,6 +368,7 @@ def load_directory(
                 "PeerAuthentication": peer_auths,
                 "VirtualService": virtual_services,
                 "DestinationRule": destination_rules,
+                "AuthorizationPolicy": authz_policies,
             }
         )
     )
@@ -378,6 +386,7 @@ def load_directory(
         peer_authentications=tuple(peer_auths),
         virtual_services=tuple(virtual_services),
         destination_rules=tuple(destination_rules),
+        authorization_policies=tuple(authz_policies),
         root_namespace=root_namespace,
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
-from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE, PeerAuthentication
+from nodeagent.model.security import (
+    DEFAULT_ROOT_NAMESPACE,
+    AuthorizationPolicy,
+    PeerAuthentication,
+)
 from nodeagent.model.traffic import DestinationRule, VirtualService
 
 
@@ -44,6 +48,7 @@ class MeshSnapshot:
     peer_authentications: tuple[PeerAuthentication, ...] = ()
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -61,6 +66,10 @@ class MeshSnapshot:
     destination_rule_by_host: Mapping[str, DestinationRule] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    authorization_policies_by_namespace: Mapping[str, tuple[AuthorizationPolicy, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Namespace → its AuthorizationPolicies, sorted by name."""
 
     @classmethod
     def build(
@@ -74,6 +83,7 @@ class MeshSnapshot:
         peer_authentications: tuple[PeerAuthentication, ...] = (),
         virtual_services: tuple[VirtualService, ...] = (),
         destination_rules: tuple[DestinationRule, ...] = (),
+        authorization_policies: tuple[AuthorizationPolicy, ...] = (),
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
@@ -114,6 +124,9 @@ class MeshSnapshot:
         dr_by_host: dict[str, DestinationRule] = {}
         for dr in destination_rules:
             dr_by_host.setdefault(dr.host, dr)
+        authz_by_ns: dict[str, list[AuthorizationPolicy]] = {}
+        for ap in sorted(authorization_policies, key=lambda ap: ap.name):
+            authz_by_ns.setdefault(ap.namespace, []).append(ap)
         return cls(
             version=version,
             pods=tuple(resolved),
@@ -123,6 +136,7 @@ class MeshSnapshot:
             peer_authentications=peer_authentications,
             virtual_services=virtual_services,
             destination_rules=destination_rules,
+            authorization_policies=authorization_policies,
             root_namespace=root_namespace,
             pod_by_key=MappingProxyType(pod_by_key),
             pod_by_ip=MappingProxyType(pod_by_ip),
@@ -132,6 +146,9 @@ class MeshSnapshot:
             endpoints_by_service=MappingProxyType(endpoints),
             virtual_service_by_host=MappingProxyType(vs_by_host),
             destination_rule_by_host=MappingProxyType(dr_by_host),
+            authorization_policies_by_namespace=MappingProxyType(
+                {ns: tuple(aps) for ns, aps in authz_by_ns.items()}
+            ),
         )
 
     def pods_on_node(self, node: str) -> tuple[Pod, ...]:
