@@ -18,7 +18,7 @@ import uvloop
 
 from nodeagent.config import AgentSettings
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
-from nodeagent.core import route
+from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
@@ -44,6 +44,7 @@ class Agent:
         self._loaded = loaded
         self._snapshot = loaded.snapshot
         route.prepare(loaded.snapshot)
+        authz.prepare(loaded.snapshot)
         self.metrics = Metrics()
         self.certs: CertificateStore | None = None
         self.ca_client: CaClient | None = None
@@ -118,8 +119,10 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------------
     def _on_update(self, loaded: LoadedConfig) -> None:
         route.prepare(loaded.snapshot)  # route indexes built before the first request
+        authz.prepare(loaded.snapshot)
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
+        self.proxy.recheck(loaded.snapshot)  # live connections a policy now denies end
         self.metrics.config_reloads.labels(result="ok").inc()
         asyncio.get_running_loop().create_task(self._reconcile())
 

@@ -41,5 +41,14 @@ class PeerError(NodeAgentError):
     """A peer (client, upstream, CA) failed or misbehaved."""
 
 
+class ConnectRefusedError(PeerError):
+    """The HBONE peer answered our CONNECT with a non-200 status (403: a policy there
+    denied it)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class LocalStateError(NodeAgentError):
     """The local machine is not in a state we can work with."""

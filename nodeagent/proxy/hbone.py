@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.errors import NodeAgentError, PeerError
+from nodeagent.errors import ConnectRefusedError, NodeAgentError, PeerError
 from nodeagent.identity.tls import ALPN, describe_verify_error, peer_identity
 from nodeagent.protocol.hbone import (
     ClientConnection,
@@ -650,9 +650,10 @@ class _ClientConn(_Conn):
             if st is not None and st._response is not None and not st._response.done():
                 reason = f": {ev.reason}" if ev.reason else ""
                 st._response.set_exception(
-                    PeerError(
+                    ConnectRefusedError(
                         f"HBONE peer {self.label} ({self.peer_identity}) refused CONNECT "
-                        f"{st.authority} with status {ev.status}{reason}"
+                        f"{st.authority} with status {ev.status}{reason}",
+                        ev.status,
                     )
                 )
         elif isinstance(ev, GoAwayReceived):

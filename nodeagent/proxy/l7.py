@@ -35,7 +35,7 @@ from nodeagent.core.route import (
     pick_weighted,
     select_route,
 )
-from nodeagent.errors import PeerError
+from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.traffic import (
@@ -792,6 +792,9 @@ class L7Proxy:
                 except Overflow as e:
                     raise LocalReply(503, "UO", str(e)) from None
                 except PeerError as e:
+                    if isinstance(e, ConnectRefusedError) and e.status == 403:
+                        # an AuthorizationPolicy at the destination said no
+                        raise LocalReply(403, "RBAC", "RBAC: access denied") from None
                     bal.report(ep, None, True)
                     failure, last_flag = "connect-failure", "UF"
                     log.info("%s: connect to %s failed: %s", cluster.name, addr, e)

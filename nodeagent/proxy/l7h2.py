@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
-from nodeagent.errors import PeerError
+from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.protocol import http1
 from nodeagent.protocol.http2 import (
@@ -467,6 +467,9 @@ class _Session:
                 except Overflow as e:
                     raise LocalReply(503, "UO", str(e)) from None
                 except PeerError as e:
+                    if isinstance(e, ConnectRefusedError) and e.status == 403:
+                        # an AuthorizationPolicy at the destination said no
+                        raise LocalReply(403, "RBAC", "RBAC: access denied") from None
                     bal.report(ep, None, True)
                     failure = "connect-failure"
                     log.info("%s: connect to %s failed: %s", cluster.name, x.upstream, e)

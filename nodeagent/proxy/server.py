@@ -8,11 +8,14 @@ from the listener that accepted it; the destination comes from ``SO_ORIGINAL_DST
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nodeagent.core import authz
+from nodeagent.core.authz import AuthzRequest
 from nodeagent.core.outbound import Action, RoundRobin, resolve
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.route import pick_weighted, select_tcp_route
@@ -98,6 +101,18 @@ class _IdentityIndex:
                 if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
                     peers[key] = p.pod_ip
         return cls(tunnel_peer=peers, pod_by_identity=by_identity)
+
+
+def _forwarded_for(headers: Any) -> str | None:
+    """The client address of an HBONE CONNECT's ``forwarded: for=IP`` header, if any."""
+    value = headers.get("forwarded") if headers else None
+    if not value:
+        return None
+    for part in str(value).split(";"):
+        k, _, v = part.strip().partition("=")
+        if k.lower() == "for" and v:
+            return v.strip('"')
+    return None
 
 
 def _labels(
@@ -439,9 +454,7 @@ class Proxy:
             relay.bytes_sent, relay.bytes_received = pipe.bytes_in, pipe.bytes_out
             relay.close("done")
 
-    def _l7_connect(
-        self, pp: PodProxy, client_ip: str
-    ) -> Callable[[Endpoint, Pipe], Any]:
+    def _l7_connect(self, pp: PodProxy, client_ip: str) -> Callable[[Endpoint, Pipe], Any]:
         async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
             snap = self.snapshot()
             addr = (ep.ip, ep.port)
@@ -470,8 +483,7 @@ class Proxy:
                 authority=f"{ep.ip}:{ep.port}",
                 headers={
                     "forwarded": f"for={client_ip}",
-                    "baggage": f"k8s.namespace.name={pp.pod.namespace},"
-                    f"k8s.pod.name={pp.pod.name}",
+                    "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
                 },
                 protocol=pipe,
             )
@@ -550,6 +562,18 @@ class Proxy:
             reason = f"{req.authority} is not a pod running as {me} on node {self.node}"
             log.warning("HBONE from %s refused: %s", req.peer_identity, reason)
             return ConnectRefusal(400, reason)
+        src_ip = _forwarded_for(req.headers) or req.peer_addr[0]
+        authz_req = AuthzRequest(
+            destination=target,
+            destination_port=port,
+            source_principal=req.peer_identity,
+            source_ip=src_ip,
+            destination_ip=ip,
+        )
+        decision = authz.evaluate(snap, authz_req)
+        if not decision.allowed:
+            self._denied(req.peer_identity, src_ip, target, port, decision.reason)
+            return ConnectRefusal(403, f"RBAC: access denied ({decision.reason})")
         tpp = self.pods[target.key]
         ns = tpp.ns
         if ns is None:
@@ -569,6 +593,7 @@ class Proxy:
                 "destination": req.authority,
                 "upstream": req.authority,
                 "peer": req.peer_identity,
+                "authz": authz_req,
                 "labels": _labels(
                     "destination",
                     src_pod,
@@ -611,10 +636,64 @@ class Proxy:
                     f"{mtls.policy} requires mTLS (STRICT)",
                 )
                 return
+        authz_req = AuthzRequest(
+            destination=pp.pod,
+            destination_port=dst[1],
+            source_ip=peer[0] if peer else "",
+            destination_ip=dst[0],
+        )
+        relay.meta["authz"] = authz_req
+        decision = authz.evaluate(snap, authz_req)
+        if not decision.allowed:
+            self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], decision.reason)
+            relay.close(f"RBAC: {decision.reason}")
+            return
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
         relay.meta["peer"] = src_pod.key if src_pod else ""
         relay.meta["labels"] = _labels("destination", src_pod, pp.pod, "")
         await self._dial(pp, relay, dst, "inbound")
+
+    def recheck(self, snap: MeshSnapshot) -> int:
+        """After a config change: close the live inbound connections the
+        AuthorizationPolicies of ``snap`` now deny (others continue). Returns how many."""
+        closed = 0
+        for relay in list(self.table.live.values()):
+            req = relay.meta.get("authz")
+            if not isinstance(req, AuthzRequest) or relay.closed:
+                continue
+            target = snap.pod_by_key.get(req.destination.key)
+            if target is None:
+                continue
+            if target is not req.destination:
+                req = dataclasses.replace(req, destination=target)
+                relay.meta["authz"] = req
+            decision = authz.evaluate(snap, req)
+            if not decision.allowed:
+                self._denied(
+                    req.source_principal,
+                    req.source_ip,
+                    target,
+                    req.destination_port,
+                    f"{decision.reason} (policy changed: live connection closed)",
+                )
+                relay.abort(f"RBAC: {decision.reason}")
+                closed += 1
+        return closed
+
+    def _denied(
+        self, principal: str | None, src_ip: str, target: Pod, port: int, reason: str
+    ) -> None:
+        """An AuthorizationPolicy denied a connection: count and log it; the caller closes
+        it before any byte reaches the app."""
+        self.metrics.failures.labels(direction="inbound", response_flags="RBAC").inc()
+        log.warning(
+            "RBAC: access denied: %s (%s) -> %s port %d: %s",
+            principal or "plaintext",
+            src_ip,
+            target.key,
+            port,
+            reason,
+        )
 
     # -- shutdown --------------------------------------------------------------------
     def stop_accepting(self) -> None:
