@@ -182,9 +182,13 @@ def _field_pred(
     """Some of ``values`` (when given) and none of ``not_values`` match ``view.<attr>``."""
     if not values and not not_values:
         return None
-    get = attrgetter(attr)
     m = _matcher(values, lower=lower) if values else None
     n = _matcher(not_values, lower=lower) if not_values else None
+    return _in_not_in(attrgetter(attr), m, n)
+
+
+def _in_not_in(get: Callable[[_View], str | None], m: Matcher | None, n: Matcher | None) -> Pred:
+    """``get(view)`` matches ``m`` (when given) and not ``n`` (when given)."""
     if n is None:
         assert m is not None
         return lambda v: m(get(v))
@@ -332,12 +336,7 @@ def _condition_pred(c: Condition) -> Pred:
     n = _matcher(c.not_values) if c.not_values else None
     get = _single_getter(key)
     if get is not None:
-        if n is None:
-            assert m is not None
-            return lambda v: m(get(v))
-        if m is None:
-            return lambda v: not n(get(v))
-        return lambda v: m(x := get(v)) and not n(x)
+        return _in_not_in(get, m, n)
 
     def pred(v: _View) -> bool:
         got = _claim_values(key, v)
