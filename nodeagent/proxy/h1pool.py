@@ -88,9 +88,6 @@ class H1Pool:
         self._active: dict[str, int] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
 
-    def open_count(self, cluster: str) -> int:
-        return self._active.get(cluster, 0)
-
     async def acquire(
         self, source: str, cluster: Cluster, ep: Endpoint, connect: ConnectFn
     ) -> tuple[H1Conn, bool]:

@@ -37,7 +37,7 @@ from nodeagent.core.route import (
 )
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.objects import Pod, Service, ServicePort
-from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import (
     DEFAULT_RETRY,
     Destination,
@@ -96,7 +96,6 @@ class Downstream:
     source_ip: str
     service: Service
     port: ServicePort
-    protocol: str
     connect: ConnectFn
     meta: dict[str, Any] = field(default_factory=dict)
     """The connection-table record, for ``nodeagent ctl connections``."""
@@ -241,6 +240,8 @@ class BodySink(Protocol):
 
     async def drain(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class H1Sink:
     """A request body written to an upstream HTTP/1.1 connection."""
@@ -258,6 +259,9 @@ class H1Sink:
 
     async def drain(self) -> None:
         await self.conn.pipe.drain()
+
+    def abort(self) -> None:
+        self.conn.pipe.abort()
 
 
 class RequestBody:
@@ -281,7 +285,6 @@ class RequestBody:
         self.discard = False
         """The exchange is over: read the rest only to keep the connection in sync."""
         self.client_gone = False
-        self.error: ProtocolError | None = None
         self.limit = limit
         self.target: BodySink | None = None
         self.ended_upstream = False
@@ -341,10 +344,7 @@ class RequestBody:
             if t is not None:
                 t.end(ev.trailers)
                 self.ended_upstream = True
-        elif isinstance(ev, ProtocolError):
-            self.error = ev
-            self.client_gone = True
-        else:  # ConnectionClosed mid-body, or a stray event
+        else:  # a malformed body, ConnectionClosed mid-body, or a stray event
             self.client_gone = True
 
     def attach(self, sink: BodySink) -> None:
@@ -377,9 +377,8 @@ class RequestBody:
         except Exception as e:  # a bug must end this exchange, not hang it
             log.error("request body relay failed: %r", e, exc_info=e)
             self.client_gone = True
-            abort = getattr(self.target, "abort", None)
-            if abort is not None:
-                abort()
+            if self.target is not None:
+                self.target.abort()
 
     async def _pump_events(self) -> None:
         while not self.complete and not self.client_gone:
@@ -460,14 +459,12 @@ class L7Proxy:
         snapshot: Callable[[], MeshSnapshot],
         metrics: Metrics,
         access_log: AccessLog,
-        identity_of: Callable[[Pod], str],
         *,
         rnd: random.Random | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.metrics = metrics
         self.access_log = access_log
-        self.identity_of = identity_of
         self.rnd = rnd or random.Random()
         # Istio's minHealthPercent defaults to 0: no panic mode, ejected hosts stay out
         self.balancers = BalancerRegistry(
@@ -532,7 +529,6 @@ class L7Proxy:
                     return
                 if isinstance(ev, RequestHead):
                     keep = await self._exchange1(ds, pipe, down, ev, next_event, take_now)
-                    ds.meta["bytes"] = (pipe.bytes_in, pipe.bytes_out)
                     if not keep or not down.keep_alive:
                         return
                     events.extend(down.start_next_request())
@@ -736,8 +732,6 @@ class L7Proxy:
             out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
         if head.upgrade is not None:
             return await self._upgrade1(ds, pipe, down, head, p.path, out, p.cluster, x)
-        if p.rule is not None and p.rule.mirror is not None:
-            self._maybe_mirror(ds, p.snap, p.rule, head, p.path, out, body)
         try:
             async with deadline(p.timeout):
                 return await self._attempts1(ds, pipe, down, head, out, body, p, x)
@@ -747,6 +741,9 @@ class L7Proxy:
                 pipe.abort()
                 return False
             raise LocalReply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
+        finally:
+            if p.rule is not None and p.rule.mirror is not None:
+                self._maybe_mirror(ds, p.snap, p.rule, head.method, p.path, out, body)
 
     async def _fault(self, rule: HTTPRoute, x: Exchange) -> None:
         f = rule.fault
@@ -788,36 +785,29 @@ class L7Proxy:
             conn: H1Conn | None = None
             try:
                 try:
-                    conn, reused = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
-                except Overflow as e:
-                    raise LocalReply(503, "UO", str(e)) from None
-                except PeerError as e:
-                    if isinstance(e, ConnectRefusedError) and e.status == 403:
-                        # an AuthorizationPolicy at the destination said no
-                        raise LocalReply(403, "RBAC", "RBAC: access denied") from None
-                    bal.report(ep, None, True)
-                    failure, last_flag = "connect-failure", "UF"
-                    log.info("%s: connect to %s failed: %s", cluster.name, addr, e)
-                else:
+                    conn, reused = await self._acquire(ds, cluster, ep)
                     x.dst_principal = conn.principal
                     resp, fail = await self._send1(conn, head, target, out, body, policy)
                     if fail is not None and fail[1] == "UC" and reused and body.replayable:
                         # a pooled connection the peer had closed: once more, on a new one
                         self.pool.discard(conn)
-                        conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+                        conn = None
+                        conn, _ = await self._acquire(ds, cluster, ep)
                         resp, fail = await self._send1(conn, head, target, out, body, policy)
+                except PeerError as e:
+                    bal.report(ep, None, True)
+                    failure, last_flag = "connect-failure", "UF"
+                    log.info("%s: connect to %s failed: %s", cluster.name, addr, e)
+                else:
+                    # (a connection not handed on is discarded in ``finally``)
                     if fail is not None:
                         failure, last_flag = fail
                         bal.report(ep, 504 if last_flag == "UT" else 503, False)
-                        self.pool.discard(conn, abort=True)
-                        conn = None
                     else:
-                        assert resp is not None
+                        assert resp is not None and conn is not None
                         bal.report(ep, resp.status, False)
                         reason = retriable_status(policy, resp.status, join_headers(resp.headers))
                         if reason is not None and retries_left > 0 and body.replayable:
-                            self.pool.discard(conn, abort=True)
-                            conn = None
                             failure, last_flag, status_retry = reason, "URX", True
                         else:
                             if reason is not None and x.attempts > 1:
@@ -846,6 +836,20 @@ class L7Proxy:
             ):
                 retries_left -= 1
                 continue
+
+    async def _acquire(self, ds: Downstream, cluster: Cluster, ep: Endpoint) -> tuple[H1Conn, bool]:
+        """A pooled or new connection to ``ep`` and whether it was reused. A full pool and
+        a destination policy's refusal are answers for the client (``LocalReply``); any
+        other failure to connect is a ``PeerError``."""
+        try:
+            return await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+        except Overflow as e:
+            raise LocalReply(503, "UO", str(e)) from None
+        except ConnectRefusedError as e:
+            if e.status != 403:
+                raise
+            # an AuthorizationPolicy at the destination said no
+            raise LocalReply(403, "RBAC", "RBAC: access denied") from None
 
     async def retry_or_fail(
         self,
@@ -992,9 +996,9 @@ class L7Proxy:
         ep = bal.pick(None, set())
         if ep is None:
             raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
-        x.attempts, x.upstream, x.dst_pod = 1, f"{ep.ip}:{ep.port}", ep.pod
+        x.attempts, x.upstream, x.dst_pod = 1, endpoint_address(ep), ep.pod
         try:
-            conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+            conn, _ = await self._acquire(ds, cluster, ep)
         except PeerError as e:
             raise LocalReply(503, "UF", f"upstream connect error: {e}") from None
         x.dst_principal = conn.principal
@@ -1034,22 +1038,30 @@ class L7Proxy:
         ds: Downstream,
         snap: MeshSnapshot,
         rule: HTTPRoute,
-        head: RequestHead,
+        method: str,
         target: str,
         out: list[tuple[str, str]],
         body: RequestBody,
     ) -> None:
+        """After the exchange: a copy of the request to ``rule.mirror`` (host suffixed
+        ``-shadow``), when its body was read whole and fits the retry buffer."""
         pct = rule.mirror_percentage if rule.mirror_percentage is not None else 100.0
         if rule.mirror is None or self.rnd.random() * 100 >= pct:
+            return
+        if not body.complete or not body.replayable:
             return
         try:
             cluster = self.cluster(snap, rule.mirror, ds.port.port)
         except ClusterError as e:
             log.info("mirror skipped: %s", e)
             return
-        headers = [(k, f"{v}-shadow" if k == "host" else v) for k, v in out]
+        headers = [
+            (k, f"{v}-shadow" if k == "host" else v) for k, v in out if k != "content-length"
+        ]
+        data = b"".join(body.chunks)
+        headers.append(("content-length", str(len(data))))
         task = asyncio.get_running_loop().create_task(
-            self._mirror(ds, cluster, head.method, target, headers, body)
+            self._mirror(ds, cluster, method, target, headers, data)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1061,29 +1073,20 @@ class L7Proxy:
         method: str,
         target: str,
         headers: list[tuple[str, str]],
-        body: RequestBody,
+        data: bytes,
     ) -> None:
-        """Send a copy once the request body is known; the answer is read and dropped."""
-        for _ in range(200):
-            if body.complete or not body.replayable:
-                break
-            await asyncio.sleep(0.01)
-        if not body.complete or not body.replayable:
-            return
+        """Send the copy; the answer is read and dropped."""
         ep = self.balancer(cluster, ds.pod).pick(None, set())
         if ep is None:
             return
         try:
-            conn, _ = await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
-        except (PeerError, Overflow):
+            conn, _ = await self._acquire(ds, cluster, ep)
+        except (PeerError, LocalReply):
             return
         ok = False
         try:
             m = conn.machine
-            hs = [(k, v) for k, v in headers if k != "content-length"]
-            data = b"".join(body.chunks)
-            hs.append(("content-length", str(len(data))))
-            conn.pipe.write(m.send_request_head(method, target, hs, body=bool(data)))
+            conn.pipe.write(m.send_request_head(method, target, headers, body=bool(data)))
             if data:
                 conn.pipe.write(m.send_body(data))
             conn.pipe.write(m.send_end())

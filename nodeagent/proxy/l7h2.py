@@ -109,9 +109,7 @@ class _UpStream(_Events[UpstreamEvent]):
 class H2Conn:
     """One multiplexed HTTP/2 connection to an endpoint, with its reader task."""
 
-    def __init__(self, key: tuple[str, str, int], cluster: str, pipe: Pipe) -> None:
-        self.key = key
-        self.cluster = cluster
+    def __init__(self, pipe: Pipe) -> None:
         self.pipe = pipe
         self.machine = UpstreamHttp2()
         self.streams: dict[int, _UpStream] = {}
@@ -131,7 +129,7 @@ class H2Conn:
             not self.dead
             and not self.pipe.lost
             and m.goaway_received is None
-            and (m.can_open_stream())
+            and m.can_open_stream()
         )
 
     def open(
@@ -232,7 +230,7 @@ class H2Pool:
         conn = next((c for c in conns if c.usable()), None)
         if conn is None:
             pipe = Pipe()
-            conn = H2Conn(key, cluster.name, pipe)
+            conn = H2Conn(pipe)
             conn.path, conn.principal = await dial(connect, ep, pipe, cluster)
             conn.start()
             conns.append(conn)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import Any, cast
+from typing import cast
 
 READ_LIMIT = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
@@ -109,10 +109,6 @@ class Pipe(asyncio.Protocol):
             w.set_result(None)
 
     # -- coroutine side -------------------------------------------------------------------
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._buf
-
     def has_input(self) -> bool:
         """Bytes or an EOF arrived and were not read (for an idle pooled connection this
         means it can no longer be used)."""
@@ -179,6 +175,3 @@ class Pipe(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    def extra(self, name: str) -> Any:
-        return self.transport.get_extra_info(name) if self.transport is not None else None

@@ -20,12 +20,13 @@ from nodeagent.core.outbound import Action, RoundRobin, resolve
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
-from nodeagent.model.objects import Pod, PodRuntime, Service
+from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import Destination
 from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.h1pool import ConnectFn
 from nodeagent.proxy.hbone import (
     HBONE_PORT,
     ConnectRefusal,
@@ -162,7 +163,7 @@ class Proxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.access_log = access_log or AccessLog()
-        self.l7 = L7Proxy(snapshot, metrics, self.access_log, self._identity_of)
+        self.l7 = L7Proxy(snapshot, metrics, self.access_log)
         self.h2pool = H2Pool()
 
     # -- pods ------------------------------------------------------------------------
@@ -421,7 +422,7 @@ class Proxy:
         return ep, cluster.host
 
     async def _serve_l7(
-        self, pp: PodProxy, side: ClientSide, svc: Any, port: Any, proto: str
+        self, pp: PodProxy, side: ClientSide, svc: Service, port: ServicePort, proto: str
     ) -> None:
         """Hand the client connection to the L7 path: requests are routed one by one."""
         relay = side.relay
@@ -438,7 +439,6 @@ class Proxy:
             source_ip=client_ip,
             service=svc,
             port=port,
-            protocol=proto,
             connect=self._l7_connect(pp, client_ip),
             meta=relay.meta,
         )
@@ -454,40 +454,27 @@ class Proxy:
             relay.bytes_sent, relay.bytes_received = pipe.bytes_in, pipe.bytes_out
             relay.close("done")
 
-    def _l7_connect(self, pp: PodProxy, client_ip: str) -> Callable[[Endpoint, Pipe], Any]:
+    def _l7_connect(self, pp: PodProxy, client_ip: str) -> ConnectFn:
+        """How the L7 path of ``pp``'s clients reaches an endpoint: plain TCP from the
+        pod's netns where mTLS is off for it, else an HBONE stream."""
+
         async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
             snap = self.snapshot()
             addr = (ep.ip, ep.port)
-            if self.identity is None or (
-                effective_mtls(snap, ep.pod, ep.port).mode is MtlsMode.DISABLE
+            if self.identity is not None and (
+                effective_mtls(snap, ep.pod, ep.port).mode is not MtlsMode.DISABLE
             ):
-                ns = pp.ns
-                if ns is None:
-                    raise PeerError(f"pod {pp.pod.key} is no longer captured")
-                sock = await connect_in(ns, addr, self.connect_timeout)
-                try:
-                    await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
-                except OSError as e:
-                    sock.close()
-                    raise PeerError(f"upstream {ep}: {e}") from None
-                return f"{ep.ip}:{ep.port}", "unknown"
-            pool = pp.pool
-            if pool is None:
-                raise PeerError(f"pod {pp.pod.key} has no HBONE pool yet")
-            dst_id = self._identity_of(ep.pod)
-            peer = (self._hbone_peer(snap, ep.pod), HBONE_PORT)
-            await pool.open_stream(
-                source_identity=self._identity_of(pp.pod),
-                expected_identity=dst_id,
-                peer=peer,
-                authority=f"{ep.ip}:{ep.port}",
-                headers={
-                    "forwarded": f"for={client_ip}",
-                    "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
-                },
-                protocol=pipe,
-            )
-            return f"hbone {peer[0]}:{peer[1]} -> {ep.ip}:{ep.port}", dst_id
+                return await self._open_tunnel(pp, snap, ep.pod, addr, client_ip, pipe)
+            ns = pp.ns
+            if ns is None:
+                raise PeerError(f"pod {pp.pod.key} is no longer captured")
+            sock = await connect_in(ns, addr, self.connect_timeout)
+            try:
+                await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+            except OSError as e:
+                sock.close()
+                raise PeerError(f"upstream {ep}: {e}") from None
+            return f"{ep.ip}:{ep.port}", "unknown"
 
         return connect
 
@@ -515,30 +502,18 @@ class Proxy:
         addr: tuple[str, int],
         service_host: str,
     ) -> None:
-        pool = pp.pool
-        if pool is None:
-            self._refuse(relay, "outbound", "UF", f"pod {pp.pod.key} has no HBONE pool yet")
-            return
-        src_id = self._identity_of(pp.pod)
-        dst_id = self._identity_of(dst)
-        peer = (self._hbone_peer(snap, dst), HBONE_PORT)
-        relay.meta["upstream"] = f"hbone {peer[0]}:{peer[1]} -> {addr[0]}:{addr[1]}"
         relay.meta["labels"] = _labels(
-            "source", pp.pod, dst, service_host, src_principal=src_id, dst_principal=dst_id
+            "source",
+            pp.pod,
+            dst,
+            service_host,
+            src_principal=self._identity_of(pp.pod),
+            dst_principal=self._identity_of(dst),
         )
         client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
-        headers = {
-            "forwarded": f"for={client_ip}",
-            "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
-        }
         try:
-            await pool.open_stream(
-                source_identity=src_id,
-                expected_identity=dst_id,
-                peer=peer,
-                authority=f"{addr[0]}:{addr[1]}",
-                headers=headers,
-                protocol=UpstreamSide(relay),
+            relay.meta["upstream"], _ = await self._open_tunnel(
+                pp, snap, dst, addr, client_ip, UpstreamSide(relay)
             )
         except PeerError as e:
             if not relay.closed:
@@ -548,6 +523,36 @@ class Proxy:
             return
         relay.meta["counted"] = True
         self.table.counted(relay)
+
+    async def _open_tunnel(
+        self,
+        pp: PodProxy,
+        snap: MeshSnapshot,
+        dst: Pod,
+        addr: tuple[str, int],
+        client_ip: str,
+        protocol: asyncio.BaseProtocol,
+    ) -> tuple[str, str]:
+        """An HBONE stream from ``pp`` to ``addr`` (a port of ``dst``) wired to
+        ``protocol``: (a description of the path, the destination's identity). Raises
+        ``PeerError`` (``ConnectRefusedError`` when the destination answered non-200)."""
+        pool = pp.pool
+        if pool is None:
+            raise PeerError(f"pod {pp.pod.key} has no HBONE pool yet")
+        dst_id = self._identity_of(dst)
+        peer = (self._hbone_peer(snap, dst), HBONE_PORT)
+        await pool.open_stream(
+            source_identity=self._identity_of(pp.pod),
+            expected_identity=dst_id,
+            peer=peer,
+            authority=f"{addr[0]}:{addr[1]}",
+            headers={
+                "forwarded": f"for={client_ip}",
+                "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
+            },
+            protocol=protocol,
+        )
+        return f"hbone {peer[0]}:{peer[1]} -> {addr[0]}:{addr[1]}", dst_id
 
     async def _on_hbone(
         self, pp: PodProxy, req: ConnectRequest

@@ -88,9 +88,7 @@ class L7Rig:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.h2pool = H2Pool()
-        self.proxy = L7Proxy(
-            lambda: self._snap, self.metrics, self.access_log, lambda p: "unknown"
-        )
+        self.proxy = L7Proxy(lambda: self._snap, self.metrics, self.access_log)
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = self._call(self._listen())
 
@@ -159,7 +157,6 @@ class L7Rig:
                 source_ip="10.244.9.9",
                 service=svc,
                 port=svc.ports[1 if h2 else 0],
-                protocol="h2" if h2 else "http1",
                 connect=connect,
             )
 
