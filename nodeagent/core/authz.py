@@ -83,7 +83,8 @@ class AuthzRequest:
 class AuthzDecision:
     allowed: bool
     policy: str = ""
-    """``namespace/name`` of the deciding policy, '' when no single policy decided."""
+    """``namespace/name`` of the deciding policy; for a denial because no ALLOW rule
+    matched, the ALLOW policies that applied (comma-separated); '' when none applied."""
     rule_index: int | None = None
     action: AuthzAction | None = None
     reason: str = ""
@@ -427,6 +428,9 @@ class _Applicable:
     tcp: tuple[_Check, ...]
     no_match: AuthzDecision
     """The decision when no rule matches."""
+    needs_http: bool = False
+    """Some applicable rule looks at HTTP attributes: an HTTP port of this workload must
+    be authorized request by request, not per connection."""
 
 
 def _applies(policy: AuthorizationPolicy, labels: Labels) -> bool:
@@ -493,6 +497,7 @@ def _build_applicable(snapshot: MeshSnapshot, cache: _Cache, pod: Pod) -> _Appli
         names = ", ".join(p.key for p in allow)
         no_match = AuthzDecision(
             False,
+            policy=",".join(p.key for p in allow),
             action=AuthzAction.ALLOW,
             reason=f"no ALLOW policy rule matched (policies: {names})",
         )
@@ -504,7 +509,8 @@ def _build_applicable(snapshot: MeshSnapshot, cache: _Cache, pod: Pod) -> _Appli
         h, t = _policy_checks(cache, policy)
         http += h
         tcp += t
-    return _Applicable(http=tuple(http), tcp=tuple(tcp), no_match=no_match)
+    needs_http = any(_has_http_fields(r) for p in deny + allow for r in p.rules)
+    return _Applicable(http=tuple(http), tcp=tuple(tcp), no_match=no_match, needs_http=needs_http)
 
 
 def _applicable(snapshot: MeshSnapshot, pod: Pod) -> _Applicable:
@@ -537,6 +543,128 @@ def evaluate(snapshot: MeshSnapshot, req: AuthzRequest) -> AuthzDecision:
             if pred(v):
                 return decision
     return app.no_match
+
+
+def needs_http(snapshot: MeshSnapshot, pod: Pod) -> bool:
+    """Whether a policy applying to ``pod`` has a rule with HTTP attributes (methods,
+    paths, hosts, request principals, ``request.*`` conditions)."""
+    return _applicable(snapshot, pod).needs_http
+
+
+# --- explain: each policy, each rule, the first field that did not match ----------------
+
+
+def _source_fields(s: Source, http: bool) -> list[tuple[str, Pred | None, str]]:
+    """(field name as in YAML, predicate, what of the request it looks at)."""
+    out = [
+        ("principals", _field_pred(s.principals, (), "principal"), "principal"),
+        ("notPrincipals", _field_pred((), s.not_principals, "principal"), "principal"),
+        ("namespaces", _field_pred(s.namespaces, (), "namespace"), "namespace"),
+        ("notNamespaces", _field_pred((), s.not_namespaces, "namespace"), "namespace"),
+        ("ipBlocks", _ip_pred(s.ip_blocks, (), "req.source_ip"), "req.source_ip"),
+        ("notIpBlocks", _ip_pred((), s.not_ip_blocks, "req.source_ip"), "req.source_ip"),
+    ]
+    if http:
+        rp = "req.request_principal"
+        out += [
+            ("requestPrincipals", _field_pred(s.request_principals, (), rp), rp),
+            ("notRequestPrincipals", _field_pred((), s.not_request_principals, rp), rp),
+        ]
+    return out
+
+
+def _operation_fields(o: Operation, http: bool) -> list[tuple[str, Pred | None, str]]:
+    port = "req.destination_port"
+    out: list[tuple[str, Pred | None, str]] = [
+        ("ports", _ports_pred(o.ports, ()), port),
+        ("notPorts", _ports_pred((), o.not_ports), port),
+    ]
+    if http:
+        out += [
+            ("hosts", _field_pred(o.hosts, (), "host", lower=True), "host"),
+            ("notHosts", _field_pred((), o.not_hosts, "host", lower=True), "host"),
+            ("methods", _field_pred(o.methods, (), "req.method"), "req.method"),
+            ("notMethods", _field_pred((), o.not_methods, "req.method"), "req.method"),
+            ("paths", _field_pred(o.paths, (), "path"), "path"),
+            ("notPaths", _field_pred((), o.not_paths, "path"), "path"),
+        ]
+    return out
+
+
+def _first_miss(
+    fields: list[tuple[str, Pred | None, str]], obj: object, where: str, v: _View
+) -> str | None:
+    for name, pred, attr in fields:
+        if pred is not None and not pred(v):
+            want = [str(x) for x in getattr(obj, _snake(name))]
+            return f"{where}.{name} {want} vs {attrgetter(attr)(v)!r}"
+    return None
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def explain_rule(rule: Rule, req: AuthzRequest, action: AuthzAction) -> tuple[bool, str]:
+    """Whether ``rule`` matches ``req`` and, when it does not, the first field (YAML path
+    in the rule and the value it saw) that did not."""
+    http = req.is_http
+    if not http and action is AuthzAction.ALLOW and _has_http_fields(rule):
+        return False, "uses HTTP attributes, which a TCP connection does not have"
+    v = _View(req)
+    if rule.from_:
+        misses = [
+            _first_miss(_source_fields(src, http), src, f"from[{j}].source", v)
+            for j, src in enumerate(rule.from_)
+        ]
+        if all(m is not None for m in misses):
+            return False, "; ".join(m for m in misses if m)
+    if rule.to:
+        misses = [
+            _first_miss(_operation_fields(op, http), op, f"to[{j}].operation", v)
+            for j, op in enumerate(rule.to)
+        ]
+        if all(m is not None for m in misses):
+            return False, "; ".join(m for m in misses if m)
+    for k, c in enumerate(rule.when):
+        if not http and _http_only_condition(c):
+            continue
+        if not _condition_pred(c)(v):
+            seen: object = (
+                _claim_values(c.key, v)
+                if (get := _single_getter(c.key)) is None and c.key.startswith("request.auth")
+                else (
+                    get(v)
+                    if get is not None
+                    else (req.source_ip if c.key == "source.ip" else req.destination_ip)
+                )
+            )
+            want = f"values {list(c.values)}" if c.values else f"notValues {list(c.not_values)}"
+            return False, f"when[{k}] {c.key}: {want} vs {seen!r}"
+    return True, "matched"
+
+
+def explain(snapshot: MeshSnapshot, req: AuthzRequest) -> list[dict[str, object]]:
+    """Every policy that applies to ``req.destination``, in evaluation order (DENY, then
+    ALLOW, then AUDIT), with each rule's outcome; ``evaluate`` gives the verdict."""
+    policies = applicable_policies(snapshot, req.destination)
+    order = {AuthzAction.DENY: 0, AuthzAction.ALLOW: 1, AuthzAction.AUDIT: 2}
+    out: list[dict[str, object]] = []
+    for p in sorted(policies, key=lambda p: order[p.action]):
+        rules = []
+        for i, rule in enumerate(p.rules):
+            matched, why = explain_rule(rule, req, p.action)
+            rules.append({"index": i, "matched": matched, "why": why})
+        out.append(
+            {
+                "policy": p.key,
+                "action": p.action.value,
+                "selector": dict(p.selector.items()) if p.selector is not None else None,
+                "rules": rules if p.rules else "no rules: matches nothing",
+                "matched": any(r["matched"] for r in rules),
+            }
+        )
+    return out
 
 
 def prepare(snapshot: MeshSnapshot) -> None:

@@ -698,6 +698,65 @@ class Balancer:
         hv = _h64(hash_key) if hash_key is not None else c.rnd.getrandbits(64)
         return ring.lookup(hv, exclude).endpoint
 
+    def explain(self, hash_key: str | None = None) -> dict[str, object]:
+        """What ``pick`` would do now, without doing it (no counter moves): the hosts by
+        locality tier with their in-flight requests and ejection, the algorithm, and the
+        endpoint a pick would return when that is determined (round robin's next host,
+        the ring's host for ``hash_key``; least request: the least loaded of the first
+        tier, the one two random choices favour)."""
+        c = self._c
+        self._refresh()
+        tiers = [
+            [
+                {
+                    "endpoint": h.addr,
+                    "pod": h.endpoint.pod.key,
+                    "active_requests": h.active,
+                    "ejected": h.ejected,
+                    "locality": "/".join(x for x in h.locality if x),
+                }
+                for h in tier
+            ]
+            for tier in self._tiers
+        ]
+        ejected = [h.addr for h in c.hosts if h.ejected and not self._panic]
+        out: dict[str, object] = {
+            "algorithm": c.policy.value,
+            "tiers": tiers,
+            "excluded_as_ejected": ejected,
+            "panic": self._panic,
+        }
+        if not self._tiers:
+            out["pick"] = None
+            out["why"] = "no usable endpoint (none ready, or all ejected)"
+            return out
+        hosts = self._tiers[0]
+        locality = " (nearest locality tier)" if len(self._tiers) > 1 else ""
+        if c.kind == _RR:
+            h = hosts[c.rr % len(hosts)]
+            why = f"ROUND_ROBIN: next in turn among {len(hosts)} host(s){locality}"
+        elif c.kind == _LR:
+            h = min(hosts, key=lambda x: x.active)
+            why = (
+                f"LEAST_REQUEST: two random choices among {len(hosts)} host(s){locality}, "
+                f"the one with fewer requests in flight wins ({h.active} here)"
+            )
+        elif c.kind == _RANDOM:
+            h = hosts[0]
+            why = f"RANDOM: any of {len(hosts)} host(s){locality}, e.g. this one"
+        else:
+            ring = c.master_ring().subset(set(hosts))
+            hv = _h64(hash_key) if hash_key is not None else 0
+            h = ring.lookup(hv, frozenset())
+            why = (
+                f"consistent hash of {hash_key!r}{locality}"
+                if hash_key is not None
+                else "consistent hash: no hash key in this request, a random host"
+            )
+        out["pick"] = {"endpoint": h.addr, "pod": h.endpoint.pod.key}
+        out["why"] = why
+        return out
+
     # ---- bookkeeping reported by the proxy
 
     def started(self, ep: Endpoint) -> None:

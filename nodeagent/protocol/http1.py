@@ -988,9 +988,12 @@ class DownstreamHttp1:
             return _wire(_trailer_lines(trailers)) if trailers else b"0\r\n\r\n"
         return b""
 
-    def send_error(self, status: int, body: str, flag: str) -> bytes:
-        """A complete response made here: ``status``, a short ``text/plain`` body and the
-        ``x-nodeagent-response-flag: <flag>`` header; ``Connection: close`` is added after
+    def send_error(
+        self, status: int, body: str, flag: str, extra: Sequence[tuple[str, str]] = ()
+    ) -> bytes:
+        """A complete response made here: ``status``, a short ``text/plain`` body, the
+        ``x-nodeagent-response-flag: <flag>`` header and ``extra`` headers (lowercase
+        names, e.g. ``retry-after``); ``Connection: close`` is added after
         a protocol error (then close the connection once the bytes are written).
 
         If the response had already started, nothing can be said any more: returns
@@ -1004,6 +1007,7 @@ class DownstreamHttp1:
             ("content-type", "text/plain; charset=utf-8"),
             ("content-length", str(len(payload))),
             (RESPONSE_FLAG_HEADER, _clean_reason(flag)),
+            *extra,
         ]
         if self._failed or (self._cur is not None and not self._request_done):
             # The request body was not (or could not be) read: this connection is done.

@@ -71,7 +71,7 @@ import contextlib
 import re
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -1070,10 +1070,18 @@ class DownstreamHttp2(_Connection):
         block = _encode_fields([(b":status", _STATUS[status])], headers)
         self._h2.send_headers(stream_id, block)
 
-    def send_error(self, stream_id: int, status: int, body: str, flag: str) -> bool:
-        """A complete response made here: ``status``, a short ``text/plain`` body and the
-        ``x-nodeagent-response-flag: <flag>`` header. If the client is still sending its
-        request, the stream is then reset with NO_ERROR (RFC 9113 §8.1: stop sending).
+    def send_error(
+        self,
+        stream_id: int,
+        status: int,
+        body: str,
+        flag: str,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> bool:
+        """A complete response made here: ``status``, a short ``text/plain`` body, the
+        ``x-nodeagent-response-flag: <flag>`` header and ``extra`` headers. If the client
+        is still sending its request, the stream is then reset with NO_ERROR (RFC 9113
+        §8.1: stop sending).
 
         If the response had already started, nothing can be said any more: the stream is
         reset (INTERNAL_ERROR) and False is returned. Either way the stream is over for the
@@ -1088,15 +1096,24 @@ class DownstreamHttp2(_Connection):
             self.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
             return False
         s.surfaced = False  # what follows (its body going out, request bytes) is ours
-        self._respond(s, status, body, flag, ErrorCodes.NO_ERROR)
+        self._respond(s, status, body, flag, ErrorCodes.NO_ERROR, extra)
         return True
 
-    def _respond(self, s: _Stream, status: int, body: str, flag: str, reset_code: int) -> None:
+    def _respond(
+        self,
+        s: _Stream,
+        status: int,
+        body: str,
+        flag: str,
+        reset_code: int,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
         payload = (_clean_text(body) + "\n").encode("ascii")
         fields = [
             ("content-type", "text/plain; charset=utf-8"),
             ("content-length", str(len(payload))),
             (RESPONSE_FLAG_HEADER, _clean_text(flag)),
+            *extra,
         ]
         s.reset_code = reset_code
         s.head_sent = True

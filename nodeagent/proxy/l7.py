@@ -87,9 +87,15 @@ GRPC_RETRY_STATUS = {
 # -- per-request bookkeeping ---------------------------------------------------------------
 
 
+NO_RETRY = HTTPRetry(attempts=0)
+
+
 @dataclass
 class Downstream:
-    """What the L7 path knows about one client connection."""
+    """What the L7 path knows about one client connection: on the client's node
+    (``inbound`` None: ``pod`` is the caller, requests are routed) or on the called
+    workload's node (``inbound`` set: ``pod`` is the callee, requests are admitted by its
+    policies and go to the app)."""
 
     pod: Pod
     source_principal: str
@@ -99,6 +105,31 @@ class Downstream:
     connect: ConnectFn
     meta: dict[str, Any] = field(default_factory=dict)
     """The connection-table record, for ``nodeagent ctl connections``."""
+    inbound: Inbound | None = None
+    pool_key: str = ""
+    """Whose upstream connections these requests may share (default: the pod's)."""
+
+    def __post_init__(self) -> None:
+        if not self.pool_key:
+            self.pool_key = f"in|{self.pod.key}" if self.inbound else self.pod.key
+
+
+Admit = Callable[["Downstream", str, str, dict[str, str], list[tuple[str, str]], "Exchange"], None]
+"""The destination's policy stage for one request (method, path, headers, the headers to
+send on, the record): returns to let it through, raises ``LocalReply`` to answer it."""
+
+
+@dataclass
+class Inbound:
+    """A connection that reached the called workload's node (after mTLS)."""
+
+    peer_pod: Pod | None
+    """The calling pod, when the mesh knows it (from its identity or its address)."""
+    cluster: Cluster
+    """The workload's own port: one endpoint, the app."""
+    admit: Admit
+    principal: str
+    """The called workload's own identity."""
 
 
 @dataclass
@@ -124,6 +155,12 @@ class Exchange:
     trace_id: str = ""
     request_id: str = ""
     user_agent: str = ""
+    policy: str = ""
+    """The AuthorizationPolicy that decided (``namespace/name``), for the access log."""
+    policy_rule: int | None = None
+    request_principal: str = ""
+    detail: str = ""
+    """Why the proxy answered itself."""
 
     def flag(self, f: str) -> None:
         if f not in self.flags:
@@ -416,11 +453,14 @@ class RequestBody:
 class LocalReply(Exception):
     """End the exchange with a local response."""
 
-    def __init__(self, status: int, flag: str, body: str) -> None:
+    def __init__(
+        self, status: int, flag: str, body: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(body)
         self.status = status
         self.flag = flag
         self.body = body
+        self.headers = headers
 
 
 class Redirect(Exception):
@@ -603,7 +643,8 @@ class L7Proxy:
     ) -> bool:
         x.flag(r.flag)
         x.status = r.status
-        data = down.send_error(r.status, r.body, r.flag)
+        x.detail = x.detail or r.body
+        data = down.send_error(r.status, r.body, r.flag, r.headers)
         if not data:  # a response had already started: all we can do is close
             pipe.abort()
             return False
@@ -629,6 +670,8 @@ class L7Proxy:
         """Route one request: everything decided before the first attempt. ``out`` (the
         headers to send upstream) is completed in place. Raises ``LocalReply`` for answers made
         here (no route, fault abort, a bad destination) and ``Redirect``."""
+        if ds.inbound is not None:
+            return self._plan_inbound(ds, ds.inbound, method, path, hdrs, out, x)
         snap = self.snapshot()
         svc_host = fqdn(ds.service)
         info = RequestInfo(
@@ -701,6 +744,33 @@ class L7Proxy:
         p.retry = _retry_policy(rule)
         p.timeout = rule.timeout if rule is not None else None
         return p
+
+    def _plan_inbound(
+        self,
+        ds: Downstream,
+        inbound: Inbound,
+        method: str,
+        path: str,
+        hdrs: dict[str, str],
+        out: list[tuple[str, str]],
+        x: Exchange,
+    ) -> Plan:
+        """At the called workload: its policies admit the request (or raise
+        ``LocalReply``), then it goes to the app as it is, without retries (the caller's
+        node retries)."""
+        tp = hdrs.get("traceparent")
+        x.trace_id = tp.split("-")[1] if tp is not None and tp.count("-") >= 3 else ""
+        x.request_id = hdrs.get("x-request-id", "")
+        x.cluster = inbound.cluster.name
+        inbound.admit(ds, method, path, hdrs, out, x)
+        return Plan(
+            snap=self.snapshot(),
+            rule=None,
+            cluster=inbound.cluster,
+            path=path,
+            authority=x.authority,
+            retry=NO_RETRY,
+        )
 
     async def _route1(
         self,
@@ -842,7 +912,7 @@ class L7Proxy:
         a destination policy's refusal are answers for the client (``LocalReply``); any
         other failure to connect is a ``PeerError``."""
         try:
-            return await self.pool.acquire(ds.pod.key, cluster, ep, ds.connect)
+            return await self.pool.acquire(ds.pool_key, cluster, ep, ds.connect)
         except Overflow as e:
             raise LocalReply(503, "UO", str(e)) from None
         except ConnectRefusedError as e:
@@ -1110,12 +1180,20 @@ class L7Proxy:
     def record(self, ds: Downstream, x: Exchange) -> None:
         duration_ms = (time.monotonic() - x.start) * 1000
         flags = ",".join(f for f in x.flags if f != "-") or "-"
-        dst = x.dst_pod
+        inbound = ds.inbound
+        src: Pod | None
+        dst: Pod | None
+        if inbound is None:
+            reporter, src, dst = "source", ds.pod, x.dst_pod
+        else:
+            reporter, src, dst = "destination", inbound.peer_pod, ds.pod
+            x.dst_principal = inbound.principal
+        src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
         mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
         svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
         key = (
-            ds.pod.name,
-            ds.pod.namespace,
+            src_name,
+            src_ns,
             ds.source_principal,
             dst.name if dst else "unknown",
             dst.namespace if dst else "unknown",
@@ -1127,11 +1205,12 @@ class L7Proxy:
             flags,
             "mutual_tls" if mtls else "none",
             x.route_name,
+            reporter,
         )
         children = self._metric_children.get(key)
         if children is None:
             labels = {
-                "reporter": "source",
+                "reporter": reporter,
                 "source_workload": key[0],
                 "source_workload_namespace": key[1],
                 "source_principal": key[2],
@@ -1152,34 +1231,42 @@ class L7Proxy:
             )
         children[0].inc()
         children[1].observe(duration_ms)
-        self.access_log.write(
-            AccessRecord(  # a TypedDict: a dict literal at run time
-                start_time=rfc3339(x.start_wall),
-                source_workload=ds.pod.name,
-                source_namespace=ds.pod.namespace,
-                source_principal=ds.source_principal,
-                destination_service=svc_host,
-                destination_workload=dst.name if dst else "unknown",
-                destination_namespace=dst.namespace if dst else "unknown",
-                destination_principal=x.dst_principal,
-                method=x.method,
-                authority=x.authority,
-                path=x.path,
-                protocol=x.protocol,
-                response_code=x.status,
-                response_flags=flags,
-                bytes_received=x.bytes_in,
-                bytes_sent=x.bytes_out,
-                duration_ms=round(duration_ms, 3),
-                upstream_host=x.upstream,
-                upstream_cluster=x.cluster or "-",
-                route_name=x.route_name or "-",
-                attempts=x.attempts,
-                trace_id=x.trace_id,
-                request_id=x.request_id,
-                user_agent=x.user_agent,
-            )
+        rec = AccessRecord(  # a TypedDict: a dict literal at run time
+            start_time=rfc3339(x.start_wall),
+            source_workload=src_name,
+            source_namespace=src_ns,
+            source_principal=ds.source_principal,
+            destination_service=svc_host,
+            destination_workload=dst.name if dst else "unknown",
+            destination_namespace=dst.namespace if dst else "unknown",
+            destination_principal=x.dst_principal,
+            method=x.method,
+            authority=x.authority,
+            path=x.path,
+            protocol=x.protocol,
+            response_code=x.status,
+            response_flags=flags,
+            bytes_received=x.bytes_in,
+            bytes_sent=x.bytes_out,
+            duration_ms=round(duration_ms, 3),
+            upstream_host=x.upstream,
+            upstream_cluster=x.cluster or "-",
+            route_name=x.route_name or "-",
+            attempts=x.attempts,
+            trace_id=x.trace_id,
+            request_id=x.request_id,
+            user_agent=x.user_agent,
+            reporter=reporter,
         )
+        if x.policy:
+            rec["authz_policy"] = x.policy
+            if x.policy_rule is not None:
+                rec["authz_rule"] = x.policy_rule
+        if x.request_principal:
+            rec["request_principal"] = x.request_principal
+        if x.detail:
+            rec["detail"] = x.detail
+        self.access_log.write(rec)
 
     def close(self) -> None:
         self.pool.close()

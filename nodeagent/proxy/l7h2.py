@@ -406,7 +406,8 @@ class _Session:
         except LocalReply as r:
             x.flag(r.flag)
             x.status = r.status
-            self.down.send_error(s.id, r.status, r.body, r.flag)
+            x.detail = x.detail or r.body
+            self.down.send_error(s.id, r.status, r.body, r.flag, r.headers)
         except Redirect as r:
             x.status = r.status
             self.down.send_response_head(s.id, r.status, [("location", r.location)], True)
@@ -456,7 +457,7 @@ class _Session:
             try:
                 try:
                     up = await self.pool.stream(
-                        self.ds.pod.key,
+                        self.ds.pool_key,
                         cluster,
                         ep,
                         self.ds.connect,

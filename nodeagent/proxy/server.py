@@ -36,7 +36,8 @@ from nodeagent.proxy.hbone import (
     start_hbone_server,
 )
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.l7 import Downstream, L7Proxy
+from nodeagent.proxy.inbound import HttpPort, InboundPolicy
+from nodeagent.proxy.l7 import Downstream, Inbound, L7Proxy
 from nodeagent.proxy.l7h2 import H2Pool, serve_h2
 from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
@@ -165,6 +166,7 @@ class Proxy:
         self.access_log = access_log or AccessLog()
         self.l7 = L7Proxy(snapshot, metrics, self.access_log)
         self.h2pool = H2Pool()
+        self.inbound = InboundPolicy(snapshot)
 
     # -- pods ------------------------------------------------------------------------
     async def reconcile(self, snap: MeshSnapshot) -> None:
@@ -248,6 +250,10 @@ class Proxy:
         if pp.state != "ready":
             return False
         return self.identity is None or self.identity.has(self._identity_of(pp.pod))
+
+    def identity_principal(self, pod: Pod) -> str:
+        """``pod``'s SPIFFE identity (what mTLS proves for it)."""
+        return self._identity_of(pod)
 
     def _identity_of(self, pod: Pod) -> str:
         td = self.identity.trust_domain if self.identity is not None else "cluster.local"
@@ -465,18 +471,68 @@ class Proxy:
                 effective_mtls(snap, ep.pod, ep.port).mode is not MtlsMode.DISABLE
             ):
                 return await self._open_tunnel(pp, snap, ep.pod, addr, client_ip, pipe)
-            ns = pp.ns
-            if ns is None:
-                raise PeerError(f"pod {pp.pod.key} is no longer captured")
-            sock = await connect_in(ns, addr, self.connect_timeout)
-            try:
-                await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
-            except OSError as e:
-                sock.close()
-                raise PeerError(f"upstream {ep}: {e}") from None
+            await self._connect_plain(pp, ep, pipe)
             return f"{ep.ip}:{ep.port}", "unknown"
 
         return connect
+
+    async def _connect_plain(self, pp: PodProxy, ep: Endpoint, pipe: Pipe) -> None:
+        """Connect ``pipe`` to ``ep`` over plain TCP from ``pp``'s netns."""
+        ns = pp.ns
+        if ns is None:
+            raise PeerError(f"pod {pp.pod.key} is no longer captured")
+        sock = await connect_in(ns, (ep.ip, ep.port), self.connect_timeout)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+        except OSError as e:
+            sock.close()
+            raise PeerError(f"upstream {ep}: {e}") from None
+
+    async def _serve_inbound(
+        self,
+        tpp: PodProxy,
+        hp: HttpPort,
+        peer_principal: str | None,
+        peer_pod: Pod | None,
+        src_ip: str,
+        pipe: Pipe,
+        relay: Relay,
+    ) -> None:
+        """Serve one connection that reached ``tpp``'s HTTP port request by request:
+        each passes the workload's policies, then goes to the app."""
+        principal = self._identity_of(tpp.pod)
+
+        async def connect(ep: Endpoint, up: Pipe) -> tuple[str, str]:
+            await self._connect_plain(tpp, ep, up)
+            return f"{ep.ip}:{ep.port}", principal
+
+        ds = Downstream(
+            pod=tpp.pod,
+            source_principal=peer_principal or "unknown",
+            source_ip=src_ip,
+            service=hp.service,
+            port=hp.port,
+            connect=connect,
+            meta=relay.meta,
+            inbound=Inbound(
+                peer_pod=peer_pod,
+                cluster=hp.cluster,
+                admit=self.inbound.admit,
+                principal=principal if self.identity is not None else "unknown",
+            ),
+        )
+        relay.meta["direction"] = "inbound-http"
+        relay.meta["upstream"] = "per request"
+        if relay.client is None:
+            relay.client = pipe.transport
+        try:
+            if hp.protocol == "h2":
+                await serve_h2(self.l7, self.h2pool, ds, pipe)
+            else:
+                await self.l7.serve_http1(ds, pipe)
+        finally:
+            relay.bytes_sent, relay.bytes_received = pipe.bytes_out, pipe.bytes_in
+            relay.close("done")
 
     def _index(self, snap: MeshSnapshot) -> _IdentityIndex:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
@@ -568,6 +624,25 @@ class Proxy:
             log.warning("HBONE from %s refused: %s", req.peer_identity, reason)
             return ConnectRefusal(400, reason)
         src_ip = _forwarded_for(req.headers) or req.peer_addr[0]
+        tpp = self.pods[target.key]
+        hp = self.inbound.l7_port(snap, target, port)
+        if hp is not None:  # authorized request by request
+            if tpp.ns is None:
+                return ConnectRefusal(503, f"pod {target.key} is not captured")
+            pipe = Pipe()
+            relay = self.table.open(
+                {
+                    "pod": target.key,
+                    "source": f"{req.peer_addr[0]}:{req.peer_addr[1]}",
+                    "destination": req.authority,
+                    "peer": req.peer_identity,
+                }
+            )
+            peer_pod = self._index(snap).pod_by_identity.get(req.peer_identity)
+            self._spawn(
+                self._serve_inbound(tpp, hp, req.peer_identity, peer_pod, src_ip, pipe, relay)
+            )
+            return pipe
         authz_req = AuthzRequest(
             destination=target,
             destination_port=port,
@@ -579,7 +654,6 @@ class Proxy:
         if not decision.allowed:
             self._denied(req.peer_identity, src_ip, target, port, decision.reason)
             return ConnectRefusal(403, f"RBAC: access denied ({decision.reason})")
-        tpp = self.pods[target.key]
         ns = tpp.ns
         if ns is None:
             return ConnectRefusal(503, f"pod {target.key} is not captured")
@@ -641,6 +715,15 @@ class Proxy:
                     f"{mtls.policy} requires mTLS (STRICT)",
                 )
                 return
+        hp = self.inbound.l7_port(snap, pp.pod, dst[1])
+        if hp is not None and side.transport is not None:  # authorized request by request
+            pipe = Pipe()
+            pending, relay.pending = relay.pending, []
+            pipe.adopt(side.transport, pending)
+            relay.client = side.transport
+            src_ip = peer[0] if peer else ""
+            await self._serve_inbound(pp, hp, None, snap.pod_by_ip.get(src_ip), src_ip, pipe, relay)
+            return
         authz_req = AuthzRequest(
             destination=pp.pod,
             destination_port=dst[1],

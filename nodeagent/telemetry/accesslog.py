@@ -15,7 +15,7 @@ import contextlib
 import sys
 import time
 from collections import deque
-from typing import BinaryIO, TypedDict
+from typing import BinaryIO, NotRequired, TypedDict
 
 import orjson
 
@@ -56,6 +56,18 @@ class AccessRecord(TypedDict):
     trace_id: str
     request_id: str
     user_agent: str
+    reporter: str
+    """``source``: written by the client's node proxy; ``destination``: by the node proxy
+    of the called workload (which enforces its policies)."""
+    authz_policy: NotRequired[str]
+    """``namespace/name`` of the AuthorizationPolicy that decided a denial (or an
+    allow, at the destination), as ``nodeagent ctl explain`` names it."""
+    authz_rule: NotRequired[int]
+    """The index of that policy's rule that matched (absent: no rule matched)."""
+    request_principal: NotRequired[str]
+    """The JWT's ``iss/sub`` when a RequestAuthentication accepted a token."""
+    detail: NotRequired[str]
+    """Why the proxy answered itself (``RBAC: access denied``, ``Jwt is expired``…)."""
 
 
 _second: list[object] = [-1, ""]

@@ -164,19 +164,78 @@ def test_deny_a_port_from_a_namespace(sb: Sandbox, policy: Any) -> None:
     assert http_status(sb, "client", "http://echo/")[0] == 200  # port 8080 is not denied
 
 
-def test_http_only_fields_fail_closed_at_l4(sb: Sandbox, policy: Any) -> None:
-    """Enforcement is L4 for now (as ztunnel without a waypoint): an ALLOW rule that
-    needs HTTP attributes cannot match, so it allows nothing."""
+def http_request(
+    sb: Sandbox, pod: str, url: str, *, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, str, dict[str, str]]:
+    """(status, body, response headers) of one curl request from ``pod``."""
+    args = ["curl", "-s", "-m", "10", "-X", method, "-D", "/dev/stderr", "-o", "-", url]
+    for k, v in (headers or {}).items():
+        args += ["-H", f"{k}: {v}"]
+    p = sb.exec(pod, args, capture_output=True, text=True, timeout=30)
+    lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    hdrs = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, p.stdout, hdrs
+
+
+def test_allow_get_but_not_post_on_a_path_prefix(sb: Sandbox, policy: Any) -> None:
+    """L7 policy at the destination: the called node parses each request; a denied one
+    gets 403 ``RBAC: access denied`` and never reaches the app."""
     policy("""
         apiVersion: security.istio.io/v1
         kind: AuthorizationPolicy
-        metadata: {name: get-only, namespace: default}
+        metadata: {name: read-only-api, namespace: default}
         spec:
           selector: {matchLabels: {app: echo}}
           rules:
-          - to: [{operation: {methods: [GET]}}]
+          - to: [{operation: {methods: [GET], paths: ["/api/*"]}}]
     """)
-    assert http_status(sb, "client", "http://echo/")[0] == 403
+    before = served(sb, "echo-1") + served(sb, "echo-2")
+    assert http_request(sb, "client", "http://echo/api/items")[0] == 200
+    code, body, hdrs = http_request(sb, "client", "http://echo/api/items", method="POST")
+    assert (code, body.strip()) == (403, "RBAC: access denied"), (code, body)
+    assert http_request(sb, "client", "http://echo/other")[0] == 403
+    # one allowed request reached an app (+2: the count requests themselves)
+    assert served(sb, "echo-1") + served(sb, "echo-2") == before + 1 + 2
+    # the TCP port cannot satisfy an HTTP-only ALLOW rule: closed (fail closed)
+    assert tcp_echo(sb, "client", "echo")["ok"] == 0
+    # the destination's access log names the deciding policy (and rule, when one matched)
+    with AdminClient(sb.agent_socket("node2")) as c:
+        recs = [r for r in c.requests()["records"] if r.get("reporter") == "destination"]
+    post = [r for r in recs if r["method"] == "POST" and r["path"] == "/api/items"][-1]
+    assert post["response_code"] == 403 and post["response_flags"] == "RBAC", post
+    assert post["authz_policy"] == "default/read-only-api" and "authz_rule" not in post, post
+    assert post["source_principal"] == "spiffe://cluster.local/ns/default/sa/client", post
+    assert post["source_workload"] == "client" and post["upstream_host"] == "-", post
+    get = [r for r in recs if r["method"] == "GET" and r["path"] == "/api/items"][-1]
+    assert get["response_code"] == 200 and get["authz_rule"] == 0, get
+
+
+def test_deny_by_source_namespace_and_when_header(sb: Sandbox, policy: Any) -> None:
+    policy("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-admin-from-default, namespace: default}
+        spec:
+          selector: {matchLabels: {app: echo}}
+          action: DENY
+          rules:
+          - from: [{source: {namespaces: [default]}}]
+            to: [{operation: {paths: ["/admin*"]}}]
+          - when: [{key: "request.headers[x-user]", values: [mallory]}]
+    """)
+    assert http_request(sb, "client", "http://echo/admin/x")[0] == 403
+    assert http_request(sb, "client", "http://echo/public")[0] == 200
+    assert http_request(sb, "client", "http://echo/public", headers={"x-user": "mallory"})[0] == 403
+    assert http_request(sb, "client", "http://echo/public", headers={"x-user": "alice"})[0] == 200
+    with AdminClient(sb.agent_socket("node2")) as c:
+        recs = [r for r in c.requests()["records"] if r.get("reporter") == "destination"]
+    denied = [r for r in recs if r["response_code"] == 403]
+    assert [(r["path"], r["authz_rule"]) for r in denied[-2:]] == [("/admin/x", 0), ("/public", 1)]
+    assert all(r["authz_policy"] == "default/no-admin-from-default" for r in denied[-2:])
 
 
 def test_a_policy_change_closes_live_connections_it_now_denies(

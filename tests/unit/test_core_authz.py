@@ -117,7 +117,7 @@ def test_no_policy_allows(tmp_path: Path) -> None:
 def test_allow_nothing_denies_everything(tmp_path: Path) -> None:
     snap = snapshot(tmp_path, ALLOW_NOTHING)
     d = evaluate(snap, http(snap))
-    assert not d.allowed and d.policy == "" and d.rule_index is None
+    assert not d.allowed and d.policy == "shop/allow-nothing" and d.rule_index is None
     assert d.reason == "no ALLOW policy rule matched (policies: shop/allow-nothing)"
     assert not evaluate(snap, tcp(snap)).allowed
     assert evaluate(snap, http(snap, "blog/blog")).allowed  # another namespace
@@ -647,8 +647,11 @@ def test_evaluate_agrees_with_reference(
     assert decision.allowed is allowed, decision.reason
     if decision.action is AuthzAction.DENY:
         assert (decision.policy, decision.rule_index) in denies
-    elif decision.policy:
+    elif decision.rule_index is not None:
         assert decision.allowed and decision.action is AuthzAction.ALLOW
+    elif not decision.allowed:  # no ALLOW rule matched: the ALLOW policies are named
+        allow = {p.key for p in pols if p.action is AuthzAction.ALLOW}
+        assert set(decision.policy.split(",")) <= allow and decision.policy
 
 
 def test_pod_objects_not_from_the_snapshot(tmp_path: Path) -> None:
