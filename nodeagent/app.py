@@ -23,7 +23,8 @@ from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.model.status import ConfigStatus, ConnectionInfo
+from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
+from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import netns
@@ -65,6 +66,7 @@ class Agent:
             connect_timeout=settings.connect_timeout,
             identity=identity,
             access_log=_access_log(settings.access_log),
+            state_dir=settings.state_dir,
         )
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
@@ -116,12 +118,16 @@ class Agent:
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
+    def explain(self, query: ExplainQuery) -> dict[str, Any]:
+        return explain(self.proxy, query)
+
     # -- lifecycle -------------------------------------------------------------------
     def _on_update(self, loaded: LoadedConfig) -> None:
         route.prepare(loaded.snapshot)  # route indexes built before the first request
         authz.prepare(loaded.snapshot)
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
+        self.proxy.inbound.on_snapshot(loaded.snapshot)  # rate limits that changed restart
         self.proxy.recheck(loaded.snapshot)  # live connections a policy now denies end
         self.metrics.config_reloads.labels(result="ok").inc()
         asyncio.get_running_loop().create_task(self._reconcile())

@@ -263,6 +263,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body are two writes: without TCP_NODELAY, Nagle holds the body until
+    # the client's delayed ACK (40 ms per keep-alive request)
+    disable_nagle_algorithm = True
     timeout = 600  # idle keep-alive connections are dropped after this many seconds
     _served = 0
     """The ``served`` number of the request being answered (0 for ``/healthz``)."""

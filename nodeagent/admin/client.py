@@ -97,6 +97,25 @@ class AdminClient:
             "ca": message_to_dict(resp.ca),
         }
 
+    def explain(
+        self,
+        from_pod: str,
+        to: str,
+        *,
+        method: str = "GET",
+        path: str = "/",
+        headers: tuple[str, ...] = (),
+        jwt: str = "",
+    ) -> dict[str, Any]:
+        """The agent's answer to "why would this request be routed, allowed or denied"
+        (``headers``: ``NAME=VALUE`` each)."""
+        req = pb.ExplainRequest(
+            from_pod=from_pod, to=to, method=method, path=path, headers=headers, jwt=jwt
+        )
+        resp = self._call("Explain", req, pb.ExplainResponse)
+        answer: dict[str, Any] = json.loads(resp.json)
+        return answer
+
     # -- plumbing -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -160,6 +179,8 @@ class AdminClient:
                 f"the agent on {self.socket_path} did not answer {method} within "
                 f"{self.timeout:g}s: is it overloaded or stuck? (see its log)"
             )
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return LocalStateError(details)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return LocalStateError(
                 f"the agent on {self.socket_path} does not know {method}: "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.admin import DEFAULT_SOCKET_DIR, default_socket_path
-from nodeagent.errors import NodeAgentError
+from nodeagent.errors import LocalStateError, NodeAgentError
 
 __all__ = [
     "add_parser",
@@ -429,6 +429,79 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         cp = csub.add_parser(name, help=helps[name], description=helps[name])
         _add_output(cp, default=argparse.SUPPRESS)
         cp.set_defaults(func=_cmd_ctl)
+    _add_explain(csub)
+
+
+def _add_explain(csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    about = (
+        "why a request from a pod to a host would be routed where it goes and allowed or "
+        "denied: route, endpoints and the load balancer's pick, PeerAuthentication, JWT, "
+        "each AuthorizationPolicy, rate limits, verdict (nothing is sent)"
+    )
+    ep = csub.add_parser("explain", help=about, description=about)
+    ep.add_argument(
+        "--from",
+        dest="from_pod",
+        required=True,
+        metavar="POD",
+        help="the calling pod: namespace/name, or a unique name",
+    )
+    ep.add_argument(
+        "--to",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="a service (short or FQDN), a cluster IP or a pod IP",
+    )
+    ep.add_argument("--method", default="GET")
+    ep.add_argument("--path", default="/")
+    ep.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request header (repeat for more)",
+    )
+    ep.add_argument(
+        "--jwt",
+        default=None,
+        metavar="FILE",
+        help="a file holding a JWT, presented as 'authorization: Bearer'",
+    )
+    _add_output(ep, default=argparse.SUPPRESS)
+    ep.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from nodeagent.admin.client import AdminClient
+    from nodeagent.admin.explain_text import format_explain
+
+    try:
+        token = ""
+        if args.jwt:
+            try:
+                with open(args.jwt, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise LocalStateError(f"--jwt {args.jwt}: {e.strerror}") from None
+        path = resolve_socket(args.node, args.socket)
+        with AdminClient(path, timeout=args.timeout) as client:
+            data = client.explain(
+                args.from_pod,
+                args.to,
+                method=args.method,
+                path=args.path,
+                headers=tuple(args.header),
+                jwt=token,
+            )
+    except NodeAgentError as e:
+        print(f"nodeagent ctl explain: error: {e}", file=sys.stderr)
+        return 1
+    if (args.output or "table") == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_explain(data))
+    allowed = bool((data.get("verdict") or {}).get("allowed"))
+    return 0 if allowed else 3
 
 
 def _add_output(p: argparse.ArgumentParser, default: Any) -> None:

@@ -274,3 +274,25 @@ class RequestsResponse(_message.Message):
     records: _containers.RepeatedScalarFieldContainer[str]
     ejected: _containers.RepeatedCompositeFieldContainer[Ejection]
     def __init__(self, records: _Optional[_Iterable[str]] = ..., ejected: _Optional[_Iterable[_Union[Ejection, _Mapping]]] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("from_pod", "to", "method", "path", "headers", "jwt")
+    FROM_POD_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    JWT_FIELD_NUMBER: _ClassVar[int]
+    from_pod: str
+    to: str
+    method: str
+    path: str
+    headers: _containers.RepeatedScalarFieldContainer[str]
+    jwt: str
+    def __init__(self, from_pod: _Optional[str] = ..., to: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., headers: _Optional[_Iterable[str]] = ..., jwt: _Optional[str] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

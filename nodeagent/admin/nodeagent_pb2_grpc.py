@@ -69,6 +69,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.RequestsRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.RequestsResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/Explain',
+                request_serializer=nodeagent__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -124,6 +129,15 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Why a request from a pod to a host would be routed where it goes and allowed or
+        denied: route, endpoints and the load balancer's pick, PeerAuthentication, JWT,
+        each AuthorizationPolicy, rate limits, verdict. Nothing is sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Requests,
                     request_deserializer=nodeagent__pb2.RequestsRequest.FromString,
                     response_serializer=nodeagent__pb2.RequestsResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=nodeagent__pb2.ExplainRequest.FromString,
+                    response_serializer=nodeagent__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/Requests',
             nodeagent__pb2.RequestsRequest.SerializeToString,
             nodeagent__pb2.RequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/Explain',
+            nodeagent__pb2.ExplainRequest.SerializeToString,
+            nodeagent__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

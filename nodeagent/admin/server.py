@@ -25,7 +25,7 @@ from nodeagent.admin import nodeagent_pb2 as pb
 from nodeagent.admin import nodeagent_pb2_grpc as pb_grpc
 from nodeagent.errors import LocalStateError
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.model.status import AgentView, ConnectionInfo
+from nodeagent.model.status import AgentView, ConnectionInfo, ExplainQuery
 from nodeagent.unixsocket import prepare_unix_socket_path
 
 __all__ = [
@@ -86,6 +86,42 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         self, request: pb.CertsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CertsResponse:
         return await _answer("Certs", context, self._certs)
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExplainResponse:
+        headers = []
+        for h in request.headers:
+            k, sep, v = h.partition("=")
+            if not sep or not k.strip():
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"header {h!r}: expected NAME=VALUE"
+                )
+            headers.append((k.strip(), v))
+        if request.jwt:
+            headers.append(("authorization", f"Bearer {request.jwt.strip()}"))
+        query = ExplainQuery(
+            from_pod=request.from_pod,
+            to=request.to,
+            method=request.method or "GET",
+            path=request.path or "/",
+            headers=tuple(headers),
+            jwt=request.jwt or None,
+        )
+        try:
+            answer = self._view.explain(query)
+        except ValueError as e:  # the question names nothing the mesh has
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # (abort raises)
+        except Exception as e:
+            log.exception("node agent socket: Explain failed")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"Explain failed in the agent: {type(e).__name__}: {e}"
+            )
+            raise
+        return await _answer(
+            "Explain", context, lambda: pb.ExplainResponse(json=json.dumps(answer, default=str))
+        )
 
     # -- builders: plain functions of the view, one snapshot each --------------------------
 

@@ -18,10 +18,13 @@ from typing import Any, Protocol
 
 import yaml
 
-from nodeagent.control.kinds import find_kind, supported_kinds, validate
+from nodeagent.control.kinds import validate
+from nodeagent.control.registry import find_kind, supported_kinds
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.errors import ConfigError, ConfigErrors
+from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Pod, PodRuntime, Service
+from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
     DEFAULT_ROOT_NAMESPACE,
     AuthorizationPolicy,
@@ -336,6 +339,8 @@ def load_directory(
     virtual_services: list[VirtualService] = []
     destination_rules: list[DestinationRule] = []
     authz_policies: list[AuthorizationPolicy] = []
+    req_auths: list[RequestAuthentication] = []
+    rate_limits: list[LocalRateLimit] = []
     raws: list[dict[str, Any]] = []
     files = _files(d)
     for f in files:
@@ -360,6 +365,10 @@ def load_directory(
                 destination_rules.append(obj)
             elif isinstance(obj, AuthorizationPolicy):
                 authz_policies.append(obj)
+            elif isinstance(obj, RequestAuthentication):
+                req_auths.append(obj)
+            elif isinstance(obj, LocalRateLimit):
+                rate_limits.append(obj)
     errors.extend(
         check_duplicate_names(
             {
@@ -369,6 +378,8 @@ def load_directory(
                 "VirtualService": virtual_services,
                 "DestinationRule": destination_rules,
                 "AuthorizationPolicy": authz_policies,
+                "RequestAuthentication": req_auths,
+                "LocalRateLimit": rate_limits,
             }
         )
     )
@@ -387,6 +398,8 @@ def load_directory(
         virtual_services=tuple(virtual_services),
         destination_rules=tuple(destination_rules),
         authorization_policies=tuple(authz_policies),
+        request_authentications=tuple(req_auths),
+        local_rate_limits=tuple(rate_limits),
         root_namespace=root_namespace,
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))

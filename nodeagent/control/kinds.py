@@ -1246,17 +1246,6 @@ KINDS: tuple[Kind, ...] = (
 )
 
 
-def find_kind(api_version: str, kind: str) -> Kind | None:
-    for k in KINDS:
-        if k.kind == kind and api_version in k.api_versions:
-            return k
-    return None
-
-
-def supported_kinds() -> str:
-    return ", ".join(f"{'/'.join(k.api_versions)} {k.kind}" for k in KINDS)
-
-
 def validate(doc: dict[str, Any], kind: Kind, source: str) -> tuple[object | None, Problems]:
     problems = Problems()
     check(doc, kind.shape, "", problems)

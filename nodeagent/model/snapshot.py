@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
+from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
     DEFAULT_ROOT_NAMESPACE,
     AuthorizationPolicy,
@@ -49,6 +51,8 @@ class MeshSnapshot:
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+    local_rate_limits: tuple[LocalRateLimit, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -84,6 +88,8 @@ class MeshSnapshot:
         virtual_services: tuple[VirtualService, ...] = (),
         destination_rules: tuple[DestinationRule, ...] = (),
         authorization_policies: tuple[AuthorizationPolicy, ...] = (),
+        request_authentications: tuple[RequestAuthentication, ...] = (),
+        local_rate_limits: tuple[LocalRateLimit, ...] = (),
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
@@ -137,6 +143,8 @@ class MeshSnapshot:
             virtual_services=virtual_services,
             destination_rules=destination_rules,
             authorization_policies=authorization_policies,
+            request_authentications=request_authentications,
+            local_rate_limits=local_rate_limits,
             root_namespace=root_namespace,
             pod_by_key=MappingProxyType(pod_by_key),
             pod_by_ip=MappingProxyType(pod_by_ip),

@@ -50,6 +50,20 @@ class ConnectionInfo:
     opened_at: float
 
 
+@dataclass(frozen=True)
+class ExplainQuery:
+    """``nodeagent ctl explain``'s question: a request from a pod to a host."""
+
+    from_pod: str
+    """``namespace/name`` or a unique ``name``."""
+    to: str
+    """``host[:port]``: a service name (short or FQDN), a cluster IP or a pod IP."""
+    method: str = "GET"
+    path: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+    jwt: str | None = None
+
+
 class AgentView(Protocol):
     """What the admin layer (node agent socket, metrics) may read from the agent."""
 
@@ -89,4 +103,9 @@ class AgentView(Protocol):
     def ca_status(self) -> dict[str, Any]:
         """How the mesh CA is doing: ``CertificateStore.status()``, or
         ``{"state": "disabled"}`` when the agent has no CA."""
+        ...
+
+    def explain(self, query: ExplainQuery) -> dict[str, Any]:
+        """Why ``query`` would be routed, allowed or denied (JSON-ready); raises
+        ``ValueError`` with a message for the user when it names nothing known."""
         ...

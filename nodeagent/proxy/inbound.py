@@ -1,29 +1,54 @@
-"""The called workload's side of the L7 path: which of its ports carry HTTP and need
-request-level policy, and the policy stage every request on such a port passes on the
-workload's own node before it reaches the app: authorization (``core.authz``) with the
-mTLS-proven caller identity.
+"""The called workload's side of the proxy: which of its ports carry HTTP and need
+request-level policy, and the policy stages, in Istio's order, that every request (or,
+on other ports, every connection) passes on the workload's own node before it reaches
+the app:
 
-A port is handled here, request by request, only when it is an HTTP port of a Service
-selecting the pod *and* some policy of the workload needs HTTP attributes; otherwise the
-connection is authorized once, at L4, and relayed as bytes (cheaper, and what ztunnel
-does). The per-port index is built once per snapshot.
+1. RequestAuthentication: a JWT present must be valid (else 401 with Envoy's reason);
+   its ``iss/sub`` and claims feed authorization (``core.jwt``);
+2. AuthorizationPolicy with the mTLS-proven caller identity (else 403 ``RBAC: access
+   denied``; ``core.authz``);
+3. LocalRateLimit token buckets (else 429 with ``retry-after`` and ``x-ratelimit-*``;
+   for TCP: new connections per interval), then quotas per source principal, counted in
+   a journal under the agent's state directory (``core.ratelimit``,
+   ``nodeagent.ratelimit_store``).
+
+A port is handled request by request only when it is an HTTP port of a Service
+selecting the pod *and* some policy of the workload needs HTTP (HTTP attributes in an
+AuthorizationPolicy, a RequestAuthentication, an HTTP rate limit or a quota); otherwise
+the connection is admitted once, at L4, and relayed as bytes (cheaper, and what ztunnel
+does). Indexes and JWKS key sets are built once per snapshot (a ``jwksUri`` file is
+re-read when it changes, looked at every ``JWKS_RECHECK`` seconds).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from nodeagent.core import authz
+from nodeagent.core import authz, jwt, ratelimit
 from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.jwt import AuthnResult, AuthnStatus, KeySet
+from nodeagent.core.ratelimit import UNLIMITED, RateDecision, RateLimiter, strictest
+from nodeagent.errors import LocalStateError
+from nodeagent.model.authn import JWTRule
 from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
-from nodeagent.model.traffic import TrafficPolicy
+from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.clusters import Cluster, fqdn, port_protocol
-from nodeagent.proxy.l7 import Downstream, Exchange, LocalReply
+from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply
+from nodeagent.ratelimit_store import QuotaStore
+
+log = logging.getLogger("nodeagent.policy")
 
 RBAC_DENIED = "RBAC: access denied"
+RATE_LIMITED = "local_rate_limited"
+JWKS_RECHECK = 5.0
 
 
 @dataclass(frozen=True)
@@ -69,29 +94,219 @@ def _http_ports(snap: MeshSnapshot) -> dict[tuple[str, int], HttpPort]:
     return out
 
 
-class InboundPolicy:
-    """Per-request admission at the called workload; one instance per agent."""
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of the policy stages for one request or connection."""
 
-    def __init__(self, snapshot: Callable[[], MeshSnapshot]) -> None:
+    allowed: bool
+    status: int = 0
+    """401, 403 or 429 when denied (0 for a TCP connection: it is closed)."""
+    flag: str = ""
+    body: str = ""
+    reason: str = ""
+    authn: AuthnResult | None = None
+    authz: authz.AuthzDecision | None = None
+    rate: RateDecision = UNLIMITED
+
+
+class InboundPolicy:
+    """Admission at the called workload (JWT, authorization, rate limits, quotas); one
+    instance per agent, on its event loop."""
+
+    def __init__(self, snapshot: Callable[[], MeshSnapshot], state_dir: Path | None = None) -> None:
         self.snapshot = snapshot
         self._ports: tuple[weakref.ref[MeshSnapshot], dict[tuple[str, int], HttpPort]] | None
         self._ports = None
+        self.limiter = RateLimiter()
+        self.state_dir = state_dir
+        self._quotas: QuotaStore | None = None
+        self._quota_error = ""
+        self._inline: dict[str, KeySet] = {}
+        self._files: dict[str, tuple[float, tuple[int, int], KeySet]] = {}
+        """jwksUri path → (last looked at, (mtime ns, size), key set)."""
+        self._jwt_rules: tuple[weakref.ref[MeshSnapshot], dict[str, tuple[JWTRule, ...]]] | None
+        self._jwt_rules = None
 
+    def on_snapshot(self, snap: MeshSnapshot) -> None:
+        """A new snapshot: rate-limit buckets of changed or removed limits are dropped."""
+        self.limiter.sync(snap.local_rate_limits)
+
+    def close(self) -> None:
+        if self._quotas is not None:
+            self._quotas.close()
+
+    def quota_store(self) -> QuotaStore | None:
+        """The journal under the state directory, opened (and its counts loaded) the
+        first time a quota applies; None without a state directory or when it cannot be
+        opened (logged once; quotas are then not enforced)."""
+        if self._quotas is None and self.state_dir is not None and not self._quota_error:
+            try:
+                self._quotas = QuotaStore(self.state_dir / "quotas.journal")
+            except LocalStateError as e:
+                self._quota_error = str(e)
+                log.error("quotas are not enforced: %s", e)
+        return self._quotas
+
+    # -- which ports, which rules -----------------------------------------------------
     def http_port(self, snap: MeshSnapshot, pod: Pod, port: int) -> HttpPort | None:
         cached = self._ports
         if cached is None or cached[0]() is not snap:
             cached = self._ports = (weakref.ref(snap), _http_ports(snap))
         return cached[1].get((pod.key, port))
 
+    def rate_limits(self, snap: MeshSnapshot, pod: Pod, port: int) -> Sequence[LocalRateLimit]:
+        if not snap.local_rate_limits:
+            return ()
+        return ratelimit.applicable(snap.local_rate_limits, pod.namespace, pod.labels, port)
+
+    def jwt_rules(self, snap: MeshSnapshot, pod: Pod) -> tuple[JWTRule, ...]:
+        if not snap.request_authentications:
+            return ()
+        cached = self._jwt_rules
+        if cached is None or cached[0]() is not snap:
+            cached = self._jwt_rules = (weakref.ref(snap), {})
+        rules = cached[1].get(pod.key)
+        if rules is None:
+            policies = jwt.applicable_policies(
+                snap.request_authentications, pod, snap.root_namespace
+            )
+            rules = cached[1][pod.key] = tuple(r for p in policies for r in p.jwt_rules)
+        return rules
+
     def l7_port(self, snap: MeshSnapshot, pod: Pod, port: int) -> HttpPort | None:
-        """The HTTP port to serve request by request, or None: authorize the connection
-        once and relay bytes."""
+        """The HTTP port to serve request by request, or None: admit the connection once
+        and relay bytes."""
         hp = self.http_port(snap, pod, port)
         if hp is None:
             return None
-        if authz.needs_http(snap, pod):
+        if authz.needs_http(snap, pod) or self.jwt_rules(snap, pod):
+            return hp
+        if any(p.http is not None or p.quotas for p in self.rate_limits(snap, pod, port)):
             return hp
         return None
+
+    # -- JWKS ---------------------------------------------------------------------------
+    def keys(self, rule: JWTRule) -> KeySet:
+        """The rule's key set: inline JWKS parsed once; a ``jwksUri`` file re-read when it
+        changed. An unreadable or invalid set is empty (every token fails) and logged."""
+        if rule.jwks is not None:
+            ks = self._inline.get(rule.jwks)
+            if ks is None:
+                try:
+                    ks = jwt.parse_jwks(rule.jwks)
+                except jwt.JwksError as e:  # validated at load: should not happen
+                    log.error("jwks of issuer %s: %s", rule.issuer, e)
+                    ks = KeySet()
+                self._inline[rule.jwks] = ks
+            return ks
+        uri = rule.jwks_uri or ""
+        path = uri.removeprefix("file://")
+        if not path.startswith("/"):
+            return KeySet()  # in-mesh URLs are rejected at load
+        now = time.monotonic()
+        hit = self._files.get(path)
+        if hit is not None and now - hit[0] < JWKS_RECHECK:
+            return hit[2]
+        try:
+            st = os.stat(path)
+            sig = (st.st_mtime_ns, st.st_size)
+            if hit is not None and hit[1] == sig:
+                ks = hit[2]
+            else:
+                with open(path, encoding="utf-8") as f:
+                    ks = jwt.parse_jwks(f.read())
+                log.info("jwksUri %s: loaded %d key(s)", uri, len(ks.keys))
+        except (OSError, UnicodeDecodeError, jwt.JwksError) as e:
+            log.warning("jwksUri %s of issuer %s: %s (tokens fail)", uri, rule.issuer, e)
+            sig, ks = (0, 0), KeySet()
+        self._files[path] = (now, sig, ks)
+        return ks
+
+    # -- the stages -------------------------------------------------------------------
+    def decide(
+        self,
+        snap: MeshSnapshot,
+        pod: Pod,
+        port: int,
+        source_principal: str | None,
+        source_ip: str,
+        *,
+        http: bool,
+        host: str | None = None,
+        method: str | None = None,
+        path: str = "",
+        headers: dict[str, str] | None = None,
+        route: str = "",
+        consume: bool = True,
+    ) -> Admission:
+        """The policy stages for one request (``http``) or one new connection; with
+        ``consume`` False nothing is taken from buckets or quotas (``ctl explain``)."""
+        hdrs = headers if headers is not None else {}
+        authn: AuthnResult | None = None
+        if http:
+            rules = self.jwt_rules(snap, pod)
+            if rules:
+                query = path.split("?", 1)[1] if "?" in path else ""
+                authn = jwt.authenticate(
+                    [(r, self.keys(r)) for r in rules], hdrs, query, time.time()
+                )
+                if authn.status is AuthnStatus.INVALID:
+                    return Admission(
+                        False, 401, "UAEX", authn.reason, f"JWT: {authn.reason}", authn
+                    )
+        valid = authn is not None and authn.status is AuthnStatus.VALID
+        claims: dict[str, str | Sequence[str]] | None = None
+        if valid and authn is not None:
+            claims = dict(authn.claims)
+            if authn.audiences:
+                claims["aud"] = authn.audiences
+        req = AuthzRequest(
+            destination=pod,
+            destination_port=port,
+            source_principal=source_principal,
+            source_ip=source_ip,
+            destination_ip=pod.pod_ip or "",
+            is_http=http,
+            host=host,
+            method=method,
+            path=path if http else None,
+            headers=hdrs,
+            request_principal=authn.principal if valid and authn is not None else None,
+            claims=claims,
+        )
+        decision = authz.evaluate(snap, req)
+        if not decision.allowed:
+            return Admission(
+                False,
+                403,
+                "RBAC",
+                RBAC_DENIED,
+                f"{RBAC_DENIED}: {decision.reason}",
+                authn,
+                decision,
+            )
+        rate = UNLIMITED
+        limits = self.rate_limits(snap, pod, port)
+        if limits and consume:
+            now = time.monotonic()
+            if http:
+                rate = self.limiter.check_http(
+                    limits,
+                    workload=pod.key,
+                    source_principal=source_principal,
+                    header=hdrs.get,
+                    route=route,
+                    now=now,
+                )
+            else:
+                rate = self.limiter.check_tcp(limits, workload=pod.key, now=now)
+            store = self.quota_store() if any(p.quotas for p in limits) else None
+            if rate.allowed and store is not None:
+                rate = strictest((rate, store.check(limits, source_principal, time.time())))
+            if not rate.allowed:
+                why = f"{RATE_LIMITED}: {rate.scope} limit of {rate.policy}"
+                return Admission(False, 429, "RL", RATE_LIMITED, why, authn, decision, rate)
+        return Admission(True, authn=authn, authz=decision, rate=rate)
 
     def admit(
         self,
@@ -101,28 +316,53 @@ class InboundPolicy:
         hdrs: dict[str, str],
         out: list[tuple[str, str]],
         x: Exchange,
-    ) -> None:
-        """Let one request through to the app, or raise the ``LocalReply`` it gets."""
+    ) -> HeaderOperations | None:
+        """Let one request through to the app (returning headers to add to its
+        response), or raise the ``LocalReply`` it gets."""
         snap = self.snapshot()
         pod = snap.pod_by_key.get(ds.pod.key, ds.pod)
         inbound = ds.inbound
         assert inbound is not None
-        principal = ds.source_principal if ds.source_principal != "unknown" else None
-        req = AuthzRequest(
-            destination=pod,
-            destination_port=inbound.cluster.endpoints[0].port,
-            source_principal=principal,
-            source_ip=ds.source_ip,
-            destination_ip=pod.pod_ip or "",
-            is_http=True,
+        route = hdrs.pop(ROUTE_HEADER, "")
+        if route:
+            out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
+        a = self.decide(
+            snap,
+            pod,
+            inbound.cluster.endpoints[0].port,
+            ds.source_principal if ds.source_principal != "unknown" else None,
+            ds.source_ip,
+            http=True,
             host=x.authority,
             method=method,
             path=path,
             headers=hdrs,
+            route=route,
         )
-        decision = authz.evaluate(snap, req)
-        x.policy = decision.policy
-        x.policy_rule = decision.rule_index
-        if not decision.allowed:
-            x.detail = f"{RBAC_DENIED}: {decision.reason}"
-            raise LocalReply(403, "RBAC", RBAC_DENIED)
+        if a.authz is not None:
+            x.policy = a.authz.policy
+            x.policy_rule = a.authz.rule_index
+        if a.authn is not None:
+            x.request_principal = a.authn.principal or ""
+        rate_headers = a.rate.headers()
+        if not a.allowed:
+            x.detail = a.reason
+            extra: tuple[tuple[str, str], ...] = rate_headers
+            if a.status == 401:
+                extra = (("www-authenticate", 'Bearer realm="nodeagent", error="invalid_token"'),)
+            raise LocalReply(a.status, a.flag, a.body, extra)
+        if a.authn is not None:
+            drop = {n.lower() for n in a.authn.remove_headers} | {
+                n.lower() for n, _ in a.authn.set_headers
+            }
+            if drop:
+                out[:] = [(k, v) for k, v in out if k.lower() not in drop]
+            out.extend((k.lower(), v) for k, v in a.authn.set_headers)
+        return HeaderOperations(set=rate_headers) if rate_headers else None
+
+    def admit_connection(
+        self, snap: MeshSnapshot, pod: Pod, port: int, principal: str | None, source_ip: str
+    ) -> Admission:
+        """One new TCP connection (a port served as bytes): authorization, then the
+        connection rate limit."""
+        return self.decide(snap, pod, port, principal, source_ip, http=False)

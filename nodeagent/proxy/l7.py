@@ -114,9 +114,17 @@ class Downstream:
             self.pool_key = f"in|{self.pod.key}" if self.inbound else self.pod.key
 
 
-Admit = Callable[["Downstream", str, str, dict[str, str], list[tuple[str, str]], "Exchange"], None]
+Admit = Callable[
+    ["Downstream", str, str, dict[str, str], list[tuple[str, str]], "Exchange"],
+    HeaderOperations | None,
+]
 """The destination's policy stage for one request (method, path, headers, the headers to
-send on, the record): returns to let it through, raises ``LocalReply`` to answer it."""
+send on, the record): returns to let it through (with headers for its response), raises
+``LocalReply`` to answer it."""
+
+ROUTE_HEADER = "x-nodeagent-route"
+"""Set by the caller's node proxy on each request it routes (the route taken), read and
+removed by the called node (rate limits keyed by route)."""
 
 
 @dataclass
@@ -463,6 +471,16 @@ class LocalReply(Exception):
         self.headers = headers
 
 
+def policy_refusal(e: ConnectRefusedError) -> LocalReply | None:
+    """The answer for the client when the destination's policy refused the tunnel: 403
+    (an AuthorizationPolicy) or 429 (a connection rate limit); None for other failures."""
+    if e.status == 403:
+        return LocalReply(403, "RBAC", "RBAC: access denied")
+    if e.status == 429:
+        return LocalReply(429, "RL", "local_rate_limited", (("retry-after", "1"),))
+    return None
+
+
 class Redirect(Exception):
     def __init__(self, status: int, location: str) -> None:
         super().__init__(location)
@@ -689,7 +707,7 @@ class L7Proxy:
                 404, "NR", f"no VirtualService route of {svc_host} matches this request"
             )
         rule = decision.rule
-        x.route_name = _route_name(decision)
+        x.route_name = route_name(decision)
         if rule is not None and rule.redirect is not None:
             rd = rule.redirect
             target = rd.uri if rd.uri is not None else path
@@ -722,6 +740,10 @@ class L7Proxy:
             out.append(("x-request-id", rid))
         x.request_id = rid
         out.append(("x-forwarded-proto", "http"))
+        if x.route_name or ROUTE_HEADER in hdrs:
+            out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
+            if x.route_name:
+                out.append((ROUTE_HEADER, x.route_name))
         if rule is not None and rule.headers is not None:
             apply_header_ops(out, rule.headers.request)
             p.response_ops.append(rule.headers.response)
@@ -762,7 +784,7 @@ class L7Proxy:
         x.trace_id = tp.split("-")[1] if tp is not None and tp.count("-") >= 3 else ""
         x.request_id = hdrs.get("x-request-id", "")
         x.cluster = inbound.cluster.name
-        inbound.admit(ds, method, path, hdrs, out, x)
+        response_ops = inbound.admit(ds, method, path, hdrs, out, x)
         return Plan(
             snap=self.snapshot(),
             rule=None,
@@ -770,6 +792,7 @@ class L7Proxy:
             path=path,
             authority=x.authority,
             retry=NO_RETRY,
+            response_ops=[response_ops] if response_ops is not None else [],
         )
 
     async def _route1(
@@ -916,10 +939,10 @@ class L7Proxy:
         except Overflow as e:
             raise LocalReply(503, "UO", str(e)) from None
         except ConnectRefusedError as e:
-            if e.status != 403:
+            refusal = policy_refusal(e)
+            if refusal is None:
                 raise
-            # an AuthorizationPolicy at the destination said no
-            raise LocalReply(403, "RBAC", "RBAC: access denied") from None
+            raise refusal from None
 
     async def retry_or_fail(
         self,
@@ -1274,7 +1297,8 @@ class L7Proxy:
             t.cancel()
 
 
-def _route_name(d: RouteDecision) -> str:
+def route_name(d: RouteDecision) -> str:
+    """The route name of the access log, metrics and rate-limit keys."""
     if d.virtual_service is None or d.rule_index is None:
         return ""
     return d.rule_name or f"{d.virtual_service.key}#{d.rule_index}"

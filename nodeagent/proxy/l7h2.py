@@ -52,6 +52,7 @@ from nodeagent.proxy.l7 import (
     apply_header_ops,
     deadline,
     join_headers,
+    policy_refusal,
     retriable_status,
 )
 from nodeagent.proxy.pipe import Pipe, PipeClosed
@@ -466,9 +467,9 @@ class _Session:
                 except Overflow as e:
                     raise LocalReply(503, "UO", str(e)) from None
                 except PeerError as e:
-                    if isinstance(e, ConnectRefusedError) and e.status == 403:
-                        # an AuthorizationPolicy at the destination said no
-                        raise LocalReply(403, "RBAC", "RBAC: access denied") from None
+                    refusal = policy_refusal(e) if isinstance(e, ConnectRefusedError) else None
+                    if refusal is not None:  # the destination's policy said no
+                        raise refusal from None
                     bal.report(ep, None, True)
                     failure = "connect-failure"
                     log.info("%s: connect to %s failed: %s", cluster.name, x.upstream, e)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nodeagent.core import authz
@@ -151,6 +152,7 @@ class Proxy:
         connect_timeout: float = 5.0,
         identity: MeshIdentity | None = None,
         access_log: AccessLog | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.node = node
         self.identity = identity
@@ -166,7 +168,7 @@ class Proxy:
         self.access_log = access_log or AccessLog()
         self.l7 = L7Proxy(snapshot, metrics, self.access_log)
         self.h2pool = H2Pool()
-        self.inbound = InboundPolicy(snapshot)
+        self.inbound = InboundPolicy(snapshot, state_dir)
 
     # -- pods ------------------------------------------------------------------------
     async def reconcile(self, snap: MeshSnapshot) -> None:
@@ -650,10 +652,10 @@ class Proxy:
             source_ip=src_ip,
             destination_ip=ip,
         )
-        decision = authz.evaluate(snap, authz_req)
-        if not decision.allowed:
-            self._denied(req.peer_identity, src_ip, target, port, decision.reason)
-            return ConnectRefusal(403, f"RBAC: access denied ({decision.reason})")
+        adm = self.inbound.admit_connection(snap, target, port, req.peer_identity, src_ip)
+        if not adm.allowed:
+            self._denied(req.peer_identity, src_ip, target, port, adm.flag, adm.reason)
+            return ConnectRefusal(adm.status, adm.reason)
         ns = tpp.ns
         if ns is None:
             return ConnectRefusal(503, f"pod {target.key} is not captured")
@@ -731,10 +733,10 @@ class Proxy:
             destination_ip=dst[0],
         )
         relay.meta["authz"] = authz_req
-        decision = authz.evaluate(snap, authz_req)
-        if not decision.allowed:
-            self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], decision.reason)
-            relay.close(f"RBAC: {decision.reason}")
+        adm = self.inbound.admit_connection(snap, pp.pod, dst[1], None, authz_req.source_ip)
+        if not adm.allowed:
+            self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], adm.flag, adm.reason)
+            relay.close(adm.reason)
             return
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
         relay.meta["peer"] = src_pod.key if src_pod else ""
@@ -762,6 +764,7 @@ class Proxy:
                     req.source_ip,
                     target,
                     req.destination_port,
+                    "RBAC",
                     f"{decision.reason} (policy changed: live connection closed)",
                 )
                 relay.abort(f"RBAC: {decision.reason}")
@@ -769,13 +772,14 @@ class Proxy:
         return closed
 
     def _denied(
-        self, principal: str | None, src_ip: str, target: Pod, port: int, reason: str
+        self, principal: str | None, src_ip: str, target: Pod, port: int, flag: str, reason: str
     ) -> None:
-        """An AuthorizationPolicy denied a connection: count and log it; the caller closes
-        it before any byte reaches the app."""
-        self.metrics.failures.labels(direction="inbound", response_flags="RBAC").inc()
+        """A policy (``flag`` RBAC: authorization, RL: a connection rate limit) refused a
+        connection: count and log it; the caller closes it before any byte reaches the
+        app."""
+        self.metrics.failures.labels(direction="inbound", response_flags=flag).inc()
         log.warning(
-            "RBAC: access denied: %s (%s) -> %s port %d: %s",
+            "connection refused by policy: %s (%s) -> %s port %d: %s",
             principal or "plaintext",
             src_ip,
             target.key,
@@ -799,6 +803,7 @@ class Proxy:
             relay.abort("agent shutting down")
 
     async def close(self) -> None:
+        self.inbound.close()
         self.l7.close()
         self.h2pool.close()
         for pp in self.pods.values():

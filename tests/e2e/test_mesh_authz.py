@@ -1,7 +1,8 @@
-"""End to end: AuthorizationPolicy enforced at L4 on the destination node, with the
-identity the mTLS handshake proved. A denied HTTP request gets 403 ``RBAC: access
-denied``; a denied TCP connection is closed before any byte reaches the app; the app's own
-request counter proves it never saw them.
+"""End to end: AuthorizationPolicy enforced on the destination node, with the identity the
+mTLS handshake proved: per connection (L4), or per request on HTTP ports when a policy
+looks at HTTP attributes. A denied HTTP request gets 403 ``RBAC: access denied``; a denied
+TCP connection is closed before any byte reaches the app; the app's own request counter
+proves it never saw them.
 
 Mesh: ``client`` on node1; ``echo-1``, ``echo-2`` and ``victim`` on node2 (``tests/e2e/mesh``).
 """
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from meshops import apply_file, http_request, http_status, served
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.sandbox import Sandbox
@@ -32,50 +32,19 @@ PY = sys.executable
 NODES = ("node1", "node2")
 
 
-def _versions(sb: Sandbox) -> dict[str, int]:
-    out = {}
-    for n in NODES:
-        with AdminClient(sb.agent_socket(n)) as c:
-            st = c.status()["config"]
-        assert not st["last_error"], st["last_error"]
-        out[n] = int(st["version"])
-    return out
-
-
-def _write(sb: Sandbox, path: Path, text: str | None) -> None:
-    before = _versions(sb)
-    if text is None:
-        path.unlink()
-    else:
-        path.write_text(textwrap.dedent(text))
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if all(v > before[n] for n, v in _versions(sb).items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError("policy change not loaded by both agents within 5 s")
-
-
 @pytest.fixture
 def policy(sb: Sandbox, config_dir: Path) -> Iterator[Any]:
     """``policy(yaml)``: apply an AuthorizationPolicy file; removed after the test."""
     path = config_dir / "authz.yaml"
 
     def apply(text: str) -> None:
-        _write(sb, path, text)
+        apply_file(sb, path, text)
 
     try:
         yield apply
     finally:
         if path.exists():
-            _write(sb, path, None)
-
-
-def http_status(sb: Sandbox, pod: str, url: str) -> tuple[int, str]:
-    p = sb.exec(pod, ["curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", url],
-                capture_output=True, text=True, timeout=30)
-    body, _, code = p.stdout.rpartition("\n")
-    return int(code or 0), body
+            apply_file(sb, path, None)
 
 
 def tcp_echo(sb: Sandbox, pod: str, host: str) -> dict[str, Any]:
@@ -84,13 +53,6 @@ def tcp_echo(sb: Sandbox, pod: str, host: str) -> dict[str, Any]:
     assert p.returncode == 0, p.stderr
     out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
     return out
-
-
-def served(sb: Sandbox, pod: str) -> int:
-    """The app's own count of HTTP requests it answered (asked from inside its pod)."""
-    p = sb.exec(pod, ["curl", "-s", "-m", "5", "http://127.0.0.1:8080/count"],
-                capture_output=True, text=True, timeout=20)
-    return int(json.loads(p.stdout)["served"])
 
 
 def denied_count(sb: Sandbox) -> float:
@@ -164,23 +126,6 @@ def test_deny_a_port_from_a_namespace(sb: Sandbox, policy: Any) -> None:
     assert http_status(sb, "client", "http://echo/")[0] == 200  # port 8080 is not denied
 
 
-def http_request(
-    sb: Sandbox, pod: str, url: str, *, method: str = "GET", headers: dict[str, str] | None = None
-) -> tuple[int, str, dict[str, str]]:
-    """(status, body, response headers) of one curl request from ``pod``."""
-    args = ["curl", "-s", "-m", "10", "-X", method, "-D", "/dev/stderr", "-o", "-", url]
-    for k, v in (headers or {}).items():
-        args += ["-H", f"{k}: {v}"]
-    p = sb.exec(pod, args, capture_output=True, text=True, timeout=30)
-    lines = [ln.strip() for ln in p.stderr.splitlines() if ln.strip()]
-    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
-    hdrs = {}
-    for ln in lines[1:]:
-        k, _, v = ln.partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    return status, p.stdout, hdrs
-
-
 def test_allow_get_but_not_post_on_a_path_prefix(sb: Sandbox, policy: Any) -> None:
     """L7 policy at the destination: the called node parses each request; a denied one
     gets 403 ``RBAC: access denied`` and never reaches the app."""
@@ -195,7 +140,7 @@ def test_allow_get_but_not_post_on_a_path_prefix(sb: Sandbox, policy: Any) -> No
     """)
     before = served(sb, "echo-1") + served(sb, "echo-2")
     assert http_request(sb, "client", "http://echo/api/items")[0] == 200
-    code, body, hdrs = http_request(sb, "client", "http://echo/api/items", method="POST")
+    code, body, _ = http_request(sb, "client", "http://echo/api/items", method="POST")
     assert (code, body.strip()) == (403, "RBAC: access denied"), (code, body)
     assert http_request(sb, "client", "http://echo/other")[0] == 403
     # one allowed request reached an app (+2: the count requests themselves)

@@ -40,3 +40,20 @@ def test_each_task_loads_with_the_subsets(task: str, tmp_path: Path) -> None:
     assert decision.outcome is RouteOutcome.ROUTE
     for rd in decision.routes:  # every subset a task names is defined
         assert rd.destination.subset in {"v1", "v2", "v3"}
+
+
+POLICY = ROOT / "examples" / "bookinfo-policy"
+
+
+@pytest.mark.parametrize("policy", sorted(p.name for p in POLICY.glob("*.yaml")), ids=str)
+def test_each_policy_example_loads(policy: str, tmp_path: Path) -> None:
+    d = tmp_path / "mesh"
+    shutil.copytree(BOOKINFO, d)
+    shutil.copy(POLICY / policy, d / policy)
+    snap = load_directory(d).snapshot
+    kinds = (
+        len(snap.authorization_policies),
+        len(snap.request_authentications),
+        len(snap.local_rate_limits),
+    )
+    assert sum(kinds) >= 1, kinds

@@ -1,0 +1,350 @@
+"""``nodeagent ctl explain``: why a request from a pod to a host would be routed where it
+goes, and allowed or denied, answered from the live snapshot and the proxy's live state
+(balancer counters, outlier ejections, rate-limit buckets) without sending anything.
+
+Each step is the function the data path itself calls (``core.route``, the balancer's
+``explain``, ``core.peerauth``, ``core.authz``), so the answer and the traffic agree; the
+access log names the same policy and rule for a real request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from nodeagent.core import authz
+from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.balancer import hash_key_for
+from nodeagent.core.peerauth import effective_mtls
+from nodeagent.core.route import RequestInfo, RouteOutcome, select_route, select_tcp_route
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.security import MtlsMode
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.status import ExplainQuery
+from nodeagent.model.traffic import Destination, RouteDestination
+from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
+from nodeagent.proxy.l7 import route_name as name_of_route
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.server import Proxy
+
+
+class ExplainError(ValueError):
+    """The question names something the mesh does not have (a clear message for the user)."""
+
+
+def _find_pod(snap: MeshSnapshot, name: str) -> Pod:
+    if "/" in name:
+        pod = snap.pod_by_key.get(name)
+        if pod is None:
+            raise ExplainError(f"no pod {name} in the mesh")
+        return pod
+    found = [p for p in snap.pods if p.name == name]
+    if not found:
+        raise ExplainError(f"no pod named {name} in the mesh")
+    if len(found) > 1:
+        keys = ", ".join(p.key for p in found)
+        raise ExplainError(f"pod name {name} is ambiguous ({keys}): use namespace/name")
+    return found[0]
+
+
+def _find_target(
+    snap: MeshSnapshot, src: Pod, to: str
+) -> tuple[Service | None, ServicePort | None, Pod | None, int]:
+    """(service, service port, or a pod addressed directly, port) for ``host[:port]``."""
+    host, _, port_s = to.rpartition(":") if ":" in to else (to, "", "")
+    if not port_s.isdigit():
+        raise ExplainError(f"bad port in {to!r}")
+    port = int(port_s) if port_s else None
+    svc = (
+        snap.service_for_host(f"{host}.{src.namespace}")
+        or snap.service_for_host(host)
+        or snap.service_by_ip.get(host)
+    )
+    if svc is not None:
+        if port is None:
+            if len(svc.ports) != 1:
+                ports = ", ".join(str(p.port) for p in svc.ports)
+                raise ExplainError(f"{svc.key} has several ports ({ports}): say {host}:PORT")
+            port = svc.ports[0].port
+        sp = svc.port(port)
+        if sp is None:
+            raise ExplainError(f"service {svc.key} has no port {port}")
+        return svc, sp, None, port
+    pod = snap.pod_by_ip.get(host)
+    if pod is None:
+        raise ExplainError(f"{host} is not a service or pod of the mesh (traffic passes through)")
+    return None, None, pod, port or 80
+
+
+def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
+    """The whole answer, as JSON-ready data; raises ``ExplainError`` for a bad question."""
+    snap = proxy.snapshot()
+    src = _find_pod(snap, q.from_pod)
+    svc, sp, direct, port = _find_target(snap, src, q.to)
+    headers = {k.lower(): v for k, v in q.headers}
+    out: dict[str, Any] = {
+        "source": {
+            "pod": src.key,
+            "node": src.node_name,
+            "principal": proxy.identity_principal(src),
+        },
+        "request": {"to": q.to, "method": q.method, "path": q.path, "headers": headers},
+    }
+    dst_pod: Pod | None = direct
+    dst_port = port
+    proto = port_protocol(sp) if sp is not None else None
+    out["protocol"] = {"http1": "HTTP/1.1", "h2": "HTTP/2"}.get(proto or "", "TCP")
+    if svc is not None and sp is not None:
+        host = fqdn(svc)
+        out["service"] = {"name": svc.key, "host": host, "port": sp.port}
+        route: dict[str, Any] = {}
+        dests: tuple[RouteDestination, ...]
+        hash_key = None
+        if proto is not None:
+            info = RequestInfo(
+                method=q.method,
+                authority=headers.get("host", host),
+                path=q.path,
+                headers=headers,
+                port=sp.port,
+                source_labels=src.labels,
+                source_namespace=src.namespace,
+            )
+            d = select_route(snap, host, info)
+            if d.outcome is RouteOutcome.NO_ROUTE:
+                route["outcome"] = "no rule matches"
+                out["route"] = route
+                assert d.virtual_service is not None
+                return _verdict(
+                    out, False, 404, f"no http[] rule of {d.virtual_service.key} matches (NR)"
+                )
+            if d.virtual_service is not None:
+                route["virtual_service"] = d.virtual_service.key
+                route["rule"] = d.rule_index
+                route["rule_name"] = d.rule_name
+                route["match"] = d.match_index
+                route["route_name"] = name_of_route(d)
+                rule = d.rule
+                if rule is not None and rule.redirect is not None:
+                    route["redirect"] = rule.redirect.uri or rule.redirect.authority
+                if rule is not None and rule.fault is not None:
+                    route["fault"] = {
+                        "delay": rule.fault.delay.percentage if rule.fault.delay else None,
+                        "abort": (
+                            {
+                                "status": rule.fault.abort.http_status,
+                                "percent": rule.fault.abort.percentage,
+                            }
+                            if rule.fault.abort
+                            else None
+                        ),
+                    }
+                if rule is not None:
+                    route["timeout"] = rule.timeout
+                    route["retries"] = rule.retries.attempts if rule.retries else "default (2)"
+            else:
+                route["virtual_service"] = None
+                route["outcome"] = "no VirtualService: the service itself"
+            dests = d.routes
+        else:
+            trule = select_tcp_route(snap, host, sp.port, src.labels)
+            route["tcp_rule"] = trule is not None
+            dests = (
+                trule.routes if trule is not None else (RouteDestination(Destination(host), 100),)
+            )
+        route["destinations"] = [
+            {"host": r.destination.host, "subset": r.destination.subset, "weight": r.weight}
+            for r in dests
+        ]
+        out["route"] = route
+        # the load balancer, for the heaviest destination
+        best = max(dests, key=lambda r: r.weight) if dests else None
+        if best is None:
+            return _verdict(out, False, 503, "the route has no destination")
+        try:
+            cluster = proxy.l7.cluster(snap, best.destination, sp.port)
+        except ClusterError as e:
+            return _verdict(out, False, 503, f"{e} (NC)")
+        lb = cluster.policy.load_balancer
+        if lb is not None and lb.consistent_hash is not None and proto is not None:
+            hash_key, _ = hash_key_for(
+                lb.consistent_hash, headers, {}, src.pod_ip or "", {}, connection=""
+            )
+        bal = proxy.l7.balancer(cluster, src)
+        lbx = bal.explain(hash_key)
+        out["endpoints"] = {"cluster": cluster.name, **lbx}
+        pick = lbx.get("pick")
+        if not isinstance(pick, dict):
+            return _verdict(out, False, 503, f"no healthy upstream for {cluster.name} (UH)")
+        dst_pod = snap.pod_by_key.get(str(pick["pod"]))
+        dst_port = int(str(pick["endpoint"]).rsplit(":", 1)[1])
+    if dst_pod is None:
+        return _verdict(out, False, 503, "no destination pod")
+    dst_principal = proxy.identity_principal(dst_pod)
+    out["destination"] = {
+        "pod": dst_pod.key,
+        "node": dst_pod.node_name,
+        "port": dst_port,
+        "principal": dst_principal,
+    }
+    mtls = effective_mtls(snap, dst_pod, dst_port)
+    tunnel = proxy.identity is not None and mtls.mode is not MtlsMode.DISABLE
+    out["peer_authentication"] = {
+        "mode": mtls.mode.value,
+        "policy": mtls.policy,
+        "hop": "HBONE mTLS (port 15008)" if tunnel else "plaintext",
+    }
+    if not tunnel and mtls.mode is MtlsMode.STRICT:
+        return _verdict(out, False, 0, f"plaintext refused: {mtls.policy} requires mTLS")
+    http_at_dst = proxy.inbound.l7_port(snap, dst_pod, dst_port) is not None
+    principal = proxy.identity_principal(src) if tunnel else None
+    r = out.get("route") or {}
+    route_name = r.get("route_name", "")
+    adm = proxy.inbound.decide(
+        snap,
+        dst_pod,
+        dst_port,
+        principal,
+        src.pod_ip or "",
+        http=http_at_dst,
+        host=headers.get("host", q.to.rsplit(":", 1)[0]),
+        method=q.method,
+        path=q.path,
+        headers=headers,
+        route=route_name,
+        consume=False,
+    )
+    rules = proxy.inbound.jwt_rules(snap, dst_pod) if http_at_dst else ()
+    if rules:
+        a = adm.authn
+        out["authentication"] = {
+            "issuers": [rule.issuer for rule in rules],
+            "token": a.status.value if a is not None else "not checked",
+            "reason": a.reason if a is not None else "",
+            "request_principal": a.principal if a is not None else None,
+            "claims": dict(a.claims) if a is not None else {},
+        }
+        if a is not None and not a.allowed:
+            return _verdict(out, False, 401, f"JWT: {a.reason}")
+    path = urlsplit(q.path).path or "/"
+    req = AuthzRequest(
+        destination=dst_pod,
+        destination_port=dst_port,
+        source_principal=principal,
+        source_ip=src.pod_ip or "",
+        destination_ip=dst_pod.pod_ip or "",
+        is_http=http_at_dst,
+        host=headers.get("host", q.to.rsplit(":", 1)[0]),
+        method=q.method,
+        path=path,
+        headers=headers,
+        request_principal=adm.authn.principal if adm.authn is not None else None,
+        claims=dict(adm.authn.claims) if adm.authn is not None else None,
+    )
+    decision = adm.authz
+    assert decision is not None
+    out["authorization"] = {
+        "enforced": "per request (HTTP attributes)" if http_at_dst else "per connection (L4)",
+        "policies": authz.explain(snap, req),
+        "decision": {
+            "allowed": decision.allowed,
+            "policy": decision.policy,
+            "rule": decision.rule_index,
+            "reason": decision.reason,
+        },
+    }
+    if not decision.allowed:
+        return _verdict(out, False, 403, f"RBAC: access denied ({decision.reason})")
+    limited = _rate_limits(
+        proxy, snap, out, dst_pod, dst_port, http_at_dst, principal, headers, route_name
+    )
+    if limited:
+        return _verdict(out, False, 429, limited)
+    how = "HBONE mTLS" if tunnel else "plaintext"
+    return _verdict(
+        out, True, 0, f"to {dst_pod.key} port {dst_port} on {dst_pod.node_name} ({how})"
+    )
+
+
+def _rate_limits(
+    proxy: Proxy,
+    snap: MeshSnapshot,
+    out: dict[str, Any],
+    pod: Pod,
+    port: int,
+    http: bool,
+    principal: str | None,
+    headers: dict[str, str],
+    route: str,
+) -> str:
+    """Fill ``out["rate_limits"]``; return why the request would be limited ('' if not)."""
+    limits = proxy.inbound.rate_limits(snap, pod, port)
+    if not limits:
+        return ""
+    section: dict[str, Any] = {"policies": [p.key for p in limits]}
+    out["rate_limits"] = section
+    if pod.key not in proxy.pods:
+        section["state"] = (
+            f"buckets and quotas are kept by the agent of {pod.node_name}: ask it "
+            f"(nodeagent ctl --node {pod.node_name} explain ...)"
+        )
+        return ""
+    scope = "http" if http else "tcp"
+    wanted = {
+        "none": "",
+        "sourcePrincipal": principal or "",
+        "route": route,
+    }
+    buckets = []
+    why = ""
+    for v in proxy.inbound.limiter.state(time.monotonic(), limits):
+        if v.workload != pod.key or v.scope != scope:
+            continue
+        key_value = (
+            headers.get(v.key.split(":", 1)[1], "")
+            if v.key.startswith("header:")
+            else wanted.get(v.key, "")
+        )
+        mine = v.value == key_value
+        buckets.append(
+            {
+                "policy": v.policy,
+                "scope": v.scope,
+                "key": v.key,
+                "value": v.value,
+                "limit": v.limit,
+                "remaining": v.remaining,
+                "next_fill_in": round(v.reset, 3),
+                "this_request": mine,
+            }
+        )
+        if mine and v.remaining < 1 and not why:
+            why = f"local_rate_limited: {v.scope} bucket of {v.policy} is empty"
+    section["buckets"] = buckets or "every bucket is full (none used yet)"
+    store = proxy.inbound.quota_store() if any(p.quotas for p in limits) else None
+    if store is not None:
+        quotas = []
+        for qv in store.counter.state(limits, time.time()):
+            mine = qv.principal == (principal or "")
+            quotas.append(
+                {
+                    "policy": qv.policy,
+                    "window": qv.window.value,
+                    "principal": qv.principal,
+                    "limit": qv.limit,
+                    "used": qv.used,
+                    "window_ends_in": round(qv.reset),
+                    "this_request": mine,
+                }
+            )
+            if mine and qv.used >= qv.limit and not why:
+                why = f"local_rate_limited: {qv.window.value} quota of {qv.policy} is used up"
+        section["quotas"] = quotas or "no unit used in the current windows"
+    return why
+
+
+def _verdict(out: dict[str, Any], allowed: bool, status: int, why: str) -> dict[str, Any]:
+    out["verdict"] = {"allowed": allowed, "status": status or None, "why": why}
+    return out
