@@ -158,6 +158,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self._reconcile()
+        self.proxy.inbound.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
         admin = await start_admin_server(self, self.settings.socket_path)
         http_servers = await start_http_servers(
             self,

@@ -42,6 +42,11 @@ Special paths (no downstream calls, never failed by ``--fail-status``):
 ``/toggle-fail/CODE``
     sets the ``--fail-status`` of the running process (``0`` turns it off) and answers
     ``200`` with ``fail_status`` and ``previous_fail_status``.
+``/files/NAME``
+    answers the file NAME (no ``/``, no leading ``.``) of the process's working directory,
+    ``application/json`` for ``*.json``, else ``application/octet-stream``; ``404`` when
+    there is none. The sandbox runs pods in their config directory, so a JWKS put next to
+    the YAML is served (an in-mesh ``jwksUri``).
 ``/upgrade-echo``
     with ``Connection: Upgrade`` and ``Upgrade: echo`` answers ``101 Switching
     Protocols`` (``Upgrade: echo``), then echoes raw bytes like ``--tcp-echo`` until the
@@ -93,6 +98,8 @@ DEFAULT_PORT = 9080
 CALL_TIMEOUT_S = 10.0
 MAX_DELAY_S = 600.0
 MAX_BYTES = 1 << 40
+MAX_FILE_BYTES = 16 << 20
+"""``/files/NAME`` answers at most this much of the file."""
 MAX_CALL_BODY = 1 << 20
 """Downstream answers are read up to this many bytes (memory stays bounded)."""
 CHUNK = 64 * 1024
@@ -365,11 +372,24 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, doc)
         if path == "/upgrade-echo":
             return self._upgrade_echo()
+        if len(parts) == 2 and parts[0] == "files":
+            return self._send_file(parts[1])
         fail_status = self.runtime.fail_status
         if fail_status:
             return self._send_json(fail_status, self._describe(body, []))
         calls = [self._call(url) for url in self.settings.calls]
         return self._send_json(200, self._describe(body, calls))
+
+    def _send_file(self, name: str) -> int:
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise _BadRequest(f"/files/ wants a plain file name, got {name!r}")
+        try:
+            with open(os.path.join(os.getcwd(), name), "rb") as f:
+                data = f.read(MAX_FILE_BYTES)
+        except OSError as e:
+            return self._send(404, f"no file {name}: {e.strerror}\n".encode(), "text/plain")
+        kind = "application/json" if name.endswith(".json") else "application/octet-stream"
+        return self._send(200, data, kind)
 
     def _describe(self, body: _Body, calls: list[dict[str, Any]]) -> dict[str, Any]:
         s = self.settings

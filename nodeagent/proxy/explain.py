@@ -226,6 +226,10 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
             "request_principal": a.principal if a is not None else None,
             "claims": dict(a.claims) if a is not None else {},
         }
+        remote = proxy.inbound.jwks.state()
+        fetched = {r.jwks_uri: remote[r.jwks_uri] for r in rules if r.jwks_uri in remote}
+        if fetched:
+            out["authentication"]["jwks_uri"] = fetched
         if a is not None and not a.allowed:
             return _verdict(out, False, 401, f"JWT: {a.reason}")
     path = urlsplit(q.path).path or "/"

@@ -16,14 +16,12 @@ A port is handled request by request only when it is an HTTP port of a Service
 selecting the pod *and* some policy of the workload needs HTTP (HTTP attributes in an
 AuthorizationPolicy, a RequestAuthentication, an HTTP rate limit or a quota); otherwise
 the connection is admitted once, at L4, and relayed as bytes (cheaper, and what ztunnel
-does). Indexes and JWKS key sets are built once per snapshot (a ``jwksUri`` file is
-re-read when it changes, looked at every ``JWKS_RECHECK`` seconds).
+does). Indexes are built once per snapshot; key sets come from ``proxy.jwks``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -41,6 +39,7 @@ from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.clusters import Cluster, fqdn, port_protocol
+from nodeagent.proxy.jwks import JwksCache
 from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply
 from nodeagent.ratelimit_store import QuotaStore
 
@@ -48,7 +47,6 @@ log = logging.getLogger("nodeagent.policy")
 
 RBAC_DENIED = "RBAC: access denied"
 RATE_LIMITED = "local_rate_limited"
-JWKS_RECHECK = 5.0
 
 
 @dataclass(frozen=True)
@@ -121,15 +119,17 @@ class InboundPolicy:
         self.state_dir = state_dir
         self._quotas: QuotaStore | None = None
         self._quota_error = ""
-        self._inline: dict[str, KeySet] = {}
-        self._files: dict[str, tuple[float, tuple[int, int], KeySet]] = {}
-        """jwksUri path → (last looked at, (mtime ns, size), key set)."""
+        self.jwks = JwksCache(snapshot)
         self._jwt_rules: tuple[weakref.ref[MeshSnapshot], dict[str, tuple[JWTRule, ...]]] | None
         self._jwt_rules = None
 
     def on_snapshot(self, snap: MeshSnapshot) -> None:
-        """A new snapshot: rate-limit buckets of changed or removed limits are dropped."""
+        """A new snapshot: rate-limit buckets of changed or removed limits are dropped;
+        in-mesh JWKS URLs are fetched now, before the first request needs them."""
         self.limiter.sync(snap.local_rate_limits)
+        self.jwks.prefetch(
+            [r.jwks_uri for p in snap.request_authentications for r in p.jwt_rules if r.jwks_uri]
+        )
 
     def close(self) -> None:
         if self._quotas is not None:
@@ -185,42 +185,12 @@ class InboundPolicy:
             return hp
         return None
 
-    # -- JWKS ---------------------------------------------------------------------------
     def keys(self, rule: JWTRule) -> KeySet:
-        """The rule's key set: inline JWKS parsed once; a ``jwksUri`` file re-read when it
-        changed. An unreadable or invalid set is empty (every token fails) and logged."""
+        """The rule's key set (``proxy.jwks``): inline JWKS parsed once, a file re-read
+        when it changed, an in-mesh URL fetched in the background."""
         if rule.jwks is not None:
-            ks = self._inline.get(rule.jwks)
-            if ks is None:
-                try:
-                    ks = jwt.parse_jwks(rule.jwks)
-                except jwt.JwksError as e:  # validated at load: should not happen
-                    log.error("jwks of issuer %s: %s", rule.issuer, e)
-                    ks = KeySet()
-                self._inline[rule.jwks] = ks
-            return ks
-        uri = rule.jwks_uri or ""
-        path = uri.removeprefix("file://")
-        if not path.startswith("/"):
-            return KeySet()  # in-mesh URLs are rejected at load
-        now = time.monotonic()
-        hit = self._files.get(path)
-        if hit is not None and now - hit[0] < JWKS_RECHECK:
-            return hit[2]
-        try:
-            st = os.stat(path)
-            sig = (st.st_mtime_ns, st.st_size)
-            if hit is not None and hit[1] == sig:
-                ks = hit[2]
-            else:
-                with open(path, encoding="utf-8") as f:
-                    ks = jwt.parse_jwks(f.read())
-                log.info("jwksUri %s: loaded %d key(s)", uri, len(ks.keys))
-        except (OSError, UnicodeDecodeError, jwt.JwksError) as e:
-            log.warning("jwksUri %s of issuer %s: %s (tokens fail)", uri, rule.issuer, e)
-            sig, ks = (0, 0), KeySet()
-        self._files[path] = (now, sig, ks)
-        return ks
+            return self.jwks.inline(rule.jwks, rule.issuer)
+        return self.jwks.uri(rule.jwks_uri or "", rule.issuer)
 
     # -- the stages -------------------------------------------------------------------
     def decide(

@@ -261,3 +261,47 @@ def test_explain_agrees_with_the_access_log(sb: Sandbox, config: Any) -> None:
     )
     assert p.returncode == 3, p.stderr
     assert "DENY default/no-post: MATCHED" in p.stdout and "Verdict: DENIED (403)" in p.stdout
+
+
+def test_jwks_fetched_from_a_mesh_service(sb: Sandbox, config: Any, config_dir: Path) -> None:
+    """jwksUri naming an in-mesh service: the agent fetches the keys (the sample app serves
+    files of its working directory, the config directory) and tokens verify."""
+    key, jwks = generate_key("RS256", "remote-1")
+    (config_dir / "remote-jwks.json").write_text(jwks)  # not YAML: not config
+    config("jwks-remote.yaml", """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: keys, namespace: default}
+        spec:
+          selector: {app: victim}
+          clusterIP: 10.96.1.20
+          ports: [{name: http, port: 80, targetPort: 8080}]
+        ---
+        apiVersion: security.istio.io/v1
+        kind: RequestAuthentication
+        metadata: {name: echo-remote-jwt, namespace: default}
+        spec:
+          selector: {matchLabels: {app: echo}}
+          jwtRules:
+          - issuer: https://remote.issuer.test
+            jwksUri: http://keys.default.svc.cluster.local/files/remote-jwks.json
+    """)
+    now = int(time.time())
+    tok = mint(key, "RS256", "remote-1",
+               {"iss": "https://remote.issuer.test", "sub": "bob", "exp": now + 600})
+    deadline = time.monotonic() + 10
+    while True:  # the first fetch runs in the background after the config change
+        code, body, _ = http_request(sb, "client", "http://echo/x",
+                                     headers={"authorization": f"Bearer {tok}"})
+        if code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert code == 200, (code, body)
+    with AdminClient(sb.agent_socket("node2")) as c:
+        rec = [r for r in c.requests()["records"] if r.get("reporter") == "destination"][-1]
+    assert rec["request_principal"] == "https://remote.issuer.test/bob", rec
+    bad = mint(OTHER_KEY, "ES256", "remote-1",
+               {"iss": "https://remote.issuer.test", "sub": "bob", "exp": now + 600})
+    code, body, _ = http_request(sb, "client", "http://echo/x",
+                                 headers={"authorization": f"Bearer {bad}"})
+    assert code == 401, (code, body)

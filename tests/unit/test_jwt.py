@@ -526,8 +526,8 @@ def test_config_errors(spec: str, path: str, message: str) -> None:
     [
         ("/etc/jwks.json", True),
         ("file:///etc/jwks.json", True),
-        ("http://keys.default.svc.cluster.local/jwks", False),  # not fetched yet
-        ("http://10.0.0.1:8080/jwks", False),
+        ("http://keys.default.svc.cluster.local/jwks", True),
+        ("http://10.0.0.1:8080/jwks", True),
         ("file://host/etc/jwks.json", False),
         ("file:jwks.json", False),
         ("https://example.com/jwks", False),
