@@ -141,6 +141,9 @@ class QuotaStore:
         self.path = path
         self.counter = QuotaCounter()
         self.compact_bytes = compact_bytes
+        self._compact_at = compact_bytes
+        """Journal size that triggers the next compaction: at least twice the live
+        counts, so a store whose live counts alone are large does not compact per grant."""
         self.write_errors = 0
         """Grants that could not be written (granted anyway)."""
         self._clock = clock
@@ -256,7 +259,7 @@ class QuotaStore:
         if charges:
             self._append(encode_line(charges))
             self.counter.apply(charges)
-            if self._size >= self.compact_bytes:
+            if self._size >= self._compact_at:
                 self.compact(now_wall)
         return decision
 
@@ -277,6 +280,7 @@ class QuotaStore:
         except OSError as e:
             log.error("quota store %s: compaction failed, journal kept: %s", self.path, e)
             return
+        self._compact_at = max(self.compact_bytes, 2 * len(data))
         # The old descriptor now writes to an unlinked file: never use it again.
         try:
             _fsync_dir(self.path.parent)

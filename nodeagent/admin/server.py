@@ -106,7 +106,6 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             method=request.method or "GET",
             path=request.path or "/",
             headers=tuple(headers),
-            jwt=request.jwt or None,
         )
         try:
             answer = self._view.explain(query)

@@ -20,8 +20,10 @@ import binascii
 import enum
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl
@@ -33,6 +35,13 @@ from nodeagent.model.objects import Pod
 
 ALGORITHMS = ("RS256", "ES256")
 MIN_RSA_BITS = 2048
+SIGNATURE_CACHE = 1024
+"""Tokens remembered (parsed, and signature checks per token and key object): an
+ES256/RS256 check costs hundreds of µs and clients resend the same token with every
+request (Envoy caches verified tokens too). ``exp``, ``nbf`` and ``aud`` are still
+checked every time."""
+MAX_TOKEN_BYTES = 16 * 1024
+"""A longer token is invalid without being decoded."""
 DEFAULT_HEADER = JWTHeader("authorization", "Bearer ")
 DEFAULT_PARAM = "access_token"
 
@@ -46,6 +55,7 @@ class Failure(enum.StrEnum):
     """Why a token is invalid, in Envoy's words (the 401 body)."""
 
     BAD_FORMAT = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+    TOO_LARGE = "Jwt is too large"
     HEADER_BAD_BASE64 = "Jwt header is an invalid Base64url encoded"
     HEADER_BAD_JSON = "Jwt header is an invalid JSON"
     HEADER_BAD_ALG = "Jwt header [alg] field is required and must be a string"
@@ -143,6 +153,8 @@ def parse_jwks(text: str) -> KeySet:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise JwksError(f"not JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
+    except RecursionError:
+        raise JwksError("not JSON we accept: nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError('expected a JSON object with a "keys" list')
     if not doc["keys"]:
@@ -237,8 +249,8 @@ def _b64decode(segment: str, failure: Failure) -> bytes:
 def _json_object(raw: bytes, failure: Failure) -> dict[str, Any]:
     try:
         value = json.loads(raw.decode())
-    except ValueError as e:  # UnicodeDecodeError is a ValueError
-        raise _Rejected(failure) from e
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError;
+        raise _Rejected(failure) from e  # deep nesting is just malformed here
     if not isinstance(value, dict):
         raise _Rejected(failure)
     return value
@@ -278,7 +290,12 @@ class _Token:
     nbf: float | None
 
 
+@lru_cache(maxsize=SIGNATURE_CACHE)
 def _parse(token: str) -> _Token:
+    """A well-formed token, decoded (remembered: clients resend the same token; a
+    malformed one raises and is not remembered)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise _Rejected(Failure.TOO_LARGE)
     parts = token.split(".")
     if len(parts) != 3:
         raise _Rejected(Failure.BAD_FORMAT)
@@ -314,12 +331,25 @@ def _parse(token: str) -> _Token:
     )
 
 
+_SIGNATURES: OrderedDict[tuple[str, int], tuple[jwt.PyJWK, bool]] = OrderedDict()
+"""(token, id of the key object) → (the key object, whether it signed the token)."""
+
+
 def _signed_by(token: str, key: Key) -> bool:
+    ck = (token, id(key.jwk))
+    hit = _SIGNATURES.get(ck)
+    if hit is not None and hit[0] is key.jwk:  # the same key object, not a reused id
+        _SIGNATURES.move_to_end(ck)
+        return hit[1]
     try:
         _JWS.decode_complete(token, key=key.jwk, algorithms=[key.alg])
+        ok = True
     except jwt.PyJWTError:
-        return False
-    return True
+        ok = False
+    _SIGNATURES[ck] = (key.jwk, ok)
+    if len(_SIGNATURES) > SIGNATURE_CACHE:
+        _SIGNATURES.popitem(last=False)
+    return ok
 
 
 def _normalize_audience(aud: str) -> str:
@@ -391,6 +421,14 @@ class AuthnResult:
     @property
     def allowed(self) -> bool:
         return self.status is not AuthnStatus.INVALID
+
+
+@lru_cache(maxsize=SIGNATURE_CACHE)
+def _claims(token: str) -> Mapping[str, Claim]:
+    """The flattened claims of a well-formed token (remembered, like ``_parse``)."""
+    out: dict[str, Claim] = {}
+    _flatten(_parse(token).payload, "", out)
+    return MappingProxyType(out)
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Claim]) -> None:
@@ -484,14 +522,13 @@ def authenticate(
     (0-60 s) for ``exp`` and ``nbf``."""
     remove = _output_names(r for r, _ in rules)
     set_headers: list[tuple[str, str]] = []
-    verified: list[tuple[_Found, _Token, JWTRule, dict[str, Claim]]] = []
+    verified: list[tuple[_Found, _Token, JWTRule, Mapping[str, Claim]]] = []
     for f in _found(rules, headers, query):
         try:
             tok, rule = _verify(f, rules, now, leeway)
         except _Rejected as e:
             return AuthnResult(AuthnStatus.INVALID, reason=e.failure.value)
-        claims: dict[str, Claim] = {}
-        _flatten(tok.payload, "", claims)
+        claims = _claims(tok.raw)
         if f.location.kind == "header" and not rule.forward_original_token:
             remove.append(f.location.name)
         set_headers.extend(_outputs(rule, tok, claims))
@@ -502,7 +539,7 @@ def authenticate(
     return AuthnResult(
         AuthnStatus.VALID,
         principal=f"{tok.iss}/{tok.sub}",
-        claims=MappingProxyType(claims),
+        claims=claims,
         audiences=tok.audiences,
         presenter=tok.azp,
         payload=tok.payload_json,

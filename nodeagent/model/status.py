@@ -61,7 +61,7 @@ class ExplainQuery:
     method: str = "GET"
     path: str = "/"
     headers: tuple[tuple[str, str], ...] = ()
-    jwt: str | None = None
+    """Request headers (a JWT goes in as ``authorization: Bearer …``)."""
 
 
 class AgentView(Protocol):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from nodeagent.core import authz
-from nodeagent.core.authz import AuthzRequest
 from nodeagent.core.balancer import hash_key_for
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.route import RequestInfo, RouteOutcome, select_route, select_tcp_route
@@ -24,6 +22,7 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ExplainQuery
 from nodeagent.model.traffic import Destination, RouteDestination
 from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
+from nodeagent.proxy.inbound import normalize_target
 from nodeagent.proxy.l7 import route_name as name_of_route
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def _find_target(
 ) -> tuple[Service | None, ServicePort | None, Pod | None, int]:
     """(service, service port, or a pod addressed directly, port) for ``host[:port]``."""
     host, _, port_s = to.rpartition(":") if ":" in to else (to, "", "")
-    if not port_s.isdigit():
+    if port_s and not port_s.isdigit():
         raise ExplainError(f"bad port in {to!r}")
     port = int(port_s) if port_s else None
     svc = (
@@ -84,6 +83,8 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     src = _find_pod(snap, q.from_pod)
     svc, sp, direct, port = _find_target(snap, src, q.to)
     headers = {k.lower(): v for k, v in q.headers}
+    # the authority a client such as curl sends: the name it dialled, with a port unless 80
+    headers.setdefault("host", q.to if port != 80 else q.to.rsplit(":", 1)[0])
     out: dict[str, Any] = {
         "source": {
             "pod": src.key,
@@ -105,7 +106,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         if proto is not None:
             info = RequestInfo(
                 method=q.method,
-                authority=headers.get("host", host),
+                authority=headers["host"],
                 path=q.path,
                 headers=headers,
                 port=sp.port,
@@ -202,6 +203,9 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     principal = proxy.identity_principal(src) if tunnel else None
     r = out.get("route") or {}
     route_name = r.get("route_name", "")
+    target = normalize_target(q.path)
+    if target is None:
+        return _verdict(out, False, 400, f"request target {q.path!r} cannot be normalized")
     adm = proxy.inbound.decide(
         snap,
         dst_pod,
@@ -209,9 +213,9 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         principal,
         src.pod_ip or "",
         http=http_at_dst,
-        host=headers.get("host", q.to.rsplit(":", 1)[0]),
+        host=headers["host"],
         method=q.method,
-        path=q.path,
+        path=target,
         headers=headers,
         route=route_name,
         consume=False,
@@ -232,23 +236,8 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
             out["authentication"]["jwks_uri"] = fetched
         if a is not None and not a.allowed:
             return _verdict(out, False, 401, f"JWT: {a.reason}")
-    path = urlsplit(q.path).path or "/"
-    req = AuthzRequest(
-        destination=dst_pod,
-        destination_port=dst_port,
-        source_principal=principal,
-        source_ip=src.pod_ip or "",
-        destination_ip=dst_pod.pod_ip or "",
-        is_http=http_at_dst,
-        host=headers.get("host", q.to.rsplit(":", 1)[0]),
-        method=q.method,
-        path=path,
-        headers=headers,
-        request_principal=adm.authn.principal if adm.authn is not None else None,
-        claims=dict(adm.authn.claims) if adm.authn is not None else None,
-    )
-    decision = adm.authz
-    assert decision is not None
+    decision, req = adm.authz, adm.request
+    assert decision is not None and req is not None
     out["authorization"] = {
         "enforced": "per request (HTTP attributes)" if http_at_dst else "per connection (L4)",
         "policies": authz.explain(snap, req),

@@ -40,7 +40,7 @@ from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.clusters import Cluster, fqdn, port_protocol
 from nodeagent.proxy.jwks import JwksCache
-from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply
+from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply, apply_header_ops
 from nodeagent.ratelimit_store import QuotaStore
 
 log = logging.getLogger("nodeagent.policy")
@@ -105,6 +105,14 @@ class Admission:
     authn: AuthnResult | None = None
     authz: authz.AuthzDecision | None = None
     rate: RateDecision = UNLIMITED
+    request: AuthzRequest | None = None
+    """What authorization looked at (for ``ctl explain`` and live re-checks)."""
+
+    def deciding(self) -> tuple[str, int | None]:
+        """(policy, rule index) that decided: the AuthorizationPolicy, or the rate limit."""
+        if self.authz is not None and (not self.authz.allowed or not self.rate.policy):
+            return self.authz.policy, self.authz.rule_index
+        return self.rate.policy, None
 
 
 class InboundPolicy:
@@ -122,6 +130,7 @@ class InboundPolicy:
         self.jwks = JwksCache(snapshot)
         self._jwt_rules: tuple[weakref.ref[MeshSnapshot], dict[str, tuple[JWTRule, ...]]] | None
         self._jwt_rules = None
+        self._routes: tuple[weakref.ref[MeshSnapshot], frozenset[str]] | None = None
 
     def on_snapshot(self, snap: MeshSnapshot) -> None:
         """A new snapshot: rate-limit buckets of changed or removed limits are dropped;
@@ -210,7 +219,8 @@ class InboundPolicy:
         consume: bool = True,
     ) -> Admission:
         """The policy stages for one request (``http``) or one new connection; with
-        ``consume`` False nothing is taken from buckets or quotas (``ctl explain``)."""
+        ``consume`` False nothing is taken from buckets or quotas (``ctl explain``).
+        ``path`` is the normalized request target (``normalize_target``)."""
         hdrs = headers if headers is not None else {}
         authn: AuthnResult | None = None
         if http:
@@ -224,12 +234,10 @@ class InboundPolicy:
                     return Admission(
                         False, 401, "UAEX", authn.reason, f"JWT: {authn.reason}", authn
                     )
+                # authorization sees the headers the app will see: tokens the rule does
+                # not forward and client-sent copies of output headers are gone
+                hdrs = _apply_authn_headers(hdrs, authn)
         valid = authn is not None and authn.status is AuthnStatus.VALID
-        claims: dict[str, str | Sequence[str]] | None = None
-        if valid and authn is not None:
-            claims = dict(authn.claims)
-            if authn.audiences:
-                claims["aud"] = authn.audiences
         req = AuthzRequest(
             destination=pod,
             destination_port=port,
@@ -242,19 +250,12 @@ class InboundPolicy:
             path=path if http else None,
             headers=hdrs,
             request_principal=authn.principal if valid and authn is not None else None,
-            claims=claims,
+            claims=dict(authn.claims) if valid and authn is not None else None,
         )
         decision = authz.evaluate(snap, req)
         if not decision.allowed:
-            return Admission(
-                False,
-                403,
-                "RBAC",
-                RBAC_DENIED,
-                f"{RBAC_DENIED}: {decision.reason}",
-                authn,
-                decision,
-            )
+            why = f"{RBAC_DENIED}: {decision.reason}"
+            return Admission(False, 403, "RBAC", RBAC_DENIED, why, authn, decision, request=req)
         rate = UNLIMITED
         limits = self.rate_limits(snap, pod, port)
         if limits and consume:
@@ -275,8 +276,22 @@ class InboundPolicy:
                 rate = strictest((rate, store.check(limits, source_principal, time.time())))
             if not rate.allowed:
                 why = f"{RATE_LIMITED}: {rate.scope} limit of {rate.policy}"
-                return Admission(False, 429, "RL", RATE_LIMITED, why, authn, decision, rate)
-        return Admission(True, authn=authn, authz=decision, rate=rate)
+                return Admission(
+                    False, 429, "RL", RATE_LIMITED, why, authn, decision, rate, request=req
+                )
+        return Admission(True, authn=authn, authz=decision, rate=rate, request=req)
+
+    def route_names(self, snap: MeshSnapshot) -> frozenset[str]:
+        """Every route name the snapshot's VirtualServices define (``l7.route_name``)."""
+        cached = self._routes
+        if cached is None or cached[0]() is not snap:
+            names = frozenset(
+                r.name or f"{vs.key}#{i}"
+                for vs in snap.virtual_services
+                for i, r in enumerate(vs.http)
+            )
+            cached = self._routes = (weakref.ref(snap), names)
+        return cached[1]
 
     def admit(
         self,
@@ -286,29 +301,45 @@ class InboundPolicy:
         hdrs: dict[str, str],
         out: list[tuple[str, str]],
         x: Exchange,
-    ) -> HeaderOperations | None:
-        """Let one request through to the app (returning headers to add to its
-        response), or raise the ``LocalReply`` it gets."""
+    ) -> tuple[str, HeaderOperations | None]:
+        """Let one request through to the app: (the normalized target to send it with,
+        headers to add to its response); or raise the ``LocalReply`` it gets."""
         snap = self.snapshot()
         pod = snap.pod_by_key.get(ds.pod.key, ds.pod)
         inbound = ds.inbound
         assert inbound is not None
+        principal = ds.source_principal if ds.source_principal != "unknown" else None
         route = hdrs.pop(ROUTE_HEADER, "")
         if route:
             out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
-        a = self.decide(
-            snap,
-            pod,
-            inbound.cluster.endpoints[0].port,
-            ds.source_principal if ds.source_principal != "unknown" else None,
-            ds.source_ip,
-            http=True,
-            host=x.authority,
-            method=method,
-            path=path,
-            headers=hdrs,
-            route=route,
-        )
+            if principal is None or route not in self.route_names(snap):
+                route = ""  # only a meshed caller's node says which route it took
+        upgrade = hdrs.get("upgrade")
+        if upgrade is not None and upgrade.strip().lower() != "websocket":
+            x.detail = f"Upgrade: {upgrade} refused where per-request policy applies"
+            raise LocalReply(403, "RBAC", RBAC_DENIED)
+        target = normalize_target(path)
+        if target is None:
+            x.detail = f"request target {path[:100]!r} cannot be normalized"
+            raise LocalReply(400, "DPE", "invalid request target")
+        try:
+            a = self.decide(
+                snap,
+                pod,
+                inbound.cluster.endpoints[0].port,
+                principal,
+                ds.source_ip,
+                http=True,
+                host=x.authority,
+                method=method,
+                path=target,
+                headers=hdrs,
+                route=route,
+            )
+        except Exception as e:  # a bug must not let a request through, nor kill the loop
+            log.exception("policy check of %s %s failed", method, path[:100])
+            x.detail = f"policy check failed: {type(e).__name__}: {e}"
+            raise LocalReply(500, "UAEX", "policy check failed") from None
         if a.authz is not None:
             x.policy = a.authz.policy
             x.policy_rule = a.authz.rule_index
@@ -322,17 +353,91 @@ class InboundPolicy:
                 extra = (("www-authenticate", 'Bearer realm="nodeagent", error="invalid_token"'),)
             raise LocalReply(a.status, a.flag, a.body, extra)
         if a.authn is not None:
-            drop = {n.lower() for n in a.authn.remove_headers} | {
-                n.lower() for n, _ in a.authn.set_headers
-            }
-            if drop:
-                out[:] = [(k, v) for k, v in out if k.lower() not in drop]
-            out.extend((k.lower(), v) for k, v in a.authn.set_headers)
-        return HeaderOperations(set=rate_headers) if rate_headers else None
+            ops = _authn_ops(a.authn)
+            if ops is not None:
+                apply_header_ops(out, ops)
+        if a.request is not None:
+            ds.meta.setdefault("inflight", {})[id(x)] = a.request
+        return target, (HeaderOperations(set=rate_headers) if rate_headers else None)
+
+    def connection_rate(self, snap: MeshSnapshot, pod: Pod, port: int) -> RateDecision:
+        """The new-connection limit (``spec.tcp``) for a port served request by request."""
+        limits = [p for p in self.rate_limits(snap, pod, port) if p.tcp is not None]
+        if not limits:
+            return UNLIMITED
+        return self.limiter.check_tcp(limits, workload=pod.key, now=time.monotonic())
 
     def admit_connection(
         self, snap: MeshSnapshot, pod: Pod, port: int, principal: str | None, source_ip: str
     ) -> Admission:
         """One new TCP connection (a port served as bytes): authorization, then the
         connection rate limit."""
-        return self.decide(snap, pod, port, principal, source_ip, http=False)
+        try:
+            return self.decide(snap, pod, port, principal, source_ip, http=False)
+        except Exception as e:
+            log.exception("policy check of a connection to %s port %d failed", pod.key, port)
+            why = f"policy check failed: {type(e).__name__}: {e}"
+            return Admission(False, 403, "UAEX", why, why)
+
+
+def _authn_ops(a: AuthnResult) -> HeaderOperations | None:
+    """The request header changes RequestAuthentication makes (remove, then set)."""
+    if not a.remove_headers and not a.set_headers:
+        return None
+    return HeaderOperations(set=a.set_headers, remove=a.remove_headers)
+
+
+def _apply_authn_headers(hdrs: dict[str, str], a: AuthnResult) -> dict[str, str]:
+    ops = _authn_ops(a)
+    if ops is None:
+        return hdrs
+    out = {k: v for k, v in hdrs.items() if k not in {n.lower() for n in ops.remove}}
+    out.update((k.lower(), v) for k, v in ops.set)
+    return out
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normalize_target(target: str) -> str | None:
+    """An origin-form request target normalized as Envoy's ``normalize_path`` (Istio's
+    default ``BASE``): percent-encoded unreserved characters decoded, other escapes in
+    upper case, ``.`` and ``..`` segments removed (RFC 3986 §5.2.4; ``..`` never climbs
+    above the root); the query is kept as is. Other forms (``*``, absolute URIs) are
+    returned unchanged. None: a malformed ``%`` escape (answer 400)."""
+    if not target.startswith("/"):
+        return target
+    path, sep, query = target.partition("?")
+    if "%" in path:
+        out = []
+        i = 0
+        while i < len(path):
+            c = path[i]
+            if c == "%":
+                h = path[i + 1 : i + 3]
+                if len(h) != 2 or any(ch not in "0123456789abcdefABCDEF" for ch in h):
+                    return None
+                ch = chr(int(h, 16))
+                out.append(ch if ch in _UNRESERVED else "%" + h.upper())
+                i += 3
+            else:
+                out.append(c)
+                i += 1
+        path = "".join(out)
+    if "/." in path:
+        segs: list[str] = []
+        parts = path.split("/")[1:]
+        for n, seg in enumerate(parts):
+            last = n == len(parts) - 1
+            if seg == ".":
+                if last:
+                    segs.append("")
+            elif seg == "..":
+                if segs:
+                    segs.pop()
+                if last:
+                    segs.append("")
+            else:
+                segs.append(seg)
+        path = "/" + "/".join(segs)
+    return path + sep + query

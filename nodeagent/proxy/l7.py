@@ -37,6 +37,7 @@ from nodeagent.core.route import (
 )
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.ratelimit import KeyKind
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import (
     DEFAULT_RETRY,
@@ -116,11 +117,11 @@ class Downstream:
 
 Admit = Callable[
     ["Downstream", str, str, dict[str, str], list[tuple[str, str]], "Exchange"],
-    HeaderOperations | None,
+    tuple[str, HeaderOperations | None],
 ]
-"""The destination's policy stage for one request (method, path, headers, the headers to
-send on, the record): returns to let it through (with headers for its response), raises
-``LocalReply`` to answer it."""
+"""The destination's policy stage for one request (method, target, headers, the headers
+to send on, the record): returns to let it through (the normalized target to send, and
+headers for its response), raises ``LocalReply`` to answer it."""
 
 ROUTE_HEADER = "x-nodeagent-route"
 """Set by the caller's node proxy on each request it routes (the route taken), read and
@@ -537,6 +538,7 @@ class L7Proxy:
         self._clusters_of: MeshSnapshot | None = None
         self._metric_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._route_keyed_of: tuple[MeshSnapshot, bool] | None = None
 
     def _on_eject(self, key: object, addr: str, reason: str) -> None:
         host = str(key).rsplit("|", 1)[-1]
@@ -556,6 +558,18 @@ class L7Proxy:
         if c is None:
             c = self._clusters[key] = build_cluster(snap, dest, request_port)
         return c
+
+    def _route_keyed(self, snap: MeshSnapshot) -> bool:
+        """Whether some LocalRateLimit of ``snap`` is keyed by route (then the route taken
+        goes along to the destination's node)."""
+        cached = self._route_keyed_of
+        if cached is None or cached[0] is not snap:
+            keyed = any(
+                p.http is not None and p.http.key.kind is KeyKind.ROUTE
+                for p in snap.local_rate_limits
+            )
+            cached = self._route_keyed_of = (snap, keyed)
+        return cached[1]
 
     def balancer(self, c: Cluster, source: Pod) -> Balancer:
         p = c.policy
@@ -740,10 +754,10 @@ class L7Proxy:
             out.append(("x-request-id", rid))
         x.request_id = rid
         out.append(("x-forwarded-proto", "http"))
-        if x.route_name or ROUTE_HEADER in hdrs:
+        if ROUTE_HEADER in hdrs:
             out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
-            if x.route_name:
-                out.append((ROUTE_HEADER, x.route_name))
+        if x.route_name and self._route_keyed(snap):
+            out.append((ROUTE_HEADER, x.route_name))
         if rule is not None and rule.headers is not None:
             apply_header_ops(out, rule.headers.request)
             p.response_ops.append(rule.headers.response)
@@ -784,12 +798,12 @@ class L7Proxy:
         x.trace_id = tp.split("-")[1] if tp is not None and tp.count("-") >= 3 else ""
         x.request_id = hdrs.get("x-request-id", "")
         x.cluster = inbound.cluster.name
-        response_ops = inbound.admit(ds, method, path, hdrs, out, x)
+        target, response_ops = inbound.admit(ds, method, path, hdrs, out, x)
         return Plan(
             snap=self.snapshot(),
             rule=None,
             cluster=inbound.cluster,
-            path=path,
+            path=target,
             authority=x.authority,
             retry=NO_RETRY,
             response_ops=[response_ops] if response_ops is not None else [],
@@ -1211,6 +1225,9 @@ class L7Proxy:
         else:
             reporter, src, dst = "destination", inbound.peer_pod, ds.pod
             x.dst_principal = inbound.principal
+            inflight = ds.meta.get("inflight")
+            if inflight:
+                inflight.pop(id(x), None)
         src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
         mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
         svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)

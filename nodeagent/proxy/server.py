@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
 from nodeagent.redirect import iptables
 from nodeagent.redirect.netns import NetnsHandle
-from nodeagent.telemetry.accesslog import AccessLog
+from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent.proxy")
@@ -631,6 +632,11 @@ class Proxy:
         if hp is not None:  # authorized request by request
             if tpp.ns is None:
                 return ConnectRefusal(503, f"pod {target.key} is not captured")
+            rate = self.inbound.connection_rate(snap, target, port)
+            if not rate.allowed:
+                why = f"local_rate_limited: tcp limit of {rate.policy}"
+                self._denied(req.peer_identity, src_ip, target, port, "RL", why, rate.policy)
+                return ConnectRefusal(429, why)
             pipe = Pipe()
             relay = self.table.open(
                 {
@@ -654,7 +660,9 @@ class Proxy:
         )
         adm = self.inbound.admit_connection(snap, target, port, req.peer_identity, src_ip)
         if not adm.allowed:
-            self._denied(req.peer_identity, src_ip, target, port, adm.flag, adm.reason)
+            self._denied(
+                req.peer_identity, src_ip, target, port, adm.flag, adm.reason, *adm.deciding()
+            )
             return ConnectRefusal(adm.status, adm.reason)
         ns = tpp.ns
         if ns is None:
@@ -719,6 +727,12 @@ class Proxy:
                 return
         hp = self.inbound.l7_port(snap, pp.pod, dst[1])
         if hp is not None and side.transport is not None:  # authorized request by request
+            rate = self.inbound.connection_rate(snap, pp.pod, dst[1])
+            if not rate.allowed:
+                why = f"local_rate_limited: tcp limit of {rate.policy}"
+                self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], "RL", why, rate.policy)
+                relay.close(why)
+                return
             pipe = Pipe()
             pending, relay.pending = relay.pending, []
             pipe.adopt(side.transport, pending)
@@ -735,7 +749,15 @@ class Proxy:
         relay.meta["authz"] = authz_req
         adm = self.inbound.admit_connection(snap, pp.pod, dst[1], None, authz_req.source_ip)
         if not adm.allowed:
-            self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], adm.flag, adm.reason)
+            self._denied(
+                None,
+                peer[0] if peer else "?",
+                pp.pod,
+                dst[1],
+                adm.flag,
+                adm.reason,
+                *adm.deciding(),
+            )
             relay.close(adm.reason)
             return
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
@@ -745,11 +767,37 @@ class Proxy:
 
     def recheck(self, snap: MeshSnapshot) -> int:
         """After a config change: close the live inbound connections the
-        AuthorizationPolicies of ``snap`` now deny (others continue). Returns how many."""
+        AuthorizationPolicies of ``snap`` now deny (others continue): connections
+        authorized once (L4), and those served request by request whose request in flight
+        (a long download, a stream, a WebSocket) is now denied. Returns how many."""
         closed = 0
         for relay in list(self.table.live.values()):
+            if relay.closed:
+                continue
+            inflight = relay.meta.get("inflight")
+            if inflight:
+                for r in list(inflight.values()):
+                    target = snap.pod_by_key.get(r.destination.key)
+                    if target is None:
+                        continue
+                    d = authz.evaluate(snap, dataclasses.replace(r, destination=target))
+                    if not d.allowed:
+                        self._denied(
+                            r.source_principal,
+                            r.source_ip,
+                            target,
+                            r.destination_port,
+                            "RBAC",
+                            f"{d.reason} (policy changed: {r.method} {r.path} in flight closed)",
+                            d.policy,
+                            d.rule_index,
+                        )
+                        relay.abort(f"RBAC: {d.reason}")
+                        closed += 1
+                        break
+                continue
             req = relay.meta.get("authz")
-            if not isinstance(req, AuthzRequest) or relay.closed:
+            if not isinstance(req, AuthzRequest):
                 continue
             target = snap.pod_by_key.get(req.destination.key)
             if target is None:
@@ -766,18 +814,64 @@ class Proxy:
                     req.destination_port,
                     "RBAC",
                     f"{decision.reason} (policy changed: live connection closed)",
+                    decision.policy,
+                    decision.rule_index,
                 )
                 relay.abort(f"RBAC: {decision.reason}")
                 closed += 1
         return closed
 
     def _denied(
-        self, principal: str | None, src_ip: str, target: Pod, port: int, flag: str, reason: str
+        self,
+        principal: str | None,
+        src_ip: str,
+        target: Pod,
+        port: int,
+        flag: str,
+        reason: str,
+        policy: str = "",
+        rule: int | None = None,
     ) -> None:
         """A policy (``flag`` RBAC: authorization, RL: a connection rate limit) refused a
-        connection: count and log it; the caller closes it before any byte reaches the
-        app."""
+        connection: count it, log it, and write it to the access log (``protocol`` TCP,
+        the deciding ``policy`` and ``rule``); the caller closes it before any byte
+        reaches the app."""
         self.metrics.failures.labels(direction="inbound", response_flags=flag).inc()
+        snap = self.snapshot()
+        src = self._index(snap).pod_by_identity.get(principal or "") or snap.pod_by_ip.get(src_ip)
+        rec = AccessRecord(
+            start_time=rfc3339(time.time()),
+            source_workload=src.name if src else "unknown",
+            source_namespace=src.namespace if src else "unknown",
+            source_principal=principal or "unknown",
+            destination_service="-",
+            destination_workload=target.name,
+            destination_namespace=target.namespace,
+            destination_principal=self._identity_of(target),
+            method="-",
+            authority=f"{target.pod_ip}:{port}",
+            path="-",
+            protocol="TCP",
+            response_code=0,
+            response_flags=flag,
+            bytes_received=0,
+            bytes_sent=0,
+            duration_ms=0.0,
+            upstream_host="-",
+            upstream_cluster=f"inbound|{port}||",
+            route_name="-",
+            attempts=0,
+            trace_id="",
+            request_id="",
+            user_agent="",
+            reporter="destination",
+            detail=reason,
+        )
+        if policy:
+            rec["authz_policy"] = policy
+            if rule is not None:
+                rec["authz_rule"] = rule
+        self.access_log.write(rec)
         log.warning(
             "connection refused by policy: %s (%s) -> %s port %d: %s",
             principal or "plaintext",

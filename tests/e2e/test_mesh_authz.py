@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,12 @@ def test_deny_a_port_from_a_namespace(sb: Sandbox, policy: Any) -> None:
     """)
     assert tcp_echo(sb, "client", "echo")["ok"] == 0
     assert http_status(sb, "client", "http://echo/")[0] == 200  # port 8080 is not denied
+    # the refused connection is in the destination's access log, with policy and rule
+    with AdminClient(sb.agent_socket("node2")) as c:
+        recs = [r for r in c.requests()["records"] if r["protocol"] == "TCP"]
+    assert recs and recs[-1]["authz_policy"] == "default/no-raw-tcp", recs[-1:]
+    assert recs[-1]["authz_rule"] == 0 and recs[-1]["response_flags"] == "RBAC", recs[-1]
+    assert recs[-1]["source_workload"] == "client", recs[-1]
 
 
 def test_allow_get_but_not_post_on_a_path_prefix(sb: Sandbox, policy: Any) -> None:
@@ -173,14 +180,66 @@ def test_deny_by_source_namespace_and_when_header(sb: Sandbox, policy: Any) -> N
           - when: [{key: "request.headers[x-user]", values: [mallory]}]
     """)
     assert http_request(sb, "client", "http://echo/admin/x")[0] == 403
+    # dot segments and escapes do not dodge a path rule (normalized as Istio does)
+    for raw in ("/x/../admin/y", "/./admin", "/%61dmin"):
+        p = sb.exec("client", ["curl", "-s", "--path-as-is", "-o", "/dev/null", "-w",
+                               "%{http_code}", f"http://echo{raw}"],
+                    capture_output=True, text=True, timeout=30)
+        assert p.stdout == "403", (raw, p.stdout)
     assert http_request(sb, "client", "http://echo/public")[0] == 200
+    # where requests are policed one by one, a protocol switch (h2c) would escape: refused
+    code, _, _ = http_request(sb, "client", "http://echo/public",
+                              headers={"connection": "Upgrade", "upgrade": "h2c"})
+    assert code == 403, code
     assert http_request(sb, "client", "http://echo/public", headers={"x-user": "mallory"})[0] == 403
     assert http_request(sb, "client", "http://echo/public", headers={"x-user": "alice"})[0] == 200
     with AdminClient(sb.agent_socket("node2")) as c:
         recs = [r for r in c.requests()["records"] if r.get("reporter") == "destination"]
-    denied = [r for r in recs if r["response_code"] == 403]
-    assert [(r["path"], r["authz_rule"]) for r in denied[-2:]] == [("/admin/x", 0), ("/public", 1)]
-    assert all(r["authz_policy"] == "default/no-admin-from-default" for r in denied[-2:])
+    denied = [r for r in recs if r["response_code"] == 403 and "authz_rule" in r]
+    assert [r["authz_rule"] for r in denied if r["path"] == "/admin/x"] == [0]
+    assert [r["authz_rule"] for r in denied if r["path"] == "/public"] == [1]
+    assert {r["authz_policy"] for r in denied} == {"default/no-admin-from-default"}
+    assert any("Upgrade: h2c refused" in r.get("detail", "") for r in recs), recs[-3:]
+
+
+def test_a_policy_change_ends_a_request_in_flight_it_now_denies(
+    sb: Sandbox, policy: Any
+) -> None:
+    """On a port policed per request, the request in flight when a DENY arrives is cut;
+    the next requests meet the new policy."""
+    import subprocess
+
+    policy("""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: no-delete, namespace: default}
+        spec:
+          selector: {matchLabels: {app: echo}}
+          action: DENY
+          rules: [{to: [{operation: {methods: [DELETE]}}]}]
+    """)
+    slow = sb.popen("client", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                               "http://echo/delay/4"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # the request is at the app now
+        policy("""
+            apiVersion: security.istio.io/v1
+            kind: AuthorizationPolicy
+            metadata: {name: no-delete, namespace: default}
+            spec:
+              selector: {matchLabels: {app: echo}}
+              action: DENY
+              rules:
+              - to: [{operation: {methods: [DELETE]}}]
+              - to: [{operation: {paths: ["/delay/*"]}}]
+        """)
+        out, _ = slow.communicate(timeout=30)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert out != "200", out  # cut, not answered
+    assert http_request(sb, "client", "http://echo/delay/0")[0] == 403
+    assert http_request(sb, "client", "http://echo/other")[0] == 200
 
 
 def test_a_policy_change_closes_live_connections_it_now_denies(

@@ -253,6 +253,12 @@ def test_explain_agrees_with_the_access_log(sb: Sandbox, config: Any) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert p.returncode == 1 and "no pod named nobody" in p.stderr, p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node1"),
+         "explain", "--from", "client", "--to", "echo"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert p.returncode == 1 and "several ports (80, 9000)" in p.stderr, p.stderr
     # the text form names the policy, the rule and the verdict
     p = subprocess.run(
         [sys.executable, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node1"),

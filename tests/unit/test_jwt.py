@@ -548,3 +548,16 @@ def test_mint_rejects_unsupported_algs() -> None:
         generate_key("HS256")
     with pytest.raises(ValueError, match="unsupported alg"):
         mint(RSA_PEM, "none", None, {})
+
+
+def test_hostile_tokens_are_invalid_not_exceptions() -> None:
+    """Deeply nested JSON in a segment and oversize tokens are 401s, never a crash."""
+    import base64
+
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    for tok in (f"{deep}.e30.c2ln", f"eyJhbGciOiJFUzI1NiJ9.{deep}.c2ln", "a" * 20000 + ".b.c"):
+        rule = JWTRule(issuer=ISS)
+        r = authenticate([(rule, KeySet())], {"authorization": f"Bearer {tok}"}, "", 0.0)
+        assert r.status is AuthnStatus.INVALID, r
+    with pytest.raises(JwksError):
+        parse_jwks("[" * 5000)
