@@ -311,3 +311,47 @@ def test_jwks_fetched_from_a_mesh_service(sb: Sandbox, config: Any, config_dir: 
     code, body, _ = http_request(sb, "client", "http://echo/x",
                                  headers={"authorization": f"Bearer {bad}"})
     assert code == 401, (code, body)
+
+
+def test_connection_and_header_keyed_limits(sb: Sandbox, config: Any) -> None:
+    """spec.tcp limits new connections (refused before the app); an HTTP bucket keyed by
+    a header is one bucket per value; explain on the destination's node shows them."""
+    config("ratelimit.yaml", """
+        apiVersion: nodeagent.io/v1alpha1
+        kind: LocalRateLimit
+        metadata: {name: victim-conns, namespace: default}
+        spec:
+          selector: {matchLabels: {app: victim}}
+          tcp: {tokenBucket: {maxTokens: 2, tokensPerFill: 1, fillInterval: 60s}}
+        ---
+        apiVersion: nodeagent.io/v1alpha1
+        kind: LocalRateLimit
+        metadata: {name: echo-per-user, namespace: default}
+        spec:
+          selector: {matchLabels: {app: echo, version: v1}}
+          http:
+            tokenBucket: {maxTokens: 1, tokensPerFill: 1, fillInterval: 60s}
+            key: {header: x-user}
+    """)
+    tcp = str(Path(__file__).parent / "tcpclient.py")
+    oks = []
+    for _ in range(3):
+        p = sb.exec("client", [sys.executable, tcp, "echo", "victim", "9000", "--bytes", "100"],
+                    capture_output=True, text=True, timeout=60)
+        oks.append(json.loads(p.stdout.strip().splitlines()[-1])["ok"])
+    assert oks == [1, 1, 0], oks  # the third connection is refused
+    url = f"http://{sb.pod_ip('echo-1')}:8080/"
+    codes = [http_request(sb, "client", url, headers={"x-user": u})[0]
+             for u in ("alice", "alice", "bob")]
+    assert codes == [200, 429, 200], codes
+    p = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node2"),
+         "explain", "--from", "client", "--to", f"{sb.pod_ip('echo-1')}:8080",
+         "--header", "x-user=alice", "-o", "json"],
+        capture_output=True, text=True, timeout=30,
+    )
+    ans = json.loads(p.stdout)
+    assert p.returncode == 3 and ans["verdict"]["status"] == 429, ans.get("verdict")
+    mine = [b for b in ans["rate_limits"]["buckets"] if b["this_request"]]
+    assert [(b["policy"], b["key"], b["value"], b["remaining"]) for b in mine] == [
+        ("default/echo-per-user", "header:x-user", "alice", 0)]
