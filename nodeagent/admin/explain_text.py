@@ -71,7 +71,9 @@ def _generic(d: Any, indent: str = "  ") -> list[str]:
     if isinstance(d, Mapping):
         lines = []
         for k, v in d.items():
-            if isinstance(v, Mapping | list):
+            if isinstance(v, Mapping | list) and not v:
+                lines.append(f"{indent}{k}: none")
+            elif isinstance(v, Mapping | list):
                 lines.append(f"{indent}{k}:")
                 lines += _generic(v, indent + "  ")
             else:

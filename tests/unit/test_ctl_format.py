@@ -332,3 +332,34 @@ def test_resolve_socket(tmp_path: Path) -> None:
     (tmp_path / "node2.sock").touch()
     with pytest.raises(NodeAgentError, match=r"several agents .*\(node1, node2\).*--node NAME"):
         resolve_socket(None, None, d)
+
+
+def test_format_explain_names_each_decision() -> None:
+    from nodeagent.admin.explain_text import format_explain
+
+    answer = {
+        "source": {"pod": "default/client", "node": "node1", "principal": "spiffe://x"},
+        "request": {"to": "echo:80", "method": "PUT", "path": "/", "headers": {}},
+        "route": {"virtual_service": "default/echo", "rule": 1, "rule_name": "canary",
+                  "match": 0, "destinations": [{"host": "echo", "subset": "v2", "weight": 10}]},
+        "endpoints": {"cluster": "outbound|80|v2|echo", "algorithm": "ROUND_ROBIN",
+                      "tiers": [[{"endpoint": "10.0.0.2:8080", "pod": "default/echo-2",
+                                  "active_requests": 0, "ejected": False, "locality": ""}]],
+                      "excluded_as_ejected": ["10.0.0.3:8080"],
+                      "pick": {"endpoint": "10.0.0.2:8080", "pod": "default/echo-2"},
+                      "why": "ROUND_ROBIN: next in turn among 1 host(s)"},
+        "authorization": {"enforced": "per request (HTTP attributes)", "policies": [
+            {"policy": "default/no-put", "action": "DENY", "matched": True,
+             "rules": [{"index": 0, "matched": True, "why": "matched"}]}],
+            "decision": {"allowed": False, "policy": "default/no-put", "rule": 0,
+                         "reason": "DENY policy default/no-put rule 0 matched"}},
+        "verdict": {"allowed": False, "status": 403, "why": "RBAC: access denied"},
+    }
+    text = format_explain(answer)
+    assert "VirtualService default/echo: http[1] (canary), match[0]" in text
+    assert "-> echo subset v2 weight 10" in text
+    assert "excluded (ejected by outlier detection): 10.0.0.3:8080" in text
+    assert "would pick 10.0.0.2:8080 (default/echo-2)" in text
+    assert "DENY default/no-put: MATCHED" in text and "rule 0: matched" in text
+    assert "headers: none" in text
+    assert text.endswith("Verdict: DENIED (403): RBAC: access denied")
