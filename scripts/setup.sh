@@ -12,7 +12,9 @@ fi
 
 # Debian packages: only those missing, so a second run installs nothing.
 PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tcpdump
-      python3 python3-venv ca-certificates)
+      python3 python3-venv ca-certificates
+      # eBPF capture: bcc (pure Python over libbcc) compiles bpf/*.c at load time
+      python3-bpfcc libbpfcc bpftool linux-headers-amd64)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -48,7 +50,26 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# bcc from a venv: link only Debian's bcc package (the PyPI "bcc" is something else).
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -e "$SITE/bcc" ] || ln -s /usr/lib/python3/dist-packages/bcc "$SITE/bcc"
+# bcc needs the running kernel's headers at /lib/modules/$(uname -r)/build. Where the
+# distro has none for this kernel (a VM's custom kernel), link the newest Debian
+# headers tree in its place; never touch a real modules directory.
+KREL=$(uname -r)
+if [ ! -e "/lib/modules/$KREL/build" ]; then
+  HDR=$(ls -d /lib/modules/*-amd64 2>/dev/null | sort -V | tail -1 || true)
+  if [ -n "$HDR" ] && { [ ! -e "/lib/modules/$KREL" ] || [ -L "/lib/modules/$KREL" ]; }; then
+    rm -f "/lib/modules/$KREL"
+    ln -s "$HDR" "/lib/modules/$KREL"
+    echo "setup: no kernel headers for $KREL: bcc will use $HDR"
+  else
+    echo "setup: warning: no kernel headers for $KREL (eBPF capture will be unavailable)" >&2
+  fi
+fi
+
 # The kernel bits the sandbox uses.
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 mountpoint -q /sys/fs/cgroup/unified 2>/dev/null || [ -f /sys/fs/cgroup/cgroup.controllers ] || {
   mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified; }
 mkdir -p /run/nodeagent /var/run/netns

@@ -1,0 +1,257 @@
+// capture.c -- eBPF traffic capture for nodeagent, compiled by bcc (0.26) at load time;
+// loaded, attached and pinned by nodeagent/redirect/ebpf.py.
+//
+// One compiled object serves the whole node: the same programs are attached to every
+// pod's cgroup (outbound) and every pod's netns (inbound). Per-pod state lives in maps
+// keyed by netns cookie / pod IP, so nothing pod-specific is baked into the code.
+//
+// Flow of one outbound connection (app 10.0.0.5:41000 -> svc 10.250.0.1:8080):
+//   connect4   app socket: storage := 10.250.0.1:8080; connect goes to 127.0.0.1:15001
+//   sockops    app socket ESTABLISHED: tuple_dst[netns,127.0.0.1,41000] := storage
+//   sockops    proxy child ESTABLISHED: child storage := tuple_dst[...]; delete it
+//   getsockopt proxy: SO_ORIGINAL_DST answered from the child's storage
+//   getpeername4 app: answered from the app socket's storage
+//
+// Constants come from cflags (-D...):
+//   MESH_NET, MESH_MASK  mesh CIDR, host byte order   (e.g. 0x0afa0000, 0xffffff80)
+//   PROXY_MARK           SO_MARK of the proxy's own upstream sockets (0x539)
+//   OUTBOUND_PORT        proxy outbound listener, on 127.0.0.1 in each pod netns (15001)
+//   INBOUND_PORT         proxy inbound listener (15006)
+//   HBONE_PORT           never steered inbound (15008)
+//   PIN_DIR              bpffs directory for the maps, a string ("/sys/fs/bpf/x")
+//
+// Programs (load_func prog type / attach type):
+//   connect4_capture  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_CONNECT (10)     pod cgroup
+//   sockops_rekey     SOCK_OPS (13)         / CGROUP_SOCK_OPS (3)           pod + PROXY cgroup
+//   getpeername4_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_GETPEERNAME (29) pod cgroup
+//   getsockopt_odst   CGROUP_SOCKOPT (25)   / CGROUP_GETSOCKOPT (21)        PROXY's cgroup
+//   sk_lookup_inbound SK_LOOKUP (30)        / SK_LOOKUP (36)                pod netns (link)
+//
+// NB getsockopt_odst must be attached to the cgroup of the process that owns the proxy's
+// LISTENING socket: an accepted socket inherits the listener's cgroup, not the client's.
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>      // IPPROTO_TCP (gotcha 3)
+#include <linux/socket.h>
+#include <linux/tcp.h>
+
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#endif
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80
+#define LOOPBACK_IFINDEX 1
+
+// NB if you need socket cookies: bcc 0.26 declares bpf_get_socket_cookie() as returning
+// u32 (truncated). Declare your own:
+//   static __u64 (*get_socket_cookie)(void *) = (void *)BPF_FUNC_get_socket_cookie;
+
+// Original destination, both fields in network byte order (as in struct sockaddr_in).
+struct orig_dst {
+    __u32 ip;
+    __u16 port;
+    __u16 pad;
+};
+
+// Hand-off key: a captured connection as seen from both ends of the loopback hop,
+// i.e. the app's (ip, port) inside one netns.
+struct tuple_key {
+    __u64 netns;    // bpf_get_netns_cookie(): 127.0.0.1:port is only unique per netns
+    __u32 ip;       // network byte order
+    __u32 port;     // host byte order
+};
+
+// Per-socket storage (BPF_MAP_TYPE_SK_STORAGE): the original destination hangs off
+// the socket itself and is freed with it -- no cleanup, no stale entries. This is
+// "keyed by socket cookie" done by the kernel. Used on two sockets per connection:
+//   the app's socket       (set by connect4; read by getpeername4 and sockops)
+//   the proxy's accepted   (set by sockops PASSIVE_ESTABLISHED; read by getsockopt)
+// bcc 0.26 has BPF_SK_STORAGE but no pinned variant: spell out the same struct with
+// a "sk_storage:<pin path>" section, which bcc's frontend pins/reopens like
+// BPF_TABLE_PINNED. Pinned so that getpeername still works for connections made
+// before an agent restart.
+struct sk_dst_table_t {
+    int key;
+    struct orig_dst leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage:" PIN_DIR "/sk_dst")))
+struct sk_dst_table_t sk_dst = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(sk_dst, int, struct orig_dst);
+
+// (netns, app ip, app port) -> orig dst: written when the app's socket is established,
+// moved onto the proxy's accepted socket (and deleted) one step later, when that one
+// is established. Lives for one handshake; LRU only guards against odd leftovers.
+BPF_TABLE_PINNED("lru_hash", struct tuple_key, struct orig_dst, tuple_dst, 16384, PIN_DIR "/tuple_dst");
+// pod IP (network byte order) -> that pod's inbound listener (INBOUND_PORT), for sk_lookup.
+BPF_TABLE_PINNED("sockhash", __u32, int, inbound_listener, 1024, PIN_DIR "/inbound_listener");
+// pod IP -> 1 for every pod whose inbound is captured. Outlives the proxy process (the
+// sockhash entry does not: closing the listener removes it), so while the agent
+// restarts inbound connects are refused (SK_DROP = lookup fails with ECONNREFUSED, the
+// SYN gets a RST) instead of reaching the app around the proxy.
+BPF_TABLE_PINNED("hash", __u32, __u32, inbound_pods, 1024, PIN_DIR "/inbound_pods");
+// Counters for the demo / `ctl bpf`: 0 captured, 1 skipped (proxy mark),
+// 2 odst answered, 3 inbound steered.
+BPF_TABLE_PINNED("array", int, __u64, stats, 4, PIN_DIR "/stats");
+
+static __always_inline void count(int idx)
+{
+    __u64 *v = stats.lookup(&idx);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+// ---------------------------------------------------------------- outbound: connect4
+// Return 1 = allow the connect() (possibly rewritten), 0 = EPERM.
+int connect4_capture(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    __u32 dst = bpf_ntohl(ctx->user_ip4);
+    if ((dst & MESH_MASK) != MESH_NET)
+        return 1;                       // not a mesh destination: untouched
+
+    // The proxy's own upstream sockets carry SO_MARK PROXY_MARK, set before connect().
+    // A sock_addr program reads the socket's mark directly as ctx->sk->mark (there is
+    // no skb yet). In nodeagent the proxy's sockets are created by the agent process,
+    // so they belong to the agent's cgroup and never reach this program at all; the
+    // mark is the second line of defence (proxy inside the pod cgroup, nested cgroups).
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    if (sk->mark == PROXY_MARK) {
+        count(1);
+        return 1;
+    }
+
+    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!od)
+        return 1;                       // out of memory: leave the connect alone
+    od->ip = ctx->user_ip4;
+    od->port = (__u16)ctx->user_port;   // network byte order in the low 16 bits
+
+    ctx->user_ip4 = bpf_htonl(0x7f000001);          // 127.0.0.1
+    ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    count(0);
+    return 1;
+}
+
+// ---------------------------------------------------------------- sockops
+// Attached to the pod cgroup (app side) AND the agent cgroup (proxy side).
+//  ACTIVE_ESTABLISHED (app socket): its local port is now known; publish the orig dst
+//    under (netns, local ip, local port).
+//  PASSIVE_ESTABLISHED (proxy's new child socket; fires after the app's side on the
+//    same loopback hop, before accept()): take the entry for (netns, remote ip, remote
+//    port) onto the child socket's storage and delete it. A direct, uncaptured connect
+//    to 127.0.0.1:15001 therefore never inherits a stale destination.
+int sockops_rekey(struct bpf_sock_ops *skops)
+{
+    int op = skops->op;
+    if (skops->family != 2 /* AF_INET */)
+        return 1;
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return 1;
+    struct tuple_key k = {};
+    k.netns = bpf_get_netns_cookie(skops);
+
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+        struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
+        if (!od)
+            return 1;                   // not a captured socket
+        struct orig_dst copy = *od;
+        k.ip = skops->local_ip4;
+        k.port = skops->local_port;     // host byte order
+        tuple_dst.update(&k, &copy);
+    } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        if (skops->local_port != OUTBOUND_PORT)
+            return 1;
+        k.ip = skops->remote_ip4;
+        // sockops remote_port is the be16 port shifted left by 16: ntohl() gives it.
+        k.port = bpf_ntohl(skops->remote_port);
+        struct orig_dst *od = tuple_dst.lookup(&k);
+        if (!od)
+            return 1;
+        struct orig_dst copy = *od;
+        struct orig_dst *st = sk_dst.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+        if (st)
+            *st = copy;
+        tuple_dst.delete(&k);
+    }
+    return 1;
+}
+
+// ---------------------------------------------------------------- outbound: getpeername
+// The app asked for its peer: give back the address it dialled, not 127.0.0.1:15001.
+int getpeername4_fix(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
+    if (!od)
+        return 1;
+    ctx->user_ip4 = od->ip;
+    ctx->user_port = od->port;
+    return 1;
+}
+
+// ---------------------------------------------------------------- proxy: getsockopt
+// getsockopt(SOL_IP, SO_ORIGINAL_DST) on the proxy's accepted socket. Runs after the
+// kernel's own handler (conntrack: ENOENT/ENOPROTOOPT when not NATed); we only override
+// when the socket carries our storage, so iptables mode keeps working beside it.
+int getsockopt_odst(struct bpf_sockopt *ctx)
+{
+    if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
+    if (!od)
+        return 1;
+
+    struct sockaddr_in *sin = ctx->optval;
+    if ((void *)(sin + 1) > ctx->optval_end)
+        return 1;                               // user buffer < 16 bytes
+    sin->sin_family = AF_INET;
+    sin->sin_port = od->port;
+    sin->sin_addr.s_addr = od->ip;
+    // Gotcha 4: clang merges these two adjacent 4-byte stores into one 8-byte store,
+    // which the verifier rejects for this context. volatile keeps them separate.
+    *(volatile int *)&ctx->optlen = sizeof(*sin);
+    *(volatile int *)&ctx->retval = 0;
+    count(2);
+    return 1;
+}
+
+// ---------------------------------------------------------------- inbound: sk_lookup
+// Runs in the pod's netns when a SYN finds no established socket, before the normal
+// listener lookup. Steers TCP to any port of the pod IP to the proxy's inbound listener;
+// the proxy learns the original destination with getsockname() (like TPROXY).
+int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
+{
+    if (ctx->family != 2 /* AF_INET */ || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    // Only traffic arriving from outside the pod: the proxy delivering to the app on
+    // the pod IP (over lo) must not be looped back to itself.
+    if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+        return SK_PASS;
+    if (ctx->local_port == HBONE_PORT || ctx->local_port == INBOUND_PORT)
+        return SK_PASS;
+    __u32 podip = ctx->local_ip4;
+    struct bpf_sock *sk = (struct bpf_sock *)inbound_listener.lookup(&podip);
+    if (!sk) {
+        __u32 *captured = inbound_pods.lookup(&podip);
+        if (captured)
+            return SK_DROP;             // captured pod, proxy down: fail closed
+        return SK_PASS;                 // not a captured pod: normal lookup
+    }
+    long err = bpf_sk_assign(ctx, sk, 0);
+    bpf_sk_release(sk);
+    if (err == 0)
+        count(3);
+    return SK_PASS;                     // PASS + assigned socket = steer
+}

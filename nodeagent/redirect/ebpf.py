@@ -1,0 +1,325 @@
+"""eBPF capture: load ``bpf/capture.c`` with bcc, attach its programs with pinned BPF
+links, re-adopt the pinned state after a restart, and tear it down.
+
+What is attached where (see the C file for the data path):
+
+- each pod's cgroup: ``connect4`` (mesh connects go to the proxy's 127.0.0.1:15001, the
+  original destination kept on the app's socket), ``sockops`` (hands it to the proxy's
+  accepted socket), ``getpeername4`` (the app sees the address it dialled);
+- each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
+  the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``);
+- the agent's own cgroup: ``getsockopt`` (answers ``SO_ORIGINAL_DST`` on accepted
+  sockets, which belong to the listener's cgroup) and ``sockops``.
+
+Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): the maps, and
+``links/<pod>/<prog>`` and ``links/_proxy/<prog>``. A pinned link keeps its attachment
+after the agent exits (capture goes on while it restarts; mesh connects then fail
+closed instead of leaking) and removing the pin detaches it. On a new load bcc reopens
+the pinned maps, and ``readopt`` swaps every pinned link to the new programs
+atomically (``BPF_LINK_UPDATE``). Links are made with libbpf's ``bpf_link_create``
+through ctypes: bcc 0.26 cannot attach ``sk_lookup`` (a netns link) at all.
+
+The agent's own upstream sockets are never captured: they belong to the agent's cgroup,
+and connect4 also skips sockets carrying ``PROXY_MARK`` (``SO_MARK``).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import shutil
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodeagent.errors import LocalStateError
+
+SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "capture.c"
+PROXY_MARK = 0x539
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True)
+class Prog:
+    func: str
+    prog_type: int
+    """``BPF_PROG_TYPE_*``: CGROUP_SOCK_ADDR 18, SOCK_OPS 13, CGROUP_SOCKOPT 25,
+    SK_LOOKUP 30 (not in bcc 0.26's enum; ``load_func`` passes the number through)."""
+    attach_type: int
+    """``BPF_*`` attach type, needed at load time too (else EINVAL): CGROUP_INET4_CONNECT
+    10, CGROUP_SOCK_OPS 3, CGROUP_INET4_GETPEERNAME 29, CGROUP_GETSOCKOPT 21,
+    SK_LOOKUP 36."""
+
+
+PROGS: dict[str, Prog] = {
+    "connect4": Prog("connect4_capture", 18, 10),
+    "sockops": Prog("sockops_rekey", 13, 3),
+    "getpeername4": Prog("getpeername4_fix", 18, 29),
+    "sk_lookup": Prog("sk_lookup_inbound", 30, 36),
+    "getsockopt": Prog("getsockopt_odst", 25, 21),
+}
+POD_PROGS = ("connect4", "sockops", "getpeername4")
+PROXY_PROGS = ("getsockopt", "sockops")
+MAPS = ("sk_dst", "tuple_dst", "inbound_listener", "inbound_pods", "stats")
+STATS = ("captured", "mark_skipped", "odst_answered", "inbound_steered")
+
+
+# -- libbpf through ctypes (libbpf1 comes with libbpfcc; calls return -errno) -----------
+
+_lib: Any = None
+
+
+def _libbpf() -> Any:
+    global _lib
+    if _lib is None:
+        try:
+            lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise LocalStateError(f"libbpf.so.1 not found ({e}): install libbpfcc") from None
+        lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+        lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+        lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+        lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        _lib = lib
+    return _lib
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_libbpf().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """An fd for a pinned map, program or link."""
+    return _check(_libbpf().bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A link of ``prog_fd`` to a cgroup directory fd or (SK_LOOKUP) a netns fd."""
+    rc = _libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    return _check(rc, f"link_create(attach type {attach_type})")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    _check(_libbpf().bpf_link_update(link_fd, prog_fd, None), "link_update")
+
+
+def _info(fd: int, fmt: str) -> tuple[int, ...]:
+    buf = ct.create_string_buffer(256)
+    n = ct.c_uint32(256)
+    _check(_libbpf().bpf_obj_get_info_by_fd(fd, buf, ct.byref(n)), "obj_get_info")
+    return struct.unpack_from(fmt, buf.raw)
+
+
+def obj_id(fd: int) -> int:
+    """The kernel id of a program or map fd (``bpf_*_info``: type, id, …)."""
+    return _info(fd, "II")[1]
+
+
+def link_prog_id(link_fd: int) -> int:
+    """The id of the program a link runs (``bpf_link_info``: type, id, prog_id)."""
+    return _info(link_fd, "III")[2]
+
+
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    k = ct.create_string_buffer(key, len(key))
+    v = ct.create_string_buffer(value, len(value))
+    _check(_libbpf().bpf_map_update_elem(map_fd, k, v, 0), "map_update")
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ct.create_string_buffer(key, len(key))
+    v = ct.create_string_buffer(value_size)
+    if _libbpf().bpf_map_lookup_elem(map_fd, k, v) < 0:
+        return None
+    return v.raw
+
+
+def map_delete(map_fd: int, key: bytes) -> None:
+    k = ct.create_string_buffer(key, len(key))
+    _libbpf().bpf_map_delete_elem(map_fd, k)
+
+
+def ip_key(ip: str) -> bytes:
+    """An IPv4 address as the map key the C side uses (network byte order)."""
+    return socket.inet_aton(ip)
+
+
+# -- the capture ---------------------------------------------------------------------------
+
+
+def cflags(pin_dir: str, mesh_cidr: str) -> list[str]:
+    """The C file's constants (``-D``): the mesh CIDR (host byte order), ports, mark."""
+    net, _, plen = mesh_cidr.partition("/")
+    mask = (0xFFFFFFFF << (32 - int(plen or 32))) & 0xFFFFFFFF
+    netv = struct.unpack("!I", socket.inet_aton(net))[0] & mask
+    return [
+        f"-DMESH_NET={netv:#x}",
+        f"-DMESH_MASK={mask:#x}",
+        f"-DPROXY_MARK={PROXY_MARK:#x}",
+        f"-DOUTBOUND_PORT={OUTBOUND_PORT}",
+        f"-DINBOUND_PORT={INBOUND_PORT}",
+        f"-DHBONE_PORT={HBONE_PORT}",
+        f'-DPIN_DIR="{pin_dir}"',
+    ]
+
+
+class Capture:
+    """``capture.c`` compiled and loaded once for a node (4-5 s with bcc): its maps are
+    pinned under ``pin_dir`` (created on the first load, reopened on later ones)."""
+
+    def __init__(self, pin_dir: str, mesh_cidr: str, source: Path = SOURCE) -> None:
+        try:
+            from bcc import BPF  # late: ``probe`` reports its absence
+        except ImportError as e:
+            raise LocalStateError(
+                f"bcc is not importable ({e}): install python3-bpfcc and link it into "
+                "the virtualenv (scripts/setup.sh does both)"
+            ) from None
+        self.pin_dir = pin_dir
+        os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
+        try:
+            self.bpf: Any = BPF(src_file=str(source).encode(), cflags=cflags(pin_dir, mesh_cidr))
+            self.fns: dict[str, Any] = {
+                key: self.bpf.load_func(p.func, p.prog_type, attach_type=p.attach_type)
+                for key, p in PROGS.items()
+            }
+        except Exception as e:  # bcc raises Exception for compile and verifier errors
+            raise LocalStateError(f"cannot load {source}: {e}") from None
+
+    def map_fd(self, name: str) -> int:
+        # bcc 0.26's BPF[name] fails for sockhash maps ("Unknown table type 18")
+        from bcc.libbcc import lib
+
+        fd: int = lib.bpf_table_fd(self.bpf.module, name.encode())
+        return fd
+
+    def _link(self, key: str, target_path: str, pin: str) -> None:
+        if os.path.exists(pin):  # attached by an earlier run: run our program now
+            fd = obj_get(pin)
+            try:
+                link_update(fd, self.fns[key].fd)
+            finally:
+                os.close(fd)
+            return
+        tfd = os.open(target_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lfd = link_create(self.fns[key].fd, tfd, PROGS[key].attach_type)
+        finally:
+            os.close(tfd)
+        try:
+            obj_pin(lfd, pin)
+        finally:
+            os.close(lfd)  # the pin holds the link now
+
+    def attach_pod(self, pod: str, cgroup: str, netns: str, pod_ip: str) -> None:
+        """Capture ``pod``: its cgroup's outbound connects and its netns's inbound.
+        ``pod`` names the pin directory (no ``/``)."""
+        d = os.path.join(self.pin_dir, "links", pod)
+        os.makedirs(d, exist_ok=True)
+        for key in POD_PROGS:
+            self._link(key, cgroup, os.path.join(d, key))
+        self._link("sk_lookup", netns, os.path.join(d, "sk_lookup"))
+        # with no listener registered (agent down), sk_lookup then refuses (fails closed)
+        map_update(self.map_fd("inbound_pods"), ip_key(pod_ip), struct.pack("=I", 1))
+
+    def attach_proxy(self, cgroup: str) -> None:
+        """Hook the agent's own cgroup (accepted sockets belong to the listener's)."""
+        d = os.path.join(self.pin_dir, "links", "_proxy")
+        os.makedirs(d, exist_ok=True)
+        for key in PROXY_PROGS:
+            self._link(key, cgroup, os.path.join(d, key))
+
+    def readopt(self) -> list[str]:
+        """After a restart: every pinned link now runs this process's programs."""
+        done = []
+        links = os.path.join(self.pin_dir, "links")
+        for pod in sorted(os.listdir(links)):
+            for key in sorted(os.listdir(os.path.join(links, pod))):
+                fd = obj_get(os.path.join(links, pod, key))
+                try:
+                    link_update(fd, self.fns[key].fd)
+                finally:
+                    os.close(fd)
+                done.append(f"{pod}/{key}")
+        return done
+
+
+def detach_pod(pin_dir: str, pod: str, pod_ip: str | None = None) -> None:
+    """Stop capturing ``pod``: unpinning its links detaches them."""
+    shutil.rmtree(os.path.join(pin_dir, "links", pod), ignore_errors=True)
+    if pod_ip:
+        try:
+            fd = obj_get(os.path.join(pin_dir, "inbound_pods"))
+        except OSError:
+            return
+        try:
+            map_delete(fd, ip_key(pod_ip))
+        finally:
+            os.close(fd)
+
+
+def teardown(pin_dir: str) -> None:
+    """Remove every pin: links detach, maps and programs are freed."""
+    shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+def register_inbound_listener(pin_dir: str, pod_ip: str, sock: socket.socket) -> None:
+    """Put the proxy's inbound listener of ``pod_ip`` into the pinned sockhash (no bcc
+    needed); the entry goes away by itself when the socket closes."""
+    fd = obj_get(os.path.join(pin_dir, "inbound_listener"))
+    try:
+        map_update(fd, ip_key(pod_ip), struct.pack("=I", sock.fileno()))
+    finally:
+        os.close(fd)
+
+
+def read_stats(pin_dir: str) -> dict[str, int]:
+    """The programs' counters (``STATS``)."""
+    fd = obj_get(os.path.join(pin_dir, "stats"))
+    try:
+        out = {}
+        for i, name in enumerate(STATS):
+            raw = map_lookup(fd, struct.pack("=i", i), 8) or bytes(8)
+            out[name] = struct.unpack("=Q", raw)[0]
+        return out
+    finally:
+        os.close(fd)
+
+
+def probe() -> str | None:
+    """Why eBPF capture cannot work here (None: it can): cgroup v2, bpffs, BTF, bcc,
+    kernel headers, libbpf — the first missing piece, with what to do about it."""
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux): use --redirect iptables"
+    if not any(
+        os.path.exists(f"{d}/cgroup.controllers")
+        for d in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+    ):
+        return "no cgroup v2 mount: mount -t cgroup2 none /sys/fs/cgroup/unified"
+    if not os.path.ismount("/sys/fs/bpf"):
+        return "bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable: install python3-bpfcc and link it into the venv"
+    if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
+        return f"no kernel headers at /lib/modules/{os.uname().release}/build (bcc needs them)"
+    try:
+        _libbpf()
+    except LocalStateError as e:
+        return str(e)
+    return None
