@@ -13,7 +13,6 @@
 //   getpeername4 app: answered from the app socket's storage
 //
 // Constants come from cflags (-D...):
-//   MESH_NET, MESH_MASK  mesh CIDR, host byte order   (e.g. 0x0afa0000, 0xffffff80)
 //   PROXY_MARK           SO_MARK of the proxy's own upstream sockets (0x539)
 //   OUTBOUND_PORT        proxy outbound listener, on 127.0.0.1 in each pod netns (15001)
 //   INBOUND_PORT         proxy inbound listener (15006)
@@ -22,6 +21,8 @@
 //
 // Programs (load_func prog type / attach type):
 //   connect4_capture  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_CONNECT (10)     pod cgroup
+//   connect6_capture  CGROUP_SOCK_ADDR (18) / CGROUP_INET6_CONNECT (11)     pod cgroup
+//   getpeername6_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET6_GETPEERNAME (30) pod cgroup
 //   sockops_rekey     SOCK_OPS (13)         / CGROUP_SOCK_OPS (3)           pod + PROXY cgroup
 //   getpeername4_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_GETPEERNAME (29) pod cgroup
 //   getsockopt_odst   CGROUP_SOCKOPT (25)   / CGROUP_GETSOCKOPT (21)        PROXY's cgroup
@@ -92,6 +93,9 @@ BPF_TABLE_PINNED("sockhash", __u32, int, inbound_listener, 1024, PIN_DIR "/inbou
 // restarts inbound connects are refused (SK_DROP = lookup fails with ECONNREFUSED, the
 // SYN gets a RST) instead of reaching the app around the proxy.
 BPF_TABLE_PINNED("hash", __u32, __u32, inbound_pods, 1024, PIN_DIR "/inbound_pods");
+// Mesh addresses (network byte order) -> 1: pod IPs and service cluster IPs, kept in step
+// with the mesh snapshot by the agent. Connects to anything else are left alone.
+BPF_TABLE_PINNED("hash", __u32, __u32, mesh_ips, 65536, PIN_DIR "/mesh_ips");
 // Counters for the demo / `ctl bpf`: 0 captured, 1 skipped (proxy mark),
 // 2 odst answered, 3 inbound steered.
 BPF_TABLE_PINNED("array", int, __u64, stats, 4, PIN_DIR "/stats");
@@ -109,8 +113,8 @@ int connect4_capture(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != SOCK_STREAM)
         return 1;
-    __u32 dst = bpf_ntohl(ctx->user_ip4);
-    if ((dst & MESH_MASK) != MESH_NET)
+    __u32 dst = ctx->user_ip4;
+    if (!mesh_ips.lookup(&dst))
         return 1;                       // not a mesh destination: untouched
 
     // The proxy's own upstream sockets carry SO_MARK PROXY_MARK, set before connect().
@@ -138,6 +142,45 @@ int connect4_capture(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+// ---------------------------------------------------------------- outbound: connect6
+// The same for a dual-stack (AF_INET6) socket dialling an IPv4 address as ::ffff:a.b.c.d,
+// as gRPC and others do: rewritten to ::ffff:127.0.0.1:OUTBOUND_PORT (the proxy's IPv4
+// listener accepts it).
+static __always_inline int v4_mapped(__u32 a0, __u32 a1, __u32 a2)
+{
+    return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
+}
+
+int connect6_capture(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    if (!v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+        return 1;                       // real IPv6: not captured (the mesh is IPv4)
+    __u32 dst = ctx->user_ip6[3];
+    if (!mesh_ips.lookup(&dst))
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    if (sk->mark == PROXY_MARK) {
+        count(1);
+        return 1;
+    }
+    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!od)
+        return 1;
+    od->ip = dst;
+    od->port = (__u16)ctx->user_port;
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+    ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    count(0);
+    return 1;
+}
+
 // ---------------------------------------------------------------- sockops
 // Attached to the pod cgroup (app side) AND the agent cgroup (proxy side).
 //  ACTIVE_ESTABLISHED (app socket): its local port is now known; publish the orig dst
@@ -149,7 +192,8 @@ int connect4_capture(struct bpf_sock_addr *ctx)
 int sockops_rekey(struct bpf_sock_ops *skops)
 {
     int op = skops->op;
-    if (skops->family != 2 /* AF_INET */)
+    int family = skops->family;
+    if (family != 2 /* AF_INET */ && family != 10 /* AF_INET6, v4-mapped only */)
         return 1;
     struct bpf_sock *sk = skops->sk;
     if (!sk)
@@ -162,7 +206,12 @@ int sockops_rekey(struct bpf_sock_ops *skops)
         if (!od)
             return 1;                   // not a captured socket
         struct orig_dst copy = *od;
-        k.ip = skops->local_ip4;
+        // a dual-stack socket's ::ffff:127.0.0.1 is the same 127.0.0.1 the proxy sees
+        // both fields read, through volatile: clang would otherwise select the ctx
+        // offset, and the verifier rejects a modified ctx pointer
+        __u32 ip4 = *(volatile __u32 *)&skops->local_ip4;
+        __u32 mapped = *(volatile __u32 *)&skops->local_ip6[3];
+        k.ip = family == 2 ? ip4 : mapped;
         k.port = skops->local_port;     // host byte order
         tuple_dst.update(&k, &copy);
     } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
@@ -194,6 +243,22 @@ int getpeername4_fix(struct bpf_sock_addr *ctx)
     if (!od)
         return 1;
     ctx->user_ip4 = od->ip;
+    ctx->user_port = od->port;
+    return 1;
+}
+
+int getpeername6_fix(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
+    if (!od)
+        return 1;
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+    ctx->user_ip6[3] = od->ip;
     ctx->user_port = od->port;
     return 1;
 }
@@ -238,6 +303,11 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
     // Only traffic arriving from outside the pod: the proxy delivering to the app on
     // the pod IP (over lo) must not be looped back to itself.
     if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+        return SK_PASS;
+    // Connections made inside the pod's netns (the proxy dialling the app on the pod
+    // IP, the app calling itself) come from the pod IP itself: leave them alone, or the
+    // proxy would be steered back to its own listener.
+    if (ctx->remote_ip4 == ctx->local_ip4 || (bpf_ntohl(ctx->remote_ip4) >> 24) == 127)
         return SK_PASS;
     if (ctx->local_port == HBONE_PORT || ctx->local_port == INBOUND_PORT)
         return SK_PASS;

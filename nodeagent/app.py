@@ -27,11 +27,40 @@ from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
-from nodeagent.redirect import netns
+from nodeagent.redirect import ebpf, netns
+from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent")
+
+
+def _capture_mode(settings: AgentSettings) -> tuple[str, str, NodeCapture | None]:
+    """(mode, why, the eBPF capture) for ``--redirect``: ``iptables``; ``ebpf`` (a
+    failure is fatal); ``auto`` (eBPF where the kernel allows it, else iptables, saying
+    which probe failed)."""
+    want = settings.redirect
+    if want == "iptables":
+        return "iptables", "", None
+    why = ebpf.probe()
+    if why is None:
+        try:
+            t0 = time.monotonic()
+            cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir)
+            log.info(
+                "capture: eBPF (programs loaded in %.1fs, %d pinned link(s) re-adopted, "
+                "pins under %s)",
+                time.monotonic() - t0,
+                cap.adopted,
+                cap.pin_dir,
+            )
+            return "ebpf", "", cap
+        except (LocalStateError, OSError) as e:
+            why = str(e)
+    if want == "ebpf":
+        raise LocalStateError(f"--redirect ebpf: {why}")
+    log.warning("capture: iptables, because eBPF is not available: %s", why)
+    return "iptables", f"auto: eBPF unavailable: {why}", None
 
 
 class Agent:
@@ -59,6 +88,7 @@ class Agent:
                 settings.trust_bundle,
             )
             identity = MeshIdentity(self.certs, settings.trust_domain)
+        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings)
         self.proxy = Proxy(
             settings.node,
             self.snapshot,
@@ -67,6 +97,7 @@ class Agent:
             identity=identity,
             access_log=_access_log(settings.access_log),
             state_dir=settings.state_dir,
+            bpf=bpf,
         )
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
@@ -92,7 +123,9 @@ class Agent:
         return self.proxy.all_ready() and not self._stop.is_set()
 
     def redirect_mode(self) -> str:
-        return self.settings.redirect
+        if self.capture_reason:
+            return f"{self.capture_mode} ({self.capture_reason})"
+        return self.capture_mode
 
     def config_dump(self) -> list[dict[str, Any]]:
         return [dict(o) for o in self._loaded.objects]

@@ -22,7 +22,18 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--netns", default="", help="enter this network namespace (name or path)")
     p.add_argument("--socket", default="", help="node agent socket path")
     p.add_argument("--state-dir", default="", help="state directory")
-    p.add_argument("--redirect", default="iptables", choices=["iptables"], help="capture mode")
+    p.add_argument(
+        "--redirect",
+        default="iptables",
+        choices=["iptables", "ebpf", "auto"],
+        help="capture mode: iptables rules in each pod's netns; ebpf programs on each "
+        "pod's cgroup and netns (bpf/capture.c); auto: ebpf where the kernel allows it",
+    )
+    p.add_argument(
+        "--bpf-pin-dir",
+        default="/sys/fs/bpf/nodeagent",
+        help="bpffs directory for eBPF capture's maps and links (NODE below it)",
+    )
     p.add_argument(
         "--ca-addr",
         default="",

@@ -17,6 +17,8 @@ class AgentSettings:
     socket_path: str = ""
     state_dir: Path = Path("/var/lib/nodeagent")
     redirect: str = "iptables"
+    bpf_pin_dir: str = "/sys/fs/bpf/nodeagent"
+    """Where eBPF capture pins its maps and links (``<dir>/<node>``)."""
     log_level: str = "info"
     connect_timeout: float = 5.0
     reload_interval: float = 0.5
@@ -48,6 +50,7 @@ class AgentSettings:
             socket_path=args.socket or f"/run/nodeagent/{node}.sock",
             state_dir=Path(args.state_dir) if args.state_dir else Path("/var/lib/nodeagent"),
             redirect=args.redirect,
+            bpf_pin_dir=args.bpf_pin_dir,
             log_level=args.log_level,
             ca_addr=args.ca_addr,
             ca_token_file=args.ca_token_file,

@@ -45,7 +45,8 @@ from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 from nodeagent.proxy.sockets import connect_in, listen_in, original_dst
 from nodeagent.redirect import iptables
-from nodeagent.redirect.netns import NetnsHandle
+from nodeagent.redirect.ebpf import NodeCapture
+from nodeagent.redirect.netns import NetnsHandle, netns_path
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
 from nodeagent.telemetry.metrics import Metrics
 
@@ -154,6 +155,7 @@ class Proxy:
         identity: MeshIdentity | None = None,
         access_log: AccessLog | None = None,
         state_dir: Path | None = None,
+        bpf: NodeCapture | None = None,
     ) -> None:
         self.node = node
         self.identity = identity
@@ -170,6 +172,9 @@ class Proxy:
         self.l7 = L7Proxy(snapshot, metrics, self.access_log)
         self.h2pool = H2Pool()
         self.inbound = InboundPolicy(snapshot, state_dir)
+        self.bpf = bpf
+        """eBPF capture (None: iptables)."""
+        self._bpf_retained = False
 
     # -- pods ------------------------------------------------------------------------
     async def reconcile(self, snap: MeshSnapshot) -> None:
@@ -179,10 +184,19 @@ class Proxy:
             rt = snap.runtimes.get(pod.key)
             if rt is not None:
                 wanted[pod.key] = (pod, rt)
+        if self.bpf is not None:
+            mesh = {p.pod_ip for p in snap.pods if p.pod_ip}
+            mesh |= {s.cluster_ip for s in snap.services if s.cluster_ip}
+            self.bpf.cap.set_mesh_ips(mesh)
+            if not self._bpf_retained:  # pins of pods that left while we were down
+                self.bpf.retain(set(wanted))
+                self._bpf_retained = True
         for key in list(self.pods):
             pp = self.pods[key]
             if key not in wanted or wanted[key][1] != pp.runtime:
                 log.info("pod %s left this node's mesh: closing its listeners", key)
+                if self.bpf is not None:
+                    self.bpf.detach(key, pp.runtime.ip)
                 pp.close()
                 del self.pods[key]
         for key, (pod, rt) in wanted.items():
@@ -216,13 +230,21 @@ class Proxy:
                 )
             if self.identity is not None and pp.hbone is None:
                 await self._start_hbone(pp)
-            spec = iptables.CaptureSpec(
-                exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
-                exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
-            )
-            pp.rules = await iptables.apply_rules(pp.runtime.netns, spec)
+            if self.bpf is not None:
+                listener = pp.servers[1].sockets[0]
+                self.bpf.attach(
+                    key, pp.runtime.cgroup, netns_path(pp.runtime.netns), pp.runtime.ip, listener
+                )
+                mode = "eBPF"
+            else:
+                spec = iptables.CaptureSpec(
+                    exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
+                    exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
+                )
+                pp.rules = await iptables.apply_rules(pp.runtime.netns, spec)
+                mode = "iptables"
             pp.state = "ready"
-            log.info("pod %s captured (iptables) in %s", key, pp.runtime.netns)
+            log.info("pod %s captured (%s) in %s", key, mode, pp.runtime.netns)
         except (OSError, NodeAgentError) as e:
             pp.state = f"error: {e}"
             log.error("cannot capture pod %s: %s", key, e)
@@ -355,7 +377,12 @@ class Proxy:
         peer = t.get_extra_info("peername")
         relay.meta["source"] = f"{peer[0]}:{peer[1]}" if peer else "?"
         try:
-            dst = original_dst(t.get_extra_info("socket"))
+            if direction == "inbound" and self.bpf is not None:
+                # sk_lookup steers without rewriting: the socket's own address is it
+                name = t.get_extra_info("sockname")
+                dst = (name[0], name[1]) if name else None
+            else:
+                dst = original_dst(t.get_extra_info("socket"))
         except OSError as e:
             self._refuse(relay, direction, "NR", f"cannot read the original destination: {e}")
             return None

@@ -51,20 +51,22 @@ class Prog:
     SK_LOOKUP 30 (not in bcc 0.26's enum; ``load_func`` passes the number through)."""
     attach_type: int
     """``BPF_*`` attach type, needed at load time too (else EINVAL): CGROUP_INET4_CONNECT
-    10, CGROUP_SOCK_OPS 3, CGROUP_INET4_GETPEERNAME 29, CGROUP_GETSOCKOPT 21,
-    SK_LOOKUP 36."""
+    10, CGROUP_INET6_CONNECT 11, CGROUP_SOCK_OPS 3, CGROUP_INET4_GETPEERNAME 29,
+    CGROUP_INET6_GETPEERNAME 30, CGROUP_GETSOCKOPT 21, SK_LOOKUP 36."""
 
 
 PROGS: dict[str, Prog] = {
     "connect4": Prog("connect4_capture", 18, 10),
+    "connect6": Prog("connect6_capture", 18, 11),
+    "getpeername6": Prog("getpeername6_fix", 18, 30),
     "sockops": Prog("sockops_rekey", 13, 3),
     "getpeername4": Prog("getpeername4_fix", 18, 29),
     "sk_lookup": Prog("sk_lookup_inbound", 30, 36),
     "getsockopt": Prog("getsockopt_odst", 25, 21),
 }
-POD_PROGS = ("connect4", "sockops", "getpeername4")
+POD_PROGS = ("connect4", "connect6", "sockops", "getpeername4", "getpeername6")
 PROXY_PROGS = ("getsockopt", "sockops")
-MAPS = ("sk_dst", "tuple_dst", "inbound_listener", "inbound_pods", "stats")
+MAPS = ("sk_dst", "tuple_dst", "inbound_listener", "inbound_pods", "mesh_ips", "stats")
 STATS = ("captured", "mark_skipped", "odst_answered", "inbound_steered")
 
 
@@ -161,14 +163,9 @@ def ip_key(ip: str) -> bytes:
 # -- the capture ---------------------------------------------------------------------------
 
 
-def cflags(pin_dir: str, mesh_cidr: str) -> list[str]:
-    """The C file's constants (``-D``): the mesh CIDR (host byte order), ports, mark."""
-    net, _, plen = mesh_cidr.partition("/")
-    mask = (0xFFFFFFFF << (32 - int(plen or 32))) & 0xFFFFFFFF
-    netv = struct.unpack("!I", socket.inet_aton(net))[0] & mask
+def cflags(pin_dir: str) -> list[str]:
+    """The C file's constants (``-D``): the pin directory, ports, mark."""
     return [
-        f"-DMESH_NET={netv:#x}",
-        f"-DMESH_MASK={mask:#x}",
         f"-DPROXY_MARK={PROXY_MARK:#x}",
         f"-DOUTBOUND_PORT={OUTBOUND_PORT}",
         f"-DINBOUND_PORT={INBOUND_PORT}",
@@ -181,7 +178,7 @@ class Capture:
     """``capture.c`` compiled and loaded once for a node (4-5 s with bcc): its maps are
     pinned under ``pin_dir`` (created on the first load, reopened on later ones)."""
 
-    def __init__(self, pin_dir: str, mesh_cidr: str, source: Path = SOURCE) -> None:
+    def __init__(self, pin_dir: str, source: Path = SOURCE) -> None:
         try:
             from bcc import BPF  # late: ``probe`` reports its absence
         except ImportError as e:
@@ -192,7 +189,7 @@ class Capture:
         self.pin_dir = pin_dir
         os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
         try:
-            self.bpf: Any = BPF(src_file=str(source).encode(), cflags=cflags(pin_dir, mesh_cidr))
+            self.bpf: Any = BPF(src_file=str(source).encode(), cflags=cflags(pin_dir))
             self.fns: dict[str, Any] = {
                 key: self.bpf.load_func(p.func, p.prog_type, attach_type=p.attach_type)
                 for key, p in PROGS.items()
@@ -235,6 +232,18 @@ class Capture:
         self._link("sk_lookup", netns, os.path.join(d, "sk_lookup"))
         # with no listener registered (agent down), sk_lookup then refuses (fails closed)
         map_update(self.map_fd("inbound_pods"), ip_key(pod_ip), struct.pack("=I", 1))
+
+    def set_mesh_ips(self, ips: set[str]) -> None:
+        """Make ``mesh_ips`` hold exactly ``ips`` (pod and service addresses): connects
+        to them are captured, any other is left alone."""
+        fd = self.map_fd("mesh_ips")
+        want = {ip_key(ip) for ip in ips}
+        have_keys = {bytes(k) for k in self.bpf["mesh_ips"]}
+        for k in have_keys - want:
+            map_delete(fd, k)
+        one = struct.pack("=I", 1)
+        for k in want - have_keys:
+            map_update(fd, k, one)
 
     def attach_proxy(self, cgroup: str) -> None:
         """Hook the agent's own cgroup (accepted sockets belong to the listener's)."""
@@ -323,3 +332,58 @@ def probe() -> str | None:
     except LocalStateError as e:
         return str(e)
     return None
+
+
+def own_cgroup() -> str:
+    """This process's cgroup v2 directory (``0::/path`` in /proc/self/cgroup, under the
+    cgroup2 mount)."""
+    rel = ""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                rel = line[3:].strip()
+    mount = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                mount = left.split()[4]
+                break
+    if not rel or not mount:
+        raise LocalStateError("cannot find this process's cgroup v2 directory")
+    return os.path.join(mount, rel.lstrip("/"))
+
+
+class NodeCapture:
+    """The eBPF capture of one node agent: ``Capture`` loaded (or re-adopted) at start,
+    the agent's own cgroup hooked, pods attached and detached as the snapshot says."""
+
+    def __init__(self, node: str, root: str = "/sys/fs/bpf/nodeagent") -> None:
+        self.pin_dir = os.path.join(root, node)
+        self.cap = Capture(self.pin_dir)
+        adopted = self.cap.readopt()
+        self.adopted = len(adopted)
+        self.cap.attach_proxy(own_cgroup())
+
+    @staticmethod
+    def pin_name(pod_key: str) -> str:
+        return pod_key.replace("/", "_")
+
+    def attach(
+        self, pod_key: str, cgroup: str, netns: str, pod_ip: str, listener: socket.socket
+    ) -> None:
+        if not cgroup:
+            raise LocalStateError(f"pod {pod_key} has no cgroup: eBPF capture needs one")
+        self.cap.attach_pod(self.pin_name(pod_key), cgroup, netns, pod_ip)
+        register_inbound_listener(self.pin_dir, pod_ip, listener)
+
+    def detach(self, pod_key: str, pod_ip: str | None) -> None:
+        detach_pod(self.pin_dir, self.pin_name(pod_key), pod_ip)
+
+    def retain(self, pod_keys: set[str]) -> None:
+        """Remove the pins of pods no longer on this node (e.g. gone while we were down)."""
+        links = os.path.join(self.pin_dir, "links")
+        keep = {self.pin_name(k) for k in pod_keys} | {"_proxy"}
+        for name in os.listdir(links):
+            if name not in keep:
+                detach_pod(self.pin_dir, name)

@@ -54,6 +54,8 @@ STATE_VERSION = 1
 AGENT_TIMEOUT = 30.0
 POD_TIMEOUT = 20.0
 AGENT_GRACE = 3.0
+BPF_PIN_DIR = "/sys/fs/bpf/nodeagent-sandbox"
+"""The sandbox agents' eBPF pins (``--redirect ebpf|auto``), removed by ``down``."""
 """Seconds an agent gets after SIGTERM (to drain and clean up) before it is killed."""
 ALIVE_CHECK = 0.3
 """How long a pod without ports must stay alive to count as started."""
@@ -240,6 +242,9 @@ def _teardown(progress: Progress, popens: Sequence[subprocess.Popen[Any]] = ()) 
             cgroups.kill(sub)
         except LocalStateError as e:
             problems.append(str(e))
+    if os.path.isdir(BPF_PIN_DIR):  # unpinning detaches the links, frees the maps
+        progress("removing eBPF pins")
+        shutil.rmtree(BPF_PIN_DIR, ignore_errors=True)
     names = netlink.sandbox_netns()
     # processes that entered our namespaces from outside our cgroups (e.g. a manual
     # `ip netns exec na-p-... sh`): they would keep a namespace alive after its unmount
@@ -609,6 +614,8 @@ class Sandbox:
             node.socket,
             "--state-dir",
             node.state_dir,
+            "--bpf-pin-dir",
+            BPF_PIN_DIR,
             *self._ca_args(node),
             *self.agent_args,
         ]

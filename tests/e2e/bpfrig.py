@@ -254,10 +254,11 @@ def loader(action: str) -> dict:
         out["map_ids_pinned"] = _pinned_map_ids()
         out["stats_before"] = ebpf.read_stats(PIN)
     t0 = time.monotonic()
-    cap = ebpf.Capture(PIN, MESH)
+    cap = ebpf.Capture(PIN)
     out["compile_load_s"] = round(time.monotonic() - t0, 2)
     out["map_ids_bcc"] = {m: ebpf.obj_id(cap.map_fd(m)) for m in ebpf.MAPS}
     if action == "load":
+        cap.set_mesh_ips({HOST_IP})  # the mesh: 10.250.0.1; 10.250.0.129 is not in it
         cap.attach_pod("natb-pod", CG_POD, NS_PATH, POD_IP)
         cap.attach_proxy(CG_AGENT)
     else:

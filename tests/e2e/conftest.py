@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,11 +84,40 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+REDIRECT_MODES = tuple(
+    m for m in os.environ.get("NODEAGENT_E2E_REDIRECT", "iptables,ebpf").split(",") if m
+)
+"""The capture modes every mesh test module runs in (a module may narrow them with its
+own ``REDIRECT_MODES``). CI runs both."""
+
+OUR_BPF_PROGS = {"connect4_captur", "connect6_captur", "sockops_rekey", "getpeername4_fi",
+                 "getpeername6_fi", "getsockopt_odst", "sk_lookup_inbou"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redirect" in metafunc.fixturenames:
+        modes = getattr(metafunc.module, "REDIRECT_MODES", REDIRECT_MODES)
+        metafunc.parametrize("redirect", modes, scope="module")
+
+
+def bpf_programs() -> list[str]:
+    """Names of our BPF programs loaded in the kernel (bpftool)."""
+    import json
+    import subprocess
+
+    p = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                       check=True, timeout=30)
+    return [x.get("name", "") for x in json.loads(p.stdout or "[]")
+            if x.get("name") in OUR_BPF_PROGS]
+
+
 @pytest.fixture(scope="module")
-def sb(request: pytest.FixtureRequest, config_dir: Path) -> Iterator[Sandbox]:
-    """The sandbox of ``config_dir`` for one module; extra agent flags come from the
-    module's ``AGENT_ARGS``. Logs go to stderr and the sandbox comes down, always."""
-    box = Sandbox.up(config_dir, agent_args=getattr(request.module, "AGENT_ARGS", ()))
+def sb(request: pytest.FixtureRequest, config_dir: Path, redirect: str) -> Iterator[Sandbox]:
+    """The sandbox of ``config_dir`` for one module and capture mode (``--redirect``);
+    extra agent flags come from the module's ``AGENT_ARGS``. Logs go to stderr and the
+    sandbox comes down, always; in eBPF mode no program of ours may be left after."""
+    args = (*getattr(request.module, "AGENT_ARGS", ()), "--redirect", redirect)
+    box = Sandbox.up(config_dir, agent_args=args)
     try:
         yield box
     finally:
@@ -95,3 +125,10 @@ def sb(request: pytest.FixtureRequest, config_dir: Path) -> Iterator[Sandbox]:
             box.dump_logs(sys.stderr)
         finally:
             box.down()
+    if redirect == "ebpf":
+        for _ in range(50):  # programs are freed asynchronously after the unpin
+            left = bpf_programs()
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left, f"BPF programs left after sandbox down: {left}"
