@@ -59,6 +59,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="per-request JSON access log: - (stdout, default), a file path, or off",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--dump-bpf",
+        action="store_true",
+        help="print the exact BPF C source and compiler flags eBPF capture loads, and exit",
+    )
     p.set_defaults(func=_cmd_run)
 
 
@@ -69,6 +74,15 @@ def _duration(text: str) -> float:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.dump_bpf:
+        import os.path
+
+        from nodeagent.redirect import ebpf
+
+        pin_dir = os.path.join(args.bpf_pin_dir, args.node)
+        print(f"// {ebpf.SOURCE}, compiled by bcc with: {' '.join(ebpf.cflags(pin_dir))}")
+        print(ebpf.SOURCE.read_text(), end="")
+        return 0
     import os
 
     # The agent forks only for nsenter/iptables; gRPC's fork handlers just log noise then.

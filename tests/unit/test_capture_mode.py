@@ -31,3 +31,15 @@ def test_ebpf_without_ebpf_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(app.ebpf, "probe", lambda: "no kernel headers at /lib/modules/x")
     with pytest.raises(LocalStateError, match="--redirect ebpf: no kernel headers"):
         app._capture_mode(settings("ebpf"))
+
+
+def test_dump_bpf_prints_the_source_and_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from nodeagent.cli import main
+    from nodeagent.redirect.ebpf import SOURCE
+
+    assert main(["run", "--node", "n1", "--config", ".", "--dump-bpf"]) == 0
+    out = capsys.readouterr().out
+    first, _, rest = out.partition("\n")
+    assert '-DPIN_DIR="/sys/fs/bpf/nodeagent/n1"' in first and "-DPROXY_MARK=0x539" in first
+    assert rest == SOURCE.read_text()
+    assert "int connect4_capture(struct bpf_sock_addr *ctx)" in rest
