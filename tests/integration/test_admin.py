@@ -118,7 +118,9 @@ class FakeView:
     """An ``AgentView`` over a fixed snapshot, with switches for readiness and failures."""
 
     node: str = NODE
-    started_at: float = STARTED
+    started_at: float = field(default_factory=lambda: time.time() - 125.0)
+    """Started 125 s before the view was made (not before the test run began: the run
+    may take longer than the bounds the status test checks)."""
     snap: MeshSnapshot = field(default_factory=make_snapshot)
     is_ready: bool = True
     fail: str = ""
