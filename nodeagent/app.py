@@ -151,6 +151,13 @@ class Agent:
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
+    def bpf_state(self) -> dict[str, Any]:
+        bpf = self.proxy.bpf
+        state: dict[str, Any] = {"mode": self.redirect_mode()}
+        if bpf is not None:
+            state.update(bpf.describe())
+        return state
+
     def explain(self, query: ExplainQuery) -> dict[str, Any]:
         return explain(self.proxy, query)
 

@@ -97,6 +97,12 @@ class AdminClient:
             "ca": message_to_dict(resp.ca),
         }
 
+    def bpf(self) -> dict[str, Any]:
+        """The eBPF capture's state (``{"mode": ...}`` only in iptables mode)."""
+        resp = self._call("Bpf", pb.BpfRequest(), pb.BpfResponse)
+        state: dict[str, Any] = json.loads(resp.json)
+        return state
+
     def explain(
         self,
         from_pod: str,

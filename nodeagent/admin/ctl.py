@@ -43,7 +43,16 @@ NONE = "<none>"
 MAX_ENDPOINTS_SHOWN = 3
 """The ENDPOINTS column lists this many endpoints, then ``+ N more...`` (like kubectl)."""
 
-COMMANDS = ("status", "workloads", "services", "connections", "requests", "config", "certs")
+COMMANDS = (
+    "status",
+    "workloads",
+    "services",
+    "connections",
+    "requests",
+    "config",
+    "certs",
+    "bpf",
+)
 
 
 # -- choosing the socket ------------------------------------------------------------------
@@ -352,6 +361,40 @@ def format_requests(data: Mapping[str, Any]) -> str:
     return out
 
 
+def format_bpf(data: Mapping[str, Any]) -> str:
+    """The eBPF capture: programs, attachments per pod, map sizes, counters."""
+    out = [f"Capture mode:  {data.get('mode')}"]
+    if "programs" not in data:
+        return out[0]
+    out.append(f"Pins:          {data.get('pin_dir')}")
+    progs = data.get("programs") or {}
+    out.append("")
+    out.append(
+        format_table(
+            ["PROGRAM", "FUNCTION", "ID"],
+            [[k, _s(v.get("name")), _s(v.get("id"))] for k, v in progs.items()],
+        )
+    )
+    out.append("")
+    rows = [[pod, ", ".join(keys)] for pod, keys in (data.get("attachments") or {}).items()]
+    out.append(format_table(["ATTACHED TO", "PROGRAMS"], rows))
+    out.append("")
+    maps = data.get("maps") or {}
+    out.append(
+        format_table(
+            ["MAP", "ENTRIES", "CONTENT"],
+            [
+                [k, _s(v.get("entries")), ", ".join((v.get("addresses") or [])[:8])]
+                for k, v in maps.items()
+            ],
+        )
+    )
+    stats = data.get("stats") or {}
+    out.append("")
+    out.append("Counters:      " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return "\n".join(out)
+
+
 def format_config(dump: Mapping[str, Any]) -> str:
     """A summary of ``AdminClient.config_dump()``: one row per object."""
     rows = []
@@ -379,6 +422,7 @@ def render(command: str, data: Any, output: str, now: float) -> str:
         "requests": format_requests,
         "config": format_config,
         "certs": lambda d: format_certs(d, now),
+        "bpf": format_bpf,
     }
     return formatters[command](data)
 
@@ -424,6 +468,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "config": "the raw config objects the agent serves (JSON by default)",
         "certs": "the workload certificates this agent holds, and its CA's state "
         "(-o json adds each chain)",
+        "bpf": "the eBPF capture: programs, attachments per pod, maps, counters",
     }
     for name in COMMANDS:
         cp = csub.add_parser(name, help=helps[name], description=helps[name])
@@ -530,6 +575,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                 "requests": client.requests,
                 "config": client.config_dump,
                 "certs": client.certs,
+                "bpf": client.bpf,
             }
             data = fetch[command]()
     except NodeAgentError as e:

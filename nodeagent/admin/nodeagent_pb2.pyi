@@ -296,3 +296,13 @@ class ExplainResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class BpfRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BpfResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.Bpf = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/Bpf',
+                request_serializer=nodeagent__pb2.BpfRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.BpfResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -138,6 +143,13 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Bpf(self, request, context):
+        """The eBPF capture: programs, attachments per pod, maps, counters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +192,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=nodeagent__pb2.ExplainRequest.FromString,
                     response_serializer=nodeagent__pb2.ExplainResponse.SerializeToString,
+            ),
+            'Bpf': grpc.unary_unary_rpc_method_handler(
+                    servicer.Bpf,
+                    request_deserializer=nodeagent__pb2.BpfRequest.FromString,
+                    response_serializer=nodeagent__pb2.BpfResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +415,33 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/Explain',
             nodeagent__pb2.ExplainRequest.SerializeToString,
             nodeagent__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Bpf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/Bpf',
+            nodeagent__pb2.BpfRequest.SerializeToString,
+            nodeagent__pb2.BpfResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,15 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     ) -> pb.CertsResponse:
         return await _answer("Certs", context, self._certs)
 
+    async def Bpf(
+        self, request: pb.BpfRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BpfResponse:
+        return await _answer(
+            "Bpf",
+            context,
+            lambda: pb.BpfResponse(json=json.dumps(self._view.bpf_state(), default=str)),
+        )
+
     async def Explain(
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExplainResponse:

@@ -105,6 +105,11 @@ class AgentView(Protocol):
         ``{"state": "disabled"}`` when the agent has no CA."""
         ...
 
+    def bpf_state(self) -> dict[str, Any]:
+        """The eBPF capture's programs, attachments, maps and counters (``mode``
+        iptables and nothing else when it is not in use)."""
+        ...
+
     def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """Why ``query`` would be routed, allowed or denied (JSON-ready); raises
         ``ValueError`` with a message for the user when it names nothing known."""

@@ -380,6 +380,29 @@ class NodeCapture:
     def detach(self, pod_key: str, pod_ip: str | None) -> None:
         detach_pod(self.pin_dir, self.pin_name(pod_key), pod_ip)
 
+    def describe(self) -> dict[str, Any]:
+        """For ``nodeagent ctl bpf``: the programs, what each pod has attached, the maps'
+        sizes (the mesh addresses themselves), the counters."""
+        links = os.path.join(self.pin_dir, "links")
+        attachments: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(links)):
+            attachments[name] = sorted(os.listdir(os.path.join(links, name)))
+        mesh = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["mesh_ips"])
+        pods = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["inbound_pods"])
+        return {
+            "pin_dir": self.pin_dir,
+            "programs": {
+                key: {"name": p.func, "id": obj_id(self.cap.fns[key].fd)}
+                for key, p in PROGS.items()
+            },
+            "attachments": attachments,
+            "maps": {
+                "mesh_ips": {"entries": len(mesh), "addresses": mesh},
+                "inbound_pods": {"entries": len(pods), "addresses": pods},
+            },
+            "stats": read_stats(self.pin_dir),
+        }
+
     def retain(self, pod_keys: set[str]) -> None:
         """Remove the pins of pods no longer on this node (e.g. gone while we were down)."""
         links = os.path.join(self.pin_dir, "links")

@@ -95,3 +95,27 @@ def test_a_pod_removed_from_the_config_loses_its_programs(
         apply_file(sb, pods, original)
         apply_file(sb, services, svc_original)
     assert "connect4_captur" in progs()
+
+
+def test_ctl_bpf_lists_programs_attachments_and_maps(sb: Sandbox) -> None:
+    import json
+    import sys
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node2"),
+             "bpf", *args], capture_output=True, text=True, timeout=30)
+
+    d = json.loads(ctl("-o", "json").stdout)
+    assert d["mode"] == "ebpf" and d["pin_dir"] == f"{BPF_PIN_DIR}/node2"
+    pods = {"default_echo-1", "default_echo-2", "default_victim"}
+    assert set(d["attachments"]) == pods | {"_proxy"}, d["attachments"]
+    assert d["attachments"]["default_echo-1"] == sorted(
+        ["connect4", "connect6", "getpeername4", "getpeername6", "sockops", "sk_lookup"])
+    assert d["attachments"]["_proxy"] == ["getsockopt", "sockops"]
+    ips = sorted(sb.pod_ip(p) for p in ("echo-1", "echo-2", "victim"))
+    assert d["maps"]["inbound_pods"]["addresses"] == ips
+    assert set(ips) <= set(d["maps"]["mesh_ips"]["addresses"])
+    assert "10.96.1.10" in d["maps"]["mesh_ips"]["addresses"]  # the echo service
+    text = ctl().stdout
+    assert "Capture mode:  ebpf" in text and "sk_lookup_inbound" in text, text

@@ -363,3 +363,9 @@ def test_format_explain_names_each_decision() -> None:
     assert "DENY default/no-put: MATCHED" in text and "rule 0: matched" in text
     assert "headers: none" in text
     assert text.endswith("Verdict: DENIED (403): RBAC: access denied")
+
+
+def test_format_bpf_in_iptables_mode_is_one_line() -> None:
+    from nodeagent.admin.ctl import format_bpf
+
+    assert format_bpf({"mode": "iptables"}) == "Capture mode:  iptables"
