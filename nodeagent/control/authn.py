@@ -9,11 +9,10 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from nodeagent.control.kinds import METADATA, STR_LIST, _meta
+from nodeagent.control.kinds import METADATA, STR_LIST, _meta, workload_selector
 from nodeagent.control.schema import BOOL, STR, STR_MAP, AnyShape, ListOf, Obj, Problems
 from nodeagent.core.jwt import JwksError, parse_jwks
 from nodeagent.model.authn import ClaimToHeader, JWTHeader, JWTRule, RequestAuthentication
-from nodeagent.model.objects import Labels
 
 JWT_RULE = Obj(
     {
@@ -166,11 +165,7 @@ def convert_request_authentication(
     for key, message in _UNSUPPORTED_SPEC.items():
         if key in spec:
             problems.add(f"spec.{key}", message)
-    selector = None
-    if "selector" in spec:
-        selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
-        if not selector:
-            problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    selector = workload_selector(spec, problems)
     rules = tuple(
         _jwt_rule(r, f"spec.jwtRules[{i}]", problems)
         for i, r in enumerate(spec.get("jwtRules") or ())

@@ -176,6 +176,17 @@ def _check_port(value: Any, path: str, problems: Problems) -> None:
         problems.add(path, f"port {value} is out of range 1-65535")
 
 
+def workload_selector(spec: dict[str, Any], problems: Problems) -> Labels | None:
+    """``spec.selector.matchLabels`` of a policy: None (no selector: the whole namespace,
+    or the mesh in the root namespace); an empty one is an error (it selects nothing)."""
+    if "selector" not in spec:
+        return None
+    selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
+    if not selector:
+        problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    return selector
+
+
 def _meta(doc: dict[str, Any], problems: Problems) -> tuple[str, str]:
     meta = doc.get("metadata") or {}
     name = meta.get("name", "")
@@ -323,11 +334,7 @@ def convert_peer_authentication(
 ) -> PeerAuthentication | None:
     ns, name = _meta(doc, problems)
     spec = doc.get("spec") or {}
-    selector = None
-    if "selector" in spec:
-        selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
-        if not selector:
-            problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    selector = workload_selector(spec, problems)
     mode = _mode((spec.get("mtls") or {}).get("mode"), "spec.mtls.mode", problems)
     ports: list[tuple[int, MtlsMode]] = []
     for key, value in (spec.get("portLevelMtls") or {}).items():
@@ -554,11 +561,7 @@ def convert_authorization_policy(
 ) -> AuthorizationPolicy | None:
     ns, name = _meta(doc, problems)
     spec = doc.get("spec") or {}
-    selector = None
-    if "selector" in spec:
-        selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
-        if not selector:
-            problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    selector = workload_selector(spec, problems)
     raw_action = spec.get("action", "ALLOW")
     action = AuthzAction.ALLOW
     if raw_action == "CUSTOM":

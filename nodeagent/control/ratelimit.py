@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodeagent.control.kinds import METADATA, Kind, _duration, _meta, _ports
+from nodeagent.control.kinds import METADATA, Kind, _duration, _meta, _ports, workload_selector
 from nodeagent.control.schema import INT, STR, STR_MAP, ListOf, Obj, Problems
-from nodeagent.model.objects import Labels
 from nodeagent.model.ratelimit import (
     NO_KEY,
     HttpRateLimit,
@@ -120,11 +119,7 @@ def convert_local_rate_limit(
 ) -> LocalRateLimit | None:
     ns, name = _meta(doc, problems)
     spec = doc.get("spec") or {}
-    selector = None
-    if "selector" in spec:
-        selector = Labels.of((spec.get("selector") or {}).get("matchLabels"))
-        if not selector:
-            problems.add("spec.selector.matchLabels", "an empty selector selects nothing")
+    selector = workload_selector(spec, problems)
     http = tcp = None
     if "http" in spec:
         h = spec["http"]
