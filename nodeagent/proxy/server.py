@@ -481,6 +481,12 @@ class Proxy:
         pipe = Pipe()
         pending, relay.pending = relay.pending, []
         pipe.adopt(t, pending)
+        await self._serve_http(ds, pipe, relay, proto)
+
+    async def _serve_http(self, ds: Downstream, pipe: Pipe, relay: Relay, proto: str) -> None:
+        """Serve one client connection (either side) with the L7 engine in ``proto``
+        (``h2`` or ``http1``); then record its byte counts (from the client's side:
+        sent = read from the client) and close its table entry."""
         try:
             if proto == "h2":
                 await serve_h2(self.l7, self.h2pool, ds, pipe)
@@ -555,14 +561,7 @@ class Proxy:
         relay.meta["upstream"] = "per request"
         if relay.client is None:
             relay.client = pipe.transport
-        try:
-            if hp.protocol == "h2":
-                await serve_h2(self.l7, self.h2pool, ds, pipe)
-            else:
-                await self.l7.serve_http1(ds, pipe)
-        finally:
-            relay.bytes_sent, relay.bytes_received = pipe.bytes_out, pipe.bytes_in
-            relay.close("done")
+        await self._serve_http(ds, pipe, relay, hp.protocol)
 
     def _index(self, snap: MeshSnapshot) -> _IdentityIndex:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
