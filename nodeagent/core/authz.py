@@ -612,19 +612,16 @@ def explain_rule(rule: Rule, req: AuthzRequest, action: AuthzAction) -> tuple[bo
     if not http and action is AuthzAction.ALLOW and _has_http_fields(rule):
         return False, "uses HTTP attributes, which a TCP connection does not have"
     v = _View(req)
-    if rule.from_:
-        misses = [
-            _first_miss(_source_fields(src, http), src, f"from[{j}].source", v)
-            for j, src in enumerate(rule.from_)
-        ]
-        if all(m is not None for m in misses):
-            return False, "; ".join(m for m in misses if m)
-    if rule.to:
-        misses = [
-            _first_miss(_operation_fields(op, http), op, f"to[{j}].operation", v)
-            for j, op in enumerate(rule.to)
-        ]
-        if all(m is not None for m in misses):
+    sources = [
+        _first_miss(_source_fields(s, http), s, f"from[{j}].source", v)
+        for j, s in enumerate(rule.from_)
+    ]
+    operations = [
+        _first_miss(_operation_fields(o, http), o, f"to[{j}].operation", v)
+        for j, o in enumerate(rule.to)
+    ]
+    for misses in (sources, operations):  # a list matches when any of its items does
+        if misses and all(m is not None for m in misses):
             return False, "; ".join(m for m in misses if m)
     for k, c in enumerate(rule.when):
         if not http and _http_only_condition(c):

@@ -269,12 +269,13 @@ class BucketView:
     """Seconds until the next fill."""
 
 
-def _key_value(
+def key_value(
     key: RateLimitKey,
     source_principal: str | None,
     header: Callable[[str], str | None],
     route: str,
 ) -> str:
+    """Which bucket of a keyed limit a request takes (``BucketView.value``)."""
     kind = key.kind
     if kind is KeyKind.NONE:
         return ""
@@ -384,7 +385,7 @@ class RateLimiter:
         for p in policies:
             limit = self._limits(p)[1]
             if limit is not None:
-                value = _key_value(limit.key, source_principal, header, route)
+                value = key_value(limit.key, source_principal, header, route)
                 entries.append((limit, self._bucket(limit, workload, value, now)))
         return self._admit(entries, now)
 

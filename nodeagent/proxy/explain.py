@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from nodeagent.core import authz
 from nodeagent.core.balancer import hash_key_for
 from nodeagent.core.peerauth import effective_mtls
+from nodeagent.core.ratelimit import key_value
 from nodeagent.core.route import RequestInfo, RouteOutcome, select_route, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.security import MtlsMode
@@ -285,22 +286,17 @@ def _rate_limits(
         )
         return ""
     scope = "http" if http else "tcp"
-    wanted = {
-        "none": "",
-        "sourcePrincipal": principal or "",
-        "route": route,
+    # the bucket each limit would charge this request (the data path's own rule)
+    charged = {
+        p.key: key_value(p.http.key, principal, headers.get, route) if http and p.http else ""
+        for p in limits
     }
     buckets = []
     why = ""
     for v in proxy.inbound.limiter.state(time.monotonic(), limits):
         if v.workload != pod.key or v.scope != scope:
             continue
-        key_value = (
-            headers.get(v.key.split(":", 1)[1], "")
-            if v.key.startswith("header:")
-            else wanted.get(v.key, "")
-        )
-        mine = v.value == key_value
+        mine = v.value == charged.get(v.policy)
         buckets.append(
             {
                 "policy": v.policy,
