@@ -7,9 +7,11 @@ readers take the current snapshot once per connection.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Generic, TypeVar, cast
 
 from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
@@ -191,3 +193,24 @@ class MeshSnapshot:
 def parse_ip(value: str) -> str:
     """Normalise an IPv4/IPv6 literal (raises ValueError when it is not one)."""
     return str(ipaddress.ip_address(value))
+
+
+T = TypeVar("T")
+
+
+class PerSnapshot(Generic[T]):
+    """A value derived from the serving snapshot: built on first use, rebuilt when the
+    snapshot changes, held without keeping an old snapshot alive."""
+
+    __slots__ = ("_build", "_of", "_value")
+
+    def __init__(self, build: Callable[[MeshSnapshot], T]) -> None:
+        self._build = build
+        self._of: weakref.ref[MeshSnapshot] | None = None
+        self._value: T | None = None
+
+    def get(self, snap: MeshSnapshot) -> T:
+        if self._of is None or self._of() is not snap:
+            self._value = self._build(snap)
+            self._of = weakref.ref(snap)
+        return cast(T, self._value)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from nodeagent.errors import LocalStateError
 from nodeagent.model.authn import JWTRule
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.ratelimit import LocalRateLimit
-from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.clusters import Cluster, fqdn, port_protocol
 from nodeagent.proxy.jwks import JwksCache
@@ -115,22 +114,27 @@ class Admission:
         return self.rate.policy, None
 
 
+def _route_names(snap: MeshSnapshot) -> frozenset[str]:
+    return frozenset(
+        r.name or f"{vs.key}#{i}" for vs in snap.virtual_services for i, r in enumerate(vs.http)
+    )
+
+
 class InboundPolicy:
     """Admission at the called workload (JWT, authorization, rate limits, quotas); one
     instance per agent, on its event loop."""
 
     def __init__(self, snapshot: Callable[[], MeshSnapshot], state_dir: Path | None = None) -> None:
         self.snapshot = snapshot
-        self._ports: tuple[weakref.ref[MeshSnapshot], dict[tuple[str, int], HttpPort]] | None
-        self._ports = None
+        self._ports = PerSnapshot(_http_ports)
         self.limiter = RateLimiter()
         self.state_dir = state_dir
         self._quotas: QuotaStore | None = None
         self._quota_error = ""
         self.jwks = JwksCache(snapshot)
-        self._jwt_rules: tuple[weakref.ref[MeshSnapshot], dict[str, tuple[JWTRule, ...]]] | None
-        self._jwt_rules = None
-        self._routes: tuple[weakref.ref[MeshSnapshot], frozenset[str]] | None = None
+        self._jwt_rules: PerSnapshot[dict[str, tuple[JWTRule, ...]]] = PerSnapshot(lambda snap: {})
+        """pod key → the JWT rules that apply to it, filled as pods are asked about."""
+        self._routes = PerSnapshot(_route_names)
 
     def on_snapshot(self, snap: MeshSnapshot) -> None:
         """A new snapshot: rate-limit buckets of changed or removed limits are dropped;
@@ -158,10 +162,7 @@ class InboundPolicy:
 
     # -- which ports, which rules -----------------------------------------------------
     def http_port(self, snap: MeshSnapshot, pod: Pod, port: int) -> HttpPort | None:
-        cached = self._ports
-        if cached is None or cached[0]() is not snap:
-            cached = self._ports = (weakref.ref(snap), _http_ports(snap))
-        return cached[1].get((pod.key, port))
+        return self._ports.get(snap).get((pod.key, port))
 
     def rate_limits(self, snap: MeshSnapshot, pod: Pod, port: int) -> Sequence[LocalRateLimit]:
         if not snap.local_rate_limits:
@@ -171,15 +172,13 @@ class InboundPolicy:
     def jwt_rules(self, snap: MeshSnapshot, pod: Pod) -> tuple[JWTRule, ...]:
         if not snap.request_authentications:
             return ()
-        cached = self._jwt_rules
-        if cached is None or cached[0]() is not snap:
-            cached = self._jwt_rules = (weakref.ref(snap), {})
-        rules = cached[1].get(pod.key)
+        by_pod = self._jwt_rules.get(snap)
+        rules = by_pod.get(pod.key)
         if rules is None:
             policies = jwt.applicable_policies(
                 snap.request_authentications, pod, snap.root_namespace
             )
-            rules = cached[1][pod.key] = tuple(r for p in policies for r in p.jwt_rules)
+            rules = by_pod[pod.key] = tuple(r for p in policies for r in p.jwt_rules)
         return rules
 
     def l7_port(self, snap: MeshSnapshot, pod: Pod, port: int) -> HttpPort | None:
@@ -283,15 +282,7 @@ class InboundPolicy:
 
     def route_names(self, snap: MeshSnapshot) -> frozenset[str]:
         """Every route name the snapshot's VirtualServices define (``l7.route_name``)."""
-        cached = self._routes
-        if cached is None or cached[0]() is not snap:
-            names = frozenset(
-                r.name or f"{vs.key}#{i}"
-                for vs in snap.virtual_services
-                for i, r in enumerate(vs.http)
-            )
-            cached = self._routes = (weakref.ref(snap), names)
-        return cached[1]
+        return self._routes.get(snap)
 
     def admit(
         self,

@@ -38,7 +38,7 @@ from nodeagent.core.route import (
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.ratelimit import KeyKind
-from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import (
     DEFAULT_RETRY,
     Destination,
@@ -534,11 +534,13 @@ class L7Proxy:
             on_return=self._on_return,
         )
         self.pool = H1Pool()
-        self._clusters: dict[tuple[str, str | None, int | None, int], Cluster] = {}
-        self._clusters_of: MeshSnapshot | None = None
+        self._clusters: PerSnapshot[dict[tuple[str, str | None, int | None, int], Cluster]]
+        self._clusters = PerSnapshot(lambda snap: {})
         self._metric_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._route_keyed_of: tuple[MeshSnapshot, bool] | None = None
+        self._route_keyed = PerSnapshot(_route_keyed)
+        """Whether some LocalRateLimit is keyed by route (then the route taken goes along
+        to the destination's node)."""
 
     def _on_eject(self, key: object, addr: str, reason: str) -> None:
         host = str(key).rsplit("|", 1)[-1]
@@ -550,26 +552,12 @@ class L7Proxy:
 
     # -- clusters and endpoints -------------------------------------------------------------
     def cluster(self, snap: MeshSnapshot, dest: Destination, request_port: int) -> Cluster:
-        if self._clusters_of is not snap:
-            self._clusters.clear()
-            self._clusters_of = snap
+        clusters = self._clusters.get(snap)
         key = (dest.host, dest.subset, dest.port, request_port)
-        c = self._clusters.get(key)
+        c = clusters.get(key)
         if c is None:
-            c = self._clusters[key] = build_cluster(snap, dest, request_port)
+            c = clusters[key] = build_cluster(snap, dest, request_port)
         return c
-
-    def _route_keyed(self, snap: MeshSnapshot) -> bool:
-        """Whether some LocalRateLimit of ``snap`` is keyed by route (then the route taken
-        goes along to the destination's node)."""
-        cached = self._route_keyed_of
-        if cached is None or cached[0] is not snap:
-            keyed = any(
-                p.http is not None and p.http.key.kind is KeyKind.ROUTE
-                for p in snap.local_rate_limits
-            )
-            cached = self._route_keyed_of = (snap, keyed)
-        return cached[1]
 
     def balancer(self, c: Cluster, source: Pod) -> Balancer:
         p = c.policy
@@ -756,7 +744,7 @@ class L7Proxy:
         out.append(("x-forwarded-proto", "http"))
         if ROUTE_HEADER in hdrs:
             out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
-        if x.route_name and self._route_keyed(snap):
+        if x.route_name and self._route_keyed.get(snap):
             out.append((ROUTE_HEADER, x.route_name))
         if rule is not None and rule.headers is not None:
             apply_header_ops(out, rule.headers.request)
@@ -1312,6 +1300,12 @@ class L7Proxy:
         self.pool.close()
         for t in self._tasks:
             t.cancel()
+
+
+def _route_keyed(snap: MeshSnapshot) -> bool:
+    return any(
+        p.http is not None and p.http.key.kind is KeyKind.ROUTE for p in snap.local_rate_limits
+    )
 
 
 def route_name(d: RouteDecision) -> str:

@@ -24,7 +24,7 @@ from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
 from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.security import MtlsMode
-from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import Destination
 from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.proxy.connections import ConnectionTable
@@ -165,7 +165,7 @@ class Proxy:
         self.connect_timeout = connect_timeout
         self.rr = RoundRobin()
         self.pods: dict[str, PodProxy] = {}
-        self._index_cache: tuple[MeshSnapshot, _IdentityIndex] | None = None
+        self._identities = PerSnapshot(lambda snap: _IdentityIndex.build(snap, self._identity_of))
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.access_log = access_log or AccessLog()
@@ -565,12 +565,7 @@ class Proxy:
 
     def _index(self, snap: MeshSnapshot) -> _IdentityIndex:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
-        cached = self._index_cache
-        if cached is not None and cached[0] is snap:
-            return cached[1]
-        index = _IdentityIndex.build(snap, self._identity_of)
-        self._index_cache = (snap, index)
-        return index
+        return self._identities.get(snap)
 
     def _hbone_peer(self, snap: MeshSnapshot, dst: Pod) -> str:
         """The address to tunnel to for ``dst``: one pod per (node, identity), so tunnels
