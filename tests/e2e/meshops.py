@@ -14,7 +14,8 @@ from nodeagent.sandbox import Sandbox
 NODES = ("node1", "node2")
 
 
-def _versions(sb: Sandbox) -> dict[str, int]:
+def config_versions(sb: Sandbox) -> dict[str, int]:
+    """The config version each agent serves (and that none kept a load error)."""
     out = {}
     for n in NODES:
         with AdminClient(sb.agent_socket(n)) as c:
@@ -26,17 +27,22 @@ def _versions(sb: Sandbox) -> dict[str, int]:
 
 def apply_file(sb: Sandbox, path: Path, text: str | None) -> None:
     """Write (``text``) or remove (None) a config file; return once both agents serve it."""
-    before = _versions(sb)
+    before = config_versions(sb)
     if text is None:
         path.unlink()
     else:
         path.write_text(textwrap.dedent(text))
+    wait_loaded(sb, before)
+
+
+def wait_loaded(sb: Sandbox, before: dict[str, int]) -> None:
+    """Wait until both agents serve a config newer than ``before`` (5 s at most)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if all(v > before[n] for n, v in _versions(sb).items()):
+        if all(v > before[n] for n, v in config_versions(sb).items()):
             return
         time.sleep(0.1)
-    raise AssertionError("policy change not loaded by both agents within 5 s")
+    raise AssertionError("config change not loaded by both agents within 5 s")
 
 
 def http_status(sb: Sandbox, pod: str, url: str) -> tuple[int, str]:

@@ -30,7 +30,6 @@ pytestmark = [
 
 TCPCLIENT = str(Path(__file__).parent / "tcpclient.py")
 PY = sys.executable
-NODES = ("node1", "node2")
 
 
 @pytest.fixture

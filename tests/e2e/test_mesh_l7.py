@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshops import apply_file, config_versions, wait_loaded
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.redirect.netns import netns_path
@@ -36,7 +37,6 @@ HERE = Path(__file__).parent
 HTTPCLIENT = str(HERE / "httpclient.py")
 PY = sys.executable
 WEB = "http://web.default.svc.cluster.local"
-NODES = ("node1", "node2")
 
 
 @pytest.fixture(scope="module")
@@ -58,48 +58,20 @@ def routing(sb: Sandbox, config_dir: Path) -> Iterator[Any]:
 
     def apply(text: str, own_dr: bool = False) -> None:
         if own_dr and base_dr.exists():
-            before = _versions(sb)
+            before = config_versions(sb)
             base_dr.rename(aside)
-            _wait_loaded(sb, before)
-        _apply(sb, path, textwrap.dedent(text))
+            wait_loaded(sb, before)
+        apply_file(sb, path, textwrap.dedent(text))
 
     try:
         yield apply
     finally:
         if path.exists():
-            _apply(sb, path, None)
+            apply_file(sb, path, None)
         if aside.exists():
-            before = _versions(sb)
+            before = config_versions(sb)
             aside.rename(base_dr)
-            _wait_loaded(sb, before)
-
-
-def _versions(sb: Sandbox) -> dict[str, int]:
-    out = {}
-    for n in NODES:
-        with AdminClient(sb.agent_socket(n)) as c:
-            st = c.status()["config"]
-        assert not st["last_error"], st["last_error"]
-        out[n] = int(st["version"])
-    return out
-
-
-def _apply(sb: Sandbox, path: Path, text: str | None) -> None:
-    before = _versions(sb)
-    if text is None:
-        path.unlink()
-    else:
-        path.write_text(text)
-    _wait_loaded(sb, before)
-
-
-def _wait_loaded(sb: Sandbox, before: dict[str, int]) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if all(v > before[n] for n, v in _versions(sb).items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError("config change not loaded by both agents within 5 s")
+            wait_loaded(sb, before)
 
 
 def http(sb: Sandbox, url: str, *args: str, pod: str = "client", timeout: float = 180) -> Any:
