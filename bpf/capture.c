@@ -107,15 +107,16 @@ static __always_inline void count(int idx)
         __sync_fetch_and_add(v, 1);
 }
 
-// ---------------------------------------------------------------- outbound: connect4
-// Return 1 = allow the connect() (possibly rewritten), 0 = EPERM.
-int connect4_capture(struct bpf_sock_addr *ctx)
+// ---------------------------------------------------------------- outbound: connect4/6
+// Whether a connect() to `dst` (network byte order) is captured: a TCP socket dialling a
+// mesh address that is not the proxy's own. The original destination (dst, port) is
+// then kept on the socket; the caller rewrites the address to the proxy's listener.
+static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 dst)
 {
     if (ctx->type != SOCK_STREAM)
-        return 1;
-    __u32 dst = ctx->user_ip4;
+        return 0;
     if (!mesh_ips.lookup(&dst))
-        return 1;                       // not a mesh destination: untouched
+        return 0;                       // not a mesh destination: untouched
 
     // The proxy's own upstream sockets carry SO_MARK PROXY_MARK, set before connect().
     // A sock_addr program reads the socket's mark directly as ctx->sk->mark (there is
@@ -124,60 +125,55 @@ int connect4_capture(struct bpf_sock_addr *ctx)
     // mark is the second line of defence (proxy inside the pod cgroup, nested cgroups).
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
-        return 1;
+        return 0;
     if (sk->mark == PROXY_MARK) {
         count(1);
-        return 1;
+        return 0;
     }
 
     struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (!od)
-        return 1;                       // out of memory: leave the connect alone
-    od->ip = ctx->user_ip4;
+        return 0;                       // out of memory: leave the connect alone
+    od->ip = dst;
     od->port = (__u16)ctx->user_port;   // network byte order in the low 16 bits
-
-    ctx->user_ip4 = bpf_htonl(0x7f000001);          // 127.0.0.1
-    ctx->user_port = bpf_htons(OUTBOUND_PORT);
     count(0);
     return 1;
 }
 
-// ---------------------------------------------------------------- outbound: connect6
+// Return 1 = allow the connect() (possibly rewritten), 0 = EPERM.
+int connect4_capture(struct bpf_sock_addr *ctx)
+{
+    if (capture(ctx, ctx->user_ip4)) {
+        ctx->user_ip4 = bpf_htonl(0x7f000001);          // 127.0.0.1
+        ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    }
+    return 1;
+}
+
 // The same for a dual-stack (AF_INET6) socket dialling an IPv4 address as ::ffff:a.b.c.d,
 // as gRPC and others do: rewritten to ::ffff:127.0.0.1:OUTBOUND_PORT (the proxy's IPv4
-// listener accepts it).
+// listener accepts it). Real IPv6 is not captured (the mesh is IPv4).
 static __always_inline int v4_mapped(__u32 a0, __u32 a1, __u32 a2)
 {
     return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
 }
 
-int connect6_capture(struct bpf_sock_addr *ctx)
+static __always_inline void set_v4_mapped(struct bpf_sock_addr *ctx, __u32 ip)
 {
-    if (ctx->type != SOCK_STREAM)
-        return 1;
-    if (!v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
-        return 1;                       // real IPv6: not captured (the mesh is IPv4)
-    __u32 dst = ctx->user_ip6[3];
-    if (!mesh_ips.lookup(&dst))
-        return 1;
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 1;
-    if (sk->mark == PROXY_MARK) {
-        count(1);
-        return 1;
-    }
-    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (!od)
-        return 1;
-    od->ip = dst;
-    od->port = (__u16)ctx->user_port;
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-    ctx->user_ip6[3] = bpf_htonl(0x7f000001);
-    ctx->user_port = bpf_htons(OUTBOUND_PORT);
-    count(0);
+    ctx->user_ip6[3] = ip;
+}
+
+int connect6_capture(struct bpf_sock_addr *ctx)
+{
+    if (!v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
+        return 1;
+    if (capture(ctx, ctx->user_ip6[3])) {
+        set_v4_mapped(ctx, bpf_htonl(0x7f000001));
+        ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    }
     return 1;
 }
 
@@ -234,32 +230,31 @@ int sockops_rekey(struct bpf_sock_ops *skops)
 
 // ---------------------------------------------------------------- outbound: getpeername
 // The app asked for its peer: give back the address it dialled, not 127.0.0.1:15001.
-int getpeername4_fix(struct bpf_sock_addr *ctx)
+static __always_inline struct orig_dst *dialled(struct bpf_sock_addr *ctx)
 {
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
-        return 1;
-    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
-    if (!od)
-        return 1;
-    ctx->user_ip4 = od->ip;
-    ctx->user_port = od->port;
+        return 0;
+    return sk_dst.sk_storage_get(sk, 0, 0);
+}
+
+int getpeername4_fix(struct bpf_sock_addr *ctx)
+{
+    struct orig_dst *od = dialled(ctx);
+    if (od) {
+        ctx->user_ip4 = od->ip;
+        ctx->user_port = od->port;
+    }
     return 1;
 }
 
 int getpeername6_fix(struct bpf_sock_addr *ctx)
 {
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 1;
-    struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
-    if (!od)
-        return 1;
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-    ctx->user_ip6[3] = od->ip;
-    ctx->user_port = od->port;
+    struct orig_dst *od = dialled(ctx);
+    if (od) {
+        set_v4_mapped(ctx, od->ip);
+        ctx->user_port = od->port;
+    }
     return 1;
 }
 
