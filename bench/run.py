@@ -19,11 +19,21 @@ Cases (same netns, same links; the upstream is one nginx worker in the server po
   port 8081 (Debian's HAProxy, TCP mode, ``nbthread 1``; ports excluded from capture);
 - ``mesh``: client pod → the Service's clusterIP:8080 → node1's agent (outbound listener in
   the client pod's netns) → node2's agent (inbound, in the server pod's netns) → nginx:8080;
-- ``haproxy-pod`` (diagnostic, ``--cases``): the HAProxies where the agents' sockets are.
+- ``haproxy-pod`` (diagnostic, ``--cases``): the HAProxies where the agents' sockets are;
+- ``ebpf``, ``ebpf-nobypass`` (``--capture``): the ``mesh`` case again on a second pair of
+  nodes (node3 → node4, pods client-e → server-e) whose agents capture with eBPF (the
+  Nodes' ``nodeagent.io/redirect: ebpf`` annotation) instead of iptables; ``ebpf`` with
+  the sockmap bypass of the local legs on, ``ebpf-nobypass`` with it switched off
+  (``nodeagent ctl bpf --bypass off``, before each of its runs).
 
 The node-to-node hop is plain TCP for both (the sandbox without mTLS); ``--mtls`` runs the
 mesh with HBONE (mutual TLS) and gives HAProxy's middle hop mutual TLS 1.3. A check before
 measuring makes sure each case takes its path and the mesh the transport asked for.
+
+``--capture`` (issue 6) runs ``mesh,ebpf,ebpf-nobypass``: iptables vs eBPF capture, and the
+bypass on vs off, same run, same rounds; the summary checks the targets: ebpf/mesh >= 1.0
+on every throughput figure (keep-alive req/s, new connections/s, bulk MB/s) and
+ebpf/ebpf-nobypass >= 1.3 in bulk MB/s.
 
 ``--l7`` (implies ``--mtls``) measures HTTP routing, issue 4's target: the Service port is
 HTTP (``appProtocol: http``, port name ``http-...``) and a ``networking.istio.io/v1``
@@ -91,13 +101,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LOCK_FILE = "/run/nodeagent/e2e.lock"
 CASES = ("direct", "haproxy", "mesh")
-ALL_CASES = (*CASES, "haproxy-pod")
+EBPF_CASES = ("ebpf", "ebpf-nobypass")
+CAPTURE_CASES = ("mesh", *EBPF_CASES)
+"""``--capture``: iptables capture (``mesh``) vs eBPF with and without the bypass."""
+ALL_CASES = (*CASES, "haproxy-pod", *EBPF_CASES)
 """``haproxy-pod`` (diagnostic, with ``--cases``): the two HAProxies where the agents'
 sockets are, in the client's and the server's netns, reached over loopback, without the
 capture's NAT: it separates what the placement costs from what the mesh's proxy costs."""
 TESTS = ("keepalive", "latency1", "bulk", "newconn")
 NODES = ("node1", "node2")
+EBPF_NODES = ("node3", "node4")
+"""The eBPF cases' nodes (client-e on node3, server-e on node4)."""
 CLIENT, SERVER = "client", "server"
+CLIENT_E, SERVER_E = "client-e", "server-e"
+EBPF_CLUSTER_IP = "10.96.80.81"
 MESH_PORT = 8080
 DIRECT_PORT = 8081
 HAPROXY_FRONT_PORT = 9101
@@ -144,8 +161,8 @@ NGINX_CONF = """\
 user root;
 worker_processes 1;
 daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log warn;
 events {{
     worker_connections 8192;
 }}
@@ -263,6 +280,14 @@ FIGURES = (
 TARGET_FIGURES = ("ka_rps", "conn_rps", "bulk_mbps")
 TARGET = 0.8
 """The goal: mesh >= 0.8 x HAProxy for req/s and bulk."""
+CAPTURE_TARGETS = (
+    ("ebpf/mesh", "ka_rps", 1.0),
+    ("ebpf/mesh", "conn_rps", 1.0),
+    ("ebpf/mesh", "bulk_mbps", 1.0),
+    ("ebpf/ebpf-nobypass", "bulk_mbps", 1.3),
+)
+"""``--capture`` (issue 6): (ratio, figure, at least): eBPF capture at least as fast as
+iptables on every throughput figure; the bypass of the local legs >= 1.3x in bulk."""
 L7_TARGETS = (
     ("ka_rps", "L7 keep-alive req/s (c50)", True, 0.6),
     ("ka_p99_ms", "L7 keep-alive p99 (c50)", False, 2.0),
@@ -619,7 +644,42 @@ class Bench:
 
     # -- addresses and processes -----------------------------------------------------------
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node of the run (node3/node4 only with an eBPF case)."""
+        return NODES + (EBPF_NODES if set(EBPF_CASES) & set(self.opts.cases) else ())
+
+    @property
+    def pods(self) -> tuple[str, ...]:
+        """Every client and server pod of the run."""
+        both = set(EBPF_CASES) & set(self.opts.cases)
+        return (CLIENT, SERVER) + ((CLIENT_E, SERVER_E) if both else ())
+
+    @staticmethod
+    def client_of(case: str) -> str:
+        return CLIENT_E if case in EBPF_CASES else CLIENT
+
+    @staticmethod
+    def nodes_of(case: str) -> tuple[str, ...]:
+        """The nodes whose agents relay ``case`` (none for direct and HAProxy)."""
+        return EBPF_NODES if case in EBPF_CASES else NODES if case == "mesh" else ()
+
+    def set_bypass(self, case: str) -> None:
+        """Before an eBPF case's run: the bypass on (``ebpf``) or off (``ebpf-nobypass``)."""
+        if case not in EBPF_CASES:
+            return
+        from nodeagent.admin.client import AdminClient
+
+        want = "off" if case == "ebpf-nobypass" else "on"
+        for node in EBPF_NODES:
+            with AdminClient(self.sb.agent_socket(node)) as c:
+                state = c.bpf(want)
+            if state.get("bypass") != want:
+                raise BenchError(f"{node}: the bypass did not switch {want}: {state}")
+
     def endpoint(self, case: str) -> tuple[str, int]:
+        if case in EBPF_CASES:
+            return EBPF_CLUSTER_IP, MESH_PORT
         if case == "direct":
             return self.sb.pod_ip(SERVER), DIRECT_PORT
         if case == "haproxy":
@@ -632,9 +692,9 @@ class Bench:
         host, port = self.endpoint(case)
         return f"http://{host}:{port}{path}"
 
-    def agent_pids(self) -> list[int]:
+    def agent_pids(self, nodes: Sequence[str] | None = None) -> list[int]:
         pids: list[int] = []
-        for node in NODES:
+        for node in self.nodes if nodes is None else nodes:
             pids += cgroups.procs(Path(self.sb.agent_cgroup(node)))
         return pids
 
@@ -644,8 +704,8 @@ class Bench:
     def proxy_pids(self, case: str) -> list[int]:
         if case.startswith("haproxy"):
             return self.haproxy_pids(case)
-        if case == "mesh":
-            return self.agent_pids()
+        if case == "mesh" or case in EBPF_CASES:
+            return self.agent_pids(self.nodes_of(case))
         return []
 
     def check_proxies_alive(self) -> None:
@@ -662,7 +722,7 @@ class Bench:
                 f"gone): something ran `nodeagent sandbox down` without holding {LOCK_FILE} "
                 "(scripts/test.sh does, as its first step)"
             )
-        for node in NODES:
+        for node in self.nodes:
             if not cgroups.procs(Path(self.sb.agent_cgroup(node))):
                 raise BenchError(
                     f"the agent of {node} is gone; the end of {self.sb.agent_log(node)} tells why"
@@ -673,8 +733,8 @@ class Bench:
     def tune_netns(self) -> None:
         """Wider ephemeral ports and TIME_WAIT reuse for the connection-rate test, in the
         namespaces that dial (the same for every case)."""
-        names = [self.sb.pod_netns(CLIENT), self.sb.pod_netns(SERVER)]
-        names += [self.sb.node_netns(n) for n in NODES]
+        names = [self.sb.pod_netns(p) for p in self.pods]
+        names += [self.sb.node_netns(n) for n in self.nodes]
         for ns in names:
             _run(
                 [
@@ -700,7 +760,7 @@ class Bench:
                 raise BenchError(f"taskset -apc {cpu} {pid} failed: {p.stderr.strip()}")
 
     def pin_all(self, proxies_on: int = PROXY_CPU) -> None:
-        self.pin(self.sb.pod_pids_live(SERVER) + self.sb.pod_pids_live(CLIENT), LOAD_CPU)
+        self.pin([pid for p in self.pods for pid in self.sb.pod_pids_live(p)], LOAD_CPU)
         self.pin(self.agent_pids() + self.haproxy_pids(), proxies_on)
 
     def start_haproxy(self, case: str) -> None:
@@ -815,10 +875,16 @@ class Bench:
         failed).
         """
         metrics = (TCP_OPENED, REQUESTS) if self.opts.l7 else (TCP_OPENED,)
+        self.check_capture_modes()
         for case in self.opts.cases:
-            before = [self.opened(n, metrics) for n in NODES]
+            nodes = self.nodes_of(case) or NODES
+            meshed = bool(self.nodes_of(case))
+            others = [n for n in self.nodes if n not in nodes]
+            before = [self.opened(n, metrics) for n in nodes]
+            before_others = [self.opened(n, metrics) for n in others]
+            self.set_bypass(case)
             p = self.sb.exec(
-                CLIENT,
+                self.client_of(case),
                 ["curl", "-sS", "-m", "5", self.url(case)],
                 capture_output=True,
                 text=True,
@@ -829,19 +895,21 @@ class Bench:
                     f"{case}: curl {self.url(case)} from the client pod failed "
                     f"(exit {p.returncode}): {p.stderr.strip() or p.stdout[:200]!r}"
                 )
-            after = [self.opened(n, metrics) for n in NODES]
+            after = [self.opened(n, metrics) for n in nodes]
+            if [self.opened(n, metrics) for n in others] != before_others:
+                raise BenchError(f"{case}: agents of {', '.join(others)} saw the test request")
             grown = [
                 [k for k, v in a.items() if v > b.get(k, 0.0)]
                 for a, b in zip(after, before, strict=True)
             ]
             conns, reqs = (_growth(m, before, after) for m in (TCP_OPENED, REQUESTS))
             if not self.opts.l7:
-                want = [1.0, 1.0] if case == "mesh" else [0.0, 0.0]
+                want = [1.0, 1.0] if meshed else [0.0, 0.0]
                 wrong = conns != want
                 seen, counted, expected = f"{conns}", f"{conns} new connections", f"{want}"
             else:
                 seen = counted = f"{conns} connections and {reqs} HTTP requests"
-                if case == "mesh":  # each agent: the connection, the request, or both
+                if meshed:  # each agent: the connection, the request, or both
                     wrong = any(
                         not (c in (0.0, 1.0) and r in (0.0, 1.0) and c + r >= 1)
                         for c, r in zip(conns, reqs, strict=True)
@@ -855,7 +923,7 @@ class Bench:
                     f"{case}: the agents counted {counted} (node1, node2) for one request, "
                     f"expected {expected}: the {case} path is not what it should be"
                 )
-            if case == "mesh":
+            if meshed:
                 policies = {
                     m.split('connection_security_policy="', 1)[1].split('"', 1)[0]
                     for keys in grown
@@ -872,7 +940,7 @@ class Bench:
                         f"({'--mtls' if self.opts.mtls else 'no --mtls'})"
                     )
                 self.mesh_transport = "HBONE, mutual TLS" if self.opts.mtls else "plain TCP"
-                if self.opts.l7:
+                if self.opts.l7 and case == "mesh":
                     # node1's agent is the one that routes (the client's outbound side)
                     self.mesh_l7_seen = reqs[0] >= 1
                     if self.mesh_l7_seen:
@@ -903,6 +971,17 @@ class Bench:
                         )
             log(f"path {case}: {self.url(case)} answers ok (agents saw {seen})")
 
+    def check_capture_modes(self) -> None:
+        """node1/node2 capture with iptables, node3/node4 (eBPF cases) with eBPF."""
+        from nodeagent.admin.client import AdminClient
+
+        for node in self.nodes:
+            with AdminClient(self.sb.agent_socket(node)) as c:
+                mode = str(c.status().get("redirect_mode", "?"))
+            want = "ebpf" if node in EBPF_NODES else "iptables"
+            if mode != want:
+                raise BenchError(f"{node}'s agent captures with {mode!r}, expected {want!r}")
+
     # -- one test ---------------------------------------------------------------------------
 
     def wrk(self, case: str, *, conns: int, seconds: int, close: bool = False) -> dict[str, Any]:
@@ -911,7 +990,9 @@ class Bench:
         if close:
             argv += ["-H", "Connection: close"]
         argv.append(self.url(case))
-        p = self.sb.exec(CLIENT, argv, capture_output=True, text=True, timeout=seconds + 60)
+        p = self.sb.exec(
+            self.client_of(case), argv, capture_output=True, text=True, timeout=seconds + 60
+        )
         for line in p.stdout.splitlines():
             if line.startswith("WRKJSON "):
                 data: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
@@ -939,7 +1020,9 @@ class Bench:
         host, port = self.endpoint(case)
         argv = ["taskset", "-c", str(LOAD_CPU), sys.executable, str(ROOT / "bench/bulk_client.py")]
         argv += [host, str(port), BULK_PATH, str(seconds)]
-        p = self.sb.exec(CLIENT, argv, capture_output=True, text=True, timeout=seconds + 120)
+        p = self.sb.exec(
+            self.client_of(case), argv, capture_output=True, text=True, timeout=seconds + 120
+        )
         if p.returncode != 0:
             raise BenchError(f"bulk client exited {p.returncode}: {p.stderr.strip()}")
         data: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -957,8 +1040,8 @@ class Bench:
                 return
 
     def watched_cgroups(self) -> list[str]:
-        return [self.sb.pod_cgroup(CLIENT), self.sb.pod_cgroup(SERVER)] + [
-            self.sb.agent_cgroup(n) for n in NODES
+        return [self.sb.pod_cgroup(p) for p in self.pods] + [
+            self.sb.agent_cgroup(n) for n in self.nodes
         ]
 
     def run_test(self, rnd: int, test: str, case: str) -> None:
@@ -968,6 +1051,7 @@ class Bench:
         figures: dict[str, float | None] = {}
         retried: list[float] = []
         try:
+            self.set_bypass(case)
             while True:
                 before = CpuSnap.take(everyone, self.watched_cgroups())
                 if test == "keepalive":
@@ -1062,6 +1146,7 @@ class Bench:
         self.check_paths()
         for case in self.opts.cases:
             log(f"warm-up {case} ({self.opts.warmup}s)")
+            self.set_bypass(case)
             self.wrk(case, conns=KEEPALIVE_CONNS, seconds=self.opts.warmup)
         self.check_proxies_alive()
 
@@ -1229,11 +1314,23 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
     conf = work / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
-            dir=work, mesh_port=MESH_PORT, direct_port=DIRECT_PORT, bulk_path=BULK_PATH
+            dir=work, run=work, mesh_port=MESH_PORT, direct_port=DIRECT_PORT, bulk_path=BULK_PATH
         )
     )
     _run(
         ["nginx", "-t", "-q", "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf)]
+    )
+    ebpf_run = work / "ebpf"  # server-e's nginx: same content, its own pid file and log
+    ebpf_run.mkdir()
+    conf_e = ebpf_run / "nginx.conf"
+    conf_e.write_text(
+        NGINX_CONF.format(
+            dir=work,
+            run=ebpf_run,
+            mesh_port=MESH_PORT,
+            direct_port=DIRECT_PORT,
+            bulk_path=BULK_PATH,
+        )
     )
     (work / "report.lua").write_text(WRK_LUA)
     pod_hops = "haproxy-pod" in cases
@@ -1339,10 +1436,58 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
                 },
             }
         )
+    if set(EBPF_CASES) & set(cases):
+        docs += ebpf_pair(docs, ebpf_run, conf_e)
     mesh = work / "mesh"
     mesh.mkdir()
     (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return mesh
+
+
+def ebpf_pair(docs: list[dict[str, Any]], run: Path, conf: Path) -> list[dict[str, Any]]:
+    """The eBPF cases' objects, copied from the client/server/Service(/VirtualService) of
+    ``docs``: Nodes node3 and node4 annotated ``nodeagent.io/redirect: ebpf``, pods
+    client-e (node3) and server-e (node4) with their own nginx files, Service
+    bench-server-e on ``EBPF_CLUSTER_IP``."""
+    import copy
+
+    out: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": n, "annotations": {"nodeagent.io/redirect": "ebpf"}},
+        }
+        for n in EBPF_NODES
+    ]
+    renames = {CLIENT: (CLIENT_E, "node3"), SERVER: (SERVER_E, "node4")}
+    for doc in docs:
+        d = copy.deepcopy(doc)
+        meta = d["metadata"]
+        if d["kind"] == "Pod":
+            meta["name"], d["spec"]["nodeName"] = renames[meta["name"]]
+            meta["labels"] = {"app": meta["labels"]["app"] + "-e"}
+            for c in d["spec"]["containers"]:
+                if "args" in c:  # nginx: its own pid file and error log
+                    c["args"] = [
+                        "-e",
+                        str(run / "nginx-error.log"),
+                        "-p",
+                        str(run.parent),
+                        "-c",
+                        str(conf),
+                    ]
+        elif d["kind"] == "Service":
+            meta["name"] = "bench-server-e"
+            d["spec"]["selector"] = {"app": "bench-server-e"}
+            d["spec"]["clusterIP"] = EBPF_CLUSTER_IP
+        elif d["kind"] == "VirtualService":
+            meta["name"] = "bench-server-e"
+            d["spec"]["hosts"] = ["bench-server-e"]
+            for rule in d["spec"]["http"]:
+                for r in rule["route"]:
+                    r["destination"]["host"] = "bench-server-e"
+        out.append(d)
+    return out
 
 
 def write_certs(work: Path) -> None:
@@ -1467,6 +1612,7 @@ def ratio_pairs(cases: Sequence[str], vs_direct: bool = True) -> list[tuple[str,
     if "direct" not in cases:
         pairs = []
     pairs += [(b, "mesh") for b in ("haproxy", "haproxy-pod") if b in cases and "mesh" in cases]
+    pairs += [(b, "ebpf") for b in ("mesh", "ebpf-nobypass") if b in cases and "ebpf" in cases]
     return pairs
 
 
@@ -1612,6 +1758,8 @@ def table(
             f"{suspect} run(s) had other work above {OTHER_LOAD_WARN:.0%} of a CPU (after a retry "
             "while the budget lasted): left out where a clean run exists; * = only from such runs"
         )
+    if "ebpf" in cases:
+        lines += capture_targets(summary)
     if "haproxy" not in cases or "mesh" not in cases:
         return "\n".join(lines)
     if l7:
@@ -1630,6 +1778,22 @@ def table(
         r, key = min(gaps)
         lines.append(f"  furthest from the target: {summary[key]['label']} ({r:.2f})")
     return "\n".join(lines)
+
+
+def capture_targets(summary: dict[str, Any]) -> list[str]:
+    """Issue 6's targets (``CAPTURE_TARGETS``), PASS or FAIL on the median of rounds."""
+    lines = ["", "capture targets (issue 6; case/base, median of rounds):"]
+    for ratio, key, bound in CAPTURE_TARGETS:
+        r = summary[key]["ratios"].get(ratio)
+        label = f"{ratio} {summary[key]['label']}"
+        if not r or r.get("median") is None:
+            lines.append(f"  {label:<44} {'—':>5}  want >= {bound:.1f}  no result")
+            continue
+        value = r["median"]
+        mark = " (* only from suspect runs)" if r.get("from_suspect_runs") else ""
+        verdict = "PASS" if value >= bound else "FAIL"
+        lines.append(f"  {label:<44} {value:5.2f}  want >= {bound:.1f}  {verdict}{mark}")
+    return lines
 
 
 def l7_targets(summary: dict[str, Any], mesh_path: str | None) -> list[str]:
@@ -1720,6 +1884,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         f"(default {','.join(CASES)})",
     )
     ap.add_argument(
+        "--capture",
+        action="store_true",
+        help="issue 6: iptables vs eBPF capture and the sockmap bypass (cases "
+        f"{','.join(CAPTURE_CASES)}; with --cases, add the ones you want); the summary "
+        "checks ebpf/mesh >= 1.0 on every throughput figure and ebpf/ebpf-nobypass >= 1.3 "
+        "in bulk",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="after the rounds, profile both agents with py-spy during extra mesh runs "
@@ -1730,6 +1902,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if seconds < 1 or rounds < 1 or a.bulk_mib < 1:
         ap.error("--seconds, --rounds and --bulk-mib must be at least 1")
     cases = tuple(c.strip() for c in a.cases.split(",") if c.strip())
+    if a.capture and a.cases == ",".join(CASES):
+        cases = CAPTURE_CASES
     unknown = [c for c in cases if c not in ALL_CASES]
     if unknown or not cases or len(set(cases)) != len(cases):
         ap.error(f"--cases: pick each of {', '.join(ALL_CASES)} at most once (got {a.cases!r})")

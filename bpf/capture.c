@@ -12,6 +12,15 @@
 //   getsockopt proxy: SO_ORIGINAL_DST answered from the child's storage
 //   getpeername4 app: answered from the app socket's storage
 //
+// Local socket bypass (Merbridge-style; on when the `settings` map says so): the two
+// loopback legs inside a pod's netns -- app <-> proxy outbound listener, and proxy <->
+// app on the pod IP for inbound -- are put into the `local_socks` sockhash when they are
+// established; msg_bypass (sk_msg) then hands each sendmsg() straight to the peer
+// socket's receive queue, skipping TCP/IP. Only the payload path changes: connect,
+// accept, FIN and RST still take the stack, so the proxy sees every connection and
+// applies mTLS and policy as before. A socket whose first bytes went through the stack
+// (its peer was not in the map yet) keeps using the stack, so bytes are never reordered.
+//
 // Constants come from cflags (-D...):
 //   PROXY_MARK           SO_MARK of the proxy's own upstream sockets (0x539)
 //   OUTBOUND_PORT        proxy outbound listener, on 127.0.0.1 in each pod netns (15001)
@@ -27,6 +36,7 @@
 //   getpeername4_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_GETPEERNAME (29) pod cgroup
 //   getsockopt_odst   CGROUP_SOCKOPT (25)   / CGROUP_GETSOCKOPT (21)        PROXY's cgroup
 //   sk_lookup_inbound SK_LOOKUP (30)        / SK_LOOKUP (36)                pod netns (link)
+//   msg_bypass        SK_MSG (16)           / SK_MSG_VERDICT (7)            local_socks map
 //
 // NB getsockopt_odst must be attached to the cgroup of the process that owns the proxy's
 // LISTENING socket: an accepted socket inherits the listener's cgroup, not the client's.
@@ -97,14 +107,76 @@ BPF_TABLE_PINNED("hash", __u32, __u32, inbound_pods, 1024, PIN_DIR "/inbound_pod
 // with the mesh snapshot by the agent. Connects to anything else are left alone.
 BPF_TABLE_PINNED("hash", __u32, __u32, mesh_ips, 65536, PIN_DIR "/mesh_ips");
 // Counters for the demo / `ctl bpf`: 0 captured, 1 skipped (proxy mark),
-// 2 odst answered, 3 inbound steered.
-BPF_TABLE_PINNED("array", int, __u64, stats, 4, PIN_DIR "/stats");
+// 2 odst answered, 3 inbound steered, 4 messages and 5 bytes bypassed, 6 messages that
+// took the stack on a bypass socket (its peer was not, or no longer, in local_socks).
+BPF_TABLE_PINNED("array", int, __u64, stats, 8, PIN_DIR "/stats");
+// Istio's traffic.sidecar.istio.io/exclude{Outbound,Inbound}Ports, per pod, kept by the
+// agent: a connect() from the pod (its netns cookie) to an excluded port is not captured,
+// and inbound to an excluded port of the pod IP is not steered. The value is the pod IP,
+// so the agent can drop a pod's entries without remembering its netns cookie.
+struct exclude_out_key {
+    __u64 netns;
+    __u32 port;     // host byte order
+    __u32 pad;
+};
+struct exclude_in_key {
+    __u32 ip;       // pod IP, network byte order
+    __u32 port;     // host byte order
+};
+BPF_TABLE_PINNED("hash", struct exclude_out_key, __u32, exclude_out, 4096, PIN_DIR "/exclude_out");
+BPF_TABLE_PINNED("hash", struct exclude_in_key, __u32, exclude_in, 4096, PIN_DIR "/exclude_in");
+// Written by the agent: 0 bypass (1 = on).
+BPF_TABLE_PINNED("array", int, __u32, settings, 4, PIN_DIR "/settings");
+#define SETTING_BYPASS 0
 
-static __always_inline void count(int idx)
+// One end of a local leg, as seen from that end (addresses in network byte order, ports
+// in host byte order). The peer's key is the same with source and destination swapped;
+// the netns cookie keeps 127.0.0.1:port of different pods apart.
+struct sock_key {
+    __u64 netns;
+    __u32 sip;
+    __u32 dip;
+    __u32 sport;
+    __u32 dport;
+};
+// The local legs' sockets. A sockhash drops a socket by itself when it closes. As with
+// sk_dst, bcc 0.26 has no pinned sockhash macro with the sockhash helpers: spelled out.
+struct local_socks_table_t {
+    struct sock_key key;
+    int leaf;
+    int (*update)(struct sock_key *, int *);
+    int (*delete)(struct sock_key *);
+    int (*sock_hash_update)(void *, void *, u64);
+    int (*msg_redirect_hash)(void *, void *, u64);
+    int (*sk_redirect_hash)(void *, void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash:" PIN_DIR "/local_socks")))
+struct local_socks_table_t local_socks = { .max_entries = 65536 };
+BPF_ANNOTATE_KV_PAIR(local_socks, struct sock_key, int);
+
+// Sockets of local_socks that once sent through the stack: they keep doing so.
+struct no_bypass_table_t {
+    int key;
+    __u32 leaf;
+    void *(*sk_storage_get)(void *, void *, int);
+    int (*sk_storage_delete)(void *);
+    u32 flags;
+};
+__attribute__((section("maps/sk_storage")))
+struct no_bypass_table_t no_bypass = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(no_bypass, int, __u32);
+
+static __always_inline void count_n(int idx, __u64 n)
 {
     __u64 *v = stats.lookup(&idx);
     if (v)
-        __sync_fetch_and_add(v, 1);
+        __sync_fetch_and_add(v, n);
+}
+
+static __always_inline void count(int idx)
+{
+    count_n(idx, 1);
 }
 
 // ---------------------------------------------------------------- outbound: connect4/6
@@ -117,6 +189,11 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 dst)
         return 0;
     if (!mesh_ips.lookup(&dst))
         return 0;                       // not a mesh destination: untouched
+    struct exclude_out_key ex = {};
+    ex.netns = bpf_get_netns_cookie(ctx);
+    ex.port = bpf_ntohs((__u16)ctx->user_port);
+    if (exclude_out.lookup(&ex))
+        return 0;                       // excludeOutboundPorts
 
     // The proxy's own upstream sockets carry SO_MARK PROXY_MARK, set before connect().
     // A sock_addr program reads the socket's mark directly as ctx->sk->mark (there is
@@ -185,6 +262,29 @@ int connect6_capture(struct bpf_sock_addr *ctx)
 //    same loopback hop, before accept()): take the entry for (netns, remote ip, remote
 //    port) onto the child socket's storage and delete it. A direct, uncaptured connect
 //    to 127.0.0.1:15001 therefore never inherits a stale destination.
+static __always_inline int is_loopback(__u32 ip)
+{
+    return (bpf_ntohl(ip) >> 24) == 127;
+}
+
+// Put an established local-leg socket into local_socks (when the bypass is on).
+static __always_inline void bypass_add(struct bpf_sock_ops *skops, __u64 netns,
+                                       __u32 lip, __u32 rip)
+{
+    int idx = SETTING_BYPASS;
+    __u32 *on = settings.lookup(&idx);
+    if (!on || !*on)
+        return;
+    struct sock_key sk = {};
+    sk.netns = netns;
+    sk.sip = lip;
+    sk.dip = rip;
+    sk.sport = skops->local_port;
+    sk.dport = bpf_ntohl(skops->remote_port);
+    int err = local_socks.sock_hash_update(skops, &sk, BPF_NOEXIST);  // gotcha 2
+    (void)err;
+}
+
 int sockops_rekey(struct bpf_sock_ops *skops)
 {
     int op = skops->op;
@@ -196,24 +296,38 @@ int sockops_rekey(struct bpf_sock_ops *skops)
         return 1;
     struct tuple_key k = {};
     k.netns = bpf_get_netns_cookie(skops);
+    // A dual-stack socket's ::ffff:127.0.0.1 is the same 127.0.0.1 the proxy sees.
+    // All four fields read through volatile: clang would otherwise select the ctx
+    // offset, and the verifier rejects a modified ctx pointer.
+    __u32 lip4 = *(volatile __u32 *)&skops->local_ip4;
+    __u32 lip6 = *(volatile __u32 *)&skops->local_ip6[3];
+    __u32 rip4 = *(volatile __u32 *)&skops->remote_ip4;
+    __u32 rip6 = *(volatile __u32 *)&skops->remote_ip6[3];
+    __u32 lip = family == 2 ? lip4 : lip6;
+    __u32 rip = family == 2 ? rip4 : rip6;
 
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
         struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
-        if (!od)
-            return 1;                   // not a captured socket
+        if (!od) {
+            // the proxy dialling the app on the pod IP (inbound leg, proxy's end)
+            if (sk->mark == PROXY_MARK && rip == lip)
+                bypass_add(skops, k.netns, lip, rip);
+            return 1;
+        }
         struct orig_dst copy = *od;
-        // a dual-stack socket's ::ffff:127.0.0.1 is the same 127.0.0.1 the proxy sees
-        // both fields read, through volatile: clang would otherwise select the ctx
-        // offset, and the verifier rejects a modified ctx pointer
-        __u32 ip4 = *(volatile __u32 *)&skops->local_ip4;
-        __u32 mapped = *(volatile __u32 *)&skops->local_ip6[3];
-        k.ip = family == 2 ? ip4 : mapped;
+        k.ip = lip;
         k.port = skops->local_port;     // host byte order
         tuple_dst.update(&k, &copy);
+        bypass_add(skops, k.netns, lip, rip);   // outbound leg, app's end
     } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
-        if (skops->local_port != OUTBOUND_PORT)
+        if (skops->local_port != OUTBOUND_PORT) {
+            // the app's end of the inbound leg: accepted from its own pod IP (only the
+            // proxy's marked socket is a peer in local_socks; others find none)
+            if (rip == lip && !is_loopback(lip))
+                bypass_add(skops, k.netns, lip, rip);
             return 1;
-        k.ip = skops->remote_ip4;
+        }
+        k.ip = rip;
         // sockops remote_port is the be16 port shifted left by 16: ntohl() gives it.
         k.port = bpf_ntohl(skops->remote_port);
         struct orig_dst *od = tuple_dst.lookup(&k);
@@ -224,8 +338,49 @@ int sockops_rekey(struct bpf_sock_ops *skops)
         if (st)
             *st = copy;
         tuple_dst.delete(&k);
+        bypass_add(skops, k.netns, lip, rip);   // outbound leg, proxy's end
     }
     return 1;
+}
+
+// ---------------------------------------------------------------- local bypass: sk_msg
+// Runs on every sendmsg() of a socket in local_socks. The peer socket is the one whose
+// key is ours reversed; its receive queue gets the bytes directly (BPF_F_INGRESS).
+int msg_bypass(struct sk_msg_md *msg)
+{
+    struct bpf_sock *sk = msg->sk;
+    if (!sk)
+        return SK_PASS;
+    __u32 *stuck = no_bypass.sk_storage_get(sk, 0, 0);
+    if (stuck) {
+        count(6);
+        return SK_PASS;
+    }
+    struct sock_key peer = {};
+    peer.netns = bpf_get_netns_cookie(msg);
+    __u32 lip4 = *(volatile __u32 *)&msg->local_ip4;
+    __u32 lip6 = *(volatile __u32 *)&msg->local_ip6[3];
+    __u32 rip4 = *(volatile __u32 *)&msg->remote_ip4;
+    __u32 rip6 = *(volatile __u32 *)&msg->remote_ip6[3];
+    int v4 = msg->family == 2;
+    peer.sip = v4 ? rip4 : rip6;
+    peer.dip = v4 ? lip4 : lip6;
+    peer.sport = bpf_ntohl(msg->remote_port);
+    peer.dport = msg->local_port;
+    __u64 size = msg->size;
+    long verdict = local_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+    if (verdict == SK_PASS) {
+        count(4);
+        count_n(5, size);
+        return SK_PASS;
+    }
+    // No peer (not established yet, or gone): through the stack, now and from now on --
+    // later bytes redirected past these would overtake them.
+    __u32 *mark = no_bypass.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (mark)
+        *mark = 1;
+    count(6);
+    return SK_PASS;
 }
 
 // ---------------------------------------------------------------- outbound: getpeername
@@ -307,6 +462,11 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
     if (ctx->local_port == HBONE_PORT || ctx->local_port == INBOUND_PORT)
         return SK_PASS;
     __u32 podip = ctx->local_ip4;
+    struct exclude_in_key ex = {};
+    ex.ip = podip;
+    ex.port = ctx->local_port;
+    if (exclude_in.lookup(&ex))
+        return SK_PASS;                 // excludeInboundPorts: straight to the app
     struct bpf_sock *sk = (struct bpf_sock *)inbound_listener.lookup(&podip);
     if (!sk) {
         __u32 *captured = inbound_pods.lookup(&podip);

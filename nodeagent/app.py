@@ -22,6 +22,7 @@ from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
+from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
 from nodeagent.proxy.explain import explain
@@ -35,30 +36,50 @@ from nodeagent.telemetry.metrics import Metrics
 log = logging.getLogger("nodeagent")
 
 
-def _capture_mode(settings: AgentSettings) -> tuple[str, str, NodeCapture | None]:
-    """(mode, why, the eBPF capture) for ``--redirect``: ``iptables``; ``ebpf`` (a
-    failure is fatal); ``auto`` (eBPF where the kernel allows it, else iptables, saying
-    which probe failed)."""
-    want = settings.redirect
+def capture_settings(settings: AgentSettings, node: Node | None) -> tuple[str, str, bool]:
+    """(capture mode, where it was asked, local bypass on): the command line wins over
+    the node's annotations, which win over the defaults (iptables, bypass off)."""
+    if settings.redirect:
+        want, origin = settings.redirect, "--redirect"
+    elif node is not None and node.redirect:
+        want, origin = node.redirect, f"Node {node.name} annotation {NODE_REDIRECT}"
+    else:
+        want, origin = "iptables", "default"
+    bypass = settings.bpf_bypass
+    if bypass is None:
+        # off unless asked: with it, blocking sockets may see EAGAIN (README, eBPF capture)
+        bypass = node.bpf_bypass if node is not None and node.bpf_bypass is not None else False
+    return want, origin, bypass
+
+
+def _capture_mode(
+    settings: AgentSettings, node: Node | None = None
+) -> tuple[str, str, NodeCapture | None]:
+    """(mode, why, the eBPF capture) for the mode asked (``capture_settings``):
+    ``iptables``; ``ebpf`` (a failure is fatal); ``auto`` (eBPF where the kernel allows
+    it, else iptables, saying which probe failed)."""
+    want, origin, bypass = capture_settings(settings, node)
     if want == "iptables":
         return "iptables", "", None
     why = ebpf.probe()
     if why is None:
         try:
             t0 = time.monotonic()
-            cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir)
+            cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir, bypass)
             log.info(
-                "capture: eBPF (programs loaded in %.1fs, %d pinned link(s) re-adopted, "
-                "pins under %s)",
+                "capture: eBPF (%s; programs loaded in %.1fs, %d pinned link(s) "
+                "re-adopted, pins under %s, local bypass %s)",
+                origin,
                 time.monotonic() - t0,
                 cap.adopted,
                 cap.pin_dir,
+                "on" if bypass else "off",
             )
             return "ebpf", "", cap
         except (LocalStateError, OSError) as e:
             why = str(e)
     if want == "ebpf":
-        raise LocalStateError(f"--redirect ebpf: {why}")
+        raise LocalStateError(f"{origin} ebpf: {why}")
     log.warning("capture: iptables, because eBPF is not available: %s", why)
     return "iptables", f"auto: eBPF unavailable: {why}", None
 
@@ -88,7 +109,9 @@ class Agent:
                 settings.trust_bundle,
             )
             identity = MeshIdentity(self.certs, settings.trust_domain)
-        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings)
+        node = loaded.snapshot.node(settings.node)
+        self._node_capture = capture_settings(settings, node)
+        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings, node)
         self.proxy = Proxy(
             settings.node,
             self.snapshot,
@@ -151,8 +174,18 @@ class Agent:
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
-    def bpf_state(self) -> dict[str, Any]:
+    def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         bpf = self.proxy.bpf
+        if bypass is not None:
+            if bpf is None:
+                raise LocalStateError(
+                    f"the local socket bypass needs eBPF capture; this agent uses "
+                    f"{self.redirect_mode()}"
+                )
+            bpf.set_bypass(bypass)
+            log.info(
+                "capture: local socket bypass %s (for new connections)", "on" if bypass else "off"
+            )
         state: dict[str, Any] = {"mode": self.redirect_mode()}
         if bpf is not None:
             state.update(bpf.describe())
@@ -169,8 +202,26 @@ class Agent:
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
         self.proxy.inbound.on_snapshot(loaded.snapshot)  # rate limits that changed restart
         self.proxy.recheck(loaded.snapshot)  # live connections a policy now denies end
+        self._node_settings_changed(loaded.snapshot.node(self.node))
         self.metrics.config_reloads.labels(result="ok").inc()
         asyncio.get_running_loop().create_task(self._reconcile())
+
+    def _node_settings_changed(self, node: Node | None) -> None:
+        """A changed ``nodeagent.io/bpf-bypass`` annotation applies now (to new
+        connections); a changed capture mode needs a restart, and the log says so."""
+        want, origin, bypass = capture_settings(self.settings, node)
+        was_want, _, was_bypass = self._node_capture
+        self._node_capture = (want, origin, bypass)
+        if want != was_want:
+            log.warning(
+                "capture: %s now asks for %s; this agent keeps %s until it restarts",
+                origin,
+                want,
+                self.capture_mode,
+            )
+        if bypass != was_bypass and self.proxy.bpf is not None:
+            self.proxy.bpf.set_bypass(bypass)
+            log.info("capture: local socket bypass %s (node annotation)", "on" if bypass else "off")
 
     async def _reconcile(self) -> None:
         async with self._reconcile_lock:

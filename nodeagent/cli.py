@@ -24,15 +24,25 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-dir", default="", help="state directory")
     p.add_argument(
         "--redirect",
-        default="iptables",
+        default=None,
         choices=["iptables", "ebpf", "auto"],
         help="capture mode: iptables rules in each pod's netns; ebpf programs on each "
-        "pod's cgroup and netns (bpf/capture.c); auto: ebpf where the kernel allows it",
+        "pod's cgroup and netns (bpf/capture.c); auto: ebpf where the kernel allows it "
+        "(default: the node's nodeagent.io/redirect annotation, else iptables)",
     )
     p.add_argument(
         "--bpf-pin-dir",
         default="/sys/fs/bpf/nodeagent",
         help="bpffs directory for eBPF capture's maps and links (NODE below it)",
+    )
+    p.add_argument(
+        "--bpf-bypass",
+        default=None,
+        choices=["on", "off"],
+        help="eBPF mode: the local legs (app <-> proxy inside a pod) skip the TCP/IP stack "
+        "through a sockmap (default: the node's nodeagent.io/bpf-bypass annotation, else "
+        "off: apps using blocking sockets may see EAGAIN with it, see the README; "
+        "`nodeagent ctl bpf --bypass` switches it live)",
     )
     p.add_argument(
         "--ca-addr",

@@ -16,9 +16,14 @@ class AgentSettings:
     """Network namespace the agent enters at start (the node's); empty: stay."""
     socket_path: str = ""
     state_dir: Path = Path("/var/lib/nodeagent")
-    redirect: str = "iptables"
+    redirect: str = ""
+    """``--redirect``; empty: the node's ``nodeagent.io/redirect`` annotation, else
+    iptables (``app.capture_settings``)."""
     bpf_pin_dir: str = "/sys/fs/bpf/nodeagent"
     """Where eBPF capture pins its maps and links (``<dir>/<node>``)."""
+    bpf_bypass: bool | None = None
+    """eBPF mode: the local legs (app ↔ proxy inside a pod) skip TCP/IP (sockmap).
+    None: the node's ``nodeagent.io/bpf-bypass`` annotation, else off."""
     log_level: str = "info"
     connect_timeout: float = 5.0
     reload_interval: float = 0.5
@@ -49,8 +54,9 @@ class AgentSettings:
             netns=args.netns,
             socket_path=args.socket or f"/run/nodeagent/{node}.sock",
             state_dir=Path(args.state_dir) if args.state_dir else Path("/var/lib/nodeagent"),
-            redirect=args.redirect,
+            redirect=args.redirect or "",
             bpf_pin_dir=args.bpf_pin_dir,
+            bpf_bypass=None if args.bpf_bypass is None else args.bpf_bypass == "on",
             log_level=args.log_level,
             ca_addr=args.ca_addr,
             ca_token_file=args.ca_token_file,

@@ -97,9 +97,10 @@ class AdminClient:
             "ca": message_to_dict(resp.ca),
         }
 
-    def bpf(self) -> dict[str, Any]:
-        """The eBPF capture's state (``{"mode": ...}`` only in iptables mode)."""
-        resp = self._call("Bpf", pb.BpfRequest(), pb.BpfResponse)
+    def bpf(self, bypass: str = "") -> dict[str, Any]:
+        """The eBPF capture's state (``{"mode": ...}`` only in iptables mode); ``bypass``
+        ``on``/``off`` switches the local socket bypass first."""
+        resp = self._call("Bpf", pb.BpfRequest(bypass=bypass), pb.BpfResponse)
         state: dict[str, Any] = json.loads(resp.json)
         return state
 

@@ -367,6 +367,7 @@ def format_bpf(data: Mapping[str, Any]) -> str:
     if "programs" not in data:
         return out[0]
     out.append(f"Pins:          {data.get('pin_dir')}")
+    out.append(f"Local bypass:  {data.get('bypass')} (sockmap; new connections follow it)")
     progs = data.get("programs") or {}
     out.append("")
     out.append(
@@ -474,6 +475,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         cp = csub.add_parser(name, help=helps[name], description=helps[name])
         _add_output(cp, default=argparse.SUPPRESS)
         cp.set_defaults(func=_cmd_ctl)
+        if name == "bpf":
+            cp.add_argument(
+                "--bypass",
+                choices=["on", "off"],
+                default="",
+                help="switch the local socket bypass (sockmap) for new connections first",
+            )
     _add_explain(csub)
 
 
@@ -575,7 +583,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
                 "requests": client.requests,
                 "config": client.config_dump,
                 "certs": client.certs,
-                "bpf": client.bpf,
+                "bpf": lambda: client.bpf(getattr(args, "bypass", "")),
             }
             data = fetch[command]()
     except NodeAgentError as e:

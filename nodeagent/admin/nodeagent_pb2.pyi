@@ -298,8 +298,10 @@ class ExplainResponse(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class BpfRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("bypass",)
+    BYPASS_FIELD_NUMBER: _ClassVar[int]
+    bypass: str
+    def __init__(self, bypass: _Optional[str] = ...) -> None: ...
 
 class BpfResponse(_message.Message):
     __slots__ = ("json",)

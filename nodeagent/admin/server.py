@@ -90,10 +90,18 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Bpf(
         self, request: pb.BpfRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BpfResponse:
+        switch = {"": None, "on": True, "off": False}
+        if request.bypass not in switch:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bypass {request.bypass!r}: expected 'on' or 'off'",
+            )
+        try:
+            state = self._view.bpf_state(switch[request.bypass])
+        except LocalStateError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return await _answer(
-            "Bpf",
-            context,
-            lambda: pb.BpfResponse(json=json.dumps(self._view.bpf_state(), default=str)),
+            "Bpf", context, lambda: pb.BpfResponse(json=json.dumps(state, default=str))
         )
 
     async def Explain(

@@ -23,7 +23,7 @@ from nodeagent.control.registry import find_kind, supported_kinds
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
-from nodeagent.model.objects import Pod, PodRuntime, Service
+from nodeagent.model.objects import Node, Pod, PodRuntime, Service
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
     DEFAULT_ROOT_NAMESPACE,
@@ -341,6 +341,7 @@ def load_directory(
     authz_policies: list[AuthorizationPolicy] = []
     req_auths: list[RequestAuthentication] = []
     rate_limits: list[LocalRateLimit] = []
+    nodes: list[Node] = []
     raws: list[dict[str, Any]] = []
     files = _files(d)
     for f in files:
@@ -369,6 +370,8 @@ def load_directory(
                 req_auths.append(obj)
             elif isinstance(obj, LocalRateLimit):
                 rate_limits.append(obj)
+            elif isinstance(obj, Node):
+                nodes.append(obj)
     errors.extend(
         check_duplicate_names(
             {
@@ -380,6 +383,7 @@ def load_directory(
                 "AuthorizationPolicy": authz_policies,
                 "RequestAuthentication": req_auths,
                 "LocalRateLimit": rate_limits,
+                "Node": nodes,
             }
         )
     )
@@ -400,6 +404,7 @@ def load_directory(
         authorization_policies=tuple(authz_policies),
         request_authentications=tuple(req_auths),
         local_rate_limits=tuple(rate_limits),
+        node_objects=tuple(nodes),
         root_namespace=root_namespace,
     )
     return LoadedConfig(snapshot=snap, objects=tuple(raws))

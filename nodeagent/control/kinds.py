@@ -24,7 +24,15 @@ from nodeagent.control.schema import (
     Shape,
     check,
 )
-from nodeagent.model.objects import Container, Labels, Pod, Service, ServicePort
+from nodeagent.model.objects import (
+    NODE_ANNOTATIONS,
+    Container,
+    Labels,
+    Node,
+    Pod,
+    Service,
+    ServicePort,
+)
 from nodeagent.model.security import (
     AuthorizationPolicy,
     AuthzAction,
@@ -113,6 +121,17 @@ POD = Obj(
     required=frozenset({"metadata", "spec"}),
 )
 
+NODE = Obj(
+    {
+        "apiVersion": STR,
+        "kind": STR,
+        "metadata": METADATA,
+        "spec": Obj({"podCIDR": STR, "podCIDRs": ListOf(STR)}),
+    },
+    required=frozenset({"metadata"}),
+)
+"""A ``v1 Node``: the agent reads its own node's ``nodeagent.io/`` annotations."""
+
 SERVICE = Obj(
     {
         "apiVersion": STR,
@@ -196,6 +215,31 @@ def _meta(doc: dict[str, Any], problems: Problems) -> tuple[str, str]:
     if isinstance(ns, str) and not _DNS_LABEL.match(ns):
         problems.add("metadata.namespace", f"{ns!r} is not a valid namespace name")
     return str(ns), str(name)
+
+
+def convert_node(doc: dict[str, Any], source: str, problems: Problems) -> Node | None:
+    meta = doc.get("metadata") or {}
+    _, name = _meta(doc, problems)
+    if "namespace" in meta:
+        problems.add("metadata.namespace", "a Node is cluster-scoped: it has no namespace")
+    annotations = meta.get("annotations") or {}
+    for key, value in annotations.items():
+        if not key.startswith("nodeagent.io/"):
+            continue
+        allowed = NODE_ANNOTATIONS.get(key)
+        if allowed is None:
+            known = ", ".join(sorted(NODE_ANNOTATIONS))
+            problems.add(f"metadata.annotations.{key}", f"unknown annotation (known: {known})")
+        elif value not in allowed:
+            problems.add(
+                f"metadata.annotations.{key}", f"{value!r}: expected one of {', '.join(allowed)}"
+            )
+    return Node(
+        name=name,
+        labels=Labels.of(meta.get("labels")),
+        annotations=Labels.of(annotations),
+        source=source,
+    )
 
 
 def convert_pod(doc: dict[str, Any], source: str, problems: Problems) -> Pod | None:
@@ -1232,6 +1276,7 @@ _NETWORKING = (
 KINDS: tuple[Kind, ...] = (
     Kind(("v1",), "Pod", POD, convert_pod),
     Kind(("v1",), "Service", SERVICE, convert_service),
+    Kind(("v1",), "Node", NODE, convert_node),
     Kind(
         ("security.istio.io/v1", "security.istio.io/v1beta1"),
         "PeerAuthentication",

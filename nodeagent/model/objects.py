@@ -1,4 +1,4 @@
-"""Frozen model objects with Kubernetes shapes: Pod, Service and their parts."""
+"""Frozen model objects with Kubernetes shapes: Pod, Service, Node and their parts."""
 
 from __future__ import annotations
 
@@ -134,3 +134,35 @@ class PodRuntime:
     node: str
     netns: str
     cgroup: str = ""
+
+
+NODE_REDIRECT = "nodeagent.io/redirect"
+"""Node annotation: this node's capture mode (``iptables``, ``ebpf``, ``auto``)."""
+NODE_BPF_BYPASS = "nodeagent.io/bpf-bypass"
+"""Node annotation: eBPF mode's local socket bypass (``on``, ``off``)."""
+NODE_ANNOTATIONS = {NODE_REDIRECT: ("iptables", "ebpf", "auto"), NODE_BPF_BYPASS: ("on", "off")}
+"""The ``nodeagent.io/`` annotations a Node may carry, with their allowed values."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A ``v1 Node``: only what the agent of that node reads from it, its capture
+    settings (the agent's command-line flags win over them)."""
+
+    name: str
+    labels: Labels = field(default_factory=Labels)
+    annotations: Labels = field(default_factory=Labels)
+    source: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def redirect(self) -> str | None:
+        return self.annotations.get(NODE_REDIRECT)
+
+    @property
+    def bpf_bypass(self) -> bool | None:
+        v = self.annotations.get(NODE_BPF_BYPASS)
+        return None if v is None else v == "on"

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar, cast
 
 from nodeagent.model.authn import RequestAuthentication
-from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
+from nodeagent.model.objects import Node, Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
     DEFAULT_ROOT_NAMESPACE,
@@ -55,6 +55,8 @@ class MeshSnapshot:
     authorization_policies: tuple[AuthorizationPolicy, ...] = ()
     request_authentications: tuple[RequestAuthentication, ...] = ()
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
+    node_objects: tuple[Node, ...] = ()
+    """``v1 Node`` objects (optional): capture settings per node."""
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -77,6 +79,13 @@ class MeshSnapshot:
     )
     """Namespace → its AuthorizationPolicies, sorted by name."""
 
+    def node(self, name: str) -> Node | None:
+        """The ``v1 Node`` called ``name``, if the config has one."""
+        for n in self.node_objects:
+            if n.name == name:
+                return n
+        return None
+
     @classmethod
     def build(
         cls,
@@ -92,6 +101,7 @@ class MeshSnapshot:
         authorization_policies: tuple[AuthorizationPolicy, ...] = (),
         request_authentications: tuple[RequestAuthentication, ...] = (),
         local_rate_limits: tuple[LocalRateLimit, ...] = (),
+        node_objects: tuple[Node, ...] = (),
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
@@ -147,6 +157,7 @@ class MeshSnapshot:
             authorization_policies=authorization_policies,
             request_authentications=request_authentications,
             local_rate_limits=local_rate_limits,
+            node_objects=node_objects,
             root_namespace=root_namespace,
             pod_by_key=MappingProxyType(pod_by_key),
             pod_by_ip=MappingProxyType(pod_by_ip),

@@ -105,9 +105,10 @@ class AgentView(Protocol):
         ``{"state": "disabled"}`` when the agent has no CA."""
         ...
 
-    def bpf_state(self) -> dict[str, Any]:
+    def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         """The eBPF capture's programs, attachments, maps and counters (``mode``
-        iptables and nothing else when it is not in use)."""
+        iptables and nothing else when it is not in use); with ``bypass``, first switch
+        the local socket bypass (``LocalStateError`` when not in eBPF mode)."""
         ...
 
     def explain(self, query: ExplainQuery) -> dict[str, Any]:

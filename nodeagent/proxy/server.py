@@ -205,6 +205,14 @@ class Proxy:
                 pp = self.pods[key] = PodProxy(pod=pod, runtime=rt)
             else:
                 pp = existing
+                if (
+                    self.bpf is not None
+                    and pp.state == "ready"
+                    and _exclusions(pod) != _exclusions(pp.pod)
+                ):
+                    # eBPF mode applies changed exclude*Ports annotations to a live pod
+                    out, inb = _exclusions(pod)
+                    self.bpf.exclude(rt.ip, pp.servers[1].sockets[0], out, inb)
                 pp.pod = pod
             if pp.state != "ready":
                 await self._capture(pp)
@@ -233,7 +241,13 @@ class Proxy:
             if self.bpf is not None:
                 listener = pp.servers[1].sockets[0]
                 self.bpf.attach(
-                    key, pp.runtime.cgroup, netns_path(pp.runtime.netns), pp.runtime.ip, listener
+                    key,
+                    pp.runtime.cgroup,
+                    netns_path(pp.runtime.netns),
+                    pp.runtime.ip,
+                    listener,
+                    exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
+                    exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
                 )
                 mode = "eBPF"
             else:
@@ -927,3 +941,8 @@ class Proxy:
 
 
 __all__ = ["LocalStateError", "PodProxy", "Proxy"]
+
+
+def _exclusions(pod: Pod) -> tuple[frozenset[int], frozenset[int]]:
+    """(outbound, inbound) ports a pod's annotations leave out of capture."""
+    return pod.excluded_ports("Outbound"), pod.excluded_ports("Inbound")

@@ -9,7 +9,15 @@ What is attached where (see the C file for the data path):
 - each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
   the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``);
 - the agent's own cgroup: ``getsockopt`` (answers ``SO_ORIGINAL_DST`` on accepted
-  sockets, which belong to the listener's cgroup) and ``sockops``.
+  sockets, which belong to the listener's cgroup) and ``sockops``;
+- the ``local_socks`` sockhash: ``msg_bypass`` (sk_msg). ``sockops`` puts both ends of
+  each local leg (app ↔ proxy on loopback, proxy ↔ app on the pod IP) into that map,
+  and their payload then skips the TCP/IP stack (off unless ``--bpf-bypass on``, the
+  Node annotation or ``nodeagent ctl bpf --bypass on``; it applies to connections made
+  afterwards). Off by default: on a socket in a sockmap the kernel's tcp_bpf
+  ``recvmsg``/``sendmsg`` may return EAGAIN on a *blocking* socket after a wake-up without
+  data (seen on 6.18 with one thread reading while another writes, and with a blocking
+  ``sendall`` to a slow peer); event-loop programs (non-blocking sockets) are unaffected.
 
 Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): the maps, and
 ``links/<pod>/<prog>`` and ``links/_proxy/<prog>``. A pinned link keeps its attachment
@@ -52,7 +60,8 @@ class Prog:
     attach_type: int
     """``BPF_*`` attach type, needed at load time too (else EINVAL): CGROUP_INET4_CONNECT
     10, CGROUP_INET6_CONNECT 11, CGROUP_SOCK_OPS 3, CGROUP_INET4_GETPEERNAME 29,
-    CGROUP_INET6_GETPEERNAME 30, CGROUP_GETSOCKOPT 21, SK_LOOKUP 36."""
+    CGROUP_INET6_GETPEERNAME 30, CGROUP_GETSOCKOPT 21, SK_LOOKUP 36, SK_MSG_VERDICT 7
+    (SK_MSG, 16: attached to the ``local_socks`` map, not to a cgroup)."""
 
 
 PROGS: dict[str, Prog] = {
@@ -63,11 +72,34 @@ PROGS: dict[str, Prog] = {
     "getpeername4": Prog("getpeername4_fix", 18, 29),
     "sk_lookup": Prog("sk_lookup_inbound", 30, 36),
     "getsockopt": Prog("getsockopt_odst", 25, 21),
+    "msg_bypass": Prog("msg_bypass", 16, 7),
 }
 POD_PROGS = ("connect4", "connect6", "sockops", "getpeername4", "getpeername6")
 PROXY_PROGS = ("getsockopt", "sockops")
-MAPS = ("sk_dst", "tuple_dst", "inbound_listener", "inbound_pods", "mesh_ips", "stats")
-STATS = ("captured", "mark_skipped", "odst_answered", "inbound_steered")
+MAPS = (
+    "sk_dst",
+    "tuple_dst",
+    "inbound_listener",
+    "inbound_pods",
+    "mesh_ips",
+    "stats",
+    "settings",
+    "local_socks",
+    "exclude_out",
+    "exclude_in",
+)
+STATS = (
+    "captured",
+    "mark_skipped",
+    "odst_answered",
+    "inbound_steered",
+    "bypass_msgs",
+    "bypass_bytes",
+    "bypass_stack_msgs",
+)
+SETTING_BYPASS = 0
+SOCK_KEY_SIZE = 24
+"""``struct sock_key`` (netns u64, sip, dip, sport, dport u32), the key of ``local_socks``."""
 
 
 # -- libbpf through ctypes (libbpf1 comes with libbpfcc; calls return -errno) -----------
@@ -90,6 +122,8 @@ def _libbpf() -> Any:
         lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
         lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+        lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
         _lib = lib
     return _lib
 
@@ -113,6 +147,16 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """A link of ``prog_fd`` to a cgroup directory fd or (SK_LOOKUP) a netns fd."""
     rc = _libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
     return _check(rc, f"link_create(attach type {attach_type})")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """Attach a program to a map (SK_MSG_VERDICT): it replaces the one attached before."""
+    _check(_libbpf().bpf_prog_attach(prog_fd, target_fd, attach_type, 0), "prog_attach")
+
+
+def map_count(map_fd: int, key_size: int) -> int:
+    """How many entries a map holds (walks its keys)."""
+    return len(_keys(map_fd, key_size))
 
 
 def link_update(link_fd: int, prog_fd: int) -> None:
@@ -222,9 +266,18 @@ class Capture:
         finally:
             os.close(lfd)  # the pin holds the link now
 
-    def attach_pod(self, pod: str, cgroup: str, netns: str, pod_ip: str) -> None:
-        """Capture ``pod``: its cgroup's outbound connects and its netns's inbound.
-        ``pod`` names the pin directory (no ``/``)."""
+    def attach_pod(
+        self,
+        pod: str,
+        cgroup: str,
+        netns: str,
+        pod_ip: str,
+        exclude: Exclusions | None = None,
+    ) -> None:
+        """Capture ``pod``: its cgroup's outbound connects and its netns's inbound, but
+        not the ports ``exclude`` names. ``pod`` names the pin directory (no ``/``)."""
+        # exclusions first: no connect to an excluded port is captured, even briefly
+        self.set_exclusions(pod_ip, exclude or Exclusions())
         d = os.path.join(self.pin_dir, "links", pod)
         os.makedirs(d, exist_ok=True)
         for key in POD_PROGS:
@@ -232,6 +285,16 @@ class Capture:
         self._link("sk_lookup", netns, os.path.join(d, "sk_lookup"))
         # with no listener registered (agent down), sk_lookup then refuses (fails closed)
         map_update(self.map_fd("inbound_pods"), ip_key(pod_ip), struct.pack("=I", 1))
+
+    def set_exclusions(self, pod_ip: str, exclude: Exclusions) -> None:
+        """Make ``exclude_out``/``exclude_in`` hold exactly ``exclude`` for this pod."""
+        ip = ip_key(pod_ip)
+        out_fd, in_fd = self.map_fd("exclude_out"), self.map_fd("exclude_in")
+        drop_pod_entries(out_fd, in_fd, pod_ip)
+        for port in exclude.outbound_ports:
+            map_update(out_fd, struct.pack("=QII", exclude.netns_cookie, port, 0), ip)
+        for port in exclude.inbound_ports:
+            map_update(in_fd, ip + struct.pack("=I", port), ip)
 
     def set_mesh_ips(self, ips: set[str]) -> None:
         """Make ``mesh_ips`` hold exactly ``ips`` (pod and service addresses): connects
@@ -244,6 +307,14 @@ class Capture:
         one = struct.pack("=I", 1)
         for k in want - have_keys:
             map_update(fd, k, one)
+
+    def attach_bypass(self, on: bool) -> None:
+        """(Re)attach ``msg_bypass`` to ``local_socks`` and switch the bypass on or off:
+        sockets already in the map keep the program they were added with."""
+        prog_attach(
+            self.fns["msg_bypass"].fd, self.map_fd("local_socks"), PROGS["msg_bypass"].attach_type
+        )
+        set_bypass(self.pin_dir, on)
 
     def attach_proxy(self, cgroup: str) -> None:
         """Hook the agent's own cgroup (accepted sockets belong to the listener's)."""
@@ -267,18 +338,58 @@ class Capture:
         return done
 
 
+@dataclass(frozen=True)
+class Exclusions:
+    """A pod's ports left out of capture (Istio's ``exclude{Outbound,Inbound}Ports``)
+    and its netns cookie (``SO_NETNS_COOKIE``), which keys the outbound ones."""
+
+    netns_cookie: int = 0
+    outbound_ports: frozenset[int] = frozenset()
+    inbound_ports: frozenset[int] = frozenset()
+
+
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the netns ``sock`` lives in (what ``bpf_get_netns_cookie`` says)."""
+    return int(struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
+
+
+def _keys(fd: int, key_size: int) -> list[bytes]:
+    lib = _libbpf()
+    out: list[bytes] = []
+    prev, key = None, ct.create_string_buffer(key_size)
+    while lib.bpf_map_get_next_key(fd, prev, key) == 0:
+        out.append(key.raw)
+        prev = ct.create_string_buffer(key.raw, key_size)
+    return out
+
+
+def drop_pod_entries(out_fd: int, in_fd: int, pod_ip: str) -> None:
+    """Remove a pod's exclusions (both maps hold the pod IP as value)."""
+    ip = ip_key(pod_ip)
+    for fd, size in ((out_fd, 16), (in_fd, 8)):
+        for k in _keys(fd, size):
+            if map_lookup(fd, k, 4) == ip:
+                map_delete(fd, k)
+
+
 def detach_pod(pin_dir: str, pod: str, pod_ip: str | None = None) -> None:
     """Stop capturing ``pod``: unpinning its links detaches them."""
     shutil.rmtree(os.path.join(pin_dir, "links", pod), ignore_errors=True)
     if pod_ip:
+        fds: dict[str, int] = {}
         try:
-            fd = obj_get(os.path.join(pin_dir, "inbound_pods"))
+            for name in ("inbound_pods", "exclude_out", "exclude_in"):
+                fds[name] = obj_get(os.path.join(pin_dir, name))
+            map_delete(fds["inbound_pods"], ip_key(pod_ip))
+            drop_pod_entries(fds["exclude_out"], fds["exclude_in"], pod_ip)
         except OSError:
             return
-        try:
-            map_delete(fd, ip_key(pod_ip))
         finally:
-            os.close(fd)
+            for fd in fds.values():
+                os.close(fd)
 
 
 def teardown(pin_dir: str) -> None:
@@ -294,6 +405,30 @@ def register_inbound_listener(pin_dir: str, pod_ip: str, sock: socket.socket) ->
         map_update(fd, ip_key(pod_ip), struct.pack("=I", sock.fileno()))
     finally:
         os.close(fd)
+
+
+def set_bypass(pin_dir: str, on: bool) -> None:
+    """Switch the local socket bypass for connections established from now on."""
+    fd = obj_get(os.path.join(pin_dir, "settings"))
+    try:
+        map_update(fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
+    finally:
+        os.close(fd)
+
+
+def bypass_state(pin_dir: str) -> tuple[bool, int]:
+    """(bypass on, sockets in ``local_socks`` now: two per bypassed local leg)."""
+    fd = obj_get(os.path.join(pin_dir, "settings"))
+    try:
+        raw = map_lookup(fd, struct.pack("=i", SETTING_BYPASS), 4) or bytes(4)
+    finally:
+        os.close(fd)
+    fd = obj_get(os.path.join(pin_dir, "local_socks"))
+    try:
+        socks = map_count(fd, SOCK_KEY_SIZE)
+    finally:
+        os.close(fd)
+    return bool(struct.unpack("=I", raw)[0]), socks
 
 
 def read_stats(pin_dir: str) -> dict[str, int]:
@@ -358,24 +493,52 @@ class NodeCapture:
     """The eBPF capture of one node agent: ``Capture`` loaded (or re-adopted) at start,
     the agent's own cgroup hooked, pods attached and detached as the snapshot says."""
 
-    def __init__(self, node: str, root: str = "/sys/fs/bpf/nodeagent") -> None:
+    def __init__(
+        self, node: str, root: str = "/sys/fs/bpf/nodeagent", bypass: bool = False
+    ) -> None:
         self.pin_dir = os.path.join(root, node)
         self.cap = Capture(self.pin_dir)
         adopted = self.cap.readopt()
         self.adopted = len(adopted)
         self.cap.attach_proxy(own_cgroup())
+        self.cap.attach_bypass(bypass)
+
+    def set_bypass(self, on: bool) -> None:
+        set_bypass(self.pin_dir, on)
 
     @staticmethod
     def pin_name(pod_key: str) -> str:
         return pod_key.replace("/", "_")
 
     def attach(
-        self, pod_key: str, cgroup: str, netns: str, pod_ip: str, listener: socket.socket
+        self,
+        pod_key: str,
+        cgroup: str,
+        netns: str,
+        pod_ip: str,
+        listener: socket.socket,
+        exclude_outbound_ports: frozenset[int] = frozenset(),
+        exclude_inbound_ports: frozenset[int] = frozenset(),
     ) -> None:
+        """Capture a pod; ``listener`` (its inbound listener, in the pod's netns) is
+        registered for sk_lookup and tells the pod's netns cookie."""
         if not cgroup:
             raise LocalStateError(f"pod {pod_key} has no cgroup: eBPF capture needs one")
-        self.cap.attach_pod(self.pin_name(pod_key), cgroup, netns, pod_ip)
+        exclude = Exclusions(netns_cookie(listener), exclude_outbound_ports, exclude_inbound_ports)
+        self.cap.attach_pod(self.pin_name(pod_key), cgroup, netns, pod_ip, exclude)
         register_inbound_listener(self.pin_dir, pod_ip, listener)
+
+    def exclude(
+        self,
+        pod_ip: str,
+        listener: socket.socket,
+        outbound_ports: frozenset[int],
+        inbound_ports: frozenset[int],
+    ) -> None:
+        """A captured pod's excluded ports changed: the maps follow at once."""
+        self.cap.set_exclusions(
+            pod_ip, Exclusions(netns_cookie(listener), outbound_ports, inbound_ports)
+        )
 
     def detach(self, pod_key: str, pod_ip: str | None) -> None:
         detach_pod(self.pin_dir, self.pin_name(pod_key), pod_ip)
@@ -389,6 +552,7 @@ class NodeCapture:
             attachments[name] = sorted(os.listdir(os.path.join(links, name)))
         mesh = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["mesh_ips"])
         pods = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["inbound_pods"])
+        bypass_on, local_socks = bypass_state(self.pin_dir)
         return {
             "pin_dir": self.pin_dir,
             "programs": {
@@ -399,7 +563,9 @@ class NodeCapture:
             "maps": {
                 "mesh_ips": {"entries": len(mesh), "addresses": mesh},
                 "inbound_pods": {"entries": len(pods), "addresses": pods},
+                "local_socks": {"entries": local_socks},
             },
+            "bypass": "on" if bypass_on else "off",
             "stats": read_stats(self.pin_dir),
         }
 

@@ -91,7 +91,7 @@ REDIRECT_MODES = tuple(
 own ``REDIRECT_MODES``). CI runs both."""
 
 OUR_BPF_PROGS = {"connect4_captur", "connect6_captur", "sockops_rekey", "getpeername4_fi",
-                 "getpeername6_fi", "getsockopt_odst", "sk_lookup_inbou"}
+                 "getpeername6_fi", "getsockopt_odst", "sk_lookup_inbou", "msg_bypass"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

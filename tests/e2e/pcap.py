@@ -1,10 +1,14 @@
 """Just enough pcap reading for the wire tests: TCP payloads per direction of a capture
-(from ``tcpdump -w``, Ethernet link type), and a check that a byte stream is a sequence
-of well-formed TLS records."""
+(from ``tcpdump -w``, Ethernet link type), a check that a byte stream is a sequence
+of well-formed TLS records, and ``Tcpdump`` to capture one interface of a netns."""
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +88,24 @@ def read_pcap(path: Path) -> Capture:
     return Capture(streams=streams, sizes=sizes, packets=packets)
 
 
+def tcp_payload_total(data: bytes) -> int:
+    """Sum of the TCP payload lengths (IP total length minus IP and TCP headers) of every
+    IPv4 packet of a little-endian, Ethernet-linktype pcap (``tcpdump -w`` on lo or a veth)."""
+    off, total = 24, 0
+    while off + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, off + 8)[0]
+        pkt = data[off + 16 : off + 16 + caplen]
+        off += 16 + caplen
+        ip = pkt[14:]
+        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 6:
+            continue
+        ihl = (ip[0] & 0x0F) * 4
+        if len(ip) < ihl + 13:
+            continue
+        total += struct.unpack_from("!H", ip, 2)[0] - ihl - (ip[ihl + 12] >> 4) * 4
+    return total
+
+
 def tls_records(stream: bytes) -> list[tuple[int, int]]:
     """``(content type, length)`` of each TLS record; raises ValueError if the stream is
     not a sequence of TLS records (a trailing partial record is allowed: capture cut)."""
@@ -123,3 +145,55 @@ def server_hello_version(stream: bytes) -> int | None:
             return int(struct.unpack_from("!H", hs, i + 4)[0])
         i += 4 + elen
     return int(legacy)
+
+
+class Tcpdump:
+    """``tcpdump -i IFACE`` (TCP only) inside the netns at ``netns_path``, writing to
+    ``path``; ``stop()`` ends it and reads the capture."""
+
+    def __init__(self, netns_path: str, iface: str, path: Path, snaplen: int = 0) -> None:
+        self.path = path
+        self.p = subprocess.Popen(
+            # --immediate-mode: without it packets wait in a kernel block for up to 1 s,
+            # and whatever is still waiting when tcpdump is stopped is lost
+            ["nsenter", f"--net={netns_path}", "tcpdump", "-i", iface, "--immediate-mode",
+             "-U", "-B", "32768",
+             "-s", str(snaplen), "-w", str(path), "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        # capturing once it says "listening on" (can take over a second on a busy box)
+        assert self.p.stderr is not None
+        deadline = time.monotonic() + 15
+        seen = ""
+        while "listening on" not in seen:
+            line = self.p.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.p.kill()
+                raise RuntimeError(f"tcpdump -i {iface} in {netns_path} did not start: {seen}")
+            seen += line
+        time.sleep(0.2)
+
+    def stop_capture(self) -> None:
+        time.sleep(0.5)  # the last packets reach the file
+        self.p.send_signal(signal.SIGINT)
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+    def stop(self) -> Capture:
+        self.stop_capture()
+        try:
+            return read_pcap(self.path)
+        finally:
+            os.unlink(self.path)
+
+    def payload_bytes(self) -> int:
+        """Stop; how many TCP payload bytes crossed the interface (all flows, from each
+        packet's IP and TCP headers, so a short snaplen is enough)."""
+        self.stop_capture()
+        try:
+            return tcp_payload_total(self.path.read_bytes())
+        finally:
+            os.unlink(self.path)
