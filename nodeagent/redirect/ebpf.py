@@ -17,7 +17,8 @@ What is attached where (see the C file for the data path):
   afterwards). Off by default: on a socket in a sockmap the kernel's tcp_bpf
   ``recvmsg``/``sendmsg`` may return EAGAIN on a *blocking* socket after a wake-up without
   data (seen on 6.18 with one thread reading while another writes, and with a blocking
-  ``sendall`` to a slow peer); event-loop programs (non-blocking sockets) are unaffected.
+  ``sendall`` to a slow peer); and redirected bytes bypass the peer's receive window, so a
+  writer faster than its reader fills the peer's queue until ``send`` fails with ENOMEM.
 
 Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): the maps, and
 ``links/<pod>/<prog>`` and ``links/_proxy/<prog>``. A pinned link keeps its attachment
@@ -44,7 +45,8 @@ from typing import Any
 
 from nodeagent.errors import LocalStateError
 
-SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "capture.c"
+SOURCE = Path(__file__).resolve().parents[1] / "bpf" / "capture.c"
+"""``bpf/capture.c``, reached through the package's ``bpf`` link so that a wheel carries it."""
 PROXY_MARK = 0x539
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
