@@ -186,8 +186,8 @@ class AdminClient:
                 f"the agent on {self.socket_path} did not answer {method} within "
                 f"{self.timeout:g}s: is it overloaded or stuck? (see its log)"
             )
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return LocalStateError(details)
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            return LocalStateError(details)  # the agent's own words on what is wrong
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return LocalStateError(
                 f"the agent on {self.socket_path} does not know {method}: "

@@ -96,12 +96,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"bypass {request.bypass!r}: expected 'on' or 'off'",
             )
-        try:
-            state = self._view.bpf_state(switch[request.bypass])
-        except LocalStateError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        bypass = switch[request.bypass]
         return await _answer(
-            "Bpf", context, lambda: pb.BpfResponse(json=json.dumps(state, default=str))
+            "Bpf",
+            context,
+            lambda: pb.BpfResponse(json=json.dumps(self._view.bpf_state(bypass), default=str)),
         )
 
     async def Explain(
@@ -200,9 +199,13 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
 async def _answer(
     name: str, context: grpc.aio.ServicerContext[Any, Any], build: Callable[[], _T]
 ) -> _T:
-    """Run one handler; turn any error into an ``INTERNAL`` status naming the RPC."""
+    """Run one handler; a ``LocalStateError`` (the agent cannot do what was asked in its
+    present state) becomes ``FAILED_PRECONDITION`` with its message, any other error an
+    ``INTERNAL`` status naming the RPC."""
     try:
         return build()
+    except LocalStateError as e:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except Exception as e:
         log.exception("node agent socket: %s failed", name)
         await context.abort(

@@ -113,6 +113,9 @@ def make_snapshot() -> MeshSnapshot:
     )
 
 
+BYPASS_REFUSED = "the local socket bypass needs eBPF capture; this agent uses iptables"
+
+
 @dataclass
 class FakeView:
     """An ``AgentView`` over a fixed snapshot, with switches for readiness and failures."""
@@ -157,6 +160,12 @@ class FakeView:
 
     def redirect_mode(self) -> str:
         return "iptables"
+
+    def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
+        self._maybe_fail("bpf_state")
+        if bypass is not None:  # as the agent says in iptables mode
+            raise LocalStateError(BYPASS_REFUSED)
+        return {"mode": "iptables"}
 
     def config_dump(self) -> list[dict[str, Any]]:
         return [
@@ -619,6 +628,21 @@ def test_a_failing_handler_answers_an_error_and_the_server_lives_on(agent: Agent
         agent.view.fail = ""
         assert c.connections() == []
         assert c.status()["node"] == NODE
+
+
+def test_bpf_refusal_and_failure_are_told_apart(agent: Agent) -> None:
+    with agent.client() as c:
+        assert c.bpf() == {"mode": "iptables"}
+        with pytest.raises(LocalStateError) as e:  # FAILED_PRECONDITION: the agent's words
+            c.bpf("on")
+        assert str(e.value) == BYPASS_REFUSED
+        with pytest.raises(LocalStateError, match="expected 'on' or 'off'"):
+            c.bpf("maybe")
+        agent.view.fail = "bpf_state"  # anything else: INTERNAL, naming the RPC
+        with pytest.raises(LocalStateError) as e:
+            c.bpf()
+        assert "Bpf failed in the agent: RuntimeError: boom" in str(e.value)
+        agent.view.fail = ""
 
 
 def test_no_agent_listening_is_a_clean_error(short_dir: str) -> None:
