@@ -34,11 +34,13 @@ and connect4 also skips sockets carrying ``PROXY_MARK`` (``SO_MARK``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 import shutil
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +102,12 @@ STATS = (
     "bypass_stack_msgs",
 )
 SETTING_BYPASS = 0
-SOCK_KEY_SIZE = 24
-"""``struct sock_key`` (netns u64, sip, dip, sport, dport u32), the key of ``local_socks``."""
+SOCK_KEY = struct.Struct("=Q4sIII")
+"""``struct sock_key`` (netns, sip, dip, sport, dport), the key of ``local_socks``."""
+EXCLUDE_OUT_KEY = struct.Struct("=QII")
+"""``struct exclude_out_key`` (netns cookie, port, pad), the key of ``exclude_out``."""
+EXCLUDE_IN_KEY = struct.Struct("=4sI")
+"""``struct exclude_in_key`` (pod IP, port), the key of ``exclude_in``."""
 
 
 # -- libbpf through ctypes (libbpf1 comes with libbpfcc; calls return -errno) -----------
@@ -143,6 +149,16 @@ def obj_pin(fd: int, path: str) -> None:
 def obj_get(path: str) -> int:
     """An fd for a pinned map, program or link."""
     return _check(_libbpf().bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+@contextlib.contextmanager
+def pinned(*path: str) -> Iterator[int]:
+    """An fd for the pinned object at ``os.path.join(*path)``, closed afterwards."""
+    fd = obj_get(os.path.join(*path))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
@@ -252,11 +268,8 @@ class Capture:
 
     def _link(self, key: str, target_path: str, pin: str) -> None:
         if os.path.exists(pin):  # attached by an earlier run: run our program now
-            fd = obj_get(pin)
-            try:
+            with pinned(pin) as fd:
                 link_update(fd, self.fns[key].fd)
-            finally:
-                os.close(fd)
             return
         tfd = os.open(target_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -294,9 +307,9 @@ class Capture:
         out_fd, in_fd = self.map_fd("exclude_out"), self.map_fd("exclude_in")
         drop_pod_entries(out_fd, in_fd, pod_ip)
         for port in exclude.outbound_ports:
-            map_update(out_fd, struct.pack("=QII", exclude.netns_cookie, port, 0), ip)
+            map_update(out_fd, EXCLUDE_OUT_KEY.pack(exclude.netns_cookie, port, 0), ip)
         for port in exclude.inbound_ports:
-            map_update(in_fd, ip + struct.pack("=I", port), ip)
+            map_update(in_fd, EXCLUDE_IN_KEY.pack(ip, port), ip)
 
     def set_mesh_ips(self, ips: set[str]) -> None:
         """Make ``mesh_ips`` hold exactly ``ips`` (pod and service addresses): connects
@@ -331,11 +344,8 @@ class Capture:
         links = os.path.join(self.pin_dir, "links")
         for pod in sorted(os.listdir(links)):
             for key in sorted(os.listdir(os.path.join(links, pod))):
-                fd = obj_get(os.path.join(links, pod, key))
-                try:
+                with pinned(os.path.join(links, pod, key)) as fd:
                     link_update(fd, self.fns[key].fd)
-                finally:
-                    os.close(fd)
                 done.append(f"{pod}/{key}")
         return done
 
@@ -371,7 +381,7 @@ def _keys(fd: int, key_size: int) -> list[bytes]:
 def drop_pod_entries(out_fd: int, in_fd: int, pod_ip: str) -> None:
     """Remove a pod's exclusions (both maps hold the pod IP as value)."""
     ip = ip_key(pod_ip)
-    for fd, size in ((out_fd, 16), (in_fd, 8)):
+    for fd, size in ((out_fd, EXCLUDE_OUT_KEY.size), (in_fd, EXCLUDE_IN_KEY.size)):
         for k in _keys(fd, size):
             if map_lookup(fd, k, 4) == ip:
                 map_delete(fd, k)
@@ -381,17 +391,16 @@ def detach_pod(pin_dir: str, pod: str, pod_ip: str | None = None) -> None:
     """Stop capturing ``pod``: unpinning its links detaches them."""
     shutil.rmtree(os.path.join(pin_dir, "links", pod), ignore_errors=True)
     if pod_ip:
-        fds: dict[str, int] = {}
         try:
-            for name in ("inbound_pods", "exclude_out", "exclude_in"):
-                fds[name] = obj_get(os.path.join(pin_dir, name))
-            map_delete(fds["inbound_pods"], ip_key(pod_ip))
-            drop_pod_entries(fds["exclude_out"], fds["exclude_in"], pod_ip)
+            with (
+                pinned(pin_dir, "inbound_pods") as pods,
+                pinned(pin_dir, "exclude_out") as out_fd,
+                pinned(pin_dir, "exclude_in") as in_fd,
+            ):
+                map_delete(pods, ip_key(pod_ip))
+                drop_pod_entries(out_fd, in_fd, pod_ip)
         except OSError:
             return
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
 
 def teardown(pin_dir: str) -> None:
@@ -402,48 +411,33 @@ def teardown(pin_dir: str) -> None:
 def register_inbound_listener(pin_dir: str, pod_ip: str, sock: socket.socket) -> None:
     """Put the proxy's inbound listener of ``pod_ip`` into the pinned sockhash (no bcc
     needed); the entry goes away by itself when the socket closes."""
-    fd = obj_get(os.path.join(pin_dir, "inbound_listener"))
-    try:
+    with pinned(pin_dir, "inbound_listener") as fd:
         map_update(fd, ip_key(pod_ip), struct.pack("=I", sock.fileno()))
-    finally:
-        os.close(fd)
 
 
 def set_bypass(pin_dir: str, on: bool) -> None:
     """Switch the local socket bypass for connections established from now on."""
-    fd = obj_get(os.path.join(pin_dir, "settings"))
-    try:
+    with pinned(pin_dir, "settings") as fd:
         map_update(fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
-    finally:
-        os.close(fd)
 
 
 def bypass_state(pin_dir: str) -> tuple[bool, int]:
     """(bypass on, sockets in ``local_socks`` now: two per bypassed local leg)."""
-    fd = obj_get(os.path.join(pin_dir, "settings"))
-    try:
+    with pinned(pin_dir, "settings") as fd:
         raw = map_lookup(fd, struct.pack("=i", SETTING_BYPASS), 4) or bytes(4)
-    finally:
-        os.close(fd)
-    fd = obj_get(os.path.join(pin_dir, "local_socks"))
-    try:
-        socks = map_count(fd, SOCK_KEY_SIZE)
-    finally:
-        os.close(fd)
+    with pinned(pin_dir, "local_socks") as fd:
+        socks = map_count(fd, SOCK_KEY.size)
     return bool(struct.unpack("=I", raw)[0]), socks
 
 
 def read_stats(pin_dir: str) -> dict[str, int]:
     """The programs' counters (``STATS``)."""
-    fd = obj_get(os.path.join(pin_dir, "stats"))
-    try:
+    with pinned(pin_dir, "stats") as fd:
         out = {}
         for i, name in enumerate(STATS):
             raw = map_lookup(fd, struct.pack("=i", i), 8) or bytes(8)
             out[name] = struct.unpack("=Q", raw)[0]
         return out
-    finally:
-        os.close(fd)
 
 
 def probe() -> str | None:

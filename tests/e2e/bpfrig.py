@@ -297,18 +297,16 @@ def _link_prog_ids() -> dict:
     res = {}
     for pod in sorted(os.listdir(f"{PIN}/links")):
         for key in sorted(os.listdir(f"{PIN}/links/{pod}")):
-            fd = ebpf.obj_get(f"{PIN}/links/{pod}/{key}")
-            res[f"{pod}/{key}"] = ebpf.link_prog_id(fd)
-            os.close(fd)
+            with ebpf.pinned(PIN, "links", pod, key) as fd:
+                res[f"{pod}/{key}"] = ebpf.link_prog_id(fd)
     return res
 
 
 def _pinned_map_ids() -> dict:
     res = {}
     for m in ebpf.MAPS:
-        fd = ebpf.obj_get(f"{PIN}/{m}")
-        res[m] = ebpf.obj_id(fd)
-        os.close(fd)
+        with ebpf.pinned(PIN, m) as fd:
+            res[m] = ebpf.obj_id(fd)
     return res
 
 
