@@ -205,14 +205,10 @@ class Proxy:
                 pp = self.pods[key] = PodProxy(pod=pod, runtime=rt)
             else:
                 pp = existing
-                if (
-                    self.bpf is not None
-                    and pp.state == "ready"
-                    and _exclusions(pod) != _exclusions(pp.pod)
-                ):
+                excluded = _exclusions(pod)
+                if self.bpf is not None and pp.state == "ready" and excluded != _exclusions(pp.pod):
                     # eBPF mode applies changed exclude*Ports annotations to a live pod
-                    out, inb = _exclusions(pod)
-                    self.bpf.exclude(rt.ip, pp.servers[1].sockets[0], out, inb)
+                    self.bpf.exclude(rt.ip, pp.servers[1].sockets[0], *excluded)
                 pp.pod = pod
             if pp.state != "ready":
                 await self._capture(pp)
@@ -238,6 +234,7 @@ class Proxy:
                 )
             if self.identity is not None and pp.hbone is None:
                 await self._start_hbone(pp)
+            out_ports, in_ports = _exclusions(pp.pod)
             if self.bpf is not None:
                 listener = pp.servers[1].sockets[0]
                 self.bpf.attach(
@@ -246,14 +243,13 @@ class Proxy:
                     netns_path(pp.runtime.netns),
                     pp.runtime.ip,
                     listener,
-                    exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
-                    exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
+                    exclude_outbound_ports=out_ports,
+                    exclude_inbound_ports=in_ports,
                 )
                 mode = "eBPF"
             else:
                 spec = iptables.CaptureSpec(
-                    exclude_outbound_ports=pp.pod.excluded_ports("Outbound"),
-                    exclude_inbound_ports=pp.pod.excluded_ports("Inbound"),
+                    exclude_outbound_ports=out_ports, exclude_inbound_ports=in_ports
                 )
                 pp.rules = await iptables.apply_rules(pp.runtime.netns, spec)
                 mode = "iptables"
