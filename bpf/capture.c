@@ -262,6 +262,17 @@ int connect6_capture(struct bpf_sock_addr *ctx)
 //    same loopback hop, before accept()): take the entry for (netns, remote ip, remote
 //    port) onto the child socket's storage and delete it. A direct, uncaptured connect
 //    to 127.0.0.1:15001 therefore never inherits a stale destination.
+// The IPv4 address of one end (`local` or `remote`) of a sockops or sk_msg context: the
+// v4 field, or for a dual-stack socket the low word of its v4-mapped v6 address (its
+// ::ffff:127.0.0.1 is the same 127.0.0.1 the proxy sees). Read through volatile: clang
+// would otherwise select the ctx offset, and the verifier rejects a modified ctx pointer
+// (both fields are read, then one is chosen: a conditional read is rejected the same way).
+#define END_IP4(ctx, end, is_v4) ({                              \
+    __u32 _v4 = *(volatile __u32 *)&(ctx)->end##_ip4;           \
+    __u32 _mapped = *(volatile __u32 *)&(ctx)->end##_ip6[3];    \
+    (is_v4) ? _v4 : _mapped;                                     \
+})
+
 static __always_inline int is_loopback(__u32 ip)
 {
     return (bpf_ntohl(ip) >> 24) == 127;
@@ -296,15 +307,8 @@ int sockops_rekey(struct bpf_sock_ops *skops)
         return 1;
     struct tuple_key k = {};
     k.netns = bpf_get_netns_cookie(skops);
-    // A dual-stack socket's ::ffff:127.0.0.1 is the same 127.0.0.1 the proxy sees.
-    // All four fields read through volatile: clang would otherwise select the ctx
-    // offset, and the verifier rejects a modified ctx pointer.
-    __u32 lip4 = *(volatile __u32 *)&skops->local_ip4;
-    __u32 lip6 = *(volatile __u32 *)&skops->local_ip6[3];
-    __u32 rip4 = *(volatile __u32 *)&skops->remote_ip4;
-    __u32 rip6 = *(volatile __u32 *)&skops->remote_ip6[3];
-    __u32 lip = family == 2 ? lip4 : lip6;
-    __u32 rip = family == 2 ? rip4 : rip6;
+    __u32 lip = END_IP4(skops, local, family == 2);
+    __u32 rip = END_IP4(skops, remote, family == 2);
 
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
         struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
@@ -358,13 +362,9 @@ int msg_bypass(struct sk_msg_md *msg)
     }
     struct sock_key peer = {};
     peer.netns = bpf_get_netns_cookie(msg);
-    __u32 lip4 = *(volatile __u32 *)&msg->local_ip4;
-    __u32 lip6 = *(volatile __u32 *)&msg->local_ip6[3];
-    __u32 rip4 = *(volatile __u32 *)&msg->remote_ip4;
-    __u32 rip6 = *(volatile __u32 *)&msg->remote_ip6[3];
     int v4 = msg->family == 2;
-    peer.sip = v4 ? rip4 : rip6;
-    peer.dip = v4 ? lip4 : lip6;
+    peer.sip = END_IP4(msg, remote, v4);
+    peer.dip = END_IP4(msg, local, v4);
     peer.sport = bpf_ntohl(msg->remote_port);
     peer.dport = msg->local_port;
     __u64 size = msg->size;
