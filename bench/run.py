@@ -1311,26 +1311,20 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
     bulk = work / BULK_PATH.lstrip("/")
     with open(bulk, "wb") as f:
         f.truncate(bulk_mib * 1024 * 1024)  # sparse, on tmpfs: no page cache churn
-    conf = work / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            dir=work, run=work, mesh_port=MESH_PORT, direct_port=DIRECT_PORT, bulk_path=BULK_PATH
+
+    def nginx_conf(run: Path) -> Path:
+        """An nginx config serving ``work`` with its pid file and error log in ``run``."""
+        conf = run / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=work, run=run, mesh_port=MESH_PORT, direct_port=DIRECT_PORT, bulk_path=BULK_PATH
+            )
         )
-    )
+        return conf
+
+    conf = nginx_conf(work)
     _run(
         ["nginx", "-t", "-q", "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf)]
-    )
-    ebpf_run = work / "ebpf"  # server-e's nginx: same content, its own pid file and log
-    ebpf_run.mkdir()
-    conf_e = ebpf_run / "nginx.conf"
-    conf_e.write_text(
-        NGINX_CONF.format(
-            dir=work,
-            run=ebpf_run,
-            mesh_port=MESH_PORT,
-            direct_port=DIRECT_PORT,
-            bulk_path=BULK_PATH,
-        )
     )
     (work / "report.lua").write_text(WRK_LUA)
     pod_hops = "haproxy-pod" in cases
@@ -1437,7 +1431,9 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
             }
         )
     if set(EBPF_CASES) & set(cases):
-        docs += ebpf_pair(docs, ebpf_run, conf_e)
+        ebpf_run = work / "ebpf"  # server-e's nginx: same content, its own pid file and log
+        ebpf_run.mkdir()
+        docs += ebpf_pair(docs, ebpf_run, nginx_conf(ebpf_run))
     mesh = work / "mesh"
     mesh.mkdir()
     (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
