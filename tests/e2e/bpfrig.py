@@ -499,9 +499,11 @@ def echo_watching_lo(bypass: bool) -> tuple[dict, int, int]:
     bytes seen on the pod's lo, bytes the programs counted as bypassed)."""
     ebpf.set_bypass(PIN, bypass)
     before = ebpf.read_stats(PIN)["bypass_bytes"]
-    lo = Tcpdump(NS_PATH, "lo", Path("/tmp/natb-lo.pcap"))
+    path = Path("/tmp/natb-lo.pcap")
+    lo = Tcpdump(NS_PATH, "lo", path)
     r = run_role(["client-echo", HOST_IP, str(ECHO_PORT)])
     on_lo = lo.payload_bytes()
+    path.unlink()
     return r, on_lo, ebpf.read_stats(PIN)["bypass_bytes"] - before
 
 

@@ -4,7 +4,6 @@ of well-formed TLS records, and ``Tcpdump`` to capture one interface of a netns.
 
 from __future__ import annotations
 
-import os
 import signal
 import struct
 import subprocess
@@ -24,6 +23,9 @@ class Capture:
     sizes: dict[Flow, int]
     """All payload bytes seen per direction (holes or not)."""
     packets: int
+    declared: int = 0
+    """TCP payload bytes of all packets as their IP and TCP headers declare them: counts
+    what a short snaplen cut off (duplicates and retransmissions included)."""
 
 
 def _ip(b: bytes) -> str:
@@ -42,7 +44,7 @@ def read_pcap(path: Path) -> Capture:
     linktype = struct.unpack_from(endian + "I", data, 20)[0]
     off = 24
     segments: dict[Flow, dict[int, bytes]] = defaultdict(dict)
-    packets = 0
+    packets = declared = 0
     while off + 16 <= len(data):
         _, _, caplen, _ = struct.unpack_from(endian + "IIII", data, off)
         off += 16
@@ -66,6 +68,7 @@ def read_pcap(path: Path) -> Capture:
         tcp = ip[ihl:total]
         sport, dport, seq = struct.unpack_from("!HHI", tcp, 0)
         doff = (tcp[12] >> 4) * 4
+        declared += total - ihl - doff
         payload = tcp[doff:]
         if payload:
             flow = (_ip(ip[12:16]), sport, _ip(ip[16:20]), dport)
@@ -85,25 +88,7 @@ def read_pcap(path: Path) -> Capture:
             expected = max(expected or 0, seq + len(segs[seq]))
         streams[flow] = bytes(out)
         sizes[flow] = sum(len(p) for p in segs.values())
-    return Capture(streams=streams, sizes=sizes, packets=packets)
-
-
-def tcp_payload_total(data: bytes) -> int:
-    """Sum of the TCP payload lengths (IP total length minus IP and TCP headers) of every
-    IPv4 packet of a little-endian, Ethernet-linktype pcap (``tcpdump -w`` on lo or a veth)."""
-    off, total = 24, 0
-    while off + 16 <= len(data):
-        caplen = struct.unpack_from("<I", data, off + 8)[0]
-        pkt = data[off + 16 : off + 16 + caplen]
-        off += 16 + caplen
-        ip = pkt[14:]
-        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 6:
-            continue
-        ihl = (ip[0] & 0x0F) * 4
-        if len(ip) < ihl + 13:
-            continue
-        total += struct.unpack_from("!H", ip, 2)[0] - ihl - (ip[ihl + 12] >> 4) * 4
-    return total
+    return Capture(streams=streams, sizes=sizes, packets=packets, declared=declared)
 
 
 def tls_records(stream: bytes) -> list[tuple[int, int]]:
@@ -149,7 +134,7 @@ def server_hello_version(stream: bytes) -> int | None:
 
 class Tcpdump:
     """``tcpdump -i IFACE`` (TCP only) inside the netns at ``netns_path``, writing to
-    ``path``; ``stop()`` ends it and reads the capture."""
+    ``path`` (the caller's file); ``stop()`` ends it and reads the capture."""
 
     def __init__(self, netns_path: str, iface: str, path: Path, snaplen: int = 0) -> None:
         self.path = path
@@ -173,7 +158,7 @@ class Tcpdump:
             seen += line
         time.sleep(0.2)
 
-    def stop_capture(self) -> None:
+    def stop(self) -> Capture:
         time.sleep(0.5)  # the last packets reach the file
         self.p.send_signal(signal.SIGINT)
         try:
@@ -181,19 +166,9 @@ class Tcpdump:
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()
-
-    def stop(self) -> Capture:
-        self.stop_capture()
-        try:
-            return read_pcap(self.path)
-        finally:
-            os.unlink(self.path)
+        return read_pcap(self.path)
 
     def payload_bytes(self) -> int:
-        """Stop; how many TCP payload bytes crossed the interface (all flows, from each
-        packet's IP and TCP headers, so a short snaplen is enough)."""
-        self.stop_capture()
-        try:
-            return tcp_payload_total(self.path.read_bytes())
-        finally:
-            os.unlink(self.path)
+        """Stop; how many TCP payload bytes crossed the interface (all flows, as the
+        headers declare them, so a short snaplen is enough)."""
+        return self.stop().declared

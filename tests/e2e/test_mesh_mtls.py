@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from nodeagent.sandbox.manager import CA_DIR, CA_SOCKET
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
 from certs import TestCA, make_ca
-from pcap import read_pcap, server_hello_version, tls_records
+from pcap import Tcpdump, server_hello_version, tls_records
 
 pytestmark = [pytest.mark.privileged]
 
@@ -92,27 +91,8 @@ def test_wire_between_nodes_carries_only_tls13(sb: Sandbox, tmp_path: Path) -> N
     src = tmp_path / "payload"
     src.write_bytes(payload)
     pcap = tmp_path / "wire.pcap"
-    dump = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net={netns_path(sb.node_netns('node1'))}",
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-U",
-            "-B",
-            "32768",
-            "-s",
-            "0",
-            "-w",
-            str(pcap),
-            "tcp",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    dump = Tcpdump(netns_path(sb.node_netns("node1")), "eth0", pcap)
     try:
-        time.sleep(1.0)
         code = (
             "import socket,hashlib;"
             "s=socket.create_connection(('echo',9000));"
@@ -122,11 +102,8 @@ def test_wire_between_nodes_carries_only_tls13(sb: Sandbox, tmp_path: Path) -> N
         p = sb.exec("client", [PY, "-c", code], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == hashlib.sha256(payload).hexdigest()
-        time.sleep(0.5)
     finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
-    cap = read_pcap(pcap)
+        cap = dump.stop()
     raw = pcap.read_bytes()
     # no 32-byte window of the payload appears anywhere on the wire
     for i in range(0, len(payload) - 32, len(payload) // 200):
