@@ -18,7 +18,9 @@ Cases (same netns, same links; the upstream is one nginx worker in the server po
 - ``haproxy``: client pod → HAProxy in node1's netns → HAProxy in node2's netns → server pod
   port 8081 (Debian's HAProxy, TCP mode, ``nbthread 1``; ports excluded from capture);
 - ``mesh``: client pod → the Service's clusterIP:8080 → node1's agent (outbound listener in
-  the client pod's netns) → node2's agent (inbound, in the server pod's netns) → nginx:8080;
+  the client pod's netns) → node2's agent (inbound, in the server pod's netns) → nginx:8080,
+  captured as the agents do by default (``--redirect auto``: eBPF where the kernel allows
+  it; the header says which), or with iptables in ``--capture`` runs;
 - ``haproxy-pod`` (diagnostic, ``--cases``): the HAProxies where the agents' sockets are;
 - ``ebpf``, ``ebpf-bypass`` (``--capture``): the ``mesh`` case again on a second pair of
   nodes (node3 → node4, pods client-e → server-e) whose agents capture with eBPF (the
@@ -635,6 +637,8 @@ class Bench:
     warnings: list[str] = field(default_factory=list)
     profile: dict[str, Any] = field(default_factory=dict)
     mesh_transport: str = "?"
+    mesh_capture: str = "?"
+    """How node1/node2 capture (``check_capture_modes``): the ``mesh`` case's capture."""
     mesh_l7_seen: bool | None = None
     """``--l7``: whether node1's agent (the one that routes) counted the test request in
     ``istio_requests_total`` (the mesh took an L7 path); None without ``--l7`` or before the
@@ -972,15 +976,25 @@ class Bench:
             log(f"path {case}: {self.url(case)} answers ok (agents saw {seen})")
 
     def check_capture_modes(self) -> None:
-        """node1/node2 capture with iptables, node3/node4 (eBPF cases) with eBPF."""
+        """With an eBPF case (``--capture``): node1/node2 capture with iptables, node3/node4
+        with eBPF. Otherwise node1/node2 run the agents' default (``--redirect auto``), which
+        must be the same on both; ``mesh_capture`` records it for the header and the JSON."""
         from nodeagent.admin.client import AdminClient
 
+        modes: dict[str, str] = {}  # "ebpf", or e.g. "iptables (auto: eBPF unavailable: ...)"
         for node in self.nodes:
             with AdminClient(self.sb.agent_socket(node)) as c:
-                mode = str(c.status().get("redirect_mode", "?"))
-            want = "ebpf" if node in EBPF_NODES else "iptables"
-            if mode != want:
-                raise BenchError(f"{node}'s agent captures with {mode!r}, expected {want!r}")
+                modes[node] = str(c.status().get("redirect_mode", "?"))
+        if set(EBPF_CASES) & set(self.opts.cases):
+            for node, mode in modes.items():
+                want = "ebpf" if node in EBPF_NODES else "iptables"
+                if mode != want:
+                    raise BenchError(f"{node}'s agent captures with {mode!r}, expected {want!r}")
+            self.mesh_capture = "iptables (Node annotation nodeagent.io/redirect: iptables)"
+            return
+        if modes[NODES[0]] != modes[NODES[1]]:
+            raise BenchError(f"node1 and node2 capture differently: {modes}")
+        self.mesh_capture = f"{modes[NODES[0]]}, the agents' default (--redirect auto)"
 
     # -- one test ---------------------------------------------------------------------------
 
@@ -1434,6 +1448,15 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
         ebpf_run = work / "ebpf"  # server-e's nginx: same content, its own pid file and log
         ebpf_run.mkdir()
         docs += ebpf_pair(docs, ebpf_run, nginx_conf(ebpf_run))
+        # iptables vs eBPF: the mesh case's nodes capture with iptables, whatever the default
+        docs += [
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": n, "annotations": {"nodeagent.io/redirect": "iptables"}},
+            }
+            for n in NODES
+        ]
     mesh = work / "mesh"
     mesh.mkdir()
     (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
@@ -1712,9 +1735,11 @@ def table(
     cases: Sequence[str],
     l7: bool = False,
     mesh_path: str | None = None,
+    mesh_capture: str | None = None,
 ) -> str:
     """``l7``: figures labelled L7, the mode and the mesh path checked in the header, and
-    issue 4's two targets instead of the L4 one."""
+    issue 4's two targets instead of the L4 one. ``mesh_capture``: how the ``mesh`` case's
+    agents capture, in the header."""
     width = 31 if l7 else 28
     cols = [("figure", width), *((c, 15) for c in cases)]
     ratio_cols = [(f"{c}/{b}", max(13, len(f"{c}/{b}") + 2)) for b, c in ratio_pairs(cases)]
@@ -1725,6 +1750,7 @@ def table(
         f"{env.get('transport', '')}",
         *([env.get("mode", "")] if l7 else []),
         *([f"mesh path checked: {mesh_path}"] if l7 and mesh_path else []),
+        *([f"mesh capture: {mesh_capture}"] if mesh_capture else []),
         "absolute: median ±half-range across rounds; ratios: per round (min-max), "
         "case / base; ↑ higher is better, ↓ lower is better",
         "",
@@ -1990,6 +2016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "cases": list(opts.cases),
         "mesh_transport_checked": bench.mesh_transport if bench else None,
+        "mesh_capture": bench.mesh_capture if bench else None,
         "l7": opts.l7,
         "mesh_l7_seen": bench.mesh_l7_seen if bench else None,
         "summary": summary,
@@ -2002,7 +2029,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out.write_text(json.dumps(result, indent=2) + "\n")
     if summary:
         mesh_path = bench.mesh_transport if bench and "mesh" in opts.cases else None
-        print(table(summary, {**env, "rounds": rounds_done}, runs, opts.cases, opts.l7, mesh_path))
+        capture = bench.mesh_capture if bench and "mesh" in opts.cases else None
+        print(
+            table(
+                summary, {**env, "rounds": rounds_done}, runs, opts.cases, opts.l7, mesh_path,
+                capture,
+            )
+        )
     if bench and bench.profile:
         print(profile_table(bench.profile))
     for w in warnings:

@@ -38,13 +38,14 @@ log = logging.getLogger("nodeagent")
 
 def capture_settings(settings: AgentSettings, node: Node | None) -> tuple[str, str, bool]:
     """(capture mode, where it was asked, local bypass on): the command line wins over
-    the node's annotations, which win over the defaults (iptables, bypass off)."""
+    the node's annotations, which win over the defaults (auto: eBPF where the kernel
+    allows it, else iptables; bypass off)."""
     if settings.redirect:
         want, origin = settings.redirect, "--redirect"
     elif node is not None and node.redirect:
         want, origin = node.redirect, f"Node {node.name} annotation {NODE_REDIRECT}"
     else:
-        want, origin = "iptables", "default"
+        want, origin = "auto", "default"
     bypass = settings.bpf_bypass
     if bypass is None:
         # off unless asked: with it, blocking sockets may see EAGAIN (README, eBPF capture)

@@ -28,7 +28,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=["iptables", "ebpf", "auto"],
         help="capture mode: iptables rules in each pod's netns; ebpf programs on each "
         "pod's cgroup and netns (bpf/capture.c); auto: ebpf where the kernel allows it "
-        "(default: the node's nodeagent.io/redirect annotation, else iptables)",
+        "(default: the node's nodeagent.io/redirect annotation, else auto)",
     )
     p.add_argument(
         "--bpf-pin-dir",

@@ -18,7 +18,7 @@ class AgentSettings:
     state_dir: Path = Path("/var/lib/nodeagent")
     redirect: str = ""
     """``--redirect``; empty: the node's ``nodeagent.io/redirect`` annotation, else
-    iptables (``app.capture_settings``)."""
+    auto (``app.capture_settings``)."""
     bpf_pin_dir: str = "/sys/fs/bpf/nodeagent"
     """Where eBPF capture pins its maps and links (``<dir>/<node>``)."""
     bpf_bypass: bool | None = None

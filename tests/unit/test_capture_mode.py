@@ -68,7 +68,7 @@ def test_node_annotations_choose_the_mode_unless_the_command_line_does(tmp_path:
         "ebpf", "Node n1 annotation nodeagent.io/redirect", False)
     both = AgentSettings(node="n1", config_dir=Path("."), redirect="iptables", bpf_bypass=True)
     assert app.capture_settings(both, node) == ("iptables", "--redirect", True)
-    assert app.capture_settings(settings(""), None) == ("iptables", "default", False)
+    assert app.capture_settings(settings(""), None) == ("auto", "default", False)
 
 
 def test_an_annotated_ebpf_node_without_ebpf_names_the_annotation(
