@@ -78,6 +78,11 @@ class MeshSnapshot:
         default_factory=lambda: MappingProxyType({})
     )
     """Namespace → its AuthorizationPolicies, sorted by name."""
+    _endpoint_memo: dict[tuple[str, int, int | str], tuple[Endpoint, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """``endpoints()`` per (service, port, target port), computed once per snapshot: it
+    runs for every new outbound connection, and a large service has many pods."""
 
     def node(self, name: str) -> Node | None:
         """The ``v1 Node`` called ``name``, if the config has one."""
@@ -180,6 +185,13 @@ class MeshSnapshot:
 
     def endpoints(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         """Ready endpoints of one service port (pods with an IP whose target port resolves)."""
+        key = (service.key, port.port, port.target_port)
+        memo = self._endpoint_memo.get(key)
+        if memo is None:
+            memo = self._endpoint_memo[key] = self._endpoints(service, port)
+        return memo
+
+    def _endpoints(self, service: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         out: list[Endpoint] = []
         for pod in self.endpoints_by_service.get(service.key, ()):
             if not pod.pod_ip:
