@@ -21,6 +21,9 @@ NETNS_DIR = Path("/var/run/netns")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
+SOCKET_BATCH = 8
+_Socket = socket.socket
+"""IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls."""
 
 
 def netns_path(name_or_path: str) -> str:
@@ -57,17 +60,43 @@ class NetnsHandle:
         except FileNotFoundError:
             raise LocalStateError(f"network namespace {self.path} does not exist") from None
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._spare: list[_Socket] = []
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
-        """A new socket that lives in this netns."""
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> _Socket:
+        """A new socket that lives in this netns. IPv4 TCP sockets (one per proxied
+        connection) are made ``SOCKET_BATCH`` at a time: one pair of ``setns`` calls, not
+        two per connection."""
+        if family != socket.AF_INET or type != socket.SOCK_STREAM:
+            return self._make(family, type, 1)[0]
+        try:
+            return self._spare.pop()
+        except IndexError:
+            pass
+        batch = self._make(family, type, SOCKET_BATCH)
+        s = batch.pop()
+        self._spare.extend(batch)
+        return s
+
+    def _make(self, family: int, type: int, n: int) -> list[_Socket]:
+        out: list[_Socket] = []
         with _lock:
             _setns(self.fd)
             try:
-                return socket.socket(family, type)
+                for _ in range(n):
+                    out.append(_Socket(family, type))
+            except OSError:
+                for s in out:
+                    s.close()
+                raise
             finally:
                 _setns(self._home)
+        return out
 
     def close(self) -> None:
+        """Close the handle and the spare sockets (each holds the netns alive)."""
+        spare, self._spare = self._spare, []
+        for s in spare:
+            s.close()
         for fd in (self.fd, self._home):
             with contextlib.suppress(OSError):
                 os.close(fd)
