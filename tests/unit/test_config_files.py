@@ -174,3 +174,22 @@ def test_parser_never_crashes_on_arbitrary_objects(kind: str, body: dict[str, ob
 def test_parser_never_crashes_on_arbitrary_text(text: str) -> None:
     _pairs, errors = parse_documents(text, "fuzz.yaml")
     assert all("fuzz.yaml" in str(e) for e in errors)
+
+
+def test_endpoints_are_per_snapshot(tmp_path: Path) -> None:
+    """``endpoints()`` is memoised on the (immutable) snapshot: the next snapshot, built
+    after a pod got its IP, answers from its own pods, not from the last one's memo."""
+    from nodeagent.model.objects import PodRuntime
+    from nodeagent.model.snapshot import MeshSnapshot
+
+    snap = load_directory(write(tmp_path, **{"pod.yaml": POD, "svc.yml": SERVICE})).snapshot
+    svc = snap.service_by_ip["10.96.0.20"]
+    assert snap.endpoints(svc, svc.ports[0]) == ()
+    rt = PodRuntime(key="shop/web-1", ip="10.244.1.5", node="node1", netns="x")
+    nxt = MeshSnapshot.build(
+        version=2, pods=snap.pods, services=snap.services, runtimes={rt.key: rt}
+    )
+    eps = nxt.endpoints(svc, svc.ports[0])
+    assert [(e.pod.key, e.ip, e.port) for e in eps] == [("shop/web-1", "10.244.1.5", 8080)]
+    assert nxt.endpoints(svc, svc.ports[0]) is eps
+    assert snap.endpoints(svc, svc.ports[0]) == ()
