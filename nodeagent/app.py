@@ -54,7 +54,7 @@ def capture_settings(settings: AgentSettings, node: Node | None) -> tuple[str, s
 
 
 def _capture_mode(
-    settings: AgentSettings, node: Node | None = None
+    settings: AgentSettings, node: Node | None = None, snap: MeshSnapshot | None = None
 ) -> tuple[str, str, NodeCapture | None]:
     """(mode, why, the eBPF capture) for the mode asked (``capture_settings``):
     ``iptables``; ``ebpf`` (a failure is fatal); ``auto`` (eBPF where the kernel allows
@@ -66,7 +66,8 @@ def _capture_mode(
     if why is None:
         try:
             t0 = time.monotonic()
-            cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir, bypass)
+            mesh, pods = _bpf_prefill(snap, settings.node)
+            cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir, bypass, mesh, pods)
             log.info(
                 "capture: eBPF (%s; programs loaded in %.1fs, %d pinned link(s) "
                 "re-adopted, pins under %s, local bypass %s)",
@@ -83,6 +84,14 @@ def _capture_mode(
         raise LocalStateError(f"{origin} ebpf: {why}")
     log.warning("capture: iptables, because eBPF is not available: %s", why)
     return "iptables", f"auto: eBPF unavailable: {why}", None
+
+
+def _bpf_prefill(snap: MeshSnapshot | None, node: str) -> tuple[set[str], set[str]]:
+    """(mesh addresses, this node's pod IPs) of ``snap``: what new eBPF maps must hold
+    before the pinned links switch to them after an upgrade."""
+    if snap is None:
+        return set(), set()
+    return snap.mesh_addresses(), {p.pod_ip for p in snap.pods_on_node(node) if p.pod_ip}
 
 
 class Agent:
@@ -112,7 +121,9 @@ class Agent:
             identity = MeshIdentity(self.certs, settings.trust_domain)
         node = loaded.snapshot.node(settings.node)
         self._node_capture = capture_settings(settings, node)
-        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings, node)
+        self.capture_mode, self.capture_reason, bpf = _capture_mode(
+            settings, node, loaded.snapshot
+        )
         self.proxy = Proxy(
             settings.node,
             self.snapshot,

@@ -89,9 +89,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         from nodeagent.redirect import ebpf
 
-        pin_dir = os.path.join(args.bpf_pin_dir, args.node)
-        print(f"// {ebpf.SOURCE}, compiled by bcc with: {' '.join(ebpf.cflags(pin_dir))}")
-        print(ebpf.SOURCE.read_text(), end="")
+        src = ebpf.source()
+        maps = os.path.join(args.bpf_pin_dir, args.node, f"maps-{ebpf.abi_of(src)}")
+        print(f"// {src}, compiled by bcc with: {' '.join(ebpf.cflags(maps))}")
+        print(src.read_text(), end="")
         return 0
     import os
 

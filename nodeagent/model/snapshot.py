@@ -209,6 +209,12 @@ class MeshSnapshot:
         """The Service a host name (short, partly or fully qualified) names, if any."""
         return self.service_by_host.get(host)
 
+    def mesh_addresses(self) -> set[str]:
+        """Every pod IP and service cluster IP: the destinations capture sends to the proxy."""
+        out = {p.pod_ip for p in self.pods if p.pod_ip}
+        out |= {s.cluster_ip for s in self.services if s.cluster_ip}
+        return out
+
     def is_mesh_address(self, ip: str) -> bool:
         return ip in self.service_by_ip or ip in self.pod_by_ip
 

@@ -185,9 +185,7 @@ class Proxy:
             if rt is not None:
                 wanted[pod.key] = (pod, rt)
         if self.bpf is not None:
-            mesh = {p.pod_ip for p in snap.pods if p.pod_ip}
-            mesh |= {s.cluster_ip for s in snap.services if s.cluster_ip}
-            self.bpf.cap.set_mesh_ips(mesh)
+            self.bpf.cap.set_mesh_ips(snap.mesh_addresses())
             if not self._bpf_retained:  # pins of pods that left while we were down
                 self.bpf.retain(set(wanted))
                 self._bpf_retained = True

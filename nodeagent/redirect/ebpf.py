@@ -20,13 +20,20 @@ What is attached where (see the C file for the data path):
   ``sendall`` to a slow peer); and redirected bytes bypass the peer's receive window, so a
   writer faster than its reader fills the peer's queue until ``send`` fails with ENOMEM.
 
-Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): the maps, and
-``links/<pod>/<prog>`` and ``links/_proxy/<prog>``. A pinned link keeps its attachment
-after the agent exits (capture goes on while it restarts; mesh connects then fail
-closed instead of leaking) and removing the pin detaches it. On a new load bcc reopens
-the pinned maps, and ``readopt`` swaps every pinned link to the new programs
-atomically (``BPF_LINK_UPDATE``). Links are made with libbpf's ``bpf_link_create``
-through ctypes: bcc 0.26 cannot attach ``sk_lookup`` (a netns link) at all.
+Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): ``links/<pod>/<prog>`` and
+``links/_proxy/<prog>``; the maps under ``maps-<abi>/``, where ``abi`` is a digest of the C
+source and its constants, and ``maps``, a symlink to the maps of the programs the links
+run (what the helpers below open). A pinned link keeps its attachment after the agent
+exits (capture goes on while it restarts; mesh connects then fail closed instead of
+leaking) and removing the pin detaches it. On a restart of the same version bcc reopens
+the pinned maps and ``readopt`` swaps every pinned link to the new programs atomically
+(``BPF_LINK_UPDATE``). After an upgrade that changed the programs (another ``abi``), the
+earlier maps may have another shape (bcc would reuse a pinned map whatever its size, and
+the verifier then rejects the program): the new programs get maps of their own, which the
+agent fills with what capture needs before any link switches to them (the mesh
+addresses, the captured pod IPs); then every link switches, ``maps`` follows, and the
+earlier maps are unpinned. Links are made with libbpf's ``bpf_link_create`` through
+ctypes: bcc 0.26 cannot attach ``sk_lookup`` (a netns link) at all.
 
 The agent's own upstream sockets are never captured: they belong to the agent's cgroup,
 and connect4 also skips sockets carrying ``PROXY_MARK`` (``SO_MARK``).
@@ -36,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -47,8 +56,32 @@ from typing import Any
 
 from nodeagent.errors import LocalStateError
 
+log = logging.getLogger("nodeagent.ebpf")
+
 SOURCE = Path(__file__).resolve().parents[1] / "bpf" / "capture.c"
 """``bpf/capture.c``, reached through the package's ``bpf`` link so that a wheel carries it."""
+SOURCE_ENV = "NODEAGENT_BPF_SOURCE"
+"""Development: load this C file instead of ``SOURCE`` (e.g. to try an upgrade)."""
+MAPS_LINK = "maps"
+"""``<pin_dir>/maps``: symlink to ``maps-<abi>``, the maps of the programs in use."""
+
+
+def source() -> Path:
+    """The C file the agent loads: ``SOURCE``, or ``$NODEAGENT_BPF_SOURCE`` when set."""
+    return Path(os.environ.get(SOURCE_ENV) or SOURCE)
+
+
+def abi_of(src: Path) -> str:
+    """A digest of the programs' source and constants: two loads with the same one can
+    share pinned maps; another one gets maps of its own."""
+    h = hashlib.sha256(src.read_bytes())
+    h.update(" ".join(cflags("")).encode())
+    return h.hexdigest()[:12]
+
+
+def maps_path(pin_dir: str) -> str:
+    """Where the maps of the programs in use are pinned (``<pin_dir>/maps``)."""
+    return os.path.join(pin_dir, MAPS_LINK)
 PROXY_MARK = 0x539
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -78,6 +111,9 @@ PROGS: dict[str, Prog] = {
     "getsockopt": Prog("getsockopt_odst", 25, 21),
     "msg_bypass": Prog("msg_bypass", 16, 7),
 }
+PROG_NAMES = frozenset(n for p in PROGS.values() for n in (p.func, p.func[:15]))
+"""Our programs' names as ``bpftool prog show`` may print them: the whole function name
+(from BTF) or the kernel's 15 characters."""
 POD_PROGS = ("connect4", "connect6", "sockops", "getpeername4", "getpeername6")
 PROXY_PROGS = ("getsockopt", "sockops")
 MAPS = (
@@ -238,9 +274,13 @@ def cflags(pin_dir: str) -> list[str]:
 
 class Capture:
     """``capture.c`` compiled and loaded once for a node (4-5 s with bcc): its maps are
-    pinned under ``pin_dir`` (created on the first load, reopened on later ones)."""
+    pinned under ``<pin_dir>/maps-<abi>`` (created on the first load of this version,
+    reopened on later ones). ``previous`` is where the maps of other programs the links
+    may still run are pinned (another version's directory, or ``pin_dir`` itself for the
+    layout before versioned maps); ``switch`` moves everything to this load."""
 
-    def __init__(self, pin_dir: str, source: Path = SOURCE) -> None:
+    def __init__(self, pin_dir: str, src: Path | None = None) -> None:
+        src = src if src is not None else source()
         try:
             from bcc import BPF  # late: ``probe`` reports its absence
         except ImportError as e:
@@ -249,15 +289,21 @@ class Capture:
                 "the virtualenv (scripts/setup.sh does both)"
             ) from None
         self.pin_dir = pin_dir
+        self.abi = abi_of(src)
+        self.maps = os.path.join(pin_dir, f"maps-{self.abi}")
         os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
+        os.makedirs(self.maps, exist_ok=True)
+        self.previous = _previous_maps(pin_dir, self.maps)
         try:
-            self.bpf: Any = BPF(src_file=str(source).encode(), cflags=cflags(pin_dir))
+            self.bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags(self.maps))
             self.fns: dict[str, Any] = {
                 key: self.bpf.load_func(p.func, p.prog_type, attach_type=p.attach_type)
                 for key, p in PROGS.items()
             }
         except Exception as e:  # bcc raises Exception for compile and verifier errors
-            raise LocalStateError(f"cannot load {source}: {e}") from None
+            raise LocalStateError(f"cannot load {src}: {e}") from None
+        if self.previous is None:  # first load, or a restart of the same version
+            _point_maps_link(pin_dir, self.maps)
 
     def map_fd(self, name: str) -> int:
         # bcc 0.26's BPF[name] fails for sockhash maps ("Unknown table type 18")
@@ -329,7 +375,33 @@ class Capture:
         prog_attach(
             self.fns["msg_bypass"].fd, self.map_fd("local_socks"), PROGS["msg_bypass"].attach_type
         )
-        set_bypass(self.pin_dir, on)
+        map_update(
+            self.map_fd("settings"), struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on))
+        )
+
+    def prefill(self, mesh_ips: set[str], pod_ips: set[str]) -> None:
+        """Before links switch to this load's programs from another version's: what they
+        must know at once, or mesh connects would leak around the proxy and inbound ones
+        reach the app unchecked (``mesh_ips``; ``inbound_pods``, so that sk_lookup fails
+        closed until the pod's listener is registered)."""
+        self.set_mesh_ips(mesh_ips)
+        fd, one = self.map_fd("inbound_pods"), struct.pack("=I", 1)
+        for ip in pod_ips:
+            map_update(fd, ip_key(ip), one)
+
+    def switch(self) -> list[str]:
+        """Every pinned link runs this load's programs, ``maps`` points to this load's
+        maps, and the maps of earlier programs are unpinned (freed with their programs)."""
+        done = self.readopt()
+        _point_maps_link(self.pin_dir, self.maps)
+        for name in os.listdir(self.pin_dir):
+            path = os.path.join(self.pin_dir, name)
+            if name.startswith("maps-") and path != self.maps:
+                shutil.rmtree(path, ignore_errors=True)
+            elif name not in ("links", MAPS_LINK) and not os.path.isdir(path):
+                os.unlink(path)  # a map pinned by the layout before versioned maps
+        self.previous = None
+        return done
 
     def attach_proxy(self, cgroup: str) -> None:
         """Hook the agent's own cgroup (accepted sockets belong to the listener's)."""
@@ -393,14 +465,38 @@ def detach_pod(pin_dir: str, pod: str, pod_ip: str | None = None) -> None:
     if pod_ip:
         try:
             with (
-                pinned(pin_dir, "inbound_pods") as pods,
-                pinned(pin_dir, "exclude_out") as out_fd,
-                pinned(pin_dir, "exclude_in") as in_fd,
+                pinned(maps_path(pin_dir), "inbound_pods") as pods,
+                pinned(maps_path(pin_dir), "exclude_out") as out_fd,
+                pinned(maps_path(pin_dir), "exclude_in") as in_fd,
             ):
                 map_delete(pods, ip_key(pod_ip))
                 drop_pod_entries(out_fd, in_fd, pod_ip)
         except OSError:
             return
+
+
+def _previous_maps(pin_dir: str, mine: str) -> str | None:
+    """Where the maps of the programs the links ran before this load are pinned, when
+    that is not ``mine``: the target of ``<pin_dir>/maps``, or ``pin_dir`` itself when
+    maps are pinned there directly (the layout before versioned maps)."""
+    link = maps_path(pin_dir)
+    if os.path.islink(link):
+        target = os.path.join(pin_dir, os.readlink(link))
+        return None if os.path.realpath(target) == os.path.realpath(mine) else target
+    for name in os.listdir(pin_dir):
+        if not os.path.isdir(os.path.join(pin_dir, name)):
+            return pin_dir
+    return None
+
+
+def _point_maps_link(pin_dir: str, maps: str) -> None:
+    """Make ``<pin_dir>/maps`` point to ``maps`` (replaced in one rename; bpffs names may
+    not contain a dot)."""
+    tmp = os.path.join(pin_dir, "maps_next")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(os.path.basename(maps), tmp)
+    os.replace(tmp, maps_path(pin_dir))
 
 
 def teardown(pin_dir: str) -> None:
@@ -411,28 +507,28 @@ def teardown(pin_dir: str) -> None:
 def register_inbound_listener(pin_dir: str, pod_ip: str, sock: socket.socket) -> None:
     """Put the proxy's inbound listener of ``pod_ip`` into the pinned sockhash (no bcc
     needed); the entry goes away by itself when the socket closes."""
-    with pinned(pin_dir, "inbound_listener") as fd:
+    with pinned(maps_path(pin_dir), "inbound_listener") as fd:
         map_update(fd, ip_key(pod_ip), struct.pack("=I", sock.fileno()))
 
 
 def set_bypass(pin_dir: str, on: bool) -> None:
     """Switch the local socket bypass for connections established from now on."""
-    with pinned(pin_dir, "settings") as fd:
+    with pinned(maps_path(pin_dir), "settings") as fd:
         map_update(fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
 
 
 def bypass_state(pin_dir: str) -> tuple[bool, int]:
     """(bypass on, sockets in ``local_socks`` now: two per bypassed local leg)."""
-    with pinned(pin_dir, "settings") as fd:
+    with pinned(maps_path(pin_dir), "settings") as fd:
         raw = map_lookup(fd, struct.pack("=i", SETTING_BYPASS), 4) or bytes(4)
-    with pinned(pin_dir, "local_socks") as fd:
+    with pinned(maps_path(pin_dir), "local_socks") as fd:
         socks = map_count(fd, SOCK_KEY.size)
     return bool(struct.unpack("=I", raw)[0]), socks
 
 
 def read_stats(pin_dir: str) -> dict[str, int]:
     """The programs' counters (``STATS``)."""
-    with pinned(pin_dir, "stats") as fd:
+    with pinned(maps_path(pin_dir), "stats") as fd:
         out = {}
         for i, name in enumerate(STATS):
             raw = map_lookup(fd, struct.pack("=i", i), 8) or bytes(8)
@@ -490,11 +586,34 @@ class NodeCapture:
     the agent's own cgroup hooked, pods attached and detached as the snapshot says."""
 
     def __init__(
-        self, node: str, root: str = "/sys/fs/bpf/nodeagent", bypass: bool = False
+        self,
+        node: str,
+        root: str = "/sys/fs/bpf/nodeagent",
+        bypass: bool = False,
+        mesh_ips: set[str] | None = None,
+        pod_ips: set[str] | None = None,
     ) -> None:
+        """``mesh_ips`` and ``pod_ips`` (the snapshot's mesh addresses and this node's pod
+        IPs) fill the new maps before the links switch, when the pinned links ran another
+        version's programs (``upgraded_from``)."""
         self.pin_dir = os.path.join(root, node)
         self.cap = Capture(self.pin_dir)
-        adopted = self.cap.readopt()
+        self.upgraded_from = self.cap.previous
+        if self.upgraded_from is not None:
+            captured = set(os.listdir(os.path.join(self.pin_dir, "links")))
+            self.cap.prefill(
+                mesh_ips or set(),
+                {ip for ip in pod_ips or set() if ip},
+            )
+            log.info(
+                "eBPF programs changed (maps %s -> %s, %d pod(s) captured): switching",
+                os.path.basename(self.upgraded_from),
+                os.path.basename(self.cap.maps),
+                len(captured - {"_proxy"}),
+            )
+            adopted = self.cap.switch()
+        else:
+            adopted = self.cap.readopt()
         self.adopted = len(adopted)
         self.cap.attach_proxy(own_cgroup())
         self.cap.attach_bypass(bypass)
@@ -551,6 +670,7 @@ class NodeCapture:
         bypass_on, local_socks = bypass_state(self.pin_dir)
         return {
             "pin_dir": self.pin_dir,
+            "maps_dir": os.path.basename(self.cap.maps),
             "programs": {
                 key: {"name": p.func, "id": obj_id(self.cap.fns[key].fd)}
                 for key, p in PROGS.items()

@@ -59,15 +59,9 @@ MESH = "10.250.0.0/25"
 PROXY_MARK, SO_MARK, SO_ORIGINAL_DST = 0x539, 36, 80
 OUT_PORT, IN_PORT, HBONE_PORT, APP_PORT, ECHO_PORT = 15001, 15006, 15008, 9000, 8080
 BENCH_PORT = 7  # proxy closes these at once (measures capture, not relaying)
-OUR_PROGS = {
-    "msg_bypass",
-    "connect4_captur",
-    "sockops_rekey",
-    "getpeername4_fi",
-    "getsockopt_odst",
-    "sk_lookup_inbou",
-}
-OUR_MAPS = {"sk_dst", "tuple_dst", "inbound_listen", "inbound_pods", "local_socks", "no_bypass"}
+OUR_PROGS = ebpf.PROG_NAMES  # bpftool prints BTF's whole names, or the kernel's 15 chars
+OUR_MAPS = {"sk_dst", "tuple_dst", "inbound_listene", "inbound_pods", "local_socks", "no_bypass",
+            "mesh_ips", "exclude_out", "exclude_in"}  # map names: the kernel's 15 characters
 
 
 def log(*a):
@@ -305,7 +299,7 @@ def _link_prog_ids() -> dict:
 def _pinned_map_ids() -> dict:
     res = {}
     for m in ebpf.MAPS:
-        with ebpf.pinned(PIN, m) as fd:
+        with ebpf.pinned(ebpf.maps_path(PIN), m) as fd:
             res[m] = ebpf.obj_id(fd)
     return res
 

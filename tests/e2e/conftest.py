@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.redirect.ebpf import PROG_NAMES
 from nodeagent.sandbox import Sandbox
 
 
@@ -90,8 +91,7 @@ REDIRECT_MODES = tuple(
 """The capture modes every mesh test module runs in (a module may narrow them with its
 own ``REDIRECT_MODES``). CI runs both."""
 
-OUR_BPF_PROGS = {"connect4_captur", "connect6_captur", "sockops_rekey", "getpeername4_fi",
-                 "getpeername6_fi", "getsockopt_odst", "sk_lookup_inbou", "msg_bypass"}
+OUR_BPF_PROGS = PROG_NAMES
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

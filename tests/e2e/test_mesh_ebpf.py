@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,61 @@ def test_exclude_port_annotations_apply_to_live_pods(sb: Sandbox, config_dir: Pa
         apply_file(sb, pods, original)
     before = captured("node1")
     assert http_status(sb, "client", url)[0] == 200 and captured("node1") == before + 1
+
+
+def _next_version(tmp_path: Path) -> Path:
+    """``capture.c`` as a next version might change it: ``orig_dst`` (the value of the
+    pinned ``tuple_dst`` and ``sk_dst``) grows a field and ``stats`` gets room for more
+    counters. Loaded over the pinned maps of this version, the verifier would reject it."""
+    src = ebpf.SOURCE.read_text()
+    changed = src.replace("    __u16 pad;\n};", "    __u16 pad;\n    __u64 spare;\n};", 1)
+    changed = changed.replace("stats, 8, PIN_DIR", "stats, 16, PIN_DIR")
+    assert changed.count("__u64 spare;") == 1 and "stats, 16, PIN_DIR" in changed
+    out = tmp_path / "capture.c"
+    out.write_text(changed)
+    return out
+
+
+def _our_programs(name: str) -> int:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return sum(1 for p in json.loads(out or "[]") if p.get("name") in (name, name[:15]))
+
+
+def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(
+    sb: Sandbox, tmp_path: Path
+) -> None:
+    url = f"http://{sb.pod_ip('echo-1')}:8080/"
+    pin = f"{BPF_PIN_DIR}/node1"
+    old_maps = os.readlink(f"{pin}/maps")
+    assert http_status(sb, "client", url)[0] == 200
+    os.environ[ebpf.SOURCE_ENV] = str(_next_version(tmp_path))
+    try:
+        sb.restart_agent("node1")
+        new_maps = os.readlink(f"{pin}/maps")
+        assert new_maps != old_maps and new_maps.startswith("maps-")
+        # the earlier maps are unpinned, the new ones have the new shape
+        assert [n for n in os.listdir(pin) if n.startswith("maps")] == sorted(
+            ["maps", new_maps]), os.listdir(pin)
+        info = json.loads(subprocess.run(
+            ["bpftool", "-j", "map", "show", "pinned", f"{pin}/maps/stats"],
+            capture_output=True, text=True, timeout=30, check=True).stdout)
+        assert info["max_entries"] == 16, info
+        before = captured("node1")
+        assert http_status(sb, "client", url)[0] == 200  # through the proxy, as before
+        assert captured("node1") == before + 1  # counted by the new programs' map
+        d = json.loads(ctl(sb, "node1", "-o", "json").stdout)
+        assert d["maps_dir"] == new_maps
+        assert sb.pod_ip("echo-1") in d["maps"]["mesh_ips"]["addresses"]
+        log = Path(sb.agent_log("node1")).read_text(errors="replace")
+        assert f"eBPF programs changed (maps {old_maps} -> {new_maps}" in log
+        for _ in range(50):  # the old programs are freed once no link runs them
+            if _our_programs("connect4_capture") == 2:  # node1's and node2's
+                break
+            time.sleep(0.1)
+        assert _our_programs("connect4_capture") == 2
+    finally:
+        del os.environ[ebpf.SOURCE_ENV]
+        sb.restart_agent("node1")  # back to this version: a downgrade is the same switch
+    assert os.readlink(f"{pin}/maps") == old_maps
+    assert http_status(sb, "client", url)[0] == 200

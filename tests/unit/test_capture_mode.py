@@ -41,7 +41,7 @@ def test_dump_bpf_prints_the_source_and_flags(capsys: pytest.CaptureFixture[str]
     assert main(["run", "--node", "n1", "--config", ".", "--dump-bpf"]) == 0
     out = capsys.readouterr().out
     first, _, rest = out.partition("\n")
-    assert '-DPIN_DIR="/sys/fs/bpf/nodeagent/n1"' in first and "-DPROXY_MARK=0x539" in first
+    assert '-DPIN_DIR="/sys/fs/bpf/nodeagent/n1/maps-' in first and "-DPROXY_MARK=0x539" in first
     assert rest == SOURCE.read_text()
     assert "int connect4_capture(struct bpf_sock_addr *ctx)" in rest
 
