@@ -367,6 +367,8 @@ def format_bpf(data: Mapping[str, Any]) -> str:
     if "programs" not in data:
         return out[0]
     out.append(f"Pins:          {data.get('pin_dir')}")
+    if data.get("maps_dir"):
+        out.append(f"Maps:          {data.get('maps_dir')} (of the programs loaded now)")
     out.append(f"Local bypass:  {data.get('bypass')} (sockmap; new connections follow it)")
     progs = data.get("programs") or {}
     out.append("")

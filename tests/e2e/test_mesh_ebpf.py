@@ -286,6 +286,7 @@ def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(
         assert captured("node1") == before + 1  # counted by the new programs' map
         d = json.loads(ctl(sb, "node1", "-o", "json").stdout)
         assert d["maps_dir"] == new_maps
+        assert f"Maps:          {new_maps}" in ctl(sb, "node1").stdout
         assert sb.pod_ip("echo-1") in d["maps"]["mesh_ips"]["addresses"]
         log = Path(sb.agent_log("node1")).read_text(errors="replace")
         assert f"eBPF programs changed (maps {old_maps} -> {new_maps}" in log
