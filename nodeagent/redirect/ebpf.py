@@ -65,23 +65,6 @@ SOURCE_ENV = "NODEAGENT_BPF_SOURCE"
 MAPS_LINK = "maps"
 """``<pin_dir>/maps``: symlink to ``maps-<abi>``, the maps of the programs in use."""
 
-
-def source() -> Path:
-    """The C file the agent loads: ``SOURCE``, or ``$NODEAGENT_BPF_SOURCE`` when set."""
-    return Path(os.environ.get(SOURCE_ENV) or SOURCE)
-
-
-def abi_of(src: Path) -> str:
-    """A digest of the programs' source and constants: two loads with the same one can
-    share pinned maps; another one gets maps of its own."""
-    h = hashlib.sha256(src.read_bytes())
-    h.update(" ".join(cflags("")).encode())
-    return h.hexdigest()[:12]
-
-
-def maps_path(pin_dir: str) -> str:
-    """Where the maps of the programs in use are pinned (``<pin_dir>/maps``)."""
-    return os.path.join(pin_dir, MAPS_LINK)
 PROXY_MARK = 0x539
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -272,6 +255,24 @@ def cflags(pin_dir: str) -> list[str]:
     ]
 
 
+def source() -> Path:
+    """The C file the agent loads: ``SOURCE``, or ``$NODEAGENT_BPF_SOURCE`` when set."""
+    return Path(os.environ.get(SOURCE_ENV) or SOURCE)
+
+
+def abi_of(src: Path) -> str:
+    """A digest of the programs' source and constants: two loads with the same one can
+    share pinned maps; another one gets maps of its own."""
+    h = hashlib.sha256(src.read_bytes())
+    h.update(" ".join(cflags("")).encode())
+    return h.hexdigest()[:12]
+
+
+def maps_path(pin_dir: str) -> str:
+    """Where the maps of the programs in use are pinned (``<pin_dir>/maps``)."""
+    return os.path.join(pin_dir, MAPS_LINK)
+
+
 class Capture:
     """``capture.c`` compiled and loaded once for a node (4-5 s with bcc): its maps are
     pinned under ``<pin_dir>/maps-<abi>`` (created on the first load of this version,
@@ -344,7 +345,11 @@ class Capture:
         for key in POD_PROGS:
             self._link(key, cgroup, os.path.join(d, key))
         self._link("sk_lookup", netns, os.path.join(d, "sk_lookup"))
-        # with no listener registered (agent down), sk_lookup then refuses (fails closed)
+        self._steer_inbound(pod_ip)
+
+    def _steer_inbound(self, pod_ip: str) -> None:
+        """sk_lookup steers inbound TCP to ``pod_ip`` to the proxy's listener; with no
+        listener registered (agent down), it refuses instead (fails closed)."""
         map_update(self.map_fd("inbound_pods"), ip_key(pod_ip), struct.pack("=I", 1))
 
     def set_exclusions(self, pod_ip: str, exclude: Exclusions) -> None:
@@ -375,9 +380,7 @@ class Capture:
         prog_attach(
             self.fns["msg_bypass"].fd, self.map_fd("local_socks"), PROGS["msg_bypass"].attach_type
         )
-        map_update(
-            self.map_fd("settings"), struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on))
-        )
+        _put_bypass(self.map_fd("settings"), on)
 
     def prefill(self, mesh_ips: set[str], pod_ips: set[str]) -> None:
         """Before links switch to this load's programs from another version's: what they
@@ -385,9 +388,8 @@ class Capture:
         reach the app unchecked (``mesh_ips``; ``inbound_pods``, so that sk_lookup fails
         closed until the pod's listener is registered)."""
         self.set_mesh_ips(mesh_ips)
-        fd, one = self.map_fd("inbound_pods"), struct.pack("=I", 1)
         for ip in pod_ips:
-            map_update(fd, ip_key(ip), one)
+            self._steer_inbound(ip)
 
     def switch(self) -> list[str]:
         """Every pinned link runs this load's programs, ``maps`` points to this load's
@@ -514,7 +516,11 @@ def register_inbound_listener(pin_dir: str, pod_ip: str, sock: socket.socket) ->
 def set_bypass(pin_dir: str, on: bool) -> None:
     """Switch the local socket bypass for connections established from now on."""
     with pinned(maps_path(pin_dir), "settings") as fd:
-        map_update(fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
+        _put_bypass(fd, on)
+
+
+def _put_bypass(settings_fd: int, on: bool) -> None:
+    map_update(settings_fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
 
 
 def bypass_state(pin_dir: str) -> tuple[bool, int]:
@@ -600,16 +606,11 @@ class NodeCapture:
         self.cap = Capture(self.pin_dir)
         self.upgraded_from = self.cap.previous
         if self.upgraded_from is not None:
-            captured = set(os.listdir(os.path.join(self.pin_dir, "links")))
-            self.cap.prefill(
-                mesh_ips or set(),
-                {ip for ip in pod_ips or set() if ip},
-            )
+            self.cap.prefill(mesh_ips or set(), pod_ips or set())
             log.info(
-                "eBPF programs changed (maps %s -> %s, %d pod(s) captured): switching",
+                "eBPF programs changed (maps %s -> %s): switching every pinned link",
                 os.path.basename(self.upgraded_from),
                 os.path.basename(self.cap.maps),
-                len(captured - {"_proxy"}),
             )
             adopted = self.cap.switch()
         else:

@@ -22,8 +22,9 @@ NETNS_DIR = Path("/var/run/netns")
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 SOCKET_BATCH = 8
-_Socket = socket.socket
 """IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls."""
+_Socket = socket.socket
+"""``socket.socket`` (inside ``NetnsHandle``, ``socket`` names its method)."""
 
 
 def netns_path(name_or_path: str) -> str:
