@@ -1466,18 +1466,23 @@ def write_config(work: Path, bulk_mib: int, cases: Sequence[str], l7: bool = Fal
         ebpf_run.mkdir()
         docs += ebpf_pair(docs, ebpf_run, nginx_conf(ebpf_run))
         # iptables vs eBPF: the mesh case's nodes capture with iptables, whatever the default
-        docs += [
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {"name": n, "annotations": {"nodeagent.io/redirect": "iptables"}},
-            }
-            for n in NODES
-        ]
+        docs += capture_nodes(NODES, "iptables")
     mesh = work / "mesh"
     mesh.mkdir()
     (mesh / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return mesh
+
+
+def capture_nodes(names: Sequence[str], redirect: str) -> list[dict[str, Any]]:
+    """``v1 Node`` objects that set their agents' capture mode (``nodeagent.io/redirect``)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": n, "annotations": {"nodeagent.io/redirect": redirect}},
+        }
+        for n in names
+    ]
 
 
 def ebpf_pair(docs: list[dict[str, Any]], run: Path, conf: Path) -> list[dict[str, Any]]:
@@ -1487,14 +1492,7 @@ def ebpf_pair(docs: list[dict[str, Any]], run: Path, conf: Path) -> list[dict[st
     bench-server-e on ``EBPF_CLUSTER_IP``."""
     import copy
 
-    out: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": n, "annotations": {"nodeagent.io/redirect": "ebpf"}},
-        }
-        for n in EBPF_NODES
-    ]
+    out = capture_nodes(EBPF_NODES, "ebpf")
     renames = {CLIENT: (CLIENT_E, "node3"), SERVER: (SERVER_E, "node4")}
     for doc in docs:
         d = copy.deepcopy(doc)
@@ -1648,9 +1646,9 @@ def ratio_pairs(cases: Sequence[str], vs_direct: bool = True) -> list[tuple[str,
     if "direct" not in cases:
         pairs = []
     pairs += [(b, "mesh") for b in ("haproxy", "haproxy-pod") if b in cases and "mesh" in cases]
-    pairs += [("mesh", "ebpf")] if "mesh" in cases and "ebpf" in cases else []
-    pairs += [("ebpf", "ebpf-bypass")] if "ebpf" in cases and "ebpf-bypass" in cases else []
-    pairs += [("local", "local-bypass")] if "local" in cases and "local-bypass" in cases else []
+    for base, case in (("mesh", "ebpf"), ("ebpf", "ebpf-bypass"), ("local", "local-bypass")):
+        if base in cases and case in cases:
+            pairs.append((base, case))
     return pairs
 
 
