@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from meshops import bpf_programs
 
-from nodeagent.redirect.ebpf import PROG_NAMES
 from nodeagent.sandbox import Sandbox
 
 
@@ -91,24 +91,11 @@ REDIRECT_MODES = tuple(
 """The capture modes every mesh test module runs in (a module may narrow them with its
 own ``REDIRECT_MODES``). CI runs both."""
 
-OUR_BPF_PROGS = PROG_NAMES
-
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redirect" in metafunc.fixturenames:
         modes = getattr(metafunc.module, "REDIRECT_MODES", REDIRECT_MODES)
         metafunc.parametrize("redirect", modes, scope="module")
-
-
-def bpf_programs() -> list[str]:
-    """Names of our BPF programs loaded in the kernel (bpftool)."""
-    import json
-    import subprocess
-
-    p = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                       check=True, timeout=30)
-    return [x.get("name", "") for x in json.loads(p.stdout or "[]")
-            if x.get("name") in OUR_BPF_PROGS]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ serve it, and make requests from a pod with curl."""
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 from nodeagent.admin.client import AdminClient
+from nodeagent.redirect.ebpf import PROG_NAMES
 from nodeagent.sandbox import Sandbox
 
 NODES = ("node1", "node2")
@@ -75,3 +77,11 @@ def served(sb: Sandbox, pod: str) -> int:
     p = sb.exec(pod, ["curl", "-s", "-m", "5", "http://127.0.0.1:8080/count"],
                 capture_output=True, text=True, timeout=20)
     return int(json.loads(p.stdout)["served"])
+
+
+def bpf_programs() -> list[str]:
+    """Names of our BPF programs loaded in the kernel, as ``bpftool`` prints them."""
+    p = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                       check=True, timeout=30)
+    return [x.get("name", "") for x in json.loads(p.stdout or "[]")
+            if x.get("name") in PROG_NAMES]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from meshops import apply_file, http_status
+from meshops import apply_file, bpf_programs, http_status
 from pcap import Tcpdump
 
 from nodeagent.admin.client import AdminClient
@@ -257,9 +257,7 @@ def _next_version(tmp_path: Path) -> Path:
 
 
 def _our_programs(name: str) -> int:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    return sum(1 for p in json.loads(out or "[]") if p.get("name") in (name, name[:15]))
+    return sum(1 for n in bpf_programs() if n in (name, name[:15]))
 
 
 def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(

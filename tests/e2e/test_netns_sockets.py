@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ import pytest
 
 from nodeagent.errors import PeerError
 from nodeagent.proxy.sockets import connect_in, listen_in
+from nodeagent.redirect.ebpf import netns_cookie
 from nodeagent.redirect.netns import SOCKET_BATCH, NetnsHandle, netns_path
 
 pytestmark = pytest.mark.privileged
@@ -45,10 +45,6 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
-def _cookie(s: socket.socket) -> int:
-    return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
-
-
 def test_connect_in_carries_bytes_intact_inside_the_netns(netns: str) -> None:
     h = NetnsHandle(netns)
     payload = os.urandom(3 * 1024 * 1024 + 17)
@@ -68,7 +64,7 @@ def test_connect_in_carries_bytes_intact_inside_the_netns(netns: str) -> None:
         srv = await asyncio.start_server(serve, sock=lsock)
         try:
             s = await connect_in(h, ("127.0.0.1", port), 5.0)
-            assert _cookie(s) == _cookie(lsock)  # made inside the netns, not the test's
+            assert netns_cookie(s) == netns_cookie(lsock)  # made inside the netns, not the test's
             _, w = await asyncio.open_connection(sock=s)
             w.write(payload)
             await w.drain()
@@ -117,7 +113,7 @@ def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str)
     assert len(spares) == SOCKET_BATCH - 1
     made = [first, *(h.socket() for _ in range(SOCKET_BATCH - 1))]
     assert not h._spare  # the batch is used up before a new one is made
-    assert {_cookie(s) for s in made} == {_cookie(first)}
+    assert {netns_cookie(s) for s in made} == {netns_cookie(first)}
     extra = h.socket()  # a second batch
     assert len(h._spare) == SOCKET_BATCH - 1
     left = list(h._spare)
