@@ -121,9 +121,7 @@ class Agent:
             identity = MeshIdentity(self.certs, settings.trust_domain)
         node = loaded.snapshot.node(settings.node)
         self._node_capture = capture_settings(settings, node)
-        self.capture_mode, self.capture_reason, bpf = _capture_mode(
-            settings, node, loaded.snapshot
-        )
+        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings, node, loaded.snapshot)
         self.proxy = Proxy(
             settings.node,
             self.snapshot,

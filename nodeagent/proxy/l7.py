@@ -21,7 +21,7 @@ import contextlib
 import logging
 import random
 import time
-import uuid
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +47,6 @@ from nodeagent.model.traffic import (
     HTTPRoute,
     MatchKind,
 )
-from nodeagent.protocol.hbone import new_traceparent
 from nodeagent.protocol.http1 import (
     BodyChunk,
     ConnectionClosed,
@@ -67,7 +66,7 @@ from nodeagent.proxy.clusters import Cluster, ClusterError, build_cluster, fqdn
 from nodeagent.proxy.h1pool import ConnectFn, H1Conn, H1Pool, Overflow
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
-from nodeagent.telemetry.metrics import Metrics
+from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
 
 log = logging.getLogger("nodeagent.proxy.l7")
 
@@ -536,7 +535,7 @@ class L7Proxy:
         self.pool = H1Pool()
         self._clusters: PerSnapshot[dict[tuple[str, str | None, int | None, int], Cluster]]
         self._clusters = PerSnapshot(lambda snap: {})
-        self._metric_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._series: dict[tuple[str, ...], list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._route_keyed = PerSnapshot(_route_keyed)
         """Whether some LocalRateLimit is keyed by route (then the route taken goes along
@@ -731,15 +730,17 @@ class L7Proxy:
             if rule.rewrite.authority is not None:
                 p.authority = rule.rewrite.authority
         tp = hdrs.get("traceparent")
-        if tp is None:
-            tp = new_traceparent(self.rnd.getrandbits(192).to_bytes(24, "big"))
-            out.append(("traceparent", tp))
-        x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
         rid = hdrs.get("x-request-id")
-        if rid is None:
+        if tp is None or rid is None:
             # ids for correlation, not secrets: the seeded PRNG, not a syscall per request
-            rid = str(uuid.UUID(int=self.rnd.getrandbits(128), version=4))
-            out.append(("x-request-id", rid))
+            h = f"{self.rnd.getrandbits(320) | _NONZERO_IDS:080x}"
+            if tp is None:  # W3C trace context, not sampled
+                tp = f"00-{h[:32]}-{h[32:48]}-00"
+                out.append(("traceparent", tp))
+            if rid is None:  # a version 4 UUID
+                rid = f"{h[48:56]}-{h[56:60]}-4{h[61:64]}-{_UUID_VARIANT[h[64]]}{h[65:68]}-{h[68:]}"
+                out.append(("x-request-id", rid))
+        x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
         x.request_id = rid
         out.append(("x-forwarded-proto", "http"))
         if ROUTE_HEADER in hdrs:
@@ -828,7 +829,9 @@ class L7Proxy:
         if head.upgrade is not None:
             return await self._upgrade1(ds, pipe, down, head, p.path, out, p.cluster, x)
         try:
-            async with deadline(p.timeout):
+            if p.timeout is None:  # most routes: no timer machinery per request
+                return await self._attempts1(ds, pipe, down, head, out, body, p, x)
+            async with asyncio.timeout(p.timeout):
                 return await self._attempts1(ds, pipe, down, head, out, body, p, x)
         except TimeoutError:
             x.flag("UT")
@@ -1000,17 +1003,10 @@ class L7Proxy:
         )
         body.attach(H1Sink(conn))
         try:
-            async with deadline(policy.per_try_timeout):
-                while True:
-                    ev = await conn.next_event()
-                    if isinstance(ev, ResponseHead):
-                        return ev, None
-                    if isinstance(ev, Informational):
-                        continue
-                    if isinstance(ev, ProtocolError):
-                        log.info("upstream protocol error: %s", ev.reason)
-                        return None, ("reset", "UPE")
-                    return None, ("reset", "UC")
+            if policy.per_try_timeout is None:
+                return await _response_head(conn)
+            async with asyncio.timeout(policy.per_try_timeout):
+                return await _response_head(conn)
         except TimeoutError:
             return None, ("per-try-timeout", "UT")
         except (PipeClosed, ConnectionError):
@@ -1235,30 +1231,20 @@ class L7Proxy:
             x.route_name,
             reporter,
         )
-        children = self._metric_children.get(key)
-        if children is None:
-            labels = {
-                "reporter": reporter,
-                "source_workload": key[0],
-                "source_workload_namespace": key[1],
-                "source_principal": key[2],
-                "destination_workload": key[3],
-                "destination_workload_namespace": key[4],
-                "destination_service": key[5],
-                "destination_principal": key[6],
-                "destination_version": key[7],
-                "request_protocol": "grpc" if x.protocol == "gRPC" else "http",
-                "response_code": key[9],
-                "response_flags": key[10],
-                "connection_security_policy": key[11],
-                "route_name": key[12] or "default",
-            }
-            children = self._metric_children[key] = (
-                self.metrics.requests.labels(**labels),
-                self.metrics.request_duration.labels(**labels),
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self.metrics.requests.series(
+                (
+                    reporter,
+                    *key[:8],
+                    "grpc" if x.protocol == "gRPC" else "http",
+                    *key[9:12],
+                    key[12] or "default",
+                )
             )
-        children[0].inc()
-        children[1].observe(duration_ms)
+        series[COUNT] += 1
+        series[SUM] += duration_ms
+        series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
         rec = AccessRecord(  # a TypedDict: a dict literal at run time
             start_time=rfc3339(x.start_wall),
             source_workload=src_name,
@@ -1302,6 +1288,13 @@ class L7Proxy:
             t.cancel()
 
 
+_NONZERO_IDS = (1 << 192) | (1 << 128)
+"""OR-ed into the 320 random bits of new ids: the trace id (the top 128 bits) and the span
+id (the next 64) must not be all zeros."""
+_UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+"""A random hex digit as the RFC 4122 variant digit of a UUID."""
+
+
 def _route_keyed(snap: MeshSnapshot) -> bool:
     return any(
         p.http is not None and p.http.key.kind is KeyKind.ROUTE for p in snap.local_rate_limits
@@ -1313,6 +1306,22 @@ def route_name(d: RouteDecision) -> str:
     if d.virtual_service is None or d.rule_index is None:
         return ""
     return d.rule_name or f"{d.virtual_service.key}#{d.rule_index}"
+
+
+async def _response_head(
+    conn: H1Conn,
+) -> tuple[ResponseHead | None, tuple[str, str] | None]:
+    """The next response head on ``conn``, or why there is none (retryOn kind, flag)."""
+    while True:
+        ev = await conn.next_event()
+        if isinstance(ev, ResponseHead):
+            return ev, None
+        if isinstance(ev, Informational):
+            continue
+        if isinstance(ev, ProtocolError):
+            log.info("upstream protocol error: %s", ev.reason)
+            return None, ("reset", "UPE")
+        return None, ("reset", "UC")
 
 
 async def _never() -> DownstreamEvent:
