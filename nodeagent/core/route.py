@@ -30,13 +30,14 @@ the reference), returns.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import string
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Generic, Self, TypeVar, overload
+from typing import Final, Generic, Self, TypeVar, overload
 from urllib.parse import parse_qsl
 
 from nodeagent.model.objects import Labels
@@ -152,7 +153,7 @@ class RouteOutcome(enum.Enum):
     """A VirtualService applies but no rule matched: answer 404 (Envoy's ``NR``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen (a frozen __init__ is slow): made per request
 class RouteDecision:
     outcome: RouteOutcome
     service_fqdn: str
@@ -168,7 +169,7 @@ class RouteDecision:
     def routes(self) -> tuple[RouteDestination, ...]:
         """Weighted destinations: the rule's, or the service itself by default."""
         if self.outcome is RouteOutcome.DEFAULT:
-            return (RouteDestination(Destination(self.service_fqdn), 100),)
+            return _default_routes(self.service_fqdn)
         if self.rule is None:
             return ()
         return self.rule.routes
@@ -238,7 +239,17 @@ def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
     vs = virtual_service_for(snapshot, service_fqdn)
     if vs is None or not vs.http:
         return RouteDecision(RouteOutcome.DEFAULT, service_fqdn)
-    hit = _route_index(vs).first_match(request)
+    route_index = _route_index(vs)
+    memo = route_index.memo
+    if memo is None:
+        hit = route_index.first_match(request)
+    else:
+        key = (request.path, request.method, request.authority, request.port)
+        hit = memo.get(key, _UNKNOWN)
+        if hit is _UNKNOWN:
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            hit = memo[key] = route_index.first_match(request)
     if hit is None:
         return RouteDecision(RouteOutcome.NO_ROUTE, service_fqdn, vs)
     index, mi, m = hit
@@ -253,6 +264,19 @@ def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
         mi,
         m.name if m is not None else "",
     )
+
+
+MEMO_MAX = 4096
+"""Route index answers remembered per VirtualService, cleared when full: a bound on memory
+whatever paths clients send."""
+
+_UNKNOWN: Final = (-1, None, None)
+"""Not in the memo (None there means: no rule matches)."""
+
+
+@functools.lru_cache(maxsize=MEMO_MAX)
+def _default_routes(service_fqdn: str) -> tuple[RouteDestination, ...]:
+    return (RouteDestination(Destination(service_fqdn), 100),)
 
 
 def select_route_linear(
@@ -338,6 +362,7 @@ class _RouteIndex:
         "header_any",
         "header_exact",
         "hits",
+        "memo",
         "method",
         "prefix",
         "prefix_lengths",
@@ -391,6 +416,12 @@ class _RouteIndex:
                 else:
                     scan.append(entry)
         self.hits: tuple[_Hit, ...] = tuple(hits)
+        self.memo: dict[tuple[str, str, str, int], _Hit | None] | None = (
+            {} if all(_request_line_only(h[2]) for h in hits) else None
+        )
+        """``first_match`` answers by (target, method, authority, port) when no match
+        looks at anything else (headers, the source): the same request line always picks
+        the same rule. None: ask the index every request."""
         self.fallback: int = len(hits) - 1 if hits and hits[-1][2] is None else len(hits)
         """The position to beat: the rule without matches, or past the end (no route)."""
         self.exact: dict[str, _Bucket] = _freeze(exact)
@@ -450,6 +481,12 @@ class _RouteIndex:
                     best = pos
                     break
         return self.hits[best] if best < len(self.hits) else None
+
+
+def _request_line_only(m: HTTPMatchRequest | None) -> bool:
+    """The match depends only on the request line (query parameters included), the
+    authority and the port."""
+    return m is None or (not m.headers and m.source_labels is None and m.source_namespace is None)
 
 
 def _with_header(
@@ -534,6 +571,8 @@ def pick_weighted(routes: Sequence[RouteDestination], rnd: float) -> RouteDestin
     Destination *i* is chosen when ``rnd * total`` falls in its ``[start, start + weight)``
     slot, so weight 0 is never chosen. None when there is nothing to pick.
     """
+    if len(routes) == 1:  # the common case: one destination, whatever its weight
+        return routes[0]
     total = sum(max(r.weight, 0) for r in routes)
     if total <= 0:
         return routes[0] if routes else None

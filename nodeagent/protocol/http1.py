@@ -126,9 +126,12 @@ class LocalProtocolError(ValueError):
 
 
 # -- events -------------------------------------------------------------------------------
+# Events are not changed once made. The ones made for every message (RequestHead,
+# ResponseHead, BodyChunk) are plain slotted dataclasses all the same: a frozen dataclass's
+# __init__ calls object.__setattr__ once per field, a cost paid on every request.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
     """Downstream: a request line and its header fields arrived."""
 
@@ -147,7 +150,7 @@ class RequestHead:
     """A body follows (``Content-Length`` > 0 or chunked): forward it with ``body=True``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     """Upstream: a final response head arrived (or a ``101``, after which ``Upgraded``
     events carry the raw bytes)."""
@@ -168,7 +171,7 @@ class Informational:
     headers: Headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BodyChunk:
     """A piece of a message body, as it arrived (chunked framing already removed)."""
 

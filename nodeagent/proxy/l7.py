@@ -353,8 +353,8 @@ class RequestBody:
         """Take the events already read (a small body and its end usually arrive with
         the head) without a task switch."""
         while not self.complete and not self.client_gone:
-            if self._must_wait():
-                return
+            if self.target is None and not self.discard and self.size >= self.limit:
+                return  # (``_must_wait()``, inline: this runs for every request)
             ev = self._take_now()
             if ev is None:
                 return
@@ -1200,7 +1200,7 @@ class L7Proxy:
     # -- telemetry ----------------------------------------------------------------------------
     def record(self, ds: Downstream, x: Exchange) -> None:
         duration_ms = (time.monotonic() - x.start) * 1000
-        flags = ",".join(f for f in x.flags if f != "-") or "-"
+        flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
         inbound = ds.inbound
         src: Pod | None
         dst: Pod | None

@@ -486,10 +486,41 @@ def test_indexed_selection_is_the_linear_one(
 ) -> None:
     vs = VirtualService("default", "gen", ("gen.example.com",), http=tuple(http))
     snap = MeshSnapshot.build(version=1, pods=(), services=(), virtual_services=(vs,))
-    for r in reqs:
+    # twice: the second time answers may come from the memo of request lines
+    for r in [*reqs, *reqs]:
         assert select_route(snap, "gen.example.com", r) == select_route_linear(
             snap, "gen.example.com", r
         )
+
+
+def test_request_lines_are_remembered_only_when_nothing_else_can_decide() -> None:
+    by_path = HTTPRoute(
+        name="p", matches=(HTTPMatchRequest(uri=StringMatch(MatchKind.PREFIX, "/a")),)
+    )
+    by_query = HTTPRoute(
+        name="q",
+        matches=(HTTPMatchRequest(query_params=(("v", StringMatch(MatchKind.EXACT, "2")),)),),
+    )
+    by_header = HTTPRoute(
+        name="h",
+        matches=(HTTPMatchRequest(headers=(("x-user", StringMatch(MatchKind.EXACT, "jason")),)),),
+    )
+    line_only = VirtualService("default", "l", ("l.example.com",), http=(by_path, by_query))
+    with_header = VirtualService("default", "h", ("h.example.com",), http=(by_header, by_path))
+    snap = MeshSnapshot.build(
+        version=1, pods=(), services=(), virtual_services=(line_only, with_header)
+    )
+    memo = _route_index(line_only).memo
+    assert memo is not None and _route_index(with_header).memo is None
+    for path, name in (("/a/1", "p"), ("/b?v=2", "q"), ("/b?v=3", None), ("/a/1", "p")):
+        d = select_route(snap, "l.example.com", req(path))
+        assert (d.rule_name if d.rule else None) == name
+    assert len(memo) == 3  # one entry per distinct request line
+    jason = RequestInfo("GET", "h", "/a", headers={"x-user": "jason"}, port=80)
+    other = RequestInfo("GET", "h", "/a", headers={"x-user": "ann"}, port=80)
+    assert select_route(snap, "h.example.com", jason).rule_name == "h"
+    assert select_route(snap, "h.example.com", other).rule_name == "p"
+    assert select_route(snap, "h.example.com", jason).rule_name == "h"
 
 
 def _numbered(n: int, target: str) -> VirtualService:
