@@ -212,6 +212,12 @@ def obj_id(fd: int) -> int:
     return _info(fd, "II")[1]
 
 
+def map_shape(map_fd: int) -> tuple[int, int]:
+    """A map's key and value sizes (``bpf_map_info``: type, id, key_size, value_size)."""
+    _, _, key_size, value_size = _info(map_fd, "IIII")
+    return key_size, value_size
+
+
 def link_prog_id(link_fd: int) -> int:
     """The id of the program a link runs (``bpf_link_info``: type, id, prog_id)."""
     return _info(link_fd, "III")[2]
@@ -390,6 +396,34 @@ class Capture:
         self.set_mesh_ips(mesh_ips)
         for ip in pod_ips:
             self._steer_inbound(ip)
+        if self.previous is not None:
+            for name in ("exclude_out", "exclude_in"):
+                self._carry(name)
+
+    def _carry(self, name: str) -> None:
+        """Copy the entries of another version's map ``name`` into this load's, when both
+        have the same key and value sizes (pods' excluded ports: without them a connect
+        to an excluded port would be captured, or an inbound one refused, until the pod
+        is attached again). A map of another shape is left behind with a warning."""
+        path = os.path.join(self.previous or "", name)
+        if not os.path.exists(path):
+            return
+        new_fd = self.map_fd(name)
+        with pinned(path) as old_fd:
+            old_shape, new_shape = map_shape(old_fd), map_shape(new_fd)
+            if old_shape != new_shape:
+                log.warning(
+                    "eBPF upgrade: %s changed shape (key, value bytes %s -> %s): its "
+                    "entries apply again when each pod is attached",
+                    name,
+                    old_shape,
+                    new_shape,
+                )
+                return
+            for k in _keys(old_fd, old_shape[0]):
+                v = map_lookup(old_fd, k, old_shape[1])
+                if v is not None:
+                    map_update(new_fd, k, v)
 
     def switch(self) -> list[str]:
         """Every pinned link runs this load's programs, ``maps`` points to this load's

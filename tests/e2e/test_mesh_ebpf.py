@@ -298,3 +298,34 @@ def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(
         sb.restart_agent("node1")  # back to this version: a downgrade is the same switch
     assert os.readlink(f"{pin}/maps") == old_maps
     assert http_status(sb, "client", url)[0] == 200
+
+
+def test_an_upgrade_carries_the_excluded_ports_into_the_new_maps(tmp_path: Path) -> None:
+    # Between the switch and the agent's attach of each pod, the pods' excluded ports must
+    # already hold in the new maps: copied from the old ones by ``prefill``.
+    pin = f"/sys/fs/bpf/nodeagent-test-{os.getpid()}"
+    ip = ebpf.ip_key("10.9.0.5")
+    caps: list[ebpf.Capture] = []
+    try:
+        old = ebpf.Capture(pin)
+        caps.append(old)
+        old.set_exclusions("10.9.0.5", ebpf.Exclusions(4242, frozenset({5432}), frozenset({8081})))
+        new = ebpf.Capture(pin, src=_next_version(tmp_path))
+        caps.append(new)
+        assert new.previous == old.maps and new.maps != old.maps
+        out_key = ebpf.EXCLUDE_OUT_KEY.pack(4242, 5432, 0)
+        in_key = ebpf.EXCLUDE_IN_KEY.pack(ip, 8081)
+        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) is None
+        new.prefill(set(), {"10.9.0.5"})
+        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) == ip
+        assert ebpf.map_lookup(new.map_fd("exclude_in"), in_key, 4) == ip
+        other_port = ebpf.EXCLUDE_IN_KEY.pack(ip, 8080)
+        assert ebpf.map_lookup(new.map_fd("exclude_in"), other_port, 4) is None
+        new.switch()
+        assert os.readlink(f"{pin}/maps") == os.path.basename(new.maps)
+        assert not os.path.exists(old.maps)
+    finally:
+        for c in caps:
+            c.bpf.cleanup()
+        ebpf.teardown(pin)
+    assert not os.path.exists(pin)
