@@ -266,6 +266,14 @@ def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
     )
 
 
+def decided_by_request_line(d: RouteDecision) -> bool:
+    """Whether every request with the same target, method, authority and port gets the
+    same decision as the one ``d`` was made for (no match of the VirtualService looks at
+    headers or the source)."""
+    vs = d.virtual_service
+    return vs is None or _route_index(vs).memo is not None
+
+
 MEMO_MAX = 4096
 """Route index answers remembered per VirtualService, cleared when full: a bound on memory
 whatever paths clients send."""

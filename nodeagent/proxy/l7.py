@@ -25,13 +25,15 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from nodeagent.core.balancer import Balancer, BalancerRegistry, endpoint_address, hash_key_for
 from nodeagent.core.route import (
+    MEMO_MAX,
     RequestInfo,
     RouteDecision,
     RouteOutcome,
+    decided_by_request_line,
     pick_weighted,
     select_route,
 )
@@ -46,6 +48,7 @@ from nodeagent.model.traffic import (
     HTTPRetry,
     HTTPRoute,
     MatchKind,
+    RouteDestination,
 )
 from nodeagent.protocol.http1 import (
     BodyChunk,
@@ -488,6 +491,18 @@ class Redirect(Exception):
         self.location = location
 
 
+class Routed(NamedTuple):
+    """What routing decided for a request line (remembered per snapshot when nothing else,
+    headers or the source, could change it)."""
+
+    decision: RouteDecision
+    name: str
+    """``route_name(decision)``."""
+    cluster: Cluster | None
+    """The cluster of the rule's only destination; None: pick by weight per request."""
+    by_request_line: bool
+
+
 @dataclass
 class Plan:
     """What routing decided for one request, before the first attempt."""
@@ -537,6 +552,10 @@ class L7Proxy:
         self._clusters = PerSnapshot(lambda snap: {})
         self._series: dict[tuple[str, ...], list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._routed: PerSnapshot[dict[tuple[str, int, str, str, str], Routed]]
+        self._routed = PerSnapshot(lambda snap: {})
+        """Route decisions by (service, port, method, target, authority), for routes that
+        only look at those (bounded by ``MEMO_MAX``)."""
         self._route_keyed = PerSnapshot(_route_keyed)
         """Whether some LocalRateLimit is keyed by route (then the route taken goes along
         to the destination's node)."""
@@ -692,36 +711,45 @@ class L7Proxy:
         if ds.inbound is not None:
             return self._plan_inbound(ds, ds.inbound, method, path, hdrs, out, x)
         snap = self.snapshot()
-        svc_host = fqdn(ds.service)
-        info = RequestInfo(
-            method=method,
-            authority=x.authority,
-            path=path,
-            headers=hdrs,
-            port=ds.port.port,
-            source_labels=ds.pod.labels,
-            source_namespace=ds.pod.namespace,
-        )
-        decision = select_route(snap, svc_host, info)
+        info: RequestInfo | None = None
+        memo = self._routed.get(snap)
+        key = (ds.service.key, ds.port.port, method, path, x.authority)
+        routed = memo.get(key)
+        if routed is None:
+            info = self._request_info(ds, method, path, hdrs, x)
+            routed = self._route(snap, ds, info)
+            if routed.by_request_line:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[key] = routed
+        decision = routed.decision
         if decision.outcome is RouteOutcome.NO_ROUTE:
             raise LocalReply(
-                404, "NR", f"no VirtualService route of {svc_host} matches this request"
+                404,
+                "NR",
+                f"no VirtualService route of {decision.service_fqdn} matches this request",
             )
         rule = decision.rule
-        x.route_name = route_name(decision)
+        x.route_name = routed.name
         if rule is not None and rule.redirect is not None:
             rd = rule.redirect
             target = rd.uri if rd.uri is not None else path
             raise Redirect(rd.redirect_code, f"http://{rd.authority or x.authority}{target}")
         if rule is not None and rule.fault is not None:
             await self._fault(rule, x)
-        rdest = pick_weighted(decision.routes, self.rnd.random())
-        if rdest is None:
-            raise LocalReply(503, "NR", f"route {x.route_name or svc_host} has no destinations")
-        try:
-            cluster = self.cluster(snap, rdest.destination, ds.port.port)
-        except ClusterError as e:
-            raise LocalReply(503, "NC", str(e)) from None
+        rdest: RouteDestination | None
+        if routed.cluster is not None:  # one destination: decided with the route
+            rdest, cluster = decision.routes[0], routed.cluster
+        else:
+            rdest = pick_weighted(decision.routes, self.rnd.random())
+            if rdest is None:
+                raise LocalReply(
+                    503, "NR", f"route {x.route_name or decision.service_fqdn} has no destinations"
+                )
+            try:
+                cluster = self.cluster(snap, rdest.destination, ds.port.port)
+            except ClusterError as e:
+                raise LocalReply(503, "NC", str(e)) from None
         x.cluster = cluster.name
         p = Plan(snap=snap, rule=rule, cluster=cluster, path=path, authority=x.authority)
         if rule is not None and rule.rewrite is not None:
@@ -756,6 +784,8 @@ class L7Proxy:
         # consistent hashing needs the key before the pick
         lb = cluster.policy.load_balancer
         if lb is not None and lb.consistent_hash is not None:
+            if info is None:
+                info = self._request_info(ds, method, path, hdrs, x)
             p.hash_key, cookie = hash_key_for(
                 lb.consistent_hash,
                 hdrs,
@@ -769,6 +799,31 @@ class L7Proxy:
         p.retry = _retry_policy(rule)
         p.timeout = rule.timeout if rule is not None else None
         return p
+
+    @staticmethod
+    def _request_info(
+        ds: Downstream, method: str, path: str, hdrs: dict[str, str], x: Exchange
+    ) -> RequestInfo:
+        return RequestInfo(
+            method=method,
+            authority=x.authority,
+            path=path,
+            headers=hdrs,
+            port=ds.port.port,
+            source_labels=ds.pod.labels,
+            source_namespace=ds.pod.namespace,
+        )
+
+    def _route(self, snap: MeshSnapshot, ds: Downstream, info: RequestInfo) -> Routed:
+        """The route decision for a request, with its single destination's cluster already
+        built when the rule has one destination (and that cluster exists)."""
+        decision = select_route(snap, fqdn(ds.service), info)
+        cluster: Cluster | None = None
+        routes = decision.routes
+        if decision.outcome is not RouteOutcome.NO_ROUTE and len(routes) == 1:
+            with contextlib.suppress(ClusterError):  # raised again per request, on the slow path
+                cluster = self.cluster(snap, routes[0].destination, ds.port.port)
+        return Routed(decision, route_name(decision), cluster, decided_by_request_line(decision))
 
     def _plan_inbound(
         self,
