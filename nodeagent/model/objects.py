@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar, overload
+
+T = TypeVar("T")
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
@@ -23,6 +26,19 @@ class Labels(Mapping[str, str]):
             if k == key:
                 return v
         raise KeyError(key)
+
+    @overload
+    def get(self, key: str) -> str | None: ...
+    @overload
+    def get(self, key: str, default: str) -> str: ...
+    @overload
+    def get(self, key: str, default: T) -> str | T: ...
+    def get(self, key: str, default: object = None) -> object:
+        """(``Mapping.get`` would call ``__getitem__`` and catch its KeyError.)"""
+        for k, v in self.items_:
+            if k == key:
+                return v
+        return default
 
     def __iter__(self) -> Iterator[str]:
         return (k for k, _ in self.items_)
