@@ -247,7 +247,7 @@ def select_route(snapshot: MeshSnapshot, service_fqdn: str, request: RequestInfo
         key = (request.path, request.method, request.authority, request.port)
         hit = memo.get(key, _UNKNOWN)
         if hit is _UNKNOWN:
-            if len(memo) >= MEMO_MAX:
+            if len(memo) >= INDEX_MEMO_MAX:
                 memo.clear()
             hit = memo[key] = route_index.first_match(request)
     if hit is None:
@@ -275,8 +275,12 @@ def decided_by_request_line(d: RouteDecision) -> bool:
 
 
 MEMO_MAX = 4096
-"""Route index answers remembered per VirtualService, cleared when full: a bound on memory
-whatever paths clients send."""
+"""Entries of a memo of route decisions shared by all services (per snapshot, or of
+default routes), cleared when full: a bound on memory whatever paths clients send."""
+
+INDEX_MEMO_MAX = 512
+"""Request lines remembered per VirtualService, cleared when full (each VirtualService
+that sees traffic has a memo of its own: a few hundred KiB at most for a hundred)."""
 
 _UNKNOWN: Final = (-1, None, None)
 """Not in the memo (None there means: no rule matches)."""

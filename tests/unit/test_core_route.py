@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nodeagent.control.files import load_directory
 from nodeagent.core.route import (
     _INDEXES,
+    INDEX_MEMO_MAX,
     RequestInfo,
     RouteOutcome,
     _regex_literal_prefix,
@@ -516,6 +517,9 @@ def test_request_lines_are_remembered_only_when_nothing_else_can_decide() -> Non
         d = select_route(snap, "l.example.com", req(path))
         assert (d.rule_name if d.rule else None) == name
     assert len(memo) == 3  # one entry per distinct request line
+    for i in range(INDEX_MEMO_MAX + 10):  # any number of paths: the memo stays bounded
+        assert select_route(snap, "l.example.com", req(f"/a/{i}")).rule_name == "p"
+    assert 0 < len(memo) <= INDEX_MEMO_MAX
     jason = RequestInfo("GET", "h", "/a", headers={"x-user": "jason"}, port=80)
     other = RequestInfo("GET", "h", "/a", headers={"x-user": "ann"}, port=80)
     assert select_route(snap, "h.example.com", jason).rule_name == "h"
