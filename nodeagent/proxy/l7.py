@@ -111,6 +111,8 @@ class Downstream:
     inbound: Inbound | None = None
     pool_key: str = ""
     """Whose upstream connections these requests may share (default: the pod's)."""
+    telemetry: dict[tuple[object, ...], _RecordContext] = field(default_factory=dict)
+    """``L7Proxy.record``'s per-destination contexts for this connection."""
 
     def __post_init__(self) -> None:
         if not self.pool_key:
@@ -491,6 +493,55 @@ class Redirect(Exception):
         self.location = location
 
 
+class _RecordContext:
+    """What the access log and the metrics say the same way for every request of one
+    client connection to one destination (workload, cluster, route, identity, protocol):
+    made once, not per request. ``series`` holds the metric series by (status, flags)."""
+
+    __slots__ = ("dst", "fields", "labels_head", "labels_tail", "series")
+
+    def __init__(self, ds: Downstream, x: Exchange, dst: Pod | None) -> None:
+        inbound = ds.inbound
+        src: Pod | None
+        if inbound is None:
+            reporter, src = "source", ds.pod
+        else:
+            reporter, src = "destination", inbound.peer_pod
+        src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
+        dst_name, dst_ns = (dst.name, dst.namespace) if dst else ("unknown", "unknown")
+        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
+        svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
+        self.dst = dst
+        self.series: dict[tuple[int, str], list[float]] = {}
+        # HTTP_LABELS order, around response_code and response_flags
+        self.labels_head = (
+            reporter,
+            src_name,
+            src_ns,
+            ds.source_principal,
+            dst_name,
+            dst_ns,
+            svc_host,
+            x.dst_principal,
+            dst.labels.get("version", "unknown") if dst else "unknown",
+            "grpc" if x.protocol == "gRPC" else "http",
+        )
+        self.labels_tail = ("mutual_tls" if mtls else "none", x.route_name or "default")
+        self.fields = {
+            "source_workload": src_name,
+            "source_namespace": src_ns,
+            "source_principal": ds.source_principal,
+            "destination_service": svc_host,
+            "destination_workload": dst_name,
+            "destination_namespace": dst_ns,
+            "destination_principal": x.dst_principal,
+            "protocol": x.protocol,
+            "upstream_cluster": x.cluster or "-",
+            "route_name": x.route_name or "-",
+            "reporter": reporter,
+        }
+
+
 class Routed(NamedTuple):
     """What routing decided for a request line (remembered per snapshot when nothing else,
     headers or the source, could change it)."""
@@ -550,7 +601,6 @@ class L7Proxy:
         self.pool = H1Pool()
         self._clusters: PerSnapshot[dict[tuple[str, str | None, int | None, int], Cluster]]
         self._clusters = PerSnapshot(lambda snap: {})
-        self._series: dict[tuple[str, ...], list[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._routed: PerSnapshot[dict[tuple[str, int, str, str, str], Routed]]
         self._routed = PerSnapshot(lambda snap: {})
@@ -1257,75 +1307,43 @@ class L7Proxy:
         duration_ms = (time.monotonic() - x.start) * 1000
         flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
         inbound = ds.inbound
-        src: Pod | None
-        dst: Pod | None
         if inbound is None:
-            reporter, src, dst = "source", ds.pod, x.dst_pod
+            dst = x.dst_pod
         else:
-            reporter, src, dst = "destination", inbound.peer_pod, ds.pod
+            dst = ds.pod
             x.dst_principal = inbound.principal
             inflight = ds.meta.get("inflight")
             if inflight:
                 inflight.pop(id(x), None)
-        src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
-        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
-        svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
-        key = (
-            src_name,
-            src_ns,
-            ds.source_principal,
-            dst.name if dst else "unknown",
-            dst.namespace if dst else "unknown",
-            svc_host,
-            x.dst_principal,
-            dst.labels.get("version", "unknown") if dst else "unknown",
-            x.protocol,
-            str(x.status),
-            flags,
-            "mutual_tls" if mtls else "none",
-            x.route_name,
-            reporter,
-        )
-        series = self._series.get(key)
+        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol)
+        ctx = ds.telemetry.get(k)
+        if ctx is None or ctx.dst is not dst:
+            ctx = ds.telemetry[k] = _RecordContext(ds, x, dst)
+        series = ctx.series.get((x.status, flags))
         if series is None:
-            series = self._series[key] = self.metrics.requests.series(
-                (
-                    reporter,
-                    *key[:8],
-                    "grpc" if x.protocol == "gRPC" else "http",
-                    *key[9:12],
-                    key[12] or "default",
-                )
+            series = ctx.series[(x.status, flags)] = self.metrics.requests.series(
+                (*ctx.labels_head, str(x.status), flags, *ctx.labels_tail)
             )
         series[COUNT] += 1
         series[SUM] += duration_ms
         series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
-        rec: AccessRecord = {  # a literal: calling the TypedDict would copy a kwargs dict
+        # the fields fixed for this connection and destination, then this request's own
+        rec: AccessRecord = {
+            **ctx.fields,  # type: ignore[typeddict-item]  # (the keys not listed here)
             "start_time": rfc3339(x.start_wall),
-            "source_workload": src_name,
-            "source_namespace": src_ns,
-            "source_principal": ds.source_principal,
-            "destination_service": svc_host,
-            "destination_workload": dst.name if dst else "unknown",
-            "destination_namespace": dst.namespace if dst else "unknown",
-            "destination_principal": x.dst_principal,
             "method": x.method,
             "authority": x.authority,
             "path": x.path,
-            "protocol": x.protocol,
             "response_code": x.status,
             "response_flags": flags,
             "bytes_received": x.bytes_in,
             "bytes_sent": x.bytes_out,
             "duration_ms": round(duration_ms, 3),
             "upstream_host": x.upstream,
-            "upstream_cluster": x.cluster or "-",
-            "route_name": x.route_name or "-",
             "attempts": x.attempts,
             "trace_id": x.trace_id,
             "request_id": x.request_id,
             "user_agent": x.user_agent,
-            "reporter": reporter,
         }
         if x.policy:
             rec["authz_policy"] = x.policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from nodeagent.samplegrpc import (
     call_server_stream,
     call_unary,
 )
+from nodeagent.telemetry.accesslog import AccessRecord
 
 
 @pytest.fixture
@@ -65,13 +67,16 @@ def raw(rig: L7Rig, data: bytes, *, read_until_close: bool = True) -> bytes:
 
 
 def test_pipelined_requests_are_answered_in_order(rig: L7Rig) -> None:
-    reqs = b"".join(
-        f"GET /p{i} HTTP/1.1\r\nHost: web\r\n\r\n".encode() for i in range(5)
-    ) + b"GET /last HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    reqs = (
+        b"".join(f"GET /p{i} HTTP/1.1\r\nHost: web\r\n\r\n".encode() for i in range(5))
+        + b"GET /last HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    )
     out = raw(rig, reqs)
     assert out.count(b"HTTP/1.1 200") == 6
-    paths = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["path"]
-             for part in out.split(b"HTTP/1.1 200 OK")[1:]]
+    paths = [
+        json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["path"]
+        for part in out.split(b"HTTP/1.1 200 OK")[1:]
+    ]
     assert paths == ["/p0", "/p1", "/p2", "/p3", "/p4", "/last"]
 
 
@@ -348,3 +353,66 @@ def test_grpc_unavailable_is_retried(tmp_path: Path) -> None:
         assert e.value.code() is grpc.StatusCode.UNAVAILABLE
         assert rig.records()[-1]["attempts"] == 3  # tried three times, still failing
         assert call_unary(t, "ok").text == "ok"
+
+
+def _requests_total(rig: L7Rig) -> dict[tuple[str, str, str], float]:
+    """istio_requests_total by (destination_workload, response_code, response_flags)."""
+    from prometheus_client import generate_latest
+
+    out: dict[tuple[str, str, str], float] = {}
+    for line in generate_latest(rig.metrics.registry).decode().splitlines():
+        if line.startswith("istio_requests_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = (
+                labels["destination_workload"],
+                labels["response_code"],
+                labels["response_flags"],
+            )
+            out[key] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_one_connection_counts_each_destination_and_outcome_apart(rig: L7Rig) -> None:
+    # Labels and log fields are made once per connection and destination: requests of one
+    # keep-alive connection to two endpoints, then answered by a fault, keep them apart.
+    rig.apply("""
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web.default.svc.cluster.local]
+          http:
+          - name: aborted
+            match: [{headers: {x-abort: {exact: "1"}}}]
+            fault: {abort: {httpStatus: 503, percentage: {value: 100}}}
+            route: [{destination: {host: web.default.svc.cluster.local}}]
+          - name: plain
+            route: [{destination: {host: web.default.svc.cluster.local}}]
+    """)
+    c = http.client.HTTPConnection(*rig.address, timeout=10)
+    served: list[str] = []
+    try:
+        for i in range(8):
+            c.request("GET", f"/n/{i}", headers={"x-abort": "1"} if i >= 6 else {})
+            r = c.getresponse()
+            body = r.read()
+            if i < 6:
+                assert r.status == 200
+                served.append(json.loads(body)["pod"])
+            else:
+                assert r.status == 503
+    finally:
+        c.close()
+    recs = rig.records()  # (waits for the last record: it is written after the response)
+    assert sorted(set(served)) == ["web-v1-0", "web-v2-0"]
+    totals = _requests_total(rig)
+    for pod in ("web-v1-0", "web-v2-0"):
+        assert totals[(pod, "200", "-")] == served.count(pod)
+    assert totals[("unknown", "503", "FI")] == 2, totals
+    assert [r["path"] for r in recs] == [f"/n/{i}" for i in range(8)]
+    assert [r["destination_workload"] for r in recs[:6]] == served
+    assert [r["route_name"] for r in recs] == ["plain"] * 6 + ["aborted"] * 2
+    assert [r["response_code"] for r in recs] == [200] * 6 + [503] * 2
+    optional = {"authz_policy", "authz_rule", "request_principal", "detail"}
+    every = set(AccessRecord.__annotations__) - optional
+    assert all(every <= set(r) <= every | optional for r in recs), every ^ set(recs[0])
