@@ -54,6 +54,7 @@ from nodeagent.proxy.l7 import (
     join_headers,
     policy_refusal,
     retriable_status,
+    within,
 )
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 
@@ -402,8 +403,7 @@ class _Session:
         out = list(forwardable_h2_headers(req.headers))
         try:
             p = await self.engine.plan(self.ds, req.method, req.path, hdrs, out, x)
-            async with deadline(p.timeout):
-                await self._attempts(s, req, out, body, p, x)
+            await within(p.timeout, self._attempts(s, req, out, body, p, x))
         except LocalReply as r:
             x.flag(r.flag)
             x.status = r.status
