@@ -153,11 +153,7 @@ class H1Pool:
         ):
             conn.machine.start_next_request()
             conn.idle_since = time.monotonic()
-            idle = self._idle.get(conn.key)
-            if idle is None:
-                self._idle[conn.key] = [conn]
-            else:
-                idle.append(conn)
+            self._idle.setdefault(conn.key, []).append(conn)
             if self._waiters:
                 self._wake(conn.cluster)
             return

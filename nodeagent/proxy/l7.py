@@ -371,8 +371,8 @@ class RequestBody:
         """Take the events already read (a small body and its end usually arrive with
         the head) without a task switch."""
         while not self.complete and not self.client_gone:
-            if self.target is None and not self.discard and self.size >= self.limit:
-                return  # (``_must_wait()``, inline: this runs for every request)
+            if self._must_wait():
+                return
             ev = self._take_now()
             if ev is None:
                 return

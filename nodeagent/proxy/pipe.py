@@ -77,9 +77,7 @@ class Pipe(asyncio.Protocol):
         if self._size > self.read_limit and not self._read_paused and self.transport:
             self._read_paused = True
             self.transport.pause_reading()
-        w = self._waiter  # (``_wake()`` inline: once per read on every connection)
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -123,8 +121,7 @@ class Pipe(asyncio.Protocol):
         data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
         self._buf.clear()
         self._size = 0
-        if self._read_paused:
-            self._maybe_resume()
+        self._maybe_resume()
         return data
 
     async def read(self) -> bytes:
