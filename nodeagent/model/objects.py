@@ -22,10 +22,10 @@ class Labels(Mapping[str, str]):
         return cls(tuple(sorted((d or {}).items())))
 
     def __getitem__(self, key: str) -> str:
-        for k, v in self.items_:
-            if k == key:
-                return v
-        raise KeyError(key)
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
 
     @overload
     def get(self, key: str) -> str | None: ...
