@@ -932,6 +932,7 @@ class Proxy:
         for pp in self.pods.values():
             pp.close()
         self.pods.clear()
+        self.access_log.flush()
 
 
 __all__ = ["LocalStateError", "PodProxy", "Proxy"]

@@ -5,13 +5,16 @@ cheaper to build than an object) and its writer. The writer appends to a binary
 stream (the agent's stdout by default, or a file) and flushes at most every
 ``flush_interval`` seconds from the event loop, so logging costs one ``orjson.dumps``
 (about 1 us; the standard library's ``json`` takes 15) and one buffered write per
-request, never a blocking flush on the data path.
+request, never a blocking flush on the data path. Stdout gets a buffer of its own: with
+``PYTHONUNBUFFERED=1`` (or ``python -u``, common in container images) ``sys.stdout.buffer``
+is the raw file, which would make every record a ``write`` system call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import sys
 import time
 from collections import deque
@@ -87,13 +90,28 @@ def rfc3339(ts: float) -> str:
     return f"{_second[1]}{_MILLIS[int((ts - sec) * 1000)]}"
 
 
+BUFFER = 64 * 1024
+"""Bytes of records held between flushes (about 90 records)."""
+
+
+def buffered_stdout() -> BinaryIO:
+    """A buffered binary writer on the process's stdout, whatever Python's own stdout
+    buffering is; ``sys.stdout.buffer`` when stdout is not a file descriptor (a test's
+    captured stream)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout.buffer
+    return io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=BUFFER)
+
+
 class AccessLog:
     """Buffered JSON-lines writer; ``recent`` keeps the last records for ``nodeagent ctl``."""
 
     def __init__(
         self, out: BinaryIO | None = None, *, flush_interval: float = 0.5, keep: int = 200
     ) -> None:
-        self.out: BinaryIO = out if out is not None else sys.stdout.buffer
+        self.out: BinaryIO = out if out is not None else buffered_stdout()
         self.enabled = True
         self.flush_interval = flush_interval
         self.recent: deque[AccessRecord] = deque(maxlen=keep)
@@ -116,6 +134,9 @@ class AccessLog:
             self._flush_handle = loop.call_later(self.flush_interval, self.flush)
 
     def flush(self) -> None:
-        self._flush_handle = None
+        """Write out what is buffered (the timer calls this; so does the agent's shutdown)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         with contextlib.suppress(OSError, ValueError):
             self.out.flush()
