@@ -23,7 +23,7 @@ import random
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -238,8 +238,17 @@ def _retry_policy(rule: HTTPRoute | None) -> HTTPRetry:
     return rule.retries
 
 
-def retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str]) -> str | None:
-    """The ``retryOn`` condition a response meets, or None."""
+def header_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The first value of ``name`` (lower case) in a parsed head, without joining them all."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def retriable_status(policy: HTTPRetry, status: int, grpc: str | None) -> str | None:
+    """The ``retryOn`` condition a response with ``status`` and the ``grpc-status``
+    header ``grpc`` (None: absent) meets, or None."""
     on = policy.retry_on
     if status >= 500 and "5xx" in on:
         return "5xx"
@@ -250,7 +259,6 @@ def retriable_status(policy: HTTPRetry, status: int, headers: Mapping[str, str])
     code = str(status)
     if code in on:
         return code
-    grpc = headers.get("grpc-status")
     if grpc is not None:
         for name, value in GRPC_RETRY_STATUS.items():
             if grpc == value and name in on:
@@ -826,12 +834,13 @@ class L7Proxy:
             # ids for correlation, not secrets: the seeded PRNG, not a syscall per request
             h = f"{self.rnd.getrandbits(320) | _NONZERO_IDS:080x}"
             if tp is None:  # W3C trace context, not sampled
-                tp = f"00-{h[:32]}-{h[32:48]}-00"
-                out.append(("traceparent", tp))
+                x.trace_id = h[:32]
+                out.append(("traceparent", f"00-{x.trace_id}-{h[32:48]}-00"))
             if rid is None:  # a version 4 UUID
                 rid = f"{h[48:56]}-{h[56:60]}-4{h[61:64]}-{_UUID_VARIANT[h[64]]}{h[65:68]}-{h[68:]}"
                 out.append(("x-request-id", rid))
-        x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
+        if tp is not None:
+            x.trace_id = tp.split("-")[1] if tp.count("-") >= 3 else ""
         x.request_id = rid
         out.append(("x-forwarded-proto", "http"))
         if ROUTE_HEADER in hdrs:
@@ -1019,7 +1028,9 @@ class L7Proxy:
                     else:
                         assert resp is not None and conn is not None
                         bal.report(ep, resp.status, False)
-                        reason = retriable_status(policy, resp.status, join_headers(resp.headers))
+                        reason = retriable_status(
+                            policy, resp.status, header_value(resp.headers, "grpc-status")
+                        )
                         if reason is not None and retries_left > 0 and body.replayable:
                             failure, last_flag, status_retry = reason, "URX", True
                         else:

@@ -524,7 +524,7 @@ class _Session:
             conn.forget(up)
             return "per-try-timeout", "UT"
         hdrs = join_headers(ev.headers)
-        reason = retriable_status(policy, ev.status, hdrs)
+        reason = retriable_status(policy, ev.status, hdrs.get("grpc-status"))
         if reason is not None and may_retry and body.replayable:
             conn.forget(up)
             return reason, "URX"
