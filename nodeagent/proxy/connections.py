@@ -8,7 +8,14 @@ from typing import Any
 
 from nodeagent.model.status import ConnectionInfo
 from nodeagent.proxy.relay import Relay
-from nodeagent.telemetry.metrics import Metrics
+from nodeagent.telemetry.metrics import (
+    CLOSED,
+    OPENED,
+    RECEIVED,
+    SENT,
+    TCP_LABELS,
+    Metrics,
+)
 
 log = logging.getLogger("nodeagent.proxy")
 
@@ -18,22 +25,18 @@ class ConnectionTable:
         self.metrics = metrics
         self._ids = itertools.count(1)
         self.live: dict[int, Relay] = {}
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._series: dict[tuple[str, ...], list[float]] = {}
 
-    def _counters(self, labels: dict[str, str]) -> tuple[Any, Any, Any, Any]:
-        """The labelled counters (opened, closed, sent, received), cached: prometheus'
-        ``labels(**kw)`` lookup costs more than the increment."""
+    def _counts(self, labels: dict[str, str]) -> list[float]:
+        """The ``TcpStats`` series of these labels (keyed by ``TCP_LABELS``, in that
+        order), cached by the label values."""
         key = tuple(labels.values())
-        c = self._children.get(key)
-        if c is None:
-            m = self.metrics
-            c = self._children[key] = (
-                m.tcp_opened.labels(**labels),
-                m.tcp_closed.labels(**labels),
-                m.tcp_sent.labels(**labels),
-                m.tcp_received.labels(**labels),
-            )
-        return c
+        s = self._series.get(key)
+        if s is None:
+            if tuple(labels) != TCP_LABELS:
+                raise ValueError(f"TCP metric labels must be {TCP_LABELS}, got {tuple(labels)}")
+            s = self._series[key] = self.metrics.tcp.series(key)
+        return s
 
     def open(self, meta: dict[str, Any]) -> Relay:
         relay = Relay(next(self._ids), meta, self._closed)
@@ -44,16 +47,16 @@ class ConnectionTable:
         """The relay reached its upstream: count it as opened."""
         labels = relay.meta.get("labels")
         if labels is not None:
-            self._counters(labels)[0].inc()
+            self._counts(labels)[OPENED] += 1
 
     def _closed(self, relay: Relay) -> None:
         self.live.pop(relay.id, None)
         labels = relay.meta.get("labels")
         if labels is not None and relay.meta.get("counted"):
-            _, closed, sent, received = self._counters(labels)
-            closed.inc()
-            sent.inc(relay.bytes_sent)
-            received.inc(relay.bytes_received)
+            s = self._counts(labels)
+            s[CLOSED] += 1
+            s[SENT] += relay.bytes_sent
+            s[RECEIVED] += relay.bytes_received
         if relay.close_reason not in ("done", "client closed", "upstream closed"):
             log.info(
                 "conn %d %s %s -> %s closed: %s (sent %d, received %d)",

@@ -87,30 +87,59 @@ class RequestStats:
         yield duration
 
 
+OPENED: Final = 0
+"""Index of connections opened in a ``TcpStats`` series."""
+CLOSED: Final = 1
+"""Index of connections closed."""
+SENT: Final = 2
+"""Index of bytes from the client to the upstream (of closed connections)."""
+RECEIVED: Final = 3
+"""Index of bytes from the upstream to the client (of closed connections)."""
+
+_TCP_FAMILIES: Final = (
+    ("istio_tcp_connections_opened", "TCP connections opened"),
+    ("istio_tcp_connections_closed", "TCP connections closed"),
+    ("istio_tcp_sent_bytes", "Bytes sent by the client to the upstream"),
+    ("istio_tcp_received_bytes", "Bytes sent by the upstream to the client"),
+)
+
+
+class TcpStats:
+    """``istio_tcp_connections_{opened,closed}_total`` and
+    ``istio_tcp_{sent,received}_bytes_total``: one plain list per label set (the four
+    counts, indexed by ``OPENED``, ``CLOSED``, ``SENT``, ``RECEIVED``), turned into
+    metric families when scraped, like ``RequestStats``: four labelled
+    ``prometheus_client`` counters cost a lock and several calls each per connection."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        registry.register(self)
+
+    def series(self, labels: tuple[str, ...]) -> list[float]:
+        """The list a connection with these label values (in ``TCP_LABELS`` order)
+        updates."""
+        s = self._series.get(labels)
+        if s is None:
+            if len(labels) != len(TCP_LABELS):
+                raise ValueError(f"{len(TCP_LABELS)} label values expected, got {labels!r}")
+            s = self._series[labels] = [0.0, 0.0, 0.0, 0.0]
+        return s
+
+    def collect(self) -> Iterator[Metric]:
+        families = [CounterMetricFamily(n, h, labels=TCP_LABELS) for n, h in _TCP_FAMILIES]
+        for labels, s in list(self._series.items()):
+            for family, value in zip(families, s, strict=True):
+                family.add_metric(labels, value)
+        yield from families
+
+
 class Metrics:
     """All counters of one agent, in their own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.tcp_opened = Counter(
-            "istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r
-        )
-        self.tcp_closed = Counter(
-            "istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS, registry=r
-        )
-        self.tcp_sent = Counter(
-            "istio_tcp_sent_bytes",
-            "Bytes sent by the client to the upstream",
-            TCP_LABELS,
-            registry=r,
-        )
-        self.tcp_received = Counter(
-            "istio_tcp_received_bytes",
-            "Bytes sent by the upstream to the client",
-            TCP_LABELS,
-            registry=r,
-        )
+        self.tcp = TcpStats(r)
         self.failures = Counter(
             "nodeagent_connection_failures",
             "Proxied connections that failed, by direction and Envoy-style flag "
