@@ -220,7 +220,7 @@ def virtual_service_for(snapshot: MeshSnapshot, host: str) -> VirtualService | N
     """The VirtualService for a host: an exact host first, then the longest wildcard."""
     index = snapshot.virtual_service_by_host
     vs = index.get(host)
-    if vs is not None:
+    if vs is not None or not snapshot.virtual_service_wildcards:
         return vs
     labels = host.split(".")
     for i in range(1, len(labels)):

@@ -71,6 +71,10 @@ class MeshSnapshot:
         default_factory=lambda: MappingProxyType({})
     )
     """Host (FQDN or ``*``-wildcard, as written) → the VirtualService for it (first wins)."""
+    virtual_service_wildcards: bool = False
+    """Whether any VirtualService host is a ``*`` wildcard (when none is, a host missing
+    from ``virtual_service_by_host`` has no VirtualService, without a walk over its
+    suffixes)."""
     destination_rule_by_host: Mapping[str, DestinationRule] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -171,6 +175,7 @@ class MeshSnapshot:
             service_by_host=MappingProxyType(service_by_host),
             endpoints_by_service=MappingProxyType(endpoints),
             virtual_service_by_host=MappingProxyType(vs_by_host),
+            virtual_service_wildcards=any(h.startswith("*") for h in vs_by_host),
             destination_rule_by_host=MappingProxyType(dr_by_host),
             authorization_policies_by_namespace=MappingProxyType(
                 {ns: tuple(aps) for ns, aps in authz_by_ns.items()}
