@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import sys
 import time
 from collections import deque
@@ -97,11 +98,12 @@ BUFFER = 64 * 1024
 def buffered_stdout() -> BinaryIO:
     """A buffered binary writer on the process's stdout, whatever Python's own stdout
     buffering is; ``sys.stdout.buffer`` when stdout is not a file descriptor (a test's
-    captured stream)."""
+    captured stream), ``os.devnull`` when there is no stdout at all."""
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):
-        return sys.stdout.buffer
+        buffer = getattr(sys.stdout, "buffer", None)
+        return buffer if buffer is not None else open(os.devnull, "wb")
     return io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=BUFFER)
 
 
