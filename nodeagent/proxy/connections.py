@@ -8,14 +8,7 @@ from typing import Any
 
 from nodeagent.model.status import ConnectionInfo
 from nodeagent.proxy.relay import Relay
-from nodeagent.telemetry.metrics import (
-    CLOSED,
-    OPENED,
-    RECEIVED,
-    SENT,
-    TCP_LABELS,
-    Metrics,
-)
+from nodeagent.telemetry.metrics import CLOSED, OPENED, RECEIVED, SENT, Metrics
 
 log = logging.getLogger("nodeagent.proxy")
 
@@ -25,18 +18,6 @@ class ConnectionTable:
         self.metrics = metrics
         self._ids = itertools.count(1)
         self.live: dict[int, Relay] = {}
-        self._series: dict[tuple[str, ...], list[float]] = {}
-
-    def _counts(self, labels: dict[str, str]) -> list[float]:
-        """The ``TcpStats`` series of these labels (keyed by ``TCP_LABELS``, in that
-        order), cached by the label values."""
-        key = tuple(labels.values())
-        s = self._series.get(key)
-        if s is None:
-            if tuple(labels) != TCP_LABELS:
-                raise ValueError(f"TCP metric labels must be {TCP_LABELS}, got {tuple(labels)}")
-            s = self._series[key] = self.metrics.tcp.series(key)
-        return s
 
     def open(self, meta: dict[str, Any]) -> Relay:
         relay = Relay(next(self._ids), meta, self._closed)
@@ -47,13 +28,13 @@ class ConnectionTable:
         """The relay reached its upstream: count it as opened."""
         labels = relay.meta.get("labels")
         if labels is not None:
-            self._counts(labels)[OPENED] += 1
+            self.metrics.tcp.series_of(labels)[OPENED] += 1
 
     def _closed(self, relay: Relay) -> None:
         self.live.pop(relay.id, None)
         labels = relay.meta.get("labels")
         if labels is not None and relay.meta.get("counted"):
-            s = self._counts(labels)
+            s = self.metrics.tcp.series_of(labels)
             s[CLOSED] += 1
             s[SENT] += relay.bytes_sent
             s[RECEIVED] += relay.bytes_received

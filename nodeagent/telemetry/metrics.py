@@ -8,7 +8,7 @@ the labels of ``HTTP_LABELS``; byte counts per request are in the access log.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter
@@ -50,24 +50,55 @@ BUCKET0: Final = 2
 ``series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, d)]`` (the last one is ``+Inf``)."""
 
 
-class RequestStats:
-    """``istio_requests_total`` and ``istio_request_duration_milliseconds``: one plain list
-    per label set (count, sum, one count per bucket), turned into metric families when
-    scraped. Labelled ``prometheus_client`` children cost a lock and about ten Python
-    calls per request; this costs three list updates."""
+class _SeriesCollector:
+    """Plain lists of numbers per label set (values in ``LABELS`` order), turned into
+    metric families when scraped (``collect``, by the subclass). Labelled
+    ``prometheus_client`` children cost a lock and about ten Python calls per update; a
+    list costs an index."""
+
+    KIND = ""
+    """What the series count, for errors (``HTTP``, ``TCP``)."""
+    LABELS: tuple[str, ...] = ()
+    WIDTH = 0
+    """Numbers per label set."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._series: dict[tuple[str, ...], list[float]] = {}
         registry.register(self)
 
     def series(self, labels: tuple[str, ...]) -> list[float]:
-        """The list a request with these label values (in ``HTTP_LABELS`` order) updates."""
+        """The list to update for these label values (in ``LABELS`` order)."""
         s = self._series.get(labels)
         if s is None:
-            if len(labels) != len(HTTP_LABELS):
-                raise ValueError(f"{len(HTTP_LABELS)} label values expected, got {labels!r}")
-            s = self._series[labels] = [0.0] * (BUCKET0 + len(_BUCKET_NAMES))
+            if len(labels) != len(self.LABELS):
+                raise ValueError(f"{len(self.LABELS)} label values expected, got {labels!r}")
+            s = self._series[labels] = [0.0] * self.WIDTH
         return s
+
+    def series_of(self, labels: Mapping[str, str]) -> list[float]:
+        """``series`` for labels by name, which must be ``LABELS`` in that order."""
+        key = tuple(labels.values())
+        s = self._series.get(key)
+        if s is None:
+            if tuple(labels) != self.LABELS:
+                raise ValueError(
+                    f"{self.KIND} metric labels must be {self.LABELS}, got {tuple(labels)}"
+                )
+            s = self.series(key)
+        return s
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+class RequestStats(_SeriesCollector):
+    """``istio_requests_total`` and ``istio_request_duration_milliseconds``: per label set
+    the count, the sum of durations and one count per bucket (``COUNT``, ``SUM``,
+    ``BUCKET0``...); a request costs three list updates."""
+
+    KIND = "HTTP"
+    LABELS = HTTP_LABELS
+    WIDTH = BUCKET0 + len(_BUCKET_NAMES)
 
     def collect(self) -> Iterator[Metric]:
         total = CounterMetricFamily("istio_requests", "HTTP requests proxied", labels=HTTP_LABELS)
@@ -104,26 +135,14 @@ _TCP_FAMILIES: Final = (
 )
 
 
-class TcpStats:
+class TcpStats(_SeriesCollector):
     """``istio_tcp_connections_{opened,closed}_total`` and
-    ``istio_tcp_{sent,received}_bytes_total``: one plain list per label set (the four
-    counts, indexed by ``OPENED``, ``CLOSED``, ``SENT``, ``RECEIVED``), turned into
-    metric families when scraped, like ``RequestStats``: four labelled
-    ``prometheus_client`` counters cost a lock and several calls each per connection."""
+    ``istio_tcp_{sent,received}_bytes_total``: per label set the four counts, indexed by
+    ``OPENED``, ``CLOSED``, ``SENT``, ``RECEIVED``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._series: dict[tuple[str, ...], list[float]] = {}
-        registry.register(self)
-
-    def series(self, labels: tuple[str, ...]) -> list[float]:
-        """The list a connection with these label values (in ``TCP_LABELS`` order)
-        updates."""
-        s = self._series.get(labels)
-        if s is None:
-            if len(labels) != len(TCP_LABELS):
-                raise ValueError(f"{len(TCP_LABELS)} label values expected, got {labels!r}")
-            s = self._series[labels] = [0.0, 0.0, 0.0, 0.0]
-        return s
+    KIND = "TCP"
+    LABELS = TCP_LABELS
+    WIDTH = 4
 
     def collect(self) -> Iterator[Metric]:
         families = [CounterMetricFamily(n, h, labels=TCP_LABELS) for n, h in _TCP_FAMILIES]
