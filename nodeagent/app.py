@@ -30,7 +30,7 @@ from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.ebpf import NodeCapture
-from nodeagent.telemetry.accesslog import AccessLog
+from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent")
@@ -306,7 +306,7 @@ def _access_log(target: str) -> AccessLog:
         log_ = AccessLog()
         log_.enabled = False
         return log_
-    return AccessLog(open(target, "ab", buffering=1 << 16))
+    return AccessLog(open(target, "ab", buffering=BUFFER))
 
 
 def _setup_logging(level: str) -> None:
