@@ -103,6 +103,7 @@ from typing import Any, TypeVar
 import yaml
 
 import nodeagent
+from nodeagent import native
 from nodeagent.errors import NodeAgentError
 from nodeagent.sandbox import Sandbox, cgroups
 from nodeagent.sandbox.netlink import netns_path
@@ -1631,6 +1632,7 @@ def environment(opts: Options) -> dict[str, Any]:
         "wrk": first_line(["wrk", "-v"]),
         "git": f"{commit}{f' (+{dirty} changed files)' if dirty else ''}",
         "nodeagent_code": str(Path(nodeagent.__file__).parent),
+        "hot_path": native.mode(),
         "seconds": opts.seconds,
         "short_seconds": opts.short,
         "rounds": opts.rounds,
@@ -1784,6 +1786,7 @@ def table(
         *([env.get("mode", "")] if l7 else []),
         *([f"mesh path checked: {mesh_path}"] if l7 and mesh_path else []),
         *([f"mesh capture: {mesh_capture}"] if mesh_capture else []),
+        *([f"mesh hot path: {env['hot_path']}"] if "hot_path" in env else []),
         "absolute: median ±half-range across rounds; ratios: per round (min-max), "
         "case / base; ↑ higher is better, ↓ lower is better",
         "",

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvloop
 
+from nodeagent import native
 from nodeagent.config import AgentSettings
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
 from nodeagent.core import authz, route
@@ -275,11 +276,13 @@ class Agent:
         if self.certs is not None:
             tasks.append(loop.create_task(self.certs.run()))
         log.info(
-            "agent for node %s serving: %d local pod(s), config version %d, socket %s",
+            "agent for node %s serving: %d local pod(s), config version %d, socket %s; "
+            "hot path %s",
             self.node,
             len(self.proxy.pods),
             self._snapshot.version,
             self.settings.socket_path,
+            native.mode(),
         )
         await self._stop.wait()
         log.info(

@@ -107,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
-    from nodeagent import jwtmint, sampleapp
+    from nodeagent import jwtmint, native, sampleapp
     from nodeagent.admin import ctl
     from nodeagent.identity import cli as ca_cli
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_cli.add_parser(sub)
     sampleapp.add_parser(sub)
     jwtmint.add_parser(sub)
+    native.add_parser(sub)
     return parser
 
 

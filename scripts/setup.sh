@@ -13,6 +13,8 @@ fi
 # Debian packages: only those missing, so a second run installs nothing.
 PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tcpdump
       python3 python3-venv ca-certificates
+      # the compiled hot path (nodeagent/native.py): mypyc's C needs a compiler and Python.h
+      gcc python3-dev
       # eBPF capture: bcc (pure Python over libbcc) compiles bpf/*.c at load time
       python3-bpfcc libbpfcc bpftool linux-headers-amd64)
 missing=()
@@ -48,6 +50,18 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   fi
   rm -f "$log"
   touch "$STAMP"
+fi
+
+# The hot path compiled with mypyc (nodeagent/native.py), rebuilt when one of its modules
+# changed since the last build. Without it the agent runs the same modules as pure Python.
+if ! env -u NODEAGENT_PURE .venv/bin/nodeagent native status >/dev/null 2>&1; then
+  echo "setup: compiling the hot path with mypyc (about a minute)"
+  log=$(mktemp)
+  if ! .venv/bin/nodeagent native build >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: warning: compiling failed (output above); the agent runs pure Python" >&2
+  fi
+  rm -f "$log"
 fi
 
 # bcc from a venv: link only Debian's bcc package (the PyPI "bcc" is something else).

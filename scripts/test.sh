@@ -10,6 +10,13 @@ mkdir -p /run/nodeagent
 flock /run/nodeagent/e2e.lock .venv/bin/nodeagent sandbox down >/dev/null 2>&1 || true
 echo "== ruff"; .venv/bin/ruff check nodeagent tests bench
 echo "== mypy"; .venv/bin/mypy
+# The suite runs what the demo runs: the compiled hot path (fails here if it is not built
+# or older than its sources). The pure-Python modules get the unit and integration tiers.
+echo "== hot path"; .venv/bin/nodeagent native status
+if [ $# -eq 0 ]; then
+  echo "== pytest, pure Python (NODEAGENT_PURE=1): unit and integration"
+  NODEAGENT_PURE=1 .venv/bin/pytest -p no:cacheprovider -q tests/unit tests/integration
+fi
 echo "== pytest"
 export NODEAGENT_REQUIRE_PRIVILEGED=1
 exec .venv/bin/pytest -p no:cacheprovider -ra "$@"

@@ -437,6 +437,11 @@ class _Connection:
             self._out.append(self._h2.data_to_send())
         self._out.extend(frames)
 
+    def has_failed(self) -> bool:
+        """Whether the connection failed (a call, so a check after ``_frames`` is not
+        narrowed away by the check before it: compiled, that would be a wrong type)."""
+        return self.failed is not None
+
     def take_events(self) -> list[Event]:
         """Events caused by local actions since the last call (``receive_data`` returns
         these too)."""
@@ -469,14 +474,14 @@ class _Connection:
                 pos += take
             self._inbuf = b""
             rest = self._frames(memoryview(head), 0)
-            if self.failed is not None:
+            if self.has_failed():
                 return self.take_events()
             if rest < len(head):  # still incomplete: all of ``data`` went into it
                 self._inbuf = head[rest:]
                 return self._after_receive()
         if pos < len(mv):
             rest = self._frames(mv, pos)
-            if self.failed is not None:
+            if self.has_failed():
                 return self.take_events()
             if rest < len(mv):
                 self._inbuf = mv[rest:].tobytes()

@@ -438,6 +438,8 @@ class _Conn(asyncio.Protocol):
     """The asyncio protocol of one HBONE TLS connection; the app protocol under TLS."""
 
     machine: ClientConnection | ServerConnection
+    """The connection's sans-I/O machine; subclasses keep it also under a name of its
+    own type (``client_machine``, ``server_machine``): compiled, a subclass cannot narrow it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, peer: Addr) -> None:
         self.loop = loop
@@ -584,8 +586,6 @@ class _Conn(asyncio.Protocol):
 
 
 class _ClientConn(_Conn):
-    machine: ClientConnection
-
     def __init__(
         self,
         pool: HboneClientPool,
@@ -595,7 +595,7 @@ class _ClientConn(_Conn):
         super().__init__(pool.loop, key[2])
         self.pool = pool
         self.key = key
-        self.machine = ClientConnection(settings)
+        self.client_machine = self.machine = ClientConnection(settings)
         self.ready: asyncio.Future[None] = pool.loop.create_future()
         self.ready.add_done_callback(_retrieve)
         self.reserved = 0
@@ -604,7 +604,7 @@ class _ClientConn(_Conn):
 
     @property
     def capacity(self) -> int:
-        return min(self.pool.max_streams_per_conn, self.machine.peer_max_streams)
+        return min(self.pool.max_streams_per_conn, self.client_machine.peer_max_streams)
 
     def reserve(self) -> None:
         self.reserved += 1
@@ -632,7 +632,7 @@ class _ClientConn(_Conn):
             self.unreserve()
 
     def open(self, authority: str, headers: Mapping[str, str]) -> HboneStream:
-        sid = self.machine.send_connect(authority, headers)
+        sid = self.client_machine.send_connect(authority, headers)
         st = HboneStream(self, sid, authority, headers)
         st._response = self.loop.create_future()
         st._response.add_done_callback(_retrieve)
@@ -751,9 +751,9 @@ class HboneClientPool:
         key: PoolKey = (source_identity, expected_identity, peer)
         for _attempt in range(3):
             conn, reused = await self._acquire(key)
-            if not conn.machine.can_open_stream():
+            if not conn.client_machine.can_open_stream():
                 # The peer's stream limit arrived lower than ours, or it is going away.
-                conn.usable = conn.usable and conn.machine.goaway_received is None
+                conn.usable = conn.usable and conn.client_machine.goaway_received is None
                 conn.unreserve()
                 continue
             stream = conn.open(authority, headers)
@@ -870,8 +870,8 @@ class HboneClientPool:
             raise PeerError(f"{unreachable} (timed out after {self.connect_timeout:g}s)") from None
         except PeerError as e:
             raise PeerError(f"{unreachable} ({e})") from None
-        except OSError as e:
-            raise PeerError(f"{unreachable} ({e.strerror or e})") from None
+        except OSError as os_error:  # (one name per exception type: see nodeagent/native.py)
+            raise PeerError(f"{unreachable} ({os_error.strerror or os_error})") from None
         try:
             _keepalive(sock)
             ctx = self._context_for(source)
@@ -889,10 +889,10 @@ class HboneClientPool:
                 server_hostname=peer[0],
                 ssl_handshake_timeout=self.connect_timeout,
             )
-        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+        except (OSError, TimeoutError) as tls_error:  # ssl.SSLError is an OSError
             sock.close()
             raise PeerError(
-                f"HBONE TLS with {_addr(peer)} failed: {describe_tls_error(e)}"
+                f"HBONE TLS with {_addr(peer)} failed: {describe_tls_error(tls_error)}"
             ) from None
         except BaseException:
             sock.close()
@@ -964,12 +964,10 @@ OnConnect = Callable[[ConnectRequest], Awaitable[asyncio.BaseProtocol | ConnectR
 
 
 class _ServerConn(_Conn):
-    machine: ServerConnection
-
     def __init__(self, server: HboneServer, peer: Addr) -> None:
         super().__init__(server.loop, peer)
         self.server = server
-        self.machine = ServerConnection(server.settings)
+        self.server_machine = self.machine = ServerConnection(server.settings)
         self.local_addr: Addr | None = None
 
     def on_event(self, ev: Event) -> None:
@@ -1122,8 +1120,8 @@ class HboneServer:
             tls, _ = await self.loop.connect_accepted_socket(
                 lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
             )
-        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
-            self._handshake_failed(peer, describe_tls_error(e))
+        except (OSError, TimeoutError) as tls_error:  # ssl.SSLError is an OSError
+            self._handshake_failed(peer, describe_tls_error(tls_error))
             return
         ssl_object = tls.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
@@ -1138,7 +1136,7 @@ class HboneServer:
                 peer, "client certificate carries no SPIFFE ID (exactly one spiffe:// URI SAN)"
             )
             return
-        if self._closing:
+        if self.closing():  # a call: close() may have run during the handshake
             tls.abort()
             return
         self._handshakes += 1
@@ -1151,7 +1149,7 @@ class HboneServer:
         except Exception as e:
             log.exception("HBONE on_connect failed for %s -> %s", req.peer_identity, req.authority)
             result = ConnectRefusal(500, f"internal error: {e!r}")
-        machine = conn.machine
+        machine = conn.server_machine
         if isinstance(result, ConnectRefusal):
             self._refused += 1
             if not st._lost:
@@ -1168,6 +1166,10 @@ class HboneServer:
         machine.accept(st.id)
         conn.schedule_flush()
         st._attach(result)
+
+    def closing(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closing
 
     def _check_drained(self) -> None:
         if self._closing and not self._conns:

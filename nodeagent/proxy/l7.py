@@ -1067,8 +1067,8 @@ class L7Proxy:
         other failure to connect is a ``PeerError``."""
         try:
             return await self.pool.acquire(ds.pool_key, cluster, ep, ds.connect)
-        except Overflow as e:
-            raise LocalReply(503, "UO", str(e)) from None
+        except Overflow as overflow:  # (one name per exception type: see nodeagent/native.py)
+            raise LocalReply(503, "UO", str(overflow)) from None
         except ConnectRefusedError as e:
             refusal = policy_refusal(e)
             if refusal is None:

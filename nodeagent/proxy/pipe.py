@@ -15,10 +15,13 @@ import contextlib
 from collections import deque
 from typing import cast
 
+from mypy_extensions import mypyc_attr
+
 READ_LIMIT = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 
 
+@mypyc_attr(native_class=False)  # compiled, a class cannot derive from ConnectionError
 class PipeClosed(ConnectionError):
     """The transport was reset or lost before an orderly EOF."""
 

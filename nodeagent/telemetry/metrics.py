@@ -97,7 +97,7 @@ class RequestStats(_SeriesCollector):
     ``BUCKET0``...); a request costs three list updates."""
 
     KIND = "HTTP"
-    LABELS = HTTP_LABELS
+    LABELS: tuple[str, ...] = HTTP_LABELS
     WIDTH = BUCKET0 + len(_BUCKET_NAMES)
 
     def collect(self) -> Iterator[Metric]:
@@ -141,7 +141,7 @@ class TcpStats(_SeriesCollector):
     ``OPENED``, ``CLOSED``, ``SENT``, ``RECEIVED``."""
 
     KIND = "TCP"
-    LABELS = TCP_LABELS
+    LABELS: tuple[str, ...] = TCP_LABELS
     WIDTH = 4
 
     def collect(self) -> Iterator[Metric]:

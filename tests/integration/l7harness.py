@@ -179,11 +179,20 @@ class L7Rig:
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
 
-    def records(self) -> list[dict[str, Any]]:
-        time.sleep(0.05)
-        self.loop.call_soon_threadsafe(self.access_log.flush)
-        time.sleep(0.05)
-        return [json.loads(x) for x in self.log_buffer.getvalue().splitlines() if x]
+    def records(self, n: int = 0) -> list[dict[str, Any]]:
+        """The access-log records so far, flushed by the proxy's loop; with ``n``, waiting
+        up to 5 s for at least that many (a record is written after its response)."""
+
+        async def flush() -> None:
+            self.access_log.flush()
+
+        deadline = time.monotonic() + 5
+        while True:
+            time.sleep(0.05)
+            self._call(flush())
+            recs = [json.loads(x) for x in self.log_buffer.getvalue().splitlines() if x]
+            if len(recs) >= n or time.monotonic() > deadline:
+                return recs
 
     def close(self) -> None:
         async def stop() -> None:

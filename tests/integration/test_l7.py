@@ -403,7 +403,7 @@ def test_one_connection_counts_each_destination_and_outcome_apart(rig: L7Rig) ->
                 assert r.status == 503
     finally:
         c.close()
-    recs = rig.records()  # (waits for the last record: it is written after the response)
+    recs = rig.records(8)  # (waits for the last record: it is written after the response)
     assert sorted(set(served)) == ["web-v1-0", "web-v2-0"]
     totals = _requests_total(rig)
     for pod in ("web-v1-0", "web-v2-0"):

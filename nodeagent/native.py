@@ -1,0 +1,158 @@
+"""The compiled hot path: which modules are compiled with mypyc, building them, and never
+running a stale build.
+
+The modules every proxied request goes through (the HTTP/1.1 machines, HBONE framing and
+streams, the L7 path with its pipes and connection pool, the access log and the request
+metrics) are ordinary typed Python. ``scripts/setup.sh`` also compiles them to C extension
+modules with mypyc, the compiler mypy and black are built with (``nodeagent native
+build``): the extensions are written beside the sources (``nodeagent/proxy/l7.cpython-311-
+x86_64-linux-gnu.so``, git-ignored, plus the group's shared library ``nodeagent/_native__
+mypyc...so``), and Python imports an extension in preference to its ``.py``. The same code
+then spends about a third fewer instructions per proxied request (``bench/l7_cost.py``).
+
+A build is used only while it matches the sources: when any compiled module's ``.py`` is
+newer than its extension (an edit or a ``git pull`` since the build), or the environment
+sets ``NODEAGENT_PURE=1``, or the extensions are missing or built for another Python, every
+compiled module is imported from its source instead. It is all or nothing: compiled
+modules call each other directly, so a source module among them would run beside the old
+compiled code of the others. ``mode()`` says which one runs and why; the agent logs it at
+start.
+
+    nodeagent native build     # compile in place (needs mypy's mypyc and a C compiler)
+    nodeagent native status    # which mode an import uses; exit status 1 unless compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+MODULES = (
+    "nodeagent.protocol.http1",
+    "nodeagent.protocol.hbone",
+    "nodeagent.proxy.pipe",
+    "nodeagent.proxy.h1pool",
+    "nodeagent.proxy.hbone",
+    "nodeagent.proxy.l7",
+    "nodeagent.telemetry.accesslog",
+    "nodeagent.telemetry.metrics",
+)
+"""Compiled together as one group (``GROUP``). A module in this list must stay mypyc-clean:
+no attribute narrowed in a subclass, no narrowed attribute re-tested after a call that may
+change it (``warn_unreachable`` in pyproject.toml finds those), no subclass of a builtin
+exception other than through ``mypyc_attr(native_class=False)``, and no name bound by two
+``except`` clauses of different types in one function (compiled, the name has the first
+clause's type: the second clause would fail with a TypeError; ``tests/unit/test_native.py``
+checks this one)."""
+GROUP = "nodeagent._native"
+PURE_ENV = "NODEAGENT_PURE"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def source_of(module: str) -> Path:
+    return PACKAGE_DIR.parent.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def extension_of(module: str) -> Path:
+    p = PACKAGE_DIR.parent.joinpath(*module.split("."))
+    return p.with_name(p.name + SUFFIX)
+
+
+def _check() -> tuple[bool, str]:
+    """(compiled modules usable, why not / what)."""
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return False, f"{PURE_ENV} is set"
+    missing = [m for m in (*MODULES, f"{GROUP}__mypyc") if not extension_of(m).exists()]
+    if len(missing) > len(MODULES):
+        return False, "not built (nodeagent native build)"
+    if missing:
+        return False, f"incomplete build: no extension for {', '.join(missing)}"
+    stale = [m for m in MODULES if source_of(m).stat().st_mtime > extension_of(m).stat().st_mtime]
+    if stale:
+        return False, (
+            f"build older than the source of {', '.join(stale)} (rebuild: nodeagent native build)"
+        )
+    return True, f"{len(MODULES)} modules compiled with mypyc"
+
+
+class _FromSource(importlib.abc.MetaPathFinder):
+    """Imports the compiled modules from their ``.py`` files."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_of(fullname))
+
+
+_compiled, _reason = _check()
+
+
+def install() -> None:
+    """Called once by ``nodeagent/__init__.py``: when the build must not be used, import
+    the compiled modules from source (before any of them is imported)."""
+    if not _compiled and not any(isinstance(f, _FromSource) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FromSource())
+
+
+def mode() -> str:
+    """``compiled (...)`` or ``pure Python (why)``: what the imports use."""
+    return f"compiled ({_reason})" if _compiled else f"pure Python ({_reason})"
+
+
+def compiled() -> bool:
+    return _compiled
+
+
+def build() -> None:
+    """Compile ``MODULES`` in place (run from a source checkout; needs mypy and a C
+    compiler with Python's headers)."""
+    from mypyc.build import mypycify  # build-time only: mypy is a dev dependency
+    from setuptools import setup
+
+    root = PACKAGE_DIR.parent
+    os.chdir(root)  # mypy reads pyproject.toml's [tool.mypy] from here
+    paths = [str(source_of(m).relative_to(root)) for m in MODULES]
+    work = Path("build/native")
+    exts = mypycify(paths, opt_level="3", group_name=GROUP, target_dir=str(work))
+    setup(
+        name="nodeagent-native",
+        ext_modules=exts,
+        script_args=[
+            "--quiet",
+            "build_ext",
+            "--inplace",
+            "--build-temp",
+            str(work / "tmp"),
+            "--build-lib",
+            str(work / "lib"),
+        ],
+    )
+    for m in MODULES:  # an unchanged module is not rewritten: mark it as built now
+        extension_of(m).touch()
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("native", help="build the compiled hot path, or say whether it is used")
+    p.add_argument("action", choices=("build", "status"))
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        build()
+        ok, why = _check()
+        print(f"nodeagent native: {'compiled' if ok else 'NOT compiled'}: {why}")
+        return 0 if ok else 1
+    print(f"nodeagent native: {mode()}")
+    return 0 if _compiled else 1
