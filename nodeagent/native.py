@@ -140,6 +140,12 @@ def build() -> None:
     )
     for m in MODULES:  # an unchanged module is not rewritten: mark it as built now
         extension_of(m).touch()
+    # A module taken off the list keeps an extension that imports a group no longer
+    # holding it: remove those.
+    ours = {extension_of(m) for m in (*MODULES, f"{GROUP}__mypyc")}
+    for ext in PACKAGE_DIR.rglob(f"*{SUFFIX}"):
+        if ext not in ours:
+            ext.unlink()
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
