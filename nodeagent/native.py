@@ -10,13 +10,14 @@ x86_64-linux-gnu.so``, git-ignored, plus the group's shared library ``nodeagent/
 mypyc...so``), and Python imports an extension in preference to its ``.py``. The same code
 then spends about a third fewer instructions per proxied request (``bench/l7_cost.py``).
 
-A build is used only while it matches the sources: when any compiled module's ``.py`` is
-newer than its extension (an edit or a ``git pull`` since the build), or the environment
-sets ``NODEAGENT_PURE=1``, or the extensions are missing or built for another Python, every
-compiled module is imported from its source instead. It is all or nothing: compiled
-modules call each other directly, so a source module among them would run beside the old
-compiled code of the others. ``mode()`` says which one runs and why; the agent logs it at
-start.
+A build is used only while it matches the sources: when any ``.py`` of the package is
+newer than the build (an edit or a ``git pull`` since; compiled code holds the types of the
+modules it imports, so not only the compiled ones count), or the environment sets
+``NODEAGENT_PURE=1``, or the extensions are missing, built for another Python or include a
+module no longer on the list, every compiled module is imported from its source instead.
+It is all or nothing: compiled modules call each other directly, so a source module among
+them would run beside the old compiled code of the others. ``mode()`` says which one runs
+and why; the agent logs it at start.
 
     nodeagent native build     # compile in place (needs mypy's mypyc and a C compiler)
     nodeagent native status    # which mode an import uses; exit status 1 unless compiled
@@ -30,6 +31,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -67,19 +69,42 @@ def extension_of(module: str) -> Path:
     return p.with_name(p.name + SUFFIX)
 
 
-def _check() -> tuple[bool, str]:
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE_DIR.parent)
+    return ".".join((*rel.parts[:-1], rel.name.split(".", 1)[0]))
+
+
+def _strays() -> list[str]:
+    """Modules with an extension of ours that are no longer compiled (taken off the
+    list since the build): their extension would import a group that lacks them."""
+    ours = {extension_of(m) for m in (*MODULES, f"{GROUP}__mypyc")}
+    return [_module_of(p) for p in PACKAGE_DIR.rglob(f"*{SUFFIX}") if p not in ours]
+
+
+def _check(honour_env: bool = True) -> tuple[bool, str]:
     """(compiled modules usable, why not / what)."""
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if honour_env and os.environ.get(PURE_ENV, "") not in ("", "0"):
         return False, f"{PURE_ENV} is set"
     missing = [m for m in (*MODULES, f"{GROUP}__mypyc") if not extension_of(m).exists()]
     if len(missing) > len(MODULES):
         return False, "not built (nodeagent native build)"
     if missing:
         return False, f"incomplete build: no extension for {', '.join(missing)}"
-    stale = [m for m in MODULES if source_of(m).stat().st_mtime > extension_of(m).stat().st_mtime]
-    if stale:
+    strays = _strays()
+    if strays:
+        return False, f"built with modules no longer compiled: {', '.join(strays)} (rebuild)"
+    # Compiled code holds the types of every module it imports, so any source of the
+    # package newer than the build makes it stale (setup.sh then rebuilds).
+    built = min(extension_of(m).stat().st_mtime for m in MODULES)
+    newer = sorted(
+        str(p.relative_to(PACKAGE_DIR.parent))
+        for p in PACKAGE_DIR.rglob("*.py")
+        if p.stat().st_mtime > built
+    )
+    if newer:
+        more = f" and {len(newer) - 1} more" if len(newer) > 1 else ""
         return False, (
-            f"build older than the source of {', '.join(stale)} (rebuild: nodeagent native build)"
+            f"build older than the source of {newer[0]}{more} (rebuild: nodeagent native build)"
         )
     return True, f"{len(MODULES)} modules compiled with mypyc"
 
@@ -90,12 +115,13 @@ class _FromSource(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MODULES:
+        if fullname not in MODULES and fullname not in _STRAYS:
             return None
         return importlib.util.spec_from_file_location(fullname, source_of(fullname))
 
 
 _compiled, _reason = _check()
+_STRAYS = () if _compiled else tuple(_strays())
 
 
 def install() -> None:
@@ -120,6 +146,7 @@ def build() -> None:
     from mypyc.build import mypycify  # build-time only: mypy is a dev dependency
     from setuptools import setup
 
+    started = time.time()  # a source edited during the build must still count as newer
     root = PACKAGE_DIR.parent
     os.chdir(root)  # mypy reads pyproject.toml's [tool.mypy] from here
     paths = [str(source_of(m).relative_to(root)) for m in MODULES]
@@ -138,14 +165,10 @@ def build() -> None:
             str(work / "lib"),
         ],
     )
-    for m in MODULES:  # an unchanged module is not rewritten: mark it as built now
-        extension_of(m).touch()
-    # A module taken off the list keeps an extension that imports a group no longer
-    # holding it: remove those.
-    ours = {extension_of(m) for m in (*MODULES, f"{GROUP}__mypyc")}
-    for ext in PACKAGE_DIR.rglob(f"*{SUFFIX}"):
-        if ext not in ours:
-            ext.unlink()
+    for m in MODULES:  # an unchanged module is not rewritten: mark it as built then
+        os.utime(extension_of(m), (started, started))
+    for stray in _strays():  # taken off the list: its extension would import a lost group
+        extension_of(stray).unlink()
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -157,7 +180,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _cmd(args: argparse.Namespace) -> int:
     if args.action == "build":
         build()
-        ok, why = _check()
+        ok, why = _check(honour_env=False)
         print(f"nodeagent native: {'compiled' if ok else 'NOT compiled'}: {why}")
         return 0 if ok else 1
     print(f"nodeagent native: {mode()}")

@@ -70,7 +70,32 @@ def test_one_edited_source_makes_all_modules_import_from_source(copy: Path) -> N
     files, mode = _imports(copy, pure=False)
     # all of them: the compiled ones would call the old compiled l7 directly
     assert all(f.endswith(".py") for f in files.values()), files
-    assert "older than the source of nodeagent.proxy.l7" in mode
+    assert "older than the source of nodeagent/proxy/l7.py" in mode
+
+
+def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(copy: Path) -> None:
+    # compiled code holds the types of what it imports (here Endpoint, Pod, ...)
+    edited = copy / "nodeagent/model/snapshot.py"
+    later = time.time() + 10
+    os.utime(edited, (later, later))
+    files, mode = _imports(copy, pure=False)
+    assert all(f.endswith(".py") for f in files.values()), files
+    assert "older than the source of nodeagent/model/snapshot.py" in mode
+
+
+def test_an_extension_of_a_module_taken_off_the_list_is_not_imported(copy: Path) -> None:
+    # as after a build with nodeagent.proxy.relay compiled, then relay taken off MODULES
+    pipe = native.extension_of("nodeagent.proxy.pipe").relative_to(native.PACKAGE_DIR.parent)
+    relay = native.extension_of("nodeagent.proxy.relay").relative_to(native.PACKAGE_DIR.parent)
+    shutil.copy2(copy / pipe, copy / relay)
+    env = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
+    env["PYTHONPATH"] = str(copy)
+    probe = "import nodeagent.proxy.relay as r, nodeagent.native as n; print(r.__file__, n.mode())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=copy, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split(" ", 1)[0].endswith("nodeagent/proxy/relay.py"), out
+    assert "no longer compiled: nodeagent.proxy.relay" in out
 
 
 def test_a_missing_extension_makes_all_modules_import_from_source(copy: Path) -> None:
@@ -97,7 +122,7 @@ def _except_names_with_two_types(path: Path) -> list[str]:
 def test_no_compiled_function_binds_one_except_name_to_two_types() -> None:
     # ``except A as e: ... except B as e:`` compiled gives ``e`` the type A: the second
     # clause raises TypeError instead of handling B (a denied request got no 403 this way).
-    # Untyped exceptions (httptools') are exempt: their clauses hold Any.
+    # httptools' exceptions are exempt: compiled, both clauses hold a plain object.
     exempt = {"http1.py:_feed: e ['httptools.HttpParserError', 'httptools.HttpParserUpgrade']"}
     found = [
         f
