@@ -54,6 +54,8 @@ exception other than through ``mypyc_attr(native_class=False)``, and no name bou
 clause's type: the second clause would fail with a TypeError; ``tests/unit/test_native.py``
 checks this one)."""
 GROUP = "nodeagent._native"
+EXTENSIONS = (*MODULES, f"{GROUP}__mypyc")
+"""What a complete build holds: one extension per module and the group's shared library."""
 PURE_ENV = "NODEAGENT_PURE"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -77,7 +79,7 @@ def _module_of(path: Path) -> str:
 def _strays() -> list[str]:
     """Modules with an extension of ours that are no longer compiled (taken off the
     list since the build): their extension would import a group that lacks them."""
-    ours = {extension_of(m) for m in (*MODULES, f"{GROUP}__mypyc")}
+    ours = {extension_of(m) for m in EXTENSIONS}
     return [_module_of(p) for p in PACKAGE_DIR.rglob(f"*{SUFFIX}") if p not in ours]
 
 
@@ -85,7 +87,7 @@ def _check(honour_env: bool = True) -> tuple[bool, str]:
     """(compiled modules usable, why not / what)."""
     if honour_env and os.environ.get(PURE_ENV, "") not in ("", "0"):
         return False, f"{PURE_ENV} is set"
-    missing = [m for m in (*MODULES, f"{GROUP}__mypyc") if not extension_of(m).exists()]
+    missing = [m for m in EXTENSIONS if not extension_of(m).exists()]
     if len(missing) > len(MODULES):
         return False, "not built (nodeagent native build)"
     if missing:
@@ -110,18 +112,18 @@ def _check(honour_env: bool = True) -> tuple[bool, str]:
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Imports the compiled modules from their ``.py`` files."""
+    """Imports every module of the package that has an extension from its ``.py`` file:
+    the compiled ones, and strays of modules taken off the list since the build."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MODULES and fullname not in _STRAYS:
+        if not fullname.startswith("nodeagent.") or not extension_of(fullname).exists():
             return None
         return importlib.util.spec_from_file_location(fullname, source_of(fullname))
 
 
 _compiled, _reason = _check()
-_STRAYS = () if _compiled else tuple(_strays())
 
 
 def install() -> None:

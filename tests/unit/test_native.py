@@ -23,14 +23,23 @@ print("mode", n.mode())
 """
 
 
-def _imports(root: Path, pure: bool) -> tuple[dict[str, str], str]:
+def _run(root: Path, code: str, pure: bool = False) -> str:
+    """What ``code`` prints in a Python that imports the package from ``root``."""
     env = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
     if pure:
         env[native.PURE_ENV] = "1"
     env["PYTHONPATH"] = str(root)
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, cwd=root, capture_output=True, text=True, check=True
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
     ).stdout
+
+
+def _extension_in(root: Path, module: str) -> Path:
+    return root / native.extension_of(module).relative_to(native.PACKAGE_DIR.parent)
+
+
+def _imports(root: Path, pure: bool) -> tuple[dict[str, str], str]:
+    out = _run(root, PROBE, pure)
     files = dict(line.split(" ", 1) for line in out.splitlines() if not line.startswith("mode "))
     mode = next(line[5:] for line in out.splitlines() if line.startswith("mode "))
     return files, mode
@@ -39,15 +48,13 @@ def _imports(root: Path, pure: bool) -> tuple[dict[str, str], str]:
 @pytest.fixture
 def copy(tmp_path: Path) -> Path:
     """The package as built here (sources and extensions), somewhere we may touch it."""
-    built = [native.extension_of(m) for m in native.MODULES]
-    if not all(p.exists() for p in built):
+    if not all(native.extension_of(m).exists() for m in native.EXTENSIONS):
         pytest.skip("the hot path is not built here (scripts/setup.sh builds it)")
     shutil.copytree(
         native.PACKAGE_DIR, tmp_path / "nodeagent", ignore=shutil.ignore_patterns("__pycache__")
     )
-    for p in built:  # copytree keeps mtimes; keep the order sources < extensions as built
-        q = tmp_path / p.relative_to(native.PACKAGE_DIR.parent)
-        os.utime(q, (time.time(), time.time()))
+    for m in native.MODULES:  # copytree keeps mtimes; keep sources < extensions as built
+        os.utime(_extension_in(tmp_path, m), (time.time(), time.time()))
     return tmp_path
 
 
@@ -63,44 +70,36 @@ def test_pure_env_imports_every_compiled_module_from_source(copy: Path) -> None:
     assert mode == f"pure Python ({native.PURE_ENV} is set)"
 
 
-def test_one_edited_source_makes_all_modules_import_from_source(copy: Path) -> None:
-    edited = copy / "nodeagent/proxy/l7.py"
+@pytest.mark.parametrize(
+    "edited",
+    [
+        # all of them from source: the compiled ones would call the old compiled l7 directly
+        "nodeagent/proxy/l7.py",
+        # not compiled, but compiled code holds the types it defines (Endpoint, Pod, ...)
+        "nodeagent/model/snapshot.py",
+    ],
+)
+def test_one_edited_source_makes_all_modules_import_from_source(copy: Path, edited: str) -> None:
     later = time.time() + 10
-    os.utime(edited, (later, later))
-    files, mode = _imports(copy, pure=False)
-    # all of them: the compiled ones would call the old compiled l7 directly
-    assert all(f.endswith(".py") for f in files.values()), files
-    assert "older than the source of nodeagent/proxy/l7.py" in mode
-
-
-def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(copy: Path) -> None:
-    # compiled code holds the types of what it imports (here Endpoint, Pod, ...)
-    edited = copy / "nodeagent/model/snapshot.py"
-    later = time.time() + 10
-    os.utime(edited, (later, later))
+    os.utime(copy / edited, (later, later))
     files, mode = _imports(copy, pure=False)
     assert all(f.endswith(".py") for f in files.values()), files
-    assert "older than the source of nodeagent/model/snapshot.py" in mode
+    assert f"older than the source of {edited}" in mode
 
 
 def test_an_extension_of_a_module_taken_off_the_list_is_not_imported(copy: Path) -> None:
     # as after a build with nodeagent.proxy.relay compiled, then relay taken off MODULES
-    pipe = native.extension_of("nodeagent.proxy.pipe").relative_to(native.PACKAGE_DIR.parent)
-    relay = native.extension_of("nodeagent.proxy.relay").relative_to(native.PACKAGE_DIR.parent)
-    shutil.copy2(copy / pipe, copy / relay)
-    env = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
-    env["PYTHONPATH"] = str(copy)
+    shutil.copy2(
+        _extension_in(copy, "nodeagent.proxy.pipe"), _extension_in(copy, "nodeagent.proxy.relay")
+    )
     probe = "import nodeagent.proxy.relay as r, nodeagent.native as n; print(r.__file__, n.mode())"
-    out = subprocess.run(
-        [sys.executable, "-c", probe], env=env, cwd=copy, capture_output=True, text=True, check=True
-    ).stdout
+    out = _run(copy, probe)
     assert out.split(" ", 1)[0].endswith("nodeagent/proxy/relay.py"), out
     assert "no longer compiled: nodeagent.proxy.relay" in out
 
 
 def test_a_missing_extension_makes_all_modules_import_from_source(copy: Path) -> None:
-    pipe = native.extension_of("nodeagent.proxy.pipe").relative_to(native.PACKAGE_DIR.parent)
-    (copy / pipe).unlink()
+    _extension_in(copy, "nodeagent.proxy.pipe").unlink()
     files, mode = _imports(copy, pure=False)
     assert all(f.endswith(".py") for f in files.values()), files
     assert "no extension for nodeagent.proxy.pipe" in mode
