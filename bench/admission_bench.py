@@ -26,7 +26,7 @@ from nodeagent.model.authn import JWTRule, RequestAuthentication
 from nodeagent.model.objects import Labels
 from nodeagent.model.ratelimit import HttpRateLimit, LocalRateLimit, TokenBucket
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.proxy.inbound import InboundPolicy
+from nodeagent.proxy.admission import InboundPolicy
 
 
 def main() -> int:

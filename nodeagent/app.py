@@ -178,7 +178,7 @@ class Agent:
 
     def ejections(self) -> list[tuple[str, str, float]]:
         out: list[tuple[str, str, float]] = []
-        for key, hosts in self.proxy.l7.balancers.ejected().items():
+        for key, hosts in self.proxy.l7.clusters.balancers.ejected().items():
             out.extend((str(key), addr, secs) for addr, secs in hosts)
         return out
 
@@ -211,7 +211,7 @@ class Agent:
         authz.prepare(loaded.snapshot)
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
-        self.proxy.inbound.on_snapshot(loaded.snapshot)  # rate limits that changed restart
+        self.proxy.admission.on_snapshot(loaded.snapshot)  # rate limits that changed restart
         self.proxy.recheck(loaded.snapshot)  # live connections a policy now denies end
         self._node_settings_changed(loaded.snapshot.node(self.node))
         self.metrics.config_reloads.labels(result="ok").inc()
@@ -260,7 +260,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self._reconcile()
-        self.proxy.inbound.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
+        self.proxy.admission.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
         admin = await start_admin_server(self, self.settings.socket_path)
         http_servers = await start_http_servers(
             self,

@@ -26,7 +26,7 @@ changed one; ``sync`` drops the buckets of policies that are gone.
 Quotas (``QuotaCounter``): a count per (policy, window, source principal) in the current
 UTC-aligned window; a unit is granted when every applicable quota is under its limit, and
 counts against each. ``plan`` decides without counting and says what to count, so a
-store can write that down before ``apply`` (see ``nodeagent.ratelimit_store``); counts
+store can write that down before ``apply`` (see ``nodeagent.proxy.quotastore``); counts
 go in and out as ``QuotaCharge`` records of plain data.
 
 Not thread-safe: one event loop owns a ``RateLimiter`` and a ``QuotaCounter``.

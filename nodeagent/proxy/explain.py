@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from nodeagent.core import authz
 from nodeagent.core.balancer import hash_key_for
+from nodeagent.core.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.ratelimit import key_value
 from nodeagent.core.route import RequestInfo, RouteOutcome, select_route, select_tcp_route
@@ -22,8 +23,7 @@ from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ExplainQuery
 from nodeagent.model.traffic import Destination, RouteDestination
-from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
-from nodeagent.proxy.inbound import normalize_target
+from nodeagent.proxy.admission import normalize_target
 from nodeagent.proxy.l7 import route_name as name_of_route
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         if best is None:
             return _verdict(out, False, 503, "the route has no destination")
         try:
-            cluster = proxy.l7.cluster(snap, best.destination, sp.port)
+            cluster = proxy.l7.clusters.cluster(snap, best.destination, sp.port)
         except ClusterError as e:
             return _verdict(out, False, 503, f"{e} (NC)")
         lb = cluster.policy.load_balancer
@@ -174,7 +174,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
             hash_key, _ = hash_key_for(
                 lb.consistent_hash, headers, {}, src.pod_ip or "", {}, connection=""
             )
-        bal = proxy.l7.balancer(cluster, src)
+        bal = proxy.l7.clusters.balancer(cluster, src)
         lbx = bal.explain(hash_key)
         out["endpoints"] = {"cluster": cluster.name, **lbx}
         pick = lbx.get("pick")
@@ -200,14 +200,14 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     }
     if not tunnel and mtls.mode is MtlsMode.STRICT:
         return _verdict(out, False, 0, f"plaintext refused: {mtls.policy} requires mTLS")
-    http_at_dst = proxy.inbound.l7_port(snap, dst_pod, dst_port) is not None
+    http_at_dst = proxy.admission.l7_port(snap, dst_pod, dst_port) is not None
     principal = proxy.identity_principal(src) if tunnel else None
     r = out.get("route") or {}
     route_name = r.get("route_name", "")
     target = normalize_target(q.path)
     if target is None:
         return _verdict(out, False, 400, f"request target {q.path!r} cannot be normalized")
-    adm = proxy.inbound.decide(
+    adm = proxy.admission.decide(
         snap,
         dst_pod,
         dst_port,
@@ -221,7 +221,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         route=route_name,
         consume=False,
     )
-    rules = proxy.inbound.jwt_rules(snap, dst_pod) if http_at_dst else ()
+    rules = proxy.admission.jwt_rules(snap, dst_pod) if http_at_dst else ()
     if rules:
         a = adm.authn
         out["authentication"] = {
@@ -231,7 +231,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
             "request_principal": a.principal if a is not None else None,
             "claims": dict(a.claims) if a is not None else {},
         }
-        remote = proxy.inbound.jwks.state()
+        remote = proxy.admission.jwks.state()
         fetched = {r.jwks_uri: remote[r.jwks_uri] for r in rules if r.jwks_uri in remote}
         if fetched:
             out["authentication"]["jwks_uri"] = fetched
@@ -274,7 +274,7 @@ def _rate_limits(
     route: str,
 ) -> str:
     """Fill ``out["rate_limits"]``; return why the request would be limited ('' if not)."""
-    limits = proxy.inbound.rate_limits(snap, pod, port)
+    limits = proxy.admission.rate_limits(snap, pod, port)
     if not limits:
         return ""
     section: dict[str, Any] = {"policies": [p.key for p in limits]}
@@ -293,7 +293,7 @@ def _rate_limits(
     }
     buckets = []
     why = ""
-    for v in proxy.inbound.limiter.state(time.monotonic(), limits):
+    for v in proxy.admission.limiter.state(time.monotonic(), limits):
         if v.workload != pod.key or v.scope != scope:
             continue
         mine = v.value == charged.get(v.policy)
@@ -312,7 +312,7 @@ def _rate_limits(
         if mine and v.remaining < 1 and not why:
             why = f"local_rate_limited: {v.scope} bucket of {v.policy} is empty"
     section["buckets"] = buckets or "every bucket is full (none used yet)"
-    store = proxy.inbound.quota_store() if any(p.quotas for p in limits) else None
+    store = proxy.admission.quota_store() if any(p.quotas for p in limits) else None
     if store is not None:
         quotas = []
         for qv in store.counter.state(limits, time.time()):

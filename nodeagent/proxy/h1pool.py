@@ -12,10 +12,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from nodeagent.core.clusters import Cluster
 from nodeagent.errors import PeerError
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.protocol.http1 import ConnectionClosed, UpstreamEvent, UpstreamHttp1
-from nodeagent.proxy.clusters import Cluster
 from nodeagent.proxy.pipe import Pipe
 
 

@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from nodeagent.core.balancer import Balancer, BalancerRegistry, endpoint_address, hash_key_for
+from nodeagent.core.balancer import BalancerRegistry, endpoint_address, hash_key_for
+from nodeagent.core.clusters import Cluster, ClusterError, Clusters, fqdn
 from nodeagent.core.route import (
     MEMO_MAX,
     RequestInfo,
@@ -43,7 +44,6 @@ from nodeagent.model.ratelimit import KeyKind
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import (
     DEFAULT_RETRY,
-    Destination,
     HeaderOperations,
     HTTPRetry,
     HTTPRoute,
@@ -65,7 +65,6 @@ from nodeagent.protocol.http1 import (
     Upgraded,
     forwardable_headers,
 )
-from nodeagent.proxy.clusters import Cluster, ClusterError, build_cluster, fqdn
 from nodeagent.proxy.h1pool import ConnectFn, H1Conn, H1Pool, Overflow
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
@@ -612,16 +611,16 @@ class L7Proxy:
         self.access_log = access_log
         self.rnd = rnd or random.Random()
         # Istio's minHealthPercent defaults to 0: no panic mode, ejected hosts stay out
-        self.balancers = BalancerRegistry(
-            time.monotonic,
-            self.rnd,
-            panic_threshold=0,
-            on_eject=self._on_eject,
-            on_return=self._on_return,
+        self.clusters = Clusters(
+            BalancerRegistry(
+                time.monotonic,
+                self.rnd,
+                panic_threshold=0,
+                on_eject=self._on_eject,
+                on_return=self._on_return,
+            )
         )
         self.pool = H1Pool()
-        self._clusters: PerSnapshot[dict[tuple[str, str | None, int | None, int], Cluster]]
-        self._clusters = PerSnapshot(lambda snap: {})
         self._tasks: set[asyncio.Task[Any]] = set()
         self._routed: PerSnapshot[dict[tuple[str, int, str, str, str], Routed]]
         self._routed = PerSnapshot(lambda snap: {})
@@ -638,19 +637,6 @@ class L7Proxy:
 
     def _on_return(self, key: object, addr: str) -> None:
         log.info("outlier detection: %s is back in %s", addr, key)
-
-    # -- clusters and endpoints -------------------------------------------------------------
-    def cluster(self, snap: MeshSnapshot, dest: Destination, request_port: int) -> Cluster:
-        clusters = self._clusters.get(snap)
-        key = (dest.host, dest.subset, dest.port, request_port)
-        c = clusters.get(key)
-        if c is None:
-            c = clusters[key] = build_cluster(snap, dest, request_port)
-        return c
-
-    def balancer(self, c: Cluster, source: Pod) -> Balancer:
-        p = c.policy
-        return self.balancers.get(c.name, c.endpoints, p.load_balancer, p.outlier_detection, source)
 
     # -- HTTP/1.1 ---------------------------------------------------------------------------
     async def serve_http1(self, ds: Downstream, pipe: Pipe) -> None:
@@ -818,7 +804,7 @@ class L7Proxy:
                     503, "NR", f"route {x.route_name or decision.service_fqdn} has no destinations"
                 )
             try:
-                cluster = self.cluster(snap, rdest.destination, ds.port.port)
+                cluster = self.clusters.cluster(snap, rdest.destination, ds.port.port)
             except ClusterError as e:
                 raise LocalReply(503, "NC", str(e)) from None
         x.cluster = cluster.name
@@ -894,7 +880,7 @@ class L7Proxy:
         routes = decision.routes
         if decision.outcome is not RouteOutcome.NO_ROUTE and len(routes) == 1:
             with contextlib.suppress(ClusterError):  # raised again per request, on the slow path
-                cluster = self.cluster(snap, routes[0].destination, ds.port.port)
+                cluster = self.clusters.cluster(snap, routes[0].destination, ds.port.port)
         return Routed(decision, route_name(decision), cluster, decided_by_request_line(decision))
 
     def _plan_inbound(
@@ -988,7 +974,7 @@ class L7Proxy:
         x: Exchange,
     ) -> bool:
         cluster, policy, target = p.cluster, p.retry, p.path
-        bal = self.balancer(cluster, ds.pod)
+        bal = self.clusters.balancer(cluster, ds.pod)
         tried: set[str] = set()
         retries_left = policy.attempts
         last_flag = "UF"
@@ -1206,7 +1192,7 @@ class L7Proxy:
         x: Exchange,
     ) -> bool:
         """A protocol switch (WebSocket): one attempt, then raw bytes both ways."""
-        bal = self.balancer(cluster, ds.pod)
+        bal = self.clusters.balancer(cluster, ds.pod)
         ep = bal.pick(None, set())
         if ep is None:
             raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
@@ -1265,7 +1251,7 @@ class L7Proxy:
         if not body.complete or not body.replayable:
             return
         try:
-            cluster = self.cluster(snap, rule.mirror, ds.port.port)
+            cluster = self.clusters.cluster(snap, rule.mirror, ds.port.port)
         except ClusterError as e:
             log.info("mirror skipped: %s", e)
             return
@@ -1290,7 +1276,7 @@ class L7Proxy:
         data: bytes,
     ) -> None:
         """Send the copy; the answer is read and dropped."""
-        ep = self.balancer(cluster, ds.pod).pick(None, set())
+        ep = self.clusters.balancer(cluster, ds.pod).pick(None, set())
         if ep is None:
             return
         try:

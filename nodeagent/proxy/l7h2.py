@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
+from nodeagent.core.clusters import Cluster
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.protocol import http1
@@ -39,7 +40,6 @@ from nodeagent.protocol.http2 import (
     UpstreamHttp2,
     forwardable_h2_headers,
 )
-from nodeagent.proxy.clusters import Cluster
 from nodeagent.proxy.h1pool import ConnectFn, Overflow, dial
 from nodeagent.proxy.l7 import (
     Downstream,
@@ -442,7 +442,7 @@ class _Session:
     ) -> None:
         engine = self.engine
         cluster, policy = p.cluster, p.retry
-        bal = engine.balancer(cluster, self.ds.pod)
+        bal = engine.clusters.balancer(cluster, self.ds.pod)
         tried: set[str] = set()
         retries_left = policy.attempts
         while True:

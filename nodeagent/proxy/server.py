@@ -18,6 +18,7 @@ from typing import Any
 
 from nodeagent.core import authz
 from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.core.outbound import Action, RoundRobin, resolve
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.route import pick_weighted, select_tcp_route
@@ -26,7 +27,7 @@ from nodeagent.model.objects import Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import Destination
-from nodeagent.proxy.clusters import ClusterError, fqdn, port_protocol
+from nodeagent.proxy.admission import HttpPort, InboundPolicy
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.h1pool import ConnectFn
 from nodeagent.proxy.hbone import (
@@ -38,7 +39,6 @@ from nodeagent.proxy.hbone import (
     start_hbone_server,
 )
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inbound import HttpPort, InboundPolicy
 from nodeagent.proxy.l7 import Downstream, Inbound, L7Proxy
 from nodeagent.proxy.l7h2 import H2Pool, serve_h2
 from nodeagent.proxy.pipe import Pipe
@@ -171,7 +171,7 @@ class Proxy:
         self.access_log = access_log or AccessLog()
         self.l7 = L7Proxy(snapshot, metrics, self.access_log)
         self.h2pool = H2Pool()
-        self.inbound = InboundPolicy(snapshot, state_dir)
+        self.admission = InboundPolicy(snapshot, state_dir)
         self.bpf = bpf
         """eBPF capture (None: iptables)."""
         self._bpf_retained = False
@@ -459,8 +459,8 @@ class Proxy:
             dest = Destination(host)
         else:
             return None
-        cluster = self.l7.cluster(snap, dest, port)
-        ep = self.l7.balancer(cluster, src).pick(None)
+        cluster = self.l7.clusters.cluster(snap, dest, port)
+        ep = self.l7.clusters.balancer(cluster, src).pick(None)
         if ep is None:
             raise ClusterError(f"no endpoint of {cluster.name} is ready")
         return ep, cluster.host
@@ -561,7 +561,7 @@ class Proxy:
             inbound=Inbound(
                 peer_pod=peer_pod,
                 cluster=hp.cluster,
-                admit=self.inbound.admit,
+                admit=self.admission.admit,
                 principal=principal if self.identity is not None else "unknown",
             ),
         )
@@ -657,11 +657,11 @@ class Proxy:
             return ConnectRefusal(400, reason)
         src_ip = _forwarded_for(req.headers) or req.peer_addr[0]
         tpp = self.pods[target.key]
-        hp = self.inbound.l7_port(snap, target, port)
+        hp = self.admission.l7_port(snap, target, port)
         if hp is not None:  # authorized request by request
             if tpp.ns is None:
                 return ConnectRefusal(503, f"pod {target.key} is not captured")
-            rate = self.inbound.connection_rate(snap, target, port)
+            rate = self.admission.connection_rate(snap, target, port)
             if not rate.allowed:
                 why = f"local_rate_limited: tcp limit of {rate.policy}"
                 self._denied(req.peer_identity, src_ip, target, port, "RL", why, rate.policy)
@@ -687,7 +687,7 @@ class Proxy:
             source_ip=src_ip,
             destination_ip=ip,
         )
-        adm = self.inbound.admit_connection(snap, target, port, req.peer_identity, src_ip)
+        adm = self.admission.admit_connection(snap, target, port, req.peer_identity, src_ip)
         if not adm.allowed:
             self._denied(
                 req.peer_identity, src_ip, target, port, adm.flag, adm.reason, *adm.deciding()
@@ -754,9 +754,9 @@ class Proxy:
                     f"{mtls.policy} requires mTLS (STRICT)",
                 )
                 return
-        hp = self.inbound.l7_port(snap, pp.pod, dst[1])
+        hp = self.admission.l7_port(snap, pp.pod, dst[1])
         if hp is not None and side.transport is not None:  # authorized request by request
-            rate = self.inbound.connection_rate(snap, pp.pod, dst[1])
+            rate = self.admission.connection_rate(snap, pp.pod, dst[1])
             if not rate.allowed:
                 why = f"local_rate_limited: tcp limit of {rate.policy}"
                 self._denied(None, peer[0] if peer else "?", pp.pod, dst[1], "RL", why, rate.policy)
@@ -776,7 +776,7 @@ class Proxy:
             destination_ip=dst[0],
         )
         relay.meta["authz"] = authz_req
-        adm = self.inbound.admit_connection(snap, pp.pod, dst[1], None, authz_req.source_ip)
+        adm = self.admission.admit_connection(snap, pp.pod, dst[1], None, authz_req.source_ip)
         if not adm.allowed:
             self._denied(
                 None,
@@ -926,7 +926,7 @@ class Proxy:
             relay.abort("agent shutting down")
 
     async def close(self) -> None:
-        self.inbound.close()
+        self.admission.close()
         self.l7.close()
         self.h2pool.close()
         for pp in self.pods.values():

@@ -1,4 +1,4 @@
-"""``proxy.inbound.normalize_target``: the path authorization matches and the app gets,
+"""``proxy.admission.normalize_target``: the path authorization matches and the app gets,
 normalized as Istio's default (Envoy ``normalize_path``), so ``/admin*`` cannot be dodged
 with dot segments or escapes."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.proxy.inbound import normalize_target
+from nodeagent.proxy.admission import normalize_target
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ from nodeagent.model.ratelimit import (
     TcpRateLimit,
     TokenBucket,
 )
-from nodeagent.ratelimit_store import QuotaStore, encode_line, read_journal
+from nodeagent.proxy.quotastore import QuotaStore, encode_line, read_journal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -792,7 +792,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from nodeagent.model.ratelimit import LocalRateLimit, Quota, QuotaWindow
-from nodeagent.ratelimit_store import QuotaStore
+from nodeagent.proxy.quotastore import QuotaStore
 
 now = float(sys.argv[2])
 quota = LocalRateLimit("default", "q", quotas=(Quota(QuotaWindow.DAY, 10**9),))

@@ -1,15 +1,17 @@
-"""Upstream clusters of the L7 path: which service ports speak HTTP, and what one routed
-destination (service host, port, subset) resolves to in a snapshot: its endpoints and
-its effective DestinationRule traffic policy, with Istio's cluster name.
+"""Upstream clusters: which service ports speak HTTP, and what one routed destination
+(service host, port, subset) resolves to in a snapshot: its endpoints and its effective
+DestinationRule traffic policy, with Istio's cluster name. ``Clusters`` keeps the clusters
+of each snapshot and the load balancer of each cluster, for the L4 and L7 paths alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nodeagent.core.balancer import Balancer, BalancerRegistry
 from nodeagent.core.route import subset_filter, traffic_policy_for
-from nodeagent.model.objects import Service, ServicePort
-from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import Destination, TrafficPolicy
 
 UNLIMITED = 2**32 - 1
@@ -113,3 +115,28 @@ def build_cluster(snap: MeshSnapshot, dest: Destination, request_port: int) -> C
         if pool.idle_timeout:
             c.idle_timeout = pool.idle_timeout
     return c
+
+
+class Clusters:
+    """The clusters of each snapshot, built on first use, and the load balancer of each
+    cluster (its state, round robin counters and outlier ejections, outlives snapshots)."""
+
+    def __init__(self, balancers: BalancerRegistry) -> None:
+        self.balancers = balancers
+        self._built: PerSnapshot[dict[tuple[str, str | None, int | None, int], Cluster]]
+        self._built = PerSnapshot(lambda snap: {})
+
+    def cluster(self, snap: MeshSnapshot, dest: Destination, request_port: int) -> Cluster:
+        """The cluster ``dest`` names for a request to ``request_port``; raises
+        ``ClusterError``."""
+        built = self._built.get(snap)
+        key = (dest.host, dest.subset, dest.port, request_port)
+        c = built.get(key)
+        if c is None:
+            c = built[key] = build_cluster(snap, dest, request_port)
+        return c
+
+    def balancer(self, c: Cluster, source: Pod) -> Balancer:
+        """The load balancer of ``c`` as seen from ``source`` (locality)."""
+        p = c.policy
+        return self.balancers.get(c.name, c.endpoints, p.load_balancer, p.outlier_detection, source)

@@ -10,7 +10,7 @@ the app:
 3. LocalRateLimit token buckets (else 429 with ``retry-after`` and ``x-ratelimit-*``;
    for TCP: new connections per interval), then quotas per source principal, counted in
    a journal under the agent's state directory (``core.ratelimit``,
-   ``nodeagent.ratelimit_store``).
+   ``nodeagent.proxy.quotastore``).
 
 A port is handled request by request only when it is an HTTP port of a Service
 selecting the pod *and* some policy of the workload needs HTTP (HTTP attributes in an
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from nodeagent.core import authz, jwt, ratelimit
 from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.clusters import Cluster, fqdn, port_protocol
 from nodeagent.core.jwt import AuthnResult, AuthnStatus, KeySet
 from nodeagent.core.ratelimit import UNLIMITED, RateDecision, RateLimiter, strictest
 from nodeagent.errors import LocalStateError
@@ -37,10 +38,9 @@ from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
-from nodeagent.proxy.clusters import Cluster, fqdn, port_protocol
 from nodeagent.proxy.jwks import JwksCache
 from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply, apply_header_ops
-from nodeagent.ratelimit_store import QuotaStore
+from nodeagent.proxy.quotastore import QuotaStore
 
 log = logging.getLogger("nodeagent.policy")
 
