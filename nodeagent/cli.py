@@ -1,27 +1,86 @@
 """The command line: the only place that prints for humans.
 
-Subcommands: ``run`` (the agent of one node), ``sandbox`` (the local multi-node
-playground), ``ctl`` (query a running agent over its node agent socket) and
-``sample-app`` (the HTTP service of the examples).
+Owns the top of ``nodeagent``: the product's description in ``--help``, the ``run``
+subcommand (the agent of one node), registering the other subcommands from their own
+modules, and how a run ends (Ctrl-C, a closed stdout pipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from nodeagent import __version__
+from nodeagent.cliargs import Parser, add_log_level
+
+DESCRIPTION = """\
+nodeagent is a sidecar-less service mesh for Linux nodes. One agent per node captures
+every workload's TCP traffic (with eBPF, or iptables) into one shared proxy on that node,
+which gives the workloads what Istio gives them without a sidecar per pod: workload
+identities and mutual TLS between nodes (HBONE), HTTP/1.1, HTTP/2 and gRPC routing
+(VirtualService, DestinationRule), authorization (AuthorizationPolicy,
+PeerAuthentication, RequestAuthentication with JWT), rate limits and quotas, and Istio's
+metrics and access logs. Its config is Kubernetes and Istio YAML.
+"""
+
+EPILOG = """\
+Try it on one machine, as root (nodes and pods are network namespaces):
+
+  nodeagent sandbox up examples/bookinfo
+  nodeagent sandbox exec sleep -- curl -s http://productpage:9080/
+  nodeagent ctl --node node1 status
+  nodeagent sandbox down
+
+`nodeagent COMMAND --help` shows a command's options; README.md and docs/ in the
+repository are the guides.
+"""
+
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for git or kubectl cut off by `| head`."""
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="run the agent of one node")
+    about = "run the agent of one node"
+    p = sub.add_parser(
+        "run",
+        help=about,
+        description="Run the agent of one node: capture its local pods' traffic into the "
+        "shared proxy, serve the node agent socket, metrics (:15020) and readiness "
+        "(:15021), and follow the config directory. Stops on SIGTERM (draining live "
+        "connections for up to 5 s).",
+    )
     p.add_argument("--node", required=True, help="this node's name (Pod spec.nodeName)")
-    p.add_argument("--config", required=True, help="directory of mesh YAML files")
-    p.add_argument("--pods", default="", help="pod runtime file (JSON) naming pod IPs/netns")
-    p.add_argument("--netns", default="", help="enter this network namespace (name or path)")
-    p.add_argument("--socket", default="", help="node agent socket path")
-    p.add_argument("--state-dir", default="", help="state directory")
+    p.add_argument("--config", required=True, metavar="DIR", help="directory of mesh YAML files")
+    p.add_argument(
+        "--pods",
+        default="",
+        metavar="FILE",
+        help="pod runtime file (JSON) naming each local pod's IP, netns and cgroup, as a CNI "
+        "plugin would (the sandbox writes it; format in nodeagent/control/runtime.py) "
+        "(default: none, so no pod is captured)",
+    )
+    p.add_argument(
+        "--netns",
+        default="",
+        help="enter this network namespace (name or path) at start (default: stay in the "
+        "current one)",
+    )
+    p.add_argument(
+        "--socket",
+        default="",
+        metavar="PATH",
+        help="node agent socket path (default: /run/nodeagent/NODE.sock)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="",
+        metavar="DIR",
+        help="where state that outlives the agent is kept, e.g. the quota journal "
+        "(default: /var/lib/nodeagent)",
+    )
     p.add_argument(
         "--redirect",
         default=None,
@@ -33,6 +92,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--bpf-pin-dir",
         default="/sys/fs/bpf/nodeagent",
+        metavar="DIR",
         help="bpffs directory for eBPF capture's maps and links (NODE below it)",
     )
     p.add_argument(
@@ -41,34 +101,54 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=["on", "off"],
         help="eBPF mode: the local legs (app <-> proxy inside a pod) skip the TCP/IP stack "
         "through a sockmap (default: the node's nodeagent.io/bpf-bypass annotation, else "
-        "off: apps using blocking sockets may see EAGAIN with it, see the README; "
+        "off: apps using blocking sockets may see EAGAIN with it, see docs/capture.md; "
         "`nodeagent ctl bpf --bypass` switches it live)",
     )
     p.add_argument(
         "--ca-addr",
         default="",
-        help="mesh CA (unix:PATH or HOST:PORT); without it, node-to-node traffic is plain TCP",
+        metavar="ADDR",
+        help="mesh CA (unix:PATH or HOST:PORT) (default: none, so node-to-node traffic is "
+        "plain TCP)",
     )
-    p.add_argument("--ca-token-file", default="", help="this node's credential for the CA")
-    p.add_argument("--trust-bundle", default="", help="PEM file of the trusted root(s)")
-    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument(
+        "--ca-token-file",
+        default="",
+        metavar="FILE",
+        help="this node's credential for the CA (default: none)",
+    )
+    p.add_argument(
+        "--trust-bundle",
+        default="",
+        metavar="FILE",
+        help="PEM file of the trusted root(s), re-read when it changes (default: none, so "
+        "the roots the CA sends with the certificates)",
+    )
+    p.add_argument(
+        "--trust-domain",
+        default="cluster.local",
+        help="the SPIFFE trust domain of workload identities",
+    )
     p.add_argument(
         "--cert-lifetime",
         default="24h",
         type=_duration,
-        help="lifetime asked for workload certificates (renewed at half-life)",
+        metavar="DURATION",
+        help="lifetime asked for workload certificates, renewed at half-life (default: 24h)",
     )
     p.add_argument(
         "--root-namespace",
         default="istio-system",
+        metavar="NAMESPACE",
         help="namespace whose policies apply mesh-wide",
     )
     p.add_argument(
         "--access-log",
         default="-",
+        metavar="DEST",
         help="per-request JSON access log: - (stdout, default), a file path, or off",
     )
-    p.add_argument("--log-level", default="info")
+    add_log_level(p)
     p.add_argument(
         "--dump-bpf",
         action="store_true",
@@ -94,7 +174,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"// {src}, compiled by bcc with: {' '.join(ebpf.cflags(maps))}")
         print(src.read_text(), end="")
         return 0
-    import os
 
     # The agent forks only for nsenter/iptables; gRPC's fork handlers just log noise then.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -111,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     from nodeagent.admin import ctl
     from nodeagent.identity import cli as ca_cli
 
-    parser = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
+    parser = Parser(prog="nodeagent", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # the subcommands' modules take the base type; the parsers they get are Parser still
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND"),
+    )
     _add_run(sub)
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
@@ -125,13 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        try:
+            rc = _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone (`| head`) shows here, not at interpreter exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return rc
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:
         return 130
     return rc
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush has nowhere to fail."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (e.g. captured by a test): nothing will flush to a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -174,8 +174,19 @@ def build() -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("native", help="build the compiled hot path, or say whether it is used")
-    p.add_argument("action", choices=("build", "status"))
+    about = "build the compiled hot path, or say whether it is used"
+    p = sub.add_parser(
+        "native",
+        help=about,
+        description="The modules every proxied request runs through, compiled with mypyc. "
+        "A build older than any source of the package is not used (pure Python then).",
+    )
+    p.add_argument(
+        "action",
+        choices=("build", "status"),
+        help="build: compile them in place (needs mypyc and a C compiler); status: say "
+        "whether imports use the compiled modules, exit status 1 unless they do",
+    )
     p.set_defaults(func=_cmd)
 
 

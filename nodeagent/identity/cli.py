@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from nodeagent.cliargs import add_log_level
 from nodeagent.errors import ConfigError, ConfigErrors, NodeAgentError
 from nodeagent.model.objects import DEFAULT_TRUST_DOMAIN
 
@@ -71,16 +72,29 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=DEFAULT_TRUST_DOMAIN,
         help=f"the SPIFFE trust domain (default: {DEFAULT_TRUST_DOMAIN})",
     )
-    init.add_argument("--root-cert", default=None, metavar="FILE", help="an existing root (PEM)")
-    init.add_argument("--root-key", default=None, metavar="FILE", help="its private key (PEM)")
+    init.add_argument(
+        "--root-cert",
+        default=None,
+        metavar="FILE",
+        help="an existing root (PEM) (default: none, so a new root is made)",
+    )
+    init.add_argument(
+        "--root-key",
+        default=None,
+        metavar="FILE",
+        help="the private key of --root-cert (PEM) (default: none)",
+    )
     init.add_argument(
         "--cert-chain",
         default=None,
         metavar="FILE",
-        help="an intermediate to sign with, then its issuers up to the root (PEM)",
+        help="an intermediate to sign with, then its issuers up to the root (PEM) (default: none)",
     )
     init.add_argument(
-        "--key", default=None, metavar="FILE", help="the intermediate's private key (PEM)"
+        "--key",
+        default=None,
+        metavar="FILE",
+        help="the private key of --cert-chain's intermediate (PEM) (default: none)",
     )
     init.set_defaults(func=_cmd_init)
 
@@ -121,7 +135,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DURATION",
         help="shortest certificate lifetime granted; shorter requests get this (default: 10s)",
     )
-    serve.add_argument("--log-level", default="info")
+    add_log_level(serve)
     serve.set_defaults(func=_cmd_serve)
 
 

@@ -27,9 +27,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Network namespaces on this machine play nodes and pods, one agent per "
         "node. Needs root.",
     )
-    ssub = p.add_subparsers(dest="sandbox_command", required=True)
+    ssub = p.add_subparsers(dest="sandbox_command", required=True, metavar="COMMAND")
 
-    up = ssub.add_parser("up", help="create the nodes and pods of a config dir and start them")
+    up = ssub.add_parser(
+        "up",
+        help="create the nodes and pods of a config dir and start them",
+        description="Create one network namespace per node and per pod of the config "
+        "directory, a cgroup per pod, the links and routes between them, a mesh CA and one "
+        "agent per node, then start the pods' commands. Returns when pods run, agents serve "
+        "and capture is in place. Cleans up what a crashed sandbox left first.",
+    )
     up.add_argument(
         "dir",
         nargs="?",
@@ -54,12 +61,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     up.set_defaults(func=_cmd_up)
 
-    down = ssub.add_parser("down", help="remove everything the sandbox made (idempotent)")
+    down = ssub.add_parser(
+        "down",
+        help="remove everything the sandbox made (idempotent)",
+        description="Stop the agents and pods and remove every netns, link, cgroup and "
+        "file the sandbox made; after a crash too (it scans for what it made).",
+    )
     down.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     down.set_defaults(func=_cmd_down)
 
     st = ssub.add_parser("status", help="nodes, agents and pods of the running sandbox")
-    st.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    st.add_argument(
+        "-o", "--output", choices=["text", "json"], default="text", help="output format"
+    )
     st.set_defaults(func=_cmd_status)
 
     ex = ssub.add_parser(
@@ -68,11 +82,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         usage="nodeagent sandbox exec POD -- CMD [ARG...]",
     )
     ex.add_argument("pod", metavar="POD", help="pod name, or NAMESPACE/NAME")
-    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD")
+    ex.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="the command and its arguments, after --",
+    )
     ex.set_defaults(func=_cmd_exec)
 
     lg = ssub.add_parser("logs", help="print the log of a node's agent or of a pod")
-    lg.add_argument("target", metavar="NODE_OR_POD")
+    lg.add_argument(
+        "target", metavar="NODE_OR_POD", help="a node (its agent) or a pod (NAMESPACE/NAME)"
+    )
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.set_defaults(func=_cmd_logs)
 

@@ -1,0 +1,188 @@
+"""The command line as a front door: ``nodeagent --help`` says what the product is, every
+option of every subcommand has help and shows its default, ``--log-level`` takes only
+real levels, and a reader that goes away (``| head``) ends the command quietly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeagent.cli import EXIT_BROKEN_PIPE, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NOT_YET = {
+    "jwt": "nodeagent/jwtmint.py (moving to nodeagent/samples/) has options without help",
+    "sample-app": "nodeagent/sampleapp.py (moving to nodeagent/samples/) does not show "
+    "every default",
+}
+"""Subcommands whose modules another change owns (issue 15): strict xfail, so the mark
+must go once they are fixed."""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _walk(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for child in _subcommands(parser).values():
+        yield from _walk(child)
+
+
+def _problems(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option or subcommand of ``parser`` and below without help, and every optional
+    argument whose ``--help`` line does not say its default."""
+    problems = []
+    for p in _walk(parser):
+        help_of = p._get_formatter()._get_help_string  # what --help prints for an action
+        for action in p._actions:
+            name = "/".join(action.option_strings) or action.dest
+            if isinstance(action, argparse._SubParsersAction):
+                problems += [
+                    f"{p.prog} {c.dest}: no help" for c in action._choices_actions if not c.help
+                ]
+                continue
+            if not action.help:
+                problems.append(f"{p.prog} {name}: no help")
+            if (
+                not action.option_strings
+                or action.required
+                or action.nargs == 0  # a flag: --help, --version, store_true
+                or isinstance(action, argparse._AppendAction)  # repeatable: none by default
+                or action.default is argparse.SUPPRESS
+            ):
+                continue
+            if "default" not in (help_of(action) or "").lower():
+                problems.append(f"{p.prog} {name}: its help does not say its default")
+    return problems
+
+
+def test_help_says_what_the_product_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "sidecar-less service mesh" in out
+    for word in ("HBONE", "eBPF", "iptables", "VirtualService", "AuthorizationPolicy"):
+        assert word in out
+    assert "The command line: the only place" not in out  # not the module's docstring
+    for name in _subcommands(build_parser()):
+        assert f"\n    {name}" in out  # each subcommand listed, one line of help each
+    assert "nodeagent sandbox up examples/bookinfo" in out
+
+
+def _top_level() -> list[object]:
+    names = sorted(_subcommands(build_parser()))
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[n]))
+        if n in NOT_YET
+        else n
+        for n in names
+    ]
+
+
+def test_top_level_options_and_commands_have_help() -> None:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            assert all(c.help for c in action._choices_actions)
+        else:
+            assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("command", _top_level())
+def test_every_option_has_help_and_shows_its_default(command: str) -> None:
+    assert _problems(_subcommands(build_parser())[command]) == []
+
+
+def test_the_default_is_shown_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["ctl", "--help"])
+    assert "(default: 5.0)" in capsys.readouterr().out  # --timeout
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: istio-system)" in out and "(default: info)" in out
+
+
+@pytest.mark.parametrize("argv", [["run", "--node", "n", "--config", "."], ["ca", "serve"]])
+def test_log_level_rejects_what_is_not_a_level(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--log-level", "verbose"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--log-level: invalid choice: 'verbose'" in err
+    assert "'debug', 'info', 'warning', 'error', 'critical'" in err
+
+
+@pytest.mark.parametrize("given, level", [("DEBUG", "debug"), ("Warning", "warning")])
+def test_log_level_ignores_case(given: str, level: str) -> None:
+    args = build_parser().parse_args(["run", "--node", "n", "--config", ".", "--log-level", given])
+    assert args.log_level == level
+
+
+def _run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """``nodeagent ARGV`` in a real process whose stdout's reader is already gone."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "nodeagent", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["run", "--node", "n1", "--config", ".", "--dump-bpf"], EXIT_BROKEN_PIPE),
+        (["--help"], 0),  # argparse drops a failed help write itself
+    ],
+)
+def test_a_closed_pipe_ends_quietly(argv: list[str], code: int) -> None:
+    done = _run_into_closed_pipe(argv)
+    assert done.stderr == b"", done.stderr.decode(errors="replace")
+    assert done.returncode == code
+
+
+def test_piped_into_head_ends_quietly() -> None:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"'{sys.executable}' -m nodeagent run --node n1 --config . --dump-bpf | head -c1",
+        ],
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert (
+        done.stdout == b"/" and b"Traceback" not in done.stderr and b"Exception" not in done.stderr
+    )
