@@ -53,7 +53,7 @@ def ctl(sb: Sandbox, node: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 ECHO_CLIENT = (
     # one thread, non-blocking, as event-loop programs (Go, Node, Envoy, asyncio) do: see
-    # the README on blocking sockets read and written by two threads under the bypass
+    # docs/capture.md on blocking sockets read and written by two threads under the bypass
     "import hashlib,selectors,socket,sys\n"
     "data=memoryview(open(sys.argv[1],'rb').read())\n"
     "s=socket.create_connection(('victim',9000)); s.setblocking(False)\n"
