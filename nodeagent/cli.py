@@ -107,9 +107,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
-    from nodeagent import jwtmint, native, sampleapp
+    from nodeagent import native
     from nodeagent.admin import ctl
     from nodeagent.identity import cli as ca_cli
+    from nodeagent.samples import jwtmint, sampleapp
 
     parser = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from l7harness import L7Rig
 
-from nodeagent.samplegrpc import (
+from nodeagent.samples.samplegrpc import (
     BidiSession,
     call_client_stream,
     call_server_stream,

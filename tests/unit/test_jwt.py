@@ -34,9 +34,9 @@ from nodeagent.core.jwt import (
     extract_token,
     parse_jwks,
 )
-from nodeagent.jwtmint import generate_key, mint
 from nodeagent.model.authn import ClaimToHeader, JWTHeader, JWTRule, RequestAuthentication
 from nodeagent.model.objects import Labels, Pod
+from nodeagent.samples.jwtmint import generate_key, mint
 
 NOW = 1_700_000_000.0
 ISS = "https://issuer.example"
