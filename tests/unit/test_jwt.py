@@ -405,7 +405,7 @@ def test_applicable_policies() -> None:
 
 
 def convert(spec: str) -> tuple[RequestAuthentication | None, list[tuple[str, str]]]:
-    """As ``kinds.validate`` does: the shape first, then the conversion."""
+    """As ``schema.validate`` does: the shape first, then the conversion."""
     doc = yaml.safe_load(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
         f"metadata: {{name: jwt, namespace: shop}}\nspec:\n{spec}"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.control.fields import parse_duration
 from nodeagent.control.files import load_directory
-from nodeagent.control.kinds import parse_duration
 from nodeagent.errors import ConfigErrors
 from nodeagent.model.traffic import MatchKind, SimpleLB
 
