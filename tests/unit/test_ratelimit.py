@@ -73,10 +73,6 @@ def policy(
     )
 
 
-def no_headers(name: str) -> str | None:
-    return None
-
-
 def http(
     rl: RateLimiter,
     policies: tuple[LocalRateLimit, ...],
