@@ -21,12 +21,12 @@ import time
 from authz_bench import build
 
 from nodeagent.core.authz import prepare
-from nodeagent.jwtmint import generate_key, mint
 from nodeagent.model.authn import JWTRule, RequestAuthentication
 from nodeagent.model.objects import Labels
 from nodeagent.model.ratelimit import HttpRateLimit, LocalRateLimit, TokenBucket
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.admission import InboundPolicy
+from nodeagent.samples.jwtmint import generate_key, mint
 
 
 def main() -> int:

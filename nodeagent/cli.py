@@ -186,9 +186,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
-    from nodeagent import jwtmint, native, sampleapp
+    from nodeagent import native
     from nodeagent.admin import ctl
     from nodeagent.identity import cli as ca_cli
+    from nodeagent.samples import jwtmint, sampleapp
 
     parser = Parser(prog="nodeagent", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")

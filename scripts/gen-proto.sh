@@ -2,7 +2,7 @@
 # Regenerate the Python modules of our gRPC services:
 #   nodeagent/admin/nodeagent.proto  the node agent socket (nodeagent.v1.NodeAgent)
 #   nodeagent/identity/ca.proto      the mesh CA (istio.v1.auth.IstioCertificateService)
-#   nodeagent/sample.proto           the sample app's echo service (nodeagent.sample.Echo)
+#   nodeagent/samples/sample.proto   the sample app's echo service (nodeagent.sample.Echo)
 # The generated gRPC modules import their messages as top-level modules; rewrite that to a
 # package import so they work from an installed nodeagent.
 set -euo pipefail
@@ -39,9 +39,9 @@ mark_generated() {
 
 gen nodeagent/admin nodeagent
 gen nodeagent/identity ca
-gen nodeagent sample
+gen nodeagent/samples sample
 # (mypy still reads the types of the .pyi files; it only stops reporting errors inside.)
-for stem in nodeagent/identity/ca nodeagent/sample; do
+for stem in nodeagent/identity/ca nodeagent/samples/sample; do
   mark_generated "${stem}_pb2.py" "${stem}_pb2.pyi" "${stem}_pb2_grpc.py"
   "$PY" -m ruff format --quiet "${stem}_pb2.py" "${stem}_pb2.pyi" "${stem}_pb2_grpc.py"
 done

@@ -9,8 +9,20 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from nodeagent.control.kinds import METADATA, STR_LIST, _meta, workload_selector
-from nodeagent.control.schema import BOOL, STR, STR_MAP, AnyShape, ListOf, Obj, Problems
+from nodeagent.control.fields import read_meta, workload_selector
+from nodeagent.control.schema import (
+    BOOL,
+    METADATA,
+    STR,
+    STR_LIST,
+    STR_MAP,
+    AnyShape,
+    Kind,
+    ListOf,
+    Obj,
+    Problems,
+)
+from nodeagent.control.security import API_VERSIONS
 from nodeagent.core.jwt import JwksError, parse_jwks
 from nodeagent.model.authn import ClaimToHeader, JWTHeader, JWTRule, RequestAuthentication
 
@@ -160,7 +172,7 @@ def convert_request_authentication(
     doc: dict[str, Any], source: str, problems: Problems
 ) -> RequestAuthentication | None:
     """Convert a document already checked against ``REQUEST_AUTHENTICATION``."""
-    ns, name = _meta(doc, problems)
+    ns, name = read_meta(doc, problems)
     spec = doc.get("spec") or {}
     for key, message in _UNSUPPORTED_SPEC.items():
         if key in spec:
@@ -173,3 +185,8 @@ def convert_request_authentication(
     return RequestAuthentication(
         namespace=ns, name=name, selector=selector, jwt_rules=rules, source=source
     )
+
+
+REQUEST_AUTHENTICATION_KIND = Kind(
+    API_VERSIONS, "RequestAuthentication", REQUEST_AUTHENTICATION, convert_request_authentication
+)

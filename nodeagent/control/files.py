@@ -18,9 +18,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from nodeagent.control.kinds import validate
 from nodeagent.control.registry import find_kind, supported_kinds
 from nodeagent.control.runtime import load_runtimes
+from nodeagent.control.schema import validate
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Node, Pod, PodRuntime, Service

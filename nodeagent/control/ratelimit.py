@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from nodeagent.control.kinds import METADATA, Kind, _duration, _meta, _ports, workload_selector
-from nodeagent.control.schema import INT, STR, STR_MAP, ListOf, Obj, Problems
+from nodeagent.control.fields import read_duration, read_meta, read_ports, workload_selector
+from nodeagent.control.schema import INT, METADATA, STR, STR_MAP, Kind, ListOf, Obj, Problems
 from nodeagent.model.ratelimit import (
     NO_KEY,
     HttpRateLimit,
@@ -67,7 +67,7 @@ def _at_least_one(raw: dict[str, Any], key: str, path: str, problems: Problems) 
 
 
 def _token_bucket(raw: dict[str, Any], path: str, problems: Problems) -> TokenBucket:
-    interval = _duration(raw.get("fillInterval"), f"{path}.fillInterval", problems)
+    interval = read_duration(raw.get("fillInterval"), f"{path}.fillInterval", problems)
     if interval is not None and interval < MIN_FILL_INTERVAL:
         problems.add(f"{path}.fillInterval", f"{raw['fillInterval']!r} is shorter than 1ms")
     return TokenBucket(
@@ -117,7 +117,7 @@ def _quotas(raw: list[dict[str, Any]], problems: Problems) -> tuple[Quota, ...]:
 def convert_local_rate_limit(
     doc: dict[str, Any], source: str, problems: Problems
 ) -> LocalRateLimit | None:
-    ns, name = _meta(doc, problems)
+    ns, name = read_meta(doc, problems)
     spec = doc.get("spec") or {}
     selector = workload_selector(spec, problems)
     http = tcp = None
@@ -138,7 +138,7 @@ def convert_local_rate_limit(
         namespace=ns,
         name=name,
         selector=selector,
-        ports=tuple(sorted(set(_ports(spec, "ports", "spec", problems)))),
+        ports=tuple(sorted(set(read_ports(spec, "ports", "spec", problems)))),
         http=http,
         tcp=tcp,
         quotas=quotas,
@@ -149,4 +149,3 @@ def convert_local_rate_limit(
 LOCAL_RATE_LIMIT_KIND = Kind(
     (API_VERSION,), "LocalRateLimit", LOCAL_RATE_LIMIT, convert_local_rate_limit
 )
-"""The entry for ``kinds.KINDS``."""

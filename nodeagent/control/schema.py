@@ -1,11 +1,13 @@
 """A small declarative checker for Kubernetes-shaped YAML: types, required fields and
-unknown fields, each reported with its field path (``spec.ports[0].port``).
+unknown fields, each reported with its field path (``spec.ports[0].port``); and ``Kind``,
+one config kind's entry (its shape and its conversion), checked by ``validate``.
 
 Shapes are plain data so the supported subset can be read (and documented) in one place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -52,6 +54,18 @@ INT = Scalar((int,), "integer")
 BOOL = Scalar((bool,), "boolean")
 INT_OR_STR = Scalar((int, str), "integer or string")
 STR_MAP = MapOf(STR)
+STR_LIST = ListOf(STR)
+
+METADATA = Obj(
+    {
+        "name": STR,
+        "namespace": STR,
+        "labels": STR_MAP,
+        "annotations": STR_MAP,
+    },
+    required=frozenset({"name"}),
+)
+"""The ``metadata`` of every kind: the fields the agent reads."""
 
 
 @dataclass
@@ -117,3 +131,25 @@ def check(value: Any, shape: Shape, path: str, problems: Problems) -> None:
     for k in sorted(shape.required):
         if k not in value:
             problems.add(_join(path, k), "required field is missing")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One config kind the agent accepts: its apiVersions, its shape and its conversion."""
+
+    api_versions: tuple[str, ...]
+    kind: str
+    shape: Shape
+    convert: Callable[[dict[str, Any], str, Problems], object | None]
+    """``(document, source file, problems) -> model object``, for a document that passed
+    ``shape``; it adds a problem for each field wrong in a way the shape cannot tell."""
+
+
+def validate(doc: dict[str, Any], kind: Kind, source: str) -> tuple[object | None, Problems]:
+    """Check ``doc`` against ``kind.shape``, then convert it when the shape holds."""
+    problems = Problems()
+    check(doc, kind.shape, "", problems)
+    if problems.items:
+        return None, problems
+    obj = kind.convert(doc, source, problems)
+    return obj, problems

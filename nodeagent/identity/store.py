@@ -72,7 +72,6 @@ class _Entry:
     cert: WorkloadCert | None = None
     chain: tuple[x509.Certificate, ...] = ()
     """As the CA returned it: the leaf first, the root last."""
-    issued_at: float = 0.0
     next_attempt: float = 0.0
     """When to renew (after a success) or retry (after a failure)."""
     failures: int = 0
@@ -463,7 +462,6 @@ class CertificateStore:
         fraction = RENEW_FRACTION * self._rng.uniform(1 - RENEW_JITTER, 1 + RENEW_JITTER)
         entry.cert = cert
         entry.chain = chain
-        entry.issued_at = now
         entry.failures = 0
         entry.last_error = ""
         entry.last_error_at = 0.0

@@ -10,7 +10,6 @@ expectation).
 
 from __future__ import annotations
 
-import datetime
 import os
 import ssl
 from dataclasses import dataclass
@@ -100,8 +99,3 @@ def describe_verify_error(err: ssl.SSLError) -> str:
     if "certificate required" in text.lower():
         return "peer presented no client certificate (is it a mesh workload?)"
     return f"TLS handshake failed: {verify or text}"
-
-
-def not_after_of(pem: bytes) -> float:
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert.not_valid_after_utc.replace(tzinfo=datetime.UTC).timestamp()

@@ -6,7 +6,6 @@ readers take the current snapshot once per connection.
 
 from __future__ import annotations
 
-import ipaddress
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,10 +33,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port} ({self.pod.key})"
-
-
-def _empty() -> Mapping[str, object]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -219,14 +214,6 @@ class MeshSnapshot:
         out = {p.pod_ip for p in self.pods if p.pod_ip}
         out |= {s.cluster_ip for s in self.services if s.cluster_ip}
         return out
-
-    def is_mesh_address(self, ip: str) -> bool:
-        return ip in self.service_by_ip or ip in self.pod_by_ip
-
-
-def parse_ip(value: str) -> str:
-    """Normalise an IPv4/IPv6 literal (raises ValueError when it is not one)."""
-    return str(ipaddress.ip_address(value))
 
 
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """Traffic-management objects with Istio's shapes: VirtualService and DestinationRule.
 
-Pure, frozen data produced by ``control/kinds.py`` after validation (hosts are FQDNs,
+Pure, frozen data produced by ``control/traffic.py`` after validation (hosts are FQDNs,
 durations are seconds, regexes are compiled). Decisions over them live in ``core/route.py``.
 """
 

@@ -154,16 +154,6 @@ def set_sysctl(ns: str, key: str, value: str) -> None:
     run_in_netns(ns, write)
 
 
-def get_sysctl(ns: str, key: str) -> str:
-    path = "/proc/sys/" + key.replace(".", "/")
-
-    def read() -> str:
-        with open(path) as f:
-            return f.read().strip()
-
-    return run_in_netns(ns, read)
-
-
 def _ipr(ns: str) -> Any:
     # flags=0: never create a missing netns (PLATFORM gotcha 6)
     try:

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from nodeagent.model.objects import Container
 from nodeagent.sandbox.netlink import run_in_netns
 
 _LAUNCH = 'echo $$ > "$1" && shift && exec "$@"'
@@ -75,10 +74,6 @@ def pod_env(
     items = extra.items() if isinstance(extra, Mapping) else extra
     env.update(dict(items))
     return env
-
-
-def container_argv(c: Container) -> list[str]:
-    return [*c.command, *c.args]
 
 
 def spawn(

@@ -546,7 +546,7 @@ def access_records(sb: Sandbox, node: str, pred: Any) -> list[dict[str, Any]]:
 def grpc_client(sb: Sandbox, *args: str) -> list[dict[str, Any]]:
     p = sb.exec(
         "client",
-        [PY, "-m", "nodeagent.samplegrpc", "client", "--target", "web:50051", *args],
+        [PY, "-m", "nodeagent.samples.samplegrpc", "client", "--target", "web:50051", *args],
         capture_output=True, text=True, timeout=120,
     )
     assert p.returncode == 0, (p.stdout, p.stderr)

@@ -2,7 +2,7 @@
 destination node, and ``nodeagent ctl explain`` agreeing with what the data path does.
 
 Mesh: ``client`` on node1; ``echo-1``, ``echo-2`` (app echo) and ``victim`` on node2
-(``tests/e2e/mesh``). Tokens are signed by a key made here (``nodeagent.jwtmint``).
+(``tests/e2e/mesh``). Tokens are signed by a key made here (``nodeagent.samples.jwtmint``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from meshops import apply_file, http_request, served
 
 from nodeagent.admin.client import AdminClient
-from nodeagent.jwtmint import generate_key, mint
+from nodeagent.samples.jwtmint import generate_key, mint
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.topology import agent_state_dir
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.jwtmint import generate_key
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy import jwks as jwks_mod
 from nodeagent.proxy.jwks import JwksCache, parse_response
+from nodeagent.samples.jwtmint import generate_key
 
 EMPTY = MeshSnapshot.build(version=1, pods=(), services=())
 

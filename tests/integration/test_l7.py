@@ -21,7 +21,7 @@ import grpc
 import pytest
 from l7harness import L7Rig
 
-from nodeagent.samplegrpc import (
+from nodeagent.samples.samplegrpc import (
     BidiSession,
     call_client_stream,
     call_server_stream,
@@ -51,7 +51,7 @@ def get(rig: L7Rig, path: str, headers: dict[str, str] | None = None) -> tuple[i
         c.close()
 
 
-def raw(rig: L7Rig, data: bytes, *, read_until_close: bool = True) -> bytes:
+def raw(rig: L7Rig, data: bytes) -> bytes:
     s = socket.create_connection(rig.address, timeout=10)
     try:
         s.sendall(data)

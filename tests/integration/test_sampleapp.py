@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent import sampleapp
+from nodeagent.samples import sampleapp
+from nodeagent.samples.common import pattern_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "examples" / "bookinfo"
@@ -57,7 +58,8 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
 
     def start(*args: str, env: dict[str, str] | None = None) -> App:
         log = tmp_path / f"app{len(apps)}.log"
-        cmd = [sys.executable, "-m", "nodeagent.sampleapp", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, "-m", "nodeagent.samples.sampleapp"]
+        cmd += ["--host", "127.0.0.1", "--port", "0"]
         full_env = {**os.environ, **(env or {})}
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -263,7 +265,7 @@ def test_bytes(start_app: StartApp, n: int) -> None:
     assert resp.getheader("Content-Length") == str(n)
     assert len(data) == n
     assert data == bytes(i % 251 for i in range(n))
-    assert data == sampleapp.pattern_bytes(n)
+    assert data == pattern_bytes(n)
 
 
 def test_logs_one_line_per_request_and_stops_cleanly(start_app: StartApp) -> None:

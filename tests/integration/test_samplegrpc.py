@@ -1,8 +1,8 @@
-"""The sample app's gRPC echo service (``nodeagent.samplegrpc``) on loopback.
+"""The sample app's gRPC echo service (``nodeagent.samples.samplegrpc``) on loopback.
 
 The four call kinds, metadata echo and ``fail_code`` against an in-process server; the
 service inside ``nodeagent sample-app --grpc-port`` as a real process; and the
-``python -m nodeagent.samplegrpc client`` command as a subprocess.
+``python -m nodeagent.samples.samplegrpc client`` command as a subprocess.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 import pytest
 
-from nodeagent import sample_pb2 as pb
-from nodeagent import samplegrpc
-from nodeagent.sampleapp import AppSettings, ServedCounter, pattern_bytes
+from nodeagent.samples import sample_pb2 as pb
+from nodeagent.samples import samplegrpc
+from nodeagent.samples.common import AppSettings, ServedCounter, pattern_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"^listening (http|tcp-echo|grpc) (\S+):(\d+)", re.MULTILINE)
@@ -183,7 +183,8 @@ def test_delay_past_the_deadline(target: str) -> None:
 
 def start_sample_app(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "app.log"
-    cmd = [sys.executable, "-m", "nodeagent.sampleapp", "--host", "127.0.0.1", "--port", "0"]
+    cmd = [sys.executable, "-m", "nodeagent.samples.sampleapp"]
+    cmd += ["--host", "127.0.0.1", "--port", "0"]
     env = {**os.environ, "POD_NAME": "reviews-v3-1", "POD_NAMESPACE": "default"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -273,7 +274,7 @@ def test_sample_app_grpc_port_in_use(tmp_path: Path) -> None:
 
 def client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nodeagent.samplegrpc", "client", *args],
+        [sys.executable, "-m", "nodeagent.samples.samplegrpc", "client", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

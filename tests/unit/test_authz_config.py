@@ -7,6 +7,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from meshyaml import MeshFiles, object_yaml
 
 from nodeagent.control.files import load_directory
 from nodeagent.errors import ConfigErrors
@@ -15,11 +16,7 @@ from nodeagent.model.security import AuthzAction, Condition, Operation, Source
 
 
 def ap(spec: str, name: str = "p", ns: str = "default", api: str = "security.istio.io/v1") -> str:
-    body = "".join(f"  {line}\n" for line in spec.strip("\n").splitlines())
-    return (
-        f"---\napiVersion: {api}\nkind: AuthorizationPolicy\n"
-        f"metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
-    )
+    return object_yaml(api, "AuthorizationPolicy", name, ns, spec)
 
 
 FULL = ap(
@@ -57,17 +54,12 @@ rules:
 )
 
 
-def load(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "mesh.yaml").write_text(text)
-    return tmp_path
-
-
-def test_full_policy_converts(tmp_path: Path) -> None:
-    snap = load_directory(load(tmp_path, FULL)).snapshot
+def test_full_policy_converts(mesh: MeshFiles) -> None:
+    snap = mesh.load(FULL)
     (p,) = snap.authorization_policies
     assert (p.namespace, p.name, p.action) == ("default", "full", AuthzAction.DENY)
     assert p.selector == Labels.of({"app": "web"})
-    assert p.source == str(tmp_path / "mesh.yaml")
+    assert p.source == str(mesh.path)
     r0, r1 = p.rules
     assert r0.from_ == (
         Source(
@@ -105,20 +97,20 @@ def test_full_policy_converts(tmp_path: Path) -> None:
     assert snap.authorization_policies_by_namespace == {"default": (p,)}
 
 
-def test_defaults_and_v1beta1(tmp_path: Path) -> None:
+def test_defaults_and_v1beta1(mesh: MeshFiles) -> None:
     text = ap("{}", name="allow-nothing", api="security.istio.io/v1beta1") + ap(
         "rules: []", name="b", ns="istio-system"
     )
-    snap = load_directory(load(tmp_path, text)).snapshot
+    snap = mesh.load(text)
     a, b = snap.authorization_policies
     assert (a.action, a.selector, a.rules) == (AuthzAction.ALLOW, None, ())
     assert b.rules == ()
     assert set(snap.authorization_policies_by_namespace) == {"default", "istio-system"}
 
 
-def test_index_sorted_by_name(tmp_path: Path) -> None:
+def test_index_sorted_by_name(mesh: MeshFiles) -> None:
     text = ap("{}", name="zz") + ap("{}", name="aa") + ap("{}", name="mm", ns="other")
-    snap = load_directory(load(tmp_path, text)).snapshot
+    snap = mesh.load(text)
     assert [p.name for p in snap.authorization_policies_by_namespace["default"]] == ["aa", "zz"]
 
 
@@ -188,13 +180,12 @@ OP = "spec.rules[0].to[0].operation"
         ("rules: [{from: [], bogus: 1}]", "spec.rules[0].bogus", "unknown field"),
     ],
 )
-def test_each_mistake_is_named(tmp_path: Path, spec: str, field: str, reason: str) -> None:
-    assert_named(tmp_path, ap(spec), OBJ, field, reason)
+def test_each_mistake_is_named(mesh: MeshFiles, spec: str, field: str, reason: str) -> None:
+    mesh.assert_named(ap(spec), OBJ, field, reason)
 
 
-def test_bad_metadata_is_named(tmp_path: Path) -> None:
-    assert_named(
-        tmp_path,
+def test_bad_metadata_is_named(mesh: MeshFiles) -> None:
+    mesh.assert_named(
         ap("{}", name="Bad_Name"),
         "AuthorizationPolicy default/Bad_Name",
         "metadata.name",
@@ -213,17 +204,6 @@ def test_duplicate_names(tmp_path: Path) -> None:
     assert f"also defined in {tmp_path / 'a.yaml'}" in err.reason
 
 
-def test_same_name_in_two_namespaces_is_fine(tmp_path: Path) -> None:
+def test_same_name_in_two_namespaces_is_fine(mesh: MeshFiles) -> None:
     text = ap("{}") + ap("{}", ns="istio-system")
-    assert len(load_directory(load(tmp_path, text)).snapshot.authorization_policies) == 2
-
-
-def assert_named(tmp_path: Path, text: str, obj: str, field: str, reason: str) -> None:
-    (tmp_path / "mesh.yaml").write_text(text)
-    with pytest.raises(ConfigErrors) as info:
-        load_directory(tmp_path)
-    errors = info.value.errors
-    hits = [e for e in errors if e.obj == obj and e.field == field and reason in e.reason]
-    assert hits, "\n".join(str(e) for e in errors)
-    assert hits[0].source.startswith(str(tmp_path / "mesh.yaml"))
-    assert field in str(hits[0]) and obj in str(hits[0])
+    assert len(mesh.load(text).authorization_policies) == 2

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meshyaml import MeshFiles, object_yaml, pod_yaml
 
-from nodeagent.control.files import load_directory
 from nodeagent.core.authz import (
     AuthzDecision,
     AuthzRequest,
@@ -31,38 +30,18 @@ from nodeagent.model.security import (
 )
 from nodeagent.model.snapshot import MeshSnapshot
 
-PODS = """
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: shop, labels: {app: db}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: blog, namespace: blog, labels: {app: web}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
-"""
+PODS = (
+    pod_yaml("web", "shop", app="web")
+    + pod_yaml("db", "shop", app="db")
+    + pod_yaml("blog", "blog", app="web")
+)
 
 SLEEP = "spiffe://cluster.local/ns/shop/sa/sleep"
 BLOG = "spiffe://cluster.local/ns/blog/sa/writer"
 
 
 def ap(name: str, ns: str, spec: str) -> str:
-    body = "".join(f"  {line}\n" for line in spec.strip("\n").splitlines())
-    return (
-        f"---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
-        f"metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
-    )
-
-
-def snapshot(tmp_path: Path, *policies: str) -> MeshSnapshot:
-    (tmp_path / "mesh.yaml").write_text(PODS + "".join(policies))
-    return load_directory(tmp_path).snapshot
+    return object_yaml("security.istio.io/v1", "AuthorizationPolicy", name, ns, spec)
 
 
 def http(
@@ -109,13 +88,13 @@ ALLOW_NOTHING = ap("allow-nothing", "shop", "{}")
 ALLOW_ALL = ap("allow-all", "shop", "rules: [{}]")
 
 
-def test_no_policy_allows(tmp_path: Path) -> None:
-    d = evaluate(snapshot(tmp_path), http(snapshot(tmp_path)))
+def test_no_policy_allows(mesh: MeshFiles) -> None:
+    d = evaluate(mesh.load(PODS), http(mesh.load(PODS)))
     assert d == AuthzDecision(True, reason="no ALLOW or DENY policy applies")
 
 
-def test_allow_nothing_denies_everything(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ALLOW_NOTHING)
+def test_allow_nothing_denies_everything(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ALLOW_NOTHING)
     d = evaluate(snap, http(snap))
     assert not d.allowed and d.policy == "shop/allow-nothing" and d.rule_index is None
     assert d.reason == "no ALLOW policy rule matched (policies: shop/allow-nothing)"
@@ -123,11 +102,11 @@ def test_allow_nothing_denies_everything(tmp_path: Path) -> None:
     assert evaluate(snap, http(snap, "blog/blog")).allowed  # another namespace
 
 
-def test_allow_all_and_deny_all(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ALLOW_ALL)
+def test_allow_all_and_deny_all(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ALLOW_ALL)
     d = evaluate(snap, tcp(snap, principal=None))
     assert (d.allowed, d.policy, d.rule_index) == (True, "shop/allow-all", 0)
-    snap = snapshot(tmp_path, ALLOW_ALL, DENY_ALL)
+    snap = mesh.load(PODS, ALLOW_ALL, DENY_ALL)
     d = evaluate(snap, http(snap))
     assert (d.allowed, d.policy, d.rule_index, d.action) == (
         False,
@@ -138,8 +117,8 @@ def test_allow_all_and_deny_all(tmp_path: Path) -> None:
     assert d.reason == "DENY policy shop/deny-all rule 0 matched"
 
 
-def test_deny_without_rules_matches_nothing(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ap("d", "shop", "action: DENY"))
+def test_deny_without_rules_matches_nothing(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ap("d", "shop", "action: DENY"))
     assert evaluate(snap, http(snap)).allowed
 
 
@@ -168,18 +147,18 @@ rules:
     ],
 )
 def test_allow_get_from_principal(
-    tmp_path: Path, principal: str | None, method: str, path: str, allowed: bool
+    mesh: MeshFiles, principal: str | None, method: str, path: str, allowed: bool
 ) -> None:
-    snap = snapshot(tmp_path, ALLOW_SLEEP_GET_API)
+    snap = mesh.load(PODS, ALLOW_SLEEP_GET_API)
     d = evaluate(snap, http(snap, principal=principal, method=method, path=path))
     assert d.allowed is allowed, d.reason
     # the db pod is not selected: no policy applies to it
     assert evaluate(snap, http(snap, "shop/db", principal=principal, method=method)).allowed
 
 
-def test_deny_by_source_namespace(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_deny_by_source_namespace(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap("no-blog", "shop", "action: DENY\nrules: [{from: [{source: {namespaces: [blog]}}]}]"),
         ap(
             "not-shop", "shop", "action: DENY\nrules: [{from: [{source: {notNamespaces: [shop]}}]}]"
@@ -193,18 +172,18 @@ def test_deny_by_source_namespace(tmp_path: Path) -> None:
     assert (d.allowed, d.policy) == (False, "shop/not-shop")
 
 
-def test_require_mtls_with_not_principals(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_require_mtls_with_not_principals(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap("mtls", "shop", "action: DENY\nrules: [{from: [{source: {notPrincipals: ['*']}}]}]"),
     )
     assert not evaluate(snap, tcp(snap, principal=None)).allowed
     assert evaluate(snap, tcp(snap)).allowed
 
 
-def test_when_header(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_when_header(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "alice",
             "shop",
@@ -223,9 +202,9 @@ rules:
     assert not evaluate(snap, http(snap, headers={"x-user": "alice"}, source_ip="10.9.1.1")).allowed
 
 
-def test_ip_blocks_and_hosts(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_ip_blocks_and_hosts(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "ips",
             "shop",
@@ -262,16 +241,16 @@ rules:
 )
 
 
-def test_tcp_http_only_fields_allow_never_matches(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, TCP_ALLOW)
+def test_tcp_http_only_fields_allow_never_matches(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, TCP_ALLOW)
     d = evaluate(snap, tcp(snap, port=5432))
     assert (d.allowed, d.rule_index) == (True, 0)
     assert not evaluate(snap, tcp(snap, port=9000)).allowed  # rule 1 has methods
     assert evaluate(snap, http(snap, port=9000, method="GET")).allowed
 
 
-def test_tcp_http_only_fields_deny_ignored(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, TCP_DENY)
+def test_tcp_http_only_fields_deny_ignored(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, TCP_DENY)
     d = evaluate(snap, tcp(snap, port=9000))
     assert (d.allowed, d.policy) == (False, "shop/tcp-deny")  # methods ignored: broader
     assert evaluate(snap, tcp(snap, port=5432)).allowed
@@ -279,9 +258,9 @@ def test_tcp_http_only_fields_deny_ignored(tmp_path: Path) -> None:
     assert not evaluate(snap, http(snap, port=9000, method="POST")).allowed
 
 
-def test_tcp_deny_with_http_when_key(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_tcp_deny_with_http_when_key(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "d",
             "shop",
@@ -292,9 +271,9 @@ def test_tcp_deny_with_http_when_key(tmp_path: Path) -> None:
     assert evaluate(snap, http(snap)).allowed
 
 
-def test_root_namespace_policies(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_root_namespace_policies(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "global-deny-post",
             "istio-system",
@@ -316,9 +295,9 @@ def test_root_namespace_policies(tmp_path: Path) -> None:
     assert evaluate(snap, http(snap, "shop/db", principal=BLOG)).allowed
 
 
-def test_selector_scoping_and_other_namespace(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_selector_scoping_and_other_namespace(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "db",
             "shop",
@@ -332,22 +311,22 @@ def test_selector_scoping_and_other_namespace(tmp_path: Path) -> None:
     assert not evaluate(snap, http(snap, "blog/blog")).allowed
 
 
-def test_audit_is_ignored(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ap("audit", "shop", "action: AUDIT\nrules: [{}]"))
+def test_audit_is_ignored(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ap("audit", "shop", "action: AUDIT\nrules: [{}]"))
     assert evaluate(snap, http(snap)) == AuthzDecision(
         True, reason="no ALLOW or DENY policy applies"
     )
-    snap = snapshot(tmp_path, ap("audit", "shop", "action: AUDIT\nrules: [{}]"), DENY_NOTHING)
+    snap = mesh.load(PODS, ap("audit", "shop", "action: AUDIT\nrules: [{}]"), DENY_NOTHING)
     assert evaluate(snap, http(snap)).reason == (
         "no DENY policy rule matched, no ALLOW policy applies"
     )
-    snap = snapshot(tmp_path, ap("audit", "shop", "action: AUDIT\nrules: [{}]"), ALLOW_NOTHING)
+    snap = mesh.load(PODS, ap("audit", "shop", "action: AUDIT\nrules: [{}]"), ALLOW_NOTHING)
     assert not evaluate(snap, http(snap)).allowed
 
 
-def test_jwt_fields(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_jwt_fields(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap(
             "jwt",
             "shop",
@@ -374,9 +353,9 @@ rules:
     assert not evaluate(snap, no_group).allowed
 
 
-def test_listing_of_allow_policies_in_reason(tmp_path: Path) -> None:
-    snap = snapshot(
-        tmp_path,
+def test_listing_of_allow_policies_in_reason(mesh: MeshFiles) -> None:
+    snap = mesh.load(
+        PODS,
         ap("b", "shop", "rules: [{from: [{source: {principals: [nobody]}}]}]"),
         ap("a", "istio-system", "rules: [{from: [{source: {principals: [nobody]}}]}]"),
     )
@@ -654,8 +633,8 @@ def test_evaluate_agrees_with_reference(
         assert set(decision.policy.split(",")) <= allow and decision.policy
 
 
-def test_pod_objects_not_from_the_snapshot(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ap("web", "shop", "selector: {matchLabels: {app: web}}"))
+def test_pod_objects_not_from_the_snapshot(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ap("web", "shop", "selector: {matchLabels: {app: web}}"))
     twin = Pod(namespace="shop", name="other", node_name="n2", labels=Labels.of({"app": "web"}))
     req = AuthzRequest(destination=twin, destination_port=80)
     assert not evaluate(snap, req).allowed
@@ -663,10 +642,10 @@ def test_pod_objects_not_from_the_snapshot(tmp_path: Path) -> None:
     assert evaluate(snap, AuthzRequest(destination=stranger, destination_port=80)).allowed
 
 
-def test_prepare_and_new_snapshot(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, ALLOW_NOTHING)
+def test_prepare_and_new_snapshot(mesh: MeshFiles) -> None:
+    snap = mesh.load(PODS, ALLOW_NOTHING)
     prepare(snap)
     assert not evaluate(snap, http(snap)).allowed
-    snap2 = snapshot(tmp_path, ALLOW_ALL)  # a new snapshot is not served from the old cache
+    snap2 = mesh.load(PODS, ALLOW_ALL)  # a new snapshot is not served from the old cache
     assert evaluate(snap2, http(snap2)).allowed
     assert applicable_policies(snap2, snap2.pod_by_key["shop/web"])[0].name == "allow-all"

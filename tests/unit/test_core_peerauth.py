@@ -2,43 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from meshyaml import MeshFiles, object_yaml, pod_yaml
 
-from nodeagent.control.files import load_directory
 from nodeagent.core.peerauth import effective_mtls
-from nodeagent.errors import ConfigErrors
 from nodeagent.model.security import MtlsMode
 
-PODS = """
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: shop, labels: {app: db}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: other, namespace: blog, labels: {app: web}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
-"""
+PODS = (
+    pod_yaml("web", "shop", app="web")
+    + pod_yaml("db", "shop", app="db")
+    + pod_yaml("other", "blog", app="web")
+)
 
 
 def pa(name: str, ns: str, mode: str, selector: str = "", ports: str = "") -> str:
-    spec = f"  mtls: {{mode: {mode}}}\n"
+    spec = f"mtls: {{mode: {mode}}}\n"
     if selector:
-        spec += f"  selector: {{matchLabels: {{app: {selector}}}}}\n"
+        spec += f"selector: {{matchLabels: {{app: {selector}}}}}\n"
     if ports:
-        spec += f"  portLevelMtls: {{{ports}}}\n"
-    return (
-        f"---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
-        f"metadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
-    )
+        spec += f"portLevelMtls: {{{ports}}}\n"
+    return object_yaml("security.istio.io/v1", "PeerAuthentication", name, ns, spec)
 
 
 MESH_STRICT = pa("default", "istio-system", "STRICT")
@@ -72,10 +55,9 @@ WEB_DISABLE_8080 = pa("web", "shop", "UNSET", selector="web", ports="8080: {mode
     ],
 )
 def test_precedence(
-    tmp_path: Path, policies: str, pod: str, port: int, mode: MtlsMode, policy: str
+    mesh: MeshFiles, policies: str, pod: str, port: int, mode: MtlsMode, policy: str
 ) -> None:
-    (tmp_path / "m.yaml").write_text(PODS + policies)
-    snap = load_directory(tmp_path).snapshot
+    snap = mesh.load(PODS, policies)
     d = effective_mtls(snap, snap.pod_by_key[pod], port)
     assert (d.mode, d.policy) == (mode, policy)
     assert d.accepts_plaintext is (mode is not MtlsMode.STRICT)
@@ -99,8 +81,6 @@ def test_precedence(
         ),
     ],
 )
-def test_bad_policies_are_named(tmp_path: Path, policy: str, error: str) -> None:
-    (tmp_path / "m.yaml").write_text(PODS + policy)
-    with pytest.raises(ConfigErrors) as info:
-        load_directory(tmp_path)
-    assert error in str(info.value)
+def test_bad_policies_are_named(mesh: MeshFiles, policy: str, error: str) -> None:
+    errors = mesh.errors(PODS, policy)
+    assert any(error in str(e) for e in errors), errors

@@ -11,8 +11,8 @@ from typing import TypeVar
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meshyaml import MeshFiles, pod_yaml, service_yaml
 
-from nodeagent.control.files import load_directory
 from nodeagent.core.route import (
     _INDEXES,
     INDEX_MEMO_MAX,
@@ -43,31 +43,12 @@ from nodeagent.model.traffic import (
 T = TypeVar("T")
 HOST = "reviews.default.svc.cluster.local"
 
-MESH = """
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080}, {name: admin, port: 9090}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: ratings, namespace: default}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080}]
----
+MESH = (
+    service_yaml("reviews", "[{name: http, port: 9080}, {name: admin, port: 9090}]", app="reviews")
+    + pod_yaml("reviews-v1", app="reviews", version="v1")
+    + pod_yaml("reviews-v2", app="reviews", version="v2")
+    + service_yaml("ratings", "[{name: http, port: 9080}]", app="reviews")
+    + """---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews, namespace: default}
@@ -135,13 +116,12 @@ spec:
     - {destination: {host: reviews, subset: v1}, weight: 90}
     - {destination: {host: reviews, subset: v2}, weight: 10}
 """
+)
 
 
 @pytest.fixture(scope="module")
 def snap(tmp_path_factory: pytest.TempPathFactory) -> MeshSnapshot:
-    d = tmp_path_factory.mktemp("route")
-    (d / "mesh.yaml").write_text(MESH)
-    return load_directory(d).snapshot
+    return MeshFiles(tmp_path_factory.mktemp("route")).load(MESH)
 
 
 def req(

@@ -34,9 +34,9 @@ from nodeagent.core.jwt import (
     extract_token,
     parse_jwks,
 )
-from nodeagent.jwtmint import generate_key, mint
 from nodeagent.model.authn import ClaimToHeader, JWTHeader, JWTRule, RequestAuthentication
 from nodeagent.model.objects import Labels, Pod
+from nodeagent.samples.jwtmint import generate_key, mint
 
 NOW = 1_700_000_000.0
 ISS = "https://issuer.example"
@@ -405,7 +405,7 @@ def test_applicable_policies() -> None:
 
 
 def convert(spec: str) -> tuple[RequestAuthentication | None, list[tuple[str, str]]]:
-    """As ``kinds.validate`` does: the shape first, then the conversion."""
+    """As ``schema.validate`` does: the shape first, then the conversion."""
     doc = yaml.safe_load(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
         f"metadata: {{name: jwt, namespace: shop}}\nspec:\n{spec}"

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nodeagent.control.kinds import validate
 from nodeagent.control.ratelimit import API_VERSION, LOCAL_RATE_LIMIT_KIND
+from nodeagent.control.schema import validate
 from nodeagent.core.ratelimit import (
     UNLIMITED,
     QuotaCharge,
@@ -71,10 +71,6 @@ def policy(
         tcp=None if tcp is None else TcpRateLimit(tcp),
         quotas=quotas,
     )
-
-
-def no_headers(name: str) -> str | None:
-    return None
 
 
 def http(

@@ -3,63 +3,32 @@ named by file, object and field path."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from meshyaml import REVIEWS, MeshFiles, object_yaml
 
-from nodeagent.control.files import load_directory
-from nodeagent.control.kinds import parse_duration
-from nodeagent.errors import ConfigErrors
+from nodeagent.control.fields import parse_duration
 from nodeagent.model.traffic import MatchKind, SimpleLB
-
-MESH = """
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: default}
-spec:
-  selector: {app: reviews}
-  ports: [{name: http, port: 9080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1, namespace: default, labels: {app: reviews, version: v1}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2, namespace: default, labels: {app: reviews, version: v2}}
-spec: {nodeName: n1, containers: [{name: c, command: [x]}]}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"""
 
 
 def vs(spec: str, name: str = "r", api: str = "networking.istio.io/v1") -> str:
-    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
-    return (
-        f"---\napiVersion: {api}\nkind: VirtualService\n"
-        f"metadata: {{name: {name}, namespace: default}}\nspec:\n{body}\n"
-    )
+    return object_yaml(api, "VirtualService", name, spec=spec)
 
 
-def dr(spec: str, name: str = "d") -> str:
-    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
-    return (
-        "---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n"
-        f"metadata: {{name: {name}, namespace: default}}\nspec:\n{body}\n"
-    )
+def dr(spec: str, name: str = "d", api: str = "networking.istio.io/v1beta1") -> str:
+    return object_yaml(api, "DestinationRule", name, spec=spec)
 
 
-def load(tmp_path: Path, extra: str) -> Path:
-    (tmp_path / "mesh.yaml").write_text(MESH + extra)
-    return tmp_path
+MESH = REVIEWS + dr(
+    """
+host: reviews
+subsets:
+- {name: v1, labels: {version: v1}}
+- {name: v2, labels: {version: v2}}
+""",
+    name="reviews",
+    api="networking.istio.io/v1",
+)
+"""The reviews Service and Pods, and subsets v1 and v2 (the last list: a test adds to it)."""
 
 
 FULL_VS = vs(
@@ -99,8 +68,8 @@ tcp:
 )
 
 
-def test_full_virtual_service_converts(tmp_path: Path) -> None:
-    snap = load_directory(load(tmp_path, FULL_VS)).snapshot
+def test_full_virtual_service_converts(mesh: MeshFiles) -> None:
+    snap = mesh.load(MESH, FULL_VS)
     host = "reviews.default.svc.cluster.local"
     v = snap.virtual_service_by_host[host]
     assert v.hosts == (host,)
@@ -122,7 +91,7 @@ def test_full_virtual_service_converts(tmp_path: Path) -> None:
     assert v.tcp[0].routes[0].weight == 100
 
 
-def test_full_destination_rule_converts(tmp_path: Path) -> None:
+def test_full_destination_rule_converts(mesh: MeshFiles) -> None:
     rule = dr(
         """
 host: ratings.prod.svc.cluster.local
@@ -145,7 +114,7 @@ subsets:
   trafficPolicy: {loadBalancer: {simple: RANDOM}}
 """
     )
-    snap = load_directory(load(tmp_path, rule)).snapshot
+    snap = mesh.load(MESH, rule)
     d = snap.destination_rule_by_host["ratings.prod.svc.cluster.local"]
     tp = d.traffic_policy
     assert tp is not None and tp.load_balancer is not None
@@ -387,24 +356,13 @@ R0 = "hosts: [reviews]\nhttp:\n- "
     ],
 )
 def test_each_mistake_is_named(
-    tmp_path: Path, extra: str, obj: str, field: str, reason: str
+    mesh: MeshFiles, extra: str, obj: str, field: str, reason: str
 ) -> None:
-    assert_named(tmp_path, MESH + extra, obj, field, reason)
+    mesh.assert_named(MESH + extra, obj, field, reason)
 
 
-def assert_named(tmp_path: Path, text: str, obj: str, field: str, reason: str) -> None:
-    (tmp_path / "mesh.yaml").write_text(text)
-    with pytest.raises(ConfigErrors) as info:
-        load_directory(tmp_path)
-    errors = info.value.errors
-    hits = [e for e in errors if e.obj == obj and e.field == field and reason in e.reason]
-    assert hits, "\n".join(str(e) for e in errors)
-    assert hits[0].source.startswith(str(tmp_path / "mesh.yaml"))
-
-
-def test_subset_selecting_no_pod_is_named(tmp_path: Path) -> None:
-    assert_named(
-        tmp_path,
+def test_subset_selecting_no_pod_is_named(mesh: MeshFiles) -> None:
+    mesh.assert_named(
         MESH + "  - {name: v3, labels: {version: v3}}\n",
         "DestinationRule default/reviews",
         "spec.subsets[2].labels",
@@ -412,10 +370,10 @@ def test_subset_selecting_no_pod_is_named(tmp_path: Path) -> None:
     )
 
 
-def test_short_and_full_host_names_are_the_same_host(tmp_path: Path) -> None:
+def test_short_and_full_host_names_are_the_same_host(mesh: MeshFiles) -> None:
     extra = vs(
         "hosts: [reviews.default.svc.cluster.local]\nhttp:\n- route: "
         "[{destination: {host: reviews, subset: v1}}]"
     )
-    snap = load_directory(load(tmp_path, extra)).snapshot
+    snap = mesh.load(MESH, extra)
     assert set(snap.destination_rule_by_host) == {"reviews.default.svc.cluster.local"}

@@ -17,10 +17,10 @@ gRPC) tests:
   ``call_bidi``; ``iter_server_stream`` and ``iter_bidi`` yield replies as they arrive;
   ``BidiSession`` interleaves sends and receives), which raise ``grpc.RpcError`` when the
   call fails, and ``reply_to_dict`` (the JSON form);
-* the command ``python -m nodeagent.samplegrpc client`` for tests that must call from
-  inside a network namespace::
+* the command ``python -m nodeagent.samples.samplegrpc client`` for tests that must call
+  from inside a network namespace::
 
-    python -m nodeagent.samplegrpc client --target HOST:PORT \\
+    python -m nodeagent.samples.samplegrpc client --target HOST:PORT \\
         [--method unary|server-stream|client-stream|bidi] [--count N] [--text T] \\
         [--metadata K=V ...] [--fail-code C] [--delay-ms MS] [--payload-bytes N] \\
         [--timeout S] [--repeat N [--new-connection]]
@@ -56,9 +56,9 @@ from typing import Any, NoReturn
 
 import grpc
 
-from nodeagent import sample_pb2 as pb
-from nodeagent import sample_pb2_grpc as pb_grpc
-from nodeagent.sampleapp import (
+from nodeagent.samples import sample_pb2 as pb
+from nodeagent.samples import sample_pb2_grpc as pb_grpc
+from nodeagent.samples.common import (
     MAX_DELAY_S,
     AppSettings,
     ServedCounter,
@@ -687,9 +687,9 @@ def _nonnegative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m nodeagent.samplegrpc``."""
+    """The parser of ``python -m nodeagent.samples.samplegrpc``."""
     parser = argparse.ArgumentParser(
-        prog="python -m nodeagent.samplegrpc",
+        prog="python -m nodeagent.samples.samplegrpc",
         description="Call the sample app's gRPC echo service (nodeagent.sample.Echo).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nodeagent.samplegrpc client ...``; the exit code."""
+    """``python -m nodeagent.samples.samplegrpc client ...``; the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeat is not None and args.method != "unary":

@@ -5,8 +5,9 @@ the end-to-end tests drive L7 routing through: a small HTTP/1.1 server (keep-ali
 ``Content-Length``) that answers every request with a JSON description of who answered and
 what it received, and optionally calls downstream services on each request, as Istio's
 bookinfo does (``productpage`` calls ``details`` and ``reviews``, ``reviews`` v2/v3 call
-``ratings``). It is stdlib only (the gRPC service lives in ``nodeagent.samplegrpc``) and
-knows nothing of the mesh: it is the thing the mesh carries traffic for.
+``ratings``). It is stdlib only (the gRPC service lives in ``samples.samplegrpc``, what
+both share in ``samples.common``) and knows nothing of the mesh: it is the thing the mesh
+carries traffic for.
 
 Any method on any path answers ``200`` with ``application/json``::
 
@@ -62,7 +63,7 @@ client half-closes, the rest is written back and then the write side is shut (ha
 preserved). One thread per connection, 64 KiB buffers, so memory stays bounded.
 
 ``--grpc-port PORT`` also serves the gRPC ``nodeagent.sample.Echo`` service of
-``nodeagent.samplegrpc`` on PORT, in this process (its own thread pool).
+``nodeagent.samples.samplegrpc`` on PORT, in this process (its own thread pool).
 
 Every listener prints ``listening KIND HOST:PORT`` at start (KIND is ``http``,
 ``tcp-echo`` or ``grpc``; useful with port 0) and every request prints one line
@@ -85,26 +86,32 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
+from nodeagent.samples.common import (
+    CALL_TIMEOUT_S,
+    MAX_DELAY_S,
+    PATTERN_PERIOD,
+    AppSettings,
+    ServedCounter,
+    log_line,
+    log_request,
+    timestamp,
+)
+
 if TYPE_CHECKING:
-    from nodeagent.samplegrpc import SampleGrpcServer
+    from nodeagent.samples.samplegrpc import SampleGrpcServer
 
 DEFAULT_PORT = 9080
-CALL_TIMEOUT_S = 10.0
-MAX_DELAY_S = 600.0
 MAX_BYTES = 1 << 40
 MAX_FILE_BYTES = 16 << 20
 """``/files/NAME`` answers at most this much of the file."""
 MAX_CALL_BODY = 1 << 20
 """Downstream answers are read up to this many bytes (memory stays bounded)."""
 CHUNK = 64 * 1024
-PATTERN_PERIOD = 251
-"""``/bytes/N`` answers byte ``i`` = ``i % 251`` (a prime period shows shifted data)."""
 MAX_FAIL_KEYS = 10_000
 """``/fail/N/KEY`` counts at most this many keys; the oldest is forgotten beyond."""
 MAX_FAIL_COUNT = 1_000_000_000
@@ -130,47 +137,6 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 
 # One period-aligned block: every full chunk written keeps the pattern continuous.
 _PATTERN_BLOCK = bytes(range(PATTERN_PERIOD)) * (CHUNK // PATTERN_PERIOD + 1)
-
-
-def pattern_bytes(n: int) -> bytes:
-    """The first ``n`` bytes ``/bytes/N`` answers (for tests and clients)."""
-    reps = n // PATTERN_PERIOD + 1
-    return (bytes(range(PATTERN_PERIOD)) * reps)[:n]
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    """What the sample app says about itself and whom it calls."""
-
-    pod: str
-    namespace: str
-    node: str
-    service: str
-    version: str
-    calls: tuple[str, ...] = ()
-    call_timeout: float = CALL_TIMEOUT_S
-    fail_status: int = 0
-    """Non-zero: the status of every answer on a non-special path (``--fail-status``)."""
-
-
-class ServedCounter:
-    """The running count of requests one process has answered (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._value = 0
-
-    def next(self) -> int:
-        """Count one more request; its number (the first is 1)."""
-        with self._lock:
-            self._value += 1
-            return self._value
-
-    @property
-    def value(self) -> int:
-        """How many requests were counted so far."""
-        with self._lock:
-            return self._value
 
 
 class _Runtime:
@@ -201,30 +167,6 @@ class _Runtime:
             if len(self._fail_counts) > MAX_FAIL_KEYS:
                 del self._fail_counts[next(iter(self._fail_counts))]
             return n
-
-
-class _Log:
-    """Line-at-a-time, flushed writes to stdout, safe across threads."""
-
-    _lock = threading.Lock()
-
-    @classmethod
-    def line(cls, text: str) -> None:
-        with cls._lock:
-            try:
-                sys.stdout.write(text + "\n")
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass  # stdout gone (closed pipe): keep serving
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def log_request(settings: AppSettings, what: str, status: int | str, ms: float) -> None:
-    """Print the one line of a request: ``TIME SERVICE/VERSION WHAT STATUS DURATIONms``."""
-    _Log.line(f"{_now()} {settings.service}/{settings.version} {what} {status} {ms:.1f}ms")
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -318,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def log_message(self, format: str, *args: Any) -> None:
-        _Log.line(f"{_now()} {self.address_string()} {format % args}")
+        log_line(f"{timestamp()} {self.address_string()} {format % args}")
 
     # -- request handling
     def _handle(self) -> None:
@@ -726,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
             servers.append(_EchoServer(args.host, port))
         if args.grpc_port is not None:
             # Imported only when asked for: plain HTTP runs need no grpc import.
-            from nodeagent.samplegrpc import start_server
+            from nodeagent.samples.samplegrpc import start_server
 
             grpc_server = start_server(args.host, args.grpc_port, settings, served)
     except OSError as e:
@@ -748,14 +690,14 @@ def run(args: argparse.Namespace) -> int:
         host, port = srv.socket.getsockname()[:2]
         kind = "http" if i == 0 else "tcp-echo"
         shown = f"[{host}]" if srv.address_family == socket.AF_INET6 else str(host)
-        _Log.line(f"listening {kind} {shown}:{port} service={settings.service}/{settings.version}")
+        log_line(f"listening {kind} {shown}:{port} service={settings.service}/{settings.version}")
         t = threading.Thread(
             target=srv.serve_forever, args=(0.1,), name=f"sample-app-{kind}", daemon=True
         )
         t.start()
     if grpc_server is not None:
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        _Log.line(
+        log_line(
             f"listening grpc {shown}:{grpc_server.port} "
             f"service={settings.service}/{settings.version}"
         )
@@ -769,12 +711,12 @@ def run(args: argparse.Namespace) -> int:
     for srv in servers:
         srv.shutdown()
         srv.server_close()
-    _Log.line("sample-app stopped")
+    log_line("sample-app stopped")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sample app alone (``python -m nodeagent.sampleapp --port 9080 ...``)."""
+    """Run the sample app alone (``python -m nodeagent.samples.sampleapp --port 9080``)."""
     parser = argparse.ArgumentParser(prog="nodeagent sample-app", description=_DESCRIPTION)
     _add_arguments(parser)
     args = parser.parse_args(argv)
@@ -783,8 +725,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the importable module, not this __main__ copy: nodeagent.samplegrpc imports
-    # nodeagent.sampleapp, and both must share one module (its log lock, its classes).
-    from nodeagent.sampleapp import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

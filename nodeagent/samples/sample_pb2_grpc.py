@@ -6,7 +6,7 @@
 import grpc
 import warnings
 
-from nodeagent import sample_pb2 as sample__pb2
+from nodeagent.samples import sample_pb2 as sample__pb2
 
 GRPC_GENERATED_VERSION = "1.85.1"
 GRPC_VERSION = grpc.__version__
