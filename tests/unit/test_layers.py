@@ -39,6 +39,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "nodeagent/config.py",
         "nodeagent/native.py",
         "nodeagent/unixsocket.py",
+        "nodeagent/cliargs.py",
         "nodeagent/__init__.py",
     ),
 )
