@@ -55,6 +55,8 @@ class Outbound:
         self.random = random
         """Draws VirtualService ``tcp[]`` weighted picks."""
         self.rr = RoundRobin()
+        self.mtls = inputs.identity is not None
+        """The agent holds identities: mesh connections may go through HBONE."""
 
     def accept(self, pp: PodProxy) -> Callable[[], ClientSide]:
         return self.plumbing.accept(pp, "outbound", self._serve)
@@ -74,7 +76,7 @@ class Outbound:
             rr=self.rr,
             clusters=self.clusters,
             random=self.random,
-            mtls=self.inputs.identity is not None,
+            mtls=self.mtls,
         )
         match todo:
             case Refuse(flag, reason):
@@ -109,9 +111,7 @@ class Outbound:
         client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
         ds = Downstream(
             pod=pp.pod,
-            source_principal=(
-                self.inputs.principal(pp.pod) if self.inputs.identity is not None else "unknown"
-            ),
+            source_principal=self.inputs.principal(pp.pod) if self.mtls else "unknown",
             source_ip=client_ip,
             service=svc,
             port=port,
@@ -129,7 +129,7 @@ class Outbound:
 
         async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
             snap = self.inputs.snapshot()
-            if tunnels(snap, ep, self.inputs.identity is not None):
+            if tunnels(snap, ep, self.mtls):
                 return await self._open_tunnel(pp, snap, ep, client_ip, pipe)
             await self.plumbing.connect_plain(pp, ep, pipe)
             return f"{ep.ip}:{ep.port}", "unknown"
