@@ -1,7 +1,8 @@
 """Composition root: builds the agent of one node, starts its tasks, drains on SIGTERM.
 
-Only wiring lives here: config source → snapshot → proxy; admin socket and HTTP
-endpoints read the agent through ``AgentView``.
+Only wiring lives here: config source → snapshot → proxy, which gets its capture
+(iptables or eBPF) and its socket factory (each pod's netns) from ``redirect/`` here;
+admin socket and HTTP endpoints read the agent through ``AgentView``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from nodeagent.identity.store import CertificateStore
 from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
+from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
+from nodeagent.proxy.inputs import Capture, ProxyInputs
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
+from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
+from nodeagent.redirect.sockets import NetnsSockets
 from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
@@ -122,17 +127,23 @@ class Agent:
             identity = MeshIdentity(self.certs, settings.trust_domain)
         node = loaded.snapshot.node(settings.node)
         self._node_capture = capture_settings(settings, node)
-        self.capture_mode, self.capture_reason, bpf = _capture_mode(settings, node, loaded.snapshot)
-        self.proxy = Proxy(
-            settings.node,
-            self.snapshot,
-            self.metrics,
-            connect_timeout=settings.connect_timeout,
-            identity=identity,
-            access_log=_access_log(settings.access_log),
-            state_dir=settings.state_dir,
-            bpf=bpf,
+        # bpf: the eBPF capture (None: iptables), kept for ``nodeagent ctl bpf`` too
+        self.capture_mode, self.capture_reason, self.bpf = _capture_mode(
+            settings, node, loaded.snapshot
         )
+        capture: Capture = IptablesCapture() if self.bpf is None else EbpfCapture(self.bpf)
+        inputs = ProxyInputs(
+            node=settings.node,
+            snapshot=self.snapshot,
+            metrics=self.metrics,
+            table=ConnectionTable(self.metrics),
+            access_log=_access_log(settings.access_log),
+            sockets=NetnsSockets(),
+            capture=capture,
+            identity=identity,
+            connect_timeout=settings.connect_timeout,
+        )
+        self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
 
@@ -186,7 +197,7 @@ class Agent:
         return self.certs.status() if self.certs else {"state": "disabled"}
 
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
-        bpf = self.proxy.bpf
+        bpf = self.bpf
         if bypass is not None:
             if bpf is None:
                 raise LocalStateError(
@@ -230,8 +241,8 @@ class Agent:
                 want,
                 self.capture_mode,
             )
-        if bypass != was_bypass and self.proxy.bpf is not None:
-            self.proxy.bpf.set_bypass(bypass)
+        if bypass != was_bypass and self.bpf is not None:
+            self.bpf.set_bypass(bypass)
             log.info("capture: local socket bypass %s (node annotation)", "on" if bypass else "off")
 
     async def _reconcile(self) -> None:
@@ -276,8 +287,7 @@ class Agent:
         if self.certs is not None:
             tasks.append(loop.create_task(self.certs.run()))
         log.info(
-            "agent for node %s serving: %d local pod(s), config version %d, socket %s; "
-            "hot path %s",
+            "agent for node %s serving: %d local pod(s), config version %d, socket %s; hot path %s",
             self.node,
             len(self.proxy.pods),
             self._snapshot.version,

@@ -1,18 +1,31 @@
-"""Outbound destination resolution: a dialled address becomes a decision.
+"""Outbound decisions: a dialled address becomes the whole plan of a connection.
 
-``resolve`` maps (source pod, original destination) to one of: a mesh destination with a
-chosen endpoint, a pass-through (not a mesh address), or a refusal with a reason a person
-can act on. Endpoint choice is round robin over ready endpoints, per service port.
+``plan`` maps (source pod, original destination) to exactly one of ``Refuse``,
+``Passthrough``, ``Tcp``, ``Hbone``, ``Http1`` or ``Http2``, each carrying all the proxy
+needs to do it (endpoint, service, destination host); the proxy then dispatches on the
+plan's type and decides nothing more, as ztunnel's outbound builds its request first.
+``resolve`` is its first step: which service or pod the address is, and a round-robin
+endpoint of it. ``tunnels`` is the mTLS choice per endpoint, which the L7 path also makes
+per request.
+
+Pure: no I/O and no clock; the state the choices draw on (round robin counters, the load
+balancers of ``Clusters``, a random source) is passed in.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
+from nodeagent.core.clusters import ClusterError, Clusters, fqdn, port_protocol
+from nodeagent.core.peerauth import effective_mtls
+from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.traffic import Destination
 
 
 class Action(enum.Enum):
@@ -85,3 +98,134 @@ def resolve(
     if pod is not None:
         return OutboundDecision(Action.MESH, endpoint=Endpoint(pod=pod, ip=dst_ip, port=dst_port))
     return OutboundDecision(Action.PASSTHROUGH, reason="not a mesh address")
+
+
+# -- the plan -----------------------------------------------------------------------------
+# NamedTuples (cheap to build, one per connection); a plan is told apart by its type only
+# (two variants with equal fields compare equal as tuples).
+
+
+class Refuse(NamedTuple):
+    """Close the connection before any byte leaves: ``flag`` (``NR`` no route, ``UH`` no
+    healthy upstream, ``NC`` no cluster) and a reason a person can act on."""
+
+    flag: str
+    reason: str
+
+
+class Passthrough(NamedTuple):
+    """Not a mesh address: connect to the original destination as dialled."""
+
+
+class Tcp(NamedTuple):
+    """Plain TCP to ``endpoint`` (no identities, or mTLS is DISABLE for it)."""
+
+    endpoint: Endpoint
+    service: Service | None
+    """The service dialled (None: a pod IP was)."""
+    service_host: str
+    """The destination host for metrics: the service's, or the cluster's a route chose."""
+
+
+class Hbone(NamedTuple):
+    """An HBONE (mutual TLS) stream to ``endpoint``."""
+
+    endpoint: Endpoint
+    service: Service | None
+    service_host: str
+
+
+class Http1(NamedTuple):
+    """An HTTP/1 service port: requests are routed one by one by the L7 path."""
+
+    endpoint: Endpoint
+    """The service's round-robin endpoint, shown as the peer until requests are routed."""
+    service: Service
+    port: ServicePort
+
+
+class Http2(NamedTuple):
+    """An HTTP/2 (gRPC, h2c) service port: streams are routed one by one."""
+
+    endpoint: Endpoint
+    service: Service
+    port: ServicePort
+
+
+OutboundPlan = Refuse | Passthrough | Tcp | Hbone | Http1 | Http2
+
+PASSTHROUGH = Passthrough()
+
+
+def tunnels(snap: MeshSnapshot, ep: Endpoint, mtls: bool) -> bool:
+    """Whether a connection to ``ep`` goes through HBONE: the agent holds identities
+    (``mtls``) and the destination's PeerAuthentication does not DISABLE mTLS."""
+    return mtls and effective_mtls(snap, ep.pod, ep.port).mode is not MtlsMode.DISABLE
+
+
+def plan(
+    snap: MeshSnapshot,
+    source: Pod,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    rr: RoundRobin,
+    clusters: Clusters,
+    random: Callable[[], float],
+    mtls: bool,
+) -> OutboundPlan:
+    """The plan for a connection from ``source`` to ``dst_ip:dst_port``: where it goes
+    and how. ``random`` draws a VirtualService ``tcp[]`` weighted pick; ``mtls``: the
+    agent holds identities (else every mesh connection is plain TCP)."""
+    d = resolve(snap, source, dst_ip, dst_port, rr)
+    if d.action is Action.REFUSE:
+        return Refuse(d.flag, d.reason)
+    ep = d.endpoint
+    if ep is None:
+        return PASSTHROUGH
+    svc, sp = d.service, d.port
+    service_host = ""
+    if svc is not None and sp is not None:
+        proto = port_protocol(sp)
+        if proto == "h2":
+            return Http2(ep, svc, sp)
+        if proto is not None:
+            return Http1(ep, svc, sp)
+        try:
+            routed = _tcp_route(snap, source, svc, sp.port, clusters, random)
+        except ClusterError as e:
+            return Refuse("NC", str(e))
+        if routed is not None:
+            ep, service_host = routed
+        else:
+            service_host = fqdn(svc)
+    if tunnels(snap, ep, mtls):
+        return Hbone(ep, svc, service_host)
+    return Tcp(ep, svc, service_host)
+
+
+def _tcp_route(
+    snap: MeshSnapshot,
+    src: Pod,
+    svc: Service,
+    port: int,
+    clusters: Clusters,
+    random: Callable[[], float],
+) -> tuple[Endpoint, str] | None:
+    """For a TCP service port with a VirtualService ``tcp[]`` rule or a DestinationRule:
+    the endpoint its weighted route and load balancer choose, and the destination host.
+    None: neither applies (round robin over the service). Raises ``ClusterError``."""
+    host = fqdn(svc)
+    rule = select_tcp_route(snap, host, port, src.labels)
+    if rule is not None:
+        rd = pick_weighted(rule.routes, random())
+        dest = rd.destination if rd is not None else Destination(host)
+    elif host in snap.destination_rule_by_host:
+        dest = Destination(host)
+    else:
+        return None
+    cluster = clusters.cluster(snap, dest, port)
+    ep = clusters.balancer(cluster, src).pick(None)
+    if ep is None:
+        raise ClusterError(f"no endpoint of {cluster.name} is ready")
+    return ep, cluster.host

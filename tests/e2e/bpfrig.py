@@ -76,7 +76,7 @@ def sh(cmd: str, check: bool = True) -> str:
 
 
 def original_dst(sock) -> tuple[str, int] | None:
-    """Same code as nodeagent/proxy/sockets.py: works for iptables and eBPF capture."""
+    """Same code as nodeagent/redirect/sockets.py: works for iptables and eBPF capture."""
     try:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError:

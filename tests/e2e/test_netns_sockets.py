@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.errors import PeerError
-from nodeagent.proxy.sockets import connect_in, listen_in
 from nodeagent.redirect.ebpf import netns_cookie
 from nodeagent.redirect.netns import SOCKET_BATCH, NetnsHandle, netns_path
+from nodeagent.redirect.sockets import connect_in, listen_in
 
 pytestmark = pytest.mark.privileged
 

@@ -1,11 +1,31 @@
-"""Outbound resolution: service → endpoints (round robin), pod IPs, pass-through, refusals."""
+"""Outbound resolution: service → endpoints (round robin), pod IPs, pass-through, refusals;
+and the plan made of it: L7 by port protocol, plain TCP or HBONE, TCP routes, refusals."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
-from nodeagent.core.outbound import Action, RoundRobin, resolve
+from nodeagent.core.balancer import BalancerRegistry
+from nodeagent.core.clusters import Clusters
+from nodeagent.core.outbound import (
+    Action,
+    Hbone,
+    Http1,
+    Http2,
+    OutboundPlan,
+    Passthrough,
+    Refuse,
+    RoundRobin,
+    Tcp,
+    plan,
+    resolve,
+    tunnels,
+)
 from nodeagent.model import Container, Labels, MeshSnapshot, Pod, Service, ServicePort
+from nodeagent.model.security import MtlsMode, PeerAuthentication
+from nodeagent.model.snapshot import Endpoint
+from nodeagent.model.traffic import Destination, RouteDestination, TCPRoute, VirtualService
 
 
 def pod(name: str, ip: str | None, app: str = "web", port: int = 8080) -> Pod:
@@ -64,3 +84,101 @@ def test_pod_ip_goes_straight_to_that_pod() -> None:
 def test_other_addresses_pass_through() -> None:
     d = resolve(snap(pod("a", "10.244.1.2")), None, "192.0.2.7", 443, RoundRobin())
     assert d.action is Action.PASSTHROUGH
+
+
+# -- plan: the whole decision, one variant per way a connection goes --------------------
+
+HTTP = ServicePort(port=80, target_port="http", name="http")
+GRPC = ServicePort(port=50051, target_port=50051, name="api", app_protocol="grpc")
+TCP = ServicePort(port=5432, target_port=8080, name="db")
+MIXED = Service(
+    namespace="default",
+    name="web",
+    ports=(HTTP, GRPC, TCP),
+    selector=Labels.of({"app": "web"}),
+    cluster_ip="10.96.0.1",
+)
+OTHER = Service(
+    namespace="default",
+    name="other",
+    ports=(ServicePort(port=5432, target_port=8080),),
+    selector=Labels.of({"app": "other"}),
+    cluster_ip="10.96.0.2",
+)
+CLIENT = pod("client", "10.244.9.9", app="client")
+
+
+def mesh(**objects: object) -> MeshSnapshot:
+    pods = (pod("a", "10.244.1.2"), pod("o", "10.244.1.3", app="other"), CLIENT)
+    return MeshSnapshot.build(version=1, pods=pods, services=(MIXED, OTHER), **objects)
+
+
+def plan_for(
+    s: MeshSnapshot, ip: str, port: int, *, mtls: bool = False, rnd: float = 0.5
+) -> OutboundPlan:
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+    return plan(
+        s, CLIENT, ip, port, rr=RoundRobin(), clusters=clusters, random=lambda: rnd, mtls=mtls
+    )
+
+
+def test_plan_http_ports_go_to_the_l7_path_by_protocol() -> None:
+    s = mesh()
+    h1 = plan_for(s, "10.96.0.1", 80, mtls=True)
+    assert isinstance(h1, Http1) and (h1.service, h1.port) == (MIXED, HTTP)
+    assert h1.endpoint.ip == "10.244.1.2"
+    h2 = plan_for(s, "10.96.0.1", 50051)
+    assert isinstance(h2, Http2) and h2.port == GRPC
+
+
+def test_plan_tcp_is_plain_without_identities_and_hbone_with_them() -> None:
+    s = mesh()
+    plain = plan_for(s, "10.96.0.1", 5432)
+    assert isinstance(plain, Tcp)
+    assert (plain.endpoint.ip, plain.endpoint.port) == ("10.244.1.2", 8080)
+    assert plain.service_host == "web.default.svc.cluster.local"
+    tunnel = plan_for(s, "10.96.0.1", 5432, mtls=True)
+    assert isinstance(tunnel, Hbone) and tunnel.service_host == plain.service_host
+
+
+def test_plan_peer_authentication_disable_keeps_it_plain() -> None:
+    off = PeerAuthentication(namespace="default", name="off", mode=MtlsMode.DISABLE)
+    s = mesh(peer_authentications=(off,))
+    assert isinstance(plan_for(s, "10.96.0.1", 5432, mtls=True), Tcp)
+    assert not tunnels(s, Endpoint(pod=s.pod_by_key["default/a"], ip="10.244.1.2", port=8080), True)
+
+
+def test_plan_a_pod_ip_has_no_service_host() -> None:
+    p = plan_for(mesh(), "10.244.1.2", 9999, mtls=True)
+    assert isinstance(p, Hbone) and p.service is None and p.service_host == ""
+
+
+def test_plan_refusals_and_passthrough() -> None:
+    s = mesh()
+    nr = plan_for(s, "10.96.0.1", 81)
+    assert isinstance(nr, Refuse) and nr.flag == "NR" and "no port 81" in nr.reason
+    assert isinstance(plan_for(s, "192.0.2.7", 443), Passthrough)
+
+
+def tcp_vs(*routes: RouteDestination) -> VirtualService:
+    host = "web.default.svc.cluster.local"
+    return VirtualService("default", "web", (host,), tcp=(TCPRoute(routes=routes),))
+
+
+def test_plan_follows_a_weighted_tcp_route_to_another_service() -> None:
+    vs = tcp_vs(
+        RouteDestination(Destination("web.default.svc.cluster.local"), weight=50),
+        RouteDestination(Destination("other.default.svc.cluster.local"), weight=50),
+    )
+    s = mesh(virtual_services=(vs,))
+    low = plan_for(s, "10.96.0.1", 5432, rnd=0.1)
+    high = plan_for(s, "10.96.0.1", 5432, rnd=0.9)
+    assert isinstance(low, Tcp) and low.endpoint.ip == "10.244.1.2"
+    assert isinstance(high, Tcp) and high.endpoint.ip == "10.244.1.3"
+    assert high.service_host == "other.default.svc.cluster.local" and high.service == MIXED
+
+
+def test_plan_a_route_to_an_unknown_host_is_no_cluster() -> None:
+    s = mesh(virtual_services=(tcp_vs(RouteDestination(Destination("nope.example"))),))
+    nc = plan_for(s, "10.96.0.1", 5432)
+    assert isinstance(nc, Refuse) and nc.flag == "NC" and "nope.example" in nc.reason

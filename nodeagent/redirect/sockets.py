@@ -1,5 +1,8 @@
-"""Socket helpers for the data path: the original destination of a captured connection,
-listening and upstream sockets inside a pod's netns (with the proxy's mark)."""
+"""Sockets in pods' network namespaces for the proxy's data path: ``NetnsSockets`` (the
+proxy's socket factory: listeners and marked upstream sockets inside each pod's netns) and
+``original_dst``, the destination of a captured connection (``SO_ORIGINAL_DST``, which the
+eBPF capture answers too).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,11 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Coroutine
+from typing import Any
 
 from nodeagent.errors import PeerError
+from nodeagent.model.objects import PodRuntime
 from nodeagent.redirect.iptables import PROXY_MARK
 from nodeagent.redirect.netns import NetnsHandle
 
@@ -107,3 +113,27 @@ async def _writable(s: socket.socket) -> None:
         await fut
     finally:
         loop.remove_writer(fd)
+
+
+class PodNetns:
+    """The sockets of one pod: made inside its netns through one open handle."""
+
+    def __init__(self, netns: str) -> None:
+        self.ns = NetnsHandle(netns)
+
+    def listen(self, host: str, port: int) -> socket.socket:
+        return listen_in(self.ns, host, port)
+
+    def connect(self, addr: tuple[str, int], timeout: float) -> Coroutine[Any, Any, socket.socket]:
+        # returns connect_in's coroutine itself: no extra frame per connection
+        return connect_in(self.ns, addr, timeout)
+
+    def close(self) -> None:
+        self.ns.close()
+
+
+class NetnsSockets:
+    """The proxy's socket factory on a node: each pod's sockets live in its netns."""
+
+    def pod(self, runtime: PodRuntime) -> PodNetns:
+        return PodNetns(runtime.netns)

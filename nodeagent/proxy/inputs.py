@@ -1,0 +1,107 @@
+"""What the proxy's parts share: one bundle of inputs, and the two interfaces through which
+the data path reaches the node, a ``Capture`` and a ``SocketFactory``.
+
+The composition root (``nodeagent.app``) picks the implementations (``redirect/``: iptables
+or eBPF capture, sockets inside each pod's netns); a test hands others (listeners on
+loopback, destinations it recorded) and runs the real proxy without privileges, as
+ztunnel's ``ProxyInputs`` and socket factory allow. Nothing here opens a socket: this
+module only names what the proxy needs, so that ``proxy/`` never imports ``redirect/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable, Set
+from dataclasses import dataclass
+from typing import Protocol
+
+from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.identity import MeshIdentity
+from nodeagent.telemetry.accesslog import AccessLog
+from nodeagent.telemetry.metrics import Metrics
+
+OUTBOUND_PORT = 15001
+"""The outbound listener's port, on 127.0.0.1 in each pod's network."""
+INBOUND_PORT = 15006
+"""The plaintext inbound listener's port, in each pod's network."""
+
+Addr = tuple[str, int]
+Excluded = tuple[frozenset[int], frozenset[int]]
+"""(outbound, inbound) ports a pod's annotations leave out of capture."""
+
+
+class PodSockets(Protocol):
+    """Sockets in one pod's network; ``close`` when the pod leaves."""
+
+    def listen(self, host: str, port: int) -> socket.socket:
+        """A non-blocking listening socket bound to ``host:port``."""
+        ...
+
+    def connect(self, addr: Addr, timeout: float) -> Awaitable[socket.socket]:
+        """A connected non-blocking socket to ``addr`` (not captured again); raises
+        ``PeerError`` naming the address and what to check."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SocketFactory(Protocol):
+    """Where the proxy's listeners and upstream sockets of each pod live."""
+
+    def pod(self, runtime: PodRuntime) -> PodSockets:
+        """The sockets of the pod ``runtime`` describes; raises ``LocalStateError``."""
+        ...
+
+
+class Capture(Protocol):
+    """How a pod's traffic is steered to its listeners, and what that leaves to read."""
+
+    def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
+        """A new snapshot, before pods are attached or detached: its mesh addresses,
+        and ``local``, the keys of the pods this node captures."""
+        ...
+
+    def attach(
+        self, pod_key: str, runtime: PodRuntime, listener: socket.socket, excluded: Excluded
+    ) -> Awaitable[str]:
+        """Capture a pod; ``listener`` is its inbound listener. Returns what pod states
+        show of it (the capture's name). Raises ``LocalStateError`` or ``OSError``."""
+        ...
+
+    def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
+        """A captured pod's excluded ports changed."""
+        ...
+
+    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+        """The pod left this node's mesh."""
+        ...
+
+    def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
+        """The address an accepted connection was going to before capture (None: it was
+        not redirected); raises ``OSError`` when it cannot be read."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProxyInputs:
+    """The inputs every part of the proxy reads (each part owns its own state)."""
+
+    node: str
+    snapshot: Callable[[], MeshSnapshot]
+    """The current snapshot: read once per connection or request."""
+    metrics: Metrics
+    table: ConnectionTable
+    access_log: AccessLog
+    sockets: SocketFactory
+    capture: Capture
+    identity: MeshIdentity | None = None
+    """The workloads' certificates; None: no mTLS, every mesh connection is plain TCP."""
+    connect_timeout: float = 5.0
+
+    def principal(self, pod: Pod) -> str:
+        """``pod``'s SPIFFE identity (what mTLS proves for it)."""
+        td = self.identity.trust_domain if self.identity is not None else "cluster.local"
+        return pod.identity(td)

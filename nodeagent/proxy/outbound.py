@@ -1,0 +1,204 @@
+"""Outbound connections (a pod's 15001 listener): decide once, then dispatch.
+
+``core.outbound.plan`` makes the whole decision from the original destination (refuse,
+pass through, plain TCP or HBONE to an endpoint, or the L7 path); ``Outbound`` then does
+what the plan says in one ``match``, and decides nothing more. The L7 path's per-request
+upstreams (``connector``) are plain TCP or HBONE streams by the same ``tunnels`` rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from nodeagent.core.clusters import Clusters
+from nodeagent.core.outbound import (
+    Hbone,
+    Http1,
+    Http2,
+    Passthrough,
+    Refuse,
+    RoundRobin,
+    Tcp,
+    plan,
+    tunnels,
+)
+from nodeagent.errors import PeerError
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.proxy.h1pool import ConnectFn
+from nodeagent.proxy.hbone import HBONE_PORT
+from nodeagent.proxy.inputs import Addr, ProxyInputs
+from nodeagent.proxy.l7 import Downstream
+from nodeagent.proxy.pipe import Pipe
+from nodeagent.proxy.plumbing import Plumbing, labels
+from nodeagent.proxy.pods import PodProxy
+from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
+
+log = logging.getLogger("nodeagent.proxy")
+
+
+class Outbound:
+    """The outbound handler of every local pod."""
+
+    def __init__(
+        self,
+        inputs: ProxyInputs,
+        plumbing: Plumbing,
+        clusters: Clusters,
+        random: Callable[[], float],
+    ) -> None:
+        self.inputs = inputs
+        self.plumbing = plumbing
+        self.clusters = clusters
+        self.random = random
+        """Draws VirtualService ``tcp[]`` weighted picks."""
+        self.rr = RoundRobin()
+        self.mtls = inputs.identity is not None
+        """The agent holds identities: mesh connections may go through HBONE."""
+
+    def accept(self, pp: PodProxy) -> Callable[[], ClientSide]:
+        return self.plumbing.accept(pp, "outbound", self._serve)
+
+    async def _serve(self, pp: PodProxy, side: ClientSide) -> None:
+        p = self.plumbing
+        relay = side.relay
+        dst = p.captured_destination(side, "outbound")
+        if dst is None:
+            return
+        snap = self.inputs.snapshot()
+        todo = plan(
+            snap,
+            pp.pod,
+            dst[0],
+            dst[1],
+            rr=self.rr,
+            clusters=self.clusters,
+            random=self.random,
+            mtls=self.mtls,
+        )
+        match todo:
+            case Refuse(flag, reason):
+                p.refuse(relay, "outbound", flag, reason)
+            case Passthrough():
+                relay.meta["direction"] = "passthrough"
+                relay.meta["labels"] = labels("source", pp.pod, None, "PassthroughCluster")
+                await p.dial(pp, relay, dst, "passthrough")
+            case Tcp(ep, svc, host):
+                _peer(relay, ep, svc)
+                relay.meta["labels"] = labels("source", pp.pod, ep.pod, host)
+                await p.dial(pp, relay, (ep.ip, ep.port), "outbound")
+            case Hbone(ep, svc, host):
+                _peer(relay, ep, svc)
+                await self._tunnel(pp, relay, snap, ep, host)
+            case Http1(ep, svc, port):
+                _peer(relay, ep, svc)
+                await self._serve_l7(pp, side, svc, port, "http1")
+            case Http2(ep, svc, port):
+                _peer(relay, ep, svc)
+                await self._serve_l7(pp, side, svc, port, "h2")
+
+    async def _serve_l7(
+        self, pp: PodProxy, side: ClientSide, svc: Service, port: ServicePort, proto: str
+    ) -> None:
+        """Hand the client connection to the L7 path: requests are routed one by one."""
+        relay = side.relay
+        t = side.transport
+        assert t is not None
+        relay.meta["direction"] = "outbound-http"
+        relay.meta["upstream"] = "per request"
+        client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
+        ds = Downstream(
+            pod=pp.pod,
+            source_principal=self.inputs.principal(pp.pod) if self.mtls else "unknown",
+            source_ip=client_ip,
+            service=svc,
+            port=port,
+            connect=self._connector(pp, client_ip),
+            meta=relay.meta,
+        )
+        pipe = Pipe()
+        pending, relay.pending = relay.pending, []
+        pipe.adopt(t, pending)
+        await self.plumbing.serve_http(ds, pipe, relay, proto)
+
+    def _connector(self, pp: PodProxy, client_ip: str) -> ConnectFn:
+        """How the L7 path of ``pp``'s clients reaches an endpoint: plain TCP from the
+        pod's network where mTLS is off for it, else an HBONE stream."""
+
+        async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
+            snap = self.inputs.snapshot()
+            if tunnels(snap, ep, self.mtls):
+                return await self._open_tunnel(pp, snap, ep, client_ip, pipe)
+            await self.plumbing.connect_plain(pp, ep, pipe)
+            return f"{ep.ip}:{ep.port}", "unknown"
+
+        return connect
+
+    async def _tunnel(
+        self, pp: PodProxy, relay: Relay, snap: MeshSnapshot, ep: Endpoint, service_host: str
+    ) -> None:
+        relay.meta["labels"] = labels(
+            "source",
+            pp.pod,
+            ep.pod,
+            service_host,
+            src_principal=self.inputs.principal(pp.pod),
+            dst_principal=self.inputs.principal(ep.pod),
+        )
+        client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
+        try:
+            relay.meta["upstream"], _ = await self._open_tunnel(
+                pp, snap, ep, client_ip, UpstreamSide(relay)
+            )
+        except PeerError as e:
+            if not relay.closed:
+                self.plumbing.refuse(relay, "outbound", "UF", str(e))
+            return
+        if relay.closed:
+            return
+        relay.meta["counted"] = True
+        self.inputs.table.counted(relay)
+
+    def _hbone_peer(self, snap: MeshSnapshot, dst: Pod) -> str:
+        """The address to tunnel to for ``dst``: one pod per (node, identity), so tunnels
+        are pooled per (source identity, destination identity, destination node)."""
+        index = self.plumbing.index(snap)
+        peer = index.tunnel_peer.get((dst.node_name, self.inputs.principal(dst)))
+        return peer or dst.pod_ip or ""
+
+    async def _open_tunnel(
+        self,
+        pp: PodProxy,
+        snap: MeshSnapshot,
+        ep: Endpoint,
+        client_ip: str,
+        protocol: asyncio.BaseProtocol,
+    ) -> tuple[str, str]:
+        """An HBONE stream from ``pp`` to ``ep`` wired to ``protocol``: (a description of
+        the path, the destination's identity). Raises ``PeerError``
+        (``ConnectRefusedError`` when the destination answered non-200)."""
+        pool = pp.pool
+        if pool is None:
+            raise PeerError(f"pod {pp.pod.key} has no HBONE pool yet")
+        dst_id = self.inputs.principal(ep.pod)
+        peer: Addr = (self._hbone_peer(snap, ep.pod), HBONE_PORT)
+        await pool.open_stream(
+            source_identity=self.inputs.principal(pp.pod),
+            expected_identity=dst_id,
+            peer=peer,
+            authority=f"{ep.ip}:{ep.port}",
+            headers={
+                "forwarded": f"for={client_ip}",
+                "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
+            },
+            protocol=protocol,
+        )
+        return f"hbone {peer[0]}:{peer[1]} -> {ep.ip}:{ep.port}", dst_id
+
+
+def _peer(relay: Relay, ep: Endpoint, svc: Service | None) -> None:
+    """What the connection table shows of a mesh destination."""
+    relay.meta["service"] = svc.key if svc is not None else ""
+    relay.meta["peer"] = ep.pod.key

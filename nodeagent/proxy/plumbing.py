@@ -1,0 +1,216 @@
+"""What the outbound and inbound handlers share: an accepted connection becomes a
+``Relay`` in the connection table, its original destination is read from the capture, a
+refusal is counted and logged, an upstream is dialled from a pod's network and wired to
+the relay, and a connection is handed to the L7 engine; plus the per-snapshot identity
+lookups and the TCP metric labels both directions write.
+
+It decides nothing about where a connection goes (``core.outbound`` and the inbound
+policy do) and holds no pod lifecycle (``proxy.pods``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.errors import PeerError
+from nodeagent.model.objects import Pod
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
+from nodeagent.proxy.inputs import Addr, ProxyInputs
+from nodeagent.proxy.l7 import Downstream, L7Proxy
+from nodeagent.proxy.l7h2 import H2Pool, serve_h2
+from nodeagent.proxy.pipe import Pipe
+from nodeagent.proxy.pods import PodProxy
+from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
+
+log = logging.getLogger("nodeagent.proxy")
+
+Handler = Callable[[PodProxy, ClientSide], Coroutine[Any, Any, None]]
+"""Serves one accepted connection of a pod's listener."""
+
+
+def labels(
+    reporter: str,
+    src: Pod | None,
+    dst: Pod | None,
+    service: str,
+    flags: str = "-",
+    *,
+    src_principal: str = "unknown",
+    dst_principal: str = "unknown",
+) -> dict[str, str]:
+    """The Istio labels of a TCP connection's metrics."""
+    mtls = src_principal != "unknown" and dst_principal != "unknown"
+    return {
+        "reporter": reporter,
+        "source_workload": src.name if src else "unknown",
+        "source_workload_namespace": src.namespace if src else "unknown",
+        "source_principal": src_principal,
+        "destination_workload": dst.name if dst else "unknown",
+        "destination_workload_namespace": dst.namespace if dst else "unknown",
+        "destination_service": service or "unknown",
+        "destination_principal": dst_principal,
+        "response_flags": flags,
+        "connection_security_policy": "mutual_tls" if mtls else "none",
+    }
+
+
+def _ip_order(ip: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in ip.split(".")) if "." in ip else (0,)
+
+
+@dataclass(frozen=True)
+class IdentityIndex:
+    """Per-snapshot lookups by workload identity."""
+
+    tunnel_peer: dict[tuple[str, str], str]
+    """(node, identity) → the lowest pod IP of that identity on that node."""
+    pod_by_identity: dict[str, Pod]
+    """identity → the first pod (in config order) running as it."""
+
+    @classmethod
+    def build(cls, snap: MeshSnapshot, identity_of: Callable[[Pod], str]) -> IdentityIndex:
+        peers: dict[tuple[str, str], str] = {}
+        by_identity: dict[str, Pod] = {}
+        for p in snap.pods:
+            ident = identity_of(p)
+            by_identity.setdefault(ident, p)
+            if p.pod_ip:
+                key = (p.node_name, ident)
+                if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
+                    peers[key] = p.pod_ip
+        return cls(tunnel_peer=peers, pod_by_identity=by_identity)
+
+
+class Plumbing:
+    """The connection machinery of one proxy, shared by both directions."""
+
+    def __init__(self, inputs: ProxyInputs, l7: L7Proxy, h2pool: H2Pool) -> None:
+        self.inputs = inputs
+        self.l7 = l7
+        self.h2pool = h2pool
+        self._identities = PerSnapshot(lambda snap: IdentityIndex.build(snap, inputs.principal))
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def index(self, snap: MeshSnapshot) -> IdentityIndex:
+        """Identity lookups for ``snap``, built once per snapshot, not per connection."""
+        return self._identities.get(snap)
+
+    def accept(self, pp: PodProxy, direction: str, handler: Handler) -> Callable[[], ClientSide]:
+        """The protocol factory of ``pp``'s ``direction`` listener: each connection gets
+        a table entry, and ``handler`` runs once it is accepted."""
+        table = self.inputs.table
+
+        def make() -> ClientSide:
+            relay = table.open({"direction": direction, "pod": pp.pod.key})
+            return ClientSide(relay, lambda side: self.spawn(handler(pp, side)))
+
+        return make
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection handler failed: %r", task.exception(), exc_info=task.exception())
+
+    def refuse(self, relay: Relay, direction: str, flag: str, reason: str) -> None:
+        self.inputs.metrics.failures.labels(direction=direction, response_flags=flag).inc()
+        log.warning(
+            "%s %s from %s to %s refused [%s]: %s",
+            direction,
+            relay.meta.get("pod"),
+            relay.meta.get("source"),
+            relay.meta.get("destination"),
+            flag,
+            reason,
+        )
+        relay.close(f"{flag}: {reason}")
+
+    def captured_destination(
+        self, side: ClientSide, direction: str, own_ports: tuple[int, ...] = ()
+    ) -> Addr | None:
+        """Record the client's address and return the address it dialled before capture;
+        refuse the connection (and return None) when there is none."""
+        relay = side.relay
+        t = side.transport
+        assert t is not None
+        peer = t.get_extra_info("peername")
+        relay.meta["source"] = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            dst = self.inputs.capture.original_destination(t, direction == "inbound")
+        except OSError as e:
+            self.refuse(relay, direction, "NR", f"cannot read the original destination: {e}")
+            return None
+        if dst is None or dst[1] in own_ports:
+            self.refuse(relay, direction, "NR", "connection was not redirected by capture")
+            return None
+        relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
+        return dst
+
+    async def dial(self, pp: PodProxy, relay: Relay, addr: Addr, direction: str) -> None:
+        """Connect ``relay`` to ``addr`` over plain TCP from ``pp``'s network."""
+        sockets = pp.sockets
+        if sockets is None:
+            self.refuse(relay, direction, "UF", f"pod {pp.pod.key} is no longer captured")
+            return
+        relay.meta["upstream"] = f"{addr[0]}:{addr[1]}"
+        try:
+            sock = await sockets.connect(addr, self.inputs.connect_timeout)
+        except PeerError as e:
+            if relay.closed:
+                return
+            self.refuse(relay, direction, "UF", str(e))
+            return
+        if relay.closed:  # the client left while we were connecting
+            sock.close()
+            self.inputs.metrics.failures.labels(direction=direction, response_flags="DC").inc()
+            return
+        try:
+            await self.wire_upstream(relay, sock)
+        except OSError as e:
+            self.refuse(relay, direction, "UF", f"upstream {addr}: {e}")
+
+    async def wire_upstream(self, relay: Relay, sock: Any) -> None:
+        """Make the connected ``sock`` the relay's upstream and count the connection as
+        opened; on failure the socket is closed and the error raised."""
+        try:
+            await asyncio.get_running_loop().create_connection(
+                lambda: UpstreamSide(relay), sock=sock
+            )
+        except OSError:
+            sock.close()
+            raise
+        relay.meta["counted"] = True
+        self.inputs.table.counted(relay)
+
+    async def connect_plain(self, pp: PodProxy, ep: Endpoint, pipe: Pipe) -> None:
+        """Connect ``pipe`` to ``ep`` over plain TCP from ``pp``'s network."""
+        sockets = pp.sockets
+        if sockets is None:
+            raise PeerError(f"pod {pp.pod.key} is no longer captured")
+        sock = await sockets.connect((ep.ip, ep.port), self.inputs.connect_timeout)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+        except OSError as e:
+            sock.close()
+            raise PeerError(f"upstream {ep}: {e}") from None
+
+    async def serve_http(self, ds: Downstream, pipe: Pipe, relay: Relay, proto: str) -> None:
+        """Serve one client connection (either side) with the L7 engine in ``proto``
+        (``h2`` or ``http1``); then record its byte counts (from the client's side:
+        sent = read from the client) and close its table entry."""
+        try:
+            if proto == "h2":
+                await serve_h2(self.l7, self.h2pool, ds, pipe)
+            else:
+                await self.l7.serve_http1(ds, pipe)
+        finally:
+            relay.bytes_sent, relay.bytes_received = pipe.bytes_in, pipe.bytes_out
+            relay.close("done")

@@ -1,0 +1,209 @@
+"""The local pods' lifecycle: for each pod of this node with a runtime entry, its sockets,
+its three listeners (15001 outbound, 15006 inbound, 15008 HBONE) and its outbound HBONE
+pool, its capture (through the ``Capture`` it was handed), its readiness and state; and
+their release when the pod leaves or its runtime changes.
+
+Connections accepted on those listeners go to the handlers it was given; what they do
+with them is none of this module's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeagent.errors import NodeAgentError
+from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.proxy.hbone import (
+    HBONE_PORT,
+    ConnectRefusal,
+    ConnectRequest,
+    HboneClientPool,
+    HboneServer,
+    start_hbone_server,
+)
+from nodeagent.proxy.inputs import (
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    Addr,
+    Excluded,
+    PodSockets,
+    ProxyInputs,
+)
+
+log = logging.getLogger("nodeagent.proxy")
+
+
+@dataclass
+class PodProxy:
+    """The listeners and capture state of one local pod."""
+
+    pod: Pod
+    runtime: PodRuntime
+    sockets: PodSockets | None = None
+    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    """The outbound listener's server, then the inbound one's."""
+    hbone: HboneServer | None = None
+    pool: HboneClientPool | None = None
+    state: str = "pending"
+    mode: str = ""
+    """What the capture reported when it attached the pod."""
+
+    @property
+    def listener(self) -> socket.socket:
+        """The inbound listener (eBPF steers inbound connections to it)."""
+        return self.servers[1].sockets[0]
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        self.servers.clear()
+        if self.hbone is not None:
+            self.hbone.close()
+            self.hbone = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.sockets is not None:
+            self.sockets.close()
+            self.sockets = None
+
+
+Accept = Callable[[PodProxy], Callable[[], asyncio.BaseProtocol]]
+"""A pod → the protocol factory of one of its listeners."""
+OnHbone = Callable[[PodProxy, ConnectRequest], Awaitable[asyncio.BaseProtocol | ConnectRefusal]]
+"""Answers a CONNECT that arrived on a pod's HBONE listener."""
+
+
+def exclusions(pod: Pod) -> Excluded:
+    """(outbound, inbound) ports a pod's annotations leave out of capture."""
+    return pod.excluded_ports("Outbound"), pod.excluded_ports("Inbound")
+
+
+class LocalPods:
+    """The pods this node's proxy serves, keyed by pod key (``pods``, shared with the
+    inbound handler, which serves only pods found there)."""
+
+    def __init__(
+        self,
+        inputs: ProxyInputs,
+        pods: dict[str, PodProxy],
+        outbound: Accept,
+        inbound: Accept,
+        hbone: OnHbone,
+    ) -> None:
+        self.inputs = inputs
+        self.pods = pods
+        self._outbound = outbound
+        self._inbound = inbound
+        self._hbone = hbone
+
+    async def reconcile(self, snap: MeshSnapshot) -> None:
+        """Capture every local pod that has a runtime entry; release pods that left."""
+        capture = self.inputs.capture
+        wanted: dict[str, tuple[Pod, PodRuntime]] = {}
+        for pod in snap.pods_on_node(self.inputs.node):
+            rt = snap.runtimes.get(pod.key)
+            if rt is not None:
+                wanted[pod.key] = (pod, rt)
+        capture.on_snapshot(snap, wanted.keys())
+        for key in list(self.pods):
+            pp = self.pods[key]
+            if key not in wanted or wanted[key][1] != pp.runtime:
+                log.info("pod %s left this node's mesh: closing its listeners", key)
+                capture.detach(key, pp.runtime)
+                pp.close()
+                del self.pods[key]
+        for key, (pod, rt) in wanted.items():
+            existing = self.pods.get(key)
+            if existing is None:
+                pp = self.pods[key] = PodProxy(pod=pod, runtime=rt)
+            else:
+                pp = existing
+                excluded = exclusions(pod)
+                if pp.state == "ready" and excluded != exclusions(pp.pod):
+                    capture.exclude(rt, pp.listener, excluded)
+                pp.pod = pod
+            if pp.state != "ready":
+                await self._capture(pp)
+
+    async def _capture(self, pp: PodProxy) -> None:
+        key = pp.pod.key
+        try:
+            if pp.sockets is None:
+                pp.sockets = self.inputs.sockets.pod(pp.runtime)
+            if not pp.servers:
+                loop = asyncio.get_running_loop()
+                for handler, host, port in (
+                    (self._outbound, "127.0.0.1", OUTBOUND_PORT),
+                    (self._inbound, "0.0.0.0", INBOUND_PORT),
+                ):
+                    sock = pp.sockets.listen(host, port)
+                    server = await loop.create_server(handler(pp), sock=sock, backlog=4096)
+                    pp.servers.append(server)
+            if self.inputs.identity is not None and pp.hbone is None:
+                await self._start_hbone(pp, pp.sockets)
+            pp.mode = await self.inputs.capture.attach(
+                key, pp.runtime, pp.listener, exclusions(pp.pod)
+            )
+            pp.state = "ready"
+            log.info("pod %s captured (%s) in %s", key, pp.mode, pp.runtime.netns)
+        except (OSError, NodeAgentError) as e:
+            pp.state = f"error: {e}"
+            log.error("cannot capture pod %s: %s", key, e)
+            pp.close()
+
+    async def _start_hbone(self, pp: PodProxy, sockets: PodSockets) -> None:
+        """The pod's HBONE server on 15008 and its outbound tunnel pool."""
+        identity = self.inputs.identity
+        assert identity is not None
+        timeout = self.inputs.connect_timeout
+        me = self.inputs.principal(pp.pod)
+        on_connect = self._hbone
+        pp.hbone = await start_hbone_server(
+            sockets.listen("0.0.0.0", HBONE_PORT),
+            lambda: identity.server_context(me),
+            lambda req: on_connect(pp, req),
+        )
+
+        def dial(addr: Addr) -> Awaitable[socket.socket]:
+            return sockets.connect(addr, timeout)
+
+        pp.pool = HboneClientPool(dial, identity.client_context, timeout)
+
+    def all_ready(self) -> bool:
+        identity = self.inputs.identity
+        return all(
+            pp.state == "ready"
+            and (identity is None or identity.has(self.inputs.principal(pp.pod)))
+            for pp in self.pods.values()
+        )
+
+    def pod_states(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": k,
+                "ip": pp.runtime.ip,
+                "netns": pp.runtime.netns,
+                "cgroup": pp.runtime.cgroup,
+                "capture": pp.state,
+                "mode": pp.mode,
+            }
+            for k, pp in sorted(self.pods.items())
+        ]
+
+    def stop_accepting(self) -> None:
+        """Close every pod's listeners (established connections go on)."""
+        for pp in self.pods.values():
+            for s in pp.servers:
+                s.close()
+
+    def close(self) -> None:
+        for pp in self.pods.values():
+            pp.close()
+        self.pods.clear()

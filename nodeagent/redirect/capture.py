@@ -1,0 +1,95 @@
+"""The two captures the proxy can be handed (its ``Capture`` interface, which they meet
+structurally without importing ``proxy/``): ``IptablesCapture`` (REDIRECT rules in each
+pod's netns) and ``EbpfCapture`` (the programs of a loaded ``NodeCapture``).
+
+Each attaches a pod given its runtime entry, its inbound listener and its excluded
+ports, follows the snapshot's mesh addresses, and says where an accepted connection was
+going before capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Set
+
+from nodeagent.model.objects import PodRuntime
+from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.redirect import iptables
+from nodeagent.redirect.ebpf import NodeCapture
+from nodeagent.redirect.netns import netns_path
+from nodeagent.redirect.sockets import original_dst
+
+Addr = tuple[str, int]
+Excluded = tuple[frozenset[int], frozenset[int]]
+"""(outbound, inbound) ports left out of capture."""
+
+
+class IptablesCapture:
+    """nat REDIRECT rules inside each pod's netns; the kernel keeps the original
+    destination of a redirected connection for ``SO_ORIGINAL_DST``."""
+
+    def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
+        """Nothing to do: the rules redirect every TCP destination, mesh or not."""
+
+    async def attach(
+        self, pod_key: str, runtime: PodRuntime, listener: socket.socket, excluded: Excluded
+    ) -> str:
+        out_ports, in_ports = excluded
+        spec = iptables.CaptureSpec(
+            exclude_outbound_ports=out_ports, exclude_inbound_ports=in_ports
+        )
+        await iptables.apply_rules(runtime.netns, spec)
+        return "iptables"
+
+    def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
+        """Not applied to a live pod: its rules change when it is captured again."""
+
+    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+        """Nothing to undo: the rules live in the pod's netns and go with it."""
+
+    def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
+        return original_dst(transport.get_extra_info("socket"))
+
+
+class EbpfCapture:
+    """The eBPF programs of ``node`` (loaded or re-adopted by the composition root)."""
+
+    def __init__(self, node: NodeCapture) -> None:
+        self.node = node
+        self._retained = False
+
+    def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
+        self.node.cap.set_mesh_ips(snap.mesh_addresses())
+        if not self._retained:  # pins of pods that left while we were down
+            self.node.retain(set(local))
+            self._retained = True
+
+    async def attach(
+        self, pod_key: str, runtime: PodRuntime, listener: socket.socket, excluded: Excluded
+    ) -> str:
+        out_ports, in_ports = excluded
+        self.node.attach(
+            pod_key,
+            runtime.cgroup,
+            netns_path(runtime.netns),
+            runtime.ip,
+            listener,
+            exclude_outbound_ports=out_ports,
+            exclude_inbound_ports=in_ports,
+        )
+        return "eBPF"
+
+    def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
+        """Changed exclude*Ports annotations of a live pod apply at once (the maps)."""
+        self.node.exclude(runtime.ip, listener, *excluded)
+
+    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+        self.node.detach(pod_key, runtime.ip)
+
+    def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
+        if inbound:
+            # sk_lookup steers without rewriting: the socket's own address is it
+            name = transport.get_extra_info("sockname")
+            return (name[0], name[1]) if name else None
+        return original_dst(transport.get_extra_info("socket"))
