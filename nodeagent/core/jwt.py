@@ -405,8 +405,6 @@ class AuthnResult:
     """Its claims: strings as is, string lists as tuples, numbers/booleans as JSON text,
     nested objects flattened to dotted keys (``user.email``)."""
     audiences: tuple[str, ...] = ()
-    presenter: str = ""
-    """The ``azp`` claim (``request.auth.presenter``)."""
     payload: str = ""
     """The payload JSON text."""
     rule: JWTRule | None = None
@@ -541,7 +539,6 @@ def authenticate(
         principal=f"{tok.iss}/{tok.sub}",
         claims=claims,
         audiences=tok.audiences,
-        presenter=tok.azp,
         payload=tok.payload_json,
         rule=rule,
         location=f.location,

@@ -64,22 +64,6 @@ def render_rules(spec: CaptureSpec, existing_nat: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_removal(existing_nat: str) -> str:
-    """Input that removes our jumps and chains (for a pod leaving the mesh)."""
-    lines = ["*nat"]
-    existing = existing_nat.splitlines()
-    if JUMP_IN in existing:
-        lines.append(JUMP_IN.replace("-A", "-D", 1))
-    if JUMP_OUT in existing:
-        lines.append(JUMP_OUT.replace("-A", "-D", 1))
-    for chain in (CHAIN_IN, CHAIN_OUT):
-        if any(line.startswith(f":{chain} ") for line in existing):
-            lines.append(f"-F {chain}")
-            lines.append(f"-X {chain}")
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
 async def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
     proc = await asyncio.create_subprocess_exec(
         "nsenter",
@@ -104,12 +88,3 @@ async def apply_rules(netns: str, spec: CaptureSpec) -> str:
     rules = render_rules(spec, existing)
     await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return rules
-
-
-async def remove_rules(netns: str) -> None:
-    existing = await _run(netns, ["iptables-save", "-t", "nat"])
-    await _run(netns, ["iptables-restore", "--noflush"], stdin=render_removal(existing))
-
-
-async def saved_rules(netns: str) -> str:
-    return await _run(netns, ["iptables-save", "-t", "nat"])

@@ -6,7 +6,6 @@ from nodeagent.redirect.iptables import (
     JUMP_IN,
     JUMP_OUT,
     CaptureSpec,
-    render_removal,
     render_rules,
 )
 
@@ -48,13 +47,3 @@ def test_applying_twice_does_not_duplicate_jumps() -> None:
     second = render_rules(CaptureSpec(), existing)
     assert JUMP_IN in first.splitlines() and JUMP_IN not in second.splitlines()
     assert JUMP_OUT not in second.splitlines()
-
-
-def test_removal_only_touches_what_exists() -> None:
-    assert render_removal("*nat\nCOMMIT\n").splitlines() == ["*nat", "COMMIT"]
-    existing = "\n".join(
-        [":NODEAGENT_INBOUND - [0:0]", ":NODEAGENT_OUTPUT - [0:0]", JUMP_IN, JUMP_OUT]
-    )
-    removal = render_removal(existing).splitlines()
-    assert "-D PREROUTING -p tcp -j NODEAGENT_INBOUND" in removal
-    assert "-X NODEAGENT_OUTPUT" in removal
