@@ -1,12 +1,14 @@
 """Endpoint choice per cluster with Istio/Envoy semantics: load-balancing policies,
-consistent hashing, locality failover, outlier detection and panic mode.
+consistent hashing, locality failover and panic mode, over hosts whose health
+``core.outlier`` tracks.
 
 Owns, per cluster (service FQDN, subset, port):
 
 - the *policy*: ``LEAST_REQUEST`` (Istio's default since 1.14 when a DestinationRule sets
   nothing: power of two choices over active requests), ``ROUND_ROBIN``, ``RANDOM``, and a
-  ring hash for ``consistentHash``. ``PASSTHROUGH`` is rejected by the config layer; if it
-  reaches this module it is treated as ``ROUND_ROBIN``.
+  ring hash for ``consistentHash`` (the key comes from ``core.hashkey``). ``PASSTHROUGH``
+  is rejected by the config layer; if it reaches this module it is treated as
+  ``ROUND_ROBIN``.
 - *locality priority*: Istio turns locality failover on only when the rule also sets
   ``outlierDetection`` (without it, health is never known and failover can never happen);
   a missing ``localityLbSetting`` means the mesh default, which is enabled. Tiers, best
@@ -14,9 +16,6 @@ Owns, per cluster (service FQDN, subset, port):
   the source region in the order written, then everything else. A pick uses the best tier
   that has a healthy host (Envoy's priority levels, without the 1.4 overprovisioning
   spill-over).
-- *outlier detection*: consecutive 5xx and consecutive gateway errors per host, ejection
-  for ``baseEjectionTime * multiplier`` (capped at Envoy's ``max_ejection_time`` of 300 s),
-  the ``maxEjectionPercent`` guard, and un-ejection on the ``interval`` sweep.
 - *panic mode*: when fewer than ``panic_threshold`` percent of the hosts are healthy (Envoy's
   default 50 %), ejections are ignored and the pick is over all hosts of the best tier.
   Note: Istio documents ``outlierDetection.minHealthPercent`` (which it maps to the panic
@@ -25,9 +24,10 @@ Owns, per cluster (service FQDN, subset, port):
 - per-host bookkeeping that survives config reloads: state is keyed by endpoint address
   (``ip:port``); hosts that leave the endpoint set are forgotten.
 
-Not owned: connection pools and their limits (the proxy), computing the hash input from a
-request beyond :func:`hash_key_for`, retries themselves (the proxy passes the addresses it
-already tried as ``exclude``). No I/O and no asyncio; time and randomness are injected.
+Not owned: connection pools and their limits (the proxy), the hash input of a request
+(``core.hashkey``; ``hash_key_for`` is re-exported here for the proxy), when a host is
+ejected and returns (``core.outlier``), retries themselves (the proxy passes the addresses
+it already tried as ``exclude``). No I/O and no asyncio; time and randomness are injected.
 
 Use: the proxy keeps one :class:`BalancerRegistry` and per request calls
 ``registry.get(key, endpoints, lb, outlier, source_pod)``, then ``pick()``, ``started()``
@@ -37,43 +37,33 @@ before forwarding, ``finished()`` and ``report()`` when the upstream answered or
 from __future__ import annotations
 
 import enum
-import math
 import random
 from bisect import bisect_left
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
-from hashlib import blake2b
 from typing import Final, TypeAlias
 
+from nodeagent.core.hashkey import hash_key_for, stable_hash
+from nodeagent.core.outlier import (
+    EjectHook,
+    HostHealth,
+    OutlierDetector,
+    OutlierSettings,
+    ReturnHook,
+)
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import Endpoint
-from nodeagent.model.traffic import (
-    ConsistentHash,
-    LoadBalancer,
-    OutlierDetection,
-    SimpleLB,
-)
+from nodeagent.model.traffic import LoadBalancer, OutlierDetection, SimpleLB
 
 __all__ = [
-    "DEFAULT_BASE_EJECTION_TIME",
-    "DEFAULT_CONSECUTIVE_5XX",
-    "DEFAULT_CONSECUTIVE_GATEWAY",
-    "DEFAULT_INTERVAL",
-    "DEFAULT_MAX_EJECTION_PERCENT",
     "DEFAULT_PANIC_THRESHOLD",
-    "MAX_EJECTION_TIME",
-    "REASON_CONSECUTIVE_5XX",
-    "REASON_CONSECUTIVE_GATEWAY",
     "REGION_LABEL",
     "RING_POINTS_PER_HOST",
     "ZONE_LABEL",
     "Balancer",
     "BalancerRegistry",
     "ClusterKey",
-    "OutlierSettings",
     "Policy",
-    "SetCookie",
     "endpoint_address",
     "hash_key_for",
     "locality_enabled",
@@ -87,14 +77,6 @@ ClusterKey: TypeAlias = Hashable
 REGION_LABEL: Final = "topology.kubernetes.io/region"
 ZONE_LABEL: Final = "topology.kubernetes.io/zone"
 
-DEFAULT_CONSECUTIVE_5XX: Final = 5
-DEFAULT_CONSECUTIVE_GATEWAY: Final = 0
-"""0 disables the check (Istio's default)."""
-DEFAULT_INTERVAL: Final = 10.0
-DEFAULT_BASE_EJECTION_TIME: Final = 30.0
-DEFAULT_MAX_EJECTION_PERCENT: Final = 10
-MAX_EJECTION_TIME: Final = 300.0
-"""Envoy's default ``max_ejection_time`` (Istio does not expose it)."""
 DEFAULT_PANIC_THRESHOLD: Final = 50.0
 """Envoy's default ``healthy_panic_threshold``, in percent."""
 RING_POINTS_PER_HOST: Final = 160
@@ -102,17 +84,7 @@ RING_POINTS_PER_HOST: Final = 160
 every surviving host's points in place when hosts come and go: only the keys of a
 removed host move, and only keys taken over by an added host move."""
 
-REASON_CONSECUTIVE_5XX: Final = "consecutive_5xx"
-REASON_CONSECUTIVE_GATEWAY: Final = "consecutive_gateway_failure"
-
-EjectHook: TypeAlias = Callable[[ClusterKey, str, str], None]
-"""``on_eject(cluster key, address, reason)``; reason is one of the ``REASON_*`` names."""
-ReturnHook: TypeAlias = Callable[[ClusterKey, str], None]
-"""``on_return(cluster key, address)``."""
-
-_EPS: Final = 1e-9
 _NO_LOCALITY: Final = ("", "")
-_GATEWAY_ERRORS: Final = frozenset({502, 503, 504})
 # pick() dispatches on small ints: comparing enum members costs a class attribute lookup
 _LR: Final = 0
 _RR: Final = 1
@@ -180,158 +152,26 @@ def endpoint_address(ep: Endpoint) -> str:
     return f"{ep.ip}:{ep.port}"
 
 
-def _h64(value: str) -> int:
-    """A stable 64-bit hash (not Python's per-process ``hash``)."""
-    return int.from_bytes(blake2b(value.encode(), digest_size=8).digest(), "big")
-
-
-# --------------------------------------------------------------------------- hash keys
-
-
-@dataclass(frozen=True)
-class SetCookie:
-    """A cookie Envoy generates for ``httpCookie`` with a ``ttl`` when the request had none."""
-
-    name: str
-    value: str
-    max_age: int
-    """Seconds; 0 makes a session cookie (no ``Max-Age``)."""
-    path: str = ""
-
-    def header_value(self) -> str:
-        """The ``Set-Cookie`` header value, formatted as Envoy does."""
-        out = f'{self.name}="{self.value}"'
-        if self.max_age:
-            out += f"; Max-Age={self.max_age}"
-        if self.path:
-            out += f"; Path={self.path}"
-        return out + "; HttpOnly"
-
-    def __str__(self) -> str:
-        return self.header_value()
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
-def hash_key_for(
-    ch: ConsistentHash,
-    headers: Mapping[str, str],
-    cookies: Mapping[str, str],
-    source_ip: str,
-    query: Mapping[str, str],
-    *,
-    connection: str = "",
-) -> tuple[str | None, SetCookie | None]:
-    """The string to pass to :meth:`Balancer.pick` as ``hash_key``, and a cookie to set on
-    the response (only for ``httpCookie`` with a ``ttl`` when the request carried none).
-
-    ``headers`` has lowercase names. ``None`` as key means "no hash" (the header, cookie
-    or query parameter is absent): the pick is then random, as in Envoy. A generated
-    cookie value is a hash of the source IP and ``connection`` (pass something that tells
-    client connections apart, e.g. ``"peer-ip:port>local-ip:port"``; Envoy hashes the
-    remote and local addresses), so requests racing on one connection get the same value.
-    """
-    if ch.http_header_name is not None:
-        name = ch.http_header_name
-        value = headers.get(name.lower())
-        if value is None:
-            value = headers.get(name)
-        return value, None
-    if ch.http_cookie is not None:
-        cookie = ch.http_cookie
-        present = cookies.get(cookie.name)
-        if present is not None:
-            return _unquote(present), None
-        if cookie.ttl is None:
-            return None, None
-        generated = f"{_h64(source_ip + '|' + connection):016x}"
-        return generated, SetCookie(cookie.name, generated, max(0, int(cookie.ttl)))
-    if ch.use_source_ip:
-        return (source_ip or None), None
-    if ch.http_query_parameter_name is not None:
-        return query.get(ch.http_query_parameter_name), None
-    return None, None
-
-
-# --------------------------------------------------------------------- outlier settings
-
-
-@dataclass(frozen=True)
-class OutlierSettings:
-    """``OutlierDetection`` with Istio's defaults filled in (0 disables a check)."""
-
-    consecutive_5xx: int = DEFAULT_CONSECUTIVE_5XX
-    consecutive_gateway: int = DEFAULT_CONSECUTIVE_GATEWAY
-    interval: float = DEFAULT_INTERVAL
-    base_ejection_time: float = DEFAULT_BASE_EJECTION_TIME
-    max_ejection_percent: int = DEFAULT_MAX_EJECTION_PERCENT
-
-    @classmethod
-    def of(cls, od: OutlierDetection) -> OutlierSettings:
-        def pick(v: int | None, default: int) -> int:
-            return default if v is None else v
-
-        def pickf(v: float | None, default: float) -> float:
-            return default if v is None or v <= 0 else v
-
-        return cls(
-            consecutive_5xx=pick(od.consecutive_5xx_errors, DEFAULT_CONSECUTIVE_5XX),
-            consecutive_gateway=pick(od.consecutive_gateway_errors, DEFAULT_CONSECUTIVE_GATEWAY),
-            interval=pickf(od.interval, DEFAULT_INTERVAL),
-            base_ejection_time=pickf(od.base_ejection_time, DEFAULT_BASE_EJECTION_TIME),
-            max_ejection_percent=min(
-                100, pick(od.max_ejection_percent, DEFAULT_MAX_EJECTION_PERCENT)
-            ),
-        )
-
-    @property
-    def max_ejection_time(self) -> float:
-        return max(MAX_EJECTION_TIME, self.base_ejection_time)
-
-
 # ------------------------------------------------------------------------- per host
 
 
-class _Host:
-    """Per-address state; identity-hashed (used in sets)."""
+class _Host(HostHealth):
+    """Per-address state (health in ``HostHealth``); identity-hashed (used in sets)."""
 
-    __slots__ = (
-        "active",
-        "addr",
-        "c5xx",
-        "cgw",
-        "ejected",
-        "endpoint",
-        "last_return_tick",
-        "locality",
-        "points",
-        "return_at",
-        "return_tick",
-        "times",
-    )
+    __slots__ = ("active", "endpoint", "locality", "points")
 
     def __init__(self, endpoint: Endpoint, addr: str) -> None:
+        super().__init__(addr)
         self.endpoint = endpoint
-        self.addr = addr
         self.locality = locality_of(endpoint.pod)
         self.active = 0
-        self.c5xx = 0
-        self.cgw = 0
-        self.ejected = False
-        self.return_at = 0.0
-        self.return_tick = 0
-        self.times = 0
-        """Envoy's ejection backoff multiplier."""
-        self.last_return_tick: int | None = None
         self.points: tuple[int, ...] | None = None
 
     def ring_points(self) -> tuple[int, ...]:
         if self.points is None:
-            self.points = tuple(_h64(f"{self.addr}_{i}") for i in range(RING_POINTS_PER_HOST))
+            self.points = tuple(
+                stable_hash(f"{self.addr}_{i}") for i in range(RING_POINTS_PER_HOST)
+            )
         return self.points
 
 
@@ -393,8 +233,6 @@ class _Cluster:
         self.clock = clock
         self.rnd = rnd
         self.panic_threshold = panic_threshold
-        self.on_eject = on_eject
-        self.on_return = on_return
         self.endpoints: tuple[Endpoint, ...] = ()
         self.hosts: list[_Host] = []
         self.by_key: dict[tuple[str, int], _Host] = {}
@@ -404,17 +242,12 @@ class _Cluster:
         self.kind = _LR
         self.locality_on = False
         self.failover: tuple[tuple[str, str], ...] = ()
-        self.settings: OutlierSettings | None = None
-        self.n_ejected = 0
+        self.detector = OutlierDetector(key, clock, on_eject, on_return)
         self.version = 0
         """Bumped whenever the hosts, their health or the tiering rules change."""
         self.rr = rnd.randrange(1 << 16)
         """Envoy starts round robin at a random offset so that proxies do not march in step."""
         self.ring: _Ring | None = None
-        # the sweep grid: tick m happens at t0 + m * interval
-        self.t0 = 0.0
-        self.tick = 0
-        self.next_sweep = math.inf
         self.views: dict[tuple[str, str], Balancer] = {}
         self.last_source: Pod | None = None
         self.last_view: Balancer | None = None
@@ -442,7 +275,7 @@ class _Cluster:
         self.endpoints = endpoints
         self.hosts = hosts
         self.by_key = by_key
-        self.n_ejected = sum(1 for h in hosts if h.ejected)
+        self.detector.count(hosts)
         self.version += 1
 
     def set_policy(self, lb: LoadBalancer | None, outlier: OutlierDetection | None) -> None:
@@ -456,120 +289,30 @@ class _Cluster:
         self.locality_on = locality_enabled(lb, outlier)
         self.failover = lb.locality.failover if lb and lb.locality else ()
         settings = OutlierSettings.of(outlier) if outlier is not None else None
-        if settings is None:
-            for h in self.hosts:
-                h.c5xx = h.cgw = h.times = 0
-                h.last_return_tick = None
-                if h.ejected:
-                    h.ejected = False
-                    if self.on_return is not None:
-                        self.on_return(self.key, h.addr)
-            self.n_ejected = 0
-            self.next_sweep = math.inf
-        elif self.settings is None or settings.interval != self.settings.interval:
-            now = self.clock()
-            self.t0, self.tick = now, 0
-            self.next_sweep = now + settings.interval
-            for h in self.hosts:
-                h.last_return_tick = None
-                if h.ejected:
-                    h.return_tick = self._tick_at_or_after(h.return_at, settings.interval)
-        self.settings = settings
+        self.detector.configure(settings, self.hosts)
         self.version += 1
 
     # ---- outlier detection
 
-    def _tick_at_or_after(self, t: float, interval: float) -> int:
-        return max(self.tick + 1, math.ceil((t - self.t0) / interval - _EPS))
-
     def advance(self, now: float) -> None:
-        """Run every interval tick due by ``now`` (Envoy's interval timer, lazily)."""
-        s = self.settings
-        if s is None or now < self.next_sweep:
-            return
-        last = int((now - self.t0) / s.interval + _EPS)
-        first = self.tick + 1
-        if last < first:
-            last = first
-        self.tick = last
-        self.next_sweep = self.t0 + (last + 1) * s.interval
-        changed = False
-        for h in self.hosts:
-            if h.ejected:
-                if h.return_tick > last:
-                    continue
-                r = h.return_tick
-                h.ejected = False
-                h.c5xx = h.cgw = 0
-                h.last_return_tick = r
-                self.n_ejected -= 1
-                changed = True
-                if self.on_return is not None:
-                    self.on_return(self.key, h.addr)
-                # healthy ticks after the one that returned it, at least one interval later
-                h.times = max(0, h.times - (last - r))
-            elif h.times and h.last_return_tick is not None:
-                start = max(first, h.last_return_tick + 1)
-                if last >= start:
-                    h.times = max(0, h.times - (last - start + 1))
-        if changed:
+        """The outlier sweep due by ``now``; a host coming back changes the tiers."""
+        if self.detector.advance(now, self.hosts):
             self.version += 1
 
     def report(self, ep: Endpoint, status: int | None, connect_failure: bool) -> None:
-        s = self.settings
-        if s is None:
+        od = self.detector
+        if od.settings is None:
             return
         h = self.by_key.get((ep.ip, ep.port))
-        if h is None:
-            return
-        if connect_failure:
-            status = 503
-        elif status is None:
-            status = 200
-        if status < 500:
-            h.c5xx = h.cgw = 0
-            return
-        now = self.clock()
-        self.advance(now)
-        if status in _GATEWAY_ERRORS:
-            h.cgw += 1
-            if h.cgw == s.consecutive_gateway and s.consecutive_gateway > 0 and not h.ejected:
-                self._try_eject(h, now, s, REASON_CONSECUTIVE_GATEWAY)
-                h.cgw = 0
-        else:
-            h.cgw = 0
-        h.c5xx += 1
-        if h.c5xx == s.consecutive_5xx and s.consecutive_5xx > 0 and not h.ejected:
-            self._try_eject(h, now, s, REASON_CONSECUTIVE_5XX)
-            h.c5xx = 0
-
-    def _try_eject(self, h: _Host, now: float, s: OutlierSettings, reason: str) -> None:
-        # Envoy's guard, checked before ejecting: the fraction already ejected must stay
-        # below maxEjectionPercent (so with 2 hosts and 10 %, the first one may go).
-        if 100.0 * self.n_ejected / len(self.hosts) >= s.max_ejection_percent:
-            return
-        max_time = s.max_ejection_time
-        if h.times * s.base_ejection_time < max_time + s.base_ejection_time:
-            h.times += 1
-        h.ejected = True
-        h.return_at = now + min(s.base_ejection_time * h.times, max_time)
-        h.return_tick = self._tick_at_or_after(h.return_at, s.interval)
-        self.n_ejected += 1
-        self.version += 1
-        if self.on_eject is not None:
-            self.on_eject(self.key, h.addr, reason)
+        if h is not None and od.report(h, status, connect_failure, self.hosts):
+            self.version += 1
 
     def ejected(self) -> list[tuple[str, float]]:
-        s = self.settings
-        if s is None:
+        if self.detector.settings is None:
             return []
         now = self.clock()
         self.advance(now)
-        return [
-            (h.addr, max(0.0, self.t0 + h.return_tick * s.interval - now))
-            for h in self.hosts
-            if h.ejected
-        ]
+        return self.detector.ejected(now, self.hosts)
 
     def master_ring(self) -> _Ring:
         if self.ring is None:
@@ -623,7 +366,7 @@ class Balancer:
         if self._version == c.version:
             return
         hosts = c.hosts
-        healthy = [h for h in hosts if not h.ejected] if c.n_ejected else hosts
+        healthy = [h for h in hosts if not h.ejected] if c.detector.n_ejected else hosts
         panic = bool(hosts) and len(healthy) * 100.0 < c.panic_threshold * len(hosts)
         pool = hosts if panic else healthy
         if c.locality_on and self._locality != _NO_LOCALITY and pool:
@@ -658,9 +401,10 @@ class Balancer:
         ``previous_hosts`` / ``previous_priorities``); if every host was tried, the pick
         ignores ``exclude``."""
         c = self._c
-        if c.settings is not None:
+        od = c.detector
+        if od.settings is not None:
             now = c.clock()
-            if now >= c.next_sweep:
+            if now >= od.next_sweep:
                 c.advance(now)
         if self._version != c.version:
             self._refresh()
@@ -695,7 +439,7 @@ class Balancer:
         ring = self._rings[ti]
         if ring is None:
             ring = self._rings[ti] = c.master_ring().subset(set(tiers[ti]))
-        hv = _h64(hash_key) if hash_key is not None else c.rnd.getrandbits(64)
+        hv = stable_hash(hash_key) if hash_key is not None else c.rnd.getrandbits(64)
         return ring.lookup(hv, exclude).endpoint
 
     def explain(self, hash_key: str | None = None) -> dict[str, object]:
@@ -746,7 +490,7 @@ class Balancer:
             why = f"RANDOM: any of {len(hosts)} host(s){locality}, e.g. this one"
         else:
             ring = c.master_ring().subset(set(hosts))
-            hv = _h64(hash_key) if hash_key is not None else 0
+            hv = stable_hash(hash_key) if hash_key is not None else 0
             h = ring.lookup(hv, frozenset())
             why = (
                 f"consistent hash of {hash_key!r}{locality}"
@@ -800,7 +544,7 @@ class Balancer:
     def __repr__(self) -> str:
         return (
             f"Balancer({self._c.key!r}, {self._c.policy.value}, hosts={len(self._c.hosts)}, "
-            f"ejected={self._c.n_ejected}, locality={self._locality})"
+            f"ejected={self._c.detector.n_ejected}, locality={self._locality})"
         )
 
 

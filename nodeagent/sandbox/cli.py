@@ -141,7 +141,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from nodeagent.sandbox.manager import leftovers, require_root, teardown
+    from nodeagent.sandbox.cleanup import leftovers, teardown
+    from nodeagent.sandbox.state import require_root
 
     try:
         require_root()
@@ -155,7 +156,9 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from nodeagent.sandbox.manager import NotUp, Sandbox, leftovers, require_root
+    from nodeagent.sandbox.cleanup import leftovers
+    from nodeagent.sandbox.manager import NotUp, Sandbox
+    from nodeagent.sandbox.state import require_root
 
     try:
         require_root()
@@ -213,7 +216,8 @@ def _print_status(status: dict[str, Any]) -> None:
 def _cmd_exec(args: argparse.Namespace) -> int:
     import subprocess
 
-    from nodeagent.sandbox.manager import Sandbox, require_root
+    from nodeagent.sandbox.manager import Sandbox
+    from nodeagent.sandbox.state import require_root
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -235,7 +239,8 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 def _cmd_logs(args: argparse.Namespace) -> int:
     from nodeagent.sandbox import processes
-    from nodeagent.sandbox.manager import Sandbox, require_root
+    from nodeagent.sandbox.manager import Sandbox
+    from nodeagent.sandbox.state import require_root
 
     try:
         require_root()

@@ -78,7 +78,7 @@ def probe(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def rogue(args: argparse.Namespace) -> None:
-    from nodeagent.proxy.hbone import ConnectRefusal, start_hbone_server
+    from nodeagent.proxy.hbone_server import ConnectRefusal, start_hbone_server
 
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

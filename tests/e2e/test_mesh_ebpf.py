@@ -26,7 +26,7 @@ from pcap import Tcpdump
 from nodeagent.admin.client import AdminClient
 from nodeagent.redirect import ebpf
 from nodeagent.sandbox import Sandbox
-from nodeagent.sandbox.manager import BPF_PIN_DIR
+from nodeagent.sandbox.agents import BPF_PIN_DIR
 from nodeagent.sandbox.netlink import netns_path
 
 pytestmark = [

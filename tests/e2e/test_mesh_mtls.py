@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from nodeagent.admin.client import AdminClient
 from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
-from nodeagent.sandbox.manager import CA_DIR, CA_SOCKET
+from nodeagent.sandbox.ca import CA_DIR, CA_SOCKET
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
 from certs import TestCA, make_ca

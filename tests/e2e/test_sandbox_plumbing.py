@@ -16,7 +16,7 @@ import pytest
 from nodeagent.errors import LocalStateError
 from nodeagent.sandbox import Sandbox, SandboxAlreadyUp, leftovers, teardown
 from nodeagent.sandbox import cgroups as sandbox_cgroups
-from nodeagent.sandbox.manager import STATE_FILE
+from nodeagent.sandbox.state import STATE_FILE
 
 pytestmark = pytest.mark.privileged
 

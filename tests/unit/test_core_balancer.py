@@ -13,19 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodeagent.core.balancer import (
-    REASON_CONSECUTIVE_5XX,
-    REASON_CONSECUTIVE_GATEWAY,
     REGION_LABEL,
     ZONE_LABEL,
     Balancer,
     BalancerRegistry,
-    OutlierSettings,
     Policy,
-    SetCookie,
     endpoint_address,
-    hash_key_for,
     locality_of,
     policy_of,
+)
+from nodeagent.core.hashkey import SetCookie, hash_key_for
+from nodeagent.core.outlier import (
+    REASON_CONSECUTIVE_5XX,
+    REASON_CONSECUTIVE_GATEWAY,
+    OutlierSettings,
 )
 from nodeagent.model import Endpoint, Labels, Pod
 from nodeagent.model.traffic import (

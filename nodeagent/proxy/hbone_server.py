@@ -1,0 +1,344 @@
+"""Inbound HBONE: the listener (port 15008), mutual TLS per accepted connection with the
+current certificate, handshake accounting, and each CONNECT handed to ``on_connect``.
+
+Owns accepting, the check of the client's ALPN and SPIFFE ID, the ``ConnectRequest`` /
+``ConnectRefusal`` exchange with the proxy, answering 200 or the refusal, and a graceful
+drain on close. What a CONNECT may reach is ``on_connect``'s decision, not this module's;
+the connection and stream machinery is ``hbone_stream``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeagent.errors import PeerError
+from nodeagent.identity.tls import ALPN, peer_identity
+from nodeagent.protocol.hbone import (
+    ConnectRequested,
+    ErrorCodes,
+    Event,
+    GoAwayReceived,
+    HboneSettings,
+    RequestRejected,
+    ServerConnection,
+)
+from nodeagent.proxy.hbone_stream import (
+    Addr,
+    HboneConn,
+    HboneStream,
+    describe_tls_error,
+    format_addr,
+    set_keepalive,
+)
+
+log = logging.getLogger("nodeagent.hbone")
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """One CONNECT received on the HBONE port, from a verified mesh workload."""
+
+    peer_identity: str
+    """The client's SPIFFE ID, from its verified certificate."""
+    peer_addr: Addr
+    """The tunnel's source address (the other node's proxy)."""
+    authority: str
+    """``<destination ip>:<port>`` as the client sent it."""
+    destination: Addr
+    """The authority parsed: (ip, port)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Regular request headers (``baggage``, ``forwarded``, ``traceparent``, ...)."""
+    local_addr: Addr | None = None
+    """The address the client dialled (this node's, port 15008)."""
+    stream_id: int = 0
+
+
+@dataclass(frozen=True)
+class ConnectRefusal:
+    """``on_connect``'s answer when the stream must not be opened."""
+
+    status: int
+    """503 destination refused/unreachable, 401/403 identity or policy, ..."""
+    reason: str
+
+
+OnConnect = Callable[[ConnectRequest], Awaitable[asyncio.BaseProtocol | ConnectRefusal]]
+
+
+class _ServerConn(HboneConn):
+    def __init__(self, server: HboneServer, peer: Addr) -> None:
+        super().__init__(server.loop, peer)
+        self.server = server
+        self.server_machine = self.machine = ServerConnection(server.settings)
+        self.local_addr: Addr | None = None
+
+    def on_event(self, ev: Event) -> None:
+        if isinstance(ev, ConnectRequested):
+            st = HboneStream(self, ev.stream_id, ev.authority, ev.headers)
+            self.streams[ev.stream_id] = st
+            req = ConnectRequest(
+                peer_identity=self.peer_identity,
+                peer_addr=self.peer,
+                authority=ev.authority,
+                destination=ev.destination,
+                headers=ev.headers,
+                local_addr=self.local_addr,
+                stream_id=ev.stream_id,
+            )
+            self.server._streams_total += 1
+            self.server._spawn(self.server._serve_stream(self, st, req))
+        elif isinstance(ev, RequestRejected):
+            self.server._rejected += 1
+            log.info(
+                "HBONE %s (%s) stream %d answered %d: %s",
+                self.label,
+                self.peer_identity,
+                ev.stream_id,
+                ev.status,
+                ev.reason,
+            )
+        elif isinstance(ev, GoAwayReceived) and (
+            ev.error_code != ErrorCodes.NO_ERROR or not self.streams
+        ):
+            self.shutdown("client went away")
+
+    def on_failed(self, reason: str) -> None:
+        self.server._protocol_errors += 1
+
+    def on_lost(self, exc: Exception | None) -> None:
+        self.server._conns.discard(self)
+        self.server._check_drained()
+
+    def stream_gone(self, st: HboneStream) -> None:
+        super().stream_gone(st)
+        m = self.machine
+        going = m.goaway_sent is not None or m.goaway_received is not None
+        if going and not self.streams and not self.lost:
+            self.shutdown("drained")
+
+
+class HboneServer:
+    """The HBONE listener (port 15008): mutual TLS, then CONNECT streams to ``on_connect``.
+
+    ``context`` is an ``SSLContext`` or a callable returning the current one; it is asked
+    per accepted connection, so a rotated certificate serves new connections.
+    """
+
+    def __init__(
+        self,
+        context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+        on_connect: OnConnect,
+        *,
+        handshake_timeout: float = 10.0,
+        settings: HboneSettings | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._context = context
+        self._on_connect = on_connect
+        self.handshake_timeout = handshake_timeout
+        self.settings = settings or HboneSettings()
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._conns: set[_ServerConn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._drained = asyncio.Event()
+        self._handshakes = 0
+        self._handshake_failures = 0
+        self._streams_total = 0
+        self._refused = 0
+        self._rejected = 0
+        self._protocol_errors = 0
+
+    async def _start(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = self.loop.create_task(self._accept_loop(sock))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        # Sockets are accepted here and TLS is layered with ``connect_accepted_socket``
+        # (not ``create_server(ssl=...)``, whose handshake failures nobody hears about, nor
+        # ``start_tls`` on a raw transport, which uvloop may feed bytes before it is called).
+        while True:
+            try:
+                conn_sock, _ = await self.loop.sock_accept(sock)
+            except OSError as e:
+                if self._closing:
+                    return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("HBONE accept failed: %s; pausing accepts for 1s", e)
+                    await asyncio.sleep(1.0)
+                continue
+            conn_sock.setblocking(False)
+            set_keepalive(conn_sock)
+            self._spawn(self._handshake(conn_sock))
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._sock is not None and not self._closing else ()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._conns),
+            "streams": sum(len(c.streams) for c in self._conns),
+            "handshakes": self._handshakes,
+            "handshake_failures": self._handshake_failures,
+            "streams_total": self._streams_total,
+            "streams_refused": self._refused,
+            "requests_rejected": self._rejected,
+            "protocol_errors": self._protocol_errors,
+        }
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("HBONE server task failed: %r", exc, exc_info=exc)
+
+    def _handshake_failed(self, peer: Any, reason: str) -> None:
+        self._handshake_failures += 1
+        log.warning("HBONE handshake from %s refused: %s", format_addr(peer), reason)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+            local = sock.getsockname()
+            ctx = self._context() if callable(self._context) else self._context
+        except Exception as e:
+            sock.close()
+            log.error("HBONE: cannot serve an accepted connection: %r", e)
+            return
+        if self._closing:
+            sock.close()
+            return
+        conn = _ServerConn(self, peer)
+        conn.local_addr = local
+        try:
+            tls, _ = await self.loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
+            )
+        except (OSError, TimeoutError) as tls_error:  # ssl.SSLError is an OSError
+            self._handshake_failed(peer, describe_tls_error(tls_error))
+            return
+        ssl_object = tls.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        identity = peer_identity(ssl_object) if ssl_object is not None else None
+        if alpn != ALPN:
+            tls.abort()
+            self._handshake_failed(peer, f"client did not negotiate ALPN {ALPN} (got {alpn})")
+            return
+        if identity is None:
+            tls.abort()
+            self._handshake_failed(
+                peer, "client certificate carries no SPIFFE ID (exactly one spiffe:// URI SAN)"
+            )
+            return
+        if self.closing():  # a call: close() may have run during the handshake
+            tls.abort()
+            return
+        self._handshakes += 1
+        self._conns.add(conn)
+        conn.attach(tls, identity)
+
+    async def _serve_stream(self, conn: _ServerConn, st: HboneStream, req: ConnectRequest) -> None:
+        try:
+            result = await self._on_connect(req)
+        except Exception as e:
+            log.exception("HBONE on_connect failed for %s -> %s", req.peer_identity, req.authority)
+            result = ConnectRefusal(500, f"internal error: {e!r}")
+        machine = conn.server_machine
+        if isinstance(result, ConnectRefusal):
+            self._refused += 1
+            if not st._lost:
+                machine.refuse(st.id, result.status, result.reason)
+                conn.schedule_flush()
+            return
+        if st._lost or st._closing:
+            # The client reset the stream meanwhile: give the protocol its whole life.
+            result.connection_made(st)
+            result.connection_lost(
+                PeerError(f"HBONE stream to {req.authority} ended by the client before the answer")
+            )
+            return
+        machine.accept(st.id)
+        conn.schedule_flush()
+        st._attach(result)
+
+    def closing(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closing
+
+    def _check_drained(self) -> None:
+        if self._closing and not self._conns:
+            self._drained.set()
+
+    def close(self) -> None:
+        """Stop accepting (and close the listening socket); send a graceful GOAWAY on
+        every connection: open streams finish, new ones are refused, and each connection
+        closes once it is empty."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._sock is not None:
+            self._sock.close()
+        for conn in list(self._conns):
+            conn.machine.drain()
+            if conn.streams:
+                conn.flush()
+            else:
+                conn.shutdown("server closing")
+        self._check_drained()
+
+    def abort(self) -> None:
+        """Close every connection now (streams see ``connection_lost``)."""
+        self.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in list(self._conns):
+            conn.shutdown("HBONE server shutting down")
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._conns.clear()
+        self._check_drained()
+
+    async def wait_closed(self) -> None:
+        """Until the listener is closed and every connection has ended."""
+        if self._accepting is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        self._check_drained()
+        await self._drained.wait()
+
+
+async def start_hbone_server(
+    sock: socket.socket,
+    context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+    on_connect: OnConnect,
+    *,
+    handshake_timeout: float = 10.0,
+    settings: HboneSettings | None = None,
+) -> HboneServer:
+    """Serve HBONE on ``sock`` (bound, listening, non-blocking)."""
+    server = HboneServer(
+        context, on_connect, handshake_timeout=handshake_timeout, settings=settings
+    )
+    await server._start(sock)
+    return server
+
+
+__all__ = ["ConnectRefusal", "ConnectRequest", "HboneServer", "OnConnect", "start_hbone_server"]

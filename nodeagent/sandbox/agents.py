@@ -1,0 +1,119 @@
+"""The sandbox's node agents: one ``nodeagent run`` per node, in the node's netns (given as
+``--netns``) and the node's cgroup.
+
+Owns an agent's command line (its config, the pod runtime file, its socket, state dir and
+eBPF pin dir), starting it, asking whether it is ready (status ``ready`` on its socket),
+waiting for that with the end of its log when it does not come, and stopping it
+gracefully. Which agents run and their pids are ``manager.Sandbox``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nodeagent.errors import LocalStateError
+from nodeagent.sandbox import cgroups, processes
+from nodeagent.sandbox.state import PODS_FILE, Progress
+from nodeagent.sandbox.topology import NodePlan
+
+AGENT_TIMEOUT = 30.0
+"""Seconds an agent gets to report ready."""
+AGENT_GRACE = 3.0
+"""Seconds an agent gets after SIGTERM (to drain and clean up) before it is killed."""
+BPF_PIN_DIR = "/sys/fs/bpf/nodeagent-sandbox"
+"""The sandbox agents' eBPF pins (``--redirect ebpf|auto``), removed by ``down``."""
+
+
+def start(
+    node: NodePlan, cgroup_root: Path, config_dir: str, args: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    """Start ``node``'s agent with ``args`` after its own flags (the CA's, the user's)."""
+    os.makedirs(node.state_dir, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(node.socket)  # a stale socket of a previous agent would look "up"
+    argv = [
+        *processes.agent_command(),
+        "run",
+        "--node",
+        node.name,
+        "--config",
+        config_dir,
+        "--pods",
+        PODS_FILE,
+        "--netns",
+        node.netns,
+        "--socket",
+        node.socket,
+        "--state-dir",
+        node.state_dir,
+        "--bpf-pin-dir",
+        BPF_PIN_DIR,
+        *args,
+    ]
+    env = dict(os.environ)
+    env["PATH"] = processes.search_path()
+    env["PYTHONUNBUFFERED"] = "1"
+    return processes.spawn(
+        processes.launcher(cgroup_root / node.cgroup, argv), log=node.log, env=env
+    )
+
+
+def ready(node: NodePlan) -> bool:
+    """Whether ``node``'s agent answers on its socket with status ready."""
+    from nodeagent.admin.client import AdminClient
+
+    if not os.path.exists(node.socket):
+        return False
+    try:
+        with AdminClient(node.socket, timeout=1.0) as client:
+            return client.status().get("ready") is True
+    except Exception:
+        return False
+
+
+def wait_ready(
+    nodes: Sequence[NodePlan],
+    pids: Mapping[str, int],
+    popens: Sequence[subprocess.Popen[bytes]],
+    timeout: float,
+    progress: Progress,
+) -> None:
+    """Until the agents of ``nodes`` (``pids`` by node name) are ready; the end of the log
+    of one that exits or is not ready within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    pending = list(nodes)
+    while pending:
+        for p in popens:  # reaped, so that an agent that exited is not "alive"
+            p.poll()
+        for node in list(pending):
+            if ready(node):
+                progress(f"agent {node.name} is ready ({node.socket})")
+                pending.remove(node)
+            elif not processes.alive(pids[node.name]):
+                raise LocalStateError(
+                    f"the agent of node {node.name} exited during start-up; the end of "
+                    f"{node.log}:\n{processes.indent(processes.tail(node.log))}"
+                )
+        if pending and time.monotonic() > deadline:
+            node = pending[0]
+            raise LocalStateError(
+                f"the agent of node {node.name} was not ready within {timeout:.0f}s "
+                f"(no status ready=true on {node.socket}); "
+                f"the end of {node.log}:\n{processes.indent(processes.tail(node.log))}"
+            )
+        if pending:
+            time.sleep(0.1)
+
+
+def stop(node: NodePlan, cgroup_root: Path) -> None:
+    """SIGTERM, then SIGKILL after ``AGENT_GRACE`` seconds."""
+    cg = cgroup_root / node.cgroup
+    cgroups.signal_all(cg, signal.SIGTERM)
+    if not cgroups.wait_empty(cg, AGENT_GRACE):
+        cgroups.kill(cg)
