@@ -42,7 +42,6 @@ MODULES = (
     "nodeagent.proxy.pipe",
     "nodeagent.proxy.h1pool",
     "nodeagent.proxy.hbone",
-    "nodeagent.proxy.hbone_stream",
     "nodeagent.proxy.hbone_client",
     "nodeagent.proxy.hbone_server",
     "nodeagent.proxy.l7",

@@ -3,7 +3,7 @@ expected peer identity, peer address), each carrying many CONNECT streams.
 
 Owns dialling, TLS with the source's certificate, the check of the server's SPIFFE ID and
 ALPN, stream slots per connection, retries of streams that were never processed, idle
-close and GOAWAY handling. The connection and stream machinery is ``hbone_stream``'s; this
+close and GOAWAY handling. The connection and stream machinery is ``hbone``'s; this
 module must not accept connections (``hbone_server`` does).
 """
 
@@ -27,7 +27,7 @@ from nodeagent.protocol.hbone import (
     HboneSettings,
     new_traceparent,
 )
-from nodeagent.proxy.hbone_stream import (
+from nodeagent.proxy.hbone import (
     Addr,
     HboneConn,
     HboneStream,

@@ -4,7 +4,7 @@ current certificate, handshake accounting, and each CONNECT handed to ``on_conne
 Owns accepting, the check of the client's ALPN and SPIFFE ID, the ``ConnectRequest`` /
 ``ConnectRefusal`` exchange with the proxy, answering 200 or the refusal, and a graceful
 drain on close. What a CONNECT may reach is ``on_connect``'s decision, not this module's;
-the connection and stream machinery is ``hbone_stream``'s.
+the connection and stream machinery is ``hbone``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from nodeagent.protocol.hbone import (
     RequestRejected,
     ServerConnection,
 )
-from nodeagent.proxy.hbone_stream import (
+from nodeagent.proxy.hbone import (
     Addr,
     HboneConn,
     HboneStream,

@@ -25,7 +25,7 @@ from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.proxy.admission import HttpPort, InboundPolicy
-from nodeagent.proxy.hbone import ConnectRefusal, ConnectRequest
+from nodeagent.proxy.hbone_server import ConnectRefusal, ConnectRequest
 from nodeagent.proxy.inputs import INBOUND_PORT, OUTBOUND_PORT, ProxyInputs
 from nodeagent.proxy.l7 import Downstream
 from nodeagent.proxy.l7 import Inbound as L7Inbound

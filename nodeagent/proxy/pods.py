@@ -19,11 +19,11 @@ from typing import Any
 from nodeagent.errors import NodeAgentError
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.proxy.hbone import (
-    HBONE_PORT,
+from nodeagent.proxy.hbone import HBONE_PORT
+from nodeagent.proxy.hbone_client import HboneClientPool
+from nodeagent.proxy.hbone_server import (
     ConnectRefusal,
     ConnectRequest,
-    HboneClientPool,
     HboneServer,
     start_hbone_server,
 )

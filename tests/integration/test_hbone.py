@@ -27,6 +27,7 @@ from certs import TestCA, make_ca, spiffe_id
 from nodeagent.errors import PeerError
 from nodeagent.identity.tls import WorkloadCert, client_context, server_context
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.hbone import HboneStream
 from nodeagent.proxy.hbone_client import HboneClientPool
 from nodeagent.proxy.hbone_server import (
     ConnectRefusal,
@@ -34,7 +35,6 @@ from nodeagent.proxy.hbone_server import (
     HboneServer,
     start_hbone_server,
 )
-from nodeagent.proxy.hbone_stream import HboneStream
 from nodeagent.proxy.relay import ClientSide, UpstreamSide
 from nodeagent.telemetry.metrics import Metrics
 
