@@ -38,6 +38,11 @@ from types import ModuleType
 
 MODULES = (
     "nodeagent.protocol.http1",
+    "nodeagent.protocol._http1_common",
+    "nodeagent.protocol._http1_read",
+    "nodeagent.protocol._http1_write",
+    "nodeagent.protocol._http1_down",
+    "nodeagent.protocol._http1_up",
     "nodeagent.protocol.hbone",
     "nodeagent.proxy.pipe",
     "nodeagent.proxy.h1pool",

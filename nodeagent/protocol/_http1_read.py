@@ -1,0 +1,116 @@
+"""What both HTTP/1.1 machines do alike with llhttp (through ``httptools``): the phases of
+a message being read, the parser callbacks for header fields and chunk framing, and the
+limits on the parts llhttp would buffer in Python (a head, and the trailers: bytes are
+counted per read while one is incomplete, so a never-ending one is cut after the read that
+crosses ``max_header_size``).
+
+Rule: no I/O here; ``Reader`` is the base of ``DownstreamHttp1`` and ``UpstreamHttp1`` and
+holds only the parsing state they share, never what a message means.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from nodeagent.protocol._http1_common import DEFAULT_MAX_HEADER_SIZE, NAMES_MAX, Headers
+
+# Message phases.
+IDLE: Final = 0  # between messages
+HEAD: Final = 1  # a head began
+BODY: Final = 2  # the head is complete
+DONE: Final = 3  # upstream: the response is complete
+
+FIELD_NAMES: dict[bytes, str] = {}
+"""Incoming field names (llhttp checked they are tokens) decoded and lower-cased: a memo
+bounded by ``NAMES_MAX``."""
+
+
+def field_name(name: bytes) -> str:
+    low = name.decode("latin-1").lower()
+    if len(FIELD_NAMES) < NAMES_MAX:
+        FIELD_NAMES[name] = low
+    return low
+
+
+def head_size(first: int, headers: Headers) -> int:
+    """The size of a head as sent: the start line plus ``name: value\\r\\n`` per field."""
+    return first + sum(len(k) + len(v) + 4 for k, v in headers) + 2
+
+
+class Stop(Exception):
+    """Raised in a parser callback to stop llhttp (it becomes an ``HttpParserError``)."""
+
+
+def reraise_bug(error: Exception) -> None:
+    """A callback that failed for another reason than ``Stop`` is a bug here: surface it
+    rather than blame the peer."""
+    cause = error.__context__
+    if cause is not None and not isinstance(cause, Stop):
+        raise cause
+
+
+class Reader:
+    """The parsing state both machines keep: the phase, the fields of the head (then of the
+    trailers) being read, and the bytes charged to an incomplete head or trailer part."""
+
+    __slots__ = (
+        "_chunk_new",
+        "_chunk_open",
+        "_feed_len",
+        "_fields",
+        "_head_new",
+        "_head_seen",
+        "_phase",
+        "_tail_seen",
+        "max_header_size",
+    )
+
+    def __init__(self, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
+        self.max_header_size = max_header_size
+        self._phase = IDLE
+        self._fields: list[tuple[str, str]] = []
+        self._head_seen = 0  # bytes charged to the incomplete head
+        self._head_new = False  # that head began in the current read
+        self._feed_len = 0
+        self._chunk_open = False  # a chunk-size line was read, no data yet (trailers?)
+        self._chunk_new = False  # ... in the current read
+        self._tail_seen = 0  # bytes charged to the chunk-size line and what follows
+
+    def _head_over(self, n: int, alone: bool) -> bool:
+        """Charge a read of ``n`` bytes that left a head incomplete to that head; ``alone``:
+        no other message began in this read. True when the head is over the limit."""
+        if not self._head_new:
+            self._head_seen += n
+        elif alone:
+            self._head_seen = n
+        else:  # began behind another message: its share of this read is unknown
+            self._head_seen = 0
+        return self._head_seen > self.max_header_size
+
+    def _complete_head_over(self, first: int, headers: Headers) -> bool:
+        """A head just completed is over the limit (``first``: its start line's size)."""
+        limit = self.max_header_size
+        seen = self._feed_len if self._head_new else self._head_seen + self._feed_len
+        return seen > limit and head_size(first, headers) > limit
+
+    def _over_tail(self, n: int) -> bool:
+        """Charge a read to what follows a chunk-size line while no data came: the
+        trailers after the last chunk, which llhttp (via httptools) buffers field by
+        field, so they are bounded like a head. A read in which the line ended is not
+        charged (its share is unknown)."""
+        if not self._chunk_new:
+            self._tail_seen += n
+        return self._tail_seen > self.max_header_size
+
+    # -- llhttp callbacks --------------------------------------------------------------
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append(
+            (FIELD_NAMES.get(name) or field_name(name), value.rstrip(b" \t").decode("latin-1"))
+        )
+
+    def _on_chunk_header(self) -> None:
+        self._chunk_open = self._chunk_new = True
+        self._tail_seen = 0
+
+    def _on_chunk_complete(self) -> None:
+        self._chunk_open = False
