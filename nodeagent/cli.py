@@ -165,8 +165,6 @@ def _duration(text: str) -> float:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.dump_bpf:
-        import os.path
-
         from nodeagent.redirect import ebpf
 
         src = ebpf.source()

@@ -186,3 +186,23 @@ def test_piped_into_head_ends_quietly() -> None:
     assert (
         done.stdout == b"/" and b"Traceback" not in done.stderr and b"Exception" not in done.stderr
     )
+
+
+def test_run_reaches_the_config_loader(tmp_path: Path) -> None:
+    """``nodeagent run`` gets as far as reading its config (the agent's start-up path:
+    a stray local import once shadowed ``os`` there and every agent died at start)."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    missing = tmp_path / "no-such-config"
+    done = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "run", "--node", "n1", "--config", str(missing)],
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    assert done.returncode == 2
+    assert f"{missing}: not a directory".encode() in done.stderr
