@@ -1,0 +1,167 @@
+"""What the L7 path tells about each exchange: the ``Exchange`` record filled in as a
+request goes (by the HTTP/1.1 and HTTP/2 paths alike), and ``Recorder``, which turns it
+into the request metrics and one access-log line when the exchange ends. Decides nothing
+about the request.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nodeagent.core.clusters import fqdn
+from nodeagent.model.objects import Pod
+from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
+from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
+
+if TYPE_CHECKING:
+    from nodeagent.proxy.l7 import Downstream
+
+
+@dataclass
+class Exchange:
+    """Everything measured about one request, for the access log and the metrics."""
+
+    start: float
+    start_wall: float
+    method: str
+    authority: str
+    path: str
+    protocol: str
+    route_name: str = ""
+    cluster: str = ""
+    status: int = 0
+    flags: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream: str = "-"
+    dst_pod: Pod | None = None
+    dst_principal: str = "unknown"
+    attempts: int = 0
+    trace_id: str = ""
+    request_id: str = ""
+    user_agent: str = ""
+    policy: str = ""
+    """The AuthorizationPolicy that decided (``namespace/name``), for the access log."""
+    policy_rule: int | None = None
+    request_principal: str = ""
+    detail: str = ""
+    """Why the proxy answered itself."""
+
+    def flag(self, f: str) -> None:
+        if f not in self.flags:
+            self.flags.append(f)
+
+
+class RecordContext:
+    """What the access log and the metrics say the same way for every request of one
+    client connection to one destination (workload, cluster, route, identity, protocol):
+    made once, not per request. ``series`` holds the metric series by (status, flags)."""
+
+    __slots__ = ("dst", "fields", "labels_head", "labels_tail", "series")
+
+    def __init__(self, ds: Downstream, x: Exchange, dst: Pod | None) -> None:
+        inbound = ds.inbound
+        src: Pod | None
+        if inbound is None:
+            reporter, src = "source", ds.pod
+        else:
+            reporter, src = "destination", inbound.peer_pod
+        src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
+        dst_name, dst_ns = (dst.name, dst.namespace) if dst else ("unknown", "unknown")
+        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
+        svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
+        self.dst = dst
+        self.series: dict[tuple[int, str], list[float]] = {}
+        # HTTP_LABELS order, around response_code and response_flags
+        self.labels_head = (
+            reporter,
+            src_name,
+            src_ns,
+            ds.source_principal,
+            dst_name,
+            dst_ns,
+            svc_host,
+            x.dst_principal,
+            dst.labels.get("version", "unknown") if dst else "unknown",
+            "grpc" if x.protocol == "gRPC" else "http",
+        )
+        self.labels_tail = ("mutual_tls" if mtls else "none", x.route_name or "default")
+        self.fields = {
+            "source_workload": src_name,
+            "source_namespace": src_ns,
+            "source_principal": ds.source_principal,
+            "destination_service": svc_host,
+            "destination_workload": dst_name,
+            "destination_namespace": dst_ns,
+            "destination_principal": x.dst_principal,
+            "protocol": x.protocol,
+            "upstream_cluster": x.cluster or "-",
+            "route_name": x.route_name or "-",
+            "reporter": reporter,
+        }
+
+
+class Recorder:
+    """Writes each ended exchange to the request metrics and the access log."""
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def record(self, ds: Downstream, x: Exchange) -> None:
+        duration_ms = (time.monotonic() - x.start) * 1000
+        flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
+        inbound = ds.inbound
+        if inbound is None:
+            dst = x.dst_pod
+        else:
+            dst = ds.pod
+            x.dst_principal = inbound.principal
+            inflight = ds.meta.get("inflight")
+            if inflight:
+                inflight.pop(id(x), None)
+        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol)
+        ctx = ds.telemetry.get(k)
+        if ctx is None or ctx.dst is not dst:
+            ctx = ds.telemetry[k] = RecordContext(ds, x, dst)
+        series = ctx.series.get((x.status, flags))
+        if series is None:
+            series = ctx.series[(x.status, flags)] = self.metrics.requests.series(
+                (*ctx.labels_head, str(x.status), flags, *ctx.labels_tail)
+            )
+        series[COUNT] += 1
+        series[SUM] += duration_ms
+        series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        # the fields fixed for this connection and destination, then this request's own
+        rec: AccessRecord = {
+            **ctx.fields,  # type: ignore[typeddict-item]  # (the keys not listed here)
+            "start_time": rfc3339(x.start_wall),
+            "method": x.method,
+            "authority": x.authority,
+            "path": x.path,
+            "response_code": x.status,
+            "response_flags": flags,
+            "bytes_received": x.bytes_in,
+            "bytes_sent": x.bytes_out,
+            "duration_ms": round(duration_ms, 3),
+            "upstream_host": x.upstream,
+            "attempts": x.attempts,
+            "trace_id": x.trace_id,
+            "request_id": x.request_id,
+            "user_agent": x.user_agent,
+        }
+        if x.policy:
+            rec["authz_policy"] = x.policy
+            if x.policy_rule is not None:
+                rec["authz_rule"] = x.policy_rule
+        if x.request_principal:
+            rec["request_principal"] = x.request_principal
+        if x.detail:
+            rec["detail"] = x.detail
+        self.access_log.write(rec)
+
+
+__all__ = ["Exchange", "RecordContext", "Recorder"]
