@@ -19,8 +19,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from nodeagent.core.authz import AuthzRequest
@@ -59,41 +59,48 @@ from nodeagent.telemetry.metrics import Metrics
 log = logging.getLogger("nodeagent.proxy.l7")
 
 
-@dataclass
 class Downstream:
     """What the L7 path knows about one client connection: on the client's node
     (``inbound`` None: ``pod`` is the caller, requests are routed) or on the called
     workload's node (``inbound`` set: ``pod`` is the callee, requests are admitted by its
-    policies and go to the app)."""
+    policies and go to the app). A plain class: compiled, a dataclass's ``__init__``
+    stays interpreted."""
 
-    pod: Pod
-    source_principal: str
-    source_ip: str
-    service: Service
-    port: ServicePort
-    connect: ConnectFn
-    meta: dict[str, Any] = field(default_factory=dict)
-    """The connection-table record, for ``nodeagent ctl connections``."""
-    inbound: Inbound | None = None
-    pool_key: str = ""
-    """Whose upstream connections these requests may share (default: the pod's)."""
-    telemetry: dict[tuple[object, ...], RecordContext] = field(default_factory=dict)
-    """``Recorder.record``'s per-destination contexts for this connection."""
-    conn: Connection = field(init=False)
-    """What the plan and admission read of this connection (each ``Request`` holds it)."""
-
-    def __post_init__(self) -> None:
-        if not self.pool_key:
-            self.pool_key = f"in|{self.pod.key}" if self.inbound else self.pod.key
-        inbound = self.inbound
+    def __init__(
+        self,
+        pod: Pod,
+        source_principal: str,
+        source_ip: str,
+        service: Service,
+        port: ServicePort,
+        connect: ConnectFn,
+        meta: dict[str, Any] | None = None,
+        inbound: Inbound | None = None,
+        pool_key: str = "",
+    ) -> None:
+        self.pod = pod
+        self.source_principal = source_principal
+        self.source_ip = source_ip
+        self.service = service
+        self.port = port
+        self.connect = connect
+        self.meta: dict[str, Any] = meta if meta is not None else {}
+        """The connection-table record, for ``nodeagent ctl connections``."""
+        self.inbound = inbound
+        self.pool_key = pool_key or (f"in|{pod.key}" if inbound else pod.key)
+        """Whose upstream connections these requests may share (default: the pod's)."""
+        self.telemetry: dict[tuple[object, ...], RecordContext] = {}
+        """``Recorder.record``'s per-destination contexts for this connection."""
         self.conn = Connection(
-            pod=self.pod,
-            source_principal=self.source_principal,
-            source_ip=self.source_ip,
-            service=self.service,
-            port=self.port.port if inbound is None else inbound.cluster.endpoints[0].port,
-            key=str(self.meta.get("source", "")),
+            pod,
+            source_principal,
+            source_ip,
+            service,
+            port.port if inbound is None else inbound.cluster.endpoints[0].port,
+            str(self.meta.get("source", "")),
         )
+        """What the plan and admission read of this connection (each ``Request`` holds
+        it)."""
 
 
 class Admitted(NamedTuple):
@@ -167,10 +174,11 @@ class L7Proxy:
     def _on_return(self, key: object, addr: str) -> None:
         log.info("outlier detection: %s is back in %s", addr, key)
 
-    async def serve_http1(self, ds: Downstream, pipe: Pipe) -> None:
+    def serve_http1(self, ds: Downstream, pipe: Pipe) -> Coroutine[Any, Any, None]:
         """Serve one client connection speaking HTTP/1.1 until it closes or a response
-        says close."""
-        await Http1Session(self, ds, pipe).serve()
+        says close (the session's own coroutine: no frame of ours to pass through each
+        time it resumes)."""
+        return Http1Session(self, ds, pipe).serve()
 
     async def prepare(self, ds: Downstream, req: Request, x: Exchange) -> Plan:
         """The plan of ``req`` (``core.plan``; at the called node, its admission),

@@ -116,16 +116,9 @@ class Http1Session:
                         ev.status,
                         ev.reason,
                     )
-                    x = Exchange(
-                        time.monotonic(),
-                        time.time(),
-                        "-",
-                        "-",
-                        "-",
-                        "HTTP/1.1",
-                        status=ev.status,
-                        flags=[flag],
-                    )
+                    x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
+                    x.status = ev.status
+                    x.flag(flag)
                     self.engine.recorder.record(ds, x)
                     return
                 else:  # EOF between requests, or stray bytes

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nodeagent.core.clusters import fqdn
@@ -20,35 +19,45 @@ if TYPE_CHECKING:
     from nodeagent.proxy.l7 import Downstream
 
 
-@dataclass
 class Exchange:
-    """Everything measured about one request, for the access log and the metrics."""
+    """Everything measured about one request, for the access log and the metrics (a
+    plain class: compiled, a dataclass's ``__init__`` stays interpreted)."""
 
-    start: float
-    start_wall: float
-    method: str
-    authority: str
-    path: str
-    protocol: str
-    route_name: str = ""
-    cluster: str = ""
-    status: int = 0
-    flags: list[str] = field(default_factory=list)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    upstream: str = "-"
-    dst_pod: Pod | None = None
-    dst_principal: str = "unknown"
-    attempts: int = 0
-    trace_id: str = ""
-    request_id: str = ""
-    user_agent: str = ""
-    policy: str = ""
-    """The AuthorizationPolicy that decided (``namespace/name``), for the access log."""
-    policy_rule: int | None = None
-    request_principal: str = ""
-    detail: str = ""
-    """Why the proxy answered itself."""
+    def __init__(
+        self,
+        start: float,
+        start_wall: float,
+        method: str,
+        authority: str,
+        path: str,
+        protocol: str,
+        user_agent: str = "",
+    ) -> None:
+        self.start = start
+        self.start_wall = start_wall
+        self.method = method
+        self.authority = authority
+        self.path = path
+        self.protocol = protocol
+        self.user_agent = user_agent
+        self.route_name = ""
+        self.cluster = ""
+        self.status = 0
+        self.flags: list[str] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream = "-"
+        self.dst_pod: Pod | None = None
+        self.dst_principal = "unknown"
+        self.attempts = 0
+        self.trace_id = ""
+        self.request_id = ""
+        self.policy = ""
+        """The AuthorizationPolicy that decided (``namespace/name``), for the access log."""
+        self.policy_rule: int | None = None
+        self.request_principal = ""
+        self.detail = ""
+        """Why the proxy answered itself."""
 
     def flag(self, f: str) -> None:
         if f not in self.flags:
