@@ -40,8 +40,7 @@ from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.jwks import JwksCache
-from nodeagent.proxy.l7 import Admitted
-from nodeagent.proxy.l7record import Exchange
+from nodeagent.proxy.l7conn import Admitted, Exchange
 from nodeagent.proxy.l7retry import LocalReply
 from nodeagent.proxy.quotastore import QuotaStore
 

@@ -1,5 +1,5 @@
 """HTTP/2 and gRPC on the L7 path: h2c (prior knowledge) from the client, each stream
-planned on its own by the same ``core.plan`` as HTTP/1.1 (``L7Proxy.prepare``), and sent
+planned on its own by the same ``core.plan`` as HTTP/1.1 (``L7Engine.prepare``), and sent
 on a multiplexed HTTP/2 connection per (source pod, endpoint) through the mTLS tunnel.
 
 Owns the per-stream exchange (retries on ``refused-stream``, ``reset``, status codes and
@@ -42,9 +42,9 @@ from nodeagent.protocol.http2 import (
     forwardable_h2_headers,
 )
 from nodeagent.proxy.h1pool import ConnectFn, Overflow, dial
-from nodeagent.proxy.l7 import Downstream, L7Proxy
 from nodeagent.proxy.l7body import RequestBody
-from nodeagent.proxy.l7record import Exchange
+from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7engine import L7Engine
 from nodeagent.proxy.l7retry import (
     LocalReply,
     Redirect,
@@ -306,7 +306,7 @@ class _H2Sink:
 class _Session:
     """One client connection speaking HTTP/2."""
 
-    def __init__(self, engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+    def __init__(self, engine: L7Engine, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
         self.engine = engine
         self.pool = h2pool
         self.ds = ds
@@ -564,7 +564,7 @@ class _Session:
                 return None
 
 
-async def serve_h2(engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+async def serve_h2(engine: L7Engine, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
     """Serve one client connection speaking h2c (prior knowledge)."""
     await _Session(engine, h2pool, ds, pipe).serve()
 

@@ -1,5 +1,5 @@
 """The HTTP/1.1 side of the L7 path: one client connection served request after request
-(``Http1Session``), each executed as its plan says (``L7Proxy.prepare``): the attempts to
+(``Http1Session``), each executed as its plan says (``L7Engine.prepare``): the attempts to
 the endpoints the balancer picks over pooled upstream connections (``proxy/h1pool.py``),
 the response relayed with the plan's header operations, local replies, and protocol
 switches (WebSocket) relayed as bytes.
@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
@@ -37,12 +36,10 @@ from nodeagent.protocol.http1 import (
 )
 from nodeagent.proxy.h1pool import H1Conn
 from nodeagent.proxy.l7body import RETRY_BUFFER, RequestBody, done_body
-from nodeagent.proxy.l7record import Exchange
+from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7engine import L7Engine
 from nodeagent.proxy.l7retry import LocalReply, Redirect, retriable_status, within
 from nodeagent.proxy.pipe import Pipe, PipeClosed
-
-if TYPE_CHECKING:
-    from nodeagent.proxy.l7 import Downstream, L7Proxy
 
 log = logging.getLogger("nodeagent.proxy.l7")
 
@@ -72,7 +69,7 @@ class Http1Session:
     """One client connection speaking HTTP/1.1, served until it closes or a response
     says close; its events are the request bodies' ``BodySource``."""
 
-    def __init__(self, engine: L7Proxy, ds: Downstream, pipe: Pipe) -> None:
+    def __init__(self, engine: L7Engine, ds: Downstream, pipe: Pipe) -> None:
         self.engine = engine
         self.ds = ds
         self.pipe = pipe

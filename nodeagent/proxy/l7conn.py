@@ -1,22 +1,26 @@
-"""What the L7 path tells about each exchange: the ``Exchange`` record filled in as a
-request goes (by the HTTP/1.1 and HTTP/2 paths alike), and ``Recorder``, which turns it
-into the request metrics and one access-log line when the exchange ends. Decides nothing
-about the request.
+"""One client connection of the L7 path: what the path knows about it (``Downstream``;
+``Inbound`` on the called workload's node, with the admission each request passes there),
+and what it records of each exchange on it (``Exchange``, which ``Recorder`` turns into
+the request metrics and one access-log line, with contexts per destination kept on the
+connection). Decides nothing about a request.
 """
 
 from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from nodeagent.core.clusters import fqdn
-from nodeagent.model.objects import Pod
+from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.clusters import Cluster, fqdn
+from nodeagent.core.plan import Connection, Request
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.traffic import HeaderOperations
+from nodeagent.proxy.h1pool import ConnectFn
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
 from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
-
-if TYPE_CHECKING:
-    from nodeagent.proxy.l7 import Downstream
 
 
 class Exchange:
@@ -62,6 +66,83 @@ class Exchange:
     def flag(self, f: str) -> None:
         if f not in self.flags:
             self.flags.append(f)
+
+
+class Admitted(NamedTuple):
+    """A request the called workload's policies let through."""
+
+    target: str
+    """The normalized request target to send to the app."""
+    request_ops: tuple[HeaderOperations, ...]
+    """Changes to the headers the app gets (RequestAuthentication's, the route header
+    dropped)."""
+    response_ops: tuple[HeaderOperations, ...]
+    """Headers for its response (rate-limit headers)."""
+    request: AuthzRequest | None
+    """What authorization looked at (kept in the connection table while in flight, for
+    live re-checks)."""
+
+
+Admit = Callable[[Request, Exchange], Admitted]
+"""The destination's policy stage for one request: returns what it lets through, raises
+``LocalReply`` to answer it."""
+
+
+@dataclass
+class Inbound:
+    """A connection that reached the called workload's node (after mTLS)."""
+
+    peer_pod: Pod | None
+    """The calling pod, when the mesh knows it (from its identity or its address)."""
+    cluster: Cluster
+    """The workload's own port: one endpoint, the app."""
+    admit: Admit
+    principal: str
+    """The called workload's own identity."""
+
+
+class Downstream:
+    """What the L7 path knows about one client connection: on the client's node
+    (``inbound`` None: ``pod`` is the caller, requests are routed) or on the called
+    workload's node (``inbound`` set: ``pod`` is the callee, requests are admitted by its
+    policies and go to the app). A plain class: compiled, a dataclass's ``__init__``
+    stays interpreted."""
+
+    def __init__(
+        self,
+        pod: Pod,
+        source_principal: str,
+        source_ip: str,
+        service: Service,
+        port: ServicePort,
+        connect: ConnectFn,
+        meta: dict[str, Any] | None = None,
+        inbound: Inbound | None = None,
+        pool_key: str = "",
+    ) -> None:
+        self.pod = pod
+        self.source_principal = source_principal
+        self.source_ip = source_ip
+        self.service = service
+        self.port = port
+        self.connect = connect
+        self.meta: dict[str, Any] = meta if meta is not None else {}
+        """The connection-table record, for ``nodeagent ctl connections``."""
+        self.inbound = inbound
+        self.pool_key = pool_key or (f"in|{pod.key}" if inbound else pod.key)
+        """Whose upstream connections these requests may share (default: the pod's)."""
+        self.telemetry: dict[tuple[object, ...], RecordContext] = {}
+        """``Recorder.record``'s per-destination contexts for this connection."""
+        self.conn = Connection(
+            pod,
+            source_principal,
+            source_ip,
+            service,
+            port.port if inbound is None else inbound.cluster.endpoints[0].port,
+            str(self.meta.get("source", "")),
+        )
+        """What the plan and admission read of this connection (each ``Request`` holds
+        it)."""
 
 
 class RecordContext:
@@ -173,4 +254,12 @@ class Recorder:
         self.access_log.write(rec)
 
 
-__all__ = ["Exchange", "RecordContext", "Recorder"]
+__all__ = [
+    "Admit",
+    "Admitted",
+    "Downstream",
+    "Exchange",
+    "Inbound",
+    "RecordContext",
+    "Recorder",
+]
