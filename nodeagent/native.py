@@ -2,7 +2,7 @@
 running a stale build.
 
 The modules every proxied request goes through (the HTTP/1.1 machines, HBONE framing and
-streams, the L7 path with its pipes and connection pool, the access log and the request
+streams, the L7 path with its plan, pipes and connection pool, the access log and the request
 metrics) are ordinary typed Python. ``scripts/setup.sh`` also compiles them to C extension
 modules with mypyc, the compiler mypy and black are built with (``nodeagent native
 build``): the extensions are written beside the sources (``nodeagent/proxy/l7.cpython-311-
@@ -50,6 +50,12 @@ MODULES = (
     "nodeagent.proxy.hbone_client",
     "nodeagent.proxy.hbone_server",
     "nodeagent.proxy.l7",
+    "nodeagent.proxy.l7body",
+    "nodeagent.proxy.l7conn",
+    "nodeagent.proxy.l7engine",
+    "nodeagent.proxy.l7http1",
+    "nodeagent.proxy.l7retry",
+    "nodeagent.core.plan",
     "nodeagent.telemetry.accesslog",
     "nodeagent.telemetry.metrics",
 )

@@ -31,6 +31,7 @@ from nodeagent.core import authz, jwt, ratelimit
 from nodeagent.core.authz import AuthzRequest
 from nodeagent.core.clusters import Cluster, fqdn, port_protocol
 from nodeagent.core.jwt import AuthnResult, AuthnStatus, KeySet
+from nodeagent.core.plan import ROUTE_HEADER, Request
 from nodeagent.core.ratelimit import UNLIMITED, RateDecision, RateLimiter, strictest
 from nodeagent.errors import LocalStateError
 from nodeagent.model.authn import JWTRule
@@ -39,7 +40,8 @@ from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import HeaderOperations, TrafficPolicy
 from nodeagent.proxy.jwks import JwksCache
-from nodeagent.proxy.l7 import ROUTE_HEADER, Downstream, Exchange, LocalReply, apply_header_ops
+from nodeagent.proxy.l7conn import Admitted, Exchange
+from nodeagent.proxy.l7retry import LocalReply
 from nodeagent.proxy.quotastore import QuotaStore
 
 log = logging.getLogger("nodeagent.policy")
@@ -281,54 +283,45 @@ class InboundPolicy:
         return Admission(True, authn=authn, authz=decision, rate=rate, request=req)
 
     def route_names(self, snap: MeshSnapshot) -> frozenset[str]:
-        """Every route name the snapshot's VirtualServices define (``l7.route_name``)."""
+        """Every route name the snapshot's VirtualServices define (``core.plan.route_name``)."""
         return self._routes.get(snap)
 
-    def admit(
-        self,
-        ds: Downstream,
-        method: str,
-        path: str,
-        hdrs: dict[str, str],
-        out: list[tuple[str, str]],
-        x: Exchange,
-    ) -> tuple[str, HeaderOperations | None]:
-        """Let one request through to the app: (the normalized target to send it with,
-        headers to add to its response); or raise the ``LocalReply`` it gets."""
+    def admit(self, req: Request, x: Exchange) -> Admitted:
+        """Let one request through to the app (what the app gets, and headers for its
+        response); or raise the ``LocalReply`` it gets."""
         snap = self.snapshot()
-        pod = snap.pod_by_key.get(ds.pod.key, ds.pod)
-        inbound = ds.inbound
-        assert inbound is not None
-        principal = ds.source_principal if ds.source_principal != "unknown" else None
+        conn = req.conn
+        pod = snap.pod_by_key.get(conn.pod.key, conn.pod)
+        principal = conn.source_principal if conn.source_principal != "unknown" else None
+        hdrs = req.headers
         route = hdrs.pop(ROUTE_HEADER, "")
-        if route:
-            out[:] = [(k, v) for k, v in out if k != ROUTE_HEADER]
-            if principal is None or route not in self.route_names(snap):
-                route = ""  # only a meshed caller's node says which route it took
+        route_sent = bool(route)
+        if route and (principal is None or route not in self.route_names(snap)):
+            route = ""  # only a meshed caller's node says which route it took
         upgrade = hdrs.get("upgrade")
         if upgrade is not None and upgrade.strip().lower() != "websocket":
             x.detail = f"Upgrade: {upgrade} refused where per-request policy applies"
             raise LocalReply(403, "RBAC", RBAC_DENIED)
-        target = normalize_target(path)
+        target = normalize_target(req.target)
         if target is None:
-            x.detail = f"request target {path[:100]!r} cannot be normalized"
+            x.detail = f"request target {req.target[:100]!r} cannot be normalized"
             raise LocalReply(400, "DPE", "invalid request target")
         try:
             a = self.decide(
                 snap,
                 pod,
-                inbound.cluster.endpoints[0].port,
+                conn.port,
                 principal,
-                ds.source_ip,
+                conn.source_ip,
                 http=True,
-                host=x.authority,
-                method=method,
+                host=req.authority,
+                method=req.method,
                 path=target,
                 headers=hdrs,
                 route=route,
             )
         except Exception as e:  # a bug must not let a request through, nor kill the loop
-            log.exception("policy check of %s %s failed", method, path[:100])
+            log.exception("policy check of %s %s failed", req.method, req.target[:100])
             x.detail = f"policy check failed: {type(e).__name__}: {e}"
             raise LocalReply(500, "UAEX", "policy check failed") from None
         if a.authz is not None:
@@ -343,13 +336,18 @@ class InboundPolicy:
             if a.status == 401:
                 extra = (("www-authenticate", 'Bearer realm="nodeagent", error="invalid_token"'),)
             raise LocalReply(a.status, a.flag, a.body, extra)
-        if a.authn is not None:
-            ops = _authn_ops(a.authn)
-            if ops is not None:
-                apply_header_ops(out, ops)
-        if a.request is not None:
-            ds.meta.setdefault("inflight", {})[id(x)] = a.request
-        return target, (HeaderOperations(set=rate_headers) if rate_headers else None)
+        ops = _authn_ops(a.authn) if a.authn is not None else None
+        if route_sent:  # the caller's node's word is for this node only
+            ops = HeaderOperations(
+                set=ops.set if ops is not None else (),
+                remove=(ROUTE_HEADER, *(ops.remove if ops is not None else ())),
+            )
+        return Admitted(
+            target,
+            (ops,) if ops is not None else (),
+            (HeaderOperations(set=rate_headers),) if rate_headers else (),
+            a.request,
+        )
 
     def connection_rate(self, snap: MeshSnapshot, pod: Pod, port: int) -> RateDecision:
         """The new-connection limit (``spec.tcp``) for a port served request by request."""

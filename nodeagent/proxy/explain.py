@@ -2,9 +2,10 @@
 goes, and allowed or denied, answered from the live snapshot and the proxy's live state
 (balancer counters, outlier ejections, rate-limit buckets) without sending anything.
 
-Each step is the function the data path itself calls (``core.route``, the balancer's
-``explain``, ``core.peerauth``, ``core.authz``), so the answer and the traffic agree; the
-access log names the same policy and rule for a real request.
+Each step is the function the data path itself calls (``core.plan`` with its likeliest
+draws: no fault fires, the heaviest destination; the balancer's ``explain`` with the
+plan's hash key; ``core.peerauth``; admission's ``decide``), so the answer and the
+traffic agree; the access log names the same policy and rule for a real request.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.core import authz
-from nodeagent.core.balancer import hash_key_for
 from nodeagent.core.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.core.peerauth import effective_mtls
+from nodeagent.core.plan import Answer, Connection, Likeliest, Plan, Request
 from nodeagent.core.ratelimit import key_value
-from nodeagent.core.route import RequestInfo, RouteOutcome, select_route, select_tcp_route
+from nodeagent.core.route import RouteOutcome, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ExplainQuery
 from nodeagent.model.traffic import Destination, RouteDestination
 from nodeagent.proxy.admission import normalize_target
-from nodeagent.proxy.l7 import route_name as name_of_route
 
 if TYPE_CHECKING:
     from nodeagent.proxy.server import Proxy
@@ -101,81 +101,27 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     if svc is not None and sp is not None:
         host = fqdn(svc)
         out["service"] = {"name": svc.key, "host": host, "port": sp.port}
-        route: dict[str, Any] = {}
-        dests: tuple[RouteDestination, ...]
         hash_key = None
         if proto is not None:
-            info = RequestInfo(
-                method=q.method,
-                authority=headers["host"],
-                path=q.path,
-                headers=headers,
-                port=sp.port,
-                source_labels=src.labels,
-                source_namespace=src.namespace,
-            )
-            d = select_route(snap, host, info)
-            if d.outcome is RouteOutcome.NO_ROUTE:
-                route["outcome"] = "no rule matches"
-                out["route"] = route
-                assert d.virtual_service is not None
-                return _verdict(
-                    out, False, 404, f"no http[] rule of {d.virtual_service.key} matches (NR)"
-                )
-            if d.virtual_service is not None:
-                route["virtual_service"] = d.virtual_service.key
-                route["rule"] = d.rule_index
-                route["rule_name"] = d.rule_name
-                route["match"] = d.match_index
-                route["route_name"] = name_of_route(d)
-                rule = d.rule
-                if rule is not None and rule.redirect is not None:
-                    route["redirect"] = rule.redirect.uri or rule.redirect.authority
-                if rule is not None and rule.fault is not None:
-                    route["fault"] = {
-                        "delay": rule.fault.delay.percentage if rule.fault.delay else None,
-                        "abort": (
-                            {
-                                "status": rule.fault.abort.http_status,
-                                "percent": rule.fault.abort.percentage,
-                            }
-                            if rule.fault.abort
-                            else None
-                        ),
-                    }
-                if rule is not None:
-                    route["timeout"] = rule.timeout
-                    route["retries"] = rule.retries.attempts if rule.retries else "default (2)"
-            else:
-                route["virtual_service"] = None
-                route["outcome"] = "no VirtualService: the service itself"
-            dests = d.routes
+            conn = Connection(src, out["source"]["principal"], src.pod_ip or "", svc, sp.port)
+            request = Request(q.method, q.path, headers["host"], headers, conn)
+            p = proxy.l7.planner.plan(snap, request, Likeliest())
+            out["route"] = _route(p)
+            if isinstance(p, Answer):
+                return _verdict(out, False, *_why_not(p))
+            cluster, hash_key = p.cluster, p.hash_key
         else:
             trule = select_tcp_route(snap, host, sp.port, src.labels)
-            route["tcp_rule"] = trule is not None
-            dests = (
-                trule.routes if trule is not None else (RouteDestination(Destination(host), 100),)
-            )
-        route["destinations"] = [
-            {"host": r.destination.host, "subset": r.destination.subset, "weight": r.weight}
-            for r in dests
-        ]
-        out["route"] = route
-        # the load balancer, for the heaviest destination
-        best = max(dests, key=lambda r: r.weight) if dests else None
-        if best is None:
-            return _verdict(out, False, 503, "the route has no destination")
-        try:
-            cluster = proxy.l7.clusters.cluster(snap, best.destination, sp.port)
-        except ClusterError as e:
-            return _verdict(out, False, 503, f"{e} (NC)")
-        lb = cluster.policy.load_balancer
-        if lb is not None and lb.consistent_hash is not None and proto is not None:
-            hash_key, _ = hash_key_for(
-                lb.consistent_hash, headers, {}, src.pod_ip or "", {}, connection=""
-            )
-        bal = proxy.l7.clusters.balancer(cluster, src)
-        lbx = bal.explain(hash_key)
+            dests = trule.routes if trule else (RouteDestination(Destination(host), 100),)
+            out["route"] = {"tcp_rule": trule is not None, "destinations": _destinations(dests)}
+            best = Likeliest().pick(dests)
+            if best is None:
+                return _verdict(out, False, 503, "the route has no destination")
+            try:
+                cluster = proxy.l7.clusters.cluster(snap, best.destination, sp.port)
+            except ClusterError as e:
+                return _verdict(out, False, 503, f"{e} (NC)")
+        lbx = proxy.l7.clusters.balancer(cluster, src).explain(hash_key)
         out["endpoints"] = {"cluster": cluster.name, **lbx}
         pick = lbx.get("pick")
         if not isinstance(pick, dict):
@@ -260,6 +206,55 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     return _verdict(
         out, True, 0, f"to {dst_pod.key} port {dst_port} on {dst_pod.node_name} ({how})"
     )
+
+
+def _route(p: Plan | Answer) -> dict[str, Any]:
+    """The route section: the plan's route decision, with the rule's settings."""
+    d = p.decision
+    assert d is not None
+    if d.outcome is RouteOutcome.NO_ROUTE:
+        return {"outcome": "no rule matches"}
+    route: dict[str, Any] = {"virtual_service": None}
+    rule = d.rule
+    if d.virtual_service is None:
+        route["outcome"] = "no VirtualService: the service itself"
+    else:
+        route["virtual_service"] = d.virtual_service.key
+        route["rule"] = d.rule_index
+        route["rule_name"] = d.rule_name
+        route["match"] = d.match_index
+        route["route_name"] = p.route_name
+    if rule is not None and rule.redirect is not None:
+        route["redirect"] = rule.redirect.uri or rule.redirect.authority
+    if rule is not None and rule.fault is not None:
+        f = rule.fault
+        abort = f.abort
+        route["fault"] = {
+            "delay": f.delay.percentage if f.delay else None,
+            "abort": {"status": abort.http_status, "percent": abort.percentage} if abort else None,
+        }
+    if rule is not None:
+        route["timeout"] = rule.timeout
+        route["retries"] = rule.retries.attempts if rule.retries else "default (2)"
+    route["destinations"] = _destinations(d.routes)
+    return route
+
+
+def _why_not(a: Answer) -> tuple[int, str]:
+    """(status, why) of a request the plan answers without a destination."""
+    vs = a.decision.virtual_service
+    if a.decision.outcome is RouteOutcome.NO_ROUTE and vs is not None:
+        return 404, f"no http[] rule of {vs.key} matches (NR)"
+    if a.flag == "NC":
+        return 503, f"{a.body} (NC)"
+    return 503, "the route has no destination"  # a redirect, or no destinations
+
+
+def _destinations(dests: tuple[RouteDestination, ...]) -> list[dict[str, Any]]:
+    return [
+        {"host": r.destination.host, "subset": r.destination.subset, "weight": r.weight}
+        for r in dests
+    ]
 
 
 def _rate_limits(

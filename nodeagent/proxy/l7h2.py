@@ -1,6 +1,6 @@
 """HTTP/2 and gRPC on the L7 path: h2c (prior knowledge) from the client, each stream
-routed on its own by the same ``L7Proxy.plan`` as HTTP/1.1, and sent on a multiplexed
-HTTP/2 connection per (source pod, endpoint) through the mTLS tunnel.
+planned on its own by the same ``core.plan`` as HTTP/1.1 (``L7Engine.prepare``), and sent
+on a multiplexed HTTP/2 connection per (source pod, endpoint) through the mTLS tunnel.
 
 Owns the per-stream exchange (retries on ``refused-stream``, ``reset``, status codes and
 gRPC statuses, route and per-try timeouts, trailers both ways, bidirectional streaming)
@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
+from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.protocol import http1
@@ -41,17 +42,13 @@ from nodeagent.protocol.http2 import (
     forwardable_h2_headers,
 )
 from nodeagent.proxy.h1pool import ConnectFn, Overflow, dial
-from nodeagent.proxy.l7 import (
-    Downstream,
-    Exchange,
-    L7Proxy,
+from nodeagent.proxy.l7body import RequestBody
+from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7engine import L7Engine
+from nodeagent.proxy.l7retry import (
     LocalReply,
-    Plan,
     Redirect,
-    RequestBody,
-    apply_header_ops,
     deadline,
-    join_headers,
     policy_refusal,
     retriable_status,
     within,
@@ -309,7 +306,7 @@ class _H2Sink:
 class _Session:
     """One client connection speaking HTTP/2."""
 
-    def __init__(self, engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+    def __init__(self, engine: L7Engine, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
         self.engine = engine
         self.pool = h2pool
         self.ds = ds
@@ -384,26 +381,28 @@ class _Session:
             x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/2")
             x.status = ev.status
             x.flag("DPE")
-            self.engine.record(self.ds, x)
+            self.engine.recorder.record(self.ds, x)
 
     # -- one stream ---------------------------------------------------------------------
-    async def _exchange(self, s: _DownStream, req: StreamRequest) -> None:
-        hdrs = join_headers(req.headers)
+    async def _exchange(self, s: _DownStream, head: StreamRequest) -> None:
+        hdrs = join_headers(head.headers)
+        req = Request(head.method, head.path, head.authority, hdrs, self.ds.conn)
         grpc = hdrs.get("content-type", "").startswith("application/grpc")
         x = Exchange(
             start=time.monotonic(),
             start_wall=time.time(),
-            method=req.method,
-            authority=req.authority,
-            path=req.path,
+            method=head.method,
+            authority=head.authority,
+            path=head.path,
             protocol="gRPC" if grpc else "HTTP/2",
             user_agent=hdrs.get("user-agent", ""),
         )
-        body = RequestBody(s.next_event, s.take_now)
-        out = list(forwardable_h2_headers(req.headers))
+        body = RequestBody(s)
+        out = list(forwardable_h2_headers(head.headers))
         try:
-            p = await self.engine.plan(self.ds, req.method, req.path, hdrs, out, x)
-            await within(p.timeout, self._attempts(s, req, out, body, p, x))
+            p = await self.engine.prepare(self.ds, req, x)
+            p.edit_request(out)
+            await within(p.timeout, self._attempts(s, req.method, out, body, p, x))
         except LocalReply as r:
             x.flag(r.flag)
             x.status = r.status
@@ -429,12 +428,12 @@ class _Session:
             x.bytes_in = body.total
             self.flush()
             self.streams.pop(s.id, None)
-            self.engine.record(self.ds, x)
+            self.engine.recorder.record(self.ds, x)
 
     async def _attempts(
         self,
         s: _DownStream,
-        req: StreamRequest,
+        method: str,
         out: list[tuple[str, str]],
         body: RequestBody,
         p: Plan,
@@ -462,7 +461,7 @@ class _Session:
                         cluster,
                         ep,
                         self.ds.connect,
-                        (req.method, "http", p.authority, p.path, out, False),
+                        (method, "http", p.authority, p.path, out, False),
                     )
                 except Overflow as e:
                     raise LocalReply(503, "UO", str(e)) from None
@@ -565,7 +564,7 @@ class _Session:
                 return None
 
 
-async def serve_h2(engine: L7Proxy, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
+async def serve_h2(engine: L7Engine, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:
     """Serve one client connection speaking h2c (prior knowledge)."""
     await _Session(engine, h2pool, ds, pipe).serve()
 

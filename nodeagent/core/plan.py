@@ -1,0 +1,489 @@
+"""The plan of one HTTP request: everything decided about it before its first attempt,
+as data, by one pure function that the data path and ``ctl explain`` both call.
+
+Owns: the ``Request`` value (what routing and admission read of one request and of the
+``Connection`` it came on), ``Planner.plan`` and what it returns (a ``Plan`` to send, or
+an ``Answer`` the proxy gives itself: no route, a redirect, a fault's abort, a bad
+destination), the memo of route decisions per snapshot, the random draws a plan makes
+(``Draws``; ``Likeliest`` for ``ctl explain``) and the header operations a plan carries.
+
+A plan names the route (``core.route``) and its name, a fault's delay, the weighted
+destination and its cluster (``core.clusters``), ``rewrite.uri`` and
+``rewrite.authority``, the retry policy and the route timeout, the trace context and
+request id headers to add, request and response header operations, the consistent-hash
+key (``core.balancer``) and where a copy of the request goes (``mirror``). No I/O, no
+asyncio, no clock: the proxy executes a plan (waits the delay, gives the answer, runs
+the attempts) and decides none of it again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from nodeagent.core.balancer import hash_key_for
+from nodeagent.core.clusters import Cluster, ClusterError, Clusters, fqdn
+from nodeagent.core.route import (
+    MEMO_MAX,
+    RequestInfo,
+    RouteDecision,
+    RouteOutcome,
+    decided_by_request_line,
+    pick_weighted,
+    select_route,
+)
+from nodeagent.model.objects import Pod, Service
+from nodeagent.model.ratelimit import KeyKind
+from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
+from nodeagent.model.traffic import (
+    DEFAULT_RETRY,
+    Destination,
+    HeaderOperations,
+    Headers,
+    HTTPRetry,
+    MatchKind,
+    RouteDestination,
+)
+
+ROUTE_HEADER = "x-nodeagent-route"
+"""Set by the caller's node proxy on each request it routes (the route taken), read and
+removed by the called node (rate limits keyed by route)."""
+
+NO_RETRY = HTTPRetry(attempts=0)
+"""At the called workload: the caller's node retries, not this one."""
+
+
+# Values made per request (and per connection) are plain classes, not dataclasses:
+# compiled, a dataclass's __init__ stays interpreted (~3,000 instructions a call).
+
+
+class Connection:
+    """The client connection a request came on, as the mesh knows it (one per
+    connection)."""
+
+    def __init__(
+        self,
+        pod: Pod,
+        source_principal: str,
+        source_ip: str,
+        service: Service,
+        port: int,
+        key: str = "",
+    ) -> None:
+        self.pod = pod
+        """The local workload: the caller on its own node, the callee on the called
+        node."""
+        self.source_principal = source_principal
+        """The caller's identity; ``unknown`` without mTLS."""
+        self.source_ip = source_ip
+        self.service = service
+        self.port = port
+        """The port the connection was made to: the service port on the caller's node,
+        the workload's own port on the called node."""
+        self.key = key
+        """Tells client connections apart (``peer-ip:port>local-ip:port``): a generated
+        consistent-hash cookie is a hash of it."""
+
+
+class Request:
+    """One HTTP request, as routing and admission read it."""
+
+    def __init__(
+        self, method: str, target: str, authority: str, headers: dict[str, str], conn: Connection
+    ) -> None:
+        self.method = method
+        self.target = target
+        """The request target as sent: path and query."""
+        self.authority = authority
+        self.headers = headers
+        """Lowercase names, a repeated header joined (``join_headers``)."""
+        self.conn = conn
+
+
+def join_headers(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """A request's headers as ``Request.headers``: repeated ones joined with ``,`` (a
+    cookie with ``;``)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k in out:
+            out[k] = f"{out[k]}, {v}" if k != "cookie" else f"{out[k]}; {v}"
+        else:
+            out[k] = v
+    return out
+
+
+def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOperations) -> None:
+    """Istio's header operations, in place: ``set`` replaces, ``add`` appends, ``remove``
+    drops (names are case-insensitive)."""
+    if ops.remove or ops.set:
+        drop = {n.lower() for n in ops.remove} | {n.lower() for n, _ in ops.set}
+        headers[:] = [(k, v) for k, v in headers if k.lower() not in drop]
+    for n, v in ops.set:
+        headers.append((n.lower(), v))
+    for n, v in ops.add:
+        headers.append((n.lower(), v))
+
+
+class Answer:
+    """A request the proxy answers itself instead of sending it on."""
+
+    def __init__(
+        self,
+        status: int,
+        flag: str,
+        body: str,
+        decision: RouteDecision,
+        route_name: str,
+        location: str | None = None,
+        delay: float | None = None,
+    ) -> None:
+        self.status = status
+        self.flag = flag
+        """Envoy's response flag: ``NR`` (no route, no destination), ``FI`` (a fault's
+        abort), ``NC`` (a destination that does not exist); empty for a redirect."""
+        self.body = body
+        self.decision = decision
+        self.route_name = route_name
+        self.location = location
+        """Where a redirect sends the client."""
+        self.delay = delay
+        """A fault's delay to wait before answering."""
+
+
+class Plan:
+    """A request to send upstream, and how."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        path: str,
+        authority: str,
+        decision: RouteDecision | None = None,
+        route_name: str = "",
+        delay: float | None = None,
+        *,
+        retry: HTTPRetry = DEFAULT_RETRY,
+        request_ops: tuple[HeaderOperations, ...] = (),
+        response_ops: tuple[HeaderOperations, ...] = (),
+    ) -> None:
+        self.cluster = cluster
+        self.path = path
+        """The request target after ``rewrite.uri``."""
+        self.authority = authority
+        """The authority after ``rewrite.authority``."""
+        self.decision = decision
+        """None at the called workload's node: requests are admitted there, not routed."""
+        self.route_name = route_name
+        self.delay = delay
+        """A fault's delay to wait before the first attempt."""
+        self.retry = retry
+        self.timeout: float | None = None
+        """The route's timeout (seconds), for all attempts together."""
+        self.hash_key: str | None = None
+        self.set_cookie: str | None = None
+        """A consistent-hash cookie to set on the response."""
+        self.trace_id = ""
+        self.request_id = ""
+        self.mirror: Destination | None = None
+        """Where a copy of the request goes (``mirror``, drawn by ``mirrorPercentage``)."""
+        self.remove_headers: tuple[str, ...] = ()
+        """Dropped from the client's headers first (a client cannot claim a route)."""
+        self.add_headers: tuple[tuple[str, str], ...] = ()
+        """Then added: trace context, request id, ``x-forwarded-proto``, the route taken."""
+        self.request_ops = request_ops
+        """Then applied in order: the rule's, then the destination's."""
+        self.response_ops = response_ops
+
+    def edit_request(self, headers: list[tuple[str, str]]) -> None:
+        """The plan's changes to the headers sent upstream, in place."""
+        if self.remove_headers:
+            drop = self.remove_headers
+            headers[:] = [(k, v) for k, v in headers if k not in drop]
+        headers.extend(self.add_headers)
+        for ops in self.request_ops:
+            apply_header_ops(headers, ops)
+
+
+class Routed(NamedTuple):
+    """What routing decided for a request line (remembered per snapshot when nothing else,
+    headers or the source, could change it)."""
+
+    decision: RouteDecision
+    name: str
+    """``route_name(decision)``."""
+    cluster: Cluster | None
+    """The cluster of the rule's only destination; None: pick by weight per request."""
+    by_request_line: bool
+
+
+def route_name(d: RouteDecision) -> str:
+    """The route name of the access log, metrics and rate-limit keys."""
+    if d.virtual_service is None or d.rule_index is None:
+        return ""
+    return d.rule_name or f"{d.virtual_service.key}#{d.rule_index}"
+
+
+def trace_id(traceparent: str | None) -> str:
+    """The trace id of a W3C ``traceparent`` header ("" when absent or malformed)."""
+    if traceparent is None or traceparent.count("-") < 3:
+        return ""
+    return traceparent.split("-")[1]
+
+
+class Draws:
+    """The random choices of a plan, from one generator (the data path's)."""
+
+    def __init__(self, rnd: random.Random) -> None:
+        self.rnd = rnd
+
+    def chance(self, percent: float) -> bool:
+        """True ``percent`` % of the time (a fault's delay or abort)."""
+        return self.rnd.random() * 100 < percent
+
+    def pick(self, routes: tuple[RouteDestination, ...]) -> RouteDestination | None:
+        """A destination by weight."""
+        return pick_weighted(routes, self.rnd.random())
+
+    def bits(self, n: int) -> int:
+        """``n`` random bits for new ids: for correlation, not secrets (the seeded
+        generator, not a syscall per request)."""
+        return self.rnd.getrandbits(n)
+
+
+class Likeliest(Draws):
+    """What ``ctl explain`` shows: no fault fires, the heaviest destination is taken."""
+
+    def __init__(self) -> None:
+        super().__init__(random.Random(0))
+
+    def chance(self, percent: float) -> bool:
+        return False
+
+    def pick(self, routes: tuple[RouteDestination, ...]) -> RouteDestination | None:
+        return max(routes, key=_weight) if routes else None
+
+
+def _weight(r: RouteDestination) -> int:
+    return r.weight
+
+
+_NONZERO_IDS = (1 << 192) | (1 << 128)
+"""OR-ed into the 320 random bits of new ids: the trace id (the top 128 bits) and the span
+id (the next 64) must not be all zeros."""
+_UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+"""A random hex digit as the RFC 4122 variant digit of a UUID."""
+
+
+class Planner:
+    """Plans the requests of local pods (one per agent): keeps the route decisions of
+    the serving snapshot, and the clusters and balancers through ``Clusters``."""
+
+    def __init__(self, clusters: Clusters) -> None:
+        self.clusters = clusters
+        self._routed: PerSnapshot[dict[tuple[str, int, str, str, str], Routed]]
+        self._routed = PerSnapshot(_new_memo)
+        """Route decisions by (service, port, method, target, authority), for routes that
+        only look at those (bounded by ``MEMO_MAX``)."""
+        self._route_keyed = PerSnapshot(_route_keyed)
+        """Whether some LocalRateLimit is keyed by route (then the route taken goes along
+        to the destination's node)."""
+
+    def route(self, snap: MeshSnapshot, req: Request) -> Routed:
+        """The route decision for ``req`` (remembered when only its request line counts)."""
+        conn = req.conn
+        memo = self._routed.get(snap)
+        key = (conn.service.key, conn.port, req.method, req.target, req.authority)
+        routed = memo.get(key)
+        if routed is None:
+            decision = select_route(snap, fqdn(conn.service), _request_info(req))
+            cluster: Cluster | None = None
+            routes = decision.routes
+            if decision.outcome is not RouteOutcome.NO_ROUTE and len(routes) == 1:
+                try:
+                    cluster = self.clusters.cluster(snap, routes[0].destination, conn.port)
+                except ClusterError:  # raised again per request, on the slow path
+                    cluster = None
+            routed = Routed(
+                decision, route_name(decision), cluster, decided_by_request_line(decision)
+            )
+            if routed.by_request_line:
+                if len(memo) >= MEMO_MAX:
+                    memo.clear()
+                memo[key] = routed
+        return routed
+
+    def plan(self, snap: MeshSnapshot, req: Request, draws: Draws) -> Plan | Answer:
+        """Everything decided about ``req`` before its first attempt."""
+        routed = self.route(snap, req)
+        decision, name = routed.decision, routed.name
+        if decision.outcome is RouteOutcome.NO_ROUTE:
+            return Answer(
+                404,
+                "NR",
+                f"no VirtualService route of {decision.service_fqdn} matches this request",
+                decision,
+                name,
+            )
+        rule = decision.rule
+        delay: float | None = None
+        if rule is not None and rule.redirect is not None:
+            rd = rule.redirect
+            target = rd.uri if rd.uri is not None else req.target
+            location = f"http://{rd.authority or req.authority}{target}"
+            return Answer(rd.redirect_code, "", "", decision, name, location)
+        if rule is not None and rule.fault is not None:
+            f = rule.fault
+            if f.delay is not None and draws.chance(f.delay.percentage):
+                delay = f.delay.fixed_delay
+            if f.abort is not None and draws.chance(f.abort.percentage):
+                return Answer(
+                    f.abort.http_status, "FI", "fault filter abort", decision, name, None, delay
+                )
+        rdest: RouteDestination | None
+        conn = req.conn
+        if routed.cluster is not None:  # one destination: decided with the route
+            rdest, cluster = decision.routes[0], routed.cluster
+        else:
+            rdest = draws.pick(decision.routes)
+            if rdest is None:
+                why = f"route {name or decision.service_fqdn} has no destinations"
+                return Answer(503, "NR", why, decision, name, None, delay)
+            try:
+                cluster = self.clusters.cluster(snap, rdest.destination, conn.port)
+            except ClusterError as e:
+                return Answer(503, "NC", str(e), decision, name, None, delay)
+        p = Plan(cluster, req.target, req.authority, decision, name, delay)
+        if rule is not None:
+            rewrite = rule.rewrite
+            if rewrite is not None:
+                if rewrite.uri is not None:
+                    p.path = _rewrite_path(decision, req.target, rewrite.uri)
+                if rewrite.authority is not None:
+                    p.authority = rewrite.authority
+            if rule.retries is not None:
+                p.retry = rule.retries
+            p.timeout = rule.timeout
+            pct = rule.mirror_percentage
+            if rule.mirror is not None and draws.chance(100.0 if pct is None else pct):
+                p.mirror = rule.mirror
+        hdrs = req.headers
+        add = _ids(p, hdrs, draws)
+        add.append(("x-forwarded-proto", "http"))
+        if ROUTE_HEADER in hdrs:
+            p.remove_headers = (ROUTE_HEADER,)
+        if name and self._route_keyed.get(snap):
+            add.append((ROUTE_HEADER, name))
+        p.add_headers = tuple(add)
+        rule_headers = rule.headers if rule is not None else None
+        if rule_headers is not None or rdest.headers is not None:
+            p.request_ops, p.response_ops = _header_ops(rule_headers, rdest.headers)
+        # consistent hashing needs the key before the pick
+        lb = cluster.policy.load_balancer
+        if lb is not None and lb.consistent_hash is not None:
+            key, cookie = hash_key_for(
+                lb.consistent_hash,
+                hdrs,
+                _cookies(hdrs.get("cookie")),
+                conn.source_ip,
+                _request_info(req).query_params,
+                connection=conn.key,
+            )
+            p.hash_key = key
+            if cookie is not None:
+                p.set_cookie = cookie.header_value()
+        return p
+
+
+def _ids(p: Plan, hdrs: Mapping[str, str], draws: Draws) -> list[tuple[str, str]]:
+    """Trace context and request id: the client's, else new ones (headers to add)."""
+    add: list[tuple[str, str]] = []
+    tp = hdrs.get("traceparent")
+    rid = hdrs.get("x-request-id")
+    if tp is None or rid is None:
+        h = f"{draws.bits(320) | _NONZERO_IDS:080x}"
+        if tp is None:  # W3C trace context, not sampled
+            p.trace_id = h[:32]
+            add.append(("traceparent", f"00-{p.trace_id}-{h[32:48]}-00"))
+        if rid is None:  # a version 4 UUID
+            rid = f"{h[48:56]}-{h[56:60]}-4{h[61:64]}-{_UUID_VARIANT[h[64]]}{h[65:68]}-{h[68:]}"
+            add.append(("x-request-id", rid))
+    if tp is not None:
+        p.trace_id = trace_id(tp)
+    p.request_id = rid
+    return add
+
+
+def _header_ops(
+    rule: Headers | None, dest: Headers | None
+) -> tuple[tuple[HeaderOperations, ...], tuple[HeaderOperations, ...]]:
+    """(request, response) header operations: the rule's, then the destination's."""
+    both = tuple(h for h in (rule, dest) if h is not None)
+    return tuple(h.request for h in both), tuple(h.response for h in both)
+
+
+def _request_info(req: Request) -> RequestInfo:
+    conn = req.conn
+    return RequestInfo(
+        method=req.method,
+        authority=req.authority,
+        path=req.target,
+        headers=req.headers,
+        port=conn.port,
+        source_labels=conn.pod.labels,
+        source_namespace=conn.pod.namespace,
+    )
+
+
+def _rewrite_path(decision: RouteDecision, path: str, new: str) -> str:
+    """Istio's ``rewrite.uri``: replaces the matched prefix for a prefix match, else the
+    whole path (the query string is kept)."""
+    rule = decision.rule
+    query = ""
+    p, sep, q = path.partition("?")
+    if sep:
+        query = "?" + q
+    if rule is not None and decision.match_index is not None:
+        m = rule.matches[decision.match_index].uri
+        if m is not None and m.kind is MatchKind.PREFIX and p.startswith(m.value):
+            return new + p[len(m.value) :] + query
+    return new + query
+
+
+def _cookies(header: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not header:
+        return out
+    for part in header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k not in out:
+            out[k] = v
+    return out
+
+
+def _new_memo(snap: MeshSnapshot) -> dict[tuple[str, int, str, str, str], Routed]:
+    return {}
+
+
+def _route_keyed(snap: MeshSnapshot) -> bool:
+    return any(
+        p.http is not None and p.http.key.kind is KeyKind.ROUTE for p in snap.local_rate_limits
+    )
+
+
+__all__ = [
+    "NO_RETRY",
+    "ROUTE_HEADER",
+    "Answer",
+    "Connection",
+    "Draws",
+    "Likeliest",
+    "Plan",
+    "Planner",
+    "Request",
+    "Routed",
+    "apply_header_ops",
+    "join_headers",
+    "route_name",
+    "trace_id",
+]

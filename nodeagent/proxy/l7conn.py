@@ -1,0 +1,265 @@
+"""One client connection of the L7 path: what the path knows about it (``Downstream``;
+``Inbound`` on the called workload's node, with the admission each request passes there),
+and what it records of each exchange on it (``Exchange``, which ``Recorder`` turns into
+the request metrics and one access-log line, with contexts per destination kept on the
+connection). Decides nothing about a request.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from nodeagent.core.authz import AuthzRequest
+from nodeagent.core.clusters import Cluster, fqdn
+from nodeagent.core.plan import Connection, Request
+from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.traffic import HeaderOperations
+from nodeagent.proxy.h1pool import ConnectFn
+from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
+from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
+
+
+class Exchange:
+    """Everything measured about one request, for the access log and the metrics (a
+    plain class: compiled, a dataclass's ``__init__`` stays interpreted)."""
+
+    def __init__(
+        self,
+        start: float,
+        start_wall: float,
+        method: str,
+        authority: str,
+        path: str,
+        protocol: str,
+        user_agent: str = "",
+    ) -> None:
+        self.start = start
+        self.start_wall = start_wall
+        self.method = method
+        self.authority = authority
+        self.path = path
+        self.protocol = protocol
+        self.user_agent = user_agent
+        self.route_name = ""
+        self.cluster = ""
+        self.status = 0
+        self.flags: list[str] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream = "-"
+        self.dst_pod: Pod | None = None
+        self.dst_principal = "unknown"
+        self.attempts = 0
+        self.trace_id = ""
+        self.request_id = ""
+        self.policy = ""
+        """The AuthorizationPolicy that decided (``namespace/name``), for the access log."""
+        self.policy_rule: int | None = None
+        self.request_principal = ""
+        self.detail = ""
+        """Why the proxy answered itself."""
+
+    def flag(self, f: str) -> None:
+        if f not in self.flags:
+            self.flags.append(f)
+
+
+class Admitted(NamedTuple):
+    """A request the called workload's policies let through."""
+
+    target: str
+    """The normalized request target to send to the app."""
+    request_ops: tuple[HeaderOperations, ...]
+    """Changes to the headers the app gets (RequestAuthentication's, the route header
+    dropped)."""
+    response_ops: tuple[HeaderOperations, ...]
+    """Headers for its response (rate-limit headers)."""
+    request: AuthzRequest | None
+    """What authorization looked at (kept in the connection table while in flight, for
+    live re-checks)."""
+
+
+Admit = Callable[[Request, Exchange], Admitted]
+"""The destination's policy stage for one request: returns what it lets through, raises
+``LocalReply`` to answer it."""
+
+
+@dataclass
+class Inbound:
+    """A connection that reached the called workload's node (after mTLS)."""
+
+    peer_pod: Pod | None
+    """The calling pod, when the mesh knows it (from its identity or its address)."""
+    cluster: Cluster
+    """The workload's own port: one endpoint, the app."""
+    admit: Admit
+    principal: str
+    """The called workload's own identity."""
+
+
+class Downstream:
+    """What the L7 path knows about one client connection: on the client's node
+    (``inbound`` None: ``pod`` is the caller, requests are routed) or on the called
+    workload's node (``inbound`` set: ``pod`` is the callee, requests are admitted by its
+    policies and go to the app). A plain class: compiled, a dataclass's ``__init__``
+    stays interpreted."""
+
+    def __init__(
+        self,
+        pod: Pod,
+        source_principal: str,
+        source_ip: str,
+        service: Service,
+        port: ServicePort,
+        connect: ConnectFn,
+        meta: dict[str, Any] | None = None,
+        inbound: Inbound | None = None,
+        pool_key: str = "",
+    ) -> None:
+        self.pod = pod
+        self.source_principal = source_principal
+        self.source_ip = source_ip
+        self.service = service
+        self.port = port
+        self.connect = connect
+        self.meta: dict[str, Any] = meta if meta is not None else {}
+        """The connection-table record, for ``nodeagent ctl connections``."""
+        self.inbound = inbound
+        self.pool_key = pool_key or (f"in|{pod.key}" if inbound else pod.key)
+        """Whose upstream connections these requests may share (default: the pod's)."""
+        self.telemetry: dict[tuple[object, ...], RecordContext] = {}
+        """``Recorder.record``'s per-destination contexts for this connection."""
+        self.conn = Connection(
+            pod,
+            source_principal,
+            source_ip,
+            service,
+            port.port if inbound is None else inbound.cluster.endpoints[0].port,
+            str(self.meta.get("source", "")),
+        )
+        """What the plan and admission read of this connection (each ``Request`` holds
+        it)."""
+
+
+class RecordContext:
+    """What the access log and the metrics say the same way for every request of one
+    client connection to one destination (workload, cluster, route, identity, protocol):
+    made once, not per request. ``series`` holds the metric series by (status, flags)."""
+
+    __slots__ = ("dst", "fields", "labels_head", "labels_tail", "series")
+
+    def __init__(self, ds: Downstream, x: Exchange, dst: Pod | None) -> None:
+        inbound = ds.inbound
+        src: Pod | None
+        if inbound is None:
+            reporter, src = "source", ds.pod
+        else:
+            reporter, src = "destination", inbound.peer_pod
+        src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
+        dst_name, dst_ns = (dst.name, dst.namespace) if dst else ("unknown", "unknown")
+        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
+        svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
+        self.dst = dst
+        self.series: dict[tuple[int, str], list[float]] = {}
+        # HTTP_LABELS order, around response_code and response_flags
+        self.labels_head = (
+            reporter,
+            src_name,
+            src_ns,
+            ds.source_principal,
+            dst_name,
+            dst_ns,
+            svc_host,
+            x.dst_principal,
+            dst.labels.get("version", "unknown") if dst else "unknown",
+            "grpc" if x.protocol == "gRPC" else "http",
+        )
+        self.labels_tail = ("mutual_tls" if mtls else "none", x.route_name or "default")
+        self.fields = {
+            "source_workload": src_name,
+            "source_namespace": src_ns,
+            "source_principal": ds.source_principal,
+            "destination_service": svc_host,
+            "destination_workload": dst_name,
+            "destination_namespace": dst_ns,
+            "destination_principal": x.dst_principal,
+            "protocol": x.protocol,
+            "upstream_cluster": x.cluster or "-",
+            "route_name": x.route_name or "-",
+            "reporter": reporter,
+        }
+
+
+class Recorder:
+    """Writes each ended exchange to the request metrics and the access log."""
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def record(self, ds: Downstream, x: Exchange) -> None:
+        duration_ms = (time.monotonic() - x.start) * 1000
+        flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
+        inbound = ds.inbound
+        if inbound is None:
+            dst = x.dst_pod
+        else:
+            dst = ds.pod
+            x.dst_principal = inbound.principal
+            inflight = ds.meta.get("inflight")
+            if inflight:
+                inflight.pop(id(x), None)
+        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol)
+        ctx = ds.telemetry.get(k)
+        if ctx is None or ctx.dst is not dst:
+            ctx = ds.telemetry[k] = RecordContext(ds, x, dst)
+        series = ctx.series.get((x.status, flags))
+        if series is None:
+            series = ctx.series[(x.status, flags)] = self.metrics.requests.series(
+                (*ctx.labels_head, str(x.status), flags, *ctx.labels_tail)
+            )
+        series[COUNT] += 1
+        series[SUM] += duration_ms
+        series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        # the fields fixed for this connection and destination, then this request's own
+        rec: AccessRecord = {
+            **ctx.fields,  # type: ignore[typeddict-item]  # (the keys not listed here)
+            "start_time": rfc3339(x.start_wall),
+            "method": x.method,
+            "authority": x.authority,
+            "path": x.path,
+            "response_code": x.status,
+            "response_flags": flags,
+            "bytes_received": x.bytes_in,
+            "bytes_sent": x.bytes_out,
+            "duration_ms": round(duration_ms, 3),
+            "upstream_host": x.upstream,
+            "attempts": x.attempts,
+            "trace_id": x.trace_id,
+            "request_id": x.request_id,
+            "user_agent": x.user_agent,
+        }
+        if x.policy:
+            rec["authz_policy"] = x.policy
+            if x.policy_rule is not None:
+                rec["authz_rule"] = x.policy_rule
+        if x.request_principal:
+            rec["request_principal"] = x.request_principal
+        if x.detail:
+            rec["detail"] = x.detail
+        self.access_log.write(rec)
+
+
+__all__ = [
+    "Admit",
+    "Admitted",
+    "Downstream",
+    "Exchange",
+    "Inbound",
+    "RecordContext",
+    "Recorder",
+]

@@ -1,0 +1,448 @@
+"""The HTTP/1.1 side of the L7 path: one client connection served request after request
+(``Http1Session``), each executed as its plan says (``L7Engine.prepare``): the attempts to
+the endpoints the balancer picks over pooled upstream connections (``proxy/h1pool.py``),
+the response relayed with the plan's header operations, local replies, and protocol
+switches (WebSocket) relayed as bytes.
+
+Decides nothing about where a request goes or whether it may (``core/plan.py``,
+``proxy/admission.py``); the HTTP/1.1 machines (``protocol/http1.py``) do the framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from nodeagent.core.balancer import endpoint_address
+from nodeagent.core.clusters import Cluster
+from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
+from nodeagent.errors import PeerError
+from nodeagent.model.traffic import HeaderOperations, HTTPRetry
+from nodeagent.protocol.http1 import (
+    BodyChunk,
+    ConnectionClosed,
+    DownstreamEvent,
+    DownstreamHttp1,
+    Headers,
+    Informational,
+    ProtocolError,
+    RequestHead,
+    ResponseEnd,
+    ResponseHead,
+    Upgraded,
+    forwardable_headers,
+)
+from nodeagent.proxy.h1pool import H1Conn
+from nodeagent.proxy.l7body import RETRY_BUFFER, RequestBody, done_body
+from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7engine import L7Engine
+from nodeagent.proxy.l7retry import LocalReply, Redirect, retriable_status, within
+from nodeagent.proxy.pipe import Pipe, PipeClosed
+
+log = logging.getLogger("nodeagent.proxy.l7")
+
+
+class H1Sink:
+    """A request body written to an upstream HTTP/1.1 connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: H1Conn) -> None:
+        self.conn = conn
+
+    def body(self, data: bytes) -> None:
+        self.conn.pipe.write(self.conn.machine.send_body(data))
+
+    def end(self, trailers: Headers) -> None:
+        self.conn.pipe.write(self.conn.machine.send_end(trailers))
+
+    async def drain(self) -> None:
+        await self.conn.pipe.drain()
+
+    def abort(self) -> None:
+        self.conn.pipe.abort()
+
+
+class Http1Session:
+    """One client connection speaking HTTP/1.1, served until it closes or a response
+    says close; its events are the request bodies' ``BodySource``."""
+
+    def __init__(self, engine: L7Engine, ds: Downstream, pipe: Pipe) -> None:
+        self.engine = engine
+        self.ds = ds
+        self.pipe = pipe
+        self.down = DownstreamHttp1()
+        self.events: deque[DownstreamEvent] = deque()
+
+    async def next_event(self) -> DownstreamEvent:
+        events = self.events
+        while not events:
+            data = await self.pipe.read()
+            evs = self.down.receive_data(data)
+            if not evs and not data:
+                return ConnectionClosed(clean=False)
+            events.extend(evs)
+        return events.popleft()
+
+    def take_now(self) -> DownstreamEvent | None:
+        return self.events.popleft() if self.events else None
+
+    async def serve(self) -> None:
+        pipe, down, ds = self.pipe, self.down, self.ds
+        try:
+            while True:
+                try:
+                    ev = await self.next_event()
+                except PipeClosed:
+                    return
+                if isinstance(ev, RequestHead):
+                    keep = await self._exchange(ev)
+                    if not keep or not down.keep_alive:
+                        return
+                    self.events.extend(down.start_next_request())
+                elif isinstance(ev, ProtocolError):
+                    flag = "DPE"
+                    pipe.write(down.send_error(ev.status, ev.reason, flag))
+                    log.warning(
+                        "malformed request from %s (%s) to %s: %d %s",
+                        ds.pod.key,
+                        ds.source_ip,
+                        ds.service.key,
+                        ev.status,
+                        ev.reason,
+                    )
+                    x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
+                    x.status = ev.status
+                    x.flag(flag)
+                    self.engine.recorder.record(ds, x)
+                    return
+                else:  # EOF between requests, or stray bytes
+                    return
+        finally:
+            pipe.write_eof()
+            pipe.close()
+
+    async def _exchange(self, head: RequestHead) -> bool:
+        """One request/response; returns False when the client connection must close."""
+        hdrs = join_headers(head.headers)
+        req = Request(head.method, head.target, hdrs.get("host", ""), hdrs, self.ds.conn)
+        x = Exchange(
+            start=time.monotonic(),
+            start_wall=time.time(),
+            method=head.method,
+            authority=req.authority,
+            path=head.target,
+            protocol=f"HTTP/{head.http_version}",
+            user_agent=hdrs.get("user-agent", ""),
+        )
+        body = RequestBody(self)
+        if head.expect_continue:  # Envoy's default: answer 100 ourselves
+            self.pipe.write(self.down.send_continue())
+        keep = True
+        try:
+            keep = await self._route(head, req, body, x)
+        except LocalReply as r:
+            keep = await self._local_reply(body, x, r)
+        except (PipeClosed, ConnectionError):
+            x.flag("DC")
+            keep = False
+        finally:
+            body.cancel()
+            x.bytes_in = body.total
+            self.engine.recorder.record(self.ds, x)
+        return keep and not body.client_gone
+
+    async def _local_reply(self, body: RequestBody, x: Exchange, r: LocalReply) -> bool:
+        pipe, down = self.pipe, self.down
+        x.flag(r.flag)
+        x.status = r.status
+        x.detail = x.detail or r.body
+        data = down.send_error(r.status, r.body, r.flag, r.headers)
+        if not data:  # a response had already started: all we can do is close
+            pipe.abort()
+            return False
+        pipe.write(data)
+        x.bytes_out += len(r.body) + 1
+        if not down.keep_alive:
+            return False
+        if not body.complete and not body.client_gone:
+            if body.total > 4 * RETRY_BUFFER:
+                return False  # do not read a huge body just to throw it away
+            await body.finish()
+        return down.keep_alive and body.complete
+
+    async def _route(self, head: RequestHead, req: Request, body: RequestBody, x: Exchange) -> bool:
+        pipe, down = self.pipe, self.down
+        out = forwardable_headers(head.headers, upgrade=head.upgrade)
+        if head.expect_continue:
+            out = [(k, v) for k, v in out if k != "expect"]
+        try:
+            p = await self.engine.prepare(self.ds, req, x)
+        except Redirect as r:
+            x.status = r.status
+            pipe.write(
+                down.send_response_head(
+                    r.status, [("location", r.location), ("content-length", "0")]
+                )
+                + down.send_end()
+            )
+            if not body.complete:
+                await body.finish()
+            return True
+        p.edit_request(out)
+        if p.authority != req.authority:
+            out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
+        if head.upgrade is not None:
+            return await self._upgrade(head, p.path, out, p.cluster, x)
+        try:
+            return await within(p.timeout, self._attempts(head, out, body, p, x))
+        except TimeoutError:
+            x.flag("UT")
+            if down.response_started:
+                pipe.abort()
+                return False
+            raise LocalReply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
+        finally:
+            if p.mirror is not None:
+                self.engine.maybe_mirror(self.ds, p.mirror, head.method, p.path, out, body)
+
+    async def _attempts(
+        self,
+        head: RequestHead,
+        out: list[tuple[str, str]],
+        body: RequestBody,
+        p: Plan,
+        x: Exchange,
+    ) -> bool:
+        engine, ds = self.engine, self.ds
+        cluster, policy, target = p.cluster, p.retry, p.path
+        bal = engine.clusters.balancer(cluster, ds.pod)
+        tried: set[str] = set()
+        retries_left = policy.attempts
+        last_flag = "UF"
+        while True:
+            ep = bal.pick(p.hash_key, tried)
+            if ep is None:
+                raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
+            addr = endpoint_address(ep)
+            tried.add(addr)
+            x.attempts += 1
+            x.upstream = addr
+            x.dst_pod = ep.pod
+            failure: str | None = None
+            status_retry = False
+            bal.started(ep)
+            conn: H1Conn | None = None
+            try:
+                try:
+                    conn, reused = await engine.acquire(ds, cluster, ep)
+                    x.dst_principal = conn.principal
+                    resp, fail = await _send(conn, head, target, out, body, policy)
+                    if fail is not None and fail[1] == "UC" and reused and body.replayable:
+                        # a pooled connection the peer had closed: once more, on a new one
+                        engine.pool.discard(conn)
+                        conn = None
+                        conn, _ = await engine.acquire(ds, cluster, ep)
+                        resp, fail = await _send(conn, head, target, out, body, policy)
+                except PeerError as e:
+                    bal.report(ep, None, True)
+                    failure, last_flag = "connect-failure", "UF"
+                    log.info("%s: connect to %s failed: %s", cluster.name, addr, e)
+                else:
+                    # (a connection not handed on is discarded in ``finally``)
+                    if fail is not None:
+                        failure, last_flag = fail
+                        bal.report(ep, 504 if last_flag == "UT" else 503, False)
+                    else:
+                        assert resp is not None and conn is not None
+                        bal.report(ep, resp.status, False)
+                        reason = retriable_status(
+                            policy, resp.status, _header_value(resp.headers, "grpc-status")
+                        )
+                        if reason is not None and retries_left > 0 and body.replayable:
+                            failure, last_flag, status_retry = reason, "URX", True
+                        else:
+                            if reason is not None and x.attempts > 1:
+                                x.flag("URX")
+                            c = conn
+                            conn = None
+                            return await self._respond(
+                                c, cluster, resp, body, p.set_cookie, p.response_ops, x
+                            )
+            finally:
+                bal.finished(ep)
+                if conn is not None:
+                    engine.pool.discard(conn, abort=True)
+            # a failed attempt: retry, or tell the client
+            body.detach()
+            if await engine.retry_or_fail(
+                x, cluster, policy, body, retries_left, failure or "", last_flag, status_retry
+            ):
+                retries_left -= 1
+                continue
+
+    async def _respond(
+        self,
+        conn: H1Conn,
+        cluster: Cluster,
+        resp: ResponseHead,
+        body: RequestBody,
+        set_cookie: str | None,
+        response_ops: tuple[HeaderOperations, ...],
+        x: Exchange,
+    ) -> bool:
+        pipe, down = self.pipe, self.down
+        x.status = resp.status
+        headers = forwardable_headers(resp.headers)
+        for ops in response_ops:
+            apply_header_ops(headers, ops)
+        if set_cookie is not None:
+            headers.append(("set-cookie", set_cookie))
+        ok = False
+        try:
+            # Bytes are gathered while events are already buffered and written once: a
+            # small response (head, body, end in one read) costs one write, not three.
+            out = [down.send_response_head(resp.status, headers, resp.reason)]
+            while True:
+                if conn.events:
+                    ev = conn.events.popleft()
+                else:
+                    if out:
+                        pipe.write(b"".join(out))
+                        out = []
+                        if pipe.lost:
+                            x.flag("DC")
+                            return False
+                        await pipe.drain()
+                    ev = await conn.next_event()
+                if isinstance(ev, BodyChunk):
+                    x.bytes_out += len(ev.data)
+                    out.append(down.send_body(ev.data))
+                elif isinstance(ev, ResponseEnd):
+                    out.append(down.send_end(ev.trailers))
+                    ok = True
+                    break
+                elif isinstance(ev, ConnectionClosed) and ev.clean:
+                    out.append(down.send_end())
+                    ok = True
+                    break
+                else:
+                    x.flag("UC")
+                    pipe.abort()
+                    return False
+            pipe.write(b"".join(out))
+        finally:
+            if ok and body.complete and body.ended_upstream:
+                self.engine.pool.release(conn, cluster)
+            else:
+                self.engine.pool.discard(conn, abort=not ok)
+        # the upstream may answer before the request body ended: then close
+        return body.complete
+
+    async def _upgrade(
+        self,
+        head: RequestHead,
+        target: str,
+        out: list[tuple[str, str]],
+        cluster: Cluster,
+        x: Exchange,
+    ) -> bool:
+        """A protocol switch (WebSocket): one attempt, then raw bytes both ways."""
+        engine, pipe, down = self.engine, self.pipe, self.down
+        ep = engine.clusters.balancer(cluster, self.ds.pod).pick(None, set())
+        if ep is None:
+            raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
+        x.attempts, x.upstream, x.dst_pod = 1, endpoint_address(ep), ep.pod
+        try:
+            conn, _ = await engine.acquire(self.ds, cluster, ep)
+        except PeerError as e:
+            raise LocalReply(503, "UF", f"upstream connect error: {e}") from None
+        x.dst_principal = conn.principal
+        try:
+            conn.pipe.write(conn.machine.send_request_head(head.method, target, out))
+            while True:
+                ev = await conn.next_event()
+                if isinstance(ev, ResponseHead):
+                    break
+                if not isinstance(ev, Informational):
+                    raise LocalReply(503, "UC", "upstream closed before answering the upgrade")
+            x.status = ev.status
+            if ev.status != 101:  # refused: an ordinary response
+                return await self._respond(conn, cluster, ev, done_body(), None, (), x)
+            upgrade = next((v for k, v in ev.headers if k == "upgrade"), head.upgrade)
+            pipe.write(
+                down.send_response_head(101, forwardable_headers(ev.headers, upgrade=upgrade))
+            )
+            for item in down.take_events():
+                if isinstance(item, Upgraded):
+                    conn.pipe.write(item.data)
+            for up_item in list(conn.events):
+                if isinstance(up_item, Upgraded):
+                    pipe.write(up_item.data)
+            conn.events.clear()
+            await asyncio.gather(_copy(pipe, conn.pipe), _copy(conn.pipe, pipe))
+            return False
+        finally:
+            engine.pool.discard(conn)
+
+
+async def _send(
+    conn: H1Conn,
+    head: RequestHead,
+    target: str,
+    out: list[tuple[str, str]],
+    body: RequestBody,
+    policy: HTTPRetry,
+) -> tuple[ResponseHead | None, tuple[str, str] | None]:
+    """Send the request on ``conn`` and wait for the response head; a failure is
+    (retryOn kind, response flag)."""
+    conn.pipe.write(conn.machine.send_request_head(head.method, target, out, body=head.has_body))
+    body.attach(H1Sink(conn))
+    try:
+        return await within(policy.per_try_timeout, _response_head(conn))
+    except TimeoutError:
+        return None, ("per-try-timeout", "UT")
+    except (PipeClosed, ConnectionError):
+        return None, ("reset", "UC")
+
+
+async def _response_head(
+    conn: H1Conn,
+) -> tuple[ResponseHead | None, tuple[str, str] | None]:
+    """The next response head on ``conn``, or why there is none (retryOn kind, flag)."""
+    while True:
+        ev = await conn.next_event()
+        if isinstance(ev, ResponseHead):
+            return ev, None
+        if isinstance(ev, Informational):
+            continue
+        if isinstance(ev, ProtocolError):
+            log.info("upstream protocol error: %s", ev.reason)
+            return None, ("reset", "UPE")
+        return None, ("reset", "UC")
+
+
+def _header_value(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The first value of ``name`` (lower case) in a parsed head, without joining them all."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+async def _copy(src: Pipe, dst: Pipe) -> None:
+    try:
+        while True:
+            data = await src.read()
+            if not data:
+                dst.write_eof()
+                return
+            dst.write(data)
+            await dst.drain()
+    except (PipeClosed, ConnectionError):
+        dst.abort()
+
+
+__all__ = ["H1Sink", "Http1Session"]
