@@ -278,8 +278,8 @@ def test_pending_exceptions_are_still_needed() -> None:
 
 
 def test_the_package_is_read() -> None:
-    names = {i.target for i in all_imports() if i.importer == "nodeagent.proxy.l7"}
-    assert "nodeagent.core.route" in names and "asyncio" in names, names
+    names = {i.target for i in all_imports() if i.importer == "nodeagent.proxy.l7engine"}
+    assert "nodeagent.core.plan" in names and "asyncio" in names, names
     # in a function and under TYPE_CHECKING count too
     lazy = {i.target for i in all_imports() if i.importer == "nodeagent.samples.sampleapp"}
     assert {"nodeagent.samples.samplegrpc", "nodeagent.samples.common"} <= lazy, lazy
