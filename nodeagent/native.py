@@ -43,6 +43,7 @@ MODULES = (
     "nodeagent.protocol._http1_write",
     "nodeagent.protocol._http1_down",
     "nodeagent.protocol._http1_up",
+    "nodeagent.protocol.h2base",
     "nodeagent.protocol.hbone",
     "nodeagent.proxy.pipe",
     "nodeagent.proxy.h1pool",
@@ -65,7 +66,10 @@ change it (``warn_unreachable`` in pyproject.toml finds those), no subclass of a
 exception other than through ``mypyc_attr(native_class=False)``, and no name bound by two
 ``except`` clauses of different types in one function (compiled, the name has the first
 clause's type: the second clause would fail with a TypeError; ``tests/unit/test_native.py``
-checks this one)."""
+checks this one). A class that a module off the list subclasses needs
+``mypyc_attr(allow_interpreted_subclasses=True)`` (``protocol/h2base.py``'s, which
+``protocol/http2.py`` extends), and such a subclass may not override the class's
+attributes with class attributes: compiled code reads the instance's slot."""
 GROUP = "nodeagent._native"
 EXTENSIONS = (*MODULES, f"{GROUP}__mypyc")
 """What a complete build holds: one extension per module and the group's shared library."""

@@ -1,34 +1,32 @@
 """HBONE as sans-I/O machines: HTTP/2 ``CONNECT`` tunnels, one stream per proxied TCP
-connection, on top of python-hyper's ``h2``.
+connection, on the HTTP/2 base ``h2base`` (python-hyper's ``h2`` underneath).
 
 Rule: **no I/O here**. No asyncio, no sockets, no clocks, no logging side effects. Bytes
 from the peer go in with ``receive_data`` and come out as events; the caller's actions
 (``send_connect``, ``accept``, ``send_data``, ``end_stream``, ...) queue bytes that
 ``data_to_send`` hands back. ``nodeagent.proxy.hbone`` owns the sockets and TLS.
 
-What this module owns beyond ``h2``:
+What this module owns beyond ``h2base``, which frames the data written to a stream as the
+send windows allow and handles GOAWAY both ways:
 
 - the HBONE request shape (``:method CONNECT``, ``:authority <ip>:<port>``, ``baggage``,
   ``forwarded``, ``traceparent``) and its answers (``200``, or an error status with an
   ``x-nodeagent-reason`` header, then the stream reset; ``405`` for anything but CONNECT,
   ``400`` for an authority that is not ``<ip>:<port>``);
-- outbound flow control: data written to a stream is queued here and framed only as the
-  stream's and the connection's send windows allow (round-robin over blocked streams when
-  the connection window is the limit); ``pending(stream_id)`` is what the I/O layer
-  compares with its high/low water marks;
+- outbound flow control as the I/O layer sees it: ``pending(stream_id)``, the bytes queued
+  on a stream for a window, is what it compares with its high/low water marks, and
+  ``pause_output`` stops framing stream data while the transport below is full;
 - inbound flow control: a stream's window is returned only for bytes the application has
   consumed (``acknowledge``), so a paused reader stops its sender after one window; the
   *connection* window is returned as soon as bytes arrive (they are then bounded by the
   stream windows), so one paused stream can never stall the others;
-- graceful GOAWAY, which ``h2`` does not model (python-hyper/h2#1181: it closes the
-  connection on any GOAWAY): a received GOAWAY ends only the streams above its
-  last-stream-id, and ``drain()`` sends one while letting open streams finish;
-- the DATA fast path (see ``_Connection``): DATA frames are built and parsed here, not by
-  ``h2``, whose per-frame cost was several times that of TLS itself.
+- graceful GOAWAY: ``drain()`` sends one while letting open streams finish, ``close()``
+  the final one; a received GOAWAY ends only the streams above its last-stream-id;
+- the DATA fast path (see ``_Connection``): DATA frames are parsed here, not by ``h2``,
+  whose per-frame cost was several times that of TLS itself (``h2base`` builds them).
 
-Coupling to ``h2`` beyond its public API, all in this file (pin ``h2<5``): the GOAWAY
-override above, reading ``H2Connection._data_to_send`` to keep frame order without a
-copy, and adjusting the public ``outbound_flow_control_window`` attributes when we send.
+Coupling to ``h2`` beyond its public API (pin ``h2<5``): that of ``h2base``, and feeding
+``h2`` each END_STREAM received on a DATA frame as an empty DATA frame of our making.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import struct
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,14 +41,20 @@ from typing import TYPE_CHECKING
 import h2.events as h2e
 import h2.exceptions as h2x
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream
-from hyperframe.frame import GoAwayFrame
+
+from nodeagent.protocol.h2base import (
+    DATA,
+    FRAME_HEADER,
+    H2,
+    Connection,
+    Stream,
+    check_settings,
+    clean_text,
+)
 
 if TYPE_CHECKING:
-    from hyperframe.frame import Frame
+    from h2.stream import H2Stream
 
 __all__ = [
     "REASON_HEADER",
@@ -97,14 +100,7 @@ class HboneSettings:
     max_header_list_size: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if not 1 <= self.stream_window <= 2**31 - 1:
-            raise ValueError(f"stream_window {self.stream_window} is not in 1..2^31-1")
-        if not 65535 <= self.connection_window <= 2**31 - 1:
-            raise ValueError(f"connection_window {self.connection_window} is not in 65535..2^31-1")
-        if not 16384 <= self.max_frame_size <= 2**24 - 1:
-            raise ValueError(f"max_frame_size {self.max_frame_size} is not in 16384..2^24-1")
-        if self.max_concurrent_streams < 1:
-            raise ValueError("max_concurrent_streams must be at least 1")
+        check_settings(self)
 
 
 # -- events -------------------------------------------------------------------------------
@@ -266,12 +262,6 @@ def connect_headers(
     return headers
 
 
-def _clean_reason(reason: str) -> str:
-    """A header-safe reason: printable, one line, bounded."""
-    text = "".join(c if " " <= c <= "~" else " " for c in reason).strip()
-    return text[:512]
-
-
 def _decode_headers(
     raw: Iterable[tuple[bytes | str, bytes | str]],
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -291,10 +281,8 @@ def _decode_headers(
 
 # -- machines -----------------------------------------------------------------------------
 
-# Frame layout (RFC 9113 §4.1): 24-bit length, type, flags, 31-bit stream id.
-_FRAME_HEADER = struct.Struct(">BHBBL")
+# What the DATA fast path (``_frames``) reads of a frame header, and the WINDOW_UPDATE it writes.
 _WINDOW_UPDATE = struct.Struct(">BHBBLL")
-_DATA = 0x0
 _HEADERS = 0x1
 _PUSH_PROMISE = 0x5
 _CONTINUATION = 0x9
@@ -304,67 +292,34 @@ _PADDED = 0x8
 
 
 def _data_header(length: int, stream_id: int, flags: int = 0) -> bytes:
-    return _FRAME_HEADER.pack(length >> 16, length & 0xFFFF, _DATA, flags, stream_id)
+    return FRAME_HEADER.pack(length >> 16, length & 0xFFFF, DATA, flags, stream_id)
 
 
 def _window_update(stream_id: int, increment: int) -> bytes:
     return _WINDOW_UPDATE.pack(0, 4, 0x8, 0, stream_id, increment)
 
 
-class _H2(H2Connection):
-    """``h2`` with RFC 9113 §6.8 GOAWAY semantics: a received GOAWAY is reported but does
-    not close the connection, so streams at or below its last-stream-id can finish
-    (python-hyper/h2#1181)."""
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2e.Event]]:
-        event = h2e.ConnectionTerminated()
-        event.error_code = frame.error_code
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
-class _Stream:
-    __slots__ = (
-        "closed",
-        "discard",
-        "eof_sent",
-        "eof_wanted",
-        "h2",
-        "id",
-        "pending",
-        "pending_len",
-        "recv_window",
-        "remote_ended",
-        "reset_after_eof",
-        "unacked",
-    )
+class _Stream(Stream):
+    __slots__ = ("discard", "recv_window")
 
     def __init__(self, stream_id: int, h2_stream: H2Stream, recv_window: int) -> None:
-        self.id = stream_id
-        self.h2 = h2_stream
-        self.pending: deque[bytes | memoryview] = deque()
-        self.pending_len = 0
+        super().__init__(stream_id, h2_stream)
         self.recv_window = recv_window
-        self.eof_wanted = False
-        self.eof_sent = False
-        self.remote_ended = False
-        self.reset_after_eof = False
         self.discard = False
-        self.closed = False
-        self.unacked = 0
+        """Bytes arriving are dropped (and their window returned), not reported."""
 
 
-class _Connection:
-    """What client and server share: stream bookkeeping and both directions of flow
-    control. Not used directly: see ``ClientConnection`` and ``ServerConnection``.
+class _Connection(Connection[_Stream]):
+    """What client and server share beyond ``h2base.Connection``: the receive path, both
+    ways of ending a stream, and the events. Not used directly: see ``ClientConnection``
+    and ``ServerConnection``.
 
-    DATA frames, the hot path, are framed and parsed here and never reach ``h2`` (its
-    per-frame cost was ~20 µs each way, more than TLS); ``h2`` does everything else
+    DATA frames, the hot path, are framed (in the base) and parsed (here) without ``h2``
+    (its per-frame cost was ~20 µs each way, more than TLS); ``h2`` does everything else
     (HEADERS, SETTINGS, WINDOW_UPDATE received, RST_STREAM, GOAWAY, PING) and its
-    stream state machine sees each END_STREAM as an empty DATA frame. Send windows are
-    ``h2``'s (updated by the peer's WINDOW_UPDATEs and SETTINGS, consumed here); receive
-    windows and the WINDOW_UPDATEs that reopen them are this class's.
+    stream state machine sees each END_STREAM received as an empty DATA frame. Send
+    windows are ``h2``'s (updated by the peer's WINDOW_UPDATEs and SETTINGS, consumed by
+    the base); receive windows and the WINDOW_UPDATEs that reopen them are this class's.
     """
 
     _client_side = True
@@ -377,65 +332,21 @@ class _Connection:
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
         )
-        h2 = self._h2 = _H2(config=config)
-        h2.local_settings = Settings(
-            client=self._client_side,
-            initial_values={
-                SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
-                SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
-                SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-                SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        h2.max_inbound_frame_size = s.max_frame_size
-        self._streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, None] = {}
-        """Streams with queued data, in the order they will be served (an ordered set)."""
+        super().__init__(H2(config=config), s)
         self._events: list[Event] = []
-        self._out: list[bytes | memoryview] = []
-        """Frames we built, in order with h2's (see ``_emit``)."""
         self._inbuf = b""
         """The start of a frame whose end has not arrived yet."""
         self._preface_left = 0 if self._client_side else 24
         self._header_block = False
         self._window_opened = False
-        self._output_paused = False
         self._conn_recv_window = s.connection_window
         self._conn_unacked = 0
-        self._stream_ack_at = max(1, s.stream_window // 4)
-        self._conn_ack_at = max(1, s.connection_window // 4)
-        self.goaway_received: int | None = None
-        """The last-stream-id of a GOAWAY from the peer, once one arrived."""
-        self.goaway_sent: int | None = None
         self.failed: str | None = None
-        self.closed = False
 
     # -- connection ------------------------------------------------------------------
     def initiate(self) -> None:
         """Queue our preface: SETTINGS, and the connection window update."""
-        self._h2.initiate_connection()
-        increment = self.settings.connection_window - self._h2.inbound_flow_control_window
-        if increment > 0:
-            # Through h2, so that its own view of the connection window (used for frames
-            # it would see on closed streams) is as large as the real one.
-            self._h2.increment_flow_control_window(increment)
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return self._h2.data_to_send() if self._h2._data_to_send else b""
-        if self._h2._data_to_send:
-            out.append(self._h2.data_to_send())
-        data = b"".join(out)
-        out.clear()
-        return data
-
-    def _emit(self, *frames: bytes | memoryview) -> None:
-        """Queue frames built here, after everything h2 has queued so far."""
-        if self._h2._data_to_send:  # h2's output buffer (checked to skip a copy)
-            self._out.append(self._h2.data_to_send())
-        self._out.extend(frames)
+        self._start()
 
     def has_failed(self) -> bool:
         """Whether the connection failed (a call, so a check after ``_frames`` is not
@@ -497,7 +408,7 @@ class _Connection:
         n = len(mv)
         run = pos  # start of a run of frames for h2
         max_in = self.settings.max_frame_size
-        unpack = _FRAME_HEADER.unpack_from
+        unpack = FRAME_HEADER.unpack_from
         while n - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(mv, pos)
             length = (hi << 16) | lo
@@ -511,7 +422,7 @@ class _Connection:
             end = pos + 9 + length
             if end > n:
                 break
-            if ftype == _DATA and not self._header_block:
+            if ftype == DATA and not self._header_block:
                 if run < pos and not self._to_h2(mv[run:pos]):
                     return n
                 self._on_data_frame(mv, pos + 9, end, flags, sid & 0x7FFFFFFF)
@@ -587,10 +498,10 @@ class _Connection:
             self.reset_stream(sid, ErrorCodes.FLOW_CONTROL_ERROR)
             return
         if padding:
-            self._credit(s, padding)
+            self.acknowledge(sid, padding)
         if stop > start:
             if s.discard:
-                self._credit(s, stop - start)
+                self.acknowledge(sid, stop - start)
             else:
                 self._events.append(DataReceived(sid, mv[start:stop].tobytes()))
         if flags & _END_STREAM:
@@ -607,32 +518,12 @@ class _Connection:
 
     def drain(self) -> None:
         """Graceful GOAWAY: the peer may open no new streams; open ones may finish."""
-        if self.goaway_sent is not None or self.closed:
-            return
-        last = self._h2.highest_inbound_stream_id
-        self.goaway_sent = last
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last
-        frame.error_code = ErrorCodes.NO_ERROR
-        self._emit(frame.serialize())
+        self._drain(b"")
 
     def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
         """Final GOAWAY; no more frames after it. Streams still open are dropped silently
         (the I/O layer ends them)."""
-        if self.closed:
-            return
-        self.closed = True
-        last = self._h2.highest_inbound_stream_id
-        if self.goaway_sent is not None:
-            last = min(last, self.goaway_sent)
-        self._h2.close_connection(
-            error_code, additional_data=reason.encode()[:256] or None, last_stream_id=last
-        )
-        self._blocked.clear()
-
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
+        self._close(error_code, reason.encode()[:256])
 
     def stream_ids(self) -> list[int]:
         return list(self._streams)
@@ -643,47 +534,19 @@ class _Connection:
         Returns the bytes still queued on the stream (``pending``). Data for a stream that
         is already over is dropped (as a closed socket would)."""
         s = self._streams.get(stream_id)
-        if s is None or s.closed or self.closed:
+        if s is None or self.closed:
             return 0
-        if s.eof_wanted:
+        if s.end_wanted:
             raise ValueError(f"stream {stream_id}: data after end_stream")
-        size = len(data)
-        if not size:
-            return s.pending_len
-        if not s.pending and not self._output_paused:
-            # Fast path: nothing queued, and it fits the windows and one frame.
-            h2 = self._h2
-            hs = s.h2
-            conn_window = h2.outbound_flow_control_window
-            if (
-                size <= conn_window
-                and size <= hs.outbound_flow_control_window
-                and size <= h2.max_outbound_frame_size
-            ):
-                h2.outbound_flow_control_window = conn_window - size
-                hs.outbound_flow_control_window -= size
-                out = self._out
-                if h2._data_to_send:
-                    out.append(h2.data_to_send())
-                out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, stream_id))
-                out.append(data)
-                return 0
-        s.pending.append(data)
-        s.pending_len += size
-        if len(s.pending) == 1 and not self._output_paused:
-            self._flush(s)
-            if s.pending:
-                self._blocked[stream_id] = None
-        else:
-            self._blocked[stream_id] = None
+        self._write(s, data, False)
         return s.pending_len
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction once the queued data has gone (END_STREAM)."""
         s = self._streams.get(stream_id)
-        if s is None or s.closed or s.eof_wanted or self.closed:
+        if s is None or s.end_wanted or self.closed:
             return
-        s.eof_wanted = True
+        s.end_wanted = True
         if not s.pending:
             self._flush(s)
 
@@ -691,85 +554,14 @@ class _Connection:
         """Graceful close: flush, END_STREAM, then reset (NO_ERROR) if the peer's
         direction is still open; bytes arriving meanwhile are dropped."""
         s = self._streams.get(stream_id)
-        if s is None or s.closed or self.closed:
+        if s is None or self.closed:
             return
         s.discard = True
-        s.reset_after_eof = True
-        if s.eof_sent:
-            self._after_local_end(s)
+        s.reset_code = ErrorCodes.NO_ERROR
+        if s.end_sent:
+            self._after_end(s)
         else:
             self.end_stream(stream_id)
-
-    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
-        """Abort the stream now (RST_STREAM); queued data is dropped."""
-        s = self._streams.get(stream_id)
-        if s is None or s.closed:
-            return
-        if not self.closed and not s.h2.closed:
-            self._h2.reset_stream(stream_id, error_code)
-        self._finish(s, error_code, by_peer=False)
-
-    def pending(self, stream_id: int) -> int:
-        """Bytes queued on the stream and not yet framed (waiting for a window)."""
-        s = self._streams.get(stream_id)
-        return s.pending_len if s is not None else 0
-
-    def _flush_blocked(self) -> None:
-        for stream_id in list(self._blocked):
-            if self._output_paused or self._h2.outbound_flow_control_window <= 0:
-                return
-            s = self._streams.get(stream_id)
-            if s is None:
-                self._blocked.pop(stream_id, None)
-                continue
-            del self._blocked[stream_id]
-            self._flush(s)
-            if s.pending:  # still blocked: serve it last next time (round robin)
-                self._blocked[stream_id] = None
-
-    def _flush(self, s: _Stream) -> None:
-        h2 = self._h2
-        hs = s.h2
-        pending = s.pending
-        sid = s.id
-        max_frame = h2.max_outbound_frame_size
-        out = self._out
-        while pending:
-            conn_window = h2.outbound_flow_control_window
-            window = hs.outbound_flow_control_window
-            if conn_window < window:
-                window = conn_window
-            if window <= 0:
-                return
-            chunk = pending[0]
-            size = len(chunk)
-            limit = window if window < max_frame else max_frame
-            if size <= limit:
-                pending.popleft()
-                piece = chunk
-            else:
-                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                piece = view[:limit]
-                pending[0] = view[limit:]
-                size = limit
-            s.pending_len -= size
-            h2.outbound_flow_control_window = conn_window - size
-            hs.outbound_flow_control_window -= size
-            if h2._data_to_send:  # h2's frames (HEADERS, ...) go first
-                out.append(h2.data_to_send())
-            out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, _DATA, 0, sid))
-            out.append(piece)
-        if s.eof_wanted and not s.eof_sent:
-            h2.end_stream(sid)
-            s.eof_sent = True
-            self._after_local_end(s)
-
-    def _after_local_end(self, s: _Stream) -> None:
-        if s.remote_ended:
-            self._finish(s, None, by_peer=False)
-        elif s.reset_after_eof:
-            self._h2.reset_stream(s.id, ErrorCodes.NO_ERROR)
-            self._finish(s, ErrorCodes.NO_ERROR, by_peer=False)
 
     # -- streams: receiving ----------------------------------------------------------
     def acknowledge(self, stream_id: int, size: int) -> None:
@@ -783,15 +575,6 @@ class _Connection:
             s.recv_window += increment
             self._emit(_window_update(stream_id, increment))
 
-    def _credit(self, s: _Stream, size: int) -> None:
-        if s.remote_ended or s.closed or self.closed:
-            return
-        s.unacked += size
-        if s.unacked >= self._stream_ack_at:
-            increment, s.unacked = s.unacked, 0
-            s.recv_window += increment
-            self._emit(_window_update(s.id, increment))
-
     def _on_event(self, ev: h2e.Event) -> None:
         if isinstance(ev, h2e.StreamEnded):
             s = self._streams.get(ev.stream_id or 0)
@@ -800,34 +583,21 @@ class _Connection:
             s.remote_ended = True
             if not s.discard:
                 self._events.append(StreamEnded(s.id))
-            if s.eof_sent:
+            if s.end_sent:
                 self._finish(s, None, by_peer=False)
         elif isinstance(ev, h2e.StreamReset):
             s = self._streams.get(ev.stream_id or 0)
             if s is not None:
                 self._finish(s, int(ev.error_code or 0), by_peer=True)
         elif isinstance(ev, h2e.ConnectionTerminated):
-            self._on_goaway(ev)
+            last, _ = self._receive_goaway(ev)
+            debug = (ev.additional_data or b"").decode("utf-8", "replace")
+            self._events.append(GoAwayReceived(last, int(ev.error_code or 0), debug))
         elif isinstance(ev, h2e.RequestReceived):
             self._on_request(ev.stream_id or 0, ev.headers or [])
         elif isinstance(ev, h2e.ResponseReceived):
             self._on_response(ev.stream_id or 0, ev.headers or [])
         # Everything else (PINGs, SETTINGS acks, priority, trailers, 1xx) needs nothing.
-
-    def _on_goaway(self, ev: h2e.ConnectionTerminated) -> None:
-        last = ev.last_stream_id or 0
-        code = int(ev.error_code or 0)
-        if self.goaway_received is not None:
-            last = min(last, self.goaway_received)
-        self.goaway_received = last
-        ours = 1 if self._client_side else 0  # client-initiated streams are odd
-        for s in list(self._streams.values()):
-            if s.id > last and s.id % 2 == ours:  # never processed by the peer
-                if not s.h2.closed:
-                    self._h2.reset_stream(s.id, ErrorCodes.CANCEL)
-                self._finish(s, ErrorCodes.REFUSED_STREAM, by_peer=True)
-        debug = (ev.additional_data or b"").decode("utf-8", "replace")
-        self._events.append(GoAwayReceived(last, code, debug))
 
     def _on_request(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
         # A client gets no requests: h2 already refuses server-initiated streams.
@@ -842,24 +612,13 @@ class _Connection:
         return s
 
     # -- common ----------------------------------------------------------------------
-    def _finish(self, s: _Stream, error_code: int | None, *, by_peer: bool) -> None:
-        if s.closed:
-            return
-        s.closed = True
-        s.pending.clear()
-        s.pending_len = 0
-        self._streams.pop(s.id, None)
-        self._blocked.pop(s.id, None)
+    def _on_closed(self, s: _Stream, error_code: int | None, by_peer: bool) -> None:
         self._events.append(StreamClosed(s.id, error_code, by_peer))
 
     def _fail(self, reason: str, error_code: int | None) -> None:
         """The peer broke the protocol: GOAWAY (h2 queued one already if code is None)."""
-        if error_code is not None and not self.closed:
-            self._h2.close_connection(error_code, additional_data=reason.encode()[:256])
+        self._fail_connection(error_code, reason.encode()[:256])
         self.failed = reason
-        self.closed = True
-        for s in list(self._streams.values()):
-            self._finish(s, ErrorCodes.PROTOCOL_ERROR, by_peer=True)
         self._events.append(ConnectionFailed(reason))
 
 
@@ -913,7 +672,7 @@ class ServerConnection(_Connection):
     def accept(self, stream_id: int, headers: Mapping[str, str] | None = None) -> None:
         """Answer ``200``: the tunnel is open (after the destination was connected)."""
         s = self._streams.get(stream_id)
-        if s is None or s.closed or self.closed:
+        if s is None or self.closed:
             return
         block = [(":status", "200")]
         if headers:
@@ -923,7 +682,7 @@ class ServerConnection(_Connection):
     def refuse(self, stream_id: int, status: int, reason: str) -> None:
         """Answer an error status with ``x-nodeagent-reason`` and reset the stream."""
         s = self._streams.get(stream_id)
-        if s is None or s.closed or self.closed:
+        if s is None or self.closed:
             return
         self._respond_error(stream_id, status, reason)
         self._finish(s, ErrorCodes.NO_ERROR, by_peer=False)
@@ -931,7 +690,7 @@ class ServerConnection(_Connection):
     def _respond_error(self, stream_id: int, status: int, reason: str) -> None:
         if not 400 <= status <= 599:
             raise ValueError(f"refusal status {status} is not 4xx/5xx")
-        block = [(":status", str(status)), (REASON_HEADER, _clean_reason(reason))]
+        block = [(":status", str(status)), (REASON_HEADER, clean_text(reason))]
         if status == 405:
             block.append(("allow", "CONNECT"))
         self._h2.send_headers(stream_id, block, end_stream=True)

@@ -1,5 +1,6 @@
-"""HTTP/2 for the proxy (h2c, gRPC included) as two sans-I/O machines on top of
-python-hyper's ``h2``: one per side of a proxied exchange, streams multiplexed.
+"""HTTP/2 for the proxy (h2c, gRPC included) as two sans-I/O machines on the HTTP/2 base
+``h2base`` (python-hyper's ``h2`` underneath): one per side of a proxied exchange, streams
+multiplexed.
 
 Rule: **no I/O here**. No asyncio, no sockets, no clocks, no logging side effects. Bytes
 from a peer go in with ``receive_data`` and come out as events; the caller's commands
@@ -34,43 +35,32 @@ stream window (``Http2Settings.stream_window``). The *connection* window is retu
 soon as bytes arrive (they are bounded by the stream windows), so one stalled stream never
 stalls the others.
 
-*Sending.* ``send_data`` accepts everything: it frames what the peer's windows allow now
-and queues the rest on the stream; queued bytes are framed as WINDOW_UPDATEs arrive
-(round-robin over streams when the connection window is the limit). The return value of
-``send_data`` is the number of bytes framed at once, and ``DataSent(stream_id, size)``
-events (from ``receive_data``) report the queued bytes framed later. The I/O layer acks
-the source stream by exactly these amounts (``other.ack_data(source, n)``), which closes
-the loop: a stream's queue here never holds more than the window of the stream feeding it,
-so no separate buffer bound or high-water mark is needed. (``buffered(stream_id)`` reports
-it.) When the socket itself is backed up, the I/O layer defers those acks until it drains.
+*Sending* (``h2base``). ``send_data`` accepts everything: it frames what the peer's windows
+allow now and queues the rest on the stream; queued bytes are framed as WINDOW_UPDATEs
+arrive (round-robin over streams when the connection window is the limit). The return
+value of ``send_data`` is the number of bytes framed at once, and ``DataSent(stream_id,
+size)`` events (from ``receive_data``) report the queued bytes framed later. The I/O layer
+acks the source stream by exactly these amounts (``other.ack_data(source, n)``), which
+closes the loop: a stream's queue here never holds more than the window of the stream
+feeding it, so no separate buffer bound or high-water mark is needed. (``buffered(stream_id)``
+reports it.) When the socket itself is backed up, the I/O layer defers those acks until it
+drains.
 
 Header handling and cost
 ------------------------
-``h2``'s own header validation is off in both directions: inbound blocks are checked here
-in one pass that also builds the event's fields (so a malformed block is a *stream* error,
-answered per stream, as RFC 9113 §8.1.1 wants, instead of ``h2``'s connection error), and
-outbound blocks are built by this module (names lower-cased, ``authorization`` and short
-``cookie`` values never indexed; dropping connection-specific fields is the job of
-``forwardable_h2_headers``). Multiple ``cookie`` fields are joined (RFC 9113 §8.2.3).
-Outgoing DATA frames are built here, not by ``h2`` (whose per-frame cost is several times
-that); incoming frames all go through ``h2``. Events are plain slotted dataclasses.
+``h2``'s own header validation is off in both directions: ``h2messages`` checks each
+received block in one pass that also builds the event's fields (a malformed block is a
+*stream* error, answered per stream, as RFC 9113 §8.1.1 wants, instead of ``h2``'s
+connection error) and builds the outgoing ones. Outgoing DATA frames are built by
+``h2base``, not by ``h2`` (whose per-frame cost is several times that); incoming frames
+all go through ``h2``. Events are plain slotted dataclasses.
 
-Coupling to ``h2`` beyond its public API, in ``_H2``, ``send_data`` and ``_flush`` (pin
-``h2<5``): a received GOAWAY does not close the connection (python-hyper/h2#1181); the
-HPACK block is decoded before ``h2`` sees it (a stand-in decoder returns the result), so
-oversized header lists can be refused per stream with the HPACK state intact; stream-level
-errors ``h2`` raises as connection errors (a bad ``content-length``, a body not matching
-it, trailers without END_STREAM) become stream resets; outgoing DATA frames are charged to
-``h2``'s public ``outbound_flow_control_window`` attributes. A client opening more streams
-than ``max_concurrent_streams`` still fails the connection, as in ``h2``.
+Coupling to ``h2`` beyond its public API (pin ``h2<5``): that of ``h2base`` (GOAWAY, DATA
+frames) and of ``h2messages`` (``MessageH2``: malformed messages are stream errors).
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-import struct
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -78,19 +68,32 @@ from typing import TYPE_CHECKING, cast
 import h2.events as h2e
 import h2.exceptions as h2x
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
-from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hpack.hpack import Decoder
-from hyperframe.frame import GoAwayFrame
 
+from nodeagent.protocol.h2base import (
+    Connection,
+    Field,
+    Stream,
+    check_settings,
+    clean_text,
+)
+from nodeagent.protocol.h2messages import (
+    STATUS,
+    Malformed,
+    MessageH2,
+    RawHeaders,
+    StreamMalformed,
+    encode_fields,
+    forwardable_h2_headers,
+    parse_request,
+    parse_response,
+    parse_trailers,
+)
 from nodeagent.protocol.http1 import RESPONSE_FLAG_HEADER, Headers
 
 if TYPE_CHECKING:
     from h2.stream import H2Stream
-    from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 __all__ = [
     "H2C_PREFACE",
@@ -121,9 +124,7 @@ H2C_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 KiB = 1024
 MiB = 1024 * KiB
 
-_MAX_WINDOW = 2**31 - 1
 _MAX_STREAM_ID = 2**31 - 1
-_DEFAULT_WINDOW = 65535
 _ASSUMED_PEER_STREAMS = 100
 """Streams opened towards a peer before its SETTINGS arrive (RFC 9113 §6.5.2 advises
 peers not to go below 100)."""
@@ -148,14 +149,7 @@ class Http2Settings:
     Beyond four times this, decoding stops and the connection fails (HPACK bomb)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.stream_window <= _MAX_WINDOW:
-            raise ValueError(f"stream_window {self.stream_window} is not in 1..2^31-1")
-        if not _DEFAULT_WINDOW <= self.connection_window <= _MAX_WINDOW:
-            raise ValueError(f"connection_window {self.connection_window} is not in 65535..2^31-1")
-        if not 16384 <= self.max_frame_size <= 2**24 - 1:
-            raise ValueError(f"max_frame_size {self.max_frame_size} is not in 16384..2^24-1")
-        if self.max_concurrent_streams < 1:
-            raise ValueError("max_concurrent_streams must be at least 1")
+        check_settings(self)
         if self.max_header_list_size < 1024:
             raise ValueError("max_header_list_size must be at least 1024")
 
@@ -311,321 +305,20 @@ UpstreamEvent = (
 _Event = DownstreamEvent | UpstreamEvent
 
 
-# -- headers ------------------------------------------------------------------------------
-
-_CONNECTION_SPECIFIC = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
-)
-"""Fields HTTP/2 forbids (RFC 9113 §8.2.2); ``te`` is allowed only as ``trailers``."""
-
-_NOT_FORWARDED = _CONNECTION_SPECIFIC | {"http2-settings"}
-_SPECIAL_OUT = _NOT_FORWARDED | {"te"}
-
-
-def forwardable_h2_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    """The header fields of a head to copy onto HTTP/2 (either direction).
-
-    Removed: ``connection``, ``keep-alive``, ``proxy-connection``, ``transfer-encoding``,
-    ``upgrade``, ``http2-settings``, every field the ``connection`` header names, and
-    ``te`` unless it lists ``trailers`` (then exactly ``te: trailers`` is kept, as gRPC
-    needs). Names come out lower-case; everything else is kept in order. Pure; a tuple
-    with nothing to change (any head from ``DownstreamHttp2``) is returned as it is.
-    """
-    items = headers if isinstance(headers, tuple) else tuple(headers)
-    for k, v in items:
-        n = k.lower()
-        if n != k or (n in _SPECIAL_OUT and (n != "te" or v != "trailers")):
-            break
-    else:
-        return items
-    named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
-    out: list[tuple[str, str]] = []
-    for k, v in items:
-        n = k.lower()
-        if n in _NOT_FORWARDED or n in named:
-            continue
-        if n == "te":
-            if "trailers" in {t.split(";")[0].strip().lower() for t in v.split(",")}:
-                out.append(("te", "trailers"))
-            continue
-        out.append((n, v))
-    return tuple(out)
-
-
-class _Malformed(Exception):
-    """A header block that makes its message malformed (RFC 9113 §8.1.1)."""
-
-    def __init__(self, reason: str, status: int = 400) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-_BAD_NAME = re.compile(rb"[^\x21-\x39\x3b-\x40\x5b-\x7e]").search
-"""RFC 9113 §8.2.1: no controls, space, upper case, ``:`` or non-ASCII in a field name."""
-_BAD_VALUE = re.compile(rb"[\x00\n\r]").search
-"""RFC 9113 §8.2.1: no NUL/CR/LF in a value (nor whitespace at either end: ``_EDGE``)."""
-_EDGE = (0x20, 0x09)
-_BAD_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
-_FIELD_OVERHEAD = 32
-
-_F_CONNECTION, _F_TE, _F_COOKIE, _F_HOST = 1, 2, 3, 4
-_SPECIAL_IN = {n.encode(): _F_CONNECTION for n in _CONNECTION_SPECIFIC} | {
-    b"te": _F_TE,
-    b"cookie": _F_COOKIE,
-    b"host": _F_HOST,
-}
-
-_RawHeaders = Iterable[tuple[bytes, bytes]]
-
-
-def _split(
-    raw: _RawHeaders, limit: int
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, str]], bytes | None]:
-    """One pass over a received header block: (pseudo-headers, regular fields decoded,
-    the ``host`` value). Raises ``_Malformed`` (431 when only the size is wrong)."""
-    pseudo: list[tuple[bytes, bytes]] = []
-    regular: list[tuple[str, str]] = []
-    size = 0
-    host: bytes | None = None
-    cookies = 0
-    special = _SPECIAL_IN.get
-    for name, value in raw:
-        size += len(name) + len(value) + _FIELD_OVERHEAD
-        if not name:
-            raise _Malformed("empty header name")
-        if value and (_BAD_VALUE(value) or value[0] in _EDGE or value[-1] in _EDGE):
-            raise _Malformed(f"invalid value of {_show(name)}")
-        if name[0] == 0x3A:  # ":"
-            if regular:
-                raise _Malformed(f"pseudo-header {_show(name)} after a regular field")
-            pseudo.append((name, value))
-            continue
-        if _BAD_NAME(name):
-            raise _Malformed(f"invalid header name {_show(name)}")
-        kind = special(name)
-        if kind is not None:
-            if kind == _F_CONNECTION:
-                raise _Malformed(f"connection-specific header {_show(name)}")
-            if kind == _F_TE and value.lower() != b"trailers":
-                raise _Malformed("te other than trailers")
-            if kind == _F_COOKIE:
-                cookies += 1
-            elif kind == _F_HOST:
-                if host is not None:
-                    raise _Malformed("more than one host header")
-                host = value
-        regular.append((name.decode("latin-1"), value.decode("latin-1")))
-    if size > limit:
-        raise _Malformed(f"header list of {size} bytes exceeds {limit}", 431)
-    if cookies > 1:  # RFC 9113 §8.2.3: one field again, where the first one was
-        crumbs = [v for k, v in regular if k == "cookie"]
-        first = next(i for i, (k, _) in enumerate(regular) if k == "cookie")
-        regular = [f for f in regular if f[0] != "cookie"]
-        regular.insert(first, ("cookie", "; ".join(crumbs)))
-    return pseudo, regular, host
-
-
-def _show(name: bytes) -> str:
-    return repr(name.decode("latin-1")[:64])
-
-
-def _parse_request(raw: _RawHeaders, limit: int) -> tuple[str, str, str, str, Headers]:
-    pseudo, regular, host = _split(raw, limit)
-    method = scheme = authority = path = None
-    for name, value in pseudo:
-        if name == b":method" and method is None:
-            method = value
-        elif name == b":path" and path is None:
-            path = value
-        elif name == b":scheme" and scheme is None:
-            scheme = value
-        elif name == b":authority" and authority is None:
-            authority = value
-        else:
-            raise _Malformed(f"unexpected or repeated pseudo-header {_show(name)}")
-    if not method or _BAD_TOKEN(method):
-        raise _Malformed("missing or invalid :method")
-    if authority is None:
-        authority = host
-    elif host is not None and host != authority:
-        raise _Malformed(":authority and host differ")
-    if method == b"CONNECT":
-        if scheme is not None or path is not None or not authority:
-            raise _Malformed("CONNECT needs :authority and no :scheme or :path")
-        scheme = path = b""
-    else:
-        if not scheme or _BAD_TOKEN(scheme):
-            raise _Malformed("missing or invalid :scheme")
-        if not path or (path[0] != 0x2F and (path != b"*" or method != b"OPTIONS")):
-            raise _Malformed("missing or invalid :path")
-        if authority is None:
-            raise _Malformed("no :authority and no host")
-    if b"@" in authority:
-        raise _Malformed(":authority with userinfo")
-    return (
-        method.decode("ascii"),
-        scheme.decode("ascii"),
-        authority.decode("latin-1"),
-        path.decode("latin-1"),
-        tuple(regular),
-    )
-
-
-def _parse_response(raw: _RawHeaders, limit: int) -> tuple[int, Headers]:
-    pseudo, regular, _ = _split(raw, limit)
-    if len(pseudo) != 1 or pseudo[0][0] != b":status":
-        raise _Malformed("a response needs exactly one pseudo-header, :status")
-    text = pseudo[0][1]
-    if len(text) != 3 or not text.isdigit() or text == b"101" or text[0] == 0x30:
-        raise _Malformed(f"invalid :status {text.decode('latin-1')[:16]!r}")
-    return int(text), tuple(regular)
-
-
-def _parse_trailers(raw: _RawHeaders, limit: int) -> Headers:
-    pseudo, regular, _ = _split(raw, limit)
-    if pseudo:
-        raise _Malformed("pseudo-header in trailers")
-    return tuple(regular)
-
-
-_Field = tuple[bytes, bytes] | HeaderTuple
-_SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})
-_STATUS = {s: str(s).encode() for s in range(100, 600)}
-
-
-def _encode_fields(block: list[_Field], headers: Iterable[tuple[str, str]]) -> list[_Field]:
-    """Append regular fields to an outgoing block: names lower-cased, latin-1 as received
-    (h2's own normalization is off); credentials never enter the HPACK table."""
-    for k, v in headers:
-        name = k.lower().encode("latin-1")
-        value = v.encode("latin-1")
-        if name in _SENSITIVE or (name == b"cookie" and len(value) < 20):
-            block.append(NeverIndexedHeaderTuple(name, value))
-        else:
-            block.append((name, value))
-    return block
-
-
-def _clean_text(text: str) -> str:
-    """A header-safe text: printable ASCII, one line, bounded."""
-    return "".join(c if " " <= c <= "~" else " " for c in text).strip()[:512]
-
-
-# -- h2 -----------------------------------------------------------------------------------
-
-
-class _StreamMalformed(h2e.Event):
-    """Raised-as-event: ``h2`` found a stream-level error it would treat as fatal."""
-
-    def __init__(self, stream_id: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.reason = reason
-
-
-class _Decoded(Decoder):
-    """Stands in for the HPACK decoder while ``h2`` handles a block decoded already."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.headers: Iterable[HeaderTuple] = ()
-
-    def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
-        return self.headers
-
-
-class _H2(H2Connection):
-    """``h2`` with per-stream errors where RFC 9113 has them (see the module docstring)."""
-
-    def __init__(self, config: H2Configuration, hpack_limit: int) -> None:
-        super().__init__(config=config)
-        self._hpack_limit = hpack_limit
-        self._decoded = _Decoded()
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2e.Event]]:
-        # RFC 9113 §6.8: streams up to last-stream-id may still complete (h2#1181).
-        event = h2e.ConnectionTerminated()
-        event.error_code = frame.error_code
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2e.Event]]:
-        decoder = self.decoder
-        # h2 lowers this to our advertised limit when the SETTINGS are acknowledged; the
-        # advertised limit is enforced per stream instead, after a complete decode.
-        decoder.max_header_list_size = self._hpack_limit
-        try:
-            headers = decoder.decode(frame.data, raw=True)
-        except OversizedHeaderListError as e:
-            raise h2x.DenialOfServiceError(f"Oversized header block: {e}") from e
-        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
-            raise h2x.ProtocolError(f"Error decoding header block: {e}") from e
-        stand_in = self._decoded
-        stand_in.headers = headers
-        self.decoder = stand_in
-        try:
-            return super()._receive_headers_frame(frame)
-        except (h2x.StreamClosedError, h2x.StreamIDTooLowError, h2x.TooManyStreamsError):
-            raise
-        except h2x.ProtocolError as e:
-            if frame.stream_id not in self.streams:
-                raise
-            return [], [_StreamMalformed(frame.stream_id, str(e))]
-        finally:
-            self.decoder = decoder
-            stand_in.headers = ()
-
-    def _receive_data_frame(self, frame: DataFrame) -> tuple[list[Frame], list[h2e.Event]]:
-        try:
-            return super()._receive_data_frame(frame)
-        except h2x.InvalidBodyLengthError as e:  # RFC 9113 §8.1.1: a stream error
-            return [], [_StreamMalformed(frame.stream_id, str(e))]
-
-
-# Frame layout (RFC 9113 §4.1): 24-bit length, type, flags, 31-bit stream id.
-_FRAME_HEADER = struct.Struct(">BHBBL")
-
-
-class _Stream:
-    __slots__ = (
-        "end_sent",
-        "end_wanted",
-        "h2",
-        "head_request",
-        "head_sent",
-        "id",
-        "pending",
-        "pending_len",
-        "remote_ended",
-        "reset_code",
-        "surfaced",
-        "trailers",
-        "unacked",
-    )
+class _Stream(Stream):
+    __slots__ = ("head_request", "head_sent", "surfaced")
 
     def __init__(self, stream_id: int, h2_stream: H2Stream) -> None:
-        self.id = stream_id
-        self.h2 = h2_stream
-        self.pending: deque[bytes | memoryview] | None = None
-        self.pending_len = 0
-        self.end_wanted = False
-        """The caller ended its side; END_STREAM goes once the queue has drained."""
-        self.end_sent = False
-        self.trailers: list[_Field] | None = None
-        """Trailers waiting for the queue to drain."""
-        self.remote_ended = False
-        self.reset_code: int | None = None
-        """RST_STREAM code to send once our side has ended, if the peer's has not."""
+        super().__init__(stream_id, h2_stream)
         self.head_sent = False
         self.head_request = False
         self.surfaced = True
         """Events for the stream reach the caller (False: answered and dropped here)."""
-        self.unacked = 0
 
 
-class _Connection:
-    """What both machines share: stream bookkeeping, flow control both ways, GOAWAY."""
+class _Connection(Connection[_Stream]):
+    """What both machines share beyond ``h2base.Connection``: the receive path (all of it
+    through ``h2``), trailers, malformed messages, and the events."""
 
     _client_side = True
 
@@ -639,78 +332,22 @@ class _Connection:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        h2 = self._h2 = _H2(config, 4 * s.max_header_list_size)
-        initial = {
-            SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
-            SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-            SettingCodes.ENABLE_PUSH: 0,
-        }
-        if not self._client_side:
-            initial[SettingCodes.MAX_CONCURRENT_STREAMS] = s.max_concurrent_streams
-        h2.local_settings = Settings(client=self._client_side, initial_values=initial)
-        h2.max_inbound_frame_size = s.max_frame_size
-        h2.initiate_connection()
-        if s.connection_window > _DEFAULT_WINDOW:
-            h2.increment_flow_control_window(s.connection_window - _DEFAULT_WINDOW)
-        self._streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, None] = {}
-        """Streams with queued data, in the order they are served (an ordered set)."""
-        self._out: list[bytes | memoryview] = []
-        """Frames in order; everything here precedes what ``h2`` holds (see ``_drain_h2``)."""
+        h2 = MessageH2(config, 4 * s.max_header_list_size)
+        super().__init__(h2, s, limit_streams=not self._client_side)
         self._events: list[_Event] = []
-        self._stream_ack_at = max(1, s.stream_window // 4)
-        self._conn_ack_at = max(1, s.connection_window // 4)
-        self.goaway_sent: int | None = None
-        """The last-stream-id of our GOAWAY, once sent."""
-        self.goaway_received: int | None = None
-        """The last-stream-id of the peer's GOAWAY, once one arrived."""
-        self.closed = False
-        """No more frames either way (EOF, a protocol error, or a final GOAWAY)."""
+        self._start()
 
     # -- connection --------------------------------------------------------------------
-    @property
-    def open_streams(self) -> int:
-        """Streams not yet over (counting ones answered here and still draining)."""
-        return len(self._streams)
-
-    def data_to_send(self) -> bytes:
-        """The bytes to write to the peer, in order; ``b""`` if none."""
-        tail = self._h2.data_to_send()
-        out = self._out
-        if not out:
-            return tail
-        if tail:
-            out.append(tail)
-        data = b"".join(out)
-        out.clear()
-        return data
-
     def goaway(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
         """Send GOAWAY. ``NO_ERROR``: graceful, the peer opens no new stream and open ones
         finish (later ones are refused). Any other code: final, nothing more is sent or
         received; open streams are dropped without events."""
-        if self.closed:
-            return
-        last = self._h2.highest_inbound_stream_id
-        debug = _clean_text(reason).encode("ascii")
-        if error_code != ErrorCodes.NO_ERROR:
-            if self.goaway_sent is not None:
-                last = min(last, self.goaway_sent)
-            self._h2.close_connection(
-                error_code, additional_data=debug or None, last_stream_id=last
-            )
+        debug = clean_text(reason).encode("ascii")
+        if error_code == ErrorCodes.NO_ERROR:
+            self._drain(debug)
+        elif not self.closed:
+            self._close(error_code, debug)
             self._shut()
-            return
-        if self.goaway_sent is not None:
-            return
-        self.goaway_sent = last
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last
-        frame.error_code = ErrorCodes.NO_ERROR
-        frame.additional_data = debug
-        self._drain_h2()
-        self._out.append(frame.serialize())
 
     def _receive(self, data: bytes | bytearray | memoryview) -> list[_Event]:
         if self.closed:
@@ -721,13 +358,12 @@ class _Connection:
         try:
             h2_events = self._h2.receive_data(data)
         except h2x.ProtocolError as e:
-            if self._h2.state_machine.state is not ConnectionState.CLOSED:
-                # A bad preface fails before h2 queues its GOAWAY.
-                self._h2.close_connection(e.error_code)
+            # A bad preface fails before h2 queues its GOAWAY.
+            queued = self._h2.state_machine.state is ConnectionState.CLOSED
+            self._fail_connection(None if queued else e.error_code)
             events = self._events
             self._events = []
-            events.append(ProtocolError(_clean_text(f"HTTP/2 from the peer: {e}")))
-            self._shut()
+            events.append(ProtocolError(clean_text(f"HTTP/2 from the peer: {e}")))
             return events
         window_opened = False
         streams = self._streams
@@ -754,7 +390,7 @@ class _Connection:
             elif isinstance(ev, h2e.StreamReset):
                 s = streams.get(ev.stream_id)
                 if s is not None:
-                    self._finish(s)
+                    self._finish(s, int(ev.error_code), by_peer=ev.remote_reset)
                     if s.surfaced:
                         why = "" if ev.remote_reset else "reset for a protocol error"
                         events.append(StreamReset(s.id, int(ev.error_code), why))
@@ -763,8 +399,8 @@ class _Connection:
             elif isinstance(ev, h2e.RemoteSettingsChanged):
                 window_opened = True
                 self._on_settings()
-            elif isinstance(ev, _StreamMalformed):
-                self._on_malformed(ev.stream_id, _clean_text(ev.reason), 400)
+            elif isinstance(ev, StreamMalformed):
+                self._on_malformed(ev.stream_id, clean_text(ev.reason), 400)
             elif isinstance(ev, h2e.ConnectionTerminated):
                 self._on_goaway(ev)
             else:
@@ -787,29 +423,22 @@ class _Connection:
         """The peer's SETTINGS changed."""
 
     def _on_goaway(self, ev: h2e.ConnectionTerminated) -> None:
-        last = ev.last_stream_id or 0
-        if self.goaway_received is not None:
-            last = min(last, self.goaway_received)
-        self.goaway_received = last
-        mine = 1 if self._client_side else 0  # client-initiated streams are odd
-        for s in list(self._streams.values()):
-            if s.id > last and s.id % 2 == mine:  # never processed by the peer
-                self._reset_h2(s, ErrorCodes.CANCEL)
-                self._finish(s)
-                if s.surfaced:
-                    self._events.append(
-                        StreamReset(s.id, ErrorCodes.REFUSED_STREAM, "not processed (GOAWAY)")
-                    )
+        last, refused = self._receive_goaway(ev)
+        for s in refused:
+            if s.surfaced:
+                self._events.append(
+                    StreamReset(s.id, ErrorCodes.REFUSED_STREAM, "not processed (GOAWAY)")
+                )
         debug = (ev.additional_data or b"").decode("latin-1")
-        self._events.append(ConnectionEnded(last, int(ev.error_code or 0), _clean_text(debug)))
+        self._events.append(ConnectionEnded(last, int(ev.error_code or 0), clean_text(debug)))
 
-    def _on_trailers(self, stream_id: int, raw: _RawHeaders) -> None:
+    def _on_trailers(self, stream_id: int, raw: RawHeaders) -> None:
         s = self._streams.get(stream_id)
         if s is None or not s.surfaced:
             return
         try:
-            headers = _parse_trailers(raw, self.settings.max_header_list_size)
-        except _Malformed as e:
+            headers = parse_trailers(raw, self.settings.max_header_list_size)
+        except Malformed as e:
             self._on_malformed(stream_id, f"malformed trailers: {e.reason}", 400)
             return
         s.remote_ended = True
@@ -825,7 +454,11 @@ class _Connection:
         if s.surfaced:
             self._events.append(StreamReset(stream_id, ErrorCodes.PROTOCOL_ERROR, reason))
         self._reset_h2(s, ErrorCodes.PROTOCOL_ERROR)
-        self._finish(s)
+        self._finish(s, ErrorCodes.PROTOCOL_ERROR)
+
+    def _on_sent(self, s: _Stream, size: int) -> None:
+        if s.surfaced:
+            self._events.append(DataSent(s.id, size))
 
     # -- streams: sending --------------------------------------------------------------
     def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> int:
@@ -840,34 +473,7 @@ class _Connection:
             raise RuntimeError(f"stream {stream_id}: data after end_stream")
         if not s.head_sent:
             raise RuntimeError(f"stream {stream_id}: data before the head")
-        size = len(data)
-        if not s.pending and not end_stream:
-            # Fast path: nothing queued, and it fits the windows and one frame.
-            h2 = self._h2
-            hs = s.h2
-            conn_window = h2.outbound_flow_control_window
-            if 0 < size <= conn_window and size <= hs.outbound_flow_control_window:
-                if size <= h2.max_outbound_frame_size:
-                    h2.outbound_flow_control_window = conn_window - size
-                    hs.outbound_flow_control_window -= size
-                    self._drain_h2()
-                    out = self._out
-                    out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, 0, 0, stream_id))
-                    out.append(data)
-                    return size
-            elif not size:
-                return 0
-        if size:
-            if s.pending is None:
-                s.pending = deque()
-            s.pending.append(data)
-            s.pending_len += size
-        if end_stream:
-            s.end_wanted = True
-        sent = self._flush(s)
-        if s.pending:
-            self._blocked[stream_id] = None
-        return sent
+        return self._write(s, data, end_stream)
 
     def send_trailers(self, stream_id: int, headers: Iterable[tuple[str, str]]) -> None:
         """End our side of the stream with trailer fields (after any queued data)."""
@@ -878,107 +484,18 @@ class _Connection:
             raise RuntimeError(f"stream {stream_id}: trailers after end_stream")
         if not s.head_sent:
             raise RuntimeError(f"stream {stream_id}: trailers before the head")
-        block = _encode_fields([], headers)
+        block = encode_fields([], headers)
         s.end_wanted = True
         if block:
             s.trailers = block
         if not s.pending:
             self._flush(s)
 
-    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
-        """Abort the stream now (RST_STREAM); queued data is dropped. No event follows."""
-        s = self._streams.get(stream_id)
-        if s is None or self.closed:
-            return
-        self._reset_h2(s, error_code)
-        self._finish(s)
-
     def buffered(self, stream_id: int) -> int:
-        """Bytes queued on the stream, waiting for a window."""
-        s = self._streams.get(stream_id)
-        return s.pending_len if s is not None else 0
+        """Bytes queued on the stream, waiting for a window (``pending``)."""
+        return self.pending(stream_id)
 
-    def _drain_h2(self) -> None:
-        """Move what ``h2`` has queued to ``_out`` (before a frame built here)."""
-        pending = self._h2.data_to_send()
-        if pending:
-            self._out.append(pending)
-
-    def _flush(self, s: _Stream) -> int:
-        """Frame queued data as far as the windows allow, then END_STREAM or trailers once
-        the queue is empty and the caller has ended. Returns the bytes framed."""
-        h2 = self._h2
-        hs = s.h2
-        pending = s.pending
-        sid = s.id
-        sent = 0
-        if pending:
-            max_frame = h2.max_outbound_frame_size
-            out = self._out
-            while pending:
-                conn_window = h2.outbound_flow_control_window
-                window = hs.outbound_flow_control_window
-                if conn_window < window:
-                    window = conn_window
-                if window <= 0:
-                    break
-                chunk = pending[0]
-                size = len(chunk)
-                limit = window if window < max_frame else max_frame
-                if size <= limit:
-                    pending.popleft()
-                    piece = chunk
-                else:
-                    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                    piece = view[:limit]
-                    pending[0] = view[limit:]
-                    size = limit
-                sent += size
-                if not pending and s.end_wanted and s.trailers is None:
-                    h2.send_data(sid, piece, end_stream=True)  # h2 charges the windows
-                    s.end_sent = True
-                    break
-                h2.outbound_flow_control_window = conn_window - size
-                hs.outbound_flow_control_window -= size
-                self._drain_h2()
-                out.append(_FRAME_HEADER.pack(size >> 16, size & 0xFFFF, 0, 0, sid))
-                out.append(piece)
-            s.pending_len -= sent
-        if not pending and s.end_wanted:
-            if not s.end_sent:
-                if s.trailers is not None:
-                    h2.send_headers(sid, s.trailers, end_stream=True)
-                    s.trailers = None
-                else:
-                    h2.end_stream(sid)
-                s.end_sent = True
-            self._after_end(s)
-        return sent
-
-    def _flush_blocked(self) -> None:
-        h2 = self._h2
-        streams = self._streams
-        for stream_id in list(self._blocked):
-            if h2.outbound_flow_control_window <= 0:
-                return
-            del self._blocked[stream_id]
-            s = streams.get(stream_id)
-            if s is None:
-                continue
-            sent = self._flush(s)
-            if sent and s.surfaced:
-                self._events.append(DataSent(stream_id, sent))
-            if s.pending:  # still blocked: served last next time (round robin)
-                self._blocked[stream_id] = None
-
-    def _after_end(self, s: _Stream) -> None:
-        if s.remote_ended or s.h2.closed:
-            self._finish(s)
-        elif s.reset_code is not None:
-            self._reset_h2(s, s.reset_code)
-            self._finish(s)
-
-    def _send_head(self, s: _Stream, block: list[_Field], end_stream: bool) -> None:
+    def _send_head(self, s: _Stream, block: list[Field], end_stream: bool) -> None:
         self._h2.send_headers(s.id, block, end_stream=end_stream)
         if end_stream:
             s.end_wanted = s.end_sent = True
@@ -1004,18 +521,6 @@ class _Connection:
     def _track(self, stream_id: int, h2_stream: H2Stream) -> _Stream:
         s = self._streams[stream_id] = _Stream(stream_id, h2_stream)
         return s
-
-    def _reset_h2(self, s: _Stream, error_code: int) -> None:
-        if not s.h2.closed and not self.closed:
-            # (a frame later in the same read may have closed it already)
-            with contextlib.suppress(h2x.StreamClosedError):
-                self._h2.reset_stream(s.id, error_code)
-
-    def _finish(self, s: _Stream) -> None:
-        if self._streams.pop(s.id, None) is not None:
-            self._blocked.pop(s.id, None)
-            s.pending = None
-            s.pending_len = 0
 
     def _shut(self) -> None:
         self.closed = True
@@ -1056,7 +561,7 @@ class DownstreamHttp2(_Connection):
         if not 200 <= status <= 599:
             raise ValueError(f"final status {status} is not in 200..599")
         s.head_sent = True
-        self._send_head(s, _encode_fields([(b":status", _STATUS[status])], headers), end_stream)
+        self._send_head(s, encode_fields([(b":status", STATUS[status])], headers), end_stream)
 
     def send_informational(
         self, stream_id: int, status: int, headers: Iterable[tuple[str, str]] = ()
@@ -1067,7 +572,7 @@ class DownstreamHttp2(_Connection):
             return
         if not 100 <= status <= 199 or status == 101:
             raise ValueError(f"informational status {status} is not 1xx (other than 101)")
-        block = _encode_fields([(b":status", _STATUS[status])], headers)
+        block = encode_fields([(b":status", STATUS[status])], headers)
         self._h2.send_headers(stream_id, block)
 
     def send_error(
@@ -1108,28 +613,21 @@ class DownstreamHttp2(_Connection):
         reset_code: int,
         extra: Sequence[tuple[str, str]] = (),
     ) -> None:
-        payload = (_clean_text(body) + "\n").encode("ascii")
+        payload = (clean_text(body) + "\n").encode("ascii")
         fields = [
             ("content-type", "text/plain; charset=utf-8"),
             ("content-length", str(len(payload))),
-            (RESPONSE_FLAG_HEADER, _clean_text(flag)),
+            (RESPONSE_FLAG_HEADER, clean_text(flag)),
             *extra,
         ]
         s.reset_code = reset_code
         s.head_sent = True
-        block = _encode_fields([(b":status", _STATUS[status])], fields)
+        block = encode_fields([(b":status", STATUS[status])], fields)
         if s.head_request:
             self._send_head(s, block, end_stream=True)
             return
         self._send_head(s, block, end_stream=False)
-        if s.pending is None:
-            s.pending = deque()
-        s.pending.append(payload)
-        s.pending_len += len(payload)
-        s.end_wanted = True
-        self._flush(s)
-        if s.pending:
-            self._blocked[s.id] = None
+        self._write(s, payload, True)
 
     def _on_headers(self, ev: h2e.Event) -> None:
         if not isinstance(ev, h2e.RequestReceived):
@@ -1144,10 +642,10 @@ class DownstreamHttp2(_Connection):
         s = self._track(sid, hs)
         s.remote_ended = ev.stream_ended is not None
         try:
-            method, scheme, authority, path, headers = _parse_request(
+            method, scheme, authority, path, headers = parse_request(
                 ev.headers, self.settings.max_header_list_size
             )
-        except _Malformed as e:
+        except Malformed as e:
             self._reject(s, e.status, e.reason)
             return
         s.head_request = method == "HEAD"
@@ -1235,13 +733,13 @@ class UpstreamHttp2(_Connection):
             raise RuntimeError("this HTTP/2 connection cannot open another stream")
         h2 = self._h2
         sid = h2.get_next_available_stream_id()
-        block: list[_Field] = [(b":method", method.encode("ascii"))]
+        block: list[Field] = [(b":method", method.encode("ascii"))]
         if scheme:
             block.append((b":scheme", scheme.encode("ascii")))
         block.append((b":authority", authority.encode("latin-1")))
         if path:
             block.append((b":path", path.encode("latin-1")))
-        h2.send_headers(sid, _encode_fields(block, headers), end_stream=end_stream)
+        h2.send_headers(sid, encode_fields(block, headers), end_stream=end_stream)
         s = self._track(sid, h2.streams[sid])
         s.head_sent = True
         if end_stream:
@@ -1252,28 +750,22 @@ class UpstreamHttp2(_Connection):
         self._peer_settings_seen = True
 
     def _on_headers(self, ev: h2e.Event) -> None:
-        if isinstance(ev, h2e.ResponseReceived):
-            s = self._streams.get(ev.stream_id)
-            if s is None:
-                return
-            try:
-                status, headers = _parse_response(ev.headers, self.settings.max_header_list_size)
-            except _Malformed as e:
-                self._on_malformed(s.id, f"malformed response: {e.reason}", 502)
-                return
-            ended = ev.stream_ended is not None
-            if ended:
-                s.remote_ended = True
-            self._events.append(StreamResponse(s.id, status, headers, ended))
-            if ended and s.end_sent:
-                self._finish(s)
-        elif isinstance(ev, h2e.InformationalResponseReceived):
-            s = self._streams.get(ev.stream_id)
-            if s is None:
-                return
-            try:
-                status, headers = _parse_response(ev.headers, self.settings.max_header_list_size)
-            except _Malformed as e:
-                self._on_malformed(s.id, f"malformed response: {e.reason}", 502)
-                return
+        if not isinstance(ev, (h2e.ResponseReceived, h2e.InformationalResponseReceived)):
+            return
+        s = self._streams.get(ev.stream_id)
+        if s is None:
+            return
+        try:
+            status, headers = parse_response(ev.headers, self.settings.max_header_list_size)
+        except Malformed as e:
+            self._on_malformed(s.id, f"malformed response: {e.reason}", 502)
+            return
+        if isinstance(ev, h2e.InformationalResponseReceived):
             self._events.append(StreamInformational(s.id, status, headers))
+            return
+        ended = ev.stream_ended is not None
+        if ended:
+            s.remote_ended = True
+        self._events.append(StreamResponse(s.id, status, headers, ended))
+        if ended and s.end_sent:
+            self._finish(s)
