@@ -4,9 +4,8 @@
 ``Passthrough``, ``Tcp``, ``Hbone``, ``Http1`` or ``Http2``, each carrying all the proxy
 needs to do it (endpoint, service, destination host); the proxy then dispatches on the
 plan's type and decides nothing more, as ztunnel's outbound builds its request first.
-``resolve`` is its first step: which service or pod the address is, and a round-robin
-endpoint of it. ``tunnels`` is the mTLS choice per endpoint, which the L7 path also makes
-per request.
+``tunnels`` is the mTLS choice per endpoint, which the L7 path also makes per request
+and ``nodeagent ctl explain`` shows.
 
 Pure: no I/O and no clock; the state the choices draw on (round robin counters, the load
 balancers of ``Clusters``, a random source) is passed in.
@@ -14,7 +13,6 @@ balancers of ``Clusters``, a random source) is passed in.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,25 +26,6 @@ from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import Destination
 
 
-class Action(enum.Enum):
-    MESH = "mesh"
-    PASSTHROUGH = "passthrough"
-    REFUSE = "refuse"
-
-
-class OutboundDecision(NamedTuple):
-    """Made once per outbound connection: a tuple, cheaper to build than a frozen
-    dataclass (whose ``__init__`` sets each field through ``object.__setattr__``)."""
-
-    action: Action
-    endpoint: Endpoint | None = None
-    service: Service | None = None
-    port: ServicePort | None = None
-    flag: str = ""
-    """Envoy-style response flag on refusal: ``UH`` no healthy upstream, ``NR`` no route."""
-    reason: str = ""
-
-
 class RoundRobin:
     """Round robin per (service, port), stable across snapshots."""
 
@@ -58,46 +37,6 @@ class RoundRobin:
         if c is None:
             c = self._counters[key] = itertools.count()
         return endpoints[next(c) % len(endpoints)]
-
-
-def resolve(
-    snap: MeshSnapshot,
-    source: Pod | None,
-    dst_ip: str,
-    dst_port: int,
-    rr: RoundRobin,
-) -> OutboundDecision:
-    """Decide where a connection from ``source`` to ``dst_ip:dst_port`` goes."""
-    svc = snap.service_by_ip.get(dst_ip)
-    if svc is not None:
-        sp = svc.port(dst_port)
-        if sp is None:
-            ports = ", ".join(str(p.port) for p in svc.ports)
-            return OutboundDecision(
-                Action.REFUSE,
-                service=svc,
-                flag="NR",
-                reason=f"service {svc.key} has no port {dst_port} (its ports: {ports})",
-            )
-        eps = snap.endpoints(svc, sp)
-        if not eps:
-            return OutboundDecision(
-                Action.REFUSE,
-                service=svc,
-                port=sp,
-                flag="UH",
-                reason=(
-                    f"service {svc.key} port {dst_port} has no ready endpoints: no Pod "
-                    f"matching {svc.selector or '(no selector)'} has an IP and port "
-                    f"{sp.target_port} (is it scheduled and running?)"
-                ),
-            )
-        ep = rr.pick((svc.key, sp.port), eps)
-        return OutboundDecision(Action.MESH, endpoint=ep, service=svc, port=sp)
-    pod = snap.pod_by_ip.get(dst_ip)
-    if pod is not None:
-        return OutboundDecision(Action.MESH, endpoint=Endpoint(pod=pod, ip=dst_ip, port=dst_port))
-    return OutboundDecision(Action.PASSTHROUGH, reason="not a mesh address")
 
 
 # -- the plan -----------------------------------------------------------------------------
@@ -177,28 +116,38 @@ def plan(
     """The plan for a connection from ``source`` to ``dst_ip:dst_port``: where it goes
     and how. ``random`` draws a VirtualService ``tcp[]`` weighted pick; ``mtls``: the
     agent holds identities (else every mesh connection is plain TCP)."""
-    d = resolve(snap, source, dst_ip, dst_port, rr)
-    if d.action is Action.REFUSE:
-        return Refuse(d.flag, d.reason)
-    ep = d.endpoint
-    if ep is None:
-        return PASSTHROUGH
-    svc, sp = d.service, d.port
-    service_host = ""
-    if svc is not None and sp is not None:
-        proto = port_protocol(sp)
-        if proto == "h2":
-            return Http2(ep, svc, sp)
-        if proto is not None:
-            return Http1(ep, svc, sp)
-        try:
-            routed = _tcp_route(snap, source, svc, sp.port, clusters, random)
-        except ClusterError as e:
-            return Refuse("NC", str(e))
-        if routed is not None:
-            ep, service_host = routed
-        else:
-            service_host = fqdn(svc)
+    svc = snap.service_by_ip.get(dst_ip)
+    if svc is None:
+        pod = snap.pod_by_ip.get(dst_ip)
+        if pod is None:
+            return PASSTHROUGH
+        ep = Endpoint(pod=pod, ip=dst_ip, port=dst_port)
+        return Hbone(ep, None, "") if tunnels(snap, ep, mtls) else Tcp(ep, None, "")
+    sp = svc.port(dst_port)
+    if sp is None:
+        ports = ", ".join(str(p.port) for p in svc.ports)
+        return Refuse("NR", f"service {svc.key} has no port {dst_port} (its ports: {ports})")
+    eps = snap.endpoints(svc, sp)
+    if not eps:
+        return Refuse(
+            "UH",
+            f"service {svc.key} port {dst_port} has no ready endpoints: no Pod matching "
+            f"{svc.selector or '(no selector)'} has an IP and port {sp.target_port} "
+            "(is it scheduled and running?)",
+        )
+    ep = rr.pick((svc.key, sp.port), eps)
+    proto = port_protocol(sp)
+    if proto == "h2":
+        return Http2(ep, svc, sp)
+    if proto is not None:
+        return Http1(ep, svc, sp)
+    try:
+        routed = _tcp_route(snap, source, svc, sp.port, clusters, random)
+    except ClusterError as e:
+        return Refuse("NC", str(e))
+    service_host = fqdn(svc)
+    if routed is not None:
+        ep, service_host = routed
     if tunnels(snap, ep, mtls):
         return Hbone(ep, svc, service_host)
     return Tcp(ep, svc, service_host)

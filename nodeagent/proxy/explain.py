@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from nodeagent.core import authz
 from nodeagent.core.clusters import ClusterError, fqdn, port_protocol
+from nodeagent.core.outbound import tunnels
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.plan import Answer, Connection, Likeliest, Plan, Request
 from nodeagent.core.ratelimit import key_value
 from nodeagent.core.route import RouteOutcome, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.security import MtlsMode
-from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.status import ExplainQuery
 from nodeagent.model.traffic import Destination, RouteDestination
 from nodeagent.proxy.admission import normalize_target
@@ -138,7 +139,10 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         "principal": dst_principal,
     }
     mtls = effective_mtls(snap, dst_pod, dst_port)
-    tunnel = proxy.identity is not None and mtls.mode is not MtlsMode.DISABLE
+    # the data path's own choice (core.outbound.tunnels), not a second reading of it
+    tunnel = tunnels(
+        snap, Endpoint(dst_pod, dst_pod.pod_ip or "", dst_port), proxy.identity is not None
+    )
     out["peer_authentication"] = {
         "mode": mtls.mode.value,
         "policy": mtls.policy,

@@ -1,5 +1,5 @@
-"""Outbound resolution: service → endpoints (round robin), pod IPs, pass-through, refusals;
-and the plan made of it: L7 by port protocol, plain TCP or HBONE, TCP routes, refusals."""
+"""The outbound plan: service → endpoints (round robin), pod IPs, pass-through, refusals,
+L7 by port protocol, plain TCP or HBONE, TCP routes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections import Counter
 from nodeagent.core.balancer import BalancerRegistry
 from nodeagent.core.clusters import Clusters
 from nodeagent.core.outbound import (
-    Action,
     Hbone,
     Http1,
     Http2,
@@ -19,7 +18,6 @@ from nodeagent.core.outbound import (
     RoundRobin,
     Tcp,
     plan,
-    resolve,
     tunnels,
 )
 from nodeagent.model import Container, Labels, MeshSnapshot, Pod, Service, ServicePort
@@ -52,38 +50,45 @@ def snap(*pods: Pod) -> MeshSnapshot:
     return MeshSnapshot.build(version=1, pods=pods, services=(SVC,))
 
 
+def planned(s: MeshSnapshot, ip: str, port: int, rr: RoundRobin | None = None) -> OutboundPlan:
+    """The plan of a connection from ``CLIENT``, without identities (plain TCP)."""
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+    rr = rr or RoundRobin()
+    return plan(s, CLIENT, ip, port, rr=rr, clusters=clusters, random=random.random, mtls=False)
+
+
 def test_round_robin_over_ready_endpoints_with_named_target_port() -> None:
     s = snap(pod("a", "10.244.1.2"), pod("b", "10.244.1.3"), pod("c", None))
     rr = RoundRobin()
     picks = Counter()
     for _ in range(10):
-        d = resolve(s, None, "10.96.0.1", 80, rr)
-        assert d.action is Action.MESH and d.endpoint is not None
+        d = planned(s, "10.96.0.1", 80, rr)
+        assert isinstance(d, Tcp)
         assert d.endpoint.port == 8080
         picks[d.endpoint.ip] += 1
     assert picks == {"10.244.1.2": 5, "10.244.1.3": 5}
 
 
 def test_no_ready_endpoint_is_refused_with_a_reason() -> None:
-    d = resolve(snap(pod("c", None)), None, "10.96.0.1", 80, RoundRobin())
-    assert d.action is Action.REFUSE and d.flag == "UH"
+    d = planned(snap(pod("c", None)), "10.96.0.1", 80)
+    assert isinstance(d, Refuse) and d.flag == "UH"
     assert "no ready endpoints" in d.reason and "app=web" in d.reason
 
 
 def test_unknown_service_port_is_no_route() -> None:
-    d = resolve(snap(pod("a", "10.244.1.2")), None, "10.96.0.1", 81, RoundRobin())
-    assert d.action is Action.REFUSE and d.flag == "NR" and "no port 81" in d.reason
+    d = planned(snap(pod("a", "10.244.1.2")), "10.96.0.1", 81)
+    assert isinstance(d, Refuse) and d.flag == "NR" and "no port 81" in d.reason
 
 
 def test_pod_ip_goes_straight_to_that_pod() -> None:
-    d = resolve(snap(pod("a", "10.244.1.2")), None, "10.244.1.2", 9999, RoundRobin())
-    assert d.action is Action.MESH and d.endpoint is not None
+    d = planned(snap(pod("a", "10.244.1.2")), "10.244.1.2", 9999)
+    assert isinstance(d, Tcp) and d.service is None
     assert (d.endpoint.ip, d.endpoint.port, d.endpoint.pod.name) == ("10.244.1.2", 9999, "a")
 
 
 def test_other_addresses_pass_through() -> None:
-    d = resolve(snap(pod("a", "10.244.1.2")), None, "192.0.2.7", 443, RoundRobin())
-    assert d.action is Action.PASSTHROUGH
+    d = planned(snap(pod("a", "10.244.1.2")), "192.0.2.7", 443)
+    assert isinstance(d, Passthrough)
 
 
 # -- plan: the whole decision, one variant per way a connection goes --------------------
