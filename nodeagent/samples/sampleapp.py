@@ -630,7 +630,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="PORT",
-        help="also serve the gRPC nodeagent.sample.Echo service on PORT",
+        help="also serve the gRPC nodeagent.sample.Echo service on PORT (default: no gRPC)",
     )
     p.set_defaults(func=run)
 

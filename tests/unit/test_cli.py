@@ -17,14 +17,6 @@ from nodeagent.cli import EXIT_BROKEN_PIPE, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
-NOT_YET = {
-    "jwt": "nodeagent/jwtmint.py (moving to nodeagent/samples/) has options without help",
-    "sample-app": "nodeagent/sampleapp.py (moving to nodeagent/samples/) does not show "
-    "every default",
-}
-"""Subcommands whose modules another change owns (issue 15): strict xfail, so the mark
-must go once they are fixed."""
-
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
@@ -81,14 +73,8 @@ def test_help_says_what_the_product_is(capsys: pytest.CaptureFixture[str]) -> No
     assert "nodeagent sandbox up examples/bookinfo" in out
 
 
-def _top_level() -> list[object]:
-    names = sorted(_subcommands(build_parser()))
-    return [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[n]))
-        if n in NOT_YET
-        else n
-        for n in names
-    ]
+def _top_level() -> list[str]:
+    return sorted(_subcommands(build_parser()))
 
 
 def test_top_level_options_and_commands_have_help() -> None:
