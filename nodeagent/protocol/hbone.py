@@ -225,10 +225,6 @@ def parse_authority(authority: str) -> tuple[str, int]:
     return str(addr), port
 
 
-def format_authority(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def forwarded_for(ip: str) -> str:
     """The RFC 7239 ``Forwarded`` value naming the source address."""
     return f'for="[{ip}]"' if ":" in ip else f"for={ip}"
