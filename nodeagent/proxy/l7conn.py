@@ -68,6 +68,19 @@ class Exchange:
             self.flags.append(f)
 
 
+def begin_exchange(req: Request, protocol: str) -> Exchange:
+    """The record of ``req``, started now (the HTTP/1.1 and HTTP/2 paths alike)."""
+    return Exchange(
+        time.monotonic(),
+        time.time(),
+        req.method,
+        req.authority,
+        req.target,
+        protocol,
+        req.headers.get("user-agent", ""),
+    )
+
+
 class Admitted(NamedTuple):
     """A request the called workload's policies let through."""
 

@@ -43,7 +43,7 @@ from nodeagent.protocol.http2 import (
 )
 from nodeagent.proxy.h1pool import ConnectFn, Overflow, dial
 from nodeagent.proxy.l7body import RequestBody
-from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7conn import Downstream, Exchange, begin_exchange
 from nodeagent.proxy.l7engine import L7Engine
 from nodeagent.proxy.l7retry import (
     LocalReply,
@@ -388,15 +388,7 @@ class _Session:
         hdrs = join_headers(head.headers)
         req = Request(head.method, head.path, head.authority, hdrs, self.ds.conn)
         grpc = hdrs.get("content-type", "").startswith("application/grpc")
-        x = Exchange(
-            start=time.monotonic(),
-            start_wall=time.time(),
-            method=head.method,
-            authority=head.authority,
-            path=head.path,
-            protocol="gRPC" if grpc else "HTTP/2",
-            user_agent=hdrs.get("user-agent", ""),
-        )
+        x = begin_exchange(req, "gRPC" if grpc else "HTTP/2")
         body = RequestBody(s)
         out = list(forwardable_h2_headers(head.headers))
         try:

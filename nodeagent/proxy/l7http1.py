@@ -36,7 +36,7 @@ from nodeagent.protocol.http1 import (
 )
 from nodeagent.proxy.h1pool import H1Conn
 from nodeagent.proxy.l7body import RETRY_BUFFER, RequestBody, done_body
-from nodeagent.proxy.l7conn import Downstream, Exchange
+from nodeagent.proxy.l7conn import Downstream, Exchange, begin_exchange
 from nodeagent.proxy.l7engine import L7Engine
 from nodeagent.proxy.l7retry import LocalReply, Redirect, retriable_status, within
 from nodeagent.proxy.pipe import Pipe, PipeClosed
@@ -128,15 +128,7 @@ class Http1Session:
         """One request/response; returns False when the client connection must close."""
         hdrs = join_headers(head.headers)
         req = Request(head.method, head.target, hdrs.get("host", ""), hdrs, self.ds.conn)
-        x = Exchange(
-            start=time.monotonic(),
-            start_wall=time.time(),
-            method=head.method,
-            authority=req.authority,
-            path=head.target,
-            protocol=f"HTTP/{head.http_version}",
-            user_agent=hdrs.get("user-agent", ""),
-        )
+        x = begin_exchange(req, f"HTTP/{head.http_version}")
         body = RequestBody(self)
         if head.expect_continue:  # Envoy's default: answer 100 ourselves
             self.pipe.write(self.down.send_continue())
