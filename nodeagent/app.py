@@ -152,14 +152,7 @@ class Agent:
         return self._snapshot
 
     def config_status(self) -> ConfigStatus:
-        w = self.watcher
-        return ConfigStatus(
-            version=self._snapshot.version,
-            loaded_at=w.loaded_at,
-            sources=self._snapshot.sources,
-            last_error=w.last_error,
-            last_error_at=w.last_error_at,
-        )
+        return self.watcher.status(self._snapshot.version)
 
     def connections(self) -> list[ConnectionInfo]:
         return self.proxy.table.snapshot()

@@ -13,6 +13,8 @@ fi
 # Debian packages: only those missing, so a second run installs nothing.
 PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tcpdump
       python3 python3-venv ca-certificates
+      # the CNI plugin chained after the reference plugins (bridge, host-local, loopback)
+      containernetworking-plugins
       # the compiled hot path (nodeagent/native.py): mypyc's C needs a compiler and Python.h
       gcc python3-dev
       # eBPF capture: bcc (pure Python over libbcc) compiles bpf/*.c at load time

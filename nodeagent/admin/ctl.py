@@ -160,6 +160,7 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
         ("Memory (RSS)", format_bytes(int(status.get("memory_rss_bytes") or 0))),
         ("Redirect mode", _s(status.get("redirect_mode"))),
         *([("CA", format_ca(status["ca"], now))] if status.get("ca") else []),
+        ("Config source", _s(cfg.get("source") or "files")),
         ("Config version", _s(cfg.get("version", 0))),
         ("Config loaded", loaded),
         ("Config sources", sources[0] if sources else NONE),
@@ -170,7 +171,33 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     error_lines = error.splitlines() or [NONE]
     lines.append(f"{'Last error:':<{width}}{error_lines[0]}")
     lines.extend(f"{'':<{width}}{line}" for line in error_lines[1:])
+    warnings = [str(w) for w in cfg.get("warnings") or []]
+    lines.append(f"{'Warnings:':<{width}}{warnings[0] if warnings else NONE}")
+    lines.extend(f"{'':<{width}}{w}" for w in warnings[1:])
+    watches = list(cfg.get("watches") or [])
+    if watches:
+        lines.append("Watches:")
+        lines.extend(f"  {format_watch(w, now)}" for w in watches)
     return "\n".join(lines)
+
+
+def format_watch(watch: Mapping[str, Any], now: float) -> str:
+    """One line per watched kind: state, objects, resourceVersion, lag, last event, error."""
+    last = float(watch.get("last_event_at") or 0)
+    parts = [
+        f"{_s(watch.get('kind'))}: {_s(watch.get('state'))}",
+        f"{int(watch.get('objects') or 0)} object(s)",
+        f"rv {_s(watch.get('resource_version'))}",
+        f"lag {float(watch.get('lag_seconds') or 0) * 1000:.0f}ms",
+        f"last event {format_age(last, now)} ago" if last > 0 else "no event yet",
+    ]
+    relists = int(watch.get("relists") or 0)
+    if relists > 1:
+        parts.append(f"{relists} lists")
+    error = " ".join(str(watch.get("last_error") or "").splitlines())
+    if error:
+        parts.append(f"last error: {error}")
+    return ", ".join(parts)
 
 
 def format_ca(ca: Mapping[str, Any], now: float) -> str:

@@ -11,18 +11,44 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConfigStatus(_message.Message):
-    __slots__ = ("version", "loaded_at", "sources", "last_error", "last_error_at")
+    __slots__ = ("version", "loaded_at", "sources", "last_error", "last_error_at", "warnings", "watches", "source")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    WATCHES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     version: int
     loaded_at: float
     sources: _containers.RepeatedScalarFieldContainer[str]
     last_error: str
     last_error_at: float
-    def __init__(self, version: _Optional[int] = ..., loaded_at: _Optional[float] = ..., sources: _Optional[_Iterable[str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[float] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    watches: _containers.RepeatedCompositeFieldContainer[WatchStatus]
+    source: str
+    def __init__(self, version: _Optional[int] = ..., loaded_at: _Optional[float] = ..., sources: _Optional[_Iterable[str]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., watches: _Optional[_Iterable[_Union[WatchStatus, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class WatchStatus(_message.Message):
+    __slots__ = ("kind", "state", "resource_version", "objects", "last_event_at", "lag_seconds", "last_error", "relists")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_AT_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RELISTS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    state: str
+    resource_version: str
+    objects: int
+    last_event_at: float
+    lag_seconds: float
+    last_error: str
+    relists: int
+    def __init__(self, kind: _Optional[str] = ..., state: _Optional[str] = ..., resource_version: _Optional[str] = ..., objects: _Optional[int] = ..., last_event_at: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., relists: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca")

@@ -160,6 +160,21 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 sources=list(cfg.sources),
                 last_error=cfg.last_error,
                 last_error_at=cfg.last_error_at,
+                warnings=list(cfg.warnings),
+                watches=[
+                    pb.WatchStatus(
+                        kind=w.kind,
+                        state=w.state,
+                        resource_version=w.resource_version,
+                        objects=w.objects,
+                        last_event_at=w.last_event_at,
+                        lag_seconds=w.lag_seconds,
+                        last_error=w.last_error,
+                        relists=w.relists,
+                    )
+                    for w in cfg.watches
+                ],
+                source=cfg.source,
             ),
             ca=ca_status_message(view.ca_status()),
         )

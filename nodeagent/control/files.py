@@ -31,6 +31,7 @@ from nodeagent.model.security import (
     PeerAuthentication,
 )
 from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.model.status import ConfigStatus
 from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class LoadedConfig:
     snapshot: MeshSnapshot
     objects: tuple[dict[str, Any], ...]
     """Raw objects as read, each with ``_source`` (file) added, for the config dump."""
+    warnings: tuple[str, ...] = ()
+    """What loaded but is worth a look (a kind the mesh does not serve, skipped)."""
 
 
 def _files(directory: Path) -> list[Path]:
@@ -333,16 +336,7 @@ def load_directory(
     """Load and validate every YAML file under ``directory``; raise ``ConfigErrors``."""
     d = Path(directory)
     errors: list[ConfigError] = []
-    pods: list[Pod] = []
-    services: list[Service] = []
-    peer_auths: list[PeerAuthentication] = []
-    virtual_services: list[VirtualService] = []
-    destination_rules: list[DestinationRule] = []
-    authz_policies: list[AuthorizationPolicy] = []
-    req_auths: list[RequestAuthentication] = []
-    rate_limits: list[LocalRateLimit] = []
-    nodes: list[Node] = []
-    raws: list[dict[str, Any]] = []
+    pairs: list[tuple[dict[str, Any], object]] = []
     files = _files(d)
     for f in files:
         try:
@@ -350,28 +344,45 @@ def load_directory(
         except (OSError, UnicodeDecodeError) as e:
             errors.append(ConfigError(f"cannot read: {e}", source=str(f)))
             continue
-        pairs, errs = parse_documents(text, str(f))
+        found, errs = parse_documents(text, str(f))
         errors.extend(errs)
-        for raw, obj in pairs:
-            raws.append(raw)
-            if isinstance(obj, Pod):
-                pods.append(obj)
-            elif isinstance(obj, Service):
-                services.append(obj)
-            elif isinstance(obj, PeerAuthentication):
-                peer_auths.append(obj)
-            elif isinstance(obj, VirtualService):
-                virtual_services.append(obj)
-            elif isinstance(obj, DestinationRule):
-                destination_rules.append(obj)
-            elif isinstance(obj, AuthorizationPolicy):
-                authz_policies.append(obj)
-            elif isinstance(obj, RequestAuthentication):
-                req_auths.append(obj)
-            elif isinstance(obj, LocalRateLimit):
-                rate_limits.append(obj)
-            elif isinstance(obj, Node):
-                nodes.append(obj)
+        pairs.extend(found)
+    return assemble(
+        pairs,
+        errors,
+        sources=tuple(str(f) for f in files),
+        runtimes=runtimes,
+        version=version,
+        root_namespace=root_namespace,
+    )
+
+
+def assemble(
+    pairs: Sequence[tuple[dict[str, Any], object]],
+    errors: Sequence[ConfigError] = (),
+    *,
+    sources: tuple[str, ...],
+    runtimes: dict[str, PodRuntime] | None = None,
+    version: int = 1,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+    warnings: Sequence[str] = (),
+) -> LoadedConfig:
+    """One snapshot from validated ``(raw, model object)`` pairs, whatever their source
+    (files or the Kubernetes API): the checks across objects, then ``MeshSnapshot.build``.
+    Raises ``ConfigErrors`` with ``errors`` and whatever the checks find."""
+    errors = list(errors)
+    by_type: dict[type, list[Any]] = {}
+    for _raw, obj in pairs:
+        by_type.setdefault(type(obj), []).append(obj)
+    pods: list[Pod] = by_type.get(Pod, [])
+    services: list[Service] = by_type.get(Service, [])
+    peer_auths: list[PeerAuthentication] = by_type.get(PeerAuthentication, [])
+    virtual_services: list[VirtualService] = by_type.get(VirtualService, [])
+    destination_rules: list[DestinationRule] = by_type.get(DestinationRule, [])
+    authz_policies: list[AuthorizationPolicy] = by_type.get(AuthorizationPolicy, [])
+    req_auths: list[RequestAuthentication] = by_type.get(RequestAuthentication, [])
+    rate_limits: list[LocalRateLimit] = by_type.get(LocalRateLimit, [])
+    nodes: list[Node] = by_type.get(Node, [])
     errors.extend(
         check_duplicate_names(
             {
@@ -397,7 +408,7 @@ def load_directory(
         pods=tuple(pods),
         services=tuple(services),
         runtimes=runtimes or {},
-        sources=tuple(str(f) for f in files),
+        sources=sources,
         peer_authentications=tuple(peer_auths),
         virtual_services=tuple(virtual_services),
         destination_rules=tuple(destination_rules),
@@ -407,7 +418,9 @@ def load_directory(
         node_objects=tuple(nodes),
         root_namespace=root_namespace,
     )
-    return LoadedConfig(snapshot=snap, objects=tuple(raws))
+    return LoadedConfig(
+        snapshot=snap, objects=tuple(raw for raw, _ in pairs), warnings=tuple(warnings)
+    )
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -452,6 +465,18 @@ class ConfigWatcher:
     def _fingerprint(self) -> Fingerprint:
         extra = (self.pods_file,) if self.pods_file is not None else ()
         return config_fingerprint(self.directory, *extra)
+
+    def status(self, version: int) -> ConfigStatus:
+        """Where this source stands, for ``nodeagent ctl status``."""
+        return ConfigStatus(
+            version=version,
+            loaded_at=self.loaded_at,
+            sources=self.current.snapshot.sources if self.current else (),
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            warnings=self.current.warnings if self.current else (),
+            source="files",
+        )
 
     def load_once(self) -> LoadedConfig:
         """Load now (raises on a bad config); used at start, where a bad config is fatal."""

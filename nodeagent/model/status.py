@@ -22,6 +22,31 @@ class ConfigStatus:
     last_error: str = ""
     """Empty when the last load succeeded; otherwise why the last edit was rejected."""
     last_error_at: float = 0.0
+    warnings: tuple[str, ...] = ()
+    """What loaded but is worth a look (a kind the mesh does not serve, skipped)."""
+    watches: tuple[WatchStatus, ...] = ()
+    """The Kubernetes API source's list-and-watch of each kind (none in file mode)."""
+    source: str = "files"
+    """``files`` or ``kubernetes``."""
+
+
+@dataclass(frozen=True)
+class WatchStatus:
+    """One kind's list-and-watch of the Kubernetes API."""
+
+    kind: str
+    """``v1 Pod``, ``networking.istio.io/v1 VirtualService``, …"""
+    state: str
+    """``listing``, ``watching``, ``backoff`` (API server away; the last snapshot serves)
+    or ``stopped``."""
+    resource_version: str = ""
+    objects: int = 0
+    last_event_at: float = 0.0
+    """Unix time of the last event or bookmark received (0 when none yet)."""
+    lag_seconds: float = 0.0
+    """From the last event's arrival to the snapshot holding it being served."""
+    last_error: str = ""
+    relists: int = 0
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,9 @@ def test_status(agent: Agent) -> None:
         "sources": ["/etc/mesh"],
         "last_error": "/etc/mesh/bad.yaml: VirtualService default/x: spec.foo: unknown field",
         "last_error_at": STARTED + 60,
+        "warnings": [],
+        "watches": [],
+        "source": "files",
     }
     assert s["ca"] == {
         "state": "disabled",

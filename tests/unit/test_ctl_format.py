@@ -117,11 +117,50 @@ def test_format_status() -> None:
         "CPU:            1.2%",
         "Memory (RSS):   48.0MiB",
         "Redirect mode:  iptables",
+        "Config source:  files",
         "Config version: 3",
         "Config loaded:  2023-11-14T22:13:08Z (12s ago)",
         "Config sources: /etc/mesh",
         "                /etc/mesh-extra",
         "Last error:     <none>",
+        "Warnings:       <none>",
+    ]
+
+
+def test_format_status_lists_warnings_and_watches() -> None:
+    cfg = {
+        "version": 7,
+        "loaded_at": NOW - 1,
+        "sources": ["https://10.96.0.1:443"],
+        "source": "kubernetes",
+        "warnings": ["apps/v1 Deployment default/web: not served by the mesh, skipped"],
+        "watches": [
+            {
+                "kind": "v1 Pod",
+                "state": "watching",
+                "resource_version": "4711",
+                "objects": 12,
+                "last_event_at": NOW - 3,
+                "lag_seconds": 0.004,
+            },
+            {
+                "kind": "v1 Service",
+                "state": "backoff",
+                "resource_version": "4700",
+                "objects": 3,
+                "relists": 2,
+                "last_error": "connection refused",
+            },
+        ],
+    }
+    lines = format_status(status(config=cfg), NOW).splitlines()
+    assert "Config source:  kubernetes" in lines
+    assert lines[-4:] == [
+        "Warnings:       apps/v1 Deployment default/web: not served by the mesh, skipped",
+        "Watches:",
+        "  v1 Pod: watching, 12 object(s), rv 4711, lag 4ms, last event 3s ago",
+        "  v1 Service: backoff, 3 object(s), rv 4700, lag 0ms, no event yet, 2 lists, "
+        "last error: connection refused",
     ]
 
 
@@ -137,7 +176,7 @@ def test_format_status_not_ready_with_an_error() -> None:
     assert "Ready:          false" in out
     assert "Config loaded:  <none>" in out
     assert "Config sources: <none>" in out
-    assert out.splitlines()[-3:] == [
+    assert out.splitlines()[-4:-1] == [
         "Last error:     2 configuration error(s):",
         "                  - a.yaml: bad",
         "                  - b.yaml: worse (5s ago)",

@@ -18,7 +18,7 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from nodeagent.protocol.http2 import (
@@ -775,6 +775,8 @@ def test_authority_falls_back_to_host() -> None:
     value=st.binary(min_size=0, max_size=12),
 )
 def test_any_header_field_is_a_stream_matter(name: bytes, value: bytes) -> None:
+    # h2's client itself refuses to send a 1xx ``:status`` with END_STREAM: not our input
+    assume(name != b":status")
     f = Front(strict=False)
     f.client.send_headers(1, [*request("/"), (name, value)], end_stream=True)
     f.client.send_headers(3, request("/next"), end_stream=True)
