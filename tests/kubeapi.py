@@ -35,7 +35,11 @@ What it implements, closely enough for the real lightkube client (sync and async
   ``stop()/start()/restart()`` (same port, same objects: clients get connection refused
   meanwhile), ``drop_watches()``, ``compact(rv)``/``expire_history()``, ``bookmark_now()``,
   ``inject_watch_line(plural, raw)`` (e.g. a malformed object), ``requests`` (Counter of
-  (verb, plural)), ``request_log``, ``open_watches(plural)``.
+  (verb, plural)), ``request_log``, ``open_watches(plural)``, ``wait_watches(plural, n)``.
+- What a cluster adds on its own (tests/kubecontrollers.py): ``endpointslices=True`` runs
+  the EndpointSlice controller (one slice per selector Service, from pods with a podIP,
+  ready from the Ready condition, zone from the Node's topology label);
+  ``running_pod(name, ip=, node=, ...)`` is a Pod as the API shows it once running.
 
 Left out: server-side apply, JSON patch, status subresources, deletecollection, finalizers
 and graceful deletion, admission/validation beyond the above, namespace existence checks,
@@ -70,6 +74,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from kubecontrollers import EndpointSliceController, running_pod
 from kubestore import (
     DEFAULT_RESOURCES,
     ApiStatus,
@@ -82,7 +87,7 @@ from kubestore import (
     parse_label_selector,
 )
 
-__all__ = ["ApiStatus", "IssuedToken", "KubeApiServer", "ResourceType"]
+__all__ = ["ApiStatus", "IssuedToken", "KubeApiServer", "ResourceType", "running_pod"]
 
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 _ANON_PATHS = {"/version", "/healthz", "/readyz", "/livez"}
@@ -152,13 +157,24 @@ def _parse_continue(token: str) -> tuple[int, tuple[str, ...]]:
         raise ApiStatus(400, "BadRequest", f"continue key is not valid: {e}") from None
 
 
+def _int_param(q: dict[str, str], name: str) -> int:
+    try:
+        return int(q.get(name) or 0)
+    except ValueError:
+        raise ApiStatus(400, "BadRequest", f"{name}: Invalid value: {q[name]!r}: must be an "
+                        "integer") from None
+
+
 class KubeApiServer:
     """See the module docstring. ``with KubeApiServer() as api: ...`` starts and closes it."""
 
     def __init__(self, *, tls: bool = True, bookmark_interval: float = 60.0,
                  resources: tuple[ResourceType, ...] = DEFAULT_RESOURCES,
-                 max_history: int = 10000, check_bound_pods: bool = False) -> None:
+                 max_history: int = 10000, check_bound_pods: bool = False,
+                 endpointslices: bool = False) -> None:
         self.store = Store(resources, max_history)
+        if endpointslices:
+            EndpointSliceController(self.store)
         self.tls = tls
         self.bookmark_interval = bookmark_interval
         self.check_bound_pods = check_bound_pods
@@ -320,6 +336,15 @@ class KubeApiServer:
         with self.store.lock:
             return sum(1 for w in self.store.watchers if plural in (None, w.rt.plural))
 
+    def wait_watches(self, plural: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until ``count`` watches of ``plural`` are open (a client under test is ready)."""
+        deadline = time.monotonic() + timeout
+        while self.open_watches(plural) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.open_watches(plural)} watches of {plural} open, "
+                                   f"wanted {count}")
+            time.sleep(0.01)
+
     def allow_token(self, token: str, *, tokenreview: bool = False) -> None:
         self._callers[token] = tokenreview
 
@@ -449,6 +474,13 @@ class KubeApiServer:
         except ApiStatus as e:
             code = e.code
             await self._send_json(conn, writer, e.code, e.status())
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # a bug here: answer as the real server's panic handler
+            if conn.our_state is not h11.SEND_RESPONSE:
+                raise
+            await self._send_json(conn, writer, 500, ApiStatus(
+                500, "InternalError", f"Internal error occurred: {e!r}").status())
         finally:
             self.request_log.append((method, target, code))
 
@@ -579,7 +611,7 @@ class KubeApiServer:
         return obj
 
     def _list(self, rt: ResourceType, version: str, sel: Selector, q: dict[str, str]) -> Obj:
-        limit = int(q.get("limit") or 0)
+        limit = _int_param(q, "limit")
         start: tuple[str, ...] = ()
         with self.store.lock:
             if q.get("continue"):
@@ -591,7 +623,7 @@ class KubeApiServer:
                                     "continue token in this response to retrieve the remainder "
                                     "of the results.")
             elif q.get("resourceVersionMatch") == "Exact" and q.get("resourceVersion"):
-                rv = int(q["resourceVersion"])
+                rv = _int_param(q, "resourceVersion")
             else:
                 rv = self.store.rv
             state = self.store.state_at(rt, rv)
@@ -621,9 +653,9 @@ class KubeApiServer:
                      writer: asyncio.StreamWriter, rt: ResourceType, version: str,
                      sel: Selector, q: dict[str, str]) -> None:
         w = Watcher(rt, version, sel, q.get("allowWatchBookmarks") == "true", self._loop)
-        since = q.get("resourceVersion") or "0"
+        since = _int_param(q, "resourceVersion")
         initial = q.get("sendInitialEvents") == "true"
-        self.store.open_watch(w, None if since == "0" or initial else int(since), initial)
+        self.store.open_watch(w, None if not since or initial else since, initial)
         headers = [("content-type", "application/json"), ("cache-control", "no-cache, private")]
         await self._send(conn, writer, h11.Response(status_code=200, headers=headers))
         deadline = time.monotonic() + float(q["timeoutSeconds"]) if q.get("timeoutSeconds") \

@@ -272,6 +272,8 @@ class Store:
         self.by_path: dict[tuple[str, str, str], ResourceType] = {}
         self.by_kind: dict[tuple[str, str], ResourceType] = {}
         self._ips: set[ipaddress.IPv4Address] = set()
+        # called after each change, under the lock (controllers, e.g. EndpointSlices)
+        self.hooks: list[Callable[[Event], None]] = []
         for rt in resources:
             self.add_resource(rt)
 
@@ -315,6 +317,8 @@ class Store:
                 rendered = w.render(ev)
                 if rendered is not None:
                     w.push(rendered)
+        for hook in self.hooks:
+            hook(ev)
         return copy.deepcopy(final)
 
     def create(self, obj: Obj, namespace: str | None = None,

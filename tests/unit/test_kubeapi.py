@@ -13,13 +13,14 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from kubeapi import KubeApiServer
+from kubeapi import KubeApiServer, running_pod
 from lightkube import ApiError, AsyncClient, Client
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.core_v1 import Container, PodSpec, ServicePort, ServiceSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Pod, Service
+from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.types import OnErrorAction, OnErrorResult
 
 VirtualService = create_namespaced_resource(
@@ -306,3 +307,32 @@ def test_tokenreview(api: KubeApiServer) -> None:
     assert review(good, caller="nope").status_code == 401
     api.allow_token("reader")
     assert review(good, caller="reader").status_code == 403
+
+
+def test_endpointslices_follow_pods_and_plain_http(tmp_path: Path) -> None:
+    with KubeApiServer(tls=False, endpointslices=True) as api:
+        api.create({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}}})
+        api.create({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "web", "namespace": "default"},
+                    "spec": {"selector": {"app": "web"},
+                             "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+        api.create(running_pod("web-1", ip="10.1.0.5", node="n1", labels={"app": "web"},
+                               ports=[{"name": "http", "containerPort": 8080}]))
+        api.create(running_pod("web-2", ip="10.1.0.6", node="n1", labels={"app": "web"},
+                               ready=False))
+        api.create(running_pod("other", ip="10.1.0.7", node="n1"))
+        c = Client(KubeConfig.from_file(api.kubeconfig(tmp_path / "kc")))
+        [eps] = c.list(EndpointSlice, namespace="default",
+                       labels={"kubernetes.io/service-name": "web"})
+        assert api.url.startswith("http://")
+        assert eps.ports is not None and [(p.name, p.port) for p in eps.ports] == [("http", 8080)]
+        got = {e.addresses[0]: (e.conditions.ready if e.conditions else None, e.zone)
+               for e in eps.endpoints or []}
+        assert got == {"10.1.0.5": (True, "z1"), "10.1.0.6": (False, "z1")}
+        api.delete(running_pod("web-1", ip="", node=""))
+        [eps] = c.list(EndpointSlice, namespace="default")
+        assert [e.addresses for e in eps.endpoints or []] == [["10.1.0.6"]]
+        api.delete({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "web", "namespace": "default"}})
+        assert list(c.list(EndpointSlice, namespace="*")) == []
