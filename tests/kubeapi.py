@@ -46,7 +46,10 @@ and graceful deletion, admission/validation beyond the above, namespace existenc
 RBAC (every known token may do everything but TokenReview), HTTP/2, protobuf, discovery
 beyond ``/api``, ``/apis`` and ``/version``.
 
-It runs on its own event loop in a thread: use it from sync and async tests alike.
+It runs on its own event loop in a thread: use it from sync and async tests alike (the
+agent under test may run in another process, from the kubeconfig file). Parts: the store
+and watch fan-out in tests/kubestore.py, TLS and tokens in tests/kubeauth.py, controllers
+in tests/kubecontrollers.py.
 """
 
 from __future__ import annotations
@@ -54,26 +57,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import datetime as dt
-import ipaddress
 import json
 import secrets
 import ssl
 import tempfile
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from kubeauth import API_AUDIENCE, IssuedToken, TokenAuthority, make_tls
 from kubecontrollers import EndpointSliceController, running_pod
 from kubestore import (
     DEFAULT_RESOURCES,
@@ -89,59 +84,7 @@ from kubestore import (
 
 __all__ = ["ApiStatus", "IssuedToken", "KubeApiServer", "ResourceType", "running_pod"]
 
-API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 _ANON_PATHS = {"/version", "/healthz", "/readyz", "/livez"}
-
-
-@dataclass(frozen=True)
-class IssuedToken:
-    token: str
-    namespace: str
-    service_account: str
-    audiences: tuple[str, ...]
-    node_name: str | None
-    pod_name: str | None
-    pod_uid: str | None
-    expires_at: float
-    jti: str
-
-
-def _make_tls(workdir: Path) -> tuple[bytes, ssl.SSLContext]:
-    """A self-signed CA and a server certificate for 127.0.0.1 and the in-cluster names."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                         critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.DNSName("localhost"),
-        x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default.svc"),
-        x509.DNSName("kubernetes.default.svc.cluster.local")]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
-    cert_file, key_file = workdir / "apiserver.crt", workdir / "apiserver.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca_pem)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert_file, key_file)
-    return ca_pem, ctx
 
 
 def _continue_token(rv: int, after: tuple[str, str, str, str]) -> str:
@@ -180,13 +123,12 @@ class KubeApiServer:
         self.check_bound_pods = check_bound_pods
         self.admin_token = "admin-" + secrets.token_urlsafe(16)
         self._callers: dict[str, bool] = {self.admin_token: True}  # token -> may TokenReview
-        self._issued: dict[str, IssuedToken] = {}
-        self._signing_key = secrets.token_bytes(32)
+        self.tokens = TokenAuthority()
         self._tmp = tempfile.TemporaryDirectory(prefix="kubeapi-")
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         if tls:
-            self.ca_pem, self._ssl = _make_tls(Path(self._tmp.name))
+            self.ca_pem, self._ssl = make_tls(Path(self._tmp.name))
         self.port = 0
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.request_log: list[tuple[str, str, int]] = []  # method, path?query, status
@@ -353,58 +295,13 @@ class KubeApiServer:
                     node_name: str | None = None, pod_name: str | None = None,
                     pod_uid: str | None = None, expires_at: float | None = None) -> str:
         """A ServiceAccount token as kubelet projects it (JWT-shaped; valid for TokenReview)."""
-        exp = expires_at if expires_at is not None else time.time() + 3600
-        jti = str(uuid.uuid4())
-        claims: dict[str, Any] = {
-            "aud": list(audiences), "exp": int(exp), "iat": int(time.time()),
-            "nbf": int(time.time()), "iss": API_AUDIENCE, "jti": jti,
-            "sub": f"system:serviceaccount:{namespace}:{service_account}",
-            "kubernetes.io": {"namespace": namespace, "serviceaccount": {
-                "name": service_account, "uid": str(uuid.uuid4())}}}
-        if pod_name:
-            claims["kubernetes.io"]["pod"] = {"name": pod_name, "uid": pod_uid or ""}
-        if node_name:
-            claims["kubernetes.io"]["node"] = {"name": node_name, "uid": str(uuid.uuid4())}
-        token = jwt.encode(claims, self._signing_key, algorithm="HS256")
-        self._issued[token] = IssuedToken(token, namespace, service_account, tuple(audiences),
-                                          node_name, pod_name, pod_uid, exp, jti)
-        return token
+        return self.tokens.issue(namespace, service_account, audiences, node_name=node_name,
+                                 pod_name=pod_name, pod_uid=pod_uid, expires_at=expires_at)
 
     def review(self, token: str, audiences: list[str]) -> Obj:
         """The ``status`` of a TokenReview of ``token`` for ``audiences``, as a real server."""
-        tok = self._issued.get(token)
-        wanted = audiences or [API_AUDIENCE]
-        if tok is None:
-            return {"user": {}, "error": "[invalid bearer token, square/go-jose: error in "
-                    "cryptographic primitive, token lookup failed]"}
-        if tok.expires_at <= time.time():
-            return {"user": {}, "error": "[invalid bearer token, service account token has "
-                    "expired]"}
-        granted = [a for a in wanted if a in tok.audiences]
-        if not granted:
-            def q(xs: Any) -> str:
-                return "[" + " ".join(json.dumps(x) for x in xs) + "]"
-            return {"user": {}, "error": f"[invalid bearer token, token audiences "
-                    f"{q(tok.audiences)} is invalid for the target audiences {q(wanted)}]"}
-        if self.check_bound_pods and tok.pod_name:
-            pod = self.store.objects.get(("", "pods", tok.namespace, tok.pod_name))
-            if pod is None or pod["metadata"]["uid"] != tok.pod_uid:
-                return {"user": {}, "error": "[invalid bearer token, token has been invalidated]"}
-        extra: dict[str, list[str]] = {"authentication.kubernetes.io/credential-id":
-                                       [f"JTI={tok.jti}"]}
-        if tok.node_name:
-            extra["authentication.kubernetes.io/node-name"] = [tok.node_name]
-        if tok.pod_name:
-            extra["authentication.kubernetes.io/pod-name"] = [tok.pod_name]
-            extra["authentication.kubernetes.io/pod-uid"] = [tok.pod_uid or ""]
-        return {"authenticated": True, "audiences": granted,
-                "user": {"username": f"system:serviceaccount:{tok.namespace}:"
-                         f"{tok.service_account}",
-                         "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, tok.service_account)),
-                         "groups": ["system:serviceaccounts",
-                                    f"system:serviceaccounts:{tok.namespace}",
-                                    "system:authenticated"],
-                         "extra": extra}}
+        pods = self.store if self.check_bound_pods else None
+        return self.tokens.review(token, audiences, pods)
 
     # HTTP ----------------------------------------------------------------------------------
 

@@ -307,6 +307,15 @@ def test_tokenreview(api: KubeApiServer) -> None:
     assert review(good, caller="nope").status_code == 401
     api.allow_token("reader")
     assert review(good, caller="reader").status_code == 403
+    api.check_bound_pods = True  # the pod "agent-x" the token is bound to does not exist
+    try:
+        assert "invalidated" in review(good).json()["status"]["error"]
+        api.create(running_pod("agent-x", ip="10.1.0.9", node="n1"))
+        bound = api.issue_token("default", "agent", ["nodeagent-ca"], pod_name="agent-x",
+                                pod_uid=api.get(pod("agent-x"))["metadata"]["uid"])
+        assert review(bound).json()["status"]["authenticated"] is True
+    finally:
+        api.check_bound_pods = False
 
 
 def test_endpointslices_follow_pods_and_plain_http(tmp_path: Path) -> None:
