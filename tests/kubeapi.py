@@ -35,7 +35,8 @@ What it implements, closely enough for the real lightkube client (sync and async
   ``stop()/start()/restart()`` (same port, same objects: clients get connection refused
   meanwhile), ``drop_watches()``, ``compact(rv)``/``expire_history()``, ``bookmark_now()``,
   ``inject_watch_line(plural, raw)`` (e.g. a malformed object), ``requests`` (Counter of
-  (verb, plural)), ``request_log``, ``open_watches(plural)``, ``wait_watches(plural, n)``.
+  (verb, plural)), ``request_log`` (RequestRecord: method, target, query, status),
+  ``open_watches(plural)``, ``wait_watches(plural, n)``.
 - What a cluster adds on its own (tests/kubecontrollers.py): ``endpointslices=True`` runs
   the EndpointSlice controller (one slice per selector Service, from pods with a podIP,
   ready from the Ready condition, zone from the Node's topology label);
@@ -63,6 +64,7 @@ import ssl
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -82,7 +84,8 @@ from kubestore import (
     parse_label_selector,
 )
 
-__all__ = ["ApiStatus", "IssuedToken", "KubeApiServer", "ResourceType", "running_pod"]
+__all__ = ["ApiStatus", "IssuedToken", "KubeApiServer", "RequestRecord", "ResourceType",
+           "running_pod"]
 
 _ANON_PATHS = {"/version", "/healthz", "/readyz", "/livez"}
 
@@ -98,6 +101,17 @@ def _parse_continue(token: str) -> tuple[int, tuple[str, ...]]:
         return int(raw["rv"]), tuple(str(raw["start"]).rstrip("\x00").split("/"))
     except (ValueError, KeyError, TypeError) as e:
         raise ApiStatus(400, "BadRequest", f"continue key is not valid: {e}") from None
+
+
+@dataclass
+class RequestRecord:
+    method: str
+    target: str  # path?query
+    status: int = 0  # 0 while it runs (a watch), then its HTTP status
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {k: v[-1] for k, v in parse_qs(urlsplit(self.target).query).items()}
 
 
 def _int_param(q: dict[str, str], name: str) -> int:
@@ -131,7 +145,7 @@ class KubeApiServer:
             self.ca_pem, self._ssl = make_tls(Path(self._tmp.name))
         self.port = 0
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.request_log: list[tuple[str, str, int]] = []  # method, path?query, status
+        self.request_log: list[RequestRecord] = []  # logged when they arrive
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kubeapi",
                                         daemon=True)
@@ -363,6 +377,8 @@ class KubeApiServer:
                        writer: asyncio.StreamWriter, req: h11.Request, body: bytes) -> None:
         target = req.target.decode()
         method = req.method.decode()
+        record = RequestRecord(method, target)
+        self.request_log.append(record)
         code = 500
         try:
             code, out = await self._route(conn, reader, writer, req, method, target, body)
@@ -379,7 +395,7 @@ class KubeApiServer:
             await self._send_json(conn, writer, 500, ApiStatus(
                 500, "InternalError", f"Internal error occurred: {e!r}").status())
         finally:
-            self.request_log.append((method, target, code))
+            record.status = code
 
     async def _route(self, conn: h11.Connection, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, req: h11.Request, method: str, target: str,
@@ -423,7 +439,8 @@ class KubeApiServer:
                 and (group, version, rest[2]) in self.store.by_path):
             ns, plural, tail = rest[1], rest[2], rest[3:]
         rt = self.store.by_path.get((group, version, plural))
-        if rt is None or (ns is not None and not rt.namespaced) or len(tail) > 1:
+        if (rt is None or (ns is not None and not rt.namespaced) or len(tail) > 1
+                or (rt.namespaced and ns is None and tail)):
             raise ApiStatus(404, "NotFound", "the server could not find the requested resource")
         name = tail[0] if tail else None
         return await self._resource(conn, reader, writer, rt, version, ns, name, method, q, body)

@@ -120,6 +120,7 @@ def test_list_in_chunks_from_one_snapshot(api: KubeApiServer, tmp_path: Path) ->
             api.create(pod("late"))  # after the first page: not in this list
     assert names == [f"p{i}" for i in range(5)]
     assert api.requests["list", "pods"] >= 3
+    assert api.request_log[-1].query["limit"] == "2" and api.request_log[-1].status == 200
     with raw(api) as http:
         first = http.get("/api/v1/pods", params={"limit": "2"}).json()
         api.expire_history()
@@ -195,9 +196,10 @@ def _next_change(lines: Iterator[str]) -> dict[str, Any]:
 def test_bookmarks_and_timeout(api: KubeApiServer) -> None:
     api.create(pod("a"))
     rv = api.resource_version
+    opened = time.monotonic()
     with raw(api) as http, http.stream("GET", "/api/v1/pods", params={
             "watch": "1", "resourceVersion": str(rv), "allowWatchBookmarks": "true",
-            "timeoutSeconds": "2"}) as resp:
+            "timeoutSeconds": "1"}) as resp:
         assert resp.headers["transfer-encoding"] == "chunked"
         api.create(pod("b"))
         lines = resp.iter_lines()
@@ -209,10 +211,9 @@ def test_bookmarks_and_timeout(api: KubeApiServer) -> None:
         assert _lines(lines, 1) == [{"type": "BOOKMARK", "object": {
             "kind": "Pod", "apiVersion": "v1",
             "metadata": {"resourceVersion": str(rv + 1)}}}]
-        start = time.monotonic()
         rest = [json.loads(t) for t in lines if t]  # ends at timeoutSeconds
-        assert 0.5 < time.monotonic() - start < 3
-        assert {e["type"] for e in rest} == {"BOOKMARK"}
+        assert 0.9 < time.monotonic() - opened < 3
+        assert {e["type"] for e in rest} <= {"BOOKMARK"}
 
 
 def test_watch_without_version_starts_with_current_objects(api: KubeApiServer) -> None:
