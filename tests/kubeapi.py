@@ -1,8 +1,9 @@
 """A small Kubernetes API server for tests (no real one can run on this machine).
 
 What it implements, closely enough for the real lightkube client (sync and async):
-- HTTPS on 127.0.0.1, ephemeral port, a self-signed CA (``ca_pem``); or plain HTTP
-  (``tls=False``). ``kubeconfig(path, token=None)`` writes a kubeconfig lightkube reads.
+- HTTPS on 127.0.0.1 (or ``host=``, e.g. an address a netns reaches), ephemeral port, a
+  self-signed CA (``ca_pem``); or plain HTTP (``tls=False``). ``kubeconfig(path,
+  token=None)`` writes a kubeconfig lightkube reads (JSON, which is YAML).
 - Bearer-token auth (``admin_token``; more with ``allow_token``); 401 Status otherwise.
   ``/version``, ``/healthz``, ``/readyz``, ``/livez`` need no token.
 - Resources (``kubestore.DEFAULT_RESOURCES``): core v1 pods, services, endpoints, nodes,
@@ -128,7 +129,8 @@ class KubeApiServer:
     def __init__(self, *, tls: bool = True, bookmark_interval: float = 60.0,
                  resources: tuple[ResourceType, ...] = DEFAULT_RESOURCES,
                  max_history: int = 10000, check_bound_pods: bool = False,
-                 endpointslices: bool = False) -> None:
+                 endpointslices: bool = False, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.store = Store(resources, max_history)
         if endpointslices:
             EndpointSliceController(self.store)
@@ -142,7 +144,7 @@ class KubeApiServer:
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         if tls:
-            self.ca_pem, self._ssl = make_tls(Path(self._tmp.name))
+            self.ca_pem, self._ssl = make_tls(Path(self._tmp.name), host)
         self.port = 0
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.request_log: list[RequestRecord] = []  # logged when they arrive
@@ -158,7 +160,7 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
@@ -170,7 +172,7 @@ class KubeApiServer:
     async def _start(self) -> None:
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
                                                   ssl=self._ssl, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._bookmark_ticker())

@@ -40,8 +40,8 @@ class IssuedToken:
     node_uid: str
 
 
-def make_tls(workdir: Path) -> tuple[bytes, ssl.SSLContext]:
-    """A self-signed CA and a server certificate for 127.0.0.1 and the in-cluster names."""
+def make_tls(workdir: Path, host: str = "127.0.0.1") -> tuple[bytes, ssl.SSLContext]:
+    """A self-signed CA and a server certificate for ``host`` and the in-cluster names."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-test-ca")])
@@ -55,7 +55,7 @@ def make_tls(workdir: Path) -> tuple[bytes, ssl.SSLContext]:
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [
-        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost"),
         x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default.svc"),
         x509.DNSName("kubernetes.default.svc.cluster.local")]
     cert = (x509.CertificateBuilder()
