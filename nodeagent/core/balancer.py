@@ -12,10 +12,12 @@ Owns, per cluster (service FQDN, subset, port):
 - *locality priority*: Istio turns locality failover on only when the rule also sets
   ``outlierDetection`` (without it, health is never known and failover can never happen);
   a missing ``localityLbSetting`` means the mesh default, which is enabled. Tiers, best
-  first: same region and zone as the source pod, same region, each ``failover`` target of
-  the source region in the order written, then everything else. A pick uses the best tier
-  that has a healthy host (Envoy's priority levels, without the 1.4 overprovisioning
-  spill-over).
+  first: same region, zone and subzone as the source pod, same region and zone, same
+  region, each ``failover`` target of the source region in the order written, then
+  everything else. A pick uses the best tier that has a healthy host (Envoy's priority
+  levels, without the 1.4 overprovisioning spill-over). A pod's locality
+  (``Pod.locality``) is its node's, worked out once per snapshot by the model
+  (``model.objects.pod_locality``); this module only compares them.
 - *panic mode*: when fewer than ``panic_threshold`` percent of the hosts are healthy (Envoy's
   default 50 %), ejections are ignored and the pick is over all hosts of the best tier.
   Note: Istio documents ``outlierDetection.minHealthPercent`` (which it maps to the panic
@@ -51,7 +53,14 @@ from nodeagent.core.outlier import (
     OutlierSettings,
     ReturnHook,
 )
-from nodeagent.model.objects import Pod
+from nodeagent.model.objects import (
+    NO_LOCALITY,
+    REGION_LABEL,
+    ZONE_LABEL,
+    Locality,
+    Pod,
+    format_locality,
+)
 from nodeagent.model.snapshot import Endpoint
 from nodeagent.model.traffic import LoadBalancer, OutlierDetection, SimpleLB
 
@@ -74,9 +83,6 @@ __all__ = [
 ClusterKey: TypeAlias = Hashable
 """What identifies a cluster; the proxy uses ``(service fqdn, subset | None, port)``."""
 
-REGION_LABEL: Final = "topology.kubernetes.io/region"
-ZONE_LABEL: Final = "topology.kubernetes.io/zone"
-
 DEFAULT_PANIC_THRESHOLD: Final = 50.0
 """Envoy's default ``healthy_panic_threshold``, in percent."""
 RING_POINTS_PER_HOST: Final = 160
@@ -84,7 +90,6 @@ RING_POINTS_PER_HOST: Final = 160
 every surviving host's points in place when hosts come and go: only the keys of a
 removed host move, and only keys taken over by an added host move."""
 
-_NO_LOCALITY: Final = ("", "")
 # pick() dispatches on small ints: comparing enum members costs a class attribute lookup
 _LR: Final = 0
 _RR: Final = 1
@@ -132,17 +137,10 @@ def locality_enabled(lb: LoadBalancer | None, outlier: OutlierDetection | None) 
     return lb is None or lb.locality is None or lb.locality.enabled
 
 
-def locality_of(pod: Pod | None) -> tuple[str, str]:
-    """``(region, zone)`` from the pod's topology labels; missing parts are ``""``."""
-    if pod is None:
-        return _NO_LOCALITY
-    region = zone = ""
-    for k, v in pod.labels.items_:
-        if k == REGION_LABEL:
-            region = v
-        elif k == ZONE_LABEL:
-            zone = v
-    return region, zone
+def locality_of(pod: Pod | None) -> Locality:
+    """``(region, zone, subzone)`` of a pod as its snapshot placed it (its node's topology
+    labels or its own locality label, see ``model.objects.pod_locality``)."""
+    return NO_LOCALITY if pod is None else pod.locality
 
 
 def endpoint_address(ep: Endpoint) -> str:
@@ -163,7 +161,7 @@ class _Host(HostHealth):
     def __init__(self, endpoint: Endpoint, addr: str) -> None:
         super().__init__(addr)
         self.endpoint = endpoint
-        self.locality = locality_of(endpoint.pod)
+        self.locality = endpoint.pod.locality
         self.active = 0
         self.points: tuple[int, ...] | None = None
 
@@ -248,7 +246,7 @@ class _Cluster:
         self.rr = rnd.randrange(1 << 16)
         """Envoy starts round robin at a random offset so that proxies do not march in step."""
         self.ring: _Ring | None = None
-        self.views: dict[tuple[str, str], Balancer] = {}
+        self.views: dict[Locality, Balancer] = {}
         self.last_source: Pod | None = None
         self.last_view: Balancer | None = None
 
@@ -267,7 +265,7 @@ class _Cluster:
                 h = _Host(ep, endpoint_address(ep))
             else:
                 h.endpoint = ep
-                h.locality = locality_of(ep.pod)
+                h.locality = ep.pod.locality
             by_key[k] = h
             hosts.append(h)
         if [h.addr for h in hosts] != [h.addr for h in self.hosts]:
@@ -332,7 +330,7 @@ class Balancer:
 
     __slots__ = ("_c", "_locality", "_panic", "_rings", "_tiers", "_version")
 
-    def __init__(self, cluster: _Cluster, locality: tuple[str, str]) -> None:
+    def __init__(self, cluster: _Cluster, locality: Locality) -> None:
         self._c = cluster
         self._locality = locality
         self._version = -1
@@ -369,17 +367,17 @@ class Balancer:
         healthy = [h for h in hosts if not h.ejected] if c.detector.n_ejected else hosts
         panic = bool(hosts) and len(healthy) * 100.0 < c.panic_threshold * len(hosts)
         pool = hosts if panic else healthy
-        if c.locality_on and self._locality != _NO_LOCALITY and pool:
-            region, zone = self._locality
+        if c.locality_on and self._locality != NO_LOCALITY and pool:
+            region, zone, subzone = self._locality
             targets = [to for frm, to in c.failover if frm == region]
-            rest = 2 + len(targets)
+            rest = 3 + len(targets)
             buckets: dict[int, list[_Host]] = {}
             for h in pool:
-                r, z = h.locality
+                r, z, sz = h.locality
                 if r == region:
-                    rank = 0 if z == zone else 1
+                    rank = (0 if sz == subzone else 1) if z == zone else 2
                 elif r in targets:
-                    rank = 2 + targets.index(r)
+                    rank = 3 + targets.index(r)
                 else:
                     rank = rest
                 buckets.setdefault(rank, []).append(h)
@@ -457,7 +455,7 @@ class Balancer:
                     "pod": h.endpoint.pod.key,
                     "active_requests": h.active,
                     "ejected": h.ejected,
-                    "locality": "/".join(x for x in h.locality if x),
+                    "locality": format_locality(h.locality),
                 }
                 for h in tier
             ]

@@ -1,12 +1,17 @@
-"""Frozen model objects with Kubernetes shapes: Pod, Service, Node and their parts."""
+"""Frozen model objects with Kubernetes shapes: Pod, Service, Node and their parts, and
+where a workload runs (its locality: Istio's rule over Node and Pod labels)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar, overload
+from typing import TypeAlias, TypeVar, overload
 
 T = TypeVar("T")
+
+Locality: TypeAlias = tuple[str, str, str]
+"""``(region, zone, subzone)``; a missing part is ``""``."""
+NO_LOCALITY: Locality = ("", "", "")
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
@@ -81,6 +86,9 @@ class Pod:
     containers: tuple[Container, ...] = ()
     pod_ip: str | None = None
     source: str = ""
+    locality: Locality = NO_LOCALITY
+    """Where the pod runs: not read from its YAML, ``MeshSnapshot.build`` fills it in
+    (``pod_locality``: its Node's topology labels, or its own locality label)."""
 
     @property
     def key(self) -> str:
@@ -162,8 +170,9 @@ NODE_ANNOTATIONS = {NODE_REDIRECT: ("iptables", "ebpf", "auto"), NODE_BPF_BYPASS
 
 @dataclass(frozen=True)
 class Node:
-    """A ``v1 Node``: only what the agent of that node reads from it, its capture
-    settings (the agent's command-line flags win over them)."""
+    """A ``v1 Node``: what the agents read from it: its capture settings (read by the
+    agent of that node; its command-line flags win over them) and its topology labels
+    (the locality of the pods on it, for every agent: ``pod_locality``)."""
 
     name: str
     labels: Labels = field(default_factory=Labels)
@@ -182,3 +191,51 @@ class Node:
     def bpf_bypass(self) -> bool | None:
         v = self.annotations.get(NODE_BPF_BYPASS)
         return None if v is None else v == "on"
+
+
+# --------------------------------------------------------------------------- locality
+
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
+"""Istio's Node label for a sub-zone (Kubernetes has none)."""
+BETA_REGION_LABEL = "failure-domain.beta.kubernetes.io/region"
+BETA_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
+"""The deprecated Node labels, read when the GA ones are absent (as Istio does)."""
+LOCALITY_LABEL = "topology.istio.io/locality"
+LEGACY_LOCALITY_LABEL = "istio-locality"
+"""Pod labels that override the node's locality: ``region.zone.subzone`` (Kubernetes
+label values cannot hold ``/``); ``topology.istio.io/locality`` wins over the older one."""
+
+
+def parse_locality(value: str) -> Locality:
+    """``region.zone.subzone`` (or ``region/zone/subzone``) → a locality; parts may be
+    left out from the right, parts after the third are ignored (Istio's split)."""
+    parts = value.split("/") if "/" in value else value.split(".")
+    parts += ["", ""]
+    return parts[0], parts[1], parts[2]
+
+
+def format_locality(loc: Locality) -> str:
+    """Istio's ``region/zone/subzone`` form, without trailing empty parts."""
+    return "/".join(loc).rstrip("/")
+
+
+def pod_locality(pod: Pod, node: Node | None) -> Locality:
+    """Where ``pod`` runs, by Istio's rule: its ``topology.istio.io/locality`` (or
+    ``istio-locality``) label when set, else its node's ``topology.kubernetes.io/region``
+    and ``zone`` and ``topology.istio.io/subzone`` labels; no node object, no locality.
+    A Pod's own ``topology.kubernetes.io/*`` labels are not read: Kubernetes puts them on
+    Nodes, and Istio reads them only there."""
+    for key in (LOCALITY_LABEL, LEGACY_LOCALITY_LABEL):
+        value = pod.labels.get(key)
+        if value:
+            return parse_locality(value)
+    if node is None:
+        return NO_LOCALITY
+    labels = node.labels
+    return (
+        labels.get(REGION_LABEL) or labels.get(BETA_REGION_LABEL, ""),
+        labels.get(ZONE_LABEL) or labels.get(BETA_ZONE_LABEL, ""),
+        labels.get(SUBZONE_LABEL, ""),
+    )

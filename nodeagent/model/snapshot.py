@@ -6,6 +6,7 @@ readers take the current snapshot once per connection.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from nodeagent.model.authn import RequestAuthentication
-from nodeagent.model.objects import Node, Pod, PodRuntime, Service, ServicePort
+from nodeagent.model.objects import Node, Pod, PodRuntime, Service, ServicePort, pod_locality
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
     DEFAULT_ROOT_NAMESPACE,
@@ -51,7 +52,8 @@ class MeshSnapshot:
     request_authentications: tuple[RequestAuthentication, ...] = ()
     local_rate_limits: tuple[LocalRateLimit, ...] = ()
     node_objects: tuple[Node, ...] = ()
-    """``v1 Node`` objects (optional): capture settings per node."""
+    """``v1 Node`` objects (optional): capture settings per node, and the topology labels
+    that give the pods on each node their locality (``Pod.locality``, set by ``build``)."""
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -109,21 +111,15 @@ class MeshSnapshot:
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
+        node_by_name = {n.name: n for n in node_objects}
         resolved: list[Pod] = []
         for pod in pods:
             rt = runtimes.get(pod.key)
-            if rt is not None and pod.pod_ip is None:
-                pod = Pod(
-                    namespace=pod.namespace,
-                    name=pod.name,
-                    node_name=pod.node_name,
-                    service_account=pod.service_account,
-                    labels=pod.labels,
-                    annotations=pod.annotations,
-                    containers=pod.containers,
-                    pod_ip=rt.ip,
-                    source=pod.source,
-                )
+            ip = rt.ip if rt is not None and pod.pod_ip is None else pod.pod_ip
+            # once per snapshot, not per request: the balancer reads pod.locality
+            loc = pod_locality(pod, node_by_name.get(pod.node_name))
+            if ip != pod.pod_ip or loc != pod.locality:
+                pod = dataclasses.replace(pod, pod_ip=ip, locality=loc)
             resolved.append(pod)
         pod_by_key = {p.key: p for p in resolved}
         pod_by_ip = {p.pod_ip: p for p in resolved if p.pod_ip}

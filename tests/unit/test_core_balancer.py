@@ -13,8 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodeagent.core.balancer import (
-    REGION_LABEL,
-    ZONE_LABEL,
     Balancer,
     BalancerRegistry,
     Policy,
@@ -66,17 +64,22 @@ class Events:
         self.returned.append((key, addr))
 
 
-def pod(name: str, ip: str, region: str = "", zone: str = "") -> Pod:
-    labels = {"app": "web"}
-    if region:
-        labels[REGION_LABEL] = region
-    if zone:
-        labels[ZONE_LABEL] = zone
-    return Pod(namespace="default", name=name, node_name="n1", labels=Labels.of(labels), pod_ip=ip)
+def pod(name: str, ip: str, region: str = "", zone: str = "", subzone: str = "") -> Pod:
+    """A pod as a snapshot places it: ``locality`` is what its node's labels gave it."""
+    return Pod(
+        namespace="default",
+        name=name,
+        node_name="n1",
+        labels=Labels.of({"app": "web"}),
+        pod_ip=ip,
+        locality=(region, zone, subzone),
+    )
 
 
-def ep(name: str, ip: str, region: str = "", zone: str = "", port: int = 8080) -> Endpoint:
-    return Endpoint(pod=pod(name, ip, region, zone), ip=ip, port=port)
+def ep(
+    name: str, ip: str, region: str = "", zone: str = "", port: int = 8080, subzone: str = ""
+) -> Endpoint:
+    return Endpoint(pod=pod(name, ip, region, zone, subzone), ip=ip, port=port)
 
 
 def eps(n: int) -> tuple[Endpoint, ...]:
@@ -350,10 +353,10 @@ FAILOVER = LoadBalancer(
 )
 
 
-def test_locality_of_reads_topology_labels() -> None:
-    assert locality_of(SRC) == ("us-east", "a")
-    assert locality_of(pod("p", "10.0.0.1")) == ("", "")
-    assert locality_of(None) == ("", "")
+def test_locality_of_is_the_locality_the_snapshot_gave_the_pod() -> None:
+    assert locality_of(SRC) == ("us-east", "a", "")
+    assert locality_of(pod("p", "10.0.0.1")) == ("", "", "")
+    assert locality_of(None) == ("", "", "")
 
 
 def test_locality_is_ignored_without_outlier_detection() -> None:
@@ -382,6 +385,19 @@ def test_locality_order_zone_region_failover_then_any() -> None:
     fail(b, C, 5)  # 3 of 6 healthy: not yet panic
     assert not b.in_panic
     assert set(picks(b, 12)) == {"D", "E", "F"}
+
+
+def test_subzone_is_the_first_tier_then_the_zone() -> None:
+    src = pod("client", "10.1.0.1", "us-east", "a", "rack1")
+    same = ep("same", "10.0.0.7", "us-east", "a", subzone="rack1")
+    rack2 = ep("rack2", "10.0.0.8", "us-east", "a", subzone="rack2")
+    b = Env().get((B, rack2, same), RR, OD_ALL, src)
+    assert set(picks(b, 6)) == {"same"}
+    fail(b, same, 5)
+    assert set(picks(b, 6)) == {"rack2"}  # same zone, other subzone, before zone b
+    tiers = b.explain()["tiers"]
+    assert isinstance(tiers, list)
+    assert [[h["locality"] for h in t] for t in tiers] == [["us-east/a/rack2"], ["us-east/b"]]
 
 
 def test_locality_without_failover_goes_to_any_region() -> None:
