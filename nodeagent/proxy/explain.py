@@ -20,7 +20,7 @@ from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.plan import Answer, Connection, Likeliest, Plan, Request
 from nodeagent.core.ratelimit import key_value
 from nodeagent.core.route import RouteOutcome, select_tcp_route
-from nodeagent.model.objects import Pod, Service, ServicePort
+from nodeagent.model.objects import NO_LOCALITY, Pod, Service, ServicePort, format_locality
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.status import ExplainQuery
@@ -95,6 +95,8 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         },
         "request": {"to": q.to, "method": q.method, "path": q.path, "headers": headers},
     }
+    if src.locality != NO_LOCALITY:  # what the endpoint tiers below are ranked against
+        out["source"]["locality"] = format_locality(src.locality)
     dst_pod: Pod | None = direct
     dst_port = port
     proto = port_protocol(sp) if sp is not None else None
@@ -138,6 +140,8 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         "port": dst_port,
         "principal": dst_principal,
     }
+    if dst_pod.locality != NO_LOCALITY:
+        out["destination"]["locality"] = format_locality(dst_pod.locality)
     mtls = effective_mtls(snap, dst_pod, dst_port)
     # the data path's own choice (core.outbound.tunnels), not a second reading of it
     tunnel = tunnels(

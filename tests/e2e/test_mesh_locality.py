@@ -1,5 +1,5 @@
 """End to end: locality failover as in Istio, with each pod's zone taken from its Node's
-``topology.kubernetes.io/region`` / ``zone`` labels (``locality/mesh.yaml``).
+``topology.kubernetes.io/region`` / ``zone`` labels: the mesh of ``examples/locality``.
 
 A client in region1/zone-a calls ``web``, which has one pod per zone: zone-a (the
 client's node), zone-b (same region) and zone-c (region2). While all are healthy only
@@ -35,16 +35,17 @@ REDIRECT_MODES = ("iptables",)
 """Locality is the proxy's choice of endpoint, the same whichever way traffic is captured."""
 
 HERE = Path(__file__).parent
+EXAMPLE = HERE.parents[1] / "examples" / "locality"
 HTTPCLIENT = str(HERE / "httpclient.py")
 WEB = "http://web.default.svc.cluster.local/"
 BASE_EJECTION = 10.0
-"""``baseEjectionTime`` in ``locality/mesh.yaml``: the failing steps fit well inside it."""
+"""``baseEjectionTime`` in the example's DestinationRule: the failing steps fit inside it."""
 
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("locality")
-    for f in (HERE / "locality").glob("*.yaml"):
+    for f in EXAMPLE.glob("*.yaml"):
         shutil.copy(f, d / f.name)
     return d
 
@@ -95,6 +96,7 @@ def test_zone_from_node_labels_and_failover_when_a_zone_is_ejected(
     first = requests_from_client(sb, 20)
     assert first["statuses"] == {"200": 20} and first["pods"] == {"web-a": 20}, first
     tiers = ctl("explain", "--from", "client", "--to", "web:80")
+    assert "locality: region1/zone-a" in tiers, tiers  # the client's, from node1's labels
     assert f"tier 0: {addr['web-a']} default/web-a [region1/zone-a]" in tiers, tiers
     assert f"tier 1: {addr['web-b']} default/web-b [region1/zone-b]" in tiers, tiers
     assert f"tier 2: {addr['web-c']} default/web-c [region2/zone-c]" in tiers, tiers

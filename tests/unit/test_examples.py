@@ -57,3 +57,14 @@ def test_each_policy_example_loads(policy: str, tmp_path: Path) -> None:
         len(snap.local_rate_limits),
     )
     assert sum(kinds) >= 1, kinds
+
+
+def test_locality_example_places_pods_by_their_nodes_zones() -> None:
+    snap = load_directory(ROOT / "examples" / "locality").snapshot
+    got = {p.name: p.locality for p in snap.pods}
+    assert got == {
+        "client": ("region1", "zone-a", ""),
+        "web-a": ("region1", "zone-a", ""),
+        "web-b": ("region1", "zone-b", ""),
+        "web-c": ("region2", "zone-c", ""),
+    }
