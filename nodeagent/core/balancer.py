@@ -55,8 +55,6 @@ from nodeagent.core.outlier import (
 )
 from nodeagent.model.objects import (
     NO_LOCALITY,
-    REGION_LABEL,
-    ZONE_LABEL,
     Locality,
     Pod,
     format_locality,
@@ -66,9 +64,7 @@ from nodeagent.model.traffic import LoadBalancer, OutlierDetection, SimpleLB
 
 __all__ = [
     "DEFAULT_PANIC_THRESHOLD",
-    "REGION_LABEL",
     "RING_POINTS_PER_HOST",
-    "ZONE_LABEL",
     "Balancer",
     "BalancerRegistry",
     "ClusterKey",
