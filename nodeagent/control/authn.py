@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 from nodeagent.control.fields import read_meta, workload_selector
 from nodeagent.control.schema import (
     BOOL,
-    METADATA,
     STR,
     STR_LIST,
     STR_MAP,
@@ -21,6 +20,7 @@ from nodeagent.control.schema import (
     ListOf,
     Obj,
     Problems,
+    resource,
 )
 from nodeagent.control.security import API_VERSIONS
 from nodeagent.core.jwt import JwksError, parse_jwks
@@ -44,21 +44,15 @@ JWT_RULE = Obj(
     },
     required=frozenset({"issuer"}),
 )
-REQUEST_AUTHENTICATION = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "selector": Obj({"matchLabels": STR_MAP}),
-                "jwtRules": ListOf(JWT_RULE),
-                "targetRef": AnyShape(),
-                "targetRefs": AnyShape(),
-            }
-        ),
-    },
-    required=frozenset({"metadata"}),
+REQUEST_AUTHENTICATION = resource(
+    Obj(
+        {
+            "selector": Obj({"matchLabels": STR_MAP}),
+            "jwtRules": ListOf(JWT_RULE),
+            "targetRef": AnyShape(),
+            "targetRefs": AnyShape(),
+        }
+    ),
 )
 
 _UNSUPPORTED_SPEC = {

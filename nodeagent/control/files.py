@@ -1,26 +1,33 @@
 """File-mode config source: a directory of Kubernetes/Istio YAML files.
 
 ``load_directory`` parses and validates every object (each problem names the file, the
-object and the field path) and builds one ``MeshSnapshot``. ``ConfigWatcher`` polls the
+object and the field path; ``control.parse``) and builds one ``MeshSnapshot`` with
+``assemble``, which the Kubernetes API source shares. ``ConfigWatcher`` polls the
 directory (and the pod runtime file) and publishes a new snapshot after each good edit;
-a bad edit keeps the last good snapshot and records the error.
+a bad edit keeps the last good snapshot and records the error. Hidden paths are skipped,
+so a ConfigMap mounted by kubelet is read once, and its atomic swap is noticed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import yaml
-
-from nodeagent.control.registry import find_kind, supported_kinds
+from nodeagent.control.clusterip import with_cluster_ips
+from nodeagent.control.crosscheck import (
+    check_duplicate_names,
+    check_peer_authentications,
+    check_traffic,
+    cross_check,
+)
+from nodeagent.control.parse import Pair, parse_documents, parse_object
 from nodeagent.control.runtime import load_runtimes
-from nodeagent.control.schema import validate
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Node, Pod, PodRuntime, Service
@@ -32,7 +39,19 @@ from nodeagent.model.security import (
 )
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus
-from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
+from nodeagent.model.traffic import DestinationRule, VirtualService
+
+__all__ = [
+    "Collected",
+    "ConfigWatcher",
+    "LoadedConfig",
+    "assemble",
+    "config_fingerprint",
+    "load_directory",
+    "parse_documents",
+    "parse_object",
+    "read_directory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,279 +70,50 @@ class LoadedConfig:
 
 
 def _files(directory: Path) -> list[Path]:
+    """Every YAML file under ``directory``, skipping each path with a component that starts
+    with a dot: so kubelet's ConfigMap volume (``..2026_…/mesh.yaml``, ``..data``, and a
+    link per key, ``mesh.yaml -> ..data/mesh.yaml``) is read once, through its links."""
     if not directory.is_dir():
         raise ConfigErrors([ConfigError("not a directory", source=str(directory))])
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.suffix in YAML_SUFFIXES and p.is_file() and not p.name.startswith(".")
-    )
+    out: list[Path] = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root, name)
+            if not name.startswith(".") and name.endswith(YAML_SUFFIXES) and path.is_file():
+                out.append(path)
+    return sorted(out)
 
 
-def _obj_name(doc: dict[str, Any]) -> str:
-    kind = doc.get("kind", "?")
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    assert isinstance(meta, dict)
-    ns = meta.get("namespace", "default")
-    return f"{kind} {ns}/{meta.get('name', '?')}"
+@dataclass(frozen=True)
+class Collected:
+    """Every object a source read, before the checks across objects (``assemble``)."""
+
+    pairs: tuple[Pair, ...]
+    errors: tuple[ConfigError, ...]
+    warnings: tuple[str, ...]
+    sources: tuple[str, ...]
+    """Where the objects came from (the files read)."""
 
 
-def parse_documents(
-    text: str, source: str
-) -> tuple[list[tuple[dict[str, Any], object]], list[ConfigError]]:
-    """Parse one file's YAML documents into ``(raw, model object)`` pairs."""
+def read_directory(directory: str | Path) -> Collected:
+    """Parse and check each object of each YAML file under ``directory`` on its own;
+    raises ``ConfigErrors`` when ``directory`` is not one."""
+    files = _files(Path(directory))
+    pairs: list[Pair] = []
     errors: list[ConfigError] = []
-    out: list[tuple[dict[str, Any], object]] = []
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        return [], [ConfigError(f"{where}invalid YAML: {problem}", source=source)]
-    for index, doc in enumerate(docs):
-        if doc is None:
+    warnings: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(ConfigError(f"cannot read: {e}", source=str(f)))
             continue
-        here = f"{source} (document {index + 1})" if len(docs) > 1 else source
-        if not isinstance(doc, dict):
-            errors.append(ConfigError("expected a mapping with apiVersion and kind", source=here))
-            continue
-        api, kind_name = doc.get("apiVersion"), doc.get("kind")
-        if not isinstance(api, str) or not isinstance(kind_name, str):
-            errors.append(ConfigError("apiVersion and kind are required strings", source=here))
-            continue
-        kind = find_kind(api, kind_name)
-        if kind is None:
-            errors.append(
-                ConfigError(
-                    f"unknown kind {kind_name!r} (apiVersion {api!r}); "
-                    f"supported: {supported_kinds()}",
-                    source=here,
-                    obj=_obj_name(doc),
-                    field="kind",
-                )
-            )
-            continue
-        obj, problems = validate(doc, kind, source)
-        for path, msg in problems.items:
-            errors.append(ConfigError(msg, source=here, obj=_obj_name(doc), field=path))
-        if obj is not None and not problems.items:
-            out.append(({**doc, "_source": source}, obj))
-    return out, errors
-
-
-class _Named(Protocol):
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def source(self) -> str: ...
-
-
-def check_duplicate_names(by_kind: Mapping[str, Sequence[_Named]]) -> list[ConfigError]:
-    """One object per (kind, namespace/name); a repeat names the file of the first."""
-    errors: list[ConfigError] = []
-    for kind, items in by_kind.items():
-        seen: dict[str, str] = {}
-        for o in items:
-            if o.key in seen:
-                errors.append(
-                    ConfigError(
-                        f"duplicate name: also defined in {seen[o.key]}",
-                        source=o.source,
-                        obj=f"{kind} {o.key}",
-                        field="metadata.name",
-                    )
-                )
-            else:
-                seen[o.key] = o.source
-    return errors
-
-
-def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
-    """Checks across Pods and Services: clusterIP clashes, selectors matching nothing,
-    pod IP clashes."""
-    errors: list[ConfigError] = []
-    ips: dict[str, Service] = {}
-    for s in services:
-        if s.cluster_ip is None:
-            continue
-        other = ips.get(s.cluster_ip)
-        if other is not None and other.key != s.key:
-            errors.append(
-                ConfigError(
-                    f"clusterIP {s.cluster_ip} is already used by Service {other.key} "
-                    f"({other.source})",
-                    source=s.source,
-                    obj=f"Service {s.key}",
-                    field="spec.clusterIP",
-                )
-            )
-        ips[s.cluster_ip] = s
-    for s in services:
-        if not s.selector:
-            continue
-        if not any(p.namespace == s.namespace and p.labels.matches(s.selector) for p in pods):
-            errors.append(
-                ConfigError(
-                    f"selector {s.selector} matches no Pod in namespace {s.namespace}",
-                    source=s.source,
-                    obj=f"Service {s.key}",
-                    field="spec.selector",
-                )
-            )
-    pod_ips: dict[str, Pod] = {}
-    for p in pods:
-        if p.pod_ip is None:
-            continue
-        if p.pod_ip in pod_ips:
-            errors.append(
-                ConfigError(
-                    f"podIP {p.pod_ip} is also Pod {pod_ips[p.pod_ip].key}",
-                    source=p.source,
-                    obj=f"Pod {p.key}",
-                    field="status.podIP",
-                )
-            )
-        pod_ips[p.pod_ip] = p
-    return errors
-
-
-def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigError]:
-    """Two namespace-wide policies in one namespace (Istio would silently pick the
-    oldest; we say so instead)."""
-    errors: list[ConfigError] = []
-    seen: set[str] = set()
-    wide: dict[str, PeerAuthentication] = {}
-    for pa in items:
-        if pa.key in seen:  # a duplicate: reported by check_duplicate_names
-            continue
-        seen.add(pa.key)
-        obj = f"PeerAuthentication {pa.key}"
-        if pa.selector is None:
-            other = wide.get(pa.namespace)
-            if other is not None:
-                errors.append(
-                    ConfigError(
-                        f"namespace {pa.namespace} already has a namespace-wide "
-                        f"PeerAuthentication {other.key} ({other.source}): merge them",
-                        source=pa.source,
-                        obj=obj,
-                        field="spec.selector",
-                    )
-                )
-            wide[pa.namespace] = pa
-    return errors
-
-
-def check_traffic(
-    virtual_services: list[VirtualService],
-    destination_rules: list[DestinationRule],
-    pods: list[Pod],
-    services: list[Service],
-) -> list[ConfigError]:
-    """VirtualService/DestinationRule checks across objects: two rules for one host, a
-    route naming a subset no DestinationRule defines or a port its Service lacks, a
-    subset selecting no Pod."""
-    errors: list[ConfigError] = []
-    vs_hosts: dict[str, VirtualService] = {}
-    for vs in virtual_services:
-        for i, host in enumerate(vs.hosts):
-            other = vs_hosts.get(host)
-            if other is not None and other.key != vs.key:
-                errors.append(
-                    ConfigError(
-                        f"host {host} is also routed by VirtualService {other.key} "
-                        f"({other.source}): merge them",
-                        source=vs.source,
-                        obj=f"VirtualService {vs.key}",
-                        field=f"spec.hosts[{i}]",
-                    )
-                )
-            vs_hosts.setdefault(host, vs)
-    rules: dict[str, DestinationRule] = {}
-    for dr in destination_rules:
-        other_dr = rules.get(dr.host)
-        if other_dr is not None and other_dr.key != dr.key:
-            errors.append(
-                ConfigError(
-                    f"host {dr.host} already has DestinationRule {other_dr.key} "
-                    f"({other_dr.source}): merge them",
-                    source=dr.source,
-                    obj=f"DestinationRule {dr.key}",
-                    field="spec.host",
-                )
-            )
-        rules.setdefault(dr.host, dr)
-
-    by_fqdn = {s.hostnames()[-1]: s for s in services}
-
-    def check_subset(vs: VirtualService, dest: Destination, path: str) -> None:
-        svc = by_fqdn.get(dest.host)
-        if svc is not None and dest.port is not None and svc.port(dest.port) is None:
-            errors.append(
-                ConfigError(
-                    f"Service {svc.key} has no port {dest.port} "
-                    f"(its ports: {', '.join(str(p.port) for p in svc.ports)})",
-                    source=vs.source,
-                    obj=f"VirtualService {vs.key}",
-                    field=path.removesuffix(".subset") + ".port.number",
-                )
-            )
-        if dest.subset is None:
-            return
-        dr = rules.get(dest.host)
-        if dr is None:
-            errors.append(
-                ConfigError(
-                    f"subset {dest.subset!r} of host {dest.host} is not defined: "
-                    f"no DestinationRule for {dest.host}",
-                    source=vs.source,
-                    obj=f"VirtualService {vs.key}",
-                    field=path,
-                )
-            )
-        elif dr.subset(dest.subset) is None:
-            known = ", ".join(s.name for s in dr.subsets) or "none"
-            errors.append(
-                ConfigError(
-                    f"subset {dest.subset!r} is not defined by DestinationRule {dr.key} "
-                    f"({dr.source}; its subsets: {known})",
-                    source=vs.source,
-                    obj=f"VirtualService {vs.key}",
-                    field=path,
-                )
-            )
-
-    for vs in virtual_services:
-        for i, rule in enumerate(vs.http):
-            for j, rd in enumerate(rule.routes):
-                check_subset(vs, rd.destination, f"spec.http[{i}].route[{j}].destination.subset")
-            if rule.mirror is not None:
-                check_subset(vs, rule.mirror, f"spec.http[{i}].mirror.subset")
-        for i, tcp in enumerate(vs.tcp):
-            for j, rd in enumerate(tcp.routes):
-                check_subset(vs, rd.destination, f"spec.tcp[{i}].route[{j}].destination.subset")
-
-    for dr in destination_rules:
-        svc = by_fqdn.get(dr.host)
-        if svc is None or not svc.selector:
-            continue
-        backends = [
-            p for p in pods if p.namespace == svc.namespace and p.labels.matches(svc.selector)
-        ]
-        for i, subset in enumerate(dr.subsets):
-            if subset.labels and not any(p.labels.matches(subset.labels) for p in backends):
-                errors.append(
-                    ConfigError(
-                        f"labels {subset.labels} select no Pod of Service {svc.key} "
-                        f"(selector {svc.selector})",
-                        source=dr.source,
-                        obj=f"DestinationRule {dr.key}",
-                        field=f"spec.subsets[{i}].labels",
-                    )
-                )
-    return errors
+        found, errs, warns = parse_documents(text, str(f))
+        pairs.extend(found)
+        errors.extend(errs)
+        warnings.extend(warns)
+    return Collected(tuple(pairs), tuple(errors), tuple(warnings), tuple(str(f) for f in files))
 
 
 def load_directory(
@@ -334,26 +124,15 @@ def load_directory(
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
 ) -> LoadedConfig:
     """Load and validate every YAML file under ``directory``; raise ``ConfigErrors``."""
-    d = Path(directory)
-    errors: list[ConfigError] = []
-    pairs: list[tuple[dict[str, Any], object]] = []
-    files = _files(d)
-    for f in files:
-        try:
-            text = f.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(ConfigError(f"cannot read: {e}", source=str(f)))
-            continue
-        found, errs = parse_documents(text, str(f))
-        errors.extend(errs)
-        pairs.extend(found)
+    found = read_directory(directory)
     return assemble(
-        pairs,
-        errors,
-        sources=tuple(str(f) for f in files),
+        found.pairs,
+        found.errors,
+        sources=found.sources,
         runtimes=runtimes,
         version=version,
         root_namespace=root_namespace,
+        warnings=found.warnings,
     )
 
 
@@ -368,9 +147,11 @@ def assemble(
     warnings: Sequence[str] = (),
 ) -> LoadedConfig:
     """One snapshot from validated ``(raw, model object)`` pairs, whatever their source
-    (files or the Kubernetes API): the checks across objects, then ``MeshSnapshot.build``.
-    Raises ``ConfigErrors`` with ``errors`` and whatever the checks find."""
+    (files or the Kubernetes API): a clusterIP for each Service written without one, the
+    checks across objects, then ``MeshSnapshot.build``. Raises ``ConfigErrors`` with
+    ``errors`` and whatever the checks find."""
     errors = list(errors)
+    pairs = with_cluster_ips(pairs)
     by_type: dict[type, list[Any]] = {}
     for _raw, obj in pairs:
         by_type.setdefault(type(obj), []).append(obj)
@@ -423,23 +204,25 @@ def assemble(
     )
 
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, str, int, int, int], ...]
 
 
 def config_fingerprint(directory: Path, *extra: Path) -> Fingerprint:
-    """(path, mtime, size) of the directory, every config file ``load_directory`` would
-    read, and ``extra`` files: when it changes, the config may have changed."""
+    """(path, the file it links to, inode, mtime, size) of the directory, every config file
+    ``load_directory`` would read, and ``extra`` files: when it changes, the config may
+    have changed (kubelet's swap of ``..data`` changes where each key's link leads)."""
     try:
         paths = _files(directory)
     except ConfigErrors:
         paths = []
-    out: list[tuple[str, int, int]] = []
+    out: list[tuple[str, str, int, int, int]] = []
     for p in [directory, *paths, *extra]:
         try:
             st = p.stat()
+            real = os.path.realpath(p)
         except OSError:
             continue
-        out.append((str(p), st.st_mtime_ns, st.st_size))
+        out.append((str(p), real, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 
@@ -489,6 +272,10 @@ class ConfigWatcher:
             root_namespace=self.root_namespace,
         )
         self.version += 1
+        before = set(self.current.warnings) if self.current else set()
+        for warning in loaded.warnings:
+            if warning not in before:
+                log.warning("config: %s", warning)
         self.current = loaded
         self.loaded_at = time.time()
         self.last_error = ""

@@ -1,5 +1,7 @@
 """The Kubernetes kinds ``v1 Pod``, ``Service`` and ``Node``: their shapes (the documented
-subset) and their conversion to ``model.objects``, each problem named by its field path."""
+subset, and the rest of each real v1 type accepted and ignored), which of them the mesh
+leaves out (host-network or finished Pods, ExternalName Services), and their conversion
+to ``model.objects``, each problem named by its field path."""
 
 from __future__ import annotations
 
@@ -8,15 +10,16 @@ from typing import Any
 
 from nodeagent.control.fields import DNS_LABEL, check_port, read_meta
 from nodeagent.control.schema import (
+    BOOL,
     INT,
     INT_OR_STR,
-    METADATA,
     STR,
     STR_MAP,
     Kind,
     ListOf,
     Obj,
     Problems,
+    resource,
 )
 from nodeagent.model.objects import (
     NODE_ANNOTATIONS,
@@ -28,80 +31,252 @@ from nodeagent.model.objects import (
     ServicePort,
 )
 
-POD = Obj(
+POD_SPEC_IGNORED = frozenset(
     {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "nodeName": STR,
-                "serviceAccountName": STR,
-                "containers": ListOf(
-                    Obj(
-                        {
-                            "name": STR,
-                            "image": STR,
-                            "command": ListOf(STR),
-                            "args": ListOf(STR),
-                            "env": ListOf(Obj({"name": STR, "value": STR}, frozenset({"name"}))),
-                            "ports": ListOf(
-                                Obj(
-                                    {"name": STR, "containerPort": INT, "protocol": STR},
-                                    frozenset({"containerPort"}),
-                                )
-                            ),
-                        },
-                        required=frozenset({"name"}),
-                    )
-                ),
-            },
-            required=frozenset({"nodeName", "containers"}),
-        ),
-        "status": Obj({"podIP": STR}),
-    },
-    required=frozenset({"metadata", "spec"}),
+        "activeDeadlineSeconds",
+        "affinity",
+        "automountServiceAccountToken",
+        "dnsConfig",
+        "dnsPolicy",
+        "enableServiceLinks",
+        "ephemeralContainers",
+        "evictionResponders",
+        "hostAliases",
+        "hostIPC",
+        "hostPID",
+        "hostUsers",
+        "hostname",
+        "hostnameOverride",
+        "imagePullSecrets",
+        "initContainers",
+        "nodeSelector",
+        "os",
+        "overhead",
+        "preemptionPolicy",
+        "priority",
+        "priorityClassName",
+        "readinessGates",
+        "resourceClaims",
+        "resources",
+        "restartPolicy",
+        "runtimeClassName",
+        "schedulerName",
+        "schedulingGates",
+        "schedulingGroup",
+        "securityContext",
+        "setHostnameAsFQDN",
+        "shareProcessNamespace",
+        "subdomain",
+        "terminationGracePeriodSeconds",
+        "tolerations",
+        "topologySpreadConstraints",
+        "volumes",
+    }
+)
+"""``v1 PodSpec`` fields that do not change what the mesh does for the pod."""
+
+CONTAINER_IGNORED = frozenset(
+    {
+        "envFrom",
+        "imagePullPolicy",
+        "lifecycle",
+        "livenessProbe",
+        "readinessProbe",
+        "resizePolicy",
+        "resources",
+        "restartPolicy",
+        "restartPolicyRules",
+        "securityContext",
+        "startupProbe",
+        "stdin",
+        "stdinOnce",
+        "terminationMessagePath",
+        "terminationMessagePolicy",
+        "tty",
+        "volumeDevices",
+        "volumeMounts",
+        "workingDir",
+    }
+)
+"""``v1 Container`` fields that do not change what the mesh does for the pod."""
+
+POD_STATUS_IGNORED = frozenset(
+    {
+        "allocatedResources",
+        "conditions",
+        "containerStatuses",
+        "ephemeralContainerStatuses",
+        "extendedResourceClaimStatus",
+        "hostIP",
+        "hostIPs",
+        "initContainerStatuses",
+        "message",
+        "nodeAllocatableResourceClaimStatuses",
+        "nominatedNodeName",
+        "observedGeneration",
+        "podIPs",
+        "qosClass",
+        "reason",
+        "resize",
+        "resourceClaimStatuses",
+        "resources",
+        "startTime",
+        "volumeHealth",
+    }
+)
+"""``v1 PodStatus`` fields the agent leaves to kubelet (it reads ``podIP`` and ``phase``)."""
+
+SERVICE_SPEC_IGNORED = frozenset(
+    {
+        "allocateLoadBalancerNodePorts",
+        "clusterIPs",
+        "externalIPs",
+        "externalName",
+        "externalTrafficPolicy",
+        "healthCheckNodePort",
+        "internalTrafficPolicy",
+        "ipFamilies",
+        "ipFamilyPolicy",
+        "loadBalancerClass",
+        "loadBalancerIP",
+        "loadBalancerSourceRanges",
+        "publishNotReadyAddresses",
+        "sessionAffinity",
+        "sessionAffinityConfig",
+        "trafficDistribution",
+    }
+)
+"""``v1 ServiceSpec`` fields about traffic from outside the cluster, or that the mesh
+decides itself (affinity: DestinationRule's consistent hash)."""
+
+NODE_SPEC_IGNORED = frozenset(
+    {
+        "configSource",
+        "externalID",
+        "podCIDR",
+        "podCIDRs",
+        "podPreemptionPolicy",
+        "providerID",
+        "taints",
+        "unschedulable",
+    }
 )
 
-NODE = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj({"podCIDR": STR, "podCIDRs": ListOf(STR)}),
-    },
-    required=frozenset({"metadata"}),
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+"""Kubernetes' port protocols; the mesh carries TCP and leaves the others alone."""
+
+POD = resource(
+    Obj(
+        {
+            "nodeName": STR,
+            "serviceAccountName": STR,
+            "serviceAccount": STR,
+            "hostNetwork": BOOL,
+            "containers": ListOf(
+                Obj(
+                    {
+                        "name": STR,
+                        "image": STR,
+                        "command": ListOf(STR),
+                        "args": ListOf(STR),
+                        "env": ListOf(
+                            Obj(
+                                {"name": STR, "value": STR},
+                                required=frozenset({"name"}),
+                                ignored=frozenset({"valueFrom"}),
+                            )
+                        ),
+                        "ports": ListOf(
+                            Obj(
+                                {"name": STR, "containerPort": INT, "protocol": STR},
+                                required=frozenset({"containerPort"}),
+                                ignored=frozenset({"hostIP", "hostPort"}),
+                            )
+                        ),
+                    },
+                    required=frozenset({"name"}),
+                    ignored=CONTAINER_IGNORED,
+                )
+            ),
+        },
+        required=frozenset({"nodeName", "containers"}),
+        ignored=POD_SPEC_IGNORED,
+    ),
+    spec_required=True,
+    status=Obj({"podIP": STR, "phase": STR}, ignored=POD_STATUS_IGNORED),
 )
+
+NODE = resource(Obj({}, ignored=NODE_SPEC_IGNORED))
 """A ``v1 Node``: the agent reads its own node's ``nodeagent.io/`` annotations."""
 
-SERVICE = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "selector": STR_MAP,
-                "clusterIP": STR,
-                "type": STR,
-                "ports": ListOf(
-                    Obj(
-                        {
-                            "name": STR,
-                            "port": INT,
-                            "targetPort": INT_OR_STR,
-                            "protocol": STR,
-                            "appProtocol": STR,
-                        },
-                        required=frozenset({"port"}),
-                    )
-                ),
-            },
-            required=frozenset({"ports"}),
-        ),
-    },
-    required=frozenset({"metadata", "spec"}),
+SERVICE = resource(
+    Obj(
+        {
+            "selector": STR_MAP,
+            "clusterIP": STR,
+            "type": STR,
+            "ports": ListOf(
+                Obj(
+                    {
+                        "name": STR,
+                        "port": INT,
+                        "targetPort": INT_OR_STR,
+                        "protocol": STR,
+                        "appProtocol": STR,
+                    },
+                    required=frozenset({"port"}),
+                    ignored=frozenset({"nodePort"}),
+                )
+            ),
+        },
+        required=frozenset({"ports"}),
+        ignored=SERVICE_SPEC_IGNORED,
+    ),
+    spec_required=True,
 )
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+"""Service types with a cluster IP: in the mesh each is served as a ClusterIP Service."""
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def skip_pod(doc: dict[str, Any]) -> str | None:
+    """A Pod the mesh leaves out: on its node's network, finished, or not yet scheduled."""
+    spec, status = _mapping(doc.get("spec")), _mapping(doc.get("status"))
+    if spec.get("hostNetwork") is True:
+        return "hostNetwork Pod: it shares its node's network and is not captured, skipped"
+    phase = status.get("phase")
+    if phase in ("Succeeded", "Failed"):
+        return f"phase {phase}: the Pod has finished, skipped"
+    if isinstance(phase, str) and not spec.get("nodeName"):
+        return f"phase {phase} and no spec.nodeName: not scheduled to a node yet, skipped"
+    return None
+
+
+def skip_service(doc: dict[str, Any]) -> str | None:
+    """A Service the mesh leaves out: an ExternalName alias, or one with no TCP port."""
+    spec = _mapping(doc.get("spec"))
+    if spec.get("type") == "ExternalName":
+        return "type ExternalName: a DNS alias the mesh does not serve, skipped"
+    ports = spec.get("ports")
+    if (
+        isinstance(ports, list)
+        and ports
+        and all(isinstance(p, dict) and p.get("protocol") in ("UDP", "SCTP") for p in ports)
+    ):
+        return "no TCP port: the mesh carries TCP only, skipped"
+    return None
+
+
+def _protocol(value: object, path: str, problems: Problems) -> str:
+    """A port's protocol (``TCP`` when absent); a problem when it is none of Kubernetes'."""
+    proto = "TCP" if value is None else value
+    if proto not in PROTOCOLS:
+        problems.add(path, f"expected one of {', '.join(PROTOCOLS)}, got {proto!r}")
+        return "TCP"
+    return str(proto)
 
 
 def convert_node(doc: dict[str, Any], source: str, problems: Problems) -> Node | None:
@@ -142,20 +317,22 @@ def convert_pod(doc: dict[str, Any], source: str, problems: Problems) -> Pod | N
         names.add(cname)
         ports: list[tuple[str, int]] = []
         for j, p in enumerate(c.get("ports") or []):
-            check_port(p.get("containerPort"), f"spec.containers[{i}].ports[{j}]", problems)
-            proto = p.get("protocol", "TCP")
-            if proto != "TCP":
-                problems.add(
-                    f"spec.containers[{i}].ports[{j}].protocol",
-                    f"only TCP is supported, got {proto!r}",
-                )
+            path = f"spec.containers[{i}].ports[{j}]"
+            check_port(p.get("containerPort"), f"{path}.containerPort", problems)
+            if _protocol(p.get("protocol"), f"{path}.protocol", problems) != "TCP":
+                continue  # UDP and SCTP pass the mesh by: not a port it serves
             ports.append((str(p.get("name", "")), int(p.get("containerPort", 0))))
         containers.append(
             Container(
                 name=cname,
                 command=tuple(c.get("command") or ()),
                 args=tuple(c.get("args") or ()),
-                env=tuple((e["name"], str(e.get("value", ""))) for e in c.get("env") or ()),
+                # valueFrom (a field, a Secret, a ConfigMap) has no value outside a cluster
+                env=tuple(
+                    (e["name"], str(e.get("value", "")))
+                    for e in c.get("env") or ()
+                    if "value" in e or "valueFrom" not in e
+                ),
                 image=str(c.get("image", "")),
                 ports=tuple(ports),
             )
@@ -183,7 +360,10 @@ def convert_pod(doc: dict[str, Any], source: str, problems: Problems) -> Pod | N
         namespace=ns,
         name=name,
         node_name=str(spec.get("nodeName", "")),
-        service_account=str(spec.get("serviceAccountName", "default")),
+        # serviceAccount: the deprecated alias older manifests still write
+        service_account=str(
+            spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        ),
         labels=Labels.of(meta.get("labels")),
         annotations=Labels.of(meta.get("annotations")),
         containers=tuple(containers),
@@ -198,8 +378,11 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
         problems.add("metadata.name", f"{name!r}: a Service name must be a DNS label")
     spec = doc.get("spec") or {}
     svc_type = spec.get("type", "ClusterIP")
-    if svc_type != "ClusterIP":
-        problems.add("spec.type", f"only ClusterIP is supported, got {svc_type!r}")
+    if svc_type not in SERVICE_TYPES:
+        problems.add(
+            "spec.type",
+            f"expected one of {', '.join(SERVICE_TYPES)} or ExternalName, got {svc_type!r}",
+        )
     cluster_ip = spec.get("clusterIP")
     if cluster_ip in ("None", ""):
         cluster_ip = None
@@ -214,6 +397,9 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
     for i, p in enumerate(spec.get("ports") or []):
         path = f"spec.ports[{i}]"
         check_port(p.get("port"), f"{path}.port", problems)
+        proto = _protocol(p.get("protocol"), f"{path}.protocol", problems)
+        if proto != "TCP":
+            continue  # UDP and SCTP pass the mesh by (port 53 may be both UDP and TCP)
         number = p.get("port", 0)
         if number in seen:
             problems.add(f"{path}.port", f"port {number} is also spec.ports[{seen[number]}]")
@@ -223,9 +409,6 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
             check_port(target, f"{path}.targetPort", problems)
         elif isinstance(target, str) and target.isdigit():
             target = int(target)
-        proto = p.get("protocol", "TCP")
-        if proto != "TCP":
-            problems.add(f"{path}.protocol", f"only TCP is supported, got {proto!r}")
         ports.append(
             ServicePort(
                 port=int(number) if isinstance(number, int) else 0,
@@ -235,11 +418,11 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
                 app_protocol=p.get("appProtocol"),
             )
         )
-    if not ports and "ports" in spec:
+    if not spec.get("ports") and "ports" in spec:
         problems.add("spec.ports", "a Service needs at least one port")
-    if len(ports) > 1:
-        for i, sp in enumerate(ports):
-            if not sp.name:
+    if len(spec.get("ports") or ()) > 1:
+        for i, p in enumerate(spec["ports"]):
+            if not p.get("name"):
                 problems.add(f"spec.ports[{i}].name", "required when a Service has several ports")
     return Service(
         namespace=ns,
@@ -251,6 +434,6 @@ def convert_service(doc: dict[str, Any], source: str, problems: Problems) -> Ser
     )
 
 
-POD_KIND = Kind(("v1",), "Pod", POD, convert_pod)
-SERVICE_KIND = Kind(("v1",), "Service", SERVICE, convert_service)
+POD_KIND = Kind(("v1",), "Pod", POD, convert_pod, skip_pod)
+SERVICE_KIND = Kind(("v1",), "Service", SERVICE, convert_service, skip_service)
 NODE_KIND = Kind(("v1",), "Node", NODE, convert_node)

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from nodeagent.control.fields import read_duration, read_meta, read_ports, workload_selector
-from nodeagent.control.schema import INT, METADATA, STR, STR_MAP, Kind, ListOf, Obj, Problems
+from nodeagent.control.schema import INT, STR, STR_MAP, Kind, ListOf, Obj, Problems, resource
 from nodeagent.model.ratelimit import (
     NO_KEY,
     HttpRateLimit,
@@ -32,27 +32,22 @@ TOKEN_BUCKET = Obj(
 )
 EMPTY = Obj({})
 RATE_LIMIT_KEY = Obj({"sourcePrincipal": EMPTY, "header": STR, "route": EMPTY})
-LOCAL_RATE_LIMIT = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "selector": Obj({"matchLabels": STR_MAP}),
-                "ports": ListOf(INT),
-                "http": Obj(
-                    {"tokenBucket": TOKEN_BUCKET, "key": RATE_LIMIT_KEY},
-                    required=frozenset({"tokenBucket"}),
-                ),
-                "tcp": Obj({"tokenBucket": TOKEN_BUCKET}, required=frozenset({"tokenBucket"})),
-                "quotas": ListOf(
-                    Obj({"window": STR, "limit": INT}, required=frozenset({"window", "limit"}))
-                ),
-            }
-        ),
-    },
-    required=frozenset({"metadata", "spec"}),
+LOCAL_RATE_LIMIT = resource(
+    Obj(
+        {
+            "selector": Obj({"matchLabels": STR_MAP}),
+            "ports": ListOf(INT),
+            "http": Obj(
+                {"tokenBucket": TOKEN_BUCKET, "key": RATE_LIMIT_KEY},
+                required=frozenset({"tokenBucket"}),
+            ),
+            "tcp": Obj({"tokenBucket": TOKEN_BUCKET}, required=frozenset({"tokenBucket"})),
+            "quotas": ListOf(
+                Obj({"window": STR, "limit": INT}, required=frozenset({"window", "limit"}))
+            ),
+        }
+    ),
+    spec_required=True,
 )
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

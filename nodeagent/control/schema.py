@@ -3,6 +3,10 @@ unknown fields, each reported with its field path (``spec.ports[0].port``); and 
 one config kind's entry (its shape and its conversion), checked by ``validate``.
 
 Shapes are plain data so the supported subset can be read (and documented) in one place.
+Strict where it matters, lenient where Kubernetes is: an ``Obj`` names the fields it
+reads (checked) and the fields it accepts without reading (``ignored``: what the API
+server fills in, and fields that do not affect the mesh); anything else is an error.
+``resource`` builds a kind's top level the same way for every kind.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ class Obj:
 
     fields: dict[str, Shape]
     required: frozenset[str] = frozenset()
+    ignored: frozenset[str] = frozenset()
+    """Field names accepted as they are and never read (what Kubernetes sets or allows
+    that does not affect the mesh)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,23 @@ INT_OR_STR = Scalar((int, str), "integer or string")
 STR_MAP = MapOf(STR)
 STR_LIST = ListOf(STR)
 
+SERVER_METADATA = frozenset(
+    {
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "managedFields",
+        "ownerReferences",
+        "finalizers",
+        "selfLink",
+        "generateName",
+    }
+)
+"""The rest of ``v1 ObjectMeta``: what the API server (or a controller) fills in."""
+
 METADATA = Obj(
     {
         "name": STR,
@@ -64,8 +88,24 @@ METADATA = Obj(
         "annotations": STR_MAP,
     },
     required=frozenset({"name"}),
+    ignored=SERVER_METADATA,
 )
 """The ``metadata`` of every kind: the fields the agent reads."""
+
+
+def resource(spec: Shape, *, spec_required: bool = False, status: Shape | None = None) -> Obj:
+    """The top level of a kind: ``apiVersion``, ``kind``, ``metadata`` and ``spec``; a
+    ``status`` (written by the API server or a controller) is read only when ``status``
+    gives its shape, else accepted and ignored."""
+    fields: dict[str, Shape] = {"apiVersion": STR, "kind": STR, "metadata": METADATA, "spec": spec}
+    if status is not None:
+        fields["status"] = status
+    required = {"metadata", "spec"} if spec_required else {"metadata"}
+    return Obj(
+        fields,
+        required=frozenset(required),
+        ignored=frozenset() if status is not None else frozenset({"status"}),
+    )
 
 
 @dataclass
@@ -123,6 +163,8 @@ def check(value: Any, shape: Shape, path: str, problems: Problems) -> None:
         return
     for k, v in value.items():
         sub = shape.fields.get(k) if isinstance(k, str) else None
+        if sub is None and k in shape.ignored:
+            continue
         if sub is None:
             known = ", ".join(sorted(shape.fields))
             problems.add(_join(path, str(k)), f"unknown field (supported here: {known})")
@@ -143,6 +185,10 @@ class Kind:
     convert: Callable[[dict[str, Any], str, Problems], object | None]
     """``(document, source file, problems) -> model object``, for a document that passed
     ``shape``; it adds a problem for each field wrong in a way the shape cannot tell."""
+    skip: Callable[[dict[str, Any]], str | None] | None = None
+    """Why the mesh leaves this object out although its kind is served (a host-network
+    Pod, a finished one, an ExternalName Service), or None; checked before ``shape`` on a
+    document of any shape."""
 
 
 def validate(doc: dict[str, Any], kind: Kind, source: str) -> tuple[object | None, Problems]:

@@ -11,7 +11,6 @@ from typing import Any
 from nodeagent.control.fields import read_meta, read_ports, workload_selector
 from nodeagent.control.schema import (
     INT_OR_STR,
-    METADATA,
     STR,
     STR_LIST,
     STR_MAP,
@@ -21,6 +20,7 @@ from nodeagent.control.schema import (
     MapOf,
     Obj,
     Problems,
+    resource,
 )
 from nodeagent.model.security import (
     AuthorizationPolicy,
@@ -39,20 +39,14 @@ API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 # --- PeerAuthentication ----------------------------------------------------------------
 
 MTLS = Obj({"mode": STR})
-PEER_AUTHENTICATION = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "selector": Obj({"matchLabels": STR_MAP}),
-                "mtls": MTLS,
-                "portLevelMtls": MapOf(MTLS, int_keys=True),
-            }
-        ),
-    },
-    required=frozenset({"metadata"}),
+PEER_AUTHENTICATION = resource(
+    Obj(
+        {
+            "selector": Obj({"matchLabels": STR_MAP}),
+            "mtls": MTLS,
+            "portLevelMtls": MapOf(MTLS, int_keys=True),
+        }
+    ),
 )
 
 
@@ -132,21 +126,15 @@ AUTHZ_RULE = Obj(
         ),
     }
 )
-AUTHORIZATION_POLICY = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "selector": Obj({"matchLabels": STR_MAP}),
-                "action": STR,
-                "rules": ListOf(AUTHZ_RULE),
-                "provider": AnyShape(),
-            }
-        ),
-    },
-    required=frozenset({"metadata"}),
+AUTHORIZATION_POLICY = resource(
+    Obj(
+        {
+            "selector": Obj({"matchLabels": STR_MAP}),
+            "action": STR,
+            "rules": ListOf(AUTHZ_RULE),
+            "provider": AnyShape(),
+        }
+    ),
 )
 
 CONDITION_KEYS = (

@@ -11,7 +11,6 @@ from nodeagent.control.fields import DNS_LABEL, check_port, read_duration, read_
 from nodeagent.control.schema import (
     BOOL,
     INT,
-    METADATA,
     STR,
     STR_MAP,
     Kind,
@@ -21,6 +20,7 @@ from nodeagent.control.schema import (
     Problems,
     Scalar,
     Shape,
+    resource,
 )
 from nodeagent.model.objects import Labels
 from nodeagent.model.traffic import (
@@ -124,17 +124,12 @@ TCP_ROUTE = Obj(
         ),
     }
 )
-VIRTUAL_SERVICE = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {"hosts": ListOf(STR), "http": ListOf(HTTP_ROUTE), "tcp": ListOf(TCP_ROUTE)},
-            required=frozenset({"hosts"}),
-        ),
-    },
-    required=frozenset({"metadata", "spec"}),
+VIRTUAL_SERVICE = resource(
+    Obj(
+        {"hosts": ListOf(STR), "http": ListOf(HTTP_ROUTE), "tcp": ListOf(TCP_ROUTE)},
+        required=frozenset({"hosts"}),
+    ),
+    spec_required=True,
 )
 
 LOAD_BALANCER = Obj(
@@ -191,26 +186,21 @@ TRAFFIC_POLICY = Obj(
         ),
     }
 )
-DESTINATION_RULE = Obj(
-    {
-        "apiVersion": STR,
-        "kind": STR,
-        "metadata": METADATA,
-        "spec": Obj(
-            {
-                "host": STR,
-                "subsets": ListOf(
-                    Obj(
-                        {"name": STR, "labels": STR_MAP, "trafficPolicy": TRAFFIC_POLICY},
-                        required=frozenset({"name"}),
-                    )
-                ),
-                "trafficPolicy": TRAFFIC_POLICY,
-            },
-            required=frozenset({"host"}),
-        ),
-    },
-    required=frozenset({"metadata", "spec"}),
+DESTINATION_RULE = resource(
+    Obj(
+        {
+            "host": STR,
+            "subsets": ListOf(
+                Obj(
+                    {"name": STR, "labels": STR_MAP, "trafficPolicy": TRAFFIC_POLICY},
+                    required=frozenset({"name"}),
+                )
+            ),
+            "trafficPolicy": TRAFFIC_POLICY,
+        },
+        required=frozenset({"host"}),
+    ),
+    spec_required=True,
 )
 
 RETRY_ON = frozenset(

@@ -1,0 +1,228 @@
+"""The checks across config objects, whatever their source: one object per name, one
+Service per clusterIP, selectors that match a Pod, one namespace-wide PeerAuthentication
+per namespace, VirtualService and DestinationRule references. Each error names the
+object, its file and the field, and the other object when two clash."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from nodeagent.errors import ConfigError
+from nodeagent.model.objects import Pod, Service
+from nodeagent.model.security import PeerAuthentication
+from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
+
+
+class _Named(Protocol):
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+
+def check_duplicate_names(by_kind: Mapping[str, Sequence[_Named]]) -> list[ConfigError]:
+    """One object per (kind, namespace/name); a repeat names the file of the first."""
+    errors: list[ConfigError] = []
+    for kind, items in by_kind.items():
+        seen: dict[str, str] = {}
+        for o in items:
+            if o.key in seen:
+                errors.append(
+                    ConfigError(
+                        f"duplicate name: also defined in {seen[o.key]}",
+                        source=o.source,
+                        obj=f"{kind} {o.key}",
+                        field="metadata.name",
+                    )
+                )
+            else:
+                seen[o.key] = o.source
+    return errors
+
+
+def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
+    """Checks across Pods and Services: clusterIP clashes, selectors matching nothing,
+    pod IP clashes."""
+    errors: list[ConfigError] = []
+    ips: dict[str, Service] = {}
+    for s in services:
+        if s.cluster_ip is None:
+            continue
+        other = ips.get(s.cluster_ip)
+        if other is not None and other.key != s.key:
+            errors.append(
+                ConfigError(
+                    f"clusterIP {s.cluster_ip} is already used by Service {other.key} "
+                    f"({other.source})",
+                    source=s.source,
+                    obj=f"Service {s.key}",
+                    field="spec.clusterIP",
+                )
+            )
+        ips[s.cluster_ip] = s
+    for s in services:
+        if not s.selector:
+            continue
+        if not any(p.namespace == s.namespace and p.labels.matches(s.selector) for p in pods):
+            errors.append(
+                ConfigError(
+                    f"selector {s.selector} matches no Pod in namespace {s.namespace}",
+                    source=s.source,
+                    obj=f"Service {s.key}",
+                    field="spec.selector",
+                )
+            )
+    pod_ips: dict[str, Pod] = {}
+    for p in pods:
+        if p.pod_ip is None:
+            continue
+        if p.pod_ip in pod_ips:
+            errors.append(
+                ConfigError(
+                    f"podIP {p.pod_ip} is also Pod {pod_ips[p.pod_ip].key}",
+                    source=p.source,
+                    obj=f"Pod {p.key}",
+                    field="status.podIP",
+                )
+            )
+        pod_ips[p.pod_ip] = p
+    return errors
+
+
+def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigError]:
+    """Two namespace-wide policies in one namespace (Istio would silently pick the
+    oldest; we say so instead)."""
+    errors: list[ConfigError] = []
+    seen: set[str] = set()
+    wide: dict[str, PeerAuthentication] = {}
+    for pa in items:
+        if pa.key in seen:  # a duplicate: reported by check_duplicate_names
+            continue
+        seen.add(pa.key)
+        obj = f"PeerAuthentication {pa.key}"
+        if pa.selector is None:
+            other = wide.get(pa.namespace)
+            if other is not None:
+                errors.append(
+                    ConfigError(
+                        f"namespace {pa.namespace} already has a namespace-wide "
+                        f"PeerAuthentication {other.key} ({other.source}): merge them",
+                        source=pa.source,
+                        obj=obj,
+                        field="spec.selector",
+                    )
+                )
+            wide[pa.namespace] = pa
+    return errors
+
+
+def check_traffic(
+    virtual_services: list[VirtualService],
+    destination_rules: list[DestinationRule],
+    pods: list[Pod],
+    services: list[Service],
+) -> list[ConfigError]:
+    """VirtualService/DestinationRule checks across objects: two rules for one host, a
+    route naming a subset no DestinationRule defines or a port its Service lacks, a
+    subset selecting no Pod."""
+    errors: list[ConfigError] = []
+    vs_hosts: dict[str, VirtualService] = {}
+    for vs in virtual_services:
+        for i, host in enumerate(vs.hosts):
+            other = vs_hosts.get(host)
+            if other is not None and other.key != vs.key:
+                errors.append(
+                    ConfigError(
+                        f"host {host} is also routed by VirtualService {other.key} "
+                        f"({other.source}): merge them",
+                        source=vs.source,
+                        obj=f"VirtualService {vs.key}",
+                        field=f"spec.hosts[{i}]",
+                    )
+                )
+            vs_hosts.setdefault(host, vs)
+    rules: dict[str, DestinationRule] = {}
+    for dr in destination_rules:
+        other_dr = rules.get(dr.host)
+        if other_dr is not None and other_dr.key != dr.key:
+            errors.append(
+                ConfigError(
+                    f"host {dr.host} already has DestinationRule {other_dr.key} "
+                    f"({other_dr.source}): merge them",
+                    source=dr.source,
+                    obj=f"DestinationRule {dr.key}",
+                    field="spec.host",
+                )
+            )
+        rules.setdefault(dr.host, dr)
+
+    by_fqdn = {s.hostnames()[-1]: s for s in services}
+
+    def check_subset(vs: VirtualService, dest: Destination, path: str) -> None:
+        svc = by_fqdn.get(dest.host)
+        if svc is not None and dest.port is not None and svc.port(dest.port) is None:
+            errors.append(
+                ConfigError(
+                    f"Service {svc.key} has no port {dest.port} "
+                    f"(its ports: {', '.join(str(p.port) for p in svc.ports)})",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path.removesuffix(".subset") + ".port.number",
+                )
+            )
+        if dest.subset is None:
+            return
+        dr = rules.get(dest.host)
+        if dr is None:
+            errors.append(
+                ConfigError(
+                    f"subset {dest.subset!r} of host {dest.host} is not defined: "
+                    f"no DestinationRule for {dest.host}",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path,
+                )
+            )
+        elif dr.subset(dest.subset) is None:
+            known = ", ".join(s.name for s in dr.subsets) or "none"
+            errors.append(
+                ConfigError(
+                    f"subset {dest.subset!r} is not defined by DestinationRule {dr.key} "
+                    f"({dr.source}; its subsets: {known})",
+                    source=vs.source,
+                    obj=f"VirtualService {vs.key}",
+                    field=path,
+                )
+            )
+
+    for vs in virtual_services:
+        for i, rule in enumerate(vs.http):
+            for j, rd in enumerate(rule.routes):
+                check_subset(vs, rd.destination, f"spec.http[{i}].route[{j}].destination.subset")
+            if rule.mirror is not None:
+                check_subset(vs, rule.mirror, f"spec.http[{i}].mirror.subset")
+        for i, tcp in enumerate(vs.tcp):
+            for j, rd in enumerate(tcp.routes):
+                check_subset(vs, rd.destination, f"spec.tcp[{i}].route[{j}].destination.subset")
+
+    for dr in destination_rules:
+        svc = by_fqdn.get(dr.host)
+        if svc is None or not svc.selector:
+            continue
+        backends = [
+            p for p in pods if p.namespace == svc.namespace and p.labels.matches(svc.selector)
+        ]
+        for i, subset in enumerate(dr.subsets):
+            if subset.labels and not any(p.labels.matches(subset.labels) for p in backends):
+                errors.append(
+                    ConfigError(
+                        f"labels {subset.labels} select no Pod of Service {svc.key} "
+                        f"(selector {svc.selector})",
+                        source=dr.source,
+                        obj=f"DestinationRule {dr.key}",
+                        field=f"spec.subsets[{i}].labels",
+                    )
+                )
+    return errors
