@@ -1,8 +1,9 @@
 """The command line: the only place that prints for humans.
 
 Owns the top of ``nodeagent``: the product's description in ``--help``, the ``run``
-subcommand (the agent of one node), registering the other subcommands from their own
-modules, and how a run ends (Ctrl-C, a closed stdout pipe).
+subcommand (the agent of one node), ``config check`` (the verdict on a config, from
+``control.check``), registering the other subcommands from their own modules, and how a
+run ends (Ctrl-C, a closed stdout pipe).
 """
 
 from __future__ import annotations
@@ -182,6 +183,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_agent(settings)
 
 
+EXIT_CONFIG_INVALID = 2
+"""``config check``: the mesh would not load the config (as ``nodeagent run`` exits)."""
+
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    about = "check a mesh config before the agents load it"
+    p = sub.add_parser("config", help=about, description=about[0].upper() + about[1:] + ".")
+    cmds = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        p.add_subparsers(dest="config_command", required=True, metavar="COMMAND"),
+    )
+    c = cmds.add_parser(
+        "check",
+        help="print every error and warning of a config, and whether the mesh would load it",
+        description="Read a config as the agents would (like istioctl analyze) and print "
+        "every error and every warning, one per line, naming the file, object and field, "
+        "then a summary. Exit 0 when the mesh would load it (warnings allowed, e.g. kinds "
+        "it does not serve, skipped), 2 when not.",
+    )
+    c.add_argument("dir", metavar="DIR", help="directory of mesh YAML files (as run --config)")
+    c.set_defaults(func=_cmd_config_check)
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from nodeagent.control.check import check_directory
+
+    report = check_directory(args.dir)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else EXIT_CONFIG_INVALID
+
+
 def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
     from nodeagent import native
@@ -197,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND"),
     )
     _add_run(sub)
+    _add_config(sub)
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
     ca_cli.add_parser(sub)
