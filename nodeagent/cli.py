@@ -190,10 +190,7 @@ EXIT_CONFIG_INVALID = 2
 def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     about = "check a mesh config before the agents load it"
     p = sub.add_parser("config", help=about, description=about[0].upper() + about[1:] + ".")
-    cmds = cast(
-        "argparse._SubParsersAction[argparse.ArgumentParser]",
-        p.add_subparsers(dest="config_command", required=True, metavar="COMMAND"),
-    )
+    cmds = p.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     c = cmds.add_parser(
         "check",
         help="print every error and warning of a config, and whether the mesh would load it",
