@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodeagent.control.crosscheck import unmatched_selectors
 from nodeagent.control.files import Collected, assemble, read_directory
 from nodeagent.errors import ConfigError, ConfigErrors
+from nodeagent.model.objects import Pod, Service
+from nodeagent.model.traffic import DestinationRule
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,17 @@ def _plural(n: int, word: str) -> str:
 def check(found: Collected, what: str) -> CheckReport:
     """The verdict on what a source read: its own errors and warnings, and the errors of
     the checks across objects."""
-    errors: list[ConfigError] = list(found.errors)
     try:
-        assemble(found.pairs, found.errors, sources=found.sources, warnings=found.warnings)
+        loaded = assemble(found.pairs, found.errors, sources=found.sources, warnings=found.warnings)
     except ConfigErrors as e:
-        errors = list(e.errors)
-    return CheckReport(
-        what=what,
-        objects=len(found.pairs),
-        errors=tuple(errors),
-        warnings=found.warnings,
-    )
+        objs = [obj for _, obj in found.pairs]
+        selectors = unmatched_selectors(
+            [o for o in objs if isinstance(o, Pod)],
+            [o for o in objs if isinstance(o, Service)],
+            [o for o in objs if isinstance(o, DestinationRule)],
+        )
+        return CheckReport(what, len(found.pairs), tuple(e.errors), (*found.warnings, *selectors))
+    return CheckReport(what, len(found.pairs), (), loaded.warnings)
 
 
 def check_directory(directory: str | Path) -> CheckReport:

@@ -1,7 +1,7 @@
 """The checks across config objects, whatever their source: one object per name, one
-Service per clusterIP, selectors that match a Pod, one namespace-wide PeerAuthentication
-per namespace, VirtualService and DestinationRule references. Each error names the
-object, its file and the field, and the other object when two clash."""
+Service per clusterIP, one namespace-wide PeerAuthentication per namespace, VirtualService
+and DestinationRule references. Each error names the object, its file and the field, and
+the other object when two clash. Selectors that match no Pod are warnings."""
 
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ def check_duplicate_names(by_kind: Mapping[str, Sequence[_Named]]) -> list[Confi
 
 
 def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
-    """Checks across Pods and Services: clusterIP clashes, selectors matching nothing,
-    pod IP clashes."""
+    """Checks across Pods and Services: clusterIP clashes, pod IP clashes."""
     errors: list[ConfigError] = []
     ips: dict[str, Service] = {}
     for s in services:
@@ -62,18 +61,6 @@ def cross_check(pods: list[Pod], services: list[Service]) -> list[ConfigError]:
                 )
             )
         ips[s.cluster_ip] = s
-    for s in services:
-        if not s.selector:
-            continue
-        if not any(p.namespace == s.namespace and p.labels.matches(s.selector) for p in pods):
-            errors.append(
-                ConfigError(
-                    f"selector {s.selector} matches no Pod in namespace {s.namespace}",
-                    source=s.source,
-                    obj=f"Service {s.key}",
-                    field="spec.selector",
-                )
-            )
     pod_ips: dict[str, Pod] = {}
     for p in pods:
         if p.pod_ip is None:
@@ -121,12 +108,10 @@ def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigEr
 def check_traffic(
     virtual_services: list[VirtualService],
     destination_rules: list[DestinationRule],
-    pods: list[Pod],
     services: list[Service],
 ) -> list[ConfigError]:
     """VirtualService/DestinationRule checks across objects: two rules for one host, a
-    route naming a subset no DestinationRule defines or a port its Service lacks, a
-    subset selecting no Pod."""
+    route naming a subset no DestinationRule defines or a port its Service lacks."""
     errors: list[ConfigError] = []
     vs_hosts: dict[str, VirtualService] = {}
     for vs in virtual_services:
@@ -207,6 +192,29 @@ def check_traffic(
             for j, rd in enumerate(tcp.routes):
                 check_subset(vs, rd.destination, f"spec.tcp[{i}].route[{j}].destination.subset")
 
+    return errors
+
+
+def unmatched_selectors(
+    pods: Sequence[Pod], services: Sequence[Service], destination_rules: Sequence[DestinationRule]
+) -> list[str]:
+    """Warnings, not errors: a Service selector or a DestinationRule subset that selects no
+    Pod right now. Kubernetes and Istio accept both (pods come and go: a scaled-down
+    Deployment, a rollout replacing a version), so the config still loads."""
+    warnings: list[ConfigError] = []
+    for s in services:
+        if not s.selector:
+            continue
+        if not any(p.namespace == s.namespace and p.labels.matches(s.selector) for p in pods):
+            warnings.append(
+                ConfigError(
+                    f"selector {s.selector} matches no Pod in namespace {s.namespace}",
+                    source=s.source,
+                    obj=f"Service {s.key}",
+                    field="spec.selector",
+                )
+            )
+    by_fqdn = {s.hostnames()[-1]: s for s in services}
     for dr in destination_rules:
         svc = by_fqdn.get(dr.host)
         if svc is None or not svc.selector:
@@ -214,9 +222,11 @@ def check_traffic(
         backends = [
             p for p in pods if p.namespace == svc.namespace and p.labels.matches(svc.selector)
         ]
+        if not backends:
+            continue  # said once, of the Service
         for i, subset in enumerate(dr.subsets):
             if subset.labels and not any(p.labels.matches(subset.labels) for p in backends):
-                errors.append(
+                warnings.append(
                     ConfigError(
                         f"labels {subset.labels} select no Pod of Service {svc.key} "
                         f"(selector {svc.selector})",
@@ -225,4 +235,4 @@ def check_traffic(
                         field=f"spec.subsets[{i}].labels",
                     )
                 )
-    return errors
+    return [str(w) for w in warnings]

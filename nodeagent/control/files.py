@@ -25,6 +25,7 @@ from nodeagent.control.crosscheck import (
     check_peer_authentications,
     check_traffic,
     cross_check,
+    unmatched_selectors,
 )
 from nodeagent.control.parse import Pair, parse_documents, parse_object
 from nodeagent.control.runtime import load_runtimes
@@ -181,7 +182,8 @@ def assemble(
     )
     errors.extend(cross_check(pods, services))
     errors.extend(check_peer_authentications(peer_auths))
-    errors.extend(check_traffic(virtual_services, destination_rules, pods, services))
+    errors.extend(check_traffic(virtual_services, destination_rules, services))
+    warnings = [*warnings, *unmatched_selectors(pods, services, destination_rules)]
     if errors:
         raise ConfigErrors(errors)
     snap = MeshSnapshot.build(

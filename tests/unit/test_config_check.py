@@ -97,3 +97,18 @@ def test_the_command_exits_with_its_verdict(exports: Path) -> None:
     assert f"error: {exports / 'bad.yaml'}: Pod default/x: spec: required field is missing" in (
         bad.stdout.splitlines()
     )
+
+
+def test_a_selector_matching_nothing_is_a_warning_even_beside_errors(
+    exports: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (exports / "pod-web.yaml").unlink()  # the Deployment scaled to zero
+    code, lines = check(exports, capsys)
+    selector = (
+        f"warning: {exports / 'svc-web.yaml'}: Service shop/web: spec.selector: selector "
+        "app=web matches no Pod in namespace shop"
+    )
+    assert code == 0 and selector in lines
+    (exports / "bad.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
+    code, lines = check(exports, capsys)
+    assert code == 2 and selector in lines

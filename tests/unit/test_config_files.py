@@ -108,10 +108,14 @@ def test_object_name_in_message(tmp_path: Path) -> None:
     assert err.startswith(f"{tmp_path / 'svc.yaml'}: Service shop/web: spec.ports[0].port:")
 
 
-def test_selector_matching_nothing(tmp_path: Path) -> None:
+def test_selector_matching_nothing_is_a_warning(tmp_path: Path) -> None:
+    """Kubernetes accepts it (a Deployment scaled to zero): the config loads, with a warning."""
     write(tmp_path, **{"pod.yaml": POD, "svc.yaml": SERVICE.replace("{app: web}", "{app: nope}")})
-    (err,) = errors_of(tmp_path)
-    assert "spec.selector: selector app=nope matches no Pod in namespace shop" in err
+    (warning,) = load_directory(tmp_path).warnings
+    assert warning == (
+        f"{tmp_path / 'svc.yaml'}: Service shop/web: spec.selector: selector app=nope matches "
+        "no Pod in namespace shop"
+    )
 
 
 def test_duplicate_name_names_both_files(tmp_path: Path) -> None:
