@@ -9,6 +9,13 @@ import ipaddress
 from typing import Any
 
 from nodeagent.control.fields import DNS_LABEL, check_port, read_meta
+from nodeagent.control.kubefields import (
+    CONTAINER_IGNORED,
+    NODE_SPEC_IGNORED,
+    POD_SPEC_IGNORED,
+    POD_STATUS_IGNORED,
+    SERVICE_SPEC_IGNORED,
+)
 from nodeagent.control.schema import (
     BOOL,
     INT,
@@ -29,137 +36,6 @@ from nodeagent.model.objects import (
     Pod,
     Service,
     ServicePort,
-)
-
-POD_SPEC_IGNORED = frozenset(
-    {
-        "activeDeadlineSeconds",
-        "affinity",
-        "automountServiceAccountToken",
-        "dnsConfig",
-        "dnsPolicy",
-        "enableServiceLinks",
-        "ephemeralContainers",
-        "evictionResponders",
-        "hostAliases",
-        "hostIPC",
-        "hostPID",
-        "hostUsers",
-        "hostname",
-        "hostnameOverride",
-        "imagePullSecrets",
-        "initContainers",
-        "nodeSelector",
-        "os",
-        "overhead",
-        "preemptionPolicy",
-        "priority",
-        "priorityClassName",
-        "readinessGates",
-        "resourceClaims",
-        "resources",
-        "restartPolicy",
-        "runtimeClassName",
-        "schedulerName",
-        "schedulingGates",
-        "schedulingGroup",
-        "securityContext",
-        "setHostnameAsFQDN",
-        "shareProcessNamespace",
-        "subdomain",
-        "terminationGracePeriodSeconds",
-        "tolerations",
-        "topologySpreadConstraints",
-        "volumes",
-    }
-)
-"""``v1 PodSpec`` fields that do not change what the mesh does for the pod."""
-
-CONTAINER_IGNORED = frozenset(
-    {
-        "envFrom",
-        "imagePullPolicy",
-        "lifecycle",
-        "livenessProbe",
-        "readinessProbe",
-        "resizePolicy",
-        "resources",
-        "restartPolicy",
-        "restartPolicyRules",
-        "securityContext",
-        "startupProbe",
-        "stdin",
-        "stdinOnce",
-        "terminationMessagePath",
-        "terminationMessagePolicy",
-        "tty",
-        "volumeDevices",
-        "volumeMounts",
-        "workingDir",
-    }
-)
-"""``v1 Container`` fields that do not change what the mesh does for the pod."""
-
-POD_STATUS_IGNORED = frozenset(
-    {
-        "allocatedResources",
-        "conditions",
-        "containerStatuses",
-        "ephemeralContainerStatuses",
-        "extendedResourceClaimStatus",
-        "hostIP",
-        "hostIPs",
-        "initContainerStatuses",
-        "message",
-        "nodeAllocatableResourceClaimStatuses",
-        "nominatedNodeName",
-        "observedGeneration",
-        "podIPs",
-        "qosClass",
-        "reason",
-        "resize",
-        "resourceClaimStatuses",
-        "resources",
-        "startTime",
-        "volumeHealth",
-    }
-)
-"""``v1 PodStatus`` fields the agent leaves to kubelet (it reads ``podIP`` and ``phase``)."""
-
-SERVICE_SPEC_IGNORED = frozenset(
-    {
-        "allocateLoadBalancerNodePorts",
-        "clusterIPs",
-        "externalIPs",
-        "externalName",
-        "externalTrafficPolicy",
-        "healthCheckNodePort",
-        "internalTrafficPolicy",
-        "ipFamilies",
-        "ipFamilyPolicy",
-        "loadBalancerClass",
-        "loadBalancerIP",
-        "loadBalancerSourceRanges",
-        "publishNotReadyAddresses",
-        "sessionAffinity",
-        "sessionAffinityConfig",
-        "trafficDistribution",
-    }
-)
-"""``v1 ServiceSpec`` fields about traffic from outside the cluster, or that the mesh
-decides itself (affinity: DestinationRule's consistent hash)."""
-
-NODE_SPEC_IGNORED = frozenset(
-    {
-        "configSource",
-        "externalID",
-        "podCIDR",
-        "podCIDRs",
-        "podPreemptionPolicy",
-        "providerID",
-        "taints",
-        "unschedulable",
-    }
 )
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
