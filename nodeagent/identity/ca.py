@@ -6,7 +6,8 @@ service around it lives in ``ca_server``. Owns:
 - ``init_ca``: create a CA directory for a trust domain, with a new self-signed root
   (ECDSA P-256, 10 years), an existing root, or an intermediate (chain up to its root);
 - ``CertificateAuthority``: load a CA directory and ``sign`` a CSR for one SPIFFE identity,
-  returning the PEM chain leaf first and root last, as Istio's ``CreateCertificate`` does.
+  returning the PEM chain leaf first and root last, as Istio's ``CreateCertificate`` does;
+  ``sign_server`` signs the CA's own TLS serving certificate (``ca_tls`` asks for it).
 
 The CA directory holds (Istio's "plugged-in CA" names where they exist)::
 
