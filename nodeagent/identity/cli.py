@@ -298,7 +298,7 @@ async def _serve(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(
         args.dir, max_ttl_seconds=args.max_ttl, min_ttl_seconds=args.min_ttl
     )
-    tls = _serving_cert(args, ca)
+    tls_wanted = bool(args.tls or args.tls_name or args.tls_cert)
     closing: list[Callable[[], Awaitable[None]]] = []
     authenticator: Authenticator
     authorizer: Authorizer
@@ -310,7 +310,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 "--config and --tokens are for --auth tokens; with --auth kubernetes pods "
                 "come from the API"
             )
-        if tls is None and not args.listen.startswith("unix:"):
+        if not tls_wanted and not args.listen.startswith("unix:"):
             raise NodeAgentError(
                 f"--auth kubernetes on {args.listen} needs TLS (--tls or --tls-cert/--tls-key): "
                 "ServiceAccount tokens must not cross the network in the clear"
@@ -332,6 +332,7 @@ async def _serve(args: argparse.Namespace) -> int:
         authenticator = NodeTokenAuthenticator(args.tokens)
         authorizer = PlacementAuthorizer(args.config, trust_domain=ca.trust_domain)
     try:
+        tls = _serving_cert(args, ca)
         server = await start_ca_server(ca, args.listen, authenticator, authorizer, tls=tls)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -86,18 +86,25 @@ def service_account_username(account: str) -> str:
 
 def kube_client(kubeconfig: str | None) -> AsyncClient:
     """A lightkube client from ``kubeconfig``, or the in-cluster ServiceAccount if None."""
-    try:
-        if kubeconfig:
+    if kubeconfig:
+        try:
             config = KubeConfig.from_file(kubeconfig)
-        else:
+            config.get()  # a kubeconfig without a usable context fails here, not later
+        except (KeyError, AttributeError, TypeError) as e:  # lightkube lets these through
+            raise LocalStateError(
+                f"the kubeconfig {kubeconfig} is not one (a YAML mapping with clusters, users "
+                f"and contexts): {type(e).__name__}: {e}"
+            ) from e
+        except Exception as e:  # missing file (lightkube's ConfigError), bad YAML
+            raise LocalStateError(f"cannot load the kubeconfig {kubeconfig}: {e}") from e
+    else:
+        try:
             config = KubeConfig.from_service_account()
-    except (KubeConfigError, OSError, ValueError) as e:
-        where = kubeconfig or "the in-cluster ServiceAccount (/var/run/secrets/kubernetes.io)"
-        raise LocalStateError(f"cannot load the Kubernetes credentials from {where}: {e}") from e
-    except KeyError as e:
-        raise LocalStateError(
-            f"not running in a cluster ({e.args[0]} is not set): give --kubeconfig FILE"
-        ) from e
+        except (KubeConfigError, OSError, KeyError) as e:
+            raise LocalStateError(
+                "not running in a cluster (no ServiceAccount token and KUBERNETES_SERVICE_HOST): "
+                f"give --kubeconfig FILE ({e})"
+            ) from e
     return AsyncClient(config, timeout=httpx2.Timeout(API_TIMEOUT_SECONDS))
 
 
@@ -173,10 +180,15 @@ class ServiceAccountTokenAuthenticator:
         if future is None:
             future = asyncio.get_running_loop().create_task(self._review(token))
             self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+            future.add_done_callback(lambda t: self._done(key, t))
         review = await asyncio.shield(future)
         self._remember(key, review)
         return review.node
+
+    def _done(self, key: bytes, task: asyncio.Future[_Review]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller got it through shield
 
     def _remember(self, key: bytes, review: _Review) -> None:
         self._cache[key] = review
@@ -303,6 +315,8 @@ def kubernetes_auth(
 ) -> tuple[Authenticator, Authorizer, Callable[[], Awaitable[None]]]:
     """The authenticator and authorizer of ``--auth kubernetes`` on one API client, and
     the coroutine function that closes it."""
+    for account in agent_service_accounts:
+        service_account_username(account)  # a typo fails before a client is made
     client = kube_client(kubeconfig)
     authn = ServiceAccountTokenAuthenticator(client, audience, agent_service_accounts)
     authz = NodePodAuthorizer(client, trust_domain)
