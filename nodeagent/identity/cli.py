@@ -123,7 +123,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--listen",
         required=True,
         metavar="ADDR",
-        help="unix:/run/nodeagent/ca.sock (made 0600, plaintext) or HOST:PORT (with --tls)",
+        help="unix:/run/nodeagent/ca.sock (made 0600, plaintext) or HOST:PORT (TLS with --tls "
+        "or --tls-cert; plaintext without, for loopback only)",
     )
     tls = serve.add_argument_group("TLS (for a HOST:PORT listener)")
     tls.add_argument(
