@@ -356,3 +356,15 @@ def test_ca_serve_rejects_bad_flag_combinations(mesh: Mesh, extra: list[str], me
     assert p.returncode == 1
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_an_agent_dialling_a_tcp_ca_without_a_bundle_does_not_start(mesh: Mesh) -> None:
+    argv = [sys.executable, "-m", "nodeagent", "run", "--node", "node1"]
+    argv += ["--config", str(mesh.config), "--socket", str(mesh.root / "agent.sock")]
+    argv += ["--ca-addr", mesh.addr, "--ca-token-file", str(mesh.root / "node1.token")]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().endswith(
+        f"nodeagent run: the CA at {mesh.addr} is dialled over TLS: give the trust bundle "
+        "(--trust-bundle, the mesh root) to verify it with"
+    )
