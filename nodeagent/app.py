@@ -117,7 +117,12 @@ class Agent:
         self.ca_client: CaClient | None = None
         identity: MeshIdentity | None = None
         if settings.mtls:
-            self.ca_client = CaClient(settings.ca_addr, settings.ca_token_file)
+            self.ca_client = CaClient(
+                settings.ca_addr,
+                settings.ca_token_file,
+                trust_bundle=settings.trust_bundle,
+                server_name=settings.ca_server_name,
+            )
             self.certs = CertificateStore(
                 self.ca_client,
                 settings.trust_domain,
@@ -362,7 +367,11 @@ def run_agent(settings: AgentSettings) -> int:
     _tune_gc()
 
     async def main() -> int:
-        agent = Agent(settings, watcher, loaded)
+        try:
+            agent = Agent(settings, watcher, loaded)
+        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+            print(f"nodeagent run: {e}", file=sys.stderr)
+            return 1
         watcher.on_update = agent._on_update
         return await agent.serve()
 

@@ -109,14 +109,21 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--ca-addr",
         default="",
         metavar="ADDR",
-        help="mesh CA (unix:PATH or HOST:PORT) (default: none, so node-to-node traffic is "
-        "plain TCP)",
+        help="mesh CA: unix:PATH (plaintext) or HOST:PORT (TLS, verified with "
+        "--trust-bundle) (default: none, so node-to-node traffic is plain TCP)",
+    )
+    p.add_argument(
+        "--ca-server-name",
+        default="",
+        metavar="NAME",
+        help="the name the CA's TLS certificate must carry (default: the HOST of --ca-addr)",
     )
     p.add_argument(
         "--ca-token-file",
         default="",
         metavar="FILE",
-        help="this node's credential for the CA (default: none)",
+        help="this node's credential for the CA, re-read at each request: a node token, or "
+        "in a cluster the agent's projected ServiceAccount token (default: none)",
     )
     p.add_argument(
         "--trust-bundle",

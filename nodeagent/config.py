@@ -32,6 +32,8 @@ class AgentSettings:
     drain_seconds: float = 5.0
     ca_addr: str = ""
     """The mesh CA; empty means no identities: plain TCP between nodes."""
+    ca_server_name: str = ""
+    """The name the CA's TLS certificate must carry; empty: the host of ``ca_addr``."""
     ca_token_file: str = ""
     trust_bundle: str = ""
     trust_domain: str = "cluster.local"
@@ -59,6 +61,7 @@ class AgentSettings:
             bpf_bypass=None if args.bpf_bypass is None else args.bpf_bypass == "on",
             log_level=args.log_level,
             ca_addr=args.ca_addr,
+            ca_server_name=args.ca_server_name,
             ca_token_file=args.ca_token_file,
             trust_bundle=args.trust_bundle,
             trust_domain=args.trust_domain,

@@ -6,7 +6,8 @@ service around it lives in ``ca_server``. Owns:
 - ``init_ca``: create a CA directory for a trust domain, with a new self-signed root
   (ECDSA P-256, 10 years), an existing root, or an intermediate (chain up to its root);
 - ``CertificateAuthority``: load a CA directory and ``sign`` a CSR for one SPIFFE identity,
-  returning the PEM chain leaf first and root last, as Istio's ``CreateCertificate`` does.
+  returning the PEM chain leaf first and root last, as Istio's ``CreateCertificate`` does;
+  ``sign_server`` signs the CA's own TLS serving certificate (``ca_tls`` asks for it).
 
 The CA directory holds (Istio's "plugged-in CA" names where they exist)::
 
@@ -25,6 +26,7 @@ The private keys never leave the CA process: nothing here returns or logs them.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import itertools
 import os
 import re
@@ -551,6 +553,65 @@ class CertificateAuthority:
             )
             .sign(signer.key, hashes.SHA256())
         )
-        if signer.chain:
-            return [_pem(leaf), _pem(signer.cert), *self._chain_pem]
+        return self._with_chain(leaf)
+
+    def _with_chain(self, leaf: x509.Certificate) -> list[str]:
+        if self._signer.chain:
+            return [_pem(leaf), _pem(self._signer.cert), *self._chain_pem]
         return [_pem(leaf), *self._chain_pem]
+
+    def sign_server(
+        self, public_key: ec.EllipticCurvePublicKey, names: Sequence[str], ttl_seconds: float
+    ) -> list[str]:
+        """A TLS server certificate for the CA's own service: the PEM chain, root last.
+
+        ``names``: DNS names or IP addresses (the Service's names), each a SAN; the first
+        is also the subject's CN. EKU serverAuth only; lives ``ttl_seconds`` (never past
+        the signing certificate).
+        """
+        if not names:
+            raise LocalStateError("the CA's serving certificate needs at least one name")
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        signer = self._signer
+        now = _now()
+        not_after = min(
+            now + datetime.timedelta(seconds=ttl_seconds), signer.cert.not_valid_after_utc
+        )
+        issuer_ski = x509.SubjectKeyIdentifier.from_public_key(signer.key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(signer.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(seconds=CLOCK_SKEW_SECONDS))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+                critical=False,
+            )
+            .sign(signer.key, hashes.SHA256())
+        )
+        return self._with_chain(cert)

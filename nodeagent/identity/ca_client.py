@@ -1,10 +1,13 @@
 """The agent's client of the mesh CA: send a CSR, get a PEM chain back.
 
-Owns dialling the CA (``unix:/run/nodeagent/ca.sock`` or ``HOST:PORT``) with ``grpc.aio``
-(so it runs on uvloop too), presenting the node's credential (``authorization: Bearer
-<token>``, the token read from a file at each call so it can be rotated), and turning
-gRPC failures into ``PeerError`` messages a person can act on:
-``CaUnreachable`` ("CA at … unreachable: …") and ``CaRefused`` ("CA refused: …").
+Owns dialling the CA with ``grpc.aio`` (so it runs on uvloop too): ``unix:PATH`` in
+plaintext (a local socket, as the sandbox runs it), ``HOST:PORT`` always over TLS, the CA's
+certificate checked against the trust bundle and the expected server name (``ca_tls``);
+presenting the node's credential (``authorization: Bearer <token>``: a static node token
+or the agent's projected ServiceAccount token, read from its file at each call since
+kubelet rotates it); and turning gRPC failures into ``PeerError`` messages a person can
+act on: ``CaUnreachable`` ("CA at … unreachable: …"), ``CaUntrusted`` ("CA at … is not
+trusted: its certificate …") and ``CaRefused`` ("CA refused: …").
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from google.protobuf import struct_pb2
 from nodeagent.errors import LocalStateError, PeerError
 from nodeagent.identity import ca_pb2 as pb
 from nodeagent.identity.ca import IMPERSONATED_IDENTITY, CsrRejected, csr_identity
+from nodeagent.identity.ca_tls import CaTls
 
-__all__ = ["CaClient", "CaRefused", "CaUnreachable"]
+__all__ = ["CaClient", "CaRefused", "CaUnreachable", "CaUntrusted"]
 
 METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
@@ -39,17 +43,35 @@ class CaUnreachable(PeerError):
     """The CA did not answer (down, wrong address, timed out)."""
 
 
+class CaUntrusted(CaUnreachable):
+    """The CA's TLS certificate does not verify (another root, wrong name, expired)."""
+
+
 class CaRefused(PeerError):
     """The CA answered with a refusal (bad token, identity not placed here, bad CSR)."""
 
 
 class CaClient:
-    """Asks one CA for certificates on behalf of this node."""
+    """Asks one CA for certificates on behalf of this node.
 
-    def __init__(self, target: str, token_file: str, timeout: float = 5.0) -> None:
+    ``target``: ``unix:PATH`` (plaintext) or ``HOST:PORT`` (TLS: ``trust_bundle`` is then
+    required; ``server_name`` is the name the CA's certificate must carry, by default
+    ``HOST``).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token_file: str,
+        timeout: float = 5.0,
+        *,
+        trust_bundle: str = "",
+        server_name: str = "",
+    ) -> None:
         self.target = target
         self.token_file = token_file
         self.timeout = timeout
+        self.tls = None if target.startswith("unix:") else CaTls(target, trust_bundle, server_name)
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -64,11 +86,20 @@ class CaClient:
             raise LocalStateError(f"this node's CA token file {self.token_file} is empty")
         return token
 
-    def _get_channel(self) -> grpc.aio.Channel:
+    async def _get_channel(self) -> grpc.aio.Channel:
         loop = asyncio.get_running_loop()
+        if self.tls is not None and self.tls.reload():
+            await self._drop_channel()  # the bundle changed: verify with the new roots
         if self._channel is None or self._loop is not loop:
             # A grpc.aio channel belongs to the loop it was made on.
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            if self.tls is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.target,
+                    self.tls.credentials(),
+                    options=[*CHANNEL_OPTIONS, *self.tls.channel_options()],
+                )
             self._loop = loop
         return self._channel
 
@@ -86,7 +117,7 @@ class CaClient:
             meta = struct_pb2.Struct()
             meta.update({IMPERSONATED_IDENTITY: identity})
             request.metadata.CopyFrom(meta)
-        rpc = self._get_channel().unary_unary(
+        rpc = (await self._get_channel()).unary_unary(
             METHOD,
             request_serializer=pb.IstioCertificateRequest.SerializeToString,
             response_deserializer=pb.IstioCertificateResponse.FromString,
@@ -99,6 +130,10 @@ class CaClient:
             )
         except grpc.aio.AioRpcError as e:
             error = self._error(e)
+            if isinstance(error, CaUnreachable) and self.tls is not None:
+                why = await self.tls.explain(self.timeout)
+                if why:
+                    error = CaUntrusted(f"CA at {self.target} is not trusted: {why}")
             if isinstance(error, CaUnreachable):
                 await self._drop_channel()  # dial afresh next time: the CA may be back
             raise error from None

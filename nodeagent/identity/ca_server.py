@@ -1,24 +1,24 @@
 """The mesh CA's gRPC service: Istio's ``IstioCertificateService.CreateCertificate``.
 
-Owns who may get which certificate. Each request goes through two pluggable steps before
-``CertificateAuthority.sign``:
+Owns who may get which certificate, and serving it (a UNIX socket or TCP, plaintext or
+TLS with ``ca_tls``'s serving certificate). Each request goes through two pluggable steps
+before ``CertificateAuthority.sign``:
 
 1. **Authentication** (``Authenticator``): who is calling, as a node name, from the request
-   metadata. ``NodeTokenAuthenticator`` checks ``authorization: Bearer <token>`` against a
-   JSON file of per-node tokens (the sandbox writes it). *The seam for Kubernetes*: a
-   ``ServiceAccountTokenAuthenticator`` would take the same bearer token, send it to the
-   API server's TokenReview (audience e.g. ``istio-ca``), require the agent's
-   ServiceAccount (``system:serviceaccount:<ns>:<agent-sa>``) and return the node from
-   the token's bound-object claims (``authentication.kubernetes.io/node-name`` in
-   ``status.user.extra``). ``authenticate`` is async for that network call.
+   metadata (``authorization: Bearer <token>``). ``NodeTokenAuthenticator`` checks the
+   token against a JSON file of per-node tokens (the sandbox and VMs);
+   ``kube_auth.ServiceAccountTokenAuthenticator`` sends the agent's projected
+   ServiceAccount token to the API server's TokenReview and takes the node from it (in a
+   cluster). ``authenticate`` is async for that network call.
 2. **Authorization** (``Authorizer``): may that node hold that identity?
    ``PlacementAuthorizer`` allows identity X for node N only when a Pod with
    ``spec.nodeName == N`` runs as X, reading the mesh config directory (reloaded when it
-   changes). A Kubernetes authorizer would answer the same question from a Pod informer.
+   changes); ``kube_auth.NodePodAuthorizer`` answers the same question from the API's Pods.
 
 Refusals are logged at WARNING and answered with ``UNAUTHENTICATED`` (bad credential),
 ``PERMISSION_DENIED`` (identity not placed on the node) or ``INVALID_ARGUMENT`` (a bad
-CSR), each with a message naming the node and the identity.
+CSR), each with a message naming the node and the identity; ``UNAVAILABLE`` when a step
+cannot decide now (``BackendUnavailable``: the API server is away), so the agent retries.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from nodeagent.identity.ca import (
     CsrRejected,
     csr_identity,
 )
+from nodeagent.identity.ca_tls import ServingCert, server_credentials
 from nodeagent.model.objects import DEFAULT_TRUST_DOMAIN
 from nodeagent.unixsocket import prepare_unix_socket_path
 
@@ -55,6 +56,7 @@ __all__ = [
     "AuthenticationFailed",
     "Authenticator",
     "Authorizer",
+    "BackendUnavailable",
     "CertificateService",
     "NodeTokenAuthenticator",
     "NotAuthorized",
@@ -71,6 +73,10 @@ class AuthenticationFailed(PeerError):
 
 class NotAuthorized(PeerError):
     """The caller may not hold the identity it asked for (answered ``PERMISSION_DENIED``)."""
+
+
+class BackendUnavailable(PeerError):
+    """A step cannot decide now: what it asks (the API server) is away (``UNAVAILABLE``)."""
 
 
 class Authenticator(Protocol):
@@ -273,6 +279,8 @@ class CertificateService(pb_grpc.IstioCertificateServiceServicer):
         except AuthenticationFailed as e:
             log.warning("CA refused %s: unauthenticated: %s", peer, e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unauthenticated: {e}")
+        except BackendUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the CA cannot check tokens now: {e}")
         try:
             identity = csr_identity(request.csr)
             asked = _impersonated(request)
@@ -289,6 +297,10 @@ class CertificateService(pb_grpc.IstioCertificateServiceServicer):
         except NotAuthorized as e:
             log.warning("CA refused: %s", e)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except BackendUnavailable as e:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"the CA cannot check pod placement now: {e}"
+            )
         try:
             chain = self._ca.sign(request.csr, identity, request.validity_duration)
         except CsrRejected as e:
@@ -317,19 +329,25 @@ async def start_ca_server(
     listen: str,
     authenticator: Authenticator,
     authorizer: Authorizer,
+    *,
+    tls: ServingCert | None = None,
 ) -> grpc.aio.Server:
     """Serve ``CreateCertificate`` on ``listen`` and return the started server.
 
-    ``listen``: ``unix:/run/nodeagent/ca.sock`` (the socket is made 0600, like the node
-    agent socket) or ``HOST:PORT`` (plaintext gRPC: keep it on loopback; tokens travel in
-    the clear). Call from the running event loop (asyncio or uvloop); stop it with
-    ``await server.stop(grace)``.
+    ``listen``: ``unix:/run/nodeagent/ca.sock`` (plaintext; the socket is made 0600, like
+    the node agent socket) or ``HOST:PORT``: over TLS with ``tls`` (``ca_tls``), else
+    plaintext (keep that on loopback: tokens travel in the clear). Call from the running
+    event loop (asyncio or uvloop); stop it with ``await server.stop(grace)``.
     """
     server = grpc.aio.server()
     service = CertificateService(ca, authenticator, authorizer)
     pb_grpc.add_IstioCertificateServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     unix_path: Path | None = None
     if listen.startswith("unix:"):
+        if tls is not None:
+            raise LocalStateError(
+                f"TLS is for a HOST:PORT listener; {listen} is a local socket, served in plaintext"
+            )
         unix_path = prepare_unix_socket_path(
             listen.removeprefix("unix:").removeprefix("//"), "CA socket", "CA", "--listen"
         )
@@ -337,13 +355,16 @@ async def start_ca_server(
     else:
         address = listen
         host = listen.rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "::1", "localhost"):
+        if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
             log.warning(
-                "CA listening on %s without TLS: node tokens cross the network in the clear",
+                "CA listening on %s without TLS: credentials cross the network in the clear",
                 listen,
             )
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(tls))
     except RuntimeError as e:
         raise LocalStateError(f"cannot listen on {listen} for the CA: {e}") from e
     if not port:
@@ -356,5 +377,10 @@ async def start_ca_server(
             await server.stop(None)
             raise LocalStateError(f"cannot restrict the CA socket {unix_path} to 0600: {e}") from e
     where = address if unix_path is not None else f"{listen.rsplit(':', 1)[0]}:{port}"
-    log.info("mesh CA (trust domain %s) listening on %s", ca.trust_domain, where)
+    log.info(
+        "mesh CA (trust domain %s) listening on %s (%s)",
+        ca.trust_domain,
+        where,
+        "plaintext" if tls is None else "TLS",
+    )
     return server

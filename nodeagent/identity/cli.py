@@ -12,11 +12,23 @@ import logging
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nodeagent.cliargs import add_log_level
 from nodeagent.errors import ConfigError, ConfigErrors, NodeAgentError
+from nodeagent.identity import (
+    DEFAULT_AGENT_SERVICE_ACCOUNT,
+    DEFAULT_AUDIENCE,
+    DEFAULT_SERVING_NAMES,
+)
 from nodeagent.model.objects import DEFAULT_TRUST_DOMAIN
+
+if TYPE_CHECKING:
+    from nodeagent.identity.ca import CertificateAuthority
+    from nodeagent.identity.ca_server import Authenticator, Authorizer
+    from nodeagent.identity.ca_tls import ServingCert
 
 __all__ = ["add_parser", "parse_duration"]
 
@@ -102,24 +114,89 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "serve",
         help="run the certificate-signing service (Istio's CreateCertificate)",
         description="Serve istio.v1.auth.IstioCertificateService. Each agent authenticates "
-        "with its node token and gets certificates only for identities of pods scheduled "
-        "on its node. Stops on SIGTERM.",
+        "(a node token, or in a cluster its ServiceAccount token checked by a TokenReview) "
+        "and gets certificates only for identities of pods scheduled on its node. Stops on "
+        "SIGTERM.",
     )
     serve.add_argument("--dir", required=True, help="the CA directory (see `nodeagent ca init`)")
     serve.add_argument(
         "--listen",
         required=True,
         metavar="ADDR",
-        help="unix:/run/nodeagent/ca.sock (made 0600) or 127.0.0.1:PORT",
+        help="unix:/run/nodeagent/ca.sock (made 0600, plaintext) or HOST:PORT (TLS with --tls "
+        "or --tls-cert; plaintext without, for loopback only)",
     )
-    serve.add_argument(
-        "--config", required=True, metavar="DIR", help="the mesh YAML (where pods are scheduled)"
+    tls = serve.add_argument_group("TLS (for a HOST:PORT listener)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS with a certificate the CA issues itself for --tls-name, replaced at "
+        "half-life (default: off, plaintext)",
     )
-    serve.add_argument(
-        "--tokens",
-        required=True,
+    tls.add_argument(
+        "--tls-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a DNS name or IP address of the CA's certificate; repeat it; implies --tls "
+        f"(default: {', '.join(DEFAULT_SERVING_NAMES)})",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        default=None,
         metavar="FILE",
-        help='node tokens, JSON {"<node>": "<token>", ...}',
+        help="serve TLS with this certificate chain (PEM) instead, re-read when it changes "
+        "(default: none)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        default=None,
+        metavar="FILE",
+        help="the private key of --tls-cert (PEM) (default: none)",
+    )
+    auth = serve.add_argument_group("who may ask for what")
+    auth.add_argument(
+        "--auth",
+        choices=["tokens", "kubernetes"],
+        default="tokens",
+        help="tokens: per-node tokens (--tokens) and pods from the mesh YAML (--config); "
+        "kubernetes: ServiceAccount tokens checked with TokenReview and pods from the API "
+        "(default: tokens)",
+    )
+    auth.add_argument(
+        "--config",
+        default=None,
+        metavar="DIR",
+        help="--auth tokens: the mesh YAML, where pods are scheduled (default: none; required "
+        "with --auth tokens)",
+    )
+    auth.add_argument(
+        "--tokens",
+        default=None,
+        metavar="FILE",
+        help='--auth tokens: node tokens, JSON {"<node>": "<token>", ...} (default: none; '
+        "required with --auth tokens)",
+    )
+    auth.add_argument(
+        "--kubeconfig",
+        default=None,
+        metavar="FILE",
+        help="--auth kubernetes: the API server's kubeconfig (default: in-cluster "
+        "ServiceAccount credentials)",
+    )
+    auth.add_argument(
+        "--audience",
+        default=DEFAULT_AUDIENCE,
+        help=f"--auth kubernetes: the audience agents' tokens must be for (default: "
+        f"{DEFAULT_AUDIENCE})",
+    )
+    auth.add_argument(
+        "--agent-service-account",
+        action="append",
+        default=None,
+        metavar="NAMESPACE/NAME",
+        help="--auth kubernetes: the agents' ServiceAccount; repeat it for several "
+        f"(default: {DEFAULT_AGENT_SERVICE_ACCOUNT})",
     )
     serve.add_argument(
         "--max-ttl",
@@ -194,6 +271,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _serving_cert(args: argparse.Namespace, ca: CertificateAuthority) -> ServingCert | None:
+    from nodeagent.identity.ca_tls import FileServingCert, IssuedServingCert
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise NodeAgentError("give both --tls-cert and --tls-key, or neither")
+    if args.tls_cert is not None:
+        if args.tls or args.tls_name:
+            raise NodeAgentError(
+                "--tls-cert/--tls-key serve that certificate; --tls and --tls-name are for "
+                "one the CA issues itself: give one or the other"
+            )
+        return FileServingCert(args.tls_cert, args.tls_key)
+    if args.tls or args.tls_name:
+        return IssuedServingCert(ca, args.tls_name or DEFAULT_SERVING_NAMES)
+    return None
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from nodeagent.identity.ca import CertificateAuthority
     from nodeagent.identity.ca_server import (
@@ -205,14 +299,50 @@ async def _serve(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(
         args.dir, max_ttl_seconds=args.max_ttl, min_ttl_seconds=args.min_ttl
     )
-    authenticator = NodeTokenAuthenticator(args.tokens)
-    authorizer = PlacementAuthorizer(args.config, trust_domain=ca.trust_domain)
-    server = await start_ca_server(ca, args.listen, authenticator, authorizer)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("CA stopping")
-    await server.stop(1.0)
+    tls_wanted = bool(args.tls or args.tls_name or args.tls_cert)
+    closing: list[Callable[[], Awaitable[None]]] = []
+    authenticator: Authenticator
+    authorizer: Authorizer
+    if args.auth == "kubernetes":
+        from nodeagent.identity.kube_auth import kubernetes_auth
+
+        if args.config or args.tokens:
+            raise NodeAgentError(
+                "--config and --tokens are for --auth tokens; with --auth kubernetes pods "
+                "come from the API"
+            )
+        if not tls_wanted and not args.listen.startswith("unix:"):
+            raise NodeAgentError(
+                f"--auth kubernetes on {args.listen} needs TLS (--tls or --tls-cert/--tls-key): "
+                "ServiceAccount tokens must not cross the network in the clear"
+            )
+        authenticator, authorizer, close = kubernetes_auth(
+            args.kubeconfig,
+            audience=args.audience,
+            agent_service_accounts=args.agent_service_account or [DEFAULT_AGENT_SERVICE_ACCOUNT],
+            trust_domain=ca.trust_domain,
+        )
+        closing.append(close)
+    else:
+        if not args.config or not args.tokens:
+            raise NodeAgentError(
+                "--auth tokens needs --config DIR (where pods are scheduled) and --tokens FILE"
+            )
+        if args.kubeconfig:
+            raise NodeAgentError("--kubeconfig is for --auth kubernetes")
+        authenticator = NodeTokenAuthenticator(args.tokens)
+        authorizer = PlacementAuthorizer(args.config, trust_domain=ca.trust_domain)
+    try:
+        tls = _serving_cert(args, ca)
+        server = await start_ca_server(ca, args.listen, authenticator, authorizer, tls=tls)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("CA stopping")
+        await server.stop(1.0)
+    finally:
+        for close in closing:
+            await close()
     return 0
