@@ -19,6 +19,7 @@ import uvloop
 
 from nodeagent import native
 from nodeagent.config import AgentSettings
+from nodeagent.control.cnipods import CniPods
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
 from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
@@ -149,6 +150,15 @@ class Agent:
             connect_timeout=settings.connect_timeout,
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
+        # the CNI plugin's pods: recorded in the runtime file, answered once captured
+        self.cni = CniPods(
+            settings.node,
+            settings.runtime_file,
+            watcher.reload_now,
+            self.snapshot,
+            self._reconcile,
+            self.proxy.pod_states,
+        )
         self._stop = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
 
@@ -270,7 +280,7 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         await self._reconcile()
         self.proxy.admission.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
-        admin = await start_admin_server(self, self.settings.socket_path)
+        admin = await start_admin_server(self, self.settings.socket_path, pods=self.cni)
         http_servers = await start_http_servers(
             self,
             "0.0.0.0",
@@ -352,7 +362,7 @@ def run_agent(settings: AgentSettings) -> int:
             return 1
     watcher = ConfigWatcher(
         directory=settings.config_dir,
-        pods_file=settings.pods_file,
+        pods_file=settings.runtime_file,
         on_update=lambda _loaded: None,
         interval=settings.reload_interval,
         root_namespace=settings.root_namespace,

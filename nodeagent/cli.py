@@ -59,9 +59,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--pods",
         default="",
         metavar="FILE",
-        help="pod runtime file (JSON) naming each local pod's IP, netns and cgroup, as a CNI "
-        "plugin would (the sandbox writes it; format in nodeagent/control/runtime.py) "
-        "(default: none, so no pod is captured)",
+        help="pod runtime file (JSON) naming each local pod's IP, netns and cgroup (the "
+        "sandbox writes it; the agent adds the pods the CNI plugin nodeagent-cni hands it; "
+        "format in nodeagent/control/runtime.py) (default: STATE_DIR/pods.json)",
     )
     p.add_argument(
         "--netns",
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     import nodeagent.sandbox.cli as sandbox_cli
     from nodeagent import native
     from nodeagent.admin import ctl
+    from nodeagent.cni import install as cni_install
     from nodeagent.identity import cli as ca_cli
     from nodeagent.samples import jwtmint, sampleapp
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
     ca_cli.add_parser(sub)
+    cni_install.add_parser(sub)
     sampleapp.add_parser(sub)
     jwtmint.add_parser(sub)
     native.add_parser(sub)

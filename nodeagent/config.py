@@ -43,6 +43,12 @@ class AgentSettings:
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
 
     @property
+    def runtime_file(self) -> Path:
+        """The pod runtime file: ``--pods``, else ``pods.json`` in the state dir (where the
+        CNI plugin's pods are recorded, so they stay captured across a restart)."""
+        return self.pods_file if self.pods_file is not None else self.state_dir / "pods.json"
+
+    @property
     def mtls(self) -> bool:
         return bool(self.ca_addr)
 

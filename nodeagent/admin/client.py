@@ -2,7 +2,8 @@
 
 Owns the client side of ``nodeagent.v1.NodeAgent``: dialling ``unix:PATH``, deadlines, and
 turning gRPC failures into ``LocalStateError`` with a message a person can act on. Used by
-``nodeagent ctl`` and by the sandbox (which polls ``status()["ready"]``).
+``nodeagent ctl``, by the sandbox (which polls ``status()["ready"]``) and by the CNI plugin
+(``cni_add``, ``cni_del``, ``cni_check``).
 """
 
 from __future__ import annotations
@@ -122,6 +123,20 @@ class AdminClient:
         resp = self._call("Explain", req, pb.ExplainResponse)
         answer: dict[str, Any] = json.loads(resp.json)
         return answer
+
+    def cni_add(self, pod: pb.CniPod, wait: float) -> pb.CniAddResponse:
+        """Hand the agent a new pod; it answers once the pod is captured (or opted out)
+        and waits up to ``wait`` seconds for that (this client's deadline: ``timeout``)."""
+        req = pb.CniAddRequest(pod=pod, timeout_seconds=wait)
+        return self._call("CniAdd", req, pb.CniAddResponse)
+
+    def cni_del(self, pod: pb.CniPod) -> pb.CniDelResponse:
+        """Have the agent release a pod (idempotent)."""
+        return self._call("CniDel", pb.CniDelRequest(pod=pod), pb.CniDelResponse)
+
+    def cni_check(self, pod: pb.CniPod) -> pb.CniCheckResponse:
+        """Whether the agent has the pod captured."""
+        return self._call("CniCheck", pb.CniCheckRequest(pod=pod), pb.CniCheckResponse)
 
     # -- plumbing -------------------------------------------------------------------------
 

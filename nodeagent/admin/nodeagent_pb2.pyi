@@ -334,3 +334,67 @@ class BpfResponse(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     json: str
     def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class CniPod(_message.Message):
+    __slots__ = ("namespace", "name", "uid", "container_id", "netns", "ips", "cgroup")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    uid: str
+    container_id: str
+    netns: str
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    cgroup: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., container_id: _Optional[str] = ..., netns: _Optional[str] = ..., ips: _Optional[_Iterable[str]] = ..., cgroup: _Optional[str] = ...) -> None: ...
+
+class CniAddRequest(_message.Message):
+    __slots__ = ("pod", "timeout_seconds")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pod: CniPod
+    timeout_seconds: float
+    def __init__(self, pod: _Optional[_Union[CniPod, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class CniAddResponse(_message.Message):
+    __slots__ = ("captured", "state", "mode")
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    captured: bool
+    state: str
+    mode: str
+    def __init__(self, captured: _Optional[bool] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class CniDelRequest(_message.Message):
+    __slots__ = ("pod",)
+    POD_FIELD_NUMBER: _ClassVar[int]
+    pod: CniPod
+    def __init__(self, pod: _Optional[_Union[CniPod, _Mapping]] = ...) -> None: ...
+
+class CniDelResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class CniCheckRequest(_message.Message):
+    __slots__ = ("pod",)
+    POD_FIELD_NUMBER: _ClassVar[int]
+    pod: CniPod
+    def __init__(self, pod: _Optional[_Union[CniPod, _Mapping]] = ...) -> None: ...
+
+class CniCheckResponse(_message.Message):
+    __slots__ = ("captured", "state", "mode")
+    CAPTURED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    captured: bool
+    state: str
+    mode: str
+    def __init__(self, captured: _Optional[bool] = ..., state: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...

@@ -79,6 +79,21 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.BpfRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.BpfResponse.FromString,
                 _registered_method=True)
+        self.CniAdd = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/CniAdd',
+                request_serializer=nodeagent__pb2.CniAddRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.CniAddResponse.FromString,
+                _registered_method=True)
+        self.CniDel = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/CniDel',
+                request_serializer=nodeagent__pb2.CniDelRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.CniDelResponse.FromString,
+                _registered_method=True)
+        self.CniCheck = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/CniCheck',
+                request_serializer=nodeagent__pb2.CniCheckRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.CniCheckResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -150,6 +165,30 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CniAdd(self, request, context):
+        """The CNI plugin's ADD: a pod's network is up (netns, IPs). The agent records the pod's
+        runtime and answers once the pod is captured, or refuses (FAILED_PRECONDITION with
+        why: the pod never showed up in the config within the timeout, its capture failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CniDel(self, request, context):
+        """The CNI plugin's DEL: release the pod (its runtime entry, listeners and capture).
+        Idempotent: a pod the agent does not hold is released already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CniCheck(self, request, context):
+        """The CNI plugin's CHECK: whether the pod is captured as ADD left it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +236,21 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Bpf,
                     request_deserializer=nodeagent__pb2.BpfRequest.FromString,
                     response_serializer=nodeagent__pb2.BpfResponse.SerializeToString,
+            ),
+            'CniAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.CniAdd,
+                    request_deserializer=nodeagent__pb2.CniAddRequest.FromString,
+                    response_serializer=nodeagent__pb2.CniAddResponse.SerializeToString,
+            ),
+            'CniDel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CniDel,
+                    request_deserializer=nodeagent__pb2.CniDelRequest.FromString,
+                    response_serializer=nodeagent__pb2.CniDelResponse.SerializeToString,
+            ),
+            'CniCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.CniCheck,
+                    request_deserializer=nodeagent__pb2.CniCheckRequest.FromString,
+                    response_serializer=nodeagent__pb2.CniCheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +496,87 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/Bpf',
             nodeagent__pb2.BpfRequest.SerializeToString,
             nodeagent__pb2.BpfResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CniAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/CniAdd',
+            nodeagent__pb2.CniAddRequest.SerializeToString,
+            nodeagent__pb2.CniAddResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CniDel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/CniDel',
+            nodeagent__pb2.CniDelRequest.SerializeToString,
+            nodeagent__pb2.CniDelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CniCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/CniCheck',
+            nodeagent__pb2.CniCheckRequest.SerializeToString,
+            nodeagent__pb2.CniCheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

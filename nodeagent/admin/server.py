@@ -2,8 +2,10 @@
 
 Owns turning an ``AgentView`` into the typed messages of ``nodeagent.proto`` and serving them
 with ``grpc.aio`` (which runs on uvloop as well as on asyncio's own loop). It only reads the
-agent: every RPC takes ``view.snapshot()`` once and answers from it. A failing handler
-answers ``INTERNAL`` with what went wrong; it never takes the server down.
+agent: every RPC takes ``view.snapshot()`` once and answers from it, except the CNI
+plugin's three (``CniAdd``, ``CniDel``, ``CniCheck``), which go to the agent's
+``PodHandoff``. A failing handler answers ``INTERNAL`` with what went wrong; it never takes
+the server down.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -25,7 +27,7 @@ from nodeagent.admin import nodeagent_pb2 as pb
 from nodeagent.admin import nodeagent_pb2_grpc as pb_grpc
 from nodeagent.errors import LocalStateError
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.model.status import AgentView, ConnectionInfo, ExplainQuery
+from nodeagent.model.status import AgentView, CniPod, ConnectionInfo, ExplainQuery, PodHandoff
 from nodeagent.unixsocket import prepare_unix_socket_path
 
 __all__ = [
@@ -45,8 +47,9 @@ _T = TypeVar("_T")
 class NodeAgentService(pb_grpc.NodeAgentServicer):
     """The RPC handlers, over one ``AgentView``."""
 
-    def __init__(self, view: AgentView) -> None:
+    def __init__(self, view: AgentView, pods: PodHandoff | None = None) -> None:
         self._view = view
+        self._pods = pods
         self._process = psutil.Process()
         # The first cpu_percent() call only starts the measurement: prime it now, so that
         # each Status reports the CPU use since the previous Status (or since start).
@@ -138,6 +141,56 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             "Explain", context, lambda: pb.ExplainResponse(json=json.dumps(answer, default=str))
         )
 
+    # -- the CNI plugin's calls -------------------------------------------------------------
+
+    async def CniAdd(
+        self, request: pb.CniAddRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CniAddResponse:
+        pods, pod = await self._cni_pod("CniAdd", request.pod, context)
+        answer = await _answer_async(
+            "CniAdd", context, lambda: pods.add(pod, request.timeout_seconds)
+        )
+        return pb.CniAddResponse(captured=answer.captured, state=answer.state, mode=answer.mode)
+
+    async def CniDel(
+        self, request: pb.CniDelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CniDelResponse:
+        pods, pod = await self._cni_pod("CniDel", request.pod, context)
+        released = await _answer_async("CniDel", context, lambda: pods.remove(pod))
+        return pb.CniDelResponse(released=released)
+
+    async def CniCheck(
+        self, request: pb.CniCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CniCheckResponse:
+        pods, pod = await self._cni_pod("CniCheck", request.pod, context)
+        answer = await _answer_async("CniCheck", context, lambda: pods.check(pod))
+        return pb.CniCheckResponse(captured=answer.captured, state=answer.state, mode=answer.mode)
+
+    async def _cni_pod(
+        self, name: str, msg: pb.CniPod, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[PodHandoff, CniPod]:
+        if self._pods is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this agent takes no pods from a CNI plugin (it was started without one)",
+            )
+            raise AssertionError("abort raises")
+        if not msg.namespace or not msg.name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{name}: the pod's namespace and name are required",
+            )
+        pod = CniPod(
+            namespace=msg.namespace,
+            name=msg.name,
+            uid=msg.uid,
+            container_id=msg.container_id,
+            netns=msg.netns,
+            ips=tuple(msg.ips),
+            cgroup=msg.cgroup,
+        )
+        return self._pods, pod
+
     # -- builders: plain functions of the view, one snapshot each --------------------------
 
     def _status(self) -> pb.StatusResponse:
@@ -226,6 +279,22 @@ async def _answer(
         await context.abort(
             grpc.StatusCode.INTERNAL, f"{name} failed in the agent: {type(e).__name__}: {e}"
         )
+
+
+async def _answer_async(
+    name: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[_T]]
+) -> _T:
+    """``_answer`` for a coroutine."""
+    try:
+        return await call()
+    except LocalStateError as e:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except Exception as e:
+        log.exception("node agent socket: %s failed", name)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"{name} failed in the agent: {type(e).__name__}: {e}"
+        )
+    raise AssertionError("abort raises")
 
 
 def workload_messages(
@@ -349,15 +418,18 @@ def certificate_message(cert: Mapping[str, Any]) -> pb.Certificate:
     )
 
 
-async def start_admin_server(view: AgentView, socket_path: str) -> grpc.aio.Server:
-    """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server.
+async def start_admin_server(
+    view: AgentView, socket_path: str, pods: PodHandoff | None = None
+) -> grpc.aio.Server:
+    """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server;
+    ``pods`` takes the CNI plugin's calls (None: they are refused).
 
     Call from inside the running event loop (asyncio or uvloop). Stop it with
     ``await server.stop(grace)``.
     """
     path = prepare_unix_socket_path(socket_path, "node agent socket", "agent", "--socket")
     server = grpc.aio.server()
-    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view), server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods), server)  # type: ignore[no-untyped-call]
     try:
         bound = server.add_insecure_port(f"unix:{path}")
     except RuntimeError as e:

@@ -246,6 +246,7 @@ class ConfigWatcher:
     last_error_at: float = 0.0
     loaded_at: float = 0.0
     _print: Fingerprint = field(default=())
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def _fingerprint(self) -> Fingerprint:
         extra = (self.pods_file,) if self.pods_file is not None else ()
@@ -292,20 +293,34 @@ class ConfigWatcher:
             log.error("config rejected, still serving version %d: %s", self.version, e)
             return None
 
+    async def reload_now(self) -> LoadedConfig | None:
+        """Read the sources now instead of at the next poll, and publish what loads
+        (``on_update``) before returning it; None when it was rejected (the last good
+        snapshot keeps serving). The agent calls it after recording a pod the CNI plugin
+        handed over, so that the pod is captured before its ADD is answered."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            fp = await loop.run_in_executor(None, self._fingerprint)
+            return await self._reload(fp)
+
+    async def _reload(self, fp: Fingerprint) -> LoadedConfig | None:
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._try_reload)
+        if loaded is None:
+            self._print = fp
+            return None
+        log.info(
+            "config version %d loaded (%d files)",
+            loaded.snapshot.version,
+            len(loaded.snapshot.sources),
+        )
+        self.on_update(loaded)
+        return loaded
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            fp = await loop.run_in_executor(None, self._fingerprint)
-            if fp == self._print:
-                continue
-            loaded = await loop.run_in_executor(None, self._try_reload)
-            if loaded is None:
-                self._print = fp
-                continue
-            log.info(
-                "config version %d loaded (%d files)",
-                loaded.snapshot.version,
-                len(loaded.snapshot.sources),
-            )
-            self.on_update(loaded)
+            async with self._lock:  # not beside a reload_now
+                fp = await loop.run_in_executor(None, self._fingerprint)
+                if fp != self._print:
+                    await self._reload(fp)

@@ -1,5 +1,6 @@
-"""The pod runtime file: where each pod lives (IP, netns, cgroup), as a CNI plugin would
-tell the agent. The sandbox writes it; the agent reads and watches it.
+"""The pod runtime file: where each pod lives (IP, netns, cgroup), as a CNI plugin tells
+the agent. The sandbox writes it; so does the agent itself when the CNI plugin hands it a
+pod (``set_runtime``); the agent reads and watches it.
 
 Format (JSON)::
 
@@ -62,3 +63,17 @@ def write_runtimes(path: str | Path, runtimes: dict[str, PodRuntime]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
+
+
+def set_runtime(path: str | Path, key: str, runtime: PodRuntime | None) -> PodRuntime | None:
+    """Record (or, with None, drop) one pod's entry; returns the entry it replaced.
+
+    One writer at a time is the caller's business (the agent serializes its CNI calls).
+    """
+    runtimes = load_runtimes(path)
+    previous = runtimes.pop(key, None)
+    if runtime is not None:
+        runtimes[key] = runtime
+    if runtime != previous:
+        write_runtimes(path, runtimes)
+    return previous

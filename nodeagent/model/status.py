@@ -1,6 +1,7 @@
-"""Read-only views of a running agent, as the node agent socket reports them.
+"""Views of a running agent, as the node agent socket reports them.
 
 ``AgentView`` is what the admin layer may ask of the agent; ``app.py`` implements it.
+``PodHandoff`` is the one part the socket may change: the pods a CNI plugin hands over.
 """
 
 from __future__ import annotations
@@ -139,4 +140,53 @@ class AgentView(Protocol):
     def explain(self, query: ExplainQuery) -> dict[str, Any]:
         """Why ``query`` would be routed, allowed or denied (JSON-ready); raises
         ``ValueError`` with a message for the user when it names nothing known."""
+        ...
+
+
+@dataclass(frozen=True)
+class CniPod:
+    """A pod as the CNI plugin hands it over (ADD, DEL, CHECK)."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    container_id: str = ""
+    netns: str = ""
+    """The path of the pod's network namespace (``CNI_NETNS``)."""
+    ips: tuple[str, ...] = ()
+    """The pod's addresses from the chain's ``prevResult``, first IPv4 first."""
+    cgroup: str = ""
+    """The pod's cgroup v2 directory; empty when the plugin found none."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CniAnswer:
+    """What the agent says of a handed-over pod."""
+
+    captured: bool
+    state: str
+    """``ready``, ``not captured (opted out): ...``, ``released``, ``pending: ...``, …"""
+    mode: str = ""
+    """The capture in place (``iptables``, ``eBPF``), empty when not captured."""
+
+
+class PodHandoff(Protocol):
+    """The pods a CNI plugin hands the agent; each call raises ``LocalStateError`` with a
+    message for the plugin's error when the agent cannot do what was asked."""
+
+    async def add(self, pod: CniPod, timeout: float) -> CniAnswer:
+        """Record the pod's runtime and answer once it is captured (or opted out);
+        ``timeout`` bounds the wait for the pod to show up and be captured."""
+        ...
+
+    async def remove(self, pod: CniPod) -> bool:
+        """Release the pod; False when the agent did not hold it (idempotent)."""
+        ...
+
+    async def check(self, pod: CniPod) -> CniAnswer:
+        """Whether the pod is captured as ADD left it."""
         ...

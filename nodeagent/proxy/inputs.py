@@ -75,8 +75,8 @@ class Capture(Protocol):
         """A captured pod's excluded ports changed."""
         ...
 
-    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
-        """The pod left this node's mesh."""
+    def detach(self, pod_key: str, runtime: PodRuntime) -> Awaitable[None]:
+        """The pod left this node's mesh: its capture goes."""
         ...
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:

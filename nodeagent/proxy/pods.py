@@ -116,7 +116,7 @@ class LocalPods:
             pp = self.pods[key]
             if key not in wanted or wanted[key][1] != pp.runtime:
                 log.info("pod %s left this node's mesh: closing its listeners", key)
-                capture.detach(key, pp.runtime)
+                await capture.detach(key, pp.runtime)
                 pp.close()
                 del self.pods[key]
         for key, (pod, rt) in wanted.items():

@@ -10,15 +10,20 @@ going before capture.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 from collections.abc import Set
 
+from nodeagent.errors import LocalStateError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.redirect import iptables
 from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.redirect.netns import netns_path
 from nodeagent.redirect.sockets import original_dst
+
+log = logging.getLogger("nodeagent.redirect")
 
 Addr = tuple[str, int]
 Excluded = tuple[frozenset[int], frozenset[int]]
@@ -45,8 +50,16 @@ class IptablesCapture:
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
         """Not applied to a live pod: its rules change when it is captured again."""
 
-    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
-        """Nothing to undo: the rules live in the pod's netns and go with it."""
+    async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+        """Take the rules out of the pod's netns when it lives on (a CNI DEL comes before
+        the runtime removes it); a netns already gone took them with it."""
+        path = netns_path(runtime.netns)
+        if not os.path.exists(path):
+            return
+        try:
+            await iptables.remove_rules(path)
+        except LocalStateError as e:
+            log.warning("pod %s: cannot remove its capture rules: %s", pod_key, e)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         return original_dst(transport.get_extra_info("socket"))
@@ -84,7 +97,7 @@ class EbpfCapture:
         """Changed exclude*Ports annotations of a live pod apply at once (the maps)."""
         self.node.exclude(runtime.ip, listener, *excluded)
 
-    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+    async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
         self.node.detach(pod_key, runtime.ip)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:

@@ -1,7 +1,8 @@
 """iptables capture inside a pod's network namespace.
 
 ``render_rules`` is a pure function from a ``CaptureSpec`` to ``iptables-restore`` input;
-``apply_rules`` runs it inside the pod's netns with ``nsenter``. The rules:
+``apply_rules`` runs it inside the pod's netns with ``nsenter``; ``remove_rules`` takes them
+out again (``render_removal``, pure too). The rules:
 
 - outbound TCP (nat OUTPUT) → the proxy's outbound listener (15001), except loopback
   traffic, excluded ports, and the proxy's own upstream sockets (``SO_MARK`` 0x539);
@@ -88,3 +89,23 @@ async def apply_rules(netns: str, spec: CaptureSpec) -> str:
     rules = render_rules(spec, existing)
     await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return rules
+
+
+def render_removal(existing_nat: str) -> str:
+    """The ``iptables-restore --noflush`` input that takes our jumps and chains out of
+    a netns whose nat table is ``existing_nat``; empty when nothing of ours is there."""
+    have = existing_nat.splitlines()
+    lines = [f"-D{jump[2:]}" for jump in (JUMP_OUT, JUMP_IN) if jump in have]
+    for chain in (CHAIN_OUT, CHAIN_IN):
+        if f":{chain} - " in existing_nat or any(ln.startswith(f":{chain} ") for ln in have):
+            lines += [f"-F {chain}", f"-X {chain}"]
+    return "\n".join(["*nat", *lines, "COMMIT"]) + "\n" if lines else ""
+
+
+async def remove_rules(netns: str) -> bool:
+    """Take the capture rules out of ``netns`` (a pod released while its netns lives on);
+    False when there were none."""
+    rules = render_removal(await _run(netns, ["iptables-save", "-t", "nat"]))
+    if rules:
+        await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    return bool(rules)

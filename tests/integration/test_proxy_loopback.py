@@ -174,7 +174,7 @@ class RecordedCapture:
     ) -> None:
         pass
 
-    def detach(self, pod_key: str, runtime: PodRuntime) -> None:
+    async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
         self.attached.discard(pod_key)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
