@@ -97,7 +97,7 @@ def render_removal(existing_nat: str) -> str:
     have = existing_nat.splitlines()
     lines = [f"-D{jump[2:]}" for jump in (JUMP_OUT, JUMP_IN) if jump in have]
     for chain in (CHAIN_OUT, CHAIN_IN):
-        if f":{chain} - " in existing_nat or any(ln.startswith(f":{chain} ") for ln in have):
+        if any(ln.startswith(f":{chain} ") for ln in have):
             lines += [f"-F {chain}", f"-X {chain}"]
     return "\n".join(["*nat", *lines, "COMMIT"]) + "\n" if lines else ""
 

@@ -6,6 +6,7 @@ from nodeagent.redirect.iptables import (
     JUMP_IN,
     JUMP_OUT,
     CaptureSpec,
+    render_removal,
     render_rules,
 )
 
@@ -47,3 +48,18 @@ def test_applying_twice_does_not_duplicate_jumps() -> None:
     second = render_rules(CaptureSpec(), existing)
     assert JUMP_IN in first.splitlines() and JUMP_IN not in second.splitlines()
     assert JUMP_OUT not in second.splitlines()
+
+
+def test_removal_takes_out_only_what_is_there() -> None:
+    existing = "\n".join(
+        ["*nat", ":OUTPUT ACCEPT [0:0]", ":NODEAGENT_OUTPUT - [0:0]", JUMP_OUT,
+         "-A NODEAGENT_OUTPUT -p tcp -j REDIRECT --to-ports 15001", "COMMIT"]
+    )  # fmt: skip
+    assert render_removal(existing).splitlines() == [
+        "*nat",
+        "-D OUTPUT -p tcp -j NODEAGENT_OUTPUT",
+        "-F NODEAGENT_OUTPUT",
+        "-X NODEAGENT_OUTPUT",
+        "COMMIT",
+    ]
+    assert render_removal("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n") == ""
