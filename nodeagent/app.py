@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -385,4 +387,12 @@ def run_agent(settings: AgentSettings) -> int:
         watcher.on_update = agent._on_update
         return await agent.serve()
 
-    return uvloop.run(main())
+    pid_file = Path(settings.pid_file) if settings.pid_file else None
+    if pid_file is not None:  # the CNI launcher finds the agent's image through it
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        return uvloop.run(main())
+    finally:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)

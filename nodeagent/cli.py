@@ -156,6 +156,13 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DEST",
         help="per-request JSON access log: - (stdout, default), a file path, or off",
     )
+    p.add_argument(
+        "--pid-file",
+        default="",
+        metavar="FILE",
+        help="write the agent's pid here, for the CNI plugin's launcher (`nodeagent cni "
+        "install --agent-pid-file`, docs/cni.md) (default: none)",
+    )
     add_log_level(p)
     p.add_argument(
         "--dump-bpf",

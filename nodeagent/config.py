@@ -40,6 +40,9 @@ class AgentSettings:
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
     access_log: str = "-"
+    pid_file: str = ""
+    """Where to write the agent's pid (the CNI launcher of ``cni install
+    --agent-pid-file`` enters its mount namespace); empty: nowhere."""
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
 
     @property
@@ -74,4 +77,5 @@ class AgentSettings:
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
             access_log=args.access_log,
+            pid_file=getattr(args, "pid_file", ""),
         )

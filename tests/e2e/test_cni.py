@@ -190,7 +190,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     agent = subprocess.Popen(
         [sys.executable, "-m", "nodeagent", "run", "--node", NODE, "--config", str(config),
          "--netns", node_ns, "--socket", sock, "--state-dir", str(tmp / "state"),
-         "--redirect", "iptables", "--access-log", "off"],
+         "--redirect", "iptables", "--access-log", "off", "--pid-file", str(tmp / "agent.pid")],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     r = Rig(
@@ -229,6 +229,25 @@ def test_version_names_the_supported_versions(rig: Rig) -> None:
         "cniVersion": "0.4.0",
         "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
     }
+
+
+def test_the_agent_launcher_runs_the_plugin_in_the_agents_mount_namespace(
+    rig: Rig, tmp_path: Path
+) -> None:
+    pid_file = rig.pods_file.parent.parent / "agent.pid"
+    assert pid_file.read_text().strip() == str(rig.agent.pid)
+    exe = tmp_path / "nodeagent-cni"
+    exe.write_text(install.launcher(sys.executable, str(pid_file)))
+    exe.chmod(0o755)
+    p = subprocess.run(
+        [str(exe)],
+        input=b'{"cniVersion": "1.0.0"}',
+        capture_output=True,
+        env={**rig.runtime.env, "CNI_COMMAND": "VERSION"},
+        timeout=30,
+    )
+    assert p.returncode == 0, p
+    assert json.loads(p.stdout)["supportedVersions"][-1] == "1.0.0"
 
 
 def test_install_chained_the_plugin_after_the_bridge(rig: Rig) -> None:
@@ -326,6 +345,7 @@ def test_check_then_del_releases_the_pod(rig: Rig) -> None:
 def test_add_fails_clearly_when_the_agent_is_down(rig: Rig) -> None:
     rig.agent.send_signal(signal.SIGTERM)
     rig.agent.wait(20)
+    assert not (rig.pods_file.parent.parent / "agent.pid").exists()
     sb = rig.sandbox("down")
     run = rig.runtime.add(sb)
     assert run.plugin == "nodeagent-cni" and run.rc == 1, sb.log
