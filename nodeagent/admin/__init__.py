@@ -1,7 +1,7 @@
 """The admin layer: the node agent socket, its client and CLI, and the metrics/readiness HTTP.
 
-It only reads the agent through ``nodeagent.model.status.AgentView``; it never changes the
-agent's state. Modules:
+It reads the agent only through ``nodeagent.model.status.AgentView``, and changes it only
+through ``PodHandoff`` (the pods the CNI plugin hands over). Modules:
 
 - ``server``: the gRPC service ``nodeagent.v1.NodeAgent`` on a UNIX socket (grpc.aio);
 - ``client``: a small synchronous client that returns plain JSON-able dicts;

@@ -4,7 +4,9 @@ them, with a real agent behind its socket.
 The test is the runtime: it makes each pod's netns and execs ``loopback``, then the
 conflist (``bridge`` with ``host-local`` IPAM, then ``nodeagent-cni``, put there by
 ``nodeagent cni install``) with ``prevResult`` threaded through. Plugins and agent live in
-a "node" netns of the test's own; everything is removed at the end, even on failure.
+a "node" netns of the test's own; everything is removed at the end, even on failure. It
+runs in both capture modes: eBPF needs the pod's cgroup, which the plugin finds by the
+pod's uid as kubelet names it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ ECHO = textwrap.dedent(
 
 @dataclass
 class Rig:
+    redirect: str
     runtime: Runtime
     config: Path
     conflist: Path
@@ -107,17 +110,36 @@ class Rig:
     netns: list[str]
     pods: dict[str, Sandbox]
 
-    def sandbox(self, name: str, uid: str = "") -> Sandbox:
+    def sandbox(self, name: str) -> Sandbox:
+        """A pod sandbox: its netns and, as kubelet makes it, its cgroup ``pod<uid>``."""
         ns = f"nacni-{name[:6]}-{TAG}"
         self.netns.append(ns)
+        uid = str(uuid.uuid4())
+        self.pod_cgroup(uid).mkdir(parents=True)
         sb = self.pods[name] = Sandbox(
             name=name,
             namespace="default",
-            uid=uid or str(uuid.uuid4()),
+            uid=uid,
             container_id=uuid.uuid4().hex,
             netns=netns_add(ns),
         )
         return sb
+
+    def pod_cgroup(self, uid: str) -> Path:
+        return self.cgroup / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+
+    def in_pod(self, sb: Sandbox, *argv: str) -> list[str]:
+        """``argv`` run as the pod's app: in its cgroup (eBPF captures there), then netns."""
+        join = 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"'
+        cg = str(self.pod_cgroup(sb.uid))
+        return ["sh", "-c", join, "in-pod", cg, "nsenter", f"--net={sb.netns}", *argv]
+
+    def captured(self, sb: Sandbox) -> bool:
+        """Whether the pod's capture is in place: its rules, or its eBPF attachments."""
+        if self.redirect == "iptables":
+            return "NODEAGENT_OUTPUT" in nat_rules(sb.netns)
+        with AdminClient(self.socket, timeout=5) as c:
+            return f"default_{sb.name}" in c.bpf().get("attachments", {})
 
     def runtimes(self) -> dict[str, dict[str, str]]:
         if not self.pods_file.exists():
@@ -150,8 +172,9 @@ def _wait_agent(sock: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(tmp_path_factory: pytest.TempPathFactory, redirect: str) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("cni")
+    pin_dir = Path(f"/sys/fs/bpf/nacni-{TAG}")
     node_ns = f"nacni-n-{TAG}"
     bin_dir, conf_dir, config = tmp / "bin", tmp / "net.d", tmp / "config"
     for d in (bin_dir, conf_dir, config):
@@ -190,10 +213,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     agent = subprocess.Popen(
         [sys.executable, "-m", "nodeagent", "run", "--node", NODE, "--config", str(config),
          "--netns", node_ns, "--socket", sock, "--state-dir", str(tmp / "state"),
-         "--redirect", "iptables", "--access-log", "off", "--pid-file", str(tmp / "agent.pid")],
+         "--redirect", redirect, "--bpf-pin-dir", str(pin_dir), "--access-log", "off",
+         "--pid-file", str(tmp / "agent.pid")],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     r = Rig(
+        redirect=redirect,
         runtime=Runtime(json.loads((conf_dir / "10-test.conflist").read_text()), bin_dir,
                         node_ns, env),
         config=config, conflist=conf_dir / "10-test.conflist", socket=sock,
@@ -211,6 +236,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                 agent.kill()
                 agent.wait()
         sys.stderr.write(log.read_text()[-6000:])
+        shutil.rmtree(pin_dir, ignore_errors=True)  # unpinning detaches, frees the programs
         for ns in [*r.netns, node_ns]:
             netns_del(ns)
         for d in cgroup.glob("*"):
@@ -257,26 +283,23 @@ def test_install_chained_the_plugin_after_the_bridge(rig: Rig) -> None:
 
 
 def test_add_returns_with_the_pod_captured(rig: Rig) -> None:
-    server = rig.sandbox("server")
-    uid = str(uuid.uuid4())
-    pod_cgroup = rig.cgroup / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
-    pod_cgroup.mkdir(parents=True)
-    client = rig.sandbox("client", uid)
+    server, client = rig.sandbox("server"), rig.sandbox("client")
     for sb in (server, client):
         run = rig.runtime.add(sb)
         assert run.ok, sb.log
-        # the moment ADD returns, the rules are in the pod's netns
-        assert "NODEAGENT_OUTPUT" in nat_rules(sb.netns), sb.name
+        # the moment ADD returns, the capture is in place
+        assert rig.captured(sb), sb.name
     bridge, ours = client.log[-2], client.log[-1]
     assert ours.plugin == "nodeagent-cni" and ours.out == bridge.out  # prevResult passed on
     ip = bridge.out["ips"][0]["address"].split("/")[0] if bridge.out else ""
     entry = rig.runtimes()["default/client"]
-    assert entry == {"ip": ip, "node": NODE, "netns": client.netns, "cgroup": str(pod_cgroup)}
+    cgroup = str(rig.pod_cgroup(client.uid))
+    assert entry == {"ip": ip, "node": NODE, "netns": client.netns, "cgroup": cgroup}
     assert rig.capture("default/client") == "ready"
 
     app = subprocess.Popen(
-        ["nsenter", f"--net={server.netns}", sys.executable, "-m", "nodeagent", "sample-app",
-         "--port", "8080", "--tcp-echo", "9000", "--service", "echo"],
+        rig.in_pod(server, sys.executable, "-m", "nodeagent", "sample-app", "--port", "8080",
+                   "--tcp-echo", "9000", "--service", "echo"),
         env=rig.runtime.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -284,8 +307,7 @@ def test_add_returns_with_the_pod_captured(rig: Rig) -> None:
         deadline, out = time.monotonic() + 20, None
         while time.monotonic() < deadline:
             out = subprocess.run(
-                ["nsenter", f"--net={client.netns}", sys.executable, "-c", ECHO, SERVICE_IP,
-                 "9000"],
+                rig.in_pod(client, sys.executable, "-c", ECHO, SERVICE_IP, "9000"),
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             if out.returncode == 0 and out.stdout.strip():
@@ -314,7 +336,7 @@ def test_add_waits_for_a_pod_the_config_does_not_hold_yet(rig: Rig) -> None:
     t.join(30)
     assert late.log[-1].plugin == "nodeagent-cni" and late.log[-1].ok, late.log
     assert done and done[0] >= 2.0, done
-    assert "NODEAGENT_OUTPUT" in nat_rules(late.netns)
+    assert rig.captured(late)
 
 
 def test_an_opted_out_pod_is_left_alone_at_once(rig: Rig) -> None:
@@ -324,7 +346,7 @@ def test_an_opted_out_pod_is_left_alone_at_once(rig: Rig) -> None:
     assert run.ok and run.plugin == "nodeagent-cni", optout.log
     assert time.monotonic() - t0 < 5
     assert "nodeagent-cni" in run.err and "opted out" in run.err
-    assert "NODEAGENT" not in nat_rules(optout.netns)
+    assert not rig.captured(optout) and "NODEAGENT" not in nat_rules(optout.netns)
     assert "default/optout" not in rig.runtimes()
 
 
@@ -333,13 +355,26 @@ def test_check_then_del_releases_the_pod(rig: Rig) -> None:
     assert all(r.ok for r in rig.runtime.check(client)), client.log
     runs = rig.runtime.delete(client)
     assert all(r.ok for r in runs), runs
-    assert "NODEAGENT" not in nat_rules(client.netns)
+    assert not rig.captured(client) and "NODEAGENT" not in nat_rules(client.netns)
     assert "default/client" not in rig.runtimes()
     assert rig.capture("default/client").startswith("pending")
     again = rig.runtime.delete(client)
     assert all(r.ok for r in again), again
     ours = [r for r in rig.runtime.check(client) if r.plugin == "nodeagent-cni"]
     assert ours and not ours[0].ok and ours[0].out and ours[0].out["code"] == 100, ours
+
+
+def test_add_fails_for_a_pod_the_config_never_holds(rig: Rig) -> None:
+    conflist = json.loads(rig.conflist.read_text())
+    conflist["plugins"][-1]["timeout"] = 1
+    runtime = Runtime(conflist, rig.runtime.bin_dir, rig.runtime.node_netns, rig.runtime.env)
+    stray = rig.sandbox("stray")
+    run = runtime.add(stray)
+    assert run.plugin == "nodeagent-cni" and run.rc == 1, stray.log
+    assert run.out is not None and run.out["code"] == 100, run.out
+    assert "pod default/stray is not in the agent's config after 1s" in run.out["msg"]
+    assert all(r.ok for r in runtime.delete(stray)), stray.log
+    assert "default/stray" not in rig.runtimes()
 
 
 def test_add_fails_clearly_when_the_agent_is_down(rig: Rig) -> None:
