@@ -40,10 +40,10 @@ class AgentSettings:
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
     access_log: str = "-"
+    """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
     pid_file: str = ""
     """Where to write the agent's pid (the CNI launcher of ``cni install
     --agent-pid-file`` enters its mount namespace); empty: nowhere."""
-    """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
 
     @property
     def runtime_file(self) -> Path:

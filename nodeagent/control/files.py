@@ -68,6 +68,9 @@ class LoadedConfig:
     """Raw objects as read, each with ``_source`` (file) added, for the config dump."""
     warnings: tuple[str, ...] = ()
     """What loaded but is worth a look (a kind the mesh does not serve, skipped)."""
+    pairs: tuple[tuple[dict[str, Any], object], ...] = field(default=(), repr=False)
+    """The validated ``(raw, model object)`` pairs it was assembled from: enough to
+    assemble it again with other pod runtimes."""
 
 
 def _files(directory: Path) -> list[Path]:
@@ -202,7 +205,10 @@ def assemble(
         root_namespace=root_namespace,
     )
     return LoadedConfig(
-        snapshot=snap, objects=tuple(raw for raw, _ in pairs), warnings=tuple(warnings)
+        snapshot=snap,
+        objects=tuple(raw for raw, _ in pairs),
+        warnings=tuple(warnings),
+        pairs=tuple(pairs),
     )
 
 
@@ -291,7 +297,40 @@ class ConfigWatcher:
             self.last_error = str(e)
             self.last_error_at = time.time()
             log.error("config rejected, still serving version %d: %s", self.version, e)
+            return self._runtimes_only()
+
+    def _runtimes_only(self) -> LoadedConfig | None:
+        """The last good objects with the pod runtime file as it is now, when that
+        changed: a bad edit of the directory must not stop pods from being captured
+        (the CNI plugin's ADD waits for it) or released."""
+        current = self.current
+        if current is None or self.pods_file is None:
             return None
+        try:
+            runtimes = load_runtimes(self.pods_file)
+        except ConfigError as e:
+            log.error("pod runtime file rejected: %s", e)
+            return None
+        if runtimes == dict(current.snapshot.runtimes):
+            return None
+        try:
+            loaded = assemble(
+                current.pairs,
+                sources=current.snapshot.sources,
+                runtimes=runtimes,
+                version=self.version + 1,
+                root_namespace=self.root_namespace,
+                warnings=current.warnings,
+            )
+        except (ConfigErrors, ConfigError) as e:
+            log.error("pod runtimes not applied to version %d: %s", self.version, e)
+            return None
+        self.version += 1
+        self.current = loaded
+        self.loaded_at = time.time()
+        log.info("config version %d: version %d's objects, new pod runtimes", self.version,
+                 self.version - 1)  # fmt: skip
+        return loaded
 
     async def reload_now(self) -> LoadedConfig | None:
         """Read the sources now instead of at the next poll, and publish what loads

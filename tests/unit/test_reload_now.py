@@ -44,6 +44,26 @@ def test_reload_now_publishes_the_recorded_runtime_before_returning(tmp_path: Pa
     assert watcher.status(added.snapshot.version).last_error
 
 
+def test_a_bad_edit_does_not_hold_back_pod_runtimes(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mesh.yaml").write_text(POD)
+    pods = tmp_path / "pods.json"
+    published: list[LoadedConfig] = []
+    watcher = ConfigWatcher(tmp_path / "cfg", pods, published.append, interval=3600)
+    first = watcher.load_once()
+    (tmp_path / "cfg" / "broken.yaml").write_text("kind: [")
+    set_runtime(pods, RT.key, RT)
+    loaded = asyncio.run(watcher.reload_now())
+    # the last good objects, with the pod placed: the error is still reported
+    assert loaded is not None and published == [loaded]
+    assert loaded.snapshot.version == first.snapshot.version + 1
+    assert loaded.snapshot.runtimes == {RT.key: RT}
+    assert loaded.objects == first.objects
+    assert "broken.yaml" in watcher.status(loaded.snapshot.version).last_error
+    # nothing new in the runtime file: nothing to publish
+    assert asyncio.run(watcher.reload_now()) is None
+
+
 def test_set_runtime_replaces_and_drops(tmp_path: Path) -> None:
     path = tmp_path / "pods.json"
     moved = PodRuntime(key=RT.key, ip="10.1.0.8", node="n1", netns="/var/run/netns/web2")
