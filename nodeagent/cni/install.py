@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nodeagent.cliargs import add_log_level
 from nodeagent.cni.spec import DEFAULT_SOCKET, DEFAULT_TIMEOUT, PLUGIN_TYPE
 
 LAUNCHER_MARK = "# nodeagent-cni launcher, written by `nodeagent cni install`"
@@ -254,7 +253,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="remove the plugin and its conflist entries instead",
     )
-    add_log_level(p)
     p.set_defaults(func=_cmd_install)
 
 
