@@ -68,9 +68,6 @@ class LoadedConfig:
     """Raw objects as read, each with ``_source`` (file) added, for the config dump."""
     warnings: tuple[str, ...] = ()
     """What loaded but is worth a look (a kind the mesh does not serve, skipped)."""
-    pairs: tuple[tuple[dict[str, Any], object], ...] = field(default=(), repr=False)
-    """The validated ``(raw, model object)`` pairs it was assembled from: enough to
-    assemble it again with other pod runtimes."""
 
 
 def _files(directory: Path) -> list[Path]:
@@ -205,10 +202,7 @@ def assemble(
         root_namespace=root_namespace,
     )
     return LoadedConfig(
-        snapshot=snap,
-        objects=tuple(raw for raw, _ in pairs),
-        warnings=tuple(warnings),
-        pairs=tuple(pairs),
+        snapshot=snap, objects=tuple(raw for raw, _ in pairs), warnings=tuple(warnings)
     )
 
 
@@ -253,6 +247,8 @@ class ConfigWatcher:
     loaded_at: float = 0.0
     _print: Fingerprint = field(default=())
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _collected: Collected | None = None
+    """What the last good load read, to assemble again with new pod runtimes."""
 
     def _fingerprint(self) -> Fingerprint:
         extra = (self.pods_file,) if self.pods_file is not None else ()
@@ -274,12 +270,17 @@ class ConfigWatcher:
         """Load now (raises on a bad config); used at start, where a bad config is fatal."""
         self._print = self._fingerprint()
         runtimes = load_runtimes(self.pods_file) if self.pods_file else {}
-        loaded = load_directory(
-            self.directory,
+        found = read_directory(self.directory)
+        loaded = assemble(
+            found.pairs,
+            found.errors,
+            sources=found.sources,
             runtimes=runtimes,
             version=self.version + 1,
             root_namespace=self.root_namespace,
+            warnings=found.warnings,
         )
+        self._collected = found
         self.version += 1
         before = set(self.current.warnings) if self.current else set()
         for warning in loaded.warnings:
@@ -303,8 +304,8 @@ class ConfigWatcher:
         """The last good objects with the pod runtime file as it is now, when that
         changed: a bad edit of the directory must not stop pods from being captured
         (the CNI plugin's ADD waits for it) or released."""
-        current = self.current
-        if current is None or self.pods_file is None:
+        current, found = self.current, self._collected
+        if current is None or found is None or self.pods_file is None:
             return None
         try:
             runtimes = load_runtimes(self.pods_file)
@@ -315,12 +316,12 @@ class ConfigWatcher:
             return None
         try:
             loaded = assemble(
-                current.pairs,
-                sources=current.snapshot.sources,
+                found.pairs,
+                sources=found.sources,
                 runtimes=runtimes,
                 version=self.version + 1,
                 root_namespace=self.root_namespace,
-                warnings=current.warnings,
+                warnings=found.warnings,
             )
         except (ConfigErrors, ConfigError) as e:
             log.error("pod runtimes not applied to version %d: %s", self.version, e)
