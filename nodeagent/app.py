@@ -260,7 +260,9 @@ class Agent:
             snap = self._snapshot
             if self.certs is not None:
                 wanted = {
-                    p.identity(self.settings.trust_domain) for p in snap.pods_on_node(self.node)
+                    p.identity(self.settings.trust_domain)
+                    for p in snap.pods_on_node(self.node)
+                    if p.in_mesh
                 }
                 errors = await self.certs.ensure(wanted)
                 for identity, err in errors.items():

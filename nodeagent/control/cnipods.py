@@ -17,14 +17,12 @@ from typing import Any
 
 from nodeagent.control.runtime import load_runtimes, set_runtime
 from nodeagent.errors import ConfigError, LocalStateError
-from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.objects import DATAPLANE_MODE_LABEL, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import CniAnswer, CniPod
 
 log = logging.getLogger("nodeagent.cni")
 
-OPT_OUT_LABEL = "istio.io/dataplane-mode"
-"""Istio ambient's label: a pod labelled ``none`` stays out of the mesh."""
 DEFAULT_TIMEOUT = 10.0
 """How long ADD waits for the pod to show up in the config and be captured."""
 POLL = 0.1
@@ -32,10 +30,6 @@ POLL = 0.1
 CAPTURE_EVERY = 1.0
 """A failing capture is tried again at most this often while ADD waits."""
 RELEASE_TIMEOUT = 5.0
-
-
-def opted_out(pod: Pod) -> bool:
-    return pod.labels.get(OPT_OUT_LABEL) == "none"
 
 
 class CniPods:
@@ -86,8 +80,8 @@ class CniPods:
         found = snap.pod_by_key.get(pod.key)
         if found is None:
             return None
-        if opted_out(found):
-            return CniAnswer(False, f"not captured (opted out): label {OPT_OUT_LABEL}=none")
+        if not found.in_mesh:
+            return CniAnswer(False, f"not captured (opted out): label {DATAPLANE_MODE_LABEL}=none")
         if found.node_name != self.node:
             raise LocalStateError(
                 f"pod {pod.key} is placed on node {found.node_name!r} in the config, but this "

@@ -99,7 +99,9 @@ PASSTHROUGH = Passthrough()
 def tunnels(snap: MeshSnapshot, ep: Endpoint, mtls: bool) -> bool:
     """Whether a connection to ``ep`` goes through HBONE: the agent holds identities
     (``mtls``) and the destination's PeerAuthentication does not DISABLE mTLS."""
-    return mtls and effective_mtls(snap, ep.pod, ep.port).mode is not MtlsMode.DISABLE
+    if not mtls or not ep.pod.in_mesh:
+        return False
+    return effective_mtls(snap, ep.pod, ep.port).mode is not MtlsMode.DISABLE
 
 
 def plan(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias, TypeVar, overload
+from typing import Final, TypeAlias, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -73,6 +73,10 @@ class Container:
     """(name, containerPort) pairs; the name may be empty."""
 
 
+DATAPLANE_MODE_LABEL: Final = "istio.io/dataplane-mode"
+"""Istio ambient's label; the value ``none`` keeps a pod out of the mesh."""
+
+
 @dataclass(frozen=True)
 class Pod:
     """A workload: one Pod with its identity inputs and placement."""
@@ -96,6 +100,12 @@ class Pod:
 
     def identity(self, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def in_mesh(self) -> bool:
+        """False for a pod labelled ``istio.io/dataplane-mode: none`` (Istio ambient's
+        opt-out): never captured, no certificate, reached in plain TCP."""
+        return self.labels.get(DATAPLANE_MODE_LABEL) != "none"
 
     def named_port(self, name: str) -> int | None:
         for c in self.containers:

@@ -109,7 +109,7 @@ class LocalPods:
         wanted: dict[str, tuple[Pod, PodRuntime]] = {}
         for pod in snap.pods_on_node(self.inputs.node):
             rt = snap.runtimes.get(pod.key)
-            if rt is not None:
+            if rt is not None and pod.in_mesh:
                 wanted[pod.key] = (pod, rt)
         capture.on_snapshot(snap, wanted.keys())
         for key in list(self.pods):

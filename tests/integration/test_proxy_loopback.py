@@ -471,3 +471,24 @@ def test_mtls_goes_through_hbone_and_a_deny_policy_closes_it() -> None:
         assert rig.failures("node1", "outbound", "UF") == 1  # the CONNECT answered 403
 
     run(True, body)
+
+
+def test_a_pod_labelled_out_of_the_mesh_is_released_and_reached_in_plain_tcp() -> None:
+    async def body(rig: Rig) -> None:
+        out = "labels: {app: echo, istio.io/dataplane-mode: none}"
+        (rig.dir / "mesh.yaml").write_text(MESH.replace("labels: {app: echo}", out))
+        rig.version += 1
+        rig.snap = rig._load()
+        node2 = rig.proxies["node2"]
+        await node2.reconcile(rig.snap)
+        assert "default/server" not in {p["key"] for p in node2.pod_states()}
+        del rig.net.listeners[(SERVER_IP, INBOUND_PORT)]  # what a released capture means
+        r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        (out,) = rig.proxies["node1"].table.snapshot()
+        assert out.upstream == f"{SERVER_IP}:{TCP_PORT}"  # no HBONE to a pod out of the mesh
+        assert not [c for c in node2.table.snapshot() if c.direction == "inbound"]
+        w.close()
+
+    run(True, body)

@@ -153,6 +153,24 @@ def test_plan_peer_authentication_disable_keeps_it_plain() -> None:
     assert not tunnels(s, Endpoint(pod=s.pod_by_key["default/a"], ip="10.244.1.2", port=8080), True)
 
 
+def test_a_pod_opted_out_of_the_mesh_is_reached_in_plain_tcp() -> None:
+    out = Pod(
+        namespace="default",
+        name="legacy",
+        node_name="node1",
+        labels=Labels.of({"app": "web", "istio.io/dataplane-mode": "none"}),
+        containers=(Container(name="c", ports=(("http", 8080),)),),
+        pod_ip="10.244.1.9",
+    )
+    s = snap(out)
+    assert not out.in_mesh and pod("a", "10.244.1.2").in_mesh
+    assert not tunnels(s, Endpoint(pod=out, ip="10.244.1.9", port=8080), True)
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+    p = plan(s, CLIENT, "10.96.0.1", 80, rr=RoundRobin(), clusters=clusters,
+             random=random.random, mtls=True)  # fmt: skip
+    assert isinstance(p, Tcp) and p.endpoint.ip == "10.244.1.9"
+
+
 def test_plan_a_pod_ip_has_no_service_host() -> None:
     p = plan_for(mesh(), "10.244.1.2", 9999, mtls=True)
     assert isinstance(p, Hbone) and p.service is None and p.service_host == ""
