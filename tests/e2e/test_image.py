@@ -84,17 +84,25 @@ def host_mounts(tmp: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def agent_args(node: str) -> list[str]:
+REPLACED = ("--source", "--ca-addr", "--trust-bundle", "--ca-token-file")
+"""No API server and no CA here: a file config instead."""
+PENDING = {"--source", "--pid-file"}
+"""Flags of the DaemonSet that an image built from a tree without them may lack."""
+
+
+def agent_args(node: str, known: str) -> list[str]:
     """The DaemonSet's ``nodeagent run`` arguments, with a file config for the API source
-    and without the CA."""
+    and without the CA; ``known`` is the image's ``nodeagent run --help``."""
     _, c = agent_container()
     assert c["command"] == ["nodeagent", "run"]
-    out = ["run"]
+    out, unknown = ["run"], set()
     for a in c["args"]:
         name = a.partition("=")[0]
-        if name in ("--source", "--ca-addr", "--trust-bundle", "--ca-token-file"):
-            continue
-        out.append(f"--node={node}" if name == "--node" else a)
+        if name not in known:
+            unknown.add(name)
+        elif name not in REPLACED:
+            out.append(f"--node={node}" if name == "--node" else a)
+    assert unknown <= PENDING, f"the image's nodeagent run lacks {sorted(unknown)}"
     return [*out, "--config=/etc/nodeagent/mesh"]
 
 
@@ -162,8 +170,11 @@ class Container:
                                          stdout=out, stderr=out, text=True)
 
     def exec(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self._enter(argv, own_cgroup=False),
-                              capture_output=True, text=True, timeout=60)
+        """``nodeagent ARGV`` in the running container (before start: in a new one)."""
+        cmd = self._enter(argv, own_cgroup=False)
+        if self.podman and self.proc is None:
+            cmd = ["podman", "run", "--rm", IMAGE, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     def stop(self, timeout: float) -> int | None:
         """SIGTERM, as the kubelet sends it; the exit status within ``timeout``."""
@@ -251,7 +262,8 @@ def test_the_agent_runs_from_the_image_as_the_daemonset_starts_it(
     pins = Path("/sys/fs/bpf/nodeagent") / node
     log = tmp_path / "agent.log"
     try:
-        container.start(agent_args(node), log)
+        known = container.exec(["run", "--help"]).stdout
+        container.start(agent_args(node, known), log)
         assert ready(container, 60), log.read_text()
         # through the mounted socket, from the host...
         socket = tmp_path / "run" / "agent.sock"
