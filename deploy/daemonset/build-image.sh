@@ -71,6 +71,10 @@ step "building $TAG from $BASE"
 secret=()
 bundle="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
 [ -s "$bundle" ] && secret=(--secret "id=ca-bundle,src=$bundle")
-"${BUILD[@]}" --isolation chroot "${secret[@]}" --build-arg "BASE=$BASE" -f "$ROOT/deploy/daemonset/Containerfile" \
-  -t "$TAG" "$ctx"
+args=(--isolation chroot "${secret[@]}" --build-arg "BASE=$BASE"
+      -f "$ROOT/deploy/daemonset/Containerfile")
+# The build stage gets a tag of its own: untagged, `podman image prune` would drop it and
+# with it the cache of the slow part (pip, mypyc, gcc).
+"${BUILD[@]}" "${args[@]}" --target build -t localhost/nodeagent-build:cache "$ctx"
+"${BUILD[@]}" "${args[@]}" -t "$TAG" "$ctx"
 step "built $TAG in $((SECONDS - t1)) s ($((SECONDS - t0)) s in all)"
