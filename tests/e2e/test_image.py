@@ -249,6 +249,10 @@ def test_the_image_has_the_compiled_hot_path_and_bcc(image: str) -> None:
         assert "run the agent of one node" in run("nodeagent", "--help")
         assert "compiled (" in run("nodeagent", "native", "status")
         run("python3", "-c", "import bcc")
+        # the documented way to make the mesh root with the image (docs/kubernetes.md)
+        run("nodeagent", "ca", "init", "--dir", "/tmp/ca")
+        made = set(run("ls", "/tmp/ca").split())
+        assert {"root-cert.pem", "root-key.pem", "trust-bundle.pem"} <= made
         scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
         for tool in ("bpftool", "ip", "iptables", *scripts):
             assert run("sh", "-c", f"command -v {tool} || echo missing: {tool}").startswith("/")
