@@ -601,16 +601,25 @@ def probe() -> str | None:
     return None
 
 
-def own_cgroup() -> str:
-    """This process's cgroup v2 directory (``0::/path`` in /proc/self/cgroup, under the
-    cgroup2 mount)."""
+def own_cgroup(
+    proc_cgroup: str = "/proc/self/cgroup",
+    mountinfo: str = "/proc/self/mountinfo",
+    pid: int | None = None,
+) -> str:
+    """This process's cgroup v2 directory, where the agent hooks its own sockets.
+
+    ``0::/path`` of /proc/self/cgroup under the cgroup2 mount, checked by finding our pid
+    in its ``cgroup.procs``: in a container with a private cgroup namespace that line reads
+    ``0::/`` while the mounted hierarchy is the host's, so the directory is found by
+    searching the mount for our pid instead. Never the root: programs attached there
+    would hook every process on the node."""
     rel = ""
-    with open("/proc/self/cgroup") as f:
+    with open(proc_cgroup) as f:
         for line in f:
             if line.startswith("0::"):
                 rel = line[3:].strip()
     mount = ""
-    with open("/proc/self/mountinfo") as f:
+    with open(mountinfo) as f:
         for line in f:
             left, _, right = line.partition(" - ")
             if right.split(" ", 1)[0] == "cgroup2":
@@ -618,7 +627,40 @@ def own_cgroup() -> str:
                 break
     if not rel or not mount:
         raise LocalStateError("cannot find this process's cgroup v2 directory")
-    return os.path.join(mount, rel.lstrip("/"))
+    me = str(os.getpid() if pid is None else pid)
+    path = os.path.join(mount, rel.lstrip("/"))
+    if not _lists(path, me):
+        found = _find_cgroup(mount, me)
+        if found is None:
+            raise LocalStateError(
+                f"cannot find this process's cgroup v2 directory: /proc/self/cgroup says "
+                f"{rel!r}, and no cgroup.procs under {mount} lists pid {me}"
+            )
+        path = found
+    if os.path.realpath(path) == os.path.realpath(mount):
+        raise LocalStateError(
+            f"the agent runs in the root cgroup of {mount}: eBPF capture hooks the agent's own "
+            f"cgroup and would hook every process on the node; run it in a cgroup of its own "
+            f"(a container, a systemd service) or use --redirect iptables"
+        )
+    return path
+
+
+def _lists(cgroup_dir: str, pid: str) -> bool:
+    """Whether ``cgroup_dir/cgroup.procs`` lists ``pid`` (pids read in our namespace)."""
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.procs")) as f:
+            return pid in f.read().split()
+    except OSError:
+        return False
+
+
+def _find_cgroup(mount: str, pid: str) -> str | None:
+    """The directory under ``mount`` whose cgroup.procs lists ``pid`` (only one can)."""
+    for here, _dirs, _files in os.walk(mount):
+        if _lists(here, pid):
+            return here
+    return None
 
 
 class NodeCapture:

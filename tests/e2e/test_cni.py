@@ -210,8 +210,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory, redirect: str) -> Iterator[Rig
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     netns_add(node_ns)
     log = tmp / "agent.log"
+    agent_cgroup = cgroup / "agent"  # its own, as a container has: eBPF hooks the agent's cgroup
+    agent_cgroup.mkdir(parents=True)
+    join = 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"'
     agent = subprocess.Popen(
-        [sys.executable, "-m", "nodeagent", "run", "--node", NODE, "--config", str(config),
+        ["sh", "-c", join, "agent", str(agent_cgroup),
+         sys.executable, "-m", "nodeagent", "run", "--node", NODE, "--config", str(config),
          "--netns", node_ns, "--socket", sock, "--state-dir", str(tmp / "state"),
          "--redirect", redirect, "--bpf-pin-dir", str(pin_dir), "--access-log", "off",
          "--pid-file", str(tmp / "agent.pid")],
