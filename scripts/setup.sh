@@ -18,9 +18,8 @@ PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tc
       # the compiled hot path (nodeagent/native.py): mypyc's C needs a compiler and Python.h
       gcc python3-dev
       # eBPF capture: bcc (pure Python over libbcc) compiles bpf/*.c at load time
-      python3-bpfcc libbpfcc bpftool linux-headers-amd64
-      # the image (deploy/daemonset/build-image.sh): its Debian base from the archive
-      mmdebstrap podman buildah)
+      python3-bpfcc libbpfcc bpftool linux-headers-amd64)
+# (the image's tools, podman/buildah/mmdebstrap, are installed by build-image.sh itself)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

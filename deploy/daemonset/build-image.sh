@@ -13,6 +13,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TAG="${1:-localhost/nodeagent:dev}"
 BASE_TAG=localhost/nodeagent-base:bookworm
 
+# Its tools, installed when missing (as root on Debian): podman (or buildah) and mmdebstrap.
+need=()
+command -v podman >/dev/null || command -v buildah >/dev/null || need+=(podman)
+[ -n "${BASE:-}" ] || command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  printf 'build-image: installing %s\n' "${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 if command -v podman >/dev/null; then
   BUILD=(podman build --layers) EXISTS=(podman image exists) IMPORT=(podman import)
 elif command -v buildah >/dev/null; then
