@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from nodeagent import native
 from nodeagent.config import AgentSettings
 from nodeagent.control.cnipods import CniPods
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
+from nodeagent.control.kube import KubeSource, KubeStartError
+from nodeagent.control.kubeclient import KubeClient, credentials
 from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
@@ -43,6 +46,9 @@ from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent")
+
+ConfigSource = ConfigWatcher | KubeSource
+"""Where the agent's config comes from: a directory of files, or the Kubernetes API."""
 
 
 def capture_settings(settings: AgentSettings, node: Node | None) -> tuple[str, str, bool]:
@@ -106,7 +112,7 @@ def _bpf_prefill(snap: MeshSnapshot | None, node: str) -> tuple[set[str], set[st
 class Agent:
     """One node's agent; implements ``nodeagent.model.status.AgentView``."""
 
-    def __init__(self, settings: AgentSettings, watcher: ConfigWatcher, loaded: LoadedConfig):
+    def __init__(self, settings: AgentSettings, watcher: ConfigSource, loaded: LoadedConfig):
         self.settings = settings
         self.node = settings.node
         self.started_at = time.time()
@@ -364,6 +370,9 @@ def run_agent(settings: AgentSettings) -> int:
         except LocalStateError as e:
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1
+    if settings.source == "kubernetes":
+        return _run_from_api(settings)
+    assert settings.config_dir is not None
     watcher = ConfigWatcher(
         directory=settings.config_dir,
         pods_file=settings.runtime_file,
@@ -389,12 +398,60 @@ def run_agent(settings: AgentSettings) -> int:
         watcher.on_update = agent._on_update
         return await agent.serve()
 
+    return _run_loop(settings, main())
+
+
+def _run_loop(settings: AgentSettings, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop, with the pid file written while it runs."""
     pid_file = Path(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:  # the CNI launcher finds the agent's image through it
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
     try:
-        return uvloop.run(main())
+        return uvloop.run(main)
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
+
+
+def _run_from_api(settings: AgentSettings) -> int:
+    """The agent with the Kubernetes API as its config source. A first list that fails
+    ends the agent (exit 2) with what failed: a DaemonSet pod is restarted by kubelet
+    with its back-off, and a person running it sees a wrong kubeconfig or a missing
+    permission at once instead of a silent wait. Once started, the API server being
+    away only backs off the watches; the last snapshot keeps serving."""
+    where = str(settings.kubeconfig) if settings.kubeconfig else "in-cluster credentials"
+    try:
+        config = credentials(settings.kubeconfig)
+    except ValueError as e:
+        print(f"nodeagent run: cannot use the Kubernetes API: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        client = KubeClient(config)
+        source = KubeSource(
+            client,
+            node=settings.node,
+            pods_file=settings.runtime_file,
+            on_update=lambda _loaded: None,
+            root_namespace=settings.root_namespace,
+            interval=settings.reload_interval,
+            timeout_seconds=settings.watch_timeout,
+        )
+        try:
+            loaded = await source.start()
+        except (KubeStartError, ConfigErrors, ConfigError) as e:
+            await client.close()
+            print(f"nodeagent run: the Kubernetes API ({where}): {e}", file=sys.stderr)
+            return 2
+        _tune_gc()
+        try:
+            agent = Agent(settings, source, loaded)
+        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+            await client.close()
+            print(f"nodeagent run: {e}", file=sys.stderr)
+            return 1
+        source.on_update = agent._on_update
+        return await agent.serve()
+
+    return _run_loop(settings, main())

@@ -50,11 +50,30 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=about,
         description="Run the agent of one node: capture its local pods' traffic into the "
         "shared proxy, serve the node agent socket, metrics (:15020) and readiness "
-        "(:15021), and follow the config directory. Stops on SIGTERM (draining live "
-        "connections for up to 5 s).",
+        "(:15021), and follow the config (a directory of YAML files, or the Kubernetes "
+        "API). Stops on SIGTERM (draining live connections for up to 5 s).",
     )
     p.add_argument("--node", required=True, help="this node's name (Pod spec.nodeName)")
-    p.add_argument("--config", required=True, metavar="DIR", help="directory of mesh YAML files")
+    p.add_argument(
+        "--source",
+        default="files",
+        choices=["files", "kubernetes"],
+        help="where the mesh config comes from: files (the --config directory, polled) or "
+        "kubernetes (the API server, listed and watched; docs/kubernetes.md)",
+    )
+    p.add_argument(
+        "--config",
+        default="",
+        metavar="DIR",
+        help="directory of mesh YAML files (required with --source files; default: none)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default="",
+        metavar="FILE",
+        help="with --source kubernetes: the kubeconfig to use (default: the pod's "
+        "ServiceAccount, as a DaemonSet pod has it)",
+    )
     p.add_argument(
         "--pods",
         default="",
@@ -188,6 +207,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(src.read_text(), end="")
         return 0
 
+    if args.source == "files" and not args.config:
+        print("nodeagent run: --config DIR is required with --source files", file=sys.stderr)
+        return 2
+    if args.source != "files" and args.config:
+        print("nodeagent run: --config is for --source files", file=sys.stderr)
+        return 2
+    if args.source != "kubernetes" and args.kubeconfig:
+        print("nodeagent run: --kubeconfig is for --source kubernetes", file=sys.stderr)
+        return 2
     # The agent forks only for nsenter/iptables; gRPC's fork handlers just log noise then.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from nodeagent.app import run_agent

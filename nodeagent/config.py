@@ -10,8 +10,15 @@ from pathlib import Path
 @dataclass(frozen=True)
 class AgentSettings:
     node: str
-    config_dir: Path
+    config_dir: Path | None
+    """``--config``: the directory of YAML files (``source`` files); None otherwise."""
     pods_file: Path | None = None
+    source: str = "files"
+    """Where the mesh config comes from: ``files`` (``config_dir``) or ``kubernetes``."""
+    kubeconfig: Path | None = None
+    """``--kubeconfig``; None with ``source`` kubernetes: the pod's ServiceAccount."""
+    watch_timeout: int = 300
+    """Seconds a Kubernetes watch request lasts before it is resumed (``timeoutSeconds``)."""
     netns: str = ""
     """Network namespace the agent enters at start (the node's); empty: stay."""
     socket_path: str = ""
@@ -60,8 +67,10 @@ class AgentSettings:
         node = args.node
         return cls(
             node=node,
-            config_dir=Path(args.config).resolve(),
+            config_dir=Path(args.config).resolve() if args.config else None,
             pods_file=Path(args.pods).resolve() if args.pods else None,
+            source=args.source,
+            kubeconfig=Path(args.kubeconfig).resolve() if args.kubeconfig else None,
             netns=args.netns,
             socket_path=args.socket or f"/run/nodeagent/{node}.sock",
             state_dir=Path(args.state_dir) if args.state_dir else Path("/var/lib/nodeagent"),

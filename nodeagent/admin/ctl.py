@@ -192,8 +192,8 @@ def format_watch(watch: Mapping[str, Any], now: float) -> str:
         f"last event {format_age(last, now)} ago" if last > 0 else "no event yet",
     ]
     relists = int(watch.get("relists") or 0)
-    if relists > 1:
-        parts.append(f"{relists} lists")
+    if relists:
+        parts.append(f"{relists} relist{'s' if relists > 1 else ''}")
     error = " ".join(str(watch.get("last_error") or "").splitlines())
     if error:
         parts.append(f"last error: {error}")

@@ -38,16 +38,19 @@ class WatchStatus:
     kind: str
     """``v1 Pod``, ``networking.istio.io/v1 VirtualService``, …"""
     state: str
-    """``listing``, ``watching``, ``backoff`` (API server away; the last snapshot serves)
-    or ``stopped``."""
+    """``listing``, ``watching``, ``backoff`` (API server away; the last snapshot serves),
+    ``unserved`` (the API server does not serve the kind: its CRD is not installed) or
+    ``stopped``."""
     resource_version: str = ""
     objects: int = 0
     last_event_at: float = 0.0
     """Unix time of the last event or bookmark received (0 when none yet)."""
     lag_seconds: float = 0.0
-    """From the last event's arrival to the snapshot holding it being served."""
+    """From the arrival of the oldest event the last snapshot waited for to that
+    snapshot being served."""
     last_error: str = ""
     relists: int = 0
+    """Lists after the first (a 410 Gone: the watch could not resume)."""
 
 
 @dataclass(frozen=True)
