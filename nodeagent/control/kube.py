@@ -300,9 +300,11 @@ class KubeSource:
                         warnings=warnings,
                     ),
                 )
-            except (ConfigErrors, ConfigError) as e:
+            except Exception as e:  # a snapshot that fails to build never stops the source
                 if raise_errors:
                     raise
+                if not isinstance(e, ConfigErrors | ConfigError):
+                    log.exception("snapshot not built")
                 self.last_error = str(e)
                 self.last_error_at = time.time()
                 log.error("snapshot not built, still serving version %d: %s", self.version, e)

@@ -277,7 +277,7 @@ class KindWatch:
                 )
                 need_list = True
                 attempt = 0
-            except (ApiStatusError, httpx2.HTTPError, OSError, ValueError) as e:
+            except Exception as e:  # whatever failed, the watch retries; the snapshot serves
                 self.state = "backoff"
                 self.last_error = describe_error(e)
                 delay = backoff_delay(attempt)
