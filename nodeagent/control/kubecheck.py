@@ -45,8 +45,8 @@ async def check_client(
     warnings: list[str] = []
     for w in source.watches:
         for entry in w.items.values():
-            if entry.rejected:
-                errors.append(entry.warning)
+            if entry.errors:
+                errors.extend(str(e) for e in entry.errors)
             elif entry.warning:
                 warnings.append(entry.warning)
         if not w.served:

@@ -57,8 +57,8 @@ class Entry:
     raw: dict[str, Any]
     pair: Pair | None
     warning: str = ""
-    rejected: bool = False
-    """The object's latest version is malformed (``warning`` says where)."""
+    errors: tuple[ConfigError, ...] = ()
+    """Why the object's latest version was not taken (malformed), each naming the field."""
 
 
 def object_key(obj: dict[str, Any]) -> str:
@@ -170,9 +170,9 @@ class KindWatch:
         if old is not None and old.pair is not None:
             note = f"{what} (its previous version keeps serving)"
             log.warning("%s %s rejected: %s", self.resource, object_key(obj), note)
-            return Entry(obj, old.pair, note, rejected=True)
+            return Entry(obj, old.pair, note, tuple(errors))
         log.warning("%s %s skipped: %s", self.resource, object_key(obj), what)
-        return Entry(obj, None, f"{what} (skipped)", rejected=True)
+        return Entry(obj, None, f"{what} (skipped)", tuple(errors))
 
     def apply(self, kind: str, obj: dict[str, Any]) -> None:
         """One watch event (ADDED, MODIFIED, DELETED, BOOKMARK) into the table."""

@@ -159,7 +159,7 @@ def test_format_status_lists_warnings_and_watches() -> None:
         "Warnings:       apps/v1 Deployment default/web: not served by the mesh, skipped",
         "Watches:",
         "  v1 Pod: watching, 12 object(s), rv 4711, lag 4ms, last event 3s ago",
-        "  v1 Service: backoff, 3 object(s), rv 4700, lag 0ms, no event yet, 2 lists, "
+        "  v1 Service: backoff, 3 object(s), rv 4700, lag 0ms, no event yet, 2 relists, "
         "last error: connection refused",
     ]
 
