@@ -91,14 +91,16 @@ def slice_readiness(slices: KindWatch) -> dict[str, bool]:
     """Pod key → whether an EndpointSlice names it ready (``conditions.ready``: absent
     means ready); a pod several slices name is ready when one says so."""
     ready: dict[str, bool] = {}
-    for entry in slices.items.values():
+    for entry in slices.items.values():  # raw: read defensively, field by field
         meta = entry.raw.get("metadata") or {}
-        for ep in entry.raw.get("endpoints") or ():
-            ref = ep.get("targetRef") or {} if isinstance(ep, dict) else {}
+        endpoints = entry.raw.get("endpoints")
+        for ep in endpoints if isinstance(endpoints, list) else ():
+            ref = ep.get("targetRef") if isinstance(ep, dict) else None
             if not isinstance(ref, dict) or ref.get("kind") != "Pod":
                 continue
             key = f"{ref.get('namespace') or meta.get('namespace', 'default')}/{ref.get('name')}"
-            ok = (ep.get("conditions") or {}).get("ready") is not False
+            conditions = ep.get("conditions")
+            ok = not isinstance(conditions, dict) or conditions.get("ready") is not False
             ready[key] = ready.get(key, False) or ok
     return ready
 
