@@ -136,7 +136,7 @@ def assemble_leniently(
     version: int,
     root_namespace: str,
     warnings: Sequence[str],
-) -> tuple[LoadedConfig, list[str]]:
+) -> LoadedConfig:
     """``assemble``, leaving out each object a check across objects names (with a
     warning) and trying again; raises ``ConfigErrors`` when an error names no object."""
     pairs = list(pairs)
@@ -151,7 +151,7 @@ def assemble_leniently(
                 root_namespace=root_namespace,
                 warnings=[*warnings, *dropped],
             )
-            return loaded, dropped
+            return loaded
         except ConfigErrors as e:
             names = {err.obj for err in e.errors if err.obj}
             keep = [p for p in pairs if _pair_name(p) not in names]
@@ -194,7 +194,9 @@ class KubeSource:
         self.last_error = ""
         self.last_error_at = 0.0
         self.loaded_at = 0.0
-        self._dropped: list[str] = []
+        self._built_warnings: tuple[str, ...] = ()
+        """The last snapshot's warnings beyond the watches' own: objects left out, and
+        what the checks across objects found worth a look."""
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
         self._runtime_print: tuple[int, int] | None = None
@@ -204,7 +206,7 @@ class KubeSource:
         out: list[str] = []
         for w in self.watches:
             out.extend(w.warnings())
-        return (*out, *self._dropped)
+        return (*out, *self._built_warnings)
 
     def status(self, version: int) -> ConfigStatus:
         """Where this source stands, for ``nodeagent ctl status``."""
@@ -291,7 +293,7 @@ class KubeSource:
             loop = asyncio.get_running_loop()
             try:
                 runtimes = self._runtimes()
-                loaded, dropped = await loop.run_in_executor(
+                loaded = await loop.run_in_executor(
                     None,
                     lambda: assemble_leniently(
                         pairs,
@@ -313,7 +315,8 @@ class KubeSource:
                 return None
             self.version += 1
             self.current = loaded
-            self._dropped = dropped
+            given = set(warnings)
+            self._built_warnings = tuple(w for w in loaded.warnings if w not in given)
             self.loaded_at = time.time()
             self.last_error = ""
             if not raise_errors:  # at start, the agent takes the first snapshot itself
