@@ -159,6 +159,9 @@ class KindWatch:
         self.changed()
 
     def _entry(self, obj: dict[str, Any], old: Entry | None) -> Entry:
+        meta = obj.get("metadata")
+        if isinstance(meta, dict):  # often half an object's size, and of no use here
+            meta.pop("managedFields", None)
         if self.parse is None:
             return Entry(obj, None)
         pair, errors, warnings = self.parse(obj, self.source)
