@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 from nodeagent import __version__
@@ -236,19 +237,56 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c = cmds.add_parser(
         "check",
         help="print every error and warning of a config, and whether the mesh would load it",
-        description="Read a config as the agents would (like istioctl analyze) and print "
+        description="Read a config as the agents would (like istioctl analyze): a "
+        "directory, or with --kubeconfig what a cluster's API server serves; print "
         "every error and every warning, one per line, naming the file, object and field, "
         "then a summary. Exit 0 when the mesh would load it (warnings allowed, e.g. kinds "
         "it does not serve, skipped), 2 when not.",
     )
-    c.add_argument("dir", metavar="DIR", help="directory of mesh YAML files (as run --config)")
+    c.add_argument(
+        "dir",
+        nargs="?",
+        default="",
+        metavar="DIR",
+        help="directory of mesh YAML files (as run --config)",
+    )
+    c.add_argument(
+        "--kubeconfig",
+        default="",
+        metavar="FILE",
+        help="check what the cluster's API server serves instead (every kind the agent "
+        "watches, listed once), with this kubeconfig's current context (default: none: "
+        "check DIR)",
+    )
     c.set_defaults(func=_cmd_config_check)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from nodeagent.control.check import check_directory
 
+    if bool(args.dir) == bool(args.kubeconfig):
+        print("nodeagent config check: give a DIR or --kubeconfig FILE", file=sys.stderr)
+        return EXIT_CONFIG_INVALID
+    if args.kubeconfig:
+        return _config_check_cluster(Path(args.kubeconfig))
     report = check_directory(args.dir)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else EXIT_CONFIG_INVALID
+
+
+def _config_check_cluster(kubeconfig: Path) -> int:
+    from nodeagent.control.kube import KubeStartError
+    from nodeagent.control.kubecheck import check_cluster
+
+    try:
+        report = check_cluster(kubeconfig)
+    except ValueError as e:  # the credentials: names the kubeconfig already
+        print(f"nodeagent config check: {e}", file=sys.stderr)
+        return EXIT_CONFIG_INVALID
+    except KubeStartError as e:
+        print(f"nodeagent config check: {kubeconfig}: {e}", file=sys.stderr)
+        return EXIT_CONFIG_INVALID
     for line in report.lines():
         print(line)
     return 0 if report.ok else EXIT_CONFIG_INVALID

@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nodeagent.control.files import LoadedConfig, assemble
+from nodeagent.control.files import LoadedConfig, assemble, parse_object
 from nodeagent.control.kubeclient import KubeClient, Resource
 from nodeagent.control.kubewatch import KindWatch, Pair, Parse, describe_error
-from nodeagent.control.registry import KINDS, find_kind
+from nodeagent.control.registry import KINDS
 from nodeagent.control.runtime import load_runtimes
-from nodeagent.control.schema import Kind, validate
+from nodeagent.control.schema import Kind
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.objects import PodRuntime
 from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE
@@ -45,24 +45,6 @@ ENDPOINT_SLICE = Resource("discovery.k8s.io", "v1", "EndpointSlice")
 
 class KubeStartError(Exception):
     """The first list of a kind failed: the agent cannot start from this API server."""
-
-
-def parse_object(
-    doc: dict[str, Any], source: str
-) -> tuple[Pair | None, list[ConfigError], list[str]]:
-    """One object as the API gives it: its pair, errors and warnings. (Stands in for
-    ``control.files.parse_object`` until that lands.)"""
-    kind = find_kind(str(doc.get("apiVersion", "")), str(doc.get("kind", "")))
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-    assert isinstance(meta, dict)
-    name = f"{doc.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
-    if kind is None:
-        return None, [], [f"{source}: {name}: a kind the mesh does not serve, skipped"]
-    obj, problems = validate(doc, kind, source)
-    errors = [ConfigError(msg, source=source, obj=name, field=path) for path, msg in problems.items]
-    if obj is None or errors:
-        return None, errors, []
-    return ({**doc, "_source": source}, obj), [], []
 
 
 def _parse_pod(
