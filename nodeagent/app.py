@@ -346,6 +346,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # lightkube's HTTP client logs each request at INFO: every watch resumed, a line
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.root.level))
 
 
 GC_THRESHOLDS = (20_000, 20, 50)

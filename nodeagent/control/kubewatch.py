@@ -285,7 +285,9 @@ class KindWatch:
                 self.last_error = describe_error(e)
                 delay = backoff_delay(attempt)
                 attempt += 1
-                log.warning(
+                # the first failure of a run is a warning; the retries after it, info
+                log.log(
+                    logging.WARNING if attempt == 1 else logging.INFO,
                     "%s: %s; retrying in %.1fs (the last snapshot keeps serving)",
                     self.resource,
                     self.last_error,
