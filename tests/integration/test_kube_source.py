@@ -406,20 +406,24 @@ def test_reload_now_reads_the_pod_runtime_file(
 
 def test_a_relist_of_many_objects_builds_one_snapshot(api: KubeApiServer, kubeconfig: Path) -> None:
     cluster(api)
-    for i in range(300):
-        api.create(pod(f"many-{i}", "node2", f"10.245.{i // 250}.{i % 250 + 1}", app="many"))
+    for i in range(1000):  # two pages of a list (500 each)
+        ip = f"10.245.{i // 250}.{i % 250 + 1}"
+        api.create(pod(f"many-{i}", "node2", ip, app="many", ns="batch"))
 
     async def main() -> None:
         async with running(kubeconfig) as r:
-            assert len(r.first.snapshot.pods) == 303
+            assert len(r.first.snapshot.pods) == 1003
+            pages = [x for x in api.request_log if x.target.startswith("/api/v1/pods?")]
+            assert any("continue" in x.query for x in pages)  # listed in pages
             api.stop()
-            api.create(pod("many-new", "node2", "10.245.9.9", app="many"))
+            api.create(pod("many-new", "node2", "10.245.9.9", app="many", ns="batch"))
             api.expire_history()
             api.start()
-            snap = await r.until(lambda s: "default/many-new" in s.pod_by_key, timeout=10.0)
+            snap = await r.until(lambda s: "batch/many-new" in s.pod_by_key, timeout=10.0)
             await r.settle()
-            assert len(r.updates) == 1
-            assert snap.version == 2 and len(snap.pods) == 304
+            assert len(r.updates) == 1  # the relist of 1001 pods: one snapshot
+            assert snap.version == 2 and len(snap.pods) == 1004
+            assert r.watch("v1 Pod").relists == 1
 
     asyncio.run(main())
 
