@@ -204,11 +204,11 @@ class KubeSource:
         )
 
     # -- start -------------------------------------------------------------------------
-    def _watch(self, res: Resource, kind: str) -> KindWatch:
+    def _watch(self, res: Resource) -> KindWatch:
         return KindWatch(
             self.client,
             res,
-            parse=PARSERS.get(kind, parse_object) if res != ENDPOINT_SLICE else None,
+            parse=PARSERS.get(res.kind, parse_object) if res != ENDPOINT_SLICE else None,
             changed=self._dirty.set,
             timeout_seconds=self.timeout_seconds,
             source=SOURCE,
@@ -219,7 +219,7 @@ class KubeSource:
         unserved, when none is)."""
         chosen: KindWatch | None = None
         for res in candidates:
-            w = self._watch(res, res.kind)
+            w = self._watch(res)
             try:
                 await w.list_once()
             except Exception as e:
@@ -235,8 +235,9 @@ class KubeSource:
     async def list_all(self) -> None:
         """List every kind once (``KubeStartError`` when a list fails; a kind not
         served is only a warning)."""
-        candidates = [resources_of(k) for k in KINDS]
-        candidates.insert(3, [ENDPOINT_SLICE])
+        core = [resources_of(k) for k in KINDS if k.api_versions == ("v1",)]
+        others = [resources_of(k) for k in KINDS if k.api_versions != ("v1",)]
+        candidates = [*core, [ENDPOINT_SLICE], *others]  # the order ctl status shows
         self.watches = list(await asyncio.gather(*(self._first_list(c) for c in candidates)))
         self.slices = next(w for w in self.watches if w.resource == ENDPOINT_SLICE)
 
