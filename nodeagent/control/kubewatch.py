@@ -283,6 +283,8 @@ class KindWatch:
             except Exception as e:  # whatever failed, the watch retries; the snapshot serves
                 self.state = "backoff"
                 self.last_error = describe_error(e)
+                if isinstance(e, ApiStatusError) and e.code == 404:
+                    need_list = True  # the CRD went away: the list says so, and empties it
                 delay = backoff_delay(attempt)
                 attempt += 1
                 # the first failure of a run is a warning; the retries after it, info

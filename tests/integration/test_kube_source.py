@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubeapi import KubeApiServer
+from kubeapi import KubeApiServer, ResourceType
 from kubeobjects import node, pod, service, virtual_service
 
 from nodeagent.control.files import LoadedConfig
@@ -460,3 +460,48 @@ def test_a_service_without_serving_pods_still_serves(api: KubeApiServer, kubecon
             assert any("Service default/idle" in w for w in r.status()["warnings"])
 
     asyncio.run(main())
+
+
+LOCAL_RATE_LIMITS = ResourceType(
+    "nodeagent.io", ("v1alpha1",), "localratelimits", "LocalRateLimit", True
+)
+
+
+def test_a_crd_removed_while_watched_empties_its_kind(api: KubeApiServer, kubeconfig: Path) -> None:
+    cluster(api)
+    api.add_resource(LOCAL_RATE_LIMITS)  # the CRD installed
+    try:
+        api.create(
+            {
+                "apiVersion": "nodeagent.io/v1alpha1",
+                "kind": "LocalRateLimit",
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "tcp": {
+                        "tokenBucket": {"maxTokens": 10, "tokensPerFill": 10, "fillInterval": "1s"}
+                    },
+                },
+            }
+        )
+
+        async def main() -> None:
+            async with running(kubeconfig) as r:
+                assert [x.key for x in r.first.snapshot.local_rate_limits] == ["default/web"]
+                kind = "nodeagent.io/v1alpha1 LocalRateLimit"
+                await r.until(lambda _s: r.watch(kind).state == "watching")
+                with api.store.lock:  # the CRD deleted
+                    del api.store.by_path[("nodeagent.io", "v1alpha1", "localratelimits")]
+                    del api.store.by_kind[("nodeagent.io/v1alpha1", "LocalRateLimit")]
+                api.drop_watches()
+                snap = await r.until(lambda s: not s.local_rate_limits)
+                assert r.watch(kind).state == "unserved"
+                assert snap.services  # the rest serves
+
+        asyncio.run(main())
+    finally:
+        with api.store.lock:
+            for key in [k for k in api.store.objects if k[1] == "localratelimits"]:
+                del api.store.objects[key]
+            api.store.by_path.pop(("nodeagent.io", "v1alpha1", "localratelimits"), None)
+            api.store.by_kind.pop(("nodeagent.io/v1alpha1", "LocalRateLimit"), None)
