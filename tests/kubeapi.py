@@ -1,9 +1,10 @@
 """A small Kubernetes API server for tests (no real one can run on this machine).
 
 What it implements, closely enough for the real lightkube client (sync and async):
-- HTTPS on 127.0.0.1 (or ``host=``, e.g. an address a netns reaches), ephemeral port, a
-  self-signed CA (``ca_pem``); or plain HTTP (``tls=False``). ``kubeconfig(path,
-  token=None)`` writes a kubeconfig lightkube reads (JSON, which is YAML).
+- HTTPS on 127.0.0.1 (or ``host=``, e.g. an address a netns reaches; ``listen=`` makes the
+  listening socket, e.g. inside that netns), ephemeral port, a self-signed CA (``ca_pem``);
+  or plain HTTP (``tls=False``). ``kubeconfig(path, token=None)`` writes a kubeconfig
+  lightkube reads (JSON, which is YAML).
 - Bearer-token auth (``admin_token``; more with ``allow_token``); 401 Status otherwise.
   ``/version``, ``/healthz``, ``/readyz``, ``/livez`` need no token.
 - Resources (``kubestore.DEFAULT_RESOURCES``): core v1 pods, services, endpoints, nodes,
@@ -61,10 +62,12 @@ import base64
 import collections
 import json
 import secrets
+import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +132,10 @@ class KubeApiServer:
     def __init__(self, *, tls: bool = True, bookmark_interval: float = 60.0,
                  resources: tuple[ResourceType, ...] = DEFAULT_RESOURCES,
                  max_history: int = 10000, check_bound_pods: bool = False,
-                 endpointslices: bool = False, host: str = "127.0.0.1") -> None:
+                 endpointslices: bool = False, host: str = "127.0.0.1",
+                 listen: Callable[[str, int], socket.socket] | None = None) -> None:
         self.host = host
+        self._listen = listen  # (host, port) -> a bound, listening socket; port 0: any
         self.store = Store(resources, max_history)
         if endpointslices:
             EndpointSliceController(self.store)
@@ -172,8 +177,12 @@ class KubeApiServer:
     async def _start(self) -> None:
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  ssl=self._ssl, reuse_address=True)
+        if self._listen is not None:
+            self._server = await asyncio.start_server(
+                self._serve, sock=self._listen(self.host, self.port), ssl=self._ssl)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                      ssl=self._ssl, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._bookmark_ticker())
 

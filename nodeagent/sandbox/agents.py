@@ -1,7 +1,8 @@
 """The sandbox's node agents: one ``nodeagent run`` per node, in the node's netns (given as
 ``--netns``) and the node's cgroup.
 
-Owns an agent's command line (its config, the pod runtime file, its socket, state dir and
+Owns an agent's command line (its config: the sandbox's directory, or a Kubernetes API
+server through a kubeconfig; the pod runtime file, its socket, state dir and
 eBPF pin dir), starting it, asking whether it is ready (status ``ready`` on its socket),
 waiting for that with the end of its log when it does not come, and stopping it
 gracefully. Which agents run and their pids are ``manager.Sandbox``'s.
@@ -30,8 +31,20 @@ BPF_PIN_DIR = "/sys/fs/bpf/nodeagent-sandbox"
 """The sandbox agents' eBPF pins (``--redirect ebpf|auto``), removed by ``down``."""
 
 
+def source_args(config_dir: str, kubeconfig: str = "") -> list[str]:
+    """Where an agent's config comes from: the API server of ``kubeconfig`` when given
+    (the sandbox's nodes and pods still come from ``config_dir``), else ``config_dir``."""
+    if kubeconfig:
+        return ["--source", "kubernetes", "--kubeconfig", kubeconfig]
+    return ["--config", config_dir]
+
+
 def start(
-    node: NodePlan, cgroup_root: Path, config_dir: str, args: Sequence[str]
+    node: NodePlan,
+    cgroup_root: Path,
+    config_dir: str,
+    args: Sequence[str],
+    kubeconfig: str = "",
 ) -> subprocess.Popen[bytes]:
     """Start ``node``'s agent with ``args`` after its own flags (the CA's, the user's)."""
     os.makedirs(node.state_dir, exist_ok=True)
@@ -42,8 +55,7 @@ def start(
         "run",
         "--node",
         node.name,
-        "--config",
-        config_dir,
+        *source_args(config_dir, kubeconfig),
         "--pods",
         PODS_FILE,
         "--netns",

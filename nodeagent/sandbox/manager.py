@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -65,8 +65,16 @@ class Sandbox(Record):
         pod_timeout: float = POD_TIMEOUT,
         progress: Progress = quiet,
         mtls: bool = True,
+        kubeconfig: str | os.PathLike[str] | None = None,
+        before_agents: Callable[[Sandbox], None] | None = None,
     ) -> Sandbox:
         """Load ``config_dir`` and bring the sandbox up; on any failure, tear it all down.
+
+        Nodes and pods always come from ``config_dir``. With ``kubeconfig``, the agents
+        follow that Kubernetes API server instead (``run --source kubernetes``): it must
+        hold the same pods, and the agents must reach it from their node netns (e.g. on
+        an address of the fabric). ``before_agents(sb)`` runs once the namespaces exist,
+        before any agent starts (e.g. to start that API server on the fabric).
 
         Raises ``ConfigErrors`` for a bad config, ``SandboxAlreadyUp`` when one is running,
         ``LocalStateError`` when something on the machine fails.
@@ -104,9 +112,15 @@ class Sandbox(Record):
                 containers=containers,
                 created=time.time(),
                 mtls=mtls and agents,
+                kubeconfig=os.path.abspath(kubeconfig) if kubeconfig else "",
             )
             try:
-                sb._build(progress, agent_timeout=agent_timeout, pod_timeout=pod_timeout)
+                sb._build(
+                    progress,
+                    agent_timeout=agent_timeout,
+                    pod_timeout=pod_timeout,
+                    before_agents=before_agents,
+                )
             except BaseException:
                 with contextlib.suppress(Exception):
                     progress("bringing the sandbox up failed: tearing it down")
@@ -143,7 +157,14 @@ class Sandbox(Record):
             raise NotUp(f"no sandbox is up: start one with `nodeagent sandbox up`{hint}")
         return sb
 
-    def _build(self, progress: Progress, *, agent_timeout: float, pod_timeout: float) -> None:
+    def _build(
+        self,
+        progress: Progress,
+        *,
+        agent_timeout: float,
+        pod_timeout: float,
+        before_agents: Callable[[Sandbox], None] | None = None,
+    ) -> None:
         topo = self.topology
         os.makedirs(log_dir(), exist_ok=True)
         self.save()  # first, so that a crash from here on is recognised as ours
@@ -174,6 +195,8 @@ class Sandbox(Record):
         )
         if self.mtls:
             self._start_ca(progress)
+        if before_agents is not None:
+            before_agents(self)
         if self.agents:
             for node in topo.nodes:
                 self._start_agent(node)
@@ -213,7 +236,7 @@ class Sandbox(Record):
 
     def _start_agent(self, node: NodePlan) -> None:
         args = [*(ca.agent_args(node) if self.mtls else []), *self.agent_args]
-        p = agents.start(node, self.cgroup_root, self.config_dir, args)
+        p = agents.start(node, self.cgroup_root, self.config_dir, args, self.kubeconfig)
         self._popens.append(p)
         self.agent_pids[node.name] = p.pid
 
@@ -383,6 +406,7 @@ class Sandbox(Record):
         return {
             "up": True,
             "config_dir": self.config_dir,
+            "kubeconfig": self.kubeconfig,
             "created": self.created,
             "agents": self.agents,
             "cgroup_root": str(self.cgroup_root),

@@ -109,6 +109,8 @@ class Record:
     pod_pids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     mtls: bool = True
     ca_pid: int = 0
+    kubeconfig: str = ""
+    """Agents follow the Kubernetes API of this kubeconfig; empty: ``config_dir``."""
 
     def save(self) -> None:
         write_json(
@@ -129,6 +131,7 @@ class Record:
                 "pod_pids": self.pod_pids,
                 "mtls": self.mtls,
                 "ca_pid": self.ca_pid,
+                "kubeconfig": self.kubeconfig,
             },
         )
 
@@ -180,6 +183,7 @@ class Record:
             pod_pids={k: [int(x) for x in v] for k, v in raw.get("pod_pids", {}).items()},
             mtls=bool(raw.get("mtls", False)),
             ca_pid=int(raw.get("ca_pid", 0)),
+            kubeconfig=str(raw.get("kubeconfig", "")),
         )
 
     def still_running(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -346,3 +347,18 @@ def test_endpointslices_follow_pods_and_plain_http(tmp_path: Path) -> None:
         api.delete({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": "web", "namespace": "default"}})
         assert list(c.list(EndpointSlice, namespace="*")) == []
+
+
+def test_listen_makes_the_socket_on_every_start(tmp_path: Path) -> None:
+    made: list[tuple[str, int]] = []
+
+    def listen(host: str, port: int) -> socket.socket:
+        made.append((host, port))
+        return socket.create_server((host, port))
+
+    with KubeApiServer(listen=listen) as api:
+        c = Client(KubeConfig.from_file(api.kubeconfig(tmp_path / "kc")))
+        c.create(Pod.from_dict(pod("p1")))
+        api.restart()
+        assert made == [("127.0.0.1", 0), ("127.0.0.1", api.port)]
+        assert [p.metadata.name for p in c.list(Pod) if p.metadata] == ["p1"]
