@@ -121,7 +121,11 @@ def test_list_in_chunks_from_one_snapshot(api: KubeApiServer, tmp_path: Path) ->
             api.create(pod("late"))  # after the first page: not in this list
     assert names == [f"p{i}" for i in range(5)]
     assert api.requests["list", "pods"] >= 3
-    assert api.request_log[-1].query["limit"] == "2" and api.request_log[-1].status == 200
+    last = api.request_log[-1]
+    deadline = time.monotonic() + 2.0  # the server records the status after it has replied
+    while last.status != 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert last.query["limit"] == "2" and last.status == 200
     with raw(api) as http:
         first = http.get("/api/v1/pods", params={"limit": "2"}).json()
         api.expire_history()
