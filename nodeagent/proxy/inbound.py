@@ -102,7 +102,7 @@ class Inbound:
                     "peer": req.peer_identity,
                 }
             )
-            peer_pod = self.plumbing.index(snap).pod_by_identity.get(req.peer_identity)
+            peer_pod = self.plumbing.index(snap).source_pod(snap, req.peer_identity, src_ip)
             self.plumbing.spawn(
                 self._serve_http(tpp, hp, req.peer_identity, peer_pod, src_ip, pipe, relay)
             )
@@ -129,7 +129,7 @@ class Inbound:
             self.inputs.metrics.failures.labels(direction="inbound", response_flags="UF").inc()
             log.warning("inbound HBONE %s -> %s failed: %s", req.peer_identity, req.authority, e)
             return ConnectRefusal(503, str(e))
-        src_pod = self.plumbing.index(snap).pod_by_identity.get(req.peer_identity)
+        src_pod = self.plumbing.index(snap).source_pod(snap, req.peer_identity, src_ip)
         relay = self.inputs.table.open(
             {
                 "direction": "inbound",
@@ -326,7 +326,7 @@ class Inbound:
         self.inputs.metrics.failures.labels(direction="inbound", response_flags=flag).inc()
         snap = self.inputs.snapshot()
         index = self.plumbing.index(snap)
-        src = index.pod_by_identity.get(principal or "") or snap.pod_by_ip.get(src_ip)
+        src = index.source_pod(snap, principal or "", src_ip) or snap.pod_by_ip.get(src_ip)
         rec = AccessRecord(
             start_time=rfc3339(time.time()),
             source_workload=src.name if src else "unknown",

@@ -70,19 +70,31 @@ class IdentityIndex:
     """(node, identity) → the lowest pod IP of that identity on that node."""
     pod_by_identity: dict[str, Pod]
     """identity → the first pod (in config order) running as it."""
+    identity_at: dict[str, str]
+    """pod IP → the identity of the pod there."""
 
     @classmethod
     def build(cls, snap: MeshSnapshot, identity_of: Callable[[Pod], str]) -> IdentityIndex:
         peers: dict[tuple[str, str], str] = {}
         by_identity: dict[str, Pod] = {}
+        at: dict[str, str] = {}
         for p in snap.pods:
             ident = identity_of(p)
             by_identity.setdefault(ident, p)
             if p.pod_ip:
+                at[p.pod_ip] = ident
                 key = (p.node_name, ident)
                 if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
                     peers[key] = p.pod_ip
-        return cls(tunnel_peer=peers, pod_by_identity=by_identity)
+        return cls(tunnel_peer=peers, pod_by_identity=by_identity, identity_at=at)
+
+    def source_pod(self, snap: MeshSnapshot, identity: str, ip: str | None) -> Pod | None:
+        """The pod a tunnelled connection came from: the one at the client's address when
+        it runs as the peer certificate's identity (the replicas of a Deployment share
+        one), else the first pod running as that identity."""
+        if ip and self.identity_at.get(ip) == identity:
+            return snap.pod_by_ip.get(ip)
+        return self.pod_by_identity.get(identity)
 
 
 class Plumbing:
