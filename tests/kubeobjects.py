@@ -11,6 +11,15 @@ from typing import Any
 Obj = dict[str, Any]
 
 
+def namespace(name: str = "default", *, ambient: bool = True) -> Obj:
+    """A Namespace, enrolled in the mesh (``istio.io/dataplane-mode: ambient``) or not."""
+    labels = {"kubernetes.io/metadata.name": name}
+    if ambient:
+        labels["istio.io/dataplane-mode"] = "ambient"
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}  # fmt: skip
+
+
 def node(name: str, zone: str = "zone-a", region: str = "region-1") -> Obj:
     return {
         "apiVersion": "v1",

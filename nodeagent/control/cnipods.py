@@ -81,7 +81,14 @@ class CniPods:
         if found is None:
             return None
         if not found.in_mesh:
-            return CniAnswer(False, f"not captured (opted out): label {DATAPLANE_MODE_LABEL}=none")
+            if found.labels.get(DATAPLANE_MODE_LABEL) == "none":
+                why = f"not captured (opted out): label {DATAPLANE_MODE_LABEL}=none"
+            else:
+                why = (
+                    f"not captured: namespace {found.namespace} is not in the mesh "
+                    f"(label it {DATAPLANE_MODE_LABEL}=ambient)"
+                )
+            return CniAnswer(False, why)
         if found.node_name != self.node:
             raise LocalStateError(
                 f"pod {pod.key} is placed on node {found.node_name!r} in the config, but this "

@@ -9,6 +9,10 @@ object a check across objects rejects (a clusterIP used twice) is left out the s
 only a snapshot that cannot be built at all keeps the last good one, with the error in
 ``status()``. Pod runtimes (netns, cgroup) still come from the pod runtime file.
 
+A pod is in the mesh as Istio ambient decides: its Namespace labelled
+``istio.io/dataplane-mode: ambient`` (Namespaces are watched for that), or the pod itself
+labelled ``ambient``; a pod labelled ``none`` is out (``Pod.in_mesh``).
+
 Every Pod is watched, not only this node's: the snapshot needs every endpoint's and
 peer's labels (Service selectors, DestinationRule subsets), service account (the
 identity HBONE expects of it) and named ports, which EndpointSlices do not carry. Only
@@ -19,6 +23,7 @@ EndpointSlices decide whether another node's pod serves (``conditions.ready``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +37,7 @@ from nodeagent.control.registry import KINDS
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.control.schema import Kind
 from nodeagent.errors import ConfigError, ConfigErrors
-from nodeagent.model.objects import PodRuntime
+from nodeagent.model.objects import DATAPLANE_MODE_LABEL, Pod, PodRuntime
 from nodeagent.model.security import DEFAULT_ROOT_NAMESPACE
 from nodeagent.model.status import ConfigStatus
 
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 SOURCE = "kubernetes"
 """The source named in each object's errors (``kubernetes: Pod ns/name: field: …``)."""
 ENDPOINT_SLICE = Resource("discovery.k8s.io", "v1", "EndpointSlice")
+NAMESPACE = Resource("", "v1", "Namespace", namespaced=False)
+RAW = (ENDPOINT_SLICE, NAMESPACE)
+"""Kinds kept as they arrive (read field by field), not parsed into model objects."""
 
 
 class KubeStartError(Exception):
@@ -85,6 +93,18 @@ def slice_readiness(slices: KindWatch) -> dict[str, bool]:
             ok = not isinstance(conditions, dict) or conditions.get("ready") is not False
             ready[key] = ready.get(key, False) or ok
     return ready
+
+
+def enrolled_namespaces(namespaces: KindWatch) -> frozenset[str]:
+    """The namespaces labelled ``istio.io/dataplane-mode: ambient``: Istio ambient's
+    opt-in, read defensively from the raw Namespaces."""
+    out: set[str] = set()
+    for entry in namespaces.items.values():
+        meta = entry.raw.get("metadata") or {}
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if isinstance(labels, dict) and labels.get(DATAPLANE_MODE_LABEL) == "ambient":
+            out.add(str(meta.get("name", "")))
+    return frozenset(out)
 
 
 def pod_serves(raw: Mapping[str, Any], node: str, ready: Mapping[str, bool]) -> bool:
@@ -171,6 +191,7 @@ class KubeSource:
         self.timeout_seconds = timeout_seconds
         self.watches: list[KindWatch] = []
         self.slices: KindWatch | None = None
+        self.namespaces: KindWatch | None = None
         self.version = 0
         self.current: LoadedConfig | None = None
         self.last_error = ""
@@ -208,7 +229,7 @@ class KubeSource:
         return KindWatch(
             self.client,
             res,
-            parse=PARSERS.get(res.kind, parse_object) if res != ENDPOINT_SLICE else None,
+            parse=PARSERS.get(res.kind, parse_object) if res not in RAW else None,
             changed=self._dirty.set,
             timeout_seconds=self.timeout_seconds,
             source=SOURCE,
@@ -237,9 +258,10 @@ class KubeSource:
         served is only a warning)."""
         core = [resources_of(k) for k in KINDS if k.api_versions == ("v1",)]
         others = [resources_of(k) for k in KINDS if k.api_versions != ("v1",)]
-        candidates = [*core, [ENDPOINT_SLICE], *others]  # the order ctl status shows
+        candidates = [*core, [NAMESPACE], [ENDPOINT_SLICE], *others]  # as ctl status shows
         self.watches = list(await asyncio.gather(*(self._first_list(c) for c in candidates)))
         self.slices = next(w for w in self.watches if w.resource == ENDPOINT_SLICE)
+        self.namespaces = next(w for w in self.watches if w.resource == NAMESPACE)
 
     async def start(self) -> LoadedConfig:
         """List every kind once and build the first snapshot. ``KubeStartError`` when a
@@ -254,13 +276,19 @@ class KubeSource:
     def collect(self) -> list[Pair]:
         """The validated objects of every kind that belong in this node's snapshot."""
         ready = slice_readiness(self.slices) if self.slices is not None else {}
+        enrolled = enrolled_namespaces(self.namespaces) if self.namespaces else frozenset()
         pairs: list[Pair] = []
         for w in self.watches:
             for entry in w.items.values():
                 if entry.pair is None:
                     continue
-                if w.resource.kind == "Pod" and not pod_serves(entry.pair[0], self.node, ready):
-                    continue
+                if w.resource.kind == "Pod":
+                    raw, pod = entry.pair
+                    if not pod_serves(raw, self.node, ready):
+                        continue
+                    if isinstance(pod, Pod) and pod.namespace not in enrolled:
+                        pairs.append((raw, dataclasses.replace(pod, namespace_enrolled=False)))
+                        continue
                 pairs.append(entry.pair)
         return pairs
 

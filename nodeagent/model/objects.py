@@ -93,6 +93,10 @@ class Pod:
     locality: Locality = NO_LOCALITY
     """Where the pod runs: not read from its YAML, ``MeshSnapshot.build`` fills it in
     (``pod_locality``: its Node's topology labels, or its own locality label)."""
+    namespace_enrolled: bool = True
+    """Whether its namespace is in the mesh: the API source sets it from the Namespace's
+    ``istio.io/dataplane-mode: ambient`` label, as Istio ambient does; in file mode
+    every namespace is."""
 
     @property
     def key(self) -> str:
@@ -103,9 +107,13 @@ class Pod:
 
     @property
     def in_mesh(self) -> bool:
-        """False for a pod labelled ``istio.io/dataplane-mode: none`` (Istio ambient's
-        opt-out): never captured, no certificate, reached in plain TCP."""
-        return self.labels.get(DATAPLANE_MODE_LABEL) != "none"
+        """Istio ambient's rule: a pod labelled ``istio.io/dataplane-mode: none`` is out,
+        one labelled ``ambient`` is in, any other is in when its namespace is. Out of the
+        mesh: never captured, no certificate, reached in plain TCP."""
+        mode = self.labels.get(DATAPLANE_MODE_LABEL)
+        if mode == "none":
+            return False
+        return self.namespace_enrolled or mode == "ambient"
 
     def named_port(self, name: str) -> int | None:
         for c in self.containers:

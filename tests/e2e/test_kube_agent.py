@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from cnirig import Runtime, Sandbox, nat_rules, netns_add, netns_del
 from kubeapi import KubeApiServer
-from kubeobjects import node, pod
+from kubeobjects import namespace, node, pod
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.cni import install
@@ -160,6 +160,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     sh("ip", "-n", node_ns, "link", "set", node_if, "up")
     api = KubeApiServer(host=API_HOST, endpointslices=True)
     api.start()
+    api.create(namespace("default"))
     api.create(node(NODE))
     api.create(echo_service(9000))
     api.create(api_pod("server", "echo"))

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from kubeapi import KubeApiServer, running_pod
+from kubeobjects import namespace
 from kuberig import Kubelet, fabric_api_server, start_on_fabric
 from meshops import bpf_programs
 
@@ -90,6 +91,7 @@ ECHO_SERVICE: dict[str, Any] = {
 
 def api_objects(api: KubeApiServer) -> str:
     """Fill the API as a cluster would hold it; the clusterIP it allocated to echo."""
+    api.create(namespace("default"))
     for i, node in enumerate(NODES, start=1):
         api.create({"apiVersion": "v1", "kind": "Node", "metadata": {
             "name": node, "labels": {"kubernetes.io/hostname": node,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from kubeapi import KubeApiServer, ResourceType
-from kubeobjects import node, pod, service, virtual_service
+from kubeobjects import namespace, node, pod, service, virtual_service
 
 from nodeagent.control.files import LoadedConfig
 from nodeagent.control.kube import KubeSource
@@ -40,6 +40,7 @@ def api(server: KubeApiServer) -> Iterator[KubeApiServer]:
         for key, obj in list(server.store.objects.items()):
             if key in server.store.objects:  # (a Service's slice goes with it)
                 server.store.delete(obj)
+    server.create(namespace("default"))  # in the mesh, as Istio ambient's label says
     yield server
     server.start()
 
@@ -505,3 +506,36 @@ def test_a_crd_removed_while_watched_empties_its_kind(api: KubeApiServer, kubeco
                 del api.store.objects[key]
             api.store.by_path.pop(("nodeagent.io", "v1alpha1", "localratelimits"), None)
             api.store.by_kind.pop(("nodeagent.io/v1alpha1", "LocalRateLimit"), None)
+
+
+def test_namespaces_join_the_mesh_by_istios_label(api: KubeApiServer, kubeconfig: Path) -> None:
+    api.create(node(NODE))
+    api.create(namespace("legacy", ambient=False))  # as kube-system is: not in the mesh
+    api.create(pod("old", NODE, "10.244.1.7", ns="legacy"))
+    api.create(pod("one", NODE, "10.244.1.8", ns="legacy"))
+    api.patch(pod("one", NODE, None, ns="legacy"),
+              {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})  # fmt: skip
+    api.create(pod("web-1", NODE, "10.244.1.5"))
+    api.create(pod("out", NODE, "10.244.1.6"))
+    api.patch(pod("out", NODE, None), {"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}})
+
+    def meshed(snap: MeshSnapshot) -> set[str]:
+        return {p.key for p in snap.pods_on_node(NODE) if p.in_mesh}
+
+    async def main() -> None:
+        async with running(kubeconfig) as r:
+            # on this node all four are known (endpoints); only the enrolled are captured
+            assert {p.key for p in r.snapshot.pods_on_node(NODE)} == {
+                "legacy/old", "legacy/one", "default/web-1", "default/out",
+            }  # fmt: skip
+            assert meshed(r.snapshot) == {"legacy/one", "default/web-1"}
+            api.patch(namespace("legacy"),
+                      {"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})  # fmt: skip
+            await r.until(lambda s: "legacy/old" in meshed(s), timeout=2.0)
+            api.patch(namespace("default"),
+                      {"metadata": {"labels": {"istio.io/dataplane-mode": None}}})  # fmt: skip
+            snap = await r.until(lambda s: "default/web-1" not in meshed(s), timeout=2.0)
+            assert meshed(snap) == {"legacy/old", "legacy/one"}
+            assert r.watch("v1 Namespace").state == "watching"
+
+    asyncio.run(main())

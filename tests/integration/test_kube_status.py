@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 from kubeapi import KubeApiServer
-from kubeobjects import node, pod, service, virtual_service
+from kubeobjects import namespace, node, pod, service, virtual_service
 
 from nodeagent import cli
 from nodeagent.admin.server import start_admin_server
@@ -48,6 +48,7 @@ class LoopThread:
 @pytest.fixture
 def api() -> Iterator[KubeApiServer]:
     with KubeApiServer(endpointslices=True) as server:
+        server.create(namespace("default"))
         server.create(node(NODE))
         server.create(pod("web-1", NODE, "10.244.1.5"))
         server.create(service("web"))
