@@ -608,7 +608,8 @@ class KubeApiServer:
                 await self._send(conn, writer, h11.Data(data=item))
             await self._send(conn, writer, h11.EndOfMessage())
         finally:
-            eof.cancel()
+            eof.cancel()  # and wait for it: the connection's next read must not race it
+            await asyncio.gather(eof, return_exceptions=True)
             with self.store.lock:
                 self.store.watchers.discard(w)
 
