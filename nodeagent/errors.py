@@ -13,6 +13,10 @@ class NodeAgentError(Exception):
     """Base of every error nodeagent raises on purpose."""
 
 
+MAX_REASON = 1000
+"""Characters of a config error's reason kept: a message never carries a huge value."""
+
+
 class ConfigError(NodeAgentError):
     """A configuration object is invalid.
 
@@ -20,6 +24,8 @@ class ConfigError(NodeAgentError):
     """
 
     def __init__(self, message: str, *, source: str = "", obj: str = "", field: str = "") -> None:
+        if len(message) > MAX_REASON:
+            message = f"{message[:MAX_REASON]}… ({len(message) - MAX_REASON} characters cut)"
         self.source = source
         self.obj = obj
         self.field = field

@@ -11,6 +11,7 @@ server fills in, and fields that do not affect the mesh); anything else is an er
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -118,6 +119,20 @@ class Problems:
         self.items.append((path, message))
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 40, 40
+
+
+def shorten(value: object) -> str:
+    """``repr(value)`` cut short (a few items, two levels, 80 characters of a string): an
+    error message never renders a huge or deeply nested value."""
+    try:
+        return _SHORT.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a cycle too deep
+        return f"<{_type_name(value)}>"
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -139,7 +154,7 @@ def check(value: Any, shape: Shape, path: str, problems: Problems) -> None:
             isinstance(value, bool) and bool not in shape.types
         )
         if not ok:
-            problems.add(path, f"expected {shape.name}, got {_type_name(value)} {value!r}")
+            problems.add(path, f"expected {shape.name}, got {_type_name(value)} {shorten(value)}")
         return
     if isinstance(shape, ListOf):
         if not isinstance(value, list):

@@ -4,7 +4,6 @@ named by its field path."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from nodeagent.control.fields import DNS_LABEL, check_port, read_duration, read_meta
@@ -21,7 +20,9 @@ from nodeagent.control.schema import (
     Scalar,
     Shape,
     resource,
+    shorten,
 )
+from nodeagent.core.regex import RegexError, compile_regex
 from nodeagent.model.objects import Labels
 from nodeagent.model.traffic import (
     ConnectionPool,
@@ -241,9 +242,13 @@ def _string_match(
     value = str(raw[given[0]])
     if kind is MatchKind.REGEX:
         try:
-            return StringMatch(kind, value, re.compile(value))
-        except re.error as e:
-            problems.add(f"{path}.regex", f"invalid regular expression {value!r}: {e}")
+            return StringMatch(kind, value, compile_regex(value))
+        except RegexError as e:
+            problems.add(
+                f"{path}.regex",
+                f"invalid regular expression {shorten(value)}: {e} (RE2 syntax is "
+                "required, as Istio's: no backreferences, no lookahead or lookbehind)",
+            )
             return StringMatch(MatchKind.EXACT, "")
     return StringMatch(kind, value)
 

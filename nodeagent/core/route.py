@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import re
 import string
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +47,7 @@ from nodeagent.model.traffic import (
     HTTPMatchRequest,
     HTTPRoute,
     MatchKind,
+    Regex,
     RouteDestination,
     StringMatch,
     TCPRoute,
@@ -182,7 +182,7 @@ def match_string(m: StringMatch, value: str | None, *, ignore_case: bool = False
     if m.kind is MatchKind.PRESENT:
         return True
     if m.kind is MatchKind.REGEX:
-        return m.regex is not None and m.regex.fullmatch(value) is not None
+        return m.regex is not None and m.regex.fullmatch(value)
     expected = m.value
     if ignore_case:
         value, expected = value.lower(), expected.lower()
@@ -323,16 +323,16 @@ _REGEX_REPEAT = frozenset("*+?{")
 _PUNCTUATION = frozenset(string.punctuation)
 
 
-def _regex_literal_prefix(pattern: re.Pattern[str]) -> str:
+def _regex_literal_prefix(pattern: Regex) -> str:
     """Text every full match of ``pattern`` starts with ("" when unsure; never too long).
 
-    Conservative on purpose: no prefix for a pattern with ``|`` anywhere or compiled with
-    IGNORECASE or VERBOSE; reads a leading ``^``, plain characters and backslash-escaped
-    punctuation, and stops at the first other construct (dropping a character a quantifier
+    Conservative on purpose: no prefix for a pattern with ``|`` anywhere; reads a leading
+    ``^``, plain characters and backslash-escaped punctuation, and stops at the first other
+    construct (a flag group such as ``(?i)`` too; dropping a character a quantifier
     applies to).
     """
     src = pattern.pattern
-    if pattern.flags & (re.IGNORECASE | re.VERBOSE) or "|" in src:
+    if "|" in src:
         return ""
     out: list[str] = []
     i = 1 if src.startswith("^") else 0

@@ -7,8 +7,8 @@ durations are seconds, regexes are compiled). Decisions over them live in ``core
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodeagent.model.objects import Labels
 
@@ -31,11 +31,20 @@ class MatchKind(enum.Enum):
     """Only for headers and query parameters given as ``{}``: the name must be present."""
 
 
+class Regex(Protocol):
+    """A compiled pattern (``core/regex.py``: RE2, linear time in the input)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def fullmatch(self, text: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class StringMatch:
     kind: MatchKind
     value: str = ""
-    regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    regex: Regex | None = field(default=None, compare=False, repr=False)
     """Compiled ``value`` when ``kind`` is REGEX (matched in full, as Envoy does)."""
 
 

@@ -190,7 +190,26 @@ R0 = "hosts: [reviews]\nhttp:\n- "
             vs(R0 + 'match: [{uri: {regex: "(unclosed"}}]\n  route: [{destination: {host: x}}]'),
             OBJ,
             "spec.http[0].match[0].uri.regex",
-            "invalid regular expression '(unclosed': missing ), unterminated subpattern",
+            "invalid regular expression '(unclosed': missing ): (unclosed (RE2 syntax",
+        ),
+        (
+            vs(
+                R0 + r'match: [{uri: {regex: "/(a+)/\\1"}}]'
+                "\n  route: [{destination: {host: x}}]"
+            ),
+            OBJ,
+            "spec.http[0].match[0].uri.regex",
+            r"invalid regular expression '/(a+)/\\1': invalid escape sequence: \1 (RE2 syntax is "
+            "required, as Istio's: no backreferences, no lookahead or lookbehind)",
+        ),
+        (
+            vs(
+                R0 + 'match: [{headers: {x-user: {regex: "(?!admin).*"}}}]\n'
+                "  route: [{destination: {host: x}}]"
+            ),
+            OBJ,
+            "spec.http[0].match[0].headers.x-user.regex",
+            "invalid perl operator: (?! (RE2 syntax is required",
         ),
         (
             vs(
