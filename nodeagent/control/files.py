@@ -29,6 +29,7 @@ from nodeagent.control.crosscheck import (
 )
 from nodeagent.control.parse import Pair, parse_documents, parse_object
 from nodeagent.control.runtime import load_runtimes
+from nodeagent.control.yamlload import read_config_file
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
 from nodeagent.model.objects import Node, Pod, PodRuntime, Service
@@ -106,9 +107,9 @@ def read_directory(directory: str | Path) -> Collected:
     warnings: list[str] = []
     for f in files:
         try:
-            text = f.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(ConfigError(f"cannot read: {e}", source=str(f)))
+            text = read_config_file(f)
+        except ConfigError as e:  # unreadable, too large, not UTF-8
+            errors.append(e)
             continue
         found, errs, warns = parse_documents(text, str(f))
         pairs.extend(found)
@@ -296,9 +297,12 @@ class ConfigWatcher:
             return self.load_once()
         except (ConfigErrors, ConfigError) as e:
             self.last_error = str(e)
-            self.last_error_at = time.time()
-            log.error("config rejected, still serving version %d: %s", self.version, e)
-            return self._runtimes_only()
+        except Exception as e:  # a bug of ours: still never the end of the watcher
+            log.exception("config not loaded")
+            self.last_error = f"{self.directory}: cannot load: {type(e).__name__}: {e}"[:2000]
+        self.last_error_at = time.time()
+        log.error("config rejected, still serving version %d: %s", self.version, self.last_error)
+        return self._runtimes_only()
 
     def _runtimes_only(self) -> LoadedConfig | None:
         """The last good objects with the pod runtime file as it is now, when that
@@ -360,7 +364,10 @@ class ConfigWatcher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            async with self._lock:  # not beside a reload_now
-                fp = await loop.run_in_executor(None, self._fingerprint)
-                if fp != self._print:
-                    await self._reload(fp)
+            try:
+                async with self._lock:  # not beside a reload_now
+                    fp = await loop.run_in_executor(None, self._fingerprint)
+                    if fp != self._print:
+                        await self._reload(fp)
+            except Exception:  # e.g. on_update failing: the next edit is still read
+                log.exception("config watcher: a reload failed; watching on")

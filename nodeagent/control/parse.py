@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from nodeagent.control.registry import find_kind, misnamed_kind
 from nodeagent.control.schema import validate
+from nodeagent.control.yamlload import load_yaml
 from nodeagent.errors import ConfigError
 
 Pair = tuple[dict[str, Any], object]
@@ -102,14 +101,12 @@ def _list_items(doc: object) -> list[Any] | None:
 
 
 def parse_documents(text: str, source: str) -> tuple[list[Pair], list[ConfigError], list[str]]:
-    """One file's YAML documents to ``(raw, model object)`` pairs, errors and warnings."""
+    """One file's YAML documents to ``(raw, model object)`` pairs, errors and warnings
+    (``control.yamlload``: bounded, any text is documents or one error)."""
     try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at_line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        return [], [ConfigError(f"{at_line}invalid YAML: {problem}", source=source)], []
+        docs = load_yaml(text, source)
+    except ConfigError as e:
+        return [], [e], []
     pairs: list[Pair] = []
     errors: list[ConfigError] = []
     warnings: list[str] = []
