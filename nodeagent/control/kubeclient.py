@@ -109,6 +109,10 @@ def _status_error(code: int, body: bytes) -> ApiStatusError:
     return ApiGone(code, message) if code == 410 else ApiStatusError(code, message)
 
 
+MALFORMED = "MALFORMED"
+"""The type ``watch`` gives a line that is not a watch event (our own, not Kubernetes')."""
+
+
 class KubeClient:
     """Lists and watches of whole kinds (all namespaces) on one API server."""
 
@@ -160,7 +164,9 @@ class KubeClient:
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """The events of one watch request from ``resource_version``, with bookmarks, as
         ``(type, object)``; ends when the server ends it (``timeoutSeconds``). An ERROR
-        event raises ``ApiStatusError`` (``ApiGone`` for 410)."""
+        event raises ``ApiStatusError`` (``ApiGone`` for 410). A line that is no event
+        is ``(MALFORMED, {"error": why, "line": its start})``: the watch goes on (resumed,
+        the server would send it again)."""
         params = {
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
@@ -179,10 +185,16 @@ class KubeClient:
             async for line in resp.aiter_lines():
                 if not line.strip():
                     continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object")
+                try:  # nested too deep, an integer past 4,300 digits, not JSON
+                    event = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    yield MALFORMED, {"error": f"not JSON: {str(e)[:200]}", "line": line[:200]}
+                    continue
+                kind = event.get("type") if isinstance(event, dict) else None
+                obj = event.get("object") if isinstance(event, dict) else None
                 if not isinstance(kind, str) or not isinstance(obj, dict):
-                    raise ValueError(f"not a watch event: {line[:200]!r}")
+                    yield MALFORMED, {"error": "not a watch event", "line": line[:200]}
+                    continue
                 if kind == "ERROR":
                     code = int(obj.get("code") or 500)
                     raise _status_error(code, json.dumps(obj).encode())

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx2
 
-from nodeagent.control.kubeclient import ApiGone, ApiStatusError, KubeClient, Resource
+from nodeagent.control.kubeclient import MALFORMED, ApiGone, ApiStatusError, KubeClient, Resource
+from nodeagent.control.schema import shorten
 from nodeagent.errors import ConfigError
 from nodeagent.model.status import WatchStatus
 
@@ -65,9 +66,9 @@ def object_key(obj: dict[str, Any]) -> str:
     meta = obj.get("metadata")
     if not isinstance(meta, dict):
         return "?"
-    name = str(meta.get("name", "?"))
-    ns = meta.get("namespace")
-    return f"{ns}/{name}" if ns else name
+    name, ns = meta.get("name", "?"), meta.get("namespace")
+    name = name if isinstance(name, str) else shorten(name)  # never a huge key
+    return f"{ns if isinstance(ns, str) else shorten(ns)}/{name}" if ns else name
 
 
 def _version(obj: dict[str, Any]) -> str:
@@ -117,6 +118,9 @@ class KindWatch:
         self.lag = 0.0
         self.last_error = ""
         self.relists = 0
+        self.malformed = 0
+        """Watch lines skipped as no event (not JSON, nested too deep, a huge integer)."""
+        self._malformed_last = ""
         self._lists = 0
         self._changed_at = 0.0
 
@@ -143,6 +147,11 @@ class KindWatch:
 
     def warnings(self) -> list[str]:
         out = [e.warning for e in self.items.values() if e.warning]
+        if self.malformed:
+            out.append(
+                f"{self.resource}: {self.malformed} malformed watch event(s) skipped, "
+                f"the last: {self._malformed_last}"
+            )
         if not self.served:
             out.append(
                 f"{self.resource}: the API server does not serve this kind (is its "
@@ -186,6 +195,11 @@ class KindWatch:
             self.resource_version = rv
         if kind == "BOOKMARK":
             self.last_event_at = time.time()
+            return
+        if kind == MALFORMED:
+            self.malformed += 1
+            self._malformed_last = f"{obj.get('error')} ({obj.get('line', '')[:80]!r}…)"
+            log.warning("%s: watch event skipped: %s", self.resource, self._malformed_last)
             return
         key = object_key(obj)
         if kind == "DELETED":

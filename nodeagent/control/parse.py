@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodeagent.control.registry import find_kind, misnamed_kind
-from nodeagent.control.schema import validate
+from nodeagent.control.schema import bounds_problem, shorten, validate
 from nodeagent.control.yamlload import load_yaml
 from nodeagent.errors import ConfigError
 
@@ -30,18 +30,24 @@ def _meta(doc: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _text(value: object) -> str:
+    """A name as written, or cut short when it is not a string (a list, nested)."""
+    return value if isinstance(value, str) else shorten(value)
+
+
 def object_name(doc: dict[str, Any]) -> str:
     """``Kind namespace/name`` as errors name an object (namespace ``default`` when absent)."""
     meta = _meta(doc)
-    return f"{doc.get('kind', '?')} {meta.get('namespace', 'default')}/{meta.get('name', '?')}"
+    kind, ns, name = doc.get("kind", "?"), meta.get("namespace", "default"), meta.get("name", "?")
+    return f"{_text(kind)} {_text(ns)}/{_text(name)}"
 
 
 def _unserved_name(api: str, kind: str, doc: dict[str, Any]) -> str:
     """``apps/v1 Deployment shop/web``, or ``v1 Namespace shop`` for a cluster-scoped one."""
     meta = _meta(doc)
-    name = str(meta.get("name", "?"))
+    name = _text(meta.get("name", "?"))
     if "namespace" in meta:
-        name = f"{meta['namespace']}/{name}"
+        name = f"{_text(meta['namespace'])}/{name}"
     return f"{api} {kind} {name}"
 
 
@@ -57,6 +63,10 @@ def _parse(doc: object, source: str, here: str) -> Parsed:
     """``parse_object``, with ``here`` naming the document in errors (``file (document 2)``)."""
     if not isinstance(doc, dict):
         return None, [ConfigError("expected a mapping with apiVersion and kind", source=here)], []
+    bad = bounds_problem(doc)  # what JSON from the API may hold (YAML is bounded as read)
+    if bad is not None:
+        error = ConfigError(bad[1], source=here, obj=object_name(doc), field=bad[0])
+        return None, [error], []
     api, kind_name = doc.get("apiVersion"), doc.get("kind")
     if not isinstance(api, str) or not isinstance(kind_name, str):
         return None, [ConfigError("apiVersion and kind are required strings", source=here)], []

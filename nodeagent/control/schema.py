@@ -133,6 +133,32 @@ def shorten(value: object) -> str:
         return f"<{_type_name(value)}>"
 
 
+MAX_DEPTH = 100
+"""How deep an object's values may nest (Kubernetes objects stay under 20 levels)."""
+_INT64 = range(-(2**63), 2**64)  # int64 and uint64: what a Kubernetes number can be
+
+
+def bounds_problem(value: object) -> tuple[str, str] | None:
+    """Where ``value`` (an object as read) passes the bounds every object keeps, as
+    ``(field path, what)``: nested deeper than ``MAX_DEPTH``, an integer beyond 64 bits;
+    None when it keeps them. Walks without recursion, whatever the depth."""
+    stack: list[tuple[object, str, int]] = [(value, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth >= MAX_DEPTH:
+                return path, f"values nest deeper than {MAX_DEPTH} levels"
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                if isinstance(x, dict | list | int):
+                    key = k if isinstance(k, str) else shorten(k)
+                    sub = f"{path}[{k}]" if isinstance(v, list) else _join(path, key)
+                    stack.append((x, sub, depth + 1))
+        elif isinstance(v, int) and not isinstance(v, bool) and v not in _INT64:
+            return path, "an integer beyond 64 bits"
+    return None
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 

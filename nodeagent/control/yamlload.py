@@ -22,6 +22,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, SequenceNode
 from yaml.resolver import Resolver
 
+from nodeagent.control.schema import MAX_DEPTH
 from nodeagent.errors import ConfigError
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 """A config file's size limit (Kubernetes keeps an object under 1.5 MiB)."""
-MAX_DEPTH = 100
-"""How deep values may nest (Kubernetes objects stay under 20 levels)."""
 MAX_ALIAS_NODES = 10_000
 """Nodes that aliases may add to one file, counting each use at its expanded size."""
 MAX_INT_CHARS = 64

@@ -5,6 +5,7 @@ server restarts, relist on 410, bookmarks, malformed and unserved objects, readi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -319,6 +320,76 @@ def test_a_malformed_watch_event_does_not_stop_the_watch(
             api.create(virtual_service("db", "db.default.svc.cluster.local"))
             snap = await r.until(lambda s: len(s.virtual_services) == 2)
             assert sorted(vs.key for vs in snap.virtual_services) == ["default/db", "default/web"]
+
+    asyncio.run(main())
+
+
+def test_hostile_watch_lines_are_skipped_and_the_watch_goes_on(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    """Lines Python's json cannot read (an integer past 4,300 digits, nesting past its
+    recursion limit, no JSON at all) are skipped with a warning on the same watch: not a
+    watch restarted, which a real API server would answer with the same line again."""
+    cluster(api)
+
+    async def main() -> None:
+        async with running(kubeconfig) as r:
+            await r.until(lambda _s: api.open_watches("virtualservices") == 1)
+            watches = api.requests["watch", "virtualservices"]
+            vs = virtual_service("ghost", "ghost.default.svc.cluster.local")
+            vs["metadata"]["resourceVersion"] = str(api.resource_version)
+            huge = json.dumps({"type": "ADDED", "object": vs}).replace(
+                '"ghost"', '"ghost", "retries": ' + "9" * 5000, 1
+            )
+            deep = '{"type": "ADDED", "object": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            for line in (huge.encode(), deep.encode(), b"{not json", b'["an", "array"]'):
+                api.inject_watch_line("virtualservices", line)
+            api.create(virtual_service("db", "db.default.svc.cluster.local"))
+            snap = await r.until(lambda s: len(s.virtual_services) == 2)
+            assert sorted(vs.key for vs in snap.virtual_services) == ["default/db", "default/web"]
+            skipped = [w for w in r.status()["warnings"] if "malformed watch event" in w]
+            assert len(skipped) == 1 and "4 malformed watch event(s) skipped" in skipped[0]
+            assert len(skipped[0]) < 500
+            assert api.requests["watch", "virtualservices"] == watches  # never restarted
+            assert r.watch("networking.istio.io/v1 VirtualService").state == "watching"
+
+    asyncio.run(main())
+
+
+def test_an_object_nested_too_deep_is_skipped_naming_the_field(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    """JSON Python reads but no object needs: nested 150 deep (in metadata the mesh
+    ignores) or an integer beyond 64 bits. Left out with a warning naming the field."""
+    cluster(api)
+
+    async def main() -> None:
+        async with running(kubeconfig) as r:
+            deep: dict[str, Any] = {}
+            inner = deep
+            for _ in range(150):
+                inner["k"] = {}
+                inner = inner["k"]
+            odd = pod("odd-1", "node2", "10.244.2.30", app="odd")
+            odd["metadata"]["ownerReferences"] = [deep]
+            api.create(odd)
+            big = virtual_service("big", "db.default.svc.cluster.local")
+            big["spec"]["http"][0]["retries"] = {"attempts": 2**70}
+            api.create(big)
+            api.create(service("late", app="late"))
+            await r.until(lambda s: "default/late" in s.service_by_key)
+            warnings = r.status()["warnings"]
+            assert any(
+                "Pod default/odd-1: metadata.ownerReferences[0].k.k" in w
+                and "nest deeper than 100" in w
+                for w in warnings
+            ), warnings
+            assert any(
+                "VirtualService default/big: spec.http[0].retries.attempts: an integer "
+                "beyond 64 bits" in w
+                for w in warnings
+            ), warnings
+            assert "default/odd-1" not in r.snapshot.pod_by_key
 
     asyncio.run(main())
 
