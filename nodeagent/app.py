@@ -398,6 +398,8 @@ def run_agent(settings: AgentSettings) -> int:
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1
         watcher.on_update = agent._on_update
+        rejected = agent.metrics.config_reloads.labels(result="rejected")
+        watcher.on_reject = lambda _why: rejected.inc()
         return await agent.serve()
 
     return _run_loop(settings, main())

@@ -246,6 +246,8 @@ class ConfigWatcher:
     last_error: str = ""
     last_error_at: float = 0.0
     loaded_at: float = 0.0
+    on_reject: Callable[[str], None] | None = None
+    """Called (from a worker thread) with the error of each rejected reload: a metric."""
     _print: Fingerprint = field(default=())
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _collected: Collected | None = None
@@ -302,6 +304,8 @@ class ConfigWatcher:
             self.last_error = f"{self.directory}: cannot load: {type(e).__name__}: {e}"[:2000]
         self.last_error_at = time.time()
         log.error("config rejected, still serving version %d: %s", self.version, self.last_error)
+        if self.on_reject is not None:
+            self.on_reject(self.last_error)
         return self._runtimes_only()
 
     def _runtimes_only(self) -> LoadedConfig | None:

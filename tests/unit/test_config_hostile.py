@@ -119,6 +119,8 @@ def test_the_watcher_keeps_serving_and_loads_each_good_edit_after_a_bad_one(
     mesh.write_text(GOOD)
     published: list[LoadedConfig] = []
     watcher = ConfigWatcher(directory, None, published.append, interval=0.02)
+    rejected: list[str] = []
+    watcher.on_reject = rejected.append  # the agent counts them in a metric
     watcher.load_once()
 
     async def until(check: object, what: str) -> None:
@@ -149,6 +151,7 @@ def test_the_watcher_keeps_serving_and_loads_each_good_edit_after_a_bad_one(
 
     asyncio.run(scenario())
     assert len(published) == 5
+    assert len(rejected) == 5 and all(str(mesh) in why for why in rejected)
 
 
 def _run_agent(directory: Path) -> subprocess.CompletedProcess[bytes]:
