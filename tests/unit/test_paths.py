@@ -56,6 +56,9 @@ ISTIO_TABLE = [
     ("/x/..\\admin", "/x/..\\admin", "/admin", "/admin", "/admin"),
     ("/a%2f..%2fadmin", "/a%2f..%2fadmin", "/a%2F..%2Fadmin", "/a%2F..%2Fadmin", "/admin"),
     ("/a//../b", "/a//../b", "/a/b", "/a/b", "/a/b"),  # dots first, then merged (Envoy's order)
+    # docs/policy.md's example
+    ("/a/./b\\c/../%7e//d%2Fe?q=/..", "/a/./b\\c/../%7e//d%2Fe?q=/..", "/a/b/~//d%2Fe?q=/..",
+     "/a/b/~/d%2Fe?q=/..", "/a/b/~/d/e?q=/.."),
     # 5. the query is left as sent (policy matches the path without it)
     ("/foo?v=1", "/foo?v=1", "/foo?v=1", "/foo?v=1", "/foo?v=1"),
     ("/a/./b?x=/../%2f//", "/a/./b?x=/../%2f//", "/a/b?x=/../%2f//", "/a/b?x=/../%2f//",
