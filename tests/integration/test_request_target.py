@@ -69,7 +69,7 @@ class TargetRig(Rig):
                 while head := await r.readuntil(b"\r\n\r\n"):
                     line = head.split(b"\r\n", 1)[0]
                     self.seen.append(line)
-                    path = line.split(b" ", 2)[1]
+                    path = [*line.split(b" ", 2), b"?"][1]  # (an h2 preface too)
                     body = b"served " + path
                     w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                     await w.drain()
@@ -297,6 +297,20 @@ def test_http2_paths_not_in_origin_form_are_refused(method: str, path: str, wher
             conn = await rig.direct(H2_APP_PORT)
         hdrs = [(":method", method), (":scheme", "http"), (":authority", "echo"), (":path", path)]
         assert await h2_request(conn, hdrs) == 400
+        assert rig.seen == []
+
+    run_rig(True, body)
+
+
+@pytest.mark.parametrize("where", ["through the mesh", "from outside the mesh"])
+def test_http2_connect_on_an_http_port_is_refused(where: str) -> None:
+    async def body(rig: TargetRig) -> None:
+        rig.apply(DENY_ADMIN)
+        if where == "through the mesh":
+            conn = await rig.connect((H2_SERVICE_IP, 81))
+        else:
+            conn = await rig.direct(H2_APP_PORT)
+        assert await h2_request(conn, [(":method", "CONNECT"), (":authority", "echo:80")]) == 400
         assert rig.seen == []
 
     run_rig(True, body)
