@@ -88,7 +88,7 @@ class AgentSettings:
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
-            path_normalization=getattr(args, "path_normalization", "BASE"),
+            path_normalization=getattr(args, "path_normalization", cls.path_normalization),
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
         )
