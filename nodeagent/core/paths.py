@@ -79,9 +79,9 @@ def request_target(method: str, target: str, authority: str, mode: str) -> tuple
 def normalize_path(target: str, mode: str) -> str:
     """An origin-form target (``/path?query``) normalized per ``mode``; the query is kept
     as sent. Raises ``BadTarget`` for a malformed escape, ``%00`` or a fragment."""
-    path, sep, query = target.partition("?")
-    if "#" in path:
+    if "#" in target:
         raise BadTarget("a request target may not carry a fragment (#)")
+    path, sep, query = target.partition("?")
     if "%" in path:
         path = _escapes(path, mode)
     if mode == NONE:

@@ -77,7 +77,7 @@ def test_istio_normalization_table(row: tuple[str, ...], mode: str) -> None:
 
 @pytest.mark.parametrize("mode", PATH_NORMALIZATIONS)
 @pytest.mark.parametrize(
-    "path", ["/adm%00in", "/%00", "/bad%zz", "/bad%4", "/bad%", "/a#frag", "/%0G"]
+    "path", ["/adm%00in", "/%00", "/bad%zz", "/bad%4", "/bad%", "/a#frag", "/a?q#f", "/%0G"]
 )
 def test_null_malformed_escapes_and_fragments_are_refused_under_every_option(
     path: str, mode: str
