@@ -156,6 +156,7 @@ class Agent:
             capture=capture,
             identity=identity,
             connect_timeout=settings.connect_timeout,
+            path_normalization=settings.path_normalization,
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured

@@ -17,6 +17,7 @@ from typing import cast
 
 from nodeagent import __version__
 from nodeagent.cliargs import Parser, add_log_level
+from nodeagent.core.paths import BASE, PATH_NORMALIZATIONS
 
 DESCRIPTION = """\
 nodeagent is a sidecar-less service mesh for Linux nodes. One agent per node captures
@@ -169,6 +170,14 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="istio-system",
         metavar="NAMESPACE",
         help="namespace whose policies apply mesh-wide",
+    )
+    p.add_argument(
+        "--path-normalization",
+        default=BASE,
+        type=str.upper,
+        choices=PATH_NORMALIZATIONS,
+        help="how request paths are normalized before routing, policy and the app, as "
+        "Istio's meshConfig.pathNormalization (default: BASE; docs/policy.md)",
     )
     p.add_argument(
         "--access-log",

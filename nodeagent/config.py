@@ -46,6 +46,9 @@ class AgentSettings:
     trust_domain: str = "cluster.local"
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
+    path_normalization: str = "BASE"
+    """Istio's ``meshConfig.pathNormalization``: ``NONE``, ``BASE``, ``MERGE_SLASHES`` or
+    ``DECODE_AND_MERGE_SLASHES`` (``core/paths.py``)."""
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
     pid_file: str = ""
@@ -85,6 +88,7 @@ class AgentSettings:
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
+            path_normalization=getattr(args, "path_normalization", cls.path_normalization),
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
         )

@@ -94,8 +94,9 @@ class Request:
     ) -> None:
         self.method = method
         self.target = target
-        """The request target as sent: path and query."""
+        """Path and query in origin-form, normalized (``core.paths.request_target``)."""
         self.authority = authority
+        """``:authority`` or ``Host`` (an absolute-form target's own authority)."""
         self.headers = headers
         """Lowercase names, a repeated header joined (``join_headers``)."""
         self.conn = conn

@@ -221,7 +221,7 @@ class InboundPolicy:
     ) -> Admission:
         """The policy stages for one request (``http``) or one new connection; with
         ``consume`` False nothing is taken from buckets or quotas (``ctl explain``).
-        ``path`` is the normalized request target (``normalize_target``)."""
+        ``path`` is the normalized request target (``core.paths.request_target``)."""
         hdrs = headers if headers is not None else {}
         authn: AuthnResult | None = None
         if http:
@@ -302,10 +302,7 @@ class InboundPolicy:
         if upgrade is not None and upgrade.strip().lower() != "websocket":
             x.detail = f"Upgrade: {upgrade} refused where per-request policy applies"
             raise LocalReply(403, "RBAC", RBAC_DENIED)
-        target = normalize_target(req.target)
-        if target is None:
-            x.detail = f"request target {req.target[:100]!r} cannot be normalized"
-            raise LocalReply(400, "DPE", "invalid request target")
+        target = req.target  # origin-form, normalized by the L7 path (``core.paths``)
         try:
             a = self.decide(
                 snap,
@@ -384,49 +381,3 @@ def _apply_authn_headers(hdrs: dict[str, str], a: AuthnResult) -> dict[str, str]
     out.update((k.lower(), v) for k, v in ops.set)
     return out
 
-
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-
-
-def normalize_target(target: str) -> str | None:
-    """An origin-form request target normalized as Envoy's ``normalize_path`` (Istio's
-    default ``BASE``): percent-encoded unreserved characters decoded, other escapes in
-    upper case, ``.`` and ``..`` segments removed (RFC 3986 §5.2.4; ``..`` never climbs
-    above the root); the query is kept as is. Other forms (``*``, absolute URIs) are
-    returned unchanged. None: a malformed ``%`` escape (answer 400)."""
-    if not target.startswith("/"):
-        return target
-    path, sep, query = target.partition("?")
-    if "%" in path:
-        out = []
-        i = 0
-        while i < len(path):
-            c = path[i]
-            if c == "%":
-                h = path[i + 1 : i + 3]
-                if len(h) != 2 or any(ch not in "0123456789abcdefABCDEF" for ch in h):
-                    return None
-                ch = chr(int(h, 16))
-                out.append(ch if ch in _UNRESERVED else "%" + h.upper())
-                i += 3
-            else:
-                out.append(c)
-                i += 1
-        path = "".join(out)
-    if "/." in path:
-        segs: list[str] = []
-        parts = path.split("/")[1:]
-        for n, seg in enumerate(parts):
-            last = n == len(parts) - 1
-            if seg == ".":
-                if last:
-                    segs.append("")
-            elif seg == "..":
-                if segs:
-                    segs.pop()
-                if last:
-                    segs.append("")
-            else:
-                segs.append(seg)
-        path = "/" + "/".join(segs)
-    return path + sep + query

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nodeagent.core import authz
 from nodeagent.core.clusters import ClusterError, fqdn, port_protocol
 from nodeagent.core.outbound import tunnels
+from nodeagent.core.paths import BadTarget, request_target
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.plan import Answer, Connection, Likeliest, Plan, Request
 from nodeagent.core.ratelimit import key_value
@@ -25,7 +26,6 @@ from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.status import ExplainQuery
 from nodeagent.model.traffic import Destination, RouteDestination
-from nodeagent.proxy.admission import normalize_target
 
 if TYPE_CHECKING:
     from nodeagent.proxy.server import Proxy
@@ -97,6 +97,15 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     }
     if src.locality != NO_LOCALITY:  # what the endpoint tiers below are ranked against
         out["source"]["locality"] = format_locality(src.locality)
+    try:  # the path routing, policy and the app see (as the L7 path normalizes it)
+        path, authority = request_target(
+            q.method, q.path, headers["host"], proxy.l7.path_normalization
+        )
+    except BadTarget as e:
+        return _verdict(out, False, 400, f"request target {q.path!r} refused: {e}")
+    headers["host"] = authority
+    if path != q.path:
+        out["request"]["normalized_path"] = path
     dst_pod: Pod | None = direct
     dst_port = port
     proto = port_protocol(sp) if sp is not None else None
@@ -107,7 +116,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         hash_key = None
         if proto is not None:
             conn = Connection(src, out["source"]["principal"], src.pod_ip or "", svc, sp.port)
-            request = Request(q.method, q.path, headers["host"], headers, conn)
+            request = Request(q.method, path, headers["host"], headers, conn)
             p = proxy.l7.planner.plan(snap, request, Likeliest())
             out["route"] = _route(p)
             if isinstance(p, Answer):
@@ -158,9 +167,6 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
     principal = proxy.identity_principal(src) if tunnel else None
     r = out.get("route") or {}
     route_name = r.get("route_name", "")
-    target = normalize_target(q.path)
-    if target is None:
-        return _verdict(out, False, 400, f"request target {q.path!r} cannot be normalized")
     adm = proxy.admission.decide(
         snap,
         dst_pod,
@@ -170,7 +176,7 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         http=http_at_dst,
         host=headers["host"],
         method=q.method,
-        path=target,
+        path=path,
         headers=headers,
         route=route_name,
         consume=False,

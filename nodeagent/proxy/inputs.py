@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
 from typing import Protocol
 
+from nodeagent.core.paths import BASE
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
@@ -100,6 +101,8 @@ class ProxyInputs:
     identity: MeshIdentity | None = None
     """The workloads' certificates; None: no mTLS, every mesh connection is plain TCP."""
     connect_timeout: float = 5.0
+    path_normalization: str = BASE
+    """Istio's ``pathNormalization`` option for request paths (``core/paths.py``)."""
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

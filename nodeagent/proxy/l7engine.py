@@ -20,6 +20,7 @@ from typing import Any
 
 from nodeagent.core.balancer import BalancerRegistry
 from nodeagent.core.clusters import Cluster, ClusterError, Clusters
+from nodeagent.core.paths import BASE
 from nodeagent.core.plan import NO_RETRY, Answer, Draws, Plan, Planner, Request, trace_id
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
@@ -52,8 +53,12 @@ class L7Engine:
         access_log: AccessLog,
         *,
         rnd: random.Random | None = None,
+        path_normalization: str = BASE,
     ) -> None:
         self.snapshot = snapshot
+        self.path_normalization = path_normalization
+        """Istio's ``pathNormalization`` option: how each request's path is normalized
+        (``core.paths.request_target``) before routing and policy."""
         self.metrics = metrics
         self.rnd = rnd or random.Random()
         # Istio's minHealthPercent defaults to 0: no panic mode, ejected hosts stay out

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
+from nodeagent.core.paths import BadTarget, request_target
 from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
 from nodeagent.errors import ConnectRefusedError, PeerError
 from nodeagent.model.snapshot import Endpoint
@@ -386,12 +387,22 @@ class _Session:
     # -- one stream ---------------------------------------------------------------------
     async def _exchange(self, s: _DownStream, head: StreamRequest) -> None:
         hdrs = join_headers(head.headers)
-        req = Request(head.method, head.path, head.authority, hdrs, self.ds.conn)
+        bad = ""
+        try:  # origin-form, normalized: what routing, policy and the app see
+            path, authority = request_target(
+                head.method, head.path, head.authority, self.engine.path_normalization
+            )
+        except BadTarget as e:
+            path, authority, bad = head.path, head.authority, str(e)
+        req = Request(head.method, path, authority, hdrs, self.ds.conn)
         grpc = hdrs.get("content-type", "").startswith("application/grpc")
         x = begin_exchange(req, "gRPC" if grpc else "HTTP/2")
         body = RequestBody(s)
         out = list(forwardable_h2_headers(head.headers))
         try:
+            if bad:  # before any policy or upstream sees it
+                x.detail = bad
+                raise LocalReply(400, "DPE", "invalid request target")
             p = await self.engine.prepare(self.ds, req, x)
             p.edit_request(out)
             await within(p.timeout, self._attempts(s, req.method, out, body, p, x))

@@ -17,6 +17,7 @@ from collections import deque
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
+from nodeagent.core.paths import BadTarget, request_target
 from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
 from nodeagent.errors import PeerError
 from nodeagent.model.traffic import HeaderOperations, HTTPRetry
@@ -127,16 +128,31 @@ class Http1Session:
     async def _exchange(self, head: RequestHead) -> bool:
         """One request/response; returns False when the client connection must close."""
         hdrs = join_headers(head.headers)
-        req = Request(head.method, head.target, hdrs.get("host", ""), hdrs, self.ds.conn)
+        host = hdrs.get("host", "")
+        bad = ""
+        try:  # origin-form, normalized: what routing, policy and the app see
+            target, authority = request_target(
+                head.method, head.target, host, self.engine.path_normalization
+            )
+        except BadTarget as e:
+            target, authority, bad = head.target, host, str(e)
+        if authority != host:  # absolute-form: its authority replaces Host (RFC 9112 §3.2.2)
+            hdrs["host"] = authority
+            head.headers = (("host", authority), *((k, v) for k, v in head.headers if k != "host"))
+        req = Request(head.method, target, authority, hdrs, self.ds.conn)
         x = begin_exchange(req, f"HTTP/{head.http_version}")
         body = RequestBody(self)
-        if head.expect_continue:  # Envoy's default: answer 100 ourselves
+        if head.expect_continue and not bad:  # Envoy's default: answer 100 ourselves
             self.pipe.write(self.down.send_continue())
         keep = True
         try:
+            if bad:  # before any policy or upstream sees it; the connection then closes
+                x.detail = bad
+                keep = False
+                raise LocalReply(400, "DPE", "invalid request target")
             keep = await self._route(head, req, body, x)
         except LocalReply as r:
-            keep = await self._local_reply(body, x, r)
+            keep = await self._local_reply(body, x, r) and not bad
         except (PipeClosed, ConnectionError):
             x.flag("DC")
             keep = False

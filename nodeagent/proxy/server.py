@@ -41,7 +41,12 @@ class Proxy:
         self.identity = inputs.identity
         self.table = inputs.table
         self.access_log = inputs.access_log
-        self.l7 = L7Proxy(inputs.snapshot, inputs.metrics, inputs.access_log)
+        self.l7 = L7Proxy(
+            inputs.snapshot,
+            inputs.metrics,
+            inputs.access_log,
+            path_normalization=inputs.path_normalization,
+        )
         self.h2pool = H2Pool()
         self.admission = InboundPolicy(inputs.snapshot, state_dir)
         self.pods: dict[str, PodProxy] = {}

@@ -185,6 +185,12 @@ def test_deny_by_source_namespace_and_when_header(sb: Sandbox, policy: Any) -> N
                                "%{http_code}", f"http://echo{raw}"],
                     capture_output=True, text=True, timeout=30)
         assert p.stdout == "403", (raw, p.stdout)
+    # nor does a request target in absolute form, any scheme case, or a backslash
+    for target in ("http://echo/admin", "HTTP://echo/admin/y", "hTtP://x/x/..\\admin"):
+        p = sb.exec("client", ["curl", "-s", "--request-target", target, "-o", "/dev/null",
+                               "-w", "%{http_code}", "http://echo/"],
+                    capture_output=True, text=True, timeout=30)
+        assert p.stdout == "403", (target, p.stdout)
     assert http_request(sb, "client", "http://echo/public")[0] == 200
     # where requests are policed one by one, a protocol switch (h2c) would escape: refused
     code, _, _ = http_request(sb, "client", "http://echo/public",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent.cli import EXIT_BROKEN_PIPE, build_parser, main
+from nodeagent.config import AgentSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -192,3 +193,16 @@ def test_run_reaches_the_config_loader(tmp_path: Path) -> None:
     assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
     assert done.returncode == 2
     assert f"{missing}: not a directory".encode() in done.stderr
+
+
+def test_path_normalization_is_istios_option_default_base(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["run", "--node", "n", "--config", "."]
+    assert AgentSettings.from_args(build_parser().parse_args(argv)).path_normalization == "BASE"
+    args = build_parser().parse_args([*argv, "--path-normalization", "merge_slashes"])
+    assert AgentSettings.from_args(args).path_normalization == "MERGE_SLASHES"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--path-normalization", "strict"])
+    err = capsys.readouterr().err
+    assert "--path-normalization" in err and "DECODE_AND_MERGE_SLASHES" in err

@@ -292,3 +292,11 @@ def test_a_bad_question_is_an_explain_error(snap: MeshSnapshot) -> None:
         ask(snap, "web")
     with pytest.raises(ExplainError, match="not a service or pod of the mesh"):
         ask(snap, "nothing:80")
+
+
+def test_the_path_is_explained_as_the_data_path_normalizes_it(snap: MeshSnapshot) -> None:
+    ans = ask(snap, "web:80", "HTTP://web/x/..\\api/items", method="PUT")
+    assert ans["request"]["normalized_path"] == "/api/items"
+    assert verdict(ans) == verdict(ask(snap, "web:80", "/api/items", method="PUT"))
+    allowed, status, why = verdict(ask(snap, "web:80", "/a%00"))
+    assert (allowed, status) == (False, 400) and "%00" in why
