@@ -50,6 +50,22 @@ STREAM_HIGH_WATER = 256 * 1024
 """Default write high-water mark of a stream (bytes queued waiting for window)."""
 TLS_HIGH_WATER = 1024 * 1024
 """Write high-water mark of the TLS transport under all streams of a connection."""
+CLOSE_GRACE = 5.0
+"""Seconds a closed connection may take to hand its last bytes (GOAWAY) to a peer that
+does not read before it is aborted (its unsent output would otherwise stay forever)."""
+
+_warned: set[str] = set()
+
+
+def warn_once(kind: str, message: str, *args: object) -> None:
+    """Log a peer's misbehaviour at WARNING the first time of its kind, then at DEBUG
+    (the metrics count every one): an attacker must not be able to flood the log."""
+    if kind in _warned:
+        log.debug(message, *args)
+        return
+    _warned.add(kind)
+    log.warning(message + " (further ones of this kind are logged at DEBUG)", *args)
+
 
 Addr = tuple[str, int]
 
@@ -450,6 +466,10 @@ class HboneConn(asyncio.Protocol):
         self.received_any = False
         self._early: list[bytes] = []
         self._flush_scheduled = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self.bytes_out = 0
+        """HTTP/2 bytes handed to the TLS transport (what a peer that reads nothing makes
+        us hold, with the kernel's share)."""
 
     @property
     def label(self) -> str:
@@ -490,6 +510,9 @@ class HboneConn(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         err = self.lost_error(exc)
         for st in list(self.streams.values()):
             st._lose(err)
@@ -524,6 +547,7 @@ class HboneConn(asyncio.Protocol):
         self._flush_scheduled = False
         data = machine.data_to_send()
         if data:
+            self.bytes_out += len(data)
             transport.write(data)
         if self.write_paused:
             for st in list(self.write_paused):
@@ -531,6 +555,12 @@ class HboneConn(asyncio.Protocol):
                     st._resume_writing()
         if machine.closed and not transport.is_closing():
             transport.close()
+            self._abort_handle = self.loop.call_later(CLOSE_GRACE, self._abort_stuck)
+
+    def _abort_stuck(self) -> None:
+        self._abort_handle = None
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
 
     def dispatch(self, events: list[Event]) -> None:
         streams = self.streams
@@ -548,8 +578,14 @@ class HboneConn(asyncio.Protocol):
                 if st is not None:
                     st._on_closed(ev.error_code, ev.by_peer)
             elif isinstance(ev, ConnectionFailed):
-                log.warning("HBONE connection with %s: %s (sent GOAWAY)", self.label, ev.reason)
-                self.on_failed(ev.reason)
+                warn_once(
+                    ev.abuse or "protocol_error",
+                    "HBONE connection with %s (%s): %s (sent GOAWAY)",
+                    self.label,
+                    self.peer_identity,
+                    ev.reason,
+                )
+                self.on_failed(ev.reason, ev.abuse)
             else:
                 self.on_event(ev)
 
@@ -557,8 +593,8 @@ class HboneConn(asyncio.Protocol):
     def on_event(self, ev: Event) -> None:
         raise NotImplementedError
 
-    def on_failed(self, reason: str) -> None:
-        pass
+    def on_failed(self, reason: str, abuse: str | None) -> None:
+        """The peer broke the protocol (``abuse``: or abused it); a GOAWAY went."""
 
     def on_lost(self, exc: Exception | None) -> None:
         pass

@@ -123,7 +123,7 @@ class _ClientConn(HboneConn):
             elif self.reserved <= 0:
                 self.shutdown("peer sent GOAWAY")
 
-    def on_failed(self, reason: str) -> None:
+    def on_failed(self, reason: str, abuse: str | None) -> None:
         self.usable = False
         self.pool._forget(self)
 

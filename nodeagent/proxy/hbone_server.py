@@ -38,8 +38,12 @@ from nodeagent.proxy.hbone import (
     format_addr,
     set_keepalive,
 )
+from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent.hbone")
+
+PEER_ERRORS = ("stream_error", "premature_reset", "protocol_error", "rapid_reset", "control_flood")
+"""What ``nodeagent_http2_peer_errors_total`` counts (``kind``); ``stats`` has each + "s"."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,15 @@ class _ServerConn(HboneConn):
         ):
             self.shutdown("client went away")
 
-    def on_failed(self, reason: str) -> None:
-        self.server._protocol_errors += 1
+    def on_failed(self, reason: str, abuse: str | None) -> None:
+        self.server._count(abuse or "protocol_error")
 
     def on_lost(self, exc: Exception | None) -> None:
+        m = self.server_machine
+        if m.stream_errors:
+            self.server._count("stream_error", m.stream_errors)
+        if m.premature_resets:
+            self.server._count("premature_reset", m.premature_resets)
         self.server._conns.discard(self)
         self.server._check_drained()
 
@@ -139,8 +148,11 @@ class HboneServer:
         *,
         handshake_timeout: float = 10.0,
         settings: HboneSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._metrics = metrics
+        self._peer_errors = dict.fromkeys(PEER_ERRORS, 0)
         self._context = context
         self._on_connect = on_connect
         self.handshake_timeout = handshake_timeout
@@ -156,7 +168,6 @@ class HboneServer:
         self._streams_total = 0
         self._refused = 0
         self._rejected = 0
-        self._protocol_errors = 0
 
     async def _start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -194,8 +205,19 @@ class HboneServer:
             "streams_total": self._streams_total,
             "streams_refused": self._refused,
             "requests_rejected": self._rejected,
-            "protocol_errors": self._protocol_errors,
+            **{f"{k}s": n for k, n in self._peer_errors.items()},
+            # (the metric counts those of a connection when it ends)
+            "stream_errors": self._peer_errors["stream_error"]
+            + sum(c.server_machine.stream_errors for c in self._conns),
+            "premature_resets": self._peer_errors["premature_reset"]
+            + sum(c.server_machine.premature_resets for c in self._conns),
         }
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        """A peer's error or abuse of ``kind`` (one of ``PEER_ERRORS``), ``n`` times."""
+        self._peer_errors[kind] += n
+        if self._metrics is not None:
+            self._metrics.h2_peer_errors.labels("hbone", kind).inc(n)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -332,10 +354,15 @@ async def start_hbone_server(
     *,
     handshake_timeout: float = 10.0,
     settings: HboneSettings | None = None,
+    metrics: Metrics | None = None,
 ) -> HboneServer:
     """Serve HBONE on ``sock`` (bound, listening, non-blocking)."""
     server = HboneServer(
-        context, on_connect, handshake_timeout=handshake_timeout, settings=settings
+        context,
+        on_connect,
+        handshake_timeout=handshake_timeout,
+        settings=settings,
+        metrics=metrics,
     )
     await server._start(sock)
     return server
