@@ -41,6 +41,7 @@ from nodeagent.protocol.hbone import (
     StreamClosed,
     StreamEnded,
 )
+from nodeagent.proxy.peerwarn import warn_once
 
 log = logging.getLogger("nodeagent.hbone")
 
@@ -53,18 +54,6 @@ TLS_HIGH_WATER = 1024 * 1024
 CLOSE_GRACE = 5.0
 """Seconds a closed connection may take to hand its last bytes (GOAWAY) to a peer that
 does not read before it is aborted (its unsent output would otherwise stay forever)."""
-
-_warned: set[str] = set()
-
-
-def warn_once(kind: str, message: str, *args: object) -> None:
-    """Log a peer's misbehaviour at WARNING the first time of its kind, then at DEBUG
-    (the metrics count every one): an attacker must not be able to flood the log."""
-    if kind in _warned:
-        log.debug(message, *args)
-        return
-    _warned.add(kind)
-    log.warning(message + " (further ones of this kind are logged at DEBUG)", *args)
 
 
 Addr = tuple[str, int]
@@ -579,6 +568,7 @@ class HboneConn(asyncio.Protocol):
                     st._on_closed(ev.error_code, ev.by_peer)
             elif isinstance(ev, ConnectionFailed):
                 warn_once(
+                    log,
                     ev.abuse or "protocol_error",
                     "HBONE connection with %s (%s): %s (sent GOAWAY)",
                     self.label,
