@@ -16,10 +16,11 @@ send windows allow and handles GOAWAY both ways:
 - outbound flow control as the I/O layer sees it: ``pending(stream_id)``, the bytes queued
   on a stream for a window, is what it compares with its high/low water marks, and
   ``pause_output`` stops framing stream data while the transport below is full;
-- inbound flow control: a stream's window is returned only for bytes the application has
-  consumed (``acknowledge``), so a paused reader stops its sender after one window; the
-  *connection* window is returned as soon as bytes arrive (they are then bounded by the
-  stream windows), so one paused stream can never stall the others;
+- inbound flow control: windows are returned only for bytes the application has consumed
+  (``acknowledge``), or that were dropped: a paused reader stops its sender after one
+  stream window, and all the bytes held for a connection's streams never exceed its
+  connection window (16 MiB; a stream's is 4 MiB, so it takes four stalled streams to
+  stall the others, as with ztunnel);
 - graceful GOAWAY: ``drain()`` sends one while letting open streams finish, ``close()``
   the final one; a received GOAWAY ends only the streams above its last-stream-id;
 - the DATA fast path (see ``_Connection``): DATA frames are parsed here, not by ``h2``,
@@ -518,21 +519,23 @@ class _Connection(Connection[_Stream]):
         if self._conn_recv_window < 0:
             self._fail("the peer overran the connection window", ErrorCodes.FLOW_CONTROL_ERROR)
             return
-        self._conn_unacked += length
         s = self._streams.get(sid)
         if s is None:
             ours = (sid % 2 == 1) == self._client_side
             h2 = self._h2
             if sid > (h2.highest_outbound_stream_id if ours else h2.highest_inbound_stream_id):
                 self._fail(f"DATA frame on idle stream {sid}", ErrorCodes.PROTOCOL_ERROR)
-            return  # a stream that is over (we reset or answered it): drop
+            self._conn_unacked += length  # a stream that is over (we reset or answered it)
+            return
         if s.remote_ended:
             self.stream_errors += 1
+            self._conn_unacked += length
             self.reset_stream(sid, ErrorCodes.STREAM_CLOSED)
             return
         s.recv_window -= length
         if s.recv_window < 0:
             self.stream_errors += 1
+            self._conn_unacked += length
             self.reset_stream(sid, ErrorCodes.FLOW_CONTROL_ERROR)
             return
         if padding:
@@ -606,9 +609,18 @@ class _Connection(Connection[_Stream]):
 
     # -- streams: receiving ----------------------------------------------------------
     def acknowledge(self, stream_id: int, size: int) -> None:
-        """The application consumed ``size`` bytes of the stream: let the peer send more."""
+        """The application consumed (or dropped) ``size`` bytes of the stream, over or not:
+        let the peer send more. Every byte of ``DataReceived`` must be acknowledged once:
+        the connection window is returned only so."""
+        if self.closed:
+            return
+        self._conn_unacked += size
+        if self._conn_unacked >= self._conn_ack_at:
+            increment, self._conn_unacked = self._conn_unacked, 0
+            self._conn_recv_window += increment
+            self._emit(_window_update(0, increment))
         s = self._streams.get(stream_id)
-        if s is None or s.remote_ended or self.closed:
+        if s is None or s.remote_ended:
             return
         s.unacked += size
         if s.unacked >= self._stream_ack_at:

@@ -253,7 +253,7 @@ class HboneStream(asyncio.Transport):
         if self._closing or self._lost:
             return
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._h2_closed:  # both directions are over already
             self._lose(None)
             return
@@ -265,7 +265,7 @@ class HboneStream(asyncio.Transport):
         if self._lost:
             return
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._h2_closed:
             self._lose(None)
             return
@@ -293,6 +293,7 @@ class HboneStream(asyncio.Transport):
 
     def _on_data(self, data: bytes) -> None:
         if self._closing:
+            self._conn.machine.acknowledge(self.id, len(data))  # dropped: window back
             return
         protocol = self._protocol
         if self._read_paused or protocol is None or self._rbuf:
@@ -338,6 +339,13 @@ class HboneStream(asyncio.Transport):
         if not self._eof_delivered:
             self._eof_pending = True
         self._schedule_deliver()
+
+    def _drop_rbuf(self) -> None:
+        """Forget what was received and not delivered, giving its window back."""
+        rbuf = self._rbuf
+        if rbuf:
+            self._conn.machine.acknowledge(self.id, sum(len(b) for b in rbuf))
+            rbuf.clear()
 
     def _schedule_deliver(self) -> None:
         if self._deliver_handle is None and not self._lost:
@@ -395,7 +403,7 @@ class HboneStream(asyncio.Transport):
             return
         self._lost = True
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._deliver_handle is not None:
             self._deliver_handle.cancel()
             self._deliver_handle = None
@@ -558,6 +566,8 @@ class HboneConn(asyncio.Protocol):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st._on_data(ev.data)
+                else:  # dropped: the connection window must come back all the same
+                    self.machine.acknowledge(ev.stream_id, len(ev.data))
             elif type(ev) is StreamEnded:
                 st = streams.get(ev.stream_id)
                 if st is not None:

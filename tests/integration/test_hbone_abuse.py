@@ -25,12 +25,14 @@ from test_hbone import (
     SERVER_ID,
     Echo,
     Mesh,
+    Stalled,
     listening,
     open_peer,
     pool_for,
     run,
 )
 
+from nodeagent.protocol.hbone import HboneSettings
 from nodeagent.proxy.hbone import TLS_HIGH_WATER
 from nodeagent.proxy.hbone_server import (
     ConnectRefusal,
@@ -316,6 +318,46 @@ def test_a_control_frame_flood_is_bounded_and_ends_in_goaway(
         await good.send(payload)
         await good.eof
         assert good.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+        pool.close()
+        server.abort()
+
+    run(main)
+
+
+# -- item 5: memory held per connection ------------------------------------------------------
+
+
+def test_streams_to_an_app_that_never_reads_hold_at_most_the_connection_window(
+    mesh: Mesh,
+) -> None:
+    payload = os.urandom(5 << 20)
+
+    async def main() -> None:
+        stalled: list[Stalled] = []
+
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            stalled.append(Stalled())
+            return stalled[-1]
+
+        server = await start_hbone_server(listening(), mesh.server_ctx(), on_connect)
+        pool = pool_for(mesh)
+        peers = [await open_peer(pool, server, f"10.0.0.1:{i + 1}") for i in range(30)]
+        sending = [asyncio.create_task(p.send(payload)) for p in peers]
+        held, before = 0, -1
+        while held != before:  # until nothing moves any more
+            before = held
+            await asyncio.sleep(0.3)
+            held = sum(a.transport.get_read_buffer_size() for a in stalled if a.transport)
+        assert pool.stats()["connections"] == 1
+        assert held <= HboneSettings().connection_window, f"{held} bytes held for 30 streams"
+        # Nothing was lost: reading again, every stream gets all its bytes.
+        for app in stalled:
+            assert app.transport is not None
+            app.transport.resume_reading()
+        await asyncio.gather(*sending)
+        await asyncio.gather(*(app.eof for app in stalled))
+        digest = hashlib.sha256(payload).hexdigest()
+        assert all(app.digest.hexdigest() == digest for app in stalled)
         pool.close()
         server.abort()
 
