@@ -18,7 +18,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from certs import make_ca
+from certs import make_ca, spiffe_id
 from hyperframe.frame import GoAwayFrame, PingFrame, RstStreamFrame, SettingsFrame
 from test_hbone import (
     CLIENT_ID,
@@ -26,14 +26,17 @@ from test_hbone import (
     Echo,
     Mesh,
     Stalled,
+    dial,
     listening,
     open_peer,
     pool_for,
     run,
 )
 
+from nodeagent.errors import PeerError
 from nodeagent.protocol.hbone import HboneSettings
 from nodeagent.proxy.hbone import TLS_HIGH_WATER
+from nodeagent.proxy.hbone_client import HboneClientPool
 from nodeagent.proxy.hbone_server import (
     ConnectRefusal,
     ConnectRequest,
@@ -359,6 +362,44 @@ def test_streams_to_an_app_that_never_reads_hold_at_most_the_connection_window(
         digest = hashlib.sha256(payload).hexdigest()
         assert all(app.digest.hexdigest() == digest for app in stalled)
         pool.close()
+        server.abort()
+
+    run(main)
+
+
+def test_connections_per_client_identity_are_capped(mesh: Mesh) -> None:
+    async def main() -> None:
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            return Echo()
+
+        metrics = Metrics()
+        server = await start_hbone_server(
+            listening(),
+            mesh.server_ctx(),
+            on_connect,
+            metrics=metrics,
+            max_connections_per_identity=2,
+        )
+        ctx = mesh.client_ctx()
+        pool = HboneClientPool(dial, lambda identity: ctx, max_streams_per_conn=1)
+        first = [await open_peer(pool, server) for _ in range(2)]
+        assert server.stats()["connections"] == 2
+        with pytest.raises(PeerError, match=r"ENHANCE_YOUR_CALM.*holds 2 HBONE connections"):
+            await open_peer(pool, server)
+        refusals = server.stats()["connection_limits"]
+        assert refusals >= 1  # (the pool tries up to three connections)
+        assert peer_errors(metrics, "connection_limit") == refusals
+        # Another identity is not held to this one's count; the first two still work.
+        other = mesh.ca.issue(spiffe_id("shop", "ratings"))
+        other_ctx = mesh.client_ctx(other)
+        other_pool = HboneClientPool(dial, lambda identity: other_ctx)
+        await open_peer(other_pool, server)
+        for peer in first:
+            await peer.send(b"still here")
+            await peer.eof
+            assert peer.received == len(b"still here")
+        pool.close()
+        other_pool.close()
         server.abort()
 
     run(main)
