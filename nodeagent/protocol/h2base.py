@@ -215,6 +215,8 @@ class Connection(Generic[S]):
         """Streams we reset because the peer broke the protocol on that stream alone."""
         self.abuse: str | None = None
         """``rapid_reset`` or ``control_flood`` once the connection was closed for it."""
+        self._graceful_reset = False
+        """Rapid reset drains (``_abuse(graceful=True)``) rather than closes at once."""
 
     # -- connection ------------------------------------------------------------------
     def _start(self) -> None:
@@ -249,7 +251,7 @@ class Connection(Generic[S]):
             self._out.append(self._h2.data_to_send())
         self._out.append(frame)
 
-    def _drain(self, debug: bytes) -> None:
+    def _drain(self, debug: bytes, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful GOAWAY: the peer may open no new streams; open ones may finish."""
         if self.goaway_sent is not None or self.closed:
             return
@@ -257,7 +259,7 @@ class Connection(Generic[S]):
         self.goaway_sent = last
         frame = GoAwayFrame(0)
         frame.last_stream_id = last
-        frame.error_code = ErrorCodes.NO_ERROR
+        frame.error_code = error_code
         frame.additional_data = debug
         self._emit(frame.serialize())
 
@@ -309,22 +311,29 @@ class Connection(Generic[S]):
         it opened ``premature_reset_min_streams``), that is the rapid reset attack."""
         self.premature_resets += 1
         n = self.peer_streams
-        if n >= self._reset_min and self.premature_resets * 2 >= n:
+        if n >= self._reset_min and self.premature_resets * 2 >= n and self.abuse is None:
             self._abuse(
                 "rapid_reset",
                 f"{self.premature_resets} of {n} streams reset by the peer before an answer",
+                graceful=self._graceful_reset,
             )
 
-    def _abuse(self, kind: str, reason: str) -> None:
+    def _abuse(self, kind: str, reason: str, *, graceful: bool = False) -> None:
         """Close for abuse: drop the output queued so far (the flood's answers), final
-        GOAWAY(ENHANCE_YOUR_CALM) naming the last stream processed; ``_on_abuse`` follows."""
+        GOAWAY(ENHANCE_YOUR_CALM) naming the last stream processed; ``_on_abuse`` follows.
+        ``graceful``: a GOAWAY(ENHANCE_YOUR_CALM) that lets the streams still open finish
+        (other connections of a pool share this one: only new streams are refused)."""
         if self.closed:
             return
         self.abuse = kind
+        if graceful:
+            self._drain(reason.encode()[:256], ErrorCodes.ENHANCE_YOUR_CALM)
+            self._on_abuse(reason, True)
+            return
         self._h2.clear_outbound_data_buffer()
         self._out.clear()
         self._close(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode()[:256])
-        self._on_abuse(reason)
+        self._on_abuse(reason, False)
 
     def _receive_goaway(self, ev: h2e.ConnectionTerminated) -> tuple[int, list[S]]:
         """The peer's GOAWAY: no new streams here. Ours above its last-stream-id were never
@@ -497,5 +506,6 @@ class Connection(Generic[S]):
     def _on_sent(self, s: S, size: int) -> None:
         """``size`` bytes queued on the stream were framed, as a window opened."""
 
-    def _on_abuse(self, reason: str) -> None:
-        """The connection was closed for abuse (``abuse``): end the streams, tell the caller."""
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
+        """The connection was closed for abuse (``abuse``): end the streams, tell the caller;
+        ``graceful``: only a GOAWAY went, the streams still open may finish."""

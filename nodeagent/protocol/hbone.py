@@ -194,10 +194,13 @@ class GoAwayReceived:
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
     """The peer broke the protocol, or abused it (``abuse``: ``rapid_reset``,
-    ``control_flood``); a GOAWAY is queued. Flush it and close the connection."""
+    ``control_flood``); a GOAWAY is queued. Flush it and close the connection, or with
+    ``graceful`` (rapid reset) once the streams still open have finished: the GOAWAY
+    refuses new ones, and a peer that goes on opening them fails the connection."""
 
     reason: str
     abuse: str | None = None
+    graceful: bool = False
 
 
 Event = (
@@ -340,6 +343,8 @@ class _Connection(Connection[_Stream]):
             normalize_inbound_headers=True,
         )
         super().__init__(H2(config=config), s)
+        self._graceful_reset = True  # a pooled connection carries other workloads' tunnels
+        self._after_goaway = 0
         self._events: list[Event] = []
         self._inbuf = b""
         """The start of a frame whose end has not arrived yet."""
@@ -676,7 +681,10 @@ class _Connection(Connection[_Stream]):
         self.failed = reason
         self._events.append(ConnectionFailed(reason))
 
-    def _on_abuse(self, reason: str) -> None:
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
+        if graceful:
+            self._events.append(ConnectionFailed(reason, self.abuse, graceful=True))
+            return
         self._fail_connection(None)
         self.failed = reason
         self._events.append(ConnectionFailed(reason, self.abuse))
@@ -763,11 +771,16 @@ class ServerConnection(_Connection):
     def _on_request(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
         self.peer_streams += 1
         hs = self._h2.streams.get(stream_id)
-        if hs is None or hs.closed:  # reset by a later frame of the same read
-            self._premature_reset()
-            return
+        ended = hs is None or hs.closed  # reset by a later frame of the same read
         if self.goaway_sent is not None and stream_id > self.goaway_sent:
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if not ended:
+                self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._after_goaway += 1
+            if self.abuse is not None and self._after_goaway > self._reset_min:
+                self._fail("kept opening streams after GOAWAY", ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        if hs is None or hs.closed:
+            self._premature_reset()
             return
         pseudo, headers = _decode_headers(raw)
         method = pseudo.get(":method", "")

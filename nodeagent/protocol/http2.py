@@ -440,7 +440,7 @@ class _Connection(Connection[_Stream]):
         """RequestReceived, ResponseReceived, InformationalResponseReceived (and the
         events that need nothing: SETTINGS acks, priority, StreamEnded)."""
 
-    def _on_abuse(self, reason: str) -> None:
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
         self._shut()
         self._events.clear()  # the streams of this read are dropped with the connection
         self._events.append(ProtocolError(clean_text(reason), self.abuse))

@@ -140,6 +140,8 @@ class _ServerConn(HboneConn):
 
     def on_failed(self, reason: str, abuse: str | None) -> None:
         self.server._count(abuse or "protocol_error")
+        if not self.streams and not self.machine.closed:  # a graceful GOAWAY: nothing to finish
+            self.shutdown(reason, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def on_lost(self, exc: Exception | None) -> None:
         if self.counted:

@@ -34,6 +34,7 @@ from test_hbone import (
 )
 
 from nodeagent.errors import PeerError
+from nodeagent.protocol.h2base import H2
 from nodeagent.protocol.hbone import HboneSettings
 from nodeagent.proxy.hbone import TLS_HIGH_WATER
 from nodeagent.proxy.hbone_client import HboneClientPool
@@ -246,6 +247,74 @@ def test_rapid_reset_is_answered_with_goaway_and_counted(mesh: Mesh) -> None:
         assert 100 <= stats["premature_resets"] < 10_000
         assert peer_errors(metrics, "rapid_reset") == 1
         pool.close()
+        server.abort()
+
+    run(main)
+
+
+def reset_beside_a_tunnel(port: int, ctx: ssl.SSLContext, payload: bytes) -> tuple[int, bytes]:
+    """Stream 1 is an open tunnel; then 150 HEADERS+RST pairs on the same connection; then
+    ``payload`` through stream 1. Returns the GOAWAY's code and what stream 1 echoed.
+    (h2 with RFC 9113 GOAWAY semantics: h2 itself would stop at any GOAWAY.)"""
+    conn = H2(config=h2.config.H2Configuration(client_side=True))
+    echoed = bytearray()
+    goaway = -1
+    ended = False
+    with tls(port, ctx) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, CONNECT)
+        sock.sendall(conn.data_to_send())
+
+        def pump() -> bool:
+            nonlocal goaway, ended
+            data = sock.recv(1 << 16)
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ConnectionTerminated):
+                    goaway = int(ev.error_code or 0)
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                    echoed.extend(ev.data or b"")
+                    conn.acknowledge_received_data(ev.flow_controlled_length or 0, 1)
+                elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
+                    ended = True
+            sock.sendall(conn.data_to_send())
+            return bool(data)
+
+        while not conn.streams[1].state_machine.headers_received:
+            pump()
+        burst = b""
+        for i in range(1, 151):
+            conn.send_headers(2 * i + 1, CONNECT)
+            conn.reset_stream(2 * i + 1, 0x8)
+            burst += conn.data_to_send()
+        sock.sendall(burst)
+        while goaway < 0:
+            pump()
+        sent = 0
+        while not ended:
+            window = conn.local_flow_control_window(1) if sent < len(payload) else 0
+            if window:
+                n = min(len(payload) - sent, window, conn.max_outbound_frame_size)
+                conn.send_data(1, payload[sent : sent + n], end_stream=sent + n == len(payload))
+                sent += n
+                sock.sendall(conn.data_to_send())
+            if not pump():
+                break
+    return goaway, bytes(echoed)
+
+
+def test_rapid_reset_lets_the_tunnels_open_on_that_connection_finish(mesh: Mesh) -> None:
+    payload = os.urandom(500_000)
+
+    async def main() -> None:
+        metrics = Metrics()
+        server = await echo_server(mesh, metrics)
+        port = server.sockets[0].getsockname()[1]
+        code, echoed = await asyncio.get_running_loop().run_in_executor(
+            None, reset_beside_a_tunnel, port, mesh.client_ctx(), payload
+        )
+        assert code == ENHANCE_YOUR_CALM
+        assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert server.stats()["rapid_resets"] == 1
         server.abort()
 
     run(main)
