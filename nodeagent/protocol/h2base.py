@@ -81,6 +81,10 @@ class Settings(Protocol):
     def max_concurrent_streams(self) -> int: ...
     @property
     def max_header_list_size(self) -> int: ...
+    @property
+    def max_outbound_control_frames(self) -> int: ...
+    @property
+    def premature_reset_min_streams(self) -> int: ...
 
 
 def check_settings(s: Settings) -> None:
@@ -93,6 +97,10 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"max_frame_size {s.max_frame_size} is not in 16384..2^24-1")
     if s.max_concurrent_streams < 1:
         raise ValueError("max_concurrent_streams must be at least 1")
+    if s.max_outbound_control_frames < 1:
+        raise ValueError("max_outbound_control_frames must be at least 1")
+    if s.premature_reset_min_streams < 1:
+        raise ValueError("premature_reset_min_streams must be at least 1")
 
 
 def clean_text(text: str) -> str:
@@ -195,6 +203,20 @@ class Connection(Generic[S]):
         """The last-stream-id of a GOAWAY from the peer, once one arrived."""
         self.closed = False
         """No more frames either way (a final GOAWAY, a protocol failure, or EOF)."""
+        self._max_control = settings.max_outbound_control_frames
+        self._reset_min = settings.premature_reset_min_streams
+        self._backlogged = False
+        self._control_backlog = 0
+        self.peer_streams = 0
+        """Streams the peer opened (requests received, answered or not)."""
+        self.premature_resets = 0
+        """Streams the peer reset (or opened already reset) before we answered them."""
+        self.stream_errors = 0
+        """Streams we reset because the peer broke the protocol on that stream alone."""
+        self.abuse: str | None = None
+        """``rapid_reset`` or ``control_flood`` once the connection was closed for it."""
+        self._graceful_reset = False
+        """Rapid reset drains (``_abuse(graceful=True)``) rather than closes at once."""
 
     # -- connection ------------------------------------------------------------------
     def _start(self) -> None:
@@ -229,7 +251,7 @@ class Connection(Generic[S]):
             self._out.append(self._h2.data_to_send())
         self._out.append(frame)
 
-    def _drain(self, debug: bytes) -> None:
+    def _drain(self, debug: bytes, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful GOAWAY: the peer may open no new streams; open ones may finish."""
         if self.goaway_sent is not None or self.closed:
             return
@@ -237,7 +259,7 @@ class Connection(Generic[S]):
         self.goaway_sent = last
         frame = GoAwayFrame(0)
         frame.last_stream_id = last
-        frame.error_code = ErrorCodes.NO_ERROR
+        frame.error_code = error_code
         frame.additional_data = debug
         self._emit(frame.serialize())
 
@@ -261,6 +283,57 @@ class Connection(Generic[S]):
         self.closed = True
         for s in list(self._streams.values()):
             self._finish(s, ErrorCodes.PROTOCOL_ERROR, by_peer=True)
+
+    # -- abuse (CVE-2023-44487 rapid reset, PING/SETTINGS floods) ---------------------
+    def set_backlogged(self, backlogged: bool) -> None:
+        """The transport below holds more unsent bytes than its high-water mark (the
+        peer is not reading), or no longer does; while it does, the ACKs our peer's PING
+        and SETTINGS frames queue are counted (``max_outbound_control_frames``)."""
+        self._backlogged = backlogged
+        if not backlogged:
+            self._control_backlog = 0
+
+    def _control_reply(self) -> None:
+        """A PING or SETTINGS from the peer queued an ACK: past the limit of ACKs queued
+        while the peer reads nothing, the connection is closed (ENHANCE_YOUR_CALM)."""
+        if not self._backlogged:
+            return
+        self._control_backlog += 1
+        if self._control_backlog > self._max_control:
+            self._abuse(
+                "control_flood",
+                f"more than {self._max_control} PING/SETTINGS answers queued "
+                "while the peer reads nothing",
+            )
+
+    def _premature_reset(self) -> None:
+        """The peer reset a stream before we answered it: past half of its streams (once
+        it opened ``premature_reset_min_streams``), that is the rapid reset attack."""
+        self.premature_resets += 1
+        n = self.peer_streams
+        if n >= self._reset_min and self.premature_resets * 2 >= n and self.abuse is None:
+            self._abuse(
+                "rapid_reset",
+                f"{self.premature_resets} of {n} streams reset by the peer before an answer",
+                graceful=self._graceful_reset,
+            )
+
+    def _abuse(self, kind: str, reason: str, *, graceful: bool = False) -> None:
+        """Close for abuse: drop the output queued so far (the flood's answers), final
+        GOAWAY(ENHANCE_YOUR_CALM) naming the last stream processed; ``_on_abuse`` follows.
+        ``graceful``: a GOAWAY(ENHANCE_YOUR_CALM) that lets the streams still open finish
+        (other connections of a pool share this one: only new streams are refused)."""
+        if self.closed:
+            return
+        self.abuse = kind
+        if graceful:
+            self._drain(reason.encode()[:256], ErrorCodes.ENHANCE_YOUR_CALM)
+            self._on_abuse(reason, True)
+            return
+        self._h2.clear_outbound_data_buffer()
+        self._out.clear()
+        self._close(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode()[:256])
+        self._on_abuse(reason, False)
 
     def _receive_goaway(self, ev: h2e.ConnectionTerminated) -> tuple[int, list[S]]:
         """The peer's GOAWAY: no new streams here. Ours above its last-stream-id were never
@@ -432,3 +505,7 @@ class Connection(Generic[S]):
 
     def _on_sent(self, s: S, size: int) -> None:
         """``size`` bytes queued on the stream were framed, as a window opened."""
+
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
+        """The connection was closed for abuse (``abuse``): end the streams, tell the caller;
+        ``graceful``: only a GOAWAY went, the streams still open may finish."""

@@ -16,10 +16,11 @@ send windows allow and handles GOAWAY both ways:
 - outbound flow control as the I/O layer sees it: ``pending(stream_id)``, the bytes queued
   on a stream for a window, is what it compares with its high/low water marks, and
   ``pause_output`` stops framing stream data while the transport below is full;
-- inbound flow control: a stream's window is returned only for bytes the application has
-  consumed (``acknowledge``), so a paused reader stops its sender after one window; the
-  *connection* window is returned as soon as bytes arrive (they are then bounded by the
-  stream windows), so one paused stream can never stall the others;
+- inbound flow control: windows are returned only for bytes the application has consumed
+  (``acknowledge``), or that were dropped: a paused reader stops its sender after one
+  stream window, and all the bytes held for a connection's streams never exceed its
+  connection window (16 MiB; a stream's is 4 MiB, so it takes four stalled streams to
+  stall the others, as with ztunnel);
 - graceful GOAWAY: ``drain()`` sends one while letting open streams finish, ``close()``
   the final one; a received GOAWAY ends only the streams above its last-stream-id;
 - the DATA fast path (see ``_Connection``): DATA frames are parsed here, not by ``h2``,
@@ -98,6 +99,12 @@ class HboneSettings:
     max_concurrent_streams: int = 100
     """SETTINGS_MAX_CONCURRENT_STREAMS: streams the peer may open towards us."""
     max_header_list_size: int = 64 * 1024
+    max_outbound_control_frames: int = 1000
+    """PING/SETTINGS answers queued while the peer reads nothing before the connection
+    is closed with GOAWAY(ENHANCE_YOUR_CALM) (Envoy's ``max_outbound_control_frames``)."""
+    premature_reset_min_streams: int = 100
+    """Streams a peer may open before resets ahead of our answer count as rapid reset
+    (CVE-2023-44487): from then on, half of its streams reset early closes it."""
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -186,9 +193,14 @@ class GoAwayReceived:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
-    """The peer broke the protocol; a GOAWAY is queued. Flush it and close the connection."""
+    """The peer broke the protocol, or abused it (``abuse``: ``rapid_reset``,
+    ``control_flood``); a GOAWAY is queued. Flush it and close the connection, or with
+    ``graceful`` (rapid reset) once the streams still open have finished: the GOAWAY
+    refuses new ones, and a peer that goes on opening them fails the connection."""
 
     reason: str
+    abuse: str | None = None
+    graceful: bool = False
 
 
 Event = (
@@ -296,11 +308,13 @@ def _window_update(stream_id: int, increment: int) -> bytes:
 
 
 class _Stream(Stream):
-    __slots__ = ("discard", "recv_window")
+    __slots__ = ("answered", "discard", "recv_window")
 
     def __init__(self, stream_id: int, h2_stream: H2Stream, recv_window: int) -> None:
         super().__init__(stream_id, h2_stream)
         self.recv_window = recv_window
+        self.answered = False
+        """Server: ``accept`` or ``refuse`` was called (a reset before is premature)."""
         self.discard = False
         """Bytes arriving are dropped (and their window returned), not reported."""
 
@@ -329,6 +343,8 @@ class _Connection(Connection[_Stream]):
             normalize_inbound_headers=True,
         )
         super().__init__(H2(config=config), s)
+        self._graceful_reset = True  # a pooled connection carries other workloads' tunnels
+        self._after_goaway = 0
         self._events: list[Event] = []
         self._inbuf = b""
         """The start of a frame whose end has not arrived yet."""
@@ -358,8 +374,17 @@ class _Connection(Connection[_Stream]):
         return events
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; returns the events they caused. Never raises: a
+        stream's error resets that stream, anything else fails the connection (GOAWAY)."""
         if self.failed is not None or self.closed:
             return self.take_events()
+        try:
+            return self._receive(data)
+        except Exception as e:  # a bug of ours must not take more than this connection
+            self._fail(f"internal error on the peer's frames: {e!r}", ErrorCodes.INTERNAL_ERROR)
+            return self.take_events()
+
+    def _receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         mv = memoryview(data)
         pos = 0
         if self._preface_left:
@@ -454,11 +479,32 @@ class _Connection(Connection[_Stream]):
             return False
         for ev in h2_events:
             t = type(ev)
-            if t is h2e.WindowUpdated or t is h2e.RemoteSettingsChanged:
+            if t is h2e.WindowUpdated:
                 self._window_opened = True
+            elif t is h2e.RemoteSettingsChanged or t is h2e.PingReceived:
+                self._window_opened = True
+                self._control_reply()
             elif t is not h2e.DataReceived:  # only the empty END_STREAM ones we made
-                self._on_event(ev)
+                try:
+                    self._on_event(ev)
+                except h2x.ProtocolError as e:  # our answer on a stream that just ended
+                    self._stream_error(getattr(ev, "stream_id", None), str(e))
+            if self.closed:  # abuse, or a GOAWAY of ours
+                return not self.has_failed()
         return True
+
+    def _stream_error(self, stream_id: int | None, reason: str) -> None:
+        """A protocol error confined to one stream: reset it (PROTOCOL_ERROR), counted."""
+        self.stream_errors += 1
+        if not stream_id:
+            return
+        s = self._streams.get(stream_id)
+        if s is not None:
+            self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        hs = self._h2.streams.get(stream_id)
+        if hs is not None and not hs.closed:
+            self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_data_frame(self, mv: memoryview, start: int, stop: int, flags: int, sid: int) -> None:
         length = stop - start
@@ -478,19 +524,23 @@ class _Connection(Connection[_Stream]):
         if self._conn_recv_window < 0:
             self._fail("the peer overran the connection window", ErrorCodes.FLOW_CONTROL_ERROR)
             return
-        self._conn_unacked += length
         s = self._streams.get(sid)
         if s is None:
             ours = (sid % 2 == 1) == self._client_side
             h2 = self._h2
             if sid > (h2.highest_outbound_stream_id if ours else h2.highest_inbound_stream_id):
                 self._fail(f"DATA frame on idle stream {sid}", ErrorCodes.PROTOCOL_ERROR)
-            return  # a stream that is over (we reset or answered it): drop
+            self._conn_unacked += length  # a stream that is over (we reset or answered it)
+            return
         if s.remote_ended:
+            self.stream_errors += 1
+            self._conn_unacked += length
             self.reset_stream(sid, ErrorCodes.STREAM_CLOSED)
             return
         s.recv_window -= length
         if s.recv_window < 0:
+            self.stream_errors += 1
+            self._conn_unacked += length
             self.reset_stream(sid, ErrorCodes.FLOW_CONTROL_ERROR)
             return
         if padding:
@@ -504,11 +554,14 @@ class _Connection(Connection[_Stream]):
             self._to_h2(_data_header(0, sid, _END_STREAM))
 
     def pause_output(self) -> None:
-        """Stop framing stream data (the transport below is full); control frames still go."""
+        """Stop framing stream data (the transport below is full); control frames still go,
+        up to ``max_outbound_control_frames`` of them."""
         self._output_paused = True
+        self.set_backlogged(True)
 
     def resume_output(self) -> None:
         self._output_paused = False
+        self.set_backlogged(False)
         if self._blocked:
             self._flush_blocked()
 
@@ -561,9 +614,18 @@ class _Connection(Connection[_Stream]):
 
     # -- streams: receiving ----------------------------------------------------------
     def acknowledge(self, stream_id: int, size: int) -> None:
-        """The application consumed ``size`` bytes of the stream: let the peer send more."""
+        """The application consumed (or dropped) ``size`` bytes of the stream, over or not:
+        let the peer send more. Every byte of ``DataReceived`` must be acknowledged once:
+        the connection window is returned only so."""
+        if self.closed:
+            return
+        self._conn_unacked += size
+        if self._conn_unacked >= self._conn_ack_at:
+            increment, self._conn_unacked = self._conn_unacked, 0
+            self._conn_recv_window += increment
+            self._emit(_window_update(0, increment))
         s = self._streams.get(stream_id)
-        if s is None or s.remote_ended or self.closed:
+        if s is None or s.remote_ended:
             return
         s.unacked += size
         if s.unacked >= self._stream_ack_at:
@@ -585,6 +647,8 @@ class _Connection(Connection[_Stream]):
             s = self._streams.get(ev.stream_id or 0)
             if s is not None:
                 self._finish(s, int(ev.error_code or 0), by_peer=True)
+                if not s.answered and ev.remote_reset:
+                    self._premature_reset()
         elif isinstance(ev, h2e.ConnectionTerminated):
             last, _ = self._receive_goaway(ev)
             debug = (ev.additional_data or b"").decode("utf-8", "replace")
@@ -602,8 +666,8 @@ class _Connection(Connection[_Stream]):
     def _on_response(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
         self._h2.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
 
-    def _track(self, stream_id: int) -> _Stream:
-        s = _Stream(stream_id, self._h2.streams[stream_id], self.settings.stream_window)
+    def _track(self, stream_id: int, h2_stream: H2Stream) -> _Stream:
+        s = _Stream(stream_id, h2_stream, self.settings.stream_window)
         self._streams[stream_id] = s
         return s
 
@@ -616,6 +680,14 @@ class _Connection(Connection[_Stream]):
         self._fail_connection(error_code, reason.encode()[:256])
         self.failed = reason
         self._events.append(ConnectionFailed(reason))
+
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
+        if graceful:
+            self._events.append(ConnectionFailed(reason, self.abuse, graceful=True))
+            return
+        self._fail_connection(None)
+        self.failed = reason
+        self._events.append(ConnectionFailed(reason, self.abuse))
 
 
 class ClientConnection(_Connection):
@@ -644,7 +716,7 @@ class ClientConnection(_Connection):
         block: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", authority)]
         block.extend((k.lower(), v) for k, v in headers.items())
         self._h2.send_headers(sid, block)
-        self._track(sid)
+        self._track(sid, self._h2.streams[sid])
         return sid
 
     def _on_response(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
@@ -668,8 +740,9 @@ class ServerConnection(_Connection):
     def accept(self, stream_id: int, headers: Mapping[str, str] | None = None) -> None:
         """Answer ``200``: the tunnel is open (after the destination was connected)."""
         s = self._streams.get(stream_id)
-        if s is None or self.closed:
+        if s is None or self.closed or s.answered:
             return
+        s.answered = True
         block = [(":status", "200")]
         if headers:
             block.extend((k.lower(), v) for k, v in headers.items())
@@ -678,8 +751,9 @@ class ServerConnection(_Connection):
     def refuse(self, stream_id: int, status: int, reason: str) -> None:
         """Answer an error status with ``x-nodeagent-reason`` and reset the stream."""
         s = self._streams.get(stream_id)
-        if s is None or self.closed:
+        if s is None or self.closed or s.answered:
             return
+        s.answered = True
         self._respond_error(stream_id, status, reason)
         self._finish(s, ErrorCodes.NO_ERROR, by_peer=False)
 
@@ -695,8 +769,18 @@ class ServerConnection(_Connection):
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
     def _on_request(self, stream_id: int, raw: Iterable[tuple[bytes | str, bytes | str]]) -> None:
+        self.peer_streams += 1
+        hs = self._h2.streams.get(stream_id)
+        ended = hs is None or hs.closed  # reset by a later frame of the same read
         if self.goaway_sent is not None and stream_id > self.goaway_sent:
-            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if not ended:
+                self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._after_goaway += 1
+            if self.abuse is not None and self._after_goaway > self._reset_min:
+                self._fail("kept opening streams after GOAWAY", ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        if hs is None or hs.closed:
+            self._premature_reset()
             return
         pseudo, headers = _decode_headers(raw)
         method = pseudo.get(":method", "")
@@ -712,5 +796,5 @@ class ServerConnection(_Connection):
             self._respond_error(stream_id, 400, str(e))
             self._events.append(RequestRejected(stream_id, 400, str(e)))
             return
-        self._track(stream_id)
+        self._track(stream_id, hs)
         self._events.append(ConnectRequested(stream_id, authority, destination, headers))

@@ -147,6 +147,12 @@ class Http2Settings:
     """SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 §6.5.2 size: name + value + 32 per field).
     A larger request head is answered ``431``; a larger response head resets its stream.
     Beyond four times this, decoding stops and the connection fails (HPACK bomb)."""
+    max_outbound_control_frames: int = 1000
+    """PING/SETTINGS answers queued while the peer reads nothing before the connection
+    is closed with GOAWAY(ENHANCE_YOUR_CALM) (Envoy's ``max_outbound_control_frames``)."""
+    premature_reset_min_streams: int = 100
+    """Streams a client may open before resets ahead of our response head count as
+    rapid reset (CVE-2023-44487): from then on, half of its streams reset early closes it."""
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -276,10 +282,12 @@ class ConnectionEnded:
 
 @dataclass(slots=True)
 class ProtocolError:
-    """The peer broke HTTP/2 at the connection level. A GOAWAY is queued: write
-    ``data_to_send()`` and close. Every open stream is lost; no further events."""
+    """The peer broke HTTP/2 at the connection level, or abused it (``abuse``:
+    ``rapid_reset``, ``control_flood``). A GOAWAY is queued: write ``data_to_send()`` and
+    close. Every open stream is lost; no further events."""
 
     reason: str
+    abuse: str | None = None
 
 
 DownstreamEvent = (
@@ -391,6 +399,10 @@ class _Connection(Connection[_Stream]):
                 s = streams.get(ev.stream_id)
                 if s is not None:
                     self._finish(s, int(ev.error_code), by_peer=ev.remote_reset)
+                    if ev.remote_reset and not s.head_sent:  # downstream, before our answer
+                        self._premature_reset()
+                        if self.closed:
+                            break
                     if s.surfaced:
                         why = "" if ev.remote_reset else "reset for a protocol error"
                         events.append(StreamReset(s.id, int(ev.error_code), why))
@@ -399,12 +411,21 @@ class _Connection(Connection[_Stream]):
             elif isinstance(ev, h2e.RemoteSettingsChanged):
                 window_opened = True
                 self._on_settings()
+                self._control_reply()
+                if self.closed:
+                    break
+            elif isinstance(ev, h2e.PingReceived):
+                self._control_reply()
+                if self.closed:
+                    break
             elif isinstance(ev, StreamMalformed):
                 self._on_malformed(ev.stream_id, clean_text(ev.reason), 400)
             elif isinstance(ev, h2e.ConnectionTerminated):
                 self._on_goaway(ev)
             else:
                 self._on_headers(ev)
+                if self.closed:
+                    break
         if window_opened and self._blocked:
             self._flush_blocked()
         h2 = self._h2
@@ -417,7 +438,12 @@ class _Connection(Connection[_Stream]):
 
     def _on_headers(self, ev: h2e.Event) -> None:
         """RequestReceived, ResponseReceived, InformationalResponseReceived (and the
-        events that need nothing: PINGs, SETTINGS acks, priority, StreamEnded)."""
+        events that need nothing: SETTINGS acks, priority, StreamEnded)."""
+
+    def _on_abuse(self, reason: str, graceful: bool) -> None:
+        self._shut()
+        self._events.clear()  # the streams of this read are dropped with the connection
+        self._events.append(ProtocolError(clean_text(reason), self.abuse))
 
     def _on_settings(self) -> None:
         """The peer's SETTINGS changed."""
@@ -633,8 +659,10 @@ class DownstreamHttp2(_Connection):
         if not isinstance(ev, h2e.RequestReceived):
             return
         sid = ev.stream_id
+        self.peer_streams += 1
         hs = self._h2.streams.get(sid)
         if hs is None or hs.closed:  # reset by a frame later in the same read
+            self._premature_reset()
             return
         if self.goaway_sent is not None and sid > self.goaway_sent:
             self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)

@@ -41,6 +41,7 @@ from nodeagent.protocol.hbone import (
     StreamClosed,
     StreamEnded,
 )
+from nodeagent.proxy.peerwarn import warn_once
 
 log = logging.getLogger("nodeagent.hbone")
 
@@ -50,6 +51,10 @@ STREAM_HIGH_WATER = 256 * 1024
 """Default write high-water mark of a stream (bytes queued waiting for window)."""
 TLS_HIGH_WATER = 1024 * 1024
 """Write high-water mark of the TLS transport under all streams of a connection."""
+CLOSE_GRACE = 5.0
+"""Seconds a closed connection may take to hand its last bytes (GOAWAY) to a peer that
+does not read before it is aborted (its unsent output would otherwise stay forever)."""
+
 
 Addr = tuple[str, int]
 
@@ -248,7 +253,7 @@ class HboneStream(asyncio.Transport):
         if self._closing or self._lost:
             return
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._h2_closed:  # both directions are over already
             self._lose(None)
             return
@@ -260,7 +265,7 @@ class HboneStream(asyncio.Transport):
         if self._lost:
             return
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._h2_closed:
             self._lose(None)
             return
@@ -288,6 +293,7 @@ class HboneStream(asyncio.Transport):
 
     def _on_data(self, data: bytes) -> None:
         if self._closing:
+            self._conn.machine.acknowledge(self.id, len(data))  # dropped: window back
             return
         protocol = self._protocol
         if self._read_paused or protocol is None or self._rbuf:
@@ -333,6 +339,13 @@ class HboneStream(asyncio.Transport):
         if not self._eof_delivered:
             self._eof_pending = True
         self._schedule_deliver()
+
+    def _drop_rbuf(self) -> None:
+        """Forget what was received and not delivered, giving its window back."""
+        rbuf = self._rbuf
+        if rbuf:
+            self._conn.machine.acknowledge(self.id, sum(len(b) for b in rbuf))
+            rbuf.clear()
 
     def _schedule_deliver(self) -> None:
         if self._deliver_handle is None and not self._lost:
@@ -390,7 +403,7 @@ class HboneStream(asyncio.Transport):
             return
         self._lost = True
         self._closing = True
-        self._rbuf.clear()
+        self._drop_rbuf()
         if self._deliver_handle is not None:
             self._deliver_handle.cancel()
             self._deliver_handle = None
@@ -450,6 +463,10 @@ class HboneConn(asyncio.Protocol):
         self.received_any = False
         self._early: list[bytes] = []
         self._flush_scheduled = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self.bytes_out = 0
+        """HTTP/2 bytes handed to the TLS transport (what a peer that reads nothing makes
+        us hold, with the kernel's share)."""
 
     @property
     def label(self) -> str:
@@ -490,6 +507,9 @@ class HboneConn(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         err = self.lost_error(exc)
         for st in list(self.streams.values()):
             st._lose(err)
@@ -524,6 +544,7 @@ class HboneConn(asyncio.Protocol):
         self._flush_scheduled = False
         data = machine.data_to_send()
         if data:
+            self.bytes_out += len(data)
             transport.write(data)
         if self.write_paused:
             for st in list(self.write_paused):
@@ -531,6 +552,12 @@ class HboneConn(asyncio.Protocol):
                     st._resume_writing()
         if machine.closed and not transport.is_closing():
             transport.close()
+            self._abort_handle = self.loop.call_later(CLOSE_GRACE, self._abort_stuck)
+
+    def _abort_stuck(self) -> None:
+        self._abort_handle = None
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
 
     def dispatch(self, events: list[Event]) -> None:
         streams = self.streams
@@ -539,6 +566,8 @@ class HboneConn(asyncio.Protocol):
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st._on_data(ev.data)
+                else:  # dropped: the connection window must come back all the same
+                    self.machine.acknowledge(ev.stream_id, len(ev.data))
             elif type(ev) is StreamEnded:
                 st = streams.get(ev.stream_id)
                 if st is not None:
@@ -548,8 +577,15 @@ class HboneConn(asyncio.Protocol):
                 if st is not None:
                     st._on_closed(ev.error_code, ev.by_peer)
             elif isinstance(ev, ConnectionFailed):
-                log.warning("HBONE connection with %s: %s (sent GOAWAY)", self.label, ev.reason)
-                self.on_failed(ev.reason)
+                warn_once(
+                    log,
+                    ev.abuse or "protocol_error",
+                    "HBONE connection with %s (%s): %s (sent GOAWAY)",
+                    self.label,
+                    self.peer_identity,
+                    ev.reason,
+                )
+                self.on_failed(ev.reason, ev.abuse)
             else:
                 self.on_event(ev)
 
@@ -557,8 +593,8 @@ class HboneConn(asyncio.Protocol):
     def on_event(self, ev: Event) -> None:
         raise NotImplementedError
 
-    def on_failed(self, reason: str) -> None:
-        pass
+    def on_failed(self, reason: str, abuse: str | None) -> None:
+        """The peer broke the protocol (``abuse``: or abused it); a GOAWAY went."""
 
     def on_lost(self, exc: Exception | None) -> None:
         pass

@@ -56,6 +56,8 @@ class _ClientConn(HboneConn):
         self.ready.add_done_callback(_retrieve)
         self.reserved = 0
         self.usable = True
+        self.goaway = ""
+        """The peer's GOAWAY, for messages (``""`` until one arrived)."""
         self._idle: asyncio.TimerHandle | None = None
 
     @property
@@ -115,15 +117,14 @@ class _ClientConn(HboneConn):
         elif isinstance(ev, GoAwayReceived):
             self.usable = False
             self.pool._forget(self)
+            debug = f": {ev.debug}" if ev.debug else ""
+            self.goaway = f"GOAWAY ({error_code_name(ev.error_code)}){debug}"
             if ev.error_code != ErrorCodes.NO_ERROR:
-                debug = f": {ev.debug}" if ev.debug else ""
-                self.shutdown(
-                    f"HBONE peer {self.label} sent GOAWAY ({error_code_name(ev.error_code)}){debug}"
-                )
+                self.shutdown(f"HBONE peer {self.label} sent {self.goaway}")
             elif self.reserved <= 0:
                 self.shutdown("peer sent GOAWAY")
 
-    def on_failed(self, reason: str) -> None:
+    def on_failed(self, reason: str, abuse: str | None) -> None:
         self.usable = False
         self.pool._forget(self)
 
@@ -205,12 +206,14 @@ class HboneClientPool:
         if "traceparent" not in headers:
             headers = {**headers, "traceparent": new_traceparent()}
         key: PoolKey = (source_identity, expected_identity, peer)
+        refusal = ""
         for _attempt in range(3):
             conn, reused = await self._acquire(key)
             if not conn.client_machine.can_open_stream():
                 # The peer's stream limit arrived lower than ours, or it is going away.
                 conn.usable = conn.usable and conn.client_machine.goaway_received is None
                 conn.unreserve()
+                refusal = conn.goaway or refusal
                 continue
             stream = conn.open(authority, headers)
             response = stream._response
@@ -228,6 +231,7 @@ class HboneClientPool:
                 raise
             except StreamNotAnswered as e:
                 if e.error_code == ErrorCodes.REFUSED_STREAM:
+                    refusal = conn.goaway or str(e)
                     continue  # never processed: safe to retry on another connection
                 raise PeerError(f"HBONE peer {format_addr(peer)}: {e}") from None
             except PeerError:
@@ -238,8 +242,10 @@ class HboneClientPool:
                 raise
             stream._attach(protocol)
             return stream
+        last = f" (last: {refusal})" if refusal else ""
         raise PeerError(
             f"HBONE peer {format_addr(peer)} kept refusing new streams for CONNECT {authority}"
+            f"{last}"
         )
 
     async def _acquire(self, key: PoolKey) -> tuple[_ClientConn, bool]:

@@ -38,8 +38,24 @@ from nodeagent.proxy.hbone import (
     format_addr,
     set_keepalive,
 )
+from nodeagent.proxy.peerwarn import warn_once
+from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent.hbone")
+
+MAX_CONNECTIONS_PER_IDENTITY = 64
+"""Connections one client identity may hold open to one HBONE server (each carries up to
+``HboneSettings.max_concurrent_streams`` streams and ``connection_window`` bytes)."""
+
+PEER_ERRORS = (
+    "stream_error",
+    "premature_reset",
+    "protocol_error",
+    "rapid_reset",
+    "control_flood",
+    "connection_limit",
+)
+"""What ``nodeagent_http2_peer_errors_total`` counts (``kind``); ``stats`` has each + "s"."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,8 @@ class _ServerConn(HboneConn):
         self.server = server
         self.server_machine = self.machine = ServerConnection(server.settings)
         self.local_addr: Addr | None = None
+        self.counted = False
+        """Counted in ``HboneServer._per_identity``."""
 
     def on_event(self, ev: Event) -> None:
         if isinstance(ev, ConnectRequested):
@@ -110,10 +128,29 @@ class _ServerConn(HboneConn):
         ):
             self.shutdown("client went away")
 
-    def on_failed(self, reason: str) -> None:
-        self.server._protocol_errors += 1
+    def refuse(self, transport: asyncio.Transport, identity: str, reason: str) -> None:
+        """Our SETTINGS and a final GOAWAY(ENHANCE_YOUR_CALM), then close: nothing the
+        client sent is looked at."""
+        self.transport = transport
+        self.peer_identity = identity
+        self._early.clear()
+        self.machine.initiate()
+        self.machine.close(ErrorCodes.ENHANCE_YOUR_CALM, reason)
+        self.flush()
+
+    def on_failed(self, reason: str, abuse: str | None) -> None:
+        self.server._count(abuse or "protocol_error")
+        if not self.streams and not self.machine.closed:  # a graceful GOAWAY: nothing to finish
+            self.shutdown(reason, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def on_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.server._identity_gone(self.peer_identity)
+        m = self.server_machine
+        if m.stream_errors:
+            self.server._count("stream_error", m.stream_errors)
+        if m.premature_resets:
+            self.server._count("premature_reset", m.premature_resets)
         self.server._conns.discard(self)
         self.server._check_drained()
 
@@ -139,8 +176,14 @@ class HboneServer:
         *,
         handshake_timeout: float = 10.0,
         settings: HboneSettings | None = None,
+        metrics: Metrics | None = None,
+        max_connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.max_connections_per_identity = max_connections_per_identity
+        self._per_identity: dict[str, int] = {}
+        self._metrics = metrics
+        self._peer_errors = dict.fromkeys(PEER_ERRORS, 0)
         self._context = context
         self._on_connect = on_connect
         self.handshake_timeout = handshake_timeout
@@ -156,7 +199,6 @@ class HboneServer:
         self._streams_total = 0
         self._refused = 0
         self._rejected = 0
-        self._protocol_errors = 0
 
     async def _start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -194,8 +236,19 @@ class HboneServer:
             "streams_total": self._streams_total,
             "streams_refused": self._refused,
             "requests_rejected": self._rejected,
-            "protocol_errors": self._protocol_errors,
+            **{f"{k}s": n for k, n in self._peer_errors.items()},
+            # (the metric counts those of a connection when it ends)
+            "stream_errors": self._peer_errors["stream_error"]
+            + sum(c.server_machine.stream_errors for c in self._conns),
+            "premature_resets": self._peer_errors["premature_reset"]
+            + sum(c.server_machine.premature_resets for c in self._conns),
         }
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        """A peer's error or abuse of ``kind`` (one of ``PEER_ERRORS``), ``n`` times."""
+        self._peer_errors[kind] += n
+        if self._metrics is not None:
+            self._metrics.h2_peer_errors.labels("hbone", kind).inc(n)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -251,7 +304,29 @@ class HboneServer:
             return
         self._handshakes += 1
         self._conns.add(conn)
+        held = self._per_identity.get(identity, 0)
+        if held >= self.max_connections_per_identity:
+            self._count("connection_limit")
+            warn_once(
+                log,
+                "connection_limit",
+                "HBONE connection from %s (%s) refused: it holds %d already (the limit)",
+                format_addr(peer),
+                identity,
+                held,
+            )
+            conn.refuse(tls, identity, f"{identity} holds {held} HBONE connections here already")
+            return
+        self._per_identity[identity] = held + 1
+        conn.counted = True
         conn.attach(tls, identity)
+
+    def _identity_gone(self, identity: str) -> None:
+        n = self._per_identity.get(identity, 0) - 1
+        if n > 0:
+            self._per_identity[identity] = n
+        else:
+            self._per_identity.pop(identity, None)
 
     async def _serve_stream(self, conn: _ServerConn, st: HboneStream, req: ConnectRequest) -> None:
         try:
@@ -332,10 +407,17 @@ async def start_hbone_server(
     *,
     handshake_timeout: float = 10.0,
     settings: HboneSettings | None = None,
+    metrics: Metrics | None = None,
+    max_connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY,
 ) -> HboneServer:
     """Serve HBONE on ``sock`` (bound, listening, non-blocking)."""
     server = HboneServer(
-        context, on_connect, handshake_timeout=handshake_timeout, settings=settings
+        context,
+        on_connect,
+        handshake_timeout=handshake_timeout,
+        settings=settings,
+        metrics=metrics,
+        max_connections_per_identity=max_connections_per_identity,
     )
     await server._start(sock)
     return server

@@ -54,9 +54,14 @@ from nodeagent.proxy.l7retry import (
     retriable_status,
     within,
 )
+from nodeagent.proxy.peerwarn import warn_once
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 
 log = logging.getLogger("nodeagent.proxy.l7")
+
+CLOSE_GRACE = 5.0
+"""Seconds a connection closed for a protocol error or abuse may take to hand its GOAWAY
+to a client that does not read before it is aborted."""
 
 E = TypeVar("E")
 
@@ -330,13 +335,21 @@ class _Session:
 
     async def serve(self) -> None:
         self.flush()
+        down = self.down
+        pipe = self.pipe
+        failed = False
         try:
             while True:
-                data = await self.pipe.read()
-                for ev in self.down.receive_data(data):
-                    self._dispatch(ev)
+                data = await pipe.read()
+                down.set_backlogged(pipe.write_backlogged())
+                for ev in down.receive_data(data):
+                    if type(ev) is ProtocolError:
+                        failed = True
+                        self._failed(ev)
+                    else:
+                        self._dispatch(ev)
                 self.flush()
-                if not data or self.down.closed:
+                if not data or down.closed:
                     break
         except (PipeClosed, ConnectionError):
             pass
@@ -345,7 +358,19 @@ class _Session:
                 if s.task is not None:
                     s.task.cancel()
             self.flush()
-            self.pipe.close()
+            if down.premature_resets:
+                self._count("premature_reset", down.premature_resets)
+            if failed:
+                await _linger(pipe)
+            pipe.close()
+
+    def _failed(self, ev: ProtocolError) -> None:
+        kind = ev.abuse or "protocol_error"
+        self._count(kind, 1)
+        warn_once(log, kind, "HTTP/2 client %s: %s (sent GOAWAY)", self.ds.source_ip, ev.reason)
+
+    def _count(self, kind: str, n: int) -> None:
+        self.engine.metrics.h2_peer_errors.labels("http2", kind).inc(n)
 
     def _dispatch(self, ev: object) -> None:
         if isinstance(ev, StreamRequest):
@@ -565,6 +590,19 @@ class _Session:
                 )
                 self.flush()
                 return None
+
+
+async def _linger(pipe: Pipe) -> None:
+    """After a final GOAWAY: half-close, then read and drop what the client still sends
+    until it closes (or ``CLOSE_GRACE``), so our close is no RST that would discard the
+    GOAWAY on its side; a client reading nothing is aborted with its output."""
+    pipe.write_eof()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE):
+            while await pipe.read():
+                pass
+    except (TimeoutError, ConnectionError):
+        pipe.abort()
 
 
 async def serve_h2(engine: L7Engine, h2pool: H2Pool, ds: Downstream, pipe: Pipe) -> None:

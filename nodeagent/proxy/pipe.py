@@ -156,6 +156,11 @@ class Pipe(asyncio.Protocol):
         self.bytes_out += len(data)
         t.write(data)
 
+    def write_backlogged(self) -> bool:
+        """The transport's write buffer is above its high-water mark (the peer is not
+        reading what we write)."""
+        return self._write_paused
+
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
         while self._write_paused and not self.lost:

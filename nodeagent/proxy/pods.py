@@ -169,6 +169,7 @@ class LocalPods:
             sockets.listen("0.0.0.0", HBONE_PORT),
             lambda: identity.server_context(me),
             lambda req: on_connect(pp, req),
+            metrics=self.inputs.metrics,
         )
 
         def dial(addr: Addr) -> Awaitable[socket.socket]:

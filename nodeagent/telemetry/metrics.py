@@ -176,6 +176,15 @@ class Metrics:
             ("destination_service", "reason"),
             registry=r,
         )
+        self.h2_peer_errors = Counter(
+            "nodeagent_http2_peer_errors",
+            "HTTP/2 peers' protocol errors and abuse, by listener (hbone, http2) and kind: "
+            "stream_error (one stream reset), premature_reset (a stream reset by the peer "
+            "before our answer), protocol_error, rapid_reset and control_flood (connections "
+            "closed with GOAWAY)",
+            ("listener", "kind"),
+            registry=r,
+        )
         self.outlier_ejections = Counter(
             "nodeagent_outlier_ejections",
             "Endpoints ejected by outlier detection",

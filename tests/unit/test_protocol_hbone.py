@@ -252,11 +252,36 @@ def test_a_reader_that_does_not_acknowledge_stops_its_sender_after_one_window() 
     assert p.c.pending(sid) == 0
 
 
-def test_paused_streams_cannot_exhaust_the_connection_window() -> None:
-    # Five streams of 4 MiB unacknowledged data exceed a 16 MiB connection window: the
-    # connection window is returned on arrival, so a sixth stream still flows.
+def test_unconsumed_data_is_bounded_by_the_connection_window() -> None:
+    # The connection window comes back only for bytes consumed (or dropped): five streams
+    # whose reader acknowledges nothing hold 16 MiB at most, and a sixth stream waits.
+    mib = 1024 * 1024
     p = Pair()
     blocked = [p.open() for _ in range(5)]
+    for sid in blocked:
+        p.c.send_data(sid, bytes(5 * mib))
+    p.pump()
+    _, s_ev = p.take()
+    held = {b: len(data_of(s_ev, b)) for b in blocked}
+    assert sum(held.values()) == 16 * mib
+    assert all(n <= 4 * mib for n in held.values())
+    sid = p.open()
+    p.take()
+    p.c.send_data(sid, b"z" * 1000)
+    p.pump()
+    _, s_ev = p.take()
+    assert data_of(s_ev, sid) == b""
+    # Two streams' bytes consumed (8 MiB; they and the fifth take 6 MiB of it): room again.
+    for b in blocked[:2]:
+        p.s.acknowledge(b, held[b])
+    p.pump()
+    _, s_ev = p.take()
+    assert data_of(s_ev, sid) == b"z" * 1000
+
+
+def test_three_paused_streams_do_not_stall_a_fourth() -> None:
+    p = Pair()
+    blocked = [p.open() for _ in range(3)]
     for sid in blocked:
         p.c.send_data(sid, bytes(5 * 1024 * 1024))
     p.pump()
