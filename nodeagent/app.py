@@ -126,6 +126,13 @@ class Agent:
         self.ca_client: CaClient | None = None
         identity: MeshIdentity | None = None
         if settings.mtls:
+            if not settings.trust_bundle and settings.ca_addr.startswith("unix:"):
+                # (a HOST:PORT CA is refused by CaClient, whose TLS needs the bundle too)
+                raise LocalStateError(
+                    f"the CA at {settings.ca_addr} needs a trust anchor: give the trust "
+                    "bundle (--trust-bundle, the mesh root); without it the agent would "
+                    "trust whatever root the CA sends"
+                )
             self.ca_client = CaClient(
                 settings.ca_addr,
                 settings.ca_token_file,
@@ -394,7 +401,7 @@ def run_agent(settings: AgentSettings) -> int:
     async def main() -> int:
         try:
             agent = Agent(settings, watcher, loaded)
-        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+        except LocalStateError as e:  # e.g. --ca-addr without a trust bundle
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1
         watcher.on_update = agent._on_update
@@ -451,7 +458,7 @@ def _run_from_api(settings: AgentSettings) -> int:
         _tune_gc()
         try:
             agent = Agent(settings, source, loaded)
-        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+        except LocalStateError as e:  # e.g. --ca-addr without a trust bundle
             await client.close()
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1

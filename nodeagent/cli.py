@@ -149,8 +149,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--trust-bundle",
         default="",
         metavar="FILE",
-        help="PEM file of the trusted root(s), re-read when it changes (default: none, so "
-        "the roots the CA sends with the certificates)",
+        help="PEM file of the trusted root(s), re-read when it changes (default: none; "
+        "required with --ca-addr: an agent never trusts a root because the CA sent it)",
+    )
+    p.add_argument(
+        "--jwks-ca-bundle",
+        default="",
+        metavar="FILE",
+        help="PEM file of the roots that https:// jwksUri servers are verified with "
+        "(default: the system trust store)",
     )
     p.add_argument(
         "--trust-domain",
