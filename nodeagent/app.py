@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -146,6 +147,11 @@ class Agent:
                 settings.trust_bundle,
             )
             identity = MeshIdentity(self.certs, settings.trust_domain)
+        if settings.jwks_ca_bundle:  # a wrong file is a start error, not a 401 later
+            try:
+                ssl.create_default_context(cafile=settings.jwks_ca_bundle)
+            except (OSError, ValueError) as e:
+                raise LocalStateError(f"--jwks-ca-bundle {settings.jwks_ca_bundle}: {e}") from e
         node = loaded.snapshot.node(settings.node)
         self._node_capture = capture_settings(settings, node)
         # bpf: the eBPF capture (None: iptables), kept for ``nodeagent ctl bpf`` too
@@ -163,6 +169,7 @@ class Agent:
             capture=capture,
             identity=identity,
             connect_timeout=settings.connect_timeout,
+            jwks_ca_bundle=settings.jwks_ca_bundle,
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
@@ -218,6 +225,9 @@ class Agent:
 
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
+
+    def jwks_status(self) -> list[dict[str, Any]]:
+        return self.proxy.admission.jwks.status()
 
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         bpf = self.bpf

@@ -43,6 +43,8 @@ class AgentSettings:
     """The name the CA's TLS certificate must carry; empty: the host of ``ca_addr``."""
     ca_token_file: str = ""
     trust_bundle: str = ""
+    jwks_ca_bundle: str = ""
+    """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
     trust_domain: str = "cluster.local"
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
@@ -82,6 +84,7 @@ class AgentSettings:
             ca_server_name=args.ca_server_name,
             ca_token_file=args.ca_token_file,
             trust_bundle=args.trust_bundle,
+            jwks_ca_bundle=args.jwks_ca_bundle,
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,

@@ -230,6 +230,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 source=cfg.source,
             ),
             ca=ca_status_message(view.ca_status()),
+            jwks=[pb.JwksStatus(**j) for j in view.jwks_status()],
         )
 
     def _workloads(self) -> pb.WorkloadsResponse:

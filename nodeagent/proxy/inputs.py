@@ -100,6 +100,8 @@ class ProxyInputs:
     identity: MeshIdentity | None = None
     """The workloads' certificates; None: no mTLS, every mesh connection is plain TCP."""
     connect_timeout: float = 5.0
+    jwks_ca_bundle: str = ""
+    """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

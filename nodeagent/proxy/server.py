@@ -43,7 +43,7 @@ class Proxy:
         self.access_log = inputs.access_log
         self.l7 = L7Proxy(inputs.snapshot, inputs.metrics, inputs.access_log)
         self.h2pool = H2Pool()
-        self.admission = InboundPolicy(inputs.snapshot, state_dir)
+        self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
         self.pods: dict[str, PodProxy] = {}
         """The local pods by key (served by ``local``; the inbound side serves only these)."""
         plumbing = Plumbing(inputs, self.l7, self.h2pool)
