@@ -37,7 +37,7 @@ from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import Capture, ProxyInputs
+from nodeagent.proxy.inputs import Capture, Http1Limits, ProxyInputs
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
@@ -170,6 +170,12 @@ class Agent:
             identity=identity,
             connect_timeout=settings.connect_timeout,
             jwks_ca_bundle=settings.jwks_ca_bundle,
+            http1_limits=Http1Limits(
+                request_headers_timeout=settings.request_headers_timeout,
+                idle_timeout=settings.http_idle_timeout,
+                max_headers=settings.max_request_headers,
+                max_header_size=settings.max_request_headers_kb * 1024,
+            ),
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured

@@ -178,6 +178,36 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="namespace whose policies apply mesh-wide",
     )
     p.add_argument(
+        "--request-headers-timeout",
+        default="10s",
+        type=_duration,
+        metavar="DURATION",
+        help="HTTP/1.1 clients: time from a request's first byte to the end of its head, "
+        "then 408 (default: 10s)",
+    )
+    p.add_argument(
+        "--http-idle-timeout",
+        default="1h",
+        type=_duration,
+        metavar="DURATION",
+        help="HTTP/1.1 clients: time a kept-alive connection may wait for its next request "
+        "before it is closed (default: 1h, as Envoy)",
+    )
+    p.add_argument(
+        "--max-request-headers",
+        default=100,
+        type=_positive,
+        metavar="N",
+        help="HTTP/1.1 clients: header fields per request, beyond which 431 (default: 100)",
+    )
+    p.add_argument(
+        "--max-request-headers-kb",
+        default=60,
+        type=_positive,
+        metavar="KIB",
+        help="HTTP/1.1 clients: KiB of a request head, beyond which 431 (default: 60)",
+    )
+    p.add_argument(
         "--access-log",
         default="-",
         metavar="DEST",
@@ -197,6 +227,16 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print the exact BPF C source and compiler flags eBPF capture loads, and exit",
     )
     p.set_defaults(func=_cmd_run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
 
 
 def _duration(text: str) -> float:

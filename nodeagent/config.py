@@ -48,6 +48,10 @@ class AgentSettings:
     trust_domain: str = "cluster.local"
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
+    request_headers_timeout: float = 10.0
+    http_idle_timeout: float = 3600.0
+    max_request_headers: int = 100
+    max_request_headers_kb: int = 60
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
     pid_file: str = ""
@@ -88,6 +92,10 @@ class AgentSettings:
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
+            request_headers_timeout=float(args.request_headers_timeout),
+            http_idle_timeout=float(args.http_idle_timeout),
+            max_request_headers=args.max_request_headers,
+            max_request_headers_kb=args.max_request_headers_kb,
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
         )

@@ -41,7 +41,9 @@ class Proxy:
         self.identity = inputs.identity
         self.table = inputs.table
         self.access_log = inputs.access_log
-        self.l7 = L7Proxy(inputs.snapshot, inputs.metrics, inputs.access_log)
+        self.l7 = L7Proxy(
+            inputs.snapshot, inputs.metrics, inputs.access_log, http1_limits=inputs.http1_limits
+        )
         self.h2pool = H2Pool()
         self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
         self.pods: dict[str, PodProxy] = {}
