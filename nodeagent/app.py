@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -36,7 +37,7 @@ from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import Capture, ProxyInputs
+from nodeagent.proxy.inputs import Capture, Http1Limits, ProxyInputs
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
@@ -126,6 +127,13 @@ class Agent:
         self.ca_client: CaClient | None = None
         identity: MeshIdentity | None = None
         if settings.mtls:
+            if not settings.trust_bundle and settings.ca_addr.startswith("unix:"):
+                # (a HOST:PORT CA is refused by CaClient, whose TLS needs the bundle too)
+                raise LocalStateError(
+                    f"the CA at {settings.ca_addr} needs a trust anchor: give the trust "
+                    "bundle (--trust-bundle, the mesh root); without it the agent would "
+                    "trust whatever root the CA sends"
+                )
             self.ca_client = CaClient(
                 settings.ca_addr,
                 settings.ca_token_file,
@@ -139,6 +147,11 @@ class Agent:
                 settings.trust_bundle,
             )
             identity = MeshIdentity(self.certs, settings.trust_domain)
+        if settings.jwks_ca_bundle:  # a wrong file is a start error, not a 401 later
+            try:
+                ssl.create_default_context(cafile=settings.jwks_ca_bundle)
+            except (OSError, ValueError) as e:
+                raise LocalStateError(f"--jwks-ca-bundle {settings.jwks_ca_bundle}: {e}") from e
         node = loaded.snapshot.node(settings.node)
         self._node_capture = capture_settings(settings, node)
         # bpf: the eBPF capture (None: iptables), kept for ``nodeagent ctl bpf`` too
@@ -157,6 +170,13 @@ class Agent:
             identity=identity,
             connect_timeout=settings.connect_timeout,
             path_normalization=settings.path_normalization,
+            jwks_ca_bundle=settings.jwks_ca_bundle,
+            http1_limits=Http1Limits(
+                request_headers_timeout=settings.request_headers_timeout,
+                idle_timeout=settings.http_idle_timeout,
+                max_headers=settings.max_request_headers,
+                max_header_size=settings.max_request_headers_kb * 1024,
+            ),
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
@@ -212,6 +232,9 @@ class Agent:
 
     def ca_status(self) -> dict[str, Any]:
         return self.certs.status() if self.certs else {"state": "disabled"}
+
+    def jwks_status(self) -> list[dict[str, Any]]:
+        return self.proxy.admission.jwks.status()
 
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         bpf = self.bpf
@@ -395,7 +418,7 @@ def run_agent(settings: AgentSettings) -> int:
     async def main() -> int:
         try:
             agent = Agent(settings, watcher, loaded)
-        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+        except LocalStateError as e:  # e.g. --ca-addr without a trust bundle
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1
         watcher.on_update = agent._on_update
@@ -452,7 +475,7 @@ def _run_from_api(settings: AgentSettings) -> int:
         _tune_gc()
         try:
             agent = Agent(settings, source, loaded)
-        except LocalStateError as e:  # e.g. --ca-addr HOST:PORT without a trust bundle
+        except LocalStateError as e:  # e.g. --ca-addr without a trust bundle
             await client.close()
             print(f"nodeagent run: {e}", file=sys.stderr)
             return 1

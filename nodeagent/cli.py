@@ -150,8 +150,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--trust-bundle",
         default="",
         metavar="FILE",
-        help="PEM file of the trusted root(s), re-read when it changes (default: none, so "
-        "the roots the CA sends with the certificates)",
+        help="PEM file of the trusted root(s), re-read when it changes (default: none; "
+        "required with --ca-addr: an agent never trusts a root because the CA sent it)",
+    )
+    p.add_argument(
+        "--jwks-ca-bundle",
+        default="",
+        metavar="FILE",
+        help="PEM file of the roots that https:// jwksUri servers are verified with "
+        "(default: the system trust store)",
     )
     p.add_argument(
         "--trust-domain",
@@ -180,6 +187,36 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Istio's meshConfig.pathNormalization (default: BASE; docs/policy.md)",
     )
     p.add_argument(
+        "--request-headers-timeout",
+        default="10s",
+        type=_duration,
+        metavar="DURATION",
+        help="HTTP/1.1 clients: time from a request's first byte to the end of its head, "
+        "then 408 (default: 10s)",
+    )
+    p.add_argument(
+        "--http-idle-timeout",
+        default="1h",
+        type=_duration,
+        metavar="DURATION",
+        help="HTTP/1.1 clients: time a kept-alive connection may wait for its next request "
+        "before it is closed (default: 1h, as Envoy)",
+    )
+    p.add_argument(
+        "--max-request-headers",
+        default=100,
+        type=_positive,
+        metavar="N",
+        help="HTTP/1.1 clients: header fields per request, beyond which 431 (default: 100)",
+    )
+    p.add_argument(
+        "--max-request-headers-kb",
+        default=60,
+        type=_positive,
+        metavar="KIB",
+        help="HTTP/1.1 clients: KiB of a request head, beyond which 431 (default: 60)",
+    )
+    p.add_argument(
         "--access-log",
         default="-",
         metavar="DEST",
@@ -199,6 +236,16 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print the exact BPF C source and compiler flags eBPF capture loads, and exit",
     )
     p.set_defaults(func=_cmd_run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return value
 
 
 def _duration(text: str) -> float:

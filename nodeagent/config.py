@@ -43,12 +43,18 @@ class AgentSettings:
     """The name the CA's TLS certificate must carry; empty: the host of ``ca_addr``."""
     ca_token_file: str = ""
     trust_bundle: str = ""
+    jwks_ca_bundle: str = ""
+    """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
     trust_domain: str = "cluster.local"
     cert_lifetime: float = 86400.0
     root_namespace: str = "istio-system"
     path_normalization: str = "BASE"
     """Istio's ``meshConfig.pathNormalization``: ``NONE``, ``BASE``, ``MERGE_SLASHES`` or
     ``DECODE_AND_MERGE_SLASHES`` (``core/paths.py``)."""
+    request_headers_timeout: float = 10.0
+    http_idle_timeout: float = 3600.0
+    max_request_headers: int = 100
+    max_request_headers_kb: int = 60
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
     pid_file: str = ""
@@ -85,10 +91,15 @@ class AgentSettings:
             ca_server_name=args.ca_server_name,
             ca_token_file=args.ca_token_file,
             trust_bundle=args.trust_bundle,
+            jwks_ca_bundle=args.jwks_ca_bundle,
             trust_domain=args.trust_domain,
             cert_lifetime=float(args.cert_lifetime),
             root_namespace=args.root_namespace,
             path_normalization=getattr(args, "path_normalization", cls.path_normalization),
+            request_headers_timeout=float(args.request_headers_timeout),
+            http_idle_timeout=float(args.http_idle_timeout),
+            max_request_headers=args.max_request_headers,
+            max_request_headers_kb=args.max_request_headers_kb,
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
         )

@@ -1,15 +1,24 @@
-"""Preparing the path of a listening UNIX socket (the node agent socket, the CA socket):
-check its length, create its directory, remove a stale socket, refuse to steal a live one.
+"""Listening UNIX sockets (the node agent socket, the CA socket): preparing the path
+(check its length, create its directory, remove a stale socket, refuse to steal a live
+one) and serving gRPC on it with mode 0600 from the socket's first moment
+(``serve_owner_only``): only the socket's owner (root, for the agent) can ever connect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
 
 from nodeagent.errors import LocalStateError
 
@@ -62,3 +71,86 @@ def prepare_unix_socket_path(path_text: str, what: str, owner: str, hint: str) -
     log.info("removing stale %s %s", what, path)
     path.unlink(missing_ok=True)
     return path
+
+
+def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) -> OwnedSocket:
+    """Bind ``server`` (not started) to ``unix:path``, a socket of mode 0600 from its first
+    moment; returns the server to use, which removes the socket when it stops.
+
+    Not bind-then-chmod: in between, the umask decides who may connect. Not a umask around
+    the bind either: the umask is the whole process's, shared by every thread (grpc's, the
+    executor's), whose files created meanwhile would get our mode. So the socket is bound
+    in a fresh directory of mode 0700 next to ``path`` (no one else can reach into it),
+    made 0600 there, and renamed into place (atomic: same directory tree, same file
+    system). Raises ``LocalStateError``.
+    """
+    try:
+        private = tempfile.mkdtemp(prefix=".", dir=path.parent)  # mode 0700
+    except OSError as e:
+        raise LocalStateError(f"cannot create a private directory next to {path}: {e}") from e
+    inner = os.path.join(private, "s")
+    try:
+        if len(os.fsencode(inner)) > MAX_UNIX_PATH:
+            raise LocalStateError(
+                f"the {what} is bound first at {inner}, too long for a UNIX socket "
+                f"({len(os.fsencode(inner))} > {MAX_UNIX_PATH} bytes): choose a shorter {hint}"
+            )
+        try:
+            bound = server.add_insecure_port(f"unix:{inner}")
+        except RuntimeError as e:
+            raise LocalStateError(f"cannot listen on the {what} {path}: {e}") from e
+        if not bound:
+            raise LocalStateError(f"cannot listen on the {what} {path}")
+        try:
+            os.chmod(inner, 0o600)
+            os.rename(inner, path)
+            st = os.stat(path)
+        except OSError as e:
+            raise LocalStateError(f"cannot place the {what} at {path}: {e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(inner)  # (gone after the rename)
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
+    return OwnedSocket(server, path, (st.st_dev, st.st_ino))
+
+
+class OwnedSocket(grpc.aio.Server):
+    """A gRPC server on a socket ``serve_owner_only`` placed: the server itself, but its
+    ``stop`` also removes the socket file, if it is still the one placed (grpc removes
+    only the path it bound, which the rename emptied)."""
+
+    def __init__(self, server: grpc.aio.Server, path: Path, inode: tuple[int, int]) -> None:
+        self.server = server
+        self.path = path
+        self._inode = inode
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:  # not a successor's socket
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self.server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self.server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self.server.add_secure_port(address, server_credentials)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        """(Called by the generated ``add_*Servicer_to_server`` on recent grpc.)"""
+        self.server.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]

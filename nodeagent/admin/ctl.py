@@ -174,6 +174,10 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     warnings = [str(w) for w in cfg.get("warnings") or []]
     lines.append(f"{'Warnings:':<{width}}{warnings[0] if warnings else NONE}")
     lines.extend(f"{'':<{width}}{w}" for w in warnings[1:])
+    jwks = list(status.get("jwks") or [])
+    if jwks:
+        lines.append("JWKS:")
+        lines.extend(f"  {format_jwks(j)}" for j in jwks)
     watches = list(cfg.get("watches") or [])
     if watches:
         lines.append("Watches:")
@@ -198,6 +202,13 @@ def format_watch(watch: Mapping[str, Any], now: float) -> str:
     if error:
         parts.append(f"last error: {error}")
     return ", ".join(parts)
+
+
+def format_jwks(jwks: Mapping[str, Any]) -> str:
+    """One line per jwksUri: its keys, and why the last fetch failed."""
+    text = f"{_s(jwks.get('uri'))}: {int(jwks.get('keys') or 0)} key(s)"
+    error = " ".join(str(jwks.get("last_error") or "").splitlines())
+    return f"{text}; last fetch failed: {error}" if error else text
 
 
 def format_ca(ca: Mapping[str, Any], now: float) -> str:

@@ -51,7 +51,7 @@ class WatchStatus(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., state: _Optional[str] = ..., resource_version: _Optional[str] = ..., objects: _Optional[int] = ..., last_event_at: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., relists: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca")
+    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca", "jwks")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class StatusResponse(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     CA_FIELD_NUMBER: _ClassVar[int]
+    JWKS_FIELD_NUMBER: _ClassVar[int]
     version: str
     node: str
     uptime_seconds: float
@@ -70,7 +71,18 @@ class StatusResponse(_message.Message):
     ready: bool
     config: ConfigStatus
     ca: CaStatus
-    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ...) -> None: ...
+    jwks: _containers.RepeatedCompositeFieldContainer[JwksStatus]
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ..., jwks: _Optional[_Iterable[_Union[JwksStatus, _Mapping]]] = ...) -> None: ...
+
+class JwksStatus(_message.Message):
+    __slots__ = ("uri", "keys", "last_error")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    keys: int
+    last_error: str
+    def __init__(self, uri: _Optional[str] = ..., keys: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class CaStatus(_message.Message):
     __slots__ = ("state", "address", "last_error", "last_error_at", "unreachable_since", "last_success_at", "next_renewal_at")

@@ -1,18 +1,20 @@
 """The node agent socket: the gRPC service ``nodeagent.v1.NodeAgent`` on a UNIX socket.
 
 Owns turning an ``AgentView`` into the typed messages of ``nodeagent.proto`` and serving them
-with ``grpc.aio`` (which runs on uvloop as well as on asyncio's own loop). It only reads the
-agent: every RPC takes ``view.snapshot()`` once and answers from it, except the CNI
-plugin's three (``CniAdd``, ``CniDel``, ``CniCheck``), which go to the agent's
-``PodHandoff``. A failing handler answers ``INTERNAL`` with what went wrong; it never takes
-the server down.
+with ``grpc.aio`` (which runs on uvloop as well as on asyncio's own loop). Most RPCs only
+read the agent: they take ``view.snapshot()`` once and answer from it. Three change its
+state: ``Bpf`` with ``bypass`` set (switches the eBPF socket bypass), ``CniAdd`` and
+``CniDel`` (record or release a pod, through the agent's ``PodHandoff``; ``CniCheck`` only
+reads). Who may call them: whoever can connect, and only the socket's owner (root) can:
+the socket is 0600 from its first moment (``unixsocket.serve_owner_only``); grpc does not
+tell a UNIX peer's uid, so the mode is the access control. A failing handler answers
+``INTERNAL`` with what went wrong; it never takes the server down.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -28,7 +30,7 @@ from nodeagent.admin import nodeagent_pb2_grpc as pb_grpc
 from nodeagent.errors import LocalStateError
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import AgentView, CniPod, ConnectionInfo, ExplainQuery, PodHandoff
-from nodeagent.unixsocket import prepare_unix_socket_path
+from nodeagent.unixsocket import prepare_unix_socket_path, serve_owner_only
 
 __all__ = [
     "NodeAgentService",
@@ -230,6 +232,7 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
                 source=cfg.source,
             ),
             ca=ca_status_message(view.ca_status()),
+            jwks=[pb.JwksStatus(**j) for j in view.jwks_status()],
         )
 
     def _workloads(self) -> pb.WorkloadsResponse:
@@ -428,19 +431,9 @@ async def start_admin_server(
     ``await server.stop(grace)``.
     """
     path = prepare_unix_socket_path(socket_path, "node agent socket", "agent", "--socket")
-    server = grpc.aio.server()
-    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods), server)  # type: ignore[no-untyped-call]
-    try:
-        bound = server.add_insecure_port(f"unix:{path}")
-    except RuntimeError as e:
-        raise LocalStateError(f"cannot listen on the node agent socket {path}: {e}") from e
-    if not bound:
-        raise LocalStateError(f"cannot listen on the node agent socket {path}")
+    grpc_server = grpc.aio.server()
+    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods), grpc_server)  # type: ignore[no-untyped-call]
+    server = serve_owner_only(grpc_server, path, "node agent socket", "--socket")
     await server.start()
-    try:
-        os.chmod(path, 0o600)
-    except OSError as e:
-        await server.stop(None)
-        raise LocalStateError(f"cannot restrict the node agent socket {path} to 0600: {e}") from e
     log.info("node agent socket listening on %s", path)
     return server

@@ -81,7 +81,7 @@ def _non_empty(values: list[str], path: str, problems: Problems) -> tuple[str, .
 
 def check_jwks_uri(uri: str) -> str | None:
     """What is wrong with a ``jwksUri`` (None when it is ``file:///abs/path``,
-    ``/abs/path`` or an in-mesh ``http://host[:port]/path``)."""
+    ``/abs/path``, an in-mesh ``http://host[:port]/path`` or ``https://host[:port]/path``)."""
     if uri.startswith("/"):
         return None
     try:
@@ -92,22 +92,20 @@ def check_jwks_uri(uri: str) -> str | None:
         if parts.netloc or not parts.path.startswith("/"):
             return f"{uri!r}: a file URI must be file:///absolute/path"
         return None
-    if parts.scheme == "http":
+    if parts.scheme in ("http", "https"):
         try:
             port = parts.port
         except ValueError as e:
             return f"{uri!r} is not a valid URI: {e}"
         if not parts.hostname:
-            return f"{uri!r}: an http URI needs a host"
+            return f"{uri!r}: an {parts.scheme} URI needs a host"
         if port == 0:
             return f"{uri!r}: port 0 is not a valid port"
         return None
-    if parts.scheme == "https":
-        return (
-            f"{uri!r}: https is not supported (keys are fetched from an in-mesh service "
-            "over http://, or read from a file)"
-        )
-    return f"{uri!r}: expected file:///absolute/path, /absolute/path or http://host/path"
+    return (
+        f"{uri!r}: expected https://host/path, http://host/path (an in-mesh service), "
+        "file:///absolute/path or /absolute/path"
+    )
 
 
 def _jwt_rule(raw: dict[str, Any], path: str, problems: Problems) -> JWTRule:

@@ -27,7 +27,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import stat
 import time
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ from nodeagent.identity.ca import (
 )
 from nodeagent.identity.ca_tls import ServingCert, server_credentials
 from nodeagent.model.objects import DEFAULT_TRUST_DOMAIN
-from nodeagent.unixsocket import prepare_unix_socket_path
+from nodeagent.unixsocket import prepare_unix_socket_path, serve_owner_only
 
 __all__ = [
     "AuthenticationFailed",
@@ -334,10 +333,11 @@ async def start_ca_server(
 ) -> grpc.aio.Server:
     """Serve ``CreateCertificate`` on ``listen`` and return the started server.
 
-    ``listen``: ``unix:/run/nodeagent/ca.sock`` (plaintext; the socket is made 0600, like
-    the node agent socket) or ``HOST:PORT``: over TLS with ``tls`` (``ca_tls``), else
-    plaintext (keep that on loopback: tokens travel in the clear). Call from the running
-    event loop (asyncio or uvloop); stop it with ``await server.stop(grace)``.
+    ``listen``: ``unix:/run/nodeagent/ca.sock`` (plaintext; the socket is 0600 from its
+    first moment, like the node agent socket: ``unixsocket.serve_owner_only``) or
+    ``HOST:PORT``: over TLS with ``tls`` (``ca_tls``), else plaintext (keep that on
+    loopback: tokens travel in the clear). Call from the running event loop (asyncio or
+    uvloop); stop it with ``await server.stop(grace)``.
     """
     server = grpc.aio.server()
     service = CertificateService(ca, authenticator, authorizer)
@@ -360,22 +360,20 @@ async def start_ca_server(
                 "CA listening on %s without TLS: credentials cross the network in the clear",
                 listen,
             )
-    try:
-        if tls is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, server_credentials(tls))
-    except RuntimeError as e:
-        raise LocalStateError(f"cannot listen on {listen} for the CA: {e}") from e
-    if not port:
-        raise LocalStateError(f"cannot listen on {listen} for the CA (address in use?)")
-    await server.start()
+    port = 0
     if unix_path is not None:
+        server = serve_owner_only(server, unix_path, "CA socket", "--listen")
+    else:
         try:
-            os.chmod(unix_path, 0o600)
-        except OSError as e:
-            await server.stop(None)
-            raise LocalStateError(f"cannot restrict the CA socket {unix_path} to 0600: {e}") from e
+            if tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, server_credentials(tls))
+        except RuntimeError as e:
+            raise LocalStateError(f"cannot listen on {listen} for the CA: {e}") from e
+        if not port:
+            raise LocalStateError(f"cannot listen on {listen} for the CA (address in use?)")
+    await server.start()
     where = address if unix_path is not None else f"{listen.rsplit(':', 1)[0]}:{port}"
     log.info(
         "mesh CA (trust domain %s) listening on %s (%s)",

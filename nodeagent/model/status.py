@@ -134,6 +134,10 @@ class AgentView(Protocol):
         ``{"state": "disabled"}`` when the agent has no CA."""
         ...
 
+    def jwks_status(self) -> list[dict[str, Any]]:
+        """Per jwksUri fetched over http(s): ``uri``, ``keys``, ``last_error``."""
+        ...
+
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         """The eBPF capture's programs, attachments, maps and counters (``mode``
         iptables and nothing else when it is not in use); with ``bypass``, first switch

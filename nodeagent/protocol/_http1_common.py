@@ -15,8 +15,12 @@ from typing import Final
 Headers = tuple[tuple[str, str], ...]
 """Header fields in arrival order, names lower-case, values as sent (latin-1 decoded)."""
 
-DEFAULT_MAX_HEADER_SIZE = 64 * 1024
-"""The largest request head (request line plus header fields) accepted: beyond it, 431."""
+DEFAULT_MAX_HEADER_SIZE = 60 * 1024
+"""The largest request head (request line plus header fields) accepted: beyond it, 431
+(Envoy's ``max_request_headers_kb`` default)."""
+DEFAULT_MAX_HEADERS = 100
+"""The most header fields (or trailer fields) a request may carry: beyond, 431 (Envoy's
+``max_headers_count``)."""
 
 RESPONSE_FLAG_HEADER = "x-nodeagent-response-flag"
 """Response header naming why the proxy answered itself (Envoy-style: ``UF``, ``UH``, ...)."""

@@ -20,6 +20,7 @@ from nodeagent.protocol._http1_common import (
     CLOSED,
     CLOSED_CUT,
     DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_HEADERS,
     REQUEST_END,
     RESPONSE_FLAG_HEADER,
     BodyChunk,
@@ -35,7 +36,16 @@ from nodeagent.protocol._http1_common import (
     has_token,
     split_tokens,
 )
-from nodeagent.protocol._http1_read import BODY, HEAD, IDLE, Reader, Stop, reraise_bug
+from nodeagent.protocol._http1_read import (
+    BODY,
+    FIELD_NAMES,
+    HEAD,
+    IDLE,
+    Reader,
+    Stop,
+    field_name,
+    reraise_bug,
+)
 from nodeagent.protocol._http1_write import (
     CHUNKED,
     LENGTH,
@@ -93,10 +103,12 @@ class RequestReader(Reader):
         "_switch_body",
         "_synthetic",
         "_url",
+        "max_headers",
     )
 
-    def __init__(self, max_header_size: int) -> None:
+    def __init__(self, max_header_size: int, max_headers: int) -> None:
         super().__init__(max_header_size)
+        self.max_headers = max_headers
         self._parser = self._new_parser()
         self._mode = _PARSING
         self._url = b""
@@ -220,6 +232,16 @@ class RequestReader(Reader):
             self._input(b"")
 
     # -- llhttp callbacks --------------------------------------------------------------
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._fields
+        if len(fields) >= self.max_headers:  # each field costs CPU all along the path
+            what = "header" if self._phase == HEAD else "trailer"
+            self._fail(431, f"request has more than {self.max_headers} {what} fields")
+            raise Stop
+        fields.append(
+            (FIELD_NAMES.get(name) or field_name(name), value.rstrip(b" \t").decode("latin-1"))
+        )
+
     def _on_message_begin(self) -> None:
         self._phase = HEAD
         self._head_new = True
@@ -338,8 +360,13 @@ class DownstreamHttp1(RequestReader):
         "_upgraded",
     )
 
-    def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
-        super().__init__(max_header_size)
+    def __init__(
+        self,
+        *,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+    ) -> None:
+        super().__init__(max_header_size, max_headers)
         self._cur: RequestHead | None = None
         self._request_done = False
         self._expect = False

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 from nodeagent.protocol._http1_common import (
     DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_HEADERS,
     HOP_BY_HOP,
     RESPONSE_FLAG_HEADER,
     BodyChunk,
@@ -96,6 +97,7 @@ from nodeagent.protocol._http1_down import DownstreamHttp1
 from nodeagent.protocol._http1_up import UpstreamHttp1
 
 __all__ = [
+    "DEFAULT_MAX_HEADERS",
     "DEFAULT_MAX_HEADER_SIZE",
     "HOP_BY_HOP",
     "RESPONSE_FLAG_HEADER",

@@ -126,14 +126,19 @@ class InboundPolicy:
     """Admission at the called workload (JWT, authorization, rate limits, quotas); one
     instance per agent, on its event loop."""
 
-    def __init__(self, snapshot: Callable[[], MeshSnapshot], state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], MeshSnapshot],
+        state_dir: Path | None = None,
+        jwks_ca_bundle: str = "",
+    ) -> None:
         self.snapshot = snapshot
         self._ports = PerSnapshot(_http_ports)
         self.limiter = RateLimiter()
         self.state_dir = state_dir
         self._quotas: QuotaStore | None = None
         self._quota_error = ""
-        self.jwks = JwksCache(snapshot)
+        self.jwks = JwksCache(snapshot, jwks_ca_bundle)
         self._jwt_rules: PerSnapshot[dict[str, tuple[JWTRule, ...]]] = PerSnapshot(lambda snap: {})
         """pod key → the JWT rules that apply to it, filled as pods are asked about."""
         self._routes = PerSnapshot(_route_names)

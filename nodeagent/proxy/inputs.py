@@ -87,6 +87,23 @@ class Capture(Protocol):
 
 
 @dataclass(frozen=True)
+class Http1Limits:
+    """What a client connection speaking HTTP/1.1 may take of the proxy (Envoy-like)."""
+
+    request_headers_timeout: float = 10.0
+    """Seconds from a request's first byte to the end of its head: beyond, 408 and close
+    (Envoy has none by default but cuts a stream idle 5 min; a head comes in one write, so
+    10 s is generous and bounds slow-loris clients)."""
+    idle_timeout: float = 3600.0
+    """Seconds a kept-alive connection may wait for its next request's first byte
+    (Envoy's HTTP connection manager ``idle_timeout`` default, 1 h): then it is closed."""
+    max_headers: int = 100
+    """Header (or trailer) fields per request: beyond, 431 (Envoy's ``max_headers_count``)."""
+    max_header_size: int = 60 * 1024
+    """Bytes of a request head: beyond, 431 (Envoy's ``max_request_headers_kb``: 60)."""
+
+
+@dataclass(frozen=True)
 class ProxyInputs:
     """The inputs every part of the proxy reads (each part owns its own state)."""
 
@@ -103,6 +120,9 @@ class ProxyInputs:
     connect_timeout: float = 5.0
     path_normalization: str = BASE
     """Istio's ``pathNormalization`` option for request paths (``core/paths.py``)."""
+    jwks_ca_bundle: str = ""
+    """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
+    http1_limits: Http1Limits = Http1Limits()
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

@@ -1,13 +1,16 @@
-"""JWKS key sets behind ``jwksUri``: files (re-read when they change) and in-mesh
-``http://`` URLs, fetched by the agent in the background, cached, refreshed every
-``REFRESH`` seconds and retried every ``RETRY`` seconds after a failure (the last good
-set stays in use meanwhile).
+"""JWKS key sets behind ``jwksUri``: files (re-read when they change), in-mesh
+``http://`` URLs and ``https://`` URLs, fetched by the agent in the background, cached,
+refreshed every ``REFRESH`` seconds and retried every ``RETRY`` seconds after a failure
+(the last good set stays in use meanwhile).
 
 An ``http://`` host is resolved from the mesh snapshot (a service name, short or fully
 qualified, with the URL's port as the service port; or an IP address) and fetched with a
 plain HTTP/1.1 GET from the agent's own network namespace, as istiod fetches JWKS for
 Envoy: the workload serving the keys must accept plaintext (not a STRICT
-PeerAuthentication). Until the first fetch succeeds the set is empty and tokens for that
+PeerAuthentication). An ``https://`` host is resolved the same way when it names a mesh
+service, else through DNS, and its certificate is verified against the system trust store
+(or the ``--jwks-ca-bundle`` file) and the URL's host name, as istiod does for an
+identity provider. Until the first fetch succeeds the set is empty and tokens for that
 issuer fail (401), as in Envoy.
 """
 
@@ -16,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools  # type: ignore[import-untyped, unused-ignore]
@@ -35,6 +40,7 @@ REFRESH = 300.0
 RETRY = 5.0
 TIMEOUT = 5.0
 MAX_BODY = 1 << 20
+_REMOTE = ("http://", "https://")
 
 
 class FetchError(Exception):
@@ -50,14 +56,18 @@ class _Remote:
 
 
 def _target(snap: MeshSnapshot, uri: str) -> tuple[str, int, str, str]:
-    """(ip, port, Host header, request target) for an ``http://`` jwksUri."""
+    """(address, port, Host header, request target) for an ``http://`` or ``https://``
+    jwksUri; an https host that is no mesh service is left to DNS."""
     parts = urlsplit(uri)
     host = parts.hostname or ""
-    port = parts.port or 80
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if snap.pod_by_ip.get(host) is not None or host.replace(".", "").isdigit():
         return host, port, parts.netloc, target
     svc = snap.service_for_host(host)
+    if svc is None and tls:
+        return host, port, parts.netloc, target
     if svc is None:
         raise FetchError(f"{host} is not a service of the mesh")
     sp = svc.port(port)
@@ -103,8 +113,11 @@ def parse_response(data: bytes) -> tuple[int, bytes]:
 class JwksCache:
     """Key sets by ``jwksUri`` and inline JWKS text; one per agent, on its event loop."""
 
-    def __init__(self, snapshot: Callable[[], MeshSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], MeshSnapshot], ca_bundle: str = "") -> None:
+        """``ca_bundle``: PEM roots to verify ``https://`` servers with; empty: the
+        system trust store."""
         self.snapshot = snapshot
+        self.ca_bundle = ca_bundle
         self._inline: dict[str, KeySet] = {}
         self._files: dict[str, tuple[float, tuple[int, int], KeySet]] = {}
         self._remote: dict[str, _Remote] = {}
@@ -121,7 +134,7 @@ class JwksCache:
         return ks
 
     def uri(self, uri: str, issuer: str) -> KeySet:
-        if uri.startswith("http://"):
+        if uri.startswith(_REMOTE):
             return self._remote_keys(uri)
         return self._file(uri.removeprefix("file://"), uri, issuer)
 
@@ -145,7 +158,7 @@ class JwksCache:
         self._files[path] = (now, sig, ks)
         return ks
 
-    # -- in-mesh URLs ----------------------------------------------------------------
+    # -- URLs ----------------------------------------------------------------------
     def _remote_keys(self, uri: str) -> KeySet:
         st = self._remote.get(uri)
         if st is None:
@@ -161,11 +174,18 @@ class JwksCache:
     def prefetch(self, uris: list[str]) -> None:
         """Start fetching these URLs now (a new snapshot names them)."""
         for uri in uris:
-            if uri.startswith("http://"):
+            if uri.startswith(_REMOTE):
                 self._remote_keys(uri)
 
+    def status(self) -> list[dict[str, Any]]:
+        """Per URL fetched: ``uri``, ``keys`` (how many) and ``last_error`` (``ctl status``)."""
+        return [
+            {"uri": u, "keys": len(r.keys.keys), "last_error": r.error}
+            for u, r in sorted(self._remote.items())
+        ]
+
     def state(self) -> dict[str, str]:
-        """Per in-mesh URL: how many keys, or the last error (for ``ctl explain``)."""
+        """Per URL: how many keys, or the last error (``ctl explain``)."""
         return {
             u: (f"{len(r.keys.keys)} key(s)" if r.keys.keys else "no keys")
             + (f"; last fetch failed: {r.error}" if r.error else "")
@@ -179,9 +199,11 @@ class JwksCache:
             st.next_try = time.monotonic() + REFRESH
             log.info("jwksUri %s: fetched %d key(s)", uri, len(st.keys.keys))
         except (FetchError, OSError, TimeoutError, jwt.JwksError) as e:
-            st.error = str(e) or type(e).__name__
+            error = str(e) or type(e).__name__
+            if error != st.error:  # once per new reason, not every retry
+                log.warning("jwksUri %s: fetch failed: %s (retrying every %gs)", uri, error, RETRY)
+            st.error = error
             st.next_try = time.monotonic() + RETRY
-            log.warning("jwksUri %s: fetch failed: %s (retry in %gs)", uri, st.error, RETRY)
         finally:
             st.task = None
 
@@ -191,8 +213,18 @@ class JwksCache:
             f"GET {target} HTTP/1.1\r\nhost: {host}\r\naccept: application/json\r\n"
             "connection: close\r\nuser-agent: nodeagent-jwks\r\n\r\n"
         ).encode()
+        tls = self._tls() if uri.startswith("https://") else None
+        server_name = urlsplit(uri).hostname if tls is not None else None
         async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection(ip, port)
+            try:
+                reader, writer = await asyncio.open_connection(
+                    ip, port, ssl=tls, server_hostname=server_name
+                )
+            except ssl.SSLCertVerificationError as e:
+                raise FetchError(
+                    f"the certificate of {host} is not trusted ({e.verify_message}) by "
+                    f"{self._trust_store()}: is the right CA bundle given (--jwks-ca-bundle)?"
+                ) from None
             try:
                 writer.write(request)
                 data = bytearray()
@@ -207,8 +239,20 @@ class JwksCache:
             raise FetchError(f"the response is larger than {MAX_BODY} bytes")
         status, body = parse_response(bytes(data))
         if status != 200:
-            raise FetchError(f"{ip}:{port} answered {status}")
+            where = host if host == f"{ip}:{port}" else f"{host} ({ip}:{port})"
+            raise FetchError(f"{where} answered {status}")
         try:
             return jwt.parse_jwks(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise FetchError("the JWKS is not UTF-8") from None
+
+    def _trust_store(self) -> str:
+        return f"the CA bundle {self.ca_bundle}" if self.ca_bundle else "the system trust store"
+
+    def _tls(self) -> ssl.SSLContext:
+        """A client context verifying the server's chain and host name; made per fetch
+        (once every few minutes), so a renewed bundle file is used at the next one."""
+        try:
+            return ssl.create_default_context(cafile=self.ca_bundle or None)
+        except (OSError, ValueError) as e:
+            raise FetchError(f"cannot use {self._trust_store()}: {e}") from None

@@ -27,6 +27,7 @@ from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.model.traffic import Destination, HTTPRetry
 from nodeagent.protocol.http1 import ConnectionClosed, ProtocolError, ResponseEnd
 from nodeagent.proxy.h1pool import H1Conn, H1Pool, Overflow
+from nodeagent.proxy.inputs import Http1Limits
 from nodeagent.proxy.l7body import RequestBody
 from nodeagent.proxy.l7conn import Downstream, Exchange, Inbound, Recorder
 from nodeagent.proxy.l7retry import (
@@ -54,12 +55,15 @@ class L7Engine:
         *,
         rnd: random.Random | None = None,
         path_normalization: str = BASE,
+        http1_limits: Http1Limits | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.path_normalization = path_normalization
         """Istio's ``pathNormalization`` option: how each request's path is normalized
         (``core.paths.request_target``) before routing and policy."""
         self.metrics = metrics
+        self.http1_limits = http1_limits or Http1Limits()
+        self._limits_logged: set[str] = set()
         self.rnd = rnd or random.Random()
         # Istio's minHealthPercent defaults to 0: no panic mode, ejected hosts stay out
         self.clusters = Clusters(
@@ -76,6 +80,22 @@ class L7Engine:
         self.pool = H1Pool()
         self.recorder = Recorder(metrics, access_log)
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def limit_hit(self, limit: str, ds: Downstream, detail: str) -> None:
+        """A client connection was cut by ``limit``: counted; logged the first time only
+        (an attacker must not be able to fill the log)."""
+        self.metrics.http1_limits.labels(limit=limit).inc()
+        if limit not in self._limits_logged:
+            self._limits_logged.add(limit)
+            log.warning(
+                "HTTP/1.1 client %s (%s) to %s cut by %s: %s (logged once; counted in "
+                "nodeagent_http1_limit_hits_total)",
+                ds.pod.key,
+                ds.source_ip,
+                ds.service.key,
+                limit,
+                detail,
+            )
 
     def _on_eject(self, key: object, addr: str, reason: str) -> None:
         host = str(key).rsplit("|", 1)[-1]

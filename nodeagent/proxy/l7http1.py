@@ -74,8 +74,14 @@ class Http1Session:
         self.engine = engine
         self.ds = ds
         self.pipe = pipe
-        self.down = DownstreamHttp1()
+        limits = engine.http1_limits
+        self.down = DownstreamHttp1(
+            max_header_size=limits.max_header_size, max_headers=limits.max_headers
+        )
         self.events: deque[DownstreamEvent] = deque()
+        self.timed_out = ""
+        """Why ``next_request`` gave up waiting: ``idle_timeout`` or
+        ``request_headers_timeout`` (empty: it did not)."""
 
     async def next_event(self) -> DownstreamEvent:
         events = self.events
@@ -87,6 +93,32 @@ class Http1Session:
             events.extend(evs)
         return events.popleft()
 
+    async def next_request(self) -> DownstreamEvent | None:
+        """The next request's first event; None when the client stayed silent for the
+        idle timeout, or took longer than the head timeout from the request's first byte
+        to the end of its head (``timed_out`` says which)."""
+        events = self.events
+        if events:
+            return events.popleft()
+        limits = self.engine.http1_limits
+        begun = False
+        try:
+            async with asyncio.timeout(limits.idle_timeout) as deadline:
+                while not events:
+                    data = await self.pipe.read()
+                    evs = self.down.receive_data(data)
+                    if not evs and not data:
+                        return ConnectionClosed(clean=False)
+                    events.extend(evs)
+                    if not begun:  # the head's clock starts at its first byte
+                        begun = True
+                        when = asyncio.get_running_loop().time() + limits.request_headers_timeout
+                        deadline.reschedule(when)
+        except TimeoutError:
+            self.timed_out = "request_headers_timeout" if begun else "idle_timeout"
+            return None
+        return events.popleft()
+
     def take_now(self) -> DownstreamEvent | None:
         return self.events.popleft() if self.events else None
 
@@ -95,8 +127,11 @@ class Http1Session:
         try:
             while True:
                 try:
-                    ev = await self.next_event()
+                    ev = await self.next_request()
                 except PipeClosed:
+                    return
+                if ev is None:
+                    self._timed_out()
                     return
                 if isinstance(ev, RequestHead):
                     keep = await self._exchange(ev)
@@ -106,14 +141,19 @@ class Http1Session:
                 elif isinstance(ev, ProtocolError):
                     flag = "DPE"
                     pipe.write(down.send_error(ev.status, ev.reason, flag))
-                    log.warning(
-                        "malformed request from %s (%s) to %s: %d %s",
-                        ds.pod.key,
-                        ds.source_ip,
-                        ds.service.key,
-                        ev.status,
-                        ev.reason,
-                    )
+                    if ev.status == 431:  # a limit, not a broken client: counted, logged once
+                        many = "fields" in ev.reason
+                        limit = "max_headers_count" if many else "max_request_headers_size"
+                        self.engine.limit_hit(limit, ds, ev.reason)
+                    else:
+                        log.warning(
+                            "malformed request from %s (%s) to %s: %d %s",
+                            ds.pod.key,
+                            ds.source_ip,
+                            ds.service.key,
+                            ev.status,
+                            ev.reason,
+                        )
                     x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
                     x.status = ev.status
                     x.flag(flag)
@@ -124,6 +164,24 @@ class Http1Session:
         finally:
             pipe.write_eof()
             pipe.close()
+
+    def _timed_out(self) -> None:
+        """``next_request`` gave up: an idle connection is closed quietly (as Envoy's
+        ``idle_timeout``); a head that is too slow gets 408 (``request_headers_timeout``)."""
+        limits, limit = self.engine.http1_limits, self.timed_out
+        if limit == "idle_timeout":
+            self.engine.limit_hit(limit, self.ds, f"no request for {limits.idle_timeout:g}s")
+            return
+        reason = f"request head not received within {limits.request_headers_timeout:g}s"
+        body = f"{reason}\n".encode()  # (no request head: the machine has no exchange to answer)
+        self.pipe.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.engine.limit_hit(limit, self.ds, reason)
+        x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
+        x.status = 408
+        self.engine.recorder.record(self.ds, x)
 
     async def _exchange(self, head: RequestHead) -> bool:
         """One request/response; returns False when the client connection must close."""

@@ -46,9 +46,10 @@ class Proxy:
             inputs.metrics,
             inputs.access_log,
             path_normalization=inputs.path_normalization,
+            http1_limits=inputs.http1_limits,
         )
         self.h2pool = H2Pool()
-        self.admission = InboundPolicy(inputs.snapshot, state_dir)
+        self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
         self.pods: dict[str, PodProxy] = {}
         """The local pods by key (served by ``local``; the inbound side serves only these)."""
         plumbing = Plumbing(inputs, self.l7, self.h2pool)

@@ -185,6 +185,13 @@ class Metrics:
             ("listener", "kind"),
             registry=r,
         )
+        self.http1_limits = Counter(
+            "nodeagent_http1_limit_hits",
+            "HTTP/1.1 client connections cut by a limit: request_headers_timeout (408), "
+            "idle_timeout (closed), max_headers_count and max_request_headers_size (431)",
+            ("limit",),
+            registry=r,
+        )
         self.outlier_ejections = Counter(
             "nodeagent_outlier_ejections",
             "Endpoints ejected by outlier detection",

@@ -132,6 +132,7 @@ class FakeView:
     conns: list[ConnectionInfo] = field(default_factory=list)
     certs: list[dict[str, Any]] = field(default_factory=list)
     ca: dict[str, Any] = field(default_factory=lambda: {"state": "disabled"})
+    jwks: list[dict[str, Any]] = field(default_factory=list)
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -189,6 +190,9 @@ class FakeView:
 
     def ca_status(self) -> dict[str, Any]:
         return dict(self.ca)
+
+    def jwks_status(self) -> list[dict[str, Any]]:
+        return list(self.jwks)
 
     def recent_requests(self, limit: int) -> list[dict[str, Any]]:
         records = [
@@ -619,6 +623,25 @@ def test_ctl_certs_and_ca_status(agent: Agent, capsys: pytest.CaptureFixture[str
     assert rc == 0
     assert out.splitlines()[0] == "No certificates found."
     assert "CA: disabled (no CA configured)" in out
+
+
+def test_ctl_status_shows_each_jwks_url(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    refused = (
+        "the certificate of idp.example is not trusted (unable to get local issuer "
+        "certificate) by the system trust store: is the right CA bundle given (--jwks-ca-bundle)?"
+    )
+    agent.view.jwks = [
+        {"uri": "http://keys.default/jwks.json", "keys": 2, "last_error": ""},
+        {"uri": "https://idp.example/jwks.json", "keys": 0, "last_error": refused},
+    ]
+    rc, out, _ = run_ctl(["--socket", agent.socket_path, "status"], capsys)
+    assert rc == 0
+    lines = out.splitlines()
+    at = lines.index("JWKS:")
+    assert lines[at + 1 : at + 3] == [
+        "  http://keys.default/jwks.json: 2 key(s)",
+        f"  https://idp.example/jwks.json: 0 key(s); last fetch failed: {refused}",
+    ]
 
 
 def test_a_failing_handler_answers_an_error_and_the_server_lives_on(agent: Agent) -> None:

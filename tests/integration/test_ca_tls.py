@@ -368,3 +368,19 @@ def test_an_agent_dialling_a_tcp_ca_without_a_bundle_does_not_start(mesh: Mesh) 
         f"nodeagent run: the CA at {mesh.addr} is dialled over TLS: give the trust bundle "
         "(--trust-bundle, the mesh root) to verify it with"
     )
+
+
+def test_an_agent_dialling_a_unix_ca_without_a_bundle_does_not_start(mesh: Mesh) -> None:
+    """No trust anchor, no start: the roots a CA sends are never trusted on its word."""
+    ca = f"unix:{mesh.root / 'ca.sock'}"
+    argv = [sys.executable, "-m", "nodeagent", "run", "--node", "node1"]
+    argv += ["--config", str(mesh.config), "--socket", str(mesh.root / "agent.sock")]
+    argv += ["--ca-addr", ca, "--ca-token-file", str(mesh.root / "node1.token")]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().endswith(
+        f"nodeagent run: the CA at {ca} needs a trust anchor: give the trust bundle "
+        "(--trust-bundle, the mesh root); without it the agent would trust whatever root "
+        "the CA sends"
+    )
+    assert "Traceback" not in p.stderr
