@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from nodeagent.core import authz
 from nodeagent.core.authz import AuthzRequest
@@ -38,16 +38,47 @@ from nodeagent.telemetry.accesslog import AccessRecord, rfc3339
 log = logging.getLogger("nodeagent.proxy")
 
 
-def _forwarded_for(headers: Any) -> str | None:
-    """The client address of an HBONE CONNECT's ``forwarded: for=IP`` header, if any."""
+FORWARDED_FLAG = "FORWARDED_FOR"
+"""The response flag of a CONNECT refused for its ``forwarded: for=`` claim."""
+
+
+def forwarded_for(headers: Mapping[str, str] | None) -> str | None:
+    """The client address an HBONE CONNECT claims in its ``forwarded`` header (RFC 7239),
+    normalized (``10.0.0.1``, ``2001:db8::1``); None when it claims none.
+
+    One element, whose ``for=`` is an IPv4 address or a bracketed IPv6 one, quoted or
+    not, with an optional port. Raises ``ValueError`` naming what is wrong otherwise
+    (``unknown``, an obfuscated ``_name``, several elements): a peer must not be able
+    to make its address unknown to ``ipBlocks``."""
     value = headers.get("forwarded") if headers else None
-    if not value:
+    if value is None:
         return None
-    for part in str(value).split(";"):
+    if "," in value:
+        raise ValueError(f"forwarded {value!r}: more than one element")
+    node: str | None = None
+    for part in value.split(";"):
         k, _, v = part.strip().partition("=")
-        if k.lower() == "for" and v:
-            return v.strip('"')
-    return None
+        if k.lower() == "for":
+            if node is not None:
+                raise ValueError(f"forwarded {value!r}: more than one for=")
+            node = v.strip()
+    if node is None:
+        return None
+    host = node[1:-1] if len(node) >= 2 and node[0] == node[-1] == '"' else node
+    if host.startswith("["):  # "[v6]" or "[v6]:port"
+        end = host.find("]")
+        rest = host[end + 1 :] if end > 0 else "?"
+        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+            raise ValueError(f"forwarded for={node}: not an IP address")
+        host = host[1:end]
+    elif host.count(":") == 1:  # "v4:port"
+        host, _, port = host.partition(":")
+        if not port.isdigit():
+            raise ValueError(f"forwarded for={node}: not an IP address")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"forwarded for={node}: not an IP address") from None
 
 
 class Inbound:
@@ -82,7 +113,10 @@ class Inbound:
             reason = f"{req.authority} is not a pod running as {me} on node {self.inputs.node}"
             log.warning("HBONE from %s refused: %s", req.peer_identity, reason)
             return ConnectRefusal(400, reason)
-        src_ip = _forwarded_for(req.headers) or req.peer_addr[0]
+        src = self._source(snap, req, target, port)
+        if isinstance(src, ConnectRefusal):
+            return src
+        src_ip, src_pod = src
         tpp = self.pods[target.key]
         hp = self.admission.l7_port(snap, target, port)
         if hp is not None:  # authorized request by request
@@ -102,9 +136,8 @@ class Inbound:
                     "peer": req.peer_identity,
                 }
             )
-            peer_pod = self.plumbing.index(snap).source_pod(snap, req.peer_identity, src_ip)
             self.plumbing.spawn(
-                self._serve_http(tpp, hp, req.peer_identity, peer_pod, src_ip, pipe, relay)
+                self._serve_http(tpp, hp, req.peer_identity, src_pod, src_ip, pipe, relay)
             )
             return pipe
         authz_req = AuthzRequest(
@@ -129,7 +162,6 @@ class Inbound:
             self.inputs.metrics.failures.labels(direction="inbound", response_flags="UF").inc()
             log.warning("inbound HBONE %s -> %s failed: %s", req.peer_identity, req.authority, e)
             return ConnectRefusal(503, str(e))
-        src_pod = self.plumbing.index(snap).source_pod(snap, req.peer_identity, src_ip)
         relay = self.inputs.table.open(
             {
                 "direction": "inbound",
@@ -160,6 +192,28 @@ class Inbound:
             self.plumbing.spawn(go())
 
         return ClientSide(relay, attach)
+
+    def _source(
+        self, snap: MeshSnapshot, req: ConnectRequest, target: Pod, port: int
+    ) -> tuple[str, Pod | None] | ConnectRefusal:
+        """``source.ip`` and the source pod of a CONNECT: the address its ``forwarded``
+        header claims as far as the peer's certificate vouches for it, else the
+        tunnel's peer address. A claim that is no IP address, or the address of a pod
+        of another identity, is refused (400), counted, logged and access-logged."""
+        peer_ip = req.peer_addr[0]
+        try:
+            claimed = forwarded_for(req.headers)
+        except ValueError as e:
+            why = str(e)
+        else:
+            index = self.plumbing.index(snap)
+            src = index.tunnel_source(snap, req.peer_identity, claimed, peer_ip)
+            if not isinstance(src, str):
+                return src
+            why = src
+        reason = f"{why} (from HBONE peer {req.peer_identity} at {peer_ip})"
+        self.denied(req.peer_identity, peer_ip, target, port, FORWARDED_FLAG, reason)
+        return ConnectRefusal(400, reason)
 
     async def _serve_plaintext(self, pp: PodProxy, side: ClientSide) -> None:
         relay = side.relay

@@ -189,13 +189,22 @@ class Outbound:
             expected_identity=dst_id,
             peer=peer,
             authority=f"{ep.ip}:{ep.port}",
-            headers={
-                "forwarded": f"for={client_ip}",
-                "baggage": f"k8s.namespace.name={pp.pod.namespace},k8s.pod.name={pp.pod.name}",
-            },
+            headers=_headers(pp.pod, client_ip),
             protocol=protocol,
         )
         return f"hbone {peer[0]}:{peer[1]} -> {ep.ip}:{ep.port}", dst_id
+
+
+def _headers(pod: Pod, client_ip: str) -> dict[str, str]:
+    """A CONNECT's headers: the client pod's name (``baggage``) and address
+    (``forwarded``, RFC 7239: an IPv6 address quoted and bracketed; left out when not
+    known, as the receiver refuses a ``for=`` that is no IP address)."""
+    out = {"baggage": f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}"}
+    if ":" in client_ip:
+        out["forwarded"] = f'for="[{client_ip}]"'
+    elif client_ip[:1].isdigit():
+        out["forwarded"] = f"for={client_ip}"
+    return out
 
 
 def _peer(relay: Relay, ep: Endpoint, svc: Service | None) -> None:

@@ -96,6 +96,23 @@ class IdentityIndex:
             return snap.pod_by_ip.get(ip)
         return self.pod_by_identity.get(identity)
 
+    def tunnel_source(
+        self, snap: MeshSnapshot, identity: str, claimed: str | None, peer_ip: str
+    ) -> tuple[str, Pod | None] | str:
+        """Where a connection tunnelled by a peer running as ``identity`` comes from:
+        (``source.ip``, source pod), or why its claim is refused. The ``claimed`` client
+        address (``forwarded: for=``, normalized) is believed when the pod there runs as
+        ``identity``; an address of no known pod proves nothing, so ``peer_ip`` (the
+        tunnel's own source) stands instead; a pod of another identity is refused."""
+        if claimed is None or claimed not in self.identity_at:
+            return peer_ip, self.source_pod(snap, identity, peer_ip)
+        owner = self.identity_at[claimed]
+        if owner != identity:
+            pod = snap.pod_by_ip.get(claimed)
+            name = pod.key if pod is not None else claimed
+            return f"forwarded for={claimed} is pod {name}, running as {owner}, not {identity}"
+        return claimed, self.source_pod(snap, identity, claimed)
+
 
 class Plumbing:
     """The connection machinery of one proxy, shared by both directions."""

@@ -253,8 +253,13 @@ class Rig:
         runtimes = {
             "default/client": PodRuntime("default/client", CLIENT_IP, "node1", "ns-client"),
             "default/server": PodRuntime("default/server", SERVER_IP, "node2", "ns-server"),
+            **self.runtimes(),
         }
         return load_directory(self.dir, runtimes=runtimes, version=self.version).snapshot
+
+    def runtimes(self) -> dict[str, PodRuntime]:
+        """The runtimes of pods a subclass adds to the mesh."""
+        return {}
 
     async def start(self) -> None:
         self.net.apps[(SERVER_IP, TCP_PORT)] = await self.echo.start()
@@ -335,10 +340,10 @@ class Rig:
         self.http.close()
 
 
-def run(mtls: bool, body: Callable[[Rig], Awaitable[None]]) -> None:
+def run(mtls: bool, body: Callable[[Rig], Awaitable[None]], rig_type: type[Rig] = Rig) -> None:
     async def main() -> None:
         with tempfile.TemporaryDirectory(prefix="na-loop-") as tmp:
-            rig = Rig(Path(tmp), mtls)
+            rig = rig_type(Path(tmp), mtls)
             await rig.start()
             try:
                 await asyncio.wait_for(body(rig), 15)

@@ -44,3 +44,18 @@ def test_no_address_or_an_unknown_one_falls_back_to_the_identity() -> None:
         src = INDEX.source_pod(SNAP, WEB, ip)
         assert src is not None and src.name == "web-1"
     assert INDEX.source_pod(SNAP, "spiffe://cluster.local/ns/x/sa/y", "10.244.1.2") is None
+
+
+def test_a_claimed_address_is_believed_as_far_as_the_identity_vouches() -> None:
+    peer = "10.244.9.9"
+    assert INDEX.tunnel_source(SNAP, WEB, "10.244.1.3", peer) == (
+        "10.244.1.3",
+        SNAP.pod_by_ip["10.244.1.3"],  # web-2, not the identity's first pod
+    )
+    assert INDEX.tunnel_source(SNAP, WEB, None, peer) == (peer, SNAP.pod_by_ip["10.244.1.2"])
+    assert INDEX.tunnel_source(SNAP, WEB, "192.0.2.1", peer)[0] == peer  # no pod: not believed
+    why = INDEX.tunnel_source(SNAP, WEB, "10.244.1.4", peer)  # the db pod's address
+    assert why == (
+        "forwarded for=10.244.1.4 is pod default/db, running as "
+        "spiffe://cluster.local/ns/default/sa/db, not spiffe://cluster.local/ns/default/sa/web"
+    )
