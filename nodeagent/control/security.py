@@ -100,6 +100,8 @@ AUTHZ_SOURCE = Obj(
         "notIpBlocks": STR_LIST,
         "requestPrincipals": STR_LIST,
         "notRequestPrincipals": STR_LIST,
+        "remoteIpBlocks": AnyShape(),
+        "notRemoteIpBlocks": AnyShape(),
     }
 )
 AUTHZ_OPERATION = Obj(
@@ -189,9 +191,18 @@ def _networks(
     return tuple(out)
 
 
+REMOTE_IP_UNSUPPORTED = (
+    "is not supported: remote.ip is the client before an edge proxy (X-Forwarded-For, "
+    "PROXY protocol), and nodeagent has no edge proxy to trust; use ipBlocks (source.ip)"
+)
+
+
 def _authz_source(raw: dict[str, Any], path: str, problems: Problems) -> Source:
     if not raw:
         problems.add(path, "a source needs at least one field")
+    for key in ("remoteIpBlocks", "notRemoteIpBlocks"):
+        if key in raw:
+            problems.add(f"{path}.{key}", f"{key} {REMOTE_IP_UNSUPPORTED}")
 
     def m(key: str) -> tuple[str, ...]:
         return _match_values(raw, key, path, problems)
@@ -229,7 +240,9 @@ def _authz_operation(raw: dict[str, Any], path: str, problems: Problems) -> Oper
 
 def _authz_condition(raw: dict[str, Any], path: str, problems: Problems) -> Condition:
     key = str(raw.get("key", ""))
-    if not condition_key_supported(key):
+    if key == "remote.ip":
+        problems.add(f"{path}.key", f"key remote.ip {REMOTE_IP_UNSUPPORTED}")
+    elif not condition_key_supported(key):
         problems.add(
             f"{path}.key",
             f"unsupported key {key!r} (supported: {', '.join(CONDITION_KEYS)})",

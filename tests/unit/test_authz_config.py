@@ -161,6 +161,21 @@ OP = "spec.rules[0].to[0].operation"
             "unsupported key",
         ),
         ("rules: [{when: [{key: source.ip}]}]", "spec.rules[0].when[0]", "values or notValues"),
+        (
+            "rules: [{from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]}]",
+            f"{SRC}.remoteIpBlocks",
+            "remoteIpBlocks is not supported: remote.ip is the client before an edge proxy",
+        ),
+        (
+            "rules: [{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]}]",
+            f"{SRC}.notRemoteIpBlocks",
+            "use ipBlocks (source.ip)",
+        ),
+        (
+            "rules: [{when: [{key: remote.ip, values: [10.0.0.1]}]}]",
+            "spec.rules[0].when[0].key",
+            "key remote.ip is not supported",
+        ),
         ("rules: [{when: [{values: [x]}]}]", "spec.rules[0].when[0].key", "required field"),
         (
             "rules: [{when: [{key: destination.ip, values: [bad]}]}]",
