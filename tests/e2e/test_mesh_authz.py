@@ -277,3 +277,24 @@ def test_a_policy_change_closes_live_connections_it_now_denies(
                 p.kill()
     assert not d["ok"], d  # closed mid-stream
     assert o["ok"], o  # another identity's connection carried on
+
+
+def test_ip_blocks_see_the_client_pods_address(sb: Sandbox, policy: Any) -> None:
+    # through HBONE from node1: the client's address as the tunnel says and its
+    # certificate vouches for (docs/policy.md, "Where source.ip comes from")
+    policy(f"""
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {{name: no-client-ip, namespace: default}}
+        spec:
+          selector: {{matchLabels: {{app: echo}}}}
+          action: DENY
+          rules:
+          - from: [{{source: {{ipBlocks: ["{sb.pod_ip("client")}/32"]}}}}]
+    """)
+    assert tcp_echo(sb, "client", "echo")["ok"] == 0
+    assert tcp_echo(sb, "victim", "echo")["ok"] == 1  # another address: allowed
+    with AdminClient(sb.agent_socket("node2")) as c:
+        recs = [r for r in c.requests()["records"] if r["protocol"] == "TCP"]
+    assert recs and recs[-1]["authz_policy"] == "default/no-client-ip", recs[-1:]
+    assert recs[-1]["source_workload"] == "client", recs[-1]
