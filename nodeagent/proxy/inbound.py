@@ -81,6 +81,16 @@ def forwarded_for(headers: Mapping[str, str] | None) -> str | None:
         raise ValueError(f"forwarded for={node}: not an IP address") from None
 
 
+def app_source(client_ip: str, pp: PodProxy) -> str | None:
+    """The address the proxy's connection to ``pp``'s app comes from: the client's
+    (``IP_TRANSPARENT``, so the app sees who called) where the capture routes the app's
+    answers back to the proxy (iptables); else, and for a loopback address, the pod's
+    own, or IPv6, the proxy's own (the pod's address)."""
+    if pp.mode != "iptables" or "." not in client_ip or client_ip.startswith("127."):
+        return None
+    return None if client_ip == pp.pod.pod_ip else client_ip
+
+
 class Inbound:
     """The inbound handlers of every local pod."""
 
@@ -157,7 +167,9 @@ class Inbound:
         if sockets is None:
             return ConnectRefusal(503, f"pod {target.key} is not captured")
         try:
-            sock = await sockets.connect((ip, port), self.inputs.connect_timeout)
+            sock = await sockets.connect(
+                (ip, port), self.inputs.connect_timeout, app_source(src_ip, tpp)
+            )
         except PeerError as e:
             self.inputs.metrics.failures.labels(direction="inbound", response_flags="UF").inc()
             log.warning("inbound HBONE %s -> %s failed: %s", req.peer_identity, req.authority, e)
@@ -265,7 +277,7 @@ class Inbound:
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
         relay.meta["peer"] = src_pod.key if src_pod else ""
         relay.meta["labels"] = labels("destination", src_pod, pp.pod, "")
-        await self.plumbing.dial(pp, relay, dst, "inbound")
+        await self.plumbing.dial(pp, relay, dst, "inbound", app_source(src_ip, pp))
 
     async def _serve_http(
         self,
@@ -280,9 +292,10 @@ class Inbound:
         """Serve one connection that reached ``tpp``'s HTTP port request by request:
         each passes the workload's policies, then goes to the app."""
         principal = self.inputs.principal(tpp.pod)
+        source = app_source(src_ip, tpp)
 
         async def connect(ep: Endpoint, up: Pipe) -> tuple[str, str]:
-            await self.plumbing.connect_plain(tpp, ep, up)
+            await self.plumbing.connect_plain(tpp, ep, up, source)
             return f"{ep.ip}:{ep.port}", principal
 
         ds = Downstream(

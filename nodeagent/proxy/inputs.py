@@ -41,8 +41,11 @@ class PodSockets(Protocol):
         """A non-blocking listening socket bound to ``host:port``."""
         ...
 
-    def connect(self, addr: Addr, timeout: float) -> Awaitable[socket.socket]:
-        """A connected non-blocking socket to ``addr`` (not captured again); raises
+    def connect(
+        self, addr: Addr, timeout: float, source: str | None = None
+    ) -> Awaitable[socket.socket]:
+        """A connected non-blocking socket to ``addr`` (not captured again), from the
+        client address ``source`` when given (the app sees the client); raises
         ``PeerError`` naming the address and what to check."""
         ...
 

@@ -183,15 +183,18 @@ class Plumbing:
         relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
         return dst
 
-    async def dial(self, pp: PodProxy, relay: Relay, addr: Addr, direction: str) -> None:
-        """Connect ``relay`` to ``addr`` over plain TCP from ``pp``'s network."""
+    async def dial(
+        self, pp: PodProxy, relay: Relay, addr: Addr, direction: str, source: str | None = None
+    ) -> None:
+        """Connect ``relay`` to ``addr`` over plain TCP from ``pp``'s network (from the
+        client's address ``source`` when given)."""
         sockets = pp.sockets
         if sockets is None:
             self.refuse(relay, direction, "UF", f"pod {pp.pod.key} is no longer captured")
             return
         relay.meta["upstream"] = f"{addr[0]}:{addr[1]}"
         try:
-            sock = await sockets.connect(addr, self.inputs.connect_timeout)
+            sock = await sockets.connect(addr, self.inputs.connect_timeout, source)
         except PeerError as e:
             if relay.closed:
                 return
@@ -219,12 +222,15 @@ class Plumbing:
         relay.meta["counted"] = True
         self.inputs.table.counted(relay)
 
-    async def connect_plain(self, pp: PodProxy, ep: Endpoint, pipe: Pipe) -> None:
-        """Connect ``pipe`` to ``ep`` over plain TCP from ``pp``'s network."""
+    async def connect_plain(
+        self, pp: PodProxy, ep: Endpoint, pipe: Pipe, source: str | None = None
+    ) -> None:
+        """Connect ``pipe`` to ``ep`` over plain TCP from ``pp``'s network (from the
+        client's address ``source`` when given)."""
         sockets = pp.sockets
         if sockets is None:
             raise PeerError(f"pod {pp.pod.key} is no longer captured")
-        sock = await sockets.connect((ep.ip, ep.port), self.inputs.connect_timeout)
+        sock = await sockets.connect((ep.ip, ep.port), self.inputs.connect_timeout, source)
         try:
             await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
         except OSError as e:

@@ -1,6 +1,8 @@
 """The two captures the proxy can be handed (its ``Capture`` interface, which they meet
 structurally without importing ``proxy/``): ``IptablesCapture`` (REDIRECT rules in each
-pod's netns) and ``EbpfCapture`` (the programs of a loaded ``NodeCapture``).
+pod's netns, and the source routing that lets the app see the client's address) and
+``EbpfCapture`` (the programs of a loaded ``NodeCapture``; the app sees the proxy's
+address: its sk_lookup would steer the proxy's transparent connection back to it).
 
 Each attaches a pod given its runtime entry, its inbound listener and its excluded
 ports, follows the snapshot's mesh addresses, and says where an accepted connection was
@@ -45,6 +47,11 @@ class IptablesCapture:
             exclude_outbound_ports=out_ports, exclude_inbound_ports=in_ports
         )
         await iptables.apply_rules(runtime.netns, spec)
+        try:
+            await iptables.apply_source_routing(netns_path(runtime.netns))
+        except LocalStateError as e:  # capture still works; the app sees the proxy
+            log.warning("pod %s: its app will not see clients' addresses: %s", pod_key, e)
+            return "iptables (no source routing)"
         return "iptables"
 
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
@@ -58,6 +65,7 @@ class IptablesCapture:
             return
         try:
             await iptables.remove_rules(path)
+            await iptables.remove_source_routing(path)
         except LocalStateError as e:
             log.warning("pod %s: cannot remove its capture rules: %s", pod_key, e)
 

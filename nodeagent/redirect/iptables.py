@@ -8,6 +8,11 @@ out again (``render_removal``, pure too). The rules:
   traffic, excluded ports, and the proxy's own upstream sockets (``SO_MARK`` 0x539);
 - inbound TCP (nat PREROUTING) → the inbound listener (15006), except HBONE (15008)
   and excluded ports.
+
+``apply_source_routing`` (with these rules) lets the proxy's upstream socket to the
+app carry the client's address (``IP_TRANSPARENT``), as ztunnel in-pod does: a
+connection the proxy opened (mark 0x539) is connmarked 0x111, the app's packets of it
+get that mark back, and a policy route delivers them locally, to the proxy.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ MARK_MASK = 0xFFF
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 HBONE_PORT = 15008
+
+SOURCE_MARK = 0x111
+ROUTE_TABLE = 100
+RULE_PREF = 32764
 
 CHAIN_OUT = "NODEAGENT_OUTPUT"
 CHAIN_IN = "NODEAGENT_INBOUND"
@@ -109,3 +118,59 @@ async def remove_rules(netns: str) -> bool:
     if rules:
         await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return bool(rules)
+
+
+CHAIN_MANGLE_IN = "NODEAGENT_PRERT"
+CHAIN_MANGLE_OUT = "NODEAGENT_MANGLE_OUT"
+JUMP_MANGLE_IN = f"-A PREROUTING -j {CHAIN_MANGLE_IN}"
+JUMP_MANGLE_OUT = f"-A OUTPUT -j {CHAIN_MANGLE_OUT}"
+_FWMARK = f"{SOURCE_MARK:#x}/{MARK_MASK:#x}"
+
+
+def render_source_rules(existing_mangle: str = "", mark: int = PROXY_MARK) -> str:
+    """The mangle rules of ``apply_source_routing`` (idempotent like ``render_rules``)."""
+    have = existing_mangle.splitlines()
+    lines = ["*mangle", f":{CHAIN_MANGLE_IN} - [0:0]", f":{CHAIN_MANGLE_OUT} - [0:0]"]
+    lines += [j for j in (JUMP_MANGLE_IN, JUMP_MANGLE_OUT) if j not in have]
+    lines.append(
+        f"-A {CHAIN_MANGLE_IN} -m mark --mark {mark:#x}/{MARK_MASK:#x} "
+        f"-j CONNMARK --set-xmark {_FWMARK}"
+    )
+    lines.append(
+        f"-A {CHAIN_MANGLE_OUT} -m connmark --mark {_FWMARK} "
+        "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+    )
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+async def apply_source_routing(netns: str) -> None:
+    """Route the app's packets of connections the proxy opened from a client's address
+    back to the proxy inside ``netns`` (idempotent)."""
+    existing = await _run(netns, ["iptables-save", "-t", "mangle"])
+    await _run(netns, ["iptables-restore", "--noflush"], stdin=render_source_rules(existing))
+    await _run(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
+                       "table", str(ROUTE_TABLE)])  # fmt: skip
+    if f"lookup {ROUTE_TABLE}" not in await _run(netns, ["ip", "rule", "show"]):
+        await _run(netns, ["ip", "rule", "add", "fwmark", _FWMARK, "pref", str(RULE_PREF),
+                           "lookup", str(ROUTE_TABLE)])  # fmt: skip
+
+
+def render_source_removal(existing_mangle: str) -> str:
+    """The input that takes ``render_source_rules`` out again; empty when none is there."""
+    have = existing_mangle.splitlines()
+    lines = [f"-D{j[2:]}" for j in (JUMP_MANGLE_IN, JUMP_MANGLE_OUT) if j in have]
+    for chain in (CHAIN_MANGLE_IN, CHAIN_MANGLE_OUT):
+        if any(ln.startswith(f":{chain} ") for ln in have):
+            lines += [f"-F {chain}", f"-X {chain}"]
+    return "\n".join(["*mangle", *lines, "COMMIT"]) + "\n" if lines else ""
+
+
+async def remove_source_routing(netns: str) -> None:
+    """Undo ``apply_source_routing`` in ``netns`` (a pod released while it lives on)."""
+    rules = render_source_removal(await _run(netns, ["iptables-save", "-t", "mangle"]))
+    if rules:
+        await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    if f"lookup {ROUTE_TABLE}" in await _run(netns, ["ip", "rule", "show"]):
+        await _run(netns, ["ip", "rule", "del", "pref", str(RULE_PREF)])
+    await _run(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])

@@ -21,6 +21,7 @@ from nodeagent.redirect.netns import NetnsHandle
 
 SO_ORIGINAL_DST = 80
 SO_MARK = 36
+IP_TRANSPARENT = 19
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
@@ -54,9 +55,14 @@ TCP_ESTABLISHED = 1
 
 
 async def connect_in(
-    ns: NetnsHandle, addr: tuple[str, int], timeout: float, mark: int = PROXY_MARK
+    ns: NetnsHandle,
+    addr: tuple[str, int],
+    timeout: float,
+    mark: int = PROXY_MARK,
+    source: str | None = None,
 ) -> socket.socket:
-    """Connect from inside ``ns``, marked so our own capture rules let it pass.
+    """Connect from inside ``ns``, marked so our own capture rules let it pass; from
+    ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given.
 
     ``addr`` is a numeric address (a pod, endpoint or original destination): the socket
     connects directly, without the event loop's resolver (uvloop's ``sock_connect`` runs
@@ -67,6 +73,9 @@ async def connect_in(
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source is not None:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.bind((source, 0))
         s.setblocking(False)
         err = 0
         try:
@@ -124,9 +133,11 @@ class PodNetns:
     def listen(self, host: str, port: int) -> socket.socket:
         return listen_in(self.ns, host, port)
 
-    def connect(self, addr: tuple[str, int], timeout: float) -> Coroutine[Any, Any, socket.socket]:
+    def connect(
+        self, addr: tuple[str, int], timeout: float, source: str | None = None
+    ) -> Coroutine[Any, Any, socket.socket]:
         # returns connect_in's coroutine itself: no extra frame per connection
-        return connect_in(self.ns, addr, timeout)
+        return connect_in(self.ns, addr, timeout, PROXY_MARK, source)
 
     def close(self) -> None:
         self.ns.close()

@@ -122,7 +122,7 @@ class LoopbackPod:
         self.net.listeners[(self.ip, port)] = s.getsockname()
         return s
 
-    async def connect(self, addr: Addr, timeout: float) -> socket.socket:
+    async def connect(self, addr: Addr, timeout: float, source: str | None = None) -> socket.socket:
         net = self.net
         try:
             async with asyncio.timeout(timeout):

@@ -8,6 +8,8 @@ from nodeagent.redirect.iptables import (
     CaptureSpec,
     render_removal,
     render_rules,
+    render_source_removal,
+    render_source_rules,
 )
 
 
@@ -63,3 +65,28 @@ def test_removal_takes_out_only_what_is_there() -> None:
         "COMMIT",
     ]
     assert render_removal("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n") == ""
+
+
+def test_source_routing_rules_connmark_the_proxys_connections_and_restore_it() -> None:
+    rules = render_source_rules().splitlines()
+    assert rules[0] == "*mangle" and rules[-1] == "COMMIT"
+    assert "-A PREROUTING -j NODEAGENT_PRERT" in rules
+    assert "-A OUTPUT -j NODEAGENT_MANGLE_OUT" in rules
+    assert (
+        "-A NODEAGENT_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff" in rules
+    )
+    assert (
+        "-A NODEAGENT_MANGLE_OUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark "
+        "--nfmask 0xffffffff --ctmask 0xffffffff"
+    ) in rules
+
+
+def test_source_routing_applied_twice_adds_the_jumps_once_and_comes_out_again() -> None:
+    first = render_source_rules()
+    existing = "\n".join(ln for ln in first.splitlines() if ln.startswith(("-A", ":")))
+    again = render_source_rules(existing).splitlines()
+    assert not any(ln.startswith(("-A PREROUTING", "-A OUTPUT")) for ln in again)
+    removal = render_source_removal(existing).splitlines()
+    assert "-D PREROUTING -j NODEAGENT_PRERT" in removal
+    assert "-X NODEAGENT_MANGLE_OUT" in removal
+    assert render_source_removal("") == ""
