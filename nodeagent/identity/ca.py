@@ -186,6 +186,22 @@ def parse_spiffe_id(identity: str) -> tuple[str, str]:
     return parts.netloc, parts.path
 
 
+def workload_csr(identity: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    """A new P-256 key and a PEM CSR asking for ``identity`` as its one URI SAN, as a
+    workload's certificate request carries it (``csr_identity`` reads it back)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM), key
+
+
 def csr_identity(csr_pem: bytes | str) -> str:
     """The one URI SAN of a CSR (what it asks to be), without checking anything else."""
     csr = _load_csr(csr_pem)

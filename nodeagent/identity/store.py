@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.errors import LocalStateError, NodeAgentError, PeerError
-from nodeagent.identity.ca import is_self_signed, parse_spiffe_id
+from nodeagent.identity.ca import is_self_signed, parse_spiffe_id, workload_csr
 from nodeagent.identity.ca_client import CaUnreachable
 from nodeagent.identity.tls import WorkloadCert
 
@@ -370,17 +370,7 @@ class CertificateStore:
         return await asyncio.shield(task)
 
     async def _fetch(self, identity: str) -> WorkloadCert:
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = (
-            x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([]))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        csr_pem, key = workload_csr(identity)
         try:
             pems = await self._client.sign(csr_pem, math.ceil(self.lifetime_seconds))
             cert, chain = self._accept(identity, key, pems)

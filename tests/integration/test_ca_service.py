@@ -29,12 +29,11 @@ import grpc.aio
 import pytest
 import uvloop
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.identity import ca_pb2 as pb
 from nodeagent.identity import ca_pb2_grpc as pb_grpc
-from nodeagent.identity.ca import ROOT_CERT, CertificateAuthority, init_ca
+from nodeagent.identity.ca import ROOT_CERT, CertificateAuthority, init_ca, workload_csr
 from nodeagent.identity.ca_client import CaClient, CaRefused, CaUnreachable
 from nodeagent.identity.ca_server import (
     NodeTokenAuthenticator,
@@ -121,17 +120,7 @@ def run(body: Callable[[], Awaitable[None]]) -> None:
 
 
 def csr_for(identity: str) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM), key
+    return workload_csr(identity)
 
 
 async def raw_call(mesh: Mesh, token: str, csr: bytes) -> grpc.StatusCode:

@@ -29,12 +29,10 @@ import grpc.aio
 import pytest
 import uvloop
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.admin.ctl import format_ca
 from nodeagent.errors import LocalStateError
-from nodeagent.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca
+from nodeagent.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca, workload_csr
 from nodeagent.identity.ca_client import CaClient, CaUntrusted
 from nodeagent.identity.ca_server import (
     NodeTokenAuthenticator,
@@ -128,17 +126,7 @@ def run(body: Callable[[], Awaitable[None]]) -> None:
 
 
 def csr_for(identity: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
+    return workload_csr(identity)[0]
 
 
 def serving_cert(mesh: Mesh, server_name: str = SERVICE_NAME) -> x509.Certificate:
