@@ -56,6 +56,8 @@ DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("networking.istio.io", _ISTIO_NET, "virtualservices", "VirtualService", True),
     ResourceType("networking.istio.io", _ISTIO_NET, "destinationrules", "DestinationRule", True),
     ResourceType("networking.istio.io", _ISTIO_NET, "serviceentries", "ServiceEntry", True),
+    ResourceType("networking.istio.io", _ISTIO_NET, "workloadentries", "WorkloadEntry", True),
+    ResourceType("networking.istio.io", _ISTIO_NET, "workloadgroups", "WorkloadGroup", True),
     ResourceType("networking.istio.io", _ISTIO_NET, "gateways", "Gateway", True),
     ResourceType("security.istio.io", _ISTIO_SEC, "authorizationpolicies",
                  "AuthorizationPolicy", True),

@@ -1,7 +1,8 @@
 """The checks across config objects, whatever their source: one object per name, one
 Service per clusterIP, one namespace-wide PeerAuthentication per namespace, VirtualService
-and DestinationRule references. Each error names the object, its file and the field, and
-the other object when two clash. Selectors that match no Pod are warnings."""
+and DestinationRule references, WorkloadEntry and ServiceEntry addresses and hosts. Each
+error names the object, its file and the field, and the other object when two clash.
+Selectors that match no Pod are warnings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from nodeagent.errors import ConfigError
+from nodeagent.model.entries import MeshConfig, ServiceEntry, WorkloadEntry, WorkloadGroup
 from nodeagent.model.objects import Pod, Service
 from nodeagent.model.security import PeerAuthentication
 from nodeagent.model.traffic import Destination, DestinationRule, VirtualService
@@ -236,3 +238,125 @@ def unmatched_selectors(
                     )
                 )
     return [str(w) for w in warnings]
+
+
+def check_entries(
+    pods: Sequence[Pod],
+    services: Sequence[Service],
+    workload_entries: Sequence[WorkloadEntry],
+    service_entries: Sequence[ServiceEntry],
+) -> list[ConfigError]:
+    """WorkloadEntry addresses used twice (or by a Pod); a ServiceEntry address used by
+    a Service or another entry; a host two ServiceEntries declare."""
+    errors: list[ConfigError] = []
+    ips: dict[str, str] = {p.pod_ip: f"Pod {p.key}" for p in pods if p.pod_ip}
+    for we in workload_entries:
+        if not we.address:
+            continue
+        other = ips.get(we.address)
+        if other is not None:
+            errors.append(
+                ConfigError(
+                    f"address {we.address} is also {other}",
+                    source=we.source,
+                    obj=f"WorkloadEntry {we.key}",
+                    field="spec.address",
+                )
+            )
+        ips.setdefault(we.address, f"WorkloadEntry {we.key} ({we.source})")
+    used: dict[str, str] = {s.cluster_ip: f"Service {s.key}" for s in services if s.cluster_ip}
+    hosts: dict[str, ServiceEntry] = {}
+    for se in service_entries:
+        obj = f"ServiceEntry {se.key}"
+        for i, a in enumerate(se.addresses):
+            other = used.get(a)
+            if other is not None and other != obj:
+                errors.append(
+                    ConfigError(
+                        f"address {a} is already used by {other}",
+                        source=se.source,
+                        obj=obj,
+                        field=f"spec.addresses[{i}]",
+                    )
+                )
+            used.setdefault(a, obj)
+        for i, h in enumerate(se.hosts):
+            first = hosts.get(h)
+            if first is not None and first.key != se.key:
+                errors.append(
+                    ConfigError(
+                        f"host {h} is also declared by ServiceEntry {first.key} "
+                        f"({first.source}): merge them",
+                        source=se.source,
+                        obj=obj,
+                        field=f"spec.hosts[{i}]",
+                    )
+                )
+            hosts.setdefault(h, se)
+    return errors
+
+
+def entry_warnings(
+    workloads: Sequence[Pod],
+    groups: Sequence[WorkloadGroup],
+    service_entries: Sequence[ServiceEntry],
+    mesh_configs: Sequence[MeshConfig],
+    root_namespace: str,
+) -> list[str]:
+    """What loads but is not (fully) served: a WorkloadGroup's probe, a ServiceEntry's
+    subjectAltNames or narrowed exportTo, a selector matching no workload, an ``istio``
+    ConfigMap outside the root namespace."""
+    out: list[ConfigError] = []
+    for g in groups:
+        if g.has_probe:
+            out.append(
+                ConfigError(
+                    "probe is not run: the agent does not health-check VM workloads",
+                    source=g.source,
+                    obj=f"WorkloadGroup {g.key}",
+                    field="spec.probe",
+                )
+            )
+    for se in service_entries:
+        obj = f"ServiceEntry {se.key}"
+        if se.subject_alt_names:
+            out.append(
+                ConfigError(
+                    "not read: HBONE checks each endpoint's serviceAccount identity",
+                    source=se.source,
+                    obj=obj,
+                    field="spec.subjectAltNames",
+                )
+            )
+        if se.export_to and "*" not in se.export_to:
+            out.append(
+                ConfigError(
+                    "not enforced: every namespace sees the entry's hosts",
+                    source=se.source,
+                    obj=obj,
+                    field="spec.exportTo",
+                )
+            )
+        sel = se.workload_selector
+        ns = se.namespace
+        if sel and not any(w.namespace == ns and w.labels.matches(sel) for w in workloads):
+            out.append(
+                ConfigError(
+                    f"labels {sel} match no Pod or WorkloadEntry in namespace {se.namespace}",
+                    source=se.source,
+                    obj=obj,
+                    field="spec.workloadSelector.labels",
+                )
+            )
+    for mc in mesh_configs:
+        if mc.namespace != root_namespace:
+            out.append(
+                ConfigError(
+                    f"not read: the mesh config is the istio ConfigMap of the root namespace "
+                    f"({root_namespace})",
+                    source=mc.source,
+                    obj=f"ConfigMap {mc.key}",
+                    field="metadata.namespace",
+                )
+            )
+    return [str(w) for w in out]

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodeagent.control.clusterip import with_cluster_ips
+from nodeagent.control.clusterip import with_cluster_ips, with_entry_addresses
 from nodeagent.control.crosscheck import (
     check_duplicate_names,
+    check_entries,
     check_peer_authentications,
     check_traffic,
     cross_check,
+    entry_warnings,
     unmatched_selectors,
 )
 from nodeagent.control.parse import Pair, parse_documents, parse_object
@@ -32,6 +34,14 @@ from nodeagent.control.runtime import load_runtimes
 from nodeagent.control.yamlload import read_config_file
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
+from nodeagent.model.entries import (
+    MeshConfig,
+    ServiceEntry,
+    WorkloadEntry,
+    WorkloadGroup,
+    entry_services,
+    entry_workload,
+)
 from nodeagent.model.objects import Node, Pod, PodRuntime, Service
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
@@ -153,7 +163,7 @@ def assemble(
     checks across objects, then ``MeshSnapshot.build``. Raises ``ConfigErrors`` with
     ``errors`` and whatever the checks find."""
     errors = list(errors)
-    pairs = with_cluster_ips(pairs)
+    pairs = with_entry_addresses(with_cluster_ips(pairs))
     by_type: dict[type, list[Any]] = {}
     for _raw, obj in pairs:
         by_type.setdefault(type(obj), []).append(obj)
@@ -166,6 +176,10 @@ def assemble(
     req_auths: list[RequestAuthentication] = by_type.get(RequestAuthentication, [])
     rate_limits: list[LocalRateLimit] = by_type.get(LocalRateLimit, [])
     nodes: list[Node] = by_type.get(Node, [])
+    workload_entries: list[WorkloadEntry] = by_type.get(WorkloadEntry, [])
+    workload_groups: list[WorkloadGroup] = by_type.get(WorkloadGroup, [])
+    service_entries: list[ServiceEntry] = by_type.get(ServiceEntry, [])
+    mesh_configs: list[MeshConfig] = by_type.get(MeshConfig, [])
     errors.extend(
         check_duplicate_names(
             {
@@ -178,13 +192,26 @@ def assemble(
                 "RequestAuthentication": req_auths,
                 "LocalRateLimit": rate_limits,
                 "Node": nodes,
+                "WorkloadEntry": workload_entries,
+                "WorkloadGroup": workload_groups,
+                "ServiceEntry": service_entries,
+                "ConfigMap": mesh_configs,
             }
         )
     )
     errors.extend(cross_check(pods, services))
     errors.extend(check_peer_authentications(peer_auths))
-    errors.extend(check_traffic(virtual_services, destination_rules, services))
-    warnings = [*warnings, *unmatched_selectors(pods, services, destination_rules)]
+    hosts = [*services, *(h for se in service_entries for h in entry_services(se))]
+    errors.extend(check_traffic(virtual_services, destination_rules, hosts))
+    errors.extend(check_entries(pods, services, workload_entries, service_entries))
+    workloads = [*pods, *(entry_workload(we) for we in workload_entries)]
+    warnings = [
+        *warnings,
+        *unmatched_selectors(workloads, hosts, destination_rules),
+        *entry_warnings(
+            workloads, workload_groups, service_entries, mesh_configs, root_namespace
+        ),
+    ]
     if errors:
         raise ConfigErrors(errors)
     snap = MeshSnapshot.build(
@@ -201,6 +228,10 @@ def assemble(
         local_rate_limits=tuple(rate_limits),
         node_objects=tuple(nodes),
         root_namespace=root_namespace,
+        workload_entries=tuple(workload_entries),
+        workload_groups=tuple(workload_groups),
+        service_entries=tuple(service_entries),
+        mesh_config=next((m for m in mesh_configs if m.namespace == root_namespace), None),
     )
     return LoadedConfig(
         snapshot=snap, objects=tuple(raw for raw, _ in pairs), warnings=tuple(warnings)

@@ -1,7 +1,9 @@
 """Kubernetes API config source: the mesh as the cluster's API server holds it.
 
 ``KubeSource`` lists and watches (``KindWatch``, one task per kind) Pods, Services,
-EndpointSlices, Nodes and the Istio kinds the mesh serves, and publishes a new snapshot
+EndpointSlices, Nodes, the Istio kinds the mesh serves (WorkloadEntries, WorkloadGroups
+and ServiceEntries among them) and the ``istio`` ConfigMap of the root namespace (only
+that one: Istio's MeshConfig, ``control.meshconfig``), and publishes a new snapshot
 (``control.files.assemble``) after each burst of changes, coalesced for ``debounce``
 seconds. Unlike file mode, one bad object never rejects the others: a malformed object
 is left out with a warning (its previous good version, if any, keeps serving), and an
@@ -33,6 +35,7 @@ from typing import Any
 from nodeagent.control.files import LoadedConfig, assemble, parse_object
 from nodeagent.control.kubeclient import KubeClient, Resource
 from nodeagent.control.kubewatch import KindWatch, Pair, Parse, describe_error
+from nodeagent.control.meshconfig import MESH_CONFIG_KIND, MESH_CONFIGMAP
 from nodeagent.control.registry import KINDS
 from nodeagent.control.runtime import load_runtimes
 from nodeagent.control.schema import Kind
@@ -226,11 +229,14 @@ class KubeSource:
 
     # -- start -------------------------------------------------------------------------
     def _watch(self, res: Resource) -> KindWatch:
+        mesh_config = res.kind == MESH_CONFIG_KIND.kind
         return KindWatch(
             self.client,
             res,
             parse=PARSERS.get(res.kind, parse_object) if res not in RAW else None,
             changed=self._dirty.set,
+            # the one ConfigMap the agent reads (its Role names it): Istio's MeshConfig
+            field_selector=f"metadata.name={MESH_CONFIGMAP}" if mesh_config else "",
             timeout_seconds=self.timeout_seconds,
             source=SOURCE,
         )
@@ -256,9 +262,11 @@ class KubeSource:
     async def list_all(self) -> None:
         """List every kind once (``KubeStartError`` when a list fails; a kind not
         served is only a warning)."""
-        core = [resources_of(k) for k in KINDS if k.api_versions == ("v1",)]
-        others = [resources_of(k) for k in KINDS if k.api_versions != ("v1",)]
-        candidates = [*core, [NAMESPACE], [ENDPOINT_SLICE], *others]  # as ctl status shows
+        kinds = [k for k in KINDS if k is not MESH_CONFIG_KIND]
+        core = [resources_of(k) for k in kinds if k.api_versions == ("v1",)]
+        others = [resources_of(k) for k in kinds if k.api_versions != ("v1",)]
+        mesh = Resource("", "v1", MESH_CONFIG_KIND.kind, namespace=self.root_namespace)
+        candidates = [*core, [NAMESPACE], [ENDPOINT_SLICE], *others, [mesh]]  # as ctl status
         self.watches = list(await asyncio.gather(*(self._first_list(c) for c in candidates)))
         self.slices = next(w for w in self.watches if w.resource == ENDPOINT_SLICE)
         self.namespaces = next(w for w in self.watches if w.resource == NAMESPACE)

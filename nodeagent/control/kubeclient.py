@@ -41,6 +41,8 @@ class Resource:
     version: str
     kind: str
     namespaced: bool = True
+    namespace: str = ""
+    """List and watch one namespace only (else all of them)."""
 
     @property
     def api_version(self) -> str:
@@ -52,7 +54,8 @@ class Resource:
         return low[:-1] + "ies" if low.endswith("y") else low + "s"
 
     def __str__(self) -> str:
-        return f"{self.api_version} {self.kind}"
+        where = f" in namespace {self.namespace}" if self.namespace else ""
+        return f"{self.api_version} {self.kind}{where}"
 
 
 class ApiStatusError(Exception):
@@ -130,7 +133,7 @@ class KubeClient:
         return cls
 
     def _request(self, res: Resource, params: dict[str, str], *, watch: bool) -> Any:
-        namespace = ALL_NS if res.namespaced else None
+        namespace = (res.namespace or ALL_NS) if res.namespaced else None
         return self._client.prepare_request(
             "list", res=self._cls(res), namespace=namespace, watch=watch, params=params
         )

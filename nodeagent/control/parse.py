@@ -71,6 +71,9 @@ def _parse(doc: object, source: str, here: str) -> Parsed:
     if not isinstance(api, str) or not isinstance(kind_name, str):
         return None, [ConfigError("apiVersion and kind are required strings", source=here)], []
     kind = find_kind(api, kind_name)
+    if kind is not None and kind.only is not None and not kind.only(doc):
+        name = _unserved_name(api, kind_name, doc)
+        return None, [], [f"{here}: {name}: not served by the mesh, skipped"]
     if kind is None:
         wrong = misnamed_kind(api, kind_name)
         if wrong is not None:

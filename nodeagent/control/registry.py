@@ -1,6 +1,8 @@
 """Every config kind the agent accepts, by apiVersion and kind, in one table: the
 Kubernetes kinds (``control.objects``), Istio's security kinds (``control.security``,
-``control.authn``) and traffic kinds (``control.traffic``), and nodeagent's own
+``control.authn``), traffic kinds (``control.traffic``), the kinds of VMs and
+services outside the cluster (``control.entries``), Istio's ``istio`` ConfigMap
+(``control.meshconfig``), and nodeagent's own
 LocalRateLimit (``control.ratelimit``). Each kind module holds its shape, its conversion
 and its ``Kind`` entry; they share ``control.fields`` and never import this table."""
 
@@ -9,6 +11,12 @@ from __future__ import annotations
 import difflib
 
 from nodeagent.control.authn import REQUEST_AUTHENTICATION_KIND
+from nodeagent.control.entries import (
+    SERVICE_ENTRY_KIND,
+    WORKLOAD_ENTRY_KIND,
+    WORKLOAD_GROUP_KIND,
+)
+from nodeagent.control.meshconfig import MESH_CONFIG_KIND
 from nodeagent.control.objects import NODE_KIND, POD_KIND, SERVICE_KIND
 from nodeagent.control.ratelimit import LOCAL_RATE_LIMIT_KIND
 from nodeagent.control.schema import Kind
@@ -23,8 +31,12 @@ KINDS: tuple[Kind, ...] = (
     AUTHORIZATION_POLICY_KIND,
     VIRTUAL_SERVICE_KIND,
     DESTINATION_RULE_KIND,
+    SERVICE_ENTRY_KIND,
+    WORKLOAD_ENTRY_KIND,
+    WORKLOAD_GROUP_KIND,
     REQUEST_AUTHENTICATION_KIND,
     LOCAL_RATE_LIMIT_KIND,
+    MESH_CONFIG_KIND,
 )
 """In this order in the "supported:" list of an unknown kind's error."""
 

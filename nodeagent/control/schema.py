@@ -230,6 +230,9 @@ class Kind:
     """Why the mesh leaves this object out although its kind is served (a host-network
     Pod, a finished one, an ExternalName Service), or None; checked before ``shape`` on a
     document of any shape."""
+    only: Callable[[dict[str, Any]], bool] | None = None
+    """Which objects of this apiVersion and kind the mesh serves (Istio's ``istio``
+    ConfigMap, not every ConfigMap); the others are skipped as unserved kinds are."""
 
 
 def validate(doc: dict[str, Any], kind: Kind, source: str) -> tuple[object | None, Problems]:

@@ -41,7 +41,8 @@ def port_protocol(sp: ServicePort) -> str | None:
 
 
 def fqdn(svc: Service) -> str:
-    return f"{svc.name}.{svc.namespace}.svc.cluster.local"
+    """``name.namespace.svc.cluster.local``, or a ServiceEntry's host."""
+    return svc.fqdn
 
 
 # -- clusters -----------------------------------------------------------------------------

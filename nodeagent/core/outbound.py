@@ -1,9 +1,14 @@
 """Outbound decisions: a dialled address becomes the whole plan of a connection.
 
 ``plan`` maps (source pod, original destination) to exactly one of ``Refuse``,
-``Passthrough``, ``Tcp``, ``Hbone``, ``Http1`` or ``Http2``, each carrying all the proxy
-needs to do it (endpoint, service, destination host); the proxy then dispatches on the
-plan's type and decides nothing more, as ztunnel's outbound builds its request first.
+``Passthrough``, ``Tcp``, ``Dns``, ``Hbone``, ``Http1`` or ``Http2``, each carrying all
+the proxy needs to do it (endpoint, service, destination host); the proxy then dispatches
+on the plan's type and decides nothing more, as ztunnel's outbound builds its request
+first. ServiceEntry hosts are services here (``Service.kind``): MESH_INTERNAL endpoints
+with an identity go through HBONE, others plain TCP; a DNS entry's host is dialled by
+name (``Dns``); a NONE entry without endpoints passes through to the address dialled.
+With MeshConfig ``outboundTrafficPolicy: REGISTRY_ONLY`` an address in no Service,
+ServiceEntry or workload is refused (``BLACKHOLE``), else passed through.
 ``tunnels`` is the mTLS choice per endpoint, which the L7 path also makes per request
 and ``nodeagent ctl explain`` shows.
 
@@ -66,6 +71,15 @@ class Tcp(NamedTuple):
     """The destination host for metrics: the service's, or the cluster's a route chose."""
 
 
+class Dns(NamedTuple):
+    """Plain TCP to a DNS ServiceEntry's host name, resolved by the proxy when it connects
+    (``Endpoint.ip`` is the name, ``Endpoint.port`` the port)."""
+
+    endpoint: Endpoint
+    service: Service
+    service_host: str
+
+
 class Hbone(NamedTuple):
     """An HBONE (mutual TLS) stream to ``endpoint``."""
 
@@ -91,9 +105,27 @@ class Http2(NamedTuple):
     port: ServicePort
 
 
-OutboundPlan = Refuse | Passthrough | Tcp | Hbone | Http1 | Http2
+OutboundPlan = Refuse | Passthrough | Tcp | Dns | Hbone | Http1 | Http2
 
 PASSTHROUGH = Passthrough()
+BLACKHOLE = "BlackHoleCluster"
+"""Envoy's cluster for what REGISTRY_ONLY refuses; the refusal's flag is ``NR``."""
+
+
+def is_name(ep: Endpoint) -> bool:
+    """Whether ``ep`` is a host name the proxy must resolve (a DNS ServiceEntry's), not
+    an address."""
+    ip = ep.ip
+    return ":" not in ip and not ip.replace(".", "").isdigit()
+
+
+def blackhole(dst_ip: str, dst_port: int) -> Refuse:
+    return Refuse(
+        "NR",
+        f"{BLACKHOLE}: {dst_ip}:{dst_port} is not in the mesh registry (no Service, "
+        "ServiceEntry or workload has that address) and the mesh's outboundTrafficPolicy "
+        "is REGISTRY_ONLY (add a ServiceEntry for it)",
+    )
 
 
 def tunnels(snap: MeshSnapshot, ep: Endpoint, mtls: bool) -> bool:
@@ -118,11 +150,11 @@ def plan(
     """The plan for a connection from ``source`` to ``dst_ip:dst_port``: where it goes
     and how. ``random`` draws a VirtualService ``tcp[]`` weighted pick; ``mtls``: the
     agent holds identities (else every mesh connection is plain TCP)."""
-    svc = snap.service_by_ip.get(dst_ip)
+    svc = snap.service_for_address(dst_ip)
     if svc is None:
         pod = snap.pod_by_ip.get(dst_ip)
         if pod is None:
-            return PASSTHROUGH
+            return blackhole(dst_ip, dst_port) if snap.registry_only else PASSTHROUGH
         ep = Endpoint(pod=pod, ip=dst_ip, port=dst_port)
         return Hbone(ep, None, "") if tunnels(snap, ep, mtls) else Tcp(ep, None, "")
     sp = svc.port(dst_port)
@@ -130,6 +162,8 @@ def plan(
         ports = ", ".join(str(p.port) for p in svc.ports)
         return Refuse("NR", f"service {svc.key} has no port {dst_port} (its ports: {ports})")
     eps = snap.endpoints(svc, sp)
+    if not eps and svc.is_entry:
+        return _entry_without_endpoints(svc, sp)
     if not eps:
         return Refuse(
             "UH",
@@ -152,7 +186,25 @@ def plan(
         ep, service_host = routed
     if tunnels(snap, ep, mtls):
         return Hbone(ep, svc, service_host)
+    if svc.is_entry and is_name(ep):
+        return Dns(ep, svc, service_host)
     return Tcp(ep, svc, service_host)
+
+
+def _entry_without_endpoints(svc: Service, sp: ServicePort) -> OutboundPlan:
+    """A ServiceEntry host with no endpoint: resolution NONE passes through to the
+    address dialled (it is in the registry); STATIC, or a selector matching nothing,
+    has no upstream."""
+    if svc.resolution == "NONE" and not svc.selector:
+        return PASSTHROUGH
+    why = (
+        f"its workloadSelector {svc.selector} matches no workload with an address"
+        if svc.selector
+        else "it lists no endpoints"
+    )
+    return Refuse(
+        "UH", f"ServiceEntry {svc.namespace}/{svc.entry} host {svc.name} port {sp.port}: {why}"
+    )
 
 
 def _tcp_route(

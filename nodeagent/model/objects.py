@@ -97,6 +97,10 @@ class Pod:
     """Whether its namespace is in the mesh: the API source sets it from the Namespace's
     ``istio.io/dataplane-mode: ambient`` label, as Istio ambient does; in file mode
     every namespace is."""
+    kind: str = "Pod"
+    """``Pod``; ``WorkloadEntry`` for a VM's workload, ``ServiceEntry`` for an inline
+    endpoint of a ServiceEntry (``model/entries.py``): their ports are keyed by service
+    port name, and they have no netns the agent opens listeners in."""
 
     @property
     def key(self) -> str:
@@ -110,6 +114,8 @@ class Pod:
         """Istio ambient's rule: a pod labelled ``istio.io/dataplane-mode: none`` is out,
         one labelled ``ambient`` is in, any other is in when its namespace is. Out of the
         mesh: never captured, no certificate, reached in plain TCP."""
+        if self.kind == "ServiceEntry":  # an inline endpoint: MESH_INTERNAL with an identity
+            return self.namespace_enrolled
         mode = self.labels.get(DATAPLANE_MODE_LABEL)
         if mode == "none":
             return False
@@ -146,13 +152,35 @@ class Service:
     selector: Labels = field(default_factory=Labels)
     cluster_ip: str | None = None
     source: str = ""
+    kind: str = "Service"
+    """``Service``, or ``ServiceEntry`` for one host of a ServiceEntry (``name`` is the
+    host, ``entry`` the ServiceEntry's name; ``model/entries.py``)."""
+    addresses: tuple[str, ...] = ()
+    """A ServiceEntry's addresses (IPs or CIDRs); ``cluster_ip`` is the first IP."""
+    location: str = ""
+    """A ServiceEntry's ``MESH_EXTERNAL`` or ``MESH_INTERNAL``."""
+    resolution: str = ""
+    """A ServiceEntry's ``NONE``, ``STATIC`` or ``DNS``."""
+    entry: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def is_entry(self) -> bool:
+        return self.kind == "ServiceEntry"
+
+    @property
+    def fqdn(self) -> str:
+        """The host routing, metrics and clusters name it by."""
+        return self.hostnames()[-1]
+
     def hostnames(self, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
-        """The names a pod may use for this service, shortest first."""
+        """The names a pod may use for this service, shortest first (a ServiceEntry's
+        host: only itself)."""
+        if self.kind == "ServiceEntry":
+            return (self.name,)
         return (
             self.name,
             f"{self.name}.{self.namespace}",

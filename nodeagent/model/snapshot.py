@@ -7,6 +7,7 @@ readers take the current snapshot once per connection.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,16 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 
 from nodeagent.model.authn import RequestAuthentication
+from nodeagent.model.entries import (
+    MESH_INTERNAL,
+    REGISTRY_ONLY,
+    MeshConfig,
+    ServiceEntry,
+    WorkloadEntry,
+    WorkloadGroup,
+    entry_services,
+    entry_workload,
+)
 from nodeagent.model.objects import Node, Pod, PodRuntime, Service, ServicePort, pod_locality
 from nodeagent.model.ratelimit import LocalRateLimit
 from nodeagent.model.security import (
@@ -55,6 +66,15 @@ class MeshSnapshot:
     """``v1 Node`` objects (optional): capture settings per node, and the topology labels
     that give the pods on each node their locality (``Pod.locality``, set by ``build``)."""
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    workload_entries: tuple[Pod, ...] = ()
+    """WorkloadEntries as workloads (``Pod.kind`` ``WorkloadEntry``): endpoints and peers
+    like pods, not in ``pods`` (the agent opens no pod netns for them); the ones of one
+    node: ``workload_entries_on_node``."""
+    workload_entry_objects: tuple[WorkloadEntry, ...] = ()
+    workload_groups: tuple[WorkloadGroup, ...] = ()
+    service_entries: tuple[ServiceEntry, ...] = ()
+    """As written; their hosts are in ``services`` (``Service.kind`` ``ServiceEntry``)."""
+    mesh_config: MeshConfig = field(default_factory=MeshConfig)
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
     pod_by_ip: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -79,6 +99,9 @@ class MeshSnapshot:
         default_factory=lambda: MappingProxyType({})
     )
     """Namespace → its AuthorizationPolicies, sorted by name."""
+    entry_networks: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service], ...] = ()
+    """ServiceEntry addresses written as CIDRs (``192.192.192.0/24``), matched in order
+    after ``service_by_ip``."""
     _endpoint_memo: dict[tuple[str, int, int | str], tuple[Endpoint, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -109,6 +132,10 @@ class MeshSnapshot:
         local_rate_limits: tuple[LocalRateLimit, ...] = (),
         node_objects: tuple[Node, ...] = (),
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        workload_entries: tuple[WorkloadEntry, ...] = (),
+        workload_groups: tuple[WorkloadGroup, ...] = (),
+        service_entries: tuple[ServiceEntry, ...] = (),
+        mesh_config: MeshConfig | None = None,
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
         node_by_name = {n.name: n for n in node_objects}
@@ -121,20 +148,47 @@ class MeshSnapshot:
             if ip != pod.pod_ip or loc != pod.locality:
                 pod = dataclasses.replace(pod, pod_ip=ip, locality=loc)
             resolved.append(pod)
+        entries: list[Pod] = []
+        for we in workload_entries:
+            w = entry_workload(we)
+            if not we.locality:  # else spec.locality, as Istio reads it
+                w = dataclasses.replace(w, locality=pod_locality(w, node_by_name.get(w.node_name)))
+            entries.append(w)
+        workloads = (*resolved, *entries)
         pod_by_key = {p.key: p for p in resolved}
-        pod_by_ip = {p.pod_ip: p for p in resolved if p.pod_ip}
+        pod_by_ip = {p.pod_ip: p for p in workloads if p.pod_ip}
+        k8s_services = services
+        services = (*k8s_services, *(s for se in service_entries for s in entry_services(se)))
         service_by_key = {s.key: s for s in services}
-        service_by_ip = {s.cluster_ip: s for s in services if s.cluster_ip}
-        service_by_host: dict[str, Service] = {}
+        service_by_ip: dict[str, Service] = {}
+        networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Service]] = []
         for s in services:
+            for a in s.addresses or ((s.cluster_ip,) if s.cluster_ip else ()):
+                if "/" in a:
+                    networks.append((ipaddress.ip_network(a), s))
+                else:
+                    service_by_ip.setdefault(a, s)  # a Service first, then entries in order
+        service_by_host: dict[str, Service] = {}
+        for s in k8s_services:
             for h in s.hostnames():
                 service_by_host[h] = s
+        for s in services[len(k8s_services) :]:  # a Service's name wins over an entry's host
+            service_by_host.setdefault(s.name, s)
         endpoints = {
             s.key: tuple(
-                p for p in resolved if p.namespace == s.namespace and p.labels.matches(s.selector)
+                p for p in workloads if p.namespace == s.namespace and p.labels.matches(s.selector)
             )
             for s in services
         }
+        for se in service_entries:
+            inline = _inline_endpoints(se)
+            for s in entry_services(se):
+                if se.workload_selector is not None:
+                    continue  # selected above, like a Service's pods
+                if inline:
+                    endpoints[s.key] = inline
+                elif se.resolution == "DNS":  # the host itself, resolved when dialled
+                    endpoints[s.key] = (_host_endpoint(se, s.name),)
         vs_by_host: dict[str, VirtualService] = {}
         for vs in virtual_services:
             for h in vs.hosts:
@@ -149,6 +203,12 @@ class MeshSnapshot:
             version=version,
             pods=tuple(resolved),
             services=services,
+            workload_entries=tuple(entries),
+            workload_entry_objects=workload_entries,
+            workload_groups=workload_groups,
+            service_entries=service_entries,
+            mesh_config=mesh_config or MeshConfig(),
+            entry_networks=tuple(networks),
             runtimes=MappingProxyType(runtimes),
             sources=sources,
             peer_authentications=peer_authentications,
@@ -176,6 +236,31 @@ class MeshSnapshot:
     def pods_on_node(self, node: str) -> tuple[Pod, ...]:
         return tuple(p for p in self.pods if p.node_name == node)
 
+    def workload_entries_on_node(self, node: str) -> tuple[Pod, ...]:
+        """The WorkloadEntries whose ``nodeagent.io/node`` annotation names ``node``:
+        the local workloads of an agent in host mode (a VM)."""
+        return tuple(w for w in self.workload_entries if w.node_name == node)
+
+    @property
+    def registry_only(self) -> bool:
+        """MeshConfig ``outboundTrafficPolicy.mode: REGISTRY_ONLY``."""
+        return self.mesh_config.outbound_traffic_policy == REGISTRY_ONLY
+
+    def service_for_address(self, ip: str) -> Service | None:
+        """The Service or ServiceEntry host whose address is ``ip`` (a cluster IP, an
+        entry's address, or in one of an entry's CIDRs)."""
+        svc = self.service_by_ip.get(ip)
+        if svc is not None or not self.entry_networks:
+            return svc
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for net, s in self.entry_networks:
+            if addr in net:
+                return s
+        return None
+
     def nodes(self) -> tuple[str, ...]:
         return tuple(sorted({p.node_name for p in self.pods}))
 
@@ -192,10 +277,7 @@ class MeshSnapshot:
         for pod in self.endpoints_by_service.get(service.key, ()):
             if not pod.pod_ip:
                 continue
-            if isinstance(port.target_port, int):
-                number: int | None = port.target_port
-            else:
-                number = pod.named_port(port.target_port)
+            number = _endpoint_port(pod, port)
             if number is None:
                 continue
             out.append(Endpoint(pod=pod, ip=pod.pod_ip, port=number))
@@ -206,10 +288,66 @@ class MeshSnapshot:
         return self.service_by_host.get(host)
 
     def mesh_addresses(self) -> set[str]:
-        """Every pod IP and service cluster IP: the destinations capture sends to the proxy."""
+        """Every pod IP, WorkloadEntry IP, service cluster IP and ServiceEntry address
+        (not its CIDRs): the destinations capture sends to the proxy."""
         out = {p.pod_ip for p in self.pods if p.pod_ip}
+        out |= {w.pod_ip for w in self.workload_entries if w.pod_ip and _is_ip(w.pod_ip)}
         out |= {s.cluster_ip for s in self.services if s.cluster_ip}
+        out |= {a for s in self.services for a in s.addresses if "/" not in a}
         return out
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _endpoint_port(pod: Pod, port: ServicePort) -> int | None:
+    """The port of ``pod`` that ``port`` reaches: a Pod's by targetPort (a number, or a
+    container port's name); a WorkloadEntry's or an inline endpoint's by Istio's rule:
+    its ``ports`` entry named like the service port, else the targetPort, else the
+    service port itself."""
+    if pod.kind == "Pod":
+        if isinstance(port.target_port, int):
+            return port.target_port
+        return pod.named_port(port.target_port)
+    if port.name:
+        number = pod.named_port(port.name)
+        if number is not None:
+            return number
+    if isinstance(port.target_port, int):
+        return port.target_port
+    return pod.named_port(port.target_port) or port.port
+
+
+def _inline_endpoints(se: ServiceEntry) -> tuple[Pod, ...]:
+    """A ServiceEntry's ``endpoints`` as workloads: in the mesh (HBONE, the identity of
+    their service account) when the entry is MESH_INTERNAL and they name one."""
+    internal = se.location == MESH_INTERNAL
+    return tuple(
+        dataclasses.replace(
+            entry_workload(ep, kind="ServiceEntry"),
+            namespace_enrolled=internal and bool(ep.service_account),
+        )
+        for ep in se.endpoints
+    )
+
+
+def _host_endpoint(se: ServiceEntry, host: str) -> Pod:
+    """The endpoint of a DNS ServiceEntry without endpoints: its host, which the proxy
+    resolves when it connects (never in the mesh: nothing says who answers there)."""
+    return Pod(
+        namespace=se.namespace,
+        name=host,
+        node_name="",
+        pod_ip=host,
+        source=se.source,
+        kind="ServiceEntry",
+        namespace_enrolled=False,
+    )
 
 
 T = TypeVar("T")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from nodeagent.core.clusters import Clusters
 from nodeagent.core.outbound import (
+    Dns,
     Hbone,
     Http1,
     Http2,
@@ -89,6 +91,14 @@ class Outbound:
                 _peer(relay, ep, svc)
                 relay.meta["labels"] = labels("source", pp.pod, ep.pod, host)
                 await p.dial(pp, relay, (ep.ip, ep.port), "outbound")
+            case Dns(ep, svc, host):
+                _peer(relay, ep, svc)
+                relay.meta["labels"] = labels("source", pp.pod, None, host)
+                addr = await self._resolve(ep)
+                if addr is None:
+                    p.refuse(relay, "outbound", "UF", f"cannot resolve {ep.ip} ({host})")
+                else:
+                    await p.dial(pp, relay, addr, "outbound")
             case Hbone(ep, svc, host):
                 _peer(relay, ep, svc)
                 await self._tunnel(pp, relay, snap, ep, host)
@@ -98,6 +108,16 @@ class Outbound:
             case Http2(ep, svc, port):
                 _peer(relay, ep, svc)
                 await self._serve_l7(pp, side, svc, port, "h2")
+
+    async def _resolve(self, ep: Endpoint) -> Addr | None:
+        """A DNS ServiceEntry's host name to an IPv4 address, by the node's resolver."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                ep.ip, ep.port, family=socket.AF_INET, type=socket.SOCK_STREAM
+            )
+        except OSError:
+            return None
+        return (str(infos[0][4][0]), ep.port) if infos else None
 
     async def _serve_l7(
         self, pp: PodProxy, side: ClientSide, svc: Service, port: ServicePort, proto: str

@@ -132,7 +132,10 @@ def test_the_kustomization_installs_every_manifest_in_the_directory() -> None:
     for _, d in documents():  # everything namespaced lives in the one namespace
         if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding",
                              "CustomResourceDefinition"):
-            assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]
+            # but the right to read Istio's MeshConfig, which lives in the root namespace
+            root = d["metadata"]["name"] == "nodeagent-meshconfig"
+            want = "istio-system" if root else NAMESPACE
+            assert d["metadata"]["namespace"] == want, d["metadata"]
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
@@ -312,10 +315,30 @@ def _plural(kind: str) -> str:
 def test_the_agent_may_only_read_what_it_watches() -> None:
     grants = _grants(find("ClusterRole", "nodeagent"))
     served = {(k.api_versions[0].rpartition("/")[0], _plural(k.kind)) for k in KINDS}
+    served.discard(("", "configmaps"))  # only Istio's, in the root namespace: below
     watched = served | {("discovery.k8s.io", "endpointslices"), ("", "namespaces")}
     assert set(grants) == watched
     for verbs in grants.values():
         assert verbs == {"get", "list", "watch"}
+
+
+def test_the_agent_may_read_one_configmap_istios_meshconfig() -> None:
+    role = find("Role", "nodeagent-meshconfig")
+    assert role["metadata"]["namespace"] == "istio-system"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["istio"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = find("RoleBinding", "nodeagent-meshconfig")
+    assert binding["roleRef"]["name"] == "nodeagent-meshconfig"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "nodeagent", "namespace": "nodeagent-system"}
+    ]
+    assert find("Namespace", "istio-system")
 
 
 def test_the_ca_may_only_review_tokens_and_see_pods() -> None:
