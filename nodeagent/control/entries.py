@@ -28,6 +28,7 @@ from nodeagent.model.entries import (
     LOCATIONS,
     RESOLUTIONS,
     SE_PROTOCOLS,
+    WORKLOAD_NODE_ANNOTATION,
     EntryPort,
     ServiceEntry,
     WorkloadEntry,
@@ -159,6 +160,12 @@ def convert_workload_entry(
 ) -> WorkloadEntry | None:
     ns, name = read_meta(doc, problems)
     meta = doc.get("metadata") or {}
+    for key, value in (meta.get("annotations") or {}).items():
+        path = f"metadata.annotations.{key}"
+        if key == WORKLOAD_NODE_ANNOTATION and not DNS_SUBDOMAIN.match(value):
+            problems.add(path, f"{value!r} is not a node name")
+        elif key.startswith("nodeagent.io/") and key != WORKLOAD_NODE_ANNOTATION:
+            problems.add(path, f"unknown annotation (known: {WORKLOAD_NODE_ANNOTATION})")
     we = read_workload(
         doc.get("spec") or {},
         "spec",

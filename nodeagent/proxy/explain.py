@@ -61,7 +61,7 @@ def _find_target(
     svc = (
         snap.service_for_host(f"{host}.{src.namespace}")
         or snap.service_for_host(host)
-        or snap.service_by_ip.get(host)
+        or snap.service_for_address(host)
     )
     if svc is not None:
         if port is None:
@@ -74,6 +74,11 @@ def _find_target(
             raise ExplainError(f"service {svc.key} has no port {port}")
         return svc, sp, None, port
     pod = snap.pod_by_ip.get(host)
+    if pod is None and snap.registry_only:
+        raise ExplainError(
+            f"{host} is not a service, ServiceEntry host or workload of the mesh: refused: "
+            "outboundTrafficPolicy is REGISTRY_ONLY (NR, BlackHoleCluster)"
+        )
     if pod is None:
         raise ExplainError(f"{host} is not a service or pod of the mesh (traffic passes through)")
     return None, None, pod, port or 80
