@@ -143,11 +143,13 @@ def explain(proxy: Proxy, q: ExplainQuery) -> dict[str, Any]:
         pick = lbx.get("pick")
         if not isinstance(pick, dict):
             return _verdict(out, False, 503, f"no healthy upstream for {cluster.name} (UH)")
-        dst_pod = snap.pod_by_key.get(str(pick["pod"]))
+        # the picked endpoint's workload: a pod, a WorkloadEntry or a ServiceEntry endpoint
+        dst_pod = next((e.pod for e in cluster.endpoints if e.pod.key == pick["pod"]), None)
         dst_port = int(str(pick["endpoint"]).rsplit(":", 1)[1])
     if dst_pod is None:
         return _verdict(out, False, 503, "no destination pod")
-    dst_principal = proxy.identity_principal(dst_pod)
+    # outside the mesh (a ServiceEntry's external endpoint): no identity to expect there
+    dst_principal = proxy.identity_principal(dst_pod) if dst_pod.in_mesh else "none"
     out["destination"] = {
         "pod": dst_pod.key,
         "node": dst_pod.node_name,

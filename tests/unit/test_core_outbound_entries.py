@@ -275,3 +275,22 @@ def test_explain_says_registry_only_refuses_an_unknown_host(mesh: Path) -> None:
     (mesh / "istio.yaml").write_text(REGISTRY_ONLY)
     with pytest.raises(ExplainError, match="refused: outboundTrafficPolicy is REGISTRY_ONLY"):
         ask(snapshot(mesh), "93.184.216.34:443")
+
+
+def test_explain_follows_a_service_to_the_vm_and_its_identity(mesh: Path) -> None:
+    out = ask(snapshot(mesh), "ratings:9080")
+    assert out["destination"] == {
+        "pod": "default/ratings-vm",
+        "node": "vm-1",
+        "port": 9080,
+        "principal": "spiffe://cluster.local/ns/default/sa/ratings",
+    }
+    assert out["peer_authentication"]["hop"] == "HBONE mTLS (port 15008)"
+    assert out["verdict"]["allowed"] is True
+
+
+def test_explain_expects_no_identity_outside_the_mesh(mesh: Path) -> None:
+    out = ask(snapshot(mesh), "httpbin.org")
+    assert out["destination"]["pod"] == "default/httpbin.org"
+    assert out["destination"]["principal"] == "none"
+    assert out["peer_authentication"]["hop"] == "plaintext"

@@ -1,15 +1,19 @@
 """The shipped examples load: bookinfo alone, and bookinfo with each task of
 ``examples/bookinfo-tasks`` applied the way the README shows (the subsets first, then
-one task file per host)."""
+one task file per host); the VM example plans what its README says."""
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 
 from nodeagent.control.files import load_directory
+from nodeagent.core.balancer import BalancerRegistry
+from nodeagent.core.clusters import Clusters
+from nodeagent.core.outbound import Http1, OutboundPlan, Refuse, RoundRobin, plan, tunnels
 from nodeagent.core.route import RequestInfo, RouteOutcome, select_route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +72,32 @@ def test_locality_example_places_pods_by_their_nodes_zones() -> None:
         "web-b": ("region1", "zone-b", ""),
         "web-c": ("region2", "zone-c", ""),
     }
+
+
+VM = ROOT / "examples" / "vm"
+
+
+def test_the_vm_example_plans_what_its_readme_says() -> None:
+    snap = load_directory(VM).snapshot
+    client = snap.pod_by_key["default/client"]
+    (vm,) = snap.workload_entries_on_node("vm-1")
+    assert vm.identity() == "spiffe://cluster.local/ns/default/sa/ratings"
+    assert vm.locality == ("eu-west", "eu-west-1b", "")  # its node's zone
+    assert snap.registry_only
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+
+    def planned(ip: str, port: int) -> OutboundPlan:
+        return plan(
+            snap, client, ip, port,
+            rr=RoundRobin(), clusters=clusters, random=random.random, mtls=True,
+        )  # fmt: skip
+
+    ratings = planned("10.96.8.10", 9080)
+    assert isinstance(ratings, Http1)
+    assert (ratings.endpoint.ip, ratings.endpoint.port) == ("192.168.121.10", 9080)
+    assert tunnels(snap, ratings.endpoint, mtls=True)
+    httpbin = snap.service_for_host("httpbin.org")
+    assert httpbin is not None and httpbin.cluster_ip is not None
+    assert isinstance(planned(httpbin.cluster_ip, 80), Http1)
+    refused = planned("93.184.216.34", 443)
+    assert isinstance(refused, Refuse) and refused.reason.startswith("BlackHoleCluster")
