@@ -107,6 +107,12 @@ def check_peer_authentications(items: list[PeerAuthentication]) -> list[ConfigEr
     return errors
 
 
+def _host_name(svc: Service) -> str:
+    if svc.is_entry:
+        return f"ServiceEntry {svc.namespace}/{svc.entry} host {svc.name}"
+    return f"Service {svc.key}"
+
+
 def check_traffic(
     virtual_services: list[VirtualService],
     destination_rules: list[DestinationRule],
@@ -152,7 +158,7 @@ def check_traffic(
         if svc is not None and dest.port is not None and svc.port(dest.port) is None:
             errors.append(
                 ConfigError(
-                    f"Service {svc.key} has no port {dest.port} "
+                    f"{_host_name(svc)} has no port {dest.port} "
                     f"(its ports: {', '.join(str(p.port) for p in svc.ports)})",
                     source=vs.source,
                     obj=f"VirtualService {vs.key}",

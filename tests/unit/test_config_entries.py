@@ -447,5 +447,6 @@ spec:
     )
     assert error.endswith(
         "VirtualService default/dbx: spec.tcp[0].route[0].destination.port.number: "
-        "Service default/api.dropboxapi.com has no port 80 (its ports: 443)"
+        "ServiceEntry default/external-svc-https host api.dropboxapi.com has no port 80 "
+        "(its ports: 443)"
     )
