@@ -1,9 +1,11 @@
 """Outbound connections (a pod's 15001 listener): decide once, then dispatch.
 
 ``core.outbound.plan`` makes the whole decision from the original destination (refuse,
-pass through, plain TCP or HBONE to an endpoint, or the L7 path); ``Outbound`` then does
-what the plan says in one ``match``, and decides nothing more. The L7 path's per-request
-upstreams (``connector``) are plain TCP or HBONE streams by the same ``tunnels`` rule.
+pass through, plain TCP or HBONE to an endpoint, plain TCP to a DNS ServiceEntry's host
+name, or the L7 path); ``Outbound`` then does what the plan says in one ``match``, and
+decides nothing more (a host name is resolved with the event loop's resolver). The L7
+path's per-request upstreams (``connector``) are plain TCP or HBONE streams by the same
+``tunnels`` rule.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nodeagent.core.outbound import (
     Refuse,
     RoundRobin,
     Tcp,
+    is_name,
     plan,
     tunnels,
 )
@@ -151,6 +154,11 @@ class Outbound:
             snap = self.inputs.snapshot()
             if tunnels(snap, ep, self.mtls):
                 return await self._open_tunnel(pp, snap, ep, client_ip, pipe)
+            if is_name(ep):  # a DNS ServiceEntry's: resolved here, never by a blocking connect
+                addr = await self._resolve(ep)
+                if addr is None:
+                    raise PeerError(f"cannot resolve {ep.ip}")
+                ep = Endpoint(ep.pod, addr[0], ep.port)
             await self.plumbing.connect_plain(pp, ep, pipe)
             return f"{ep.ip}:{ep.port}", "unknown"
 

@@ -7,9 +7,24 @@ allocated address reaches the host its name resolves to."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import socket
+from pathlib import Path
 
-from test_proxy_loopback import Echo, Rig, closed_without_data, round_trip, run
+from test_proxy_loopback import (
+    Addr,
+    Echo,
+    LoopbackPod,
+    Network,
+    Rig,
+    closed_without_data,
+    http_app,
+    round_trip,
+    run,
+)
+
+from nodeagent.model.objects import PodRuntime
 
 REGISTRY_ONLY = """
 apiVersion: v1
@@ -20,6 +35,26 @@ data:
     outboundTrafficPolicy:
       mode: REGISTRY_ONLY
 """
+
+
+class NumericPod(LoopbackPod):
+    """A pod's sockets that, like the node's (``redirect/sockets.connect_in``), take only
+    numeric addresses: a name there would be resolved by a blocking ``connect()``."""
+
+    async def connect(self, addr: Addr, timeout: float, source: str | None = None) -> socket.socket:
+        ipaddress.ip_address(addr[0])  # raises on a host name
+        return await super().connect(addr, timeout, source)
+
+
+class NumericNetwork(Network):
+    def pod(self, runtime: PodRuntime) -> LoopbackPod:
+        return NumericPod(self, runtime.ip)
+
+
+class NumericRig(Rig):
+    def __init__(self, tmp: Path, mtls: bool) -> None:
+        super().__init__(tmp, mtls)
+        self.net = NumericNetwork()
 
 
 def entry(port: int, *, resolution: str, host: str, addresses: str = "") -> str:
@@ -78,4 +113,28 @@ def test_a_dns_service_entry_reaches_the_host_its_name_resolves_to() -> None:
             assert outside.server is not None
             outside.server.close()
 
-    run(False, body)
+    run(False, body, NumericRig)
+
+
+def test_an_http_service_entry_is_routed_and_its_host_resolved_per_request() -> None:
+    async def body(rig: Rig) -> None:
+        app = await http_app()
+        port = app.sockets[0].getsockname()[1]
+        try:
+            http = entry(port, resolution="DNS", host="localhost").replace(
+                "protocol: TCP", "protocol: HTTP"
+            )
+            rig.apply(REGISTRY_ONLY + http)
+            svc = rig.snap.service_for_host("localhost")
+            assert svc is not None and svc.cluster_ip is not None
+            r, w = await rig.connect((svc.cluster_ip, port))
+            w.write(b"GET /ext HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            body = b"hello from server: /ext"
+            assert await r.readexactly(len(body)) == body
+            w.close()
+        finally:
+            app.close()
+
+    run(False, body, NumericRig)
