@@ -131,8 +131,8 @@ def test_an_http_service_entry_is_routed_and_its_host_resolved_per_request() -> 
             w.write(b"GET /ext HTTP/1.1\r\nhost: localhost\r\n\r\n")
             head = await r.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
-            body = b"hello from server: /ext"
-            assert await r.readexactly(len(body)) == body
+            answer = b"hello from server: /ext"
+            assert await r.readexactly(len(answer)) == answer
             w.close()
         finally:
             app.close()
