@@ -25,6 +25,7 @@ from nodeagent.control.schema import (
     resource,
 )
 from nodeagent.model.entries import (
+    HEALTH_CHECKS_ANNOTATION,
     LOCATIONS,
     RESOLUTIONS,
     SE_PROTOCOLS,
@@ -175,9 +176,23 @@ def convert_workload_entry(
         source=source,
         annotations=Labels.of(meta.get("annotations")),
     )
-    # Istio merges metadata.labels under spec.labels (spec wins), as its registry does
-    labels = {**(meta.get("labels") or {}), **dict(we.labels.items_)}
-    return dataclasses.replace(we, labels=Labels.of(labels))
+    # selected by spec.labels only, as Istio's registry does (metadata.labels are not read)
+    return dataclasses.replace(we, healthy=_healthy(doc))
+
+
+def _healthy(doc: dict[str, Any]) -> bool:
+    """Istio's rule: with health checks on (the annotation ``"true"``), an entry is
+    healthy only while its status has the condition ``Healthy`` ``"True"`` (read
+    leniently: the status is Istio's, not the user's)."""
+    annotations = (doc.get("metadata") or {}).get("annotations") or {}
+    if str(annotations.get(HEALTH_CHECKS_ANNOTATION, "")).lower() not in ("true", "1", "t"):
+        return True
+    status = doc.get("status")
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    for c in conditions if isinstance(conditions, list) else ():
+        if isinstance(c, dict) and c.get("type") == "Healthy":
+            return str(c.get("status")) == "True"
+    return False
 
 
 def convert_workload_group(

@@ -11,6 +11,7 @@ kind ``ServiceEntry`` (``entry_services``), as Istio turns each host into a serv
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -28,6 +29,10 @@ WORKLOAD_NODE_ANNOTATION: Final = "nodeagent.io/node"
 """A WorkloadEntry's annotation naming the node (the agent's ``--node``) it runs on: that
 node's agent captures it and serves its inbound traffic. Without it the entry is a
 remote endpoint: reached over HBONE at its address, captured by no agent of ours."""
+
+HEALTH_CHECKS_ANNOTATION: Final = "proxy.istio.io/health-checks-enabled"
+"""Istio's WorkloadEntry annotation: ``"true"`` makes it an endpoint only while its
+``status.conditions`` say ``Healthy: "True"`` (Istio's VM health checks write it)."""
 
 AUTO_ALLOCATE_LABEL: Final = "networking.istio.io/enable-autoallocate-ip"
 """Istio's ServiceEntry label: ``"false"`` opts out of address auto-allocation."""
@@ -76,10 +81,20 @@ class WorkloadEntry:
     weight: int = 0
     service_account: str = ""
     source: str = ""
+    healthy: bool = True
+    """False when Istio's health checks are on for it (annotation
+    ``proxy.istio.io/health-checks-enabled: "true"``) and its ``Healthy`` condition is not
+    ``True``: then it is no endpoint, as in Istio."""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def by_name(self) -> bool:
+        """Its address is a DNS name: only a ServiceEntry with DNS resolution selects it
+        (Istio's rule: a Kubernetes Service or a STATIC entry needs an IP)."""
+        return bool(self.address) and not _is_ip(self.address)
 
     @property
     def node_name(self) -> str:
@@ -189,6 +204,14 @@ def entry_workload(we: WorkloadEntry, *, kind: str = "WorkloadEntry") -> Pod:
         locality=parse_locality(we.locality) if we.locality else NO_LOCALITY,
         kind=kind,
     )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_wildcard(host: str) -> bool:

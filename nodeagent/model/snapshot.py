@@ -149,12 +149,19 @@ class MeshSnapshot:
                 pod = dataclasses.replace(pod, pod_ip=ip, locality=loc)
             resolved.append(pod)
         entries: list[Pod] = []
+        by_name: set[str] = set()  # entries at a DNS name: only DNS ServiceEntries select them
         for we in workload_entries:
+            if we.by_name:
+                by_name.add(we.key)
             w = entry_workload(we)
             if not we.locality:  # else spec.locality, as Istio reads it
                 w = dataclasses.replace(w, locality=pod_locality(w, node_by_name.get(w.node_name)))
             entries.append(w)
         workloads = (*resolved, *entries)
+        unhealthy = {we.key for we in workload_entries if not we.healthy}
+        selectable = tuple(
+            w for w in workloads if w.kind == "Pod" or w.key not in unhealthy
+        )
         pod_by_key = {p.key: p for p in resolved}
         pod_by_ip = {p.pod_ip: p for p in workloads if p.pod_ip}
         k8s_services = services
@@ -176,7 +183,11 @@ class MeshSnapshot:
             service_by_host.setdefault(s.name, s)
         endpoints = {
             s.key: tuple(
-                p for p in workloads if p.namespace == s.namespace and p.labels.matches(s.selector)
+                p
+                for p in selectable
+                if p.namespace == s.namespace
+                and p.labels.matches(s.selector)
+                and (p.kind == "Pod" or p.key not in by_name or s.resolution == "DNS")
             )
             for s in services
         }

@@ -450,3 +450,97 @@ spec:
         "ServiceEntry default/external-svc-https host api.dropboxapi.com has no port 80 "
         "(its ports: 443)"
     )
+
+
+def test_a_vm_at_a_dns_name_is_selected_only_by_a_dns_service_entry(tmp_path: Path) -> None:
+    (tmp_path / "vm.yaml").write_text(
+        """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: details-vm, namespace: default}
+spec: {address: vm1.vpc01.corp.net, labels: {app: details-legacy}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: details, namespace: default}
+spec:
+  selector: {app: details-legacy}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: details-dns, namespace: default}
+spec:
+  hosts: [details.bookinfo.com]
+  location: MESH_INTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+  workloadSelector: {labels: {app: details-legacy}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: details-static, namespace: default}
+spec:
+  hosts: [details.static.com]
+  location: MESH_INTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  workloadSelector: {labels: {app: details-legacy}}
+"""
+    )
+    snap = load(tmp_path)
+
+    def endpoints(key: str) -> list[str]:
+        svc = snap.service_by_key[key]
+        return [str(e) for e in snap.endpoints(svc, svc.ports[0])]
+
+    assert endpoints("default/details.bookinfo.com") == [
+        "vm1.vpc01.corp.net:80 (default/details-vm)"
+    ]
+    assert endpoints("default/details") == []  # as in Istio: a Service needs an IP
+    assert endpoints("default/details.static.com") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "serves"),
+    [
+        ("status: {conditions: [{type: Healthy, status: 'True'}]}", True),
+        ("status: {conditions: [{type: Healthy, status: 'False'}]}", False),
+        ("", False),  # health checks on and no verdict yet: not an endpoint, as in Istio
+    ],
+)
+def test_with_health_checks_on_only_a_healthy_vm_serves(
+    tmp_path: Path, status: str, serves: bool
+) -> None:
+    (tmp_path / "vm.yaml").write_text(
+        f"""
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: vm
+  namespace: default
+  annotations: {{proxy.istio.io/health-checks-enabled: "true"}}
+  labels: {{team: web}}
+spec: {{address: 10.0.0.9, labels: {{app: web}}}}
+{status}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: team, namespace: default}}
+spec:
+  selector: {{team: web}}
+  ports: [{{name: http, port: 80}}]
+"""
+    )
+    snap = load(tmp_path)
+    web, team = snap.service_by_key["default/web"], snap.service_by_key["default/team"]
+    assert bool(snap.endpoints(web, web.ports[0])) is serves
+    assert snap.endpoints(team, team.ports[0]) == ()  # metadata.labels do not select it
+    assert [w.key for w in snap.workload_entries] == ["default/vm"]  # still a workload
