@@ -8,6 +8,7 @@ Rule: no I/O here; bytes in, events out, commands return the bytes to write.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Final
@@ -61,6 +62,24 @@ from nodeagent.protocol._http1_write import (
 _METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 }
+
+_TOKEN_END: Final = re.compile(rb"[ \t\r\n]")
+
+
+def invalid_method(data: bytes, before: int) -> str:
+    """The 400 reason for a request line llhttp refused at its method (an unknown or
+    lower-case one: methods are case-sensitive, RFC 9110 §9.1), naming it: the token
+    after the heads of the ``before`` requests ``data`` completed first (pipelined)."""
+    start = 0
+    for _ in range(before):
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            return "invalid method"
+        start = end + 4
+    m = _TOKEN_END.search(data, start)
+    token = data[start : m.start() if m else len(data)][:32]
+    return f"invalid method {token.decode('latin-1')!r} (methods are upper case, e.g. GET)"
+
 
 # Parser modes: what happens to the next bytes.
 _PARSING: Final = 0  # they go to llhttp
@@ -168,7 +187,10 @@ class RequestReader(Reader):
         except httptools.HttpParserError as e:
             reraise_bug(e)
             if self._mode == _PARSING:  # not stopped by a callback that already said why
-                self._fail(400, str(e) or "malformed request")
+                why = str(e) or "malformed request"
+                if "method" in why:  # llhttp's "Invalid method encountered" and kin
+                    why = invalid_method(data, self._completed - completed)
+                self._fail(400, why)
             return
         if self._phase == HEAD:  # a head is still incomplete: charge this read to it
             if self._head_over(n, self._completed == completed):
@@ -177,6 +199,7 @@ class RequestReader(Reader):
             self._fail(431, f"request trailers exceed {self.max_header_size} bytes")
 
     def _fail(self, status: int, reason: str) -> None:
+        """The request is refused with ``status``: the connection reads nothing more."""
         self._sink.append(ProtocolError(status, clean_reason(reason)))
         self._mode = _DEAD
 

@@ -92,6 +92,9 @@ _BAD_VALUE = re.compile(rb"[\x00\n\r]").search
 """RFC 9113 §8.2.1: no NUL/CR/LF in a value (nor whitespace at either end: ``_EDGE``)."""
 _EDGE = (0x20, 0x09)
 _BAD_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]").search
+_BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Z]").search
+"""A method is a token without lower case: ``get`` is no ``GET`` (RFC 9110 §9.1: methods
+are case-sensitive) and would slip past a policy's ``methods`` on an app that folds case."""
 _FIELD_OVERHEAD = 32
 
 _F_CONNECTION, _F_TE, _F_COOKIE, _F_HOST = 1, 2, 3, 4
@@ -169,8 +172,10 @@ def parse_request(raw: RawHeaders, limit: int) -> tuple[str, str, str, str, Head
             authority = value
         else:
             raise Malformed(f"unexpected or repeated pseudo-header {_show(name)}")
-    if not method or _BAD_TOKEN(method):
-        raise Malformed("missing or invalid :method")
+    if not method:
+        raise Malformed("missing :method")
+    if _BAD_METHOD(method):
+        raise Malformed(f"invalid :method {_show(method)} (methods are upper case, e.g. GET)")
     if authority is None:
         authority = host
     elif host is not None and host != authority:
