@@ -31,9 +31,11 @@ Flow control (the same on both machines)
 *Receiving.* A stream's window is returned to the peer only for bytes the caller
 acknowledges with ``ack_data(stream_id, n)``; the proxy acknowledges bytes when it has
 forwarded them, so a slow reader on one side stops the sender on the other after one
-stream window (``Http2Settings.stream_window``). The *connection* window is returned as
-soon as bytes arrive (they are bounded by the stream windows), so one stalled stream never
-stalls the others.
+stream window (``Http2Settings.stream_window``). The *connection* window is returned
+the same way, for bytes acknowledged or dropped here (a stream that is over, padding), so
+all a connection can make the proxy hold is its connection window (16 MiB), not a stream
+window per stream; a stream's is 1 MiB, so it takes 16 stalled streams to stall the
+others. Every byte of ``StreamData`` must be acknowledged once, consumed or dropped.
 
 *Sending* (``h2base``). ``send_data`` accepts everything: it frames what the peer's windows
 allow now and queues the rest on the stream; queued bytes are framed as WINDOW_UPDATEs
@@ -343,6 +345,11 @@ class _Connection(Connection[_Stream]):
         h2 = MessageH2(config, 4 * s.max_header_list_size)
         super().__init__(h2, s, limit_streams=not self._client_side)
         self._events: list[_Event] = []
+        self._conn_unacked = 0
+        """Bytes acknowledged or dropped since the connection window was last returned."""
+        self._conn_return_at = max(1, s.stream_window // 4)
+        """Returned in steps this small (not a quarter of the connection window): with
+        stalled streams holding most of it, the rest must still reach a step."""
         self._start()
 
     # -- connection --------------------------------------------------------------------
@@ -379,11 +386,13 @@ class _Connection(Connection[_Stream]):
         for ev in h2_events:  # the most frequent kinds first
             if isinstance(ev, h2e.DataReceived):
                 s = streams.get(ev.stream_id)
-                if s is None or not s.surfaced:
+                if s is None or not s.surfaced:  # dropped: the window comes back now
+                    self._conn_unacked += ev.flow_controlled_length
                     continue
                 data_in = ev.data
                 pad = ev.flow_controlled_length - len(data_in)
                 if pad:
+                    self._conn_unacked += pad
                     self._credit(s, pad)
                 ended = ev.stream_ended is not None
                 if ended:
@@ -428,10 +437,8 @@ class _Connection(Connection[_Stream]):
                     break
         if window_opened and self._blocked:
             self._flush_blocked()
-        h2 = self._h2
-        deficit = self.settings.connection_window - h2.inbound_flow_control_window
-        if deficit >= self._conn_ack_at and not self.closed:
-            h2.increment_flow_control_window(deficit)
+        if self._conn_unacked >= self._conn_return_at:
+            self._return_connection_window()
         if events:
             self._events = []
         return events
@@ -529,11 +536,27 @@ class _Connection(Connection[_Stream]):
 
     # -- streams: receiving ------------------------------------------------------------
     def ack_data(self, stream_id: int, size: int) -> None:
-        """``size`` bytes of the stream's ``StreamData`` were consumed (forwarded): let
-        the peer send as much more."""
+        """``size`` bytes of the stream's ``StreamData`` were consumed (forwarded) or
+        dropped, the stream over or not: let the peer send as much more."""
+        if size <= 0 or self.closed:
+            return
+        self._conn_unacked += size
+        if self._conn_unacked >= self._conn_return_at:
+            self._return_connection_window()
         s = self._streams.get(stream_id)
-        if s is not None and size > 0:
+        if s is not None:
             self._credit(s, size)
+
+    def _return_connection_window(self) -> None:
+        """Give the peer back the connection window of the bytes consumed or dropped
+        (never beyond the configured window: ``h2`` returns some on its own, for frames
+        on streams it closed)."""
+        h2 = self._h2
+        room = self.settings.connection_window - h2.inbound_flow_control_window
+        increment = min(self._conn_unacked, room)
+        self._conn_unacked = 0
+        if increment > 0 and not self.closed:
+            h2.increment_flow_control_window(increment)
 
     def _credit(self, s: _Stream, size: int) -> None:
         if s.remote_ended or self.closed:

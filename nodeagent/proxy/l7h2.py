@@ -101,7 +101,7 @@ class _Events(Generic[E]):
 class _UpStream(_Events[UpstreamEvent]):
     """One stream of an upstream connection, as the exchange sees it."""
 
-    __slots__ = ("conn", "id", "on_sent")
+    __slots__ = ("conn", "id", "on_sent", "unacked")
 
     def __init__(self, conn: H2Conn, stream_id: int) -> None:
         super().__init__()
@@ -109,6 +109,8 @@ class _UpStream(_Events[UpstreamEvent]):
         self.id = stream_id
         self.on_sent: Callable[[int], None] | None = None
         """Called with the size of request bytes framed later (to ack the client)."""
+        self.unacked = 0
+        """Response bytes received and not yet acknowledged (``H2Conn.ack``)."""
 
 
 class H2Conn:
@@ -191,7 +193,11 @@ class H2Conn:
         sid = getattr(ev, "stream_id", None)
         s = self.streams.get(sid) if sid is not None else None
         if s is None:
+            if type(ev) is StreamData and sid is not None:  # dropped: window back
+                self.machine.ack_data(sid, len(ev.data))
             return
+        if type(ev) is StreamData:
+            s.unacked += len(ev.data)
         s.push(ev)
         if isinstance(ev, StreamReset) or (
             isinstance(ev, StreamTrailers)
@@ -199,8 +205,23 @@ class H2Conn:
         ):
             self.streams.pop(s.id, None)
 
+    def ack(self, s: _UpStream, n: int) -> None:
+        """``n`` response bytes of ``s`` were framed to the client (or dropped)."""
+        n = min(n, s.unacked)
+        if n > 0:
+            s.unacked -= n
+            self.machine.ack_data(s.id, n)
+
+    def release(self, s: _UpStream) -> None:
+        """The exchange is done with ``s``: what it did not forward is dropped, and its
+        window comes back (the connection's is returned only for bytes consumed)."""
+        if s.unacked:
+            self.ack(s, s.unacked)
+            self.flush()
+
     def forget(self, s: _UpStream) -> None:
         """The exchange gave up on ``s``: reset it if still open."""
+        self.release(s)
         if self.streams.pop(s.id, None) is not None:
             self.machine.reset_stream(s.id, ErrorCodes.CANCEL)
             self.flush()
@@ -380,7 +401,8 @@ class _Session:
             s.task = asyncio.get_running_loop().create_task(self._exchange(s, ev))
         elif isinstance(ev, StreamData):
             s2 = self.streams.get(ev.stream_id)
-            if s2 is None:
+            if s2 is None:  # the exchange is over: dropped, and the window comes back
+                self.down.ack_data(ev.stream_id, len(ev.data))
                 return
             s2.received += len(ev.data)
             if ev.data:
@@ -394,6 +416,7 @@ class _Session:
         elif isinstance(ev, StreamReset):
             s4 = self.streams.pop(ev.stream_id, None)
             if s4 is not None:
+                self.ack_client(s4, s4.received)  # dropped (its task may never run)
                 s4.push(http1.ConnectionClosed(clean=False))
                 if s4.task is not None:
                     s4.task.cancel()
@@ -401,7 +424,7 @@ class _Session:
             s5 = self.streams.get(ev.stream_id)
             if s5 is not None and s5.upstream is not None:
                 up = s5.upstream
-                up.conn.machine.ack_data(up.id, ev.size)
+                up.conn.ack(up, ev.size)
                 up.conn.flush()
         elif isinstance(ev, StreamRejected):
             x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/2")
@@ -454,6 +477,9 @@ class _Session:
         finally:
             body.cancel()
             x.bytes_in = body.total
+            self.ack_client(s, s.received)  # what was not forwarded is dropped
+            if s.upstream is not None:
+                s.upstream.conn.release(s.upstream)
             self.flush()
             self.streams.pop(s.id, None)
             self.engine.recorder.record(self.ds, x)
@@ -574,7 +600,7 @@ class _Session:
                 x.bytes_out += len(ev2.data)
                 framed = down.send_data(s.id, ev2.data, ev2.end_stream)
                 self.flush()
-                conn.machine.ack_data(up.id, framed)
+                conn.ack(up, framed)
                 conn.flush()
                 if ev2.end_stream:
                     return None
