@@ -32,6 +32,9 @@ class ConnectionTable:
 
     def _closed(self, relay: Relay) -> None:
         self.live.pop(relay.id, None)
+        slots = relay.meta.get("slots")
+        if slots is not None:  # an accepted connection: its slot of the caps comes back
+            slots.give()
         labels = relay.meta.get("labels")
         if labels is not None and relay.meta.get("counted"):
             s = self.metrics.tcp.series_of(labels)

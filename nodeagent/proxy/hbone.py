@@ -467,6 +467,8 @@ class HboneConn(asyncio.Protocol):
         self.bytes_out = 0
         """HTTP/2 bytes handed to the TLS transport (what a peer that reads nothing makes
         us hold, with the kernel's share)."""
+        self.bytes_in = 0
+        """HTTP/2 bytes received (the server's preface timeout looks for the client's)."""
 
     @property
     def label(self) -> str:
@@ -492,12 +494,14 @@ class HboneConn(asyncio.Protocol):
         # not in a callback of their own.
         scheduled, self._flush_scheduled = self._flush_scheduled, True
         self.received_any = True
+        self.bytes_in += len(data)
         self.dispatch(self.machine.receive_data(data))
         self.flush()
         self._flush_scheduled = scheduled and not self.lost
 
     def _receive(self, data: bytes) -> None:
         self.received_any = True
+        self.bytes_in += len(data)
         self.dispatch(self.machine.receive_data(data))
 
     def eof_received(self) -> bool:

@@ -38,6 +38,7 @@ from nodeagent.proxy.hbone import (
     format_addr,
     set_keepalive,
 )
+from nodeagent.proxy.limits import ListenerSlots
 from nodeagent.proxy.peerwarn import warn_once
 from nodeagent.telemetry.metrics import Metrics
 
@@ -89,6 +90,10 @@ class ConnectRefusal:
 OnConnect = Callable[[ConnectRequest], Awaitable[asyncio.BaseProtocol | ConnectRefusal]]
 
 
+PREFACE_BYTES = 24 + 9
+"""The client's connection preface and the header of its SETTINGS frame."""
+
+
 class _ServerConn(HboneConn):
     def __init__(self, server: HboneServer, peer: Addr) -> None:
         super().__init__(server.loop, peer)
@@ -97,6 +102,38 @@ class _ServerConn(HboneConn):
         self.local_addr: Addr | None = None
         self.counted = False
         """Counted in ``HboneServer._per_identity``."""
+        self.slot = False
+        """Holds a slot of the connection caps (``HboneServer._slots``)."""
+        self.idle_since = self.started = 0.0
+        """Loop time the last stream ended (or the connection started)."""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start_timers(self) -> None:
+        """After ``attach``: the preface timeout, and the idle timeout."""
+        self.idle_since = self.started = self.loop.time()
+        self._tick()
+
+    def _tick(self) -> None:
+        # One timer, re-armed from ``idle_since``: a stream's start and end cost no timer.
+        self._timer = None
+        if self.lost or self.machine.closed:
+            return
+        server = self.server
+        now = self.loop.time()
+        no_preface = self.bytes_in < PREFACE_BYTES
+        if no_preface and now >= self.started + server.preface_timeout - 0.001:
+            server._timed_out(self, "preface_timeout")
+            return
+        if self.streams:
+            due = now + server.idle_timeout
+        else:
+            due = self.idle_since + server.idle_timeout
+            if now >= due - 0.001:
+                server._timed_out(self, "idle_timeout")
+                return
+        if no_preface:
+            due = min(due, self.started + server.preface_timeout)
+        self._timer = self.loop.call_at(due, self._tick)
 
     def on_event(self, ev: Event) -> None:
         if isinstance(ev, ConnectRequested):
@@ -144,6 +181,10 @@ class _ServerConn(HboneConn):
             self.shutdown(reason, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def on_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server._give_slot(self)
         if self.counted:
             self.server._identity_gone(self.peer_identity)
         m = self.server_machine
@@ -156,6 +197,8 @@ class _ServerConn(HboneConn):
 
     def stream_gone(self, st: HboneStream) -> None:
         super().stream_gone(st)
+        if not self.streams:
+            self.idle_since = self.loop.time()
         m = self.machine
         going = m.goaway_sent is not None or m.goaway_received is not None
         if going and not self.streams and not self.lost:
@@ -178,8 +221,15 @@ class HboneServer:
         settings: HboneSettings | None = None,
         metrics: Metrics | None = None,
         max_connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY,
+        slots: ListenerSlots | None = None,
+        idle_timeout: float = 3600.0,
+        preface_timeout: float = 10.0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._slots = slots
+        self.idle_timeout = idle_timeout
+        self.preface_timeout = preface_timeout
+        self._timeouts = {"idle_timeout": 0, "preface_timeout": 0}
         self.max_connections_per_identity = max_connections_per_identity
         self._per_identity: dict[str, int] = {}
         self._metrics = metrics
@@ -219,6 +269,9 @@ class HboneServer:
                     log.error("HBONE accept failed: %s; pausing accepts for 1s", e)
                     await asyncio.sleep(1.0)
                 continue
+            if self._slots is not None and not self._slots.take():
+                conn_sock.close()  # past a connection cap: counted and logged by the caps
+                continue
             conn_sock.setblocking(False)
             set_keepalive(conn_sock)
             self._spawn(self._handshake(conn_sock))
@@ -237,6 +290,7 @@ class HboneServer:
             "streams_refused": self._refused,
             "requests_rejected": self._rejected,
             **{f"{k}s": n for k, n in self._peer_errors.items()},
+            **{f"{k}s": n for k, n in self._timeouts.items()},
             # (the metric counts those of a connection when it ends)
             "stream_errors": self._peer_errors["stream_error"]
             + sum(c.server_machine.stream_errors for c in self._conns),
@@ -272,18 +326,22 @@ class HboneServer:
             ctx = self._context() if callable(self._context) else self._context
         except Exception as e:
             sock.close()
+            self._give_slot(None)
             log.error("HBONE: cannot serve an accepted connection: %r", e)
             return
         if self._closing:
             sock.close()
+            self._give_slot(None)
             return
         conn = _ServerConn(self, peer)
         conn.local_addr = local
+        conn.slot = self._slots is not None
         try:
             tls, _ = await self.loop.connect_accepted_socket(
                 lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
             )
         except (OSError, TimeoutError) as tls_error:  # ssl.SSLError is an OSError
+            self._give_slot(conn)
             self._handshake_failed(peer, describe_tls_error(tls_error))
             return
         ssl_object = tls.get_extra_info("ssl_object")
@@ -320,6 +378,37 @@ class HboneServer:
         self._per_identity[identity] = held + 1
         conn.counted = True
         conn.attach(tls, identity)
+        conn.start_timers()
+
+    def _give_slot(self, conn: _ServerConn | None) -> None:
+        """An accepted connection is over: its slot of the connection caps comes back
+        (``conn`` None: it never got one of its own)."""
+        if self._slots is None:
+            return
+        if conn is None:
+            self._slots.give()
+        elif conn.slot:
+            conn.slot = False
+            self._slots.give()
+
+    def _timed_out(self, conn: _ServerConn, which: str) -> None:
+        """``conn`` went past its ``which`` (idle or preface) timeout: GOAWAY, close."""
+        self._timeouts[which] += 1
+        if self._metrics is not None:
+            self._metrics.hbone_timeouts.labels(which).inc()
+        if which == "idle_timeout":
+            why = f"no stream for {self.idle_timeout:g}s"
+        else:
+            why = f"no HTTP/2 preface within {self.preface_timeout:g}s of the TLS handshake"
+        warn_once(
+            log,
+            which,
+            "HBONE connection from %s (%s) closed: %s",
+            conn.label,
+            conn.peer_identity,
+            why,
+        )
+        conn.shutdown(why)
 
     def _identity_gone(self, identity: str) -> None:
         n = self._per_identity.get(identity, 0) - 1
@@ -409,6 +498,9 @@ async def start_hbone_server(
     settings: HboneSettings | None = None,
     metrics: Metrics | None = None,
     max_connections_per_identity: int = MAX_CONNECTIONS_PER_IDENTITY,
+    slots: ListenerSlots | None = None,
+    idle_timeout: float = 3600.0,
+    preface_timeout: float = 10.0,
 ) -> HboneServer:
     """Serve HBONE on ``sock`` (bound, listening, non-blocking)."""
     server = HboneServer(
@@ -418,6 +510,9 @@ async def start_hbone_server(
         settings=settings,
         metrics=metrics,
         max_connections_per_identity=max_connections_per_identity,
+        slots=slots,
+        idle_timeout=idle_timeout,
+        preface_timeout=preface_timeout,
     )
     await server._start(sock)
     return server

@@ -107,7 +107,7 @@ class Inbound:
         self.pods = pods
         """The local pods: only these are served."""
 
-    def accept(self, pp: PodProxy) -> Callable[[], ClientSide]:
+    def accept(self, pp: PodProxy) -> Callable[[], asyncio.Protocol]:
         return self.plumbing.accept(pp, "inbound", self._serve_plaintext)
 
     async def on_hbone(

@@ -107,6 +107,27 @@ class Http1Limits:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """What downstream connections may take of the proxy (Envoy-like; ``proxy/limits.py``
+    and the HBONE server enforce them)."""
+
+    max_connections: int = 100_000
+    """Downstream connections the node's proxy holds at once, on every listener of every
+    pod; past it a new one is closed at accept (Envoy's overload manager
+    ``global_downstream_max_connections``; each costs two file descriptors)."""
+    max_connections_per_listener: int = 20_000
+    """The same for one listener (15001, 15006 or 15008) of one pod, so that one pod
+    cannot take all of the node's."""
+    hbone_idle_timeout: float = 3600.0
+    """Seconds an HBONE connection (server side) may stay without a stream: then GOAWAY
+    and close (Envoy's HTTP connection manager ``idle_timeout`` default, 1 h; clients
+    close theirs sooner: ours after 60 s, ztunnel's after 5 min)."""
+    hbone_preface_timeout: float = 10.0
+    """Seconds from the end of an HBONE TLS handshake to the client's HTTP/2 preface and
+    SETTINGS: then closed (as the HTTP/1.1 request head timeout)."""
+
+
+@dataclass(frozen=True)
 class ProxyInputs:
     """The inputs every part of the proxy reads (each part owns its own state)."""
 
@@ -126,6 +147,7 @@ class ProxyInputs:
     jwks_ca_bundle: str = ""
     """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
     http1_limits: Http1Limits = Http1Limits()
+    connection_limits: ConnectionLimits = ConnectionLimits()
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

@@ -63,7 +63,7 @@ class Outbound:
         self.mtls = inputs.identity is not None
         """The agent holds identities: mesh connections may go through HBONE."""
 
-    def accept(self, pp: PodProxy) -> Callable[[], ClientSide]:
+    def accept(self, pp: PodProxy) -> Callable[[], asyncio.Protocol]:
         return self.plumbing.accept(pp, "outbound", self._serve)
 
     async def _serve(self, pp: PodProxy, side: ClientSide) -> None:

@@ -22,6 +22,7 @@ from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.proxy.inputs import Addr, ProxyInputs
 from nodeagent.proxy.l7 import Downstream, L7Proxy
 from nodeagent.proxy.l7h2 import H2Pool, serve_h2
+from nodeagent.proxy.limits import ConnectionCaps, Refused
 from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.pods import PodProxy
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
@@ -117,8 +118,11 @@ class IdentityIndex:
 class Plumbing:
     """The connection machinery of one proxy, shared by both directions."""
 
-    def __init__(self, inputs: ProxyInputs, l7: L7Proxy, h2pool: H2Pool) -> None:
+    def __init__(
+        self, inputs: ProxyInputs, l7: L7Proxy, h2pool: H2Pool, caps: ConnectionCaps
+    ) -> None:
         self.inputs = inputs
+        self.caps = caps
         self.l7 = l7
         self.h2pool = h2pool
         self._identities = PerSnapshot(lambda snap: IdentityIndex.build(snap, inputs.principal))
@@ -128,13 +132,20 @@ class Plumbing:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
         return self._identities.get(snap)
 
-    def accept(self, pp: PodProxy, direction: str, handler: Handler) -> Callable[[], ClientSide]:
-        """The protocol factory of ``pp``'s ``direction`` listener: each connection gets
-        a table entry, and ``handler`` runs once it is accepted."""
+    def accept(
+        self, pp: PodProxy, direction: str, handler: Handler
+    ) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of ``pp``'s ``direction`` listener: each connection takes
+        a slot of the connection caps (past them it is closed at once), gets a table
+        entry (which gives the slot back when it closes), and ``handler`` runs once it is
+        accepted."""
         table = self.inputs.table
+        slots = self.caps.listener(direction)
 
-        def make() -> ClientSide:
-            relay = table.open({"direction": direction, "pod": pp.pod.key})
+        def make() -> asyncio.Protocol:
+            if not slots.take():
+                return Refused()
+            relay = table.open({"direction": direction, "pod": pp.pod.key, "slots": slots})
             return ClientSide(relay, lambda side: self.spawn(handler(pp, side)))
 
         return make

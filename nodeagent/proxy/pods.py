@@ -35,6 +35,7 @@ from nodeagent.proxy.inputs import (
     PodSockets,
     ProxyInputs,
 )
+from nodeagent.proxy.limits import ConnectionCaps
 
 log = logging.getLogger("nodeagent.proxy")
 
@@ -96,8 +97,10 @@ class LocalPods:
         outbound: Accept,
         inbound: Accept,
         hbone: OnHbone,
+        caps: ConnectionCaps | None = None,
     ) -> None:
         self.inputs = inputs
+        self.caps = caps or ConnectionCaps(inputs.connection_limits, inputs.metrics)
         self.pods = pods
         self._outbound = outbound
         self._inbound = inbound
@@ -170,6 +173,9 @@ class LocalPods:
             lambda: identity.server_context(me),
             lambda req: on_connect(pp, req),
             metrics=self.inputs.metrics,
+            slots=self.caps.listener("hbone"),
+            idle_timeout=self.inputs.connection_limits.hbone_idle_timeout,
+            preface_timeout=self.inputs.connection_limits.hbone_preface_timeout,
         )
 
         def dial(addr: Addr) -> Awaitable[socket.socket]:

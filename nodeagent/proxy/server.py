@@ -26,6 +26,7 @@ from nodeagent.proxy.inbound import Inbound
 from nodeagent.proxy.inputs import ProxyInputs
 from nodeagent.proxy.l7 import L7Proxy
 from nodeagent.proxy.l7h2 import H2Pool
+from nodeagent.proxy.limits import ConnectionCaps
 from nodeagent.proxy.outbound import Outbound
 from nodeagent.proxy.plumbing import Plumbing
 from nodeagent.proxy.pods import LocalPods, PodProxy
@@ -52,11 +53,17 @@ class Proxy:
         self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
         self.pods: dict[str, PodProxy] = {}
         """The local pods by key (served by ``local``; the inbound side serves only these)."""
-        plumbing = Plumbing(inputs, self.l7, self.h2pool)
+        self.caps = ConnectionCaps(inputs.connection_limits, inputs.metrics)
+        plumbing = Plumbing(inputs, self.l7, self.h2pool, self.caps)
         self.outbound = Outbound(inputs, plumbing, self.l7.clusters, self.l7.rnd.random)
         self.inbound = Inbound(inputs, plumbing, self.admission, self.pods)
         self.local = LocalPods(
-            inputs, self.pods, self.outbound.accept, self.inbound.accept, self.inbound.on_hbone
+            inputs,
+            self.pods,
+            self.outbound.accept,
+            self.inbound.accept,
+            self.inbound.on_hbone,
+            self.caps,
         )
 
     async def reconcile(self, snap: MeshSnapshot) -> None:

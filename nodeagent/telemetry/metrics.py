@@ -192,6 +192,20 @@ class Metrics:
             ("limit",),
             registry=r,
         )
+        self.downstream_refused = Counter(
+            "nodeagent_downstream_connections_refused",
+            "Downstream connections closed at accept by a connection cap, by listener "
+            "(outbound, inbound, hbone) and reason (node_limit, listener_limit)",
+            ("listener", "reason"),
+            registry=r,
+        )
+        self.hbone_timeouts = Counter(
+            "nodeagent_hbone_timeouts",
+            "HBONE connections closed by a timeout: idle_timeout (no stream for that long, "
+            "GOAWAY) and preface_timeout (no HTTP/2 preface after the TLS handshake)",
+            ("timeout",),
+            registry=r,
+        )
         self.outlier_ejections = Counter(
             "nodeagent_outlier_ejections",
             "Endpoints ejected by outlier detection",

@@ -33,7 +33,7 @@ from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import OUTBOUND_PORT, ProxyInputs
+from nodeagent.proxy.inputs import OUTBOUND_PORT, ConnectionLimits, ProxyInputs
 from nodeagent.proxy.server import Proxy
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
@@ -236,6 +236,9 @@ class Signer:
 
 
 class Rig:
+    connection_limits = ConnectionLimits()
+    """What a subclass may change: the proxies' connection caps and HBONE timeouts."""
+
     def __init__(self, tmp: Path, mtls: bool) -> None:
         self.dir = tmp / "mesh"
         self.dir.mkdir()
@@ -278,6 +281,7 @@ class Rig:
                 capture=RecordedCapture(self.net),
                 identity=identity,
                 connect_timeout=2.0,
+                connection_limits=self.connection_limits,
             )
             proxy = self.proxies[node] = Proxy(inputs)
             await proxy.reconcile(self.snap)
