@@ -27,24 +27,26 @@ from nodeagent.control.cnipods import CniPods
 from nodeagent.control.files import ConfigWatcher, LoadedConfig
 from nodeagent.control.kube import KubeSource, KubeStartError
 from nodeagent.control.kubeclient import KubeClient, credentials
+from nodeagent.control.yamlload import bounds_limit
 from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
 from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery
+from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, LimitStatus
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import Capture, Http1Limits, ProxyInputs
+from nodeagent.proxy.inputs import Capture, ConnectionLimits, Http1Limits, ProxyInputs
+from nodeagent.proxy.limits import proxy_limits
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.redirect.sockets import NetnsSockets
 from nodeagent.telemetry.accesslog import BUFFER, AccessLog
-from nodeagent.telemetry.metrics import Metrics
+from nodeagent.telemetry.metrics import Metrics, counts
 
 log = logging.getLogger("nodeagent")
 
@@ -177,6 +179,12 @@ class Agent:
                 max_headers=settings.max_request_headers,
                 max_header_size=settings.max_request_headers_kb * 1024,
             ),
+            connection_limits=ConnectionLimits(
+                max_connections=settings.max_connections,
+                max_connections_per_listener=settings.max_connections_per_listener,
+                hbone_idle_timeout=settings.hbone_idle_timeout,
+                hbone_preface_timeout=settings.hbone_preface_timeout,
+            ),
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
@@ -235,6 +243,10 @@ class Agent:
 
     def jwks_status(self) -> list[dict[str, Any]]:
         return self.proxy.admission.jwks.status()
+
+    def limits(self) -> list[LimitStatus]:
+        rejected = int(counts(self.metrics.config_reloads).get(("rejected",), 0))
+        return [*proxy_limits(self.proxy.inputs, self.proxy.caps), bounds_limit(rejected)]
 
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:
         bpf = self.bpf

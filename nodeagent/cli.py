@@ -217,6 +217,39 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="HTTP/1.1 clients: KiB of a request head, beyond which 431 (default: 60)",
     )
     p.add_argument(
+        "--max-connections",
+        default=100_000,
+        type=_positive,
+        metavar="N",
+        help="downstream connections the node's proxy holds at once (every listener of "
+        "every pod); past it a new one is closed at accept (default: 100000, as Envoy's "
+        "global_downstream_max_connections is often set)",
+    )
+    p.add_argument(
+        "--max-connections-per-listener",
+        default=20_000,
+        type=_positive,
+        metavar="N",
+        help="the same for one listener (15001, 15006 or 15008) of one pod, so one pod "
+        "cannot take all of the node's (default: 20000)",
+    )
+    p.add_argument(
+        "--hbone-idle-timeout",
+        default="1h",
+        type=_duration,
+        metavar="DURATION",
+        help="HBONE server: time a connection may stay without a stream before GOAWAY and "
+        "close (default: 1h, as Envoy's idle_timeout; clients close theirs sooner)",
+    )
+    p.add_argument(
+        "--hbone-preface-timeout",
+        default="10s",
+        type=_duration,
+        metavar="DURATION",
+        help="HBONE server: time from the TLS handshake to the client's HTTP/2 preface, "
+        "then closed (default: 10s)",
+    )
+    p.add_argument(
         "--access-log",
         default="-",
         metavar="DEST",

@@ -55,6 +55,10 @@ class AgentSettings:
     http_idle_timeout: float = 3600.0
     max_request_headers: int = 100
     max_request_headers_kb: int = 60
+    max_connections: int = 100_000
+    max_connections_per_listener: int = 20_000
+    hbone_idle_timeout: float = 3600.0
+    hbone_preface_timeout: float = 10.0
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
     pid_file: str = ""
@@ -100,6 +104,14 @@ class AgentSettings:
             http_idle_timeout=float(args.http_idle_timeout),
             max_request_headers=args.max_request_headers,
             max_request_headers_kb=args.max_request_headers_kb,
+            max_connections=getattr(args, "max_connections", cls.max_connections),
+            max_connections_per_listener=getattr(
+                args, "max_connections_per_listener", cls.max_connections_per_listener
+            ),
+            hbone_idle_timeout=float(getattr(args, "hbone_idle_timeout", cls.hbone_idle_timeout)),
+            hbone_preface_timeout=float(
+                getattr(args, "hbone_preface_timeout", cls.hbone_preface_timeout)
+            ),
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
         )

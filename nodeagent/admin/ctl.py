@@ -182,7 +182,29 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     if watches:
         lines.append("Watches:")
         lines.extend(f"  {format_watch(w, now)}" for w in watches)
+    limits = list(status.get("limits") or [])
+    if limits:
+        lines.append("Limits:")
+        lines.extend(f"  {line}" for line in format_limits(limits))
     return "\n".join(lines)
+
+
+def format_limits(limits: list[Mapping[str, Any]]) -> list[str]:
+    """A table of limits: what, value, the flag that sets it, hits since start."""
+    rows = [("LIMIT", "VALUE", "FLAG", "HITS")] + [
+        (
+            _s(x.get("name")),
+            _s(x.get("value")),
+            str(x.get("flag") or "-"),
+            str(int(x.get("hits") or 0)),
+        )
+        for x in limits
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip()
+        for r in rows
+    ]
 
 
 def format_watch(watch: Mapping[str, Any], now: float) -> str:

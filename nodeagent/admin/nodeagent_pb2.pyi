@@ -51,7 +51,7 @@ class WatchStatus(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., state: _Optional[str] = ..., resource_version: _Optional[str] = ..., objects: _Optional[int] = ..., last_event_at: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., relists: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca", "jwks")
+    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca", "jwks", "limits")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class StatusResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     CA_FIELD_NUMBER: _ClassVar[int]
     JWKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     version: str
     node: str
     uptime_seconds: float
@@ -72,7 +73,22 @@ class StatusResponse(_message.Message):
     config: ConfigStatus
     ca: CaStatus
     jwks: _containers.RepeatedCompositeFieldContainer[JwksStatus]
-    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ..., jwks: _Optional[_Iterable[_Union[JwksStatus, _Mapping]]] = ...) -> None: ...
+    limits: _containers.RepeatedCompositeFieldContainer[Limit]
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ..., jwks: _Optional[_Iterable[_Union[JwksStatus, _Mapping]]] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ...) -> None: ...
+
+class Limit(_message.Message):
+    __slots__ = ("name", "value", "flag", "metric", "hits")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    flag: str
+    metric: str
+    hits: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ..., flag: _Optional[str] = ..., metric: _Optional[str] = ..., hits: _Optional[int] = ...) -> None: ...
 
 class JwksStatus(_message.Message):
     __slots__ = ("uri", "keys", "last_error")

@@ -233,6 +233,10 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             ),
             ca=ca_status_message(view.ca_status()),
             jwks=[pb.JwksStatus(**j) for j in view.jwks_status()],
+            limits=[
+                pb.Limit(name=x.name, value=x.value, flag=x.flag, metric=x.metric, hits=x.hits)
+                for x in view.limits()
+            ],
         )
 
     def _workloads(self) -> pb.WorkloadsResponse:

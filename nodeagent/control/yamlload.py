@@ -24,12 +24,14 @@ from yaml.resolver import Resolver
 
 from nodeagent.control.schema import MAX_DEPTH
 from nodeagent.errors import ConfigError
+from nodeagent.model.status import LimitStatus
 
 __all__ = [
     "MAX_ALIAS_NODES",
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_INT_CHARS",
+    "bounds_limit",
     "load_yaml",
     "read_config_file",
 ]
@@ -40,6 +42,20 @@ MAX_ALIAS_NODES = 10_000
 """Nodes that aliases may add to one file, counting each use at its expanded size."""
 MAX_INT_CHARS = 64
 """Longest integer literal read (Python refuses decimal ones past 4,300 digits, slowly)."""
+
+
+def bounds_limit(rejected: int) -> LimitStatus:
+    """The bounds as ``ctl status`` lists them; ``rejected``: config loads refused (for
+    these bounds or any other error: the last error names which)."""
+    return LimitStatus(
+        "Config files (reload rejected)",
+        f"{MAX_FILE_BYTES >> 20} MiB, {MAX_DEPTH} levels, {MAX_ALIAS_NODES} alias nodes, "
+        f"{MAX_INT_CHARS}-digit integers",
+        "",
+        "nodeagent_config_reloads_total{result=rejected}",
+        rejected,
+    )
+
 
 try:  # libyaml's scanner and parser: several times faster than PyYAML's own
     from yaml._yaml import CParser as _Events

@@ -80,6 +80,22 @@ class ConnectionInfo:
 
 
 @dataclass(frozen=True)
+class LimitStatus:
+    """One limit the agent holds clients and config to, and how often it was hit."""
+
+    name: str
+    """What is limited, e.g. ``HTTP/1.1 request head timeout``."""
+    value: str
+    """Its value as set (``10s``, ``100``, ``64 per identity``)."""
+    flag: str
+    """The ``nodeagent run`` flag that sets it; empty when fixed."""
+    metric: str
+    """The metric (with its labels) that counts the hits."""
+    hits: int
+    """Times it was hit since the agent started (the metric's count)."""
+
+
+@dataclass(frozen=True)
 class ExplainQuery:
     """``nodeagent ctl explain``'s question: a request from a pod to a host."""
 
@@ -136,6 +152,10 @@ class AgentView(Protocol):
 
     def jwks_status(self) -> list[dict[str, Any]]:
         """Per jwksUri fetched over http(s): ``uri``, ``keys``, ``last_error``."""
+        ...
+
+    def limits(self) -> list[LimitStatus]:
+        """Every limit on clients and config: its value and how often it was hit."""
         ...
 
     def bpf_state(self, bypass: bool | None = None) -> dict[str, Any]:

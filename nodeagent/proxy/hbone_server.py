@@ -38,15 +38,12 @@ from nodeagent.proxy.hbone import (
     format_addr,
     set_keepalive,
 )
-from nodeagent.proxy.limits import ListenerSlots
+from nodeagent.proxy.limits import MAX_CONNECTIONS_PER_IDENTITY, ListenerSlots
 from nodeagent.proxy.peerwarn import warn_once
 from nodeagent.telemetry.metrics import Metrics
 
 log = logging.getLogger("nodeagent.hbone")
 
-MAX_CONNECTIONS_PER_IDENTITY = 64
-"""Connections one client identity may hold open to one HBONE server (each carries up to
-``HboneSettings.max_concurrent_streams`` streams and ``connection_window`` bytes)."""
 
 PEER_ERRORS = (
     "stream_error",

@@ -15,11 +15,17 @@ import asyncio
 import logging
 from typing import cast
 
-from nodeagent.proxy.inputs import ConnectionLimits
+from nodeagent.model.status import LimitStatus
+from nodeagent.protocol.http2 import Http2Settings
+from nodeagent.proxy.inputs import ConnectionLimits, ProxyInputs
 from nodeagent.proxy.peerwarn import warn_once
-from nodeagent.telemetry.metrics import Metrics
+from nodeagent.telemetry.metrics import Metrics, counts
 
 log = logging.getLogger("nodeagent.proxy")
+
+MAX_CONNECTIONS_PER_IDENTITY = 64
+"""Connections one client identity may hold open to one HBONE server (each carries up to
+``HboneSettings.max_concurrent_streams`` streams and ``connection_window`` bytes)."""
 
 LISTENERS = ("outbound", "inbound", "hbone")
 """The listeners of a pod whose connections are counted (the metric's ``listener``)."""
@@ -95,4 +101,123 @@ class Refused(asyncio.Protocol):
         cast(asyncio.Transport, transport).abort()
 
 
-__all__ = ["LISTENERS", "REASONS", "ConnectionCaps", "ListenerSlots", "Refused"]
+def duration(seconds: float) -> str:
+    """``1h``, ``5m``, ``10s``, ``0.5s``: a duration as the flags take it."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def proxy_limits(inputs: ProxyInputs, caps: ConnectionCaps) -> list[LimitStatus]:
+    """The proxy's limits on clients, with their values and hits (from the metrics)."""
+    m = inputs.metrics
+    h1 = inputs.http1_limits
+    conn = inputs.connection_limits
+    http1 = counts(m.http1_limits)
+    peer = counts(m.h2_peer_errors)
+    refused = counts(m.downstream_refused)
+    timed = counts(m.hbone_timeouts)
+    h2 = Http2Settings()
+
+    def h1_hits(limit: str) -> int:
+        return int(http1.get((limit,), 0))
+
+    def peer_hits(kind: str) -> int:
+        return int(sum(n for (_, k), n in peer.items() if k == kind))
+
+    def refused_hits(reason: str) -> int:
+        return int(sum(n for (_, r), n in refused.items() if r == reason))
+
+    h1m = "nodeagent_http1_limit_hits_total{limit=%s}"
+    return [
+        LimitStatus(
+            "HTTP/1.1 request head timeout (408)",
+            duration(h1.request_headers_timeout),
+            "--request-headers-timeout",
+            h1m % "request_headers_timeout",
+            h1_hits("request_headers_timeout"),
+        ),
+        LimitStatus(
+            "HTTP/1.1 idle keep-alive (closed)",
+            duration(h1.idle_timeout),
+            "--http-idle-timeout",
+            h1m % "idle_timeout",
+            h1_hits("idle_timeout"),
+        ),
+        LimitStatus(
+            "HTTP/1.1 header fields (431)",
+            str(h1.max_headers),
+            "--max-request-headers",
+            h1m % "max_headers_count",
+            h1_hits("max_headers_count"),
+        ),
+        LimitStatus(
+            "HTTP/1.1 request head size (431)",
+            f"{h1.max_header_size // 1024} KiB",
+            "--max-request-headers-kb",
+            h1m % "max_request_headers_size",
+            h1_hits("max_request_headers_size"),
+        ),
+        LimitStatus(
+            "HTTP/2 rapid reset (GOAWAY)",
+            f"half of {h2.premature_reset_min_streams}+ streams reset early",
+            "",
+            "nodeagent_http2_peer_errors_total{kind=rapid_reset}",
+            peer_hits("rapid_reset"),
+        ),
+        LimitStatus(
+            "HTTP/2 PING/SETTINGS flood (GOAWAY)",
+            f"{h2.max_outbound_control_frames} unread answers",
+            "",
+            "nodeagent_http2_peer_errors_total{kind=control_flood}",
+            peer_hits("control_flood"),
+        ),
+        LimitStatus(
+            "HBONE connections per client identity",
+            str(MAX_CONNECTIONS_PER_IDENTITY),
+            "",
+            "nodeagent_http2_peer_errors_total{kind=connection_limit}",
+            peer_hits("connection_limit"),
+        ),
+        LimitStatus(
+            "Downstream connections per node",
+            str(conn.max_connections),
+            "--max-connections",
+            "nodeagent_downstream_connections_refused_total{reason=node_limit}",
+            refused_hits("node_limit"),
+        ),
+        LimitStatus(
+            "Downstream connections per pod listener",
+            str(conn.max_connections_per_listener),
+            "--max-connections-per-listener",
+            "nodeagent_downstream_connections_refused_total{reason=listener_limit}",
+            refused_hits("listener_limit"),
+        ),
+        LimitStatus(
+            "HBONE idle connection (GOAWAY)",
+            duration(conn.hbone_idle_timeout),
+            "--hbone-idle-timeout",
+            "nodeagent_hbone_timeouts_total{timeout=idle_timeout}",
+            int(timed.get(("idle_timeout",), 0)),
+        ),
+        LimitStatus(
+            "HBONE HTTP/2 preface after TLS",
+            duration(conn.hbone_preface_timeout),
+            "--hbone-preface-timeout",
+            "nodeagent_hbone_timeouts_total{timeout=preface_timeout}",
+            int(timed.get(("preface_timeout",), 0)),
+        ),
+    ]
+
+
+__all__ = [
+    "LISTENERS",
+    "MAX_CONNECTIONS_PER_IDENTITY",
+    "REASONS",
+    "ConnectionCaps",
+    "ListenerSlots",
+    "Refused",
+    "duration",
+    "proxy_limits",
+]

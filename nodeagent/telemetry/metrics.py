@@ -152,6 +152,17 @@ class TcpStats(_SeriesCollector):
         yield from families
 
 
+def counts(counter: Counter) -> dict[tuple[str, ...], float]:
+    """A labelled counter's counts so far, by label values (in its labels' order); read
+    for ``ctl status``, not on the data path."""
+    out: dict[tuple[str, ...], float] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out[tuple(sample.labels.values())] = sample.value
+    return out
+
+
 class Metrics:
     """All counters of one agent, in their own registry."""
 

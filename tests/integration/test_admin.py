@@ -35,7 +35,7 @@ from nodeagent.admin.http import BadRequest, parse_request, start_http_servers
 from nodeagent.admin.server import start_admin_server
 from nodeagent.errors import LocalStateError
 from nodeagent.model import Container, Labels, MeshSnapshot, Pod, PodRuntime, Service, ServicePort
-from nodeagent.model.status import AgentView, ConfigStatus, ConnectionInfo
+from nodeagent.model.status import AgentView, ConfigStatus, ConnectionInfo, LimitStatus
 
 T = TypeVar("T")
 
@@ -133,6 +133,7 @@ class FakeView:
     certs: list[dict[str, Any]] = field(default_factory=list)
     ca: dict[str, Any] = field(default_factory=lambda: {"state": "disabled"})
     jwks: list[dict[str, Any]] = field(default_factory=list)
+    limit_list: list[LimitStatus] = field(default_factory=list)
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -193,6 +194,9 @@ class FakeView:
 
     def jwks_status(self) -> list[dict[str, Any]]:
         return list(self.jwks)
+
+    def limits(self) -> list[LimitStatus]:
+        return list(self.limit_list)
 
     def recent_requests(self, limit: int) -> list[dict[str, Any]]:
         records = [
@@ -642,6 +646,30 @@ def test_ctl_status_shows_each_jwks_url(agent: Agent, capsys: pytest.CaptureFixt
         "  http://keys.default/jwks.json: 2 key(s)",
         f"  https://idp.example/jwks.json: 0 key(s); last fetch failed: {refused}",
     ]
+
+
+def test_ctl_status_shows_each_limit(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.view.limit_list = [
+        LimitStatus("HTTP/1.1 header fields (431)", "100", "--max-request-headers", "m", 3),
+        LimitStatus("HBONE connections per client identity", "64", "", "m", 0),
+    ]
+    rc, out, _ = run_ctl(["--socket", agent.socket_path, "status"], capsys)
+    assert rc == 0
+    lines = out.splitlines()
+    at = lines.index("Limits:")
+    assert lines[at + 1 : at + 4] == [
+        "  LIMIT                                  VALUE  FLAG                   HITS",
+        "  HTTP/1.1 header fields (431)           100    --max-request-headers  3",
+        "  HBONE connections per client identity  64     -                      0",
+    ]
+    with agent.client() as c:
+        assert c.status()["limits"][0] == {
+            "name": "HTTP/1.1 header fields (431)",
+            "value": "100",
+            "flag": "--max-request-headers",
+            "metric": "m",
+            "hits": 3,
+        }
 
 
 def test_a_failing_handler_answers_an_error_and_the_server_lives_on(agent: Agent) -> None:

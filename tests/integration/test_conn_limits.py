@@ -7,22 +7,32 @@ or that stays without a stream, is closed (GOAWAY), counted."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
 import ssl
+import tempfile
 import time
+from dataclasses import dataclass
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 from certs import make_ca
+from test_admin import FakeView
 from test_hbone import CLIENT_ID, SERVER_ID, Echo, Mesh, listening, open_peer, pool_for, run
 from test_hbone_abuse import CONNECT, goaway_of, read_all, tls
 from test_proxy_loopback import SERVICE_IP, TCP_PORT, Rig
 from test_proxy_loopback import run as run_proxy
 
+from nodeagent import cli
+from nodeagent.admin.server import start_admin_server
+from nodeagent.control.yamlload import bounds_limit
+from nodeagent.model.status import LimitStatus
 from nodeagent.proxy.hbone_server import ConnectRefusal, ConnectRequest, start_hbone_server
 from nodeagent.proxy.inputs import ConnectionLimits
-from nodeagent.proxy.limits import ConnectionCaps
+from nodeagent.proxy.limits import ConnectionCaps, proxy_limits
 from nodeagent.telemetry.metrics import Metrics
 
 NO_ERROR = 0
@@ -109,6 +119,61 @@ def test_connections_past_a_cap_are_closed_at_accept_and_counted(
         w0.close()
 
     run_proxy(False, body, rig_type)
+
+
+def test_ctl_status_shows_the_caps_and_their_hits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Through the real node agent socket: the limits of the real proxy, with the hits
+    its metrics counted."""
+    short_dir = tempfile.mkdtemp(prefix="na-", dir="/tmp")  # sun_path is 108 bytes
+    path = os.path.join(short_dir, "agent.sock")
+    out: list[str] = []
+
+    async def body(rig: Rig) -> None:
+        held = [await held_open(rig) for _ in range(2)]
+        assert await closed_at_accept(rig)
+        proxy = rig.proxies["node1"]
+
+        @dataclass
+        class View(FakeView):
+            def limits(self) -> list[LimitStatus]:
+                return [*proxy_limits(proxy.inputs, proxy.caps), bounds_limit(0)]
+
+        server = await start_admin_server(View(), path)
+        try:
+            rc = await asyncio.to_thread(cli.main, ["ctl", "--socket", path, "status"])
+            assert rc == 0
+            out.append(capsys.readouterr().out)
+        finally:
+            await server.stop(None)
+        for _, w in held:
+            w.close()
+
+    try:
+        run_proxy(False, body, NodeCapped)
+    finally:
+        shutil.rmtree(short_dir, ignore_errors=True)
+    lines = out[0].splitlines()
+    table = lines[lines.index("Limits:") + 1 :]
+    assert re.match(r"  LIMIT +VALUE +FLAG +HITS$", table[0])
+    cells = [re.split(r"\s{2,}", line.strip()) for line in table[1:]]
+    rows = {c[0]: c for c in cells}
+    assert rows["Downstream connections per node"][1:] == ["2", "--max-connections", "1"]
+    assert rows["Downstream connections per pod listener"][1:] == [
+        "20000",
+        "--max-connections-per-listener",
+        "0",
+    ]
+    assert rows["HTTP/1.1 request head timeout (408)"][1:] == [
+        "10s",
+        "--request-headers-timeout",
+        "0",
+    ]
+    assert rows["HBONE idle connection (GOAWAY)"][1:] == ["1h", "--hbone-idle-timeout", "0"]
+    assert rows["HBONE connections per client identity"][1:] == ["64", "-", "0"]
+    assert rows["Config files (reload rejected)"][-2:] == ["-", "0"]
+    assert len(rows) == 12, rows
 
 
 # -- 15008: the real HBONE server ------------------------------------------------------------

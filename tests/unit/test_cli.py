@@ -206,3 +206,20 @@ def test_path_normalization_is_istios_option_default_base(
         build_parser().parse_args([*argv, "--path-normalization", "strict"])
     err = capsys.readouterr().err
     assert "--path-normalization" in err and "DECODE_AND_MERGE_SLASHES" in err
+
+
+def test_connection_caps_and_hbone_timeouts_are_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["run", "--node", "n", "--config", "."]
+    s = AgentSettings.from_args(build_parser().parse_args(argv))
+    assert (s.max_connections, s.max_connections_per_listener) == (100_000, 20_000)
+    assert (s.hbone_idle_timeout, s.hbone_preface_timeout) == (3600.0, 10.0)
+    more = ["--max-connections", "5", "--max-connections-per-listener", "2"]
+    more += ["--hbone-idle-timeout", "90s", "--hbone-preface-timeout", "2s"]
+    s = AgentSettings.from_args(build_parser().parse_args([*argv, *more]))
+    assert (s.max_connections, s.max_connections_per_listener) == (5, 2)
+    assert (s.hbone_idle_timeout, s.hbone_preface_timeout) == (90.0, 2.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--max-connections", "0"])
+    assert "--max-connections" in capsys.readouterr().err
