@@ -39,7 +39,7 @@ from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.inputs import Capture, ConnectionLimits, Http1Limits, ProxyInputs
-from nodeagent.proxy.limits import proxy_limits
+from nodeagent.proxy.limits import proxy_limits, raise_open_files
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
@@ -402,6 +402,7 @@ def _tune_gc() -> None:
 
 def run_agent(settings: AgentSettings) -> int:
     _setup_logging(settings.log_level)
+    raise_open_files(settings.max_connections)
     if settings.netns:
         try:
             netns.enter(settings.netns)

@@ -101,6 +101,32 @@ class Refused(asyncio.Protocol):
         cast(asyncio.Transport, transport).abort()
 
 
+def raise_open_files(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard one (as ztunnel and Go's runtime do
+    at start): each proxied connection takes two descriptors. Warns when even that is
+    short of what ``max_connections`` needs. Returns the soft limit now in force."""
+    import resource  # (only at start)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * max_connections + 1024
+    target = max(soft, want) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.debug("cannot raise the open files limit to %d: %s", target, e)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning(
+            "open files limit %d is below the %d that --max-connections %d needs (two per "
+            "connection): past it, new connections fail (EMFILE) before the cap is reached",
+            soft,
+            want,
+            max_connections,
+        )
+    return soft
+
+
 def duration(seconds: float) -> str:
     """``1h``, ``5m``, ``10s``, ``0.5s``: a duration as the flags take it."""
     for unit, size in (("h", 3600), ("m", 60)):
@@ -220,4 +246,5 @@ __all__ = [
     "Refused",
     "duration",
     "proxy_limits",
+    "raise_open_files",
 ]

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -312,3 +314,21 @@ def test_the_hbone_client_pool_closes_idle_connections_before_the_server(mesh: M
         server.abort()
 
     run(main)
+
+
+def test_the_open_files_limit_is_raised_for_the_cap() -> None:
+    """In a child process (the limit is per process): the soft limit goes up to the hard
+    one, and a hard limit short of the cap is a warning naming the flag."""
+    code = (
+        "import logging, resource, sys\n"
+        "logging.basicConfig(stream=sys.stdout, format='%(message)s')\n"
+        "from nodeagent.proxy.limits import raise_open_files\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))\n"
+        "print(raise_open_files(100), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "print(raise_open_files(100_000))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "4096 4096"
+    assert "open files limit 4096 is below the 201024 that --max-connections 100000" in lines[1]
+    assert lines[2] == "4096"
