@@ -341,6 +341,9 @@ class HboneServer:
             self._give_slot(conn)
             self._handshake_failed(peer, describe_tls_error(tls_error))
             return
+        except asyncio.CancelledError:  # the server is going: the node's count must not
+            self._give_slot(conn)
+            raise
         ssl_object = tls.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         identity = peer_identity(ssl_object) if ssl_object is not None else None
