@@ -49,8 +49,8 @@ def bounds_limit(rejected: int) -> LimitStatus:
     these bounds or any other error: the last error names which)."""
     return LimitStatus(
         "Config files (reload rejected)",
-        f"{MAX_FILE_BYTES >> 20} MiB, {MAX_DEPTH} levels, {MAX_ALIAS_NODES} alias nodes, "
-        f"{MAX_INT_CHARS}-digit integers",
+        f"{MAX_FILE_BYTES >> 20} MiB, depth {MAX_DEPTH}, {MAX_ALIAS_NODES // 1000}k alias "
+        f"nodes, {MAX_INT_CHARS} digits",
         "",
         "nodeagent_config_reloads_total{result=rejected}",
         rejected,
