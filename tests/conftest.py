@@ -1,4 +1,5 @@
-"""Suite-wide rules: the privileged end-to-end tier must run where it is required.
+"""Suite-wide rules: the privileged end-to-end tier must run where it is required, and
+every Hypothesis test runs under the profile ``HYPOTHESIS_PROFILE`` names (``fuzzing``).
 
 With ``NODEAGENT_REQUIRE_PRIVILEGED=1`` (set by ``scripts/test.sh``, hence CI), a run in
 which any ``privileged`` test was skipped, or none ran, fails: a skipped end-to-end tier
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import fuzzing  # noqa: F401  (registers and loads the Hypothesis profiles)
 import pytest
 
 _priv: dict[str, list[str]] = {"passed": [], "skipped": [], "failed": []}

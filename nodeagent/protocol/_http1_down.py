@@ -178,12 +178,11 @@ class RequestReader(Reader):
         self._head_new = self._chunk_new = False
         self._feed_len = n = len(data)
         completed = self._completed
+        offset = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            offset: int = e.args[0]
-            self._switch_stop(data[offset:])
-            return
+            offset = e.args[0]
         except httptools.HttpParserError as e:
             reraise_bug(e)
             if self._mode == _PARSING:  # not stopped by a callback that already said why
@@ -191,6 +190,11 @@ class RequestReader(Reader):
                 if "method" in why:  # llhttp's "Invalid method encountered" and kin
                     why = invalid_method(data, self._completed - completed)
                 self._fail(400, why)
+            return
+        if offset >= 0:
+            # Out of the handler: an error parsing what follows must not have the
+            # HttpParserUpgrade as its context (``reraise_bug`` would take it for a bug).
+            self._switch_stop(data[offset:])
             return
         if self._phase == HEAD:  # a head is still incomplete: charge this read to it
             if self._head_over(n, self._completed == completed):

@@ -224,7 +224,8 @@ class UpstreamHttp1(Reader):
         if not data:
             return self._eof()
         if self._phase == DONE:  # nothing was asked: the connection is out of step
-            self._reuse_ok = False
+            if data.strip(b"\r\n"):  # empty lines between messages: llhttp skips them too
+                self._reuse_ok = False
             return []
         if self._req == NOTHING:
             self._failed = True
@@ -265,9 +266,12 @@ class UpstreamHttp1(Reader):
             stop, self._stop = self._stop, _STOP_NONE
             if stop == _STOP_NONE:
                 reraise_bug(e)
-                self._fail(f"upstream: {e}")
+                if self._phase == DONE:  # llhttp refuses bytes after a `close` response
+                    self._reuse_ok = False  # as when they arrive in a later read
+                else:
+                    self._fail(f"upstream: {e}")
             elif stop == _STOP_HEAD:
-                if self._after_head():
+                if self._after_head().strip(b"\r\n"):
                     self._reuse_ok = False
             elif stop == _STOP_TUNNEL:
                 self._upgraded = True

@@ -9,7 +9,8 @@ import os
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import given, settings
+from fuzzing import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.protocol.http1 import (
@@ -154,7 +155,7 @@ def test_chunked_request_every_split_point() -> None:
         assert feed(down, [p for p in pieces if p]) == CHUNKED_EVENTS, i
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz()
 @given(st.lists(st.integers(0, len(CHUNKED_REQUEST + GET)), max_size=12))
 def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
     data = CHUNKED_REQUEST + GET  # a pipelined second request too
@@ -645,7 +646,7 @@ def test_pipelined_requests_with_bodies_come_one_at_a_time() -> None:
     assert not down.awaiting_response
 
 
-@settings(max_examples=150, deadline=None)
+@fuzz()
 @given(st.lists(st.integers(0, len(PIPELINE)), max_size=10))
 def test_pipelined_requests_with_bodies_any_split(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(PIPELINE)]
@@ -908,6 +909,32 @@ def test_upgrade_offer_on_a_chunked_request_is_dropped() -> None:
         assert down.start_next_request() == [head("/b"), RequestEnd()]
 
 
+@pytest.mark.parametrize(
+    ("behind", "status", "reason"),
+    [
+        (b"garbage", 400, "Invalid method encountered"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host header"),
+    ],
+)
+def test_a_bad_request_behind_a_chunked_upgrade_offer_is_400(
+    behind: bytes, status: int, reason: str
+) -> None:
+    """Found by fuzzing (test_fuzz_http1): the chunked body of an Upgrade offer was parsed
+    inside the handler of llhttp's ``HttpParserUpgrade``, so an error in the bytes behind
+    it had that exception as context, was taken for a bug of ours and raised out of
+    ``receive_data`` (the HttpParserUpgrade itself), taking the connection down."""
+    request = (
+        b"POST /x HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    for pieces in ([request + behind], [request[:-3], request[-3:] + behind]):
+        down = DownstreamHttp1()
+        events = feed(down, pieces)
+        assert events[1:] == [BodyChunk(b"abc"), RequestEnd()]
+        respond_ok(down)
+        assert down.start_next_request() == [ProtocolError(status, reason)]
+
+
 def test_connect_with_a_chunked_body_is_400() -> None:
     down = DownstreamHttp1()
     [ev] = down.receive_data(
@@ -950,7 +977,7 @@ def test_upstream_response_split_at_every_byte_boundary() -> None:
             assert up.reusable
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz()
 @given(st.lists(st.integers(0, len(RESPONSE_WITH_INTERIM)), max_size=15))
 def test_upstream_response_any_split(cuts: list[int]) -> None:
     data = RESPONSE_WITH_INTERIM
@@ -990,6 +1017,23 @@ def test_upstream_head_response_split_and_reused() -> None:
     ]
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_upstream_empty_lines_after_a_response_keep_it_reusable(method: str) -> None:
+    """Found by fuzzing (test_fuzz_http1): llhttp skips empty lines between messages, so
+    a CRLF behind a response in its last read left the connection reusable, and in a
+    later read made it not reusable. Now reusable either way (as llhttp), while any
+    other byte behind a response still spoils it."""
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    for pieces in ([response + b"\r\n"], [response, b"\r\n"], [response + b"\r", b"\n"]):
+        up = upstream_after_request(method)
+        assert feed(up, pieces)[1:] == [ResponseEnd()]
+        assert up.reusable, pieces
+    for pieces in ([response + b"\r\nx"], [response, b"\r\nx"]):
+        up = upstream_after_request(method)
+        feed(up, pieces)
+        assert not up.reusable, pieces
+
+
 def test_upstream_head_response_with_a_body_is_not_reused() -> None:
     up = upstream_after_request("HEAD")
     events = up.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -1007,6 +1051,21 @@ def test_upstream_bytes_after_the_response_spoil_the_connection() -> None:
     assert up.reusable
     assert up.receive_data(b"junk") == []
     assert not up.reusable
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_upstream_bytes_after_a_close_response_in_its_last_read_only_spoil_it(
+    status: int,
+) -> None:
+    """Found by fuzzing (test_fuzz_http1): llhttp refuses bytes behind a ``Connection:
+    close`` response in the read that ended it, which made a 502 ``ProtocolError`` follow
+    the ``ResponseEnd``; in a later read the same bytes only spoil the connection."""
+    data = b"HTTP/1.1 %d OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n\x00" % status
+    for pieces in ([data], [data[:-1], data[-1:]]):
+        up = upstream_after_request()
+        fields = (("content-length", "0"), ("connection", "close"))
+        assert feed(up, pieces) == [ResponseHead(status, fields, "OK", "1.1", False), ResponseEnd()]
+        assert not up.reusable
 
 
 def test_upstream_connect_tunnel_keeps_the_bytes_behind_the_head() -> None:
