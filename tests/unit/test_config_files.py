@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from fuzzing import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.control.files import load_directory, parse_documents
@@ -158,7 +159,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(1.5)
 @given(
     kind=st.sampled_from(["Pod", "Service", "Other"]),
     body=st.dictionaries(
@@ -173,7 +174,7 @@ def test_parser_never_crashes_on_arbitrary_objects(kind: str, body: dict[str, ob
     assert all("fuzz.yaml" in str(e) for e in [*errors, *warnings])
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz()
 @given(text=st.text(max_size=200))
 def test_parser_never_crashes_on_arbitrary_text(text: str) -> None:
     _pairs, errors, warnings = parse_documents(text, "fuzz.yaml")

@@ -11,8 +11,9 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from fuzzing import fuzz
 from h2.errors import ErrorCodes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.protocol.hbone import (
@@ -456,7 +457,7 @@ def test_data_on_an_idle_stream_is_a_connection_error() -> None:
 # -- properties ---------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(0.2)
 @given(
     seed=st.integers(0, 2**32 - 1),
     window=st.sampled_from([1, 7, 1000, 65535, 300_000, 4 * 1024 * 1024]),
@@ -537,7 +538,7 @@ def test_random_conversations_deliver_every_byte_in_order(
     assert p.c.failed is None and p.s.failed is None
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz(2)
 @given(garbage=st.binary(max_size=300), chunk=st.integers(1, 64))
 def test_arbitrary_bytes_never_raise(garbage: bytes, chunk: int) -> None:
     server = ServerConnection()

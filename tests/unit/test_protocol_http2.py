@@ -16,9 +16,10 @@ import h2.connection
 import h2.events as h2e
 import h2.settings
 import pytest
+from fuzzing import fuzz
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nodeagent.protocol.http2 import (
@@ -769,7 +770,7 @@ def test_authority_falls_back_to_host() -> None:
     assert isinstance(req, StreamRequest) and req.authority == "a:1"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz()
 @given(
     name=st.binary(min_size=0, max_size=12),
     value=st.binary(min_size=0, max_size=12),
@@ -788,7 +789,7 @@ def test_any_header_field_is_a_stream_matter(name: bytes, value: bytes) -> None:
     assert not f.down.closed
 
 
-@settings(max_examples=50, deadline=None)
+@fuzz(0.5)
 @given(cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12))
 def test_events_do_not_depend_on_how_bytes_arrive(cuts: list[int]) -> None:
     client = peer(True)
