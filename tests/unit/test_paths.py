@@ -6,7 +6,8 @@ target forms of RFC 9112 §3.2, and properties over generated paths."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from fuzzing import fuzz
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from nodeagent.core.paths import (
@@ -138,7 +139,7 @@ def _segments(path: str) -> list[str]:
     return path.split("?", 1)[0].split("/")
 
 
-@settings(max_examples=500, deadline=None)
+@fuzz(2)
 @given(path=paths, query=queries, mode=st.sampled_from(PATH_NORMALIZATIONS))
 def test_normalization_is_idempotent_and_leaves_no_dot_segments(
     path: str, query: str, mode: str
@@ -160,10 +161,59 @@ def test_normalization_is_idempotent_and_leaves_no_dot_segments(
         assert "%2F" not in clean.upper() and "%5C" not in clean.upper()
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz()
 @given(path=paths, mode=st.sampled_from((BASE, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES)))
 def test_absolute_form_gets_what_origin_form_gets(path: str, mode: str) -> None:
     assert request_target("GET", "hTTp://web" + path, "other", mode) == (
         request_target("GET", path, "web", mode)[0],
         "web",
     )
+
+
+_HEX = "0123456789abcdefABCDEF"
+_UNRESERVED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+escapes = st.tuples(st.just("%"), st.sampled_from(_HEX), st.sampled_from(_HEX)).map("".join)
+_BENIGN = ["/", "/", "/", "\\", ".", "..", "a", "B", "~", "?", "é", ";", "%2f", "%2F", "%5c",
+           "%5C", "%2e", "%2E", "%25", "%41"]  # fmt: skip
+_RARE = ["#", " ", "\x00", "%00", "%", "%g0", "%2", "http://", "*"]
+targets = st.tuples(
+    st.sampled_from(["/"] * 6 + ["http://web", "hTtPs://h:1/", "*", "", "web:80"]),
+    st.lists(st.sampled_from(_BENIGN) | escapes | st.sampled_from(_RARE) | st.text(max_size=2),
+             max_size=16).map("".join),
+).map("".join)  # fmt: skip
+
+
+@fuzz(3)
+@given(target=targets, mode=st.sampled_from(PATH_NORMALIZATIONS),
+       method=st.sampled_from(["GET", "OPTIONS", "CONNECT"]))  # fmt: skip
+def test_any_target_is_a_normalized_origin_form_or_a_400(target: str, mode: str,
+                                                         method: str) -> None:  # fmt: skip
+    try:
+        out, _authority = request_target(method, target, "web", mode)
+    except BadTarget as e:
+        assert str(e)  # a 400 that says why
+        event("400")
+        return
+    event("origin-form" if target.startswith("/") else "other")
+    if out == "*":
+        assert method == "OPTIONS" and target == "*"
+        return
+    assert out.startswith("/") and "#" not in out
+    assert request_target(method, out, "web", mode)[0] == out  # idempotent
+    path = out.split("?", 1)[0]
+    assert "%00" not in path
+    sent = target.split("?", 1)[0] if target.startswith("/") else path
+    if mode == NONE:
+        assert out == target or not target.startswith("/")
+        return
+    segments = path.split("/")
+    assert "." not in segments and ".." not in segments and "\\" not in path
+    for i in (i for i, c in enumerate(path) if c == "%"):  # escapes left: upper-case, needed
+        h = path[i + 1 : i + 3]
+        assert h == h.upper() and chr(int(h, 16)) not in _UNRESERVED, path
+    if mode in (MERGE_SLASHES, DECODE_AND_MERGE_SLASHES):
+        assert "//" not in path
+    if mode == DECODE_AND_MERGE_SLASHES:
+        assert "%2F" not in path and "%5C" not in path
+    else:  # an escaped slash is data, never a separator
+        assert path.count("/") <= sent.count("/") + sent.count("\\")
