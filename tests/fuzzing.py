@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 CI_EXAMPLES: Final = 200
-LONG_FACTOR: Final = 30
+LONG_FACTOR: Final = 20
 PROFILES: Final = ("ci", "long")
 
 _common = settings(
