@@ -126,6 +126,16 @@ class _BoundedLoader(_Events, SafeConstructor, Resolver):
         self._sizes[id(node)] = size
         return node  # type: ignore[no-any-return]
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return SafeConstructor.construct_object(self, node, deep)
+        except LookupError:  # PyYAML's !!int, !!float on "" or "+", !!bool on "x"
+            tag = str(node.tag).rsplit(":", 1)[-1]
+            value = node.value if isinstance(node.value, str) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{value[:40]!r} is not a valid {tag}", node.start_mark
+            ) from None
+
     def construct_bounded_int(self, node: yaml.ScalarNode) -> int:
         text = str(self.construct_scalar(node))
         if len(text) > MAX_INT_CHARS:
@@ -165,7 +175,7 @@ def load_yaml(text: str, source: str) -> list[Any]:
         return docs
     except yaml.YAMLError as e:
         raise _yaml_error(e, source) from None
-    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, LookupError) as e:
         # a timestamp out of range (2001-13-01), a tag on the wrong kind of value
         raise ConfigError(f"invalid YAML: {str(e)[:200]}", source=source) from None
     finally:

@@ -70,6 +70,11 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "a date out of range": (b"a: 2001-13-01\n", "invalid YAML: month must be in 1..12"),
     "a timestamp tag on a number": (b"a: !!timestamp 5\n", "invalid YAML"),
     "an unknown tag": (b"a: !!python/object:os.system x\n", "invalid YAML"),
+    # found by fuzzing (test_fuzz_config): PyYAML's constructors raised IndexError, KeyError
+    "an empty integer": (b"a: !!int\n", "line 1, column 4: invalid YAML: '' is not a valid int"),
+    "a sign alone as an integer": (b"a: [!!int +]\n", "'+' is not a valid int"),
+    "an empty float": (b"a: !!float ''\n", "'' is not a valid float"),
+    "an unknown boolean": (b"a: !!bool maybe\n", "'maybe' is not a valid bool"),
     "too large": (b"# " + b"x" * MAX_FILE_BYTES + b"\n", "larger than 4 MiB"),
 }
 
@@ -134,7 +139,8 @@ def test_the_watcher_keeps_serving_and_loads_each_good_edit_after_a_bad_one(
         task = asyncio.create_task(watcher.run())
         try:
             for i, name in enumerate(["deep flow nesting", "huge integer", "alias bomb",
-                                      "invalid UTF-8", "recursive alias"]):  # fmt: skip
+                                      "invalid UTF-8", "recursive alias",
+                                      "an empty integer"]):  # fmt: skip
                 data, reason = HOSTILE[name]
                 version = watcher.version
                 mesh.write_bytes(data)
@@ -151,8 +157,8 @@ def test_the_watcher_keeps_serving_and_loads_each_good_edit_after_a_bad_one(
             task.cancel()
 
     asyncio.run(scenario())
-    assert len(published) == 5
-    assert len(rejected) == 5 and all(str(mesh) in why for why in rejected)
+    assert len(published) == 6
+    assert len(rejected) == 6 and all(str(mesh) in why for why in rejected)
 
 
 def _run_agent(directory: Path) -> subprocess.CompletedProcess[bytes]:
