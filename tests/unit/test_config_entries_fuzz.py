@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import given, settings
+from fuzzing import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.control.files import assemble
@@ -87,7 +88,7 @@ def _containers(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]
     return out
 
 
-@settings(max_examples=500, deadline=None)
+@fuzz(2.5)
 @given(st.data())
 def test_any_value_anywhere_is_an_error_or_loads(data: st.DataObject) -> None:
     doc = copy.deepcopy(data.draw(st.sampled_from(OBJECTS)))
@@ -115,7 +116,7 @@ def test_any_value_anywhere_is_an_error_or_loads(data: st.DataObject) -> None:
             assert snap.service_for_address(address) or snap.pod_by_ip.get(address)
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz()
 @given(
     st.text(max_size=80)
     | values.map(lambda v: yaml.safe_dump({"outboundTrafficPolicy": v}))
