@@ -8,7 +8,6 @@ Rule: no I/O here; bytes in, events out, commands return the bytes to write.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Final
@@ -63,22 +62,11 @@ _METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 }
 
-_TOKEN_END: Final = re.compile(rb"[ \t\r\n]")
-
-
-def invalid_method(data: bytes, before: int) -> str:
-    """The 400 reason for a request line llhttp refused at its method (an unknown or
-    lower-case one: methods are case-sensitive, RFC 9110 §9.1), naming it: the token
-    after the heads of the ``before`` requests ``data`` completed first (pipelined)."""
-    start = 0
-    for _ in range(before):
-        end = data.find(b"\r\n\r\n", start)
-        if end < 0:
-            return "invalid method"
-        start = end + 4
-    m = _TOKEN_END.search(data, start)
-    token = data[start : m.start() if m else len(data)][:32]
-    return f"invalid method {token.decode('latin-1')!r} (methods are upper case, e.g. GET)"
+INVALID_METHOD: Final = "invalid method: methods are upper-case tokens such as GET"
+"""The 400 reason for a request line llhttp refused at its method (an unknown or
+lower-case one: methods are case-sensitive, RFC 9110 §9.1). It does not name the method:
+llhttp stops at the first byte that cannot start a known one, so how much of the token
+was seen depends on how the client's bytes were split into reads."""
 
 
 # Parser modes: what happens to the next bytes.
@@ -188,7 +176,7 @@ class RequestReader(Reader):
             if self._mode == _PARSING:  # not stopped by a callback that already said why
                 why = str(e) or "malformed request"
                 if "method" in why:  # llhttp's "Invalid method encountered" and kin
-                    why = invalid_method(data, self._completed - completed)
+                    why = INVALID_METHOD
                 self._fail(400, why)
             return
         if offset >= 0:
