@@ -8,13 +8,14 @@ they are not a header), and the interface and TTL its first bytes came with: a p
 the app's node (in the pod, or in the node's netns) reaches it without crossing a
 router (TTL 64); a connection around the mesh from another node crosses two (TTL 62).
 
-``load --target HOST:PORT --count N --workers W --seed S --marker M``: N transfers over W
-threads, each a new connection; one JSON line per transfer on stdout: id, sizes, outcome
-(``ok``, or the visible failure: ``refused``, ``reset``, ``eof``, ``timeout``,
-``error``, or ``corrupt`` for bytes that arrived whole but wrong), start and end times
-(``CLOCK_MONOTONIC``, comparable with the test's). A worker waits ``BACKOFF`` seconds after
-a failure, as a client retrying would. Every payload carries ``marker`` every
-``MARKER_EVERY`` bytes, so a capture of cleartext would contain it.
+``load --target HOST:PORT --count N --workers W --rate R --seed S --marker M``: N
+transfers over W threads, each a new connection, transfer i not started before i/R s.
+One JSON line per transfer on stdout: id, sizes, outcome (``ok``, or the visible failure:
+``refused``, ``reset``, ``eof``, ``timeout``, ``error``, or ``corrupt`` for bytes that
+arrived whole but wrong), start and end times (``CLOCK_MONOTONIC``, comparable with the
+test's), the local port (to find the connection in the agents' logs). A worker waits
+``BACKOFF`` seconds after a failure, as a retrying client would. Every payload carries
+``marker`` every ``MARKER_EVERY`` bytes, so a capture of cleartext would contain it.
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ def payload(rng: random.Random, n: int, marker: bytes) -> bytes:
     return bytes(b)
 
 
-def transfer(host: str, port: int, tid: int, data: bytes, down: int) -> str:
+def transfer(host: str, port: int, tid: int, data: bytes, down: int, local: list[int]) -> str:
     try:
         s = socket.create_connection((host, port), timeout=TIMEOUT)
+        local.append(s.getsockname()[1])
     except ConnectionRefusedError:
         return "refused"
     except TimeoutError:
@@ -174,7 +176,9 @@ def transfer(host: str, port: int, tid: int, data: bytes, down: int) -> str:
         return "error"
 
 
-def load(host: str, port: int, count: int, workers: int, seed: int, marker: bytes) -> None:
+def load(
+    host: str, port: int, count: int, workers: int, rate: float, seed: int, marker: bytes
+) -> None:
     plan = random.Random(seed)
     # log-uniform sizes: many small transfers, some of a few MiB
     jobs = [
@@ -182,6 +186,7 @@ def load(host: str, port: int, count: int, workers: int, seed: int, marker: byte
         for i in range(count)
     ]
     lock = threading.Lock()
+    start = time.monotonic()
 
     def worker() -> None:
         while True:
@@ -189,11 +194,14 @@ def load(host: str, port: int, count: int, workers: int, seed: int, marker: byte
                 if not jobs:
                     return
                 tid, up, down, pseed = jobs.pop(0)
+            time.sleep(max(0.0, start + tid / rate - time.monotonic()))
             data = payload(random.Random(pseed), up, marker)
             t0 = time.monotonic()
-            outcome = transfer(host, port, tid, data, down)
+            local: list[int] = []
+            outcome = transfer(host, port, tid, data, down, local)
             t1 = time.monotonic()
-            emit({"id": tid, "up": up, "down": down, "outcome": outcome, "t0": t0, "t1": t1})
+            emit({"id": tid, "up": up, "down": down, "outcome": outcome, "t0": t0, "t1": t1,
+                  "port": local[0] if local else 0})
             if outcome != "ok":
                 time.sleep(BACKOFF)
 
@@ -213,6 +221,7 @@ def main() -> None:
     ld.add_argument("--target", required=True)
     ld.add_argument("--count", type=int, required=True)
     ld.add_argument("--workers", type=int, required=True)
+    ld.add_argument("--rate", type=float, required=True)
     ld.add_argument("--seed", type=int, required=True)
     ld.add_argument("--marker", required=True)
     a = ap.parse_args()
@@ -220,7 +229,7 @@ def main() -> None:
         serve(a.port)
     else:
         host, _, port = a.target.rpartition(":")
-        load(host, int(port), a.count, a.workers, a.seed, a.marker.encode())
+        load(host, int(port), a.count, a.workers, a.rate, a.seed, a.marker.encode())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ down, a sha256 checked at both ends: ``chaos_peer.py``) to a Service of three re
 node2, 16 at a time, each on a new connection, through HBONE. Meanwhile, from a seed: the
 replicas are killed and restarted at random; node1's and then node2's agent get ``kill
 -9`` and are restarted after a few seconds (the capture stays in place: iptables rules
-in the pods, or pinned eBPF programs); the CA is stopped for a while (certificates live 60 s,
-so renewals fail meanwhile). Checked as a user would:
+in the pods, or pinned eBPF programs); the CA is stopped across an agent's certificate
+renewal (certificates live 30 s). Checked as a user would:
 
 - every transfer either completes with the right digests or fails visibly (refused,
   reset, EOF before the full length, timeout), never "succeeds" with wrong or missing
@@ -17,7 +17,8 @@ so renewals fail meanwhile). Checked as a user would:
   replica's address or the Service fail and reach no app; every connection an app
   accepted came from its own node (TTL 64: from the proxy), none across the nodes'
   routers (from the client pod around the mesh);
-- after each restart transfers complete again.
+- after each restart transfers complete again; while the CA is down nothing fails (the
+  agent keeps its certificate) and the renewal goes through once it is back.
 
 The seed is printed in every failure message (``CHAOS_SEED=...`` replays it).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,6 +42,7 @@ from typing import Any
 import pytest
 from pcap import Capture, Tcpdump, tls_records
 
+from nodeagent.admin.client import AdminClient
 from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
 
@@ -52,6 +55,9 @@ PEER = str(Path(__file__).parent / "chaos_peer.py")
 PY = sys.executable
 COUNT = 1000
 WORKERS = 16
+RATE = 16.0
+"""Transfers started per second at most: the load lasts ~60 s, longer than the chaos
+(which follows the transfers done, so a slower box only stretches both)."""
 REPLICAS = ("chaos-1", "chaos-2", "chaos-3")
 SERVICE_IP = "10.96.2.10"
 PORT = 9000
@@ -67,8 +73,9 @@ GRACE = 2.0
 LOCAL_TTL = 64
 """The TTL of a packet sent from the app's own node (Linux's default; forwarding by node1
 and node2 would leave 62)."""
-AGENT_ARGS = ("--cert-lifetime=60s",)
-"""Certificates renewed every ~30 s: the CA's outage falls on a renewal or near one."""
+AGENT_ARGS = ("--cert-lifetime=30s",)
+"""Certificates renewed every ~15 s: the CA's outage is timed to fall on a renewal."""
+NODES = ("node1", "node2")
 
 PODS = """
 apiVersion: v1
@@ -129,18 +136,28 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class Chaos:
-    """What the chaos thread did, when (``CLOCK_MONOTONIC``), and what it saw."""
+    """What the chaos threads did, when (``CLOCK_MONOTONIC``), and what they saw.
+
+    Two threads: one kills replicas and agents as the transfers progress, the other stops
+    the CA across a renewal. They never overlap an agent outage with the CA's (a
+    restarted agent needs the CA for its certificates: they are not kept on disk)."""
 
     seed: int
     events: list[tuple[float, str]] = field(default_factory=list)
+    windows: list[tuple[str, float, float]] = field(default_factory=list)
+    """(what was down: ``replica``, ``agent`` or ``ca``; from; until) of each outage."""
     restarts: list[tuple[str, float]] = field(default_factory=list)
     """(node, time its agent was ready again)."""
     probes: list[tuple[str, str, str]] = field(default_factory=list)
     """(dead node, target, outcome) of connections tried while an agent was dead."""
-    error: BaseException | None = None
-
-    windows: list[tuple[str, float, float]] = field(default_factory=list)
-    """(what was down: ``replica``, ``agent`` or ``ca``; from; until) of each outage."""
+    ca_renewal: tuple[str, str] = ("", "")
+    """(node, its log from the CA's stop until its renewal went through)."""
+    errors: list[BaseException] = field(default_factory=list)
+    finished: set[str] = field(default_factory=set)
+    """The threads that went through their whole schedule."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held for each change to the sandbox, and through an agent's outage."""
+    ca_up: threading.Event = field(default_factory=threading.Event)
 
     def log(self, what: str) -> float:
         t = time.monotonic()
@@ -160,7 +177,8 @@ class Load:
         self.p = sb.popen(
             "client",
             [PY, PEER, "load", "--target", f"chaos:{PORT}", "--count", str(COUNT),
-             "--workers", str(WORKERS), "--seed", str(seed), "--marker", marker],
+             "--workers", str(WORKERS), "--rate", str(RATE), "--seed", str(seed),
+             "--marker", marker],
             stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -192,52 +210,97 @@ def probe(sb: Sandbox, node: str, chaos: Chaos, marker: str) -> None:
         chaos.probes.append((node, target, p.stdout.strip() or p.stderr.strip()))
 
 
+def ca_outage(sb: Sandbox, load: Load, chaos: Chaos) -> None:
+    """Stop the CA just before an agent's next renewal is due and start it again 5.5 s
+    after (the agent retries 1, 3 and 7 s after its first failure, with half of its
+    certificate's life left); keep that agent's log from then until it renewed."""
+    try:
+        while load.p.poll() is None:
+            with chaos.lock:  # no agent is down: both answer
+                due = {}
+                for n in NODES:
+                    with AdminClient(sb.agent_socket(n)) as c:
+                        due[n] = float(c.status()["ca"]["next_renewal_at"])
+                node = min(due, key=lambda n: due[n])
+                left = due[node] - time.time()
+                if 0.3 < left < 1.5:
+                    log = Path(sb.agent_log(node))
+                    offset = log.stat().st_size
+                    t = chaos.log(f"stop CA (renewal on {node} due)")
+                    chaos.ca_up.clear()
+                    sb.stop_ca()
+                    break
+            time.sleep(min(max(left - 1.0, 0.1), 1.0))
+        else:
+            return
+        time.sleep(max(0.0, due[node] + 5.5 - time.time()))
+        with chaos.lock:
+            sb.start_ca()
+            chaos.ca_up.set()
+            chaos.outage("ca", t, "CA started")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = log.read_bytes()[offset:].decode(errors="replace")
+            kept = text.find("keeping serial")
+            if kept >= 0 and "issued" in text[kept:]:
+                break
+            time.sleep(0.2)
+        chaos.ca_renewal = (node, text)
+        chaos.finished.add("ca")
+        return
+    except BaseException as e:
+        chaos.errors.append(e)
+    finally:
+        chaos.ca_up.set()
+
+
+def kill_agent(sb: Sandbox, chaos: Chaos, node: str, down: float, marker: str) -> None:
+    """``kill -9`` ``node``'s agent, probe, restart it after ``down`` s (CA up throughout)."""
+    while True:
+        chaos.ca_up.wait()
+        with chaos.lock:
+            if not chaos.ca_up.is_set():
+                continue
+            t = chaos.log(f"kill -9 agent {node}")
+            sb.stop_agent(node)
+            time.sleep(0.5)
+            probe(sb, node, chaos, marker)
+            time.sleep(down)
+            sb.restart_agent(node)
+            chaos.outage("agent", t, f"agent {node} ready")
+            chaos.restarts.append((node, chaos.windows[-1][2]))
+            return
+
+
 def run_chaos(sb: Sandbox, load: Load, chaos: Chaos, marker: str) -> None:
-    """Break things as the transfers progress (by how many are done, so the schedule
-    does not depend on the box's speed)."""
+    """Kill replicas and agents as the transfers progress (by how many are done, so the
+    schedule does not depend on the box's speed)."""
     rng = random.Random(chaos.seed)
     kills = sorted(rng.sample(range(40, COUNT - 100), 6))
     agents = ["node1", "node2"]
     rng.shuffle(agents)
     schedule: list[tuple[int, str, str]] = [(n, "kill", rng.choice(REPLICAS)) for n in kills]
-    schedule += [(250, "agent", agents[0]), (480, "agent", agents[1]), (650, "ca", "")]
+    schedule += [(250, "agent", agents[0]), (550, "agent", agents[1])]
     schedule.sort()
-
-    def wait_done(n: int) -> bool:
-        while load.done() < n:
-            if load.p.poll() is not None:
-                return False
-            time.sleep(0.05)
-        return True
-
     try:
         for at, what, arg in schedule:
-            if not wait_done(at):
-                return
+            while load.done() < at and load.p.poll() is None:
+                time.sleep(0.05)
+            if load.p.poll() is not None:
+                return  # too late: not ``finished``
             if what == "kill":
-                t = chaos.log(f"kill {arg}")
-                sb.kill_pod(arg)
+                with chaos.lock:
+                    t = chaos.log(f"kill {arg}")
+                    sb.kill_pod(arg)
                 time.sleep(rng.uniform(0.2, 1.5))
-                sb.start_pod(arg)
-                chaos.outage("replica", t, f"{arg} ready")
-            elif what == "agent":
-                t = chaos.log(f"kill -9 agent {arg}")
-                sb.stop_agent(arg)
-                time.sleep(0.5)
-                probe(sb, arg, chaos, marker)
-                time.sleep(rng.uniform(1.0, 2.5))
-                sb.restart_agent(arg)
-                chaos.outage("agent", t, f"agent {arg} ready")
-                chaos.restarts.append((arg, chaos.windows[-1][2]))
+                with chaos.lock:
+                    sb.start_pod(arg)
+                    chaos.outage("replica", t, f"{arg} ready")
             else:
-                t = chaos.log("stop CA")
-                sb.stop_ca()
-                wait_done(850)
-                time.sleep(max(0.0, 8 - (time.monotonic() - t)))
-                sb.start_ca()
-                chaos.outage("ca", t, "CA started")
+                kill_agent(sb, chaos, arg, rng.uniform(1.0, 2.5), marker)
+        chaos.finished.add("kills")
     except BaseException as e:
-        chaos.error = e
+        chaos.errors.append(e)
 
 
 def app_logs(sb: Sandbox) -> dict[str, list[dict[str, Any]]]:
@@ -285,15 +348,23 @@ def test_transfers_survive_chaos_and_never_leak(
     try:
         load = Load(sb, seed, marker, tmp_path / "load.err")
         try:
-            thread = threading.Thread(target=run_chaos, args=(sb, load, chaos, marker))
-            thread.start()
+            chaos.ca_up.set()
+            threads = [
+                threading.Thread(target=run_chaos, args=(sb, load, chaos, marker)),
+                threading.Thread(target=ca_outage, args=(sb, load, chaos)),
+            ]
+            for th in threads:
+                th.start()
             err = load.wait(timeout=300)
-            thread.join(120)
+            for th in threads:
+                th.join(120)
         finally:
             if load.p.poll() is None:
                 load.p.kill()
     finally:
         cap = dump.stop()
+        # the agents' logs as they are now (a later test's sandbox overwrites them)
+        shutil.copytree(os.path.dirname(sb.agent_log("node1")), tmp_path / "logs")
     runtime = time.monotonic() - t_start
     results = load.results
     outcomes = Counter(r["outcome"] for r in results)
@@ -306,9 +377,10 @@ def test_transfers_survive_chaos_and_never_leak(
     print(summary)
     dump_path = Path(os.environ.get("CHAOS_DUMP", tmp_path / "chaos.json"))
     dump_path.write_text(json.dumps({"results": results, "events": chaos.events}))
-    assert chaos.error is None, f"the chaos thread failed: {chaos.error!r} {summary}"
-    assert not thread.is_alive(), f"the chaos thread hangs {summary}"
+    assert not chaos.errors, f"the chaos failed: {chaos.errors!r} {summary}"
+    assert not any(th.is_alive() for th in threads), f"the chaos hangs {summary}"
     assert len(results) == COUNT, f"the load ended early: {err[-2000:]} {summary}"
+    assert chaos.finished == {"kills", "ca"}, f"the load ended before the chaos {summary}"
 
     # every transfer completed whole or failed visibly
     assert outcomes["corrupt"] == 0, f"transfers with wrong bytes {summary}"
@@ -327,6 +399,12 @@ def test_transfers_survive_chaos_and_never_leak(
         assert set(during) - {"ca"}, f"a failure outside any outage: {r}, {during} {summary}"
         causes["+".join(during) + ": " + r["outcome"]] += 1
     print(f"failures by outage and outcome: {dict(causes)}")
+
+    # the CA's outage failed a renewal: the agent kept its certificate, then renewed it
+    node, text = chaos.ca_renewal
+    kept = text.find("keeping serial")
+    assert kept >= 0, f"no renewal on {node} failed while the CA was down: {text} {summary}"
+    assert "issued" in text[kept:], f"{node} did not renew after the CA came back {summary}"
 
     # with an agent dead, nothing reached an app and nothing answered
     assert len(chaos.probes) == 4, summary
