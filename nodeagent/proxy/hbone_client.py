@@ -240,6 +240,11 @@ class HboneClientPool:
                 if reused and conn.lost and _attempt == 0:
                     continue  # a pooled connection died under us: one more try on a new one
                 raise
+            if stream._lost:  # the 200 and a RST_STREAM came in one read: nothing to wire
+                raise PeerError(
+                    f"HBONE peer {format_addr(peer)} accepted CONNECT {authority}, then reset "
+                    "the stream before any byte (the destination closed the connection)"
+                )
             stream._attach(protocol)
             return stream
         last = f" (last: {refusal})" if refusal else ""

@@ -463,6 +463,46 @@ def test_refusal_status_and_reason_surface_in_the_error(mesh: Mesh) -> None:
     run(main)
 
 
+class ResetAtOnce(asyncio.Protocol):
+    """An upstream that resets as soon as it is connected (an app killed right then)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
+def test_a_reset_right_after_the_answer_ends_the_stream(mesh: Mesh) -> None:
+    """The 200 and the RST_STREAM arrive in one read, before the client wired the stream:
+    the caller hears of it (found by tests/e2e/test_chaos.py: the client hung)."""
+
+    async def main() -> None:
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            return ResetAtOnce()
+
+        server = await start_hbone_server(listening(), mesh.server_ctx(), on_connect)
+        pool = pool_for(mesh)
+        told = 0
+        for _ in range(5):
+            try:
+                peer = await open_peer(pool, server)
+            except PeerError as e:
+                assert "reset the stream" in str(e) and "10.0.0.1:80" in str(e), e
+                told += 1
+                continue
+            exc = await asyncio.wait_for(peer.lost, 5)  # wired before the reset came
+            assert isinstance(exc, ConnectionResetError), exc
+        assert told  # the server flushes both frames at once: the case of the chaos test
+        healthy = await echo_server(mesh)
+        ok = await open_peer(pool, healthy)
+        await ok.send(b"x" * 1000)
+        await ok.eof
+        assert ok.received == 1000
+        pool.close()
+        server.abort()
+        healthy.abort()
+
+    run(main)
+
+
 def test_unreachable_port_names_the_address(mesh: Mesh) -> None:
     async def main() -> None:
         closed = socket.socket()
