@@ -44,6 +44,7 @@ def read_pcap(path: Path) -> Capture:
     linktype = struct.unpack_from(endian + "I", data, 20)[0]
     off = 24
     segments: dict[Flow, dict[int, bytes]] = defaultdict(dict)
+    last_seq: dict[Flow, tuple[int, int]] = {}  # (as sent, unwrapped)
     packets = declared = 0
     while off + 16 <= len(data):
         _, _, caplen, _ = struct.unpack_from(endian + "IIII", data, off)
@@ -72,6 +73,12 @@ def read_pcap(path: Path) -> Capture:
         payload = tcp[doff:]
         if payload:
             flow = (_ip(ip[12:16]), sport, _ip(ip[16:20]), dport)
+            # sequence numbers wrap at 2**32: from a random start, often within a few 100 MB
+            raw, prev = seq, last_seq.get(flow)
+            if prev is not None:
+                step = (raw - prev[0]) & 0xFFFFFFFF
+                seq = prev[1] + (step - (1 << 32) if step >= 1 << 31 else step)
+            last_seq[flow] = (raw, seq)
             segments[flow].setdefault(seq, payload)
     streams: dict[Flow, bytes] = {}
     sizes: dict[Flow, int] = {}
