@@ -9,8 +9,9 @@ in the pods, or pinned eBPF programs); the CA is stopped across an agent's certi
 renewal (certificates live 30 s). Checked as a user would:
 
 - every transfer either completes with the right digests or fails visibly (refused,
-  reset, EOF before the full length, timeout), never "succeeds" with wrong or missing
-  bytes; most complete (``FLOOR``);
+  reset, EOF before the full length), never "succeeds" with wrong or missing bytes, never
+  hangs (20 s without a byte or an error); most complete (``FLOOR``); every failure falls
+  in an outage of a replica or an agent, none in the CA's alone;
 - the wire between the nodes (a capture of node1's link) carries only TLS records on
   port 15008 and never the marker every payload carries;
 - capture never lapses: while an agent is dead, connections from the client pod to a
@@ -385,7 +386,9 @@ def test_transfers_survive_chaos_and_never_leak(
 
     # every transfer completed whole or failed visibly
     assert outcomes["corrupt"] == 0, f"transfers with wrong bytes {summary}"
-    assert set(outcomes) <= {"ok", "refused", "reset", "eof", "timeout", "error"}, summary
+    # a transfer silent for TIMEOUT s got no error: a hang (the mesh lost its connection)
+    assert not outcomes["timeout"], f"transfers hung, no error came {summary}"
+    assert set(outcomes) <= {"ok", "refused", "reset", "eof", "error"}, summary
     assert outcomes["ok"] >= FLOOR * COUNT, f"too few transfers completed {summary}"
     logs = app_logs(sb)
     for name, entries in logs.items():
