@@ -3,8 +3,8 @@
 A client pod on node1 sends transfers (random bytes, 1 KiB to 2 MiB up, 1 KiB to 128 KiB
 down, a sha256 checked at both ends: ``chaos_peer.py``) to a Service of three replicas on
 node2, 16 at a time, each on a new connection, through HBONE. Meanwhile, from a seed: the
-replicas are killed and restarted at random; node1's and then node2's agent get ``kill
--9`` and are restarted after a few seconds (the capture stays in place: iptables rules
+replicas are killed and restarted at random; each agent in turn gets ``kill -9`` and is
+restarted after a few seconds (the capture stays in place: iptables rules
 in the pods, or pinned eBPF programs); the CA is stopped across an agent's certificate
 renewal (certificates live 30 s). Checked as a user would:
 
@@ -17,7 +17,8 @@ renewal (certificates live 30 s). Checked as a user would:
 - capture never lapses: while an agent is dead, connections from the client pod to a
   replica's address or the Service fail and reach no app; every connection an app
   accepted came from its own node (TTL 64: from the proxy), none across the nodes'
-  routers (from the client pod around the mesh);
+  routers (from the client pod around both proxies; a plaintext leak that node2's proxy
+  passed on is caught by the wire check and, for the probes, by the app's log);
 - after each restart transfers complete again; while the CA is down nothing fails (the
   agent keeps its certificate) and the renewal goes through once it is back.
 
@@ -68,7 +69,7 @@ FLOOR = 0.6
 when it is killed (about WORKERS / 3, 6 kills: ~50), and during each agent outage (the
 kill, 2-4 s, then the restart: 4-12 s on this 2-CPU box) the transfers in flight through
 that node plus one attempt per worker every 2 s (a worker backs off after a failure):
-16 + 16 x 12 / 2 = ~110 each. So ~270 failures at worst seen (runs: 75-85% complete);
+16 + 16 x 12 / 2 = ~110 each. So ~270 failures at worst (runs so far: 74-91% complete);
 the CA's outage costs nothing. 60% leaves room for a slower box."""
 GRACE = 2.0
 """Seconds after an outage ends during which a failure is still put down to it."""
