@@ -7,7 +7,11 @@ What is attached where (see the C file for the data path):
   original destination kept on the app's socket), ``sockops`` (hands it to the proxy's
   accepted socket), ``getpeername4`` (the app sees the address it dialled);
 - each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
-  the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``);
+  the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``;
+  the proxy's own connection to the app, from the client's address since it is
+  ``IP_TRANSPARENT``, is let through: ``sockops`` on the agent's cgroup puts its tuple in
+  ``own_legs`` before its SYN leaves, and takes it out when the handshake ends;
+  ``srcroute`` routes the app's answers back to the proxy);
 - the agent's own cgroup: ``getsockopt`` (answers ``SO_ORIGINAL_DST`` on accepted
   sockets, which belong to the listener's cgroup) and ``sockops``;
 - the ``local_socks`` sockhash: ``msg_bypass`` (sk_msg). ``sockops`` puts both ends of
@@ -55,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.errors import LocalStateError
+from nodeagent.redirect.srcroute import TRANSPARENT_MARK
 
 log = logging.getLogger("nodeagent.ebpf")
 
@@ -110,6 +115,7 @@ MAPS = (
     "local_socks",
     "exclude_out",
     "exclude_in",
+    "own_legs",
 )
 STATS = (
     "captured",
@@ -119,6 +125,7 @@ STATS = (
     "bypass_msgs",
     "bypass_bytes",
     "bypass_stack_msgs",
+    "own_legs_passed",
 )
 SETTING_BYPASS = 0
 SOCK_KEY = struct.Struct("=Q4sIII")
@@ -254,6 +261,7 @@ def cflags(pin_dir: str) -> list[str]:
     """The C file's constants (``-D``): the pin directory, ports, mark."""
     return [
         f"-DPROXY_MARK={PROXY_MARK:#x}",
+        f"-DTRANSPARENT_MARK={TRANSPARENT_MARK:#x}",
         f"-DOUTBOUND_PORT={OUTBOUND_PORT}",
         f"-DINBOUND_PORT={INBOUND_PORT}",
         f"-DHBONE_PORT={HBONE_PORT}",

@@ -18,6 +18,7 @@ from nodeagent.errors import PeerError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.redirect.iptables import PROXY_MARK
 from nodeagent.redirect.netns import NetnsHandle
+from nodeagent.redirect.srcroute import TRANSPARENT_MARK
 
 SO_ORIGINAL_DST = 80
 SO_MARK = 36
@@ -62,7 +63,8 @@ async def connect_in(
     source: str | None = None,
 ) -> socket.socket:
     """Connect from inside ``ns``, marked so our own capture rules let it pass; from
-    ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given.
+    ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given,
+    then marked ``TRANSPARENT_MARK`` so the app's answers are routed back to us.
 
     ``addr`` is a numeric address (a pod, endpoint or original destination): the socket
     connects directly, without the event loop's resolver (uvloop's ``sock_connect`` runs
@@ -71,7 +73,8 @@ async def connect_in(
     still in progress waits for the socket to become writable."""
     s = ns.socket()
     try:
-        s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        # a transparent socket's mark tells the pod's routing to bring the answers back
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark if source is None else TRANSPARENT_MARK)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:
             s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
