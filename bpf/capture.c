@@ -38,6 +38,7 @@
 //   sockops_rekey     SOCK_OPS (13)         / CGROUP_SOCK_OPS (3)           pod + PROXY cgroup
 //   getpeername4_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_GETPEERNAME (29) pod cgroup
 //   getsockopt_odst   CGROUP_SOCKOPT (25)   / CGROUP_GETSOCKOPT (21)        PROXY's cgroup
+//   connect4_proxy    CGROUP_SOCK_ADDR (18) / CGROUP_INET4_CONNECT (10)     PROXY's cgroup
 //   sk_lookup_inbound SK_LOOKUP (30)        / SK_LOOKUP (36)                pod netns (link)
 //   msg_bypass        SK_MSG (16)           / SK_MSG_VERDICT (7)            local_socks map
 //
@@ -272,6 +273,31 @@ int connect6_capture(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+// ---------------------------------------------------------------- proxy: connect4
+// Attached to the agent's cgroup. The proxy's transparent connection to an app binds the
+// client's address on a port the kernel picks; a plaintext client's own connection to
+// the same app port, steered by sk_lookup, lives in the same netns as (pod ip:port,
+// client ip:its port). Were the kernel to pick that port, the proxy's SYN would land on
+// that established socket and the connect would hang. Refuse it (EPERM) instead: the
+// proxy then binds another port.
+int connect4_proxy(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->mark != TRANSPARENT_MARK || ctx->type != SOCK_STREAM)
+        return 1;
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = sk->src_ip4;
+    t.ipv4.sport = bpf_htons((__u16)sk->src_port);
+    t.ipv4.daddr = ctx->user_ip4;
+    t.ipv4.dport = (__u16)ctx->user_port;
+    struct bpf_sock *found = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!found)
+        return 1;
+    int taken = found->state != BPF_TCP_LISTEN;
+    bpf_sk_release(found);
+    return taken ? 0 : 1;
+}
+
 // ---------------------------------------------------------------- sockops
 // Attached to the pod cgroup (app side) AND the agent cgroup (proxy side).
 //  ACTIVE_ESTABLISHED (app socket): its local port is now known; publish the orig dst
@@ -488,6 +514,9 @@ int getsockopt_odst(struct bpf_sockopt *ctx)
 int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
     if (ctx->family != 2 /* AF_INET */ || ctx->protocol != IPPROTO_TCP)
+        return SK_PASS;
+    // No packet: a lookup by a BPF helper (connect4_proxy), answered as without us.
+    if (ctx->ingress_ifindex == 0)
         return SK_PASS;
     // Only traffic arriving from outside the pod: the proxy delivering to the app on
     // the pod IP (over lo) must not be looped back to itself.

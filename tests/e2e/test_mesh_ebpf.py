@@ -201,7 +201,7 @@ def test_ctl_bpf_lists_programs_attachments_and_maps(sb: Sandbox) -> None:
     assert set(d["attachments"]) == pods | {"_proxy"}, d["attachments"]
     assert d["attachments"]["default_echo-1"] == sorted(
         ["connect4", "connect6", "getpeername4", "getpeername6", "sockops", "sk_lookup"])
-    assert d["attachments"]["_proxy"] == ["getsockopt", "sockops"]
+    assert d["attachments"]["_proxy"] == ["connect4_proxy", "getsockopt", "sockops"]
     ips = sorted(sb.pod_ip(p) for p in ("echo-1", "echo-2", "victim"))
     assert d["maps"]["inbound_pods"]["addresses"] == ips
     assert set(ips) <= set(d["maps"]["mesh_ips"]["addresses"])
