@@ -9,7 +9,8 @@ deliver them locally, to the proxy's socket. iptables mode does it with connmark
 
 - ``net.ipv4.tcp_fwmark_accept=1`` in the pod's netns: a socket the app accepts takes
   the mark of the SYN that opened it (the proxy's ``TRANSPARENT_MARK``), and every packet
-  it sends carries it, the SYN-ACK included (``inet_request_mark``);
+  it sends carries it, the SYN-ACK included (``inet_request_mark``); with
+  ``net.ipv4.fwmark_reflect=1`` so does the RST of a port nobody listens on;
 - ``ip rule fwmark TRANSPARENT_MARK lookup 100`` and ``local 0.0.0.0/0 dev lo table
   100``: those packets are delivered locally, where the proxy's socket takes them.
 
@@ -32,7 +33,10 @@ TRANSPARENT_MARK = 0x1539
 iptables' 0xfff mask, its own value for ``ip rule``."""
 ROUTE_TABLE = 100
 RULE_PREF = 32764
-SYSCTL = "net.ipv4.tcp_fwmark_accept"
+SYSCTLS = ("net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect")
+"""Set to 1 in the pod's netns: a socket accepted takes its SYN's mark, and a reply the
+kernel makes without a socket (a RST from a closed port) takes the mark of the packet it
+answers (else the proxy's connect to a closed port waits for its timeout)."""
 
 RULE = f"fwmark {TRANSPARENT_MARK:#x} lookup {ROUTE_TABLE}"
 """Our rule as ``ip rule show`` prints it (after ``<pref>:\\tfrom all``)."""
@@ -72,7 +76,7 @@ def has_rule(rules: str) -> bool:
 async def apply(netns: str) -> None:
     """Route the app's answers on the proxy's transparent connections back to the proxy
     inside ``netns`` (a path; idempotent)."""
-    await _run(netns, ["sysctl", "-q", "-w", f"{SYSCTL}=1"])
+    await _run(netns, ["sysctl", "-q", "-w", *(f"{k}=1" for k in SYSCTLS)])
     await _run(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
                        "table", str(ROUTE_TABLE)])  # fmt: skip
     if not has_rule(await _run(netns, ["ip", "rule", "show", "pref", str(RULE_PREF)])):
@@ -87,4 +91,4 @@ async def remove(netns: str) -> None:
                            f"{TRANSPARENT_MARK:#x}", "lookup", str(ROUTE_TABLE)])  # fmt: skip
     if _TABLE.search(await _run(netns, ["ip", "route", "show", "table", "all"])):
         await _run(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])
-    await _run(netns, ["sysctl", "-q", "-w", f"{SYSCTL}=0"])
+    await _run(netns, ["sysctl", "-q", "-w", *(f"{k}=0" for k in SYSCTLS)])

@@ -51,7 +51,7 @@ spec:
 
 # the routing each mode leaves in a pod's netns (``ip rule`` line, sysctl)
 RULES = {"iptables": "fwmark 0x111/0xfff lookup 100", "ebpf": "fwmark 0x1539 lookup 100"}
-FWMARK_ACCEPT = {"iptables": "0", "ebpf": "1"}
+FWMARK_ACCEPT = {"iptables": "0 0", "ebpf": "1 1"}
 
 
 IPTABLES_PORT_CLASH = (
@@ -76,12 +76,17 @@ def in_netns(netns: str, *argv: str) -> str:
 
 
 def routing(netns: str) -> tuple[str, str, str]:
-    """(``ip rule``, the routes of table 100, ``tcp_fwmark_accept``) in ``netns``."""
+    """(``ip rule``, the routes of table 100, ``tcp_fwmark_accept`` and
+    ``fwmark_reflect``) in ``netns``."""
     routes = in_netns(netns, "ip", "route", "show", "table", "all").splitlines(keepends=True)
     return (
         in_netns(netns, "ip", "rule", "show"),
         "".join(ln for ln in routes if " table 100 " in ln),
-        in_netns(netns, "sysctl", "-n", "net.ipv4.tcp_fwmark_accept").strip(),
+        " ".join(
+            in_netns(
+                netns, "sysctl", "-n", "net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect"
+            ).split()
+        ),
     )
 
 
@@ -192,7 +197,7 @@ def test_a_pod_leaving_the_mesh_keeps_no_routing(sb: Sandbox, config_dir: Path) 
     try:  # the services selecting victim go first, or they would select nothing
         apply_file(sb, services, "\n---\n".join(svc_kept))
         apply_file(sb, pods, "\n---\n".join(kept))
-        assert eventually(lambda: routing(netns)[1:] == ("", "0"))
+        assert eventually(lambda: routing(netns)[1:] == ("", "0 0"))
         assert "lookup 100" not in routing(netns)[0]
     finally:
         apply_file(sb, pods, original)
