@@ -23,6 +23,9 @@
 //
 // Constants come from cflags (-D...):
 //   PROXY_MARK           SO_MARK of the proxy's own upstream sockets (0x539)
+//   TRANSPARENT_MARK     SO_MARK of the proxy's sockets to the app from a client's address
+//                        (0x1539, IP_TRANSPARENT); the app's accepted end carries it too
+//                        (net.ipv4.tcp_fwmark_accept, see nodeagent/redirect/srcroute.py)
 //   OUTBOUND_PORT        proxy outbound listener, on 127.0.0.1 in each pod netns (15001)
 //   INBOUND_PORT         proxy inbound listener (15006)
 //   HBONE_PORT           never steered inbound (15008)
@@ -35,6 +38,7 @@
 //   sockops_rekey     SOCK_OPS (13)         / CGROUP_SOCK_OPS (3)           pod + PROXY cgroup
 //   getpeername4_fix  CGROUP_SOCK_ADDR (18) / CGROUP_INET4_GETPEERNAME (29) pod cgroup
 //   getsockopt_odst   CGROUP_SOCKOPT (25)   / CGROUP_GETSOCKOPT (21)        PROXY's cgroup
+//   connect4_proxy    CGROUP_SOCK_ADDR (18) / CGROUP_INET4_CONNECT (10)     PROXY's cgroup
 //   sk_lookup_inbound SK_LOOKUP (30)        / SK_LOOKUP (36)                pod netns (link)
 //   msg_bypass        SK_MSG (16)           / SK_MSG_VERDICT (7)            local_socks map
 //
@@ -106,9 +110,24 @@ BPF_TABLE_PINNED("hash", __u32, __u32, inbound_pods, 1024, PIN_DIR "/inbound_pod
 // Mesh addresses (network byte order) -> 1: pod IPs and service cluster IPs, kept in step
 // with the mesh snapshot by the agent. Connects to anything else are left alone.
 BPF_TABLE_PINNED("hash", __u32, __u32, mesh_ips, 65536, PIN_DIR "/mesh_ips");
+// The proxy's own connections to an app from a client's address (IP_TRANSPARENT, mark
+// TRANSPARENT_MARK), while their SYN may still be in flight: sk_lookup lets them reach the
+// app instead of steering them back to the proxy (they come from the pod's own netns, but
+// look like inbound traffic from the client; inet_iif is the pod's interface, not lo).
+// Written by sockops when the SYN is about to leave (TCP_CONNECT_CB, so before it), and
+// deleted when the socket leaves SYN_SENT (STATE_CB): established, refused or timed out.
+// LRU: an agent killed mid-handshake leaves entries that age out.
+struct leg_key {
+    __u32 client_ip;    // network byte order: the proxy socket's (transparent) address
+    __u32 pod_ip;       // network byte order: the app's
+    __u32 client_port;  // host byte order
+    __u32 pod_port;     // host byte order
+};
+BPF_TABLE_PINNED("lru_hash", struct leg_key, __u32, own_legs, 65536, PIN_DIR "/own_legs");
 // Counters for the demo / `ctl bpf`: 0 captured, 1 skipped (proxy mark),
 // 2 odst answered, 3 inbound steered, 4 messages and 5 bytes bypassed, 6 messages that
-// took the stack on a bypass socket (its peer was not, or no longer, in local_socks).
+// took the stack on a bypass socket (its peer was not, or no longer, in local_socks),
+// 7 the proxy's transparent connections to an app let through by sk_lookup (own_legs).
 BPF_TABLE_PINNED("array", int, __u64, stats, 8, PIN_DIR "/stats");
 // Istio's traffic.sidecar.istio.io/exclude{Outbound,Inbound}Ports, per pod, kept by the
 // agent: a connect() from the pod (its netns cookie) to an excluded port is not captured,
@@ -254,6 +273,31 @@ int connect6_capture(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+// ---------------------------------------------------------------- proxy: connect4
+// Attached to the agent's cgroup. The proxy's transparent connection to an app binds the
+// client's address on a port the kernel picks; a plaintext client's own connection to
+// the same app port, steered by sk_lookup, lives in the same netns as (pod ip:port,
+// client ip:its port). Were the kernel to pick that port, the proxy's SYN would land on
+// that established socket and the connect would hang. Refuse it (EPERM) instead: the
+// proxy then binds another port.
+int connect4_proxy(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->mark != TRANSPARENT_MARK || ctx->type != SOCK_STREAM)
+        return 1;
+    struct bpf_sock_tuple t = {};
+    t.ipv4.saddr = sk->src_ip4;
+    t.ipv4.sport = bpf_htons((__u16)sk->src_port);
+    t.ipv4.daddr = ctx->user_ip4;
+    t.ipv4.dport = (__u16)ctx->user_port;
+    struct bpf_sock *found = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!found)
+        return 1;
+    int taken = found->state != BPF_TCP_LISTEN;
+    bpf_sk_release(found);
+    return taken ? 0 : 1;
+}
+
 // ---------------------------------------------------------------- sockops
 // Attached to the pod cgroup (app side) AND the agent cgroup (proxy side).
 //  ACTIVE_ESTABLISHED (app socket): its local port is now known; publish the orig dst
@@ -310,11 +354,31 @@ int sockops_rekey(struct bpf_sock_ops *skops)
     __u32 lip = END_IP4(skops, local, family == 2);
     __u32 rip = END_IP4(skops, remote, family == 2);
 
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_STATE_CB) {
+        // the proxy's transparent connection to an app (the agent's cgroup): own_legs
+        if (sk->mark != TRANSPARENT_MARK || family != 2)
+            return 1;
+        struct leg_key lk = {};
+        lk.client_ip = lip;
+        lk.pod_ip = rip;
+        lk.client_port = skops->local_port;
+        lk.pod_port = bpf_ntohl(skops->remote_port);
+        if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+            __u32 one = 1;
+            own_legs.update(&lk, &one);
+            bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        } else if (skops->args[0] == BPF_TCP_SYN_SENT) {
+            own_legs.delete(&lk);
+            bpf_sock_ops_cb_flags_set(skops, 0);    // no more state callbacks
+        }
+        return 1;
+    }
     if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
         struct orig_dst *od = sk_dst.sk_storage_get(sk, 0, 0);
         if (!od) {
-            // the proxy dialling the app on the pod IP (inbound leg, proxy's end)
-            if (sk->mark == PROXY_MARK && rip == lip)
+            // the proxy dialling the app (inbound leg, proxy's end): from the pod IP, or
+            // from the client's address (transparent)
+            if ((sk->mark == PROXY_MARK && rip == lip) || sk->mark == TRANSPARENT_MARK)
                 bypass_add(skops, k.netns, lip, rip);
             return 1;
         }
@@ -326,8 +390,9 @@ int sockops_rekey(struct bpf_sock_ops *skops)
     } else if (op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
         if (skops->local_port != OUTBOUND_PORT) {
             // the app's end of the inbound leg: accepted from its own pod IP (only the
-            // proxy's marked socket is a peer in local_socks; others find none)
-            if (rip == lip && !is_loopback(lip))
+            // proxy's marked socket is a peer in local_socks; others find none), or from
+            // the proxy's transparent socket, whose mark it took
+            if ((rip == lip && !is_loopback(lip)) || sk->mark == TRANSPARENT_MARK)
                 bypass_add(skops, k.netns, lip, rip);
             return 1;
         }
@@ -450,6 +515,9 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
 {
     if (ctx->family != 2 /* AF_INET */ || ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
+    // No packet: a lookup by a BPF helper (connect4_proxy), answered as without us.
+    if (ctx->ingress_ifindex == 0)
+        return SK_PASS;
     // Only traffic arriving from outside the pod: the proxy delivering to the app on
     // the pod IP (over lo) must not be looped back to itself.
     if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
@@ -461,6 +529,16 @@ int sk_lookup_inbound(struct bpf_sk_lookup *ctx)
         return SK_PASS;
     if (ctx->local_port == HBONE_PORT || ctx->local_port == INBOUND_PORT)
         return SK_PASS;
+    // the proxy's own connection to the app from the client's address (own_legs)
+    struct leg_key lk = {};
+    lk.client_ip = ctx->remote_ip4;
+    lk.pod_ip = ctx->local_ip4;
+    lk.client_port = bpf_ntohs(ctx->remote_port);
+    lk.pod_port = ctx->local_port;
+    if (own_legs.lookup(&lk)) {
+        count(7);
+        return SK_PASS;
+    }
     __u32 podip = ctx->local_ip4;
     struct exclude_in_key ex = {};
     ex.ip = podip;

@@ -38,7 +38,7 @@ from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, L
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import Capture, ConnectionLimits, Http1Limits, ProxyInputs
+from nodeagent.proxy.inputs import ConnectionLimits, Http1Limits, ProxyInputs
 from nodeagent.proxy.limits import proxy_limits, raise_open_files
 from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
@@ -160,7 +160,10 @@ class Agent:
         self.capture_mode, self.capture_reason, self.bpf = _capture_mode(
             settings, node, loaded.snapshot
         )
-        capture: Capture = IptablesCapture() if self.bpf is None else EbpfCapture(self.bpf)
+        capture: IptablesCapture | EbpfCapture = (
+            IptablesCapture() if self.bpf is None else EbpfCapture(self.bpf)
+        )
+        self.capture = capture
         inputs = ProxyInputs(
             node=settings.node,
             snapshot=self.snapshot,
@@ -213,9 +216,12 @@ class Agent:
         return self.proxy.all_ready() and not self._stop.is_set()
 
     def redirect_mode(self) -> str:
+        mode = self.capture_mode
         if self.capture_reason:
-            return f"{self.capture_mode} ({self.capture_reason})"
-        return self.capture_mode
+            mode = f"{mode} ({self.capture_reason})"
+        if self.capture.no_source:
+            mode += f"; apps see their pod's address, not the client's: {self.capture.no_source}"
+        return mode
 
     def config_dump(self) -> list[dict[str, Any]]:
         return [dict(o) for o in self._loaded.objects]

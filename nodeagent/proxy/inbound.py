@@ -81,12 +81,17 @@ def forwarded_for(headers: Mapping[str, str] | None) -> str | None:
         raise ValueError(f"forwarded for={node}: not an IP address") from None
 
 
+SOURCE_MODES = frozenset({"iptables", "eBPF"})
+"""Pod capture modes that route the app's answers back to the proxy (not ``… (no source
+routing)``)."""
+
+
 def app_source(client_ip: str, pp: PodProxy) -> str | None:
     """The address the proxy's connection to ``pp``'s app comes from: the client's
     (``IP_TRANSPARENT``, so the app sees who called) where the capture routes the app's
-    answers back to the proxy (iptables); else, and for a loopback address, the pod's
-    own, or IPv6, the proxy's own (the pod's address)."""
-    if pp.mode != "iptables" or "." not in client_ip or client_ip.startswith("127."):
+    answers back to the proxy (``SOURCE_MODES``); else, and for a loopback address, the
+    pod's own, or IPv6, the proxy's own (the pod's address)."""
+    if pp.mode not in SOURCE_MODES or "." not in client_ip or client_ip.startswith("127."):
         return None
     return None if client_ip == pp.pod.pod_ip else client_ip
 

@@ -1,8 +1,10 @@
 """The two captures the proxy can be handed (its ``Capture`` interface, which they meet
 structurally without importing ``proxy/``): ``IptablesCapture`` (REDIRECT rules in each
-pod's netns, and the source routing that lets the app see the client's address) and
-``EbpfCapture`` (the programs of a loaded ``NodeCapture``; the app sees the proxy's
-address: its sk_lookup would steer the proxy's transparent connection back to it).
+pod's netns) and ``EbpfCapture`` (the programs of a loaded ``NodeCapture``). Each also
+sets up the source routing that lets the app see the client's address (iptables:
+``iptables.apply_source_routing``; eBPF: ``srcroute.apply``); where that fails the pod's
+mode says so (``"… (no source routing)"``), the app sees its pod's address, and
+``no_source`` says why (logged once per reason, shown by ``ctl status``).
 
 Each attaches a pod given its runtime entry, its inbound listener and its excluded
 ports, follows the snapshot's mesh addresses, and says where an accepted connection was
@@ -20,7 +22,7 @@ from collections.abc import Set
 from nodeagent.errors import LocalStateError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.redirect import iptables
+from nodeagent.redirect import iptables, srcroute
 from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.redirect.netns import netns_path
 from nodeagent.redirect.sockets import original_dst
@@ -32,7 +34,48 @@ Excluded = tuple[frozenset[int], frozenset[int]]
 """(outbound, inbound) ports left out of capture."""
 
 
-class IptablesCapture:
+NO_SOURCE = " (no source routing)"
+"""Appended to a pod's mode when its app sees its own pod's address, not the client's."""
+
+
+class SourceRouting:
+    """Which captured pods' apps see their pod's address instead of the client's, and why
+    (each reason logged once)."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, str] = {}
+        """pod key → why its source routing failed."""
+        self._logged: set[str] = set()
+
+    @property
+    def no_source(self) -> str:
+        """Why apps see their pod's address, for ``ctl status`` (empty: none does)."""
+        if not self.failing:
+            return ""
+        first = min(self.failing)
+        return f"{len(self.failing)} pod(s), e.g. {first}: {self.failing[first]}"
+
+    def routed(self, pod_key: str) -> None:
+        """``pod_key``'s app sees the clients' addresses, or the pod left."""
+        self.failing.pop(pod_key, None)
+
+    def failed(self, pod_key: str, mode: str, e: LocalStateError) -> str:
+        """Source routing failed for ``pod_key``: remember why; the pod's mode."""
+        why = str(e)
+        self.failing[pod_key] = why
+        if why not in self._logged:
+            self._logged.add(why)
+            log.warning(
+                "pod %s: its app sees its own pod's address, not the clients' (%s capture "
+                "cannot route its answers back to the proxy): %s",
+                pod_key,
+                mode,
+                why,
+            )
+        return mode + NO_SOURCE
+
+
+class IptablesCapture(SourceRouting):
     """nat REDIRECT rules inside each pod's netns; the kernel keeps the original
     destination of a redirected connection for ``SO_ORIGINAL_DST``."""
 
@@ -50,8 +93,8 @@ class IptablesCapture:
         try:
             await iptables.apply_source_routing(netns_path(runtime.netns))
         except LocalStateError as e:  # capture still works; the app sees the proxy
-            log.warning("pod %s: its app will not see clients' addresses: %s", pod_key, e)
-            return "iptables (no source routing)"
+            return self.failed(pod_key, "iptables", e)
+        self.routed(pod_key)
         return "iptables"
 
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
@@ -60,6 +103,7 @@ class IptablesCapture:
     async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
         """Take the rules out of the pod's netns when it lives on (a CNI DEL comes before
         the runtime removes it); a netns already gone took them with it."""
+        self.routed(pod_key)
         path = netns_path(runtime.netns)
         if not os.path.exists(path):
             return
@@ -73,10 +117,11 @@ class IptablesCapture:
         return original_dst(transport.get_extra_info("socket"))
 
 
-class EbpfCapture:
+class EbpfCapture(SourceRouting):
     """The eBPF programs of ``node`` (loaded or re-adopted by the composition root)."""
 
     def __init__(self, node: NodeCapture) -> None:
+        super().__init__()
         self.node = node
         self._retained = False
 
@@ -99,6 +144,11 @@ class EbpfCapture:
             exclude_outbound_ports=out_ports,
             exclude_inbound_ports=in_ports,
         )
+        try:
+            await srcroute.apply(netns_path(runtime.netns))
+        except LocalStateError as e:  # capture still works; the app sees the proxy
+            return self.failed(pod_key, "eBPF", e)
+        self.routed(pod_key)
         return "eBPF"
 
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
@@ -107,6 +157,14 @@ class EbpfCapture:
 
     async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
         self.node.detach(pod_key, runtime.ip)
+        self.routed(pod_key)
+        path = netns_path(runtime.netns)
+        if not os.path.exists(path):  # gone with the pod, routing and all
+            return
+        try:
+            await srcroute.remove(path)
+        except LocalStateError as e:
+            log.warning("pod %s: cannot remove its source routing: %s", pod_key, e)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         if inbound:

@@ -7,9 +7,16 @@ What is attached where (see the C file for the data path):
   original destination kept on the app's socket), ``sockops`` (hands it to the proxy's
   accepted socket), ``getpeername4`` (the app sees the address it dialled);
 - each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
-  the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``);
+  the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``;
+  the proxy's own connection to the app, from the client's address since it is
+  ``IP_TRANSPARENT``, is let through: ``sockops`` on the agent's cgroup puts its tuple in
+  ``own_legs`` before its SYN leaves, and takes it out when the handshake ends;
+  ``srcroute`` routes the app's answers back to the proxy);
 - the agent's own cgroup: ``getsockopt`` (answers ``SO_ORIGINAL_DST`` on accepted
-  sockets, which belong to the listener's cgroup) and ``sockops``;
+  sockets, which belong to the listener's cgroup), ``sockops`` and ``connect4_proxy``
+  (refuses a transparent connection's port when a plaintext client's own connection
+  holds the same tuple in the pod: the proxy binds another; pinned under
+  ``links-proxy/``, which agents before it leave alone);
 - the ``local_socks`` sockhash: ``msg_bypass`` (sk_msg). ``sockops`` puts both ends of
   each local leg (app ↔ proxy on loopback, proxy ↔ app on the pod IP) into that map,
   and their payload then skips the TCP/IP stack (off unless ``--bpf-bypass on``, the
@@ -55,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.errors import LocalStateError
+from nodeagent.redirect.srcroute import TRANSPARENT_MARK
 
 log = logging.getLogger("nodeagent.ebpf")
 
@@ -93,12 +101,18 @@ PROGS: dict[str, Prog] = {
     "sk_lookup": Prog("sk_lookup_inbound", 30, 36),
     "getsockopt": Prog("getsockopt_odst", 25, 21),
     "msg_bypass": Prog("msg_bypass", 16, 7),
+    "connect4_proxy": Prog("connect4_proxy", 18, 10),
 }
 PROG_NAMES = frozenset(n for p in PROGS.values() for n in (p.func, p.func[:15]))
 """Our programs' names as ``bpftool prog show`` may print them: the whole function name
 (from BTF) or the kernel's 15 characters."""
 POD_PROGS = ("connect4", "connect6", "sockops", "getpeername4", "getpeername6")
 PROXY_PROGS = ("getsockopt", "sockops")
+PROXY_LINKS = "links-proxy"
+"""``<pin_dir>/links-proxy/<prog>``: the agent cgroup's links of programs that agents
+before them do not know (``PROXY_PROGS_LATER``): pinned apart from ``links/``, which
+every agent re-adopts by name, so that a downgraded agent leaves them alone."""
+PROXY_PROGS_LATER = ("connect4_proxy",)
 MAPS = (
     "sk_dst",
     "tuple_dst",
@@ -110,6 +124,7 @@ MAPS = (
     "local_socks",
     "exclude_out",
     "exclude_in",
+    "own_legs",
 )
 STATS = (
     "captured",
@@ -119,6 +134,7 @@ STATS = (
     "bypass_msgs",
     "bypass_bytes",
     "bypass_stack_msgs",
+    "own_legs_passed",
 )
 SETTING_BYPASS = 0
 SOCK_KEY = struct.Struct("=Q4sIII")
@@ -254,6 +270,7 @@ def cflags(pin_dir: str) -> list[str]:
     """The C file's constants (``-D``): the pin directory, ports, mark."""
     return [
         f"-DPROXY_MARK={PROXY_MARK:#x}",
+        f"-DTRANSPARENT_MARK={TRANSPARENT_MARK:#x}",
         f"-DOUTBOUND_PORT={OUTBOUND_PORT}",
         f"-DINBOUND_PORT={INBOUND_PORT}",
         f"-DHBONE_PORT={HBONE_PORT}",
@@ -434,7 +451,7 @@ class Capture:
             path = os.path.join(self.pin_dir, name)
             if name.startswith("maps-") and path != self.maps:
                 shutil.rmtree(path, ignore_errors=True)
-            elif name not in ("links", MAPS_LINK) and not os.path.isdir(path):
+            elif name not in ("links", PROXY_LINKS, MAPS_LINK) and not os.path.isdir(path):
                 os.unlink(path)  # a map pinned by the layout before versioned maps
         self.previous = None
         return done
@@ -444,6 +461,10 @@ class Capture:
         d = os.path.join(self.pin_dir, "links", "_proxy")
         os.makedirs(d, exist_ok=True)
         for key in PROXY_PROGS:
+            self._link(key, cgroup, os.path.join(d, key))
+        d = os.path.join(self.pin_dir, PROXY_LINKS)
+        os.makedirs(d, exist_ok=True)
+        for key in PROXY_PROGS_LATER:
             self._link(key, cgroup, os.path.join(d, key))
 
     def readopt(self) -> list[str]:
@@ -455,6 +476,12 @@ class Capture:
                 with pinned(os.path.join(links, pod, key)) as fd:
                     link_update(fd, self.fns[key].fd)
                 done.append(f"{pod}/{key}")
+        later = os.path.join(self.pin_dir, PROXY_LINKS)
+        for key in sorted(os.listdir(later)) if os.path.isdir(later) else []:
+            if key in self.fns:  # else a later agent's program: left to it
+                with pinned(os.path.join(later, key)) as fd:
+                    link_update(fd, self.fns[key].fd)
+                done.append(f"_proxy/{key}")
         return done
 
 
@@ -742,6 +769,9 @@ class NodeCapture:
         attachments: dict[str, list[str]] = {}
         for name in sorted(os.listdir(links)):
             attachments[name] = sorted(os.listdir(os.path.join(links, name)))
+        later = os.path.join(self.pin_dir, PROXY_LINKS)
+        if os.path.isdir(later):
+            attachments["_proxy"] = sorted([*attachments.get("_proxy", []), *os.listdir(later)])
         mesh = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["mesh_ips"])
         pods = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["inbound_pods"])
         bypass_on, local_socks = bypass_state(self.pin_dir)

@@ -18,6 +18,7 @@ from nodeagent.errors import PeerError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.redirect.iptables import PROXY_MARK
 from nodeagent.redirect.netns import NetnsHandle
+from nodeagent.redirect.srcroute import TRANSPARENT_MARK
 
 SO_ORIGINAL_DST = 80
 SO_MARK = 36
@@ -54,6 +55,23 @@ TCP_ESTABLISHED = 1
 """``tcpi_state`` of an established connection (the first byte of ``TCP_INFO``)."""
 
 
+PORT_TRIES = 4
+"""Ports a transparent connection tries when the kernel refuses its port (EPERM from the
+eBPF ``connect4_proxy``: a plaintext client's own connection to that app holds the same
+tuple in the pod's netns)."""
+
+
+def _prepare(s: socket.socket, mark: int, source: str | None) -> None:
+    """Mark ``s``, and bind it to the client's address ``source`` when given."""
+    # a transparent socket's mark tells the pod's routing to bring the answers back
+    s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark if source is None else TRANSPARENT_MARK)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if source is not None:
+        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s.bind((source, 0))
+    s.setblocking(False)
+
+
 async def connect_in(
     ns: NetnsHandle,
     addr: tuple[str, int],
@@ -62,7 +80,8 @@ async def connect_in(
     source: str | None = None,
 ) -> socket.socket:
     """Connect from inside ``ns``, marked so our own capture rules let it pass; from
-    ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given.
+    ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given,
+    then marked ``TRANSPARENT_MARK`` so the app's answers are routed back to us.
 
     ``addr`` is a numeric address (a pod, endpoint or original destination): the socket
     connects directly, without the event loop's resolver (uvloop's ``sock_connect`` runs
@@ -70,21 +89,26 @@ async def connect_in(
     veths) usually completes the handshake within ``connect()`` itself; only a connect
     still in progress waits for the socket to become writable."""
     s = ns.socket()
+    refused: list[socket.socket] = []  # held until done: the next bind picks another port
     try:
-        s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if source is not None:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            s.bind((source, 0))
-        s.setblocking(False)
+        _prepare(s, mark, source)
         err = 0
-        try:
-            s.connect(addr)
-        except BlockingIOError:
-            if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
-                async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
-                    await _writable(s)
-                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        while True:
+            try:
+                s.connect(addr)
+            except BlockingIOError:
+                if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
+                    async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
+                        await _writable(s)
+                    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except PermissionError:
+                if source is None or len(refused) + 1 >= PORT_TRIES:
+                    raise
+                refused.append(s)
+                s = ns.socket()
+                _prepare(s, mark, source)
+                continue
+            break
         if err:
             raise OSError(err, os.strerror(err))
     except TimeoutError:
@@ -100,10 +124,18 @@ async def connect_in(
                 f"connection to {addr[0]}:{addr[1]} refused: is the app listening on port "
                 f"{addr[1]}?"
             ) from None
+        if e.errno == errno.EPERM and source is not None:
+            raise PeerError(
+                f"cannot connect to {addr[0]}:{addr[1]} from {source}: {PORT_TRIES} ports "
+                f"refused (each held by that client's own connection to it)"
+            ) from None
         raise PeerError(f"cannot connect to {addr[0]}:{addr[1]}: {e.strerror or e}") from None
     except BaseException:  # cancelled: do not leak the socket
         s.close()
         raise
+    finally:
+        for r in refused:
+            r.close()
     return s
 
 

@@ -61,7 +61,8 @@ OUT_PORT, IN_PORT, HBONE_PORT, APP_PORT, ECHO_PORT = 15001, 15006, 15008, 9000, 
 BENCH_PORT = 7  # proxy closes these at once (measures capture, not relaying)
 OUR_PROGS = ebpf.PROG_NAMES  # bpftool prints BTF's whole names, or the kernel's 15 chars
 OUR_MAPS = {"sk_dst", "tuple_dst", "inbound_listene", "inbound_pods", "local_socks", "no_bypass",
-            "mesh_ips", "exclude_out", "exclude_in"}  # map names: the kernel's 15 characters
+            "mesh_ips", "exclude_out", "exclude_in",
+            "own_legs"}  # map names: the kernel's 15 characters
 
 
 def log(*a):

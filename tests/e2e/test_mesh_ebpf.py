@@ -41,6 +41,10 @@ def captured(node: str) -> int:
     return ebpf.read_stats(f"{BPF_PIN_DIR}/{node}")["captured"]
 
 
+def own_legs_passed(node: str) -> int:
+    return ebpf.read_stats(f"{BPF_PIN_DIR}/{node}")["own_legs_passed"]
+
+
 def bypassed(node: str) -> int:
     return ebpf.read_stats(f"{BPF_PIN_DIR}/{node}")["bypass_bytes"]
 
@@ -197,7 +201,7 @@ def test_ctl_bpf_lists_programs_attachments_and_maps(sb: Sandbox) -> None:
     assert set(d["attachments"]) == pods | {"_proxy"}, d["attachments"]
     assert d["attachments"]["default_echo-1"] == sorted(
         ["connect4", "connect6", "getpeername4", "getpeername6", "sockops", "sk_lookup"])
-    assert d["attachments"]["_proxy"] == ["getsockopt", "sockops"]
+    assert d["attachments"]["_proxy"] == ["connect4_proxy", "getsockopt", "sockops"]
     ips = sorted(sb.pod_ip(p) for p in ("echo-1", "echo-2", "victim"))
     assert d["maps"]["inbound_pods"]["addresses"] == ips
     assert set(ips) <= set(d["maps"]["mesh_ips"]["addresses"])
@@ -209,11 +213,13 @@ def test_ctl_bpf_lists_programs_attachments_and_maps(sb: Sandbox) -> None:
 
 def test_exclude_port_annotations_apply_to_live_pods(sb: Sandbox, config_dir: Path) -> None:
     url = f"http://{sb.pod_ip('echo-1')}:8080/"
-    before = captured("node1")
+    before, legs = captured("node1"), own_legs_passed("node2")
     code, body = http_status(sb, "client", url)
     assert code == 200 and captured("node1") == before + 1
-    # through both proxies: the app is called by the proxy inside its own pod
-    assert json.loads(body)["client"].split(":")[0] == sb.pod_ip("echo-1")
+    # through both proxies: the app is called by the proxy inside its own pod, from the
+    # client's address (a transparent connection sk_lookup let through)
+    assert json.loads(body)["client"].split(":")[0] == sb.pod_ip("client")
+    assert own_legs_passed("node2") == legs + 1
 
     pods = config_dir / "pods.yaml"
     original = pods.read_text()
@@ -229,11 +235,12 @@ def test_exclude_port_annotations_apply_to_live_pods(sb: Sandbox, config_dir: Pa
     assert annotated.count("traffic.sidecar.istio.io/exclude") == 2
     try:
         apply_file(sb, pods, annotated)
-        before = captured("node1")
+        before, legs = captured("node1"), own_legs_passed("node2")
         code, body = http_status(sb, "client", url)
         assert code == 200 and captured("node1") == before  # not captured on the way out
-        # ... nor steered on the way in: the app saw the client pod itself
+        # ... nor steered on the way in: the client pod itself called the app
         assert json.loads(body)["client"].split(":")[0] == sb.pod_ip("client")
+        assert own_legs_passed("node2") == legs
         # other ports stay captured
         assert http_status(sb, "client", "http://echo/")[0] == 200
         assert captured("node1") == before + 1
