@@ -8,10 +8,12 @@ admin socket and HTTP endpoints read the agent through ``AgentView``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -35,6 +37,7 @@ from nodeagent.identity.store import CertificateStore
 from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, LimitStatus
+from nodeagent.proxy import handover
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
@@ -200,6 +203,9 @@ class Agent:
             self.proxy.pod_states,
         )
         self._stop = asyncio.Event()
+        self._term = asyncio.Event()
+        """SIGTERM or SIGINT (``_stop`` is also set by a hand-over)."""
+        self._handed_over = False
         self._reconcile_lock = asyncio.Lock()
 
     # -- AgentView -------------------------------------------------------------------
@@ -304,6 +310,8 @@ class Agent:
             log.info("capture: local socket bypass %s (node annotation)", "on" if bypass else "off")
 
     async def _reconcile(self) -> None:
+        if self._handed_over:  # the pods' listeners and capture are the new agent's now
+            return
         async with self._reconcile_lock:
             snap = self._snapshot
             if self.certs is not None:
@@ -329,17 +337,23 @@ class Agent:
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_signal)
+        inherited = await self._receive_listeners()
+        self.proxy.inherit(inherited)
         await self._reconcile()
         self.proxy.admission.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
-        admin = await start_admin_server(self, self.settings.socket_path, pods=self.cni)
+        admin = await start_admin_server(
+            self, self.settings.socket_path, pods=self.cni, replace=inherited is not None
+        )
         http_servers = await start_http_servers(
             self,
             "0.0.0.0",
             self.settings.metrics_port,
             self.settings.ready_port,
             registry=self.metrics.registry,
+            inherited=inherited.take if inherited is not None else None,
         )
+        handover_server = await self._take_over(inherited, http_servers)
         tasks = [
             loop.create_task(self.watcher.run()),
             loop.create_task(self._retry_failed()),
@@ -364,11 +378,82 @@ class Agent:
             t.cancel()
         for s in http_servers:
             s.close()
+        if handover_server is not None:
+            handover_server.close()
         await admin.stop(0.5)
         await self.proxy.close()
         if self.ca_client is not None:
             await self.ca_client.close()
+        if self._handed_over and self.settings.after_handover == "wait":
+            log.info("handed over and drained: waiting for SIGTERM")
+            await self._term.wait()
         return 0
+
+    # -- hand-over (proxy/handover.py) -----------------------------------------------------
+    def _on_signal(self) -> None:
+        self._term.set()
+        self._stop.set()
+
+    async def _receive_listeners(self) -> handover.Inherited | None:
+        """The listeners of this node's running agent, if there is one (else cold start)."""
+        if not self.settings.handover:
+            return None
+        path, node = self.settings.handover_path, self.node
+        return await asyncio.to_thread(handover.receive, path, node, HANDOVER_TIMEOUT)
+
+    async def _take_over(
+        self, inherited: handover.Inherited | None, http: list[asyncio.Server]
+    ) -> handover.HandoverServer | None:
+        """Once ready, tell the old agent to let go; then serve the hand-over socket."""
+        if inherited is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + HANDOVER_READY_TIMEOUT
+            while not self.proxy.all_ready() and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            if not self.proxy.all_ready():
+                log.warning("hand-over: not every pod is ready; taking over all the same")
+            for lst in inherited.untaken():
+                log.info("hand-over: %s %s:%d is not served here", lst.kind, lst.pod, lst.port)
+            inherited.close_untaken()
+            released = await asyncio.to_thread(inherited.release, 10.0)
+            log.info(
+                "hand-over: serving %d listener(s) of pid %d (%s)",
+                inherited.count,
+                inherited.old_pid,
+                "it let go" if released else "it did not confirm",
+            )
+        if not self.settings.handover:
+            return None
+
+        def listeners() -> list[tuple[handover.Listener, socket.socket]]:
+            node = [
+                (handover.Listener(kind, s.sockets[0].getsockname()[1]), s.sockets[0])
+                for kind, s in zip(("metrics", "ready"), http, strict=False)
+                if s.sockets
+            ]
+            return [*self.proxy.listeners(), *node]
+
+        async def let_go(pid: int) -> None:
+            self._handed_over = True
+            self.proxy.stop_accepting()
+            for s in http:
+                s.close()
+            log.info("hand-over: the agent of pid %d took over; draining", pid)
+            self._stop.set()
+
+        server = handover.HandoverServer(self.settings.handover_path, self.node, listeners, let_go)
+        try:
+            server.start()
+        except LocalStateError as e:
+            log.warning("no hand-over socket (%s): an upgrade will drop connections", e)
+            return None
+        return server
+
+
+HANDOVER_TIMEOUT = 5.0
+"""Seconds the old agent gets to hand its listeners over; beyond, a cold start."""
+HANDOVER_READY_TIMEOUT = 60.0
+"""Seconds a new agent waits for its pods (certificates, capture) before taking over."""
 
 
 def _access_log(target: str) -> AccessLog:
@@ -458,7 +543,9 @@ def _run_loop(settings: AgentSettings, main: Coroutine[Any, Any, int]) -> int:
         return uvloop.run(main)
     finally:
         if pid_file is not None:
-            pid_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not a successor's (an upgrade's) pid
+                if pid_file.read_text().strip() == str(os.getpid()):
+                    pid_file.unlink()
 
 
 def _run_from_api(settings: AgentSettings) -> int:

@@ -53,7 +53,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Run the agent of one node: capture its local pods' traffic into the "
         "shared proxy, serve the node agent socket, metrics (:15020) and readiness "
         "(:15021), and follow the config (a directory of YAML files, or the Kubernetes "
-        "API). Stops on SIGTERM (draining live connections for up to 5 s).",
+        "API). Stops on SIGTERM (draining live connections for up to 5 s), or once a new "
+        "agent of the node took its listeners over (docs/upgrade.md).",
     )
     p.add_argument("--node", required=True, help="this node's name (Pod spec.nodeName)")
     p.add_argument(
@@ -261,6 +262,35 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="write the agent's pid here, for the CNI plugin's launcher (`nodeagent cni "
         "install --agent-pid-file`, docs/cni.md) (default: none)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        default="5s",
+        type=_duration,
+        metavar="DURATION",
+        help="on SIGTERM or after a hand-over: how long live connections may go on before "
+        "they are reset (default: 5s)",
+    )
+    p.add_argument(
+        "--handover",
+        default="on",
+        choices=["on", "off"],
+        help="on: take the listening sockets of this node's running agent over at start "
+        "and hand ours to the next one, so an upgrade refuses no connection "
+        "(docs/upgrade.md); off: always start cold",
+    )
+    p.add_argument(
+        "--handover-socket",
+        default="",
+        metavar="PATH",
+        help="the hand-over socket (default: STATE_DIR/handover.sock)",
+    )
+    p.add_argument(
+        "--after-handover",
+        default="exit",
+        choices=["exit", "wait"],
+        help="once its listeners are handed over and its connections drained: exit, or "
+        "wait for SIGTERM (a DaemonSet pod, which the kubelet would restart)",
     )
     add_log_level(p)
     p.add_argument(

@@ -61,6 +61,14 @@ class AgentSettings:
     hbone_preface_timeout: float = 10.0
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
+    handover: bool = True
+    """Take the listeners of a running agent of this node over at start, and hand ours
+    to the next one (``proxy/handover.py``); False: always a cold start."""
+    handover_socket: Path | None = None
+    """The hand-over socket; None: ``handover.sock`` in the state dir."""
+    after_handover: str = "exit"
+    """Once the listeners are handed over and drained: ``exit``, or ``wait`` for SIGTERM
+    (a DaemonSet pod, which the kubelet would restart if it exited)."""
     pid_file: str = ""
     """Where to write the agent's pid (the CNI launcher of ``cni install
     --agent-pid-file`` enters its mount namespace); empty: nowhere."""
@@ -70,6 +78,10 @@ class AgentSettings:
         """The pod runtime file: ``--pods``, else ``pods.json`` in the state dir (where the
         CNI plugin's pods are recorded, so they stay captured across a restart)."""
         return self.pods_file if self.pods_file is not None else self.state_dir / "pods.json"
+
+    @property
+    def handover_path(self) -> Path:
+        return self.handover_socket or self.state_dir / "handover.sock"
 
     @property
     def mtls(self) -> bool:
@@ -114,4 +126,10 @@ class AgentSettings:
             ),
             access_log=args.access_log,
             pid_file=getattr(args, "pid_file", ""),
+            drain_seconds=float(getattr(args, "drain_seconds", cls.drain_seconds)),
+            handover=getattr(args, "handover", "on") == "on",
+            handover_socket=Path(args.handover_socket)
+            if getattr(args, "handover_socket", "")
+            else None,
+            after_handover=getattr(args, "after_handover", "exit"),
         )

@@ -28,12 +28,15 @@ MAX_UNIX_PATH = 107
 """``sun_path`` holds 108 bytes including the terminating NUL."""
 
 
-def prepare_unix_socket_path(path_text: str, what: str, owner: str, hint: str) -> Path:
+def prepare_unix_socket_path(
+    path_text: str, what: str, owner: str, hint: str, replace_live: bool = False
+) -> Path:
     """Ready ``path_text`` for ``bind``.
 
     ``what`` names the socket in messages ("node agent socket"), ``owner`` the kind of
     process that would be listening on it ("agent"), ``hint`` how to pick another path
-    ("--socket").
+    ("--socket"). ``replace_live``: a live socket there is left for the placing rename to
+    replace (an upgrade: the agent taking over from the one listening there).
     """
     size = len(os.fsencode(path_text))
     if size > MAX_UNIX_PATH:
@@ -56,6 +59,8 @@ def prepare_unix_socket_path(path_text: str, what: str, owner: str, hint: str) -
         raise LocalStateError(
             f"{path} exists and is not a socket: remove it or choose another {hint}"
         )
+    if replace_live:
+        return path
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
@@ -115,6 +120,52 @@ def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) 
     return OwnedSocket(server, path, (st.st_dev, st.st_ino))
 
 
+def bind_owner_only(path: Path, what: str, hint: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening UNIX stream socket at ``path`` of mode 0600 from its first moment, and
+    its (device, inode): placed as ``serve_owner_only`` places gRPC's (bound in a private
+    directory, then renamed over ``path``, replacing what was there in one step).
+    Raises ``LocalStateError``."""
+    try:
+        private = tempfile.mkdtemp(prefix=".", dir=path.parent)  # mode 0700
+    except OSError as e:
+        raise LocalStateError(f"cannot create a private directory next to {path}: {e}") from e
+    inner = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if len(os.fsencode(inner)) > MAX_UNIX_PATH:
+            raise LocalStateError(
+                f"the {what} is bound first at {inner}, too long for a UNIX socket "
+                f"({len(os.fsencode(inner))} > {MAX_UNIX_PATH} bytes): choose a shorter {hint}"
+            )
+        try:
+            sock.bind(inner)
+            os.chmod(inner, 0o600)
+            sock.listen(16)
+            os.rename(inner, path)
+            st = os.stat(path)
+        except OSError as e:
+            raise LocalStateError(f"cannot place the {what} at {path}: {e}") from e
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(inner)
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
+    return sock, (st.st_dev, st.st_ino)
+
+
+def unlink_if_same(path: Path, inode: tuple[int, int]) -> None:
+    """Remove the socket at ``path`` if it is still the one of ``inode`` (not a successor's)."""
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 class OwnedSocket(grpc.aio.Server):
     """A gRPC server on a socket ``serve_owner_only`` placed: the server itself, but its
     ``stop`` also removes the socket file, if it is still the one placed (grpc removes
@@ -127,12 +178,7 @@ class OwnedSocket(grpc.aio.Server):
 
     async def stop(self, grace: float | None = None) -> None:
         await self.server.stop(grace)
-        try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:  # not a successor's socket
-                os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_same(self.path, self._inode)  # not a successor's socket
 
     async def start(self) -> None:
         await self.server.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -258,10 +259,18 @@ async def _serve(
             await writer.wait_closed()
 
 
-async def _listen(routes: Mapping[str, Handler], host: str, port: int, what: str) -> asyncio.Server:
+async def _listen(
+    routes: Mapping[str, Handler],
+    host: str,
+    port: int,
+    what: str,
+    sock: socket.socket | None = None,
+) -> asyncio.Server:
     def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
         return _serve(routes, r, w)
 
+    if sock is not None:  # handed over by the agent this one replaces
+        return await asyncio.start_server(on_connect, sock=sock, limit=MAX_HEAD)
     try:
         return await asyncio.start_server(
             on_connect, host, port, limit=MAX_HEAD, reuse_address=True
@@ -279,8 +288,11 @@ async def start_http_servers(
     metrics_port: int = 15020,
     ready_port: int = 15021,
     registry: CollectorRegistry = prometheus_client.REGISTRY,
+    inherited: Callable[[str, int], socket.socket | None] | None = None,
 ) -> list[asyncio.Server]:
     """Start the metrics and readiness servers; returns ``[metrics, readiness]``.
+    ``inherited(kind, port)`` may give the listening socket of ``metrics`` or ``ready``
+    (handed over by the agent this one replaces).
 
     Port 0 picks a free port (read it from ``server.sockets[0].getsockname()[1]``). When both
     ports are the same non-zero port, one server answers both paths and the list has one
@@ -288,12 +300,18 @@ async def start_http_servers(
     """
     metrics_routes: dict[str, Handler] = {"/metrics": _metrics_handler(registry)}
     ready_routes: dict[str, Handler] = {"/healthz/ready": _ready_handler(view)}
+    take = inherited or (lambda _kind, _port: None)
     if metrics_port == ready_port and metrics_port != 0:
         routes = {**metrics_routes, **ready_routes}
-        return [await _listen(routes, host, metrics_port, "metrics and readiness")]
-    metrics = await _listen(metrics_routes, host, metrics_port, "metrics")
+        both = take("metrics", metrics_port)
+        return [await _listen(routes, host, metrics_port, "metrics and readiness", both)]
+    metrics = await _listen(
+        metrics_routes, host, metrics_port, "metrics", take("metrics", metrics_port)
+    )
     try:
-        ready = await _listen(ready_routes, host, ready_port, "readiness")
+        ready = await _listen(
+            ready_routes, host, ready_port, "readiness", take("ready", ready_port)
+        )
     except BaseException:
         metrics.close()
         raise

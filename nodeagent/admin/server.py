@@ -426,15 +426,19 @@ def certificate_message(cert: Mapping[str, Any]) -> pb.Certificate:
 
 
 async def start_admin_server(
-    view: AgentView, socket_path: str, pods: PodHandoff | None = None
+    view: AgentView, socket_path: str, pods: PodHandoff | None = None, replace: bool = False
 ) -> grpc.aio.Server:
     """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server;
-    ``pods`` takes the CNI plugin's calls (None: they are refused).
+    ``pods`` takes the CNI plugin's calls (None: they are refused). ``replace``: the socket
+    of a live agent there is replaced in one rename (a hand-over; clients never see no
+    socket), not refused.
 
     Call from inside the running event loop (asyncio or uvloop). Stop it with
     ``await server.stop(grace)``.
     """
-    path = prepare_unix_socket_path(socket_path, "node agent socket", "agent", "--socket")
+    path = prepare_unix_socket_path(
+        socket_path, "node agent socket", "agent", "--socket", replace_live=replace
+    )
     grpc_server = grpc.aio.server()
     pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods), grpc_server)  # type: ignore[no-untyped-call]
     server = serve_owner_only(grpc_server, path, "node agent socket", "--socket")

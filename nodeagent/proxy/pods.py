@@ -19,6 +19,7 @@ from typing import Any
 from nodeagent.errors import NodeAgentError
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.proxy.handover import Inherited, Listener
 from nodeagent.proxy.hbone import HBONE_PORT
 from nodeagent.proxy.hbone_client import HboneClientPool
 from nodeagent.proxy.hbone_server import (
@@ -105,6 +106,8 @@ class LocalPods:
         self._outbound = outbound
         self._inbound = inbound
         self._hbone = hbone
+        self.inherited: Inherited | None = None
+        """Listeners handed over by the agent this one replaces (taken at capture)."""
 
     async def reconcile(self, snap: MeshSnapshot) -> None:
         """Capture every local pod that has a runtime entry; release pods that left."""
@@ -142,11 +145,11 @@ class LocalPods:
                 pp.sockets = self.inputs.sockets.pod(pp.runtime)
             if not pp.servers:
                 loop = asyncio.get_running_loop()
-                for handler, host, port in (
-                    (self._outbound, "127.0.0.1", OUTBOUND_PORT),
-                    (self._inbound, "0.0.0.0", INBOUND_PORT),
+                for handler, host, port, kind in (
+                    (self._outbound, "127.0.0.1", OUTBOUND_PORT, "outbound"),
+                    (self._inbound, "0.0.0.0", INBOUND_PORT, "inbound"),
                 ):
-                    sock = pp.sockets.listen(host, port)
+                    sock = self._inherit(pp, kind, port) or pp.sockets.listen(host, port)
                     server = await loop.create_server(handler(pp), sock=sock, backlog=4096)
                     pp.servers.append(server)
             if self.inputs.identity is not None and pp.hbone is None:
@@ -169,7 +172,7 @@ class LocalPods:
         me = self.inputs.principal(pp.pod)
         on_connect = self._hbone
         pp.hbone = await start_hbone_server(
-            sockets.listen("0.0.0.0", HBONE_PORT),
+            self._inherit(pp, "hbone", HBONE_PORT) or sockets.listen("0.0.0.0", HBONE_PORT),
             lambda: identity.server_context(me),
             lambda req: on_connect(pp, req),
             metrics=self.inputs.metrics,
@@ -182,6 +185,28 @@ class LocalPods:
             return sockets.connect(addr, timeout)
 
         pp.pool = HboneClientPool(dial, identity.client_context, timeout)
+
+    def _inherit(self, pp: PodProxy, kind: str, port: int) -> socket.socket | None:
+        """The listener the previous agent opened for this pod and runtime, if handed over."""
+        if self.inherited is None:
+            return None
+        rt = pp.runtime
+        return self.inherited.take(kind, port, pp.pod.key, rt.netns, rt.ip)
+
+    def listeners(self) -> list[tuple[Listener, socket.socket]]:
+        """Every captured pod's listening sockets, for a hand-over to a new agent."""
+        out: list[tuple[Listener, socket.socket]] = []
+        for key, pp in sorted(self.pods.items()):
+            if pp.state != "ready" or len(pp.servers) != 2:
+                continue
+            rt = pp.runtime
+            socks = [("outbound", OUTBOUND_PORT, pp.servers[0].sockets[0])]
+            socks.append(("inbound", INBOUND_PORT, pp.servers[1].sockets[0]))
+            if pp.hbone is not None and pp.hbone.sockets:
+                socks.append(("hbone", HBONE_PORT, pp.hbone.sockets[0]))
+            for kind, port, sock in socks:
+                out.append((Listener(kind, port, key, rt.netns, rt.ip), sock))
+        return out
 
     def all_ready(self) -> bool:
         identity = self.inputs.identity
@@ -205,10 +230,13 @@ class LocalPods:
         ]
 
     def stop_accepting(self) -> None:
-        """Close every pod's listeners (established connections go on)."""
+        """Close every pod's listeners (established connections go on; HBONE ones get a
+        GOAWAY: their open streams finish, new ones go elsewhere)."""
         for pp in self.pods.values():
             for s in pp.servers:
                 s.close()
+            if pp.hbone is not None:
+                pp.hbone.close()
 
     def close(self) -> None:
         for pp in self.pods.values():

@@ -16,12 +16,14 @@ built and closed here. This module holds no connection logic of its own.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.admission import InboundPolicy
+from nodeagent.proxy.handover import Inherited, Listener
 from nodeagent.proxy.inbound import Inbound
 from nodeagent.proxy.inputs import ProxyInputs
 from nodeagent.proxy.l7 import L7Proxy
@@ -72,6 +74,14 @@ class Proxy:
 
     def all_ready(self) -> bool:
         return self.local.all_ready()
+
+    def inherit(self, inherited: Inherited | None) -> None:
+        """Use the listeners a previous agent handed over when capturing pods."""
+        self.local.inherited = inherited
+
+    def listeners(self) -> list[tuple[Listener, socket.socket]]:
+        """The pods' listening sockets, for a hand-over to a new agent."""
+        return self.local.listeners()
 
     def pod_states(self) -> list[dict[str, Any]]:
         return self.local.pod_states()
