@@ -373,7 +373,9 @@ class Agent:
             "shutting down: no new connections; draining for up to %gs", self.settings.drain_seconds
         )
         self.proxy.stop_accepting()
+        t0 = loop.time()
         await self.proxy.drain(self.settings.drain_seconds)
+        log.info("drained in %.1fs", loop.time() - t0)
         for t in tasks:
             t.cancel()
         for s in http_servers:

@@ -28,9 +28,10 @@ What is attached where (see the C file for the data path):
   writer faster than its reader fills the peer's queue until ``send`` fails with ENOMEM.
 
 Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): ``links/<pod>/<prog>`` and
-``links/_proxy/<prog>``; the maps under ``maps-<abi>/``, where ``abi`` is a digest of the C
-source and its constants, and ``maps``, a symlink to the maps of the programs the links
-run (what the helpers below open). A pinned link keeps its attachment after the agent
+``links/_proxy/<prog>`` (``_proxy-<cgroup id>`` for a later agent's cgroup); the maps
+under ``maps-<abi>/``, where ``abi`` is a digest of the C source and its constants, and
+``maps``, a symlink to the maps of the programs the links run (what the helpers below
+open). A pinned link keeps its attachment after the agent
 exits (capture goes on while it restarts; mesh connects then fail closed instead of
 leaking) and removing the pin detaches it. On a restart of the same version bcc reopens
 the pinned maps and ``readopt`` swaps every pinned link to the new programs atomically
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import hashlib
 import logging
 import os
@@ -457,8 +459,14 @@ class Capture:
         return done
 
     def attach_proxy(self, cgroup: str) -> None:
-        """Hook the agent's own cgroup (accepted sockets belong to the listener's)."""
-        d = os.path.join(self.pin_dir, "links", "_proxy")
+        """Hook the agent's own cgroup (accepted sockets belong to the listener's).
+
+        Pinned under ``links/_proxy`` for the first agent's cgroup and ``_proxy-<cgroup
+        id>`` for another's (a DaemonSet's new pod): the earlier agents' hooks stay, for
+        the listeners they opened live on in their cgroup after a hand-over; each goes
+        by itself once its cgroup is freed (``readopt`` then unpins it)."""
+        links = os.path.join(self.pin_dir, "links")
+        d = os.path.join(links, _proxy_dir(links, os.stat(cgroup).st_ino))
         os.makedirs(d, exist_ok=True)
         for key in PROXY_PROGS:
             self._link(key, cgroup, os.path.join(d, key))
@@ -468,13 +476,22 @@ class Capture:
             self._link(key, cgroup, os.path.join(d, key))
 
     def readopt(self) -> list[str]:
-        """After a restart: every pinned link now runs this process's programs."""
+        """After a restart: every pinned link now runs this process's programs; a link
+        whose cgroup is gone (it hooks nothing any more) is unpinned."""
         done = []
         links = os.path.join(self.pin_dir, "links")
         for pod in sorted(os.listdir(links)):
             for key in sorted(os.listdir(os.path.join(links, pod))):
-                with pinned(os.path.join(links, pod, key)) as fd:
-                    link_update(fd, self.fns[key].fd)
+                pin = os.path.join(links, pod, key)
+                try:
+                    with pinned(pin) as fd:
+                        link_update(fd, self.fns[key].fd)
+                except OSError as e:
+                    if e.errno != errno.ENOLINK:
+                        raise
+                    log.info("eBPF: %s/%s hooks a cgroup that is gone: unpinned", pod, key)
+                    os.unlink(pin)
+                    continue
                 done.append(f"{pod}/{key}")
         later = os.path.join(self.pin_dir, PROXY_LINKS)
         for key in sorted(os.listdir(later)) if os.path.isdir(later) else []:
@@ -483,6 +500,33 @@ class Capture:
                     link_update(fd, self.fns[key].fd)
                 done.append(f"_proxy/{key}")
         return done
+
+
+PROXY_HOOKS = "_proxy"
+"""``links/_proxy*``: the hooks of the agents' own cgroups (``PROXY_PROGS``)."""
+
+
+def link_cgroup_id(link_fd: int) -> int:
+    """The id (the directory's inode) of the cgroup a cgroup link is attached to
+    (``bpf_link_info``: type, id, prog_id, padding, cgroup_id); 0 once it is gone."""
+    return _info(link_fd, "IIIIQ")[4]
+
+
+def _proxy_dir(links: str, cgroup_id: int) -> str:
+    """The directory under ``links`` of the proxy hooks on the cgroup ``cgroup_id``:
+    the one already attached there, else ``_proxy`` if free, else ``_proxy-<id>``."""
+    for name in sorted(os.listdir(links)):
+        if not name.startswith(PROXY_HOOKS):
+            continue
+        try:
+            with pinned(links, name, "getsockopt") as fd:
+                if link_cgroup_id(fd) == cgroup_id:
+                    return name
+        except OSError:
+            continue
+    if not os.path.exists(os.path.join(links, PROXY_HOOKS)):
+        return PROXY_HOOKS
+    return f"{PROXY_HOOKS}-{cgroup_id}"
 
 
 @dataclass(frozen=True)
@@ -795,7 +839,7 @@ class NodeCapture:
     def retain(self, pod_keys: set[str]) -> None:
         """Remove the pins of pods no longer on this node (e.g. gone while we were down)."""
         links = os.path.join(self.pin_dir, "links")
-        keep = {self.pin_name(k) for k in pod_keys} | {"_proxy"}
+        keep = {self.pin_name(k) for k in pod_keys}
         for name in os.listdir(links):
-            if name not in keep:
+            if name not in keep and not name.startswith(PROXY_HOOKS):
                 detach_pod(self.pin_dir, name)

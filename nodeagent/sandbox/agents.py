@@ -45,11 +45,16 @@ def start(
     config_dir: str,
     args: Sequence[str],
     kubeconfig: str = "",
+    successor: bool = False,
+    cgroup: str = "",
 ) -> subprocess.Popen[bytes]:
-    """Start ``node``'s agent with ``args`` after its own flags (the CA's, the user's)."""
+    """Start ``node``'s agent with ``args`` after its own flags (the CA's, the user's);
+    ``successor``: alongside the running one, which hands its listeners over; ``cgroup``:
+    in that cgroup below the node's (as a DaemonSet's new pod gets a cgroup of its own)."""
     os.makedirs(node.state_dir, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(node.socket)  # a stale socket of a previous agent would look "up"
+    if not successor:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(node.socket)  # a stale socket of a previous agent would look "up"
     argv = [
         *processes.agent_command(),
         "run",
@@ -71,9 +76,11 @@ def start(
     env = dict(os.environ)
     env["PATH"] = processes.search_path()
     env["PYTHONUNBUFFERED"] = "1"
-    return processes.spawn(
-        processes.launcher(cgroup_root / node.cgroup, argv), log=node.log, env=env
-    )
+    where = cgroup_root / node.cgroup
+    if cgroup:
+        where = where / cgroup
+        cgroups.create(where)
+    return processes.spawn(processes.launcher(where, argv), log=node.log, env=env)
 
 
 def ready(node: NodePlan) -> bool:
@@ -121,6 +128,58 @@ def wait_ready(
             )
         if pending:
             time.sleep(0.1)
+
+
+def handover_socket(node: NodePlan) -> Path:
+    """Where the agent of ``node`` serves its hand-over socket (its state dir's default)."""
+    return Path(node.state_dir) / "handover.sock"
+
+
+def socket_inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def wait_taken_over(
+    node: NodePlan,
+    new: subprocess.Popen[bytes],
+    before: tuple[int, int] | None,
+    timeout: float,
+) -> None:
+    """Until ``new`` took the listeners of ``node``'s running agent over: it serves the
+    hand-over socket (placed only once the old agent let go) and answers ready. Raises
+    with the end of its log when it exits or does not get there within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    path = handover_socket(node)
+    while True:
+        if new.poll() is not None:
+            raise LocalStateError(
+                f"the new agent of node {node.name} exited ({new.returncode}) before taking "
+                f"over; the old one goes on serving. The end of {node.log}:\n"
+                f"{processes.indent(processes.tail(node.log))}"
+            )
+        now = socket_inode(path)
+        if now is not None and now != before and ready(node):
+            return
+        if time.monotonic() > deadline:
+            raise LocalStateError(
+                f"the new agent of node {node.name} did not take over within {timeout:.0f}s; "
+                f"the end of {node.log}:\n{processes.indent(processes.tail(node.log))}"
+            )
+        time.sleep(0.1)
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while processes.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def stop(node: NodePlan, cgroup_root: Path) -> None:

@@ -90,6 +90,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     ex.set_defaults(func=_cmd_exec)
 
+    rs = ssub.add_parser(
+        "restart",
+        help="upgrade a node's agent as a DaemonSet rolling update does, dropping nothing",
+        description="Start a new agent for NODE (same command line, the node's cgroup) "
+        "alongside the running one, which hands it its listening sockets; once the new one "
+        "serves, the old one drains its live connections and exits (docs/upgrade.md).",
+    )
+    rs.add_argument("node", metavar="NODE", help="the node whose agent to restart")
+    rs.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    rs.set_defaults(func=_cmd_restart)
+
     lg = ssub.add_parser("logs", help="print the log of a node's agent or of a pod")
     lg.add_argument(
         "target", metavar="NODE_OR_POD", help="a node (its agent) or a pod (NAMESPACE/NAME)"
@@ -235,6 +246,22 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         return subprocess.run(argv, env=env).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def _cmd_restart(args: argparse.Namespace) -> int:
+    from nodeagent.sandbox.manager import Sandbox
+    from nodeagent.sandbox.state import require_root
+
+    say = _say(args.quiet)
+    try:
+        require_root()
+        sb = Sandbox.attach()
+        say(f"starting a new agent for {args.node} alongside pid {sb.agent_pids.get(args.node)}")
+        old = sb.roll_agent(args.node)
+    except NodeAgentError as e:
+        return _err(str(e))
+    say(f"agent {args.node}: pid {sb.agent_pids[args.node]} serves; pid {old} drained and exited")
+    return 0
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:

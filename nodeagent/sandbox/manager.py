@@ -234,11 +234,22 @@ class Sandbox(Record):
 
     # -- agents ----------------------------------------------------------------------------
 
-    def _start_agent(self, node: NodePlan) -> None:
+    def _start_agent(
+        self, node: NodePlan, successor: bool = False, cgroup: str = ""
+    ) -> subprocess.Popen[bytes]:
         args = [*(ca.agent_args(node) if self.mtls else []), *self.agent_args]
-        p = agents.start(node, self.cgroup_root, self.config_dir, args, self.kubeconfig)
+        p = agents.start(
+            node,
+            self.cgroup_root,
+            self.config_dir,
+            args,
+            self.kubeconfig,
+            successor=successor,
+            cgroup=cgroup,
+        )
         self._popens.append(p)
         self.agent_pids[node.name] = p.pid
+        return p
 
     def _wait_agents(self, names: Sequence[str], timeout: float, progress: Progress) -> None:
         nodes = [self.topology.node(name) for name in names]
@@ -248,16 +259,59 @@ class Sandbox(Record):
         """Kill a node's agent (tests: what happens while it is gone)."""
         cgroups.kill(self.cgroup_root / self._node(node).cgroup)
 
-    def restart_agent(self, node: str, timeout: float = AGENT_TIMEOUT) -> None:
-        """Stop a node's agent (SIGTERM, then SIGKILL) and start it again; wait until ready."""
+    def restart_agent(self, node: str, timeout: float = AGENT_TIMEOUT, cgroup: str = "") -> None:
+        """Stop a node's agent (SIGTERM, then SIGKILL) and start it again; wait until ready.
+        ``cgroup``: start it in that cgroup below the node's (a DaemonSet's new pod)."""
         if not self.agents:
             raise LocalStateError("this sandbox runs without agents (up --no-agents)")
         plan_ = self._node(node)
         agents.stop(plan_, self.cgroup_root)
         self._reap()
-        self._start_agent(plan_)
+        self._start_agent(plan_, cgroup=cgroup)
         self.save()
         self._wait_agents([plan_.name], timeout, quiet)
+
+    def roll_agent(
+        self,
+        node: str,
+        timeout: float = AGENT_TIMEOUT,
+        exit_timeout: float | None = 120.0,
+        cgroup: str = "",
+    ) -> int:
+        """What a DaemonSet rolling update does (maxSurge 1, maxUnavailable 0): start a new
+        agent (same command line, the node's cgroup) alongside the running one, which
+        hands it its listeners (docs/upgrade.md); once the new one serves, the old one
+        drains and exits. Waits up to ``exit_timeout`` seconds for that exit (None: not at
+        all). ``cgroup``: the new agent runs in that cgroup below the node's (as a
+        DaemonSet's new pod). Returns the old agent's pid; the state records the new one's."""
+        if not self.agents:
+            raise LocalStateError("this sandbox runs without agents (up --no-agents)")
+        plan_ = self._node(node)
+        old = self.agent_pids.get(plan_.name, 0)
+        if not old or not processes.alive(old):
+            raise LocalStateError(
+                f"the agent of node {plan_.name} is not running (pid {old}): nothing to roll; "
+                "start one by restarting it"
+            )
+        before = agents.socket_inode(agents.handover_socket(plan_))
+        self._reap()
+        new = self._start_agent(plan_, successor=True, cgroup=cgroup)
+        try:
+            agents.wait_taken_over(plan_, new, before, timeout)
+        except LocalStateError:
+            self.agent_pids[plan_.name] = old
+            with contextlib.suppress(ProcessLookupError):
+                new.kill()
+            raise
+        finally:
+            self.save()
+        if exit_timeout is not None and not agents.wait_exit(old, exit_timeout):
+            raise LocalStateError(
+                f"the old agent of node {plan_.name} (pid {old}) did not exit within "
+                f"{exit_timeout:.0f}s of handing over"
+            )
+        self._reap()
+        return old
 
     # -- pods ------------------------------------------------------------------------------
 

@@ -424,3 +424,30 @@ def test_the_documented_rate_limits_are_accepted_by_the_crd() -> None:
     bad = copy.deepcopy(objs[0])
     bad["spec"]["quotas"] = [{"window": "week", "limit": 1}]
     assert not check.is_valid(bad)
+
+
+# --- upgrades ---------------------------------------------------------------------------
+
+
+def test_a_rolling_update_starts_the_new_agent_before_the_old_one_stops() -> None:
+    ds = find("DaemonSet", "nodeagent")
+    strategy = ds["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    spec, _ = container("DaemonSet/nodeagent/nodeagent")
+    # on hostNetwork a declared port is a host port: the surge pod would never schedule
+    assert spec["hostNetwork"] is True
+    assert all("ports" not in x for x in [*spec.get("initContainers", []), *spec["containers"]])
+
+
+def test_both_agents_of_an_upgrade_meet_at_the_hand_over_socket_on_the_host() -> None:
+    spec, c = container("DaemonSet/nodeagent/nodeagent")
+    args = build_parser().parse_args(command_line(c))
+    settings = AgentSettings.from_args(args)
+    assert settings.handover
+    vol = mounted_volume(spec, c, str(settings.handover_path))
+    assert vol["hostPath"]["type"] == "DirectoryOrCreate"  # both pods see the same file
+    # a container that exited after handing over would be restarted and take over back
+    assert settings.after_handover == "wait"
+    # the old pod's SIGTERM comes during its drain: the grace period covers the drain
+    assert spec["terminationGracePeriodSeconds"] > settings.drain_seconds
