@@ -50,7 +50,8 @@ def start(
 ) -> subprocess.Popen[bytes]:
     """Start ``node``'s agent with ``args`` after its own flags (the CA's, the user's);
     ``successor``: alongside the running one, which hands its listeners over; ``cgroup``:
-    in that cgroup below the node's (as a DaemonSet's new pod gets a cgroup of its own)."""
+    in a cgroup of that name beside the node's (``pod_cgroups``), as a DaemonSet's new pod
+    gets a cgroup of its own."""
     os.makedirs(node.state_dir, exist_ok=True)
     if not successor:
         with contextlib.suppress(FileNotFoundError):
@@ -78,7 +79,7 @@ def start(
     env["PYTHONUNBUFFERED"] = "1"
     where = cgroup_root / node.cgroup
     if cgroup:
-        where = where / cgroup
+        where = pod_cgroups(cgroup_root, node) / cgroup
         cgroups.create(where)
     return processes.spawn(processes.launcher(where, argv), log=node.log, env=env)
 
@@ -182,9 +183,16 @@ def wait_exit(pid: int, timeout: float) -> bool:
     return True
 
 
+def pod_cgroups(cgroup_root: Path, node: NodePlan) -> Path:
+    """Where agents started in a cgroup of their own live (``<sandbox>/agent-pods/<node>``):
+    beside the node's agent cgroup, not below it (programs attached to a cgroup apply to
+    those below it too, and a DaemonSet's pods are siblings)."""
+    return cgroup_root / Path(node.cgroup).parent.parent / "agent-pods" / node.name
+
+
 def stop(node: NodePlan, cgroup_root: Path) -> None:
     """SIGTERM, then SIGKILL after ``AGENT_GRACE`` seconds."""
-    cg = cgroup_root / node.cgroup
-    cgroups.signal_all(cg, signal.SIGTERM)
-    if not cgroups.wait_empty(cg, AGENT_GRACE):
-        cgroups.kill(cg)
+    for cg in (cgroup_root / node.cgroup, pod_cgroups(cgroup_root, node)):
+        cgroups.signal_all(cg, signal.SIGTERM)
+        if not cgroups.wait_empty(cg, AGENT_GRACE):
+            cgroups.kill(cg)

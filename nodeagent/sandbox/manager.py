@@ -257,11 +257,14 @@ class Sandbox(Record):
 
     def stop_agent(self, node: str) -> None:
         """Kill a node's agent (tests: what happens while it is gone)."""
-        cgroups.kill(self.cgroup_root / self._node(node).cgroup)
+        plan_ = self._node(node)
+        cgroups.kill(self.cgroup_root / plan_.cgroup)
+        cgroups.kill(agents.pod_cgroups(self.cgroup_root, plan_))
 
     def restart_agent(self, node: str, timeout: float = AGENT_TIMEOUT, cgroup: str = "") -> None:
         """Stop a node's agent (SIGTERM, then SIGKILL) and start it again; wait until ready.
-        ``cgroup``: start it in that cgroup below the node's (a DaemonSet's new pod)."""
+        ``cgroup``: start it in a cgroup of that name beside the node's (a DaemonSet's new
+        pod, ``agents.pod_cgroups``)."""
         if not self.agents:
             raise LocalStateError("this sandbox runs without agents (up --no-agents)")
         plan_ = self._node(node)
@@ -282,8 +285,9 @@ class Sandbox(Record):
         agent (same command line, the node's cgroup) alongside the running one, which
         hands it its listeners (docs/upgrade.md); once the new one serves, the old one
         drains and exits. Waits up to ``exit_timeout`` seconds for that exit (None: not at
-        all). ``cgroup``: the new agent runs in that cgroup below the node's (as a
-        DaemonSet's new pod). Returns the old agent's pid; the state records the new one's."""
+        all). ``cgroup``: the new agent runs in a cgroup of that name beside the node's
+        (a DaemonSet's new pod, ``agents.pod_cgroups``). Returns the old agent's pid; the
+        state records the new one's."""
         if not self.agents:
             raise LocalStateError("this sandbox runs without agents (up --no-agents)")
         plan_ = self._node(node)
