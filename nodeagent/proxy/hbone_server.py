@@ -326,10 +326,8 @@ class HboneServer:
             self._give_slot(None)
             log.error("HBONE: cannot serve an accepted connection: %r", e)
             return
-        if self._closing:
-            sock.close()
-            self._give_slot(None)
-            return
+        # (accepted before ``close``: served, then drained, like the connections before it;
+        # after a hand-over the client would otherwise see its connection cut)
         conn = _ServerConn(self, peer)
         conn.local_addr = local
         conn.slot = self._slots is not None
@@ -357,9 +355,6 @@ class HboneServer:
                 peer, "client certificate carries no SPIFFE ID (exactly one spiffe:// URI SAN)"
             )
             return
-        if self.closing():  # a call: close() may have run during the handshake
-            tls.abort()
-            return
         self._handshakes += 1
         self._conns.add(conn)
         held = self._per_identity.get(identity, 0)
@@ -379,6 +374,8 @@ class HboneServer:
         conn.counted = True
         conn.attach(tls, identity)
         conn.start_timers()
+        if self.closing():  # a call: close() may have run during the handshake
+            self._drain(conn)
 
     def _give_slot(self, conn: _ServerConn | None) -> None:
         """An accepted connection is over: its slot of the connection caps comes back
@@ -461,12 +458,17 @@ class HboneServer:
         if self._sock is not None:
             self._sock.close()
         for conn in list(self._conns):
-            conn.machine.drain()
-            if conn.streams:
-                conn.flush()
-            else:
-                conn.shutdown("server closing")
+            self._drain(conn)
         self._check_drained()
+
+    @staticmethod
+    def _drain(conn: _ServerConn) -> None:
+        """A graceful GOAWAY: open streams finish, the connection closes once empty."""
+        conn.machine.drain()
+        if conn.streams:
+            conn.flush()
+        else:
+            conn.shutdown("server closing")
 
     def abort(self) -> None:
         """Close every connection now (streams see ``connection_lost``)."""

@@ -969,3 +969,49 @@ def test_figures_bulk_and_round_trips(mesh: Mesh, report: Callable[[str], None])
         await tls_echo.wait_closed()
 
     run(main)
+
+
+def test_a_connection_accepted_as_the_server_closes_is_served_by_the_next_one(
+    mesh: Mesh,
+) -> None:
+    """A hand-over: the old server closes while it handshakes a connection it accepted,
+    and a new server accepts on the same listening socket. The client's stream must not
+    fail (the old server serves or refuses it gracefully, and the pool retries)."""
+
+    async def main() -> None:
+        sock = listening()
+        twin = socket.socket(fileno=os.dup(sock.fileno()))  # the new agent's descriptor
+        ctx = mesh.server_ctx()
+        old: list[HboneServer] = []
+        new: list[asyncio.Task[HboneServer]] = []
+
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            return Echo()
+
+        def closing_context() -> ssl.SSLContext:
+            # the new server starts and the old one lets go during this handshake
+            new.append(asyncio.ensure_future(start_hbone_server(twin, ctx, on_connect)))
+            old[0].close()
+            return ctx
+
+        old.append(await start_hbone_server(sock, closing_context, on_connect))
+        addr = twin.getsockname()[:2]
+        pool = pool_for(mesh)
+        peer = Peer()
+        await pool.open_stream(
+            source_identity=CLIENT_ID,
+            expected_identity=SERVER_ID,
+            peer=addr,
+            authority="10.0.0.1:80",
+            headers={},
+            protocol=peer,
+        )
+        await peer.send(b"q" * 1000)
+        await peer.eof
+        assert peer.received == 1000
+        assert len(new) == 1  # the old server did accept it, and closed meanwhile
+        pool.close()
+        (await new[0]).abort()
+        old[0].abort()
+
+    run(main)
