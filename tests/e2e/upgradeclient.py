@@ -3,8 +3,9 @@
 
 Until its stdin closes it keeps two things going:
 
-- a new connection every ``--every`` seconds, each sending a random request, half-closing
-  and checking that the echoed answer is exactly the request (any error is a failure);
+- a new connection every ``--every`` seconds (on a schedule, concurrently), each sending
+  a random request, half-closing and checking that the echoed answer is exactly the
+  request (any error is a failure);
 - one long stream: random bytes sent at ``--rate`` bytes/s while the echo is read back;
   when stdin closes the stream half-closes and drains, and the SHA-256 of what came back
   must be that of what was sent (the echo server got every byte, in order).
@@ -23,32 +24,53 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def one_connection(host: str, port: int) -> None:
+    """One connection: a random request, half-close, the echo must be exactly it."""
+    request = os.urandom(64)
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    if answer != request:
+        raise ValueError(f"answer of {len(answer)} bytes is not the request")
 
 
 def connections(
     host: str, port: int, every: float, stop: threading.Event, out: dict[str, object]
 ) -> None:
-    made = failed = 0
+    """Start a connection every ``every`` seconds (on a schedule, whatever the others
+    take); record when each successful one started (``time.monotonic``, the system's
+    clock: the test compares it with its own) and every failure."""
+    made: list[float] = []
     errors: list[str] = []
-    t0 = time.monotonic()
-    while not stop.is_set():
-        request = os.urandom(64)
+    failed = 0
+    lock = threading.Lock()
+
+    def run(started: float) -> None:
+        nonlocal failed
         try:
-            with socket.create_connection((host, port), timeout=5) as s:
-                s.sendall(request)
-                s.shutdown(socket.SHUT_WR)
-                answer = b""
-                while chunk := s.recv(4096):
-                    answer += chunk
-            if answer != request:
-                raise ValueError(f"answer of {len(answer)} bytes is not the request")
-            made += 1
+            one_connection(host, port)
         except (OSError, ValueError) as e:
-            failed += 1
-            if len(errors) < 10:
-                errors.append(f"{time.monotonic() - t0:.2f}s: {e!r}")
-        time.sleep(every)
-    out.update(made=made, failed=failed, errors=errors)
+            with lock:
+                failed += 1
+                if len(errors) < 10:
+                    errors.append(f"at {started:.3f}: {e!r}")
+            return
+        with lock:
+            made.append(round(started, 3))
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        next_at = time.monotonic()
+        while not stop.is_set():
+            pool.submit(run, time.monotonic())
+            next_at += every
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    out.update(made=len(made), failed=failed, errors=errors, starts=sorted(made))
 
 
 def stream(
