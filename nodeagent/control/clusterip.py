@@ -118,7 +118,9 @@ def with_entry_addresses(
                     have[h] = addr
             auto = tuple((h, have[h]) for h in obj.hosts if h in have)
             status = [{"value": a, "host": h} for h, a in auto]
-            raw = {**raw, "status": {**(raw.get("status") or {}), "addresses": status}}
+            # status is the API server's, never checked: anything but a mapping is dropped
+            old = raw.get("status")
+            raw = {**raw, "status": {**(old if isinstance(old, dict) else {}), "addresses": status}}
             obj = dataclasses.replace(obj, auto_addresses=auto)
         out.append((raw, obj))
     return out

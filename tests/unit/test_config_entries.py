@@ -187,6 +187,29 @@ status:
     assert svc is not None and svc.cluster_ip == "240.240.0.9"
 
 
+@pytest.mark.parametrize("status", ["1", "[a, b]", "'x'", "null"])
+def test_a_status_that_is_no_mapping_gets_the_allocated_address(
+    tmp_path: Path, status: str
+) -> None:
+    """Found by fuzzing: a ServiceEntry whose ``status`` was not a mapping raised a
+    TypeError where the allocated address is written back. The status is the API
+    server's, never checked: it is replaced."""
+    (tmp_path / "se.yaml").write_text(
+        f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: DNS
+status: {status}
+"""
+    )
+    svc = load(tmp_path).service_for_host("api.example.com")
+    assert svc is not None and svc.cluster_ip.startswith("240.240.")
+
+
 def test_the_istio_configmap_sets_registry_only_and_others_are_skipped(
     examples: Path,
 ) -> None:
