@@ -16,7 +16,8 @@ What is attached where (see the C file for the data path):
   sockets, which belong to the listener's cgroup), ``sockops`` and ``connect4_proxy``
   (refuses a transparent connection's port when a plaintext client's own connection
   holds the same tuple in the pod: the proxy binds another; pinned under
-  ``links-proxy/``, which agents before it leave alone);
+  ``links-proxy/_proxy*/``, named as the cgroup's ``links/_proxy*``, which agents
+  before it leave alone);
 - the ``local_socks`` sockhash: ``msg_bypass`` (sk_msg). ``sockops`` puts both ends of
   each local leg (app ↔ proxy on loopback, proxy ↔ app on the pod IP) into that map,
   and their payload then skips the TCP/IP stack (off unless ``--bpf-bypass on``, the
@@ -111,7 +112,7 @@ PROG_NAMES = frozenset(n for p in PROGS.values() for n in (p.func, p.func[:15]))
 POD_PROGS = ("connect4", "connect6", "sockops", "getpeername4", "getpeername6")
 PROXY_PROGS = ("getsockopt", "sockops")
 PROXY_LINKS = "links-proxy"
-"""``<pin_dir>/links-proxy/<prog>``: the agent cgroup's links of programs that agents
+"""``<pin_dir>/links-proxy/_proxy*/<prog>``: the agent cgroups' links of programs that agents
 before them do not know (``PROXY_PROGS_LATER``): pinned apart from ``links/``, which
 every agent re-adopts by name, so that a downgraded agent leaves them alone."""
 PROXY_PROGS_LATER = ("connect4_proxy",)
@@ -470,7 +471,8 @@ class Capture:
         os.makedirs(d, exist_ok=True)
         for key in PROXY_PROGS:
             self._link(key, cgroup, os.path.join(d, key))
-        d = os.path.join(self.pin_dir, PROXY_LINKS)
+        # the same per-cgroup name under links-proxy/, so a new pod's cgroup gets its own
+        d = os.path.join(self.pin_dir, PROXY_LINKS, os.path.basename(d))
         os.makedirs(d, exist_ok=True)
         for key in PROXY_PROGS_LATER:
             self._link(key, cgroup, os.path.join(d, key))
@@ -494,11 +496,24 @@ class Capture:
                     continue
                 done.append(f"{pod}/{key}")
         later = os.path.join(self.pin_dir, PROXY_LINKS)
-        for key in sorted(os.listdir(later)) if os.path.isdir(later) else []:
-            if key in self.fns:  # else a later agent's program: left to it
-                with pinned(os.path.join(later, key)) as fd:
-                    link_update(fd, self.fns[key].fd)
-                done.append(f"_proxy/{key}")
+        for hooks in sorted(os.listdir(later)) if os.path.isdir(later) else []:
+            if not os.path.isdir(os.path.join(later, hooks)):  # the flat layout of a day
+                os.unlink(os.path.join(later, hooks))  # (attach_proxy pins it again)
+                continue
+            for key in sorted(os.listdir(os.path.join(later, hooks))):
+                if key not in self.fns:  # a later agent's program: left to it
+                    continue
+                pin = os.path.join(later, hooks, key)
+                try:
+                    with pinned(pin) as fd:
+                        link_update(fd, self.fns[key].fd)
+                except OSError as e:
+                    if e.errno != errno.ENOLINK:
+                        raise
+                    log.info("eBPF: %s/%s hooks a cgroup that is gone: unpinned", hooks, key)
+                    os.unlink(pin)
+                    continue
+                done.append(f"{hooks}/{key}")
         return done
 
 
@@ -814,8 +829,9 @@ class NodeCapture:
         for name in sorted(os.listdir(links)):
             attachments[name] = sorted(os.listdir(os.path.join(links, name)))
         later = os.path.join(self.pin_dir, PROXY_LINKS)
-        if os.path.isdir(later):
-            attachments["_proxy"] = sorted([*attachments.get("_proxy", []), *os.listdir(later)])
+        for hooks in sorted(os.listdir(later)) if os.path.isdir(later) else []:
+            mine = os.listdir(os.path.join(later, hooks))
+            attachments[hooks] = sorted([*attachments.get(hooks, []), *mine])
         mesh = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["mesh_ips"])
         pods = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["inbound_pods"])
         bypass_on, local_socks = bypass_state(self.pin_dir)

@@ -121,10 +121,23 @@ def test_an_agent_in_a_new_cgroup_keeps_every_listener_hooked(sb: Sandbox, redir
     assert result["connections"]["failed"] == 0, result["connections"]
     assert result["stream"]["ok"], result["stream"]
     assert wait_exit(old, 30)
+    hooks = _proxy_hooks(sb)
+    assert len(hooks) == 3, hooks  # the first agent's cgroup's, gen-b's, gen-c's: all of them
+    assert all(progs == ["connect4_proxy", "getsockopt", "sockops"] for progs in hooks.values())
     gen_b = pod_cgroups(sb.cgroup_root, sb.topology.node("node1")) / "gen-b"
     gen_b.rmdir()  # as the kubelet removes the old pod's cgroup
     after = _quiet_traffic(sb)["connections"]
     assert after["failed"] == 0 and after["made"] > 20, after
+
+
+def _proxy_hooks(sb: Sandbox) -> dict[str, list[str]]:
+    """node1's pinned hooks of agent cgroups, from ``nodeagent ctl bpf``."""
+    p = subprocess.run(
+        [sys.executable, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node1"),
+         "bpf", "-o", "json"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    attached: dict[str, list[str]] = json.loads(p.stdout)["attachments"]
+    return {k: v for k, v in attached.items() if k.startswith("_proxy")}
 
 
 REDIRECT_COLD = ("iptables",)
