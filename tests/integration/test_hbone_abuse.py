@@ -377,10 +377,12 @@ def test_a_control_frame_flood_is_bounded_and_ends_in_goaway(
             await asyncio.sleep(0.001)
         await loop.run_in_executor(None, done.wait)
         # All the server wrote until then is unsent: the flooder has read nothing (the
-        # kernel holds a few KiB of it: small buffers both ends).
+        # kernel holds a few KiB of it: small buffers both ends). Answers are checked per
+        # read, so a loaded box (bigger reads) queues up to a read or two of them past the
+        # high-water mark (1.58 MB seen with VMs booting alongside); unbounded is 3.4 MB.
         unsent = flooder.bytes_out
         received = await attack
-        assert unsent <= TLS_HIGH_WATER + 512 * 1024, f"{unsent} bytes queued for the flooder"
+        assert unsent <= TLS_HIGH_WATER + 1024 * 1024, f"{unsent} bytes queued for the flooder"
         goaway = goaway_of(received)
         assert goaway is not None, f"no GOAWAY after {count} unread control frames"
         assert goaway.error_code == ENHANCE_YOUR_CALM
