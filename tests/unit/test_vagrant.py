@@ -20,7 +20,7 @@ UNIT = ROOT / "deploy" / "systemd" / "nodeagent.service"
 ENV_FILE = ROOT / "deploy" / "systemd" / "nodeagent.env"
 AGENT = "/opt/nodeagent/venv/bin/nodeagent"
 # What the unit's comments justify, one by one; anything more must be argued there first.
-CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"}
+CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
