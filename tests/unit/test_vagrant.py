@@ -1,6 +1,9 @@
 """The VM install: deploy/systemd/nodeagent.service is a unit systemd accepts, its command
-line parses with nodeagent's own parser, it keeps only the capabilities it documents and
-stops after the agent's drain."""
+line parses with nodeagent's own parser, it keeps only the capabilities it documents, stops
+after the agent's drain; vagrant/Vagrantfile passes `vagrant validate`; the mesh config the
+VMs are provisioned with loads and puts each VM's WorkloadEntry on that VM's agent.
+
+The VMs themselves boot in the VM tier, scripts/vm-test.sh (minutes, not in this suite)."""
 
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import pytest
 
 from nodeagent.cli import build_parser
 from nodeagent.config import AgentSettings
+from nodeagent.control.files import load_directory
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "nodeagent.service"
 ENV_FILE = ROOT / "deploy" / "systemd" / "nodeagent.env"
+VAGRANT = ROOT / "vagrant"
+WORKLOAD_UNIT = VAGRANT / "ratings.service"
 AGENT = "/opt/nodeagent/venv/bin/nodeagent"
 # What the unit's comments justify, one by one; anything more must be argued there first.
 CAPABILITIES = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"}
@@ -144,3 +150,61 @@ def test_systemd_accepts_the_unit_without_a_warning(tmp_path: Path) -> None:
     # the check sees a misspelled value (systemd only warns and ignores it)
     bad = verify(UNIT.read_text().replace("KillMode=mixed", "KillMode=mixd"), tmp_path)
     assert "kill mode" in (bad.stdout + bad.stderr).lower()
+
+
+def test_the_sample_workload_unit_runs_the_sample_app() -> None:
+    unit = parse_unit(WORKLOAD_UNIT)
+    argv = shlex.split(one(unit, "Service", "ExecStart"))
+    assert argv[0] == AGENT
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "sample-app" and args.port == 9080 and args.service == "ratings"
+
+
+def mesh_config(tmp_path: Path, vms: int) -> Path:
+    out = subprocess.run(
+        ["bash", str(VAGRANT / "mesh-config.sh"), str(vms), "192.168.121"],
+        capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    (tmp_path / "vm.yaml").write_text(out.stdout)
+    return tmp_path
+
+
+@pytest.mark.parametrize("vms", [1, 2])
+def test_each_vms_workload_entry_is_served_by_that_vms_agent(tmp_path: Path, vms: int) -> None:
+    snap = load_directory(mesh_config(tmp_path, vms)).snapshot
+    for n in range(1, vms + 1):
+        (entry,) = snap.workload_entries_on_node(f"vm-{n}")
+        assert entry.name == f"ratings-vm-{n}" and entry.pod_ip == f"192.168.121.{9 + n}"
+        assert entry.identity() == "spiffe://cluster.local/ns/default/sa/ratings"
+    ratings = snap.service_for_address("10.96.8.10")
+    assert ratings is not None
+    (port,) = ratings.ports
+    got = sorted((e.ip, e.port) for e in snap.endpoints(ratings, port))
+    assert got == [(f"192.168.121.{9 + n}", 9080) for n in range(1, vms + 1)]
+
+
+def vagrant_validate(tmp_path: Path, vagrantfile: Path, **env: str) -> str:
+    done = subprocess.run(
+        ["vagrant", "validate"],
+        cwd=vagrantfile.parent, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "VAGRANT_DOTFILE_PATH": str(tmp_path / "dot"),
+             "VAGRANT_CHECKPOINT_DISABLE": "1", **env},
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    return ("ok: " if done.returncode == 0 else "failed: ") + out
+
+
+@pytest.mark.skipif(not shutil.which("vagrant"), reason="vagrant is not installed")
+def test_vagrant_validates_the_vagrantfile(tmp_path: Path) -> None:
+    vf = VAGRANT / "Vagrantfile"
+    for vms in ("1", "2"):
+        out = vagrant_validate(tmp_path, vf, NODEAGENT_VMS=vms)
+        assert out.startswith("ok: "), out
+    assert "NODEAGENT_VMS must be 1 or 2" in vagrant_validate(tmp_path, vf, NODEAGENT_VMS="3")
+    # validate checks the provider's settings too: a bad libvirt value fails it
+    broken = tmp_path / "broken" / "Vagrantfile"
+    broken.parent.mkdir()
+    text = vf.read_text().replace("HERE = __dir__", f"HERE = {str(VAGRANT)!r}")
+    broken.write_text(text.replace("libvirt.qemu_use_agent = true", 'libvirt.qemu_use_agent = "x"'))
+    out = vagrant_validate(tmp_path, broken)
+    assert out.startswith("failed: ") and "qemu_use_agent must be a boolean" in out, out
