@@ -19,6 +19,20 @@ PY="${NODEAGENT_PYTHON:-$ROOT/.venv/bin/python}"
 OUT="$HERE/.payload"
 DEPS="$NODEAGENT_VAGRANT_CACHE/wheels"
 mkdir -p "$OUT" "$DEPS"
+# One build at a time (`vagrant up` runs this trigger for each VM, in parallel), and none
+# when the sources are those of the last build.
+exec 9>"$OUT/.lock"
+flock 9
+sources() {
+  tar -C "$ROOT" --exclude=.git --exclude=.venv --exclude=vagrant --exclude=bench \
+      --exclude=__pycache__ --exclude='*.so' --exclude=build --exclude='*.egg-info' \
+      --sort=name -cf - .
+}
+stamp="$(sources | sha256sum | cut -c1-16)"
+if [ -d "$OUT/site-packages" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ]; then
+  echo "payload: $OUT/site-packages is up to date"
+  exit 0
+fi
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 pip() {
@@ -30,9 +44,7 @@ pip() {
 }
 # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
 mkdir "$TMP/src"
-tar -C "$ROOT" --exclude=.git --exclude=.venv --exclude=vagrant --exclude=bench \
-    --exclude=__pycache__ --exclude='*.so' --exclude=build --exclude='*.egg-info' -cf - . |
-  tar -C "$TMP/src" -xf -
+sources | tar -C "$TMP/src" -xf -
 pip wheel --no-build-isolation --no-deps -w "$TMP/wheel" "$TMP/src"
 wheel="$(ls "$TMP"/wheel/nodeagent-*.whl)"
 pip wheel --only-binary=:all: -w "$DEPS" "$wheel"
@@ -42,5 +54,6 @@ pip install --no-index --find-links "$DEPS" --target "$TMP/site" "$wheel"
 rm -rf "$TMP/site/bin"
 rm -rf "$OUT/site-packages"
 mv "$TMP/site" "$OUT/site-packages"
+echo "$stamp" >"$OUT/stamp"
 echo "payload: nodeagent and $(ls "$DEPS" | wc -l) dependencies in $OUT/site-packages" \
      "($(du -sh "$OUT/site-packages" | cut -f1))"
