@@ -18,7 +18,10 @@ PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tc
       # the compiled hot path (nodeagent/native.py): mypyc's C needs a compiler and Python.h
       gcc python3-dev
       # eBPF capture: bcc (pure Python over libbcc) compiles bpf/*.c at load time
-      python3-bpfcc libbpfcc bpftool linux-headers-amd64)
+      python3-bpfcc libbpfcc bpftool linux-headers-amd64
+      # the VM install's checks: `systemd-analyze verify` of deploy/systemd, `vagrant validate`
+      # (the VM tier, scripts/vm-test.sh, installs the rest: libvirt, QEMU, debootstrap)
+      systemd vagrant vagrant-libvirt)
 # (the image's tools, podman/buildah/mmdebstrap, are installed by build-image.sh itself)
 missing=()
 for p in "${PKGS[@]}"; do
