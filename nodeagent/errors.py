@@ -30,8 +30,20 @@ class ConfigError(NodeAgentError):
         self.obj = obj
         self.field = field
         self.reason = message
-        parts = [p for p in (source, obj, field) if p]
+        # a name or path from the file may be huge (fuzzing found a 10,000-character name)
+        parts = [_clip(p) for p in (source, obj, field) if p]
         super().__init__(": ".join([*parts, message]))
+
+
+MAX_PART = 300
+"""Characters of a file, object or field named in a ConfigError's message (Kubernetes
+names are at most 253)."""
+
+
+def _clip(part: str) -> str:
+    if len(part) <= MAX_PART:
+        return part
+    return f"{part[:MAX_PART]}… ({len(part) - MAX_PART} characters cut)"
 
 
 class ConfigErrors(NodeAgentError):

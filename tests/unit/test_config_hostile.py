@@ -95,6 +95,21 @@ def test_a_hostile_file_is_one_error_naming_it(tmp_path: Path, name: str) -> Non
     assert len(str(info.value)) < 2000  # never the value itself, expanded
 
 
+def test_a_huge_name_is_cut_in_the_error(tmp_path: Path) -> None:
+    """Found by fuzzing: a 10,000-character object name went whole into each error."""
+    name = "x" * 10_000
+    (tmp_path / "p.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        f"metadata: {{name: {name}, namespace: default}}\nspec: {{}}\nextra: 1\n"
+    )
+    with pytest.raises(ConfigErrors) as e:
+        load_directory(tmp_path)
+    [error] = e.value.errors
+    assert "extra: unknown field" in str(error) and str(tmp_path / "p.yaml") in str(error)
+    assert len(str(error)) < 1000, len(str(error))
+    assert "characters cut" in str(error) and error.obj.endswith(name)
+
+
 def test_aliases_within_the_bound_load(tmp_path: Path) -> None:
     """Anchors and aliases are YAML: labels shared by two objects of a list are fine."""
     (tmp_path / "mesh.yaml").write_text(
