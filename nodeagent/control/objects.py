@@ -48,6 +48,8 @@ POD = resource(
             "serviceAccountName": STR,
             "serviceAccount": STR,
             "hostNetwork": BOOL,
+            "hostname": STR,
+            "subdomain": STR,
             "containers": ListOf(
                 Obj(
                     {
@@ -215,6 +217,10 @@ def convert_pod(doc: dict[str, Any], source: str, problems: Problems) -> Pod | N
         )
     if not containers:
         problems.add("spec.containers", "a Pod needs at least one container")
+    for key in ("hostname", "subdomain"):  # its DNS name's labels (core/dns.py)
+        value = spec.get(key)
+        if isinstance(value, str) and value and not DNS_LABEL.match(value):
+            problems.add(f"spec.{key}", f"{value!r} is not a DNS label (RFC 1123)")
     pod_ip = (doc.get("status") or {}).get("podIP")
     if pod_ip is not None:
         try:
@@ -245,6 +251,8 @@ def convert_pod(doc: dict[str, Any], source: str, problems: Problems) -> Pod | N
         containers=tuple(containers),
         pod_ip=pod_ip,
         source=source,
+        hostname=str(spec.get("hostname") or ""),
+        subdomain=str(spec.get("subdomain") or ""),
     )
 
 

@@ -101,6 +101,11 @@ class Pod:
     """``Pod``; ``WorkloadEntry`` for a VM's workload, ``ServiceEntry`` for an inline
     endpoint of a ServiceEntry (``model/entries.py``): their ports are keyed by service
     port name, and they have no netns the agent opens listeners in."""
+    hostname: str = ""
+    subdomain: str = ""
+    """``spec.hostname`` and ``spec.subdomain``: with a headless Service named like the
+    subdomain, the pod answers ``<hostname>.<subdomain>.<ns>.svc.<domain>`` in DNS
+    (``core/dns.py``; the hostname defaults to the pod's name)."""
 
     @property
     def key(self) -> str:
