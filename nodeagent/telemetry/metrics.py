@@ -217,6 +217,14 @@ class Metrics:
             ("timeout",),
             registry=r,
         )
+        self.dns_requests = Counter(
+            "nodeagent_dns_requests",
+            "DNS queries of the local pods by answer: local (the mesh's names), forwarded "
+            "(the upstream resolver answered), failed (SERVFAIL: the upstream did not), "
+            "malformed (not a query: FORMERR, NOTIMP or no answer), dropped (too many at once)",
+            ("answer",),
+            registry=r,
+        )
         self.outlier_ejections = Counter(
             "nodeagent_outlier_ejections",
             "Endpoints ejected by outlier detection",
