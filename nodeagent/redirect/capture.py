@@ -77,7 +77,12 @@ class SourceRouting:
 
 class IptablesCapture(SourceRouting):
     """nat REDIRECT rules inside each pod's netns; the kernel keeps the original
-    destination of a redirected connection for ``SO_ORIGINAL_DST``."""
+    destination of a redirected connection for ``SO_ORIGINAL_DST``. With ``dns_port``,
+    the pod's DNS (port 53) goes to the DNS proxy there too."""
+
+    def __init__(self, dns_port: int | None = None) -> None:
+        super().__init__()
+        self.dns_port = dns_port
 
     def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
         """Nothing to do: the rules redirect every TCP destination, mesh or not."""
@@ -87,7 +92,9 @@ class IptablesCapture(SourceRouting):
     ) -> str:
         out_ports, in_ports = excluded
         spec = iptables.CaptureSpec(
-            exclude_outbound_ports=out_ports, exclude_inbound_ports=in_ports
+            exclude_outbound_ports=out_ports,
+            exclude_inbound_ports=in_ports,
+            dns_port=self.dns_port,
         )
         await iptables.apply_rules(runtime.netns, spec)
         try:
@@ -118,11 +125,14 @@ class IptablesCapture(SourceRouting):
 
 
 class EbpfCapture(SourceRouting):
-    """The eBPF programs of ``node`` (loaded or re-adopted by the composition root)."""
+    """The eBPF programs of ``node`` (loaded or re-adopted by the composition root);
+    with ``dns_port``, the pod's DNS goes to the DNS proxy by the two iptables rules of
+    ``iptables.render_dns_rules`` (the programs steer TCP to mesh addresses only)."""
 
-    def __init__(self, node: NodeCapture) -> None:
+    def __init__(self, node: NodeCapture, dns_port: int | None = None) -> None:
         super().__init__()
         self.node = node
+        self.dns_port = dns_port
         self._retained = False
 
     def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
@@ -144,12 +154,20 @@ class EbpfCapture(SourceRouting):
             exclude_outbound_ports=out_ports,
             exclude_inbound_ports=in_ports,
         )
+        mode = "eBPF"
+        if self.dns_port is not None:
+            spec = iptables.CaptureSpec(exclude_outbound_ports=out_ports, dns_port=self.dns_port)
+            try:
+                await iptables.apply_dns_rules(netns_path(runtime.netns), spec)
+            except LocalStateError as e:  # the pod is captured; its names go to its own resolver
+                log.warning("pod %s: its DNS is not captured: %s", pod_key, e)
+                mode += " (DNS not captured)"
         try:
             await srcroute.apply(netns_path(runtime.netns))
         except LocalStateError as e:  # capture still works; the app sees the proxy
-            return self.failed(pod_key, "eBPF", e)
+            return self.failed(pod_key, mode, e)
         self.routed(pod_key)
-        return "eBPF"
+        return mode
 
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
         """Changed exclude*Ports annotations of a live pod apply at once (the maps)."""
@@ -163,8 +181,10 @@ class EbpfCapture(SourceRouting):
             return
         try:
             await srcroute.remove(path)
+            if self.dns_port is not None:
+                await iptables.remove_rules(path)
         except LocalStateError as e:
-            log.warning("pod %s: cannot remove its source routing: %s", pod_key, e)
+            log.warning("pod %s: cannot remove its source routing or DNS rules: %s", pod_key, e)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         if inbound:

@@ -7,7 +7,10 @@ out again (``render_removal``, pure too). The rules:
 - outbound TCP (nat OUTPUT) → the proxy's outbound listener (15001), except loopback
   traffic, excluded ports, and the proxy's own upstream sockets (``SO_MARK`` 0x539);
 - inbound TCP (nat PREROUTING) → the inbound listener (15006), except HBONE (15008)
-  and excluded ports.
+  and excluded ports;
+- with ``dns_port`` (the DNS proxy is on): UDP and TCP to port 53 (not over loopback,
+  not the proxy's own marked forwards) → the DNS proxy (15053), unless port 53 is an
+  excluded outbound port. ``render_dns_rules`` is that part alone, for eBPF mode.
 
 ``apply_source_routing`` (with these rules) lets the proxy's upstream socket to the
 app carry the client's address (``IP_TRANSPARENT``), as ztunnel in-pod does: a
@@ -36,6 +39,11 @@ CHAIN_OUT = "NODEAGENT_OUTPUT"
 CHAIN_IN = "NODEAGENT_INBOUND"
 JUMP_OUT = f"-A OUTPUT -p tcp -j {CHAIN_OUT}"
 JUMP_IN = f"-A PREROUTING -p tcp -j {CHAIN_IN}"
+CHAIN_DNS = "NODEAGENT_DNS"
+JUMP_DNS_UDP = f"-A OUTPUT -p udp -j {CHAIN_DNS}"
+JUMP_DNS_TCP = f"-A OUTPUT -p tcp -j {CHAIN_DNS}"
+"""eBPF mode's jump for TCP; iptables mode's goes through ``CHAIN_OUT``."""
+DNS_PORT = 15053
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,12 @@ class CaptureSpec:
     inbound_port: int = INBOUND_PORT
     hbone_port: int = HBONE_PORT
     mark: int = PROXY_MARK
+    dns_port: int | None = None
+    """The DNS proxy's port; None: DNS is not captured."""
+
+    @property
+    def captures_dns(self) -> bool:
+        return self.dns_port is not None and 53 not in self.exclude_outbound_ports
 
 
 def render_rules(spec: CaptureSpec, existing_nat: str = "") -> str:
@@ -55,7 +69,9 @@ def render_rules(spec: CaptureSpec, existing_nat: str = "") -> str:
     ``existing_nat`` (``iptables-save -t nat`` output) lacks them, so applying twice is
     the same as applying once.
     """
-    lines = ["*nat", f":{CHAIN_IN} - [0:0]", f":{CHAIN_OUT} - [0:0]"]
+    # the DNS chain is declared, so flushed, even when empty: DNS capture turned off
+    # leaves nothing behind
+    lines = ["*nat", f":{CHAIN_IN} - [0:0]", f":{CHAIN_OUT} - [0:0]", f":{CHAIN_DNS} - [0:0]"]
     if JUMP_IN not in existing_nat.splitlines():
         lines.append(JUMP_IN)
     if JUMP_OUT not in existing_nat.splitlines():
@@ -66,12 +82,35 @@ def render_rules(spec: CaptureSpec, existing_nat: str = "") -> str:
         lines.append(f"-A {CHAIN_IN} -p tcp --dport {port} -j RETURN")
     lines.append(f"-A {CHAIN_IN} -p tcp -j REDIRECT --to-ports {spec.inbound_port}")
     lines.append(f"-A {CHAIN_OUT} -m mark --mark {spec.mark:#x}/{MARK_MASK:#x} -j RETURN")
+    if spec.captures_dns:
+        lines.append(f"-A {CHAIN_OUT} -p tcp --dport 53 -j {CHAIN_DNS}")
     lines.append(f"-A {CHAIN_OUT} -o lo -j RETURN")
     for port in sorted(spec.exclude_outbound_ports):
         lines.append(f"-A {CHAIN_OUT} -p tcp --dport {port} -j RETURN")
     lines.append(f"-A {CHAIN_OUT} -p tcp -j REDIRECT --to-ports {spec.outbound_port}")
+    lines += _dns_lines(spec, existing_nat, (JUMP_DNS_UDP,))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def render_dns_rules(spec: CaptureSpec, existing_nat: str = "") -> str:
+    """The DNS capture alone (eBPF mode steers TCP itself; its DNS goes through these)."""
+    jumps = (JUMP_DNS_UDP, JUMP_DNS_TCP)
+    lines = ["*nat", f":{CHAIN_DNS} - [0:0]", *_dns_lines(spec, existing_nat, jumps), "COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def _dns_lines(spec: CaptureSpec, existing_nat: str, jumps: tuple[str, ...]) -> list[str]:
+    """The jumps to the DNS chain (declared by the caller) and its rules."""
+    lines = [j for j in jumps if j not in existing_nat.splitlines()]
+    if spec.captures_dns:
+        lines.append(f"-A {CHAIN_DNS} -m mark --mark {spec.mark:#x}/{MARK_MASK:#x} -j RETURN")
+        lines.append(f"-A {CHAIN_DNS} -o lo -j RETURN")
+        for proto in ("udp", "tcp"):
+            lines.append(
+                f"-A {CHAIN_DNS} -p {proto} --dport 53 -j REDIRECT --to-ports {spec.dns_port}"
+            )
+    return lines
 
 
 async def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
@@ -104,11 +143,20 @@ def render_removal(existing_nat: str) -> str:
     """The ``iptables-restore --noflush`` input that takes our jumps and chains out of
     a netns whose nat table is ``existing_nat``; empty when nothing of ours is there."""
     have = existing_nat.splitlines()
-    lines = [f"-D{jump[2:]}" for jump in (JUMP_OUT, JUMP_IN) if jump in have]
-    for chain in (CHAIN_OUT, CHAIN_IN):
+    jumps = (JUMP_OUT, JUMP_IN, JUMP_DNS_UDP, JUMP_DNS_TCP)
+    lines = [f"-D{jump[2:]}" for jump in jumps if jump in have]
+    for chain in (CHAIN_OUT, CHAIN_IN, CHAIN_DNS):
         if any(ln.startswith(f":{chain} ") for ln in have):
             lines += [f"-F {chain}", f"-X {chain}"]
     return "\n".join(["*nat", *lines, "COMMIT"]) + "\n" if lines else ""
+
+
+async def apply_dns_rules(netns: str, spec: CaptureSpec) -> str:
+    """Install (or refresh) the DNS capture alone in ``netns`` (eBPF mode)."""
+    existing = await _run(netns, ["iptables-save", "-t", "nat"])
+    rules = render_dns_rules(spec, existing)
+    await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    return rules
 
 
 async def remove_rules(netns: str) -> bool:
