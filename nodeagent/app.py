@@ -39,6 +39,7 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, LimitStatus
 from nodeagent.proxy import handover
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.dns import DNS_PORT, DnsSettings, resolv_conf_upstreams
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.inputs import ConnectionLimits, Http1Limits, ProxyInputs
@@ -47,6 +48,7 @@ from nodeagent.proxy.server import Proxy
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
+from nodeagent.redirect.iptables import PROXY_MARK
 from nodeagent.redirect.sockets import NetnsSockets
 from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 from nodeagent.telemetry.metrics import Metrics, counts
@@ -163,8 +165,10 @@ class Agent:
         self.capture_mode, self.capture_reason, self.bpf = _capture_mode(
             settings, node, loaded.snapshot
         )
+        dns = _dns_settings(settings)
+        dns_port = DNS_PORT if dns is not None else None
         capture: IptablesCapture | EbpfCapture = (
-            IptablesCapture() if self.bpf is None else EbpfCapture(self.bpf)
+            IptablesCapture(dns_port) if self.bpf is None else EbpfCapture(self.bpf, dns_port)
         )
         self.capture = capture
         inputs = ProxyInputs(
@@ -191,6 +195,7 @@ class Agent:
                 hbone_idle_timeout=settings.hbone_idle_timeout,
                 hbone_preface_timeout=settings.hbone_preface_timeout,
             ),
+            dns=dns,
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
@@ -456,6 +461,19 @@ HANDOVER_TIMEOUT = 5.0
 """Seconds the old agent gets to hand its listeners over; beyond, a cold start."""
 HANDOVER_READY_TIMEOUT = 60.0
 """Seconds a new agent waits for its pods (certificates, capture) before taking over."""
+
+
+def _dns_settings(settings: AgentSettings) -> DnsSettings | None:
+    """The DNS proxy's settings (None: ``--dns-proxy off``); its upstreams from the flag,
+    else the node's resolv.conf, read once at start."""
+    if not settings.dns_proxy:
+        return None
+    upstreams = settings.dns_upstreams
+    if upstreams is None:
+        upstreams = resolv_conf_upstreams()
+        if not upstreams:  # the mesh's names still answer; the rest gets SERVFAIL
+            log.warning("DNS proxy: no nameserver in /etc/resolv.conf and no --dns-upstream")
+    return DnsSettings(upstreams, settings.dns_timeout, PROXY_MARK)
 
 
 def _access_log(target: str) -> AccessLog:

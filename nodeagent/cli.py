@@ -257,6 +257,29 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="per-request JSON access log: - (stdout, default), a file path, or off",
     )
     p.add_argument(
+        "--dns-proxy",
+        default="on",
+        choices=["on", "off"],
+        help="answer the local pods' DNS on port 15053 (their port 53 captured): the "
+        "mesh's names locally, the rest forwarded (default: on; docs/dns.md)",
+    )
+    p.add_argument(
+        "--dns-upstream",
+        default=None,
+        type=_upstreams,
+        metavar="ADDRS",
+        help="resolvers the DNS proxy forwards other names to: comma-separated IP, IP:PORT "
+        "or [IPv6]:PORT (default: the nameservers of the node's /etc/resolv.conf)",
+    )
+    p.add_argument(
+        "--dns-timeout",
+        default="5s",
+        type=_duration,
+        metavar="DURATION",
+        help="time the upstream resolvers get to answer a forwarded query before the pod "
+        "gets SERVFAIL (default: 5s)",
+    )
+    p.add_argument(
         "--pid-file",
         default="",
         metavar="FILE",
@@ -309,6 +332,18 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
     return value
+
+
+def _upstreams(text: str) -> tuple[tuple[str, int], ...]:
+    from nodeagent.proxy.dns import parse_upstreams
+
+    try:
+        found = parse_upstreams(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one resolver address")
+    return found
 
 
 def _duration(text: str) -> float:

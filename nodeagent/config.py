@@ -69,6 +69,11 @@ class AgentSettings:
     after_handover: str = "exit"
     """Once the listeners are handed over and drained: ``exit``, or ``wait`` for SIGTERM
     (a DaemonSet pod, which the kubelet would restart if it exited)."""
+    dns_proxy: bool = True
+    """``--dns-proxy``: the DNS proxy on each local pod's port 15053, its port 53 captured."""
+    dns_upstreams: tuple[tuple[str, int], ...] | None = None
+    """``--dns-upstream``; None: the nameservers of the node's ``/etc/resolv.conf``."""
+    dns_timeout: float = 5.0
     pid_file: str = ""
     """Where to write the agent's pid (the CNI launcher of ``cni install
     --agent-pid-file`` enters its mount namespace); empty: nowhere."""
@@ -132,4 +137,7 @@ class AgentSettings:
             if getattr(args, "handover_socket", "")
             else None,
             after_handover=getattr(args, "after_handover", "exit"),
+            dns_proxy=getattr(args, "dns_proxy", "on") == "on",
+            dns_upstreams=getattr(args, "dns_upstream", None),
+            dns_timeout=float(getattr(args, "dns_timeout", cls.dns_timeout)),
         )

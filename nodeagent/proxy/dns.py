@@ -25,6 +25,7 @@ import random
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, cast
 
@@ -63,6 +64,19 @@ SO_MARK: Final = 36
 """``SO_MARK``: the forwarder's queries carry the proxy's mark, so capture passes them."""
 
 Addr = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """What the DNS proxy of a node is given."""
+
+    upstreams: tuple[Addr, ...]
+    """The resolvers other names are forwarded to, tried in order."""
+    timeout: float = 5.0
+    """Seconds they get, together, to answer one query."""
+    mark: int = 0
+    """``SO_MARK`` of the forwarded queries (the capture's mark: never captured)."""
+    domain: str = CLUSTER_DOMAIN
 
 
 class ForwardError(Exception):

@@ -20,6 +20,7 @@ from nodeagent.core.paths import BASE
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.proxy.dns import DnsSettings
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
@@ -39,6 +40,10 @@ class PodSockets(Protocol):
 
     def listen(self, host: str, port: int) -> socket.socket:
         """A non-blocking listening socket bound to ``host:port``."""
+        ...
+
+    def listen_udp(self, host: str, port: int) -> socket.socket:
+        """A non-blocking UDP socket bound to ``host:port`` (the DNS proxy's)."""
         ...
 
     def connect(
@@ -148,6 +153,8 @@ class ProxyInputs:
     """PEM roots for ``https://`` jwksUri servers; empty: the system trust store."""
     http1_limits: Http1Limits = Http1Limits()
     connection_limits: ConnectionLimits = ConnectionLimits()
+    dns: DnsSettings | None = None
+    """The DNS proxy's settings; None: no DNS proxy (the pods' DNS is not captured)."""
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

@@ -1,7 +1,7 @@
 """The local pods' lifecycle: for each pod of this node with a runtime entry, its sockets,
-its three listeners (15001 outbound, 15006 inbound, 15008 HBONE) and its outbound HBONE
-pool, its capture (through the ``Capture`` it was handed), its readiness and state; and
-their release when the pod leaves or its runtime changes.
+its three listeners (15001 outbound, 15006 inbound, 15008 HBONE), its DNS proxy's (15053,
+UDP and TCP) and its outbound HBONE pool, its capture (through the ``Capture`` it was
+handed), its readiness and state; and their release when the pod leaves or its runtime changes.
 
 Connections accepted on those listeners go to the handlers it was given; what they do
 with them is none of this module's business.
@@ -19,6 +19,7 @@ from typing import Any
 from nodeagent.errors import NodeAgentError
 from nodeagent.model.objects import Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
+from nodeagent.proxy.dns import DNS_PORT, DnsListeners, DnsProxy
 from nodeagent.proxy.handover import Inherited, Listener
 from nodeagent.proxy.hbone import HBONE_PORT
 from nodeagent.proxy.hbone_client import HboneClientPool
@@ -52,6 +53,7 @@ class PodProxy:
     """The outbound listener's server, then the inbound one's."""
     hbone: HboneServer | None = None
     pool: HboneClientPool | None = None
+    dns: DnsListeners | None = None
     state: str = "pending"
     mode: str = ""
     """What the capture reported when it attached the pod."""
@@ -68,6 +70,9 @@ class PodProxy:
         if self.hbone is not None:
             self.hbone.close()
             self.hbone = None
+        if self.dns is not None:
+            self.dns.close()
+            self.dns = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -99,9 +104,11 @@ class LocalPods:
         inbound: Accept,
         hbone: OnHbone,
         caps: ConnectionCaps | None = None,
+        dns: DnsProxy | None = None,
     ) -> None:
         self.inputs = inputs
         self.caps = caps or ConnectionCaps(inputs.connection_limits, inputs.metrics)
+        self.dns = dns
         self.pods = pods
         self._outbound = outbound
         self._inbound = inbound
@@ -154,6 +161,8 @@ class LocalPods:
                     pp.servers.append(server)
             if self.inputs.identity is not None and pp.hbone is None:
                 await self._start_hbone(pp, pp.sockets)
+            if self.dns is not None and pp.dns is None:
+                await self._start_dns(self.dns, pp, pp.sockets)
             pp.mode = await self.inputs.capture.attach(
                 key, pp.runtime, pp.listener, exclusions(pp.pod)
             )
@@ -207,6 +216,17 @@ class LocalPods:
             for kind, port, sock in socks:
                 out.append((Listener(kind, port, key, rt.netns, rt.ip), sock))
         return out
+
+    async def _start_dns(self, dns: DnsProxy, pp: PodProxy, sockets: PodSockets) -> None:
+        """The pod's DNS proxy on 127.0.0.1:15053, UDP and TCP (where capture sends its
+        port 53: a REDIRECT of the pod's own traffic goes to its loopback address)."""
+        udp = sockets.listen_udp("127.0.0.1", DNS_PORT)
+        try:
+            tcp = sockets.listen("127.0.0.1", DNS_PORT)
+        except OSError:
+            udp.close()
+            raise
+        pp.dns = await dns.serve(lambda: pp.pod.namespace, udp, tcp)
 
     def all_ready(self) -> bool:
         identity = self.inputs.identity

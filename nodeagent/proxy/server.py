@@ -7,7 +7,8 @@ One asyncio loop serves every pod. The parts, each in its own module, share one
 - ``proxy.pods``: the local pods' sockets, listeners, capture and readiness;
 - ``proxy.outbound``: each pod's 15001 listener (decide once, then dispatch);
 - ``proxy.inbound``: each pod's 15006 and 15008 listeners, policy re-checks;
-- ``proxy.plumbing``: what both directions share (relays, dialling, the L7 hand-off).
+- ``proxy.plumbing``: what both directions share (relays, dialling, the L7 hand-off);
+- ``proxy.dns``: each pod's DNS proxy (15053), when the inputs ask for one.
 
 The engines they share (the L7 router, the HTTP/2 upstream pool, the inbound policy) are
 built and closed here. This module holds no connection logic of its own.
@@ -23,6 +24,7 @@ from typing import Any
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.admission import InboundPolicy
+from nodeagent.proxy.dns import DnsProxy, Forwarder
 from nodeagent.proxy.handover import Inherited, Listener
 from nodeagent.proxy.inbound import Inbound
 from nodeagent.proxy.inputs import ProxyInputs
@@ -59,6 +61,11 @@ class Proxy:
         plumbing = Plumbing(inputs, self.l7, self.h2pool, self.caps)
         self.outbound = Outbound(inputs, plumbing, self.l7.clusters, self.l7.rnd.random)
         self.inbound = Inbound(inputs, plumbing, self.admission, self.pods)
+        self.dns: DnsProxy | None = None
+        if inputs.dns is not None:
+            d = inputs.dns
+            forwarder = Forwarder(d.upstreams, d.timeout, d.mark)
+            self.dns = DnsProxy(inputs.snapshot, forwarder, inputs.metrics, d.domain)
         self.local = LocalPods(
             inputs,
             self.pods,
@@ -66,6 +73,7 @@ class Proxy:
             self.inbound.accept,
             self.inbound.on_hbone,
             self.caps,
+            self.dns,
         )
 
     async def reconcile(self, snap: MeshSnapshot) -> None:

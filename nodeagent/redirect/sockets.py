@@ -51,6 +51,17 @@ def listen_in(ns: NetnsHandle, host: str, port: int, backlog: int = 4096) -> soc
     return s
 
 
+def listen_udp_in(ns: NetnsHandle, host: str, port: int) -> socket.socket:
+    s = ns.socket(type=socket.SOCK_DGRAM)
+    try:
+        s.bind((host, port))
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 TCP_ESTABLISHED = 1
 """``tcpi_state`` of an established connection (the first byte of ``TCP_INFO``)."""
 
@@ -164,6 +175,9 @@ class PodNetns:
 
     def listen(self, host: str, port: int) -> socket.socket:
         return listen_in(self.ns, host, port)
+
+    def listen_udp(self, host: str, port: int) -> socket.socket:
+        return listen_udp_in(self.ns, host, port)
 
     def connect(
         self, addr: tuple[str, int], timeout: float, source: str | None = None

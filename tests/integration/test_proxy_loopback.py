@@ -122,6 +122,12 @@ class LoopbackPod:
         self.net.listeners[(self.ip, port)] = s.getsockname()
         return s
 
+    def listen_udp(self, host: str, port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        return s
+
     async def connect(self, addr: Addr, timeout: float, source: str | None = None) -> socket.socket:
         net = self.net
         try:
