@@ -39,6 +39,18 @@ def source_args(config_dir: str, kubeconfig: str = "") -> list[str]:
     return ["--config", config_dir]
 
 
+def dns_proxy_on(args: Sequence[str]) -> bool:
+    """Whether agents run with ``args`` answer their pods' DNS (``--dns-proxy``, last
+    one wins; on by default)."""
+    on = True
+    for i, arg in enumerate(args):
+        if arg == "--dns-proxy" and i + 1 < len(args):
+            on = args[i + 1] != "off"
+        elif arg.startswith("--dns-proxy="):
+            on = arg.split("=", 1)[1] != "off"
+    return on
+
+
 def start(
     node: NodePlan,
     cgroup_root: Path,

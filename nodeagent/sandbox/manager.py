@@ -24,7 +24,7 @@ from typing import Any
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.sandbox import agents, ca, cgroups, netlink, pods, processes
-from nodeagent.sandbox.agents import AGENT_TIMEOUT
+from nodeagent.sandbox.agents import AGENT_TIMEOUT, dns_proxy_on
 from nodeagent.sandbox.cleanup import leftovers, teardown, teardown_locked
 from nodeagent.sandbox.pods import POD_TIMEOUT
 from nodeagent.sandbox.state import PODS_FILE, Progress, Record, locked, quiet, require_root
@@ -94,7 +94,7 @@ class Sandbox(Record):
                     )
                 ]
             )
-        topo = plan(snapshot)
+        topo = plan(snapshot, dns_proxy=agents and dns_proxy_on(agent_args))
         containers = pods.containers_of(snapshot)
         root = cgroups.find_root()
         with locked():

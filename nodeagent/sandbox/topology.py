@@ -200,10 +200,16 @@ class Topology:
         )
 
 
+CLUSTER_DNS = "10.96.0.10"
+"""The nameserver in the pods' resolv.conf, kubeadm's DNS Service address: nobody is
+there, the agent's capture sends a captured pod's port 53 to its DNS proxy."""
+
+
 def hosts_file(
     pod_name: str, pod_ip: str, services: tuple[Service, ...], namespace: str = "default"
 ) -> str:
-    """``/etc/hosts`` of a pod: localhost, the pod's own name, every service's clusterIP.
+    """``/etc/hosts`` of a pod: localhost, the pod's own name, and ``services``' clusterIPs
+    (for a pod whose DNS the agent does not answer: none for the others, as in Kubernetes).
 
     The pod's own name comes first and services of the pod's namespace before the others,
     so a short name resolves as in Kubernetes when several namespaces share it.
@@ -220,16 +226,18 @@ def hosts_file(
     return "\n".join(lines) + "\n"
 
 
-def resolv_conf(namespace: str) -> str:
-    """A pod's ``resolv.conf``: Kubernetes' search path, no resolver outside the sandbox.
+def resolv_conf(namespace: str, dns: bool = True) -> str:
+    """A pod's ``resolv.conf``: Kubernetes' search path and ``ndots``.
 
-    Names are answered from the pod's hosts file; anything else fails fast against
-    127.0.0.1 instead of reaching the machine's resolver.
+    With ``dns`` (the agent's DNS proxy answers the pod), the nameserver is
+    ``CLUSTER_DNS``; without, names are answered from the pod's hosts file and anything
+    else fails fast against 127.0.0.1 instead of reaching the machine's resolver.
     """
     return (
         "# written by nodeagent sandbox\n"
         f"search {namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
-        "nameserver 127.0.0.1\n"
+        f"nameserver {CLUSTER_DNS if dns else '127.0.0.1'}\n"
+        "options ndots:5 timeout:2 attempts:2\n"
     )
 
 
@@ -248,8 +256,10 @@ def _pod_error(pod: Pod, field: str, message: str) -> ConfigError:
     return ConfigError(message, source=pod.source, obj=f"Pod {pod.key}", field=field)
 
 
-def plan(snapshot: MeshSnapshot) -> Topology:
-    """Plan the sandbox of a snapshot; raise ``ConfigErrors`` naming each problem."""
+def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
+    """Plan the sandbox of a snapshot; raise ``ConfigErrors`` naming each problem.
+    ``dns_proxy``: the agents answer their pods' DNS (pods in the mesh resolve names
+    through it; the others, and all without it, through hosts files)."""
     errors: list[ConfigError] = []
     node_names = sorted({p.node_name for p in snapshot.pods})
     for pod in snapshot.pods:
@@ -371,8 +381,13 @@ def plan(snapshot: MeshSnapshot) -> Topology:
                     cgroup=pod_cgroup_rel(node.name, pod.namespace, pod.name),
                     log=pod_log(pod.namespace, pod.name),
                     service_account=pod.service_account,
-                    hosts=hosts_file(pod.name, ip, snapshot.services, pod.namespace),
-                    resolv_conf=resolv_conf(pod.namespace),
+                    hosts=hosts_file(
+                        pod.name,
+                        ip,
+                        () if dns_proxy and pod.in_mesh else snapshot.services,
+                        pod.namespace,
+                    ),
+                    resolv_conf=resolv_conf(pod.namespace, dns_proxy and pod.in_mesh),
                     ports=_pod_ports(pod),
                 )
             )

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from nodeagent.errors import ConfigErrors
-from nodeagent.model.objects import Container, Labels, Pod, Service, ServicePort
+from nodeagent.model.objects import (
+    DATAPLANE_MODE_LABEL,
+    Container,
+    Labels,
+    Pod,
+    Service,
+    ServicePort,
+)
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.sandbox.topology import (
     IFNAMSIZ,
@@ -55,8 +64,10 @@ def snap(pods: list[Pod], services: list[Service] | None = None) -> MeshSnapshot
     return MeshSnapshot.build(version=1, pods=tuple(pods), services=tuple(services or []))
 
 
-def topo(pods: list[Pod], services: list[Service] | None = None) -> Topology:
-    return plan(snap(pods, services))
+def topo(
+    pods: list[Pod], services: list[Service] | None = None, dns_proxy: bool = True
+) -> Topology:
+    return plan(snap(pods, services), dns_proxy=dns_proxy)
 
 
 @pytest.mark.parametrize(
@@ -252,16 +263,30 @@ def test_pod_plan_carries_hosts_resolv_and_ports() -> None:
         node_name="n1",
         containers=(Container(name="c", ports=(("http", 80),)),),
     )
-    t = topo([p, idle], [svc("api", ns="shop", cluster_ip="10.96.0.20")])
+    api = svc("api", ns="shop", cluster_ip="10.96.0.20")
+    t = topo([p, idle], [api])
     web = t.pod("shop/web")
     assert web.ports == (8080, 9090)
     assert web.service_account == "web-sa"
     assert f"{web.ip}\tweb\n" in web.hosts
-    assert "10.96.0.20\tapi api.shop " in web.hosts
+    # names come from the agent's DNS proxy, at the address its capture takes
+    assert "10.96.0.20" not in web.hosts
     assert web.resolv_conf.splitlines()[1:] == [
         "search shop.svc.cluster.local svc.cluster.local cluster.local",
-        "nameserver 127.0.0.1",
+        "nameserver 10.96.0.10",
+        "options ndots:5 timeout:2 attempts:2",
     ]
+    # without the DNS proxy, or for a pod out of the mesh: a hosts file with the services
+    outside = dataclasses.replace(
+        p, name="outside", labels=Labels.of({DATAPLANE_MODE_LABEL: "none"})
+    )
+    for other, key in (
+        (topo([p], [api], dns_proxy=False), "shop/web"),
+        (topo([outside], [api]), "shop/outside"),
+    ):
+        plan_ = other.pod(key)
+        assert "10.96.0.20\tapi api.shop " in plan_.hosts
+        assert "nameserver 127.0.0.1" in plan_.resolv_conf.splitlines()
     # a container without a command is not run, so its ports are not waited for
     assert t.pod("shop/idle").ports == ()
 
