@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nodeagent.control.clusterip import SERVICE_CIDR, STATIC_BAND
 from nodeagent.control.files import load_directory
+from nodeagent.core.dns import DnsTable
 from nodeagent.sandbox.topology import FABRIC_NET, POD_SUPERNET, plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,13 +114,15 @@ def test_an_address_written_by_hand_wins_and_the_allocation_moves_past_it(
     assert ipaddress.ip_address(moved) in SERVICE_CIDR
 
 
-def test_the_sandbox_names_the_allocated_address_in_each_pods_hosts(tmp_path: Path) -> None:
+def test_pods_resolve_the_allocated_address(tmp_path: Path) -> None:
     (tmp_path / "web.yaml").write_text(
         pod("client", "node1") + pod("web-1", "node2") + service("web")
     )
     snap = load_directory(tmp_path).snapshot
     addr = address_of(tmp_path, "default/web")
-    topo = plan(snap)
+    answer = DnsTable.build(snap).lookup("web", "default", 4)  # the agents' DNS proxy
+    assert answer is not None and answer.addresses == (addr,)
+    topo = plan(snap, dns_proxy=False)  # the sandbox's hosts files without it
     for p in topo.pods:
         assert f"{addr}\tweb web.default web.default.svc web.default.svc.cluster.local\n" in (
             p.hosts
