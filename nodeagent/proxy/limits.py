@@ -17,6 +17,7 @@ from typing import cast
 
 from nodeagent.model.status import LimitStatus
 from nodeagent.protocol.http2 import Http2Settings
+from nodeagent.proxy.dns import MAX_IN_FLIGHT, MAX_TCP_CONNECTIONS
 from nodeagent.proxy.inputs import ConnectionLimits, ProxyInputs
 from nodeagent.proxy.peerwarn import warn_once
 from nodeagent.telemetry.metrics import Metrics, counts
@@ -233,6 +234,30 @@ def proxy_limits(inputs: ProxyInputs, caps: ConnectionCaps) -> list[LimitStatus]
             "--hbone-preface-timeout",
             "nodeagent_hbone_timeouts_total{timeout=preface_timeout}",
             int(timed.get(("preface_timeout",), 0)),
+        ),
+        *_dns_limits(inputs),
+    ]
+
+
+def _dns_limits(inputs: ProxyInputs) -> list[LimitStatus]:
+    """The DNS proxy's limits, when it runs."""
+    if inputs.dns is None:
+        return []
+    answers = counts(inputs.metrics.dns_requests)
+    return [
+        LimitStatus(
+            "DNS upstream answer (SERVFAIL)",
+            duration(inputs.dns.timeout),
+            "--dns-timeout",
+            "nodeagent_dns_requests_total{answer=failed}",
+            int(answers.get(("failed",), 0)),
+        ),
+        LimitStatus(
+            "DNS queries of one pod at once (dropped)",
+            f"{MAX_IN_FLIGHT} UDP, {MAX_TCP_CONNECTIONS} TCP connections",
+            "",
+            "nodeagent_dns_requests_total{answer=dropped}",
+            int(answers.get(("dropped",), 0)),
         ),
     ]
 
