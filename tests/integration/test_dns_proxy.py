@@ -23,7 +23,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 import uvloop
-from hypothesis import given, settings
+from fuzzing import fuzz
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent.control.files import load_directory
@@ -313,7 +314,7 @@ def test_bytes_that_are_not_dns_never_stop_the_server(snapshot: MeshSnapshot) ->
     run(snapshot, body)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(1.5)
 @given(wire=st.binary(max_size=600))
 def test_any_bytes_get_a_well_formed_answer_or_none(wire: bytes) -> None:
     proxy = DnsProxy(lambda: MeshSnapshot(), Forwarder(()), Metrics())
@@ -325,7 +326,7 @@ def test_any_bytes_get_a_well_formed_answer_or_none(wire: bytes) -> None:
                 assert len(reply) <= 65535
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz()
 @given(
     name=st.lists(st.binary(min_size=1, max_size=20), min_size=1, max_size=6),
     rdtype=st.sampled_from(["A", "AAAA"]),
