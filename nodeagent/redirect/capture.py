@@ -151,7 +151,7 @@ class EbpfCapture(SourceRouting):
             netns_path(runtime.netns),
             runtime.ip,
             listener,
-            exclude_outbound_ports=out_ports,
+            exclude_outbound_ports=self._bpf_outbound(out_ports),
             exclude_inbound_ports=in_ports,
         )
         mode = "eBPF"
@@ -171,7 +171,13 @@ class EbpfCapture(SourceRouting):
 
     def exclude(self, runtime: PodRuntime, listener: socket.socket, excluded: Excluded) -> None:
         """Changed exclude*Ports annotations of a live pod apply at once (the maps)."""
-        self.node.exclude(runtime.ip, listener, *excluded)
+        out_ports, in_ports = excluded
+        self.node.exclude(runtime.ip, listener, self._bpf_outbound(out_ports), in_ports)
+
+    def _bpf_outbound(self, out_ports: frozenset[int]) -> frozenset[int]:
+        """The outbound ports the programs leave alone: with the DNS proxy, TCP 53 too
+        (a nameserver at a mesh address, kube-dns's, goes to the DNS chain, not 15001)."""
+        return out_ports | {53} if self.dns_port is not None else out_ports
 
     async def detach(self, pod_key: str, runtime: PodRuntime) -> None:
         self.node.detach(pod_key, runtime.ip)

@@ -80,6 +80,16 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 8080}]
 ---
+# the cluster's DNS Service at the pods' nameserver address (TCP 53 a mesh port): their
+# queries still go to the DNS proxy, not to 15001 (nothing answers behind this one)
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {k8s-app: kube-dns}
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: web-external, namespace: default}
