@@ -338,6 +338,16 @@ class DnsListeners:
         self.udp = udp
         self.tcp = tcp
 
+    @property
+    def udp_socket(self) -> socket.socket:
+        """The UDP socket (for a hand-over to the next agent)."""
+        return cast(socket.socket, self.udp.get_extra_info("socket"))
+
+    @property
+    def tcp_socket(self) -> socket.socket:
+        """The TCP listener (for a hand-over to the next agent)."""
+        return self.tcp.sockets[0]
+
     def close(self) -> None:
         self.udp.close()
         self.tcp.close()

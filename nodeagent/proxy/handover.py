@@ -3,14 +3,15 @@ connection (as Envoy's hot restart and HAProxy's ``-x`` do).
 
 The running agent serves a UNIX socket (``HandoverServer``, mode 0600 from its first
 moment). A new agent of the same node connects to it at start (``receive``) and gets
-every listening socket the old one serves (each pod's 15001, 15006 and 15008, the
-metrics and readiness ports) as file descriptors (``SCM_RIGHTS``), with what each is
-(``Listener``). It uses them instead of opening its own (``Inherited.take``), and once
-it accepts on them it says ``ready``: the old agent then closes its own descriptors
-(the kernel sockets live on in the new process, so no connection attempt is refused;
-the backlog is accepted by whichever process accepts), drains its live connections and
-exits. No socket, no answer within the bound, or a peer that breaks the protocol: a
-normal cold start. Nothing a peer sends can take either agent down.
+every listening socket the old one serves (each pod's 15001, 15006 and 15008, its DNS
+proxy's 15053 UDP socket and TCP listener, the metrics and readiness ports) as file
+descriptors (``SCM_RIGHTS``), with what each is (``Listener``). It uses them instead of
+opening its own (``Inherited.take``), and once it accepts on them it says ``ready``: the
+old agent then closes its own descriptors (the kernel sockets live on in the new
+process, so no connection attempt is refused; the backlog is accepted by whichever
+process accepts), drains its live connections and exits. No socket, no answer within
+the bound, or a peer that breaks the protocol: a normal cold start. Nothing a peer sends
+can take either agent down.
 
 The wire: messages of a 4-byte big-endian length and a JSON object, descriptors riding
 on the first byte of a message.
@@ -48,9 +49,10 @@ FDS_PER_MESSAGE = 200
 MAX_MESSAGE = 4 << 20
 """Bytes of one message: beyond, the peer is not an agent."""
 MAX_LISTENERS = 16_384
-"""Listeners one hand-over may carry (three per pod, and the node's)."""
-KINDS = frozenset({"outbound", "inbound", "hbone", "metrics", "ready"})
-"""What a listener may be: a pod's three, the node's HTTP two."""
+"""Listeners one hand-over may carry (five per pod, and the node's)."""
+KINDS = frozenset({"outbound", "inbound", "hbone", "dns-udp", "dns-tcp", "metrics", "ready"})
+"""What a listener may be: a pod's five (``dns-udp`` a bound UDP socket, the rest
+listening TCP sockets), the node's HTTP two."""
 _LEN = struct.Struct(">I")
 
 
@@ -218,9 +220,12 @@ class Inherited:
 def _check_listener(lst: Listener, sock: socket.socket) -> str | None:
     """Why ``sock`` cannot be the listener ``lst`` says it is (None: it can)."""
     try:
-        if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+        if lst.kind == "dns-udp":
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_DGRAM:
+                return f"not a UDP/IPv4 socket ({sock.family!r}, {sock.type!r})"
+        elif sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
             return f"not a TCP/IPv4 socket ({sock.family!r}, {sock.type!r})"
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return "not listening"
         port = sock.getsockname()[1]
     except OSError as e:

@@ -213,6 +213,9 @@ class LocalPods:
             socks.append(("inbound", INBOUND_PORT, pp.servers[1].sockets[0]))
             if pp.hbone is not None and pp.hbone.sockets:
                 socks.append(("hbone", HBONE_PORT, pp.hbone.sockets[0]))
+            if pp.dns is not None:
+                socks += [("dns-udp", DNS_PORT, pp.dns.udp_socket)]
+                socks += [("dns-tcp", DNS_PORT, pp.dns.tcp_socket)]
             for kind, port, sock in socks:
                 out.append((Listener(kind, port, key, rt.netns, rt.ip), sock))
         return out
@@ -220,9 +223,9 @@ class LocalPods:
     async def _start_dns(self, dns: DnsProxy, pp: PodProxy, sockets: PodSockets) -> None:
         """The pod's DNS proxy on 127.0.0.1:15053, UDP and TCP (where capture sends its
         port 53: a REDIRECT of the pod's own traffic goes to its loopback address)."""
-        udp = sockets.listen_udp("127.0.0.1", DNS_PORT)
+        udp = self._inherit(pp, "dns-udp", DNS_PORT) or sockets.listen_udp("127.0.0.1", DNS_PORT)
         try:
-            tcp = sockets.listen("127.0.0.1", DNS_PORT)
+            tcp = self._inherit(pp, "dns-tcp", DNS_PORT) or sockets.listen("127.0.0.1", DNS_PORT)
         except OSError:
             udp.close()
             raise
@@ -257,6 +260,9 @@ class LocalPods:
                 s.close()
             if pp.hbone is not None:
                 pp.hbone.close()
+            if pp.dns is not None:  # its queries go to the agent that took the sockets
+                pp.dns.close()
+                pp.dns = None
 
     def close(self) -> None:
         for pp in self.pods.values():
