@@ -148,18 +148,20 @@ def handover_socket(node: NodePlan) -> Path:
     return Path(node.state_dir) / "handover.sock"
 
 
-def socket_inode(path: Path) -> tuple[int, int] | None:
+def socket_inode(path: Path) -> tuple[int, int, int] | None:
+    """What tells one socket file at ``path`` from the next: its inode, and its change
+    time (tmpfs hands a freed inode number to the next file made)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def wait_taken_over(
     node: NodePlan,
     new: subprocess.Popen[bytes],
-    before: tuple[int, int] | None,
+    before: tuple[int, int, int] | None,
     timeout: float,
 ) -> None:
     """Until ``new`` took the listeners of ``node``'s running agent over: it serves the
