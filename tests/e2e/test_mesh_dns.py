@@ -249,3 +249,13 @@ def test_a_service_entry_host_gets_its_address_and_is_routed(
         timeout=30,
     )  # fmt: skip
     assert (p.returncode, p.stdout) == (0, "200"), p.stderr
+
+
+def test_an_upgrade_hands_the_dns_sockets_over(sb: Sandbox, resolver: Resolver) -> None:
+    """(Last: it replaces node1's agent.) The new agent takes the pods' 15053 from the old
+    one, as their other listeners; else its bind fails and the pod is not ready."""
+    old = sb.agent_pids["node1"]
+    sb.roll_agent("node1", exit_timeout=60)
+    assert sb.agent_pids["node1"] != old
+    assert getent(sb, "client", "web") == [service_ip(sb, "web")]
+    assert getent(sb, "client", "outside.test") == ["192.0.2.10"]
