@@ -3,7 +3,8 @@ every Hypothesis test runs under the profile ``HYPOTHESIS_PROFILE`` names (``fuz
 
 With ``NODEAGENT_REQUIRE_PRIVILEGED=1`` (set by ``scripts/test.sh``, hence CI), a run in
 which any ``privileged`` test was skipped, or none ran, fails: a skipped end-to-end tier
-is a failure in disguise.
+is a failure in disguise. (A strict xfail of a known bug ran: it is not a skip. A test
+for one capture mode is generated only for it: ``redirect_modes`` in tests/e2e.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     if report.when == "call" and report.passed:
         _priv["passed"].append(report.nodeid)
-    elif report.skipped:
+    elif report.skipped and not hasattr(report, "wasxfail"):  # a known bug's xfail ran
         _priv["skipped"].append(report.nodeid)
     elif report.failed:
         _priv["failed"].append(report.nodeid)

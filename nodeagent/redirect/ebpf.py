@@ -480,40 +480,31 @@ class Capture:
     def readopt(self) -> list[str]:
         """After a restart: every pinned link now runs this process's programs; a link
         whose cgroup is gone (it hooks nothing any more) is unpinned."""
-        done = []
+        pins: list[tuple[str, str]] = []  # (directory, program)
         links = os.path.join(self.pin_dir, "links")
         for pod in sorted(os.listdir(links)):
-            for key in sorted(os.listdir(os.path.join(links, pod))):
-                pin = os.path.join(links, pod, key)
-                try:
-                    with pinned(pin) as fd:
-                        link_update(fd, self.fns[key].fd)
-                except OSError as e:
-                    if e.errno != errno.ENOLINK:
-                        raise
-                    log.info("eBPF: %s/%s hooks a cgroup that is gone: unpinned", pod, key)
-                    os.unlink(pin)
-                    continue
-                done.append(f"{pod}/{key}")
+            pins += [(os.path.join(links, pod), k) for k in sorted(os.listdir(f"{links}/{pod}"))]
         later = os.path.join(self.pin_dir, PROXY_LINKS)
         for hooks in sorted(os.listdir(later)) if os.path.isdir(later) else []:
-            if not os.path.isdir(os.path.join(later, hooks)):  # the flat layout of a day
-                os.unlink(os.path.join(later, hooks))  # (attach_proxy pins it again)
+            d = os.path.join(later, hooks)
+            if not os.path.isdir(d):  # the flat layout of a day (attach_proxy pins it again)
+                os.unlink(d)
                 continue
-            for key in sorted(os.listdir(os.path.join(later, hooks))):
-                if key not in self.fns:  # a later agent's program: left to it
-                    continue
-                pin = os.path.join(later, hooks, key)
-                try:
-                    with pinned(pin) as fd:
-                        link_update(fd, self.fns[key].fd)
-                except OSError as e:
-                    if e.errno != errno.ENOLINK:
-                        raise
-                    log.info("eBPF: %s/%s hooks a cgroup that is gone: unpinned", hooks, key)
-                    os.unlink(pin)
-                    continue
-                done.append(f"{hooks}/{key}")
+            # a program this agent does not know is a later agent's: left to it
+            pins += [(d, k) for k in sorted(os.listdir(d)) if k in self.fns]
+        done = []
+        for d, key in pins:
+            name = f"{os.path.basename(d)}/{key}"
+            try:
+                with pinned(d, key) as fd:
+                    link_update(fd, self.fns[key].fd)
+            except OSError as e:
+                if e.errno != errno.ENOLINK:
+                    raise
+                log.info("eBPF: %s hooks a cgroup that is gone: unpinned", name)
+                os.unlink(os.path.join(d, key))
+                continue
+            done.append(name)
         return done
 
 

@@ -93,8 +93,14 @@ own ``REDIRECT_MODES``). CI runs both."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test runs in its module's modes; ``@pytest.mark.redirect_modes(...)`` narrows
+    them for one test (generated only where it runs: a skip would fail the privileged
+    tier)."""
     if "redirect" in metafunc.fixturenames:
         modes = getattr(metafunc.module, "REDIRECT_MODES", REDIRECT_MODES)
+        only = metafunc.definition.get_closest_marker("redirect_modes")
+        if only is not None:
+            modes = tuple(m for m in modes if m in only.args)
         metafunc.parametrize("redirect", modes, scope="module")
 
 

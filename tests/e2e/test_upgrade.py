@@ -101,13 +101,12 @@ def _quiet_traffic(sb: Sandbox, seconds: float = 1.0) -> dict[str, Any]:
     return _results(p)
 
 
-def test_an_agent_in_a_new_cgroup_keeps_every_listener_hooked(sb: Sandbox, redirect: str) -> None:
+@pytest.mark.redirect_modes("ebpf")  # the agent's cgroup matters to eBPF capture only
+def test_an_agent_in_a_new_cgroup_keeps_every_listener_hooked(sb: Sandbox) -> None:
     """A DaemonSet's new pod has a cgroup of its own. With eBPF the hooks that answer
     SO_ORIGINAL_DST are attached to the agent's cgroup and fire for the listener's: an
     agent must hook its own cgroup even when an earlier agent's hooks are pinned, and
     listeners handed over from an agent whose cgroup is gone must stay served."""
-    if redirect != "ebpf":
-        pytest.skip("the agent's cgroup matters to eBPF capture only")
     sb.stop_agent("node1")
     sb.restart_agent("node1", cgroup="gen-b")  # listeners opened in gen-b
     first = _quiet_traffic(sb)["connections"]
@@ -140,14 +139,8 @@ def _proxy_hooks(sb: Sandbox) -> dict[str, list[str]]:
     return {k: v for k, v in attached.items() if k.startswith("_proxy")}
 
 
-REDIRECT_COLD = ("iptables",)
-
-
-def test_a_cold_restart_under_the_same_traffic_fails_connections(
-    sb: Sandbox, redirect: str
-) -> None:
-    if redirect not in REDIRECT_COLD:
-        pytest.skip("the contrast is shown once")
+@pytest.mark.redirect_modes("iptables")  # the contrast is shown once
+def test_a_cold_restart_under_the_same_traffic_fails_connections(sb: Sandbox) -> None:
     p = _traffic(sb)
     try:
         time.sleep(1)
