@@ -20,10 +20,9 @@ get that mark back, and a policy route delivers them locally, to the proxy.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
-from nodeagent.errors import LocalStateError
+from nodeagent.redirect.netns import run_in
 
 PROXY_MARK = 0x539
 MARK_MASK = 0xFFF
@@ -113,29 +112,11 @@ def _dns_lines(spec: CaptureSpec, existing_nat: str, jumps: tuple[str, ...]) -> 
     return lines
 
 
-async def _run(netns: str, argv: list[str], stdin: str | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "nsenter",
-        f"--net={netns}",
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    if proc.returncode != 0:
-        raise LocalStateError(
-            f"{' '.join(argv)} in netns {netns} failed (exit {proc.returncode}): "
-            f"{err.decode(errors='replace').strip()}"
-        )
-    return out.decode()
-
-
 async def apply_rules(netns: str, spec: CaptureSpec) -> str:
     """Install (or refresh) the capture rules in ``netns``; returns what was applied."""
-    existing = await _run(netns, ["iptables-save", "-t", "nat"])
+    existing = await run_in(netns, ["iptables-save", "-t", "nat"])
     rules = render_rules(spec, existing)
-    await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    await run_in(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return rules
 
 
@@ -153,18 +134,18 @@ def render_removal(existing_nat: str) -> str:
 
 async def apply_dns_rules(netns: str, spec: CaptureSpec) -> str:
     """Install (or refresh) the DNS capture alone in ``netns`` (eBPF mode)."""
-    existing = await _run(netns, ["iptables-save", "-t", "nat"])
+    existing = await run_in(netns, ["iptables-save", "-t", "nat"])
     rules = render_dns_rules(spec, existing)
-    await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    await run_in(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return rules
 
 
 async def remove_rules(netns: str) -> bool:
     """Take the capture rules out of ``netns`` (a pod released while its netns lives on);
     False when there were none."""
-    rules = render_removal(await _run(netns, ["iptables-save", "-t", "nat"]))
+    rules = render_removal(await run_in(netns, ["iptables-save", "-t", "nat"]))
     if rules:
-        await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
+        await run_in(netns, ["iptables-restore", "--noflush"], stdin=rules)
     return bool(rules)
 
 
@@ -195,12 +176,12 @@ def render_source_rules(existing_mangle: str = "", mark: int = PROXY_MARK) -> st
 async def apply_source_routing(netns: str) -> None:
     """Route the app's packets of connections the proxy opened from a client's address
     back to the proxy inside ``netns`` (idempotent)."""
-    existing = await _run(netns, ["iptables-save", "-t", "mangle"])
-    await _run(netns, ["iptables-restore", "--noflush"], stdin=render_source_rules(existing))
-    await _run(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
+    existing = await run_in(netns, ["iptables-save", "-t", "mangle"])
+    await run_in(netns, ["iptables-restore", "--noflush"], stdin=render_source_rules(existing))
+    await run_in(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
                        "table", str(ROUTE_TABLE)])  # fmt: skip
-    if f"lookup {ROUTE_TABLE}" not in await _run(netns, ["ip", "rule", "show"]):
-        await _run(netns, ["ip", "rule", "add", "fwmark", _FWMARK, "pref", str(RULE_PREF),
+    if f"lookup {ROUTE_TABLE}" not in await run_in(netns, ["ip", "rule", "show"]):
+        await run_in(netns, ["ip", "rule", "add", "fwmark", _FWMARK, "pref", str(RULE_PREF),
                            "lookup", str(ROUTE_TABLE)])  # fmt: skip
 
 
@@ -216,9 +197,9 @@ def render_source_removal(existing_mangle: str) -> str:
 
 async def remove_source_routing(netns: str) -> None:
     """Undo ``apply_source_routing`` in ``netns`` (a pod released while it lives on)."""
-    rules = render_source_removal(await _run(netns, ["iptables-save", "-t", "mangle"]))
+    rules = render_source_removal(await run_in(netns, ["iptables-save", "-t", "mangle"]))
     if rules:
-        await _run(netns, ["iptables-restore", "--noflush"], stdin=rules)
-    if f"lookup {ROUTE_TABLE}" in await _run(netns, ["ip", "rule", "show"]):
-        await _run(netns, ["ip", "rule", "del", "pref", str(RULE_PREF)])
-    await _run(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])
+        await run_in(netns, ["iptables-restore", "--noflush"], stdin=rules)
+    if f"lookup {ROUTE_TABLE}" in await run_in(netns, ["ip", "rule", "show"]):
+        await run_in(netns, ["ip", "rule", "del", "pref", str(RULE_PREF)])
+    await run_in(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])

@@ -1,4 +1,5 @@
-"""Network namespaces: enter one for the calling thread, or make a socket inside one.
+"""Network namespaces: enter one for the calling thread, make a socket inside one, or
+run a command inside one (``run_in``: iptables, ip, sysctl).
 
 A socket keeps the netns it was created in, so the agent (living in its node's netns)
 creates listeners and upstream sockets inside pod netns by switching the calling thread
@@ -7,6 +8,7 @@ with ``setns(2)`` just for the ``socket()`` call, and switching back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -25,6 +27,29 @@ SOCKET_BATCH = 8
 """IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls."""
 _Socket = socket.socket
 """``socket.socket`` (inside ``NetnsHandle``, ``socket`` names its method)."""
+
+
+async def run_in(netns: str, argv: list[str], stdin: str | None = None) -> str:
+    """``argv`` inside ``netns`` (a path) through ``nsenter``, fed ``stdin``; its output,
+    or ``LocalStateError`` naming the command, the netns and what it said."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter",
+            f"--net={netns}",
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as e:  # nsenter itself missing
+        raise LocalStateError(f"cannot run nsenter {' '.join(argv)}: {e}") from None
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    if proc.returncode != 0:
+        raise LocalStateError(
+            f"{' '.join(argv)} in netns {netns} failed (exit {proc.returncode}): "
+            f"{err.decode(errors='replace').strip()}"
+        )
+    return out.decode()
 
 
 def netns_path(name_or_path: str) -> str:

@@ -22,17 +22,16 @@ mode ``TRANSPARENT_MARK`` still reads as ``PROXY_MARK`` under its 0xfff mask.
 
 from __future__ import annotations
 
-import asyncio
 import re
 
-from nodeagent.errors import LocalStateError
+from nodeagent.redirect.iptables import ROUTE_TABLE, RULE_PREF
+from nodeagent.redirect.netns import run_in
 
-PROXY_MARK = 0x539
+# ROUTE_TABLE and RULE_PREF: the slots iptables mode's source routing uses too (a pod is
+# captured in one mode at a time)
 TRANSPARENT_MARK = 0x1539
 """``SO_MARK`` of the proxy's connections from a client's address: ``PROXY_MARK`` under
 iptables' 0xfff mask, its own value for ``ip rule``."""
-ROUTE_TABLE = 100
-RULE_PREF = 32764
 SYSCTLS = ("net.ipv4.tcp_fwmark_accept", "net.ipv4.fwmark_reflect")
 """Set to 1 in the pod's netns: a socket accepted takes its SYN's mark, and a reply the
 kernel makes without a socket (a RST from a closed port) takes the mark of the packet it
@@ -42,28 +41,6 @@ RULE = f"fwmark {TRANSPARENT_MARK:#x} lookup {ROUTE_TABLE}"
 """Our rule as ``ip rule show`` prints it (after ``<pref>:\\tfrom all``)."""
 _TABLE = re.compile(rf"\btable {ROUTE_TABLE}\b")
 """A route of our table in ``ip route show table all`` (which fails for no table)."""
-
-
-async def _run(netns: str, argv: list[str]) -> str:
-    """``argv`` inside ``netns`` (a path); its output, or ``LocalStateError`` naming it."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "nsenter",
-            f"--net={netns}",
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as e:  # nsenter itself missing
-        raise LocalStateError(f"cannot run nsenter {' '.join(argv)}: {e}") from None
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise LocalStateError(
-            f"{' '.join(argv)} in netns {netns} failed (exit {proc.returncode}): "
-            f"{err.decode(errors='replace').strip()}"
-        )
-    return out.decode()
 
 
 def has_rule(rules: str) -> bool:
@@ -76,19 +53,19 @@ def has_rule(rules: str) -> bool:
 async def apply(netns: str) -> None:
     """Route the app's answers on the proxy's transparent connections back to the proxy
     inside ``netns`` (a path; idempotent)."""
-    await _run(netns, ["sysctl", "-q", "-w", *(f"{k}=1" for k in SYSCTLS)])
-    await _run(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
+    await run_in(netns, ["sysctl", "-q", "-w", *(f"{k}=1" for k in SYSCTLS)])
+    await run_in(netns, ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo",
                        "table", str(ROUTE_TABLE)])  # fmt: skip
-    if not has_rule(await _run(netns, ["ip", "rule", "show", "pref", str(RULE_PREF)])):
-        await _run(netns, ["ip", "rule", "add", "pref", str(RULE_PREF), "fwmark",
+    if not has_rule(await run_in(netns, ["ip", "rule", "show", "pref", str(RULE_PREF)])):
+        await run_in(netns, ["ip", "rule", "add", "pref", str(RULE_PREF), "fwmark",
                            f"{TRANSPARENT_MARK:#x}", "lookup", str(ROUTE_TABLE)])  # fmt: skip
 
 
 async def remove(netns: str) -> None:
     """Undo ``apply`` in ``netns`` (a pod released while its netns lives on)."""
-    if has_rule(await _run(netns, ["ip", "rule", "show", "pref", str(RULE_PREF)])):
-        await _run(netns, ["ip", "rule", "del", "pref", str(RULE_PREF), "fwmark",
+    if has_rule(await run_in(netns, ["ip", "rule", "show", "pref", str(RULE_PREF)])):
+        await run_in(netns, ["ip", "rule", "del", "pref", str(RULE_PREF), "fwmark",
                            f"{TRANSPARENT_MARK:#x}", "lookup", str(ROUTE_TABLE)])  # fmt: skip
-    if _TABLE.search(await _run(netns, ["ip", "route", "show", "table", "all"])):
-        await _run(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])
-    await _run(netns, ["sysctl", "-q", "-w", *(f"{k}=0" for k in SYSCTLS)])
+    if _TABLE.search(await run_in(netns, ["ip", "route", "show", "table", "all"])):
+        await run_in(netns, ["ip", "route", "flush", "table", str(ROUTE_TABLE)])
+    await run_in(netns, ["sysctl", "-q", "-w", *(f"{k}=0" for k in SYSCTLS)])
