@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +78,12 @@ def prepare_unix_socket_path(
     return path
 
 
-def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) -> OwnedSocket:
-    """Bind ``server`` (not started) to ``unix:path``, a socket of mode 0600 from its first
-    moment; returns the server to use, which removes the socket when it stops.
-
-    Not bind-then-chmod: in between, the umask decides who may connect. Not a umask around
-    the bind either: the umask is the whole process's, shared by every thread (grpc's, the
-    executor's), whose files created meanwhile would get our mode. So the socket is bound
-    in a fresh directory of mode 0700 next to ``path`` (no one else can reach into it),
-    made 0600 there, and renamed into place (atomic: same directory tree, same file
-    system). Raises ``LocalStateError``.
-    """
+def _place_owner_only(
+    path: Path, what: str, hint: str, bind: Callable[[str], None]
+) -> tuple[int, int]:
+    """``bind`` a socket at a path in a fresh directory of mode 0700 next to ``path``,
+    make it 0600 there and rename it over ``path`` (see ``serve_owner_only``); the
+    (device, inode) placed. Raises ``LocalStateError``."""
     try:
         private = tempfile.mkdtemp(prefix=".", dir=path.parent)  # mode 0700
     except OSError as e:
@@ -100,12 +95,7 @@ def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) 
                 f"the {what} is bound first at {inner}, too long for a UNIX socket "
                 f"({len(os.fsencode(inner))} > {MAX_UNIX_PATH} bytes): choose a shorter {hint}"
             )
-        try:
-            bound = server.add_insecure_port(f"unix:{inner}")
-        except RuntimeError as e:
-            raise LocalStateError(f"cannot listen on the {what} {path}: {e}") from e
-        if not bound:
-            raise LocalStateError(f"cannot listen on the {what} {path}")
+        bind(inner)
         try:
             os.chmod(inner, 0o600)
             os.rename(inner, path)
@@ -117,7 +107,29 @@ def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) 
             os.unlink(inner)  # (gone after the rename)
         with contextlib.suppress(OSError):
             os.rmdir(private)
-    return OwnedSocket(server, path, (st.st_dev, st.st_ino))
+    return st.st_dev, st.st_ino
+
+
+def serve_owner_only(server: grpc.aio.Server, path: Path, what: str, hint: str) -> OwnedSocket:
+    """Bind ``server`` (not started) to ``unix:path``, a socket of mode 0600 from its first
+    moment; returns the server to use, which removes the socket when it stops.
+
+    Not bind-then-chmod: in between, the umask decides who may connect. Not a umask around
+    the bind either: the umask is the whole process's, shared by every thread (grpc's, the
+    executor's), whose files created meanwhile would get our mode. So the socket is bound
+    in a fresh directory of mode 0700 next to ``path`` (no one else can reach into it),
+    made 0600 there, and renamed into place (atomic: same directory tree, same file
+    system). Raises ``LocalStateError``.
+    """
+    def bind(inner: str) -> None:
+        try:
+            bound = server.add_insecure_port(f"unix:{inner}")
+        except RuntimeError as e:
+            raise LocalStateError(f"cannot listen on the {what} {path}: {e}") from e
+        if not bound:
+            raise LocalStateError(f"cannot listen on the {what} {path}")
+
+    return OwnedSocket(server, path, _place_owner_only(path, what, hint, bind))
 
 
 def bind_owner_only(path: Path, what: str, hint: str) -> tuple[socket.socket, tuple[int, int]]:
@@ -125,35 +137,20 @@ def bind_owner_only(path: Path, what: str, hint: str) -> tuple[socket.socket, tu
     its (device, inode): placed as ``serve_owner_only`` places gRPC's (bound in a private
     directory, then renamed over ``path``, replacing what was there in one step).
     Raises ``LocalStateError``."""
-    try:
-        private = tempfile.mkdtemp(prefix=".", dir=path.parent)  # mode 0700
-    except OSError as e:
-        raise LocalStateError(f"cannot create a private directory next to {path}: {e}") from e
-    inner = os.path.join(private, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if len(os.fsencode(inner)) > MAX_UNIX_PATH:
-            raise LocalStateError(
-                f"the {what} is bound first at {inner}, too long for a UNIX socket "
-                f"({len(os.fsencode(inner))} > {MAX_UNIX_PATH} bytes): choose a shorter {hint}"
-            )
+
+    def bind(inner: str) -> None:
         try:
             sock.bind(inner)
-            os.chmod(inner, 0o600)
             sock.listen(16)
-            os.rename(inner, path)
-            st = os.stat(path)
         except OSError as e:
-            raise LocalStateError(f"cannot place the {what} at {path}: {e}") from e
+            raise LocalStateError(f"cannot listen on the {what} {path}: {e}") from e
+
+    try:
+        return sock, _place_owner_only(path, what, hint, bind)
     except BaseException:
         sock.close()
         raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(inner)
-        with contextlib.suppress(OSError):
-            os.rmdir(private)
-    return sock, (st.st_dev, st.st_ino)
 
 
 def unlink_if_same(path: Path, inode: tuple[int, int]) -> None:
