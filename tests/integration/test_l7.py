@@ -388,6 +388,15 @@ def test_one_connection_counts_each_destination_and_outcome_apart(rig: L7Rig) ->
             route: [{destination: {host: web.default.svc.cluster.local}}]
           - name: plain
             route: [{destination: {host: web.default.svc.cluster.local}}]
+        ---
+        # Round robin: six requests reach both endpoints every time (least-request picks at
+        # random among idle endpoints, and all six on one is a 1-in-32 draw).
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: web, namespace: default}
+        spec:
+          host: web.default.svc.cluster.local
+          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
     """)
     c = http.client.HTTPConnection(*rig.address, timeout=10)
     served: list[str] = []
