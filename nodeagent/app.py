@@ -168,7 +168,9 @@ class Agent:
         dns = _dns_settings(settings)
         dns_port = DNS_PORT if dns is not None else None
         capture: IptablesCapture | EbpfCapture = (
-            IptablesCapture(dns_port) if self.bpf is None else EbpfCapture(self.bpf, dns_port)
+            IptablesCapture(dns_port, settings.workload_cgroup_root)
+            if self.bpf is None
+            else EbpfCapture(self.bpf, dns_port, settings.workload_cgroup_root)
         )
         self.capture = capture
         inputs = ProxyInputs(
@@ -320,11 +322,8 @@ class Agent:
         async with self._reconcile_lock:
             snap = self._snapshot
             if self.certs is not None:
-                wanted = {
-                    p.identity(self.settings.trust_domain)
-                    for p in snap.pods_on_node(self.node)
-                    if p.in_mesh
-                }
+                local = snap.pods_on_node(self.node) + snap.workload_entries_on_node(self.node)
+                wanted = {p.identity(self.settings.trust_domain) for p in local if p.in_mesh}
                 errors = await self.certs.ensure(wanted)
                 for identity, err in errors.items():
                     log.warning("no certificate for %s yet: %s", identity, err)
@@ -333,7 +332,7 @@ class Agent:
     async def _retry_failed(self) -> None:
         while True:
             await asyncio.sleep(2.0)
-            if not self.proxy.all_ready():
+            if not self.proxy.all_ready() or self.proxy.hosts_stale():
                 await self._reconcile()
 
     async def serve(self) -> int:

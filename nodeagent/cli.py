@@ -119,6 +119,13 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="bpffs directory for eBPF capture's maps and links (NODE below it)",
     )
     p.add_argument(
+        "--workload-cgroup-root",
+        default="",
+        metavar="DIR",
+        help="host mode: where the cgroup paths of local WorkloadEntries "
+        "(nodeagent.io/cgroup) start (default: the cgroup v2 mount)",
+    )
+    p.add_argument(
         "--bpf-bypass",
         default=None,
         choices=["on", "off"],

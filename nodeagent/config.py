@@ -28,6 +28,9 @@ class AgentSettings:
     auto (``app.capture_settings``)."""
     bpf_pin_dir: str = "/sys/fs/bpf/nodeagent"
     """Where eBPF capture pins its maps and links (``<dir>/<node>``)."""
+    workload_cgroup_root: str = ""
+    """Host mode: the directory a WorkloadEntry's ``nodeagent.io/cgroup`` path starts
+    from; empty: the cgroup v2 mount (a host's systemd units are there)."""
     bpf_bypass: bool | None = None
     """eBPF mode: the local legs (app ↔ proxy inside a pod) skip TCP/IP (sockmap).
     None: the node's ``nodeagent.io/bpf-bypass`` annotation, else off."""
@@ -106,6 +109,7 @@ class AgentSettings:
             state_dir=Path(args.state_dir) if args.state_dir else Path("/var/lib/nodeagent"),
             redirect=args.redirect or "",
             bpf_pin_dir=args.bpf_pin_dir,
+            workload_cgroup_root=args.workload_cgroup_root,
             bpf_bypass=None if args.bpf_bypass is None else args.bpf_bypass == "on",
             log_level=args.log_level,
             ca_addr=args.ca_addr,

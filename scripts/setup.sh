@@ -21,7 +21,9 @@ PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tc
       python3-bpfcc libbpfcc bpftool linux-headers-amd64
       # the VM install's checks: `systemd-analyze verify` of deploy/systemd, `vagrant validate`
       # (the VM tier, scripts/vm-test.sh, installs the rest: libvirt, QEMU, debootstrap)
-      systemd vagrant vagrant-libvirt)
+      systemd vagrant vagrant-libvirt
+      # dig and nslookup: what users ask the DNS proxy with (the DNS tests do too)
+      bind9-dnsutils)
 # (the image's tools, podman/buildah/mmdebstrap, are installed by build-image.sh itself)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -104,6 +104,29 @@ check_ctl() {
   echo "$status" | grep -q "vm-1" && echo "$services" | grep -q "192.168.121.10"
 }
 
+# Host mode in the guest: ratings.service is a local workload the agent captures by its
+# cgroup. A process put in that cgroup asks for `ratings` by name: the agent's DNS proxy
+# answers the Service's address (nothing listens there) and the capture takes the
+# connection to the agent, which sends it to the workload's address; the app sees it come
+# from there. Outside the cgroup (this SSH session) nothing is captured: the same name
+# does not resolve.
+check_host_mode() {
+  local rules workloads body outside
+  workloads="$(in_vm "sudo /opt/nodeagent/venv/bin/nodeagent ctl workloads")"
+  echo "$workloads"
+  rules="$(in_vm "sudo iptables-save -t nat")"
+  echo "$rules" | grep NODEAGENT_HOST
+  body="$(in_vm "sudo sh -c 'echo \$\$ > /sys/fs/cgroup/system.slice/ratings.service/cgroup.procs &&
+    exec curl -fsS --max-time 10 http://ratings.default.svc.cluster.local:9080/in-the-mesh'")"
+  echo "$body" | head -c 300; echo
+  outside="$(in_vm "getent hosts ratings.default.svc.cluster.local || echo unresolved")"
+  echo "outside the workload's cgroup: $outside"
+  echo "$rules" | grep -q -- '--path "/system.slice/ratings.service"' &&
+    echo "$rules" | grep -q -- '-d 192.168.121.10/32 -p tcp -m multiport --dports 9080' &&
+    echo "$body" | grep -Eq '"client": ?"192\.168\.121\.10:' &&
+    echo "$outside" | grep -q unresolved
+}
+
 step "host packages" vagrant_host_packages
 step "libvirt daemons" vagrant_host_libvirt
 vagrant_host_kvm_open
@@ -114,3 +137,4 @@ step "vagrant up (boot + provision)" \
 step "units active (systemctl)" check_units
 step "ratings from the host" check_ratings_from_host
 step "nodeagent ctl in the VM" check_ctl
+step "host mode: ratings.service captured" check_host_mode

@@ -2,7 +2,8 @@
 # Prints the mesh config the VMs of the Vagrantfile share (provision.sh writes it to
 # /etc/nodeagent/config/vm.yaml in each): per VM vm-N a Node and the WorkloadEntry of its
 # sample workload, ratings-vm-N at PREFIX.(9+N), annotated nodeagent.io/node: vm-N so the
-# agent run with --node vm-N serves it; and the Service ratings selecting them all.
+# agent run with --node vm-N serves it, and nodeagent.io/cgroup: ratings.service so it
+# captures that unit (host mode); and the Service ratings selecting them all.
 # Usage: mesh-config.sh VMS PREFIX
 set -euo pipefail
 VMS="$1" PREFIX="$2"
@@ -19,7 +20,7 @@ kind: WorkloadEntry
 metadata:
   name: ratings-vm-$n
   namespace: default
-  annotations: {nodeagent.io/node: vm-$n}
+  annotations: {nodeagent.io/node: vm-$n, nodeagent.io/cgroup: ratings.service}
 spec:
   address: $PREFIX.$(( 9 + n ))
   labels: {app: ratings, version: vm}

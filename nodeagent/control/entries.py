@@ -29,14 +29,19 @@ from nodeagent.model.entries import (
     LOCATIONS,
     RESOLUTIONS,
     SE_PROTOCOLS,
+    WORKLOAD_CGROUP_ANNOTATION,
     WORKLOAD_NODE_ANNOTATION,
     EntryPort,
     ServiceEntry,
     WorkloadEntry,
     WorkloadGroup,
     is_wildcard,
+    workload_cgroup,
 )
 from nodeagent.model.objects import Labels
+
+ENTRY_ANNOTATIONS = (WORKLOAD_NODE_ANNOTATION, WORKLOAD_CGROUP_ANNOTATION)
+"""The ``nodeagent.io/`` annotations a WorkloadEntry may carry."""
 
 API_VERSIONS = (
     "networking.istio.io/v1",
@@ -165,8 +170,13 @@ def convert_workload_entry(
         path = f"metadata.annotations.{key}"
         if key == WORKLOAD_NODE_ANNOTATION and not DNS_SUBDOMAIN.match(value):
             problems.add(path, f"{value!r} is not a node name")
-        elif key.startswith("nodeagent.io/") and key != WORKLOAD_NODE_ANNOTATION:
-            problems.add(path, f"unknown annotation (known: {WORKLOAD_NODE_ANNOTATION})")
+        elif key == WORKLOAD_CGROUP_ANNOTATION:
+            try:
+                workload_cgroup(str(value))
+            except ValueError as e:
+                problems.add(path, str(e))
+        elif key.startswith("nodeagent.io/") and key not in ENTRY_ANNOTATIONS:
+            problems.add(path, f"unknown annotation (known: {', '.join(ENTRY_ANNOTATIONS)})")
     we = read_workload(
         doc.get("spec") or {},
         "spec",

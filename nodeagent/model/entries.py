@@ -30,6 +30,12 @@ WORKLOAD_NODE_ANNOTATION: Final = "nodeagent.io/node"
 node's agent captures it and serves its inbound traffic. Without it the entry is a
 remote endpoint: reached over HBONE at its address, captured by no agent of ours."""
 
+WORKLOAD_CGROUP_ANNOTATION: Final = "nodeagent.io/cgroup"
+"""A local WorkloadEntry's annotation naming the cgroup its processes run in (a path from
+the cgroup v2 root, or a systemd unit: ``ratings.service``, ``user.slice``): the agent of
+its node captures that cgroup's outbound traffic (host mode). Without it, only the
+entry's inbound is served; the host's other processes are never captured."""
+
 HEALTH_CHECKS_ANNOTATION: Final = "proxy.istio.io/health-checks-enabled"
 """Istio's WorkloadEntry annotation: ``"true"`` makes it an endpoint only while its
 ``status.conditions`` say ``Healthy: "True"`` (Istio's VM health checks write it)."""
@@ -250,3 +256,38 @@ def entry_services(se: ServiceEntry) -> tuple[Service, ...]:
             )
         )
     return tuple(out)
+
+
+def workload_cgroup(value: str) -> str:
+    """The cgroup path (from the cgroup v2 root, ``/``-led, no trailing ``/``) a
+    ``nodeagent.io/cgroup`` annotation names; ``ValueError`` saying what is wrong.
+
+    A systemd unit name stands for the cgroup systemd gives it: ``ratings.service`` is
+    ``/system.slice/ratings.service``, a slice nests by its dashes
+    (``app-web.slice`` is ``/app.slice/app-web.slice``)."""
+    value = value.strip()
+    if value.startswith("/"):
+        parts = value.strip("/").split("/")
+        if value != "/" and any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{value!r}: a cgroup path has no empty, '.' or '..' parts")
+        if value == "/":
+            raise ValueError(
+                "'/' would capture every process of the host, the agent's own and SSH "
+                "included: name the workload's cgroup (a service, or user.slice)"
+            )
+        return "/" + "/".join(parts)
+    if "/" in value or not value:
+        raise ValueError(f"{value!r}: write a cgroup path from the root ('/…') or a unit name")
+    if value.endswith(".service") or value.endswith(".scope"):
+        return f"/system.slice/{value}"
+    if value.endswith(".slice"):
+        stem = value[: -len(".slice")]
+        if not stem or stem.startswith("-") or stem.endswith("-") or "--" in stem:
+            raise ValueError(f"{value!r} is not a slice name")
+        pieces = stem.split("-")
+        return "".join(
+            "/" + "-".join(pieces[: i + 1]) + ".slice" for i in range(len(pieces))
+        )
+    raise ValueError(
+        f"{value!r}: a unit name ends in .service, .scope or .slice (or write a cgroup path)"
+    )

@@ -211,6 +211,28 @@ class PodRuntime:
     cgroup: str = ""
 
 
+HOST_NETNS = "/proc/self/ns/net"
+"""The netns of a host-mode workload (a VM's service): the agent's own, the host's."""
+
+
+@dataclass(frozen=True)
+class HostWorkload:
+    """A workload of the agent's own host (host mode: a local WorkloadEntry), as its
+    capture needs it: outbound of its cgroup to ``loopback``, inbound to ``ip`` on its
+    ``inbound_ports`` to ``ip``'s inbound listener; nothing else of the host."""
+
+    key: str
+    ip: str
+    cgroup: str
+    """From the cgroup v2 root of the host's workloads (``--workload-cgroup-root``);
+    empty: its outbound is not captured (inbound only)."""
+    loopback: str
+    """Its outbound (15001) and DNS (15053) listeners' address on ``lo``."""
+    inbound_ports: tuple[int, ...]
+    exclude_outbound_ports: frozenset[int] = frozenset()
+    exclude_inbound_ports: frozenset[int] = frozenset()
+
+
 NODE_REDIRECT = "nodeagent.io/redirect"
 """Node annotation: this node's capture mode (``iptables``, ``ebpf``, ``auto``)."""
 NODE_BPF_BYPASS = "nodeagent.io/bpf-bypass"

@@ -294,6 +294,19 @@ class MeshSnapshot:
             out.append(Endpoint(pod=pod, ip=pod.pod_ip, port=number))
         return tuple(out)
 
+    def workload_ports(self, pod: Pod) -> tuple[int, ...]:
+        """The ports of ``pod`` anything reaches: its declared ports and those its
+        services' ports resolve to (a host-mode workload's captured inbound ports)."""
+        out = {number for c in pod.containers for _, number in c.ports}
+        for svc in self.services:
+            if pod not in self.endpoints_by_service.get(svc.key, ()):
+                continue
+            for sp in svc.ports:
+                number = _endpoint_port(pod, sp)
+                if number is not None:
+                    out.add(number)
+        return tuple(sorted(out))
+
     def service_for_host(self, host: str) -> Service | None:
         """The Service a host name (short, partly or fully qualified) names, if any."""
         return self.service_by_host.get(host)

@@ -122,6 +122,8 @@ class Inbound:
         snap = self.inputs.snapshot()
         ip, port = req.destination
         target = snap.pod_by_ip.get(ip)
+        if target is None and pp.is_host and ip == pp.runtime.ip:  # a host's workload
+            target = pp.pod
         me = self.inputs.principal(pp.pod)
         if target is None or target.key not in self.pods or self.inputs.principal(target) != me:
             self.inputs.metrics.failures.labels(direction="inbound", response_flags="NR").inc()

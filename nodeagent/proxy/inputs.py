@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nodeagent.core.paths import BASE
-from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.objects import HostWorkload, Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.dns import DnsSettings
@@ -91,6 +91,24 @@ class Capture(Protocol):
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         """The address an accepted connection was going to before capture (None: it was
         not redirected); raises ``OSError`` when it cannot be read."""
+        ...
+
+    def attach_host(self, workload: HostWorkload) -> Awaitable[str]:
+        """Capture a workload of the agent's own host (host mode), or re-capture it with
+        a changed spec; returns its mode. Raises ``LocalStateError``."""
+        ...
+
+    def detach_host(self, key: str) -> Awaitable[None]:
+        """A host workload left: its rules go."""
+        ...
+
+    def host_stale(self) -> bool:
+        """Whether a host workload's cgroup appeared, went or was made again (a
+        restarted service) since its rules were made."""
+        ...
+
+    def refresh_hosts(self) -> Awaitable[dict[str, str]]:
+        """Remake the host rules for the cgroups as they are; each host workload's mode."""
         ...
 
 

@@ -3,6 +3,12 @@ its three listeners (15001 outbound, 15006 inbound, 15008 HBONE), its DNS proxy'
 UDP and TCP) and its outbound HBONE pool, its capture (through the ``Capture`` it was
 handed), its readiness and state; and their release when the pod leaves or its runtime changes.
 
+The host's own workloads (host mode: the WorkloadEntries annotated with this node, a VM's
+services) are served the same way in the agent's own netns (``HOST_NETNS``), where
+they share the host with everything else: each one's outbound and DNS listeners on a
+loopback address of its own (``loopback_for``), its inbound and HBONE listeners on its
+address, its upstream sockets from its address.
+
 Connections accepted on those listeners go to the handlers it was given; what they do
 with them is none of this module's business.
 """
@@ -10,14 +16,17 @@ with them is none of this module's business.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nodeagent.errors import NodeAgentError
-from nodeagent.model.objects import Pod, PodRuntime
+from nodeagent.model.entries import WORKLOAD_CGROUP_ANNOTATION, workload_cgroup
+from nodeagent.model.objects import HOST_NETNS, HostWorkload, Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.dns import DNS_PORT, DnsListeners, DnsProxy
 from nodeagent.proxy.handover import Inherited, Listener
@@ -57,6 +66,12 @@ class PodProxy:
     state: str = "pending"
     mode: str = ""
     """What the capture reported when it attached the pod."""
+    host: HostWorkload | None = None
+    """A host-mode workload's capture spec (None: a pod in its own netns)."""
+
+    @property
+    def is_host(self) -> bool:
+        return self.runtime.netns == HOST_NETNS
 
     @property
     def listener(self) -> socket.socket:
@@ -92,6 +107,30 @@ def exclusions(pod: Pod) -> Excluded:
     return pod.excluded_ports("Outbound"), pod.excluded_ports("Inbound")
 
 
+def loopback_for(key: str, taken: set[str]) -> str:
+    """A host workload's own address on ``lo`` (``127.77.0.0/16``), the same for the same
+    key in every agent (a hand-over finds its listeners there), not one in ``taken``."""
+    h = zlib.crc32(key.encode())
+    while True:
+        addr = f"127.77.{(h >> 8) & 0xFF}.{1 + h % 254}"
+        if addr not in taken:
+            return addr
+        h += 1
+
+
+def host_runtime(entry: Pod, node: str) -> PodRuntime | None:
+    """A local WorkloadEntry's place on this host (None: no IP address to serve it at)."""
+    if not entry.pod_ip:
+        return None
+    try:
+        ipaddress.IPv4Address(entry.pod_ip)
+    except ValueError:
+        return None
+    raw = entry.annotations.get(WORKLOAD_CGROUP_ANNOTATION)
+    cgroup = workload_cgroup(raw) if raw else ""  # (checked when the config was read)
+    return PodRuntime(key=entry.key, ip=entry.pod_ip, node=node, netns=HOST_NETNS, cgroup=cgroup)
+
+
 class LocalPods:
     """The pods this node's proxy serves, keyed by pod key (``pods``, shared with the
     inbound handler, which serves only pods found there)."""
@@ -124,12 +163,23 @@ class LocalPods:
             rt = snap.runtimes.get(pod.key)
             if rt is not None and pod.in_mesh:
                 wanted[pod.key] = (pod, rt)
-        capture.on_snapshot(snap, wanted.keys())
+        for entry in snap.workload_entries_on_node(self.inputs.node):
+            hrt = host_runtime(entry, self.inputs.node)
+            if hrt is None or not entry.in_mesh:
+                continue
+            if entry.key in wanted:
+                log.warning("WorkloadEntry %s: a pod of this node has its name", entry.key)
+                continue
+            wanted[entry.key] = (entry, hrt)
+        capture.on_snapshot(snap, {k for k, (_, rt) in wanted.items() if rt.netns != HOST_NETNS})
         for key in list(self.pods):
             pp = self.pods[key]
             if key not in wanted or wanted[key][1] != pp.runtime:
-                log.info("pod %s left this node's mesh: closing its listeners", key)
-                await capture.detach(key, pp.runtime)
+                log.info("%s %s left this node's mesh: closing its listeners", pp.pod.kind, key)
+                if pp.is_host:
+                    await capture.detach_host(key)
+                else:
+                    await capture.detach(key, pp.runtime)
                 pp.close()
                 del self.pods[key]
         for key, (pod, rt) in wanted.items():
@@ -139,41 +189,96 @@ class LocalPods:
             else:
                 pp = existing
                 excluded = exclusions(pod)
-                if pp.state == "ready" and excluded != exclusions(pp.pod):
+                if pp.state == "ready" and excluded != exclusions(pp.pod) and not pp.is_host:
                     capture.exclude(rt, pp.listener, excluded)
                 pp.pod = pod
             if pp.state != "ready":
-                await self._capture(pp)
+                await self._capture(pp, snap)
+            elif pp.is_host and pp.host != self._host_spec(pp, snap):
+                await self._capture_host(pp, snap)  # its ports or exclusions changed
+        if capture.host_stale():
+            await self.refresh_hosts()
 
-    async def _capture(self, pp: PodProxy) -> None:
+    async def refresh_hosts(self) -> None:
+        """Remake the host rules where a workload's cgroup came, went or was made again."""
+        try:
+            modes = await self.inputs.capture.refresh_hosts()
+        except (OSError, NodeAgentError) as e:
+            log.error("cannot capture this host's workloads: %s", e)
+            return
+        for key, mode in modes.items():
+            if key in self.pods:
+                self.pods[key].mode = mode
+
+    def hosts_stale(self) -> bool:
+        return self.inputs.capture.host_stale()
+
+    def _host_spec(self, pp: PodProxy, snap: MeshSnapshot) -> HostWorkload:
+        """What host mode captures of ``pp``: its cgroup, its own loopback address, the
+        ports its services reach, its exclusions."""
+        taken = {p.host.loopback for p in self.pods.values() if p.host and p is not pp}
+        loopback = pp.host.loopback if pp.host else loopback_for(pp.pod.key, taken)
+        out_ports, in_ports = exclusions(pp.pod)
+        return HostWorkload(
+            key=pp.pod.key,
+            ip=pp.runtime.ip,
+            cgroup=pp.runtime.cgroup,
+            loopback=loopback,
+            inbound_ports=snap.workload_ports(pp.pod),
+            exclude_outbound_ports=out_ports,
+            exclude_inbound_ports=in_ports,
+        )
+
+    async def _capture_host(self, pp: PodProxy, snap: MeshSnapshot) -> None:
+        spec = self._host_spec(pp, snap)
+        pp.mode = await self.inputs.capture.attach_host(spec)
+        pp.host = spec
+
+    def _binds(self, pp: PodProxy, snap: MeshSnapshot) -> tuple[str, str, str]:
+        """(outbound and DNS, inbound, HBONE) listening addresses of ``pp``: a pod's own
+        netns has them all; on a host they are the workload's own."""
+        if not pp.is_host:
+            return "127.0.0.1", "0.0.0.0", "0.0.0.0"
+        if pp.host is None:
+            pp.host = self._host_spec(pp, snap)
+        return pp.host.loopback, pp.runtime.ip, pp.runtime.ip
+
+    async def _capture(self, pp: PodProxy, snap: MeshSnapshot) -> None:
         key = pp.pod.key
         try:
+            local, inbound, hbone = self._binds(pp, snap)
             if pp.sockets is None:
                 pp.sockets = self.inputs.sockets.pod(pp.runtime)
             if not pp.servers:
                 loop = asyncio.get_running_loop()
                 for handler, host, port, kind in (
-                    (self._outbound, "127.0.0.1", OUTBOUND_PORT, "outbound"),
-                    (self._inbound, "0.0.0.0", INBOUND_PORT, "inbound"),
+                    (self._outbound, local, OUTBOUND_PORT, "outbound"),
+                    (self._inbound, inbound, INBOUND_PORT, "inbound"),
                 ):
                     sock = self._inherit(pp, kind, port) or pp.sockets.listen(host, port)
                     server = await loop.create_server(handler(pp), sock=sock, backlog=4096)
                     pp.servers.append(server)
             if self.inputs.identity is not None and pp.hbone is None:
-                await self._start_hbone(pp, pp.sockets)
+                await self._start_hbone(pp, pp.sockets, hbone)
             if self.dns is not None and pp.dns is None:
-                await self._start_dns(self.dns, pp, pp.sockets)
-            pp.mode = await self.inputs.capture.attach(
-                key, pp.runtime, pp.listener, exclusions(pp.pod)
-            )
+                await self._start_dns(self.dns, pp, pp.sockets, local)
+            if pp.is_host:
+                await self._capture_host(pp, snap)
+            else:
+                pp.mode = await self.inputs.capture.attach(
+                    key, pp.runtime, pp.listener, exclusions(pp.pod)
+                )
             pp.state = "ready"
-            log.info("pod %s captured (%s) in %s", key, pp.mode, pp.runtime.netns)
+            log.info("%s %s captured (%s) in %s", pp.pod.kind, key, pp.mode, pp.runtime.netns)
         except (OSError, NodeAgentError) as e:
             pp.state = f"error: {e}"
-            log.error("cannot capture pod %s: %s", key, e)
+            if pp.is_host and isinstance(e, OSError) and e.errno == 99:  # EADDRNOTAVAIL
+                pp.state = f"error: {pp.runtime.ip} is not an address of this host ({e})"
+            log.error("cannot capture %s %s: %s", pp.pod.kind, key, pp.state[7:])
             pp.close()
+            pp.host = None
 
-    async def _start_hbone(self, pp: PodProxy, sockets: PodSockets) -> None:
+    async def _start_hbone(self, pp: PodProxy, sockets: PodSockets, host: str) -> None:
         """The pod's HBONE server on 15008 and its outbound tunnel pool."""
         identity = self.inputs.identity
         assert identity is not None
@@ -181,7 +286,7 @@ class LocalPods:
         me = self.inputs.principal(pp.pod)
         on_connect = self._hbone
         pp.hbone = await start_hbone_server(
-            self._inherit(pp, "hbone", HBONE_PORT) or sockets.listen("0.0.0.0", HBONE_PORT),
+            self._inherit(pp, "hbone", HBONE_PORT) or sockets.listen(host, HBONE_PORT),
             lambda: identity.server_context(me),
             lambda req: on_connect(pp, req),
             metrics=self.inputs.metrics,
@@ -220,12 +325,13 @@ class LocalPods:
                 out.append((Listener(kind, port, key, rt.netns, rt.ip), sock))
         return out
 
-    async def _start_dns(self, dns: DnsProxy, pp: PodProxy, sockets: PodSockets) -> None:
-        """The pod's DNS proxy on 127.0.0.1:15053, UDP and TCP (where capture sends its
-        port 53: a REDIRECT of the pod's own traffic goes to its loopback address)."""
-        udp = self._inherit(pp, "dns-udp", DNS_PORT) or sockets.listen_udp("127.0.0.1", DNS_PORT)
+    async def _start_dns(self, dns: DnsProxy, pp: PodProxy, sockets: PodSockets, host: str) -> None:
+        """The pod's DNS proxy on 127.0.0.1:15053 (a host workload's: on its own loopback
+        address), UDP and TCP (where capture sends its port 53: a REDIRECT of the pod's
+        own traffic goes to its loopback address)."""
+        udp = self._inherit(pp, "dns-udp", DNS_PORT) or sockets.listen_udp(host, DNS_PORT)
         try:
-            tcp = self._inherit(pp, "dns-tcp", DNS_PORT) or sockets.listen("127.0.0.1", DNS_PORT)
+            tcp = self._inherit(pp, "dns-tcp", DNS_PORT) or sockets.listen(host, DNS_PORT)
         except OSError:
             udp.close()
             raise

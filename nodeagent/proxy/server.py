@@ -83,6 +83,10 @@ class Proxy:
     def all_ready(self) -> bool:
         return self.local.all_ready()
 
+    def hosts_stale(self) -> bool:
+        """Whether a host workload's cgroup changed under its capture rules."""
+        return self.local.hosts_stale()
+
     def inherit(self, inherited: Inherited | None) -> None:
         """Use the listeners a previous agent handed over when capturing pods."""
         self.local.inherited = inherited

@@ -8,7 +8,8 @@ mode says so (``"… (no source routing)"``), the app sees its pod's address, an
 
 Each attaches a pod given its runtime entry, its inbound listener and its excluded
 ports, follows the snapshot's mesh addresses, and says where an accepted connection was
-going before capture.
+going before capture. Both capture the host's own workloads (host mode, a VM's services)
+alike, with iptables' cgroup match (``HostCapture``, ``hostmode``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import logging
 import os
 import socket
 from collections.abc import Set
+from pathlib import Path
 
 from nodeagent.errors import LocalStateError
-from nodeagent.model.objects import PodRuntime
+from nodeagent.model.objects import HOST_NETNS, HostWorkload, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.redirect import iptables, srcroute
 from nodeagent.redirect.ebpf import NodeCapture
+from nodeagent.redirect.hostmode import HostRules, cgroup2_mount
 from nodeagent.redirect.netns import netns_path
 from nodeagent.redirect.sockets import original_dst
 
@@ -75,13 +78,50 @@ class SourceRouting:
         return mode + NO_SOURCE
 
 
-class IptablesCapture(SourceRouting):
+class HostCapture:
+    """Host mode, the same under both captures: the host's own workloads (local
+    WorkloadEntries) by iptables' cgroup match in the agent's netns (``hostmode``)."""
+
+    def __init__(self, dns_port: int | None, cgroup_root: str) -> None:
+        self._host: HostRules | None = None
+        self._host_dns = dns_port
+        self._cgroup_root = cgroup_root
+
+    def _rules(self) -> HostRules:
+        if self._host is None:
+            mount = cgroup2_mount()
+            root = Path(self._cgroup_root) if self._cgroup_root else mount
+            self._host = HostRules(HOST_NETNS, root, mount, self._host_dns)
+        return self._host
+
+    async def attach_host(self, workload: HostWorkload) -> str:
+        """Capture a workload of this host (again, when it changed); its mode."""
+        return await self._rules().set(workload)
+
+    async def detach_host(self, key: str) -> None:
+        if self._host is not None:
+            await self._host.remove(key)
+
+    def host_stale(self) -> bool:
+        """Whether a host workload's cgroup appeared, went or was made again."""
+        return self._host is not None and self._host.stale()
+
+    async def refresh_hosts(self) -> dict[str, str]:
+        """Re-apply the host rules for the cgroups as they are now; each workload's mode."""
+        if self._host is None:
+            return {}
+        await self._host.apply()
+        return {k: self._host.mode(k) for k in self._host.workloads}
+
+
+class IptablesCapture(SourceRouting, HostCapture):
     """nat REDIRECT rules inside each pod's netns; the kernel keeps the original
     destination of a redirected connection for ``SO_ORIGINAL_DST``. With ``dns_port``,
     the pod's DNS (port 53) goes to the DNS proxy there too."""
 
-    def __init__(self, dns_port: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, dns_port: int | None = None, cgroup_root: str = "") -> None:
+        SourceRouting.__init__(self)
+        HostCapture.__init__(self, dns_port, cgroup_root)
         self.dns_port = dns_port
 
     def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
@@ -124,13 +164,16 @@ class IptablesCapture(SourceRouting):
         return original_dst(transport.get_extra_info("socket"))
 
 
-class EbpfCapture(SourceRouting):
+class EbpfCapture(SourceRouting, HostCapture):
     """The eBPF programs of ``node`` (loaded or re-adopted by the composition root);
     with ``dns_port``, the pod's DNS goes to the DNS proxy by the two iptables rules of
     ``iptables.render_dns_rules`` (the programs steer TCP to mesh addresses only)."""
 
-    def __init__(self, node: NodeCapture, dns_port: int | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, node: NodeCapture, dns_port: int | None = None, cgroup_root: str = ""
+    ) -> None:
+        SourceRouting.__init__(self)
+        HostCapture.__init__(self, dns_port, cgroup_root)
         self.node = node
         self.dns_port = dns_port
         self._retained = False
@@ -194,7 +237,9 @@ class EbpfCapture(SourceRouting):
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         if inbound:
-            # sk_lookup steers without rewriting: the socket's own address is it
+            # sk_lookup steers without rewriting: the socket's own address is it; a host
+            # workload's inbound was rewritten to 15006 by its iptables rule (DNAT)
             name = transport.get_extra_info("sockname")
-            return (name[0], name[1]) if name else None
+            if name and name[1] != iptables.INBOUND_PORT:
+                return (name[0], name[1])
         return original_dst(transport.get_extra_info("socket"))

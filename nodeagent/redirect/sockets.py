@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from nodeagent.errors import PeerError
-from nodeagent.model.objects import PodRuntime
+from nodeagent.model.objects import HOST_NETNS, PodRuntime
 from nodeagent.redirect.iptables import PROXY_MARK
 from nodeagent.redirect.netns import NetnsHandle
 from nodeagent.redirect.srcroute import TRANSPARENT_MARK
@@ -72,14 +72,22 @@ eBPF ``connect4_proxy``: a plaintext client's own connection to that app holds t
 tuple in the pod's netns)."""
 
 
-def _prepare(s: socket.socket, mark: int, source: str | None) -> None:
-    """Mark ``s``, and bind it to the client's address ``source`` when given."""
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+def _prepare(s: socket.socket, mark: int, source: str | None, bind: str | None = None) -> None:
+    """Mark ``s``, and bind it to the client's address ``source`` when given, else to
+    the local address ``bind`` when given (a host workload's own)."""
     # a transparent socket's mark tells the pod's routing to bring the answers back
     s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark if source is None else TRANSPARENT_MARK)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if source is not None:
         s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         s.bind((source, 0))
+    elif bind is not None:
+        # the port is picked at connect(), per destination, not reserved by bind()
+        s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        s.bind((bind, 0))
     s.setblocking(False)
 
 
@@ -89,10 +97,12 @@ async def connect_in(
     timeout: float,
     mark: int = PROXY_MARK,
     source: str | None = None,
+    bind: str | None = None,
 ) -> socket.socket:
     """Connect from inside ``ns``, marked so our own capture rules let it pass; from
     ``source`` (a client's address, not this netns's: ``IP_TRANSPARENT``) when given,
-    then marked ``TRANSPARENT_MARK`` so the app's answers are routed back to us.
+    then marked ``TRANSPARENT_MARK`` so the app's answers are routed back to us; else from
+    the local address ``bind`` when given (a host workload's, so its peers see it).
 
     ``addr`` is a numeric address (a pod, endpoint or original destination): the socket
     connects directly, without the event loop's resolver (uvloop's ``sock_connect`` runs
@@ -102,7 +112,7 @@ async def connect_in(
     s = ns.socket()
     refused: list[socket.socket] = []  # held until done: the next bind picks another port
     try:
-        _prepare(s, mark, source)
+        _prepare(s, mark, source, bind)
         err = 0
         while True:
             try:
@@ -117,7 +127,7 @@ async def connect_in(
                     raise
                 refused.append(s)
                 s = ns.socket()
-                _prepare(s, mark, source)
+                _prepare(s, mark, source, bind)
                 continue
             break
         if err:
@@ -168,10 +178,12 @@ async def _writable(s: socket.socket) -> None:
 
 
 class PodNetns:
-    """The sockets of one pod: made inside its netns through one open handle."""
+    """The sockets of one pod: made inside its netns through one open handle; with
+    ``bind`` (a host workload's address), its upstream connections come from there."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, bind: str | None = None) -> None:
         self.ns = NetnsHandle(netns)
+        self.bind = bind
 
     def listen(self, host: str, port: int) -> socket.socket:
         return listen_in(self.ns, host, port)
@@ -183,7 +195,7 @@ class PodNetns:
         self, addr: tuple[str, int], timeout: float, source: str | None = None
     ) -> Coroutine[Any, Any, socket.socket]:
         # returns connect_in's coroutine itself: no extra frame per connection
-        return connect_in(self.ns, addr, timeout, PROXY_MARK, source)
+        return connect_in(self.ns, addr, timeout, PROXY_MARK, source, self.bind)
 
     def close(self) -> None:
         self.ns.close()
@@ -193,4 +205,6 @@ class NetnsSockets:
     """The proxy's socket factory on a node: each pod's sockets live in its netns."""
 
     def pod(self, runtime: PodRuntime) -> PodNetns:
+        if runtime.netns == HOST_NETNS:  # the host's own: many workloads, many addresses
+            return PodNetns(runtime.netns, bind=runtime.ip)
         return PodNetns(runtime.netns)

@@ -21,7 +21,7 @@ from pathlib import Path
 from nodeagent.errors import LocalStateError
 from nodeagent.sandbox import cgroups, processes
 from nodeagent.sandbox.state import PODS_FILE, Progress
-from nodeagent.sandbox.topology import NodePlan
+from nodeagent.sandbox.topology import NodePlan, host_cgroup_root_rel
 
 AGENT_TIMEOUT = 30.0
 """Seconds an agent gets to report ready."""
@@ -84,6 +84,8 @@ def start(
         node.state_dir,
         "--bpf-pin-dir",
         BPF_PIN_DIR,
+        "--workload-cgroup-root",
+        str(cgroup_root / host_cgroup_root_rel(node.name)),
         *args,
     ]
     env = dict(os.environ)

@@ -175,9 +175,13 @@ class Sandbox(Record):
             netlink.build_node(topo, node)
             cgroups.create(self.cgroup_root / node.cgroup)
         for pod in topo.pods:
+            cgroups.create(self.cgroup_root / pod.cgroup)
+            if pod.host:
+                progress(f"workload {pod.key}: {pod.ip} on {pod.node}'s host, {pod.cgroup}")
+                netlink.write_etc_netns(pod)
+                continue
             progress(f"pod {pod.key}: netns {pod.netns}, {pod.ip} on {pod.node}")
             netlink.build_pod(topo.node(pod.node), pod)
-            cgroups.create(self.cgroup_root / pod.cgroup)
         from nodeagent.control.runtime import write_runtimes
 
         write_runtimes(
@@ -191,6 +195,7 @@ class Sandbox(Record):
                     cgroup=str(self.cgroup_root / p.cgroup),
                 )
                 for p in topo.pods
+                if not p.host  # the agent finds its host's workloads in the config
             },
         )
         if self.mtls:

@@ -203,7 +203,13 @@ def build_node(topo: Topology, node: NodePlan) -> None:
         ipr.addr("add", index=cbr, address=node.bridge_ip, prefixlen=24)
         ipr.link("set", index=cbr, state="up")
         for r in node.routes:
-            ipr.route("add", dst=r.dst, gateway=r.via)
+            if r.via:
+                ipr.route("add", dst=r.dst, gateway=r.via)
+            else:  # on the link: nothing answers outside the sandbox, as designed
+                ipr.route("add", dst=r.dst, oif=up)
+        lo = _index(ipr, "lo")
+        for addr in node.host_addresses:  # its host workloads' own addresses
+            ipr.addr("add", index=lo, address=addr, prefixlen=32)
     set_sysctl(node.netns, "net.ipv4.ip_forward", "1")
 
 
@@ -229,10 +235,12 @@ def build_pod(node: NodePlan, pod: PodPlan) -> None:
 
 
 def write_etc_netns(pod: PodPlan) -> None:
-    """``/etc/netns/<pod netns>/{hosts,resolv.conf}``, bind-mounted by ``ip netns exec``."""
+    """``/etc/netns/<pod netns>/{hosts,resolv.conf}``, bind-mounted by ``ip netns exec``
+    (a host workload's: its node's, resolv.conf only: the DNS proxy answers its names)."""
     d = Path(ETC_NETNS_DIR) / pod.netns
     d.mkdir(parents=True, exist_ok=True)
-    (d / "hosts").write_text(pod.hosts)
+    if pod.hosts:
+        (d / "hosts").write_text(pod.hosts)
     if os.path.exists("/etc/resolv.conf"):
         (d / "resolv.conf").write_text(pod.resolv_conf)
 

@@ -11,6 +11,7 @@ alive shortly after start). The pods' netns and addresses are ``topology``'s and
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import subprocess
 import time
 from collections.abc import Sequence
@@ -36,9 +37,16 @@ class ContainerSpec:
     env: tuple[tuple[str, str], ...]
 
 
+COMMAND_ANNOTATION = "sandbox.nodeagent.io/command"
+"""A WorkloadEntry's annotation: what the sandbox runs as that workload on its node's
+host (a shell-quoted command line), as a VM would run its service; read by the sandbox
+only."""
+
+
 def containers_of(snapshot: MeshSnapshot) -> dict[str, list[ContainerSpec]]:
-    """The containers to run, by pod key (those without a ``command`` run nothing)."""
-    return {
+    """The containers to run, by pod key (those without a ``command`` run nothing), and
+    the processes of host workloads (WorkloadEntries with ``COMMAND_ANNOTATION``)."""
+    out = {
         pod.key: [
             ContainerSpec(name=c.name, argv=(*c.command, *c.args), env=c.env)
             for c in pod.containers
@@ -46,6 +54,11 @@ def containers_of(snapshot: MeshSnapshot) -> dict[str, list[ContainerSpec]]:
         ]
         for pod in snapshot.pods
     }
+    for w in snapshot.workload_entries:
+        command = w.annotations.get(COMMAND_ANNOTATION)
+        if w.node_name and command:
+            out[w.key] = [ContainerSpec(name=w.name, argv=tuple(shlex.split(command)), env=())]
+    return out
 
 
 def env(pod: PodPlan, extra: Sequence[tuple[str, str]] = ()) -> dict[str, str]:

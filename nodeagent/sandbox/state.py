@@ -157,7 +157,13 @@ class Record:
     @classmethod
     def _from_json(cls, raw: dict[str, Any]) -> Self:
         nodes = tuple(
-            NodePlan(**{**n, "routes": tuple(Route(**r) for r in n["routes"])})
+            NodePlan(
+                **{
+                    **n,
+                    "routes": tuple(Route(**r) for r in n["routes"]),
+                    "host_addresses": tuple(n.get("host_addresses", ())),
+                }
+            )
             for n in raw["nodes"]
         )
         pods = tuple(PodPlan(**{**p, "ports": tuple(p["ports"])}) for p in raw["pods"])

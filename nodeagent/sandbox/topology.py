@@ -12,7 +12,13 @@ any I/O, so it can be unit-tested and so ``down`` can recognise what ``up`` made
   ``status.podIP`` from the config is kept when it is free and inside the node's CIDR),
   ``eth0`` in the pod netns, node side ``vp<i>-<k>``;
 - every node routes ``10.244.j.0/24 via 10.250.0.j`` for each other node j; nothing routes
-  outside the sandbox.
+  outside the sandbox;
+- a WorkloadEntry annotated ``nodeagent.io/node: <node>`` is a workload of that node's
+  host ("vm" node): processes in the node's own netns, in its own cgroup
+  ``nodeagent/hosts/<node>/<its nodeagent.io/cgroup>``, at the entry's address (on the
+  node's ``lo``; every other node routes ``<address>/32`` via the node), planned as a
+  ``PodPlan`` with ``host`` set; such a node has a default route on its uplink (its
+  workloads dial service addresses, as a VM's do).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import re
 from dataclasses import dataclass
 
 from nodeagent.errors import ConfigError, ConfigErrors
+from nodeagent.model.entries import WORKLOAD_CGROUP_ANNOTATION, workload_cgroup
 from nodeagent.model.objects import Pod, Service
 from nodeagent.model.snapshot import MeshSnapshot
 
@@ -87,6 +94,20 @@ def pod_cgroup_rel(node: str, namespace: str, name: str) -> str:
     return f"{CGROUP_SUBTREE}/pods/{node}/{namespace}_{name}"
 
 
+def host_cgroup_root_rel(node: str) -> str:
+    """Where a "vm" node's host cgroups start (its agent's ``--workload-cgroup-root``)."""
+    return f"{CGROUP_SUBTREE}/hosts/{node}"
+
+
+def host_cgroup_rel(node: str, entry: Pod) -> str:
+    """A host workload's cgroup, relative to the cgroup v2 root: the one its
+    ``nodeagent.io/cgroup`` names under its node's host root, else one of its own (its
+    processes then run outside any cgroup the agent captures)."""
+    raw = entry.annotations.get(WORKLOAD_CGROUP_ANNOTATION)
+    path = workload_cgroup(raw) if raw else f"/sandbox/{entry.namespace}_{entry.name}"
+    return host_cgroup_root_rel(node) + path
+
+
 def agent_cgroup_rel(node: str) -> str:
     return f"{CGROUP_SUBTREE}/agents/{node}"
 
@@ -134,6 +155,8 @@ class NodePlan:
     socket: str
     state_dir: str
     log: str
+    host_addresses: tuple[str, ...] = ()
+    """Its host workloads' addresses (on its ``lo``); any: a "vm" node."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +180,8 @@ class PodPlan:
     resolv_conf: str
     ports: tuple[int, ...]
     """The declared containerPorts, which must accept connections before the pod is ready."""
+    host: bool = False
+    """A host workload (a local WorkloadEntry): in its node's netns, no link of its own."""
 
     @property
     def key(self) -> str:
@@ -186,7 +211,7 @@ class Topology:
         return (
             self.fabric_netns,
             *(n.netns for n in self.nodes),
-            *(p.netns for p in self.pods),
+            *(p.netns for p in self.pods if not p.host),
         )
 
     def interface_names(self) -> tuple[str, ...]:
@@ -196,7 +221,7 @@ class Topology:
             NODE_UPLINK,
             POD_IFNAME,
             *(n.fabric_ifname for n in self.nodes),
-            *(p.host_ifname for p in self.pods),
+            *(p.host_ifname for p in self.pods if not p.host),
         )
 
 
@@ -261,7 +286,8 @@ def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
     ``dns_proxy``: the agents answer their pods' DNS (pods in the mesh resolve names
     through it; the others, and all without it, through hosts files)."""
     errors: list[ConfigError] = []
-    node_names = sorted({p.node_name for p in snapshot.pods})
+    hosted = _host_workloads(snapshot, errors)
+    node_names = sorted({p.node_name for p in snapshot.pods} | {w.node_name for w in hosted})
     for pod in snapshot.pods:
         if not _NODE_NAME.match(pod.node_name):
             errors.append(
@@ -288,7 +314,14 @@ def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
             Route(dst=f"10.244.{j}.0/24", via=str(FABRIC_NET.network_address + j))
             for other, j in index_of.items()
             if other != name
+        ) + tuple(
+            Route(dst=f"{w.pod_ip}/32", via=str(FABRIC_NET.network_address + index_of[w.node_name]))
+            for w in hosted
+            if w.node_name != name
         )
+        own = tuple(str(w.pod_ip) for w in hosted if w.node_name == name)
+        if own:  # a "vm" node: its workloads dial service and ServiceEntry addresses
+            routes += (Route(dst="default", via=""),)
         nodes.append(
             NodePlan(
                 name=name,
@@ -303,6 +336,7 @@ def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
                 socket=agent_socket(name),
                 state_dir=agent_state_dir(name),
                 log=agent_log(name),
+                host_addresses=own,
             )
         )
 
@@ -391,6 +425,28 @@ def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
                     ports=_pod_ports(pod),
                 )
             )
+    for node in nodes:
+        for k, w in enumerate((w for w in hosted if w.node_name == node.name), start=1):
+            pods.append(
+                PodPlan(
+                    namespace=w.namespace,
+                    name=w.name,
+                    node=node.name,
+                    node_index=node.index,
+                    index=k,
+                    netns=node.netns,
+                    ip=str(w.pod_ip),
+                    gateway="",
+                    host_ifname="",
+                    cgroup=host_cgroup_rel(node.name, w),
+                    log=pod_log(w.namespace, w.name),
+                    service_account=w.service_account,
+                    hosts="",
+                    resolv_conf=resolv_conf(w.namespace, dns_proxy),
+                    ports=tuple(sorted({n for c in w.containers for _, n in c.ports})),
+                    host=True,
+                )
+            )
     for svc in snapshot.services:
         if svc.cluster_ip is None:
             continue
@@ -408,3 +464,49 @@ def plan(snapshot: MeshSnapshot, dns_proxy: bool = True) -> Topology:
     if errors:
         raise ConfigErrors(errors)
     return Topology(nodes=tuple(nodes), pods=tuple(pods))
+
+
+RESERVED = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv4Network("0.0.0.0/8"),
+    ipaddress.IPv4Network("224.0.0.0/3"),
+    ipaddress.IPv4Network("169.254.0.0/16"),
+)
+
+
+def _host_workloads(snapshot: MeshSnapshot, errors: list[ConfigError]) -> list[Pod]:
+    """The WorkloadEntries a sandbox node hosts (annotated with a node, with an IPv4
+    address outside the sandbox's own networks); problems go to ``errors``."""
+    out: list[Pod] = []
+    taken: dict[str, Pod] = {p.pod_ip: p for p in snapshot.pods if p.pod_ip}
+    for w in snapshot.workload_entries:
+        if not w.node_name or w.kind != "WorkloadEntry":
+            continue
+        where = {"source": w.source, "obj": f"WorkloadEntry {w.key}", "field": "spec.address"}
+        try:
+            addr = ipaddress.IPv4Address(w.pod_ip or "")
+        except ValueError:
+            errors.append(
+                ConfigError(
+                    f"{w.pod_ip or 'no address'}: a WorkloadEntry on sandbox node "
+                    f"{w.node_name} needs an IPv4 address",
+                    **where,
+                )
+            )
+            continue
+        if addr in POD_SUPERNET or addr in FABRIC_NET or any(addr in n for n in RESERVED):
+            errors.append(
+                ConfigError(
+                    f"{addr} is inside the sandbox's pod or node network ({POD_SUPERNET}, "
+                    f"{FABRIC_NET}) or reserved: pick one elsewhere, e.g. 192.168.50.10",
+                    **where,
+                )
+            )
+            continue
+        other = taken.get(str(addr))
+        if other is not None:
+            errors.append(ConfigError(f"{addr} is also {other.kind} {other.key}", **where))
+            continue
+        taken[str(addr)] = w
+        out.append(w)
+    return out

@@ -16,10 +16,10 @@ from nodeagent.sandbox import Sandbox
 NODES = ("node1", "node2")
 
 
-def config_versions(sb: Sandbox) -> dict[str, int]:
+def config_versions(sb: Sandbox, nodes: tuple[str, ...] = NODES) -> dict[str, int]:
     """The config version each agent serves (and that none kept a load error)."""
     out = {}
-    for n in NODES:
+    for n in nodes:
         with AdminClient(sb.agent_socket(n)) as c:
             st = c.status()["config"]
         assert not st["last_error"], st["last_error"]
@@ -27,9 +27,12 @@ def config_versions(sb: Sandbox) -> dict[str, int]:
     return out
 
 
-def apply_file(sb: Sandbox, path: Path, text: str | None) -> None:
-    """Write (``text``) or remove (None) a config file; return once both agents serve it."""
-    before = config_versions(sb)
+def apply_file(
+    sb: Sandbox, path: Path, text: str | None, nodes: tuple[str, ...] = NODES
+) -> None:
+    """Write (``text``) or remove (None) a config file; return once the agents of
+    ``nodes`` serve it."""
+    before = config_versions(sb, nodes)
     if text is None:
         path.unlink()
     else:
@@ -38,10 +41,10 @@ def apply_file(sb: Sandbox, path: Path, text: str | None) -> None:
 
 
 def wait_loaded(sb: Sandbox, before: dict[str, int]) -> None:
-    """Wait until both agents serve a config newer than ``before`` (5 s at most)."""
+    """Wait until the agents of ``before`` serve a config newer than it (5 s at most)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if all(v > before[n] for n, v in config_versions(sb).items()):
+        if all(v > before[n] for n, v in config_versions(sb, tuple(before)).items()):
             return
         time.sleep(0.1)
     raise AssertionError("config change not loaded by both agents within 5 s")

@@ -29,7 +29,7 @@ from nodeagent.control.files import load_directory
 from nodeagent.errors import PeerError
 from nodeagent.identity.ca import TRUST_BUNDLE, CertificateAuthority, csr_identity, init_ca
 from nodeagent.identity.store import CertificateStore
-from nodeagent.model.objects import PodRuntime
+from nodeagent.model.objects import HostWorkload, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.identity import MeshIdentity
@@ -186,6 +186,19 @@ class RecordedCapture:
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
         peer = transport.get_extra_info("peername")
         return self.net.destinations.get((peer[0], peer[1]))
+
+    async def attach_host(self, workload: HostWorkload) -> str:
+        self.attached.add(workload.key)
+        return "recorded host"
+
+    async def detach_host(self, key: str) -> None:
+        self.attached.discard(key)
+
+    def host_stale(self) -> bool:
+        return False
+
+    async def refresh_hosts(self) -> dict[str, str]:
+        return {}
 
 
 # -- the apps ------------------------------------------------------------------------------

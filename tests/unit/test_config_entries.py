@@ -14,6 +14,7 @@ import pytest
 from nodeagent.cli import main
 from nodeagent.control.files import load_directory
 from nodeagent.errors import ConfigErrors
+from nodeagent.model.entries import workload_cgroup
 from nodeagent.model.snapshot import MeshSnapshot
 
 DATA = Path(__file__).parent / "data" / "istio-vm"
@@ -271,7 +272,38 @@ metadata: {name: vm, namespace: default, annotations: {nodeagent.io/nodes: vm-1}
 spec: {address: 10.0.0.1}
 """,
             "WorkloadEntry default/vm: metadata.annotations.nodeagent.io/nodes: unknown "
-            "annotation (known: nodeagent.io/node)",
+            "annotation (known: nodeagent.io/node, nodeagent.io/cgroup)",
+        ),
+        (
+            """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: default, annotations: {nodeagent.io/cgroup: ratings}}
+spec: {address: 10.0.0.1}
+""",
+            "WorkloadEntry default/vm: metadata.annotations.nodeagent.io/cgroup: 'ratings': a "
+            "unit name ends in .service, .scope or .slice (or write a cgroup path)",
+        ),
+        (
+            """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: default, annotations: {nodeagent.io/cgroup: /}}
+spec: {address: 10.0.0.1}
+""",
+            "WorkloadEntry default/vm: metadata.annotations.nodeagent.io/cgroup: '/' would "
+            "capture every process of the host, the agent's own and SSH included: name the "
+            "workload's cgroup (a service, or user.slice)",
+        ),
+        (
+            """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm, namespace: default, annotations: {nodeagent.io/cgroup: /a/../b}}
+spec: {address: 10.0.0.1}
+""",
+            "WorkloadEntry default/vm: metadata.annotations.nodeagent.io/cgroup: '/a/../b': a "
+            "cgroup path has no empty, '.' or '..' parts",
         ),
         (
             """
@@ -567,3 +599,17 @@ spec:
     assert bool(snap.endpoints(web, web.ports[0])) is serves
     assert snap.endpoints(team, team.ports[0]) == ()  # metadata.labels do not select it
     assert [w.key for w in snap.workload_entries] == ["default/vm"]  # still a workload
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ("ratings.service", "/system.slice/ratings.service"),
+        ("user.slice", "/user.slice"),
+        ("app-web.slice", "/app.slice/app-web.slice"),
+        ("/system.slice/ratings.service/", "/system.slice/ratings.service"),
+        ("session-3.scope", "/system.slice/session-3.scope"),
+    ],
+)
+def test_a_cgroup_annotation_names_the_cgroup_systemd_gives_the_unit(value: str, path: str) -> None:
+    assert workload_cgroup(value) == path
