@@ -120,8 +120,12 @@ def read_node_tokens(path: Path) -> dict[str, str]:
     """The node tokens file ``{"<node>": "<token>", ...}``; ``LocalStateError`` naming the
     file and what is wrong when it is unreadable or not of that shape."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_text()
+    except OSError as e:
+        raise LocalStateError(f"cannot read the node tokens file {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
         raise LocalStateError(f"node tokens file {path}: not readable JSON: {e}") from e
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
