@@ -404,3 +404,18 @@ def test_concurrent_token_writes_keep_every_token(mesh: Mesh) -> None:
     assert tokens["vm-7-24"] == "token-7-24" and tokens["node1"] == "t0k3n-node1"
     assert stat.S_IMODE(mesh.tokens.stat().st_mode) == 0o600
     assert [p.name for p in mesh.root.iterdir() if p.name.startswith(".tokens")] == []
+
+
+def test_apply_never_overwrites_other_objects(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = mesh.config / "workloadentry-default-ratings-vm-1.yaml"
+    target.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\n"
+        "spec: {clusterIP: 10.96.8.11, ports: [{name: http, port: 80}]}\n"
+    )
+    assert join_error(mesh, capsys, *mesh.argv(), "--apply") == (
+        f"{target} holds other objects than the WorkloadEntry default/ratings-vm-1: --apply "
+        "would overwrite them; move them to another file"
+    )
+    assert "kind: Service" in target.read_text()
