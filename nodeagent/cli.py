@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodeagent.admin import ctl
     from nodeagent.cni import install as cni_install
     from nodeagent.identity import cli as ca_cli
+    from nodeagent.identity import vmcli
     from nodeagent.samples import jwtmint, sampleapp
 
     parser = Parser(prog="nodeagent", description=DESCRIPTION, epilog=EPILOG)
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
     ca_cli.add_parser(sub)
+    vmcli.add_parser(sub)
     cni_install.add_parser(sub)
     sampleapp.add_parser(sub)
     jwtmint.add_parser(sub)

@@ -12,8 +12,10 @@ before ``CertificateAuthority.sign``:
    cluster). ``authenticate`` is async for that network call.
 2. **Authorization** (``Authorizer``): may that node hold that identity?
    ``PlacementAuthorizer`` allows identity X for node N only when a Pod with
-   ``spec.nodeName == N`` runs as X, reading the mesh config directory (reloaded when it
-   changes); ``kube_auth.NodePodAuthorizer`` answers the same question from the API's Pods.
+   ``spec.nodeName == N``, or a WorkloadEntry annotated ``nodeagent.io/node: N`` (a VM's
+   workload), runs as X, reading the mesh config directory (reloaded when it changes);
+   ``kube_auth.NodePodAuthorizer`` answers the same question from the API's Pods and
+   WorkloadEntries. An entry without the annotation authorizes no node.
 
 Refusals are logged at WARNING and answered with ``UNAUTHENTICATED`` (bad credential),
 ``PERMISSION_DENIED`` (identity not placed on the node) or ``INVALID_ARGUMENT`` (a bad
@@ -60,6 +62,7 @@ __all__ = [
     "NodeTokenAuthenticator",
     "NotAuthorized",
     "PlacementAuthorizer",
+    "read_node_tokens",
     "start_ca_server",
 ]
 
@@ -113,6 +116,27 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
     return token.strip()
 
 
+def read_node_tokens(path: Path) -> dict[str, str]:
+    """The node tokens file ``{"<node>": "<token>", ...}``; ``LocalStateError`` naming the
+    file and what is wrong when it is unreadable or not of that shape."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LocalStateError(f"cannot read the node tokens file {path}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise LocalStateError(f"node tokens file {path}: not readable JSON: {e}") from e
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
+    ):
+        raise LocalStateError(
+            f'node tokens file {path}: expected {{"<node>": "<token>", ...}} with '
+            "non-empty strings"
+        )
+    return data
+
+
 class NodeTokenAuthenticator:
     """Per-node bearer tokens from a JSON file ``{"node1": "<token>", ...}``.
 
@@ -134,24 +158,14 @@ class NodeTokenAuthenticator:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            raise LocalStateError(f"node tokens file {self.path}: not readable JSON: {e}") from e
-        if not isinstance(data, dict) or not all(
-            isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
-        ):
-            raise LocalStateError(
-                f'node tokens file {self.path}: expected {{"<node>": "<token>", ...}} with '
-                "non-empty strings"
-            )
+        tokens = read_node_tokens(self.path)
         if st.st_mode & 0o077:
             log.warning(
                 "node tokens file %s is readable by others (mode %o): chmod 600 it",
                 self.path,
                 stat.S_IMODE(st.st_mode),
             )
-        self._tokens = {node: token.encode() for node, token in data.items()}
+        self._tokens = {node: token.encode() for node, token in tokens.items()}
         self._stamp = stamp
         log.info("node tokens loaded from %s: %d node(s)", self.path, len(self._tokens))
 
@@ -178,7 +192,8 @@ class NodeTokenAuthenticator:
 
 
 class PlacementAuthorizer:
-    """Allows identity X for node N only if a Pod with ``spec.nodeName == N`` runs as X.
+    """Allows identity X for node N only if a Pod with ``spec.nodeName == N`` runs as X, or
+    a WorkloadEntry annotated ``nodeagent.io/node: N`` does (its ``serviceAccount``).
 
     Reads the mesh config directory with ``nodeagent.control.files.load_directory``, and
     checks it for changes (file mtimes and sizes) at most every ``interval`` seconds,
@@ -202,13 +217,17 @@ class PlacementAuthorizer:
     def _load(self) -> dict[str, frozenset[str]]:
         snap = load_directory(self.config_dir).snapshot
         allowed: dict[str, set[str]] = {}
-        for pod in snap.pods:
-            if pod.node_name:
-                allowed.setdefault(pod.node_name, set()).add(pod.identity(self.trust_domain))
+        entries = [w for w in snap.workload_entries if w.node_name]
+        for workload in (*snap.pods, *entries):
+            if workload.node_name:
+                allowed.setdefault(workload.node_name, set()).add(
+                    workload.identity(self.trust_domain)
+                )
         log.info(
-            "placement loaded from %s: %d pod(s) on %d node(s)",
+            "placement loaded from %s: %d pod(s) and %d WorkloadEntry(ies) on %d node(s)",
             self.config_dir,
             len(snap.pods),
+            len(entries),
             len(allowed),
         )
         return {node: frozenset(ids) for node, ids in allowed.items()}
@@ -237,7 +256,8 @@ class PlacementAuthorizer:
         await self._refresh()
         if identity not in self.identities(node):
             raise NotAuthorized(
-                f"node {node} asked for {identity}, which no pod scheduled on {node} runs as"
+                f"node {node} asked for {identity}, which no pod or WorkloadEntry on {node} "
+                "runs as"
             )
 
 

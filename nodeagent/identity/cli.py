@@ -115,8 +115,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="run the certificate-signing service (Istio's CreateCertificate)",
         description="Serve istio.v1.auth.IstioCertificateService. Each agent authenticates "
         "(a node token, or in a cluster its ServiceAccount token checked by a TokenReview) "
-        "and gets certificates only for identities of pods scheduled on its node. Stops on "
-        "SIGTERM.",
+        "and gets certificates only for identities of pods scheduled on its node, or of "
+        "WorkloadEntries annotated nodeagent.io/node with it. Stops on SIGTERM.",
     )
     serve.add_argument("--dir", required=True, help="the CA directory (see `nodeagent ca init`)")
     serve.add_argument(
@@ -159,16 +159,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--auth",
         choices=["tokens", "kubernetes"],
         default="tokens",
-        help="tokens: per-node tokens (--tokens) and pods from the mesh YAML (--config); "
-        "kubernetes: ServiceAccount tokens checked with TokenReview and pods from the API "
-        "(default: tokens)",
+        help="tokens: per-node tokens (--tokens) and pods and WorkloadEntries from the mesh "
+        "YAML (--config); kubernetes: ServiceAccount tokens checked with TokenReview, pods "
+        "and WorkloadEntries from the API (default: tokens)",
     )
     auth.add_argument(
         "--config",
         default=None,
         metavar="DIR",
-        help="--auth tokens: the mesh YAML, where pods are scheduled (default: none; required "
-        "with --auth tokens)",
+        help="--auth tokens: the mesh YAML, where pods and WorkloadEntries are placed "
+        "(default: none; required with --auth tokens)",
     )
     auth.add_argument(
         "--tokens",

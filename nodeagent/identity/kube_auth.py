@@ -13,11 +13,15 @@ in-cluster ServiceAccount):
   CSR does not cost a round trip; concurrent CSRs with one token share one review.
 - ``NodePodAuthorizer``: node N may hold ``spiffe://<td>/ns/<ns>/sa/<sa>`` only if a Pod
   with ``spec.nodeName == N`` (listed with that field selector, not finished) runs as
-  ServiceAccount ``<sa>`` in ``<ns>``. The list is cached briefly and re-listed on a miss,
-  so a pod just scheduled is signable at once.
+  ServiceAccount ``<sa>`` in ``<ns>``, or a ``networking.istio.io`` WorkloadEntry of
+  ``<ns>`` annotated ``nodeagent.io/node: N`` has ``serviceAccount: <sa>`` (a VM joined
+  with ``nodeagent vm join``; an entry without the annotation authorizes no node). Both
+  lists are cached briefly and re-listed on a miss, so a pod just scheduled or an entry
+  just applied is signable at once.
 
 Every refusal says why: what the API server said of the token (expired, wrong audience),
-not the agents' ServiceAccount, no node in the token, no such pod on that node. When the
+not the agents' ServiceAccount, no node in the token, no such pod or WorkloadEntry on that
+node. When the
 API server cannot be asked, the request is answered ``UNAVAILABLE`` and the agent retries.
 """
 
@@ -37,6 +41,7 @@ import httpx2
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError
 from lightkube.core.exceptions import ConfigError as KubeConfigError
+from lightkube.generic_resource import GenericNamespacedResource, create_api_info
 from lightkube.models.authentication_v1 import TokenReviewSpec
 from lightkube.resources.authentication_v1 import TokenReview
 from lightkube.resources.core_v1 import Pod
@@ -52,6 +57,7 @@ from nodeagent.identity.ca_server import (
     NotAuthorized,
     bearer_token,
 )
+from nodeagent.model.entries import WORKLOAD_NODE_ANNOTATION
 
 __all__ = [
     "NODE_NAME_EXTRA",
@@ -70,6 +76,9 @@ on (Kubernetes 1.30+)."""
 REVIEW_CACHE_SECONDS = 60.0
 REVIEW_CACHE_SIZE = 4096
 PODS_CACHE_SECONDS = 5.0
+ENTRY_VERSIONS = ("v1", "v1beta1")
+"""The ``networking.istio.io`` versions WorkloadEntries are listed at, preferred first
+(Istio serves v1 since 1.22; the next one is tried when the server has no such version)."""
 API_TIMEOUT_SECONDS = 5.0
 
 
@@ -245,8 +254,39 @@ class _Placement:
     """``time.monotonic()`` when it was listed."""
 
 
+@dataclass(frozen=True)
+class _Entries:
+    by_node: Mapping[str, frozenset[str]]
+    """Node name → the identities of the WorkloadEntries annotated with it."""
+    at: float
+
+
+def _entry_class(version: str) -> type[GenericNamespacedResource]:
+    # made here, not with create_namespaced_resource: lightkube's registry stays untouched
+    info = create_api_info("networking.istio.io", version, "WorkloadEntry", "workloadentries")
+    return type("WorkloadEntry", (GenericNamespacedResource,), {"_api_info": info})
+
+
+def _entry_identity(item: Mapping[str, object], trust_domain: str) -> tuple[str, str] | None:
+    """(node, identity) of one listed WorkloadEntry, or None when it names no node."""
+    meta, spec = item.get("metadata"), item.get("spec")
+    if hasattr(meta, "to_dict"):
+        meta = meta.to_dict()
+    if not isinstance(meta, dict):
+        return None
+    annotations = meta.get("annotations")
+    node = annotations.get(WORKLOAD_NODE_ANNOTATION) if isinstance(annotations, dict) else None
+    namespace = meta.get("namespace")
+    if not isinstance(node, str) or not node or not isinstance(namespace, str):
+        return None
+    sa = spec.get("serviceAccount") if isinstance(spec, dict) else None
+    account = sa if isinstance(sa, str) and sa else "default"
+    return node, f"spiffe://{trust_domain}/ns/{namespace}/sa/{account}"
+
+
 class NodePodAuthorizer:
-    """Identity X for node N only if a Pod bound to N (``spec.nodeName``) runs as X."""
+    """Identity X for node N only if a Pod bound to N (``spec.nodeName``) runs as X, or a
+    WorkloadEntry annotated ``nodeagent.io/node: N`` does."""
 
     def __init__(
         self,
@@ -259,8 +299,13 @@ class NodePodAuthorizer:
         self.cache_seconds = cache_seconds
         self._placements: dict[str, _Placement] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._entries: _Entries | None = None
+        self._entries_lock = asyncio.Lock()
+        self._entry_version = ENTRY_VERSIONS[0]
         self.lists = 0
         """Pod lists sent so far."""
+        self.entry_lists = 0
+        """WorkloadEntry lists sent so far."""
 
     async def _list(self, node: str) -> _Placement:
         self.lists += 1
@@ -282,6 +327,44 @@ class NodePodAuthorizer:
         self._placements[node] = placement
         return placement
 
+    async def _list_entries(self) -> _Entries:
+        self.entry_lists += 1
+        by_node: dict[str, set[str]] = {}
+        for version in sorted(ENTRY_VERSIONS, key=lambda v: v != self._entry_version):
+            by_node.clear()
+            try:
+                async for item in self._client.list(_entry_class(version), namespace="*"):
+                    found = _entry_identity(item, self.trust_domain)
+                    if found is not None:
+                        by_node.setdefault(found[0], set()).add(found[1])
+            except ApiError as e:
+                if e.status.code == 404:
+                    continue  # this version is not served (an older Istio, or none)
+                problem = _api_problem("list the WorkloadEntries", e)
+                log.error("%s", problem)
+                raise problem from e
+            except (httpx2.HTTPError, OSError) as e:
+                problem = _api_problem("list the WorkloadEntries", e)
+                log.error("%s", problem)
+                raise problem from e
+            self._entry_version = version
+            break
+        else:
+            log.info("the API serves no WorkloadEntry: only pods place identities")
+        placed = {node: frozenset(ids) for node, ids in by_node.items()}
+        entries = _Entries(placed, time.monotonic())
+        self._entries = entries
+        return entries
+
+    def _cached(self, node: str, identity: str, asked_at: float) -> bool:
+        placement, entries = self._placements.get(node), self._entries
+        fresh = placement is not None and asked_at - placement.at < self.cache_seconds
+        if fresh and placement is not None and identity in placement.identities:
+            return True
+        if entries is not None and asked_at - entries.at < self.cache_seconds:
+            return identity in entries.by_node.get(node, frozenset())
+        return False
+
     async def authorize(self, node: str, identity: str) -> None:
         _, path = parse_spiffe_id(identity)  # the service checked it is of our domain
         parts = path.split("/")
@@ -291,19 +374,26 @@ class NodePodAuthorizer:
                 "identity (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)"
             )
         asked_at = time.monotonic()
-        placement = self._placements.get(node)
-        fresh = placement is not None and asked_at - placement.at < self.cache_seconds
-        if placement is None or not fresh or identity not in placement.identities:
-            lock = self._locks.setdefault(node, asyncio.Lock())
-            async with lock:
-                placement = self._placements.get(node)
-                if placement is None or placement.at < asked_at:  # nobody listed meanwhile
-                    placement = await self._list(node)
-        if identity not in placement.identities:
-            raise NotAuthorized(
-                f"node {node} asked for {identity}, but no pod bound to {node} runs as "
-                f"ServiceAccount {parts[4]} in namespace {parts[2]}"
-            )
+        if self._cached(node, identity, asked_at):
+            return
+        # a miss re-lists both, so a pod just scheduled or an entry just applied counts
+        lock = self._locks.setdefault(node, asyncio.Lock())
+        async with lock:
+            placement = self._placements.get(node)
+            if placement is None or placement.at < asked_at:  # nobody listed meanwhile
+                placement = await self._list(node)
+        if identity in placement.identities:
+            return
+        async with self._entries_lock:
+            entries = self._entries
+            if entries is None or entries.at < asked_at:
+                entries = await self._list_entries()
+        if identity in entries.by_node.get(node, frozenset()):
+            return
+        raise NotAuthorized(
+            f"node {node} asked for {identity}, but no pod or WorkloadEntry on {node} runs "
+            f"as ServiceAccount {parts[4]} in namespace {parts[2]}"
+        )
 
 
 def kubernetes_auth(

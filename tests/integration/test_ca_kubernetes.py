@@ -31,11 +31,12 @@ import pytest
 import uvloop
 from cryptography import x509
 from kubeapi import KubeApiServer, running_pod
+from kubestore import DEFAULT_RESOURCES
 
 from nodeagent.admin.ctl import format_ca
 from nodeagent.identity.ca import TRUST_BUNDLE, CertificateAuthority, init_ca, workload_csr
 from nodeagent.identity.ca_client import CaClient, CaRefused, CaUnreachable
-from nodeagent.identity.ca_server import start_ca_server
+from nodeagent.identity.ca_server import NotAuthorized, start_ca_server
 from nodeagent.identity.ca_tls import IssuedServingCert
 from nodeagent.identity.kube_auth import (
     NodePodAuthorizer,
@@ -203,8 +204,8 @@ def test_a_pod_on_another_node_is_refused_and_ctl_status_says_why(cluster: Clust
             await server.stop(None)
             await kube.close()
         assert why == (
-            f"CA refused: node node1 asked for {SERVER_ID}, but no pod bound to node1 runs as "
-            "ServiceAccount server in namespace default"
+            f"CA refused: node node1 asked for {SERVER_ID}, but no pod or WorkloadEntry on "
+            "node1 runs as ServiceAccount server in namespace default"
         )
         assert errors == {SERVER_ID: why}
         assert store.cached(CLIENT_ID) is not None
@@ -220,9 +221,8 @@ def test_a_pod_just_scheduled_is_signable_at_once(cluster: Cluster) -> None:
         server, kube = await cluster.start()
         client = cluster.client(cluster.token("node1"))
         try:
-            assert "no pod bound to node1 runs as ServiceAccount cart in namespace shop" in (
-                await refusal(client, CART_ID)
-            )
+            why = await refusal(client, CART_ID)
+            assert "on node1 runs as ServiceAccount cart in namespace shop" in why
             cluster.api.create(
                 running_pod(
                     "cart", ip="10.0.1.9", node="node1", namespace="shop", service_account="cart"
@@ -238,13 +238,98 @@ def test_a_pod_just_scheduled_is_signable_at_once(cluster: Cluster) -> None:
                 }
             )
             await asyncio.sleep(5.1)
-            assert "no pod bound to node1" in await refusal(client, CART_ID)
+            assert "no pod or WorkloadEntry on node1" in await refusal(client, CART_ID)
         finally:
             await client.close()
             await server.stop(None)
             await kube.close()
 
     run(body)
+
+
+RATINGS_ID = "spiffe://cluster.local/ns/default/sa/ratings"
+REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/reviews"
+LEGACY_ID = "spiffe://cluster.local/ns/default/sa/legacy"
+
+
+def workload_entry(name: str, sa: str, node: str | None, address: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "default"}
+    if node:
+        meta["annotations"] = {"nodeagent.io/node": node}
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadEntry",
+        "metadata": meta,
+        "spec": {"address": address, "serviceAccount": sa},
+    }
+
+
+def test_a_workload_entry_authorizes_its_identity_for_the_node_it_names_only(
+    cluster: Cluster,
+) -> None:
+    cluster.api.create(workload_entry("ratings-1", "ratings", "node1", "192.168.121.10"))
+    cluster.api.create(workload_entry("reviews-2", "reviews", "node2", "192.168.121.11"))
+    cluster.api.create(workload_entry("legacy", "legacy", None, "192.168.121.12"))
+
+    async def body() -> None:
+        server, kube = await cluster.start()
+        node1 = cluster.client(cluster.token("node1"))
+        node2 = cluster.client(cluster.token("node2"))
+        try:
+            assert uri_of((await node1.sign(csr_for(RATINGS_ID), 600))[0]) == [RATINGS_ID]
+            assert uri_of((await node2.sign(csr_for(REVIEWS_ID), 600))[0]) == [REVIEWS_ID]
+            assert await refusal(node1, REVIEWS_ID) == (
+                f"CA refused: node node1 asked for {REVIEWS_ID}, but no pod or WorkloadEntry "
+                "on node1 runs as ServiceAccount reviews in namespace default"
+            )
+            assert "no pod or WorkloadEntry on node2" in await refusal(node2, RATINGS_ID)
+            for client in (node1, node2):  # an entry naming no node authorizes none
+                assert "ServiceAccount legacy in namespace default" in await refusal(
+                    client, LEGACY_ID
+                )
+            # an entry just applied is signable at once, and gone once deleted
+            cluster.api.create(workload_entry("legacy-1", "legacy", "node1", "192.168.121.13"))
+            assert uri_of((await node1.sign(csr_for(LEGACY_ID), 600))[0]) == [LEGACY_ID]
+            cluster.api.delete(workload_entry("legacy-1", "legacy", "node1", ""))
+            await asyncio.sleep(5.1)
+            assert "no pod or WorkloadEntry on node1" in await refusal(node1, LEGACY_ID)
+        finally:
+            await node1.close()
+            await node2.close()
+            await server.stop(None)
+            await kube.close()
+        listed = [r for r in cluster.api.request_log if "workloadentries" in r.target]
+        assert listed and all(
+            r.target.startswith("/apis/networking.istio.io/v1/workloadentries") for r in listed
+        )
+
+    run(body)
+
+
+def test_without_workload_entries_served_pods_still_place_identities(tmp_path: Path) -> None:
+    """An API server without Istio's CRDs (404 at every version): pods alone decide."""
+    resources = tuple(r for r in DEFAULT_RESOURCES if r.plural != "workloadentries")
+    with KubeApiServer(resources=resources) as api:
+        api.create(running_pod("client", ip="10.0.1.5", node="node1", service_account="client"))
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+
+        async def body() -> None:
+            kube = kube_client(str(kubeconfig))
+            authz = NodePodAuthorizer(kube, "cluster.local")
+            try:
+                await authz.authorize("node1", CLIENT_ID)
+                with pytest.raises(NotAuthorized, match="no pod or WorkloadEntry on node1"):
+                    await authz.authorize("node1", RATINGS_ID)
+            finally:
+                await kube.close()
+            assert authz.entry_lists == 1
+
+        run(body)
+        asked = [(r.target.split("?")[0], r.status) for r in api.request_log]
+        assert [a for a in asked if "workloadentries" in a[0]] == [
+            ("/apis/networking.istio.io/v1/workloadentries", 404),
+            ("/apis/networking.istio.io/v1beta1/workloadentries", 404),
+        ]
 
 
 def test_refusals_name_what_is_wrong_with_the_token(cluster: Cluster) -> None:
@@ -379,7 +464,7 @@ def test_ca_serve_with_kubernetes_auth(cluster: Cluster) -> None:
             client = cluster.client(cluster.token("node1"))
             try:
                 assert len(await client.sign(csr_for(CLIENT_ID), 600)) == 2
-                assert "no pod bound to node1" in await refusal(client, SERVER_ID)
+                assert "no pod or WorkloadEntry on node1" in await refusal(client, SERVER_ID)
             finally:
                 await client.close()
 
@@ -393,7 +478,7 @@ def test_ca_serve_with_kubernetes_auth(cluster: Cluster) -> None:
     text = log.read_text()
     assert "CA authenticates agents by TokenReview (audience nodeagent-ca, ServiceAccount " in text
     assert f"CA signed {CLIENT_ID} for node node1" in text
-    assert f"node node1 asked for {SERVER_ID}, but no pod bound to node1" in text
+    assert f"node node1 asked for {SERVER_ID}, but no pod or WorkloadEntry on node1" in text
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The mesh CA's gRPC service end to end: real keys, real gRPC on a UNIX socket, uvloop.
 
 A CA directory, a mesh config with one pod on node1 and one on node2, per-node tokens.
-Checks that an agent gets its pods' identities, is refused (and logged) for others, that
+Checks that an agent gets its pods' identities and those of the WorkloadEntries annotated
+with its node, is refused (and logged) for others, that
 a bad token is UNAUTHENTICATED, that placement follows config edits, and that
 ``nodeagent ca serve`` stops cleanly on SIGTERM.
 """
@@ -179,7 +180,9 @@ def test_foreign_identity_is_refused_and_logged(
         finally:
             await client.close()
             await server.stop(None)
-        expected = f"node node1 asked for {SERVER_ID}, which no pod scheduled on node1 runs as"
+        expected = (
+            f"node node1 asked for {SERVER_ID}, which no pod or WorkloadEntry on node1 runs as"
+        )
         assert str(e.value) == f"CA refused: {expected}"
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert any(expected in r.getMessage() for r in warnings)
@@ -236,7 +239,7 @@ def test_placement_follows_config_edits(mesh: Mesh) -> None:
         client = mesh.client("node1")
         try:
             csr, _ = csr_for(EXTRA_ID)
-            with pytest.raises(CaRefused, match="no pod scheduled on node1"):
+            with pytest.raises(CaRefused, match="no pod or WorkloadEntry on node1"):
                 await client.sign(csr, 60)
             (mesh.config / "shop.yaml").write_text(pod_yaml("cart", "shop", "node1", "cart"))
             await asyncio.sleep(0.3)
@@ -247,6 +250,96 @@ def test_placement_follows_config_edits(mesh: Mesh) -> None:
             assert len(await client.sign(csr, 60)) == 2
         finally:
             await client.close()
+            await server.stop(None)
+
+    run(body)
+
+
+def entry_yaml(name: str, sa: str, node: str | None, address: str) -> str:
+    annotations = f"\n  annotations:\n    nodeagent.io/node: {node}" if node else ""
+    return f"""apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: {name}
+  namespace: default{annotations}
+spec:
+  address: {address}
+  serviceAccount: {sa}
+"""
+
+
+RATINGS_ID = "spiffe://cluster.local/ns/default/sa/ratings"
+LEGACY_ID = "spiffe://cluster.local/ns/default/sa/legacy"
+
+
+def test_a_workload_entry_authorizes_its_identity_for_the_node_it_names(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nodeagent.identity.ca_server")
+    (mesh.config / "vms.yaml").write_text(
+        entry_yaml("ratings-vm-1", "ratings", "vm-1", "192.168.121.10")
+        + "---\n"
+        + entry_yaml("legacy", "legacy", None, "192.168.121.20")  # no node: nobody's
+    )
+    mesh.tokens.write_text(
+        json.dumps({"node1": "t0k3n-node1", "node2": "t0k3n-node2", "vm-1": "t0k3n-vm-1"})
+    )
+    (mesh.root / "vm-1.token").write_text("t0k3n-vm-1\n")
+
+    async def body() -> None:
+        server = await mesh.start()
+        vm = mesh.client("vm-1")
+        node1 = mesh.client("node1")
+        try:
+            chain = await vm.sign(csr_for(RATINGS_ID)[0], 600)
+            san = x509.load_pem_x509_certificate(chain[0]).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+            assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [RATINGS_ID]
+            refusals = []
+            for client, identity in ((node1, RATINGS_ID), (vm, CLIENT_ID), (vm, LEGACY_ID)):
+                with pytest.raises(CaRefused) as e:
+                    await client.sign(csr_for(identity)[0], 600)
+                refusals.append(str(e.value))
+            csr = csr_for(LEGACY_ID)[0]
+            for token in ("t0k3n-node1", "t0k3n-node2", "t0k3n-vm-1"):
+                assert await raw_call(mesh, token, csr) == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await vm.close()
+            await node1.close()
+            await server.stop(None)
+        assert refusals == [
+            f"CA refused: node node1 asked for {RATINGS_ID}, which no pod or WorkloadEntry "
+            "on node1 runs as",
+            f"CA refused: node vm-1 asked for {CLIENT_ID}, which no pod or WorkloadEntry "
+            "on vm-1 runs as",
+            f"CA refused: node vm-1 asked for {LEGACY_ID}, which no pod or WorkloadEntry "
+            "on vm-1 runs as",
+        ]
+        assert any(f"node node1 asked for {RATINGS_ID}" in r.getMessage() for r in caplog.records)
+
+    run(body)
+
+
+def test_an_entry_moved_to_another_node_moves_its_identity(mesh: Mesh) -> None:
+    vms = mesh.config / "vms.yaml"
+    vms.write_text(entry_yaml("ratings-vm-1", "ratings", "node1", "192.168.121.10"))
+
+    async def body() -> None:
+        server = await mesh.start()
+        node1, node2 = mesh.client("node1"), mesh.client("node2")
+        try:
+            assert len(await node1.sign(csr_for(RATINGS_ID)[0], 60)) == 2
+            with pytest.raises(CaRefused, match="no pod or WorkloadEntry on node2"):
+                await node2.sign(csr_for(RATINGS_ID)[0], 60)
+            vms.write_text(entry_yaml("ratings-vm-1", "ratings", "node2", "192.168.121.10"))
+            await asyncio.sleep(0.3)
+            assert len(await node2.sign(csr_for(RATINGS_ID)[0], 60)) == 2
+            with pytest.raises(CaRefused, match="no pod or WorkloadEntry on node1"):
+                await node1.sign(csr_for(RATINGS_ID)[0], 60)
+        finally:
+            await node1.close()
+            await node2.close()
             await server.stop(None)
 
     run(body)

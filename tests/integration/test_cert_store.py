@@ -226,7 +226,7 @@ def test_shared_requests_refusals_and_forgetting(mesh: Mesh) -> None:
             errors = await store.ensure({CLIENT_ID, SERVER_ID})
             assert signer.calls == 2  # only the missing one was asked for
             assert list(errors) == [SERVER_ID]
-            assert "which no pod scheduled on node1 runs as" in errors[SERVER_ID]
+            assert "which no pod or WorkloadEntry on node1 runs as" in errors[SERVER_ID]
             by_id = {d["identity"]: d for d in store.describe()}
             assert by_id[SERVER_ID]["state"] == "pending"
             assert by_id[SERVER_ID]["last_error"].startswith("CA refused: node node1 asked")

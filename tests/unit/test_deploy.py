@@ -341,10 +341,12 @@ def test_the_agent_may_read_one_configmap_istios_meshconfig() -> None:
     assert find("Namespace", "istio-system")
 
 
-def test_the_ca_may_only_review_tokens_and_see_pods() -> None:
+def test_the_ca_may_only_review_tokens_and_see_pods_and_workload_entries() -> None:
     assert _grants(find("ClusterRole", "nodeagent-ca")) == {
         ("authentication.k8s.io", "tokenreviews"): {"create"},
         ("", "pods"): {"list"},  # the pods of the asking node, listed (and kept 5 s)
+        # the entries naming the asking node (nodeagent.io/node): a VM's identity
+        ("networking.istio.io", "workloadentries"): {"get", "list", "watch"},
     }
 
 
