@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up (idempotently) and runs the whole test suite: lint, types, unit,
-# integration and the privileged end-to-end tier. Fails if the privileged tier was skipped.
+# integration, the privileged end-to-end tier and the VM tier. Fails if the privileged
+# tier was skipped.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,4 +20,13 @@ if [ $# -eq 0 ]; then
 fi
 echo "== pytest"
 export NODEAGENT_REQUIRE_PRIVILEGED=1
-exec .venv/bin/pytest -p no:cacheprovider -ra "$@"
+rc=0
+.venv/bin/pytest -p no:cacheprovider -ra "$@" || rc=$?
+# The VM tier: a Debian guest under QEMU running the agent as its systemd unit, in host
+# mode (the box is built once and cached in /var/cache/nodeagent/vagrant). Only with the
+# whole suite: a run of chosen tests is someone's quick check.
+if [ $# -eq 0 ]; then
+  echo "== VM tier (scripts/vm-test.sh)"
+  bash scripts/vm-test.sh || rc=$?
+fi
+exit $rc

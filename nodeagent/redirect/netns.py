@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from nodeagent.errors import LocalStateError
+from nodeagent.model.objects import HOST_NETNS
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
@@ -31,12 +32,13 @@ _Socket = socket.socket
 
 async def run_in(netns: str, argv: list[str], stdin: str | None = None) -> str:
     """``argv`` inside ``netns`` (a path) through ``nsenter``, fed ``stdin``; its output,
-    or ``LocalStateError`` naming the command, the netns and what it said."""
+    or ``LocalStateError`` naming the command, the netns and what it said. In the agent's
+    own netns (``HOST_NETNS``: host mode) ``argv`` runs as it is: entering a netns takes
+    ``CAP_SYS_ADMIN``, which the host's systemd unit does not grant."""
+    cmd = list(argv) if netns == HOST_NETNS else ["nsenter", f"--net={netns}", *argv]
     try:
         proc = await asyncio.create_subprocess_exec(
-            "nsenter",
-            f"--net={netns}",
-            *argv,
+            *cmd,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -87,6 +89,10 @@ class NetnsHandle:
             raise LocalStateError(f"network namespace {self.path} does not exist") from None
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._spare: list[_Socket] = []
+        home, there = os.fstat(self._home), os.fstat(self.fd)
+        self._here = (home.st_dev, home.st_ino) == (there.st_dev, there.st_ino)
+        """The netns is the agent's own (host mode): no ``setns``, which would need
+        ``CAP_SYS_ADMIN``."""
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> _Socket:
         """A new socket that lives in this netns. IPv4 TCP sockets (one per proxied
@@ -105,6 +111,8 @@ class NetnsHandle:
 
     def _make(self, family: int, type: int, n: int) -> list[_Socket]:
         out: list[_Socket] = []
+        if self._here:
+            return [_Socket(family, type) for _ in range(n)]
         with _lock:
             _setns(self.fd)
             try:

@@ -98,3 +98,39 @@ def test_ebpf_capture_loads_and_attaches_with_only_the_units_capabilities(
 def test_without_cap_net_admin_the_load_is_refused(rig: tuple[str, str, str, str]) -> None:
     done = load_with([c for c in unit_caps() if c != "CAP_NET_ADMIN"], rig)
     assert done.returncode != 0 and "cannot load" in done.stderr, done.stdout + done.stderr
+
+
+HOST_CHILD = """
+import asyncio, sys
+from pathlib import Path
+from nodeagent.model.objects import HOST_NETNS, HostWorkload
+from nodeagent.redirect.hostmode import HostRules, cgroup2_mount
+from nodeagent.redirect.netns import NetnsHandle, run_in
+cgroup = Path(sys.argv[1])
+mount = cgroup2_mount()
+rules = HostRules(HOST_NETNS, cgroup.parent, mount, 15053)
+w = HostWorkload("default/w", "127.0.0.1", "/" + cgroup.name, "127.77.0.9", (9080,))
+print(asyncio.run(rules.set(w)))
+s = NetnsHandle(HOST_NETNS).socket()
+s.bind(("127.77.0.9", 15001)); s.listen()
+print(asyncio.run(run_in(HOST_NETNS, ["iptables-save", "-t", "nat"])))
+"""
+
+
+def test_host_mode_captures_with_only_the_units_capabilities(
+    rig: tuple[str, str, str, str],
+) -> None:
+    # the unit's agent lives in the host's netns: host mode must enter no netns (setns
+    # takes CAP_SYS_ADMIN, which the unit does not grant) and add its rules from there
+    _, pod_cg, _, netns = rig
+    keep = ",".join("+" + c.removeprefix("CAP_").lower() for c in unit_caps())
+    done = subprocess.run(
+        ["nsenter", f"--net={netns}", "setpriv", "--bounding-set",
+         f"-all,{keep}", "--inh-caps", "-all", sys.executable, "-c", HOST_CHILD, pod_cg],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    mode, _, rules = done.stdout.partition("\n")
+    assert mode == f"host (cgroup /{Path(pod_cg).name})"
+    assert f'-m cgroup --path "/{Path(pod_cg).name}" -j NODEAGENT_HW1' in rules, rules
