@@ -206,7 +206,7 @@ def build_node(topo: Topology, node: NodePlan) -> None:
             if r.via:
                 ipr.route("add", dst=r.dst, gateway=r.via)
             else:  # on the link: nothing answers outside the sandbox, as designed
-                ipr.route("add", dst=r.dst, oif=up)
+                ipr.route("add", dst="0.0.0.0/0" if r.dst == "default" else r.dst, oif=up)
         lo = _index(ipr, "lo")
         for addr in node.host_addresses:  # its host workloads' own addresses
             ipr.addr("add", index=lo, address=addr, prefixlen=32)

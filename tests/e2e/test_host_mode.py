@@ -29,7 +29,7 @@ from meshops import apply_file
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.sandbox import Sandbox, cgroups
-from nodeagent.sandbox.netlink import run_in_netns
+from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox.topology import host_cgroup_root_rel
 
 pytestmark = [
@@ -147,8 +147,31 @@ def get(sb: Sandbox, where: str, url: str) -> tuple[int, dict[str, Any] | str]:
         return int(code or 0), body
 
 
+def run_in_netns(netns: str, argv: list[str]) -> str:
+    """``argv``'s output, run inside ``netns`` (a node's: its own /sys, not a pod's)."""
+    p = subprocess.run(["nsenter", f"--net={netns_path(netns)}", *argv],
+                       capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    return p.stdout
+
+
 def metrics(sb: Sandbox, node: str) -> str:
     return run_in_netns(sb.node_netns(node), ["curl", "-s", "http://127.0.0.1:15020/metrics"])
+
+
+def mtls_from(sb: Sandbox, node: str, source: str, destination: str) -> float:
+    """Connections ``node``'s agent took over mutual TLS from identity ``source`` to
+    ``destination`` (its ``istio_tcp_connections_opened_total``, reporter destination)."""
+    total = 0.0
+    for ln in metrics(sb, node).splitlines():
+        if (
+            ln.startswith("istio_tcp_connections_opened_total{")
+            and 'connection_security_policy="mutual_tls"' in ln
+            and f'source_principal="spiffe://cluster.local/ns/default/sa/{source}"' in ln
+            and f'destination_principal="spiffe://cluster.local/ns/default/sa/{destination}"' in ln
+            and 'reporter="destination"' in ln
+        ):
+            total += float(ln.rsplit(" ", 1)[1])
+    return total
 
 
 def local_workloads(sb: Sandbox, node: str) -> dict[str, dict[str, Any]]:
@@ -172,14 +195,7 @@ def test_a_pod_reaches_the_vms_service_by_name_over_hbone(sb: Sandbox) -> None:
     assert status == 200, body
     assert isinstance(body, dict) and body["service"] == "ratings" and body["version"] == "vm"
     # the VM's agent took it over HBONE, from the client's proven identity
-    m = metrics(sb, "vm-1")
-    assert any(
-        ln.startswith("istio_requests_total{")
-        and 'source_principal="spiffe://cluster.local/ns/default/sa/client"' in ln
-        and 'destination_principal="spiffe://cluster.local/ns/default/sa/ratings"' in ln
-        and 'reporter="destination"' in ln
-        for ln in m.splitlines()
-    ), m
+    assert mtls_from(sb, "vm-1", "client", "ratings")
 
 
 def test_policy_on_the_vm_identity_denies_another_pod(sb: Sandbox) -> None:
@@ -193,13 +209,7 @@ def test_the_vm_workload_reaches_a_pods_service_by_name_from_its_own_address(
     status, body = get(sb, "reporter-vm", "http://web.default.svc.cluster.local/")
     assert status == 200, body
     assert isinstance(body, dict) and body["service"] == "web"
-    m = metrics(sb, "node1")
-    assert any(
-        ln.startswith("istio_requests_total{")
-        and 'source_principal="spiffe://cluster.local/ns/default/sa/reporter"' in ln
-        and 'reporter="destination"' in ln
-        for ln in m.splitlines()
-    ), m
+    assert mtls_from(sb, "node1", "reporter", "web")
 
 
 def test_policy_on_vm_identities_allows_one_and_denies_the_other(
