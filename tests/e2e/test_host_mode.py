@@ -28,8 +28,8 @@ import pytest
 from meshops import apply_file
 
 from nodeagent.admin.client import AdminClient
-from nodeagent.sandbox import Sandbox, cgroups
 from nodeagent.redirect.netns import netns_path
+from nodeagent.sandbox import Sandbox, cgroups
 from nodeagent.sandbox.topology import host_cgroup_root_rel
 
 pytestmark = [
