@@ -2,9 +2,11 @@
 # The VM tier: a real Debian 12 guest (vagrant/Vagrantfile, libvirt + QEMU) running the
 # agent as its systemd unit and the sample app as its workload. Builds the box if it is
 # missing (vagrant/build-box.sh, cached in /var/cache/nodeagent/vagrant), brings one VM up,
-# checks that nodeagent.service and ratings.service are active, that ratings answers from
-# the host over the VM's network and that `nodeagent ctl` in the VM sees its WorkloadEntry,
-# then destroys the VM, also when a step failed. Prints how long each step took.
+# joins it to a mesh CA on the host (vagrant/join.sh, `nodeagent vm join`), checks that
+# nodeagent.service and ratings.service are active, that ratings answers from the host
+# over the VM's network, that `nodeagent ctl` in the VM sees its WorkloadEntry, that the
+# agent captures ratings.service (host mode) and holds its certificate, calling over
+# mutual TLS, then destroys the VM, also when a step failed. Prints how long each step took.
 # Run as root. NODEAGENT_VM_KEEP=1 leaves the VM up (then: cd vagrant && vagrant destroy -f
 # with the VAGRANT_DOTFILE_PATH and NODEAGENT_VM_PREFIX this script prints).
 set -euo pipefail
@@ -24,6 +26,11 @@ export NODEAGENT_VM_PORT_BASE="${NODEAGENT_VM_PORT_BASE:-24300}"
 export VAGRANT_DOTFILE_PATH="$NODEAGENT_VAGRANT_CACHE/vm-test.vagrant"
 [ -n "${NODEAGENT_PYTHON:-}" ] || [ ! -x "$ROOT/.venv/bin/python" ] ||
   export NODEAGENT_PYTHON="$ROOT/.venv/bin/python"
+# The VM joins a mesh CA on the host (vagrant/join.sh: `nodeagent vm join`), which it
+# reaches at 10.0.2.2 (QEMU's user network shows the host's loopback there).
+export NODEAGENT_VM_JOIN_DIR="$NODEAGENT_VAGRANT_CACHE/vm-test.join"
+CA_PORT=$(( NODEAGENT_VM_PORT_BASE + 9 ))
+CA_PID=""
 APP_PORT=$(( NODEAGENT_VM_PORT_BASE + 10 ))
 READY_PORT=$(( NODEAGENT_VM_PORT_BASE + 11 ))
 VM=vm-1
@@ -71,6 +78,7 @@ cleanup() {
         >/dev/null 2>&1 || true
     }
   fi
+  if [ -n "$CA_PID" ]; then kill "$CA_PID" 2>/dev/null || true; fi
   vagrant_host_kvm_restore || true
   report
   [ $rc = 0 ] && echo "vm-test: PASS" || echo "vm-test: FAIL" >&2
@@ -127,14 +135,48 @@ check_host_mode() {
     echo "$outside" | grep -q unresolved
 }
 
+ca_up() {
+  local nodeagent="${NODEAGENT_PYTHON:-$ROOT/.venv/bin/python}"
+  nodeagent="$(dirname "$nodeagent")/nodeagent"
+  NODEAGENT="$nodeagent" bash "$ROOT/vagrant/join.sh" "$NODEAGENT_VM_JOIN_DIR" \
+    "$NODEAGENT_VMS" 192.168.121 "$CA_PORT"
+  "$nodeagent" ca serve --dir "$NODEAGENT_VM_JOIN_DIR/ca" --listen "127.0.0.1:$CA_PORT" \
+    --tls-name 10.0.2.2 --config "$NODEAGENT_VM_JOIN_DIR/config" \
+    --tokens "$NODEAGENT_VM_JOIN_DIR/tokens.json" \
+    >"$NODEAGENT_VAGRANT_CACHE/vm-test.ca.log" 2>&1 &
+  CA_PID=$!
+  local i
+  for i in $(seq 50); do
+    grep -q "listening" "$NODEAGENT_VAGRANT_CACHE/vm-test.ca.log" && return 0
+    kill -0 "$CA_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  cat "$NODEAGENT_VAGRANT_CACHE/vm-test.ca.log" >&2
+  return 1
+}
+# The joined VM holds its workload's certificate, signed by the host's CA, and its call
+# above went over HBONE with mutual TLS (the agent's metrics say from which identity).
+check_mtls() {
+  local certs metrics
+  certs="$(in_vm "sudo /opt/nodeagent/venv/bin/nodeagent ctl certs")"
+  echo "$certs"
+  metrics="$(in_vm "curl -fsS --max-time 5 http://127.0.0.1:15020/metrics")"
+  echo "$metrics" | grep '^istio_tcp_connections_opened_total{' | head -3
+  echo "$certs" | grep -q "spiffe://cluster.local/ns/default/sa/ratings" &&
+    echo "$metrics" | grep '^istio_tcp_connections_opened_total{' | grep 'mutual_tls' |
+      grep -q 'source_principal="spiffe://cluster.local/ns/default/sa/ratings"'
+}
+
 step "host packages" vagrant_host_packages
 step "libvirt daemons" vagrant_host_libvirt
 vagrant_host_kvm_open
 step "box (build-box.sh)" bash "$ROOT/vagrant/build-box.sh"
 if vm_created; then step "destroy a leftover VM" destroy; fi
+step "mesh CA on the host, VM joined (join.sh)" ca_up
 step "vagrant up (boot + provision)" \
   bash -c "cd '$ROOT/vagrant' && vagrant up '$VM' --provider libvirt --no-tty"
 step "units active (systemctl)" check_units
 step "ratings from the host" check_ratings_from_host
 step "nodeagent ctl in the VM" check_ctl
 step "host mode: ratings.service captured" check_host_mode
+step "joined: certificate, mutual TLS" check_mtls

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prints the mesh config the VMs of the Vagrantfile share (provision.sh writes it to
-# /etc/nodeagent/config/vm.yaml in each): per VM vm-N a Node and the WorkloadEntry of its
-# sample workload, ratings-vm-N at PREFIX.(9+N), annotated nodeagent.io/node: vm-N so the
-# agent run with --node vm-N serves it, and nodeagent.io/cgroup: ratings.service so it
-# captures that unit (host mode); and the Service ratings selecting them all.
-# Usage: mesh-config.sh VMS PREFIX
+# /etc/nodeagent/config/vm.yaml in each): per VM vm-N a Node; the WorkloadGroup ratings
+# the VMs join from (their workload: the unit ratings.service, nodeagent.io/cgroup, host
+# mode); the Service ratings selecting them all; and, with --entries, the WorkloadEntry of
+# each VM's workload, ratings-vm-N at PREFIX.(9+N), annotated nodeagent.io/node: vm-N so
+# the agent run with --node vm-N serves it (without: `nodeagent vm join` writes them, see
+# join.sh).
+# Usage: mesh-config.sh VMS PREFIX [--entries]
 set -euo pipefail
-VMS="$1" PREFIX="$2"
+VMS="$1" PREFIX="$2" ENTRIES="${3:-}"
 echo "# Written by vagrant/provision.sh: the VMs of vagrant/Vagrantfile and their workloads."
 for n in $(seq 1 "$VMS"); do
   cat <<YAML
@@ -14,6 +16,9 @@ for n in $(seq 1 "$VMS"); do
 apiVersion: v1
 kind: Node
 metadata: {name: vm-$n}
+YAML
+  [ "$ENTRIES" = --entries ] || continue
+  cat <<YAML
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -29,6 +34,17 @@ spec:
 YAML
 done
 cat <<'YAML'
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: ratings, namespace: default}
+spec:
+  metadata:
+    labels: {app: ratings, version: vm}
+    annotations: {nodeagent.io/cgroup: ratings.service}
+  template:
+    serviceAccount: ratings
+    ports: {http: 9080}
 ---
 apiVersion: v1
 kind: Service

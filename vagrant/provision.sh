@@ -2,7 +2,8 @@
 # Run as root in each guest by `vagrant up`/`vagrant provision`: installs the agent (its
 # site-packages built on the host by payload.sh and synced into /opt/nodeagent/venv), the
 # unit deploy/systemd/nodeagent.service, the sample app as ratings.service, the mesh
-# config (a WorkloadEntry per VM), the mesh link's address, and (re)starts both services.
+# config (a WorkloadEntry per VM; or, joined on the host by join.sh, what `nodeagent vm
+# join` wrote for this VM), the mesh link's address, and (re)starts both services.
 # Arguments: NODE MESH_IP VMS MESH_PREFIX (the Vagrantfile passes them).
 set -euo pipefail
 NODE="$1" MESH_IP="$2" VMS="$3" PREFIX="$4"
@@ -32,8 +33,20 @@ nodeagent --version
 
 say "writing the mesh config"
 install -d -m 0755 /etc/nodeagent /etc/nodeagent/config
-install -m 0644 "$SRC/deploy/systemd/nodeagent.env" /etc/nodeagent/nodeagent.env
-bash "$SRC/vagrant/mesh-config.sh" "$VMS" "$PREFIX" >/etc/nodeagent/config/vm.yaml
+rm -f /etc/nodeagent/config/*.yaml
+JOIN=/opt/nodeagent/join
+if [ -d "$JOIN/$NODE" ]; then
+  # joined on the host by `nodeagent vm join` (vagrant/join.sh): its token, the mesh's
+  # root, the agent's CA options, and the mesh config with every VM's entry
+  say "joining the mesh with the files of nodeagent vm join"
+  install -m 0600 "$JOIN/$NODE/token" /etc/nodeagent/token
+  install -m 0644 "$JOIN/$NODE/root-cert.pem" /etc/nodeagent/root-cert.pem
+  install -m 0644 "$JOIN/$NODE/nodeagent.env" /etc/nodeagent/nodeagent.env
+  install -m 0644 "$JOIN"/config/*.yaml /etc/nodeagent/config/
+else
+  install -m 0644 "$SRC/deploy/systemd/nodeagent.env" /etc/nodeagent/nodeagent.env
+  bash "$SRC/vagrant/mesh-config.sh" "$VMS" "$PREFIX" --entries >/etc/nodeagent/config/vm.yaml
+fi
 "$VENV/bin/nodeagent" config check /etc/nodeagent/config
 
 say "installing nodeagent.service and ratings.service"
