@@ -4,7 +4,9 @@ links, re-adopt the pinned state after a restart, and tear it down.
 What is attached where (see the C file for the data path):
 
 - each pod's cgroup: ``connect4`` (mesh connects go to the proxy's 127.0.0.1:15001, the
-  original destination kept on the app's socket), ``sockops`` (hands it to the proxy's
+  original destination kept on the app's socket; with ``set_capture_all``, for MeshConfig
+  ``REGISTRY_ONLY``, every TCP connect but loopback, so that the proxy refuses what is not
+  in the registry, and ``connect6`` refuses real IPv6), ``sockops`` (hands it to the proxy's
   accepted socket), ``getpeername4`` (the app sees the address it dialled);
 - each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
   the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``;
@@ -138,8 +140,11 @@ STATS = (
     "bypass_bytes",
     "bypass_stack_msgs",
     "own_legs_passed",
+    "v6_refused",
 )
 SETTING_BYPASS = 0
+SETTING_CAPTURE_ALL = 1
+"""``settings[1]``: connect4/6 capture every outbound TCP destination (REGISTRY_ONLY)."""
 SOCK_KEY = struct.Struct("=Q4sIII")
 """``struct sock_key`` (netns, sip, dip, sport, dport), the key of ``local_socks``."""
 EXCLUDE_OUT_KEY = struct.Struct("=QII")
@@ -389,16 +394,25 @@ class Capture:
             map_update(in_fd, EXCLUDE_IN_KEY.pack(ip, port), ip)
 
     def set_mesh_ips(self, ips: set[str]) -> None:
-        """Make ``mesh_ips`` hold exactly ``ips`` (pod and service addresses): connects
-        to them are captured, any other is left alone."""
+        """Make ``mesh_ips`` hold exactly the IPv4 ones of ``ips`` (pod and service
+        addresses): connects to them are captured, any other is left alone (unless all
+        TCP is captured). An IPv6 address (a ServiceEntry's) has no place there: the
+        programs capture IPv4 only."""
         fd = self.map_fd("mesh_ips")
-        want = {ip_key(ip) for ip in ips}
+        want = {ip_key(ip) for ip in ips if ":" not in ip}
         have_keys = {bytes(k) for k in self.bpf["mesh_ips"]}
         for k in have_keys - want:
             map_delete(fd, k)
         one = struct.pack("=I", 1)
         for k in want - have_keys:
             map_update(fd, k, one)
+
+    def set_capture_all(self, on: bool) -> None:
+        """Capture every outbound TCP connection of the pods (on: MeshConfig
+        ``REGISTRY_ONLY``, so that the proxy refuses what the registry does not know, and
+        real IPv6 is refused) or only those to ``mesh_ips`` (off: ``ALLOW_ANY``); for
+        connects from now on. Pinned: it holds while the agent restarts."""
+        _put_setting(self.map_fd("settings"), SETTING_CAPTURE_ALL, on)
 
     def attach_bypass(self, on: bool) -> None:
         """(Re)attach ``msg_bypass`` to ``local_socks`` and switch the bypass on or off:
@@ -412,19 +426,22 @@ class Capture:
         """Before links switch to this load's programs from another version's: what they
         must know at once, or mesh connects would leak around the proxy and inbound ones
         reach the app unchecked (``mesh_ips``; ``inbound_pods``, so that sk_lookup fails
-        closed until the pod's listener is registered)."""
+        closed until the pod's listener is registered). The other version's ``settings``
+        come along, so that capturing all TCP (REGISTRY_ONLY) holds on through the switch
+        (the bypass is set again by ``attach_bypass``)."""
         self.set_mesh_ips(mesh_ips)
         for ip in pod_ips:
             self._steer_inbound(ip)
         if self.previous is not None:
-            for name in ("exclude_out", "exclude_in"):
+            for name in ("exclude_out", "exclude_in", "settings"):
                 self._carry(name)
 
     def _carry(self, name: str) -> None:
         """Copy the entries of another version's map ``name`` into this load's, when both
         have the same key and value sizes (pods' excluded ports: without them a connect
         to an excluded port would be captured, or an inbound one refused, until the pod
-        is attached again). A map of another shape is left behind with a warning."""
+        is attached again; the settings). A map of another shape is left behind with a
+        warning."""
         path = os.path.join(self.previous or "", name)
         if not os.path.exists(path):
             return
@@ -631,7 +648,18 @@ def set_bypass(pin_dir: str, on: bool) -> None:
 
 
 def _put_bypass(settings_fd: int, on: bool) -> None:
-    map_update(settings_fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
+    _put_setting(settings_fd, SETTING_BYPASS, on)
+
+
+def _put_setting(settings_fd: int, index: int, on: bool) -> None:
+    map_update(settings_fd, struct.pack("=i", index), struct.pack("=I", int(on)))
+
+
+def capture_all(pin_dir: str) -> bool:
+    """Whether connect4/6 capture every outbound TCP destination (``set_capture_all``)."""
+    with pinned(maps_path(pin_dir), "settings") as fd:
+        raw = map_lookup(fd, struct.pack("=i", SETTING_CAPTURE_ALL), 4) or bytes(4)
+    return bool(struct.unpack("=I", raw)[0])
 
 
 def bypass_state(pin_dir: str) -> tuple[bool, int]:
@@ -840,6 +868,7 @@ class NodeCapture:
                 "local_socks": {"entries": local_socks},
             },
             "bypass": "on" if bypass_on else "off",
+            "outbound": "all TCP (REGISTRY_ONLY)" if capture_all(self.pin_dir) else "mesh",
             "stats": read_stats(self.pin_dir),
         }
 
