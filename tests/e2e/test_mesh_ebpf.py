@@ -25,7 +25,7 @@ from meshops import apply_file, bpf_programs, http_status
 from pcap import Tcpdump
 
 from nodeagent.admin.client import AdminClient
-from nodeagent.redirect import ebpf
+from nodeagent.redirect import ebpf, libbpf
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.agents import BPF_PIN_DIR
 from nodeagent.sandbox.netlink import netns_path
@@ -315,7 +315,7 @@ def test_an_upgrade_carries_the_excluded_ports_into_the_new_maps(tmp_path: Path)
     # already hold in the new maps: copied from the old ones by ``prefill``; so must
     # capturing all TCP (REGISTRY_ONLY) until the agent's first snapshot.
     pin = f"/sys/fs/bpf/nodeagent-test-{os.getpid()}"
-    ip = ebpf.ip_key("10.9.0.5")
+    ip = libbpf.ip_key("10.9.0.5")
     caps: list[ebpf.Capture] = []
     try:
         old = ebpf.Capture(pin)
@@ -327,15 +327,15 @@ def test_an_upgrade_carries_the_excluded_ports_into_the_new_maps(tmp_path: Path)
         assert new.previous == old.maps and new.maps != old.maps
         out_key = ebpf.EXCLUDE_OUT_KEY.pack(4242, 5432, 0)
         in_key = ebpf.EXCLUDE_IN_KEY.pack(ip, 8081)
-        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) is None
+        assert libbpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) is None
         all_tcp = struct.pack("=i", ebpf.SETTING_CAPTURE_ALL)
-        assert ebpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == bytes(4)
+        assert libbpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == bytes(4)
         new.prefill(set(), {"10.9.0.5"})
-        assert ebpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == struct.pack("=I", 1)
-        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) == ip
-        assert ebpf.map_lookup(new.map_fd("exclude_in"), in_key, 4) == ip
+        assert libbpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == struct.pack("=I", 1)
+        assert libbpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) == ip
+        assert libbpf.map_lookup(new.map_fd("exclude_in"), in_key, 4) == ip
         other_port = ebpf.EXCLUDE_IN_KEY.pack(ip, 8080)
-        assert ebpf.map_lookup(new.map_fd("exclude_in"), other_port, 4) is None
+        assert libbpf.map_lookup(new.map_fd("exclude_in"), other_port, 4) is None
         new.switch()
         assert os.readlink(f"{pin}/maps") == os.path.basename(new.maps)
         assert not os.path.exists(old.maps)
