@@ -177,7 +177,7 @@ def dial(sb: Sandbox, host: str) -> str:
     p = sb.exec("client", [sys.executable, "-c", CLIENT, host, str(PORT)],
                 capture_output=True, text=True, timeout=30)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    return p.stdout.strip()
+    return str(p.stdout).strip()
 
 
 def refused(sb: Sandbox) -> float:
