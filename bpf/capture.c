@@ -21,6 +21,12 @@
 // applies mTLS and policy as before. A socket whose first bytes went through the stack
 // (its peer was not in the map yet) keeps using the stack, so bytes are never reordered.
 //
+// What connect4/6 capture: TCP to mesh addresses (`mesh_ips`); with the `settings` map's
+// capture-all switch on (MeshConfig outboundTrafficPolicy REGISTRY_ONLY), TCP to every
+// address but loopback, so the proxy refuses what the registry does not know (NR) as it
+// does in iptables mode, and real IPv6 is refused at connect() (EPERM). Either way not
+// the pod's excluded outbound ports (with the DNS proxy, 53 is one) nor the proxy's own.
+//
 // Constants come from cflags (-D...):
 //   PROXY_MARK           SO_MARK of the proxy's own upstream sockets (0x539)
 //   TRANSPARENT_MARK     SO_MARK of the proxy's sockets to the app from a client's address
@@ -127,8 +133,9 @@ BPF_TABLE_PINNED("lru_hash", struct leg_key, __u32, own_legs, 65536, PIN_DIR "/o
 // Counters for the demo / `ctl bpf`: 0 captured, 1 skipped (proxy mark),
 // 2 odst answered, 3 inbound steered, 4 messages and 5 bytes bypassed, 6 messages that
 // took the stack on a bypass socket (its peer was not, or no longer, in local_socks),
-// 7 the proxy's transparent connections to an app let through by sk_lookup (own_legs).
-BPF_TABLE_PINNED("array", int, __u64, stats, 8, PIN_DIR "/stats");
+// 7 the proxy's transparent connections to an app let through by sk_lookup (own_legs),
+// 8 IPv6 connects refused while all TCP is captured (SETTING_CAPTURE_ALL). 9-15 spare.
+BPF_TABLE_PINNED("array", int, __u64, stats, 16, PIN_DIR "/stats");
 // Istio's traffic.sidecar.istio.io/exclude{Outbound,Inbound}Ports, per pod, kept by the
 // agent: a connect() from the pod (its netns cookie) to an excluded port is not captured,
 // and inbound to an excluded port of the pod IP is not steered. The value is the pod IP,
@@ -144,9 +151,12 @@ struct exclude_in_key {
 };
 BPF_TABLE_PINNED("hash", struct exclude_out_key, __u32, exclude_out, 4096, PIN_DIR "/exclude_out");
 BPF_TABLE_PINNED("hash", struct exclude_in_key, __u32, exclude_in, 4096, PIN_DIR "/exclude_in");
-// Written by the agent: 0 bypass (1 = on).
+// Written by the agent: 0 bypass (1 = on); 1 capture all outbound TCP, not only mesh
+// addresses (1 = on: MeshConfig outboundTrafficPolicy REGISTRY_ONLY, so that the proxy
+// refuses what is not in the registry).
 BPF_TABLE_PINNED("array", int, __u32, settings, 4, PIN_DIR "/settings");
 #define SETTING_BYPASS 0
+#define SETTING_CAPTURE_ALL 1
 
 // One end of a local leg, as seen from that end (addresses in network byte order, ports
 // in host byte order). The peer's key is the same with source and destination swapped;
@@ -198,20 +208,41 @@ static __always_inline void count(int idx)
     count_n(idx, 1);
 }
 
+static __always_inline int setting(int idx)
+{
+    __u32 *on = settings.lookup(&idx);
+    return on && *on;
+}
+
+static __always_inline int is_loopback(__u32 ip)
+{
+    return (bpf_ntohl(ip) >> 24) == 127;
+}
+
 // ---------------------------------------------------------------- outbound: connect4/6
+// excludeOutboundPorts of the connecting pod (its netns cookie)
+static __always_inline int port_excluded(struct bpf_sock_addr *ctx)
+{
+    struct exclude_out_key ex = {};
+    ex.netns = bpf_get_netns_cookie(ctx);
+    ex.port = bpf_ntohs((__u16)ctx->user_port);
+    return exclude_out.lookup(&ex) != 0;
+}
+
 // Whether a connect() to `dst` (network byte order) is captured: a TCP socket dialling a
-// mesh address that is not the proxy's own. The original destination (dst, port) is
-// then kept on the socket; the caller rewrites the address to the proxy's listener.
+// mesh address -- or, with SETTING_CAPTURE_ALL, any address but loopback and 0.0.0.0 --
+// that is not the proxy's own. The original destination (dst, port) is then kept on the
+// socket; the caller rewrites the address to the proxy's listener.
 static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 dst)
 {
     if (ctx->type != SOCK_STREAM)
         return 0;
-    if (!mesh_ips.lookup(&dst))
-        return 0;                       // not a mesh destination: untouched
-    struct exclude_out_key ex = {};
-    ex.netns = bpf_get_netns_cookie(ctx);
-    ex.port = bpf_ntohs((__u16)ctx->user_port);
-    if (exclude_out.lookup(&ex))
+    if (!mesh_ips.lookup(&dst)) {
+        // not a mesh destination: untouched, unless all TCP is captured (REGISTRY_ONLY)
+        if (dst == 0 || is_loopback(dst) || !setting(SETTING_CAPTURE_ALL))
+            return 0;
+    }
+    if (port_excluded(ctx))
         return 0;                       // excludeOutboundPorts
 
     // The proxy's own upstream sockets carry SO_MARK PROXY_MARK, set before connect().
@@ -248,7 +279,8 @@ int connect4_capture(struct bpf_sock_addr *ctx)
 
 // The same for a dual-stack (AF_INET6) socket dialling an IPv4 address as ::ffff:a.b.c.d,
 // as gRPC and others do: rewritten to ::ffff:127.0.0.1:OUTBOUND_PORT (the proxy's IPv4
-// listener accepts it). Real IPv6 is not captured (the mesh is IPv4).
+// listener accepts it). Real IPv6 is not captured (the mesh is IPv4, and the original
+// destination an IPv4 address): left alone, or refused while all TCP is captured.
 static __always_inline int v4_mapped(__u32 a0, __u32 a1, __u32 a2)
 {
     return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff);
@@ -262,10 +294,30 @@ static __always_inline void set_v4_mapped(struct bpf_sock_addr *ctx, __u32 ip)
     ctx->user_ip6[3] = ip;
 }
 
+// A real IPv6 TCP connect while all TCP is captured (REGISTRY_ONLY): no registry entry
+// can be dialled over IPv6, so it is refused (EPERM) -- but not ::1 or ::, an excluded
+// port, nor the proxy's own sockets.
+static __always_inline int refuse_v6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM || !setting(SETTING_CAPTURE_ALL))
+        return 0;
+    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2];
+    __u32 a3 = ctx->user_ip6[3];
+    if ((a0 | a1 | a2) == 0 && (a3 == 0 || a3 == bpf_htonl(1)))
+        return 0;                       // :: or ::1, this host
+    if (port_excluded(ctx))
+        return 0;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk || sk->mark == PROXY_MARK)
+        return 0;
+    count(8);
+    return 1;
+}
+
 int connect6_capture(struct bpf_sock_addr *ctx)
 {
     if (!v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]))
-        return 1;
+        return refuse_v6(ctx) ? 0 : 1;
     if (capture(ctx, ctx->user_ip6[3])) {
         set_v4_mapped(ctx, bpf_htonl(0x7f000001));
         ctx->user_port = bpf_htons(OUTBOUND_PORT);
@@ -317,18 +369,11 @@ int connect4_proxy(struct bpf_sock_addr *ctx)
     (is_v4) ? _v4 : _mapped;                                     \
 })
 
-static __always_inline int is_loopback(__u32 ip)
-{
-    return (bpf_ntohl(ip) >> 24) == 127;
-}
-
 // Put an established local-leg socket into local_socks (when the bypass is on).
 static __always_inline void bypass_add(struct bpf_sock_ops *skops, __u64 netns,
                                        __u32 lip, __u32 rip)
 {
-    int idx = SETTING_BYPASS;
-    __u32 *on = settings.lookup(&idx);
-    if (!on || !*on)
+    if (!setting(SETTING_BYPASS))
         return;
     struct sock_key sk = {};
     sk.netns = netns;

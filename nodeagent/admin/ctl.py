@@ -430,6 +430,8 @@ def format_bpf(data: Mapping[str, Any]) -> str:
     if data.get("maps_dir"):
         out.append(f"Maps:          {data.get('maps_dir')} (of the programs loaded now)")
     out.append(f"Local bypass:  {data.get('bypass')} (sockmap; new connections follow it)")
+    if data.get("outbound"):
+        out.append(f"Outbound:      {data.get('outbound')}")
     progs = data.get("programs") or {}
     out.append("")
     out.append(

@@ -180,6 +180,7 @@ class EbpfCapture(SourceRouting, HostCapture):
 
     def on_snapshot(self, snap: MeshSnapshot, local: Set[str]) -> None:
         self.node.cap.set_mesh_ips(snap.mesh_addresses())
+        self.node.cap.set_capture_all(snap.registry_only)  # the proxy refuses the rest (NR)
         if not self._retained:  # pins of pods that left while we were down
             self.node.retain(set(local))
             self._retained = True

@@ -4,7 +4,9 @@ links, re-adopt the pinned state after a restart, and tear it down.
 What is attached where (see the C file for the data path):
 
 - each pod's cgroup: ``connect4`` (mesh connects go to the proxy's 127.0.0.1:15001, the
-  original destination kept on the app's socket), ``sockops`` (hands it to the proxy's
+  original destination kept on the app's socket; with ``set_capture_all``, for MeshConfig
+  ``REGISTRY_ONLY``, every TCP connect but loopback, so that the proxy refuses what is not
+  in the registry, and ``connect6`` refuses real IPv6), ``sockops`` (hands it to the proxy's
   accepted socket), ``getpeername4`` (the app sees the address it dialled);
 - each pod's netns: ``sk_lookup`` (inbound TCP to any port of the pod IP is steered to
   the proxy's 15006 listener; the proxy reads the destination with ``getsockname()``;
@@ -42,7 +44,7 @@ the verifier then rejects the program): the new programs get maps of their own, 
 agent fills with what capture needs before any link switches to them (the mesh
 addresses, the captured pod IPs); then every link switches, ``maps`` follows, and the
 earlier maps are unpinned. Links are made with libbpf's ``bpf_link_create`` through
-ctypes: bcc 0.26 cannot attach ``sk_lookup`` (a netns link) at all.
+ctypes (``redirect/libbpf.py``): bcc 0.26 cannot attach ``sk_lookup`` (a netns link) at all.
 
 The agent's own upstream sockets are never captured: they belong to the agent's cgroup,
 and connect4 also skips sockets carrying ``PROXY_MARK`` (``SO_MARK``).
@@ -51,7 +53,6 @@ and connect4 also skips sockets carrying ``PROXY_MARK`` (``SO_MARK``).
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import errno
 import hashlib
 import logging
@@ -59,12 +60,28 @@ import os
 import shutil
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nodeagent.errors import LocalStateError
+from nodeagent.redirect.libbpf import (
+    ip_key,
+    libbpf,
+    link_cgroup_id,
+    link_create,
+    link_update,
+    map_count,
+    map_delete,
+    map_keys,
+    map_lookup,
+    map_shape,
+    map_update,
+    obj_id,
+    obj_pin,
+    pinned,
+    prog_attach,
+)
 from nodeagent.redirect.srcroute import TRANSPARENT_MARK
 
 log = logging.getLogger("nodeagent.ebpf")
@@ -138,132 +155,17 @@ STATS = (
     "bypass_bytes",
     "bypass_stack_msgs",
     "own_legs_passed",
+    "v6_refused",
 )
 SETTING_BYPASS = 0
+SETTING_CAPTURE_ALL = 1
+"""``settings[1]``: connect4/6 capture every outbound TCP destination (REGISTRY_ONLY)."""
 SOCK_KEY = struct.Struct("=Q4sIII")
 """``struct sock_key`` (netns, sip, dip, sport, dport), the key of ``local_socks``."""
 EXCLUDE_OUT_KEY = struct.Struct("=QII")
 """``struct exclude_out_key`` (netns cookie, port, pad), the key of ``exclude_out``."""
 EXCLUDE_IN_KEY = struct.Struct("=4sI")
 """``struct exclude_in_key`` (pod IP, port), the key of ``exclude_in``."""
-
-
-# -- libbpf through ctypes (libbpf1 comes with libbpfcc; calls return -errno) -----------
-
-_lib: Any = None
-
-
-def _libbpf() -> Any:
-    global _lib
-    if _lib is None:
-        try:
-            lib = ct.CDLL("libbpf.so.1", use_errno=True)
-        except OSError as e:
-            raise LocalStateError(f"libbpf.so.1 not found ({e}): install libbpfcc") from None
-        lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-        lib.bpf_obj_get.argtypes = [ct.c_char_p]
-        lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
-        lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
-        lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
-        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
-        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-        lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
-        lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        _lib = lib
-    return _lib
-
-
-def _check(rc: int, what: str) -> int:
-    if rc < 0:
-        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
-    return rc
-
-
-def obj_pin(fd: int, path: str) -> None:
-    _check(_libbpf().bpf_obj_pin(fd, path.encode()), f"pin {path}")
-
-
-def obj_get(path: str) -> int:
-    """An fd for a pinned map, program or link."""
-    return _check(_libbpf().bpf_obj_get(path.encode()), f"open pinned {path}")
-
-
-@contextlib.contextmanager
-def pinned(*path: str) -> Iterator[int]:
-    """An fd for the pinned object at ``os.path.join(*path)``, closed afterwards."""
-    fd = obj_get(os.path.join(*path))
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    """A link of ``prog_fd`` to a cgroup directory fd or (SK_LOOKUP) a netns fd."""
-    rc = _libbpf().bpf_link_create(prog_fd, target_fd, attach_type, None)
-    return _check(rc, f"link_create(attach type {attach_type})")
-
-
-def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
-    """Attach a program to a map (SK_MSG_VERDICT): it replaces the one attached before."""
-    _check(_libbpf().bpf_prog_attach(prog_fd, target_fd, attach_type, 0), "prog_attach")
-
-
-def map_count(map_fd: int, key_size: int) -> int:
-    """How many entries a map holds (walks its keys)."""
-    return len(_keys(map_fd, key_size))
-
-
-def link_update(link_fd: int, prog_fd: int) -> None:
-    _check(_libbpf().bpf_link_update(link_fd, prog_fd, None), "link_update")
-
-
-def _info(fd: int, fmt: str) -> tuple[int, ...]:
-    buf = ct.create_string_buffer(256)
-    n = ct.c_uint32(256)
-    _check(_libbpf().bpf_obj_get_info_by_fd(fd, buf, ct.byref(n)), "obj_get_info")
-    return struct.unpack_from(fmt, buf.raw)
-
-
-def obj_id(fd: int) -> int:
-    """The kernel id of a program or map fd (``bpf_*_info``: type, id, …)."""
-    return _info(fd, "II")[1]
-
-
-def map_shape(map_fd: int) -> tuple[int, int]:
-    """A map's key and value sizes (``bpf_map_info``: type, id, key_size, value_size)."""
-    _, _, key_size, value_size = _info(map_fd, "IIII")
-    return key_size, value_size
-
-
-def link_prog_id(link_fd: int) -> int:
-    """The id of the program a link runs (``bpf_link_info``: type, id, prog_id)."""
-    return _info(link_fd, "III")[2]
-
-
-def map_update(map_fd: int, key: bytes, value: bytes) -> None:
-    k = ct.create_string_buffer(key, len(key))
-    v = ct.create_string_buffer(value, len(value))
-    _check(_libbpf().bpf_map_update_elem(map_fd, k, v, 0), "map_update")
-
-
-def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
-    k = ct.create_string_buffer(key, len(key))
-    v = ct.create_string_buffer(value_size)
-    if _libbpf().bpf_map_lookup_elem(map_fd, k, v) < 0:
-        return None
-    return v.raw
-
-
-def map_delete(map_fd: int, key: bytes) -> None:
-    k = ct.create_string_buffer(key, len(key))
-    _libbpf().bpf_map_delete_elem(map_fd, k)
-
-
-def ip_key(ip: str) -> bytes:
-    """An IPv4 address as the map key the C side uses (network byte order)."""
-    return socket.inet_aton(ip)
 
 
 # -- the capture ---------------------------------------------------------------------------
@@ -389,16 +291,25 @@ class Capture:
             map_update(in_fd, EXCLUDE_IN_KEY.pack(ip, port), ip)
 
     def set_mesh_ips(self, ips: set[str]) -> None:
-        """Make ``mesh_ips`` hold exactly ``ips`` (pod and service addresses): connects
-        to them are captured, any other is left alone."""
+        """Make ``mesh_ips`` hold exactly the IPv4 ones of ``ips`` (pod and service
+        addresses): connects to them are captured, any other is left alone (unless all
+        TCP is captured). An IPv6 address (a ServiceEntry's) has no place there: the
+        programs capture IPv4 only."""
         fd = self.map_fd("mesh_ips")
-        want = {ip_key(ip) for ip in ips}
+        want = {ip_key(ip) for ip in ips if ":" not in ip}
         have_keys = {bytes(k) for k in self.bpf["mesh_ips"]}
         for k in have_keys - want:
             map_delete(fd, k)
         one = struct.pack("=I", 1)
         for k in want - have_keys:
             map_update(fd, k, one)
+
+    def set_capture_all(self, on: bool) -> None:
+        """Capture every outbound TCP connection of the pods (on: MeshConfig
+        ``REGISTRY_ONLY``, so that the proxy refuses what the registry does not know, and
+        real IPv6 is refused) or only those to ``mesh_ips`` (off: ``ALLOW_ANY``); for
+        connects from now on. Pinned: it holds while the agent restarts."""
+        _put_setting(self.map_fd("settings"), SETTING_CAPTURE_ALL, on)
 
     def attach_bypass(self, on: bool) -> None:
         """(Re)attach ``msg_bypass`` to ``local_socks`` and switch the bypass on or off:
@@ -412,19 +323,22 @@ class Capture:
         """Before links switch to this load's programs from another version's: what they
         must know at once, or mesh connects would leak around the proxy and inbound ones
         reach the app unchecked (``mesh_ips``; ``inbound_pods``, so that sk_lookup fails
-        closed until the pod's listener is registered)."""
+        closed until the pod's listener is registered). The other version's ``settings``
+        come along, so that capturing all TCP (REGISTRY_ONLY) holds on through the switch
+        (the bypass is set again by ``attach_bypass``)."""
         self.set_mesh_ips(mesh_ips)
         for ip in pod_ips:
             self._steer_inbound(ip)
         if self.previous is not None:
-            for name in ("exclude_out", "exclude_in"):
+            for name in ("exclude_out", "exclude_in", "settings"):
                 self._carry(name)
 
     def _carry(self, name: str) -> None:
         """Copy the entries of another version's map ``name`` into this load's, when both
         have the same key and value sizes (pods' excluded ports: without them a connect
         to an excluded port would be captured, or an inbound one refused, until the pod
-        is attached again). A map of another shape is left behind with a warning."""
+        is attached again; the settings). A map of another shape is left behind with a
+        warning."""
         path = os.path.join(self.previous or "", name)
         if not os.path.exists(path):
             return
@@ -440,7 +354,7 @@ class Capture:
                     new_shape,
                 )
                 return
-            for k in _keys(old_fd, old_shape[0]):
+            for k in map_keys(old_fd, old_shape[0]):
                 v = map_lookup(old_fd, k, old_shape[1])
                 if v is not None:
                     map_update(new_fd, k, v)
@@ -512,12 +426,6 @@ PROXY_HOOKS = "_proxy"
 """``links/_proxy*``: the hooks of the agents' own cgroups (``PROXY_PROGS``)."""
 
 
-def link_cgroup_id(link_fd: int) -> int:
-    """The id (the directory's inode) of the cgroup a cgroup link is attached to
-    (``bpf_link_info``: type, id, prog_id, padding, cgroup_id); 0 once it is gone."""
-    return _info(link_fd, "IIIIQ")[4]
-
-
 def _proxy_dir(links: str, cgroup_id: int) -> str:
     """The directory under ``links`` of the proxy hooks on the cgroup ``cgroup_id``:
     the one already attached there, else ``_proxy`` if free, else ``_proxy-<id>``."""
@@ -553,21 +461,11 @@ def netns_cookie(sock: socket.socket) -> int:
     return int(struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
 
 
-def _keys(fd: int, key_size: int) -> list[bytes]:
-    lib = _libbpf()
-    out: list[bytes] = []
-    prev, key = None, ct.create_string_buffer(key_size)
-    while lib.bpf_map_get_next_key(fd, prev, key) == 0:
-        out.append(key.raw)
-        prev = ct.create_string_buffer(key.raw, key_size)
-    return out
-
-
 def drop_pod_entries(out_fd: int, in_fd: int, pod_ip: str) -> None:
     """Remove a pod's exclusions (both maps hold the pod IP as value)."""
     ip = ip_key(pod_ip)
     for fd, size in ((out_fd, EXCLUDE_OUT_KEY.size), (in_fd, EXCLUDE_IN_KEY.size)):
-        for k in _keys(fd, size):
+        for k in map_keys(fd, size):
             if map_lookup(fd, k, 4) == ip:
                 map_delete(fd, k)
 
@@ -631,7 +529,18 @@ def set_bypass(pin_dir: str, on: bool) -> None:
 
 
 def _put_bypass(settings_fd: int, on: bool) -> None:
-    map_update(settings_fd, struct.pack("=i", SETTING_BYPASS), struct.pack("=I", int(on)))
+    _put_setting(settings_fd, SETTING_BYPASS, on)
+
+
+def _put_setting(settings_fd: int, index: int, on: bool) -> None:
+    map_update(settings_fd, struct.pack("=i", index), struct.pack("=I", int(on)))
+
+
+def capture_all(pin_dir: str) -> bool:
+    """Whether connect4/6 capture every outbound TCP destination (``set_capture_all``)."""
+    with pinned(maps_path(pin_dir), "settings") as fd:
+        raw = map_lookup(fd, struct.pack("=i", SETTING_CAPTURE_ALL), 4) or bytes(4)
+    return bool(struct.unpack("=I", raw)[0])
 
 
 def bypass_state(pin_dir: str) -> tuple[bool, int]:
@@ -672,7 +581,7 @@ def probe() -> str | None:
     if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
         return f"no kernel headers at /lib/modules/{os.uname().release}/build (bcc needs them)"
     try:
-        _libbpf()
+        libbpf()
     except LocalStateError as e:
         return str(e)
     return None
@@ -840,6 +749,7 @@ class NodeCapture:
                 "local_socks": {"entries": local_socks},
             },
             "bypass": "on" if bypass_on else "off",
+            "outbound": "all TCP (REGISTRY_ONLY)" if capture_all(self.pin_dir) else "mesh",
             "stats": read_stats(self.pin_dir),
         }
 

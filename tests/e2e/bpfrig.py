@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pcap import Tcpdump
 
-from nodeagent.redirect import ebpf
+from nodeagent.redirect import ebpf, libbpf
 from nodeagent.redirect.netns import NetnsHandle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -273,7 +273,7 @@ def loader(action: str) -> dict:
     t0 = time.monotonic()
     cap = ebpf.Capture(PIN)
     out["compile_load_s"] = round(time.monotonic() - t0, 2)
-    out["map_ids_bcc"] = {m: ebpf.obj_id(cap.map_fd(m)) for m in ebpf.MAPS}
+    out["map_ids_bcc"] = {m: libbpf.obj_id(cap.map_fd(m)) for m in ebpf.MAPS}
     if action == "load":
         cap.set_mesh_ips({HOST_IP})  # the mesh: 10.250.0.1; 10.250.0.129 is not in it
         cap.attach_pod("natb-pod", CG_POD, NS_PATH, POD_IP)
@@ -284,7 +284,7 @@ def loader(action: str) -> dict:
         cap.attach_bypass(False)
         out["stats_after"] = ebpf.read_stats(PIN)
     out["links"] = _link_prog_ids()
-    out["prog_ids"] = {k: ebpf.obj_id(f.fd) for k, f in cap.fns.items()}
+    out["prog_ids"] = {k: libbpf.obj_id(f.fd) for k, f in cap.fns.items()}
     return out  # process exits: bcc closes its fds; pins keep links and maps
 
 
@@ -292,16 +292,16 @@ def _link_prog_ids() -> dict:
     res = {}
     for pod in sorted(os.listdir(f"{PIN}/links")):
         for key in sorted(os.listdir(f"{PIN}/links/{pod}")):
-            with ebpf.pinned(PIN, "links", pod, key) as fd:
-                res[f"{pod}/{key}"] = ebpf.link_prog_id(fd)
+            with libbpf.pinned(PIN, "links", pod, key) as fd:
+                res[f"{pod}/{key}"] = libbpf.link_prog_id(fd)
     return res
 
 
 def _pinned_map_ids() -> dict:
     res = {}
     for m in ebpf.MAPS:
-        with ebpf.pinned(ebpf.maps_path(PIN), m) as fd:
-            res[m] = ebpf.obj_id(fd)
+        with libbpf.pinned(ebpf.maps_path(PIN), m) as fd:
+            res[m] = libbpf.obj_id(fd)
     return res
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from meshops import apply_file, bpf_programs, http_status
 from pcap import Tcpdump
 
 from nodeagent.admin.client import AdminClient
-from nodeagent.redirect import ebpf
+from nodeagent.redirect import ebpf, libbpf
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.agents import BPF_PIN_DIR
 from nodeagent.sandbox.netlink import netns_path
@@ -258,8 +259,8 @@ def _next_version(tmp_path: Path) -> Path:
     counters. Loaded over the pinned maps of this version, the verifier would reject it."""
     src = ebpf.SOURCE.read_text()
     changed = src.replace("    __u16 pad;\n};", "    __u16 pad;\n    __u64 spare;\n};", 1)
-    changed = changed.replace("stats, 8, PIN_DIR", "stats, 16, PIN_DIR")
-    assert changed.count("__u64 spare;") == 1 and "stats, 16, PIN_DIR" in changed
+    changed = changed.replace("stats, 16, PIN_DIR", "stats, 32, PIN_DIR")
+    assert changed.count("__u64 spare;") == 1 and "stats, 32, PIN_DIR" in changed
     out = tmp_path / "capture.c"
     out.write_text(changed)
     return out
@@ -287,7 +288,7 @@ def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(
         info = json.loads(subprocess.run(
             ["bpftool", "-j", "map", "show", "pinned", f"{pin}/maps/stats"],
             capture_output=True, text=True, timeout=30, check=True).stdout)
-        assert info["max_entries"] == 16, info
+        assert info["max_entries"] == 32, info
         before = captured("node1")
         assert http_status(sb, "client", url)[0] == 200  # through the proxy, as before
         assert captured("node1") == before + 1  # counted by the new programs' map
@@ -311,28 +312,34 @@ def test_an_upgrade_that_changes_the_maps_switches_to_maps_of_its_own(
 
 def test_an_upgrade_carries_the_excluded_ports_into_the_new_maps(tmp_path: Path) -> None:
     # Between the switch and the agent's attach of each pod, the pods' excluded ports must
-    # already hold in the new maps: copied from the old ones by ``prefill``.
+    # already hold in the new maps: copied from the old ones by ``prefill``; so must
+    # capturing all TCP (REGISTRY_ONLY) until the agent's first snapshot.
     pin = f"/sys/fs/bpf/nodeagent-test-{os.getpid()}"
-    ip = ebpf.ip_key("10.9.0.5")
+    ip = libbpf.ip_key("10.9.0.5")
     caps: list[ebpf.Capture] = []
     try:
         old = ebpf.Capture(pin)
         caps.append(old)
         old.set_exclusions("10.9.0.5", ebpf.Exclusions(4242, frozenset({5432}), frozenset({8081})))
+        old.set_capture_all(True)
         new = ebpf.Capture(pin, src=_next_version(tmp_path))
         caps.append(new)
         assert new.previous == old.maps and new.maps != old.maps
         out_key = ebpf.EXCLUDE_OUT_KEY.pack(4242, 5432, 0)
         in_key = ebpf.EXCLUDE_IN_KEY.pack(ip, 8081)
-        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) is None
+        assert libbpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) is None
+        all_tcp = struct.pack("=i", ebpf.SETTING_CAPTURE_ALL)
+        assert libbpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == bytes(4)
         new.prefill(set(), {"10.9.0.5"})
-        assert ebpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) == ip
-        assert ebpf.map_lookup(new.map_fd("exclude_in"), in_key, 4) == ip
+        assert libbpf.map_lookup(new.map_fd("settings"), all_tcp, 4) == struct.pack("=I", 1)
+        assert libbpf.map_lookup(new.map_fd("exclude_out"), out_key, 4) == ip
+        assert libbpf.map_lookup(new.map_fd("exclude_in"), in_key, 4) == ip
         other_port = ebpf.EXCLUDE_IN_KEY.pack(ip, 8080)
-        assert ebpf.map_lookup(new.map_fd("exclude_in"), other_port, 4) is None
+        assert libbpf.map_lookup(new.map_fd("exclude_in"), other_port, 4) is None
         new.switch()
         assert os.readlink(f"{pin}/maps") == os.path.basename(new.maps)
         assert not os.path.exists(old.maps)
+        assert ebpf.capture_all(pin)
     finally:
         for c in caps:
             c.bpf.cleanup()

@@ -25,7 +25,7 @@ import pytest
 from meshops import apply_file, http_status
 
 from nodeagent.admin.client import AdminClient
-from nodeagent.redirect import ebpf
+from nodeagent.redirect import ebpf, libbpf
 from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.agents import BPF_PIN_DIR
@@ -114,8 +114,8 @@ def own_legs(redirect: str) -> int:
     """Entries left in node2's ``own_legs`` map (handshakes in flight: none at rest)."""
     if redirect != "ebpf":
         return 0
-    with ebpf.pinned(ebpf.maps_path(f"{BPF_PIN_DIR}/node2"), "own_legs") as fd:
-        return ebpf.map_count(fd, 16)
+    with libbpf.pinned(ebpf.maps_path(f"{BPF_PIN_DIR}/node2"), "own_legs") as fd:
+        return libbpf.map_count(fd, 16)
 
 
 def test_the_app_sees_the_client_pods_address(sb: Sandbox, config_dir: Path, redirect: str) -> None:
