@@ -167,7 +167,8 @@ class IptablesCapture(SourceRouting, HostCapture):
 class EbpfCapture(SourceRouting, HostCapture):
     """The eBPF programs of ``node`` (loaded or re-adopted by the composition root);
     with ``dns_port``, the pod's DNS goes to the DNS proxy by the two iptables rules of
-    ``iptables.render_dns_rules`` (the programs steer TCP to mesh addresses only)."""
+    ``iptables.render_dns_rules`` (the programs steer TCP only: to mesh addresses, or
+    under REGISTRY_ONLY to any address)."""
 
     def __init__(
         self, node: NodeCapture, dns_port: int | None = None, cgroup_root: str = ""
