@@ -569,7 +569,7 @@ def _add_explain(csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="from_pod",
         required=True,
         metavar="POD",
-        help="the calling pod: namespace/name, or a unique name",
+        help="the calling pod or WorkloadEntry: namespace/name, or a unique name",
     )
     ep.add_argument(
         "--to",
