@@ -54,7 +54,8 @@ class AdminClient:
         return message_to_dict(self._call("Status", pb.StatusRequest(), pb.StatusResponse))
 
     def workloads(self) -> list[dict[str, Any]]:
-        """Every workload of the serving snapshot (``local`` marks this node's pods)."""
+        """Every workload of the serving snapshot, pods and WorkloadEntries (``kind``);
+        ``local`` marks this node's."""
         resp = self._call("Workloads", pb.WorkloadsRequest(), pb.WorkloadsResponse)
         return [message_to_dict(w) for w in resp.workloads]
 

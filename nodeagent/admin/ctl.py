@@ -289,20 +289,25 @@ def format_certs(data: Mapping[str, Any], now: float) -> str:
 
 
 def format_workloads(workloads: Sequence[Mapping[str, Any]]) -> str:
-    """One row per workload: where it runs, its address, identity and capture state."""
-    headers = ["NAMESPACE", "NAME", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"]
-    rows = [
-        [
-            _s(w.get("namespace")),
-            _s(w.get("name")),
-            _s(w.get("node")),
-            _s(w.get("ip")),
-            "yes" if w.get("local") else "no",
-            _s(w.get("capture")) if w.get("local") else "-",
-            _s(w.get("identity")),
-        ]
-        for w in workloads
-    ]
+    """One row per workload (pod or WorkloadEntry): where it runs (``-``: a remote entry,
+    served by no agent of the mesh), its address, identity and capture state."""
+    headers = ["NAMESPACE", "NAME", "KIND", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"]
+    rows = []
+    for w in workloads:
+        kind = w.get("kind") or "Pod"
+        remote = kind != "Pod" and not w.get("node")
+        rows.append(
+            [
+                _s(w.get("namespace")),
+                _s(w.get("name")),
+                kind,
+                "-" if remote else _s(w.get("node")),
+                _s(w.get("ip")),
+                "yes" if w.get("local") else "no",
+                _s(w.get("capture")) if w.get("local") and w.get("capture") else "-",
+                _s(w.get("identity")),
+            ]
+        )
     return format_table(headers, rows)
 
 
@@ -526,7 +531,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     csub = p.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
     helps = {
         "status": "the agent: version, readiness, resource use, config state",
-        "workloads": "every workload, with identity and (on this node) capture state",
+        "workloads": "every pod and WorkloadEntry: identity, (on this node) capture state",
         "services": "every service port with its endpoints",
         "connections": "live proxied connections on this node",
         "requests": "the last HTTP requests routed here (access log) and ejected endpoints",
@@ -566,7 +571,7 @@ def _add_explain(csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         dest="from_pod",
         required=True,
         metavar="POD",
-        help="the calling pod: namespace/name, or a unique name",
+        help="the calling pod or WorkloadEntry: namespace/name, or a unique name",
     )
     ep.add_argument(
         "--to",

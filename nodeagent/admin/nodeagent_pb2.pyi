@@ -123,7 +123,7 @@ class WorkloadsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Workload(_message.Message):
-    __slots__ = ("namespace", "name", "node", "service_account", "identity", "ip", "labels", "local", "capture", "netns")
+    __slots__ = ("namespace", "name", "node", "service_account", "identity", "ip", "labels", "local", "capture", "netns", "kind")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Workload(_message.Message):
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     NETNS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     name: str
     node: str
@@ -151,7 +152,8 @@ class Workload(_message.Message):
     local: bool
     capture: str
     netns: str
-    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., service_account: _Optional[str] = ..., identity: _Optional[str] = ..., ip: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., local: _Optional[bool] = ..., capture: _Optional[str] = ..., netns: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., service_account: _Optional[str] = ..., identity: _Optional[str] = ..., ip: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., local: _Optional[bool] = ..., capture: _Optional[str] = ..., netns: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class WorkloadsResponse(_message.Message):
     __slots__ = ("workloads",)

@@ -107,7 +107,7 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Workloads(self, request, context):
-        """Every workload (pod) of the serving snapshot, local or not.
+        """Every workload of the serving snapshot (pods and WorkloadEntries), local or not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

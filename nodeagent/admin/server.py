@@ -307,23 +307,32 @@ async def _answer_async(
 def workload_messages(
     snap: MeshSnapshot, node: str, local_pods: dict[str, dict[str, Any]]
 ) -> list[pb.Workload]:
-    """One ``Workload`` per pod of ``snap``, sorted by namespace/name."""
+    """One ``Workload`` per pod and WorkloadEntry of ``snap``, sorted by namespace/name
+    (then kind). A local entry's capture state is shown when the agent holds one."""
     out: list[pb.Workload] = []
-    for pod in sorted(snap.pods, key=lambda p: (p.namespace, p.name)):
-        is_local = pod.node_name == node
-        lp = local_pods.get(pod.key) if is_local else None
-        ip = pod.pod_ip or (str(lp.get("ip") or "") if lp else "")
+    workloads = (*snap.pods, *snap.workload_entries)
+    for w in sorted(workloads, key=lambda p: (p.namespace, p.name, p.kind)):
+        is_local = bool(w.node_name) and w.node_name == node
+        lp = local_pods.get(w.key) if is_local else None
+        ip = w.pod_ip or (str(lp.get("ip") or "") if lp else "")
+        if not is_local:
+            capture = ""
+        elif w.kind == "Pod" or lp is not None:
+            capture = capture_state(lp)
+        else:
+            capture = ""  # an entry the agent does not capture (yet): no state to show
         out.append(
             pb.Workload(
-                namespace=pod.namespace,
-                name=pod.name,
-                node=pod.node_name,
-                service_account=pod.service_account,
-                identity=pod.identity(),
+                namespace=w.namespace,
+                name=w.name,
+                kind=w.kind,
+                node=w.node_name,
+                service_account=w.service_account,
+                identity=w.identity(),
                 ip=ip,
-                labels=dict(pod.labels.items_),
+                labels=dict(w.labels.items_),
                 local=is_local,
-                capture=capture_state(lp) if is_local else "",
+                capture=capture,
                 netns=str(lp.get("netns") or "") if lp else "",
             )
         )

@@ -78,6 +78,8 @@ class MeshSnapshot:
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
     pod_by_ip: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
+    """Address → the workload there: pods, then WorkloadEntries with an IP address (an
+    entry at a pod's address does not shadow the pod; of two entries, the first wins)."""
     service_by_key: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     service_by_ip: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     service_by_host: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
@@ -163,7 +165,10 @@ class MeshSnapshot:
             w for w in workloads if w.kind == "Pod" or w.key not in unhealthy
         )
         pod_by_key = {p.key: p for p in resolved}
-        pod_by_ip = {p.pod_ip: p for p in workloads if p.pod_ip}
+        pod_by_ip = {p.pod_ip: p for p in resolved if p.pod_ip}
+        for w in entries:  # a pod's address stays the pod's; an entry at a DNS name has none
+            if w.pod_ip and w.key not in by_name:
+                pod_by_ip.setdefault(w.pod_ip, w)
         k8s_services = services
         services = (*k8s_services, *(s for se in service_entries for s in entry_services(se)))
         service_by_key = {s.key: s for s in services}

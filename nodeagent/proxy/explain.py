@@ -36,17 +36,19 @@ class ExplainError(ValueError):
 
 
 def _find_pod(snap: MeshSnapshot, name: str) -> Pod:
+    """The calling workload: a pod or a WorkloadEntry (a VM's), by key or unique name."""
+    workloads = (*snap.pods, *snap.workload_entries)
     if "/" in name:
-        pod = snap.pod_by_key.get(name)
-        if pod is None:
-            raise ExplainError(f"no pod {name} in the mesh")
-        return pod
-    found = [p for p in snap.pods if p.name == name]
+        found = [w for w in workloads if w.key == name][:1]  # a pod before an entry
+        if not found:
+            raise ExplainError(f"no pod {name} in the mesh, nor a WorkloadEntry")
+        return found[0]
+    found = [w for w in workloads if w.name == name]
     if not found:
-        raise ExplainError(f"no pod named {name} in the mesh")
+        raise ExplainError(f"no pod named {name} in the mesh, nor a WorkloadEntry")
     if len(found) > 1:
-        keys = ", ".join(p.key for p in found)
-        raise ExplainError(f"pod name {name} is ambiguous ({keys}): use namespace/name")
+        keys = ", ".join(f"{w.kind} {w.key}" for w in found)
+        raise ExplainError(f"workload name {name} is ambiguous ({keys}): use namespace/name")
     return found[0]
 
 

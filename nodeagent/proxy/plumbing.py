@@ -65,34 +65,41 @@ def _ip_order(ip: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class IdentityIndex:
-    """Per-snapshot lookups by workload identity."""
+    """Per-snapshot lookups by workload identity, over pods and the WorkloadEntries that
+    own an IP address (``MeshSnapshot.pod_by_ip``): a VM's workload is a peer like a pod."""
 
     tunnel_peer: dict[tuple[str, str], str]
-    """(node, identity) → the lowest pod IP of that identity on that node."""
+    """(node, identity) → the lowest workload IP of that identity on that node (a
+    WorkloadEntry without a node is tunnelled to at its own address)."""
     pod_by_identity: dict[str, Pod]
-    """identity → the first pod (in config order) running as it."""
+    """identity → the first workload (pods in config order, then entries) running as it."""
     identity_at: dict[str, str]
-    """pod IP → the identity of the pod there."""
+    """workload IP → the identity of the workload there."""
 
     @classmethod
     def build(cls, snap: MeshSnapshot, identity_of: Callable[[Pod], str]) -> IdentityIndex:
         peers: dict[tuple[str, str], str] = {}
         by_identity: dict[str, Pod] = {}
         at: dict[str, str] = {}
-        for p in snap.pods:
+        by_ip = snap.pod_by_ip
+        # an entry counts only at an address it owns: not a DNS name, not a pod's address
+        owners = [w for w in snap.workload_entries if w.pod_ip and by_ip.get(w.pod_ip) is w]
+        for p in (*snap.pods, *owners):
             ident = identity_of(p)
             by_identity.setdefault(ident, p)
             if p.pod_ip:
-                at[p.pod_ip] = ident
+                at.setdefault(p.pod_ip, ident)
+                if not p.node_name:
+                    continue  # a remote entry: its own address is its peer
                 key = (p.node_name, ident)
                 if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
                     peers[key] = p.pod_ip
         return cls(tunnel_peer=peers, pod_by_identity=by_identity, identity_at=at)
 
     def source_pod(self, snap: MeshSnapshot, identity: str, ip: str | None) -> Pod | None:
-        """The pod a tunnelled connection came from: the one at the client's address when
-        it runs as the peer certificate's identity (the replicas of a Deployment share
-        one), else the first pod running as that identity."""
+        """The workload a tunnelled connection came from: the one at the client's address
+        when it runs as the peer certificate's identity (the replicas of a Deployment
+        share one), else the first workload running as that identity."""
         if ip and self.identity_at.get(ip) == identity:
             return snap.pod_by_ip.get(ip)
         return self.pod_by_identity.get(identity)
@@ -101,18 +108,23 @@ class IdentityIndex:
         self, snap: MeshSnapshot, identity: str, claimed: str | None, peer_ip: str
     ) -> tuple[str, Pod | None] | str:
         """Where a connection tunnelled by a peer running as ``identity`` comes from:
-        (``source.ip``, source pod), or why its claim is refused. The ``claimed`` client
-        address (``forwarded: for=``, normalized) is believed when the pod there runs as
-        ``identity``; an address of no known pod proves nothing, so ``peer_ip`` (the
-        tunnel's own source) stands instead; a pod of another identity is refused."""
+        (``source.ip``, source workload), or why its claim is refused. The ``claimed``
+        client address (``forwarded: for=``, normalized) is believed when the workload
+        there (a pod or a WorkloadEntry) runs as ``identity``; an address of no known
+        workload proves nothing, so ``peer_ip`` (the tunnel's own source) stands instead;
+        a workload of another identity is refused."""
         if claimed is None or claimed not in self.identity_at:
             return peer_ip, self.source_pod(snap, identity, peer_ip)
         owner = self.identity_at[claimed]
         if owner != identity:
             pod = snap.pod_by_ip.get(claimed)
-            name = pod.key if pod is not None else claimed
-            return f"forwarded for={claimed} is pod {name}, running as {owner}, not {identity}"
+            name = f"{_kind(pod)} {pod.key}" if pod is not None else claimed
+            return f"forwarded for={claimed} is {name}, running as {owner}, not {identity}"
         return claimed, self.source_pod(snap, identity, claimed)
+
+
+def _kind(w: Pod) -> str:
+    return "pod" if w.kind == "Pod" else w.kind
 
 
 class Plumbing:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc.aio
@@ -33,6 +34,7 @@ from nodeagent.admin import ctl
 from nodeagent.admin.client import AdminClient
 from nodeagent.admin.http import BadRequest, parse_request, start_http_servers
 from nodeagent.admin.server import start_admin_server
+from nodeagent.control.files import load_directory
 from nodeagent.errors import LocalStateError
 from nodeagent.model import Container, Labels, MeshSnapshot, Pod, PodRuntime, Service, ServicePort
 from nodeagent.model.status import AgentView, ConfigStatus, ConnectionInfo, LimitStatus
@@ -134,6 +136,8 @@ class FakeView:
     ca: dict[str, Any] = field(default_factory=lambda: {"state": "disabled"})
     jwks: list[dict[str, Any]] = field(default_factory=list)
     limit_list: list[LimitStatus] = field(default_factory=list)
+    more_local: list[dict[str, Any]] = field(default_factory=list)
+    """More local workload states than the two pods' (a local WorkloadEntry's)."""
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -222,6 +226,7 @@ class FakeView:
                 "netns": "/var/run/netns/r1",
                 "capture": "error: iptables-restore: exit status 4",
             },
+            *self.more_local,
         ]
 
 
@@ -378,6 +383,7 @@ def test_workloads(agent: Agent) -> None:
     assert by_key["default/productpage-v1"] == {
         "namespace": "default",
         "name": "productpage-v1",
+        "kind": "Pod",
         "node": "node1",
         "service_account": "bookinfo-productpage",
         "identity": "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
@@ -768,11 +774,14 @@ def test_ctl_tables(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_ctl(["--socket", agent.socket_path, "workloads"], capsys)
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"]
+    assert lines[0].split() == [
+        "NAMESPACE", "NAME", "KIND", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"
+    ]  # fmt: skip
     assert len(lines) == 5
-    assert lines[1].split()[:6] == [
+    assert lines[1].split()[:7] == [
         "default",
         "productpage-v1",
+        "Pod",
         "node1",
         "10.244.1.2",
         "yes",
@@ -789,6 +798,82 @@ def test_ctl_tables(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
 
     rc, out, _ = run_ctl(["--socket", agent.socket_path, "connections"], capsys)
     assert (rc, out.strip()) == (0, "No connections found.")
+
+
+def columns(line: str, header: str) -> dict[str, str]:
+    """Split a table row at the column offsets of its ``header``."""
+    names = header.split()
+    starts = [header.index(f" {n} ") + 1 if i else 0 for i, n in enumerate(names[:-1])]
+    starts.append(header.rindex(names[-1]))
+    ends = [*starts[1:], None]
+    return {n: line[s:e].strip() for n, s, e in zip(names, starts, ends, strict=True)}
+
+
+VMS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage-v1, namespace: default}
+spec: {nodeName: node1, serviceAccountName: bookinfo-productpage, containers: [{name: a, image: x}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-1, namespace: default, annotations: {nodeagent.io/node: node1}}
+spec: {address: 192.168.121.10, labels: {app: ratings}, serviceAccount: ratings}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-2, namespace: default, annotations: {nodeagent.io/node: node1}}
+spec: {address: 192.168.121.11, labels: {app: ratings}, serviceAccount: ratings}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-3, namespace: default, annotations: {nodeagent.io/node: vm-3}}
+spec: {address: 192.168.121.12, labels: {app: ratings}, serviceAccount: ratings}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: legacy-db, namespace: data}
+spec: {address: db.example.com, labels: {app: db}}
+"""
+
+
+def test_ctl_workloads_lists_workload_entries_beside_pods(
+    agent: Agent, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "mesh.yaml").write_text(VMS)
+    runtimes = {"default/productpage-v1": PodRuntime("default/productpage-v1", "10.244.1.2",
+                                                     "node1", "/var/run/netns/p1")}  # fmt: skip
+    agent.view.snap = load_directory(tmp_path, runtimes=runtimes).snapshot
+    # ratings-vm-1 is captured by this agent (host mode); ratings-vm-2 holds no state yet
+    agent.view.more_local = [
+        {"key": "default/ratings-vm-1", "ip": "192.168.121.10", "netns": "host", "capture": "ready"}
+    ]
+    rc, out, err = run_ctl(["--socket", agent.socket_path, "workloads"], capsys)
+    assert (rc, err) == (0, "")
+    header, *lines = out.splitlines()
+    rows = {c["NAME"]: c for c in (columns(line, header) for line in lines)}
+    assert list(rows) == ["legacy-db", "productpage-v1", "ratings-vm-1", "ratings-vm-2",
+                          "ratings-vm-3"]  # fmt: skip
+    cells = ("KIND", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY")
+    assert {n: tuple(c[k] for k in cells) for n, c in rows.items()} == {
+        "legacy-db": ("WorkloadEntry", "-", "db.example.com", "no", "-",
+                      "spiffe://cluster.local/ns/data/sa/default"),
+        "productpage-v1": ("Pod", "node1", "10.244.1.2", "yes", "ready",
+                           "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"),
+        "ratings-vm-1": ("WorkloadEntry", "node1", "192.168.121.10", "yes", "ready",
+                         "spiffe://cluster.local/ns/default/sa/ratings"),
+        "ratings-vm-2": ("WorkloadEntry", "node1", "192.168.121.11", "yes", "-",
+                         "spiffe://cluster.local/ns/default/sa/ratings"),
+        "ratings-vm-3": ("WorkloadEntry", "vm-3", "192.168.121.12", "no", "-",
+                         "spiffe://cluster.local/ns/default/sa/ratings"),
+    }  # fmt: skip
+    with agent.client() as c:
+        by_name = {w["name"]: w for w in c.workloads()}
+    vm1 = by_name["ratings-vm-1"]
+    assert (vm1["kind"], vm1["netns"]) == ("WorkloadEntry", "host")
+    assert vm1["labels"] == {"app": "ratings"}
+    assert (by_name["legacy-db"]["node"], by_name["legacy-db"]["local"]) == ("", False)
+    assert by_name["productpage-v1"]["kind"] == "Pod"
 
 
 def test_ctl_json_and_config(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:

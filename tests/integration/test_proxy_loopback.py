@@ -270,6 +270,8 @@ class Rig:
         self.echo = Echo()
         self.proxies: dict[str, Proxy] = {}
         self.metrics: dict[str, Metrics] = {}
+        self.identity: MeshIdentity | None = None
+        """The mesh's certificates, with ``mtls`` (all of the rig's identities)."""
 
     def _load(self) -> MeshSnapshot:
         runtimes = {
@@ -315,10 +317,15 @@ class Rig:
             str(ca_dir / TRUST_BUNDLE),
         )
         errors = await store.ensure(
-            {spiffe_id("default", "client"), spiffe_id("default", "server")}
+            {spiffe_id("default", "client"), spiffe_id("default", "server"), *self.identities()}
         )
         assert not errors, errors
-        return MeshIdentity(store, "cluster.local")
+        self.identity = MeshIdentity(store, "cluster.local")
+        return self.identity
+
+    def identities(self) -> set[str]:
+        """More certificates a subclass needs (a workload that is no pod of the rig)."""
+        return set()
 
     def apply(self, text: str) -> None:
         """A config change, as the agent applies it: new snapshot, policies re-checked."""

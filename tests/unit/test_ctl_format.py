@@ -213,10 +213,13 @@ WORKLOADS = [
 
 def test_format_workloads() -> None:
     header, *rows = format_workloads(WORKLOADS).splitlines()
-    assert header.split() == ["NAMESPACE", "NAME", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"]
+    assert header.split() == [
+        "NAMESPACE", "NAME", "KIND", "NODE", "IP", "LOCAL", "CAPTURE", "IDENTITY"
+    ]  # fmt: skip
     assert columns(rows[0], header) == {
         "NAMESPACE": "default",
         "NAME": "productpage-v1",
+        "KIND": "Pod",
         "NODE": "node1",
         "IP": "10.244.1.2",
         "LOCAL": "yes",

@@ -144,6 +144,11 @@ spec:
   selector: {matchLabels: {app: other}}
   mtls: {mode: STRICT}
 ---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: ratings-vm-1, namespace: default, annotations: {nodeagent.io/node: vm-1}}
+spec: {address: 192.168.121.10, labels: {app: ratings}, serviceAccount: ratings}
+---
 apiVersion: nodeagent.io/v1alpha1
 kind: LocalRateLimit
 metadata: {name: web-per-user, namespace: default}
@@ -300,3 +305,19 @@ def test_the_path_is_explained_as_the_data_path_normalizes_it(snap: MeshSnapshot
     assert verdict(ans) == verdict(ask(snap, "web:80", "/api/items", method="PUT"))
     allowed, status, why = verdict(ask(snap, "web:80", "/a%00"))
     assert (allowed, status) == (False, 400) and "%00" in why
+
+
+def test_a_vms_workload_is_explained_as_a_caller(snap: MeshSnapshot) -> None:
+    proxy = cast(Any, FakeProxy(snap, Identity()))
+    for name in ("ratings-vm-1", "default/ratings-vm-1"):
+        q = ExplainQuery(from_pod=name, to="web:80", method="PUT", path="/api/items", headers=())
+        ans = explain(proxy, q)
+        assert ans["source"] == {
+            "pod": "default/ratings-vm-1",
+            "node": "vm-1",
+            "principal": "spiffe://cluster.local/ns/default/sa/ratings",
+        }
+        assert verdict(ans)[:2] == (False, 403)
+    q = ExplainQuery(from_pod="nobody", to="web:80", method="GET", path="/", headers=())
+    with pytest.raises(ExplainError, match="no pod named nobody in the mesh, nor a WorkloadEntry"):
+        explain(proxy, q)

@@ -5,6 +5,7 @@ the pod there runs as the identity the peer's certificate proves."""
 from __future__ import annotations
 
 from nodeagent.model import Labels, MeshSnapshot, Pod
+from nodeagent.model.entries import WorkloadEntry
 from nodeagent.proxy.plumbing import IdentityIndex
 
 
@@ -59,3 +60,54 @@ def test_a_claimed_address_is_believed_as_far_as_the_identity_vouches() -> None:
         "forwarded for=10.244.1.4 is pod default/db, running as "
         "spiffe://cluster.local/ns/default/sa/db, not spiffe://cluster.local/ns/default/sa/web"
     )
+
+
+# -- WorkloadEntries: a VM's workload is a source like a pod ------------------------------
+
+NODE = {"nodeagent.io/node": "vm-1"}
+VM = "spiffe://cluster.local/ns/default/sa/ratings"
+ENTRIES = (
+    WorkloadEntry("default", "ratings-vm-1", "192.168.121.10", service_account="ratings",
+                  annotations=Labels.of(NODE)),
+    WorkloadEntry("default", "ratings-vm-2", "192.168.121.11", service_account="ratings"),
+    WorkloadEntry("default", "squatter", "10.244.1.4", service_account="squatter"),  # db's IP
+    WorkloadEntry("default", "by-name", "vm.example.com", service_account="by-name"),
+)  # fmt: skip
+VM_SNAP = MeshSnapshot.build(version=1, pods=SNAP.pods, services=(), workload_entries=ENTRIES)
+VM_INDEX = IdentityIndex.build(VM_SNAP, lambda p: p.identity())
+
+
+def test_a_workload_entry_is_the_source_at_its_address() -> None:
+    src = VM_INDEX.source_pod(VM_SNAP, VM, "192.168.121.11")
+    assert src is not None and (src.kind, src.name) == ("WorkloadEntry", "ratings-vm-2")
+    src = VM_INDEX.source_pod(VM_SNAP, VM, None)  # no address: the identity's first workload
+    assert src is not None and src.name == "ratings-vm-1"
+
+
+def test_a_vms_forwarded_address_is_believed_only_for_its_identity() -> None:
+    peer = "10.244.9.9"
+    ok = VM_INDEX.tunnel_source(VM_SNAP, VM, "192.168.121.11", peer)
+    assert ok == ("192.168.121.11", VM_SNAP.pod_by_ip["192.168.121.11"])
+    why = VM_INDEX.tunnel_source(VM_SNAP, WEB, "192.168.121.10", peer)  # a pod claims the VM's
+    assert why == (
+        f"forwarded for=192.168.121.10 is WorkloadEntry default/ratings-vm-1, running as {VM}, "
+        f"not {WEB}"
+    )
+
+
+def test_an_entry_at_a_pods_address_does_not_shadow_the_pod() -> None:
+    assert VM_SNAP.pod_by_ip["10.244.1.4"].key == "default/db"
+    squatter = "spiffe://cluster.local/ns/default/sa/squatter"
+    why = VM_INDEX.tunnel_source(VM_SNAP, squatter, "10.244.1.4", "10.244.9.9")
+    assert isinstance(why, str) and "is pod default/db" in why
+    assert VM_INDEX.source_pod(VM_SNAP, squatter, "10.244.1.4") is None  # known by no address
+
+
+def test_an_entry_at_a_dns_name_has_no_address_in_the_mesh() -> None:
+    assert "vm.example.com" not in VM_SNAP.pod_by_ip
+    assert "vm.example.com" not in VM_INDEX.identity_at
+
+
+def test_only_an_entry_with_a_node_shares_a_tunnel_peer() -> None:
+    assert VM_INDEX.tunnel_peer[("vm-1", VM)] == "192.168.121.10"
+    assert ("", VM) not in VM_INDEX.tunnel_peer  # ratings-vm-2 is remote: its own address
