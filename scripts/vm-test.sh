@@ -129,7 +129,8 @@ check_host_mode() {
   echo "$body" | head -c 300; echo
   outside="$(in_vm "getent hosts ratings.default.svc.cluster.local || echo unresolved")"
   echo "outside the workload's cgroup: $outside"
-  echo "$rules" | grep -q -- '--path "/system.slice/ratings.service"' &&
+  echo "$workloads" | grep -E 'ratings-vm-1 +WorkloadEntry +vm-1 +192\.168\.121\.10 +yes +ready' &&
+    echo "$rules" | grep -q -- '--path "/system.slice/ratings.service"' &&
     echo "$rules" | grep -q -- '-d 192.168.121.10/32 -p tcp -m multiport --dports 9080' &&
     echo "$body" | grep -Eq '"client": ?"192\.168\.121\.10:' &&
     echo "$outside" | grep -q unresolved

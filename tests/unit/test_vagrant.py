@@ -7,10 +7,12 @@ The VMs themselves boot in the VM tier, scripts/vm-test.sh (minutes, not in this
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,8 +163,9 @@ def test_the_sample_workload_unit_runs_the_sample_app() -> None:
 
 
 def mesh_config(tmp_path: Path, vms: int) -> Path:
+    """The config a VM gets without a CA (its entries written by mesh-config.sh)."""
     out = subprocess.run(
-        ["bash", str(VAGRANT / "mesh-config.sh"), str(vms), "192.168.121"],
+        ["bash", str(VAGRANT / "mesh-config.sh"), str(vms), "192.168.121", "--entries"],
         capture_output=True, text=True, check=True, timeout=30,
     )  # fmt: skip
     (tmp_path / "vm.yaml").write_text(out.stdout)
@@ -181,6 +184,27 @@ def test_each_vms_workload_entry_is_served_by_that_vms_agent(tmp_path: Path, vms
     (port,) = ratings.ports
     got = sorted((e.ip, e.port) for e in snap.endpoints(ratings, port))
     assert got == [(f"192.168.121.{9 + n}", 9080) for n in range(1, vms + 1)]
+
+
+def test_joined_vms_get_their_entries_tokens_and_ca_options_from_vm_join(tmp_path: Path) -> None:
+    # what vm-test does on the host: a CA, and each VM joined from the WorkloadGroup
+    join = tmp_path / "join"
+    subprocess.run(
+        ["bash", str(VAGRANT / "join.sh"), str(join), "2", "192.168.121", "24309"],
+        capture_output=True, text=True, check=True, timeout=120,
+        env={**os.environ, "NODEAGENT": str(Path(sys.executable).parent / "nodeagent")},
+    )  # fmt: skip
+    snap = load_directory(join / "config").snapshot
+    for n in (1, 2):
+        (entry,) = snap.workload_entries_on_node(f"vm-{n}")
+        assert entry.pod_ip == f"192.168.121.{9 + n}"
+        assert entry.annotations.get("nodeagent.io/cgroup") == "ratings.service"
+        vm = join / f"vm-{n}"
+        assert (vm / "token").stat().st_mode & 0o777 == 0o600
+        env = (vm / "nodeagent.env").read_text()
+        assert f"--node vm-{n}" in env and "--ca-addr 10.0.2.2:24309" in env
+    tokens = json.loads((join / "tokens.json").read_text())
+    assert tokens == {f"vm-{n}": (join / f"vm-{n}" / "token").read_text().strip() for n in (1, 2)}
 
 
 def vagrant_validate(tmp_path: Path, vagrantfile: Path, **env: str) -> str:
