@@ -83,7 +83,7 @@ def forwarded_for(headers: Mapping[str, str] | None) -> str | None:
 
 SOURCE_MODES = frozenset({"iptables", "eBPF"})
 """Pod capture modes that route the app's answers back to the proxy (not ``… (no source
-routing)``)."""
+routing)``); host mode's (``host (…)``) do too unless they say so."""
 
 
 def app_source(client_ip: str, pp: PodProxy) -> str | None:
@@ -91,7 +91,10 @@ def app_source(client_ip: str, pp: PodProxy) -> str | None:
     (``IP_TRANSPARENT``, so the app sees who called) where the capture routes the app's
     answers back to the proxy (``SOURCE_MODES``); else, and for a loopback address, the
     pod's own, or IPv6, the proxy's own (the pod's address)."""
-    if pp.mode not in SOURCE_MODES or "." not in client_ip or client_ip.startswith("127."):
+    routed = pp.mode in SOURCE_MODES or (
+        pp.mode.startswith("host (") and not pp.mode.endswith("(no source routing)")
+    )
+    if not routed or "." not in client_ip or client_ip.startswith("127."):
         return None
     return None if client_ip == pp.pod.pod_ip else client_ip
 

@@ -15,11 +15,13 @@ Only what a workload declares is touched, with iptables (nat table, chains
   no rule: the agent listens on ``<address>:15008`` itself.
 
 The rules of all the host's workloads are rendered together (``render``, pure) and
-applied in one ``iptables-restore``. A workload whose cgroup does not exist (its service
-is stopped) is served inbound only until it does; a cgroup that systemd removed and made
-again (the service restarted) is a new cgroup the old rule no longer matches, so
-``HostRules.stale`` compares each cgroup's inode with the one the rules were made for and
-the agent re-applies them (within 2 s).
+applied in one ``iptables-restore``. With them, ``iptables.apply_source_routing``: the
+proxy's connection to a workload's app carries the client's address, and only the app's
+answers on those (connmarked) connections are routed back to the proxy. A workload
+whose cgroup does not exist (its service is stopped) is served inbound only until it
+does; a cgroup that systemd removed and made again (the service restarted) is a new
+cgroup the old rule no longer matches, so ``HostRules.stale`` compares each cgroup's inode
+with the one the rules were made for and the agent re-applies them (within 2 s).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from pathlib import Path
 
 from nodeagent.errors import LocalStateError
 from nodeagent.model.objects import HostWorkload
-from nodeagent.redirect.iptables import INBOUND_PORT, MARK_MASK, OUTBOUND_PORT, PROXY_MARK
+from nodeagent.redirect.iptables import (
+    INBOUND_PORT,
+    MARK_MASK,
+    OUTBOUND_PORT,
+    PROXY_MARK,
+    apply_source_routing,
+    remove_source_routing,
+)
 from nodeagent.redirect.netns import run_in
 
 log = logging.getLogger("nodeagent.redirect")
@@ -150,6 +159,10 @@ class HostRules:
         self.workloads: dict[str, HostWorkload] = {}
         self._inodes: dict[str, int | None] = {}
         """key → the inode of its cgroup the rules were made for (None: not there)."""
+        self._routed = False
+        self.no_source = ""
+        """Why the apps see the workload's own address, not the client's (empty: they
+        see the client's: the proxy's transparent legs are routed back to it)."""
 
     def cgroup_dir(self, w: HostWorkload) -> Path:
         return self.root / w.cgroup.lstrip("/")
@@ -172,10 +185,12 @@ class HostRules:
         """What ``ctl workloads`` shows of a host workload's capture."""
         w = self.workloads[key]
         if not w.cgroup:
-            return "host (inbound only: no nodeagent.io/cgroup)"
-        if self._inodes.get(key) is None:
-            return f"host (inbound only: cgroup {w.cgroup} does not exist yet)"
-        return f"host (cgroup {w.cgroup})"
+            mode = "host (inbound only: no nodeagent.io/cgroup)"
+        elif self._inodes.get(key) is None:
+            mode = f"host (inbound only: cgroup {w.cgroup} does not exist yet)"
+        else:
+            mode = f"host (cgroup {w.cgroup})"
+        return mode + (" (no source routing)" if self.no_source else "")
 
     async def set(self, w: HostWorkload) -> str:
         """Capture (or re-capture) ``w``; its mode."""
@@ -203,6 +218,9 @@ class HostRules:
             rules = render_removal(existing)
             if rules:
                 await run_in(self.netns, ["iptables-restore", "--noflush"], stdin=rules)
+            if self._routed:
+                await remove_source_routing(self.netns)
+                self._routed = False
             return
         placed = [self._place(w) for w in self.workloads.values()]
         inodes = {
@@ -218,3 +236,13 @@ class HostRules:
             if ino != self._inodes.get(key, 0):
                 log.info("host workload %s: %s", key, "captured" if ino else "inbound only")
         self._inodes = inodes
+        if not self._routed:
+            # the app sees the client's address, as in a pod: only the proxy's own
+            # transparent legs (marked) are routed back to it, nothing else of the host
+            try:
+                await apply_source_routing(self.netns)
+                self._routed, self.no_source = True, ""
+            except LocalStateError as e:
+                if not self.no_source:
+                    log.warning("host workloads see their own address, not clients': %s", e)
+                self.no_source = str(e)

@@ -194,6 +194,8 @@ def test_a_pod_reaches_the_vms_service_by_name_over_hbone(sb: Sandbox) -> None:
     status, body = get(sb, "client", "http://ratings.default.svc.cluster.local:9080/")
     assert status == 200, body
     assert isinstance(body, dict) and body["service"] == "ratings" and body["version"] == "vm"
+    # the VM's app sees who called: the client pod's own address
+    assert body["client"].startswith(sb.pod_ip("client") + ":"), body["client"]
     # the VM's agent took it over HBONE, from the client's proven identity
     assert mtls_from(sb, "vm-1", "client", "ratings")
 
