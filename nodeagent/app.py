@@ -336,6 +336,7 @@ class Agent:
                 await self._reconcile()
 
     async def serve(self) -> int:
+        from nodeagent.admin.agentmetrics import register_agent_metrics
         from nodeagent.admin.http import start_http_servers
         from nodeagent.admin.server import start_admin_server
 
@@ -346,8 +347,13 @@ class Agent:
         self.proxy.inherit(inherited)
         await self._reconcile()
         self.proxy.admission.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
+        register_agent_metrics(self.metrics.registry, self)
         admin = await start_admin_server(
-            self, self.settings.socket_path, pods=self.cni, replace=inherited is not None
+            self,
+            self.settings.socket_path,
+            pods=self.cni,
+            replace=inherited is not None,
+            registry=self.metrics.registry,
         )
         http_servers = await start_http_servers(
             self,

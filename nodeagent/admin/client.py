@@ -78,6 +78,10 @@ class AdminClient:
             "ejected": [message_to_dict(e) for e in resp.ejected],
         }
 
+    def metrics(self) -> str:
+        """The agent's metrics in Prometheus' text format (what its port 15020 serves)."""
+        return self._call("Metrics", pb.MetricsRequest(), pb.MetricsResponse).text
+
     def config_dump(self) -> dict[str, Any]:
         """``{"version": int, "objects": [the raw config objects, parsed from JSON]}``."""
         resp = self._call("ConfigDump", pb.ConfigDumpRequest(), pb.ConfigDumpResponse)

@@ -331,6 +331,16 @@ class RequestsResponse(_message.Message):
     ejected: _containers.RepeatedCompositeFieldContainer[Ejection]
     def __init__(self, records: _Optional[_Iterable[str]] = ..., ejected: _Optional[_Iterable[_Union[Ejection, _Mapping]]] = ...) -> None: ...
 
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MetricsResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
     __slots__ = ("from_pod", "to", "method", "path", "headers", "jwt")
     FROM_POD_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.RequestsRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.RequestsResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/nodeagent.v1.NodeAgent/Metrics',
+                request_serializer=nodeagent__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.MetricsResponse.FromString,
+                _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/nodeagent.v1.NodeAgent/Explain',
                 request_serializer=nodeagent__pb2.ExplainRequest.SerializeToString,
@@ -144,6 +149,14 @@ class NodeAgentServicer:
     def Requests(self, request, context):
         """The last HTTP requests this node's proxy routed, and the endpoints outlier
         detection keeps out of rotation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Metrics(self, request, context):
+        """The agent's metrics in Prometheus' text format, as its /metrics port serves them
+        (that port is in the node's netns; this reaches them from wherever the socket is).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +239,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Requests,
                     request_deserializer=nodeagent__pb2.RequestsRequest.FromString,
                     response_serializer=nodeagent__pb2.RequestsResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=nodeagent__pb2.MetricsRequest.FromString,
+                    response_serializer=nodeagent__pb2.MetricsResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -442,6 +460,33 @@ class NodeAgent:
             '/nodeagent.v1.NodeAgent/Requests',
             nodeagent__pb2.RequestsRequest.SerializeToString,
             nodeagent__pb2.RequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nodeagent.v1.NodeAgent/Metrics',
+            nodeagent__pb2.MetricsRequest.SerializeToString,
+            nodeagent__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

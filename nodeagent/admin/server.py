@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import psutil
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from nodeagent import __version__
 from nodeagent.admin import capture_state
@@ -49,9 +51,15 @@ _T = TypeVar("_T")
 class NodeAgentService(pb_grpc.NodeAgentServicer):
     """The RPC handlers, over one ``AgentView``."""
 
-    def __init__(self, view: AgentView, pods: PodHandoff | None = None) -> None:
+    def __init__(
+        self,
+        view: AgentView,
+        pods: PodHandoff | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._view = view
         self._pods = pods
+        self._registry = registry
         self._process = psutil.Process()
         # The first cpu_percent() call only starts the measurement: prime it now, so that
         # each Status reports the CPU use since the previous Status (or since start).
@@ -81,6 +89,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         self, request: pb.RequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RequestsResponse:
         return await _answer("Requests", context, lambda: self._requests(request.limit))
+
+    async def Metrics(
+        self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MetricsResponse:
+        return await _answer("Metrics", context, self._metrics)
 
     async def ConfigDump(
         self, request: pb.ConfigDumpRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -259,6 +272,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
         ]
         return pb.RequestsResponse(records=records, ejected=ejected)
 
+    def _metrics(self) -> pb.MetricsResponse:
+        if self._registry is None:
+            raise LocalStateError("this agent's socket was started without its metrics")
+        return pb.MetricsResponse(text=generate_latest(self._registry).decode())
+
     def _config_dump(self) -> pb.ConfigDumpResponse:
         snap = self._view.snapshot()
         objects = [json.dumps(o, default=str) for o in self._view.config_dump()]
@@ -435,10 +453,15 @@ def certificate_message(cert: Mapping[str, Any]) -> pb.Certificate:
 
 
 async def start_admin_server(
-    view: AgentView, socket_path: str, pods: PodHandoff | None = None, replace: bool = False
+    view: AgentView,
+    socket_path: str,
+    pods: PodHandoff | None = None,
+    replace: bool = False,
+    registry: CollectorRegistry | None = None,
 ) -> grpc.aio.Server:
     """Serve the node agent socket on ``unix:socket_path`` (mode 0600) and return the server;
-    ``pods`` takes the CNI plugin's calls (None: they are refused). ``replace``: the socket
+    ``pods`` takes the CNI plugin's calls (None: they are refused); ``registry`` holds the
+    metrics ``Metrics`` answers with (None: refused). ``replace``: the socket
     of a live agent there is replaced in one rename (a hand-over; clients never see no
     socket), not refused.
 
@@ -449,7 +472,7 @@ async def start_admin_server(
         socket_path, "node agent socket", "agent", "--socket", replace_live=replace
     )
     grpc_server = grpc.aio.server()
-    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods), grpc_server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_NodeAgentServicer_to_server(NodeAgentService(view, pods, registry), grpc_server)  # type: ignore[no-untyped-call]
     server = serve_owner_only(grpc_server, path, "node agent socket", "--socket")
     await server.start()
     log.info("node agent socket listening on %s", path)

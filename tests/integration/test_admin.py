@@ -299,7 +299,7 @@ def agent(short_dir: str, loop_thread: UvloopThread) -> Iterator[Agent]:
 
     async def start() -> tuple[grpc.aio.Server, list[asyncio.Server], str]:
         loop_type = type(asyncio.get_running_loop()).__module__
-        server = await start_admin_server(_typed(view), path)
+        server = await start_admin_server(_typed(view), path, registry=registry)
         https = await start_http_servers(
             _typed(view), "127.0.0.1", metrics_port=0, ready_port=0, registry=registry
         )
@@ -933,6 +933,50 @@ def test_metrics(agent: Agent) -> None:
     assert status == 200
     # the readiness path lives on the other port
     assert _get(agent.metrics_port, "/healthz/ready")[0] == 404
+
+
+def connection(i: int, direction: str) -> ConnectionInfo:
+    return ConnectionInfo(
+        id=i, direction=direction, pod="default/reviews-v1", source="10.244.2.3:40000",
+        destination="10.244.1.3:9080", upstream="10.244.1.3:9080", service="",
+        peer_workload="", bytes_sent=0, bytes_received=0, opened_at=STARTED,
+    )
+
+
+def test_metrics_over_the_socket(agent: Agent) -> None:
+    """The socket serves what port 15020 does (the dashboard reads it from outside the
+    node's netns); the agent's own health is there too once registered."""
+    from nodeagent.admin.agentmetrics import register_agent_metrics
+
+    with agent.client() as c:
+        assert c.metrics() == _get(agent.metrics_port, "/metrics")[2].decode()
+        register_agent_metrics(agent.registry, _typed(agent.view))
+        agent.view.certs = [{"identity": "spiffe://cluster.local/ns/default/sa/web",
+                             "not_after": 1900000000.0}, {"identity": "pending", "not_after": 0}]
+        agent.view.conns = [connection(i, d) for i, d in enumerate(("inbound", "inbound",
+                                                                        "outbound"))]
+        text = c.metrics()
+    assert 'nodeagent_active_connections{direction="inbound"} 2.0' in text
+    assert 'nodeagent_active_connections{direction="outbound"} 1.0' in text
+    assert 'nodeagent_active_connections{direction="passthrough"} 0.0' in text
+    assert ('nodeagent_certificate_expiry_timestamp_seconds{identity='
+            '"spiffe://cluster.local/ns/default/sa/web"} 1.9e+09') in text
+    assert 'identity="pending"' not in text
+    assert "nodeagent_ready 1.0" in text
+    assert re.search(r"^process_resident_memory_bytes [0-9.e+]+$", text, re.M)
+    assert re.search(r"^process_cpu_seconds_total [0-9.e+]+$", text, re.M)
+
+
+def test_metrics_over_a_socket_started_without_them_is_refused(short_dir: str) -> None:
+    lt = UvloopThread()
+    path = os.path.join(short_dir, "bare.sock")
+    try:
+        server = lt.run(start_admin_server(_typed(FakeView()), path))
+        with AdminClient(path) as c, pytest.raises(LocalStateError, match="without its metrics"):
+            c.metrics()
+        lt.run(server.stop(None))
+    finally:
+        lt.close()
 
 
 def test_readiness(agent: Agent) -> None:
