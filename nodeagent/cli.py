@@ -458,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodeagent import native
     from nodeagent.admin import ctl
     from nodeagent.cni import install as cni_install
+    from nodeagent.dashboard import cli as dashboard_cli
     from nodeagent.identity import cli as ca_cli
     from nodeagent.identity import vmcli
     from nodeagent.samples import jwtmint, sampleapp
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub)
     sandbox_cli.add_parser(sub)
     ctl.add_parser(sub)
+    dashboard_cli.add_parser(sub)
     ca_cli.add_parser(sub)
     vmcli.add_parser(sub)
     cni_install.add_parser(sub)
