@@ -23,7 +23,10 @@ PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tc
       # (the VM tier, scripts/vm-test.sh, installs the rest: libvirt, QEMU, debootstrap)
       systemd vagrant vagrant-libvirt
       # dig and nslookup: what users ask the DNS proxy with (the DNS tests do too)
-      bind9-dnsutils)
+      bind9-dnsutils
+      # the observability tests: a real Prometheus scraping the sandbox's agents, and
+      # headless Chromium driving `nodeagent dashboard` (fonts for its screenshot)
+      prometheus chromium fonts-dejavu-core)
 # (the image's tools, podman/buildah/mmdebstrap, are installed by build-image.sh itself)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -34,8 +37,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The distro starts these peers as services; the benchmark runs its own copies.
-  for svc in haproxy nginx; do
+  # The distro starts these as services; the benchmark and the tests run their own copies.
+  for svc in haproxy nginx prometheus; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
