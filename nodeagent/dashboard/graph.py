@@ -200,7 +200,7 @@ def _reporters(samples: Sequence[Sample]) -> set[tuple[str, ...]]:
     out: set[tuple[str, ...]] = set()
     for s in samples:
         if s.labels.get("reporter") == "source":
-            out.add(_triple(s.name, s.labels))
+            out.add(_triple_of(s))
     return out
 
 
@@ -214,16 +214,25 @@ def _triple(name: str, labels: Mapping[str, str]) -> tuple[str, ...]:
     )
 
 
+def _triple_of(s: Sample) -> tuple[str, ...]:
+    return _triple(REQUESTS if s.name == DURATION_BUCKET else s.name, s.labels)
+
+
 def build_graph(samples: Iterable[Sample]) -> Graph:
     """The graph of every series of ``METRICS`` in ``samples`` (others are ignored)."""
     wanted = [s for s in samples if s.name in METRICS]
     by_source = _reporters(wanted)
+    # the connections that carry HTTP requests are counted as TCP too: draw the requests
+    http_pairs = {(t[1], t[3]) for t in map(_triple_of, wanted) if t[0] == REQUESTS}
     nodes: dict[str, Node] = {}
     accs: dict[tuple[str, str], _Acc] = {}
     matches: dict[tuple[str, str], dict[str, str]] = {}
     for s in wanted:
-        if s.labels.get("reporter") == "destination" and _triple(s.name, s.labels) in by_source:
+        triple = _triple_of(s)
+        if s.labels.get("reporter") == "destination" and triple in by_source:
             continue  # counted by the client's side already
+        if s.name not in (REQUESTS, DURATION_BUCKET) and (triple[1], triple[3]) in http_pairs:
+            continue
         for a, b, match in _hops(s.labels):
             nodes.setdefault(a.id, a)
             nodes.setdefault(b.id, b)

@@ -137,3 +137,19 @@ def test_rates_from_the_agents_own_exposition() -> None:
     assert again["istio_requests_total"].rate == pytest.approx(0.1)
     g = build_graph(rates((0.0, first), (10.0, second)))
     assert all(e.rps == pytest.approx(5.0) and 1 < (e.p99_ms or 0) <= 5 for e in g.edges)
+
+
+def test_the_connections_that_carry_requests_are_not_drawn_beside_them() -> None:
+    tcp = {k: v for k, v in BASE.items() if k != "response_code"}
+    carrier = tcp | {"destination_service": "unknown"}  # the HBONE connection to the pod
+    other = tcp | {"destination_workload": "db", "destination_service": "unknown"}
+    g = build_graph([
+        req(2.0),
+        Sample("istio_tcp_connections_opened_total", carrier, 3.0, 0.1),
+        Sample("istio_tcp_connections_opened_total", other, 3.0, 0.1),
+    ])
+    assert sorted((e.source, e.target, e.protocol) for e in g.edges) == [
+        ("service:web.default.svc.cluster.local", "workload:default/web-v1", "http"),
+        ("workload:default/client", "service:web.default.svc.cluster.local", "http"),
+        ("workload:default/client", "workload:default/db", "tcp"),
+    ]
