@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import urllib.request
@@ -150,3 +151,26 @@ def test_the_page_loads_nothing_from_the_internet(dashboard: Running) -> None:
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", page)
     assert not re.search(r"@import|url\((?!#)", page)
     assert get(dashboard.url + "/nope")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--listen", "nowhere"], "--listen 'nowhere': expected HOST:PORT"),
+        (["--prometheus", "ftp://x"], "--prometheus 'ftp://x': expected an http://"),
+        (["--listen", "TAKEN"], "cannot listen on 127.0.0.1:"),
+    ],
+)
+def test_bad_options_are_one_clear_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nodeagent.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [a.replace("TAKEN", f"127.0.0.1:{port}") for a in argv]
+        assert main(["dashboard", "--socket", "/nonexistent/n1.sock", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nodeagent dashboard: ") and says in err and "Traceback" not in err
