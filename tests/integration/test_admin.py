@@ -37,7 +37,13 @@ from nodeagent.admin.server import start_admin_server
 from nodeagent.control.files import load_directory
 from nodeagent.errors import LocalStateError
 from nodeagent.model import Container, Labels, MeshSnapshot, Pod, PodRuntime, Service, ServicePort
-from nodeagent.model.status import AgentView, ConfigStatus, ConnectionInfo, LimitStatus
+from nodeagent.model.status import (
+    AgentView,
+    ConfigStatus,
+    ConnectionInfo,
+    ExplainQuery,
+    LimitStatus,
+)
 
 T = TypeVar("T")
 
@@ -211,6 +217,9 @@ class FakeView:
 
     def ejections(self) -> list[tuple[str, str, float]]:
         return [("outbound|80|v2|web.default.svc.cluster.local", "10.244.2.3:8080", 12.5)]
+
+    def explain(self, query: ExplainQuery) -> dict[str, Any]:
+        raise ValueError(f"no explain in this view ({query.from_pod} → {query.to})")
 
     def local_pods(self) -> list[dict[str, Any]]:
         return [
