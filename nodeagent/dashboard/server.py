@@ -73,16 +73,13 @@ class Dashboard:
         return {"records": self.agents.requests(match), "error": ""}
 
     def poll(self) -> None:
-        """Scrape until ``stop``; the first scrape is at once."""
-        scraped = {id(self.source): self.source}
-        if self.agents is not None:
-            scraped[id(self.agents)] = self.agents
+        """Scrape the source until ``stop``; the first scrape is at once. (The agents, when
+        Prometheus is the source, are asked only for an edge's requests.)"""
         while not self._stop.is_set():
-            for s in scraped.values():
-                try:
-                    s.scrape()
-                except Exception:  # one bad scrape never ends the page
-                    log.exception("dashboard: scrape failed")
+            try:
+                self.source.scrape()
+            except Exception:  # one bad scrape never ends the page
+                log.exception("dashboard: scrape failed")
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
