@@ -45,6 +45,7 @@ from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.inputs import ConnectionLimits, Http1Limits, ProxyInputs
 from nodeagent.proxy.limits import proxy_limits, raise_open_files
 from nodeagent.proxy.server import Proxy
+from nodeagent.proxy.tracing import SpanExport
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
@@ -198,6 +199,11 @@ class Agent:
                 hbone_preface_timeout=settings.hbone_preface_timeout,
             ),
             dns=dns,
+            spans=SpanExport.otlp(
+                settings.otlp_endpoint, self.metrics.registry, mesh_id=settings.trust_domain
+            )
+            if settings.otlp_endpoint
+            else None,
         )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured

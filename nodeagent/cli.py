@@ -264,6 +264,14 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="per-request JSON access log: - (stdout, default), a file path, or off",
     )
     p.add_argument(
+        "--otlp-endpoint",
+        default="",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="export spans over OTLP/gRPC (plaintext) to this collector, e.g. Jaeger's or "
+        "Tempo's port 4317 (default: off; docs/observability.md)",
+    )
+    p.add_argument(
         "--dns-proxy",
         default="on",
         choices=["on", "off"],
@@ -351,6 +359,16 @@ def _upstreams(text: str) -> tuple[tuple[str, int], ...]:
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r}: expected at least one resolver address")
     return found
+
+
+def _host_port(text: str) -> str:
+    """``HOST:PORT`` (an OTLP collector), or an argparse error saying what is wrong."""
+    if not text:  # the default: off
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:4317)")
+    return text
 
 
 def _duration(text: str) -> float:

@@ -64,6 +64,8 @@ class AgentSettings:
     hbone_preface_timeout: float = 10.0
     access_log: str = "-"
     """Where the per-request JSON access log goes: ``-`` stdout, a file path, or ``off``."""
+    otlp_endpoint: str = ""
+    """``--otlp-endpoint``: the OTLP/gRPC collector spans go to; empty: no spans."""
     handover: bool = True
     """Take the listeners of a running agent of this node over at start, and hand ours
     to the next one (``proxy/handover.py``); False: always a cold start."""
@@ -134,6 +136,7 @@ class AgentSettings:
                 getattr(args, "hbone_preface_timeout", cls.hbone_preface_timeout)
             ),
             access_log=args.access_log,
+            otlp_endpoint=getattr(args, "otlp_endpoint", ""),
             pid_file=getattr(args, "pid_file", ""),
             drain_seconds=float(getattr(args, "drain_seconds", cls.drain_seconds)),
             handover=getattr(args, "handover", "on") == "on",

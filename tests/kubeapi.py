@@ -11,7 +11,8 @@ What it implements, closely enough for the real lightkube client (sync and async
   namespaces, configmaps, serviceaccounts; discovery.k8s.io/v1 endpointslices;
   networking.istio.io v1/v1beta1/v1alpha3 virtualservices, destinationrules,
   serviceentries, gateways; security.istio.io v1/v1beta1 authorizationpolicies,
-  peerauthentications, requestauthentications. ``add_resource(ResourceType(...))`` adds
+  peerauthentications, requestauthentications; telemetry.istio.io v1/v1alpha1
+  telemetries. ``add_resource(ResourceType(...))`` adds
   more. One object is served at every version of its group (apiVersion rewritten).
 - GET one, LIST (``limit``/``continue`` from a consistent snapshot, ``labelSelector``,
   ``fieldSelector`` on metadata.name/namespace and per-kind fields such as

@@ -65,6 +65,7 @@ DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
                  "PeerAuthentication", True),
     ResourceType("security.istio.io", _ISTIO_SEC, "requestauthentications",
                  "RequestAuthentication", True),
+    ResourceType("telemetry.istio.io", ("v1", "v1alpha1"), "telemetries", "Telemetry", True),
 )
 
 # kinds whose metadata.generation the real server does not set

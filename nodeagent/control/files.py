@@ -31,6 +31,7 @@ from nodeagent.control.crosscheck import (
 )
 from nodeagent.control.parse import Pair, parse_documents, parse_object
 from nodeagent.control.runtime import load_runtimes
+from nodeagent.control.telemetry import telemetry_warnings
 from nodeagent.control.yamlload import read_config_file
 from nodeagent.errors import ConfigError, ConfigErrors
 from nodeagent.model.authn import RequestAuthentication
@@ -51,6 +52,7 @@ from nodeagent.model.security import (
 )
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus
+from nodeagent.model.telemetry import Telemetry
 from nodeagent.model.traffic import DestinationRule, VirtualService
 
 __all__ = [
@@ -180,6 +182,7 @@ def assemble(
     workload_groups: list[WorkloadGroup] = by_type.get(WorkloadGroup, [])
     service_entries: list[ServiceEntry] = by_type.get(ServiceEntry, [])
     mesh_configs: list[MeshConfig] = by_type.get(MeshConfig, [])
+    telemetries: list[Telemetry] = by_type.get(Telemetry, [])
     errors.extend(
         check_duplicate_names(
             {
@@ -196,6 +199,7 @@ def assemble(
                 "WorkloadGroup": workload_groups,
                 "ServiceEntry": service_entries,
                 "ConfigMap": mesh_configs,
+                "Telemetry": telemetries,
             }
         )
     )
@@ -211,6 +215,7 @@ def assemble(
         *entry_warnings(
             workloads, workload_groups, service_entries, mesh_configs, root_namespace
         ),
+        *telemetry_warnings(telemetries),
     ]
     if errors:
         raise ConfigErrors(errors)
@@ -232,6 +237,7 @@ def assemble(
         workload_groups=tuple(workload_groups),
         service_entries=tuple(service_entries),
         mesh_config=next((m for m in mesh_configs if m.namespace == root_namespace), None),
+        telemetries=tuple(telemetries),
     )
     return LoadedConfig(
         snapshot=snap, objects=tuple(raw for raw, _ in pairs), warnings=tuple(warnings)

@@ -2,7 +2,7 @@
 Kubernetes kinds (``control.objects``), Istio's security kinds (``control.security``,
 ``control.authn``), traffic kinds (``control.traffic``), the kinds of VMs and
 services outside the cluster (``control.entries``), Istio's ``istio`` ConfigMap
-(``control.meshconfig``), and nodeagent's own
+(``control.meshconfig``), Istio's Telemetry (``control.telemetry``), and nodeagent's own
 LocalRateLimit (``control.ratelimit``). Each kind module holds its shape, its conversion
 and its ``Kind`` entry; they share ``control.fields`` and never import this table."""
 
@@ -21,6 +21,7 @@ from nodeagent.control.objects import NODE_KIND, POD_KIND, SERVICE_KIND
 from nodeagent.control.ratelimit import LOCAL_RATE_LIMIT_KIND
 from nodeagent.control.schema import Kind
 from nodeagent.control.security import AUTHORIZATION_POLICY_KIND, PEER_AUTHENTICATION_KIND
+from nodeagent.control.telemetry import TELEMETRY_KIND
 from nodeagent.control.traffic import DESTINATION_RULE_KIND, VIRTUAL_SERVICE_KIND
 
 KINDS: tuple[Kind, ...] = (
@@ -36,6 +37,7 @@ KINDS: tuple[Kind, ...] = (
     WORKLOAD_GROUP_KIND,
     REQUEST_AUTHENTICATION_KIND,
     LOCAL_RATE_LIMIT_KIND,
+    TELEMETRY_KIND,
     MESH_CONFIG_KIND,
 )
 """In this order in the "supported:" list of an unknown kind's error."""

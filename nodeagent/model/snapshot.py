@@ -32,6 +32,7 @@ from nodeagent.model.security import (
     AuthorizationPolicy,
     PeerAuthentication,
 )
+from nodeagent.model.telemetry import Telemetry
 from nodeagent.model.traffic import DestinationRule, VirtualService
 
 
@@ -75,6 +76,8 @@ class MeshSnapshot:
     service_entries: tuple[ServiceEntry, ...] = ()
     """As written; their hosts are in ``services`` (``Service.kind`` ``ServiceEntry``)."""
     mesh_config: MeshConfig = field(default_factory=MeshConfig)
+    telemetries: tuple[Telemetry, ...] = ()
+    """``telemetry.istio.io`` Telemetry objects (resolved by ``core.telemetry``)."""
     # indexes, filled by build()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
     pod_by_ip: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
@@ -138,6 +141,7 @@ class MeshSnapshot:
         workload_groups: tuple[WorkloadGroup, ...] = (),
         service_entries: tuple[ServiceEntry, ...] = (),
         mesh_config: MeshConfig | None = None,
+        telemetries: tuple[Telemetry, ...] = (),
     ) -> MeshSnapshot:
         runtimes = dict(runtimes or {})
         node_by_name = {n.name: n for n in node_objects}
@@ -224,6 +228,7 @@ class MeshSnapshot:
             workload_groups=workload_groups,
             service_entries=service_entries,
             mesh_config=mesh_config or MeshConfig(),
+            telemetries=telemetries,
             entry_networks=tuple(networks),
             runtimes=MappingProxyType(runtimes),
             sources=sources,

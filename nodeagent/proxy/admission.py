@@ -139,6 +139,9 @@ class InboundPolicy:
         self._quotas: QuotaStore | None = None
         self._quota_error = ""
         self.jwks = JwksCache(snapshot, jwks_ca_bundle)
+        self.every_request = False
+        """Serve every HTTP port request by request (spans are exported: each request
+        gets a SERVER span here)."""
         self._jwt_rules: PerSnapshot[dict[str, tuple[JWTRule, ...]]] = PerSnapshot(lambda snap: {})
         """pod key → the JWT rules that apply to it, filled as pods are asked about."""
         self._routes = PerSnapshot(_route_names)
@@ -194,6 +197,8 @@ class InboundPolicy:
         hp = self.http_port(snap, pod, port)
         if hp is None:
             return None
+        if self.every_request:
+            return hp
         if authz.needs_http(snap, pod) or self.jwt_rules(snap, pod):
             return hp
         if any(p.http is not None or p.quotas for p in self.rate_limits(snap, pod, port)):

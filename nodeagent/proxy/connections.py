@@ -8,6 +8,7 @@ from typing import Any
 
 from nodeagent.model.status import ConnectionInfo
 from nodeagent.proxy.relay import Relay
+from nodeagent.proxy.tracing import Observer
 from nodeagent.telemetry.metrics import CLOSED, OPENED, RECEIVED, SENT, Metrics
 
 log = logging.getLogger("nodeagent.proxy")
@@ -16,6 +17,8 @@ log = logging.getLogger("nodeagent.proxy")
 class ConnectionTable:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.observer: Observer | None = None
+        """Spans of L4 connections (set by the proxy)."""
         self._ids = itertools.count(1)
         self.live: dict[int, Relay] = {}
 
@@ -41,6 +44,8 @@ class ConnectionTable:
             s[CLOSED] += 1
             s[SENT] += relay.bytes_sent
             s[RECEIVED] += relay.bytes_received
+            if self.observer is not None:
+                self.observer.tcp_closed(relay)
         if relay.close_reason not in ("done", "client closed", "upstream closed"):
             log.info(
                 "conn %d %s %s -> %s closed: %s (sent %d, received %d)",

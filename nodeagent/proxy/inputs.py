@@ -22,6 +22,7 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.dns import DnsSettings
 from nodeagent.proxy.identity import MeshIdentity
+from nodeagent.proxy.tracing import SpanExport
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
@@ -173,6 +174,8 @@ class ProxyInputs:
     connection_limits: ConnectionLimits = ConnectionLimits()
     dns: DnsSettings | None = None
     """The DNS proxy's settings; None: no DNS proxy (the pods' DNS is not captured)."""
+    spans: SpanExport | None = None
+    """Where spans go (``--otlp-endpoint``); None: no spans."""
 
     def principal(self, pod: Pod) -> str:
         """``pod``'s SPIFFE identity (what mTLS proves for it)."""

@@ -19,6 +19,7 @@ from nodeagent.core.plan import Connection, Request
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.traffic import HeaderOperations
 from nodeagent.proxy.h1pool import ConnectFn
+from nodeagent.proxy.tracing import Observer
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
 from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
 
@@ -62,6 +63,8 @@ class Exchange:
         self.request_principal = ""
         self.detail = ""
         """Why the proxy answered itself."""
+        self.span: Any = None
+        """Its span when sampled (``proxy/tracing.py``), ended with the record."""
 
     def flag(self, f: str) -> None:
         if f not in self.flags:
@@ -210,9 +213,13 @@ class RecordContext:
 class Recorder:
     """Writes each ended exchange to the request metrics and the access log."""
 
-    def __init__(self, metrics: Metrics, access_log: AccessLog) -> None:
+    def __init__(
+        self, metrics: Metrics, access_log: AccessLog, observer: Observer | None = None
+    ) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        self.observer = observer
+        """The Telemetry kind's access-log switch and filter, and the spans."""
 
     def record(self, ds: Downstream, x: Exchange) -> None:
         duration_ms = (time.monotonic() - x.start) * 1000
@@ -264,7 +271,14 @@ class Recorder:
             rec["request_principal"] = x.request_principal
         if x.detail:
             rec["detail"] = x.detail
-        self.access_log.write(rec)
+        obs = self.observer
+        if obs is None:
+            self.access_log.write(rec)
+            return
+        if x.span is not None:
+            obs.end(x, flags)
+        if obs.log_keeps(ds.pod, rec):
+            self.access_log.write(rec)
 
 
 __all__ = [

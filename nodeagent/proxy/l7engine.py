@@ -38,6 +38,7 @@ from nodeagent.proxy.l7retry import (
     retriable_failure,
 )
 from nodeagent.proxy.pipe import PipeClosed
+from nodeagent.proxy.tracing import Observer
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
@@ -56,6 +57,7 @@ class L7Engine:
         rnd: random.Random | None = None,
         path_normalization: str = BASE,
         http1_limits: Http1Limits | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.path_normalization = path_normalization
@@ -78,7 +80,8 @@ class L7Engine:
         self.planner = Planner(self.clusters)
         self.draws = Draws(self.rnd)
         self.pool = H1Pool()
-        self.recorder = Recorder(metrics, access_log)
+        self.observer = observer
+        self.recorder = Recorder(metrics, access_log, observer)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def limit_hit(self, limit: str, ds: Downstream, detail: str) -> None:
@@ -124,6 +127,8 @@ class L7Engine:
         x.cluster = p.cluster.name
         x.trace_id = p.trace_id
         x.request_id = p.request_id
+        if self.observer is not None:
+            self.observer.client(ds, req, p, x)
         return p
 
     def _admit(self, ds: Downstream, inbound: Inbound, req: Request, x: Exchange) -> Plan:
@@ -134,10 +139,11 @@ class L7Engine:
         x.trace_id = trace_id(hdrs.get("traceparent"))
         x.request_id = hdrs.get("x-request-id", "")
         x.cluster = inbound.cluster.name
+        tp = self.observer.server(ds, req, x) if self.observer is not None else None
         a = inbound.admit(req, x)
         if a.request is not None:
             ds.meta.setdefault("inflight", {})[id(x)] = a.request
-        return Plan(
+        p = Plan(
             inbound.cluster,
             a.target,
             req.authority,
@@ -145,6 +151,9 @@ class L7Engine:
             request_ops=a.request_ops,
             response_ops=a.response_ops,
         )
+        if tp is not None:  # the app's parent is this node's span
+            p.remove_headers, p.add_headers = ("traceparent",), (("traceparent", tp),)
+        return p
 
     async def acquire(self, ds: Downstream, cluster: Cluster, ep: Endpoint) -> tuple[H1Conn, bool]:
         """A pooled or new connection to ``ep`` and whether it was reused. A full pool and

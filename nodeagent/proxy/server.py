@@ -34,6 +34,7 @@ from nodeagent.proxy.limits import ConnectionCaps
 from nodeagent.proxy.outbound import Outbound
 from nodeagent.proxy.plumbing import Plumbing
 from nodeagent.proxy.pods import LocalPods, PodProxy
+from nodeagent.proxy.tracing import Observer
 
 
 class Proxy:
@@ -46,15 +47,19 @@ class Proxy:
         self.identity = inputs.identity
         self.table = inputs.table
         self.access_log = inputs.access_log
+        self.observer = Observer(inputs.snapshot, inputs.spans)
+        self.table.observer = self.observer
         self.l7 = L7Proxy(
             inputs.snapshot,
             inputs.metrics,
             inputs.access_log,
             path_normalization=inputs.path_normalization,
             http1_limits=inputs.http1_limits,
+            observer=self.observer,
         )
         self.h2pool = H2Pool()
         self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
+        self.admission.every_request = inputs.spans is not None
         self.pods: dict[str, PodProxy] = {}
         """The local pods by key (served by ``local``; the inbound side serves only these)."""
         self.caps = ConnectionCaps(inputs.connection_limits, inputs.metrics)
@@ -124,6 +129,7 @@ class Proxy:
         self.h2pool.close()
         self.local.close()
         self.access_log.flush()
+        self.observer.close()
 
 
 __all__ = ["PodProxy", "Proxy", "ProxyInputs"]

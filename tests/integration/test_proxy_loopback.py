@@ -35,6 +35,7 @@ from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.inputs import OUTBOUND_PORT, ConnectionLimits, ProxyInputs
 from nodeagent.proxy.server import Proxy
+from nodeagent.proxy.tracing import SpanExport
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 
@@ -257,6 +258,8 @@ class Signer:
 class Rig:
     connection_limits = ConnectionLimits()
     """What a subclass may change: the proxies' connection caps and HBONE timeouts."""
+    spans: Callable[[Metrics], SpanExport | None] = staticmethod(lambda _m: None)
+    """Where each node's spans go (a subclass may export them)."""
 
     def __init__(self, tmp: Path, mtls: bool) -> None:
         self.dir = tmp / "mesh"
@@ -303,6 +306,7 @@ class Rig:
                 identity=identity,
                 connect_timeout=2.0,
                 connection_limits=self.connection_limits,
+                spans=self.spans(metrics),
             )
             proxy = self.proxies[node] = Proxy(inputs)
             await proxy.reconcile(self.snap)

@@ -1,0 +1,390 @@
+"""Spans over OTLP and the Telemetry kind on the data path (one ``Observer`` per agent).
+
+``Observer`` answers, per local workload, what its Telemetry says (``core.telemetry``,
+kept per snapshot): whether an access-log record is written, and whether a request is
+sampled. A sampled HTTP request gets a span on each node that handles it, as Envoy's:
+kind ``CLIENT`` on the caller's node (started where the plan is made, its id sent on in
+``traceparent``), kind ``SERVER`` on the destination's node (a child of that), each ended
+where the request's record is written; a TCP connection at L4 gets one span when it
+closes. Sampling: a ``traceparent``'s sampled flag decides when there is one; otherwise
+the workload's ``randomSamplingPercentage`` (Istio's default 1%).
+
+Export (``SpanExport``) is the OpenTelemetry SDK's OTLP/gRPC exporter behind a batch
+processor on its own thread: the data path only appends to a bounded queue, and a span
+that finds the queue full (collector slow, stalled or down) is dropped and counted in
+``nodeagent_spans_dropped_total``. Nothing here runs when no endpoint is configured
+except the Telemetry look-up (a dict hit per request).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    Tracer,
+    set_span_in_context,
+)
+from prometheus_client import CollectorRegistry, Counter
+
+from nodeagent.core.plan import Plan, Request
+from nodeagent.core.telemetry import keeps, resolve
+from nodeagent.model.objects import Pod
+from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
+from nodeagent.model.telemetry import DEFAULT_TELEMETRY, TelemetryConfig
+
+log = logging.getLogger("nodeagent.proxy.tracing")
+
+MAX_QUEUE = 2048
+"""Spans held for export (the SDK's default); past it, new spans are dropped."""
+EXPORT_TIMEOUT = 5.0
+"""Seconds one export may take before the exporter gives it up."""
+SHUTDOWN_WAIT = 2.0
+"""Seconds the agent's shutdown waits for the last export."""
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+class _CountingProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, with a full queue counted: it would drop (and log a
+    warning per span) on its own; here the span is dropped before it and counted."""
+
+    def __init__(
+        self, exporter: SpanExporter, dropped: Counter, max_queue_size: int, delay_ms: float
+    ) -> None:
+        super().__init__(
+            exporter,
+            max_queue_size=max_queue_size,
+            schedule_delay_millis=delay_ms,
+            max_export_batch_size=min(512, max_queue_size),
+            export_timeout_millis=EXPORT_TIMEOUT * 1000,
+        )
+        self._dropped = dropped
+        self._max = max_queue_size
+        self._queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._queue is not None and len(self._queue) >= self._max:
+            self._dropped.inc()
+            return
+        super().on_end(span)
+
+
+class SpanExport:
+    """Where spans go: one bounded batch queue, its export thread, the drops counted."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        registry: CollectorRegistry,
+        *,
+        max_queue_size: int = MAX_QUEUE,
+        delay_ms: float = 1000.0,
+        mesh_id: str = "cluster.local",
+    ) -> None:
+        self.dropped = Counter(
+            "nodeagent_spans_dropped",
+            "Spans dropped because the export queue was full (collector slow or down)",
+            registry=registry,
+        )
+        self.exported = Counter(
+            "nodeagent_spans_started",
+            "Spans started (sampled requests and connections)",
+            registry=registry,
+        )
+        self.processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+        self.processor.add_span_processor(
+            _CountingProcessor(exporter, self.dropped, max_queue_size, delay_ms)
+        )
+        self.mesh_id = mesh_id
+        self.ids = RandomIdGenerator()
+        self._tracers: dict[str, Tracer] = {}
+
+    @classmethod
+    def otlp(cls, endpoint: str, registry: CollectorRegistry, **kw: Any) -> SpanExport:
+        """Export over OTLP/gRPC (plaintext) to ``endpoint`` (``host:port``)."""
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=EXPORT_TIMEOUT)
+        return cls(exporter, registry, **kw)
+
+    def tracer(self, service: str) -> Tracer:
+        """The tracer of one workload (its resource's ``service.name``: Istio's
+        ``canonical-service.namespace``), all sharing the one queue."""
+        t = self._tracers.get(service)
+        if t is None:
+            if len(self._tracers) > 1000:  # bounded by the local workloads; a churn guard
+                self._tracers.clear()
+            provider = TracerProvider(
+                resource=Resource.create({"service.name": service}),
+                active_span_processor=self.processor,
+                id_generator=self.ids,
+            )
+            t = self._tracers[service] = provider.get_tracer("nodeagent")
+        return t
+
+    def close(self) -> None:
+        """Flush what is queued, waiting at most ``SHUTDOWN_WAIT`` (a stalled collector
+        must not hold the agent's exit)."""
+        done = threading.Thread(target=self.processor.shutdown, daemon=True)
+        done.start()
+        done.join(SHUTDOWN_WAIT)
+
+
+def canonical_service(pod: Pod) -> str:
+    """Istio's canonical service of a workload (its labels, else its name)."""
+    labels = pod.labels
+    return (
+        labels.get("service.istio.io/canonical-name")
+        or labels.get("app.kubernetes.io/name")
+        or labels.get("app")
+        or pod.name
+    )
+
+
+def canonical_revision(pod: Pod) -> str:
+    labels = pod.labels
+    return (
+        labels.get("service.istio.io/canonical-revision")
+        or labels.get("app.kubernetes.io/version")
+        or labels.get("version")
+        or "latest"
+    )
+
+
+def parse_traceparent(tp: str | None) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) of a W3C ``traceparent``; None when absent or
+    malformed."""
+    if tp is None or len(tp) < 55:
+        return None
+    parts = tp.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace, span, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if trace == 0 or span == 0:
+        return None
+    return trace, span, bool(flags & 1)
+
+
+def _send_traceparent(p: Plan, value: str) -> None:
+    """The plan sends ``value`` as ``traceparent`` instead of the client's or its own."""
+    p.remove_headers = (*p.remove_headers, "traceparent")
+    p.add_headers = (*(h for h in p.add_headers if h[0] != "traceparent"), ("traceparent", value))
+
+
+class Observer:
+    """The Telemetry kind and the spans on one agent's data path."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], MeshSnapshot],
+        export: SpanExport | None = None,
+        *,
+        rnd: random.Random | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.export = export
+        self.rnd = rnd or random.Random()
+        self.environ = environ if environ is not None else dict(os.environ)
+        self._configs: PerSnapshot[dict[str, TelemetryConfig]] = PerSnapshot(_new_configs)
+
+    # -- the Telemetry of a workload ------------------------------------------------------
+    def config(self, pod: Pod | None) -> TelemetryConfig:
+        snap = self.snapshot()
+        if not snap.telemetries:
+            return DEFAULT_TELEMETRY
+        memo = self._configs.get(snap)
+        key = pod.key if pod is not None else ""
+        c = memo.get(key)
+        if c is None:
+            c = memo[key] = resolve(snap, pod)
+        return c
+
+    def log_keeps(self, pod: Pod | None, record: Any) -> bool:
+        """Whether ``pod``'s Telemetry keeps this access-log record (on, and its filter)."""
+        c = self.config(pod)
+        if not c.access_log:
+            return False
+        return c.log_filter is None or keeps(c.log_filter, record)
+
+    # -- HTTP spans -----------------------------------------------------------------------
+    def client(self, ds: Any, req: Request, p: Plan, x: Any) -> None:
+        """On the caller's node, once the plan is made: a CLIENT span when sampled, its
+        id sent on as the parent in ``traceparent``."""
+        tp = req.headers.get("traceparent")
+        value = self._start(ds.pod, req, x, tp, SpanKind.CLIENT, ds.service, ds.port.port)
+        if value is not None:
+            _send_traceparent(p, value)
+
+    def server(self, ds: Any, req: Request, x: Any) -> str | None:
+        """On the destination's node, before admission: a SERVER span when sampled; the
+        ``traceparent`` the app gets instead (None: unchanged)."""
+        tp = req.headers.get("traceparent")
+        return self._start(ds.pod, req, x, tp, SpanKind.SERVER, ds.service, ds.port.port)
+
+    def _start(
+        self,
+        pod: Pod,
+        req: Request,
+        x: Any,
+        tp: str | None,
+        kind: SpanKind,
+        service: Any,
+        port: int,
+    ) -> str | None:
+        export = self.export
+        if export is None:
+            return None
+        parent = parse_traceparent(tp)
+        c = self.config(pod)
+        if parent is not None:
+            if not parent[2]:
+                return None
+        elif self.rnd.random() * 100 >= c.sampling:
+            return None
+        if not c.report_spans:  # sampled and propagated, never reported
+            trace = parent[0] if parent is not None else export.ids.generate_trace_id()
+            x.trace_id = f"{trace:032x}"
+            return f"00-{trace:032x}-{export.ids.generate_span_id():016x}-01"
+        ctx = Context()  # a root: the SDK draws a new trace id
+        if parent is not None:
+            remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=_SAMPLED)
+            ctx = set_span_in_context(NonRecordingSpan(remote), ctx)
+        host = f"{service.name}.{service.namespace}.svc.cluster.local"
+        tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
+        span = tracer.start_span(
+            f"{host}:{port}/*",
+            context=ctx,
+            kind=kind,
+            attributes=self._attributes(pod, req, x, host, port),
+        )
+        export.exported.inc()
+        x.span = span
+        sc = span.get_span_context()
+        x.trace_id = f"{sc.trace_id:032x}"
+        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+
+    def _attributes(self, pod: Pod, req: Request, x: Any, host: str, port: int) -> dict[str, str]:
+        conn = req.conn
+        attrs = {
+            "component": "proxy",
+            "node_id": f"sidecar~{pod.pod_ip or ''}~{pod.name}.{pod.namespace}"
+            f"~{pod.namespace}.svc.cluster.local",
+            "guid:x-request-id": x.request_id or req.headers.get("x-request-id", ""),
+            "http.url": f"http://{req.authority}{req.target}",
+            "http.method": req.method,
+            "http.protocol": x.protocol,
+            "downstream_cluster": "-",
+            "user_agent": req.headers.get("user-agent", "-"),
+            "peer.address": conn.source_ip,
+            "istio.canonical_service": canonical_service(pod),
+            "istio.canonical_revision": canonical_revision(pod),
+            "istio.namespace": pod.namespace,
+            "istio.mesh_id": self.export.mesh_id if self.export else "cluster.local",
+        }
+        for tag in self.config(pod).custom_tags:
+            if tag.kind == "literal":
+                attrs[tag.tag] = tag.value
+            elif tag.kind == "header":
+                attrs[tag.tag] = req.headers.get(tag.value, tag.default)
+            else:
+                attrs[tag.tag] = self.environ.get(tag.value, tag.default)
+        return attrs
+
+    def end(self, x: Any, flags: str) -> None:
+        """Where the request's record is written: its outcome on the span, ended."""
+        span: Span | None = x.span
+        if span is None:
+            return
+        x.span = None
+        span.set_attributes(
+            {
+                "http.status_code": str(x.status),
+                "response_flags": flags,
+                "upstream_cluster": x.cluster or "-",
+                "upstream_cluster.name": x.cluster or "-",
+                "upstream_address": x.upstream,
+                "request_size": str(x.bytes_in),
+                "response_size": str(x.bytes_out),
+            }
+        )
+        if x.status >= 500 or x.status == 0:
+            span.set_attribute("error", "true")
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    # -- L4 spans -------------------------------------------------------------------------
+    def tcp_closed(self, relay: Any) -> None:
+        """A proxied TCP connection (not HTTP: its requests have spans) closed: one span
+        for it when sampled by its workload's percentage."""
+        export = self.export
+        if export is None:
+            return
+        meta = relay.meta
+        labels = meta.get("labels")
+        if labels is None or not meta.get("counted") or "http" in str(meta.get("direction")):
+            return
+        reporter = labels["reporter"]
+        side = "source" if reporter == "source" else "destination"
+        ns = labels[f"{side}_workload_namespace"]
+        pod = self.snapshot().pod_by_key.get(f"{ns}/{labels[f'{side}_workload']}")
+        if pod is None:
+            return
+        if self.rnd.random() * 100 >= self.config(pod).sampling:
+            return
+        if not self.config(pod).report_spans:
+            return
+        tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
+        start_ns = int(relay.opened_at * 1e9)
+        span = tracer.start_span(
+            f"tcp {labels['destination_service']}",
+            context=Context(),
+            kind=SpanKind.CLIENT if side == "source" else SpanKind.SERVER,
+            start_time=start_ns,
+            attributes={
+                "component": "proxy",
+                "upstream_cluster": labels["destination_service"],
+                "peer.address": str(meta.get("source", "")),
+                "upstream_address": str(meta.get("upstream", meta.get("destination", ""))),
+                "response_flags": labels.get("response_flags", "-"),
+                "connection_security_policy": labels.get("connection_security_policy", ""),
+                "bytes_sent": str(relay.bytes_sent),
+                "bytes_received": str(relay.bytes_received),
+                "close_reason": relay.close_reason,
+                "istio.canonical_service": canonical_service(pod),
+                "istio.namespace": pod.namespace,
+                "istio.mesh_id": export.mesh_id,
+            },
+        )
+        export.exported.inc()
+        span.end()
+
+    def close(self) -> None:
+        if self.export is not None:
+            self.export.close()
+
+
+def _new_configs(_snap: MeshSnapshot) -> dict[str, TelemetryConfig]:
+    return {}
+
+
+__all__ = ["Observer", "SpanExport", "canonical_service", "parse_traceparent"]
