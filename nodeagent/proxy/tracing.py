@@ -230,6 +230,8 @@ class Observer:
     def client(self, ds: Any, req: Request, p: Plan, x: Any) -> None:
         """On the caller's node, once the plan is made: a CLIENT span when sampled, its
         id sent on as the parent in ``traceparent``."""
+        if self.export is None:
+            return
         tp = req.headers.get("traceparent")
         value = self._start(ds.pod, req, x, tp, SpanKind.CLIENT, ds.service, ds.port.port)
         if value is not None:
@@ -238,6 +240,8 @@ class Observer:
     def server(self, ds: Any, req: Request, x: Any) -> str | None:
         """On the destination's node, before admission: a SERVER span when sampled; the
         ``traceparent`` the app gets instead (None: unchanged)."""
+        if self.export is None:
+            return None
         tp = req.headers.get("traceparent")
         return self._start(ds.pod, req, x, tp, SpanKind.SERVER, ds.service, ds.port.port)
 

@@ -1,7 +1,8 @@
 """An OTLP trace receiver of the tests' own: a real gRPC server implementing
 ``opentelemetry.proto.collector.trace.v1.TraceService/Export`` (the ``opentelemetry-proto``
-messages), on a thread pool, that keeps the spans it is sent, flattened (``Received``); or,
-``stalled``, takes each export and never answers until it is closed."""
+messages) on a thread pool (made in a netns, it listens there), that keeps the spans it
+is sent, flattened (``Received``); or, ``stalled``, takes each export and never answers
+until it is closed."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class OtlpReceiver:
     """``with OtlpReceiver() as r:`` serves on ``r.endpoint`` (``127.0.0.1:port``, or
     ``host`` given)."""
 
-    def __init__(self, *, stalled: bool = False, host: str = "127.0.0.1") -> None:
+    def __init__(self, *, stalled: bool = False, host: str = "127.0.0.1", port: int = 0) -> None:
         self.stalled = stalled
         self.release = threading.Event()
         self.exports = 0
@@ -83,8 +84,8 @@ class OtlpReceiver:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
         add(_Service(self), self.server)  # type: ignore[no-untyped-call]
-        port = self.server.add_insecure_port(f"{host}:0")
-        self.endpoint = f"{host}:{port}"
+        bound = self.server.add_insecure_port(f"{host}:{port}")
+        self.endpoint = f"{host}:{bound}"
 
     def add(self, span: Received) -> None:
         with self._lock:
