@@ -359,8 +359,11 @@ class Observer:
             return
         tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
         start_ns = int(relay.opened_at * 1e9)
+        service = labels["destination_service"]
+        if service == "unknown":  # at the destination: the workload it reached
+            service = f"{labels['destination_workload']}.{labels['destination_workload_namespace']}"
         span = tracer.start_span(
-            f"tcp {labels['destination_service']}",
+            f"tcp {service}",
             context=Context(),
             kind=SpanKind.CLIENT if side == "source" else SpanKind.SERVER,
             start_time=start_ns,

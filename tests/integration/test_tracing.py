@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from otlp_receiver import OtlpReceiver, Received
-from test_proxy_loopback import SERVER_IP, SERVICE_IP, Rig, eventually, run
+from test_proxy_loopback import SERVER_IP, SERVICE_IP, TCP_PORT, Rig, eventually, round_trip, run
 
 from nodeagent.proxy.tracing import SpanExport
 from nodeagent.telemetry.metrics import Metrics
@@ -244,3 +244,28 @@ def test_telemetry_turns_one_workloads_access_log_off_and_filters_them() -> None
         assert log[-1]["response_code"] == 500
 
     run(True, body)
+
+
+def test_a_tcp_connection_at_l4_gets_a_span_on_each_node() -> None:
+    with OtlpReceiver() as receiver:
+
+        async def body(rig: Rig) -> None:
+            rig.apply(SAMPLE_ALL)
+            r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+            _, size = await round_trip(r, w, b"x" * 5000)
+            assert size == 5000
+            await eventually(lambda: len(receiver.spans()) >= 2, "the connection's spans")
+            spans = receiver.spans()
+            (client,) = by_kind(spans, "CLIENT")
+            (server,) = by_kind(spans, "SERVER")
+            assert client.name == "tcp echo.default.svc.cluster.local"
+            assert server.name in ("tcp echo.default.svc.cluster.local", "tcp server.default")
+            assert (client.service, server.service) == ("client.default", "echo.default")
+            assert client.attributes["bytes_sent"] == "5000"
+            assert client.attributes["connection_security_policy"] == "mutual_tls"
+            assert client.attributes["istio.canonical_service"] == "client"
+            assert client.attributes["upstream_cluster"] == "echo.default.svc.cluster.local"
+            assert server.attributes["bytes_received"] == "5000"
+            assert client.end_ns > client.start_ns
+
+        run(True, body, rig_exporting(receiver.endpoint))

@@ -120,6 +120,25 @@ def test_log_level_ignores_case(given: str, level: str) -> None:
     assert args.log_level == level
 
 
+@pytest.mark.parametrize("given", ["4317", "collector", "host:port", "host:70000"])
+def test_otlp_endpoint_must_be_host_and_port(
+    given: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--node", "n", "--config", ".", "--otlp-endpoint", given])
+    assert exit_.value.code == 2
+    assert f"--otlp-endpoint: {given!r} is not HOST:PORT" in capsys.readouterr().err
+
+
+def test_otlp_endpoint_is_off_unless_given() -> None:
+    base = ["run", "--node", "n", "--config", "."]
+    off = AgentSettings.from_args(build_parser().parse_args(base))
+    on = AgentSettings.from_args(
+        build_parser().parse_args([*base, "--otlp-endpoint", "jaeger.tracing:4317"])
+    )
+    assert (off.otlp_endpoint, on.otlp_endpoint) == ("", "jaeger.tracing:4317")
+
+
 def _run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     """``nodeagent ARGV`` in a real process whose stdout's reader is already gone."""
     env = dict(
