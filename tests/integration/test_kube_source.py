@@ -21,6 +21,7 @@ from nodeagent.control.files import LoadedConfig
 from nodeagent.control.kube import KubeSource
 from nodeagent.control.kubeclient import KubeClient, credentials
 from nodeagent.control.runtime import write_runtimes
+from nodeagent.core.telemetry import resolve
 from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 
@@ -608,5 +609,32 @@ def test_namespaces_join_the_mesh_by_istios_label(api: KubeApiServer, kubeconfig
             snap = await r.until(lambda s: "default/web-1" not in meshed(s), timeout=2.0)
             assert meshed(snap) == {"legacy/old", "legacy/one"}
             assert r.watch("v1 Namespace").state == "watching"
+
+    asyncio.run(main())
+
+
+def test_a_telemetry_from_the_api_is_applied_and_hot_reloaded(
+    api: KubeApiServer, kubeconfig: Path
+) -> None:
+    cluster(api)
+    tel = {
+        "apiVersion": "telemetry.istio.io/v1",
+        "kind": "Telemetry",
+        "metadata": {"name": "mesh-default", "namespace": "istio-system"},
+        "spec": {"tracing": [{"randomSamplingPercentage": 100}]},
+    }
+
+    async def main() -> None:
+        async with running(kubeconfig) as r:
+            web = r.first.snapshot.pod_by_key["default/web-1"]
+            assert resolve(r.first.snapshot, web).sampling == 1.0  # Istio's default
+            api.create(tel)
+            snap = await r.until(lambda s: resolve(s, web).sampling == 100.0, timeout=2.0)
+            assert resolve(snap, web).policies == ("istio-system/mesh-default",)
+            current = api.get(tel)
+            current["spec"] = {"accessLogging": [{"disabled": True}]}
+            api.replace(current)
+            snap = await r.until(lambda s: not resolve(s, web).access_log, timeout=2.0)
+            assert resolve(snap, web).sampling == 1.0
 
     asyncio.run(main())

@@ -269,3 +269,24 @@ def test_a_tcp_connection_at_l4_gets_a_span_on_each_node() -> None:
             assert client.end_ns > client.start_ns
 
         run(True, body, rig_exporting(receiver.endpoint))
+
+
+def test_sampling_percentages_of_100_and_0_give_all_and_no_spans() -> None:
+    with OtlpReceiver() as receiver:
+
+        async def body(rig: Rig) -> None:
+            rig.apply(SAMPLE_ALL)
+            for i in range(5):
+                assert (await get(rig, f"/all{i}"))[0] == 200
+            await eventually(lambda: len(receiver.spans()) >= 10, "ten spans")
+            rig.apply(SAMPLE_NONE)
+            for i in range(20):
+                assert (await get(rig, f"/none{i}"))[0] == 200
+            await asyncio.sleep(0.3)
+            spans = receiver.spans()
+            assert len(spans) == 10
+            paths = sorted(s.attributes["http.url"] for s in by_kind(spans, "CLIENT"))
+            assert paths == [f"http://echo/all{i}" for i in range(5)]
+            assert len({s.trace_id for s in spans}) == 5  # one trace per request
+
+        run(True, body, rig_exporting(receiver.endpoint))
