@@ -121,7 +121,7 @@ class L7Engine:
             if p.location is not None:
                 raise Redirect(p.status, p.location)
             raise LocalReply(p.status, p.flag, p.body)
-        x.cluster = p.cluster.name
+        x.cluster, x.service = p.cluster.name, p.cluster.service
         x.trace_id = p.trace_id
         x.request_id = p.request_id
         return p
@@ -133,7 +133,7 @@ class L7Engine:
         hdrs = req.headers
         x.trace_id = trace_id(hdrs.get("traceparent"))
         x.request_id = hdrs.get("x-request-id", "")
-        x.cluster = inbound.cluster.name
+        x.cluster, x.service = inbound.cluster.name, inbound.cluster.service
         a = inbound.admit(req, x)
         if a.request is not None:
             ds.meta.setdefault("inflight", {})[id(x)] = a.request

@@ -46,6 +46,8 @@ class Proxy:
         self.identity = inputs.identity
         self.table = inputs.table
         self.access_log = inputs.access_log
+        if inputs.table.access_log is None:  # its "connection complete" lines go here too
+            inputs.table.access_log = inputs.access_log
         self.l7 = L7Proxy(
             inputs.snapshot,
             inputs.metrics,
