@@ -587,7 +587,7 @@ class _Session:
         x.status = ev.status
         x.answered_at = time.monotonic()
         if x.grpc:
-            x.grpc_status = hdrs.get("grpc-status", "")
+            x.grpc_status = _grpc_status(hdrs.get("grpc-status"), "")
         messages = x.response_messages
         headers = list(forwardable_h2_headers(ev.headers))
         for ops in p.response_ops:
@@ -614,7 +614,8 @@ class _Session:
                 await self.pipe.drain()
             elif isinstance(ev2, StreamTrailers):
                 if x.grpc:
-                    x.grpc_status = join_headers(ev2.headers).get("grpc-status", x.grpc_status)
+                    trailer = join_headers(ev2.headers).get("grpc-status")
+                    x.grpc_status = _grpc_status(trailer, x.grpc_status)
                 down.send_trailers(s.id, ev2.headers)
                 self.flush()
                 return None
@@ -625,6 +626,14 @@ class _Session:
                 )
                 self.flush()
                 return None
+
+
+def _grpc_status(value: str | None, default: str) -> str:
+    """A ``grpc-status`` as the metrics label it: the code (``0``-``16``, two digits at
+    most), ``unknown`` for anything else an upstream sends (it must not mint series)."""
+    if value is None:
+        return default
+    return value if value.isdigit() and len(value) <= 2 else "unknown"
 
 
 async def _linger(pipe: Pipe) -> None:

@@ -24,3 +24,10 @@ def test_a_message_counts_once_its_prefix_has_arrived() -> None:
     assert m.count == 0
     m.feed(message(10)[4:6])
     assert m.count == 1
+
+
+def test_a_grpc_status_label_is_a_code_or_unknown() -> None:
+    from nodeagent.proxy.l7h2 import _grpc_status
+
+    assert [_grpc_status(v, "") for v in ("0", "14", None, "140", "OK", "1; x")] == [
+        "0", "14", "", "unknown", "unknown", "unknown"]
