@@ -106,3 +106,29 @@ def test_label_sets_past_the_bound_fold_into_an_overflow_series_and_are_counted(
     assert sample(text, "istio_tcp_sent_bytes_total", destination_workload="overflow") == 20
     assert sample(text, "nodeagent_metric_series_overflow_total", metric="tcp") == 2
     assert sample(text, "nodeagent_metric_series_overflow_total", metric="http") == 0
+
+
+def test_each_connection_ends_in_one_line_saying_how() -> None:
+    import io
+
+    from nodeagent.telemetry.accesslog import AccessLog
+
+    log = AccessLog(io.BytesIO())
+    table = ConnectionTable(Metrics(), log)
+    ok = table.open({**meta("web-1"), "source": "10.0.0.1:5555", "upstream": "10.0.0.2:80"})
+    ok.meta["counted"] = True
+    table.counted(ok)
+    ok.bytes_sent, ok.bytes_received = 3, 4
+    ok.close("done")
+    failed = table.open(meta("web-2"))
+    failed.close("UF: connection refused")  # never reached its upstream: logged, not counted
+    table.open({}).close("NR: no route")  # refused before its peers were known: no line
+    first, second = log.recent_connections
+    assert first["message"] == "connection complete" and first["direction"] == "outbound"
+    assert (first["src.addr"], first["src.workload"], first["dst.addr"]) == (
+        "10.0.0.1:5555", "client", "10.0.0.2:80")
+    assert (first["bytes_sent"], first["bytes_recv"]) == (3, 4) and "error" not in first
+    assert "src.identity" not in first  # plain TCP: no identity, left out as ztunnel does
+    assert second["dst.workload"] == "web-2" and second["error"] == "UF: connection refused"
+    assert second["connection_termination_details"] == "UF: connection refused"
+    assert not log.recent  # connection lines are not request records
