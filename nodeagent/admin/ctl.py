@@ -407,7 +407,7 @@ def format_requests(data: Mapping[str, Any]) -> str:
             _s(r.get("attempts")),
             _s(r.get("upstream_host")),
             _s(r.get("route_name")),
-            f"{float(r.get('duration_ms') or 0):.1f}",
+            _s(r.get("duration", r.get("duration_ms"))),  # (duration_ms: an older agent's)
         ]
         for r in data.get("records") or []
     ]

@@ -1,24 +1,109 @@
-"""The table of live proxied connections, and per-connection accounting on close."""
+"""The table of live proxied connections, and per-connection accounting on close: the
+TCP metrics and one "connection complete" log line (as ztunnel writes it) per relayed
+connection whose peers are known (``meta["peers"]``, set with ``meta["labels"]`` by
+``tcp_telemetry``)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
+from nodeagent.model.objects import Pod, Service
 from nodeagent.model.status import ConnectionInfo
+from nodeagent.proxy.peerlabels import peer_values, security_policy
 from nodeagent.proxy.relay import Relay
 from nodeagent.proxy.tracing import Observer
+from nodeagent.telemetry.accesslog import AccessLog, rfc3339
 from nodeagent.telemetry.metrics import CLOSED, OPENED, RECEIVED, SENT, Metrics
 
 log = logging.getLogger("nodeagent.proxy")
 
+CLEAN_ENDS = frozenset({"done", "client closed", "upstream closed"})
+"""Close reasons of a connection that ended normally (no ``error`` in its log line)."""
+
+
+class Peers(NamedTuple):
+    """Who a relayed connection joins, for its "connection complete" line."""
+
+    reporter: str
+    src: Pod | None
+    src_principal: str
+    dst: Pod | None
+    dst_principal: str
+    service_host: str
+
+
+def tcp_telemetry(
+    meta: dict[str, Any],
+    reporter: str,
+    src: Pod | None,
+    dst: Pod | None,
+    service: Service | None,
+    service_host: str,
+    *,
+    src_principal: str = "unknown",
+    dst_principal: str = "unknown",
+) -> None:
+    """Give a connection its TCP metric labels (Istio's, ``TCP_LABELS`` order) and the
+    peers its log line names; made once per connection."""
+    meta["labels"] = (
+        *peer_values(reporter, src, src_principal, dst, dst_principal, service, service_host),
+        "tcp",
+        "-",
+        security_policy(src_principal, dst_principal),
+    )
+    meta["peers"] = Peers(reporter, src, src_principal, dst, dst_principal, service_host)
+
+
+def _put(rec: dict[str, Any], key: str, value: str) -> None:
+    if value and value != "unknown":  # ztunnel leaves out what it does not know
+        rec[key] = value
+
+
+def connection_record(relay: Relay, peers: Peers, now: float) -> dict[str, Any]:
+    """The "connection complete" line of a relayed connection: ztunnel's fields
+    (``src.*``, ``dst.*``, ``direction``, ``bytes_sent``/``bytes_recv``, ``duration``,
+    ``error``) plus the start time, reporter, security policy and how it ended."""
+    m = relay.meta
+    rec: dict[str, Any] = {
+        "start_time": rfc3339(relay.opened_at),
+        "message": "connection complete",
+        "reporter": peers.reporter,
+        "direction": "outbound" if peers.reporter == "source" else "inbound",
+        "src.addr": str(m.get("source", "")),
+    }
+    src, dst = peers.src, peers.dst
+    if src is not None:
+        rec["src.workload"], rec["src.namespace"] = src.name, src.namespace
+    _put(rec, "src.identity", peers.src_principal)
+    upstream = str(m.get("upstream") or m.get("destination") or "")
+    if upstream.startswith("hbone "):  # "hbone <peer>:15008 -> <target>"
+        rec["dst.addr"], _, rec["dst.hbone_addr"] = upstream[6:].partition(" -> ")
+    else:
+        rec["dst.addr"] = upstream
+    _put(rec, "dst.service", peers.service_host)
+    if dst is not None:
+        rec["dst.workload"], rec["dst.namespace"] = dst.name, dst.namespace
+    _put(rec, "dst.identity", peers.dst_principal)
+    rec["bytes_sent"] = relay.bytes_sent
+    rec["bytes_recv"] = relay.bytes_received
+    rec["duration"] = f"{round((now - relay.opened_at) * 1000)}ms"
+    rec["connection_security_policy"] = security_policy(peers.src_principal, peers.dst_principal)
+    rec["connection_termination_details"] = relay.close_reason
+    if relay.close_reason not in CLEAN_ENDS:
+        rec["error"] = relay.close_reason
+    return rec
+
 
 class ConnectionTable:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None = None) -> None:
         self.metrics = metrics
         self.observer: Observer | None = None
         """Spans of L4 connections (set by the proxy)."""
+        self.access_log = access_log
+        """Where "connection complete" lines go (the proxy sets its access log)."""
         self._ids = itertools.count(1)
         self.live: dict[int, Relay] = {}
 
@@ -31,22 +116,25 @@ class ConnectionTable:
         """The relay reached its upstream: count it as opened."""
         labels = relay.meta.get("labels")
         if labels is not None:
-            self.metrics.tcp.series_of(labels)[OPENED] += 1
+            s = relay.meta["series"] = self.metrics.tcp.series(labels)
+            s[OPENED] += 1
 
     def _closed(self, relay: Relay) -> None:
         self.live.pop(relay.id, None)
         slots = relay.meta.get("slots")
         if slots is not None:  # an accepted connection: its slot of the caps comes back
             slots.give()
-        labels = relay.meta.get("labels")
-        if labels is not None and relay.meta.get("counted"):
-            s = self.metrics.tcp.series_of(labels)
+        s = relay.meta.get("series")
+        if s is not None and relay.meta.get("counted"):
             s[CLOSED] += 1
             s[SENT] += relay.bytes_sent
             s[RECEIVED] += relay.bytes_received
             if self.observer is not None:
                 self.observer.tcp_closed(relay)
-        if relay.close_reason not in ("done", "client closed", "upstream closed"):
+        peers = relay.meta.get("peers")
+        if peers is not None and self.access_log is not None:
+            self.access_log.write_connection(connection_record(relay, peers, time.time()))
+        if relay.close_reason not in CLEAN_ENDS:
             log.info(
                 "conn %d %s %s -> %s closed: %s (sent %d, received %d)",
                 relay.id,

@@ -25,12 +25,13 @@ from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.proxy.admission import HttpPort, InboundPolicy
+from nodeagent.proxy.connections import tcp_telemetry
 from nodeagent.proxy.hbone_server import ConnectRefusal, ConnectRequest
 from nodeagent.proxy.inputs import INBOUND_PORT, OUTBOUND_PORT, ProxyInputs
 from nodeagent.proxy.l7 import Downstream
 from nodeagent.proxy.l7 import Inbound as L7Inbound
 from nodeagent.proxy.pipe import Pipe
-from nodeagent.proxy.plumbing import Plumbing, labels
+from nodeagent.proxy.plumbing import Plumbing
 from nodeagent.proxy.pods import PodProxy
 from nodeagent.proxy.relay import ClientSide, Relay
 from nodeagent.telemetry.accesslog import AccessRecord, rfc3339
@@ -193,15 +194,18 @@ class Inbound:
                 "upstream": req.authority,
                 "peer": req.peer_identity,
                 "authz": authz_req,
-                "labels": labels(
-                    "destination",
-                    src_pod,
-                    target,
-                    "",
-                    src_principal=req.peer_identity,
-                    dst_principal=me,
-                ),
             }
+        )
+        svc = self.plumbing.index(snap).service_at.get((target.key, port))
+        tcp_telemetry(
+            relay.meta,
+            "destination",
+            src_pod,
+            target,
+            svc,
+            svc.fqdn if svc is not None else "",
+            src_principal=req.peer_identity,
+            dst_principal=me,
         )
 
         def attach(side: ClientSide) -> None:
@@ -286,7 +290,9 @@ class Inbound:
             return
         src_pod = snap.pod_by_ip.get(peer[0]) if peer else None
         relay.meta["peer"] = src_pod.key if src_pod else ""
-        relay.meta["labels"] = labels("destination", src_pod, pp.pod, "")
+        svc = self.plumbing.index(snap).service_at.get((pp.pod.key, dst[1]))
+        host = svc.fqdn if svc is not None else ""
+        tcp_telemetry(relay.meta, "destination", src_pod, pp.pod, svc, host)
         await self.plumbing.dial(pp, relay, dst, "inbound", app_source(src_ip, pp))
 
     async def _serve_http(
@@ -421,7 +427,16 @@ class Inbound:
             response_flags=flag,
             bytes_received=0,
             bytes_sent=0,
-            duration_ms=0.0,
+            duration=0,
+            upstream_service_time=None,
+            x_forwarded_for=None,
+            downstream_remote_address=src_ip,
+            downstream_local_address=f"{target.pod_ip}:{port}",
+            upstream_local_address=None,
+            requested_server_name=None,
+            connection_termination_details=reason,
+            upstream_transport_failure_reason=None,
+            grpc_status=None,
             upstream_host="-",
             upstream_cluster=f"inbound|{port}||",
             route_name="-",

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from nodeagent.protocol.grpcframes import GrpcMessages
 from nodeagent.protocol.http1 import (
     BodyChunk,
     ConnectionClosed,
@@ -57,7 +58,9 @@ class RequestBody:
     """The request body of one exchange (up to and including its end), read from the
     client as the upstream takes it, with a bounded copy kept for retries."""
 
-    def __init__(self, source: BodySource, limit: int = RETRY_BUFFER) -> None:
+    def __init__(
+        self, source: BodySource, limit: int = RETRY_BUFFER, messages: GrpcMessages | None = None
+    ) -> None:
         self._source = source
         self.chunks: list[bytes] = []
         self.size = 0
@@ -70,6 +73,8 @@ class RequestBody:
         self.client_gone = False
         self.limit = limit
         self.target: BodySink | None = None
+        self.messages = messages
+        """Counts a gRPC call's request messages as the client sends them."""
         self.ended_upstream = False
         self.task: asyncio.Task[None] | None = None
         self._attached_event: asyncio.Event | None = None
@@ -107,6 +112,8 @@ class RequestBody:
         if isinstance(ev, BodyChunk):
             data = ev.data
             self.total += len(data)
+            if self.messages is not None:
+                self.messages.feed(data)
             if t is None:
                 if not self.discard:  # kept until an upstream takes it
                     self.chunks.append(data)

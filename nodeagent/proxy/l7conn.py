@@ -18,10 +18,24 @@ from nodeagent.core.clusters import Cluster, fqdn
 from nodeagent.core.plan import Connection, Request
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.traffic import HeaderOperations
+from nodeagent.protocol.grpcframes import GrpcMessages
 from nodeagent.proxy.h1pool import ConnectFn
+from nodeagent.proxy.peerlabels import peer_values, security_policy
 from nodeagent.proxy.tracing import Observer
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
-from nodeagent.telemetry.metrics import BUCKET0, COUNT, DURATION_BUCKETS_MS, SUM, Metrics
+from nodeagent.telemetry.metrics import (
+    BUCKET0,
+    BUCKETS,
+    COUNT,
+    REQUEST_BYTES0,
+    REQUEST_BYTES_SUM,
+    REQUEST_MESSAGES,
+    RESPONSE_BYTES0,
+    RESPONSE_BYTES_SUM,
+    RESPONSE_MESSAGES,
+    SUM,
+    Metrics,
+)
 
 
 class Exchange:
@@ -37,6 +51,8 @@ class Exchange:
         path: str,
         protocol: str,
         user_agent: str = "",
+        forwarded_for: str | None = None,
+        grpc: bool = False,
     ) -> None:
         self.start = start
         self.start_wall = start_wall
@@ -44,9 +60,22 @@ class Exchange:
         self.authority = authority
         self.path = path
         self.protocol = protocol
+        """Envoy's ``%PROTOCOL%``: ``HTTP/1.1``, ``HTTP/2`` (gRPC too)."""
         self.user_agent = user_agent
+        self.forwarded_for = forwarded_for
+        self.grpc = grpc
+        self.grpc_status = ""
+        """The response's ``grpc-status`` (trailers, or the head of a trailers-only one)."""
+        self.request_messages: GrpcMessages | None = GrpcMessages() if grpc else None
+        self.response_messages: GrpcMessages | None = GrpcMessages() if grpc else None
         self.route_name = ""
         self.cluster = ""
+        self.service: Service | None = None
+        """The Service of ``cluster`` (None: not a known one)."""
+        self.sent_at = 0.0
+        """When the last attempt started (monotonic; 0: no attempt)."""
+        self.answered_at = 0.0
+        """When the upstream's response head arrived (monotonic; 0: none did)."""
         self.status = 0
         self.flags: list[str] = []
         self.bytes_in = 0
@@ -71,8 +100,9 @@ class Exchange:
             self.flags.append(f)
 
 
-def begin_exchange(req: Request, protocol: str) -> Exchange:
+def begin_exchange(req: Request, protocol: str, grpc: bool = False) -> Exchange:
     """The record of ``req``, started now (the HTTP/1.1 and HTTP/2 paths alike)."""
+    hdrs = req.headers
     return Exchange(
         time.monotonic(),
         time.time(),
@@ -80,7 +110,9 @@ def begin_exchange(req: Request, protocol: str) -> Exchange:
         req.authority,
         req.target,
         protocol,
-        req.headers.get("user-agent", ""),
+        hdrs.get("user-agent", ""),
+        hdrs.get("x-forwarded-for"),
+        grpc,
     )
 
 
@@ -164,7 +196,8 @@ class Downstream:
 class RecordContext:
     """What the access log and the metrics say the same way for every request of one
     client connection to one destination (workload, cluster, route, identity, protocol):
-    made once, not per request. ``series`` holds the metric series by (status, flags)."""
+    made once, not per request. ``series`` holds the metric series by (status, gRPC
+    status, flags)."""
 
     __slots__ = ("dst", "fields", "labels_head", "labels_tail", "series")
 
@@ -177,24 +210,22 @@ class RecordContext:
             reporter, src = "destination", inbound.peer_pod
         src_name, src_ns = (src.name, src.namespace) if src else ("unknown", "unknown")
         dst_name, dst_ns = (dst.name, dst.namespace) if dst else ("unknown", "unknown")
-        mtls = ds.source_principal != "unknown" and x.dst_principal != "unknown"
         svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
+        service = x.service if x.cluster else ds.service
         self.dst = dst
-        self.series: dict[tuple[int, str], list[float]] = {}
-        # HTTP_LABELS order, around response_code and response_flags
+        self.series: dict[tuple[int, str, str], list[float]] = {}
+        # HTTP_LABELS order, around response_code, grpc_response_status and response_flags
         self.labels_head = (
-            reporter,
-            src_name,
-            src_ns,
-            ds.source_principal,
-            dst_name,
-            dst_ns,
-            svc_host,
-            x.dst_principal,
-            dst.labels.get("version", "unknown") if dst else "unknown",
-            "grpc" if x.protocol == "gRPC" else "http",
+            *peer_values(
+                reporter, src, ds.source_principal, dst, x.dst_principal, service, svc_host
+            ),
+            "grpc" if x.grpc else "http",
         )
-        self.labels_tail = ("mutual_tls" if mtls else "none", x.route_name or "default")
+        self.labels_tail = (
+            security_policy(ds.source_principal, x.dst_principal),
+            x.route_name or "default",
+        )
+        meta = ds.meta
         self.fields = {
             "source_workload": src_name,
             "source_namespace": src_ns,
@@ -207,7 +238,16 @@ class RecordContext:
             "upstream_cluster": x.cluster or "-",
             "route_name": x.route_name or "-",
             "reporter": reporter,
+            "downstream_remote_address": meta.get("source") or None,
+            "downstream_local_address": meta.get("destination") or None,
+            "upstream_local_address": None,
+            "requested_server_name": None,
+            "connection_termination_details": None,
         }
+
+
+_FAILED_UPSTREAM = frozenset({"UF", "URX", "UC", "UT"})
+"""Flags of a request whose upstream failed: its ``detail`` is the transport's reason."""
 
 
 class Recorder:
@@ -222,7 +262,8 @@ class Recorder:
         """The Telemetry kind's access-log switch and filter, and the spans."""
 
     def record(self, ds: Downstream, x: Exchange) -> None:
-        duration_ms = (time.monotonic() - x.start) * 1000
+        now = time.monotonic()
+        duration_ms = (now - x.start) * 1000
         flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
         inbound = ds.inbound
         if inbound is None:
@@ -233,18 +274,27 @@ class Recorder:
             inflight = ds.meta.get("inflight")
             if inflight:
                 inflight.pop(id(x), None)
-        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol)
+        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol, x.grpc)
         ctx = ds.telemetry.get(k)
         if ctx is None or ctx.dst is not dst:
             ctx = ds.telemetry[k] = RecordContext(ds, x, dst)
-        series = ctx.series.get((x.status, flags))
+        series = ctx.series.get((x.status, x.grpc_status, flags))
         if series is None:
-            series = ctx.series[(x.status, flags)] = self.metrics.requests.series(
-                (*ctx.labels_head, str(x.status), flags, *ctx.labels_tail)
+            series = ctx.series[(x.status, x.grpc_status, flags)] = self.metrics.requests.series(
+                (*ctx.labels_head, str(x.status), x.grpc_status, flags, *ctx.labels_tail)
             )
         series[COUNT] += 1
         series[SUM] += duration_ms
-        series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, duration_ms)] += 1
+        series[BUCKET0 + bisect_left(BUCKETS, duration_ms)] += 1
+        series[REQUEST_BYTES_SUM] += x.bytes_in
+        series[REQUEST_BYTES0 + bisect_left(BUCKETS, x.bytes_in)] += 1
+        series[RESPONSE_BYTES_SUM] += x.bytes_out
+        series[RESPONSE_BYTES0 + bisect_left(BUCKETS, x.bytes_out)] += 1
+        req_msgs, resp_msgs = x.request_messages, x.response_messages
+        if req_msgs is not None and resp_msgs is not None:
+            series[REQUEST_MESSAGES] += req_msgs.count
+            series[RESPONSE_MESSAGES] += resp_msgs.count
+        answered = x.answered_at
         # the fields fixed for this connection and destination, then this request's own
         rec: AccessRecord = {
             **ctx.fields,  # type: ignore[typeddict-item]  # (the keys not listed here)
@@ -256,12 +306,22 @@ class Recorder:
             "response_flags": flags,
             "bytes_received": x.bytes_in,
             "bytes_sent": x.bytes_out,
-            "duration_ms": round(duration_ms, 3),
+            "duration": int(duration_ms),
+            "upstream_service_time": (
+                str(int((answered - x.sent_at) * 1000)) if answered and x.sent_at else None
+            ),
             "upstream_host": x.upstream,
+            "upstream_transport_failure_reason": (
+                x.detail
+                if x.detail and not answered and _FAILED_UPSTREAM.intersection(x.flags)
+                else None
+            ),
+            "x_forwarded_for": x.forwarded_for,
             "attempts": x.attempts,
             "trace_id": x.trace_id,
             "request_id": x.request_id,
             "user_agent": x.user_agent,
+            "grpc_status": x.grpc_status or None,
         }
         if x.policy:
             rec["authz_policy"] = x.policy

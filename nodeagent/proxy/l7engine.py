@@ -124,7 +124,7 @@ class L7Engine:
             if p.location is not None:
                 raise Redirect(p.status, p.location)
             raise LocalReply(p.status, p.flag, p.body)
-        x.cluster = p.cluster.name
+        x.cluster, x.service = p.cluster.name, p.cluster.service
         x.trace_id = p.trace_id
         x.request_id = p.request_id
         if self.observer is not None:
@@ -138,7 +138,7 @@ class L7Engine:
         hdrs = req.headers
         x.trace_id = trace_id(hdrs.get("traceparent"))
         x.request_id = hdrs.get("x-request-id", "")
-        x.cluster = inbound.cluster.name
+        x.cluster, x.service = inbound.cluster.name, inbound.cluster.service
         tp = self.observer.server(ds, req, x) if self.observer is not None else None
         a = inbound.admit(req, x)
         if a.request is not None:

@@ -444,8 +444,8 @@ class _Session:
             path, authority, bad = head.path, head.authority, str(e)
         req = Request(head.method, path, authority, hdrs, self.ds.conn)
         grpc = hdrs.get("content-type", "").startswith("application/grpc")
-        x = begin_exchange(req, "gRPC" if grpc else "HTTP/2")
-        body = RequestBody(s)
+        x = begin_exchange(req, "HTTP/2", grpc)
+        body = RequestBody(s, messages=x.request_messages)
         out = list(forwardable_h2_headers(head.headers))
         try:
             if bad:  # before any policy or upstream sees it
@@ -505,6 +505,7 @@ class _Session:
             tried.add(endpoint_address(ep))
             x.attempts += 1
             x.upstream, x.dst_pod = endpoint_address(ep), ep.pod
+            x.sent_at = time.monotonic()
             bal.started(ep)
             failure = ""
             flag = "UF"
@@ -584,6 +585,10 @@ class _Session:
         if reason is not None and x.attempts > 1:
             x.flag("URX")
         x.status = ev.status
+        x.answered_at = time.monotonic()
+        if x.grpc:
+            x.grpc_status = _grpc_status(hdrs.get("grpc-status"), "")
+        messages = x.response_messages
         headers = list(forwardable_h2_headers(ev.headers))
         for ops in p.response_ops:
             apply_header_ops(headers, ops)
@@ -598,6 +603,8 @@ class _Session:
             ev2 = await up.next_event()
             if isinstance(ev2, StreamData):
                 x.bytes_out += len(ev2.data)
+                if messages is not None:
+                    messages.feed(ev2.data)
                 framed = down.send_data(s.id, ev2.data, ev2.end_stream)
                 self.flush()
                 conn.ack(up, framed)
@@ -606,6 +613,9 @@ class _Session:
                     return None
                 await self.pipe.drain()
             elif isinstance(ev2, StreamTrailers):
+                if x.grpc:
+                    trailer = join_headers(ev2.headers).get("grpc-status")
+                    x.grpc_status = _grpc_status(trailer, x.grpc_status)
                 down.send_trailers(s.id, ev2.headers)
                 self.flush()
                 return None
@@ -616,6 +626,14 @@ class _Session:
                 )
                 self.flush()
                 return None
+
+
+def _grpc_status(value: str | None, default: str) -> str:
+    """A ``grpc-status`` as the metrics label it: the code (``0``-``16``, two digits at
+    most), ``unknown`` for anything else an upstream sends (it must not mint series)."""
+    if value is None:
+        return default
+    return value if value.isdigit() and len(value) <= 2 else "unknown"
 
 
 async def _linger(pipe: Pipe) -> None:

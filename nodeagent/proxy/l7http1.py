@@ -297,6 +297,7 @@ class Http1Session:
             x.attempts += 1
             x.upstream = addr
             x.dst_pod = ep.pod
+            x.sent_at = time.monotonic()
             failure: str | None = None
             status_retry = False
             bal.started(ep)
@@ -361,6 +362,7 @@ class Http1Session:
     ) -> bool:
         pipe, down = self.pipe, self.down
         x.status = resp.status
+        x.answered_at = time.monotonic()
         headers = forwardable_headers(resp.headers)
         for ops in response_ops:
             apply_header_ops(headers, ops)

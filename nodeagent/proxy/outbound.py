@@ -32,12 +32,13 @@ from nodeagent.core.outbound import (
 from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.proxy.connections import tcp_telemetry
 from nodeagent.proxy.h1pool import ConnectFn
 from nodeagent.proxy.hbone import HBONE_PORT
 from nodeagent.proxy.inputs import Addr, ProxyInputs
 from nodeagent.proxy.l7 import Downstream
 from nodeagent.proxy.pipe import Pipe
-from nodeagent.proxy.plumbing import Plumbing, labels
+from nodeagent.proxy.plumbing import Plumbing
 from nodeagent.proxy.pods import PodProxy
 from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 
@@ -88,15 +89,15 @@ class Outbound:
                 p.refuse(relay, "outbound", flag, reason)
             case Passthrough():
                 relay.meta["direction"] = "passthrough"
-                relay.meta["labels"] = labels("source", pp.pod, None, "PassthroughCluster")
+                tcp_telemetry(relay.meta, "source", pp.pod, None, None, "PassthroughCluster")
                 await p.dial(pp, relay, dst, "passthrough")
             case Tcp(ep, svc, host):
                 _peer(relay, ep, svc)
-                relay.meta["labels"] = labels("source", pp.pod, ep.pod, host)
+                tcp_telemetry(relay.meta, "source", pp.pod, ep.pod, svc, host)
                 await p.dial(pp, relay, (ep.ip, ep.port), "outbound")
             case Dns(ep, svc, host):
                 _peer(relay, ep, svc)
-                relay.meta["labels"] = labels("source", pp.pod, None, host)
+                tcp_telemetry(relay.meta, "source", pp.pod, None, svc, host)
                 addr = await self._resolve(ep)
                 if addr is None:
                     p.refuse(relay, "outbound", "UF", f"cannot resolve {ep.ip} ({host})")
@@ -104,7 +105,7 @@ class Outbound:
                     await p.dial(pp, relay, addr, "outbound")
             case Hbone(ep, svc, host):
                 _peer(relay, ep, svc)
-                await self._tunnel(pp, relay, snap, ep, host)
+                await self._tunnel(pp, relay, snap, ep, svc, host)
             case Http1(ep, svc, port):
                 _peer(relay, ep, svc)
                 await self._serve_l7(pp, side, svc, port, "http1")
@@ -165,12 +166,20 @@ class Outbound:
         return connect
 
     async def _tunnel(
-        self, pp: PodProxy, relay: Relay, snap: MeshSnapshot, ep: Endpoint, service_host: str
+        self,
+        pp: PodProxy,
+        relay: Relay,
+        snap: MeshSnapshot,
+        ep: Endpoint,
+        svc: Service | None,
+        service_host: str,
     ) -> None:
-        relay.meta["labels"] = labels(
+        tcp_telemetry(
+            relay.meta,
             "source",
             pp.pod,
             ep.pod,
+            svc,
             service_host,
             src_principal=self.inputs.principal(pp.pod),
             dst_principal=self.inputs.principal(ep.pod),

@@ -2,7 +2,7 @@
 ``Relay`` in the connection table, its original destination is read from the capture, a
 refusal is counted and logged, an upstream is dialled from a pod's network and wired to
 the relay, and a connection is handed to the L7 engine; plus the per-snapshot identity
-lookups and the TCP metric labels both directions write.
+and service lookups both directions use.
 
 It decides nothing about where a connection goes (``core.outbound`` and the inbound
 policy do) and holds no pod lifecycle (``proxy.pods``).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.errors import PeerError
-from nodeagent.model.objects import Pod
+from nodeagent.model.objects import Pod, Service
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.proxy.inputs import Addr, ProxyInputs
 from nodeagent.proxy.l7 import Downstream, L7Proxy
@@ -31,32 +31,6 @@ log = logging.getLogger("nodeagent.proxy")
 
 Handler = Callable[[PodProxy, ClientSide], Coroutine[Any, Any, None]]
 """Serves one accepted connection of a pod's listener."""
-
-
-def labels(
-    reporter: str,
-    src: Pod | None,
-    dst: Pod | None,
-    service: str,
-    flags: str = "-",
-    *,
-    src_principal: str = "unknown",
-    dst_principal: str = "unknown",
-) -> dict[str, str]:
-    """The Istio labels of a TCP connection's metrics."""
-    mtls = src_principal != "unknown" and dst_principal != "unknown"
-    return {
-        "reporter": reporter,
-        "source_workload": src.name if src else "unknown",
-        "source_workload_namespace": src.namespace if src else "unknown",
-        "source_principal": src_principal,
-        "destination_workload": dst.name if dst else "unknown",
-        "destination_workload_namespace": dst.namespace if dst else "unknown",
-        "destination_service": service or "unknown",
-        "destination_principal": dst_principal,
-        "response_flags": flags,
-        "connection_security_policy": "mutual_tls" if mtls else "none",
-    }
 
 
 def _ip_order(ip: str) -> tuple[int, ...]:
@@ -75,12 +49,20 @@ class IdentityIndex:
     """identity → the first workload (pods in config order, then entries) running as it."""
     identity_at: dict[str, str]
     """workload IP → the identity of the workload there."""
+    service_at: dict[tuple[str, int], Service]
+    """(pod key, container port) → the Service whose port targets it (the first by name
+    when several do): the ``destination_service`` of an inbound connection."""
 
     @classmethod
     def build(cls, snap: MeshSnapshot, identity_of: Callable[[Pod], str]) -> IdentityIndex:
         peers: dict[tuple[str, str], str] = {}
         by_identity: dict[str, Pod] = {}
         at: dict[str, str] = {}
+        services: dict[tuple[str, int], Service] = {}
+        for svc in sorted(snap.services, key=lambda s: s.key):
+            for sp in svc.ports:
+                for ep in snap.endpoints(svc, sp):
+                    services.setdefault((ep.pod.key, ep.port), svc)
         by_ip = snap.pod_by_ip
         # an entry counts only at an address it owns: not a DNS name, not a pod's address
         owners = [w for w in snap.workload_entries if w.pod_ip and by_ip.get(w.pod_ip) is w]
@@ -94,7 +76,9 @@ class IdentityIndex:
                 key = (p.node_name, ident)
                 if key not in peers or _ip_order(p.pod_ip) < _ip_order(peers[key]):
                     peers[key] = p.pod_ip
-        return cls(tunnel_peer=peers, pod_by_identity=by_identity, identity_at=at)
+        return cls(
+            tunnel_peer=peers, pod_by_identity=by_identity, identity_at=at, service_at=services
+        )
 
     def source_pod(self, snap: MeshSnapshot, identity: str, ip: str | None) -> Pod | None:
         """The workload a tunnelled connection came from: the one at the client's address

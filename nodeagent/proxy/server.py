@@ -49,6 +49,8 @@ class Proxy:
         self.access_log = inputs.access_log
         self.observer = Observer(inputs.snapshot, inputs.spans)
         self.table.observer = self.observer
+        if inputs.table.access_log is None:  # its "connection complete" lines go here too
+            inputs.table.access_log = inputs.access_log
         self.l7 = L7Proxy(
             inputs.snapshot,
             inputs.metrics,

@@ -48,6 +48,7 @@ from nodeagent.core.telemetry import keeps, resolve
 from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
 from nodeagent.model.telemetry import DEFAULT_TELEMETRY, TelemetryConfig
+from nodeagent.telemetry.metrics import TCP_LABELS
 
 log = logging.getLogger("nodeagent.proxy.tracing")
 
@@ -344,13 +345,15 @@ class Observer:
         if export is None:
             return
         meta = relay.meta
-        labels = meta.get("labels")
-        if labels is None or not meta.get("counted") or "http" in str(meta.get("direction")):
+        values = meta.get("labels")
+        peers = meta.get("peers")
+        if values is None or peers is None or not meta.get("counted"):
             return
-        reporter = labels["reporter"]
-        side = "source" if reporter == "source" else "destination"
-        ns = labels[f"{side}_workload_namespace"]
-        pod = self.snapshot().pod_by_key.get(f"{ns}/{labels[f'{side}_workload']}")
+        if "http" in str(meta.get("direction")):
+            return
+        labels = dict(zip(TCP_LABELS, values, strict=False))
+        side = "source" if peers.reporter == "source" else "destination"
+        pod = peers.src if side == "source" else peers.dst  # the workload on this node
         if pod is None:
             return
         if self.rnd.random() * 100 >= self.config(pod).sampling:

@@ -1,7 +1,9 @@
-"""The per-request access log: one JSON object per line, Envoy/Istio field meanings.
+"""The access log: one JSON object per line; per HTTP request with the field names of
+Istio's default JSON access log (Envoy's meanings), per relayed TCP connection as
+ztunnel's "connection complete" (``src.*``, ``dst.*``, ``bytes_sent``, ``bytes_recv``).
 
-Owns the record's shape (``AccessRecord``, a ``TypedDict``: a plain dict per request is
-cheaper to build than an object) and its writer. The writer appends to a binary
+Owns the request record's shape (``AccessRecord``, a ``TypedDict``: a plain dict per
+request is cheaper to build than an object) and its writer. The writer appends to a binary
 stream (the agent's stdout by default, or a file) and flushes at most every
 ``flush_interval`` seconds from the event loop, so logging costs one ``orjson.dumps``
 (about 1 us; the standard library's ``json`` takes 15) and one buffered write per
@@ -19,7 +21,8 @@ import os
 import sys
 import time
 from collections import deque
-from typing import BinaryIO, NotRequired, TypedDict
+from collections.abc import Mapping
+from typing import Any, BinaryIO, NotRequired, TypedDict
 
 import orjson
 
@@ -38,7 +41,8 @@ class AccessRecord(TypedDict):
     authority: str
     path: str
     protocol: str
-    """``HTTP/1.1`` or ``HTTP/2``."""
+    """``HTTP/1.1`` or ``HTTP/2`` (gRPC too: Envoy's ``%PROTOCOL%``); ``TCP`` for a
+    connection refused by policy."""
     response_code: int
     """0 when no response was sent (the client left or the stream was reset)."""
     response_flags: str
@@ -50,7 +54,28 @@ class AccessRecord(TypedDict):
     """Request body bytes from the client."""
     bytes_sent: int
     """Response body bytes to the client."""
-    duration_ms: float
+    duration: int
+    """Milliseconds from the request head to the end of the response (Envoy's
+    ``%DURATION%``)."""
+    upstream_service_time: str | None
+    """Milliseconds from the last attempt's start to the upstream's response head, as
+    Envoy's ``x-envoy-upstream-service-time``; null when no upstream answered."""
+    x_forwarded_for: str | None
+    """The request's ``x-forwarded-for``; null when it has none."""
+    downstream_remote_address: str | None
+    """The client's ``ip:port`` as this proxy saw it."""
+    downstream_local_address: str | None
+    """The address the client dialled (before capture)."""
+    upstream_local_address: str | None
+    """Not tracked: null."""
+    requested_server_name: str | None
+    """TLS SNI of the downstream: null (clients speak plaintext to the node proxy)."""
+    connection_termination_details: str | None
+    upstream_transport_failure_reason: str | None
+    """Why the upstream could not be reached or failed (flags ``UF``, ``URX``, ``UC``,
+    ``UT`` with no response from it)."""
+    grpc_status: str | None
+    """The response's ``grpc-status`` (gRPC only), Envoy's ``%GRPC_STATUS_NUMBER%``."""
     upstream_host: str
     """The endpoint (``ip:port``) of the last attempt, ``-`` if none."""
     upstream_cluster: str
@@ -108,7 +133,8 @@ def buffered_stdout() -> BinaryIO:
 
 
 class AccessLog:
-    """Buffered JSON-lines writer; ``recent`` keeps the last records for ``nodeagent ctl``."""
+    """Buffered JSON-lines writer; ``recent`` keeps the last request records for
+    ``nodeagent ctl requests``, ``recent_connections`` the last connection lines."""
 
     def __init__(
         self, out: BinaryIO | None = None, *, flush_interval: float = 0.5, keep: int = 200
@@ -117,10 +143,19 @@ class AccessLog:
         self.enabled = True
         self.flush_interval = flush_interval
         self.recent: deque[AccessRecord] = deque(maxlen=keep)
+        self.recent_connections: deque[dict[str, Any]] = deque(maxlen=keep)
         self._flush_handle: asyncio.TimerHandle | None = None
 
     def write(self, record: AccessRecord) -> None:
         self.recent.append(record)
+        self._emit(record)
+
+    def write_connection(self, record: dict[str, Any]) -> None:
+        """A relayed connection's "connection complete" line (``proxy.connections``)."""
+        self.recent_connections.append(record)
+        self._emit(record)
+
+    def _emit(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         try:

@@ -2,44 +2,74 @@
 
 TCP counters are updated once per connection (open, close), not per chunk, to keep the
 data path cheap; live byte counts are on the node agent socket. HTTP metrics are updated
-once per request (``istio_requests_total``, ``istio_request_duration_milliseconds``) with
-the labels of ``HTTP_LABELS``; byte counts per request are in the access log.
+once per request (``istio_requests_total``, the duration and size histograms, gRPC
+message counts) with the labels of ``HTTP_LABELS``. Label values are made once per
+connection and destination by the proxy; the number of label sets is bounded
+(``MAX_SERIES``, then one overflow series per reporter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-TCP_LABELS = (
-    "reporter",
+SOURCE_LABELS = (
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+)
+DESTINATION_LABELS = (
     "destination_workload",
     "destination_workload_namespace",
-    "destination_service",
     "destination_principal",
-    "response_flags",
-    "connection_security_policy",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
 )
+PEER_LABELS = ("reporter", *SOURCE_LABELS, *DESTINATION_LABELS)
+"""Who talked to whom: the labels fixed for one connection (to one destination)."""
+
+TCP_LABELS = (*PEER_LABELS, "request_protocol", "response_flags", "connection_security_policy")
+"""Istio's TCP metric labels (``request_protocol`` is ``tcp``)."""
 
 HTTP_LABELS = (
-    *TCP_LABELS[:8],
-    "destination_version",
+    *PEER_LABELS,
     "request_protocol",
     "response_code",
+    "grpc_response_status",
     "response_flags",
     "connection_security_policy",
     "route_name",
 )
 """Istio's request labels, plus ``route_name`` (the VirtualService rule that matched)."""
 
-DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
-_BUCKET_NAMES: Final = (*(f"{float(b)}" for b in DURATION_BUCKETS_MS), "+Inf")
+BUCKETS = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+    60000, 300000, 600000, 1800000, 3600000,
+)  # fmt: skip
+"""Envoy's default histogram buckets, which Istio's duration and size histograms use."""
+DURATION_BUCKETS_MS = BUCKETS
+_BUCKET_NAMES: Final = (*(f"{float(b)}" for b in BUCKETS), "+Inf")
+_NB: Final = len(BUCKETS) + 1
+
+MAX_SERIES = 10_000
+"""Label sets kept per collector (HTTP, TCP); past it new ones fold into one overflow
+series per reporter (``OVERFLOW``), counted in ``nodeagent_metric_series_overflow_total``."""
+OVERFLOW = "overflow"
+"""Every label value but ``reporter`` of the series new label sets fold into."""
 
 COUNT: Final = 0
 """Index of the request count in a ``RequestStats`` series."""
@@ -47,14 +77,25 @@ SUM: Final = 1
 """Index of the sum of durations (ms)."""
 BUCKET0: Final = 2
 """Index of the first duration bucket: a request of ``d`` ms counts in
-``series[BUCKET0 + bisect_left(DURATION_BUCKETS_MS, d)]`` (the last one is ``+Inf``)."""
+``series[BUCKET0 + bisect_left(BUCKETS, d)]`` (the last one is ``+Inf``)."""
+REQUEST_BYTES_SUM: Final = BUCKET0 + _NB
+"""Index of the sum of request body sizes; the request size buckets follow it."""
+REQUEST_BYTES0: Final = REQUEST_BYTES_SUM + 1
+RESPONSE_BYTES_SUM: Final = REQUEST_BYTES0 + _NB
+"""Index of the sum of response body sizes; the response size buckets follow it."""
+RESPONSE_BYTES0: Final = RESPONSE_BYTES_SUM + 1
+REQUEST_MESSAGES: Final = RESPONSE_BYTES0 + _NB
+"""Index of gRPC messages from the client (exposed for ``request_protocol="grpc"``)."""
+RESPONSE_MESSAGES: Final = REQUEST_MESSAGES + 1
+"""Index of gRPC messages to the client."""
 
 
 class _SeriesCollector:
     """Plain lists of numbers per label set (values in ``LABELS`` order), turned into
     metric families when scraped (``collect``, by the subclass). Labelled
     ``prometheus_client`` children cost a lock and about ten Python calls per update; a
-    list costs an index."""
+    list costs an index. At most ``limit`` label sets: past it a new one is folded into
+    the overflow series of its reporter and ``overflow`` counts it."""
 
     KIND = ""
     """What the series count, for errors (``HTTP``, ``TCP``)."""
@@ -62,60 +103,85 @@ class _SeriesCollector:
     WIDTH = 0
     """Numbers per label set."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, overflow: Counter, limit: int) -> None:
         self._series: dict[tuple[str, ...], list[float]] = {}
+        self.overflow = overflow
+        """The ``nodeagent_metric_series_overflow_total`` child to count folds in."""
+        self.limit = limit
         registry.register(self)
 
     def series(self, labels: tuple[str, ...]) -> list[float]:
-        """The list to update for these label values (in ``LABELS`` order)."""
+        """The list to update for these label values (in ``LABELS`` order); callers
+        keep it for the connection, so this runs once per connection and destination."""
         s = self._series.get(labels)
         if s is None:
             if len(labels) != len(self.LABELS):
                 raise ValueError(f"{len(self.LABELS)} label values expected, got {labels!r}")
+            if len(self._series) >= self.limit:
+                self.overflow.inc()
+                labels = (labels[0], *([OVERFLOW] * (len(labels) - 1)))
+                s = self._series.get(labels)
+                if s is not None:
+                    return s
             s = self._series[labels] = [0.0] * self.WIDTH
-        return s
-
-    def series_of(self, labels: Mapping[str, str]) -> list[float]:
-        """``series`` for labels by name, which must be ``LABELS`` in that order."""
-        key = tuple(labels.values())
-        s = self._series.get(key)
-        if s is None:
-            if tuple(labels) != self.LABELS:
-                raise ValueError(
-                    f"{self.KIND} metric labels must be {self.LABELS}, got {tuple(labels)}"
-                )
-            s = self.series(key)
         return s
 
     def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
 
 
+def _buckets(s: list[float], first: int) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs of the buckets from ``s[first]``."""
+    out, seen = [], 0.0
+    for name, n in zip(_BUCKET_NAMES, s[first : first + _NB], strict=True):
+        seen += n
+        out.append((name, seen))
+    return out
+
+
+_PROTOCOL = HTTP_LABELS.index("request_protocol")
+
+
 class RequestStats(_SeriesCollector):
-    """``istio_requests_total`` and ``istio_request_duration_milliseconds``: per label set
-    the count, the sum of durations and one count per bucket (``COUNT``, ``SUM``,
-    ``BUCKET0``...); a request costs three list updates."""
+    """``istio_requests_total``, ``istio_request_duration_milliseconds``,
+    ``istio_request_bytes``, ``istio_response_bytes`` and, for gRPC,
+    ``istio_{request,response}_messages_total``: per label set the count, then sum and
+    buckets of each histogram (``COUNT``, ``SUM``, ``BUCKET0``, ``REQUEST_BYTES_SUM``...);
+    a request costs seven list updates."""
 
     KIND = "HTTP"
     LABELS: tuple[str, ...] = HTTP_LABELS
-    WIDTH = BUCKET0 + len(_BUCKET_NAMES)
+    WIDTH = RESPONSE_MESSAGES + 1
 
     def collect(self) -> Iterator[Metric]:
-        total = CounterMetricFamily("istio_requests", "HTTP requests proxied", labels=HTTP_LABELS)
+        labels = HTTP_LABELS
+        total = CounterMetricFamily("istio_requests", "HTTP requests proxied", labels=labels)
         duration = HistogramMetricFamily(
             "istio_request_duration_milliseconds",
             "HTTP request duration, from the request head to the end of the response",
-            labels=HTTP_LABELS,
+            labels=labels,
         )
-        for labels, s in list(self._series.items()):
-            total.add_metric(labels, s[COUNT])
-            buckets, seen = [], 0.0
-            for name, n in zip(_BUCKET_NAMES, s[BUCKET0:], strict=True):
-                seen += n
-                buckets.append((name, seen))
-            duration.add_metric(labels, buckets, s[SUM])
-        yield total
-        yield duration
+        req_bytes = HistogramMetricFamily(
+            "istio_request_bytes", "HTTP request body sizes", labels=labels
+        )
+        resp_bytes = HistogramMetricFamily(
+            "istio_response_bytes", "HTTP response body sizes", labels=labels
+        )
+        req_msgs = CounterMetricFamily(
+            "istio_request_messages", "gRPC messages sent by the client", labels=labels
+        )
+        resp_msgs = CounterMetricFamily(
+            "istio_response_messages", "gRPC messages sent by the server", labels=labels
+        )
+        for values, s in list(self._series.items()):
+            total.add_metric(values, s[COUNT])
+            duration.add_metric(values, _buckets(s, BUCKET0), s[SUM])
+            req_bytes.add_metric(values, _buckets(s, REQUEST_BYTES0), s[REQUEST_BYTES_SUM])
+            resp_bytes.add_metric(values, _buckets(s, RESPONSE_BYTES0), s[RESPONSE_BYTES_SUM])
+            if values[_PROTOCOL] == "grpc":
+                req_msgs.add_metric(values, s[REQUEST_MESSAGES])
+                resp_msgs.add_metric(values, s[RESPONSE_MESSAGES])
+        yield from (total, duration, req_bytes, resp_bytes, req_msgs, resp_msgs)
 
 
 OPENED: Final = 0
@@ -166,10 +232,19 @@ def counts(counter: Counter) -> dict[tuple[str, ...], float]:
 class Metrics:
     """All counters of one agent, in their own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, max_series: int = MAX_SERIES
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.tcp = TcpStats(r)
+        self.series_overflow = Counter(
+            "nodeagent_metric_series_overflow",
+            "New label sets of Istio's metrics folded into the overflow series (every label "
+            f"but reporter {OVERFLOW!r}) because the metric already had max_series label sets",
+            ("metric",),
+            registry=r,
+        )
+        self.tcp = TcpStats(r, self.series_overflow.labels("tcp"), max_series)
         self.failures = Counter(
             "nodeagent_connection_failures",
             "Proxied connections that failed, by direction and Envoy-style flag "
@@ -180,7 +255,7 @@ class Metrics:
         self.config_reloads = Counter(
             "nodeagent_config_reloads", "Config loads by result", ("result",), registry=r
         )
-        self.requests = RequestStats(r)
+        self.requests = RequestStats(r, self.series_overflow.labels("http"), max_series)
         self.retries = Counter(
             "nodeagent_http_retries",
             "HTTP request attempts beyond the first, by destination service and reason",

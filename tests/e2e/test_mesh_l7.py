@@ -576,5 +576,6 @@ def test_grpc_unary_and_streaming_route_by_method(sb: Sandbox, routing: Any) -> 
     up = grpc_client(sb, "--method", "client-stream", "--count", "7", "--payload-bytes", "300000")
     assert up[-1]["count"] == 7 and up[-1]["version"] == "v3"
     rec = access_records(sb, "node1", lambda r: r["path"].endswith("/Unary"))
-    assert rec[-1]["protocol"] == "gRPC" and rec[-1]["route_name"] == "unary-to-v2"
+    assert rec[-1]["protocol"] == "HTTP/2" and rec[-1]["route_name"] == "unary-to-v2"
+    assert rec[-1]["grpc_status"] == "0"
     assert rec[-1]["destination_principal"].endswith("/sa/web")

@@ -306,9 +306,20 @@ def test_grpc_unary_and_streams_through_the_h2_path(rig: L7Rig) -> None:
     payload = bytes(i % 251 for i in range(3 << 20))
     big = call_unary(t, "big", payload=payload)
     assert big.payload == payload
-    rec = rig.records()[-1]
-    assert rec["protocol"] == "gRPC" and rec["response_code"] == 200
-    assert rec["path"] == "/nodeagent.sample.Echo/Unary"
+    recs = rig.records(5)
+    rec = recs[-1]
+    assert rec["protocol"] == "HTTP/2" and rec["response_code"] == 200  # Envoy's %PROTOCOL%
+    assert rec["grpc_status"] == "0" and rec["path"] == "/nodeagent.sample.Echo/Unary"
+    # five calls, each message counted: 1+1+3+3+1 from the client, 1+5+1+3+1 back; the
+    # bidi session is cancelled by its client before the trailers (DC, no grpc-status)
+    grpc_ok = {"request_protocol": "grpc", "grpc_response_status": "0", "response_code": "200"}
+    assert istio(rig, "istio_requests_total", **grpc_ok) == 4
+    bidi = {"request_protocol": "grpc", "grpc_response_status": "", "response_flags": "DC"}
+    assert istio(rig, "istio_requests_total", **bidi) == 1
+    assert istio(rig, "istio_request_messages_total", request_protocol="grpc") == 9
+    assert istio(rig, "istio_response_messages_total", request_protocol="grpc") == 11
+    assert istio(rig, "istio_request_messages_total", **bidi) == 3
+    assert istio(rig, "istio_request_messages_total", request_protocol="http") == 0
 
 
 def test_grpc_routes_by_method(rig: L7Rig) -> None:
@@ -352,7 +363,89 @@ def test_grpc_unavailable_is_retried(tmp_path: Path) -> None:
             call_unary(t, "x", fail_code=14)
         assert e.value.code() is grpc.StatusCode.UNAVAILABLE
         assert rig.records()[-1]["attempts"] == 3  # tried three times, still failing
+        assert rig.records()[-1]["grpc_status"] == "14"
+        assert istio(rig, "istio_requests_total", grpc_response_status="14") == 1
         assert call_unary(t, "ok").text == "ok"
+
+
+def istio(rig: L7Rig, name: str, **want: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``want``."""
+    total = 0.0
+    for family in rig.metrics.registry.collect():
+        for smp in family.samples:
+            if smp.name == name and want.items() <= smp.labels.items():
+                total += smp.value
+    return total
+
+
+def test_request_metrics_carry_istios_labels_and_count_bytes(rig: L7Rig) -> None:
+    c = http.client.HTTPConnection(*rig.address, timeout=10)
+    sizes: list[int] = []
+    by_pod: dict[str, int] = {}
+    try:
+        for i in range(4):
+            body = b"b" * 3000 if i == 3 else None
+            headers = {"x-forwarded-for": "192.0.2.7", "user-agent": "t/1"}
+            c.request("POST" if body else "GET", f"/m/{i}", body=body, headers=headers)
+            r = c.getresponse()
+            data = r.read()
+            assert r.status == 200
+            sizes.append(len(data))
+            pod = json.loads(data)["pod"]
+            by_pod[pod] = by_pod.get(pod, 0) + 1
+    finally:
+        c.close()
+    recs = rig.records(4)
+    assert [r["bytes_sent"] for r in recs] == sizes
+    assert [r["bytes_received"] for r in recs] == [0, 0, 0, 3000]
+    for r in recs:
+        assert isinstance(r["duration"], int) and "duration_ms" not in r
+        assert 0 <= int(r["upstream_service_time"]) <= r["duration"] + 1
+        assert r["x_forwarded_for"] == "192.0.2.7" and r["user_agent"] == "t/1"
+        assert r["protocol"] == "HTTP/1.1" and r["grpc_status"] is None
+        assert r["upstream_transport_failure_reason"] is None
+    common = {
+        "reporter": "source",
+        "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": "unknown",
+        "source_app": "client",
+        "source_version": "unknown",
+        "source_canonical_service": "client",
+        "source_canonical_revision": "latest",
+        "source_cluster": "Kubernetes",
+        "destination_workload_namespace": "default",
+        "destination_principal": "unknown",
+        "destination_app": "web",
+        "destination_service": "web.default.svc.cluster.local",
+        "destination_service_name": "web",
+        "destination_service_namespace": "default",
+        "destination_canonical_service": "web",
+        "destination_cluster": "Kubernetes",
+        "request_protocol": "http",
+        "response_code": "200",
+        "grpc_response_status": "",
+        "response_flags": "-",
+        "connection_security_policy": "none",
+        "route_name": "default",
+    }
+    assert istio(rig, "istio_requests_total", **common) == 4
+    for pod, n in by_pod.items():
+        version = pod.split("-")[1]
+        per_pod = {
+            **common,
+            "destination_workload": pod,
+            "destination_version": version,
+            "destination_canonical_revision": version,
+        }
+        assert istio(rig, "istio_requests_total", **per_pod) == n
+        assert istio(rig, "istio_request_duration_milliseconds_count", **per_pod) == n
+    assert istio(rig, "istio_request_bytes_count", **common) == 4
+    assert istio(rig, "istio_request_bytes_sum", **common) == 3000
+    assert istio(rig, "istio_request_bytes_bucket", le="1.0", **common) == 3  # the GETs: 0
+    assert istio(rig, "istio_response_bytes_sum", **common) == sum(sizes)
+    assert istio(rig, "istio_response_bytes_bucket", le="+Inf", **common) == 4
+    assert istio(rig, "nodeagent_metric_series_overflow_total") == 0
 
 
 def _requests_total(rig: L7Rig) -> dict[tuple[str, str, str], float]:

@@ -15,6 +15,7 @@ from nodeagent.admin.ctl import (
     format_config,
     format_connections,
     format_duration,
+    format_requests,
     format_services,
     format_status,
     format_table,
@@ -411,3 +412,13 @@ def test_format_bpf_in_iptables_mode_is_one_line() -> None:
     from nodeagent.admin.ctl import format_bpf
 
     assert format_bpf({"mode": "iptables"}) == "Capture mode:  iptables"
+
+
+def test_requests_show_the_duration_in_ms_from_a_new_or_an_older_agent() -> None:
+    base = {"start_time": "2026-12-06T15:31:30.856Z", "path": "/a", "response_code": 200}
+    out = format_requests(
+        {"records": [{**base, "duration": 12}, {**base, "duration_ms": 7.5}], "ejected": []}
+    )
+    rows = out.splitlines()
+    assert rows[0].split()[-1] == "MS"
+    assert [r.split()[-1] for r in rows[1:3]] == ["12", "7.5"]

@@ -1,58 +1,134 @@
 """Istio's TCP metrics as the connection table counts them: names, labels and values in
-the Prometheus exposition."""
+the Prometheus exposition; and the bound on label sets."""
 
 from __future__ import annotations
 
-import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.proxy.connections import ConnectionTable
+from nodeagent.model.objects import Labels, Pod
+from nodeagent.proxy.connections import ConnectionTable, tcp_telemetry
 from nodeagent.telemetry.metrics import TCP_LABELS, Metrics
 
-
-def labels(dst: str) -> dict[str, str]:
-    values = ("source", "client", "default", "unknown", dst, "default", "web", "unknown", "-")
-    return dict(zip(TCP_LABELS, (*values, "none"), strict=True))
+CLIENT = Pod("default", "client", "node1", labels=Labels.of({"app": "client"}))
 
 
-def sample(text: str, name: str, dst: str) -> float | None:
-    """The value of ``name`` for the labels of ``dst``, read back from the exposition."""
+def server(name: str) -> Pod:
+    return Pod("default", name, "node2", labels=Labels.of({"app": "web", "version": "v1"}))
+
+
+def meta(dst: str) -> dict[str, object]:
+    m: dict[str, object] = {}
+    tcp_telemetry(m, "source", CLIENT, server(dst), None, "web.default.svc.cluster.local")
+    return m
+
+
+def sample(text: str, name: str, **want: str) -> float | None:
+    """The sum of ``name`` over the series whose labels include ``want``."""
+    found = None
     for family in text_string_to_metric_families(text):
         for smp in family.samples:
-            if smp.name == name and smp.labels == labels(dst):
-                return float(smp.value)
-    return None
+            if smp.name == name and want.items() <= smp.labels.items():
+                found = (found or 0.0) + float(smp.value)
+    return found
 
 
 def test_opened_closed_and_bytes_count_each_destination_apart() -> None:
     m = Metrics()
     table = ConnectionTable(m)
     for dst, sent, received in (("web-1", 100, 2000), ("web-1", 5, 7), ("web-2", 1, 1)):
-        relay = table.open({"labels": labels(dst)})
+        relay = table.open(meta(dst))
         relay.meta["counted"] = True
         table.counted(relay)
         relay.bytes_sent, relay.bytes_received = sent, received
         relay.close("done")
-    open_one = table.open({"labels": labels("web-2")})
+    open_one = table.open(meta("web-2"))
     open_one.meta["counted"] = True
     table.counted(open_one)  # still open: opened, not closed, no bytes yet
-    never = table.open({"labels": labels("web-3")})
+    never = table.open(meta("web-3"))
     never.close("UF: refused")  # never reached its upstream: not counted at all
     text = generate_latest(m.registry).decode()
-    assert sample(text, "istio_tcp_connections_opened_total", "web-1") == 2
-    assert sample(text, "istio_tcp_connections_closed_total", "web-1") == 2
-    assert sample(text, "istio_tcp_sent_bytes_total", "web-1") == 105
-    assert sample(text, "istio_tcp_received_bytes_total", "web-1") == 2007
-    assert sample(text, "istio_tcp_connections_opened_total", "web-2") == 2
-    assert sample(text, "istio_tcp_connections_closed_total", "web-2") == 1
-    assert sample(text, "istio_tcp_sent_bytes_total", "web-2") == 1
-    assert sample(text, "istio_tcp_connections_opened_total", "web-3") is None
+    w1, w2 = {"destination_workload": "web-1"}, {"destination_workload": "web-2"}
+    assert sample(text, "istio_tcp_connections_opened_total", **w1) == 2
+    assert sample(text, "istio_tcp_connections_closed_total", **w1) == 2
+    assert sample(text, "istio_tcp_sent_bytes_total", **w1) == 105
+    assert sample(text, "istio_tcp_received_bytes_total", **w1) == 2007
+    assert sample(text, "istio_tcp_connections_opened_total", **w2) == 2
+    assert sample(text, "istio_tcp_connections_closed_total", **w2) == 1
+    assert sample(text, "istio_tcp_sent_bytes_total", **w2) == 1
+    assert sample(text, "istio_tcp_connections_opened_total", destination_workload="web-3") is None
     assert "# TYPE istio_tcp_connections_opened_total counter" in text
+    (family,) = [f for f in m.registry.collect() if f.name == "istio_tcp_connections_opened"]
+    assert set(family.samples[0].labels) == set(TCP_LABELS)
+    assert family.samples[0].labels == {
+        "reporter": "source",
+        "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": "unknown",
+        "source_app": "client",
+        "source_version": "unknown",
+        "source_canonical_service": "client",
+        "source_canonical_revision": "latest",
+        "source_cluster": "Kubernetes",
+        "destination_workload": "web-1",
+        "destination_workload_namespace": "default",
+        "destination_principal": "unknown",
+        "destination_app": "web",
+        "destination_version": "v1",
+        "destination_service": "web.default.svc.cluster.local",
+        "destination_service_name": "web.default.svc.cluster.local",
+        "destination_service_namespace": "unknown",
+        "destination_canonical_service": "web",
+        "destination_canonical_revision": "v1",
+        "destination_cluster": "Kubernetes",
+        "request_protocol": "tcp",
+        "response_flags": "-",
+        "connection_security_policy": "none",
+    }
 
 
-def test_labels_out_of_order_are_an_error_not_a_wrong_series() -> None:
-    table = ConnectionTable(Metrics())
-    relay = table.open({"labels": dict(reversed(labels("web-1").items()))})
-    with pytest.raises(ValueError, match="TCP metric labels must be"):
+def test_label_sets_past_the_bound_fold_into_an_overflow_series_and_are_counted() -> None:
+    m = Metrics(max_series=3)
+    table = ConnectionTable(m)
+    for i in range(5):
+        relay = table.open(meta(f"web-{i}"))
+        relay.meta["counted"] = True
         table.counted(relay)
+        relay.bytes_sent = 10
+        relay.close("done")
+    text = generate_latest(m.registry).decode()
+    opened = "istio_tcp_connections_opened_total"
+    assert sample(text, opened) == 5  # nothing is lost...
+    for i in range(3):
+        assert sample(text, opened, destination_workload=f"web-{i}") == 1
+    # ...the two label sets past the bound share one series, all but reporter "overflow"
+    assert sample(text, opened, reporter="source", destination_workload="overflow") == 2
+    assert sample(text, "istio_tcp_sent_bytes_total", destination_workload="overflow") == 20
+    assert sample(text, "nodeagent_metric_series_overflow_total", metric="tcp") == 2
+    assert sample(text, "nodeagent_metric_series_overflow_total", metric="http") == 0
+
+
+def test_each_connection_ends_in_one_line_saying_how() -> None:
+    import io
+
+    from nodeagent.telemetry.accesslog import AccessLog
+
+    log = AccessLog(io.BytesIO())
+    table = ConnectionTable(Metrics(), log)
+    ok = table.open({**meta("web-1"), "source": "10.0.0.1:5555", "upstream": "10.0.0.2:80"})
+    ok.meta["counted"] = True
+    table.counted(ok)
+    ok.bytes_sent, ok.bytes_received = 3, 4
+    ok.close("done")
+    failed = table.open(meta("web-2"))
+    failed.close("UF: connection refused")  # never reached its upstream: logged, not counted
+    table.open({}).close("NR: no route")  # refused before its peers were known: no line
+    first, second = log.recent_connections
+    assert first["message"] == "connection complete" and first["direction"] == "outbound"
+    assert (first["src.addr"], first["src.workload"], first["dst.addr"]) == (
+        "10.0.0.1:5555", "client", "10.0.0.2:80")
+    assert (first["bytes_sent"], first["bytes_recv"]) == (3, 4) and "error" not in first
+    assert "src.identity" not in first  # plain TCP: no identity, left out as ztunnel does
+    assert second["dst.workload"] == "web-2" and second["error"] == "UF: connection refused"
+    assert second["connection_termination_details"] == "UF: connection refused"
+    assert not log.recent  # connection lines are not request records
