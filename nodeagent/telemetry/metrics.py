@@ -10,7 +10,7 @@ connection and destination by the proxy; the number of label sets is bounded
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter
@@ -125,6 +125,14 @@ class _SeriesCollector:
                     return s
             s = self._series[labels] = [0.0] * self.WIDTH
         return s
+
+    def series_of(self, labels: Mapping[str, str]) -> list[float]:
+        """``series`` for labels by name, which must be ``LABELS`` in that order."""
+        if tuple(labels) != self.LABELS:
+            raise ValueError(
+                f"{self.KIND} metric labels must be {self.LABELS}, got {tuple(labels)}"
+            )
+        return self.series(tuple(labels.values()))
 
     def collect(self) -> Iterator[Metric]:
         raise NotImplementedError
