@@ -92,10 +92,14 @@ def _capture_mode(
             t0 = time.monotonic()
             mesh, pods = _bpf_prefill(snap, settings.node)
             cap = ebpf.NodeCapture(settings.node, settings.bpf_pin_dir, bypass, mesh, pods)
+            loaded = cap.cap.load_s
             log.info(
-                "capture: eBPF (%s; programs loaded in %.1fs, %d pinned link(s) "
+                "capture: eBPF (%s; %s, ready in %.1fs, %d pinned link(s) "
                 "re-adopted, pins under %s, local bypass %s)",
                 origin,
+                f"programs compiled by the loader in {loaded:.1f}s"
+                if loaded
+                else "programs pinned already",
                 time.monotonic() - t0,
                 cap.adopted,
                 cap.pin_dir,

@@ -1,5 +1,8 @@
-"""eBPF capture: load ``bpf/capture.c`` with bcc, attach its programs with pinned BPF
-links, re-adopt the pinned state after a restart, and tear it down.
+"""eBPF capture: open ``bpf/capture.c``'s pinned programs and maps, attach the programs
+with pinned BPF links, re-adopt the pinned state after a restart, and tear it down. The
+programs are compiled and pinned by a one-shot child process (``redirect/bpfload.py``,
+bcc): this process never imports bcc, so LLVM never maps into the agent; it works only
+with pinned objects through libbpf (``redirect/libbpf.py``).
 
 What is attached where (see the C file for the data path):
 
@@ -32,13 +35,15 @@ What is attached where (see the C file for the data path):
 
 Pins (``pin_dir``, e.g. ``/sys/fs/bpf/nodeagent/<node>``): ``links/<pod>/<prog>`` and
 ``links/_proxy/<prog>`` (``_proxy-<cgroup id>`` for a later agent's cgroup); the maps
-under ``maps-<abi>/``, where ``abi`` is a digest of the C source and its constants, and
-``maps``, a symlink to the maps of the programs the links run (what the helpers below
-open). A pinned link keeps its attachment after the agent
-exits (capture goes on while it restarts; mesh connects then fail closed instead of
-leaking) and removing the pin detaches it. On a restart of the same version bcc reopens
-the pinned maps and ``readopt`` swaps every pinned link to the new programs atomically
-(``BPF_LINK_UPDATE``). After an upgrade that changed the programs (another ``abi``), the
+under ``maps-<abi>/``, where ``abi`` is a digest of the C source and its constants, the
+programs under ``maps-<abi>/progs/`` (pinned by the loader), and ``maps``, a symlink to
+the maps of the programs the links run (what the helpers below open). A pinned link
+keeps its attachment after the agent exits (capture goes on while it restarts; mesh
+connects then fail closed instead of leaking) and removing the pin detaches it. On a
+restart of the same version the agent opens the pinned programs and maps (no compile)
+and ``readopt`` points every pinned link at them (``BPF_LINK_UPDATE``; links made by an
+agent before the loader ran programs of its own process, and switch to the pinned
+ones). After an upgrade that changed the programs (another ``abi``), the
 earlier maps may have another shape (bcc would reuse a pinned map whatever its size, and
 the verifier then rejects the program): the new programs get maps of their own, which the
 agent fills with what capture needs before any link switches to them (the mesh
@@ -55,11 +60,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +86,7 @@ from nodeagent.redirect.libbpf import (
     map_lookup,
     map_shape,
     map_update,
+    obj_get,
     obj_id,
     obj_pin,
     pinned,
@@ -92,6 +102,11 @@ SOURCE_ENV = "NODEAGENT_BPF_SOURCE"
 """Development: load this C file instead of ``SOURCE`` (e.g. to try an upgrade)."""
 MAPS_LINK = "maps"
 """``<pin_dir>/maps``: symlink to ``maps-<abi>``, the maps of the programs in use."""
+PROGS_DIR = "progs"
+"""``maps-<abi>/progs/<key>``: the programs the loader pinned, beside the maps they use
+(removed with them, also by an agent before the loader)."""
+LOADER_TIMEOUT = 180.0
+"""Seconds the one-shot loader gets to compile and load (4-12 s on an idle node)."""
 
 PROXY_MARK = 0x539
 OUTBOUND_PORT = 15001
@@ -201,54 +216,88 @@ def maps_path(pin_dir: str) -> str:
     return os.path.join(pin_dir, MAPS_LINK)
 
 
+def progs_pinned(maps: str) -> bool:
+    """Whether every program of ``PROGS`` is pinned under ``maps/progs`` (the loader's)."""
+    d = os.path.join(maps, PROGS_DIR)
+    return all(os.path.exists(os.path.join(d, key)) for key in PROGS)
+
+
+def load_programs(pin_dir: str, src: Path) -> float:
+    """Make sure ``src``'s programs are pinned under ``maps-<abi>/progs``: when they are
+    not, run the one-shot loader (``redirect/bpfload.py``) in a child process, so that
+    bcc's LLVM never maps into this one. Seconds the loader took (0: pinned already)."""
+    maps = os.path.join(pin_dir, f"maps-{abi_of(src)}")
+    if progs_pinned(maps):
+        return 0.0
+    t0 = time.monotonic()
+    env = dict(os.environ)
+    # the child imports this very package, wherever it came from
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
+    )
+    argv = [sys.executable, "-m", "nodeagent.redirect.bpfload", pin_dir, str(src)]
+    try:
+        done = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=LOADER_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LocalStateError(f"cannot load {src}: the eBPF loader failed: {e}") from None
+    if done.returncode != 0 or not progs_pinned(maps):
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        why = "\n".join(lines[-20:]) or f"the eBPF loader exited with {done.returncode}"
+        raise LocalStateError(why if why.startswith("cannot load") else f"cannot load {src}: {why}")
+    return time.monotonic() - t0
+
+
 class Capture:
-    """``capture.c`` compiled and loaded once for a node (4-5 s with bcc): its maps are
-    pinned under ``<pin_dir>/maps-<abi>`` (created on the first load of this version,
-    reopened on later ones). ``previous`` is where the maps of other programs the links
-    may still run are pinned (another version's directory, or ``pin_dir`` itself for the
-    layout before versioned maps); ``switch`` moves everything to this load."""
+    """``capture.c``'s programs and maps for a node, as pinned objects: the programs are
+    compiled and pinned by the one-shot loader (``load_programs``; 4-12 s with bcc, once
+    per version and boot) and only opened here, with the maps, under
+    ``<pin_dir>/maps-<abi>`` (created on the first load of this version, reopened on
+    later ones). ``previous`` is where the maps of other programs the links may still
+    run are pinned (another version's directory, or ``pin_dir`` itself for the layout
+    before versioned maps); ``switch`` moves everything to this load."""
 
     def __init__(self, pin_dir: str, src: Path | None = None) -> None:
         src = src if src is not None else source()
-        try:
-            from bcc import BPF  # late: ``probe`` reports its absence
-        except ImportError as e:
-            raise LocalStateError(
-                f"bcc is not importable ({e}): install python3-bpfcc and link it into "
-                "the virtualenv (scripts/setup.sh does both)"
-            ) from None
         self.pin_dir = pin_dir
         self.abi = abi_of(src)
         self.maps = os.path.join(pin_dir, f"maps-{self.abi}")
         os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
         os.makedirs(self.maps, exist_ok=True)
         self.previous = _previous_maps(pin_dir, self.maps)
+        self.load_s = load_programs(pin_dir, src)
+        self.progs: dict[str, int] = {}
+        self._maps: dict[str, int] = {}
         try:
-            self.bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags(self.maps))
-            self.fns: dict[str, Any] = {
-                key: self.bpf.load_func(p.func, p.prog_type, attach_type=p.attach_type)
-                for key, p in PROGS.items()
-            }
-        except Exception as e:  # bcc raises Exception for compile and verifier errors
-            raise LocalStateError(f"cannot load {src}: {e}") from None
+            for key in PROGS:
+                self.progs[key] = obj_get(os.path.join(self.maps, PROGS_DIR, key))
+            for name in MAPS:
+                self._maps[name] = obj_get(os.path.join(self.maps, name))
+        except OSError as e:
+            self.close()
+            raise LocalStateError(f"cannot open the pinned eBPF objects: {e}") from None
         if self.previous is None:  # first load, or a restart of the same version
             _point_maps_link(pin_dir, self.maps)
 
-    def map_fd(self, name: str) -> int:
-        # bcc 0.26's BPF[name] fails for sockhash maps ("Unknown table type 18")
-        from bcc.libbcc import lib
+    def close(self) -> None:
+        """Close this process's fds of the programs and maps (their pins keep them)."""
+        for fd in [*self.progs.values(), *self._maps.values()]:
+            os.close(fd)
+        self.progs.clear()
+        self._maps.clear()
 
-        fd: int = lib.bpf_table_fd(self.bpf.module, name.encode())
-        return fd
+    def map_fd(self, name: str) -> int:
+        return self._maps[name]
 
     def _link(self, key: str, target_path: str, pin: str) -> None:
         if os.path.exists(pin):  # attached by an earlier run: run our program now
             with pinned(pin) as fd:
-                link_update(fd, self.fns[key].fd)
+                link_update(fd, self.progs[key])
             return
         tfd = os.open(target_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            lfd = link_create(self.fns[key].fd, tfd, PROGS[key].attach_type)
+            lfd = link_create(self.progs[key], tfd, PROGS[key].attach_type)
         finally:
             os.close(tfd)
         try:
@@ -297,7 +346,7 @@ class Capture:
         programs capture IPv4 only."""
         fd = self.map_fd("mesh_ips")
         want = {ip_key(ip) for ip in ips if ":" not in ip}
-        have_keys = {bytes(k) for k in self.bpf["mesh_ips"]}
+        have_keys = set(map_keys(fd, 4))
         for k in have_keys - want:
             map_delete(fd, k)
         one = struct.pack("=I", 1)
@@ -315,7 +364,7 @@ class Capture:
         """(Re)attach ``msg_bypass`` to ``local_socks`` and switch the bypass on or off:
         sockets already in the map keep the program they were added with."""
         prog_attach(
-            self.fns["msg_bypass"].fd, self.map_fd("local_socks"), PROGS["msg_bypass"].attach_type
+            self.progs["msg_bypass"], self.map_fd("local_socks"), PROGS["msg_bypass"].attach_type
         )
         _put_bypass(self.map_fd("settings"), on)
 
@@ -405,13 +454,13 @@ class Capture:
                 os.unlink(d)
                 continue
             # a program this agent does not know is a later agent's: left to it
-            pins += [(d, k) for k in sorted(os.listdir(d)) if k in self.fns]
+            pins += [(d, k) for k in sorted(os.listdir(d)) if k in self.progs]
         done = []
         for d, key in pins:
             name = f"{os.path.basename(d)}/{key}"
             try:
                 with pinned(d, key) as fd:
-                    link_update(fd, self.fns[key].fd)
+                    link_update(fd, self.progs[key])
             except OSError as e:
                 if e.errno != errno.ENOLINK:
                     raise
@@ -574,9 +623,8 @@ def probe() -> str | None:
         return "no cgroup v2 mount: mount -t cgroup2 none /sys/fs/cgroup/unified"
     if not os.path.ismount("/sys/fs/bpf"):
         return "bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # found, not imported: importing bcc maps LLVM; only the loader child may
+    if importlib.util.find_spec("bcc") is None:
         return "bcc is not importable: install python3-bpfcc and link it into the venv"
     if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
         return f"no kernel headers at /lib/modules/{os.uname().release}/build (bcc needs them)"
@@ -732,14 +780,14 @@ class NodeCapture:
         for hooks in sorted(os.listdir(later)) if os.path.isdir(later) else []:
             mine = os.listdir(os.path.join(later, hooks))
             attachments[hooks] = sorted([*attachments.get(hooks, []), *mine])
-        mesh = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["mesh_ips"])
-        pods = sorted(socket.inet_ntoa(bytes(k)) for k in self.cap.bpf["inbound_pods"])
+        mesh = sorted(socket.inet_ntoa(k) for k in map_keys(self.cap.map_fd("mesh_ips"), 4))
+        pods = sorted(socket.inet_ntoa(k) for k in map_keys(self.cap.map_fd("inbound_pods"), 4))
         bypass_on, local_socks = bypass_state(self.pin_dir)
         return {
             "pin_dir": self.pin_dir,
             "maps_dir": os.path.basename(self.cap.maps),
             "programs": {
-                key: {"name": p.func, "id": obj_id(self.cap.fns[key].fd)}
+                key: {"name": p.func, "id": obj_id(self.cap.progs[key])}
                 for key, p in PROGS.items()
             },
             "attachments": attachments,

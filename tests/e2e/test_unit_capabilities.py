@@ -1,8 +1,9 @@
 """The capabilities deploy/systemd/nodeagent.service keeps are enough for eBPF capture:
 a process holding only the unit's CapabilityBoundingSet (set with ``setpriv``, as systemd
-sets it for a root service) compiles ``bpf/capture.c``, loads every program and attaches a
-pod's and the proxy's programs to a test cgroup and netns; without CAP_NET_ADMIN the same
-load is refused, so the check sees a missing capability."""
+sets it for a root service) runs the one-shot loader (its child, ``redirect/bpfload.py``:
+compiles ``bpf/capture.c``, loads and pins every program) and attaches a pod's and the
+proxy's programs to a test cgroup and netns; without CAP_NET_ADMIN the same load is
+refused, so the check sees a missing capability."""
 
 from __future__ import annotations
 
