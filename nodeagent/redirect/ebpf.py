@@ -244,8 +244,10 @@ def load_programs(pin_dir: str, src: Path) -> float:
         raise LocalStateError(f"cannot load {src}: the eBPF loader failed: {e}") from None
     if done.returncode != 0 or not progs_pinned(maps):
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-        why = "\n".join(lines[-20:]) or f"the eBPF loader exited with {done.returncode}"
-        raise LocalStateError(why if why.startswith("cannot load") else f"cannot load {src}: {why}")
+        said = [ln for ln in lines if ln.startswith("cannot load")]
+        why = said[-1] if said else f"cannot load {src}: the loader exited with {done.returncode}"
+        detail = [ln for ln in lines if not ln.startswith("cannot load")][-10:]  # clang's
+        raise LocalStateError("\n".join([why, *detail]))
     return time.monotonic() - t0
 
 

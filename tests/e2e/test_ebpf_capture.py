@@ -3,7 +3,8 @@ a test cgroup and netns; ``bpfrig.py``): outbound connects to the mesh land on t
 with ``SO_ORIGINAL_DST`` answered and ``getpeername`` restored, 1 MiB relayed intact;
 non-mesh addresses, the pod's own loopback and the proxy's marked sockets are untouched;
 inbound TCP to the pod IP is steered to 15006 (not 15008); with no proxy both directions
-fail closed; a new loader re-adopts the pinned maps and links; nothing is left after.
+fail closed; a new loader re-adopts the pinned maps and links; nothing is left after. A
+compile error in the one-shot loader reaches its caller whole, and nothing is pinned.
 
 The agent does not use this capture yet (``--redirect ebpf`` is the next step of
 issue 6); this proves the kernel side on this machine.
@@ -12,10 +13,13 @@ issue 6); this proves the kernel side on this machine.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import bpfrig
 import pytest
 
+from nodeagent.errors import LocalStateError
 from nodeagent.redirect import ebpf
 
 pytestmark = [
@@ -32,3 +36,20 @@ def test_ebpf_capture_end_to_end() -> None:
     assert not failed, failed
     assert len(checks) >= 16, [name for name, _, _ in checks]
     assert results["stats"]["captured"] > 0 and results["stats"]["inbound_steered"] > 0
+
+
+def test_a_compile_error_is_reported_and_nothing_is_pinned(tmp_path: Path) -> None:
+    # the loader is a child process: its compile error must still reach the agent whole
+    broken = tmp_path / "capture.c"
+    broken.write_text(ebpf.SOURCE.read_text() + "\nint broken(void) { return undeclared_x; }\n")
+    pin = f"/sys/fs/bpf/nodeagent-broken-{os.getpid()}"
+    try:
+        with pytest.raises(LocalStateError) as e:
+            ebpf.Capture(pin, src=broken)
+        text = str(e.value)
+        assert text.startswith(f"cannot load {broken}"), text
+        assert "undeclared_x" in text, text  # clang's own line, carried over
+        assert not ebpf.progs_pinned(os.path.join(pin, f"maps-{ebpf.abi_of(broken)}"))
+    finally:
+        ebpf.teardown(pin)
+    assert "bcc" not in sys.modules  # this process never imported it
