@@ -38,7 +38,7 @@ def load_and_pin(pin_dir: str, src: Path) -> bool:
     from bcc import BPF  # only here: this process exits once the programs are pinned
 
     bpf: Any = BPF(src_file=str(src).encode(), cflags=cflags(maps))
-    tmp = os.path.join(maps, f"progs_{os.getpid()}")
+    tmp = os.path.join(maps, f"{PROGS_DIR}_{os.getpid()}")  # the agent removes it on a timeout
     os.makedirs(tmp)
     try:
         for key, p in PROGS.items():

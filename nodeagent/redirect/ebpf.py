@@ -237,15 +237,24 @@ def load_programs(pin_dir: str, src: Path) -> float:
     )
     argv = [sys.executable, "-m", "nodeagent.redirect.bpfload", pin_dir, str(src)]
     try:
-        done = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=LOADER_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LocalStateError(f"cannot load {src}: the eBPF loader failed: {e}") from None
-    if done.returncode != 0 or not progs_pinned(maps):
-        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)  # fmt: skip
+    except OSError as e:
+        raise LocalStateError(f"cannot load {src}: cannot start the eBPF loader: {e}") from None
+    try:
+        _, err = child.communicate(timeout=LOADER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        # killed before its rename: what it pinned so far would stay pinned
+        shutil.rmtree(os.path.join(maps, f"{PROGS_DIR}_{child.pid}"), ignore_errors=True)
+        raise LocalStateError(
+            f"cannot load {src}: the eBPF loader took more than {LOADER_TIMEOUT:g}s"
+        ) from None
+    if child.returncode != 0 or not progs_pinned(maps):
+        lines = [ln for ln in err.splitlines() if ln.strip()]
         said = [ln for ln in lines if ln.startswith("cannot load")]
-        why = said[-1] if said else f"cannot load {src}: the loader exited with {done.returncode}"
+        why = said[-1] if said else f"cannot load {src}: the loader exited with {child.returncode}"
         detail = [ln for ln in lines if not ln.startswith("cannot load")][-10:]  # clang's
         raise LocalStateError("\n".join([why, *detail]))
     return time.monotonic() - t0

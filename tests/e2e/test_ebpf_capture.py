@@ -4,10 +4,11 @@ with ``SO_ORIGINAL_DST`` answered and ``getpeername`` restored, 1 MiB relayed in
 non-mesh addresses, the pod's own loopback and the proxy's marked sockets are untouched;
 inbound TCP to the pod IP is steered to 15006 (not 15008); with no proxy both directions
 fail closed; a new loader re-adopts the pinned maps and links; nothing is left after. A
-compile error in the one-shot loader reaches its caller whole, and nothing is pinned.
+compile error in the one-shot loader reaches its caller whole, and nothing is pinned;
+nor when the loader runs past its time and is killed.
 
-The agent does not use this capture yet (``--redirect ebpf`` is the next step of
-issue 6); this proves the kernel side on this machine.
+This proves the kernel side on this machine; the agent's use of it (``--redirect ebpf``)
+is tested in the sandbox by test_mesh_ebpf.py.
 """
 
 from __future__ import annotations
@@ -53,3 +54,17 @@ def test_a_compile_error_is_reported_and_nothing_is_pinned(tmp_path: Path) -> No
     finally:
         ebpf.teardown(pin)
     assert "bcc" not in sys.modules  # this process never imported it
+
+
+def test_a_loader_past_its_time_is_killed_and_leaves_nothing_pinned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ebpf, "LOADER_TIMEOUT", 0.5)  # a compile takes seconds
+    pin = f"/sys/fs/bpf/nodeagent-slow-{os.getpid()}"
+    try:
+        with pytest.raises(LocalStateError, match=r"the eBPF loader took more than 0\.5s"):
+            ebpf.Capture(pin)
+        maps = os.path.join(pin, f"maps-{ebpf.abi_of(ebpf.SOURCE)}")
+        assert not [n for n in os.listdir(maps) if n.startswith(ebpf.PROGS_DIR)], os.listdir(maps)
+    finally:
+        ebpf.teardown(pin)
