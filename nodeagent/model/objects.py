@@ -211,6 +211,10 @@ class PodRuntime:
     cgroup: str = ""
 
 
+NO_SOURCE = " (no source routing)"
+"""Ends a capture's mode where the app sees its own address, not the client's (the
+capture writes it; the proxy then connects to the app from its own address)."""
+
 HOST_NETNS = "/proc/self/ns/net"
 """The netns of a host-mode workload (a VM's service): the agent's own, the host's."""
 

@@ -22,7 +22,7 @@ from nodeagent.core import authz
 from nodeagent.core.authz import AuthzRequest
 from nodeagent.core.peerauth import effective_mtls
 from nodeagent.errors import PeerError
-from nodeagent.model.objects import Pod
+from nodeagent.model.objects import NO_SOURCE, Pod
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
 from nodeagent.proxy.admission import HttpPort, InboundPolicy
 from nodeagent.proxy.connections import tcp_telemetry
@@ -93,7 +93,7 @@ def app_source(client_ip: str, pp: PodProxy) -> str | None:
     answers back to the proxy (``SOURCE_MODES``); else, and for a loopback address, the
     pod's own, or IPv6, the proxy's own (the pod's address)."""
     routed = pp.mode in SOURCE_MODES or (
-        pp.mode.startswith("host (") and not pp.mode.endswith("(no source routing)")
+        pp.mode.startswith("host (") and not pp.mode.endswith(NO_SOURCE)
     )
     if not routed or "." not in client_ip or client_ip.startswith("127."):
         return None

@@ -22,7 +22,7 @@ from collections.abc import Set
 from pathlib import Path
 
 from nodeagent.errors import LocalStateError
-from nodeagent.model.objects import HOST_NETNS, HostWorkload, PodRuntime
+from nodeagent.model.objects import HOST_NETNS, NO_SOURCE, HostWorkload, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.redirect import iptables, srcroute
 from nodeagent.redirect.ebpf import NodeCapture
@@ -37,8 +37,6 @@ Excluded = tuple[frozenset[int], frozenset[int]]
 """(outbound, inbound) ports left out of capture."""
 
 
-NO_SOURCE = " (no source routing)"
-"""Appended to a pod's mode when its app sees its own pod's address, not the client's."""
 
 
 class SourceRouting:

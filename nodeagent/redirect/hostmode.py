@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent.errors import LocalStateError
-from nodeagent.model.objects import HostWorkload
+from nodeagent.model.objects import NO_SOURCE, HostWorkload
 from nodeagent.redirect.iptables import (
     INBOUND_PORT,
     MARK_MASK,
@@ -167,12 +167,11 @@ class HostRules:
     def cgroup_dir(self, w: HostWorkload) -> Path:
         return self.root / w.cgroup.lstrip("/")
 
-    def _place(self, w: HostWorkload) -> Placed:
-        if not w.cgroup:
+    def _place(self, w: HostWorkload, inode: int | None) -> Placed:
+        """``w`` as its rules name it; ``inode``: its cgroup's (None: not there)."""
+        if inode is None:
             return Placed(w, "")
         d = self.cgroup_dir(w)
-        if _inode(d) is None:
-            return Placed(w, "")
         try:
             rel = d.relative_to(self.mount)
         except ValueError:
@@ -190,7 +189,7 @@ class HostRules:
             mode = f"host (inbound only: cgroup {w.cgroup} does not exist yet)"
         else:
             mode = f"host (cgroup {w.cgroup})"
-        return mode + (" (no source routing)" if self.no_source else "")
+        return mode + (NO_SOURCE if self.no_source else "")
 
     async def set(self, w: HostWorkload) -> str:
         """Capture (or re-capture) ``w``; its mode."""
@@ -222,11 +221,11 @@ class HostRules:
                 await remove_source_routing(self.netns)
                 self._routed = False
             return
-        placed = [self._place(w) for w in self.workloads.values()]
         inodes = {
-            p.workload.key: _inode(self.cgroup_dir(p.workload)) if p.cgroup_path else None
-            for p in placed
+            k: _inode(self.cgroup_dir(w)) if w.cgroup else None
+            for k, w in self.workloads.items()
         }
+        placed = [self._place(w, inodes[k]) for k, w in self.workloads.items()]
         await run_in(
             self.netns,
             ["iptables-restore", "--noflush"],

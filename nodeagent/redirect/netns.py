@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 
 from nodeagent.errors import LocalStateError
-from nodeagent.model.objects import HOST_NETNS
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
@@ -32,10 +31,10 @@ _Socket = socket.socket
 
 async def run_in(netns: str, argv: list[str], stdin: str | None = None) -> str:
     """``argv`` inside ``netns`` (a path) through ``nsenter``, fed ``stdin``; its output,
-    or ``LocalStateError`` naming the command, the netns and what it said. In the agent's
-    own netns (``HOST_NETNS``: host mode) ``argv`` runs as it is: entering a netns takes
+    or ``LocalStateError`` naming the command, the netns and what it said. In the calling
+    thread's own netns (host mode) ``argv`` runs as it is: entering a netns takes
     ``CAP_SYS_ADMIN``, which the host's systemd unit does not grant."""
-    cmd = list(argv) if netns == HOST_NETNS else ["nsenter", f"--net={netns}", *argv]
+    cmd = list(argv) if is_current(netns) else ["nsenter", f"--net={netns}", *argv]
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd,
@@ -52,6 +51,18 @@ async def run_in(netns: str, argv: list[str], stdin: str | None = None) -> str:
             f"{err.decode(errors='replace').strip()}"
         )
     return out.decode()
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def is_current(netns: str) -> bool:
+    """Whether ``netns`` (a name or path) is the calling thread's own network namespace."""
+    try:
+        return _same(os.stat(netns_path(netns)), os.stat("/proc/thread-self/ns/net"))
+    except OSError:
+        return False
 
 
 def netns_path(name_or_path: str) -> str:
@@ -89,8 +100,7 @@ class NetnsHandle:
             raise LocalStateError(f"network namespace {self.path} does not exist") from None
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._spare: list[_Socket] = []
-        home, there = os.fstat(self._home), os.fstat(self.fd)
-        self._here = (home.st_dev, home.st_ino) == (there.st_dev, there.st_ino)
+        self._here = _same(os.fstat(self._home), os.fstat(self.fd))
         """The netns is the agent's own (host mode): no ``setns``, which would need
         ``CAP_SYS_ADMIN``."""
 
