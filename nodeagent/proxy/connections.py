@@ -1,7 +1,8 @@
 """The table of live proxied connections, and per-connection accounting on close: the
 TCP metrics and one "connection complete" log line (as ztunnel writes it) per relayed
 connection whose peers are known (``meta["peers"]``, set with ``meta["labels"]`` by
-``tcp_telemetry``)."""
+``tcp_telemetry``), unless the Telemetry kind's access logging of the workload on this
+node turns it off or filters it out."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class ConnectionTable:
                 self.observer.tcp_closed(relay)
         peers = relay.meta.get("peers")
         if peers is not None and self.access_log is not None:
-            self.access_log.write_connection(connection_record(relay, peers, time.time()))
+            self._log(relay, peers, self.access_log)
         if relay.close_reason not in CLEAN_ENDS:
             log.info(
                 "conn %d %s %s -> %s closed: %s (sent %d, received %d)",
@@ -145,6 +146,16 @@ class ConnectionTable:
                 relay.bytes_sent,
                 relay.bytes_received,
             )
+
+    def _log(self, relay: Relay, peers: Peers, access_log: AccessLog) -> None:
+        """The connection's line, as its workload's Telemetry says (on/off, filter)."""
+        obs = self.observer
+        pod = peers.src if peers.reporter == "source" else peers.dst  # the one on this node
+        if obs is not None and not obs.config(pod).access_log:
+            return  # (before the record is made: an off switch costs a dict hit)
+        rec = connection_record(relay, peers, time.time())
+        if obs is None or obs.log_keeps(pod, rec):
+            access_log.write_connection(rec)
 
     def snapshot(self) -> list[ConnectionInfo]:
         out = []

@@ -246,6 +246,47 @@ def test_telemetry_turns_one_workloads_access_log_off_and_filters_them() -> None
     run(True, body)
 
 
+ONLY_PLAINTEXT = ONLY_5XX.replace("response.code >= 500", "!connection.mtls")
+
+
+def test_telemetry_turns_connection_lines_off_and_filters_them_hot() -> None:
+    async def body(rig: Rig) -> None:
+        out = rig.proxies["node1"].access_log.recent_connections  # the client's side
+        inn = rig.proxies["node2"].access_log.recent_connections  # the server's side
+
+        async def connection(tag: bytes) -> None:
+            r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+            assert (await round_trip(r, w, tag))[1] == len(tag)
+
+        async def lines(want_out: int, want_in: int) -> None:
+            await eventually(lambda: len(inn) == want_in, f"{want_in} lines on node2")
+            await asyncio.sleep(0.1)  # (a line that should not come has had its time)
+            assert (len(out), len(inn)) == (want_out, want_in)
+
+        await connection(b"before")
+        await lines(1, 1)
+        rig.apply(ACCESS_OFF.replace("APP", "client"))  # the client's lines stop
+        await connection(b"client-off")
+        await lines(1, 2)
+        rig.apply(ACCESS_OFF.replace("APP", "echo"))  # the server's instead
+        await connection(b"server-off")
+        await eventually(lambda: len(out) == 2, "node1's line")
+        await lines(2, 2)
+        rig.apply(ONLY_PLAINTEXT)  # mutual TLS connections filtered out on both sides
+        await connection(b"mtls")
+        await asyncio.sleep(0.3)
+        assert (len(out), len(inn)) == (2, 2)
+        rig.apply(ONLY_5XX.replace("response.code >= 500", "connection.mtls"))
+        await connection(b"mtls-kept")
+        await eventually(lambda: len(out) == 3, "node1's line")
+        await lines(3, 3)
+        assert out[-1]["bytes_sent"] == inn[-1]["bytes_sent"] == len(b"mtls-kept")
+        assert out[0]["bytes_sent"] == len(b"before")
+        assert [r["bytes_sent"] for r in inn] == [6, 10, 9]
+
+    run(True, body)
+
+
 def test_a_tcp_connection_at_l4_gets_a_span_on_each_node() -> None:
     with OtlpReceiver() as receiver:
 
