@@ -130,8 +130,8 @@ class ConnectionTable:
             s[CLOSED] += 1
             s[SENT] += relay.bytes_sent
             s[RECEIVED] += relay.bytes_received
-            if self.observer is not None:
-                self.observer.tcp_closed(relay)
+        if self.observer is not None:
+            self.observer.tcp_closed(relay)
         peers = relay.meta.get("peers")
         if peers is not None and self.access_log is not None:
             self._log(relay, peers, self.access_log)

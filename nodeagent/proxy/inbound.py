@@ -194,6 +194,7 @@ class Inbound:
                 "upstream": req.authority,
                 "peer": req.peer_identity,
                 "authz": authz_req,
+                "traceparent": req.headers.get("traceparent"),  # the caller's L4 span
             }
         )
         svc = self.plumbing.index(snap).service_at.get((target.key, port))

@@ -64,6 +64,7 @@ class Outbound:
         self.mtls = inputs.identity is not None
         """The agent holds identities: mesh connections may go through HBONE."""
 
+
     def accept(self, pp: PodProxy) -> Callable[[], asyncio.Protocol]:
         return self.plumbing.accept(pp, "outbound", self._serve)
 
@@ -185,9 +186,11 @@ class Outbound:
             dst_principal=self.inputs.principal(ep.pod),
         )
         client_ip = str(relay.meta.get("source", "")).rsplit(":", 1)[0]
+        obs = self.inputs.table.observer  # a sampled connection's CONNECT names its span
+        tp = obs.tcp_opened(relay, pp.pod) if obs is not None else None
         try:
             relay.meta["upstream"], _ = await self._open_tunnel(
-                pp, snap, ep, client_ip, UpstreamSide(relay)
+                pp, snap, ep, client_ip, UpstreamSide(relay), tp
             )
         except PeerError as e:
             if not relay.closed:
@@ -212,6 +215,7 @@ class Outbound:
         ep: Endpoint,
         client_ip: str,
         protocol: asyncio.BaseProtocol,
+        traceparent: str | None = None,
     ) -> tuple[str, str]:
         """An HBONE stream from ``pp`` to ``ep`` wired to ``protocol``: (a description of
         the path, the destination's identity). Raises ``PeerError``
@@ -226,17 +230,20 @@ class Outbound:
             expected_identity=dst_id,
             peer=peer,
             authority=f"{ep.ip}:{ep.port}",
-            headers=_headers(pp.pod, client_ip),
+            headers=_headers(pp.pod, client_ip, traceparent),
             protocol=protocol,
         )
         return f"hbone {peer[0]}:{peer[1]} -> {ep.ip}:{ep.port}", dst_id
 
 
-def _headers(pod: Pod, client_ip: str) -> dict[str, str]:
+def _headers(pod: Pod, client_ip: str, traceparent: str | None = None) -> dict[str, str]:
     """A CONNECT's headers: the client pod's name (``baggage``) and address
     (``forwarded``, RFC 7239: an IPv6 address quoted and bracketed; left out when not
-    known, as the receiver refuses a ``for=`` that is no IP address)."""
+    known, as the receiver refuses a ``for=`` that is no IP address), and the L4 span's
+    ``traceparent`` when the connection is sampled."""
     out = {"baggage": f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}"}
+    if traceparent is not None:
+        out["traceparent"] = traceparent
     if ":" in client_ip:
         out["forwarded"] = f'for="[{client_ip}]"'
     elif client_ip[:1].isdigit():

@@ -338,55 +338,101 @@ class Observer:
         span.end()
 
     # -- L4 spans -------------------------------------------------------------------------
+    def tcp_opened(self, relay: Any, pod: Pod) -> str | None:
+        """On the caller's node, as an L4 connection of ``pod`` goes into an HBONE
+        tunnel: sampled at its percentage, its CLIENT span started; the ``traceparent``
+        its CONNECT carries (None: not sampled, the tunnel sends an unsampled one)."""
+        export = self.export
+        if export is None:
+            return None
+        c = self.config(pod)
+        if self.rnd.random() * 100 >= c.sampling:
+            relay.meta["sampled"] = False  # decided: no span at close either
+            return None
+        if not c.report_spans:  # sampled and propagated, never reported
+            relay.meta["sampled"] = False
+            ids = export.ids
+            return f"00-{ids.generate_trace_id():032x}-{ids.generate_span_id():016x}-01"
+        span = relay.meta["span"] = self._tcp_span(export, relay, pod, "source", Context())
+        sc = span.get_span_context()
+        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+
     def tcp_closed(self, relay: Any) -> None:
-        """A proxied TCP connection (not HTTP: its requests have spans) closed: one span
-        for it when sampled by its workload's percentage."""
+        """A proxied TCP connection (not HTTP: its requests have spans) closed: its span
+        ended (started at ``tcp_opened``), or one made for it now when sampled — by the
+        CONNECT's ``traceparent`` at an HBONE destination (a child of the caller's span),
+        else by its workload's percentage."""
         export = self.export
         if export is None:
             return
         meta = relay.meta
-        values = meta.get("labels")
-        peers = meta.get("peers")
-        if values is None or peers is None or not meta.get("counted"):
-            return
-        if "http" in str(meta.get("direction")):
-            return
-        labels = dict(zip(TCP_LABELS, values, strict=False))
-        side = "source" if peers.reporter == "source" else "destination"
-        pod = peers.src if side == "source" else peers.dst  # the workload on this node
-        if pod is None:
-            return
-        if self.rnd.random() * 100 >= self.config(pod).sampling:
-            return
-        if not self.config(pod).report_spans:
-            return
+        span: Span | None = meta.pop("span", None)
+        counted = meta.get("counted")
+        if span is None:
+            if not counted or meta.get("sampled") is False:
+                return
+            if "http" in str(meta.get("direction")):
+                return
+            peers = meta.get("peers")
+            if peers is None or meta.get("labels") is None:
+                return
+            pod = peers.src if peers.reporter == "source" else peers.dst  # on this node
+            if pod is None:
+                return
+            ctx = Context()
+            parent = parse_traceparent(meta.get("traceparent"))
+            c = self.config(pod)
+            if parent is not None:  # the caller's node decided
+                if not parent[2]:
+                    return
+                remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=_SAMPLED)
+                ctx = set_span_in_context(NonRecordingSpan(remote), ctx)
+            elif self.rnd.random() * 100 >= c.sampling:
+                return
+            if not c.report_spans:
+                return
+            span = self._tcp_span(export, relay, pod, peers.reporter, ctx)
+        span.set_attributes(
+            {
+                "upstream_address": str(meta.get("upstream", meta.get("destination", ""))),
+                "bytes_sent": str(relay.bytes_sent),
+                "bytes_received": str(relay.bytes_received),
+                "close_reason": relay.close_reason,
+            }
+        )
+        if not counted:  # its upstream was never reached
+            span.set_attribute("error", "true")
+            span.set_status(Status(StatusCode.ERROR, relay.close_reason))
+        span.end()
+
+    def _tcp_span(
+        self, export: SpanExport, relay: Any, pod: Pod, reporter: str, ctx: Context
+    ) -> Span:
+        """The span of one L4 connection, started when it was accepted."""
+        meta = relay.meta
+        labels = dict(zip(TCP_LABELS, meta["labels"], strict=False))
         tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
-        start_ns = int(relay.opened_at * 1e9)
         service = labels["destination_service"]
         if service == "unknown":  # at the destination: the workload it reached
             service = f"{labels['destination_workload']}.{labels['destination_workload_namespace']}"
         span = tracer.start_span(
             f"tcp {service}",
-            context=Context(),
-            kind=SpanKind.CLIENT if side == "source" else SpanKind.SERVER,
-            start_time=start_ns,
+            context=ctx,
+            kind=SpanKind.CLIENT if reporter == "source" else SpanKind.SERVER,
+            start_time=int(relay.opened_at * 1e9),
             attributes={
                 "component": "proxy",
                 "upstream_cluster": labels["destination_service"],
                 "peer.address": str(meta.get("source", "")),
-                "upstream_address": str(meta.get("upstream", meta.get("destination", ""))),
                 "response_flags": labels.get("response_flags", "-"),
                 "connection_security_policy": labels.get("connection_security_policy", ""),
-                "bytes_sent": str(relay.bytes_sent),
-                "bytes_received": str(relay.bytes_received),
-                "close_reason": relay.close_reason,
                 "istio.canonical_service": canonical_service(pod),
                 "istio.namespace": pod.namespace,
                 "istio.mesh_id": export.mesh_id,
             },
         )
         export.exported.inc()
-        span.end()
+        return span
 
     def close(self) -> None:
         if self.export is not None:

@@ -11,7 +11,17 @@ import asyncio
 import time
 
 from otlp_receiver import OtlpReceiver, Received
-from test_proxy_loopback import SERVER_IP, SERVICE_IP, TCP_PORT, Rig, eventually, round_trip, run
+from test_proxy_loopback import (
+    DENY_CLIENT,
+    SERVER_IP,
+    SERVICE_IP,
+    TCP_PORT,
+    Rig,
+    closed_without_data,
+    eventually,
+    round_trip,
+    run,
+)
 
 from nodeagent.proxy.tracing import SpanExport
 from nodeagent.telemetry.metrics import Metrics
@@ -308,6 +318,55 @@ def test_a_tcp_connection_at_l4_gets_a_span_on_each_node() -> None:
             assert client.attributes["upstream_cluster"] == "echo.default.svc.cluster.local"
             assert server.attributes["bytes_received"] == "5000"
             assert client.end_ns > client.start_ns
+            # one trace: the CONNECT carried the client's span as the server's parent
+            assert client.parent_id == ""
+            assert (server.trace_id, server.parent_id) == (client.trace_id, client.span_id)
+            assert client.start_ns <= server.start_ns
+
+        run(True, body, rig_exporting(receiver.endpoint))
+
+
+CLIENT_UNSAMPLED = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: client-none, namespace: default}
+spec:
+  selector: {matchLabels: {app: client}}
+  tracing:
+  - randomSamplingPercentage: 0
+"""
+
+
+def test_the_callers_decision_on_an_l4_connection_holds_at_the_destination() -> None:
+    with OtlpReceiver() as receiver:
+
+        async def body(rig: Rig) -> None:
+            # the server's workload samples 100%, the client's 0%: the client's node
+            # decides, its CONNECT says "not sampled", and the server's node follows
+            rig.apply(SAMPLE_ALL + "---" + CLIENT_UNSAMPLED)
+            for _ in range(5):
+                r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+                assert (await round_trip(r, w, b"quiet"))[1] == 5
+            started = rig.metrics["node2"].registry.get_sample_value
+            await asyncio.sleep(0.3)
+            assert receiver.spans() == []
+            assert started("nodeagent_spans_started_total") == 0
+            rig.apply(SAMPLE_ALL)  # hot: the client's connections are sampled again
+            r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+            assert (await round_trip(r, w, b"traced"))[1] == 6
+            await eventually(lambda: len(receiver.spans()) >= 2, "the connection's spans")
+            (client,) = by_kind(receiver.spans(), "CLIENT")
+            (server,) = by_kind(receiver.spans(), "SERVER")
+            assert server.parent_id == client.span_id
+            # refused by the destination's policy: the caller's span says so, alone
+            rig.apply(SAMPLE_ALL + "---" + DENY_CLIENT)
+            assert await closed_without_data(*await rig.connect((SERVICE_IP, TCP_PORT)))
+            await eventually(lambda: len(receiver.spans()) >= 3, "the refused one's span")
+            await asyncio.sleep(0.2)
+            refused = receiver.spans()[2:]
+            assert [s.kind for s in refused] == ["CLIENT"]
+            assert refused[0].attributes["error"] == "true"
+            assert refused[0].parent_id == ""
 
         run(True, body, rig_exporting(receiver.endpoint))
 
