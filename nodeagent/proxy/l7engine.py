@@ -117,18 +117,24 @@ class L7Engine:
             return self._admit(ds, inbound, req, x)
         p = self.planner.plan(self.snapshot(), req, self.draws)
         x.route_name = p.route_name
-        if p.delay is not None:
-            x.flag("DI")
-            await asyncio.sleep(p.delay)
+        obs = self.observer
         if isinstance(p, Answer):
+            if obs is not None:  # answered here: the trace still shows it
+                obs.answered(ds, req, x)
+            if p.delay is not None:
+                x.flag("DI")
+                await asyncio.sleep(p.delay)
             if p.location is not None:
                 raise Redirect(p.status, p.location)
             raise LocalReply(p.status, p.flag, p.body)
         x.cluster, x.service = p.cluster.name, p.cluster.service
         x.trace_id = p.trace_id
         x.request_id = p.request_id
-        if self.observer is not None:
-            self.observer.client(ds, req, p, x)
+        if obs is not None:  # (before a fault's delay: the span covers it)
+            obs.client(ds, req, p, x)
+        if p.delay is not None:
+            x.flag("DI")
+            await asyncio.sleep(p.delay)
         return p
 
     def _admit(self, ds: Downstream, inbound: Inbound, req: Request, x: Exchange) -> Plan:

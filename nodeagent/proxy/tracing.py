@@ -238,6 +238,15 @@ class Observer:
         if value is not None:
             _send_traceparent(p, value)
 
+    def answered(self, ds: Any, req: Request, x: Any) -> None:
+        """On the caller's node, for a request the proxy answers itself (no route, a
+        fault's abort, a redirect): its CLIENT span when sampled, ended with the answer
+        where the request's record is written."""
+        if self.export is None:
+            return
+        tp = req.headers.get("traceparent")
+        self._start(ds.pod, req, x, tp, SpanKind.CLIENT, ds.service, ds.port.port)
+
     def server(self, ds: Any, req: Request, x: Any) -> str | None:
         """On the destination's node, before admission: a SERVER span when sampled; the
         ``traceparent`` the app gets instead (None: unchanged)."""

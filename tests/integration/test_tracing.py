@@ -390,3 +390,91 @@ def test_sampling_percentages_of_100_and_0_give_all_and_no_spans() -> None:
             assert len({s.trace_id for s in spans}) == 5  # one trace per request
 
         run(True, body, rig_exporting(receiver.endpoint))
+
+
+ANSWERS = (
+    SAMPLE_ALL
+    + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo]
+  http:
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /ok}}, {uri: {prefix: /denied}}, {uri: {prefix: /limited}}]
+    route: [{destination: {host: echo}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-denied, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/denied"]}}]
+---
+apiVersion: nodeagent.io/v1alpha1
+kind: LocalRateLimit
+metadata: {name: one, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  http:
+    tokenBucket: {maxTokens: 1, tokensPerFill: 1, fillInterval: 1h}
+"""
+)
+
+
+def test_answers_the_proxies_give_themselves_still_have_their_spans() -> None:
+    with OtlpReceiver() as receiver:
+
+        async def body(rig: Rig) -> None:
+            rig.apply(ANSWERS)
+            seen: list[dict[str, str]] = []
+            app = await use_header_app(rig, seen)
+            want = {"/ok": 200, "/denied": 403, "/limited": 429, "/abort": 418, "/none": 404}
+            for path, status in want.items():
+                assert (await get(rig, path))[0] == status, path
+            app.close()
+            assert len(seen) == 1  # only /ok reached the app
+            await eventually(lambda: len(receiver.spans()) >= 8, "eight spans")
+            await asyncio.sleep(0.2)
+
+            def of(kind: str) -> dict[str, Received]:
+                spans = receiver.spans()
+                return {s.attributes["http.url"][11:]: s for s in by_kind(spans, kind)}
+
+            client, server = of("CLIENT"), of("SERVER")
+            # every request has its caller's span, with the code and flag the client got
+            assert {p: s.attributes["http.status_code"] for p, s in client.items()} == {
+                p: str(c) for p, c in want.items()
+            }
+            flags = {p: s.attributes["response_flags"] for p, s in client.items()}
+            assert (flags["/abort"], flags["/none"]) == ("FI", "NR")
+            # the destination's own answers are its SERVER spans, children of those
+            assert set(server) == {"/ok", "/denied", "/limited"}
+            assert server["/denied"].attributes["http.status_code"] == "403"
+            assert server["/limited"].attributes["http.status_code"] == "429"
+            assert server["/limited"].attributes["response_flags"] == "RL"
+            for p, s in server.items():
+                assert s.parent_id == client[p].span_id
+            for p in ("/abort", "/none"):  # answered on the caller's node: Istio's attributes
+                a = client[p].attributes
+                assert a["istio.canonical_service"] == "client" and a["http.method"] == "GET"
+                assert a["upstream_cluster"] == "-"
+                assert client[p].name == "echo.default.svc.cluster.local:80/*"
+                assert client[p].parent_id == ""
+            assert "error" not in client["/abort"].attributes  # (as Envoy: 5xx only)
+            # the access log's trace id is the span's, also where no upstream was asked
+            recs = {r["path"]: r for r in rig.proxies["node1"].access_log.recent}
+            assert recs["/none"]["trace_id"] == client["/none"].trace_id
+            # the caller's identity denied outright by the destination's policy
+            rig.apply(SAMPLE_ALL + "---" + DENY_CLIENT)
+            assert (await get(rig, "/ok/again"))[0] == 403
+            await eventually(lambda: "/ok/again" in of("CLIENT"), "the denied one's span")
+            denied = of("CLIENT")["/ok/again"].attributes
+            assert denied["http.status_code"] == "403"
+
+        run(True, body, rig_exporting(receiver.endpoint))
