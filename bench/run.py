@@ -6,6 +6,7 @@ run, on one sandbox topology (client pod on node1, server pod on node2).
     .venv/bin/python bench/run.py --mtls           # node-to-node hop with mutual TLS
     .venv/bin/python bench/run.py --l7             # HTTP routing (implies --mtls)
     .venv/bin/python bench/run.py --cases direct,haproxy,haproxy-pod,mesh --profile
+    .venv/bin/python bench/run.py --otlp stalled   # spans at 100% to a stalled collector
 
 Needs root. It takes ``/run/nodeagent/e2e.lock`` itself (or uses the lock of an enclosing
 ``flock /run/nodeagent/e2e.lock ...``), brings a sandbox up from a generated config, and
@@ -73,8 +74,14 @@ numbers with their spread across rounds, per-round ratios to direct and of the m
 both HAProxy placements) and
 a JSON file with every raw run. A run during which other users of the machine took more
 than 15 % of a CPU is repeated once, then flagged and left out of the summary where a clean
-one exists. ``--profile`` adds py-spy profiles of the agents. Exit status 1 only when
-something failed to run.
+one exists. ``--profile`` adds py-spy profiles of the agents. ``--otlp down|stalled`` (issue 19)
+runs the agents with spans on (``--otlp-endpoint``, a mesh-wide Telemetry sampling 100%)
+towards a collector that is down (nothing listens: ``127.0.0.1:4317`` in each node's
+netns) or stalled (a listener there that accepts and never reads or answers), so the
+mesh's figures can be set beside a run without it; each mesh run records the spans the
+agents started and dropped (``nodeagent_spans_*_total``), printed at the end and in the
+JSON (``otlp``). At L4 a span is per connection; with ``--l7`` per request. Exit status
+1 only when something failed to run.
 """
 
 from __future__ import annotations
@@ -166,6 +173,31 @@ QUIET_WAIT = 20.0
 ERROR_FRACTION = 0.01
 """A wrk run with more failed requests than this fraction counts as failed to run."""
 REQUIRED_TOOLS = ("wrk", "haproxy", "nginx", "curl", "taskset", "nsenter", "sysctl")
+OTLP_ENDPOINT = "127.0.0.1:4317"
+"""``--otlp``: where the agents send spans, in each node's netns (OTLP/gRPC's port)."""
+SPAN_METRICS = ("nodeagent_spans_started_total", "nodeagent_spans_dropped_total")
+SAMPLE_ALL = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: bench-sample-all, namespace: istio-system}
+spec:
+  tracing:
+  - randomSamplingPercentage: 100
+"""
+"""``--otlp``: every request and connection is sampled (Istio's default is 1%)."""
+STALLED_COLLECTOR = """\
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+host, port = sys.argv[1].rsplit(":", 1)
+s.bind((host, int(port)))
+s.listen(1024)
+print("listening", flush=True)
+held = []
+while True:  # accept, hold, never read nor answer
+    held.append(s.accept()[0])
+"""
+"""``--otlp stalled``: the collector that accepts and never answers (one per node netns)."""
 
 WRK_LUA = r"""
 done = function(summary, latency, requests)
@@ -646,6 +678,8 @@ class Options:
     HAProxy in HTTP mode with an ``acl`` route match (implies ``mtls``)."""
     retry_budget: float = 90.0
     """Seconds the whole run may spend repeating runs disturbed by other users."""
+    otlp: str = ""
+    """``down`` or ``stalled``: spans on at 100%, towards a collector in that state."""
 
 
 def _per(total: float, count: float) -> float | None:
@@ -675,6 +709,8 @@ class Bench:
     check."""
     retry_spent: float = 0.0
     """Seconds spent so far waiting for quiet and repeating runs (see ``--retry-budget``)."""
+    spans: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``--otlp``: each mesh node's span counters at the end (``SPAN_METRICS``)."""
 
     # -- addresses and processes -----------------------------------------------------------
 
@@ -903,6 +939,29 @@ class Bench:
                 series[labels] = float(value)
         return series
 
+    def span_counts(self, nodes: Sequence[str]) -> dict[str, dict[str, float]]:
+        """``--otlp``: the spans each node's agent started and dropped so far."""
+        out: dict[str, dict[str, float]] = {}
+        for node in nodes:
+            text = _run(
+                [
+                    "nsenter",
+                    f"--net={netns_path(self.sb.node_netns(node))}",
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "5",
+                    "http://127.0.0.1:15020/metrics",
+                ]
+            )
+            got = {m: 0.0 for m in SPAN_METRICS}
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name in got:
+                    got[name] = float(value)
+            out[node] = {k.split("_")[2]: v for k, v in got.items()}  # started, dropped
+        return out
+
     def check_paths(self) -> None:
         """Each case answers ``ok``; only the mesh case goes through the agents, with the
         transport asked for (``connection_security_policy``: mutual_tls or none).
@@ -1096,6 +1155,8 @@ class Bench:
     def run_test(self, rnd: int, test: str, case: str) -> None:
         pids = self.proxy_pids(case)
         everyone = self.agent_pids() + self.haproxy_pids()
+        span_nodes = self.nodes_of(case) if self.opts.otlp else ()
+        spans_before = self.span_counts(span_nodes)
         raw: dict[str, Any] = {}
         figures: dict[str, float | None] = {}
         retried: list[float] = []
@@ -1170,6 +1231,11 @@ class Bench:
             run["retried_after_other_load"] = retried
         if not pids:
             run["idle_agents_cpu_s"] = round(cpu.of(self.agent_pids()).cpu_s, 3)
+        spans: dict[str, dict[str, float]] = {}
+        if span_nodes:  # (retries included): what this run cost the span queue
+            after = self.span_counts(span_nodes)
+            spans = {n: {k: v - spans_before[n][k] for k, v in c.items()} for n, c in after.items()}
+            run["spans"] = spans
         self.runs.append(run)
         if other > OTHER_LOAD_WARN:
             top = ", ".join(f"{comm} {t:.1f}s" for _, comm, t in cpu.top[:3])
@@ -1180,6 +1246,9 @@ class Bench:
                 "suspect"
             )
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
+        if spans:
+            shown += f", spans started/dropped {sum(c['started'] for c in spans.values()):.0f}"
+            shown += f"/{sum(c['dropped'] for c in spans.values()):.0f}"
         steal = max(cpu.steal.values(), default=0.0)
         log(f"round {rnd} {test:9} {case:7} {shown} (other load {other:.0%}, steal {steal:.0%})")
         self.check_proxies_alive()
@@ -1597,14 +1666,57 @@ def write_certs(work: Path) -> None:
         (work / f"{hop}.pem").write_bytes(pem)
 
 
-def sandbox_up(config: Path, mtls: bool) -> Sandbox:
-    """``Sandbox.up`` with mTLS on or off (older sandboxes have no mTLS at all)."""
+Stalled = subprocess.Popen[str]
+
+
+def sandbox_up(config: Path, mtls: bool, otlp: str = "") -> tuple[Sandbox, list[Stalled]]:
+    """``Sandbox.up`` with mTLS on or off (older sandboxes have no mTLS at all); with
+    ``otlp``, the agents export spans to ``OTLP_ENDPOINT``, and when it is ``stalled`` a
+    collector that never answers listens there in each node's netns (returned, to stop)."""
     kwargs: dict[str, Any] = {}
     if "mtls" in inspect.signature(Sandbox.up).parameters:
         kwargs["mtls"] = mtls
     elif mtls:
         raise BenchError("--mtls: this nodeagent's sandbox has no mTLS (Sandbox.up(mtls=...))")
-    return Sandbox.up(config, progress=lambda m: log(f"sandbox: {m}"), **kwargs)
+    stalled: list[Stalled] = []
+    if otlp:
+        kwargs["agent_args"] = ("--otlp-endpoint", OTLP_ENDPOINT)
+    if otlp == "stalled":
+
+        def collectors(sb: Sandbox) -> None:
+            for node in sb.topology.nodes:
+                stalled.append(start_stalled(node.netns))
+
+        kwargs["before_agents"] = collectors
+    try:
+        sb = Sandbox.up(config, progress=lambda m: log(f"sandbox: {m}"), **kwargs)
+    except BaseException:
+        stop_stalled(stalled)
+        raise
+    return sb, stalled
+
+
+def start_stalled(netns: str) -> Stalled:
+    """A stalled OTLP collector on ``OTLP_ENDPOINT`` in ``netns`` (see ``STALLED_COLLECTOR``)."""
+    argv = ["nsenter", f"--net={netns_path(netns)}", sys.executable, "-c", STALLED_COLLECTOR]
+    p = subprocess.Popen(
+        [*argv, OTLP_ENDPOINT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "listening":
+        p.kill()
+        _, err = p.communicate(timeout=5)
+        raise BenchError(f"the stalled collector in {netns} did not start: {err.strip()}")
+    log(f"stalled OTLP collector in {netns} on {OTLP_ENDPOINT} (pid {p.pid})")
+    return p
+
+
+def stop_stalled(procs: Sequence[Stalled]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.communicate(timeout=5)
 
 
 def environment(opts: Options) -> dict[str, Any]:
@@ -1637,6 +1749,11 @@ def environment(opts: Options) -> dict[str, Any]:
         "short_seconds": opts.short,
         "rounds": opts.rounds,
         "retry_budget_s": opts.retry_budget,
+        "otlp": (
+            f"spans on, 100% sampled, to a {opts.otlp} collector at {OTLP_ENDPOINT}"
+            if opts.otlp
+            else "off"
+        ),
         "bulk_file_mib": opts.bulk_mib,
         "transport": (
             f"node-to-node hop with mutual TLS (mesh: HBONE; HAProxy: TLS 1.3 {TLS_SUITE})"
@@ -1965,6 +2082,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "in bulk",
     )
     ap.add_argument(
+        "--otlp",
+        choices=("down", "stalled"),
+        default="",
+        help="issue 19: the agents export spans (100%% sampled) to a collector that is down "
+        "(nothing listens) or stalled (accepts, never reads); each mesh run records the "
+        "spans started and dropped",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="after the rounds, profile both agents with py-spy during extra mesh runs "
@@ -1992,6 +2117,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         mtls=a.mtls or a.l7,
         l7=a.l7,
         retry_budget=max(0.0, a.retry_budget),
+        otlp=a.otlp,
     )
 
 
@@ -2028,15 +2154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(tempfile.mkdtemp(prefix="nodeagent-bench-", dir="/dev/shm"))
             try:
                 config = write_config(work, opts.bulk_mib, opts.cases, opts.l7)
+                if opts.otlp:
+                    (config / "telemetry.yaml").write_text(SAMPLE_ALL)
                 log(f"bringing the sandbox up from {config}")
                 if opts.mtls:
                     write_certs(work)
-                sb = sandbox_up(config, opts.mtls)
+                sb, stalled = sandbox_up(config, opts.mtls, opts.otlp)
                 try:
                     bench = Bench(sb, work, opts)
                     try:
                         bench.prepare()
                         bench.run()
+                        if opts.otlp:
+                            bench.spans = bench.span_counts(bench.nodes)
                         if opts.profile:
                             bench.run_profile(
                                 opts.out.with_suffix("").with_name(opts.out.stem + "-profile")
@@ -2050,6 +2180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 finally:
                     log("bringing the sandbox down")
                     _guarded(sb.down)
+                    _guarded(lambda: stop_stalled(stalled))
             finally:
                 _guarded(lambda: shutil.rmtree(work, ignore_errors=True))
     except KeyboardInterrupt as e:
@@ -2073,6 +2204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "warnings": warnings,
         "profile": bench.profile if bench else {},
+        "otlp": {
+            "collector": opts.otlp or None,
+            "endpoint": OTLP_ENDPOINT if opts.otlp else None,
+            "spans_at_end": bench.spans if bench else {},
+        },
         "failures": failures,
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -2088,6 +2224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if bench and bench.profile:
         print(profile_table(bench.profile))
+    if opts.otlp and bench and bench.spans:
+        per = ", ".join(
+            f"{n} {c['started']:.0f}/{c['dropped']:.0f}" for n, c in bench.spans.items()
+        )
+        print(f"\nspans to a {opts.otlp} collector, started/dropped per agent: {per}")
     for w in warnings:
         print(f"warning: {w}")
     print(f"\nresults: {opts.out} ({result['elapsed_s']:.0f}s)")
