@@ -139,9 +139,10 @@ class InboundPolicy:
         self._quotas: QuotaStore | None = None
         self._quota_error = ""
         self.jwks = JwksCache(snapshot, jwks_ca_bundle)
-        self.every_request = False
-        """Serve every HTTP port request by request (spans are exported: each request
-        gets a SERVER span here)."""
+        self.spans_for: Callable[[Pod], bool] | None = None
+        """Whether a workload's requests may get SERVER spans here (spans are exported
+        and its Telemetry reports some): its HTTP ports are then served request by
+        request; None: spans are off."""
         self._jwt_rules: PerSnapshot[dict[str, tuple[JWTRule, ...]]] = PerSnapshot(lambda snap: {})
         """pod key → the JWT rules that apply to it, filled as pods are asked about."""
         self._routes = PerSnapshot(_route_names)
@@ -197,7 +198,7 @@ class InboundPolicy:
         hp = self.http_port(snap, pod, port)
         if hp is None:
             return None
-        if self.every_request:
+        if self.spans_for is not None and self.spans_for(pod):
             return hp
         if authz.needs_http(snap, pod) or self.jwt_rules(snap, pod):
             return hp

@@ -61,7 +61,8 @@ class Proxy:
         )
         self.h2pool = H2Pool()
         self.admission = InboundPolicy(inputs.snapshot, state_dir, inputs.jwks_ca_bundle)
-        self.admission.every_request = inputs.spans is not None
+        if inputs.spans is not None:
+            self.admission.spans_for = self.observer.serves_spans
         self.pods: dict[str, PodProxy] = {}
         """The local pods by key (served by ``local``; the inbound side serves only these)."""
         self.caps = ConnectionCaps(inputs.connection_limits, inputs.metrics)

@@ -179,6 +179,9 @@ def test_span_reporting_disabled_sends_no_spans_but_propagates_the_decision() ->
             app.close()
             assert receiver.spans() == []
             assert seen[0]["traceparent"].endswith("-01")
+            # no SERVER span to make: the server's node relayed the request as bytes
+            assert rig.proxies["node1"].access_log.recent[-1]["path"] == "/quiet"
+            assert not rig.proxies["node2"].access_log.recent
 
         run(True, body, rig_exporting(receiver.endpoint))
 
