@@ -74,11 +74,12 @@ numbers with their spread across rounds, per-round ratios to direct and of the m
 both HAProxy placements) and
 a JSON file with every raw run. A run during which other users of the machine took more
 than 15 % of a CPU is repeated once, then flagged and left out of the summary where a clean
-one exists. ``--profile`` adds py-spy profiles of the agents. ``--otlp down|stalled`` (issue 19)
-runs the agents with spans on (``--otlp-endpoint``, a mesh-wide Telemetry sampling 100%)
-towards a collector that is down (nothing listens: ``127.0.0.1:4317`` in each node's
-netns) or stalled (a listener there that accepts and never reads or answers), so the
-mesh's figures can be set beside a run without it; each mesh run records the spans the
+one exists. ``--profile`` adds py-spy profiles of the agents. ``--otlp up|down|stalled`` (issue
+19) runs the agents with spans on (``--otlp-endpoint``, a mesh-wide Telemetry sampling 100%)
+towards a collector that is up (takes every export), down (nothing listens:
+``127.0.0.1:4317`` in each node's netns) or stalled (a listener there that accepts and
+never reads or answers), so the mesh's figures with a dead collector can be set beside a
+healthy one's; each mesh run records the spans the
 agents started and dropped (``nodeagent_spans_*_total``), printed at the end and in the
 JSON (``otlp``). At L4 a span is per connection; with ``--l7`` per request. Exit status
 1 only when something failed to run.
@@ -198,6 +199,24 @@ while True:  # accept, hold, never read nor answer
     held.append(s.accept()[0])
 """
 """``--otlp stalled``: the collector that accepts and never answers (one per node netns)."""
+UP_COLLECTOR = """\
+import sys
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pbg
+class S(pbg.TraceServiceServicer):
+    def Export(self, request, context):  # take the spans, answer at once
+        return pb.ExportTraceServiceResponse()
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+pbg.add_TraceServiceServicer_to_server(S(), server)
+server.add_insecure_port(sys.argv[1])
+server.start()
+print("listening", flush=True)
+server.wait_for_termination()
+"""
+"""``--otlp up``: a collector (OTLP/gRPC) that takes every export and answers at once, the
+base that ``down`` and ``stalled`` are compared with."""
 
 WRK_LUA = r"""
 done = function(summary, latency, requests)
@@ -679,7 +698,7 @@ class Options:
     retry_budget: float = 90.0
     """Seconds the whole run may spend repeating runs disturbed by other users."""
     otlp: str = ""
-    """``down`` or ``stalled``: spans on at 100%, towards a collector in that state."""
+    """``up``, ``down`` or ``stalled``: spans on at 100%, towards a collector in that state."""
 
 
 def _per(total: float, count: float) -> float | None:
@@ -1681,11 +1700,11 @@ def sandbox_up(config: Path, mtls: bool, otlp: str = "") -> tuple[Sandbox, list[
     stalled: list[Stalled] = []
     if otlp:
         kwargs["agent_args"] = ("--otlp-endpoint", OTLP_ENDPOINT)
-    if otlp == "stalled":
+    if otlp in ("up", "stalled"):
 
         def collectors(sb: Sandbox) -> None:
             for node in sb.topology.nodes:
-                stalled.append(start_stalled(node.netns))
+                stalled.append(start_stalled(node.netns, otlp))
 
         kwargs["before_agents"] = collectors
     try:
@@ -1696,9 +1715,11 @@ def sandbox_up(config: Path, mtls: bool, otlp: str = "") -> tuple[Sandbox, list[
     return sb, stalled
 
 
-def start_stalled(netns: str) -> Stalled:
-    """A stalled OTLP collector on ``OTLP_ENDPOINT`` in ``netns`` (see ``STALLED_COLLECTOR``)."""
-    argv = ["nsenter", f"--net={netns_path(netns)}", sys.executable, "-c", STALLED_COLLECTOR]
+def start_stalled(netns: str, state: str = "stalled") -> Stalled:
+    """A ``stalled`` (``STALLED_COLLECTOR``) or ``up`` (``UP_COLLECTOR``) OTLP collector on
+    ``OTLP_ENDPOINT`` in ``netns``."""
+    script = UP_COLLECTOR if state == "up" else STALLED_COLLECTOR
+    argv = ["nsenter", f"--net={netns_path(netns)}", sys.executable, "-c", script]
     p = subprocess.Popen(
         [*argv, OTLP_ENDPOINT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -1706,8 +1727,8 @@ def start_stalled(netns: str) -> Stalled:
     if p.stdout.readline().strip() != "listening":
         p.kill()
         _, err = p.communicate(timeout=5)
-        raise BenchError(f"the stalled collector in {netns} did not start: {err.strip()}")
-    log(f"stalled OTLP collector in {netns} on {OTLP_ENDPOINT} (pid {p.pid})")
+        raise BenchError(f"the {state} collector in {netns} did not start: {err.strip()}")
+    log(f"{state} OTLP collector in {netns} on {OTLP_ENDPOINT} (pid {p.pid})")
     return p
 
 
@@ -2083,10 +2104,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     ap.add_argument(
         "--otlp",
-        choices=("down", "stalled"),
+        choices=("up", "down", "stalled"),
         default="",
-        help="issue 19: the agents export spans (100%% sampled) to a collector that is down "
-        "(nothing listens) or stalled (accepts, never reads); each mesh run records the "
+        help="issue 19: the agents export spans (100%% sampled) to a collector that is up "
+        "(answers every export), down (nothing listens) or stalled (accepts, never reads); "
+        "each mesh run records the "
         "spans started and dropped",
     )
     ap.add_argument(
