@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
 
 pytestmark = [
@@ -90,6 +91,24 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS in /proc/{pid}/status")
 
 
+def opened_over_hbone(sb: Sandbox, node: str, reporter: str) -> float:
+    """The agent's ``istio_tcp_connections_opened_total`` over mutual TLS, as ``reporter``."""
+    netns = f"--net={netns_path(sb.node_netns(node))}"
+    text = subprocess.run(
+        ["nsenter", netns, "curl", "-sS", "-m", "10", "http://127.0.0.1:15020/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    want = (f'reporter="{reporter}"', 'connection_security_policy="mutual_tls"')
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{") and all(w in line for w in want)
+    )
+
+
 def next_event(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The client's next JSON line, within ``timeout`` seconds."""
     assert p.stdout is not None
@@ -105,6 +124,10 @@ def next_event(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 def test_10k_connections_across_nodes_all_echo_within_300_mib(sb: Sandbox) -> None:
     idle = {node: rss_mib(pid) for node, pid in sb.agent_pids.items()}
+    before = [
+        opened_over_hbone(sb, "node1", "source"),
+        opened_over_hbone(sb, "node2", "destination"),
+    ]
     client = sb.popen(
         "client",
         [sys.executable, MANYCONNS, ECHO_IP, "9000", "--conns", str(CONNS)],
@@ -127,6 +150,12 @@ def test_10k_connections_across_nodes_all_echo_within_300_mib(sb: Sandbox) -> No
         client.communicate(timeout=10)
     assert opened["event"] == "open" and opened["ok"] == CONNS, opened
     assert checked["event"] == "done" and checked["ok"] == CONNS, checked
+    # both agents relayed each one, through HBONE: none went around them or was retried
+    after = [
+        opened_over_hbone(sb, "node1", "source"),
+        opened_over_hbone(sb, "node2", "destination"),
+    ]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [CONNS, CONNS]
     per_conn = {n: (held[n] - idle[n]) * 1024 / CONNS for n in held}
     print(f"RSS idle {idle}, with {CONNS} open {held} MiB; KiB per connection {per_conn}")
     for node, mib in held.items():
