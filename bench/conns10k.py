@@ -8,15 +8,16 @@ echoing its own payload, and holds them open. With every connection open and idl
 bench reads each agent's RSS (``VmRSS`` of the processes in the agent's cgroup, what
 ``nodeagent ctl status`` shows) and compares it with the RSS at idle before; then every
 connection echoes a second payload and closes cleanly (a connection that fails either
-check fails the run). Then the same with ``haproxy-pod``'s placement (``run.py``): HAProxy
-in the client pod's netns (loopback, TCP mode, ``nbthread 1``; two processes sharing the
-port, as one would need more than the 20,000 descriptors allowed here) → one HAProxy in
-each echo pod's netns → the echo on loopback; each node's figure is the sum of its two.
-Plain TCP between HAProxies by default (HAProxy's mTLS hop holds a TLS session per
-connection, the mesh one per 100 streams); ``--mtls`` gives HAProxy's middle hop mutual
-TLS as ``run.py --mtls`` does.
+check fails the run), and the RSS is read once more (``closed``: what was not given
+back). Then the same with ``haproxy-pod``'s placement (``run.py``): HAProxy in the client
+pod's netns (loopback, TCP mode, ``nbthread 1``; two processes sharing the port, as one
+would need more than the 20,000 descriptors allowed here) → one HAProxy in each echo
+pod's netns → the echo on loopback; each node's figure is the sum of its two. Plain TCP
+between HAProxies by default (HAProxy's mTLS hop holds a TLS session per connection, the
+mesh one per 100 streams); ``--mtls`` gives HAProxy's middle hop mutual TLS as ``run.py
+--mtls`` does.
 
-    sudo .venv/bin/python bench/conns10k.py                          # eBPF, 10,000: ~1.5 min
+    sudo .venv/bin/python bench/conns10k.py                          # eBPF, 10,000: ~1 min
     sudo .venv/bin/python bench/conns10k.py --modes ebpf,iptables --mtls --out c10k.json
 
 Needs root; takes ``/run/nodeagent/e2e.lock`` like ``run.py`` and ``rss_idle.py``. Measures
@@ -59,6 +60,8 @@ FRONT_PORT = 9201
 NEXT_PORT = 9202
 ECHOES = ("echo-a", "echo-b")
 MIB = 1024 * 1024
+CLOSED_SETTLE = 3.0
+"""Seconds after the last connection closed before the RSS is read again."""
 
 HAPROXY = """\
 global
@@ -152,7 +155,8 @@ def hold(
     sb: Sandbox, host: str, port: int, conns: int, pids: dict[str, list[int]]
 ) -> dict[str, Any]:
     """Open ``conns`` connections from the client pod to ``host:port``, read the RSS of
-    ``pids`` (by node) idle before and with all open, then check and close them all."""
+    ``pids`` (by node) idle before and with all open, then check and close them all and
+    read it again ``CLOSED_SETTLE`` seconds later (what is not given back)."""
     idle = {node: rss(p) for node, p in pids.items()}
     argv = [sys.executable, str(MANYCONNS), host, str(port), "--conns", str(conns)]
     client = sb.popen(
@@ -179,9 +183,11 @@ def hold(
     for ev in (opened, checked):
         if ev["ok"] != conns:
             raise BenchError(f"{ev['failed']} of {conns} connections failed: {ev['errors']}")
+    time.sleep(CLOSED_SETTLE)
     return {
         "idle_mib": idle,
         "held_mib": held,
+        "closed_mib": {node: rss(p) for node, p in pids.items()},
         "kib_per_conn": {n: (held[n] - idle[n]) * 1024 / conns for n in held},
         "open_s": round(open_s, 1),
     }
@@ -300,7 +306,8 @@ def report(runs: list[dict[str, Any]], mtls: bool) -> str:
     lines = [
         f"{n:,} concurrent connections, client pod on node1 -> echo pods on node2 "
         f"(RSS, MiB; HAProxy's middle hop {'mTLS' if mtls else 'plain TCP'})",
-        f"  {'case':<22} {'node':<6} {'idle':>7} {'held':>7} {'KiB/conn':>9} {'open s':>7}",
+        f"  {'case':<22} {'node':<6} {'idle':>7} {'held':>7} {'KiB/conn':>9} {'closed':>7}"
+        f" {'open s':>7}",
     ]
     for run in runs:
         for case in ("mesh", "haproxy-pod"):
@@ -311,8 +318,10 @@ def report(runs: list[dict[str, Any]], mtls: bool) -> str:
             for node in sorted(fig["held_mib"]):
                 idle, held = fig["idle_mib"][node], fig["held_mib"][node]
                 per, took = fig["kib_per_conn"][node], fig["open_s"]
+                closed = fig["closed_mib"][node]
                 lines.append(
-                    f"  {name:<22} {node:<6} {idle:7.1f} {held:7.1f} {per:9.1f} {took:7.1f}"
+                    f"  {name:<22} {node:<6} {idle:7.1f} {held:7.1f} {per:9.1f} {closed:7.1f}"
+                    f" {took:7.1f}"
                 )
     return "\n".join(lines)
 
