@@ -2,8 +2,7 @@
 two HAProxies holding the same connections on the same two hops (issue 20).
 
 A client pod on node1 opens ``--conns`` connections at once (``tests/e2e/manyconns.py``:
-one asyncio process) to a TCP echo Service on node2 (two pods, two service accounts: one
-client identity may hold 6,400 HBONE streams to one destination identity on a node), each
+one asyncio process) to a TCP echo Service on node2 (two pods of one service account), each
 echoing its own payload, and holds them open. With every connection open and idle the
 bench reads each agent's RSS (``VmRSS`` of the processes in the agent's cgroup, what
 ``nodeagent ctl status`` shows) and compares it with the RSS at idle before; then every
@@ -114,7 +113,7 @@ metadata:
   annotations: {{traffic.sidecar.istio.io/excludeInboundPorts: "{NEXT_PORT}"}}
 spec:
   nodeName: node2
-  serviceAccountName: {name}
+  serviceAccountName: echo
   containers:
   - name: main
     command: [nodeagent, sample-app, --port, "8080", --tcp-echo, "{ECHO_PORT}"]

@@ -24,9 +24,10 @@ from nodeagent.telemetry.metrics import Metrics, counts
 
 log = logging.getLogger("nodeagent.proxy")
 
-MAX_CONNECTIONS_PER_IDENTITY = 64
+MAX_CONNECTIONS_PER_IDENTITY = 200
 """Connections one client identity may hold open to one HBONE server (each carries up to
-``HboneSettings.max_concurrent_streams`` streams and ``connection_window`` bytes)."""
+``HboneSettings.max_concurrent_streams`` streams and ``connection_window`` bytes): 200
+times 100 streams is a pod listener's own cap (``--max-connections-per-listener``, 20,000)."""
 
 LISTENERS = ("outbound", "inbound", "hbone")
 """The listeners of a pod whose connections are counted (the metric's ``listener``)."""

@@ -3,11 +3,10 @@ holds them all open at once to an echo Service on node2, through both agents and
 every one still echoes its own bytes, none is dropped, and each agent's RSS stays within
 300 MiB while they are all open.
 
-The echo Service's two pods run as two service accounts. HBONE tunnels are pooled per
-(source identity, destination identity, destination node), 100 streams per connection,
-and an HBONE server takes at most 64 connections from one client identity
-(``MAX_CONNECTIONS_PER_IDENTITY``): 6,400 concurrent connections per pair of identities
-and node. Two destination identities carry 5,000 each.
+The echo Service's two pods run as one service account, as a Deployment's would: HBONE
+tunnels are pooled per (source identity, destination identity, destination pod), 100
+streams per connection, and a pod's HBONE server takes up to 200 connections from one
+client identity (``MAX_CONNECTIONS_PER_IDENTITY``), so each pod's 5,000 ride on 50.
 
 One capture mode (eBPF, the default): the held connections cost the same in both, and a
 second sandbox would double the test's time.
@@ -56,7 +55,7 @@ kind: Pod
 metadata: {name: echo-%(n)s, namespace: default, labels: {app: echo}}
 spec:
   nodeName: node2
-  serviceAccountName: echo-%(n)s
+  serviceAccountName: echo
   containers:
   - name: main
     command: [nodeagent, sample-app, --port, "8080", --tcp-echo, "9000", --service, echo]
