@@ -173,7 +173,7 @@ def test_ctl_status_shows_the_caps_and_their_hits(
         "0",
     ]
     assert rows["HBONE idle connection (GOAWAY)"][1:] == ["1h", "--hbone-idle-timeout", "0"]
-    assert rows["HBONE connections per client identity"][1:] == ["64", "-", "0"]
+    assert rows["HBONE connections per client identity"][1:] == ["200", "-", "0"]
     assert rows["Config files (reload rejected)"][-2:] == ["-", "0"]
     assert len(rows) == 12, rows
 
