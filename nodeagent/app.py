@@ -38,21 +38,16 @@ from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, LimitStatus
 from nodeagent.proxy import handover
-from nodeagent.proxy.connections import ConnectionTable
-from nodeagent.proxy.dns import DNS_PORT, DnsSettings, resolv_conf_upstreams
+from nodeagent.proxy.dns import DNS_PORT
 from nodeagent.proxy.explain import explain
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.inputs import ConnectionLimits, Http1Limits, ProxyInputs
 from nodeagent.proxy.limits import proxy_limits, raise_open_files
 from nodeagent.proxy.server import Proxy
-from nodeagent.proxy.tracing import SpanExport
 from nodeagent.redirect import ebpf, netns
 from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
-from nodeagent.redirect.iptables import PROXY_MARK
-from nodeagent.redirect.sockets import NetnsSockets
-from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 from nodeagent.telemetry.metrics import Metrics, counts
+from nodeagent.workers.inputs import dns_settings, proxy_inputs
 
 log = logging.getLogger("nodeagent")
 
@@ -170,7 +165,7 @@ class Agent:
         self.capture_mode, self.capture_reason, self.bpf = _capture_mode(
             settings, node, loaded.snapshot
         )
-        dns = _dns_settings(settings)
+        dns = dns_settings(settings)
         dns_port = DNS_PORT if dns is not None else None
         capture: IptablesCapture | EbpfCapture = (
             IptablesCapture(dns_port, settings.workload_cgroup_root)
@@ -178,37 +173,7 @@ class Agent:
             else EbpfCapture(self.bpf, dns_port, settings.workload_cgroup_root)
         )
         self.capture = capture
-        inputs = ProxyInputs(
-            node=settings.node,
-            snapshot=self.snapshot,
-            metrics=self.metrics,
-            table=ConnectionTable(self.metrics),
-            access_log=_access_log(settings.access_log),
-            sockets=NetnsSockets(),
-            capture=capture,
-            identity=identity,
-            connect_timeout=settings.connect_timeout,
-            path_normalization=settings.path_normalization,
-            jwks_ca_bundle=settings.jwks_ca_bundle,
-            http1_limits=Http1Limits(
-                request_headers_timeout=settings.request_headers_timeout,
-                idle_timeout=settings.http_idle_timeout,
-                max_headers=settings.max_request_headers,
-                max_header_size=settings.max_request_headers_kb * 1024,
-            ),
-            connection_limits=ConnectionLimits(
-                max_connections=settings.max_connections,
-                max_connections_per_listener=settings.max_connections_per_listener,
-                hbone_idle_timeout=settings.hbone_idle_timeout,
-                hbone_preface_timeout=settings.hbone_preface_timeout,
-            ),
-            dns=dns,
-            spans=SpanExport.otlp(
-                settings.otlp_endpoint, self.metrics.registry, mesh_id=settings.trust_domain
-            )
-            if settings.otlp_endpoint
-            else None,
-        )
+        inputs = proxy_inputs(settings, self.snapshot, self.metrics, capture, identity, dns=dns)
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
         self.cni = CniPods(
@@ -476,30 +441,6 @@ HANDOVER_TIMEOUT = 5.0
 """Seconds the old agent gets to hand its listeners over; beyond, a cold start."""
 HANDOVER_READY_TIMEOUT = 60.0
 """Seconds a new agent waits for its pods (certificates, capture) before taking over."""
-
-
-def _dns_settings(settings: AgentSettings) -> DnsSettings | None:
-    """The DNS proxy's settings (None: ``--dns-proxy off``); its upstreams from the flag,
-    else the node's resolv.conf, read once at start."""
-    if not settings.dns_proxy:
-        return None
-    upstreams = settings.dns_upstreams
-    if upstreams is None:
-        upstreams = resolv_conf_upstreams()
-        if not upstreams:  # the mesh's names still answer; the rest gets SERVFAIL
-            log.warning("DNS proxy: no nameserver in /etc/resolv.conf and no --dns-upstream")
-    return DnsSettings(upstreams, settings.dns_timeout, PROXY_MARK)
-
-
-def _access_log(target: str) -> AccessLog:
-    """``-`` is stdout, ``off`` keeps only the recent records for ``nodeagent ctl``."""
-    if target in ("", "-"):
-        return AccessLog()
-    if target == "off":
-        log_ = AccessLog()
-        log_.enabled = False
-        return log_
-    return AccessLog(open(target, "ab", buffering=BUFFER))
 
 
 def _setup_logging(level: str) -> None:

@@ -77,6 +77,24 @@ class ConnectionInfo:
     bytes_received: int
     """Bytes from upstream to client so far."""
     opened_at: float
+    worker: int = 0
+    """The process that serves it: 0 the main one, 1… the worker processes
+    (``--workers``)."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One process serving connections (``--workers``): 0 is the main one."""
+
+    index: int
+    pid: int
+    state: str
+    """``serving``, ``starting``, ``restarting: …`` (it died, and why)."""
+    rss_bytes: int = 0
+    cpu_percent: float = 0.0
+    """CPU use since the previous ``ctl status`` (100: one core)."""
+    connections: int = 0
+    restarts: int = 0
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class Inherited:
             self._peer = None
 
 
-def _check_listener(lst: Listener, sock: socket.socket) -> str | None:
+def check_listener(lst: Listener, sock: socket.socket) -> str | None:
     """Why ``sock`` cannot be the listener ``lst`` says it is (None: it can)."""
     try:
         if lst.kind == "dns-udp":
@@ -277,7 +277,7 @@ def receive(path: Path, node: str, timeout: float) -> Inherited | None:
                         f"the {lst.kind} listener {lst.pod}:{lst.port}: not a socket"
                     ) from None
                 got.append((lst, s))
-                why = _check_listener(lst, s)
+                why = check_listener(lst, s)
                 if why is not None:
                     raise HandoverError(f"the {lst.kind} listener {lst.pod}:{lst.port}: {why}")
             if msg.get("more") is not True:

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from typing import Protocol
 
 from nodeagent.errors import PeerError
-from nodeagent.identity.store import CertificateStore
 from nodeagent.identity.tls import WorkloadCert, client_context, server_context
 
 
+class CertSource(Protocol):
+    """Where the certificates come from: the ``CertificateStore`` (the main process), or
+    the copies a worker process was sent."""
+
+    def cached(self, identity: str) -> WorkloadCert | None: ...
+
+    def trust_bundle(self) -> bytes: ...
+
+
 class MeshIdentity:
-    def __init__(self, store: CertificateStore, trust_domain: str) -> None:
+    def __init__(self, store: CertSource, trust_domain: str) -> None:
         self.store = store
         self.trust_domain = trust_domain
         self._cache: dict[tuple[str, str], tuple[str, bytes, ssl.SSLContext]] = {}

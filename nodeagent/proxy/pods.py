@@ -22,14 +22,14 @@ import socket
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nodeagent.errors import NodeAgentError
 from nodeagent.model.entries import WORKLOAD_CGROUP_ANNOTATION, workload_cgroup
 from nodeagent.model.objects import HOST_NETNS, HostWorkload, Pod, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.dns import DNS_PORT, DnsListeners, DnsProxy
-from nodeagent.proxy.handover import Inherited, Listener
+from nodeagent.proxy.handover import Listener
 from nodeagent.proxy.hbone import HBONE_PORT
 from nodeagent.proxy.hbone_client import HboneClientPool
 from nodeagent.proxy.hbone_server import (
@@ -102,6 +102,20 @@ OnHbone = Callable[[PodProxy, ConnectRequest], Awaitable[asyncio.BaseProtocol | 
 """Answers a CONNECT that arrived on a pod's HBONE listener."""
 
 
+class ListenerSource(Protocol):
+    """Listening sockets opened elsewhere: by the agent this one took over from
+    (``handover.Inherited``), or, in a worker process, by the main process."""
+
+    def take(
+        self, kind: str, port: int, pod: str = "", netns: str = "", ip: str = ""
+    ) -> socket.socket | None: ...
+
+
+GROUP_KINDS = ("outbound", "inbound", "hbone")
+"""A pod's listeners that worker processes share (``SO_REUSEPORT`` groups); its DNS
+proxy stays with the main process."""
+
+
 def exclusions(pod: Pod) -> Excluded:
     """(outbound, inbound) ports a pod's annotations leave out of capture."""
     return pod.excluded_ports("Outbound"), pod.excluded_ports("Inbound")
@@ -152,8 +166,11 @@ class LocalPods:
         self._outbound = outbound
         self._inbound = inbound
         self._hbone = hbone
-        self.inherited: Inherited | None = None
+        self.inherited: ListenerSource | None = None
         """Listeners handed over by the agent this one replaces (taken at capture)."""
+        self.serves: Callable[[str], bool] | None = None
+        """Which local pods this process serves (None: all); a worker process serves
+        those whose listeners the main process sent."""
 
     async def reconcile(self, snap: MeshSnapshot) -> None:
         """Capture every local pod that has a runtime entry; release pods that left."""
@@ -171,6 +188,8 @@ class LocalPods:
                 log.warning("WorkloadEntry %s: a pod of this node has its name", entry.key)
                 continue
             wanted[entry.key] = (entry, hrt)
+        if self.serves is not None:
+            wanted = {k: v for k, v in wanted.items() if self.serves(k)}
         capture.on_snapshot(snap, {k for k, (_, rt) in wanted.items() if rt.netns != HOST_NETNS})
         for key in list(self.pods):
             pp = self.pods[key]
@@ -323,6 +342,26 @@ class LocalPods:
                 socks += [("dns-tcp", DNS_PORT, pp.dns.tcp_socket)]
             for kind, port, sock in socks:
                 out.append((Listener(kind, port, key, rt.netns, rt.ip), sock))
+        return out
+
+    def group_listeners(self, key: str) -> list[tuple[Listener, socket.socket]]:
+        """One more listening socket for each of the ``GROUP_KINDS`` listeners of the
+        captured pod ``key``, in the same ``SO_REUSEPORT`` group (for a worker process);
+        raises ``OSError`` where the pod's listener is in no group (handed over by an
+        agent without ``--workers``)."""
+        pp = self.pods.get(key)
+        if pp is None or pp.sockets is None or pp.state != "ready":
+            return []
+        out: list[tuple[Listener, socket.socket]] = []
+        try:
+            for lst, sock in self.listeners():
+                if lst.pod == key and lst.kind in GROUP_KINDS:
+                    host = sock.getsockname()[0]
+                    out.append((lst, pp.sockets.listen(host, lst.port)))
+        except OSError:
+            for _, sock in out:
+                sock.close()
+            raise
         return out
 
     async def _start_dns(self, dns: DnsProxy, pp: PodProxy, sockets: PodSockets, host: str) -> None:

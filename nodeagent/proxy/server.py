@@ -25,7 +25,7 @@ from nodeagent.model.objects import Pod
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.admission import InboundPolicy
 from nodeagent.proxy.dns import DnsProxy, Forwarder
-from nodeagent.proxy.handover import Inherited, Listener
+from nodeagent.proxy.handover import Listener
 from nodeagent.proxy.inbound import Inbound
 from nodeagent.proxy.inputs import ProxyInputs
 from nodeagent.proxy.l7 import L7Proxy
@@ -33,7 +33,7 @@ from nodeagent.proxy.l7h2 import H2Pool
 from nodeagent.proxy.limits import ConnectionCaps
 from nodeagent.proxy.outbound import Outbound
 from nodeagent.proxy.plumbing import Plumbing
-from nodeagent.proxy.pods import LocalPods, PodProxy
+from nodeagent.proxy.pods import ListenerSource, LocalPods, PodProxy
 from nodeagent.proxy.tracing import Observer
 
 
@@ -95,8 +95,9 @@ class Proxy:
         """Whether a host workload's cgroup changed under its capture rules."""
         return self.local.hosts_stale()
 
-    def inherit(self, inherited: Inherited | None) -> None:
-        """Use the listeners a previous agent handed over when capturing pods."""
+    def inherit(self, inherited: ListenerSource | None) -> None:
+        """Use these listeners (a previous agent's, or in a worker the main process's)
+        when capturing pods."""
         self.local.inherited = inherited
 
     def listeners(self) -> list[tuple[Listener, socket.socket]]:

@@ -236,10 +236,16 @@ class EbpfCapture(SourceRouting, HostCapture):
             log.warning("pod %s: cannot remove its source routing or DNS rules: %s", pod_key, e)
 
     def original_destination(self, transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
-        if inbound:
-            # sk_lookup steers without rewriting: the socket's own address is it; a host
-            # workload's inbound was rewritten to 15006 by its iptables rule (DNAT)
-            name = transport.get_extra_info("sockname")
-            if name and name[1] != iptables.INBOUND_PORT:
-                return (name[0], name[1])
-        return original_dst(transport.get_extra_info("socket"))
+        return ebpf_original_destination(transport, inbound)
+
+
+def ebpf_original_destination(transport: asyncio.BaseTransport, inbound: bool) -> Addr | None:
+    """Where a connection accepted under eBPF capture was going (a worker process,
+    which holds no ``EbpfCapture``, asks this too)."""
+    if inbound:
+        # sk_lookup steers without rewriting: the socket's own address is it; a host
+        # workload's inbound was rewritten to 15006 by its iptables rule (DNAT)
+        name = transport.get_extra_info("sockname")
+        if name and name[1] != iptables.INBOUND_PORT:
+            return (name[0], name[1])
+    return original_dst(transport.get_extra_info("socket"))

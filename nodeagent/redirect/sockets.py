@@ -38,10 +38,17 @@ def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     return ip, port
 
 
-def listen_in(ns: NetnsHandle, host: str, port: int, backlog: int = 4096) -> socket.socket:
+def listen_in(
+    ns: NetnsHandle, host: str, port: int, backlog: int = 4096, reuseport: bool = False
+) -> socket.socket:
+    """A listener in ``ns``; with ``reuseport``, one of a ``SO_REUSEPORT`` group (each
+    worker process accepts on its own socket of the group, the kernel spreads
+    connections over them)."""
     s = ns.socket()
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((host, port))
         s.listen(backlog)
         s.setblocking(False)
@@ -181,12 +188,13 @@ class PodNetns:
     """The sockets of one pod: made inside its netns through one open handle; with
     ``bind`` (a host workload's address), its upstream connections come from there."""
 
-    def __init__(self, netns: str, bind: str | None = None) -> None:
+    def __init__(self, netns: str, bind: str | None = None, reuseport: bool = False) -> None:
         self.ns = NetnsHandle(netns)
         self.bind = bind
+        self.reuseport = reuseport
 
     def listen(self, host: str, port: int) -> socket.socket:
-        return listen_in(self.ns, host, port)
+        return listen_in(self.ns, host, port, reuseport=self.reuseport)
 
     def listen_udp(self, host: str, port: int) -> socket.socket:
         return listen_udp_in(self.ns, host, port)
@@ -202,9 +210,13 @@ class PodNetns:
 
 
 class NetnsSockets:
-    """The proxy's socket factory on a node: each pod's sockets live in its netns."""
+    """The proxy's socket factory on a node: each pod's sockets live in its netns; with
+    ``reuseport`` its TCP listeners join ``SO_REUSEPORT`` groups (``--workers``)."""
+
+    def __init__(self, reuseport: bool = False) -> None:
+        self.reuseport = reuseport
 
     def pod(self, runtime: PodRuntime) -> PodNetns:
         if runtime.netns == HOST_NETNS:  # the host's own: many workloads, many addresses
-            return PodNetns(runtime.netns, bind=runtime.ip)
-        return PodNetns(runtime.netns)
+            return PodNetns(runtime.netns, bind=runtime.ip, reuseport=self.reuseport)
+        return PodNetns(runtime.netns, reuseport=self.reuseport)

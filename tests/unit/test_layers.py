@@ -27,7 +27,13 @@ PACKAGE = "nodeagent"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("nodeagent/cli.py", "nodeagent/__main__.py"),
     ("nodeagent/app.py",),
-    ("nodeagent/admin", "nodeagent/sandbox", "nodeagent/cni", "nodeagent/dashboard"),
+    (
+        "nodeagent/admin",
+        "nodeagent/sandbox",
+        "nodeagent/cni",
+        "nodeagent/dashboard",
+        "nodeagent/workers",
+    ),
     ("nodeagent/proxy",),
     ("nodeagent/identity", "nodeagent/control", "nodeagent/redirect", "nodeagent/samples"),
     ("nodeagent/core",),
