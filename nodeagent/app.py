@@ -34,9 +34,16 @@ from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
+from nodeagent.identity.tls import WorkloadCert
 from nodeagent.model.objects import NODE_REDIRECT, Node
 from nodeagent.model.snapshot import MeshSnapshot
-from nodeagent.model.status import ConfigStatus, ConnectionInfo, ExplainQuery, LimitStatus
+from nodeagent.model.status import (
+    ConfigStatus,
+    ConnectionInfo,
+    ExplainQuery,
+    LimitStatus,
+    WorkerStatus,
+)
 from nodeagent.proxy import handover
 from nodeagent.proxy.dns import DNS_PORT
 from nodeagent.proxy.explain import explain
@@ -48,6 +55,8 @@ from nodeagent.redirect.capture import EbpfCapture, IptablesCapture
 from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.telemetry.metrics import Metrics, counts
 from nodeagent.workers.inputs import dns_settings, proxy_inputs
+from nodeagent.workers.metrics import MergedRegistry
+from nodeagent.workers.pool import WorkerPool
 
 log = logging.getLogger("nodeagent")
 
@@ -173,8 +182,29 @@ class Agent:
             else EbpfCapture(self.bpf, dns_port, settings.workload_cgroup_root)
         )
         self.capture = capture
-        inputs = proxy_inputs(settings, self.snapshot, self.metrics, capture, identity, dns=dns)
+        inputs = proxy_inputs(
+            settings,
+            self.snapshot,
+            self.metrics,
+            capture,
+            identity,
+            dns=dns,
+            reuseport=settings.workers > 1,
+        )
         self.proxy = Proxy(inputs, state_dir=settings.state_dir)
+        self.pool: WorkerPool | None = None
+        """The worker processes beside this one (``--workers`` above 1)."""
+        if settings.workers > 1:
+            self.pool = WorkerPool(
+                settings,
+                settings.workers,
+                self.capture_mode,
+                self.proxy.local,
+                self.snapshot,
+                self._certs_now,
+            )
+            if self.certs is not None:
+                self.certs.on_rotate.append(self.pool.on_cert)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured
         self.cni = CniPods(
             settings.node,
@@ -198,7 +228,29 @@ class Agent:
         return self.watcher.status(self._snapshot.version)
 
     def connections(self) -> list[ConnectionInfo]:
-        return self.proxy.table.snapshot()
+        mine = self.proxy.table.snapshot()
+        return mine if self.pool is None else [*mine, *self.pool.connections()]
+
+    async def refresh(self) -> None:
+        if self.pool is not None:
+            await self.pool.gather()
+
+    def workers(self) -> list[WorkerStatus]:
+        if self.pool is None:
+            return []
+        return self.pool.status(len(self.proxy.table.live))
+
+    def _certs_now(self) -> tuple[list[WorkloadCert], bytes]:
+        """The certificates held and the trust bundle, for a worker (none yet: empty)."""
+        if self.certs is None:
+            return [], b""
+        held = [self.certs.cached(i) for i in self.certs.identities()]
+        certs = [c for c in held if c is not None]
+        try:
+            bundle = self.certs.trust_bundle()
+        except LocalStateError:
+            bundle = b""
+        return certs, bundle
 
     def ready(self) -> bool:
         return self.proxy.all_ready() and not self._stop.is_set()
@@ -269,6 +321,8 @@ class Agent:
         self._loaded = loaded
         self._snapshot = loaded.snapshot  # one assignment: readers see old or new
         self.proxy.admission.on_snapshot(loaded.snapshot)  # rate limits that changed restart
+        if self.pool is not None:
+            self.pool.on_snapshot(loaded.snapshot)
         self.proxy.recheck(loaded.snapshot)  # live connections a policy now denies end
         self._node_settings_changed(loaded.snapshot.node(self.node))
         self.metrics.config_reloads.labels(result="ok").inc()
@@ -303,6 +357,8 @@ class Agent:
                 for identity, err in errors.items():
                     log.warning("no certificate for %s yet: %s", identity, err)
             await self.proxy.reconcile(snap)
+            if self.pool is not None:
+                self.pool.sync()
 
     async def _retry_failed(self) -> None:
         while True:
@@ -323,19 +379,23 @@ class Agent:
         await self._reconcile()
         self.proxy.admission.on_snapshot(self._snapshot)  # in-mesh JWKS fetched now
         register_agent_metrics(self.metrics.registry, self)
+        registry = self.metrics.registry
+        if self.pool is not None:
+            self.pool.start()
+            registry = MergedRegistry(registry, self.pool.metric_families)
         admin = await start_admin_server(
             self,
             self.settings.socket_path,
             pods=self.cni,
             replace=inherited is not None,
-            registry=self.metrics.registry,
+            registry=registry,
         )
         http_servers = await start_http_servers(
             self,
             "0.0.0.0",
             self.settings.metrics_port,
             self.settings.ready_port,
-            registry=self.metrics.registry,
+            registry=registry,
             inherited=inherited.take if inherited is not None else None,
         )
         handover_server = await self._take_over(inherited, http_servers)
@@ -346,12 +406,14 @@ class Agent:
         if self.certs is not None:
             tasks.append(loop.create_task(self.certs.run()))
         log.info(
-            "agent for node %s serving: %d local pod(s), config version %d, socket %s; hot path %s",
+            "agent for node %s serving: %d local pod(s), config version %d, socket %s; "
+            "hot path %s; %d process(es) serving connections",
             self.node,
             len(self.proxy.pods),
             self._snapshot.version,
             self.settings.socket_path,
             native.mode(),
+            self.settings.workers,
         )
         await self._stop.wait()
         log.info(
@@ -359,7 +421,13 @@ class Agent:
         )
         self.proxy.stop_accepting()
         t0 = loop.time()
-        await self.proxy.drain(self.settings.drain_seconds)
+        if self.pool is not None:  # the workers stop accepting and drain meanwhile
+            await asyncio.gather(
+                self.pool.stop(self.settings.drain_seconds),
+                self.proxy.drain(self.settings.drain_seconds),
+            )
+        else:
+            await self.proxy.drain(self.settings.drain_seconds)
         log.info("drained in %.1fs", loop.time() - t0)
         for t in tasks:
             t.cancel()

@@ -302,6 +302,15 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "install --agent-pid-file`, docs/cni.md) (default: none)",
     )
     p.add_argument(
+        "--workers",
+        default=1,
+        type=_workers,
+        metavar="N",
+        help="processes serving connections: the main one and N-1 worker processes, "
+        "each pod's listeners shared by all through SO_REUSEPORT groups; 'auto': one per "
+        "CPU this process may run on (default: 1, the main process alone)",
+    )
+    p.add_argument(
         "--drain-seconds",
         default="5s",
         type=_duration,
@@ -337,6 +346,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print the exact BPF C source and compiler flags eBPF capture loads, and exit",
     )
     p.set_defaults(func=_cmd_run)
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    return _positive(text)
 
 
 def _positive(text: str) -> int:

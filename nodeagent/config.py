@@ -40,6 +40,9 @@ class AgentSettings:
     metrics_port: int = 15020
     ready_port: int = 15021
     drain_seconds: float = 5.0
+    workers: int = 1
+    """``--workers``: processes serving connections, the main one included (1: the
+    main process alone; ``workers/``)."""
     ca_addr: str = ""
     """The mesh CA; empty means no identities: plain TCP between nodes."""
     ca_server_name: str = ""
@@ -139,6 +142,7 @@ class AgentSettings:
             otlp_endpoint=getattr(args, "otlp_endpoint", ""),
             pid_file=getattr(args, "pid_file", ""),
             drain_seconds=float(getattr(args, "drain_seconds", cls.drain_seconds)),
+            workers=int(getattr(args, "workers", cls.workers)),
             handover=getattr(args, "handover", "on") == "on",
             handover_socket=Path(args.handover_socket)
             if getattr(args, "handover_socket", "")

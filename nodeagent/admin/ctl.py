@@ -350,6 +350,7 @@ def format_connections(connections: Sequence[Mapping[str, Any]], now: float) -> 
     """One row per live connection, with byte counts and age."""
     headers = [
         "ID",
+        "WORKER",
         "DIRECTION",
         "POD",
         "SOURCE",
@@ -364,6 +365,7 @@ def format_connections(connections: Sequence[Mapping[str, Any]], now: float) -> 
     rows = [
         [
             _s(c.get("id")),
+            str(int(c.get("worker") or 0)),
             _s(c.get("direction")),
             _s(c.get("pod")),
             _s(c.get("source")),

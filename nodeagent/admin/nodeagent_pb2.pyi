@@ -216,7 +216,7 @@ class ConnectionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Connection(_message.Message):
-    __slots__ = ("id", "direction", "pod", "source", "destination", "upstream", "service", "peer_workload", "bytes_sent", "bytes_received", "opened_at")
+    __slots__ = ("id", "direction", "pod", "source", "destination", "upstream", "service", "peer_workload", "bytes_sent", "bytes_received", "opened_at", "worker")
     ID_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     POD_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class Connection(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     OPENED_AT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     id: int
     direction: str
     pod: str
@@ -239,7 +240,8 @@ class Connection(_message.Message):
     bytes_sent: int
     bytes_received: int
     opened_at: float
-    def __init__(self, id: _Optional[int] = ..., direction: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., upstream: _Optional[str] = ..., service: _Optional[str] = ..., peer_workload: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., opened_at: _Optional[float] = ...) -> None: ...
+    worker: int
+    def __init__(self, id: _Optional[int] = ..., direction: _Optional[str] = ..., pod: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., upstream: _Optional[str] = ..., service: _Optional[str] = ..., peer_workload: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., opened_at: _Optional[float] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class ConnectionsResponse(_message.Message):
     __slots__ = ("connections",)

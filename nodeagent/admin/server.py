@@ -83,7 +83,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Connections(
         self, request: pb.ConnectionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ConnectionsResponse:
-        return await _answer("Connections", context, self._connections)
+        async def build() -> pb.ConnectionsResponse:
+            await self._view.refresh()  # the worker processes' connections, now
+            return self._connections()
+
+        return await _answer_async("Connections", context, build)
 
     async def Requests(
         self, request: pb.RequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -93,7 +97,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Metrics(
         self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.MetricsResponse:
-        return await _answer("Metrics", context, self._metrics)
+        async def build() -> pb.MetricsResponse:
+            await self._view.refresh()
+            return self._metrics()
+
+        return await _answer_async("Metrics", context, build)
 
     async def ConfigDump(
         self, request: pb.ConfigDumpRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -401,6 +409,7 @@ def connection_message(c: ConnectionInfo) -> pb.Connection:
         bytes_sent=c.bytes_sent,
         bytes_received=c.bytes_received,
         opened_at=c.opened_at,
+        worker=c.worker,
     )
 
 

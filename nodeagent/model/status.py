@@ -137,7 +137,18 @@ class AgentView(Protocol):
 
     def config_status(self) -> ConfigStatus: ...
 
-    def connections(self) -> list[ConnectionInfo]: ...
+    def connections(self) -> list[ConnectionInfo]:
+        """Every process's live connections (the workers' as of the last ``refresh``)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Ask the worker processes (``--workers``) what they hold now: connections,
+        metrics, RSS and CPU; nothing to ask without them."""
+        ...
+
+    def workers(self) -> list[WorkerStatus]:
+        """The processes serving connections: the main one (0), then each worker."""
+        ...
 
     def ready(self) -> bool: ...
 

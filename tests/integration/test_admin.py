@@ -43,6 +43,7 @@ from nodeagent.model.status import (
     ConnectionInfo,
     ExplainQuery,
     LimitStatus,
+    WorkerStatus,
 )
 
 T = TypeVar("T")
@@ -166,6 +167,12 @@ class FakeView:
     def connections(self) -> list[ConnectionInfo]:
         self._maybe_fail("connections")
         return list(self.conns)
+
+    async def refresh(self) -> None:
+        pass
+
+    def workers(self) -> list[WorkerStatus]:
+        return []
 
     def ready(self) -> bool:
         return self.is_ready
@@ -513,6 +520,7 @@ def test_connections(agent: Agent) -> None:
         "bytes_sent": big,
         "bytes_received": 1234,
         "opened_at": STARTED + 50.5,
+        "worker": 0,
     }
     assert conns[1]["service"] == ""
 

@@ -308,10 +308,12 @@ def test_format_connections() -> None:
         "bytes_sent": 2048,
         "bytes_received": 5 * 1024**3,
         "opened_at": NOW - 200,
+        "worker": 1,
     }
     header, row = format_connections([conn], NOW).splitlines()
     assert columns(row, header) == {
         "ID": "12",
+        "WORKER": "1",
         "DIRECTION": "outbound",
         "POD": "default/productpage-v1",
         "SOURCE": "10.244.1.2:51234",
