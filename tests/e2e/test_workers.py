@@ -1,0 +1,151 @@
+"""``nodeagent run --workers 2`` in the sandbox: connections are served by two processes
+on each node, one dies and only its connections go.
+
+Port 9000 of the echo pods takes plaintext (PeerAuthentication DISABLE), so node2's
+inbound connections arrive through capture (iptables REDIRECT to 15006, or eBPF
+``sk_lookup`` assigning the main process's listener, whose ``SO_REUSEPORT`` group the
+kernel then spreads over both processes) as well as node1's outbound ones (15001).
+What is checked is what a person sees: ``ctl connections`` (its WORKER column), the
+worker processes under the agent, and the clients' streams (every byte echoed, or not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from nodeagent.admin.client import AdminClient
+from nodeagent.sandbox import Sandbox
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for netns and iptables"),
+]
+
+AGENT_ARGS = ("--workers", "2")
+TCPCLIENT = str(Path(__file__).parent / "tcpclient.py")
+PY = sys.executable
+STREAMS = 12
+PLAINTEXT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo-plain, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {9000: {mode: DISABLE}}
+"""
+
+
+@pytest.fixture(scope="module")
+def config_dir(config_dir: Path) -> Path:
+    (config_dir / "plaintext.yaml").write_text(PLAINTEXT)
+    return config_dir
+
+
+def conns(sb: Sandbox, node: str) -> list[dict[str, Any]]:
+    return AdminClient(sb.agent_socket(node)).connections()
+
+
+def workers_of(sb: Sandbox, node: str) -> list[psutil.Process]:
+    """The agent's worker processes (``python -m nodeagent.workers``)."""
+    agent = psutil.Process(sb.agent_pids[node])
+    return [p for p in agent.children() if "nodeagent.workers" in " ".join(p.cmdline())]
+
+
+def until(check: Callable[[], bool], what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def streams(sb: Sandbox, n: int, seconds: float) -> list[subprocess.Popen[str]]:
+    """``n`` long echo streams from the client pod to the echo service's port 9000."""
+    procs = [
+        sb.popen(
+            "client",
+            [PY, TCPCLIENT, "stream", "echo", "9000", "--seconds", str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        assert json.loads(p.stdout.readline())["event"] == "connected"
+    return procs
+
+
+def results(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    out = []
+    for p in procs:
+        text = p.communicate(timeout=60)[0]
+        out.append(json.loads(text.strip().splitlines()[-1]))
+    return out
+
+
+def by_worker(rows: list[dict[str, Any]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for c in rows:
+        w = int(c.get("worker") or 0)
+        out[w] = out.get(w, 0) + 1
+    return out
+
+
+def test_connections_land_on_both_processes_of_each_node(sb: Sandbox) -> None:
+    assert all(len(workers_of(sb, n)) == 1 for n in ("node1", "node2"))
+    procs = streams(sb, STREAMS, 4)
+    try:
+        out1 = [c for c in conns(sb, "node1") if c["pod"] == "default/client"]
+        in2 = [c for c in conns(sb, "node2") if c["direction"] == "inbound"]
+        assert len(out1) == STREAMS and len(in2) == STREAMS, (out1, in2)
+        assert set(by_worker(out1)) == {0, 1}, by_worker(out1)  # 15001's group
+        assert set(by_worker(in2)) == {0, 1}, by_worker(in2)  # 15006's (sk_lookup in eBPF)
+    finally:
+        done = results(procs)
+    assert all(r["ok"] and r["received"] == r["sent"] > 0 for r in done), done
+
+
+def test_a_killed_worker_takes_only_its_connections_and_is_replaced(sb: Sandbox) -> None:
+    (old,) = workers_of(sb, "node1")
+    procs = streams(sb, STREAMS, 6)
+    try:
+        rows = [c for c in conns(sb, "node1") if c["pod"] == "default/client"]
+        on_victim = by_worker(rows).get(1, 0)
+        assert 0 < on_victim < STREAMS, by_worker(rows)
+        os.kill(old.pid, signal.SIGKILL)
+    finally:
+        done = results(procs)
+    failed = [r for r in done if not r["ok"]]
+    assert len(failed) == on_victim, done  # exactly the dead worker's connections
+    assert all(r["received"] == r["sent"] > 0 for r in done if r["ok"]), done
+
+    def replaced() -> bool:
+        now = workers_of(sb, "node1")
+        return len(now) == 1 and now[0].pid != old.pid
+
+    until(replaced, "a replacement worker on node1")
+
+    def served_by_replacement() -> bool:
+        procs = streams(sb, 4, 1)
+        try:
+            rows = [c for c in conns(sb, "node1") if c["pod"] == "default/client"]
+        finally:
+            done = results(procs)
+        assert all(r["ok"] for r in done), done
+        return by_worker(rows).get(1, 0) > 0
+
+    until(served_by_replacement, "a new connection on the replacement worker", 40)
