@@ -182,11 +182,32 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
     if watches:
         lines.append("Watches:")
         lines.extend(f"  {format_watch(w, now)}" for w in watches)
+    workers = list(status.get("workers") or [])
+    if workers:
+        lines.append("Workers:")
+        lines.extend(f"  {line}" for line in format_workers(workers))
     limits = list(status.get("limits") or [])
     if limits:
         lines.append("Limits:")
         lines.extend(f"  {line}" for line in format_limits(limits))
     return "\n".join(lines)
+
+
+def format_workers(workers: list[Mapping[str, Any]]) -> list[str]:
+    """A table of the processes serving connections (``--workers``): 0 is the main one."""
+    rows = [("WORKER", "PID", "STATE", "RSS", "CPU", "CONNECTIONS", "RESTARTS")] + [
+        (
+            str(int(w.get("index") or 0)),
+            str(int(w.get("pid") or 0)) if w.get("pid") else "-",
+            _s(w.get("state")),
+            format_bytes(int(w.get("memory_rss_bytes") or 0)),
+            f"{float(w.get('cpu_percent') or 0):.1f}%",
+            str(int(w.get("connections") or 0)),
+            str(int(w.get("restarts") or 0)),
+        )
+        for w in workers
+    ]
+    return format_table(list(rows[0]), [list(r) for r in rows[1:]]).splitlines()
 
 
 def format_limits(limits: list[Mapping[str, Any]]) -> list[str]:

@@ -51,7 +51,7 @@ class WatchStatus(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., state: _Optional[str] = ..., resource_version: _Optional[str] = ..., objects: _Optional[int] = ..., last_event_at: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., relists: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca", "jwks", "limits")
+    __slots__ = ("version", "node", "uptime_seconds", "cpu_percent", "memory_rss_bytes", "redirect_mode", "ready", "config", "ca", "jwks", "limits", "workers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class StatusResponse(_message.Message):
     CA_FIELD_NUMBER: _ClassVar[int]
     JWKS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     node: str
     uptime_seconds: float
@@ -74,7 +75,26 @@ class StatusResponse(_message.Message):
     ca: CaStatus
     jwks: _containers.RepeatedCompositeFieldContainer[JwksStatus]
     limits: _containers.RepeatedCompositeFieldContainer[Limit]
-    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ..., jwks: _Optional[_Iterable[_Union[JwksStatus, _Mapping]]] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ...) -> None: ...
+    workers: _containers.RepeatedCompositeFieldContainer[Worker]
+    def __init__(self, version: _Optional[str] = ..., node: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_rss_bytes: _Optional[int] = ..., redirect_mode: _Optional[str] = ..., ready: _Optional[bool] = ..., config: _Optional[_Union[ConfigStatus, _Mapping]] = ..., ca: _Optional[_Union[CaStatus, _Mapping]] = ..., jwks: _Optional[_Iterable[_Union[JwksStatus, _Mapping]]] = ..., limits: _Optional[_Iterable[_Union[Limit, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
+
+class Worker(_message.Message):
+    __slots__ = ("index", "pid", "state", "memory_rss_bytes", "cpu_percent", "connections", "restarts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    state: str
+    memory_rss_bytes: int
+    cpu_percent: float
+    connections: int
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., memory_rss_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., connections: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Limit(_message.Message):
     __slots__ = ("name", "value", "flag", "metric", "hits")

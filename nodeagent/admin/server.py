@@ -68,7 +68,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.StatusResponse:
-        return await _answer("Status", context, self._status)
+        async def build() -> pb.StatusResponse:
+            await self._view.refresh()  # the workers' connection counts, now
+            return self._status()
+
+        return await _answer_async("Status", context, build)
 
     async def Workloads(
         self, request: pb.WorkloadsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -257,6 +261,18 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
             limits=[
                 pb.Limit(name=x.name, value=x.value, flag=x.flag, metric=x.metric, hits=x.hits)
                 for x in view.limits()
+            ],
+            workers=[
+                pb.Worker(
+                    index=w.index,
+                    pid=w.pid,
+                    state=w.state,
+                    memory_rss_bytes=w.rss_bytes,
+                    cpu_percent=w.cpu_percent,
+                    connections=w.connections,
+                    restarts=w.restarts,
+                )
+                for w in view.workers()
             ],
         )
 

@@ -149,3 +149,18 @@ def test_a_killed_worker_takes_only_its_connections_and_is_replaced(sb: Sandbox)
         return by_worker(rows).get(1, 0) > 0
 
     until(served_by_replacement, "a new connection on the replacement worker", 40)
+
+
+def test_ctl_status_shows_each_workers_rss_and_cpu(sb: Sandbox) -> None:
+    status = AdminClient(sb.agent_socket("node1")).status()
+    workers = status["workers"]
+    assert [w["index"] for w in workers] == [0, 1], workers
+    (child,) = workers_of(sb, "node1")
+    assert [w["pid"] for w in workers] == [sb.agent_pids["node1"], child.pid]
+    assert all(w["state"] == "serving" and w["memory_rss_bytes"] > 10 << 20 for w in workers)
+    assert all(w["cpu_percent"] >= 0 for w in workers)
+    text = subprocess.run(
+        [PY, "-m", "nodeagent", "ctl", "--socket", sb.agent_socket("node1"), "status"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert "Workers:" in text and f"   {child.pid}   " in text, text

@@ -128,6 +128,25 @@ def test_format_status() -> None:
     ]
 
 
+def test_format_status_lists_each_workers_rss_and_cpu() -> None:
+    workers = [
+        {"index": 0, "pid": 100, "state": "serving", "memory_rss_bytes": 50 << 20,
+         "cpu_percent": 12.5, "connections": 3},
+        {"index": 1, "pid": 101, "state": "serving", "memory_rss_bytes": 40 << 20,
+         "cpu_percent": 30.0, "connections": 5, "restarts": 1},
+    ]  # fmt: skip
+    lines = format_status(status(workers=workers), NOW).splitlines()
+    at = lines.index("Workers:")
+    header, main, worker = lines[at + 1 : at + 4]
+    assert columns(main, header) == {
+        "WORKER": "0", "PID": "100", "STATE": "serving", "RSS": "50.0MiB", "CPU": "12.5%",
+        "CONNECTIONS": "3", "RESTARTS": "0",
+    }  # fmt: skip
+    assert columns(worker, header)["RSS"] == "40.0MiB"
+    assert columns(worker, header)["CPU"] == "30.0%"
+    assert columns(worker, header)["RESTARTS"] == "1"
+
+
 def test_format_status_lists_warnings_and_watches() -> None:
     cfg = {
         "version": 7,
