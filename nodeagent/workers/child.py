@@ -272,6 +272,11 @@ def main(fd: int) -> int:
         logging.getLogger().setLevel(
             getattr(logging, str(setup["settings"].log_level).upper(), logging.INFO)
         )
+        named = logging.Formatter(
+            f"%(asctime)s %(levelname)s %(name)s[worker {setup['index']}]: %(message)s"
+        )
+        for handler in logging.getLogger().handlers:  # whose line is whose, in one log
+            handler.setFormatter(named)
         worker = Worker(channel, setup)
         gc.collect()
         gc.freeze()
