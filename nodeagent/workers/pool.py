@@ -37,6 +37,8 @@ RESTART_BACKOFF = (0.5, 30.0)
 """Seconds before a worker that died is started again: the first, and the most (it
 doubles each time one dies within ``STABLE`` seconds of its start)."""
 STABLE = 10.0
+HELLO_TIMEOUT = 30.0
+"""Seconds a new worker gets to set itself up and say hello; beyond, it is killed."""
 Message = tuple[dict[str, Any], list[socket.socket]]
 
 
@@ -46,6 +48,7 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
+        """The process serving this place now (None: none started yet)."""
         self.ps: psutil.Process | None = None
         self.channel: Channel | None = None
         self.out: asyncio.Queue[Message] = asyncio.Queue()
@@ -79,6 +82,11 @@ class WorkerPool:
         self.certs = certs
         """The certificates held now and the trust bundle (empty without mTLS)."""
         self.slots = [_Slot(i) for i in range(1, count)]
+        self.command = [sys.executable, "-m", "nodeagent.workers"]
+        """A worker process, given its end of the channel as a last argument."""
+        self.hello_timeout = HELLO_TIMEOUT
+        self.refresh_every = METRICS_EVERY
+        """Seconds between two gatherings in the background (for ``/metrics``)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._ids = 0
@@ -100,8 +108,12 @@ class WorkerPool:
         while not self._stopping:
             try:
                 await self._spawn(slot)
-            except (OSError, ChannelClosed) as e:
-                log.error("worker %d: cannot start: %s", slot.index, e)
+            except (OSError, ChannelClosed, TimeoutError) as e:
+                log.error("worker %d: cannot start: %s", slot.index, str(e) or "no hello in time")
+                if slot.proc is not None and slot.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        slot.proc.kill()  # started, but not set up: not left behind
+                    await slot.proc.wait()
             else:
                 assert slot.proc is not None
                 code = await slot.proc.wait()
@@ -125,9 +137,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             slot.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "nodeagent.workers",
+                *self.command,
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -153,7 +163,7 @@ class WorkerPool:
             "bundle": bundle,
         }
         await slot.channel.send(setup)
-        hello, _ = await asyncio.wait_for(slot.channel.recv(), 30.0)
+        hello, _ = await asyncio.wait_for(slot.channel.recv(), self.hello_timeout)
         if hello.get("op") != "hello":
             raise ChannelClosed(f"worker {slot.index} answered {hello.get('op')!r}, not hello")
         slot.state = "serving"
@@ -295,9 +305,10 @@ class WorkerPool:
         await asyncio.gather(*(self._ask(s, what) for s in self.slots))
 
     async def _refresh_metrics(self) -> None:
+        # connections too: the agent's own metrics count every process's live ones
         while True:
-            await asyncio.sleep(METRICS_EVERY)
-            await self.gather("metrics")
+            await asyncio.sleep(self.refresh_every)
+            await self.gather()
 
     def connections(self) -> list[ConnectionInfo]:
         """The workers' connections as of the last ``gather``."""

@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -190,10 +191,13 @@ class Rig:
         self.app.close()
 
 
-def run(workers: int, body: Callable[[Rig], Awaitable[None]]) -> None:
+def run(
+    workers: int, body: Callable[[Rig], Awaitable[None]], before: Callable[[Rig], None] = print
+) -> None:
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rig = Rig(Path(tmp), workers)
+            before(rig)
             try:
                 await rig.start()
                 await body(rig)
@@ -305,3 +309,59 @@ def test_metrics_of_every_process_read_as_one() -> None:
         await until(all_counted, "every process's connections counted once in one view")
 
     run(2, body)
+
+
+def test_a_worker_that_never_says_hello_is_killed_and_started_again() -> None:
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]  # gets the fd, says nothing
+
+    def mute(rig: Rig) -> None:
+        rig.pool.command = silent
+        rig.pool.hello_timeout = 0.5
+
+    async def body(rig: Rig) -> None:
+        slot = rig.pool.slots[0]
+        await until(lambda: _restarted(rig), "a silent worker to be given up on")
+        assert slot.proc is not None
+        first = slot.proc.pid
+        rig.pool.command = [sys.executable, "-m", "nodeagent.workers"]
+        rig.pool.hello_timeout = 30.0
+        await until(lambda: serving(rig), "a real worker in its place", 20)
+        assert slot.proc.pid != first and not _running(first)
+        t = await rig.connect()
+        assert await t.echo(b"after")
+
+    run(2, body, mute)
+
+
+async def _restarted(rig: Rig) -> bool:
+    return rig.pool.slots[0].restarts >= 1
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_workers_connections_are_gathered_in_the_background() -> None:
+    """What ``/metrics`` reads between two ``ctl`` calls: the agent's own gauge of live
+    connections counts the workers' too, as of the last background gathering."""
+
+    def often(rig: Rig) -> None:
+        rig.pool.refresh_every = 0.2
+
+    async def body(rig: Rig) -> None:
+        await until(lambda: serving(rig), "the workers to get the pod's listeners")
+        tunnels = await spread(rig, 6)
+        live = len(rig.proxy.table.live)
+        await asyncio.sleep(0.5)  # past the gathering of spread(): the background ones
+
+        async def counted() -> bool:  # no gather() here: the pool's own
+            return live + len(rig.pool.connections()) == len(rig.tunnels)
+
+        await until(counted, "every process's live connections, gathered by the pool")
+        assert tunnels
+
+    run(2, body, often)
