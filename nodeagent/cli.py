@@ -308,7 +308,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="processes serving connections: the main one and N-1 worker processes, "
         "each pod's listeners shared by all through SO_REUSEPORT groups; 'auto': one per "
-        "CPU this process may run on (default: 1, the main process alone)",
+        "CPU this process may use (its CPU affinity, bounded by its cgroup's CPU quota) "
+        "(default: 1, the main process alone)",
     )
     p.add_argument(
         "--drain-seconds",
@@ -350,7 +351,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        from nodeagent.workers.cpus import cpus_allowed
+
+        return cpus_allowed()
     return _positive(text)
 
 

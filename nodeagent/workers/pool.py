@@ -356,9 +356,4 @@ def _exit(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit {code}"
 
 
-def default_count() -> int:
-    """What ``--workers`` is when not given: 1 (the main process alone)."""
-    return 1
-
-
-__all__ = ["WorkerPool", "default_count"]
+__all__ = ["WorkerPool"]
