@@ -48,14 +48,30 @@ def tcp_telemetry(
     dst_principal: str = "unknown",
 ) -> None:
     """Give a connection its TCP metric labels (Istio's, ``TCP_LABELS`` order) and the
-    peers its log line names; made once per connection."""
-    meta["labels"] = (
-        *peer_values(reporter, src, src_principal, dst, dst_principal, service, service_host),
-        "tcp",
-        "-",
-        security_policy(src_principal, dst_principal),
-    )
-    meta["peers"] = Peers(reporter, src, src_principal, dst, dst_principal, service_host)
+    peers its log line names; made once for each set of peers (``_TELEMETRY``), not per
+    connection."""
+    key = (reporter, id(src), src_principal, id(dst), dst_principal, id(service), service_host)
+    made = _TELEMETRY.get(key)
+    if made is None:
+        labels = (
+            *peer_values(reporter, src, src_principal, dst, dst_principal, service, service_host),
+            "tcp",
+            "-",
+            security_policy(src_principal, dst_principal),
+        )
+        peers = Peers(reporter, src, src_principal, dst, dst_principal, service_host)
+        if len(_TELEMETRY) >= TELEMETRY_KEPT:
+            _TELEMETRY.clear()  # pods of old snapshots go with it
+        # the entry holds src, dst and service (in peers): their ids in the key stay theirs
+        made = _TELEMETRY[key] = (labels, peers, service)
+    meta["labels"] = made[0]
+    meta["peers"] = made[1]
+
+
+TELEMETRY_KEPT = 4096
+"""Sets of peers whose TCP labels are kept (a pod's and Service's objects are the same
+until the next snapshot replaces them)."""
+_TELEMETRY: dict[tuple[object, ...], tuple[tuple[str, ...], Peers, Service | None]] = {}
 
 
 def _put(rec: dict[str, Any], key: str, value: str) -> None:

@@ -132,3 +132,30 @@ def test_each_connection_ends_in_one_line_saying_how() -> None:
     assert second["dst.workload"] == "web-2" and second["error"] == "UF: connection refused"
     assert second["connection_termination_details"] == "UF: connection refused"
     assert not log.recent  # connection lines are not request records
+
+
+
+def labels_of(m: dict[str, object]) -> dict[str, str]:
+    values = m["labels"]
+    assert isinstance(values, tuple)
+    return dict(zip(TCP_LABELS, values, strict=True))
+
+
+def test_the_labels_of_one_set_of_peers_are_made_once_and_follow_a_new_snapshot() -> None:
+    web = server("web-1")
+    host = "web.default.svc.cluster.local"
+    first: dict[str, object] = {}
+    again: dict[str, object] = {}
+    tcp_telemetry(first, "source", CLIENT, web, None, host)
+    tcp_telemetry(again, "source", CLIENT, web, None, host)
+    assert again["labels"] is first["labels"] and again["peers"] is first["peers"]
+    # the next snapshot's object for the same pod, relabelled: its own labels, not the old
+    v2 = Pod("default", "web-1", "node2", labels=Labels.of({"app": "web", "version": "v2"}))
+    later: dict[str, object] = {}
+    tcp_telemetry(later, "source", CLIENT, v2, None, host)
+    assert labels_of(later)["destination_version"] == "v2"
+    assert labels_of(first)["destination_version"] == "v1"
+    other: dict[str, object] = {}
+    tcp_telemetry(other, "destination", CLIENT, web, None, host)
+    assert labels_of(other)["reporter"] == "destination"
+    assert labels_of(first)["reporter"] == "source"
