@@ -699,6 +699,8 @@ class Options:
     """Seconds the whole run may spend repeating runs disturbed by other users."""
     otlp: str = ""
     """``up``, ``down`` or ``stalled``: spans on at 100%, towards a collector in that state."""
+    tests: tuple[str, ...] = TESTS
+    """The tests each round runs (in ``TESTS`` order)."""
 
 
 def _per(total: float, count: float) -> float | None:
@@ -1289,7 +1291,7 @@ class Bench:
 
     def run(self) -> None:
         for rnd in range(1, self.opts.rounds + 1):
-            for test in TESTS:
+            for test in self.opts.tests:
                 # the one-connection latency test runs with everything on one CPU
                 self.pin_all(LOAD_CPU if test == "latency1" else PROXY_CPU)
                 try:
@@ -2095,6 +2097,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         f"(default {','.join(CASES)})",
     )
     ap.add_argument(
+        "--tests",
+        default=",".join(TESTS),
+        help=f"comma-separated subset of {', '.join(TESTS)} (default: all), e.g. newconn "
+        "alone to compare the CPU per new connection of two versions quickly",
+    )
+    ap.add_argument(
         "--capture",
         action="store_true",
         help="issue 6: iptables vs eBPF capture and the sockmap bypass (cases "
@@ -2127,7 +2135,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     unknown = [c for c in cases if c not in ALL_CASES]
     if unknown or not cases or len(set(cases)) != len(cases):
         ap.error(f"--cases: pick each of {', '.join(ALL_CASES)} at most once (got {a.cases!r})")
+    tests = tuple(t for t in TESTS if t in {x.strip() for x in a.tests.split(",")})
+    wrong = [t for t in a.tests.split(",") if t.strip() and t.strip() not in TESTS]
+    if wrong or not tests:
+        ap.error(f"--tests: pick from {', '.join(TESTS)} (got {a.tests!r})")
     return Options(
+        tests=tests,
         seconds=seconds,
         rounds=rounds,
         short=max(2, round(seconds / 2)),
