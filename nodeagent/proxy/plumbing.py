@@ -123,6 +123,13 @@ class Plumbing:
         self.h2pool = h2pool
         self._identities = PerSnapshot(lambda snap: IdentityIndex.build(snap, inputs.principal))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The proxy's event loop, taken once: ``get_running_loop`` makes a ``getpid``
+        system call each time, and this runs a few times per connection."""
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = loop = asyncio.get_running_loop()
+        return loop
 
     def index(self, snap: MeshSnapshot) -> IdentityIndex:
         """Identity lookups for ``snap``, built once per snapshot, not per connection."""
@@ -147,7 +154,7 @@ class Plumbing:
         return make
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = (self._loop or self._running_loop()).create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -220,7 +227,7 @@ class Plumbing:
         """Make the connected ``sock`` the relay's upstream and count the connection as
         opened; on failure the socket is closed and the error raised."""
         try:
-            await asyncio.get_running_loop().create_connection(
+            await (self._loop or self._running_loop()).create_connection(
                 lambda: UpstreamSide(relay), sock=sock
             )
         except OSError:
@@ -239,7 +246,7 @@ class Plumbing:
             raise PeerError(f"pod {pp.pod.key} is no longer captured")
         sock = await sockets.connect((ep.ip, ep.port), self.inputs.connect_timeout, source)
         try:
-            await asyncio.get_running_loop().create_connection(lambda: pipe, sock=sock)
+            await (self._loop or self._running_loop()).create_connection(lambda: pipe, sock=sock)
         except OSError as e:
             sock.close()
             raise PeerError(f"upstream {ep}: {e}") from None
