@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from nodeagent.model import Labels, Pod
-from nodeagent.proxy.inbound import forwarded_for
+from nodeagent.proxy.inbound import _normal_ip, forwarded_for
 from nodeagent.proxy.outbound import _headers
 
 
@@ -54,6 +54,17 @@ def test_no_header_claims_nothing() -> None:
 def test_anything_else_is_an_error_naming_the_value(value: str) -> None:
     with pytest.raises(ValueError, match="forwarded"):
         forwarded_for({"forwarded": value})
+
+
+def test_a_client_address_is_parsed_once_and_a_bad_one_refused_every_time() -> None:
+    before = _normal_ip.cache_info()
+    for _ in range(3):  # one client pod's connections: the same claim each time
+        assert forwarded_for({"forwarded": 'for="10.9.8.7:4711"'}) == "10.9.8.7"
+        with pytest.raises(ValueError, match="forwarded"):
+            forwarded_for({"forwarded": "for=10.9.8.777"})
+    after = _normal_ip.cache_info()
+    assert after.misses - before.misses == 4  # the good one once, the bad one each time
+    assert after.hits - before.hits == 2
 
 
 def pod() -> Pod:
