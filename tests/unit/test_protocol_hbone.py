@@ -161,6 +161,23 @@ def test_connect_carries_authority_and_headers() -> None:
     ]
 
 
+def test_connect_headers_go_as_plain_literals_and_the_peer_reads_them() -> None:
+    p = Pair()
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    sid = p.c.send_connect("10.0.0.1:9080", {"forwarded": "for=10.0.0.2", "traceparent": tp})
+    wire = p.c.data_to_send()
+    # no Huffman coding: the values are on the wire as they are
+    assert b"10.0.0.1:9080" in wire and tp.encode() in wire and b"for=10.0.0.2" in wire
+    p.s_events += p.s.receive_data(wire)
+    p.pump()
+    (req,) = [e for e in p.s_events if isinstance(e, ConnectRequested)]
+    assert req.stream_id == sid and req.authority == "10.0.0.1:9080"
+    assert req.headers == {"forwarded": "for=10.0.0.2", "traceparent": tp}
+    p.s.accept(sid)
+    p.pump()
+    assert ConnectAccepted(sid, 200, {}) in p.c_events
+
+
 def test_bytes_both_ways_and_half_close_in_each_direction() -> None:
     p = Pair()
     sid = p.open()
