@@ -147,6 +147,26 @@ class _ClientConn(HboneConn):
         return super().lost_error(exc)
 
 
+async def _answer(
+    loop: asyncio.AbstractEventLoop, response: asyncio.Future[None], timeout: float
+) -> None:
+    """Wait for a CONNECT's answer for at most ``timeout`` seconds (then ``TimeoutError``).
+    A timer, not ``wait_for(shield(...))``: those two build three futures and four
+    callbacks per tunnel in Python. Cancelled, the response is cancelled too: its setters
+    all check ``done()``."""
+    timer = loop.call_later(timeout, _time_out, response)
+    try:
+        await response
+    finally:
+        timer.cancel()
+
+
+def _time_out(fut: asyncio.Future[None]) -> None:
+    """No answer to a CONNECT in time (``open_stream``'s timer)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     """Mark a shared future's exception as seen (several waiters, or none)."""
     if not fut.cancelled():
@@ -219,7 +239,7 @@ class HboneClientPool:
             response = stream._response
             assert response is not None
             try:
-                await asyncio.wait_for(asyncio.shield(response), self.response_timeout)
+                await _answer(conn.loop, response, self.response_timeout)
             except TimeoutError:
                 stream.abort()
                 raise PeerError(

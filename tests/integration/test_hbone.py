@@ -463,6 +463,38 @@ def test_refusal_status_and_reason_surface_in_the_error(mesh: Mesh) -> None:
     run(main)
 
 
+def test_an_unanswered_connect_times_out_or_is_cancelled_and_the_connection_serves_on(
+    mesh: Mesh,
+) -> None:
+    async def main() -> None:
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            if req.destination[1] == 1:
+                await asyncio.sleep(30)  # the destination never answers
+            return Echo()
+
+        server = await start_hbone_server(listening(), mesh.server_ctx(), on_connect)
+        pool = pool_for(mesh, response_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(PeerError) as err:
+            await open_peer(pool, server, "10.0.0.1:1")
+        assert "did not answer CONNECT 10.0.0.1:1 within 0.3s" in str(err.value)
+        assert 0.3 <= time.monotonic() - started < 5
+        waiting = asyncio.ensure_future(open_peer(pool, server, "10.0.0.1:1"))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the client left while its tunnel was being opened
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        peer = await open_peer(pool, server)  # the same connection still serves
+        await peer.send(b"ping")
+        await asyncio.wait_for(peer.eof, 5)
+        assert peer.digest.digest() == hashlib.sha256(b"ping").digest()
+        assert pool.stats()["dials"] == 1
+        pool.close()
+        server.abort()
+
+    run(main)
+
+
 class ResetAtOnce(asyncio.Protocol):
     """An upstream that resets as soon as it is connected (an app killed right then)."""
 
