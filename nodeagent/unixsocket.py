@@ -6,6 +6,7 @@ one) and serving gRPC on it with mode 0600 from the socket's first moment
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import logging
@@ -197,3 +198,15 @@ class OwnedSocket(grpc.aio.Server):
     def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
         """(Called by the generated ``add_*Servicer_to_server`` on recent grpc.)"""
         self.server.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]
+
+
+def received_fds(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an ``SCM_RIGHTS`` message carried (``recvmsg``'s ancillary data;
+    a trailing partial int is ignored)."""
+    out: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+            out.extend(fds)
+    return out

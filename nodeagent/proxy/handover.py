@@ -39,7 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nodeagent.unixsocket import bind_owner_only, prepare_unix_socket_path, unlink_if_same
+from nodeagent.unixsocket import (
+    bind_owner_only,
+    prepare_unix_socket_path,
+    received_fds,
+    unlink_if_same,
+)
 
 log = logging.getLogger("nodeagent.handover")
 
@@ -126,11 +131,7 @@ class _BlockingPeer:
         while len(out) < n:
             self._timeout()
             data, anc, flags, _ = self.sock.recvmsg(n - len(out), space)
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
-                    self.fds.extend(fds)
+            self.fds.extend(received_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 raise HandoverError("the peer sent more descriptors than a message may carry")
             if not data:

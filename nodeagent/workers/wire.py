@@ -22,6 +22,8 @@ import struct
 from types import MappingProxyType
 from typing import Any
 
+from nodeagent.unixsocket import received_fds
+
 _HEAD = struct.Struct(">II")
 MAX_MESSAGE = 256 << 20
 """Bytes of one message (a snapshot of a big mesh is a few MiB): beyond, a broken peer."""
@@ -123,11 +125,7 @@ class Channel:
                 continue
             except OSError as e:
                 raise ChannelClosed(f"cannot receive: {e}") from None
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
-                    self._fds.extend(fds)
+            self._fds.extend(received_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 raise ChannelClosed("descriptors were cut off")
             if not data:
