@@ -939,10 +939,9 @@ class Bench:
                 p.wait(timeout=3)
         self.haproxies.clear()
 
-    def opened(self, node: str, metrics: Sequence[str] = (TCP_OPENED,)) -> dict[str, float]:
-        """The agent's counters ``metrics`` (``istio_tcp_connections_opened_total`` by
-        default) of a node, per series (``name{labels}``)."""
-        text = _run(
+    def metrics_text(self, node: str) -> str:
+        """The node's agent's Prometheus exposition (``:15020/metrics`` in its netns)."""
+        return _run(
             [
                 "nsenter",
                 f"--net={netns_path(self.sb.node_netns(node))}",
@@ -953,6 +952,11 @@ class Bench:
                 "http://127.0.0.1:15020/metrics",
             ]
         )
+
+    def opened(self, node: str, metrics: Sequence[str] = (TCP_OPENED,)) -> dict[str, float]:
+        """The agent's counters ``metrics`` (``istio_tcp_connections_opened_total`` by
+        default) of a node, per series (``name{labels}``)."""
+        text = self.metrics_text(node)
         series: dict[str, float] = {}
         for line in text.splitlines():
             if line.startswith(tuple(f"{m}{{" for m in metrics)):
@@ -964,17 +968,7 @@ class Bench:
         """``--otlp``: the spans each node's agent started and dropped so far."""
         out: dict[str, dict[str, float]] = {}
         for node in nodes:
-            text = _run(
-                [
-                    "nsenter",
-                    f"--net={netns_path(self.sb.node_netns(node))}",
-                    "curl",
-                    "-sS",
-                    "-m",
-                    "5",
-                    "http://127.0.0.1:15020/metrics",
-                ]
-            )
+            text = self.metrics_text(node)
             got = {m: 0.0 for m in SPAN_METRICS}
             for line in text.splitlines():
                 name, _, value = line.partition(" ")
@@ -2253,7 +2247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         capture = bench.mesh_capture if bench and "mesh" in opts.cases else None
         print(
             table(
-                summary, {**env, "rounds": rounds_done}, runs, opts.cases, opts.l7, mesh_path,
+                summary,
+                {**env, "rounds": rounds_done},
+                runs,
+                opts.cases,
+                opts.l7,
+                mesh_path,
                 capture,
             )
         )
