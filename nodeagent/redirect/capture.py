@@ -27,7 +27,7 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.redirect import iptables, srcroute
 from nodeagent.redirect.ebpf import NodeCapture
 from nodeagent.redirect.hostmode import HostRules, cgroup2_mount
-from nodeagent.redirect.netns import netns_path
+from nodeagent.redirect.netns import netns_path, run_in
 from nodeagent.redirect.sockets import original_dst
 
 log = logging.getLogger("nodeagent.redirect")
@@ -35,6 +35,8 @@ log = logging.getLogger("nodeagent.redirect")
 Addr = tuple[str, int]
 Excluded = tuple[frozenset[int], frozenset[int]]
 """(outbound, inbound) ports left out of capture."""
+MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
+"""The per-netns switch that hands a closing ``SO_REUSEPORT`` listener's queue on."""
 
 
 
@@ -59,6 +61,21 @@ class SourceRouting:
     def routed(self, pod_key: str) -> None:
         """``pod_key``'s app sees the clients' addresses, or the pod left."""
         self.failing.pop(pod_key, None)
+
+    async def migrate_queued(self, pod_key: str, netns: str, on: bool) -> None:
+        """Set ``MIGRATE_REQ`` in the pod's ``netns`` (a path) to 1 (``on``) or back to 0:
+        when one socket of a listener group closes (a worker that dies, the old agent's
+        workers after a hand-over), the kernel moves the connections queued on it to the
+        group's other sockets instead of resetting them. Best effort: a kernel before 5.14
+        has no such switch, and then those connections are reset (logged once)."""
+        try:
+            await run_in(netns, ["sysctl", "-q", "-w", f"{MIGRATE_REQ}={int(on)}"])
+        except LocalStateError as e:
+            if str(e) not in self._logged:
+                self._logged.add(str(e))
+                log.warning(
+                    "pod %s: connections queued on a closing listener are reset: %s", pod_key, e
+                )
 
     def failed(self, pod_key: str, mode: str, e: LocalStateError) -> str:
         """Source routing failed for ``pod_key``: remember why; the pod's mode."""
@@ -135,6 +152,7 @@ class IptablesCapture(SourceRouting, HostCapture):
             dns_port=self.dns_port,
         )
         await iptables.apply_rules(runtime.netns, spec)
+        await self.migrate_queued(pod_key, netns_path(runtime.netns), True)
         try:
             await iptables.apply_source_routing(netns_path(runtime.netns))
         except LocalStateError as e:  # capture still works; the app sees the proxy
@@ -155,6 +173,7 @@ class IptablesCapture(SourceRouting, HostCapture):
         try:
             await iptables.remove_rules(path)
             await iptables.remove_source_routing(path)
+            await self.migrate_queued(pod_key, path, False)
         except LocalStateError as e:
             log.warning("pod %s: cannot remove its capture rules: %s", pod_key, e)
 
@@ -198,6 +217,7 @@ class EbpfCapture(SourceRouting, HostCapture):
             exclude_inbound_ports=in_ports,
         )
         mode = "eBPF"
+        await self.migrate_queued(pod_key, netns_path(runtime.netns), True)
         if self.dns_port is not None:
             spec = iptables.CaptureSpec(exclude_outbound_ports=out_ports, dns_port=self.dns_port)
             try:
@@ -230,6 +250,7 @@ class EbpfCapture(SourceRouting, HostCapture):
             return
         try:
             await srcroute.remove(path)
+            await self.migrate_queued(pod_key, path, False)
             if self.dns_port is not None:
                 await iptables.remove_rules(path)
         except LocalStateError as e:

@@ -26,6 +26,7 @@ from meshops import apply_file, http_status
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.redirect import ebpf, libbpf
+from nodeagent.redirect.capture import MIGRATE_REQ
 from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.agents import BPF_PIN_DIR
@@ -90,6 +91,12 @@ def routing(netns: str) -> tuple[str, str, str]:
     )
 
 
+def migrate_req(netns: str) -> str:
+    """``tcp_migrate_req`` in ``netns``: 1 while the pod is captured (a closing listener of
+    a worker's group hands its queued connections on)."""
+    return in_netns(netns, "sysctl", "-n", MIGRATE_REQ).strip()
+
+
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Whether ``check()`` holds within ``timeout`` seconds (a pod's capture follows a
     config change a moment after the agents load it)."""
@@ -138,6 +145,7 @@ def test_the_app_sees_the_client_pods_address(sb: Sandbox, config_dir: Path, red
     assert f"32764:\tfrom all {RULES[redirect]}" in rules, rules
     assert "local default dev lo" in routes, routes
     assert accept_mark == FWMARK_ACCEPT[redirect]
+    assert migrate_req(sb.pod_netns("echo-1")) == "1"
     with AdminClient(sb.agent_socket("node2")) as c:
         assert "apps see their pod's address" not in c.status()["redirect_mode"]
 
@@ -199,9 +207,11 @@ def test_a_pod_leaving_the_mesh_keeps_no_routing(sb: Sandbox, config_dir: Path) 
         apply_file(sb, pods, "\n---\n".join(kept))
         assert eventually(lambda: routing(netns)[1:] == ("", "0 0"))
         assert "lookup 100" not in routing(netns)[0]
+        assert eventually(lambda: migrate_req(netns) == "0")
     finally:
         apply_file(sb, pods, original)
         apply_file(sb, services, svc_original)
     url = f"http://{sb.pod_ip('victim')}:8080/"
     assert eventually(lambda: "lookup 100" in routing(netns)[0])
+    assert eventually(lambda: migrate_req(netns) == "1")
     assert seen_by_app(sb, "client", url) == sb.pod_ip("client")

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from nodeagent.admin.client import AdminClient
+from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
 
 pytestmark = [
@@ -149,6 +150,33 @@ def test_a_killed_worker_takes_only_its_connections_and_is_replaced(sb: Sandbox)
         return by_worker(rows).get(1, 0) > 0
 
     until(served_by_replacement, "a new connection on the replacement worker", 40)
+
+
+def accept_queues(sb: Sandbox, pod: str, port: int) -> list[int]:
+    """The accept queue of each socket of the listener group on ``port`` in ``pod``'s
+    netns (``ss``'s Recv-Q of a listener), by socket."""
+    out = subprocess.run(
+        ["nsenter", f"--net={netns_path(sb.pod_netns(pod))}", "ss", "-Hltn", f"sport = :{port}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    return [int(line.split()[1]) for line in out.splitlines()]
+
+
+def test_connections_queued_on_a_dying_worker_are_served_by_the_others(sb: Sandbox) -> None:
+    (old,) = workers_of(sb, "node1")
+    procs: list[subprocess.Popen[str]] = []
+    queued = 0
+    os.kill(old.pid, signal.SIGSTOP)  # it accepts nothing: its share waits in its queue
+    try:
+        procs = streams(sb, STREAMS, 2)
+        until(lambda: max(accept_queues(sb, "client", 15001)) > 0, "a queued connection")
+        queued = max(accept_queues(sb, "client", 15001))
+    finally:
+        os.kill(old.pid, signal.SIGKILL)
+        done = results(procs)
+    # tcp_migrate_req in the pod's netns: the kernel hands them to the main process's socket
+    assert all(r["ok"] and r["received"] == r["sent"] > 0 for r in done), (queued, done)
+    until(lambda: len(workers_of(sb, "node1")) == 1, "a replacement worker on node1")
 
 
 def test_ctl_status_shows_each_workers_rss_and_cpu(sb: Sandbox) -> None:
