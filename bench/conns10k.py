@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from run import (
 
 from nodeagent.sandbox import Sandbox, cgroups
 from nodeagent.sandbox.netlink import netns_path
-from nodeagent.sandbox.processes import tcp_open
+from nodeagent.sandbox.processes import next_json_line, tcp_open
 
 ROOT = Path(__file__).resolve().parents[1]
 MANYCONNS = ROOT / "tests" / "e2e" / "manyconns.py"
@@ -168,13 +167,13 @@ def hold(
     )
     try:
         started = time.monotonic()
-        opened = _event(client, 300)
+        opened = next_json_line(client, 300)
         open_s = time.monotonic() - started
         held = {node: rss(p) for node, p in pids.items()}
         assert client.stdin is not None
         client.stdin.write("check\n")
         client.stdin.flush()
-        checked = _event(client, 300)
+        checked = next_json_line(client, 300)
     finally:
         if client.poll() is None:
             client.kill()
@@ -190,18 +189,6 @@ def hold(
         "kib_per_conn": {n: (held[n] - idle[n]) * 1024 / conns for n in held},
         "open_s": round(open_s, 1),
     }
-
-
-def _event(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    line = p.stdout.readline() if ready else ""
-    if not line:
-        p.kill()
-        _, err = p.communicate(timeout=10)
-        raise BenchError(f"the client gave no answer within {timeout:g}s: {err[-2000:]}")
-    event: dict[str, Any] = json.loads(line)
-    return event
 
 
 def start_haproxies(
@@ -342,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         with e2e_lock():
             for mode in args.modes.split(","):
                 runs.append(measure(mode, args.conns, args.settle, args.mtls, not args.no_haproxy))
-    except BenchError as e:
+    except (BenchError, TimeoutError) as e:
         print(f"conns10k.py: {e}", file=sys.stderr)
         return 1
     print(report(runs, args.mtls))

@@ -10,7 +10,9 @@ cgroup v2 mount, PLATFORM gotcha 5)::
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -176,3 +178,17 @@ def follow(path: str, out: IO[str], poll: float = 0.2) -> None:
                 out.flush()
             else:
                 time.sleep(poll)
+
+
+def next_json_line(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The next line ``p`` (text pipes) prints, a JSON object, within ``timeout`` seconds;
+    else ``p`` is killed and ``TimeoutError`` carries the tail of its stderr."""
+    assert p.stdout is not None
+    ready, _, _ = select.select([p.stdout], [], [], timeout)
+    line = p.stdout.readline() if ready else ""
+    if not line:
+        p.kill()
+        _, err = p.communicate(timeout=10)
+        raise TimeoutError(f"the client gave no answer within {timeout:g}s: {(err or '')[-2000:]}")
+    event: dict[str, Any] = json.loads(line)
+    return event

@@ -14,18 +14,16 @@ second sandbox would double the test's time.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from nodeagent.redirect.netns import netns_path
 from nodeagent.sandbox import Sandbox
+from nodeagent.sandbox.processes import next_json_line
 
 pytestmark = [
     pytest.mark.privileged,
@@ -108,19 +106,6 @@ def opened_over_hbone(sb: Sandbox, node: str, reporter: str) -> float:
     )
 
 
-def next_event(p: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The client's next JSON line, within ``timeout`` seconds."""
-    assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], timeout)
-    line = p.stdout.readline() if ready else ""
-    if not line:
-        p.kill()
-        _, err = p.communicate(timeout=10)
-        raise AssertionError(f"client gave no answer within {timeout:g}s: {err[-2000:]}")
-    event: dict[str, Any] = json.loads(line)
-    return event
-
-
 def test_10k_connections_across_nodes_all_echo_within_300_mib(sb: Sandbox) -> None:
     idle = {node: rss_mib(pid) for node, pid in sb.agent_pids.items()}
     before = [
@@ -136,13 +121,13 @@ def test_10k_connections_across_nodes_all_echo_within_300_mib(sb: Sandbox) -> No
         text=True,
     )
     try:
-        opened = next_event(client, timeout=180)
+        opened = next_json_line(client, 180)
         # every connection is open and idle now: what the agents hold for them
         held = {node: rss_mib(pid) for node, pid in sb.agent_pids.items()}
         assert client.stdin is not None
         client.stdin.write("check\n")
         client.stdin.flush()
-        checked = next_event(client, timeout=120)
+        checked = next_json_line(client, 120)
     finally:
         if client.poll() is None:
             client.kill()
