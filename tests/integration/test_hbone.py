@@ -120,6 +120,8 @@ class Peer(asyncio.Protocol):
         self.digest = hashlib.sha256()
         self.received = 0
         self.eof: asyncio.Future[None] = loop.create_future()
+        # a test that never awaits eof (the stream was meant to fail) leaves no warning
+        self.eof.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.lost: asyncio.Future[Exception | None] = loop.create_future()
         self.can_write = asyncio.Event()
         self.can_write.set()
