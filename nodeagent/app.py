@@ -203,6 +203,7 @@ class Agent:
                 self.snapshot,
                 self._certs_now,
             )
+            self.proxy.admission.share(self.pool.buckets)  # rate limits hold node-wide
             if self.certs is not None:
                 self.certs.on_rotate.append(self.pool.on_cert)
         # the CNI plugin's pods: recorded in the runtime file, answered once captured

@@ -21,7 +21,9 @@ their policy; keyed ones (per principal, header value or route) are capped, leas
 used first out, so a flood of distinct header values cannot exhaust memory (an evicted
 bucket comes back full, as a new key would). A bucket is identified by its policy's key
 and its parameters, so a new snapshot keeps the state of unchanged limits and restarts a
-changed one; ``sync`` drops the buckets of policies that are gone.
+changed one; ``sync`` drops the buckets of policies that are gone. With ``shared`` (a
+``SharedBuckets``: ``proxy.sharedbuckets``, for ``--workers``), a bucket's tokens live
+where every process of the node sees them, and this limiter keeps only its references.
 
 Quotas (``QuotaCounter``): a count per (policy, window, source principal) in the current
 UTC-aligned window; a unit is granted when every applicable quota is under its limit, and
@@ -40,6 +42,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Protocol, cast
 
 from nodeagent.model.objects import Labels
 from nodeagent.model.ratelimit import (
@@ -231,11 +234,46 @@ class TokenBucketState:
         return True
 
 
+class SharedRef:
+    """A bucket kept by a ``SharedBuckets``: its identity (a digest of the policy, scope,
+    bucket parameters, key, workload and key value) and where the store last found it."""
+
+    __slots__ = ("bucket", "ident", "local", "slot")
+
+    def __init__(self, ident: bytes, bucket: TokenBucket) -> None:
+        self.ident = ident
+        self.bucket = bucket
+        self.slot = -1
+        """The store's place for it (-1: not looked up yet); the store's to keep."""
+        self.local: TokenBucketState | None = None
+        """A bucket of this process alone, when the store has no room (the store's)."""
+
+
+class SharedBuckets(Protocol):
+    """Token buckets that several processes take from (``proxy.sharedbuckets``)."""
+
+    def take_all(self, refs: Sequence[SharedRef], now: float) -> list[tuple[int, float]]:
+        """Each bucket's (tokens, seconds to the next fill) before this request, taking
+        one token from each when every one has a token, none otherwise: atomically."""
+        ...
+
+    def peek(self, ref: SharedRef, now: float) -> tuple[int, float]:
+        """(tokens, seconds to the next fill), taking nothing."""
+        ...
+
+
+def shared_ident(limit_key: tuple[object, ...], workload: str, value: str) -> bytes:
+    """A bucket's identity across processes: the same limit and key value give the same
+    16 bytes in every process (a changed bucket or key is another bucket)."""
+    text = repr((*limit_key, workload, value)).encode()
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
 class _Limit:
     """One (policy, scope, bucket, key), interned by ``RateLimiter``: bucket ids hold it
     and hash it by identity, which is cheaper than hashing its parameters per request."""
 
-    __slots__ = ("bucket", "key", "keyed", "policy", "scope")
+    __slots__ = ("bucket", "key", "keyed", "policy", "scope", "shared_key")
 
     def __init__(self, policy: str, scope: str, bucket: TokenBucket, key: RateLimitKey) -> None:
         self.policy = policy
@@ -243,9 +281,19 @@ class _Limit:
         self.bucket = bucket
         self.key = key
         self.keyed = key.kind is not KeyKind.NONE
+        b = bucket
+        self.shared_key = (
+            policy,
+            scope,
+            b.max_tokens,
+            b.tokens_per_fill,
+            b.fill_interval,
+            str(key),
+        )
 
 
 _LimitSpec = tuple[str, str, TokenBucket, RateLimitKey]
+_State = TokenBucketState | SharedRef
 _BucketId = tuple[_Limit, str, str]
 """(limit, destination workload, key value)."""
 
@@ -303,11 +351,15 @@ def _specs(policy: LocalRateLimit) -> tuple[_LimitSpec | None, _LimitSpec | None
 class RateLimiter:
     """Every token bucket of this node's proxy (see the module docstring)."""
 
-    def __init__(self, max_keyed_buckets: int = MAX_KEYED_BUCKETS) -> None:
+    def __init__(
+        self, max_keyed_buckets: int = MAX_KEYED_BUCKETS, shared: SharedBuckets | None = None
+    ) -> None:
         self.max_keyed_buckets = max_keyed_buckets
-        self._buckets: dict[_BucketId, TokenBucketState] = {}
+        self.shared = shared
+        """Where the tokens are kept when several processes share them (None: here)."""
+        self._buckets: dict[_BucketId, _State] = {}
         """Unkeyed buckets: as many as (policy, scope, workload) triples."""
-        self._keyed: OrderedDict[_BucketId, TokenBucketState] = OrderedDict()
+        self._keyed: OrderedDict[_BucketId, _State] = OrderedDict()
         """Keyed buckets, least recently used first."""
         self._interned: dict[_LimitSpec, _Limit] = {}
         self._compiled: dict[int, tuple[LocalRateLimit, _Limit | None, _Limit | None]] = {}
@@ -335,36 +387,44 @@ class RateLimiter:
             hit = self._compiled[id(policy)] = (policy, self._intern(http), self._intern(tcp))
         return hit
 
-    def _bucket(self, limit: _Limit, workload: str, value: str, now: float) -> TokenBucketState:
+    def _new(self, limit: _Limit, workload: str, value: str, now: float) -> _State:
+        if self.shared is None:
+            return TokenBucketState(limit.bucket, now)
+        return SharedRef(shared_ident(limit.shared_key, workload, value), limit.bucket)
+
+    def _bucket(self, limit: _Limit, workload: str, value: str, now: float) -> _State:
         ident = (limit, workload, value)
         if not limit.keyed:
             state = self._buckets.get(ident)
             if state is None:
-                state = self._buckets[ident] = TokenBucketState(limit.bucket, now)
+                state = self._buckets[ident] = self._new(limit, workload, value, now)
             return state
         keyed = self._keyed
         state = keyed.get(ident)
         if state is None:
-            state = keyed[ident] = TokenBucketState(limit.bucket, now)
+            state = keyed[ident] = self._new(limit, workload, value, now)
             if len(keyed) > self.max_keyed_buckets:
                 keyed.popitem(last=False)
         else:
             keyed.move_to_end(ident)
         return state
 
-    def _admit(
-        self, entries: Sequence[tuple[_Limit, TokenBucketState]], now: float
-    ) -> RateDecision:
+    def _admit(self, entries: Sequence[tuple[_Limit, _State]], now: float) -> RateDecision:
         if not entries:
             return UNLIMITED
         parts: list[_Part] = []
+        if self.shared is not None:  # taken there, under its locks
+            got = self.shared.take_all(cast("list[SharedRef]", [s for _, s in entries]), now)
+            for (limit, _), (tokens, reset) in zip(entries, got, strict=True):
+                parts.append((limit.policy, limit.scope, limit.bucket.max_tokens, tokens, reset))
+            return _verdict(parts)[1]
         for limit, state in entries:
-            tokens, reset = state.peek(now)
+            tokens, reset = cast(TokenBucketState, state).peek(now)
             parts.append((limit.policy, limit.scope, limit.bucket.max_tokens, tokens, reset))
         ok, decision = _verdict(parts)
         if ok:
             for _, state in entries:
-                state.tokens -= 1
+                cast(TokenBucketState, state).tokens -= 1
         return decision
 
     def check_http(
@@ -381,7 +441,7 @@ class RateLimiter:
         ``applicable``). ``header`` looks a lowercase header name up (``dict.get`` of the
         request's headers); ``route`` names the route taken (e.g. ``<VirtualService
         key>/<http route name>``, empty when none)."""
-        entries: list[tuple[_Limit, TokenBucketState]] = []
+        entries: list[tuple[_Limit, _State]] = []
         for p in policies:
             limit = self._limits(p)[1]
             if limit is not None:
@@ -393,7 +453,7 @@ class RateLimiter:
         self, policies: Sequence[LocalRateLimit], *, workload: str, now: float
     ) -> RateDecision:
         """One new connection to ``workload`` under ``policies`` (from ``applicable``)."""
-        entries: list[tuple[_Limit, TokenBucketState]] = []
+        entries: list[tuple[_Limit, _State]] = []
         for p in policies:
             limit = self._limits(p)[2]
             if limit is not None:
@@ -421,7 +481,11 @@ class RateLimiter:
         for (limit, workload, value), state in chain(self._buckets.items(), self._keyed.items()):
             if wanted is not None and limit.policy not in wanted:
                 continue
-            tokens, reset = state.peek(now)
+            if isinstance(state, SharedRef):
+                assert self.shared is not None
+                tokens, reset = self.shared.peek(state, now)
+            else:
+                tokens, reset = state.peek(now)
             views.append(
                 BucketView(
                     policy=limit.policy,

@@ -43,6 +43,7 @@ from nodeagent.proxy.jwks import JwksCache
 from nodeagent.proxy.l7conn import Admitted, Exchange
 from nodeagent.proxy.l7retry import LocalReply
 from nodeagent.proxy.quotastore import QuotaStore
+from nodeagent.proxy.sharedbuckets import SharedBuckets
 
 log = logging.getLogger("nodeagent.policy")
 
@@ -154,6 +155,11 @@ class InboundPolicy:
         self.jwks.prefetch(
             [r.jwks_uri for p in snap.request_authentications for r in p.jwt_rules if r.jwks_uri]
         )
+
+    def share(self, table: SharedBuckets) -> None:
+        """Take tokens from ``table``, which the node's other processes take from too
+        (``--workers``), rather than from buckets of this process's own."""
+        self.limiter = RateLimiter(shared=table)
 
     def close(self) -> None:
         if self._quotas is not None:
@@ -391,4 +397,3 @@ def _apply_authn_headers(hdrs: dict[str, str], a: AuthnResult) -> dict[str, str]
     out = {k: v for k, v in hdrs.items() if k not in {n.lower() for n in ops.remove}}
     out.update((k.lower(), v) for k, v in ops.set)
     return out
-

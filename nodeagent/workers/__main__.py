@@ -1,5 +1,6 @@
-"""``python -m nodeagent.workers FD``: a worker process, started by the main process
-with its end of the channel as descriptor ``FD`` (not a command for people)."""
+"""``python -m nodeagent.workers FD BUCKETS``: a worker process, started by the main
+process with its end of the channel as descriptor ``FD`` and the node's token buckets
+as ``BUCKETS`` (not a command for people)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import sys
 from nodeagent.workers.child import main
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        print("usage: python -m nodeagent.workers FD (started by nodeagent run)", file=sys.stderr)
+    if len(sys.argv) != 3 or not all(a.isdigit() for a in sys.argv[1:]):
+        print(
+            "usage: python -m nodeagent.workers FD BUCKETS (started by nodeagent run)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    sys.exit(main(int(sys.argv[1])))
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))

@@ -34,6 +34,7 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.handover import Listener, check_listener
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.server import Proxy
+from nodeagent.proxy.sharedbuckets import SharedBuckets
 from nodeagent.redirect.capture import ebpf_original_destination
 from nodeagent.redirect.sockets import original_dst
 from nodeagent.telemetry.metrics import Metrics
@@ -136,7 +137,9 @@ class WorkerCapture:
 class Worker:
     """One worker process's proxy, fed by the main process over ``channel``."""
 
-    def __init__(self, channel: Channel, setup: dict[str, Any]) -> None:
+    def __init__(
+        self, channel: Channel, setup: dict[str, Any], buckets: SharedBuckets | None = None
+    ) -> None:
         self.channel = channel
         self.settings: AgentSettings = setup["settings"]
         self.index: int = setup["index"]
@@ -156,7 +159,9 @@ class Worker:
             identity,
             dns=None,  # the pods' DNS proxies are the main process's
         )
-        self.proxy = Proxy(inputs)  # quota counters: in memory (the main's are on disk)
+        self.proxy = Proxy(inputs, state_dir=self.settings.state_dir)  # the node's quotas
+        if buckets is not None:
+            self.proxy.admission.share(buckets)
         self.proxy.inherit(self.listeners)
         self.proxy.local.serves = self.listeners.serves
         self._stop = asyncio.Event()
@@ -250,8 +255,9 @@ class Worker:
         return out
 
 
-def main(fd: int) -> int:
-    """The worker process: set up from the main process's first message, then serve."""
+def main(fd: int, buckets_fd: int) -> int:
+    """The worker process: set up from the main process's first message, then serve;
+    ``buckets_fd``: the node's token buckets (``proxy.sharedbuckets``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for the main process to handle
     logging.basicConfig(
         level=logging.INFO,
@@ -277,7 +283,12 @@ def main(fd: int) -> int:
         )
         for handler in logging.getLogger().handlers:  # whose line is whose, in one log
             handler.setFormatter(named)
-        worker = Worker(channel, setup)
+        try:
+            buckets = SharedBuckets(buckets_fd)
+        except (OSError, ValueError) as e:
+            log.error("worker: no token buckets from the main process: %s", e)
+            return 1
+        worker = Worker(channel, setup, buckets)
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 50)  # as the main process (app.GC_THRESHOLDS)

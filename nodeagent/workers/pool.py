@@ -25,6 +25,7 @@ from nodeagent.model.objects import PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.status import ConnectionInfo, WorkerStatus
 from nodeagent.proxy.pods import LocalPods
+from nodeagent.proxy.sharedbuckets import SharedBuckets
 from nodeagent.workers.wire import Channel, ChannelClosed
 
 log = logging.getLogger("nodeagent.workers")
@@ -82,8 +83,12 @@ class WorkerPool:
         self.certs = certs
         """The certificates held now and the trust bundle (empty without mTLS)."""
         self.slots = [_Slot(i) for i in range(1, count)]
+        self.buckets = SharedBuckets.create()
+        """The node's token buckets: every process takes from them (the main one too:
+        ``InboundPolicy.share``)."""
         self.command = [sys.executable, "-m", "nodeagent.workers"]
-        """A worker process, given its end of the channel as a last argument."""
+        """A worker process, given its end of the channel and the buckets' descriptor
+        as its last two arguments."""
         self.hello_timeout = HELLO_TIMEOUT
         self.refresh_every = METRICS_EVERY
         """Seconds between two gatherings in the background (for ``/metrics``)."""
@@ -139,7 +144,8 @@ class WorkerPool:
             slot.proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                str(self.buckets.fd),
+                pass_fds=(theirs.fileno(), self.buckets.fd),
                 stdin=asyncio.subprocess.DEVNULL,
             )
         except OSError:
@@ -235,6 +241,7 @@ class WorkerPool:
             t.cancel()
         for slot in self.slots:
             self._forget(slot)
+        # (the buckets stay mapped: the main process's proxy may still take from them)
 
     # -- feeding -----------------------------------------------------------------------
     def _send(self, msg: dict[str, Any], socks: list[socket.socket] | None = None) -> None:

@@ -29,6 +29,7 @@ from test_source_ip import Collect
 from nodeagent.config import AgentSettings
 from nodeagent.control.files import load_directory
 from nodeagent.core import authz, route
+from nodeagent.errors import PeerError
 from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.hbone_client import HboneClientPool
 from nodeagent.proxy.identity import MeshIdentity
@@ -44,6 +45,10 @@ HBONE_PORT, APP_PORT = 15008, 9080
 VM_ID, CLIENT_ID = spiffe_id("default", "vm"), spiffe_id("default", "client")
 
 
+LIMIT = 10
+"""New connections the vm admits per hour (``LocalRateLimit``'s tcp bucket), node-wide."""
+
+
 def mesh(vm_ip: str) -> str:
     return f"""
 apiVersion: networking.istio.io/v1
@@ -56,6 +61,21 @@ spec:
   address: {vm_ip}
   labels: {{app: vm}}
   serviceAccount: vm
+"""
+
+
+RATE_LIMIT = f"""
+---
+apiVersion: nodeagent.io/v1alpha1
+kind: LocalRateLimit
+metadata:
+  name: vm-connections
+  namespace: default
+spec:
+  selector: {{matchLabels: {{app: vm}}}}
+  ports: [{APP_PORT}]
+  tcp:
+    tokenBucket: {{maxTokens: {LIMIT}, tokensPerFill: 1, fillInterval: 1h}}
 """
 
 
@@ -97,10 +117,10 @@ class Tunnel:
 
 
 class Rig:
-    def __init__(self, tmp: Path, workers: int) -> None:
+    def __init__(self, tmp: Path, workers: int, extra: str = "") -> None:
         a, b, c = random.randint(100, 250), random.randint(0, 255), random.randint(2, 250)
         self.vm_ip = f"127.{a}.{b}.{c}"  # its own: other tests may serve 15008 elsewhere
-        (tmp / "mesh.yaml").write_text(mesh(self.vm_ip))
+        (tmp / "mesh.yaml").write_text(mesh(self.vm_ip) + extra)
         snap = load_directory(tmp).snapshot
         route.prepare(snap)
         authz.prepare(snap)
@@ -137,6 +157,7 @@ class Rig:
             lambda: self.snap,
             lambda: (list(self.certs.certs.values()), self.certs.bundle),
         )
+        self.proxy.admission.share(self.pool.buckets)
         self.tunnels: list[Tunnel] = []
 
     async def start(self) -> None:
@@ -193,11 +214,14 @@ class Rig:
 
 
 def run(
-    workers: int, body: Callable[[Rig], Awaitable[None]], before: Callable[[Rig], None] = print
+    workers: int,
+    body: Callable[[Rig], Awaitable[None]],
+    before: Callable[[Rig], None] = print,
+    extra: str = "",
 ) -> None:
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            rig = Rig(Path(tmp), workers)
+            rig = Rig(Path(tmp), workers, extra)
             before(rig)
             try:
                 await rig.start()
@@ -366,3 +390,36 @@ def test_the_workers_connections_are_gathered_in_the_background() -> None:
         assert tunnels
 
     run(2, body, often)
+
+
+def test_a_rate_limit_holds_across_the_workers() -> None:
+    """A LocalRateLimit of LIMIT new connections an hour admits LIMIT in all, however
+    the kernel spreads the connections over the processes (each refused one counted)."""
+
+    async def body(rig: Rig) -> None:
+        await until(lambda: serving(rig), "the workers to get the pod's listeners", 40)
+        admitted, refused = 0, 0
+        for _ in range(3 * LIMIT):
+            try:
+                t = await rig.connect()
+            except PeerError as e:
+                assert "429" in str(e), e
+                refused += 1
+                continue
+            assert await t.echo(b"hello")
+            admitted += 1
+        counts = await rig.by_worker()
+        assert set(counts) == {0, 1}, f"the admitted connections all on one process: {counts}"
+        assert (admitted, refused) == (LIMIT, 2 * LIMIT)
+        await rig.pool.gather("metrics")
+        merged = MergedRegistry(rig.proxy.inputs.metrics.registry, rig.pool.metric_families)
+        limited = sum(
+            s.value
+            for fam in merged.collect()
+            for s in fam.samples
+            if s.name == "nodeagent_connection_failures_total"
+            and s.labels.get("response_flags") == "RL"
+        )
+        assert limited == 2 * LIMIT
+
+    run(2, body, extra=RATE_LIMIT)
