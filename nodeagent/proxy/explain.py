@@ -333,7 +333,7 @@ def _rate_limits(
     store = proxy.admission.quota_store() if any(p.quotas for p in limits) else None
     if store is not None:
         quotas = []
-        for qv in store.counter.state(limits, time.time()):
+        for qv in store.state(limits, time.time()):
             mine = qv.principal == (principal or "")
             quotas.append(
                 {

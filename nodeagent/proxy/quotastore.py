@@ -24,24 +24,31 @@ since the last ``flush()`` or compaction may be lost. When the journal cannot be
 (disk full), units are still granted and counted in memory (fail open, like Envoy's rate
 limit service by default), and an error is logged.
 
+Several processes (``--workers``, or an old and a new agent during an upgrade) share one
+journal: each grant is made under an exclusive ``flock`` of ``<file>.lock``, after the
+process has added the lines the others appended since its last look (and reloaded the
+file when another one compacted it: a new inode), so a quota holds node-wide as in one
+process. The kernel drops a dead process's lock.
+
 Synchronous and single-threaded: the proxy's event loop owns the store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import orjson
 
-from nodeagent.core.ratelimit import QuotaCharge, QuotaCounter, RateDecision
+from nodeagent.core.ratelimit import QuotaCharge, QuotaCounter, QuotaView, RateDecision
 from nodeagent.errors import LocalStateError
 from nodeagent.model.ratelimit import LocalRateLimit
 
@@ -152,20 +159,69 @@ class QuotaStore:
         self._closed = False
         self._broken = False
         """The last write failed, maybe half-way: start the next line on a new one."""
-        self._load()
+        self._ino = 0
+        """The journal's inode as this process opened it (another one: compacted since)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._open_journal()
+            self._lock_fd = os.open(
+                path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
         except OSError as e:
             raise LocalStateError(
                 f"quota store {path}: cannot open for writing: {e} "
                 "(check the directory exists and the agent may write there)"
             ) from e
-        self.compact()
+        with self._locked():
+            self._load()
+            try:
+                self._open_journal()
+            except OSError as e:
+                os.close(self._lock_fd)
+                raise LocalStateError(
+                    f"quota store {path}: cannot open for writing: {e} "
+                    "(check the directory exists and the agent may write there)"
+                ) from e
+            self._compact()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The other processes' grants, compactions and loads wait meanwhile."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        """Count what the other processes wrote since this one last looked (the lock held)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is None or st.st_ino != self._ino:  # compacted by another process: reload
+            self.counter = QuotaCounter()
+            self._load(quiet=True)
+            try:
+                self._open_journal()
+            except OSError:
+                self._close_journal()  # (_append tries again, and logs)
+            return
+        if st.st_size <= self._size or self._fd < 0:
+            return
+        try:
+            data = os.pread(self._fd, st.st_size - self._size, self._size)
+        except OSError as e:
+            log.error("quota store %s: cannot read the other processes' grants: %s", self.path, e)
+            return
+        read = read_journal(data)
+        self.counter.apply(read.charges)
+        self._size += len(data)
+        if data and not data.endswith(b"\n"):
+            self._broken = True  # a write cut short: ours starts on a line of its own
 
     # -- loading -----------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, *, quiet: bool = False) -> None:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -176,6 +232,8 @@ class QuotaStore:
         read = read_journal(data)
         self.counter.apply(read.charges)
         self.counter.expire(self._clock())
+        if quiet:  # another process's compaction: it was told of damage when it loaded
+            return
         if read.damaged:
             shown = "; ".join(f"line {n}: {why}" for n, why in read.damaged[:_REPORTED_LINES])
             more = len(read.damaged) - _REPORTED_LINES
@@ -218,7 +276,7 @@ class QuotaStore:
             os.close(fd)
             raise
         self._close_journal()
-        self._fd, self._size = fd, size
+        self._fd, self._size, self._ino = fd, size, os.fstat(fd).st_ino
         self._broken = self._broken or torn
 
     def _close_journal(self) -> None:
@@ -254,18 +312,31 @@ class QuotaStore:
         self, policies: Sequence[LocalRateLimit], source_principal: str | None, now_wall: float
     ) -> RateDecision:
         """``QuotaCounter.check``, with each grant written to the journal before it is
-        counted and answered."""
-        decision, charges = self.counter.plan(policies, source_principal, now_wall)
-        if charges:
-            self._append(encode_line(charges))
-            self.counter.apply(charges)
-            if self._size >= self._compact_at:
-                self.compact(now_wall)
+        counted and answered (the other processes' grants counted first)."""
+        with self._locked():
+            self._catch_up()
+            decision, charges = self.counter.plan(policies, source_principal, now_wall)
+            if charges:
+                self._append(encode_line(charges))
+                self.counter.apply(charges)
+                if self._size >= self._compact_at:
+                    self._compact(now_wall)
         return decision
+
+    def state(self, policies: Sequence[LocalRateLimit], now_wall: float) -> tuple[QuotaView, ...]:
+        """The node's live counts of ``policies``' quotas (every process's grants)."""
+        with self._locked():
+            self._catch_up()
+        return self.counter.state(policies, now_wall)
 
     def compact(self, now_wall: float | None = None) -> None:
         """Replace the journal by the live counts, crash-safely (see the module
         docstring). On failure the journal stays as it is, and is still appended to."""
+        with self._locked():
+            self._catch_up()
+            self._compact(now_wall)
+
+    def _compact(self, now_wall: float | None = None) -> None:
         now = self._clock() if now_wall is None else now_wall
         data = b"".join(encode_line((c,)) for c in self.counter.export(now))
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -307,6 +378,7 @@ class QuotaStore:
             return
         self.compact()
         self._close_journal()
+        os.close(self._lock_fd)
         self._closed = True
 
     def __enter__(self) -> QuotaStore:

@@ -826,3 +826,49 @@ def test_store_keeps_every_grant_when_the_writer_is_killed(tmp_path: Path) -> No
         # every grant, maybe plus the one written but not yet answered, each run
         assert total <= on_disk <= total + 1
         total = on_disk
+
+
+SHARER = """
+import sys
+from pathlib import Path
+from nodeagent.model.ratelimit import LocalRateLimit, Quota, QuotaWindow
+from nodeagent.proxy.quotastore import QuotaStore
+
+now = float(sys.argv[2])
+quota = LocalRateLimit("default", "q", quotas=(Quota(QuotaWindow.DAY, 300),))
+store = QuotaStore(Path(sys.argv[1]), clock=lambda: now, compact_bytes=1024)
+sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()
+print(sum(store.check((quota,), f"p{i % 2}", now).allowed for i in range(400)))
+store.close()
+"""
+
+
+def test_processes_sharing_a_journal_grant_a_quota_once_node_wide(tmp_path: Path) -> None:
+    """Three processes (workers) grant from one journal at once, compacting it under
+    each other: the quota of 300 per principal is granted 600 times in all, not 3x."""
+    path = tmp_path / "q.journal"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARER, str(path), str(NOW)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(3)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        granted = [int(p.communicate(timeout=120)[0]) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert sum(granted) == 600, granted
+    used = {c.principal: c.units for c in QuotaStore(path, clock=fixed(NOW)).counter.export(NOW)}
+    assert used == {"p0": 300, "p1": 300}
