@@ -274,10 +274,11 @@ class Agent:
         return self.certs.describe() if self.certs else []
 
     def recent_requests(self, limit: int) -> list[dict[str, Any]]:
-        records = list(self.proxy.access_log.recent)
-        if limit:
-            records = records[-limit:]
-        return [dict(r) for r in records]
+        records = [dict(r) for r in self.proxy.access_log.recent]
+        if self.pool is not None:  # every process's, by the time they came in
+            records = [{**r, "worker": 0} for r in records] + self.pool.requests()
+            records.sort(key=lambda r: str(r.get("start_time", "")))
+        return records[-limit:] if limit else records
 
     def ejections(self) -> list[tuple[str, str, float]]:
         out: list[tuple[str, str, float]] = []

@@ -418,9 +418,12 @@ def format_requests(data: Mapping[str, Any]) -> str:
         "ROUTE",
         "MS",
     ]
+    records = list(data.get("records") or [])
+    workers = any("worker" in r for r in records)  # (--workers: which process served it)
     rows = [
         [
             _s(r.get("start_time"))[11:23],
+            *([_s(r.get("worker"))] if workers else []),
             _s(r.get("source_workload")),
             _s(r.get("method")),
             _s(r.get("authority")),
@@ -432,8 +435,10 @@ def format_requests(data: Mapping[str, Any]) -> str:
             _s(r.get("route_name")),
             _s(r.get("duration", r.get("duration_ms"))),  # (duration_ms: an older agent's)
         ]
-        for r in data.get("records") or []
+        for r in records
     ]
+    if workers:
+        headers.insert(1, "WORKER")
     out = format_table(headers, rows) if rows else "No requests yet."
     ejected = [
         [

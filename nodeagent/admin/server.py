@@ -96,7 +96,11 @@ class NodeAgentService(pb_grpc.NodeAgentServicer):
     async def Requests(
         self, request: pb.RequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RequestsResponse:
-        return await _answer("Requests", context, lambda: self._requests(request.limit))
+        async def build() -> pb.RequestsResponse:
+            await self._view.refresh()  # the worker processes' requests, now
+            return self._requests(request.limit)
+
+        return await _answer_async("Requests", context, build)
 
     async def Metrics(
         self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -252,6 +252,7 @@ class Worker:
                 replace(c, worker=self.index) for c in self.proxy.table.snapshot()
             ]
             out["pods"] = self.proxy.pod_states()
+            out["requests"] = [dict(r) for r in self.proxy.access_log.recent]
         return out
 
 

@@ -2,7 +2,7 @@
 fed (the snapshot, the certificates, each ready pod's listeners: a second socket per
 port in the pod's ``SO_REUSEPORT`` group), restarts one that dies (its connections
 are gone with it; the others' stay), and gathers what they hold for the node agent
-socket and ``/metrics`` (their connections, metrics, RSS and CPU).
+socket and ``/metrics`` (their connections, recent requests, metrics, RSS and CPU).
 """
 
 from __future__ import annotations
@@ -322,6 +322,14 @@ class WorkerPool:
         out: list[ConnectionInfo] = []
         for slot in self.slots:
             out.extend(slot.last.get("connections", []))
+        return out
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The workers' recent requests (``ctl requests``) as of the last ``gather``,
+        each with its ``worker``."""
+        out: list[dict[str, Any]] = []
+        for slot in self.slots:
+            out.extend({**r, "worker": slot.index} for r in slot.last.get("requests", []))
         return out
 
     def metric_families(self) -> list[list[Metric]]:

@@ -1,7 +1,7 @@
 """``nodeagent run --workers 2`` in the sandbox: connections are served by two processes
 on each node, one dies and only its connections go.
 
-Port 9000 of the echo pods takes plaintext (PeerAuthentication DISABLE), so node2's
+Ports 9000 and 8080 of the echo pods take plaintext (PeerAuthentication DISABLE), so node2's
 inbound connections arrive through capture (iptables REDIRECT to 15006, or eBPF
 ``sk_lookup`` assigning the main process's listener, whose ``SO_REUSEPORT`` group the
 kernel then spreads over both processes) as well as node1's outbound ones (15001).
@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import pytest
+from meshops import apply_file
 
 from nodeagent.admin.client import AdminClient
 from nodeagent.redirect.netns import netns_path
@@ -44,7 +45,17 @@ metadata: {name: echo-plain, namespace: default}
 spec:
   selector: {matchLabels: {app: echo}}
   mtls: {mode: PERMISSIVE}
-  portLevelMtls: {9000: {mode: DISABLE}}
+  portLevelMtls: {9000: {mode: DISABLE}, 8080: {mode: DISABLE}}
+"""
+LIMIT = 10
+RATE_LIMIT = f"""
+apiVersion: nodeagent.io/v1alpha1
+kind: LocalRateLimit
+metadata: {{name: echo-v1-workers, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: echo, version: v1}}}}
+  http:
+    tokenBucket: {{maxTokens: {LIMIT}, tokensPerFill: 1, fillInterval: 1h}}
 """
 
 
@@ -192,3 +203,33 @@ def test_ctl_status_shows_each_workers_rss_and_cpu(sb: Sandbox) -> None:
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert "Workers:" in text and f"   {child.pid}   " in text, text
+
+
+def test_a_rate_limit_holds_node_wide_and_ctl_requests_shows_every_worker(
+    sb: Sandbox, config_dir: Path
+) -> None:
+    """LIMIT requests an hour to echo-1: 3 x LIMIT requests, each on a connection of its
+    own (spread over node2's two processes), get LIMIT answers 200 and the rest 429, as
+    with one process; ``ctl requests`` on node2 lists both processes' requests."""
+    path = config_dir / "ratelimit-workers.yaml"
+    apply_file(sb, path, RATE_LIMIT)
+    try:
+        url = f"http://{sb.pod_ip('echo-1')}:8080/limited"
+        args = ["curl", "-s", "-m", "10", "-H", "connection: close", "-o", "/dev/null"]
+        p = sb.exec(
+            "client", [*args, "-w", "%{http_code}\\n", *[url] * (3 * LIMIT)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        codes = p.stdout.split()
+        assert sorted(codes) == ["200"] * LIMIT + ["429"] * (2 * LIMIT), codes
+        records = [
+            r
+            for r in AdminClient(sb.agent_socket("node2")).requests()["records"]
+            if r.get("path") == "/limited" and r.get("reporter") == "destination"
+        ]
+        assert len(records) == 3 * LIMIT, records
+        assert {int(r["worker"]) for r in records} == {0, 1}, records
+        limited = [r for r in records if r["response_code"] == 429]
+        assert len(limited) == 2 * LIMIT and {r["response_flags"] for r in limited} == {"RL"}
+    finally:
+        apply_file(sb, path, None)

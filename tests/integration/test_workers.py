@@ -421,5 +421,11 @@ def test_a_rate_limit_holds_across_the_workers() -> None:
             and s.labels.get("response_flags") == "RL"
         )
         assert limited == 2 * LIMIT
+        # each refusal is a record of ``ctl requests``, the workers' too (gathered)
+        await rig.pool.gather()
+        records = [dict(r) for r in rig.proxy.access_log.recent] + rig.pool.requests()
+        refusals = [r for r in records if r.get("response_flags") == "RL"]
+        assert len(refusals) == 2 * LIMIT, records
+        assert any(r.get("worker") == 1 for r in refusals), refusals
 
     run(2, body, extra=RATE_LIMIT)

@@ -443,3 +443,13 @@ def test_requests_show_the_duration_in_ms_from_a_new_or_an_older_agent() -> None
     rows = out.splitlines()
     assert rows[0].split()[-1] == "MS"
     assert [r.split()[-1] for r in rows[1:3]] == ["12", "7.5"]
+
+
+def test_requests_name_the_worker_that_served_each_under_workers() -> None:
+    base = {"start_time": "2026-12-06T15:31:30.856Z", "path": "/a", "response_code": 429}
+    out = format_requests({"records": [{**base, "worker": 0}, {**base, "worker": 1}]})
+    rows = [r.split() for r in out.splitlines()]
+    assert rows[0][:2] == ["TIME", "WORKER"]
+    assert [r[1] for r in rows[1:]] == ["0", "1"]
+    # one process (no --workers): no such column
+    assert "WORKER" not in format_requests({"records": [base]})
