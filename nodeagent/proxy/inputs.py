@@ -142,6 +142,8 @@ class ConnectionLimits:
     max_connections_per_listener: int = 20_000
     """The same for one listener (15001, 15006 or 15008) of one pod, so that one pod
     cannot take all of the node's."""
+    processes: int = 1
+    """Processes serving the node (``--workers``): each holds its share of the two caps."""
     hbone_idle_timeout: float = 3600.0
     """Seconds an HBONE connection (server side) may stay without a stream: then GOAWAY
     and close (Envoy's HTTP connection manager ``idle_timeout`` default, 1 h; clients

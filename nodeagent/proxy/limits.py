@@ -7,12 +7,19 @@ accepted, before any byte is read, counted in
 (listener, reason).
 
 Taking and giving back a slot are two integer updates: the accept path stays flat.
+
+With ``--workers N`` each process holds its share, the N-th of each cap rounded up, so
+the node holds at most the cap (plus N - 1) without a shared count on the accept path
+(the kernel spreads connections by a hash of their addresses, so a process may refuse a
+little before the node reaches the cap). The cap per client identity of an HBONE server
+(``MAX_CONNECTIONS_PER_IDENTITY``) guards that process's server: it holds per process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import cast
 
 from nodeagent.model.status import LimitStatus
@@ -39,7 +46,9 @@ class ConnectionCaps:
 
     def __init__(self, limits: ConnectionLimits, metrics: Metrics | None = None) -> None:
         self.limits = limits
-        self.max_connections = limits.max_connections
+        self.processes = max(1, limits.processes)
+        self.max_connections = share(limits.max_connections, self.processes)
+        """This process's share of the node's cap."""
         self.held = 0
         """Downstream connections open now, on every listener of every pod."""
         self.refused = {(li, r): 0 for li in LISTENERS for r in REASONS}
@@ -47,7 +56,9 @@ class ConnectionCaps:
 
     def listener(self, name: str) -> ListenerSlots:
         """The slots of one listener of one pod (``name``: one of ``LISTENERS``)."""
-        return ListenerSlots(self, name, self.limits.max_connections_per_listener)
+        return ListenerSlots(
+            self, name, share(self.limits.max_connections_per_listener, self.processes)
+        )
 
     def refuse(self, listener: str, reason: str, held: int, limit: int) -> None:
         self.refused[listener, reason] += 1
@@ -59,11 +70,16 @@ class ConnectionCaps:
             "%s connection closed at accept: %d held, the %s is %d",
             listener,
             held,
-            "node's cap (--max-connections)"
-            if reason == "node_limit"
-            else "pod listener's cap (--max-connections-per-listener)",
+            ("" if self.processes == 1 else f"share of one of {self.processes} processes in the ")
+            + ("node's cap (--max-connections)" if reason == "node_limit"
+               else "pod listener's cap (--max-connections-per-listener)"),
             limit,
-        )
+        )  # fmt: skip
+
+
+def share(cap: int, processes: int) -> int:
+    """One process's share of a node's cap: the ``processes``-th, rounded up."""
+    return math.ceil(cap / processes)
 
 
 class ListenerSlots:
@@ -148,6 +164,10 @@ def proxy_limits(inputs: ProxyInputs, caps: ConnectionCaps) -> list[LimitStatus]
     timed = counts(m.hbone_timeouts)
     h2 = Http2Settings()
 
+    def per_process(cap: int) -> str:
+        n = conn.processes
+        return f" ({share(cap, n)} in each of {n} processes)" if n > 1 else ""
+
     def h1_hits(limit: str) -> int:
         return int(http1.get((limit,), 0))
 
@@ -203,21 +223,21 @@ def proxy_limits(inputs: ProxyInputs, caps: ConnectionCaps) -> list[LimitStatus]
         ),
         LimitStatus(
             "HBONE connections per client identity",
-            str(MAX_CONNECTIONS_PER_IDENTITY),
+            str(MAX_CONNECTIONS_PER_IDENTITY) + (" per process" if conn.processes > 1 else ""),
             "",
             "nodeagent_http2_peer_errors_total{kind=connection_limit}",
             peer_hits("connection_limit"),
         ),
         LimitStatus(
             "Downstream connections per node",
-            str(conn.max_connections),
+            str(conn.max_connections) + per_process(conn.max_connections),
             "--max-connections",
             "nodeagent_downstream_connections_refused_total{reason=node_limit}",
             refused_hits("node_limit"),
         ),
         LimitStatus(
             "Downstream connections per pod listener",
-            str(conn.max_connections_per_listener),
+            str(conn.max_connections_per_listener) + per_process(conn.max_connections_per_listener),
             "--max-connections-per-listener",
             "nodeagent_downstream_connections_refused_total{reason=listener_limit}",
             refused_hits("listener_limit"),
@@ -273,4 +293,5 @@ __all__ = [
     "duration",
     "proxy_limits",
     "raise_open_files",
+    "share",
 ]

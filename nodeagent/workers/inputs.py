@@ -54,6 +54,7 @@ def proxy_inputs(
         connection_limits=ConnectionLimits(
             max_connections=settings.max_connections,
             max_connections_per_listener=settings.max_connections_per_listener,
+            processes=settings.workers,
             hbone_idle_timeout=settings.hbone_idle_timeout,
             hbone_preface_timeout=settings.hbone_preface_timeout,
         ),

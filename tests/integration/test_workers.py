@@ -117,7 +117,7 @@ class Tunnel:
 
 
 class Rig:
-    def __init__(self, tmp: Path, workers: int, extra: str = "") -> None:
+    def __init__(self, tmp: Path, workers: int, extra: str = "", per_listener: int = 0) -> None:
         a, b, c = random.randint(100, 250), random.randint(0, 255), random.randint(2, 250)
         self.vm_ip = f"127.{a}.{b}.{c}"  # its own: other tests may serve 15008 elsewhere
         (tmp / "mesh.yaml").write_text(mesh(self.vm_ip) + extra)
@@ -138,6 +138,8 @@ class Rig:
             access_log="off",
             drain_seconds=0.5,
             handover=False,
+            workers=workers,
+            max_connections_per_listener=per_listener or 20_000,
         )
         inputs = proxy_inputs(
             self.settings,
@@ -218,10 +220,11 @@ def run(
     body: Callable[[Rig], Awaitable[None]],
     before: Callable[[Rig], None] = print,
     extra: str = "",
+    per_listener: int = 0,
 ) -> None:
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            rig = Rig(Path(tmp), workers, extra)
+            rig = Rig(Path(tmp), workers, extra, per_listener)
             before(rig)
             try:
                 await rig.start()
@@ -429,3 +432,33 @@ def test_a_rate_limit_holds_across_the_workers() -> None:
         assert any(r.get("worker") == 1 for r in refusals), refusals
 
     run(2, body, extra=RATE_LIMIT)
+
+
+def test_each_process_holds_its_share_of_a_connection_cap() -> None:
+    """--max-connections-per-listener 4 with two processes: each holds 2 of the pod's
+    HBONE connections, the node 4; the rest are closed at accept and counted."""
+
+    async def body(rig: Rig) -> None:
+        await until(lambda: serving(rig), "the workers to get the pod's listeners", 40)
+        refused = 0
+        for _ in range(16):
+            try:
+                t = await rig.connect()
+            except PeerError:
+                refused += 1
+                continue
+            assert await t.echo(b"hello")
+        assert await rig.by_worker() == {0: 2, 1: 2}
+        assert refused == 12
+        await rig.pool.gather("metrics")
+        merged = MergedRegistry(rig.proxy.inputs.metrics.registry, rig.pool.metric_families)
+        counted = sum(
+            s.value
+            for fam in merged.collect()
+            for s in fam.samples
+            if s.name == "nodeagent_downstream_connections_refused_total"
+            and s.labels == {"listener": "hbone", "reason": "listener_limit"}
+        )
+        assert counted == 12
+
+    run(2, body, per_listener=4)
