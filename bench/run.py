@@ -701,6 +701,8 @@ class Options:
     """``up``, ``down`` or ``stalled``: spans on at 100%, towards a collector in that state."""
     tests: tuple[str, ...] = TESTS
     """The tests each round runs (in ``TESTS`` order)."""
+    workers: int = 1
+    """``nodeagent run --workers``: processes per agent (all pinned to the proxies' CPU)."""
 
 
 def _per(total: float, count: float) -> float | None:
@@ -940,7 +942,13 @@ class Bench:
         self.haproxies.clear()
 
     def metrics_text(self, node: str) -> str:
-        """The node's agent's Prometheus exposition (``:15020/metrics`` in its netns)."""
+        """The node's agent's Prometheus exposition (``:15020/metrics`` in its netns; with
+        ``--workers``, ``ctl metrics``, which asks the workers now, not 5 s ago)."""
+        if self.opts.workers > 1:
+            from nodeagent.admin.client import AdminClient
+
+            with AdminClient(self.sb.agent_socket(node)) as c:
+                return c.metrics()
         return _run(
             [
                 "nsenter",
@@ -1684,7 +1692,9 @@ def write_certs(work: Path) -> None:
 Stalled = subprocess.Popen[str]
 
 
-def sandbox_up(config: Path, mtls: bool, otlp: str = "") -> tuple[Sandbox, list[Stalled]]:
+def sandbox_up(
+    config: Path, mtls: bool, otlp: str = "", workers: int = 1
+) -> tuple[Sandbox, list[Stalled]]:
     """``Sandbox.up`` with mTLS on or off (older sandboxes have no mTLS at all); with
     ``otlp``, the agents export spans to ``OTLP_ENDPOINT``, and when it is ``stalled`` a
     collector that never answers listens there in each node's netns (returned, to stop)."""
@@ -1694,8 +1704,10 @@ def sandbox_up(config: Path, mtls: bool, otlp: str = "") -> tuple[Sandbox, list[
     elif mtls:
         raise BenchError("--mtls: this nodeagent's sandbox has no mTLS (Sandbox.up(mtls=...))")
     stalled: list[Stalled] = []
+    agent_args: tuple[str, ...] = ("--workers", str(workers))
     if otlp:
-        kwargs["agent_args"] = ("--otlp-endpoint", OTLP_ENDPOINT)
+        agent_args += ("--otlp-endpoint", OTLP_ENDPOINT)
+    kwargs["agent_args"] = agent_args
     if otlp in ("up", "stalled"):
 
         def collectors(sb: Sandbox) -> None:
@@ -1784,6 +1796,7 @@ def environment(opts: Options) -> dict[str, Any]:
             if opts.l7
             else "L4: TCP relay (mesh: TCP Service port; HAProxy: mode tcp)"
         ),
+        "workers": opts.workers,
         "layout": f"wrk/bulk client + nginx on CPU{LOAD_CPU}, proxies on CPU{PROXY_CPU}; "
         f"latency1: everything on CPU{LOAD_CPU}",
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
@@ -2114,6 +2127,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "spans started and dropped",
     )
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="each agent serves with this many processes (nodeagent run --workers N; "
+        "all on the proxies' CPU: the CPU per request is comparable, not the aggregate)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="after the rounds, profile both agents with py-spy during extra mesh runs "
@@ -2147,6 +2167,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         l7=a.l7,
         retry_budget=max(0.0, a.retry_budget),
         otlp=a.otlp,
+        workers=a.workers,
     )
 
 
@@ -2188,7 +2209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"bringing the sandbox up from {config}")
                 if opts.mtls:
                     write_certs(work)
-                sb, stalled = sandbox_up(config, opts.mtls, opts.otlp)
+                sb, stalled = sandbox_up(config, opts.mtls, opts.otlp, opts.workers)
                 try:
                     bench = Bench(sb, work, opts)
                     try:
