@@ -303,13 +303,14 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--workers",
-        default=1,
+        default="auto",
         type=_workers,
         metavar="N",
         help="processes serving connections: the main one and N-1 worker processes, "
         "each pod's listeners shared by all through SO_REUSEPORT groups; 'auto': one per "
-        "CPU this process may use (its CPU affinity, bounded by its cgroup's CPU quota) "
-        "(default: 1, the main process alone)",
+        "CPU this process may use (its CPU affinity, bounded by its cgroup's CPU quota), "
+        "one alone on 2 CPUs or fewer, as many as its cgroup's memory limit holds (256 MiB "
+        "for the main one, 128 MiB each more) (default: auto)",
     )
     p.add_argument(
         "--drain-seconds",
@@ -351,9 +352,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
-        from nodeagent.workers.cpus import cpus_allowed
+        from nodeagent.workers.cpus import auto_allowed
 
-        return cpus_allowed()
+        return auto_allowed()
     return _positive(text)
 
 

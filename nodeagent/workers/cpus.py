@@ -1,6 +1,7 @@
-"""How many processes ``--workers auto`` starts: one per CPU the agent may use, which is
-its CPU affinity bounded by the CPU quota of its cgroup (``cpu.max`` of its cgroup v2
-directory and each parent: a DaemonSet's CPU limit), never less than one."""
+"""How many processes ``--workers auto`` (the default) starts: one per CPU the agent may
+use, which is its CPU affinity bounded by the CPU quota of its cgroup (``cpu.max`` of its
+cgroup v2 directory and each parent: a DaemonSet's CPU limit); one alone when that is
+``SMALL`` CPUs or fewer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+MAIN_BUDGET = 256 << 20
+"""Bytes of a memory limit that ``auto`` leaves to the main process (idle near 80 MiB,
+more while the capture's loader runs and with many connections)."""
+WORKER_BUDGET = 128 << 20
+"""Bytes of a memory limit that ``auto`` counts for each worker (idle near 60 MiB in pure
+Python, and its connections)."""
+SMALL = 2
+"""CPUs up to which ``auto`` is one process: on 2 CPUs a second process costs more than
+it gives (measured: a request 15-25% and a new connection 20-30% more CPU when two
+processes split the work, and a worker's own ~60 MiB), and the node's pods need the
+other CPU anyway (docs/operating.md)."""
 
 
 def quota_cpus(cpu_max: str) -> int | None:
@@ -26,13 +38,21 @@ def quota_cpus(cpu_max: str) -> int | None:
     return max(1, math.ceil(quota / period))
 
 
-def cgroup_quota(root: Path, cgroup: str) -> int | None:
-    """The smallest quota of ``cgroup`` (a path under ``root``) and its parents."""
+def memory_bytes(memory_max: str) -> int | None:
+    """``memory.max`` (``max``, ``1073741824``) in bytes; None: no limit (or not one)."""
+    text = memory_max.strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def cgroup_quota(root: Path, cgroup: str, name: str = "cpu.max") -> int | None:
+    """The smallest quota of ``cgroup`` (a path under ``root``) and its parents: CPUs
+    (``cpu.max``) or bytes (``memory.max``)."""
+    read = quota_cpus if name == "cpu.max" else memory_bytes
     best: int | None = None
     d = root / cgroup.strip("/")
     while True:
         try:
-            q = quota_cpus((d / "cpu.max").read_text())
+            q = read((d / name).read_text())
         except OSError:
             q = None
         if q is not None:
@@ -59,3 +79,22 @@ def cpus_allowed(root: Path = CGROUP_ROOT) -> int:
         return max(1, n)
     quota = cgroup_quota(root, cgroup)
     return max(1, n if quota is None else min(n, quota))
+
+
+def auto_workers(cpus: int, memory: int | None = None) -> int:
+    """``--workers auto`` where the agent may use ``cpus`` CPUs and ``memory`` bytes (its
+    cgroup's ``memory.max``; None: no limit): one per CPU, as many as the memory holds
+    (``MAIN_BUDGET`` for the main process, ``WORKER_BUDGET`` for each worker)."""
+    n = cpus if cpus > SMALL else 1
+    if memory is not None:
+        n = min(n, 1 + max(0, memory - MAIN_BUDGET) // WORKER_BUDGET)
+    return max(1, n)
+
+
+def auto_allowed(root: Path = CGROUP_ROOT) -> int:
+    """``--workers auto`` for this process (its CPUs, its cgroup's CPU and memory limits)."""
+    try:
+        cgroup = own_cgroup(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        cgroup = "/"
+    return auto_workers(cpus_allowed(root), cgroup_quota(root, cgroup, "memory.max"))

@@ -10,7 +10,14 @@ import pytest
 
 from nodeagent.cli import build_parser
 from nodeagent.config import AgentSettings
-from nodeagent.workers.cpus import cgroup_quota, cpus_allowed, own_cgroup, quota_cpus
+from nodeagent.workers.cpus import (
+    auto_allowed,
+    auto_workers,
+    cgroup_quota,
+    cpus_allowed,
+    own_cgroup,
+    quota_cpus,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,9 +66,41 @@ def settings(*extra: str) -> AgentSettings:
 
 
 def test_workers_flag() -> None:
-    assert settings().workers == 1  # the main process alone, as before the flag
+    assert settings().workers == auto_allowed()  # auto is the default
     assert settings("--workers", "3").workers == 3
-    assert settings("--workers", "auto").workers == cpus_allowed()
+    assert settings("--workers", "1").workers == 1
+    assert settings("--workers", "auto").workers == auto_allowed()
+    assert 1 <= auto_allowed() <= cpus_allowed()
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("cpus", "memory", "workers"),
+    [
+        (1, None, 1),
+        (2, None, 1),  # a second process costs more than it gives on 2 CPUs
+        (3, None, 3),
+        (64, None, 64),
+        (64, 1024 * MIB, 7),  # the DaemonSet's 1 GiB: 256 MiB + 6 x 128 MiB
+        (4, 1024 * MIB, 4),
+        (8, 300 * MIB, 1),
+    ],
+)
+def test_auto_is_one_per_cpu_within_the_memory_limit(
+    cpus: int, memory: int | None, workers: int
+) -> None:
+    assert auto_workers(cpus, memory) == workers
+
+
+def test_the_smallest_memory_limit_of_the_cgroup_and_its_parents_counts(tmp_path: Path) -> None:
+    pod = tmp_path / "kubepods" / "pod1"
+    pod.mkdir(parents=True)
+    (tmp_path / "kubepods" / "memory.max").write_text("max\n")
+    (pod / "memory.max").write_text(f"{1024 * MIB}\n")
+    assert cgroup_quota(tmp_path, "/kubepods/pod1", "memory.max") == 1024 * MIB
+    assert cgroup_quota(tmp_path, "/kubepods", "memory.max") is None
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "two"])
