@@ -460,6 +460,27 @@ class RateLimiter:
                 entries.append((limit, self._bucket(limit, workload, "", now)))
         return self._admit(entries, now)
 
+    def look(
+        self,
+        policies: Sequence[LocalRateLimit],
+        *,
+        workload: str,
+        http: bool,
+        source_principal: str | None = None,
+        header: Callable[[str], str | None] = lambda _: None,
+        route: str = "",
+    ) -> None:
+        """With shared buckets: know the buckets a request would take, so that ``state``
+        shows them as every process left them (``ctl explain``); nothing otherwise."""
+        if self.shared is None:
+            return
+        for p in policies:
+            _, for_http, for_tcp = self._limits(p)
+            limit = for_http if http else for_tcp
+            if limit is not None:
+                value = key_value(limit.key, source_principal, header, route) if http else ""
+                self._bucket(limit, workload, value, 0.0)
+
     def sync(self, policies: Sequence[LocalRateLimit]) -> None:
         """Forget the buckets of limits not in ``policies`` (the new snapshot's set):
         removed policies, and changed buckets or keys (which restart full)."""

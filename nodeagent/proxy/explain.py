@@ -311,6 +311,9 @@ def _rate_limits(
     }
     buckets = []
     why = ""
+    limiter = proxy.admission.limiter  # (with --workers: the node's buckets, looked up)
+    limiter.look(limits, workload=pod.key, http=http, source_principal=principal,
+                 header=headers.get, route=route)  # fmt: skip
     for v in proxy.admission.limiter.state(time.monotonic(), limits):
         if v.workload != pod.key or v.scope != scope:
             continue

@@ -190,3 +190,20 @@ def test_a_descriptor_that_is_no_table_is_refused(tmp_path: Path) -> None:
             SharedBuckets(fd)
     finally:
         os.close(fd)
+
+
+def test_state_shows_what_another_process_took_once_looked_up() -> None:
+    """``ctl explain`` in the main process: a bucket only a worker took from is shown
+    as the worker left it."""
+    table = SharedBuckets.create()
+    worker, main = RateLimiter(shared=table), RateLimiter(shared=table)
+    p = (policy("p", http=TokenBucket(5, 1, 60.0), key=RateLimitKey(KeyKind.HEADER, "x-user")),)
+    try:
+        for _ in range(3):
+            assert check(worker, p, 0.0, "alice").allowed
+        assert main.state(0.0) == ()
+        main.look(p, workload="default/w", http=True, header={"x-user": "alice"}.get)
+        ((view),) = main.state(0.0)
+        assert (view.value, view.remaining) == ("alice", 2)
+    finally:
+        table.close()
