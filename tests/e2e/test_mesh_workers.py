@@ -232,3 +232,36 @@ def test_a_rate_limit_holds_node_wide_and_ctl_requests_shows_every_worker(
         assert len(limited) == 2 * LIMIT and {r["response_flags"] for r in limited} == {"RL"}
     finally:
         apply_file(sb, path, None)
+
+
+def test_a_quota_holds_node_wide(sb: Sandbox, config_dir: Path) -> None:
+    """A quota of LIMIT requests an hour (per source principal) to echo-2: 3 x LIMIT
+    requests over node2's two processes get LIMIT answers 200, as with one process."""
+    left = 3600 - time.time() % 3600
+    if left < 60:  # stay inside one hour window
+        time.sleep(left + 1)
+    name = f"echo-v2-quota-{os.getpid()}-{int(time.time())}"  # new counts on each run
+    path = config_dir / "quota-workers.yaml"
+    apply_file(sb, path, f"""
+        apiVersion: nodeagent.io/v1alpha1
+        kind: LocalRateLimit
+        metadata: {{name: {name}, namespace: default}}
+        spec:
+          selector: {{matchLabels: {{app: echo, version: v2}}}}
+          quotas: [{{window: hour, limit: {LIMIT}}}]
+    """)  # fmt: skip
+    try:
+        url = f"http://{sb.pod_ip('echo-2')}:8080/quota"
+        args = ["curl", "-s", "-m", "10", "-H", "connection: close", "-w", "%{http_code}\\n"]
+        for _ in range(3 * LIMIT):
+            args += ["-o", "/dev/null", url]
+        codes = sb.exec("client", args, capture_output=True, text=True, timeout=120).stdout.split()
+        assert sorted(codes) == ["200"] * LIMIT + ["429"] * (2 * LIMIT), codes
+        records = [
+            r
+            for r in AdminClient(sb.agent_socket("node2")).requests()["records"]
+            if r.get("path") == "/quota" and r.get("reporter") == "destination"
+        ]
+        assert {int(r["worker"]) for r in records} == {0, 1}, records
+    finally:
+        apply_file(sb, path, None)
