@@ -243,6 +243,8 @@ class Sandbox(Record):
         self, node: NodePlan, successor: bool = False, cgroup: str = ""
     ) -> subprocess.Popen[bytes]:
         args = [*(ca.agent_args(node) if self.mtls else []), *self.agent_args]
+        if not any(a == "--workers" or a.startswith("--workers=") for a in args):
+            args += ["--workers", "1"]  # one process whatever the box: the same on every machine
         p = agents.start(
             node,
             self.cgroup_root,
