@@ -82,6 +82,16 @@ class Http1Session:
         self.timed_out = ""
         """Why ``next_request`` gave up waiting: ``idle_timeout`` or
         ``request_headers_timeout`` (empty: it did not)."""
+        self._deadline = 0.0
+        """When ``next_request``'s wait ends (loop time): idle, then the head's clock."""
+        self._tick = min(limits.idle_timeout, limits.request_headers_timeout)
+        """The shortest a deadline can be from when it is set: the timer fires at least
+        this often while the connection lives, never after a deadline."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._waiting = False
+        self._head = False
+        self._expired = False
 
     async def next_event(self) -> DownstreamEvent:
         events = self.events
@@ -101,23 +111,50 @@ class Http1Session:
         if events:
             return events.popleft()
         limits = self.engine.http1_limits
-        begun = False
+        loop = asyncio.get_running_loop()
+        # one lazy timer per connection (``_expire``), not one per request: here only the
+        # deadline moves
+        self._deadline = loop.time() + limits.idle_timeout
+        self._head = False
+        if self._timer is None:
+            self._task = asyncio.current_task()
+            self._timer = loop.call_at(loop.time() + self._tick, self._expire)
+        self._waiting = True
         try:
-            async with asyncio.timeout(limits.idle_timeout) as deadline:
-                while not events:
-                    data = await self.pipe.read()
-                    evs = self.down.receive_data(data)
-                    if not evs and not data:
-                        return ConnectionClosed(clean=False)
-                    events.extend(evs)
-                    if not begun:  # the head's clock starts at its first byte
-                        begun = True
-                        when = asyncio.get_running_loop().time() + limits.request_headers_timeout
-                        deadline.reschedule(when)
-        except TimeoutError:
-            self.timed_out = "request_headers_timeout" if begun else "idle_timeout"
+            while not events:
+                data = await self.pipe.read()
+                evs = self.down.receive_data(data)
+                if not evs and not data:
+                    return ConnectionClosed(clean=False)
+                events.extend(evs)
+                if not self._head:  # the head's clock starts at its first byte
+                    self._head = True
+                    self._deadline = loop.time() + limits.request_headers_timeout
+        except asyncio.CancelledError:
+            task = self._task
+            if not self._expired or task is None or task.uncancel() > 0:
+                raise
+            self._expired = False
+            self.timed_out = "request_headers_timeout" if self._head else "idle_timeout"
             return None
+        finally:
+            self._waiting = False
         return events.popleft()
+
+    def _expire(self) -> None:
+        """The connection's timer: cancels ``next_request``'s wait once its deadline has
+        passed; otherwise fires again no later than any deadline that may be set before."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._waiting and now >= self._deadline and self._task is not None:
+            self._expired = True
+            self._timer = None
+            self._task.cancel()
+            return
+        due = now + self._tick
+        if self._waiting and self._deadline < due:
+            due = self._deadline
+        self._timer = loop.call_at(due, self._expire)
 
     def take_now(self) -> DownstreamEvent | None:
         return self.events.popleft() if self.events else None
@@ -162,6 +199,9 @@ class Http1Session:
                 else:  # EOF between requests, or stray bytes
                     return
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             pipe.write_eof()
             pipe.close()
 

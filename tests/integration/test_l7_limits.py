@@ -5,11 +5,13 @@ each is counted in ``nodeagent_http1_limit_hits_total`` and logged once."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from l7harness import L7Rig
@@ -103,3 +105,35 @@ def test_an_idle_connection_is_closed_quietly(rig: L7Rig) -> None:
         assert read_until_closed(s) == b""
     assert hits(rig, "idle_timeout") == 2
     assert hits(rig, "request_headers_timeout") == 0
+
+
+def test_kept_alive_requests_share_one_timer(rig: L7Rig) -> None:
+    """The head and idle timeouts move one timer per connection: a request arms none
+    (``asyncio.timeout`` per request cost two timer handles and its context manager)."""
+    armed: list[float] = []
+    call_at = rig.loop.call_at
+
+    def counting(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        armed.append(when)
+        return call_at(when, *args, **kwargs)
+
+    with socket.create_connection(rig.address, timeout=10) as s:
+        f = s.makefile("rb")
+
+        def get() -> None:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            status, length = f.readline(), 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert status.startswith(b"HTTP/1.1 200") and len(f.read(length)) == length
+
+        get()
+        rig.loop.call_at = counting  # type: ignore[method-assign]
+        try:
+            for _ in range(20):
+                get()
+        finally:
+            del rig.loop.call_at
+    assert len(armed) <= 3, armed  # (the access log's flush timer may be among them)
+    assert hits(rig, "idle_timeout") == hits(rig, "request_headers_timeout") == 0
