@@ -303,6 +303,8 @@ class Http1Session:
         if head.upgrade is not None:
             return await self._upgrade(head, p.path, out, p.cluster, x)
         try:
+            if p.timeout is None:  # (most routes: no coroutine layer for ``within``)
+                return await self._attempts(head, out, body, p, x)
             return await within(p.timeout, self._attempts(head, out, body, p, x))
         except TimeoutError:
             x.flag("UT")
@@ -509,6 +511,8 @@ async def _send(
     conn.pipe.write(conn.machine.send_request_head(head.method, target, out, body=head.has_body))
     body.attach(H1Sink(conn))
     try:
+        if policy.per_try_timeout is None:
+            return await _response_head(conn)
         return await within(policy.per_try_timeout, _response_head(conn))
     except TimeoutError:
         return None, ("per-try-timeout", "UT")
@@ -520,8 +524,15 @@ async def _response_head(
     conn: H1Conn,
 ) -> tuple[ResponseHead | None, tuple[str, str] | None]:
     """The next response head on ``conn``, or why there is none (retryOn kind, flag)."""
+    events, machine, pipe = conn.events, conn.machine, conn.pipe
     while True:
-        ev = await conn.next_event()
+        while not events:  # ``conn.next_event`` inlined: one coroutine less per request
+            data = await pipe.read()
+            evs = machine.receive_data(data)
+            if not evs and not data:
+                return None, ("reset", "UC")
+            events.extend(evs)
+        ev = events.popleft()
         if isinstance(ev, ResponseHead):
             return ev, None
         if isinstance(ev, Informational):
