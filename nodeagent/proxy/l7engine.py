@@ -112,6 +112,14 @@ class L7Engine:
         """The plan of ``req`` (``core.plan``; at the called node, its admission),
         executed up to the first attempt: a fault's delay waited, a local answer raised
         as ``LocalReply`` or ``Redirect``."""
+        p = self.plan(ds, req, x)
+        if isinstance(p, Answer) or p.delay is not None:
+            return await self.settle(p, x)
+        return p
+
+    def plan(self, ds: Downstream, req: Request, x: Exchange) -> Plan | Answer:
+        """``prepare`` without waiting (no coroutine per request): the plan, or the answer
+        that ``settle`` raises; a plan with a ``delay`` goes through ``settle`` too."""
         inbound = ds.inbound
         if inbound is not None:
             return self._admit(ds, inbound, req, x)
@@ -121,20 +129,24 @@ class L7Engine:
         if isinstance(p, Answer):
             if obs is not None:  # answered here: the trace still shows it
                 obs.answered(ds, req, x)
-            if p.delay is not None:
-                x.flag("DI")
-                await asyncio.sleep(p.delay)
-            if p.location is not None:
-                raise Redirect(p.status, p.location)
-            raise LocalReply(p.status, p.flag, p.body)
+            return p
         x.cluster, x.service = p.cluster.name, p.cluster.service
         x.trace_id = p.trace_id
         x.request_id = p.request_id
         if obs is not None:  # (before a fault's delay: the span covers it)
             obs.client(ds, req, p, x)
+        return p
+
+    async def settle(self, p: Plan | Answer, x: Exchange) -> Plan:
+        """A fault's delay waited, then the plan, or its answer raised as ``LocalReply``
+        or ``Redirect``."""
         if p.delay is not None:
             x.flag("DI")
             await asyncio.sleep(p.delay)
+        if isinstance(p, Answer):
+            if p.location is not None:
+                raise Redirect(p.status, p.location)
+            raise LocalReply(p.status, p.flag, p.body)
         return p
 
     def _admit(self, ds: Downstream, inbound: Inbound, req: Request, x: Exchange) -> Plan:

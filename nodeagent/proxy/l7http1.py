@@ -18,7 +18,7 @@ from collections import deque
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
 from nodeagent.core.paths import BadTarget, request_target
-from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
+from nodeagent.core.plan import Answer, Plan, Request, apply_header_ops, join_headers
 from nodeagent.errors import PeerError
 from nodeagent.model.traffic import HeaderOperations, HTTPRetry
 from nodeagent.protocol.http1 import (
@@ -285,7 +285,11 @@ class Http1Session:
         if head.expect_continue:
             out = [(k, v) for k, v in out if k != "expect"]
         try:
-            p = await self.engine.prepare(self.ds, req, x)
+            planned = self.engine.plan(self.ds, req, x)
+            if isinstance(planned, Answer) or planned.delay is not None:
+                p = await self.engine.settle(planned, x)
+            else:
+                p = planned
         except Redirect as r:
             x.status = r.status
             pipe.write(
