@@ -92,16 +92,10 @@ class H1Pool:
         self, source: str, cluster: Cluster, ep: Endpoint, connect: ConnectFn
     ) -> tuple[H1Conn, bool]:
         """A connection to ``ep`` (reused when one is idle) and whether it was reused."""
-        key = (source, ep.ip, ep.port)
-        idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            stale = now - conn.idle_since > cluster.idle_timeout
-            if conn.pipe.lost or conn.pipe.has_input() or stale:
-                self._discard(conn)
-                continue
+        conn = self.reuse(source, cluster, ep)
+        if conn is not None:
             return conn, True
+        key = (source, ep.ip, ep.port)
         name = cluster.name
         while self._active.get(name, 0) >= cluster.max_connections:
             if self._close_idle_of(name):
@@ -131,6 +125,22 @@ class H1Pool:
             self._discard(conn)
             raise
         return conn, False
+
+    def reuse(self, source: str, cluster: Cluster, ep: Endpoint) -> H1Conn | None:
+        """An idle connection to ``ep`` still fit to reuse, or None (``acquire``'s first
+        step, without a coroutine: a keep-alive request usually finds one)."""
+        idle = self._idle.get((source, ep.ip, ep.port))
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            stale = now - conn.idle_since > cluster.idle_timeout
+            if conn.pipe.lost or conn.pipe.has_input() or stale:
+                self._discard(conn)
+                continue
+            return conn
+        return None
 
     def _close_idle_of(self, cluster: str) -> bool:
         for conns in self._idle.values():

@@ -350,7 +350,11 @@ class Http1Session:
             conn: H1Conn | None = None
             try:
                 try:
-                    conn, reused = await engine.acquire(ds, cluster, ep)
+                    conn = engine.pool.reuse(ds.pool_key, cluster, ep)
+                    if conn is not None:
+                        reused = True
+                    else:
+                        conn, reused = await engine.acquire(ds, cluster, ep)
                     x.dst_principal = conn.principal
                     resp, fail = await _send(conn, head, target, out, body, policy)
                     if fail is not None and fail[1] == "UC" and reused and body.replayable:
