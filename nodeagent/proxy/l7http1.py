@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
@@ -506,48 +507,51 @@ class Http1Session:
             engine.pool.discard(conn)
 
 
-async def _send(
+Sent = tuple[ResponseHead | None, tuple[str, str] | None]
+"""A response head, or why there is none (retryOn kind, response flag)."""
+
+
+def _send(
     conn: H1Conn,
     head: RequestHead,
     target: str,
     out: list[tuple[str, str]],
     body: RequestBody,
     policy: HTTPRetry,
-) -> tuple[ResponseHead | None, tuple[str, str] | None]:
-    """Send the request on ``conn`` and wait for the response head; a failure is
-    (retryOn kind, response flag)."""
+) -> Coroutine[None, None, Sent]:
+    """Send the request on ``conn`` now; what to await for the response head (a plain
+    function: no coroutine of its own per request)."""
     conn.pipe.write(conn.machine.send_request_head(head.method, target, out, body=head.has_body))
     body.attach(H1Sink(conn))
+    return _response_head(conn, policy.per_try_timeout)
+
+
+async def _response_head(conn: H1Conn, per_try_timeout: float | None) -> Sent:
+    """The next response head on ``conn``, or why there is none."""
     try:
-        if policy.per_try_timeout is None:
-            return await _response_head(conn)
-        return await within(policy.per_try_timeout, _response_head(conn))
+        if per_try_timeout is not None:
+            async with asyncio.timeout(per_try_timeout):
+                return await _response_head(conn, None)
+        events, machine, pipe = conn.events, conn.machine, conn.pipe
+        while True:
+            while not events:  # ``conn.next_event`` inlined: one coroutine less per request
+                data = await pipe.read()
+                evs = machine.receive_data(data)
+                if not evs and not data:
+                    return None, ("reset", "UC")
+                events.extend(evs)
+            ev = events.popleft()
+            if isinstance(ev, ResponseHead):
+                return ev, None
+            if isinstance(ev, Informational):
+                continue
+            if isinstance(ev, ProtocolError):
+                log.info("upstream protocol error: %s", ev.reason)
+                return None, ("reset", "UPE")
+            return None, ("reset", "UC")
     except TimeoutError:
         return None, ("per-try-timeout", "UT")
     except (PipeClosed, ConnectionError):
-        return None, ("reset", "UC")
-
-
-async def _response_head(
-    conn: H1Conn,
-) -> tuple[ResponseHead | None, tuple[str, str] | None]:
-    """The next response head on ``conn``, or why there is none (retryOn kind, flag)."""
-    events, machine, pipe = conn.events, conn.machine, conn.pipe
-    while True:
-        while not events:  # ``conn.next_event`` inlined: one coroutine less per request
-            data = await pipe.read()
-            evs = machine.receive_data(data)
-            if not evs and not data:
-                return None, ("reset", "UC")
-            events.extend(evs)
-        ev = events.popleft()
-        if isinstance(ev, ResponseHead):
-            return ev, None
-        if isinstance(ev, Informational):
-            continue
-        if isinstance(ev, ProtocolError):
-            log.info("upstream protocol error: %s", ev.reason)
-            return None, ("reset", "UPE")
         return None, ("reset", "UC")
 
 

@@ -1,7 +1,8 @@
-"""HTTP/1.1 clients that are slow, silent or send too many headers, against the real
-``L7Proxy`` on loopback (``l7harness``): a request head cut by the head timeout gets 408,
-an idle kept-alive connection is closed, too many or too large header fields get 431;
-each is counted in ``nodeagent_http1_limit_hits_total`` and logged once."""
+"""HTTP/1.1 clients that are slow, silent or send too many headers, and upstreams that are
+slow, against the real ``L7Proxy`` on loopback (``l7harness``): a request head cut by the
+head timeout gets 408, an idle kept-alive connection is closed, too many or too large
+header fields get 431 (each counted in ``nodeagent_http1_limit_hits_total`` and logged
+once); a route's timeout and its retries' per-try timeout answer 504 in time."""
 
 from __future__ import annotations
 
@@ -137,3 +138,37 @@ def test_kept_alive_requests_share_one_timer(rig: L7Rig) -> None:
             del rig.loop.call_at
     assert len(armed) <= 3, armed  # (the access log's flush timer may be among them)
     assert hits(rig, "idle_timeout") == hits(rig, "request_headers_timeout") == 0
+
+
+def test_route_and_per_try_timeouts_cut_a_slow_upstream(rig: L7Rig) -> None:
+    """A route's ``timeout`` and its retries' ``perTryTimeout`` answer 504 in time (the
+    timed paths beside the untimed one most routes take); a quick answer still passes."""
+
+    def get(path: str) -> tuple[bytes, float]:
+        start = time.monotonic()
+        request = f"GET {path} HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"
+        out = exchange(rig, request.encode())
+        return out, time.monotonic() - start
+
+    route = """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: default}
+        spec:
+          hosts: [web]
+          http:
+          - route: [{destination: {host: web}}]
+            %s
+    """
+    rig.apply(route % "timeout: 0.4s")
+    assert get("/")[0].startswith(b"HTTP/1.1 200")
+    out, took = get("/delay/3")
+    assert out.startswith(b"HTTP/1.1 504"), out[:200]
+    assert took < 2.5, took
+    assert rig.records()[-1]["response_flags"] == "UT"
+    rig.apply(route % 'retries: {attempts: 2, perTryTimeout: 0.3s, retryOn: "5xx,reset"}')
+    assert get("/")[0].startswith(b"HTTP/1.1 200")
+    out, took = get("/delay/3")
+    assert out.startswith(b"HTTP/1.1 504"), out[:200]
+    assert took < 2.5, took  # 3 tries of 0.3 s plus back-off, not 3 s
+    assert rig.records()[-1]["attempts"] == 3
