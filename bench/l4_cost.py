@@ -126,6 +126,7 @@ def _l7_seen(rig: object, n: int) -> None:
 
 
 def instructions(argv: list[str], keep: Path | None, name: str) -> int:
+    """User-space instructions callgrind counts running ``argv`` (``l7_cost.py`` too)."""
     out_file = str(keep / f"callgrind.{name}") if keep else "/dev/null"
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *argv],

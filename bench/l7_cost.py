@@ -155,23 +155,13 @@ async def _inner(config: Path, upstream: int, n: int, direct: bool, new: bool) -
         proxy.close()
 
 
-def _instructions(argv: list[str]) -> int:
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    m = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or m is None:
-        raise SystemExit(f"callgrind failed ({out.returncode}): {out.stderr[-2000:]}")
-    return int(m.group(1))
-
-
 def _per_request(config: Path, upstream: int, *, direct: bool, new: bool) -> float:
+    from l4_cost import instructions  # (this directory is the script's: sys.path[0])
+
     def run(n: int) -> int:
         argv = [sys.executable, __file__, "--inner", str(config), str(upstream), str(n)]
-        return _instructions(argv + (["--direct"] if direct else []) + (["--new"] if new else []))
+        argv += (["--direct"] if direct else []) + (["--new"] if new else [])
+        return instructions(argv, None, "")
 
     return (run(LARGE) - run(SMALL)) / (LARGE - SMALL)
 
