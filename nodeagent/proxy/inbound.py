@@ -219,13 +219,9 @@ class Inbound:
         )
 
         def attach(side: ClientSide) -> None:
-            async def go() -> None:
-                try:
-                    await self.plumbing.wire_upstream(relay, sock)
-                except OSError as e:
-                    relay.abort(f"upstream {req.authority}: {e}")
-
-            self.plumbing.spawn(go())
+            self.plumbing.attach(
+                relay, sock, lambda e: relay.abort(f"upstream {req.authority}: {e}")
+            )
 
         return ClientSide(relay, attach)
 
@@ -251,14 +247,14 @@ class Inbound:
         self.denied(req.peer_identity, peer_ip, target, port, FORWARDED_FLAG, reason)
         return ConnectRefusal(400, reason)
 
-    async def _serve_plaintext(self, pp: PodProxy, side: ClientSide) -> None:
+    def _serve_plaintext(self, pp: PodProxy, side: ClientSide) -> None:
+        """Admit at once (in ``connection_made``); a relayed connection's dial goes on by
+        callbacks, one served request by request gets a Task."""
         relay = side.relay
-        dst = self.plumbing.captured_destination(
-            side, "inbound", own_ports=(INBOUND_PORT, OUTBOUND_PORT)
-        )
-        if dst is None:
+        got = self.plumbing.captured(side, "inbound", own_ports=(INBOUND_PORT, OUTBOUND_PORT))
+        if got is None:
             return
-        peer = side.transport.get_extra_info("peername") if side.transport else None
+        dst, peer = got
         src_ip = peer[0] if peer else ""
         snap = self.inputs.snapshot()
         if self.inputs.identity is not None:
@@ -284,7 +280,8 @@ class Inbound:
             pending, relay.pending = relay.pending, []
             pipe.adopt(side.transport, pending)
             relay.client = side.transport
-            await self._serve_http(pp, hp, None, snap.pod_by_ip.get(src_ip), src_ip, pipe, relay)
+            peer_pod = snap.pod_by_ip.get(src_ip)
+            self.plumbing.spawn(self._serve_http(pp, hp, None, peer_pod, src_ip, pipe, relay))
             return
         authz_req = AuthzRequest(
             destination=pp.pod,
@@ -303,7 +300,7 @@ class Inbound:
         svc = self.plumbing.index(snap).service_at.get((pp.pod.key, dst[1]))
         host = svc.fqdn if svc is not None else ""
         tcp_telemetry(relay.meta, "destination", src_pod, pp.pod, svc, host)
-        await self.plumbing.dial(pp, relay, dst, "inbound", app_source(src_ip, pp))
+        self.plumbing.dial(pp, relay, dst, "inbound", app_source(src_ip, pp))
 
     async def _serve_http(
         self,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Awaitable, Callable, Coroutine, Set
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from nodeagent.core.paths import BASE
 from nodeagent.model.objects import HostWorkload, Pod, PodRuntime
@@ -49,10 +49,11 @@ class PodSockets(Protocol):
 
     def connect(
         self, addr: Addr, timeout: float, source: str | None = None
-    ) -> Awaitable[socket.socket]:
+    ) -> Coroutine[Any, Any, socket.socket]:
         """A connected non-blocking socket to ``addr`` (not captured again), from the
         client address ``source`` when given (the app sees the client); raises
-        ``PeerError`` naming the address and what to check."""
+        ``PeerError`` naming the address and what to check. The proxy runs it without a
+        Task (``plumbing.drive``): it may await futures, not ``asyncio.timeout``."""
         ...
 
     def close(self) -> None: ...

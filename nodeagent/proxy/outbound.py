@@ -64,16 +64,18 @@ class Outbound:
         self.mtls = inputs.identity is not None
         """The agent holds identities: mesh connections may go through HBONE."""
 
-
     def accept(self, pp: PodProxy) -> Callable[[], asyncio.Protocol]:
         return self.plumbing.accept(pp, "outbound", self._serve)
 
-    async def _serve(self, pp: PodProxy, side: ClientSide) -> None:
+    def _serve(self, pp: PodProxy, side: ClientSide) -> None:
+        """Decide at once (in ``connection_made``); only what must wait for a name, a
+        tunnel or requests gets a Task (a plain TCP dial goes on by callbacks)."""
         p = self.plumbing
         relay = side.relay
-        dst = p.captured_destination(side, "outbound")
-        if dst is None:
+        got = p.captured(side, "outbound")
+        if got is None:
             return
+        dst = got[0]
         snap = self.inputs.snapshot()
         todo = plan(
             snap,
@@ -91,28 +93,32 @@ class Outbound:
             case Passthrough():
                 relay.meta["direction"] = "passthrough"
                 tcp_telemetry(relay.meta, "source", pp.pod, None, None, "PassthroughCluster")
-                await p.dial(pp, relay, dst, "passthrough")
+                p.dial(pp, relay, dst, "passthrough")
             case Tcp(ep, svc, host):
                 _peer(relay, ep, svc)
                 tcp_telemetry(relay.meta, "source", pp.pod, ep.pod, svc, host)
-                await p.dial(pp, relay, (ep.ip, ep.port), "outbound")
+                p.dial(pp, relay, (ep.ip, ep.port), "outbound")
             case Dns(ep, svc, host):
                 _peer(relay, ep, svc)
                 tcp_telemetry(relay.meta, "source", pp.pod, None, svc, host)
-                addr = await self._resolve(ep)
-                if addr is None:
-                    p.refuse(relay, "outbound", "UF", f"cannot resolve {ep.ip} ({host})")
-                else:
-                    await p.dial(pp, relay, addr, "outbound")
+                p.spawn(self._dial_name(pp, relay, ep, host))
             case Hbone(ep, svc, host):
                 _peer(relay, ep, svc)
-                await self._tunnel(pp, relay, snap, ep, svc, host)
+                p.spawn(self._tunnel(pp, relay, snap, ep, svc, host))
             case Http1(ep, svc, port):
                 _peer(relay, ep, svc)
-                await self._serve_l7(pp, side, svc, port, "http1")
+                p.spawn(self._serve_l7(pp, side, svc, port, "http1"))
             case Http2(ep, svc, port):
                 _peer(relay, ep, svc)
-                await self._serve_l7(pp, side, svc, port, "h2")
+                p.spawn(self._serve_l7(pp, side, svc, port, "h2"))
+
+    async def _dial_name(self, pp: PodProxy, relay: Relay, ep: Endpoint, host: str) -> None:
+        """A DNS ServiceEntry's endpoint: resolved, then dialled."""
+        addr = await self._resolve(ep)
+        if addr is None:
+            self.plumbing.refuse(relay, "outbound", "UF", f"cannot resolve {ep.ip} ({host})")
+        else:
+            self.plumbing.dial(pp, relay, addr, "outbound")
 
     async def _resolve(self, ep: Endpoint) -> Addr | None:
         """A DNS ServiceEntry's host name to an IPv4 address, by the node's resolver."""

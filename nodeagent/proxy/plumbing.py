@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod, Service
@@ -29,8 +31,32 @@ from nodeagent.proxy.relay import ClientSide, Relay, UpstreamSide
 
 log = logging.getLogger("nodeagent.proxy")
 
-Handler = Callable[[PodProxy, ClientSide], Coroutine[Any, Any, None]]
-"""Serves one accepted connection of a pod's listener."""
+Handler = Callable[[PodProxy, ClientSide], None]
+"""Serves one accepted connection of a pod's listener: called from its ``connection_made``
+(no Task: what must wait, a dial, goes on by callbacks, see ``drive``)."""
+
+T = TypeVar("T")
+
+
+def drive(
+    coro: Coroutine[Any, Any, T], done: Callable[[T | None, BaseException | None], None]
+) -> None:
+    """Run ``coro`` without a Task: its first step now, each later one when the future it
+    waits on is done; then ``done(result, None)`` or ``done(None, error)``. A connection's
+    dial usually ends in the first step; a Task would cost a loop turn and its own
+    bookkeeping. ``coro`` must not need ``current_task()`` (no ``asyncio.timeout``)."""
+
+    def step(_: object = None) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            done(stop.value, None)
+        except BaseException as e:  # handed to ``done``, which decides
+            done(None, e)
+        else:
+            waiting.add_done_callback(step)
+
+    step()
 
 
 def _ip_order(ip: str) -> tuple[int, ...]:
@@ -144,12 +170,14 @@ class Plumbing:
         accepted."""
         table = self.inputs.table
         slots = self.caps.listener(direction)
+        serve = partial(handler, pp)  # one per listener, not one per connection
+        key = pp.pod.key
 
         def make() -> asyncio.Protocol:
             if not slots.take():
                 return Refused()
-            relay = table.open({"direction": direction, "pod": pp.pod.key, "slots": slots})
-            return ClientSide(relay, lambda side: self.spawn(handler(pp, side)))
+            relay = table.open({"direction": direction, "pod": key, "slots": slots})
+            return ClientSide(relay, serve)
 
         return make
 
@@ -176,11 +204,12 @@ class Plumbing:
         )
         relay.close(f"{flag}: {reason}")
 
-    def captured_destination(
+    def captured(
         self, side: ClientSide, direction: str, own_ports: tuple[int, ...] = ()
-    ) -> Addr | None:
-        """Record the client's address and return the address it dialled before capture;
-        refuse the connection (and return None) when there is none."""
+    ) -> tuple[Addr, Addr | None] | None:
+        """Record the client's address and return the address it dialled before capture,
+        and the client's (read once); refuse the connection (and return None) when there
+        is none."""
         relay = side.relay
         t = side.transport
         assert t is not None
@@ -195,46 +224,60 @@ class Plumbing:
             self.refuse(relay, direction, "NR", "connection was not redirected by capture")
             return None
         relay.meta["destination"] = f"{dst[0]}:{dst[1]}"
-        return dst
+        return dst, peer
 
-    async def dial(
+    def dial(
         self, pp: PodProxy, relay: Relay, addr: Addr, direction: str, source: str | None = None
     ) -> None:
         """Connect ``relay`` to ``addr`` over plain TCP from ``pp``'s network (from the
-        client's address ``source`` when given)."""
+        client's address ``source`` when given), by callbacks (``drive``)."""
         sockets = pp.sockets
         if sockets is None:
             self.refuse(relay, direction, "UF", f"pod {pp.pod.key} is no longer captured")
             return
         relay.meta["upstream"] = f"{addr[0]}:{addr[1]}"
-        try:
-            sock = await sockets.connect(addr, self.inputs.connect_timeout, source)
-        except PeerError as e:
-            if relay.closed:
-                return
-            self.refuse(relay, direction, "UF", str(e))
-            return
-        if relay.closed:  # the client left while we were connecting
-            sock.close()
-            self.inputs.metrics.failures.labels(direction=direction, response_flags="DC").inc()
-            return
-        try:
-            await self.wire_upstream(relay, sock)
-        except OSError as e:
-            self.refuse(relay, direction, "UF", f"upstream {addr}: {e}")
 
-    async def wire_upstream(self, relay: Relay, sock: Any) -> None:
+        def dialled(sock: socket.socket | None, exc: BaseException | None) -> None:
+            if sock is None:
+                if isinstance(exc, PeerError):
+                    if not relay.closed:
+                        self.refuse(relay, direction, "UF", str(exc))
+                else:
+                    relay.abort(f"upstream {addr[0]}:{addr[1]}: {exc!r}")
+                    log.error("dialling %s failed: %r", addr, exc, exc_info=exc)
+                return
+            if relay.closed:  # the client left while we were connecting
+                sock.close()
+                self.inputs.metrics.failures.labels(direction=direction, response_flags="DC").inc()
+                return
+            self.attach(relay, sock, partial(self._unwired, relay, direction, addr))
+
+        drive(sockets.connect(addr, self.inputs.connect_timeout, source), dialled)
+
+    def _unwired(self, relay: Relay, direction: str, addr: Addr, e: OSError) -> None:
+        self.refuse(relay, direction, "UF", f"upstream {addr}: {e}")
+
+    def attach(self, relay: Relay, sock: socket.socket, failed: Callable[[OSError], None]) -> None:
         """Make the connected ``sock`` the relay's upstream and count the connection as
-        opened; on failure the socket is closed and the error raised."""
-        try:
-            await (self._loop or self._running_loop()).create_connection(
-                lambda: UpstreamSide(relay), sock=sock
-            )
-        except OSError:
-            sock.close()
-            raise
-        relay.meta["counted"] = True
-        self.inputs.table.counted(relay)
+        opened (by callbacks: no Task); on failure the socket is closed and ``failed``
+        called."""
+        table = self.inputs.table
+
+        def made(_: object, exc: BaseException | None) -> None:
+            if isinstance(exc, OSError):
+                sock.close()
+                failed(exc)
+                return
+            if exc is not None:  # a bug: this connection ends, the proxy goes on
+                sock.close()
+                relay.abort(f"upstream: {exc!r}")
+                log.error("connection handler failed: %r", exc, exc_info=exc)
+                return
+            relay.meta["counted"] = True
+            table.counted(relay)
+
+        loop = self._loop or self._running_loop()
+        drive(loop.create_connection(partial(UpstreamSide, relay), sock=sock), made)
 
     async def connect_plain(
         self, pp: PodProxy, ep: Endpoint, pipe: Pipe, source: str | None = None

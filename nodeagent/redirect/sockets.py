@@ -126,8 +126,7 @@ async def connect_in(
                 s.connect(addr)
             except BlockingIOError:
                 if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
-                    async with asyncio.timeout(timeout):  # no extra Task, unlike wait_for
-                        await _writable(s)
+                    await _writable(s, timeout)
                     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except PermissionError:
                 if source is None or len(refused) + 1 >= PORT_TRIES:
@@ -167,8 +166,10 @@ async def connect_in(
     return s
 
 
-async def _writable(s: socket.socket) -> None:
-    """Wait until ``s`` is writable (a non-blocking connect finished, or failed)."""
+async def _writable(s: socket.socket, timeout: float) -> None:
+    """Wait until ``s`` is writable (a non-blocking connect finished, or failed); raises
+    ``TimeoutError`` after ``timeout`` seconds. A timer, not ``asyncio.timeout``: the
+    proxy runs a dial without a Task (``proxy.plumbing.drive``)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     fd = s.fileno()
@@ -177,10 +178,16 @@ async def _writable(s: socket.socket) -> None:
         if not fut.done():
             fut.set_result(None)
 
+    def expired() -> None:
+        if not fut.done():
+            fut.set_exception(TimeoutError())
+
     loop.add_writer(fd, ready)
+    timer = loop.call_later(timeout, expired)
     try:
         await fut
     finally:
+        timer.cancel()
         loop.remove_writer(fd)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.errors import PeerError
+from nodeagent.proxy.plumbing import drive
 from nodeagent.redirect.ebpf import netns_cookie
 from nodeagent.redirect.netns import SOCKET_BATCH, NetnsHandle, netns_path
 from nodeagent.redirect.sockets import connect_in, listen_in
@@ -102,6 +103,25 @@ def test_connect_in_to_a_silent_peer_times_out_with_a_hint(netns: str) -> None:
             asyncio.run(connect_in(h, ("10.77.0.2", 80), 0.3))
     finally:
         h.close()
+
+
+def test_connect_in_times_out_when_run_without_a_task(netns: str) -> None:
+    # the proxy dials from a listener's callback, by ``drive``: no Task to time out
+    h = NetnsHandle(netns)
+
+    async def main() -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[BaseException | None] = loop.create_future()
+        coro = connect_in(h, ("10.77.0.2", 80), 0.3)
+        loop.call_soon(drive, coro, lambda _, exc: ended.set_result(exc))
+        return await ended
+
+    try:
+        err = asyncio.run(main())
+    finally:
+        h.close()
+    assert isinstance(err, PeerError), err
+    assert "timed out after 0.3s connecting to 10.77.0.2:80" in str(err)
 
 
 def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str) -> None:

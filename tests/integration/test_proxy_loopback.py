@@ -13,6 +13,7 @@ iptables PREROUTING would send it; a pod's connection to its own IP reaches its 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import os
@@ -94,18 +95,46 @@ class Network:
     def pod(self, runtime: PodRuntime) -> LoopbackPod:  # the SocketFactory
         return LoopbackPod(self, runtime.ip)
 
-    async def dial(self, listener: Addr, dst: Addr) -> socket.socket:
+    async def dial(self, listener: Addr, dst: Addr, timeout: float = 10.0) -> socket.socket:
         """A connection to ``listener`` whose original destination is ``dst``."""
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.destinations[s.getsockname()] = dst
-        s.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(s, listener)
-        except OSError:
-            s.close()
-            raise
+        await connected(s, listener, timeout)
         return s
+
+
+async def connected(s: socket.socket, addr: Addr, timeout: float) -> None:
+    """Connect the new socket ``s`` to ``addr`` (closed on failure) as the node's
+    ``connect_in`` does: without ``asyncio.timeout``, since the proxy dials without a
+    Task (``proxy.plumbing.drive``)."""
+    s.setblocking(False)
+    try:
+        err = s.connect_ex(addr)
+        # on loopback the handshake is usually done within connect() (TCP_INFO's state)
+        if (
+            err == errno.EINPROGRESS
+            and s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1
+        ):
+            err = 0
+        elif err == errno.EINPROGRESS:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(s.fileno(), lambda: fut.done() or fut.set_result(None))
+            timer = loop.call_later(
+                timeout, lambda: fut.done() or fut.set_exception(TimeoutError())
+            )
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                loop.remove_writer(s.fileno())
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        s.close()
+        raise
 
 
 class LoopbackPod:
@@ -132,20 +161,14 @@ class LoopbackPod:
     async def connect(self, addr: Addr, timeout: float, source: str | None = None) -> socket.socket:
         net = self.net
         try:
-            async with asyncio.timeout(timeout):
-                if addr[1] != HBONE_PORT and addr[0] != self.ip:
-                    inbound = net.listeners.get((addr[0], INBOUND_PORT))
-                    if inbound is not None:  # the destination pod's capture
-                        return await net.dial(inbound, addr)
-                real = net.listeners.get(addr) or net.apps.get(addr) or addr
-                s = socket.socket()
-                s.setblocking(False)
-                try:
-                    await asyncio.get_running_loop().sock_connect(s, real)
-                except OSError:
-                    s.close()
-                    raise
-                return s
+            if addr[1] != HBONE_PORT and addr[0] != self.ip:
+                inbound = net.listeners.get((addr[0], INBOUND_PORT))
+                if inbound is not None:  # the destination pod's capture
+                    return await net.dial(inbound, addr, timeout)
+            real = net.listeners.get(addr) or net.apps.get(addr) or addr
+            s = socket.socket()
+            await connected(s, real, timeout)
+            return s
         except (OSError, TimeoutError) as e:
             raise PeerError(f"cannot connect to {addr[0]}:{addr[1]}: {e}") from None
 

@@ -1,0 +1,64 @@
+"""What a new plain TCP connection costs the proxy in event-loop machinery: through both
+nodes' real proxies (the loopback rig), the accept, the decision and the dial run in
+callbacks (``proxy.plumbing.drive``), without an asyncio Task of their own; the bytes,
+the metrics and the "connection complete" lines stay what they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+from test_proxy_loopback import SERVICE_IP, TCP_PORT, Rig, eventually, round_trip, run
+
+CONNECTIONS = 5
+
+
+def _proxy_tasks(loop: asyncio.AbstractEventLoop, made: list[str]) -> None:
+    """Record the proxy's own Tasks (their coroutine's file is under nodeagent/proxy)."""
+
+    def factory(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        **kw: Any,
+    ) -> asyncio.Task[Any]:
+        code = getattr(coro, "cr_code", None)
+        if code is not None and "nodeagent/proxy/" in code.co_filename:
+            made.append(code.co_qualname)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+
+def test_plain_tcp_connections_start_no_task_in_either_proxy() -> None:
+    async def body(rig: Rig) -> None:
+        made: list[str] = []
+        loop = asyncio.get_running_loop()
+        _proxy_tasks(loop, made)
+        sent = 0
+        try:
+            for _ in range(CONNECTIONS):
+                payload = os.urandom(1000)
+                digest, size = await round_trip(*await rig.connect((SERVICE_IP, TCP_PORT)), payload)
+                assert (digest, size) == (hashlib.sha256(payload).hexdigest(), len(payload))
+                sent += size
+        finally:
+            loop.set_task_factory(None)
+        assert made == [], f"the proxies started Tasks for plain connections: {made}"
+        assert rig.echo.accepted == CONNECTIONS
+        # both proxies counted every connection, and logged each when it closed
+        await eventually(
+            lambda: rig.tcp_sent("node2") == {("destination", "unknown", "none"): sent},
+            "node2's inbound metrics",
+        )
+        assert rig.tcp_sent("node1") == {("source", "client", "none"): sent}
+        for node in ("node1", "node2"):
+            log = rig.proxies[node].access_log.recent_connections
+            await eventually(lambda log=log: len(log) == CONNECTIONS, f"{node}'s log lines")
+            assert {r["message"] for r in log} == {"connection complete"}
+            assert all(r["bytes_sent"] == 1000 for r in log)
+
+    run(False, body)
