@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, NamedTuple
 
+from nodeagent.core.telemetry import keeps
 from nodeagent.model.objects import Pod, Service
 from nodeagent.model.status import ConnectionInfo
 from nodeagent.proxy.peerlabels import peer_values, security_policy
@@ -26,7 +27,8 @@ CLEAN_ENDS = frozenset({"done", "client closed", "upstream closed"})
 
 
 class Peers(NamedTuple):
-    """Who a relayed connection joins, for its "connection complete" line."""
+    """Who a relayed connection joins, for its "connection complete" line; with the
+    line's fields that depend only on them (``peers_of``), made once per set of peers."""
 
     reporter: str
     src: Pod | None
@@ -34,6 +36,49 @@ class Peers(NamedTuple):
     dst: Pod | None
     dst_principal: str
     service_host: str
+    head: dict[str, str] = {}
+    """``reporter``, ``direction``."""
+    src_fields: dict[str, str] = {}
+    """``src.workload``, ``src.namespace``, ``src.identity`` as far as known."""
+    dst_fields: dict[str, str] = {}
+    """``dst.service``, ``dst.workload``, ``dst.namespace``, ``dst.identity``."""
+    policy: str = ""
+    """``connection_security_policy``."""
+
+
+def peers_of(
+    reporter: str,
+    src: Pod | None,
+    src_principal: str,
+    dst: Pod | None,
+    dst_principal: str,
+    service_host: str,
+) -> Peers:
+    """``Peers`` with its part of the log line made (ztunnel leaves out what it does not
+    know: an empty or ``unknown`` value)."""
+    head = {"reporter": reporter, "direction": "outbound" if reporter == "source" else "inbound"}
+    src_fields: dict[str, str] = {}
+    if src is not None:
+        src_fields["src.workload"], src_fields["src.namespace"] = src.name, src.namespace
+    _put(src_fields, "src.identity", src_principal)
+    dst_fields: dict[str, str] = {}
+    _put(dst_fields, "dst.service", service_host)
+    if dst is not None:
+        dst_fields["dst.workload"], dst_fields["dst.namespace"] = dst.name, dst.namespace
+    _put(dst_fields, "dst.identity", dst_principal)
+    policy = security_policy(src_principal, dst_principal)
+    return Peers(
+        reporter,
+        src,
+        src_principal,
+        dst,
+        dst_principal,
+        service_host,
+        head,
+        src_fields,
+        dst_fields,
+        policy,
+    )
 
 
 def tcp_telemetry(
@@ -59,7 +104,7 @@ def tcp_telemetry(
             "-",
             security_policy(src_principal, dst_principal),
         )
-        peers = Peers(reporter, src, src_principal, dst, dst_principal, service_host)
+        peers = peers_of(reporter, src, src_principal, dst, dst_principal, service_host)
         if len(_TELEMETRY) >= TELEMETRY_KEPT:
             _TELEMETRY.clear()  # pods of old snapshots go with it
         # the entry holds src, dst and service (in peers): their ids in the key stay theirs
@@ -84,33 +129,28 @@ def connection_record(relay: Relay, peers: Peers, now: float) -> dict[str, Any]:
     (``src.*``, ``dst.*``, ``direction``, ``bytes_sent``/``bytes_recv``, ``duration``,
     ``error``) plus the start time, reporter, security policy and how it ended."""
     m = relay.meta
+    if not peers.head:  # made without ``peers_of``
+        peers = peers_of(*peers[:6])
     rec: dict[str, Any] = {
         "start_time": rfc3339(relay.opened_at),
         "message": "connection complete",
-        "reporter": peers.reporter,
-        "direction": "outbound" if peers.reporter == "source" else "inbound",
-        "src.addr": str(m.get("source", "")),
+        **peers.head,
+        "src.addr": m.get("source", ""),
+        **peers.src_fields,
     }
-    src, dst = peers.src, peers.dst
-    if src is not None:
-        rec["src.workload"], rec["src.namespace"] = src.name, src.namespace
-    _put(rec, "src.identity", peers.src_principal)
-    upstream = str(m.get("upstream") or m.get("destination") or "")
+    upstream = m.get("upstream") or m.get("destination") or ""
     if upstream.startswith("hbone "):  # "hbone <peer>:15008 -> <target>"
         rec["dst.addr"], _, rec["dst.hbone_addr"] = upstream[6:].partition(" -> ")
     else:
         rec["dst.addr"] = upstream
-    _put(rec, "dst.service", peers.service_host)
-    if dst is not None:
-        rec["dst.workload"], rec["dst.namespace"] = dst.name, dst.namespace
-    _put(rec, "dst.identity", peers.dst_principal)
+    rec.update(peers.dst_fields)
     rec["bytes_sent"] = relay.bytes_sent
     rec["bytes_recv"] = relay.bytes_received
     rec["duration"] = f"{round((now - relay.opened_at) * 1000)}ms"
-    rec["connection_security_policy"] = security_policy(peers.src_principal, peers.dst_principal)
-    rec["connection_termination_details"] = relay.close_reason
-    if relay.close_reason not in CLEAN_ENDS:
-        rec["error"] = relay.close_reason
+    rec["connection_security_policy"] = peers.policy
+    reason = rec["connection_termination_details"] = relay.close_reason
+    if reason not in CLEAN_ENDS:
+        rec["error"] = reason
     return rec
 
 
@@ -167,10 +207,11 @@ class ConnectionTable:
         """The connection's line, as its workload's Telemetry says (on/off, filter)."""
         obs = self.observer
         pod = peers.src if peers.reporter == "source" else peers.dst  # the one on this node
-        if obs is not None and not obs.config(pod).access_log:
+        c = obs.config(pod) if obs is not None else None
+        if c is not None and not c.access_log:
             return  # (before the record is made: an off switch costs a dict hit)
         rec = connection_record(relay, peers, time.time())
-        if obs is None or obs.log_keeps(pod, rec):
+        if c is None or c.log_filter is None or keeps(c.log_filter, rec):
             access_log.write_connection(rec)
 
     def snapshot(self) -> list[ConnectionInfo]:
