@@ -91,6 +91,24 @@ def _normal_ip(host: str) -> str:
     return str(ipaddress.ip_address(host))
 
 
+L4Authz = tuple[Pod, int, str | None, str, str]
+"""What a live L4 connection's ``recheck`` asks the authorizer: (destination, port,
+source principal, source IP, destination IP); a tuple until a policy changes: an
+``AuthzRequest`` (a frozen dataclass of 16 fields) costs each new connection ~4 µs."""
+
+
+def l4_request(
+    destination: Pod, port: int, principal: str | None, source_ip: str, destination_ip: str
+) -> AuthzRequest:
+    return AuthzRequest(
+        destination=destination,
+        destination_port=port,
+        source_principal=principal,
+        source_ip=source_ip,
+        destination_ip=destination_ip,
+    )
+
+
 SOURCE_MODES = frozenset({"iptables", "eBPF"})
 """Pod capture modes that route the app's answers back to the proxy (not ``… (no source
 routing)``); host mode's (``host (…)``) do too unless they say so."""
@@ -170,13 +188,7 @@ class Inbound:
                 self._serve_http(tpp, hp, req.peer_identity, src_pod, src_ip, pipe, relay)
             )
             return pipe
-        authz_req = AuthzRequest(
-            destination=target,
-            destination_port=port,
-            source_principal=req.peer_identity,
-            source_ip=src_ip,
-            destination_ip=ip,
-        )
+        authz_req: L4Authz = (target, port, req.peer_identity, src_ip, ip)
         adm = self.admission.admit_connection(snap, target, port, req.peer_identity, src_ip)
         if not adm.allowed:
             self.denied(
@@ -283,13 +295,7 @@ class Inbound:
             peer_pod = snap.pod_by_ip.get(src_ip)
             self.plumbing.spawn(self._serve_http(pp, hp, None, peer_pod, src_ip, pipe, relay))
             return
-        authz_req = AuthzRequest(
-            destination=pp.pod,
-            destination_port=dst[1],
-            source_ip=src_ip,
-            destination_ip=dst[0],
-        )
-        relay.meta["authz"] = authz_req
+        relay.meta["authz"] = (pp.pod, dst[1], None, src_ip, dst[0])
         adm = self.admission.admit_connection(snap, pp.pod, dst[1], None, src_ip)
         if not adm.allowed:
             self.denied(None, src_ip or "?", pp.pod, dst[1], adm.flag, adm.reason, *adm.deciding())
@@ -374,6 +380,8 @@ class Inbound:
                         break
                 continue
             req = relay.meta.get("authz")
+            if isinstance(req, tuple):  # made into a request only when policy changes
+                req = relay.meta["authz"] = l4_request(*req)
             if not isinstance(req, AuthzRequest):
                 continue
             target = snap.pod_by_key.get(req.destination.key)

@@ -62,3 +62,31 @@ def test_plain_tcp_connections_start_no_task_in_either_proxy() -> None:
             assert all(r["bytes_sent"] == 1000 for r in log)
 
     run(False, body)
+
+
+DENY_LOOPBACK = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-loopback, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules:
+  - from: [{source: {ipBlocks: [127.0.0.0/8]}}]
+"""
+
+
+def test_a_live_plaintext_connection_is_closed_when_a_policy_now_denies_it() -> None:
+    # its request for the authorizer is made only then, from what admission recorded
+    async def body(rig: Rig) -> None:
+        r, w = await rig.connect((SERVICE_IP, TCP_PORT))
+        w.write(b"ping")
+        assert await r.readexactly(4) == b"ping"
+        rig.apply(DENY_LOOPBACK)
+        assert await r.read() == b""  # closed by the re-check
+        w.close()
+        assert rig.failures("node2", "inbound", "RBAC") == 1
+        (line,) = rig.proxies["node2"].access_log.recent_connections
+        assert line["error"].startswith("RBAC"), line
+
+    run(False, body)
