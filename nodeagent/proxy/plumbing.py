@@ -54,7 +54,10 @@ def drive(
         except BaseException as e:  # handed to ``done``, which decides
             done(None, e)
         else:
-            waiting.add_done_callback(step)
+            if waiting is None:  # a bare yield (``asyncio.sleep(0)``): again next turn
+                asyncio.get_running_loop().call_soon(step)
+            else:
+                waiting.add_done_callback(step)
 
     step()
 
