@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod, Service
@@ -45,21 +45,33 @@ def drive(
     waits on is done; then ``done(result, None)`` or ``done(None, error)``. A connection's
     dial usually ends in the first step; a Task would cost a loop turn and its own
     bookkeeping. ``coro`` must not need ``current_task()`` (no ``asyncio.timeout``)."""
+    _Driver(coro, done).step()
 
-    def step(_: object = None) -> None:
+
+class _Driver(Generic[T]):
+    """One ``drive``: an object, not a closure, as a closure naming itself (to be called
+    again) is a reference cycle that keeps the whole connection until the GC runs."""
+
+    __slots__ = ("coro", "done")
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, T], done: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        self.coro = coro
+        self.done = done
+
+    def step(self, _: object = None) -> None:
         try:
-            waiting = coro.send(None)
+            waiting = self.coro.send(None)
         except StopIteration as stop:
-            done(stop.value, None)
+            self.done(stop.value, None)
         except BaseException as e:  # handed to ``done``, which decides
-            done(None, e)
+            self.done(None, e)
         else:
             if waiting is None:  # a bare yield (``asyncio.sleep(0)``): again next turn
-                asyncio.get_running_loop().call_soon(step)
+                asyncio.get_running_loop().call_soon(self.step)
             else:
-                waiting.add_done_callback(step)
-
-    step()
+                waiting.add_done_callback(self.step)
 
 
 def _ip_order(ip: str) -> tuple[int, ...]:

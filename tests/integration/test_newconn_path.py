@@ -7,6 +7,7 @@ the metrics and the "connection complete" lines stay what they were.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 from collections.abc import Coroutine, Generator
@@ -60,6 +61,25 @@ def test_plain_tcp_connections_start_no_task_in_either_proxy() -> None:
             await eventually(lambda log=log: len(log) == CONNECTIONS, f"{node}'s log lines")
             assert {r["message"] for r in log} == {"connection complete"}
             assert all(r["bytes_sent"] == 1000 for r in log)
+
+    run(False, body)
+
+
+def test_a_closed_connection_leaves_no_reference_cycle_behind() -> None:
+    # a cycle keeps a connection's transports, sockets and buffers until the GC runs, and
+    # makes that GC run (and walk them) every few hundred connections
+    async def body(rig: Rig) -> None:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                payload = os.urandom(100)
+                await round_trip(*await rig.connect((SERVICE_IP, TCP_PORT)), payload)
+            await eventually(lambda: not any(p.table.live for p in rig.proxies.values()), "closes")
+            unreachable = gc.collect()
+        finally:
+            gc.enable()
+        assert unreachable < 20, f"{unreachable} objects in cycles after 20 connections"
 
     run(False, body)
 
