@@ -63,6 +63,10 @@ DEFAULT_WINDOW = 65535
 FRAME_HEADER = struct.Struct(">BHBBL")
 DATA = 0x0
 
+OWN_PIECE = 16 * 1024
+"""``take_output`` hands a DATA payload this large on as it is (a TLS record's worth: a
+smaller one costs less copied into its neighbours than written as a record of its own)."""
+
 Field = tuple[bytes, bytes]
 """A header field as sent (an hpack ``HeaderTuple`` is one too)."""
 
@@ -244,6 +248,35 @@ class Connection(Generic[S]):
         data = b"".join(out)
         out.clear()
         return data
+
+    def take_output(self) -> list[bytes | memoryview]:
+        """``data_to_send`` without copying stream data: the bytes to write, in order, as
+        pieces; each run of small ones (frame headers, control frames) joined into one,
+        larger DATA payloads as they were written (slices of them). ``[]`` if none."""
+        h2 = self._h2
+        out = self._out
+        if h2._data_to_send:
+            out.append(h2.data_to_send())
+        if not out:
+            return []
+        self._out = []
+        if len(out) == 1:
+            return out
+        pieces: list[bytes | memoryview] = []
+        start = 0  # first piece of the current run of small ones
+        for i, piece in enumerate(out):
+            if len(piece) >= OWN_PIECE:
+                if i - start == 1:
+                    pieces.append(out[start])
+                elif i > start:
+                    pieces.append(b"".join(out[start:i]))
+                pieces.append(piece)
+                start = i + 1
+        if len(out) - start == 1:
+            pieces.append(out[start])
+        elif len(out) > start:
+            pieces.append(b"".join(out[start:]))
+        return pieces
 
     def _emit(self, frame: bytes | memoryview) -> None:
         """Queue a frame built here, after everything h2 has queued so far."""

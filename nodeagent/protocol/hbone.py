@@ -398,14 +398,49 @@ class _Connection(Connection[_Stream]):
             self._fail(f"internal error on the peer's frames: {e!r}", ErrorCodes.INTERNAL_ERROR)
             return self.take_events()
 
+    def receive_frames(self, data: memoryview) -> tuple[list[Event], int]:
+        """``receive_data`` for a caller that keeps its own buffer (the I/O layer reads
+        TLS straight into one): complete frames are handled, an incomplete one at the
+        end is left to the caller, who hands its bytes again followed by the next ones.
+        Returns the events and how many bytes were used. No byte of ``data`` is kept."""
+        if self.failed is not None or self.closed:
+            return self.take_events(), len(data)
+        if self._inbuf:  # (bytes from receive_data before: that path completes them)
+            return self.receive_data(data), len(data)
+        try:
+            pos = self._preface(data)
+            if pos < 0:
+                return self.take_events(), len(data)
+            rest = self._frames(data, pos) if pos < len(data) else pos
+            if self.has_failed():
+                return self.take_events(), len(data)
+            return self._received(), rest
+        except Exception as e:  # a bug of ours must not take more than this connection
+            self._fail(f"internal error on the peer's frames: {e!r}", ErrorCodes.INTERNAL_ERROR)
+            return self.take_events(), len(data)
+
+    def _preface(self, mv: memoryview) -> int:
+        """Server: skip (and check, in h2) the client's connection preface; where frames
+        start in ``mv``, or -1 if the preface was wrong."""
+        if not self._preface_left:
+            return 0
+        pos = min(self._preface_left, len(mv))
+        self._preface_left -= pos
+        return pos if self._to_h2(mv[:pos]) else -1
+
+    def _received(self) -> list[Event]:
+        if self._window_opened or self._conn_unacked >= self._conn_ack_at:
+            return self._after_receive()
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
     def _receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         mv = memoryview(data)
-        pos = 0
-        if self._preface_left:
-            pos = min(self._preface_left, len(mv))
-            self._preface_left -= pos
-            if not self._to_h2(mv[:pos]):
-                return self.take_events()
+        pos = self._preface(mv)
+        if pos < 0:
+            return self.take_events()
         if self._inbuf:
             # Complete the frame left over from the last read, copying only that frame.
             head = self._inbuf
@@ -431,12 +466,7 @@ class _Connection(Connection[_Stream]):
                 return self.take_events()
             if rest < len(mv):
                 self._inbuf = mv[rest:].tobytes()
-        if self._window_opened or self._conn_unacked >= self._conn_ack_at:
-            return self._after_receive()
-        events = self._events
-        if events:
-            self._events = []
-        return events
+        return self._received()
 
     def _frames(self, mv: memoryview, pos: int) -> int:
         """Handle the complete frames in ``mv`` from ``pos``; the offset where they end."""

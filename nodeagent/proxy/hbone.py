@@ -51,6 +51,12 @@ STREAM_HIGH_WATER = 256 * 1024
 """Default write high-water mark of a stream (bytes queued waiting for window)."""
 TLS_HIGH_WATER = 1024 * 1024
 """Write high-water mark of the TLS transport under all streams of a connection."""
+READ_MIN = 16 * 1024 + 256
+"""The least room offered to TLS for a read (a record's plaintext, and some)."""
+READ_GRANULE = 64 * 1024
+"""The read buffer grows in steps of this (TLS asks for what it holds, up to ~256 KiB)."""
+WRITE_CHUNK = 64 * 1024
+"""Bytes handed to TLS per write (see ``HboneConn._write``)."""
 CLOSE_GRACE = 5.0
 """Seconds a closed connection may take to hand its last bytes (GOAWAY) to a peer that
 does not read before it is aborted (its unsent output would otherwise stay forever)."""
@@ -444,9 +450,13 @@ def error_code_name(code: int | None) -> str:
 # -- one TLS connection -------------------------------------------------------------------
 
 
-class HboneConn(asyncio.Protocol):
+class HboneConn(asyncio.BufferedProtocol):
     """The asyncio protocol of one HBONE TLS connection; the app protocol under TLS. The
-    client and server connections subclass it (``on_event`` and the other hooks below)."""
+    client and server connections subclass it (``on_event`` and the other hooks below).
+
+    A buffered protocol: TLS decrypts straight into the connection's read buffer (no
+    bytes object per TLS record, no join of them), the machine handles the complete
+    frames there and the start of an incomplete one stays for the next read."""
 
     machine: ClientConnection | ServerConnection
     """The connection's sans-I/O machine; subclasses keep it also under a name of its
@@ -462,6 +472,10 @@ class HboneConn(asyncio.Protocol):
         self.lost = False
         self.received_any = False
         self._early: list[bytes] = []
+        self._rbuf: bytearray | None = None
+        """The read buffer (made on the first read, grown to what TLS asks for)."""
+        self._rkeep = 0
+        """Bytes at the start of ``_rbuf``: an incomplete frame, completed by the next read."""
         self._flush_scheduled = False
         self._abort_handle: asyncio.TimerHandle | None = None
         self.bytes_out = 0
@@ -485,17 +499,41 @@ class HboneConn(asyncio.Protocol):
             self._receive(data)
         self.flush()
 
-    # -- asyncio.Protocol ------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        if self.transport is None:  # TLS finished but we have not attached yet
-            self._early.append(data)
+    # -- asyncio.BufferedProtocol ----------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        keep = self._rkeep
+        want = keep + max(sizehint, READ_MIN)
+        buf = self._rbuf
+        if buf is None or len(buf) < want:
+            grown = bytearray((want + READ_GRANULE - 1) // READ_GRANULE * READ_GRANULE)
+            if keep and buf is not None:
+                grown[:keep] = buf[:keep]
+            self._rbuf = buf = grown
+        return memoryview(buf)[keep:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        buf = self._rbuf
+        if buf is None or nbytes <= 0:
             return
-        # Writes made by stream protocols while we dispatch go out with the flush below,
-        # not in a callback of their own.
-        scheduled, self._flush_scheduled = self._flush_scheduled, True
-        self.received_any = True
-        self.bytes_in += len(data)
-        self.dispatch(self.machine.receive_data(data))
+        end = self._rkeep + nbytes
+        with memoryview(buf) as whole:
+            mv = whole[:end]
+            if self.transport is None:  # TLS finished but we have not attached yet
+                self._early.append(mv.tobytes())
+                mv.release()
+                return
+            # Writes made by stream protocols while we dispatch go out with the flush
+            # below, not in a callback of their own.
+            scheduled, self._flush_scheduled = self._flush_scheduled, True
+            self.received_any = True
+            self.bytes_in += nbytes
+            events, used = self.machine.receive_frames(mv)
+            left = end - used
+            if left and used:
+                whole[:left] = mv[used:end]  # the incomplete frame to the front
+            self._rkeep = left
+            mv.release()
+        self.dispatch(events)
         self.flush()
         self._flush_scheduled = scheduled and not self.lost
 
@@ -514,6 +552,8 @@ class HboneConn(asyncio.Protocol):
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
+        self._rbuf = None
+        self._rkeep = 0
         err = self.lost_error(exc)
         for st in list(self.streams.values()):
             st._lose(err)
@@ -546,10 +586,9 @@ class HboneConn(asyncio.Protocol):
             self.dispatch(events)
             events = machine.take_events()
         self._flush_scheduled = False
-        data = machine.data_to_send()
-        if data:
-            self.bytes_out += len(data)
-            transport.write(data)
+        pieces = machine.take_output()
+        if pieces:
+            self._write(transport, pieces)
         if self.write_paused:
             for st in list(self.write_paused):
                 if machine.pending(st.id) <= st._low:
@@ -557,6 +596,26 @@ class HboneConn(asyncio.Protocol):
         if machine.closed and not transport.is_closing():
             transport.close()
             self._abort_handle = self.loop.call_later(CLOSE_GRACE, self._abort_stuck)
+
+    def _write(self, transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
+        """Hand ``pieces`` to TLS in writes of about ``WRITE_CHUNK`` bytes: each write's
+        records are read out of TLS as one new bytes object, which stays small enough to
+        be reused from the heap rather than mapped and unmapped (page faults) every time."""
+        total = 0
+        batch: list[bytes | memoryview] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= WRITE_CHUNK:
+                transport.writelines(batch)
+                total += size
+                batch = []
+                size = 0
+        if batch:
+            transport.writelines(batch)
+            total += size
+        self.bytes_out += total
 
     def _abort_stuck(self) -> None:
         self._abort_handle = None

@@ -337,6 +337,37 @@ def test_large_writes_are_split_at_the_peers_frame_size() -> None:
     assert sum(sizes) == 100_000 and max(sizes) <= 16384
 
 
+def test_bulk_output_is_not_copied_and_a_reader_keeping_its_buffer_gets_it_intact() -> None:
+    """``take_output`` hands large DATA payloads on as views of what was written (no
+    join), and ``receive_frames`` leaves an incomplete frame in the caller's buffer: the
+    way the I/O layer moves bulk data. 1 MiB goes through in reads of odd sizes."""
+    p = Pair()
+    sid = p.open()
+    p.take()
+    payload = os.urandom(1 << 20)
+    p.c.send_data(sid, payload)
+    pieces = p.c.take_output()
+    big = [x for x in pieces if len(x) >= 16384]
+    assert sum(len(x) for x in big) == len(payload)
+    assert all(isinstance(x, memoryview) and x.obj is payload for x in big)  # not copied
+    wire = b"".join(pieces)
+    assert len(pieces) <= 2 * len(big) + 1  # frame headers joined, one piece per payload
+    buf = bytearray()
+    got: list[Event] = []
+    rng = random.Random(7)
+    pos = 0
+    while pos < len(wire):
+        n = rng.randint(1, 70_000)
+        buf += wire[pos : pos + n]
+        pos += n
+        events, used = p.s.receive_frames(memoryview(buf))
+        got += events
+        del buf[:used]  # the caller keeps the incomplete frame
+        assert len(buf) < 9 + p.s.settings.max_frame_size
+    assert not buf
+    assert data_of(got, sid) == payload
+
+
 # -- GOAWAY -------------------------------------------------------------------------------
 
 
