@@ -26,7 +26,6 @@ import cProfile
 import gc
 import hashlib
 import os
-import re
 import resource
 import shutil
 import socket
@@ -160,16 +159,9 @@ async def _inner(sizes: list[int], mtls: bool, profile: str | None) -> None:
 
 
 def _instructions(argv: list[str]) -> int:
-    out = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    m = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or m is None:
-        raise SystemExit(f"callgrind failed ({out.returncode}): {out.stderr[-2000:]}")
-    return int(m.group(1))
+    from l4_cost import instructions  # (this directory is the script's: sys.path[0])
+
+    return instructions(argv, None, "")
 
 
 def main() -> int:
