@@ -36,13 +36,13 @@ class Peers(NamedTuple):
     dst: Pod | None
     dst_principal: str
     service_host: str
-    head: dict[str, str] = {}
+    head: dict[str, str]
     """``reporter``, ``direction``."""
-    src_fields: dict[str, str] = {}
+    src_fields: dict[str, str]
     """``src.workload``, ``src.namespace``, ``src.identity`` as far as known."""
-    dst_fields: dict[str, str] = {}
+    dst_fields: dict[str, str]
     """``dst.service``, ``dst.workload``, ``dst.namespace``, ``dst.identity``."""
-    policy: str = ""
+    policy: str
     """``connection_security_policy``."""
 
 
@@ -129,8 +129,6 @@ def connection_record(relay: Relay, peers: Peers, now: float) -> dict[str, Any]:
     (``src.*``, ``dst.*``, ``direction``, ``bytes_sent``/``bytes_recv``, ``duration``,
     ``error``) plus the start time, reporter, security policy and how it ended."""
     m = relay.meta
-    if not peers.head:  # made without ``peers_of``
-        peers = peers_of(*peers[:6])
     rec: dict[str, Any] = {
         "start_time": rfc3339(relay.opened_at),
         "message": "connection complete",
