@@ -131,6 +131,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _unwritable(path: Path, e: OSError) -> LocalStateError:
+    return LocalStateError(
+        f"quota store {path}: cannot open for writing: {e} "
+        "(check the directory exists and the agent may write there)"
+    )
+
+
 class QuotaStore:
     """A ``QuotaCounter`` backed by a journal file (see the module docstring).
 
@@ -167,21 +174,18 @@ class QuotaStore:
                 path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
         except OSError as e:
-            raise LocalStateError(
-                f"quota store {path}: cannot open for writing: {e} "
-                "(check the directory exists and the agent may write there)"
-            ) from e
-        with self._locked():
-            self._load()
-            try:
-                self._open_journal()
-            except OSError as e:
-                os.close(self._lock_fd)
-                raise LocalStateError(
-                    f"quota store {path}: cannot open for writing: {e} "
-                    "(check the directory exists and the agent may write there)"
-                ) from e
-            self._compact()
+            raise _unwritable(path, e) from e
+        try:
+            with self._locked():
+                self._load()
+                try:
+                    self._open_journal()
+                except OSError as e:
+                    raise _unwritable(path, e) from e
+                self._compact()
+        except BaseException:  # (closed after the lock is given back, not inside it)
+            os.close(self._lock_fd)
+            raise
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

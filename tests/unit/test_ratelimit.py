@@ -775,6 +775,16 @@ def test_store_that_cannot_be_opened_is_a_local_state_error(tmp_path: Path) -> N
         QuotaStore(tmp_path / "file" / "q.journal")
 
 
+def test_a_journal_that_cannot_be_opened_past_its_lock_is_a_local_state_error(
+    tmp_path: Path,
+) -> None:
+    """The lock file opens but the journal does not (a directory in its place): the
+    error names the journal, not a descriptor closed under the lock."""
+    (tmp_path / "q.journal").mkdir()
+    with pytest.raises(LocalStateError, match=r"q\.journal: cannot open for writing"):
+        QuotaStore(tmp_path / "q.journal")
+
+
 def test_read_journal() -> None:
     a = QuotaCharge("ns/p", QuotaWindow.HOUR, 3600, "a", 3)
     b = QuotaCharge("ns/p", QuotaWindow.DAY, 0, "", 1)
