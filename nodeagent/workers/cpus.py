@@ -73,12 +73,17 @@ def own_cgroup(proc_cgroup: str) -> str:
 def cpus_allowed(root: Path = CGROUP_ROOT) -> int:
     """CPUs this process may use: its affinity, bounded by its cgroups' quotas."""
     n = len(os.sched_getaffinity(0))
-    try:
-        cgroup = own_cgroup(Path("/proc/self/cgroup").read_text())
-    except OSError:
-        return max(1, n)
-    quota = cgroup_quota(root, cgroup)
+    cgroup = this_cgroup()
+    quota = cgroup_quota(root, cgroup) if cgroup is not None else None
     return max(1, n if quota is None else min(n, quota))
+
+
+def this_cgroup() -> str | None:
+    """This process's cgroup v2 path; None when ``/proc/self/cgroup`` cannot be read."""
+    try:
+        return own_cgroup(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return None
 
 
 def auto_workers(cpus: int, memory: int | None = None) -> int:
@@ -93,8 +98,6 @@ def auto_workers(cpus: int, memory: int | None = None) -> int:
 
 def auto_allowed(root: Path = CGROUP_ROOT) -> int:
     """``--workers auto`` for this process (its CPUs, its cgroup's CPU and memory limits)."""
-    try:
-        cgroup = own_cgroup(Path("/proc/self/cgroup").read_text())
-    except OSError:
-        cgroup = "/"
-    return auto_workers(cpus_allowed(root), cgroup_quota(root, cgroup, "memory.max"))
+    cgroup = this_cgroup()
+    memory = cgroup_quota(root, cgroup, "memory.max") if cgroup is not None else None
+    return auto_workers(cpus_allowed(root), memory)
