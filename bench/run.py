@@ -90,7 +90,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import inspect
 import json
 import os
@@ -114,13 +113,13 @@ import nodeagent
 from nodeagent import native
 from nodeagent.errors import NodeAgentError
 from nodeagent.sandbox import Sandbox, cgroups
+from nodeagent.sandbox.lock import LOCK_FILE, sandbox_lock
 from nodeagent.sandbox.netlink import netns_path
 from nodeagent.sandbox.processes import tcp_open
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
-LOCK_FILE = "/run/nodeagent/e2e.lock"
 CASES = ("direct", "haproxy", "haproxy-pod", "mesh")
 LOCAL_CASES = ("local", "local-bypass")
 """The local legs alone: server-e calls its own Service, so app -> proxy (outbound
@@ -387,69 +386,11 @@ def figure_label(fig: Figure, l7: bool) -> str:
 # -- the e2e lock --------------------------------------------------------------------------
 
 
-def _ancestors() -> set[int]:
-    pids: set[int] = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
-    return pids
-
-
-def _lock_held_by_us() -> bool:
-    """True when an enclosing ``flock LOCK_FILE cmd`` (our process or an ancestor) holds it."""
-    try:
-        st = os.stat(LOCK_FILE)
-    except FileNotFoundError:
-        return False
-    # the fd `flock` passes down: locking it again on the same open file succeeds at once
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError, ValueError):
-            fd = int(name)
-            fst = os.fstat(fd)
-            if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return True
-                except BlockingIOError:
-                    pass
-    # `flock -o` closes it in the child: look for an ancestor among the holders
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    ancestors = _ancestors()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            parts = line.split()
-            if (
-                len(parts) >= 6
-                and parts[1] == "FLOCK"
-                and parts[5] == dev
-                and int(parts[4]) in ancestors
-            ):
-                return True
-    return False
-
-
 @contextlib.contextmanager
 def e2e_lock() -> Iterator[None]:
     """Serialise with other sandbox users (end-to-end tests) on ``LOCK_FILE``."""
-    os.makedirs(os.path.dirname(LOCK_FILE), exist_ok=True)
-    if _lock_held_by_us():
+    with sandbox_lock(LOCK_FILE, log):
         yield
-        return
-    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for {LOCK_FILE} (another sandbox user holds it)")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- signals -------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import sys
@@ -15,6 +14,7 @@ import pytest
 from meshops import bpf_programs
 
 from nodeagent.sandbox import Sandbox
+from nodeagent.sandbox.lock import sandbox_lock
 
 
 def privileged_skip_reason() -> str | None:
@@ -63,13 +63,8 @@ def _one_sandbox_user_at_a_time() -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
-    os.makedirs("/run/nodeagent", exist_ok=True)
-    fd = os.open("/run/nodeagent/e2e.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with sandbox_lock():  # (or an enclosing `flock /run/nodeagent/e2e.lock pytest ...`'s)
         yield
-    finally:
-        os.close(fd)
 
 
 MESH_DIR = Path(__file__).parent / "mesh"
