@@ -311,6 +311,7 @@ class HboneServer:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("HBONE server task failed: %r", exc, exc_info=exc)
+        self._check_drained()
 
     def _handshake_failed(self, peer: Any, reason: str) -> None:
         self._handshake_failures += 1
@@ -442,8 +443,13 @@ class HboneServer:
         """Whether ``close`` was called."""
         return self._closing
 
+    def busy(self) -> bool:
+        """Whether a connection is open or still being set up (a TLS handshake, a
+        CONNECT being answered): what an agent that is going away waits for."""
+        return bool(self._conns or self._tasks)
+
     def _check_drained(self) -> None:
-        if self._closing and not self._conns:
+        if self._closing and not self.busy():
             self._drained.set()
 
     def close(self) -> None:

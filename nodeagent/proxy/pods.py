@@ -409,6 +409,12 @@ class LocalPods:
                 pp.dns.close()
                 pp.dns = None
 
+    def hbone_busy(self) -> bool:
+        """Whether a pod's HBONE server still has a connection open or being set up (a
+        tunnel whose handshake started before ``stop_accepting``: its client's CONNECTs
+        wait on it, so the agent must not exit under it)."""
+        return any(pp.hbone is not None and pp.hbone.busy() for pp in self.pods.values())
+
     def close(self) -> None:
         for pp in self.pods.values():
             pp.close()

@@ -119,10 +119,11 @@ class Proxy:
         self.local.stop_accepting()
 
     async def drain(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for live connections to end, then reset the rest."""
+        """Wait up to ``seconds`` for live connections to end, and for HBONE tunnels
+        (those still in their handshake too), then reset the rest."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while self.table.live and loop.time() < deadline:
+        while (self.table.live or self.local.hbone_busy()) and loop.time() < deadline:
             await asyncio.sleep(0.1)
         for relay in list(self.table.live.values()):
             relay.abort("agent shutting down")

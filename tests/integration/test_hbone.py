@@ -5,6 +5,7 @@ HTTP/2 client (h2 driven directly over an ``ssl`` socket), and peers dying."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -1047,5 +1048,43 @@ def test_a_connection_accepted_as_the_server_closes_is_served_by_the_next_one(
         pool.close()
         (await new[0]).abort()
         old[0].abort()
+
+    run(main)
+
+
+def test_a_closing_server_waits_for_a_handshake_it_began(mesh: Mesh) -> None:
+    """An agent going away exits once its HBONE server is drained (``wait_closed``,
+    ``busy``): a tunnel accepted before ``close`` but still in its TLS handshake counts.
+    Before, it did not: a worker with no live connection exited under such a tunnel, and
+    the CONNECTs its client had queued on it failed with 0 bytes answered."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def on_connect(req: ConnectRequest) -> asyncio.BaseProtocol | ConnectRefusal:
+            return Echo()
+
+        server = await start_hbone_server(listening(), mesh.server_ctx(), on_connect)
+        raw = await dial(server.sockets[0].getsockname()[:2])
+        for _ in range(100):  # accepted: its handshake waits for our ClientHello
+            if server._tasks:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        closed = asyncio.ensure_future(server.wait_closed())
+        await asyncio.sleep(0.3)
+        assert not closed.done() and server.busy()
+        # the handshake completes; the server sends its GOAWAY and ends the tunnel
+        peer = Peer()
+        await loop.create_connection(
+            lambda: peer, sock=raw, ssl=mesh.client_ctx(), server_hostname="127.0.0.1"
+        )
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(peer.eof, 5)
+        assert peer.received > 0  # its SETTINGS and GOAWAY, not a cut connection
+        assert peer.transport is not None
+        peer.transport.close()
+        await asyncio.wait_for(closed, 5)
+        assert not server.busy()
 
     run(main)
