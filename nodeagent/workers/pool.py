@@ -295,14 +295,16 @@ class WorkerPool:
         if slot.channel is None:
             return {}
         self._ids += 1
+        ident = self._ids  # (other asks may run meanwhile: self._ids moves on)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        slot.answers[self._ids] = fut
-        slot.out.put_nowait(({"op": "ask", "id": self._ids, "what": what}, []))
+        slot.answers[ident] = fut
+        slot.out.put_nowait(({"op": "ask", "id": ident, "what": what}, []))
         try:
             answer = await asyncio.wait_for(fut, ASK_TIMEOUT)
         except (TimeoutError, ChannelClosed) as e:
-            log.warning("worker %d did not answer: %s", slot.index, e or "timed out")
-            slot.answers.pop(self._ids, None)
+            why = str(e) or f"no answer to {what!r} within {ASK_TIMEOUT:g}s"
+            log.warning("worker %d did not answer: %s", slot.index, why)
+            slot.answers.pop(ident, None)
             return {}
         slot.last = answer
         return answer

@@ -38,7 +38,7 @@ from nodeagent.telemetry.metrics import Metrics
 from nodeagent.workers.child import SentCerts, WorkerCapture
 from nodeagent.workers.inputs import proxy_inputs
 from nodeagent.workers.metrics import MergedRegistry
-from nodeagent.workers.pool import WorkerPool
+from nodeagent.workers.pool import ASK_TIMEOUT, WorkerPool
 
 Addr = tuple[str, int]
 HBONE_PORT, APP_PORT = 15008, 9080
@@ -371,6 +371,30 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_an_ask_that_times_out_leaves_a_later_one_its_answer() -> None:
+    """Two asks overlap (the background gathering and a ``ctl`` call) while a worker is
+    slow: the first one's timeout must not take the second one's answer away (it forgot
+    the newest ask's id instead of its own, so the second timed out too)."""
+
+    async def body(rig: Rig) -> None:
+        await until(lambda: serving(rig), "the workers to get the pod's listeners", 40)
+        slot = rig.pool.slots[0]
+        assert slot.proc is not None
+        os.kill(slot.proc.pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(rig.pool._ask(slot, "metrics"))
+            await asyncio.sleep(ASK_TIMEOUT / 2)
+            second = asyncio.ensure_future(rig.pool._ask(slot, "metrics"))
+            assert await first == {}  # timed out
+        finally:
+            os.kill(slot.proc.pid, signal.SIGCONT)
+        answer = await second
+        assert "metrics" in answer, answer
+        assert slot.answers == {}
+
+    run(2, body, lambda rig: setattr(rig.pool, "refresh_every", 3600.0))
 
 
 def test_the_workers_connections_are_gathered_in_the_background() -> None:
