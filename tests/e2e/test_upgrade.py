@@ -34,10 +34,6 @@ AGENT_ARGS = ("--drain-seconds", "60")
 CLIENT = str(Path(__file__).parent / "upgradeclient.py")
 RATE = 3_000_000
 """Bytes per second of the long stream (tens of MB over the test)."""
-KNOWN_WORKER_DROPS = 2
-"""Connections of ~1,000 an upgrade with ``--workers`` may still answer with 0 bytes: a
-known bug, not yet found (in eBPF mode: 2 of the last 3 CI runs, 1 of ~40 runs outside
-CI; tcp_migrate_req was not it). Without workers the test allows none."""
 
 
 def _traffic(sb: Sandbox) -> subprocess.Popen[str]:
@@ -87,8 +83,7 @@ def test_an_upgrade_of_both_nodes_drops_no_connection(sb: Sandbox) -> None:
         f"in {stream.get('seconds')}s",
         file=sys.stderr,
     )
-    tolerated = KNOWN_WORKER_DROPS if "--workers" in sb.agent_args else 0
-    assert conns["failed"] <= tolerated, (conns["errors"], "restart windows", windows)
+    assert conns["failed"] == 0, (conns["errors"], "restart windows", windows)
     assert all(n > 50 for n in during), during  # the traffic spanned each hand-over
     assert stream["ok"], stream
     assert stream["received"] == stream["sent"] > 20_000_000
