@@ -331,7 +331,9 @@ def flood(port: int, ctx: ssl.SSLContext, frame: bytes, count: int, done: thread
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
         chunk = frame * 1000
-        sock.settimeout(1)
+        # the server reads all the while: only a loaded box stalls it (by seconds at load
+        # 10 on 2 CPUs, when a 1 s bound ended the flood before its limit was reached)
+        sock.settimeout(15)
         try:
             for _ in range(count // 1000):
                 sock.sendall(chunk)
