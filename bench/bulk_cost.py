@@ -13,6 +13,7 @@ go app → node2's inbound → HBONE → node1's outbound → client (a download
     .venv/bin/python bench/bulk_cost.py --profile out.prof # + cProfile of the proxies
     .venv/bin/python bench/bulk_cost.py --callgrind        # user-space instructions per MB
     .venv/bin/python bench/bulk_cost.py --plain            # the plain TCP hop instead
+    .venv/bin/python bench/bulk_cost.py --default-malloc   # glibc's thresholds (heap.py)
 
 ``--callgrind`` counts what load on the box cannot move: the difference between two
 transfer sizes under valgrind, divided by the extra MB (start-up removed).
@@ -122,11 +123,12 @@ async def _transfer(rig: object, n: int, loopback: object) -> tuple[float, int, 
     return cpu, after.ru_minflt - before.ru_minflt, calls
 
 
-async def _inner(sizes: list[int], mtls: bool, profile: str | None) -> None:
+async def _inner(sizes: list[int], mtls: bool, profile: str | None, tune: bool) -> None:
     sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests")]
     import test_proxy_loopback as loopback  # the rig of the integration tests
 
     from nodeagent.app import GC_THRESHOLDS
+    from nodeagent.heap import tune_malloc
 
     inputs = loopback.ProxyInputs  # under valgrind a handshake takes seconds
     loopback.ProxyInputs = lambda **kw: inputs(**{**kw, "connect_timeout": 120.0})
@@ -137,6 +139,8 @@ async def _inner(sizes: list[int], mtls: bool, profile: str | None) -> None:
             await _transfer(rig, 4 * MB, loopback)  # the tunnel up, the caches warm
             gc.freeze()  # as the agent does once started (app.py)
             gc.set_threshold(*GC_THRESHOLDS)
+            if tune:
+                tune_malloc()  # as the agent does (app.py)
             prof = cProfile.Profile() if profile else None
             for n in sizes:
                 if prof is not None:
@@ -174,6 +178,9 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true", help="the plain TCP hop, not HBONE")
     ap.add_argument("--profile", metavar="FILE", help="write a cProfile of the transfers")
     ap.add_argument("--callgrind", action="store_true", help="instructions per MB (valgrind)")
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="glibc's thresholds, not the agent's"
+    )
     a = ap.parse_args()
     if a.source is not None:
         return _source(a.source)
@@ -182,16 +189,18 @@ def main() -> int:
     import uvloop
 
     if a.inner is not None:
-        uvloop.run(_inner([int(x) for x in a.inner.split(",")], not a.plain, a.profile))
+        sizes = [int(x) for x in a.inner.split(",")]
+        uvloop.run(_inner(sizes, not a.plain, a.profile, not a.default_malloc))
         return 0
     if not a.callgrind:
-        uvloop.run(_inner([a.mb * MB] * a.times, not a.plain, a.profile))
+        uvloop.run(_inner([a.mb * MB] * a.times, not a.plain, a.profile, not a.default_malloc))
         return 0
     if shutil.which("valgrind") is None:
         print("--callgrind needs valgrind")
         return 2
     small, large = 4 * MB, 20 * MB
     base = [sys.executable, __file__] + (["--plain"] if a.plain else [])
+    base += ["--default-malloc"] if a.default_malloc else []
     n_small = _instructions([*base, "--inner", str(small)])
     n_large = _instructions([*base, "--inner", str(large)])
     per_mb = (n_large - n_small) / ((large - small) / MB)

@@ -32,6 +32,7 @@ from nodeagent.control.kubeclient import KubeClient, credentials
 from nodeagent.control.yamlload import bounds_limit
 from nodeagent.core import authz, route
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
+from nodeagent.heap import tune_malloc
 from nodeagent.identity.ca_client import CaClient
 from nodeagent.identity.store import CertificateStore
 from nodeagent.identity.tls import WorkloadCert
@@ -531,10 +532,12 @@ requests and older ones are rescanned often. Collect rarely instead."""
 
 def _tune_gc() -> None:
     """Move what start-up allocated (config, modules) out of the collector's sight and
-    collect less often (see ``GC_THRESHOLDS``)."""
+    collect less often (see ``GC_THRESHOLDS``); keep bulk buffers in malloc's heap
+    (``heap.tune_malloc``)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    tune_malloc()
 
 
 def run_agent(settings: AgentSettings) -> int:

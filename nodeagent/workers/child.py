@@ -28,6 +28,7 @@ import uvloop
 from nodeagent.config import AgentSettings
 from nodeagent.core import authz, route
 from nodeagent.errors import LocalStateError
+from nodeagent.heap import tune_malloc
 from nodeagent.identity.tls import WorkloadCert
 from nodeagent.model.objects import HostWorkload, PodRuntime
 from nodeagent.model.snapshot import MeshSnapshot
@@ -293,6 +294,7 @@ def main(fd: int, buckets_fd: int) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 50)  # as the main process (app.GC_THRESHOLDS)
+        tune_malloc()  # as the main process (app._tune_gc)
         await channel.send({"op": "hello", "pid": os.getpid(), "index": worker.index})
         return await worker.run()
 

@@ -44,6 +44,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "nodeagent/errors.py",
         "nodeagent/config.py",
         "nodeagent/native.py",
+        "nodeagent/heap.py",
         "nodeagent/unixsocket.py",
         "nodeagent/cliargs.py",
         "nodeagent/__init__.py",
