@@ -337,6 +337,20 @@ def test_large_writes_are_split_at_the_peers_frame_size() -> None:
     assert sum(sizes) == 100_000 and max(sizes) <= 16384
 
 
+def test_a_socket_reads_worth_goes_in_one_data_frame_between_agents() -> None:
+    """uvloop reads a socket up to 256 KiB at a time: between two agents each such read
+    is one DATA frame (one write to the receiving app, not four)."""
+    p = Pair()
+    sid = p.open()
+    p.take()
+    payload = os.urandom(256 * 1024)
+    p.c.send_data(sid, payload)
+    p.pump()
+    _, s_ev = p.take()
+    assert [len(e.data) for e in s_ev if isinstance(e, DataReceived)] == [len(payload)]
+    assert data_of(s_ev, sid) == payload
+
+
 def test_bulk_output_is_not_copied_and_a_reader_keeping_its_buffer_gets_it_intact() -> None:
     """``take_output`` hands large DATA payloads on as views of what was written (no
     join), and ``receive_frames`` leaves an incomplete frame in the caller's buffer: the
