@@ -10,7 +10,8 @@ name (``Dns``); a NONE entry without endpoints passes through to the address dia
 With MeshConfig ``outboundTrafficPolicy: REGISTRY_ONLY`` an address in no Service,
 ServiceEntry or workload is refused (``BLACKHOLE``), else passed through.
 ``tunnels`` is the mTLS choice per endpoint, which the L7 path also makes per request
-and ``nodeagent ctl explain`` shows.
+and ``nodeagent ctl explain`` shows. ``Planner`` is ``plan`` for the data path: what the
+snapshot alone decides of a connection is remembered until the snapshot changes.
 
 Pure: no I/O and no clock; the state the choices draw on (round robin counters, the load
 balancers of ``Clusters``, a random source) is passed in.
@@ -19,6 +20,7 @@ balancers of ``Clusters``, a random source) is passed in.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,7 +30,7 @@ from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.security import MtlsMode
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot
-from nodeagent.model.traffic import Destination
+from nodeagent.model.traffic import Destination, TCPRoute
 
 
 class RoundRobin:
@@ -38,10 +40,14 @@ class RoundRobin:
         self._counters: dict[tuple[str, int], itertools.count[int]] = {}
 
     def pick(self, key: tuple[str, int], endpoints: tuple[Endpoint, ...]) -> Endpoint:
+        return endpoints[self.index(key, len(endpoints))]
+
+    def index(self, key: tuple[str, int], n: int) -> int:
+        """The position of the next of ``n`` endpoints for ``key``."""
         c = self._counters.get(key)
         if c is None:
             c = self._counters[key] = itertools.count()
-        return endpoints[next(c) % len(endpoints)]
+        return next(c) % n
 
 
 # -- the plan -----------------------------------------------------------------------------
@@ -150,6 +156,86 @@ def plan(
     """The plan for a connection from ``source`` to ``dst_ip:dst_port``: where it goes
     and how. ``random`` draws a VirtualService ``tcp[]`` weighted pick; ``mtls``: the
     agent holds identities (else every mesh connection is plain TCP)."""
+    staged = _stage(snap, source, dst_ip, dst_port, mtls)
+    if isinstance(staged, Spread):
+        return staged.pick(snap, source, rr, clusters, random)
+    return staged
+
+
+class Spread:
+    """A connection to a service port with ready endpoints, decided as far as the
+    snapshot alone decides it: what is left per connection is the endpoint (round robin,
+    or the ``tcp[]`` route's weighted pick and its cluster's load balancer)."""
+
+    __slots__ = ("endpoints", "host", "key", "mtls", "plans", "port", "proto", "route", "service")
+
+    def __init__(
+        self,
+        service: Service,
+        port: ServicePort,
+        endpoints: tuple[Endpoint, ...],
+        proto: str | None,
+        host: str,
+        route: TCPRoute | Destination | None,
+        mtls: bool,
+    ) -> None:
+        self.service = service
+        self.port = port
+        self.key = (service.key, port.port)
+        self.endpoints = endpoints
+        self.proto = proto
+        self.host = host
+        """The destination host for metrics (the service's)."""
+        self.route = route
+        """The ``tcp[]`` rule that applies, or the host itself when only a
+        DestinationRule does (its load balancer picks), or None (round robin)."""
+        self.mtls = mtls
+        self.plans: list[OutboundPlan | None] = [None] * len(endpoints)
+        """The plan of each round-robin endpoint, made on its first pick."""
+
+    def pick(
+        self,
+        snap: MeshSnapshot,
+        source: Pod,
+        rr: RoundRobin,
+        clusters: Clusters,
+        random: Callable[[], float],
+    ) -> OutboundPlan:
+        """This connection's plan (``snap`` is the one this was staged from)."""
+        i = rr.index(self.key, len(self.endpoints))  # a route's pick moves it on too
+        route = self.route
+        if route is None:
+            made = self.plans[i]
+            if made is None:
+                made = self.plans[i] = self._to(snap, self.endpoints[i], self.host)
+            return made
+        try:
+            ep, host = _tcp_route(
+                snap, source, self.service, self.port.port, route, clusters, random
+            )
+        except ClusterError as e:
+            return Refuse("NC", str(e))
+        return self._to(snap, ep, host)
+
+    def _to(self, snap: MeshSnapshot, ep: Endpoint, service_host: str) -> OutboundPlan:
+        svc = self.service
+        if self.proto == "h2":
+            return Http2(ep, svc, self.port)
+        if self.proto is not None:
+            return Http1(ep, svc, self.port)
+        if tunnels(snap, ep, self.mtls):
+            return Hbone(ep, svc, service_host)
+        if svc.is_entry and is_name(ep):
+            return Dns(ep, svc, service_host)
+        return Tcp(ep, svc, service_host)
+
+
+Staged = Refuse | Passthrough | Tcp | Hbone | Spread
+"""What the snapshot alone decides of a connection: its whole plan, or all but its
+endpoint."""
+
+
+def _stage(snap: MeshSnapshot, source: Pod, dst_ip: str, dst_port: int, mtls: bool) -> Staged:
     svc = snap.service_for_address(dst_ip)
     if svc is None:
         pod = snap.pod_by_ip.get(dst_ip)
@@ -171,27 +257,59 @@ def plan(
             f"{svc.selector or '(no selector)'} has an IP and port {sp.target_port} "
             "(is it scheduled and running?)",
         )
-    ep = rr.pick((svc.key, sp.port), eps)
     proto = port_protocol(sp)
-    if proto == "h2":
-        return Http2(ep, svc, sp)
-    if proto is not None:
-        return Http1(ep, svc, sp)
-    try:
-        routed = _tcp_route(snap, source, svc, sp.port, clusters, random)
-    except ClusterError as e:
-        return Refuse("NC", str(e))
-    service_host = fqdn(svc)
-    if routed is not None:
-        ep, service_host = routed
-    if tunnels(snap, ep, mtls):
-        return Hbone(ep, svc, service_host)
-    if svc.is_entry and is_name(ep):
-        return Dns(ep, svc, service_host)
-    return Tcp(ep, svc, service_host)
+    host = fqdn(svc)
+    route: TCPRoute | Destination | None = None
+    if proto is None:  # a VirtualService tcp[] rule, else a DestinationRule's load balancer
+        route = select_tcp_route(snap, host, sp.port, source.labels)
+        if route is None and host in snap.destination_rule_by_host:
+            route = Destination(host)
+    return Spread(svc, sp, eps, proto, host, route, mtls)
 
 
-def _entry_without_endpoints(svc: Service, sp: ServicePort) -> OutboundPlan:
+class Planner:
+    """``plan`` for one agent's outbound connections, with what the snapshot alone
+    decides (``Staged``) remembered per (destination, port, source pod) until the
+    snapshot changes: a connection then costs a dictionary hit and its endpoint's pick."""
+
+    def __init__(
+        self,
+        *,
+        clusters: Clusters,
+        random: Callable[[], float],
+        mtls: bool,
+        kept: int = 4096,
+    ) -> None:
+        self.rr = RoundRobin()
+        self.clusters = clusters
+        self.random = random
+        self.mtls = mtls
+        self.kept = kept
+        """Entries kept at most (past it, all are dropped: a scan of many addresses)."""
+        self._staged: dict[tuple[str, int, int], tuple[Staged, Pod]] = {}
+        self._of: weakref.ref[MeshSnapshot] | None = None
+
+    def plan(self, snap: MeshSnapshot, source: Pod, dst_ip: str, dst_port: int) -> OutboundPlan:
+        if self._of is None or self._of() is not snap:
+            self._staged.clear()
+            self._of = weakref.ref(snap)
+        key = (dst_ip, dst_port, id(source))
+        hit = self._staged.get(key)
+        if hit is None:
+            if len(self._staged) >= self.kept:
+                self._staged.clear()
+            # the entry holds the source pod: its id in the key stays its own
+            hit = self._staged[key] = (_stage(snap, source, dst_ip, dst_port, self.mtls), source)
+        staged = hit[0]
+        if isinstance(staged, Spread):
+            return staged.pick(snap, source, self.rr, self.clusters, self.random)
+        return staged
+
+    def __len__(self) -> int:
+        return len(self._staged)
+
+
+def _entry_without_endpoints(svc: Service, sp: ServicePort) -> Refuse | Passthrough:
     """A ServiceEntry host with no endpoint: resolution NONE passes through to the
     address dialled (it is in the registry); STATIC, or a selector matching nothing,
     has no upstream."""
@@ -212,21 +330,18 @@ def _tcp_route(
     src: Pod,
     svc: Service,
     port: int,
+    route: TCPRoute | Destination,
     clusters: Clusters,
     random: Callable[[], float],
-) -> tuple[Endpoint, str] | None:
-    """For a TCP service port with a VirtualService ``tcp[]`` rule or a DestinationRule:
-    the endpoint its weighted route and load balancer choose, and the destination host.
-    None: neither applies (round robin over the service). Raises ``ClusterError``."""
-    host = fqdn(svc)
-    rule = select_tcp_route(snap, host, port, src.labels)
-    if rule is not None:
-        rd = pick_weighted(rule.routes, random())
-        dest = rd.destination if rd is not None else Destination(host)
-    elif host in snap.destination_rule_by_host:
-        dest = Destination(host)
+) -> tuple[Endpoint, str]:
+    """For a TCP service port with a VirtualService ``tcp[]`` rule or a DestinationRule
+    (``route``: the rule, or the host itself): the endpoint its weighted route and load
+    balancer choose, and the destination host. Raises ``ClusterError``."""
+    if isinstance(route, Destination):
+        dest = route
     else:
-        return None
+        rd = pick_weighted(route.routes, random())
+        dest = rd.destination if rd is not None else Destination(fqdn(svc))
     cluster = clusters.cluster(snap, dest, port)
     ep = clusters.balancer(cluster, src).pick(None)
     if ep is None:

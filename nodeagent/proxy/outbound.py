@@ -1,6 +1,6 @@
 """Outbound connections (a pod's 15001 listener): decide once, then dispatch.
 
-``core.outbound.plan`` makes the whole decision from the original destination (refuse,
+``core.outbound``'s ``Planner`` makes the whole decision from the original destination (refuse,
 pass through, plain TCP or HBONE to an endpoint, plain TCP to a DNS ServiceEntry's host
 name, or the L7 path); ``Outbound`` then does what the plan says in one ``match``, and
 decides nothing more (a host name is resolved with the event loop's resolver). The L7
@@ -22,11 +22,10 @@ from nodeagent.core.outbound import (
     Http1,
     Http2,
     Passthrough,
+    Planner,
     Refuse,
-    RoundRobin,
     Tcp,
     is_name,
-    plan,
     tunnels,
 )
 from nodeagent.errors import PeerError
@@ -58,11 +57,11 @@ class Outbound:
         self.inputs = inputs
         self.plumbing = plumbing
         self.clusters = clusters
-        self.random = random
-        """Draws VirtualService ``tcp[]`` weighted picks."""
-        self.rr = RoundRobin()
         self.mtls = inputs.identity is not None
         """The agent holds identities: mesh connections may go through HBONE."""
+        self.planner = Planner(clusters=clusters, random=random, mtls=self.mtls)
+        """Decides each connection (``random`` draws VirtualService ``tcp[]`` weighted
+        picks); remembers what the snapshot alone decides."""
 
     def accept(self, pp: PodProxy) -> Callable[[], asyncio.Protocol]:
         return self.plumbing.accept(pp, "outbound", self._serve)
@@ -77,17 +76,7 @@ class Outbound:
             return
         dst = got[0]
         snap = self.inputs.snapshot()
-        todo = plan(
-            snap,
-            pp.pod,
-            dst[0],
-            dst[1],
-            rr=self.rr,
-            clusters=self.clusters,
-            random=self.random,
-            mtls=self.mtls,
-        )
-        match todo:
+        match self.planner.plan(snap, pp.pod, dst[0], dst[1]):
             case Refuse(flag, reason):
                 p.refuse(relay, "outbound", flag, reason)
             case Passthrough():

@@ -14,6 +14,7 @@ from nodeagent.core.outbound import (
     Http2,
     OutboundPlan,
     Passthrough,
+    Planner,
     Refuse,
     RoundRobin,
     Tcp,
@@ -205,3 +206,74 @@ def test_plan_a_route_to_an_unknown_host_is_no_cluster() -> None:
     s = mesh(virtual_services=(tcp_vs(RouteDestination(Destination("nope.example"))),))
     nc = plan_for(s, "10.96.0.1", 5432)
     assert isinstance(nc, Refuse) and nc.flag == "NC" and "nope.example" in nc.reason
+
+
+# -- Planner: the data path's plan, what the snapshot alone decides remembered -------------
+
+
+def planner(*, mtls: bool = False, kept: int = 4096, rnd: float = 0.5) -> Planner:
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+    return Planner(clusters=clusters, random=lambda: rnd, mtls=mtls, kept=kept)
+
+
+def test_planner_decides_every_connection_as_plan_does() -> None:
+    vs = tcp_vs(
+        RouteDestination(Destination("web.default.svc.cluster.local"), weight=50),
+        RouteDestination(Destination("other.default.svc.cluster.local"), weight=50),
+    )
+    two = (pod("a", "10.244.1.2"), pod("b", "10.244.1.4"), pod("o", "10.244.1.3", app="other"))
+    s = MeshSnapshot.build(version=1, pods=(*two, CLIENT), services=(MIXED, OTHER))
+    routed = MeshSnapshot.build(
+        version=2, pods=(*two, CLIENT), services=(MIXED, OTHER), virtual_services=(vs,)
+    )
+    draws = [0.1, 0.9, 0.3, 0.7]
+    dests = [("10.96.0.1", p) for p in (80, 81, 5432, 50051)] + [
+        ("10.96.0.2", 5432),
+        ("10.244.1.2", 9999),
+        ("192.0.2.7", 443),
+    ]
+    for snapshot in (s, routed):
+        for mtls in (False, True):
+            cached = Planner(
+                clusters=Clusters(BalancerRegistry(lambda: 0.0, random.Random(1))),
+                random=iter(draws * 20).__next__,
+                mtls=mtls,
+            )
+            clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+            rr, rnd = RoundRobin(), iter(draws * 20).__next__
+            for _ in range(4):
+                for ip, port in dests:
+                    want = plan(snapshot, CLIENT, ip, port, rr=rr, clusters=clusters,
+                                random=rnd, mtls=mtls)  # fmt: skip
+                    got = cached.plan(snapshot, CLIENT, ip, port)
+                    assert (type(got), got) == (type(want), want), (ip, port, mtls)
+
+
+def test_planner_a_new_snapshot_takes_effect_for_the_next_connection() -> None:
+    p = planner(mtls=True)
+    s1 = mesh()
+    assert isinstance(p.plan(s1, CLIENT, "10.96.0.1", 5432), Hbone)
+    off = PeerAuthentication(namespace="default", name="off", mode=MtlsMode.DISABLE)
+    to_other = tcp_vs(RouteDestination(Destination("other.default.svc.cluster.local")))
+    s2 = mesh(peer_authentications=(off,), virtual_services=(to_other,))
+    got = p.plan(s2, CLIENT, "10.96.0.1", 5432)
+    assert isinstance(got, Tcp) and got.endpoint.ip == "10.244.1.3"
+    assert got.service_host == "other.default.svc.cluster.local"
+    s3 = MeshSnapshot.build(version=3, pods=(CLIENT,), services=(MIXED, OTHER))
+    gone = p.plan(s3, CLIENT, "10.96.0.1", 5432)
+    assert isinstance(gone, Refuse) and gone.flag == "UH"
+
+
+def test_planner_keeps_a_bounded_number_of_destinations() -> None:
+    p = planner(kept=3)
+    s = mesh()
+    for port in range(1000, 1010):
+        got = p.plan(s, CLIENT, "10.244.1.2", port)
+        assert isinstance(got, Tcp) and got.endpoint.port == port
+        assert len(p) <= 3
+    picks = Counter()
+    for _ in range(4):
+        got = p.plan(s, CLIENT, "10.96.0.1", 5432)
+        assert isinstance(got, Tcp)
+        picks[got.endpoint.ip] += 1
+    assert picks == {"10.244.1.2": 4}
