@@ -3,6 +3,7 @@ where a workload runs (its locality: Istio's rule over Node and Pod labels)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias, TypeVar, overload
@@ -176,9 +177,10 @@ class Service:
     def is_entry(self) -> bool:
         return self.kind == "ServiceEntry"
 
-    @property
+    @functools.cached_property
     def fqdn(self) -> str:
-        """The host routing, metrics and clusters name it by."""
+        """The host routing, metrics and clusters name it by (made once: a connection
+        names it a few times)."""
         return self.hostnames()[-1]
 
     def hostnames(self, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
