@@ -47,6 +47,9 @@ from nodeagent.proxy.sharedbuckets import SharedBuckets
 
 log = logging.getLogger("nodeagent.policy")
 
+L4_KEPT = 4096
+"""Admissions of connections (``admit_connection``) remembered per snapshot at most (past
+it, all are dropped: callers from many addresses)."""
 RBAC_DENIED = "RBAC: access denied"
 RATE_LIMITED = "local_rate_limited"
 
@@ -147,6 +150,10 @@ class InboundPolicy:
         self._jwt_rules: PerSnapshot[dict[str, tuple[JWTRule, ...]]] = PerSnapshot(lambda snap: {})
         """pod key → the JWT rules that apply to it, filled as pods are asked about."""
         self._routes = PerSnapshot(_route_names)
+        self._l4: PerSnapshot[dict[tuple[int, int, str | None, str], tuple[Admission, Pod]]]
+        self._l4 = PerSnapshot(lambda snap: {})
+        """(pod, port, caller's principal and IP) → the admission of a connection to a
+        port without rate limits."""
 
     def on_snapshot(self, snap: MeshSnapshot) -> None:
         """A new snapshot: rate-limit buckets of changed or removed limits are dropped;
@@ -374,9 +381,22 @@ class InboundPolicy:
         self, snap: MeshSnapshot, pod: Pod, port: int, principal: str | None, source_ip: str
     ) -> Admission:
         """One new TCP connection (a port served as bytes): authorization, then the
-        connection rate limit."""
+        connection rate limit. Without a rate limit on the port the answer depends on the
+        snapshot and the caller only: it is remembered (``L4_KEPT``) until the snapshot
+        changes."""
         try:
-            return self.decide(snap, pod, port, principal, source_ip, http=False)
+            if self.rate_limits(snap, pod, port):  # tokens are taken per connection
+                return self.decide(snap, pod, port, principal, source_ip, http=False)
+            known = self._l4.get(snap)
+            key = (id(pod), port, principal, source_ip)
+            hit = known.get(key)
+            if hit is None:
+                if len(known) >= L4_KEPT:
+                    known.clear()
+                # the entry holds the pod: its id in the key stays its own
+                adm = self.decide(snap, pod, port, principal, source_ip, http=False)
+                hit = known[key] = (adm, pod)
+            return hit[0]
         except Exception as e:
             log.exception("policy check of a connection to %s port %d failed", pod.key, port)
             why = f"policy check failed: {type(e).__name__}: {e}"
