@@ -107,14 +107,15 @@ class NetnsHandle:
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> _Socket:
         """A new socket that lives in this netns. IPv4 TCP sockets (one per proxied
         connection) are made ``SOCKET_BATCH`` at a time: one pair of ``setns`` calls, not
-        two per connection."""
+        two per connection; and non-blocking (``SOCK_NONBLOCK``: no ``setblocking``
+        system call after)."""
         if family != socket.AF_INET or type != socket.SOCK_STREAM:
             return self._make(family, type, 1)[0]
         try:
             return self._spare.pop()
         except IndexError:
             pass
-        batch = self._make(family, type, SOCKET_BATCH)
+        batch = self._make(family, type | socket.SOCK_NONBLOCK, SOCKET_BATCH)
         s = batch.pop()
         self._spare.extend(batch)
         return s

@@ -95,7 +95,8 @@ def _prepare(s: socket.socket, mark: int, source: str | None, bind: str | None =
         # the port is picked at connect(), per destination, not reserved by bind()
         s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         s.bind((bind, 0))
-    s.setblocking(False)
+    if s.gettimeout() != 0.0:  # (``NetnsHandle.socket``'s are made non-blocking)
+        s.setblocking(False)
 
 
 async def connect_in(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -134,6 +135,8 @@ def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str)
     made = [first, *(h.socket() for _ in range(SOCKET_BATCH - 1))]
     assert not h._spare  # the batch is used up before a new one is made
     assert {netns_cookie(s) for s in made} == {netns_cookie(first)}
+    # non-blocking from socket() on (SOCK_NONBLOCK), a TCP stream as asyncio expects
+    assert all(not s.getblocking() and s.type == socket.SOCK_STREAM for s in made)
     extra = h.socket()  # a second batch
     assert len(h._spare) == SOCKET_BATCH - 1
     left = list(h._spare)
