@@ -67,8 +67,9 @@ class Outbound:
         return self.plumbing.accept(pp, "outbound", self._serve)
 
     def _serve(self, pp: PodProxy, side: ClientSide) -> None:
-        """Decide at once (in ``connection_made``); only what must wait for a name, a
-        tunnel or requests gets a Task (a plain TCP dial goes on by callbacks)."""
+        """Decide at once (in ``connection_made``); only what must wait for a name or
+        requests gets a Task (a plain TCP dial and a tunnel's CONNECT go on by
+        callbacks)."""
         p = self.plumbing
         relay = side.relay
         got = p.captured(side, "outbound")
@@ -93,7 +94,7 @@ class Outbound:
                 p.spawn(self._dial_name(pp, relay, ep, host))
             case Hbone(ep, svc, host):
                 _peer(relay, ep, svc)
-                p.spawn(self._tunnel(pp, relay, snap, ep, svc, host))
+                p.run(self._tunnel(pp, relay, snap, ep, svc, host))
             case Http1(ep, svc, port):
                 _peer(relay, ep, svc)
                 p.spawn(self._serve_l7(pp, side, svc, port, "http1"))

@@ -74,6 +74,12 @@ class _Driver(Generic[T]):
                 waiting.add_done_callback(self.step)
 
 
+def _ran(_: None, exc: BaseException | None) -> None:
+    """The end of a handler run by ``Plumbing.run``: an error is a bug, logged."""
+    if exc is not None:
+        log.error("connection handler failed: %r", exc, exc_info=exc)
+
+
 def _ip_order(ip: str) -> tuple[int, ...]:
     return tuple(int(x) for x in ip.split(".")) if "." in ip else (0,)
 
@@ -205,6 +211,11 @@ class Plumbing:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("connection handler failed: %r", task.exception(), exc_info=task.exception())
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """``spawn`` without a Task (``drive``): for a handler that waits only on futures
+        (no ``asyncio.timeout``, no cancellation), its first step now."""
+        drive(coro, _ran)
 
     def refuse(self, relay: Relay, direction: str, flag: str, reason: str) -> None:
         self.inputs.metrics.failures.labels(direction=direction, response_flags=flag).inc()
