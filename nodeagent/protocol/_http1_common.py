@@ -48,40 +48,101 @@ class LocalProtocolError(ValueError):
 
 # -- events -------------------------------------------------------------------------------
 # Events are not changed once made. The ones made for every message (RequestHead,
-# ResponseHead, BodyChunk) are plain slotted dataclasses all the same: a frozen dataclass's
-# __init__ calls object.__setattr__ once per field, a cost paid on every request.
+# ResponseHead, BodyChunk) are plain classes with their own ``__init__``: compiled, a
+# dataclass's generated ``__init__`` stays interpreted (about 1-3k instructions a call, on
+# every request); ``__eq__`` and ``__repr__`` are written out as a dataclass's would be.
 
 
-@dataclass(slots=True)
 class RequestHead:
     """Downstream: a request line and its header fields arrived."""
 
-    method: str
-    target: str
-    headers: Headers
-    http_version: str
-    """``"1.1"`` or ``"1.0"``."""
-    keep_alive: bool
-    """The client allows another request on this connection after this one."""
-    expect_continue: bool
-    """The client waits for ``send_continue`` (or a final response) before its body."""
-    upgrade: str | None
-    """The ``Upgrade`` header (e.g. ``"websocket"``) when the client asks to switch."""
-    has_body: bool
-    """A body follows (``Content-Length`` > 0 or chunked): forward it with ``body=True``."""
+    __slots__ = (
+        "expect_continue",
+        "has_body",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        http_version: str,
+        keep_alive: bool,
+        expect_continue: bool,
+        upgrade: str | None,
+        has_body: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http_version = http_version
+        """``"1.1"`` or ``"1.0"``."""
+        self.keep_alive = keep_alive
+        """The client allows another request on this connection after this one."""
+        self.expect_continue = expect_continue
+        """The client waits for ``send_continue`` (or a final response) before its body."""
+        self.upgrade = upgrade
+        """The ``Upgrade`` header (e.g. ``"websocket"``) when the client asks to switch."""
+        self.has_body = has_body
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.method,
+            self.target,
+            self.headers,
+            self.http_version,
+            self.keep_alive,
+            self.expect_continue,
+            self.upgrade,
+            self.has_body,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RequestHead) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestHead(method={self.method!r}, target={self.target!r}, "
+            f"headers={self.headers!r}, http_version={self.http_version!r}, "
+            f"keep_alive={self.keep_alive!r}, expect_continue={self.expect_continue!r}, "
+            f"upgrade={self.upgrade!r}, has_body={self.has_body!r})"
+        )
 
 
-@dataclass(slots=True)
 class ResponseHead:
     """Upstream: a final response head arrived (or a ``101``, after which ``Upgraded``
     events carry the raw bytes)."""
 
-    status: int
-    headers: Headers
-    reason: str
-    http_version: str
-    keep_alive: bool
-    """The server allows another request on this connection."""
+    __slots__ = ("headers", "http_version", "keep_alive", "reason", "status")
+
+    def __init__(
+        self, status: int, headers: Headers, reason: str, http_version: str, keep_alive: bool
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.reason = reason
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        """The server allows another request on this connection."""
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.status, self.headers, self.reason, self.http_version, self.keep_alive)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResponseHead) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return (
+            f"ResponseHead(status={self.status!r}, headers={self.headers!r}, "
+            f"reason={self.reason!r}, http_version={self.http_version!r}, "
+            f"keep_alive={self.keep_alive!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +153,19 @@ class Informational:
     headers: Headers
 
 
-@dataclass(slots=True)
 class BodyChunk:
     """A piece of a message body, as it arrived (chunked framing already removed)."""
 
-    data: bytes
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BodyChunk) and self.data == other.data
+
+    def __repr__(self) -> str:
+        return f"BodyChunk(data={self.data!r})"
 
 
 @dataclass(frozen=True, slots=True)

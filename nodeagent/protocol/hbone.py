@@ -157,12 +157,30 @@ class ConnectRefused:
     """The ``x-nodeagent-reason`` header, or ``""``."""
 
 
-@dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Tunnel bytes. Call ``acknowledge(stream_id, len(data))`` once they are consumed."""
+    """Tunnel bytes. Call ``acknowledge(stream_id, len(data))`` once they are consumed.
 
-    stream_id: int
-    data: bytes
+    A plain class, not changed once made (one per DATA frame: compiled, a dataclass's
+    generated ``__init__`` would stay interpreted); equal and shown as a dataclass is."""
+
+    __slots__ = ("data", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes) -> None:
+        self.stream_id = stream_id
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, DataReceived)
+            and self.stream_id == other.stream_id
+            and self.data == other.data
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.stream_id, self.data))
+
+    def __repr__(self) -> str:
+        return f"DataReceived(stream_id={self.stream_id!r}, data={self.data!r})"
 
 
 @dataclass(frozen=True, slots=True)

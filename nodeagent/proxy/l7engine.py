@@ -133,7 +133,9 @@ class L7Engine:
         x.cluster, x.service = p.cluster.name, p.cluster.service
         x.trace_id = p.trace_id
         x.request_id = p.request_id
-        if obs is not None:  # (before a fault's delay: the span covers it)
+        # (before a fault's delay: the span covers it; no call at all when no spans are
+        # exported, the common case: the observer is interpreted code)
+        if obs is not None and obs.export is not None:
             obs.client(ds, req, p, x)
         return p
 
