@@ -41,6 +41,7 @@ from nodeagent.model.traffic import (
     HeaderOperations,
     Headers,
     HTTPRetry,
+    HTTPRoute,
     MatchKind,
     RouteDestination,
 )
@@ -215,6 +216,22 @@ class Routed(NamedTuple):
     cluster: Cluster | None
     """The cluster of the rule's only destination; None: pick by weight per request."""
     by_request_line: bool
+    plain: bool
+    """The rule asks for nothing but its destinations (no redirect, fault, rewrite,
+    retries, timeout, mirror or header operations): ``plan`` reads none of those fields
+    (model objects: each read is an interpreted attribute lookup)."""
+
+
+def _plain(rule: HTTPRoute | None) -> bool:
+    return rule is None or (
+        rule.redirect is None
+        and rule.fault is None
+        and rule.rewrite is None
+        and rule.retries is None
+        and rule.timeout is None
+        and rule.mirror is None
+        and rule.headers is None
+    )
 
 
 def route_name(d: RouteDecision) -> str:
@@ -305,7 +322,11 @@ class Planner:
                 except ClusterError:  # raised again per request, on the slow path
                     cluster = None
             routed = Routed(
-                decision, route_name(decision), cluster, decided_by_request_line(decision)
+                decision,
+                route_name(decision),
+                cluster,
+                decided_by_request_line(decision),
+                _plain(decision.rule),
             )
             if routed.by_request_line:
                 if len(memo) >= MEMO_MAX:
@@ -325,7 +346,7 @@ class Planner:
                 decision,
                 name,
             )
-        rule = decision.rule
+        rule = None if routed.plain else decision.rule  # (None: nothing of it to apply)
         delay: float | None = None
         if rule is not None and rule.redirect is not None:
             rd = rule.redirect

@@ -8,7 +8,6 @@ connection). Decides nothing about a request.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -25,7 +24,6 @@ from nodeagent.proxy.tracing import Observer
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord, rfc3339
 from nodeagent.telemetry.metrics import (
     BUCKET0,
-    BUCKETS,
     COUNT,
     REQUEST_BYTES0,
     REQUEST_BYTES_SUM,
@@ -35,6 +33,7 @@ from nodeagent.telemetry.metrics import (
     RESPONSE_MESSAGES,
     SUM,
     Metrics,
+    bucket,
 )
 
 
@@ -285,11 +284,11 @@ class Recorder:
             )
         series[COUNT] += 1
         series[SUM] += duration_ms
-        series[BUCKET0 + bisect_left(BUCKETS, duration_ms)] += 1
+        series[BUCKET0 + bucket(duration_ms)] += 1
         series[REQUEST_BYTES_SUM] += x.bytes_in
-        series[REQUEST_BYTES0 + bisect_left(BUCKETS, x.bytes_in)] += 1
+        series[REQUEST_BYTES0 + bucket(x.bytes_in)] += 1
         series[RESPONSE_BYTES_SUM] += x.bytes_out
-        series[RESPONSE_BYTES0 + bisect_left(BUCKETS, x.bytes_out)] += 1
+        series[RESPONSE_BYTES0 + bucket(x.bytes_out)] += 1
         req_msgs, resp_msgs = x.request_messages, x.response_messages
         if req_msgs is not None and resp_msgs is not None:
             series[REQUEST_MESSAGES] += req_msgs.count

@@ -62,6 +62,21 @@ BUCKETS = (
 )  # fmt: skip
 """Envoy's default histogram buckets, which Istio's duration and size histograms use."""
 DURATION_BUCKETS_MS = BUCKETS
+_BOUNDS: Final[tuple[float, ...]] = tuple(float(b) for b in BUCKETS)
+
+
+def bucket(value: float) -> int:
+    """``bisect_left(BUCKETS, value)``: the index of the first bucket ``value`` counts in
+    (``len(BUCKETS)``: ``+Inf``). Compiled, a loop over a few bounds costs less than a
+    call to ``bisect_left`` (most values fall in the first buckets)."""
+    i = 0
+    for b in _BOUNDS:
+        if value <= b:
+            return i
+        i += 1
+    return i
+
+
 _BUCKET_NAMES: Final = (*(f"{float(b)}" for b in BUCKETS), "+Inf")
 _NB: Final = len(BUCKETS) + 1
 
@@ -77,7 +92,7 @@ SUM: Final = 1
 """Index of the sum of durations (ms)."""
 BUCKET0: Final = 2
 """Index of the first duration bucket: a request of ``d`` ms counts in
-``series[BUCKET0 + bisect_left(BUCKETS, d)]`` (the last one is ``+Inf``)."""
+``series[BUCKET0 + bucket(d)]`` (the last one is ``+Inf``)."""
 REQUEST_BYTES_SUM: Final = BUCKET0 + _NB
 """Index of the sum of request body sizes; the request size buckets follow it."""
 REQUEST_BYTES0: Final = REQUEST_BYTES_SUM + 1
