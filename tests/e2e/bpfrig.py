@@ -483,9 +483,11 @@ def host_socket() -> socket.socket:
     """A TCP socket in the "host" netns (the test's own, not the machine's)."""
     h = NetnsHandle(HOST_NS)
     try:
-        return h.socket()
+        s = h.socket()
     finally:
         h.close()
+    s.setblocking(True)  # (the agent's netns sockets are made non-blocking; ours block)
+    return s
 
 
 def inbound(port: int, timeout=2.0) -> str:
