@@ -20,7 +20,6 @@ balancers of ``Clusters``, a random source) is passed in.
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ from nodeagent.core.peerauth import effective_mtls
 from nodeagent.core.route import pick_weighted, select_tcp_route
 from nodeagent.model.objects import Pod, Service, ServicePort
 from nodeagent.model.security import MtlsMode
-from nodeagent.model.snapshot import Endpoint, MeshSnapshot
+from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import Destination, TCPRoute
 
 
@@ -286,27 +285,26 @@ class Planner:
         self.mtls = mtls
         self.kept = kept
         """Entries kept at most (past it, all are dropped: a scan of many addresses)."""
-        self._staged: dict[tuple[str, int, int], tuple[Staged, Pod]] = {}
-        self._of: weakref.ref[MeshSnapshot] | None = None
+        self._staged: PerSnapshot[dict[tuple[str, int, int], tuple[Staged, Pod]]]
+        self._staged = PerSnapshot(lambda snap: {})
 
     def plan(self, snap: MeshSnapshot, source: Pod, dst_ip: str, dst_port: int) -> OutboundPlan:
-        if self._of is None or self._of() is not snap:
-            self._staged.clear()
-            self._of = weakref.ref(snap)
+        known = self._staged.get(snap)
         key = (dst_ip, dst_port, id(source))
-        hit = self._staged.get(key)
+        hit = known.get(key)
         if hit is None:
-            if len(self._staged) >= self.kept:
-                self._staged.clear()
+            if len(known) >= self.kept:
+                known.clear()
             # the entry holds the source pod: its id in the key stays its own
-            hit = self._staged[key] = (_stage(snap, source, dst_ip, dst_port, self.mtls), source)
+            hit = known[key] = (_stage(snap, source, dst_ip, dst_port, self.mtls), source)
         staged = hit[0]
         if isinstance(staged, Spread):
             return staged.pick(snap, source, self.rr, self.clusters, self.random)
         return staged
 
-    def __len__(self) -> int:
-        return len(self._staged)
+    def remembered(self, snap: MeshSnapshot) -> int:
+        """Destinations remembered for ``snap``."""
+        return len(self._staged.get(snap))
 
 
 def _entry_without_endpoints(svc: Service, sp: ServicePort) -> Refuse | Passthrough:

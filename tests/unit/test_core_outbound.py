@@ -270,7 +270,7 @@ def test_planner_keeps_a_bounded_number_of_destinations() -> None:
     for port in range(1000, 1010):
         got = p.plan(s, CLIENT, "10.244.1.2", port)
         assert isinstance(got, Tcp) and got.endpoint.port == port
-        assert len(p) <= 3
+        assert p.remembered(s) <= 3
     picks = Counter()
     for _ in range(4):
         got = p.plan(s, CLIENT, "10.96.0.1", 5432)
