@@ -28,6 +28,24 @@ _Resp = TypeVar("_Resp", bound=Message)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest answer we accept (a big config dump exceeds gRPC's 4 MiB default)."""
 
+READS = frozenset(
+    {
+        "Status",
+        "Workloads",
+        "Services",
+        "Connections",
+        "Requests",
+        "Metrics",
+        "ConfigDump",
+        "Certs",
+        "Explain",
+        "CniCheck",
+    }
+)
+"""The RPCs that only read the agent: asked again, once, on a new connection when the
+first one broke under the call (not a refused dial). Those that change state
+(``Bpf``, ``CniAdd``, ``CniDel``) are not, as the agent may have done them already."""
+
 
 def message_to_dict(message: Message) -> dict[str, Any]:
     """A message as a plain dict: proto field names, every field present, 64-bit ints as ints."""
@@ -178,6 +196,20 @@ class AdminClient:
             )
 
     def _call(self, method: str, request: Message, response_type: type[_Resp]) -> _Resp:
+        try:
+            return self._call_once(method, request, response_type)
+        except grpc.RpcError as e:
+            if method not in READS or not _broken_connection(e):
+                raise self._error(method, e) from None
+        # A connection to a live agent can break under a call (seen once in CI: grpc's
+        # HTTP/2 parser refused a frame); a read is safe to ask again on a fresh one.
+        self.close()
+        try:
+            return self._call_once(method, request, response_type)
+        except grpc.RpcError as e:
+            raise self._error(method, e) from None
+
+    def _call_once(self, method: str, request: Message, response_type: type[_Resp]) -> _Resp:
         self._check_socket()
         if self._channel is None:
             self._channel = grpc.insecure_channel(
@@ -189,10 +221,7 @@ class AdminClient:
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
-        try:
-            return rpc(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._error(method, e) from None
+        return rpc(request, timeout=self.timeout)
 
     def _error(self, method: str, e: grpc.RpcError) -> LocalStateError:
         code = e.code() if isinstance(e, grpc.Call) else None
@@ -217,3 +246,16 @@ class AdminClient:
         return LocalStateError(
             f"the agent on {self.socket_path} failed to answer {method} ({name}): {details}"
         )
+
+
+def _broken_connection(e: grpc.RpcError) -> bool:
+    """Whether ``e`` is a connection that broke under the call (``UNAVAILABLE``, or grpc's
+    ``Stream removed`` once the call was out), not an agent that is not there."""
+    if not isinstance(e, grpc.Call):
+        return False
+    details = (e.details() or "").lower()
+    if e.code() == grpc.StatusCode.UNKNOWN:
+        return "stream removed" in details
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return "connection refused" not in details and "no such file" not in details

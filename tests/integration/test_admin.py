@@ -1072,3 +1072,96 @@ def test_http_port_in_use_is_a_clean_error(loop_thread: UvloopThread) -> None:
             loop_thread.run(
                 start_http_servers(_typed(FakeView()), "127.0.0.1", metrics_port=port, ready_port=0)
             )
+
+
+class _FirstConnectionBreaks:
+    """A UNIX socket in front of the agent's: its first ``broken`` connections answer a
+    call's request with a SETTINGS ack nobody asked for (what grpc's HTTP/2 parser refused
+    once in CI, failing the call ``UNAVAILABLE`` after it was sent), every later one is
+    relayed to the agent."""
+
+    def __init__(self, path: str, target: str, broken: int = 1) -> None:
+        self.path, self.target, self.broken = path, target, broken
+        self.accepted = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.broken:
+                threading.Thread(target=self._break, args=(conn,), daemon=True).start()
+                continue
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.target)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _break(conn: socket.socket) -> None:
+        settings, ack = (
+            b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+            b"\x00\x00\x00\x04\x01\x00\x00\x00\x00",
+        )
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(settings)
+            buf = b""
+            while True:  # the client's frames, after its 24-byte preface
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                at, seen_ack = 24, False
+                while at + 9 <= len(buf):
+                    length, kind = int.from_bytes(buf[at : at + 3], "big"), buf[at + 3]
+                    if kind == 0x4 and not seen_ack:
+                        conn.sendall(ack)  # the client's SETTINGS, acknowledged
+                        seen_ack = True
+                    if kind == 0x1:  # the call's HEADERS: it is out, now break it
+                        conn.sendall(ack)
+                        time.sleep(0.5)
+                        return
+                    at += 9 + length
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_read_is_asked_again_when_its_connection_breaks(agent: Agent, short_dir: str) -> None:
+    flaky = _FirstConnectionBreaks(os.path.join(short_dir, "flaky.sock"), agent.socket_path)
+    try:
+        with AdminClient(flaky.path, timeout=5.0) as c:
+            assert c.status()["node"] == NODE
+        assert flaky.accepted >= 2  # the broken connection, then the one that answered
+    finally:
+        flaky.close()
+
+
+def test_a_connection_that_always_breaks_is_a_clean_error(agent: Agent, short_dir: str) -> None:
+    # A change is not asked again by the client (the agent may have made it already), a
+    # read only once: both end in an error naming the call and what broke.
+    flaky = _FirstConnectionBreaks(
+        os.path.join(short_dir, "flaky.sock"), agent.socket_path, broken=1_000
+    )
+    try:
+        with AdminClient(flaky.path, timeout=5.0) as c:
+            with pytest.raises(LocalStateError, match=r"Bpf .*unexpected settings ack"):
+                c.bpf("on")
+            with pytest.raises(LocalStateError, match=r"failed to answer Status .*settings ack"):
+                c.status()
+    finally:
+        flaky.close()
