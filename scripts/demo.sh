@@ -11,7 +11,8 @@ $NA sandbox up "${1:-examples/bookinfo}"
 $NA sandbox status
 echo
 echo "\$ nodeagent sandbox exec sleep -- curl -s http://productpage:9080/"
-$NA sandbox exec sleep -- curl -s http://productpage:9080/ | head -n 30; echo "  ..."
+PAGE="$($NA sandbox exec sleep -- curl -s http://productpage:9080/)"
+head -n 30 <<<"$PAGE"; echo "  ..."
 echo
 echo "\$ nodeagent ctl --node node1 status"
 $NA ctl --node node1 status

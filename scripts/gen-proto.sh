@@ -31,7 +31,7 @@ gen() {
 mark_generated() {
   local f
   for f in "$@"; do
-    if ! head -n 3 "$f" | grep -q '^# ruff: noqa'; then
+    if ! grep -q '^# ruff: noqa' <<<"$(head -n 3 "$f")"; then
       sed -i '1i # ruff: noqa\n# mypy: ignore-errors' "$f"
     fi
   done

@@ -30,7 +30,7 @@ PKGS=(iproute2 iptables curl wrk haproxy nginx-light util-linux procps psmisc tc
 # (the image's tools, podman/buildah/mmdebstrap, are installed by build-image.sh itself)
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  grep -q "ok installed" <<<"$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"

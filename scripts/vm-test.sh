@@ -98,9 +98,9 @@ check_units() {
 check_ratings_from_host() {
   local body
   body="$(curl -fsS --max-time 10 "http://127.0.0.1:$APP_PORT/from-the-host")"
-  echo "$body" | head -c 300; echo
-  echo "$body" | grep -Eq '"service": ?"ratings"' &&
-    echo "$body" | grep -Eq '"node": ?"vm-1"' &&
+  printf '%.300s\n' "$body"
+  grep -Eq '"service": ?"ratings"' <<<"$body" &&
+    grep -Eq '"node": ?"vm-1"' <<<"$body" &&
     curl -fsS --max-time 10 -o /dev/null "http://127.0.0.1:$READY_PORT/healthz/ready"
 }
 check_ctl() {
@@ -109,7 +109,7 @@ check_ctl() {
   echo "$status"
   services="$(in_vm "sudo /opt/nodeagent/venv/bin/nodeagent ctl services")"
   echo "$services"
-  echo "$status" | grep -q "vm-1" && echo "$services" | grep -q "192.168.121.10"
+  grep -q "vm-1" <<<"$status" && grep -q "192.168.121.10" <<<"$services"
 }
 
 # Host mode in the guest: ratings.service is a local workload the agent captures by its
@@ -126,14 +126,14 @@ check_host_mode() {
   echo "$rules" | grep NODEAGENT_HOST
   body="$(in_vm "sudo sh -c 'echo \$\$ > /sys/fs/cgroup/system.slice/ratings.service/cgroup.procs &&
     exec curl -fsS --max-time 10 http://ratings.default.svc.cluster.local:9080/in-the-mesh'")"
-  echo "$body" | head -c 300; echo
+  printf '%.300s\n' "$body"
   outside="$(in_vm "getent hosts ratings.default.svc.cluster.local || echo unresolved")"
   echo "outside the workload's cgroup: $outside"
   echo "$workloads" | grep -E 'ratings-vm-1 +WorkloadEntry +vm-1 +192\.168\.121\.10 +yes +ready' &&
-    echo "$rules" | grep -q -- '--path "/system.slice/ratings.service"' &&
-    echo "$rules" | grep -q -- '-d 192.168.121.10/32 -p tcp -m multiport --dports 9080' &&
-    echo "$body" | grep -Eq '"client": ?"192\.168\.121\.10:' &&
-    echo "$outside" | grep -q unresolved
+    grep -q -- '--path "/system.slice/ratings.service"' <<<"$rules" &&
+    grep -q -- '-d 192.168.121.10/32 -p tcp -m multiport --dports 9080' <<<"$rules" &&
+    grep -Eq '"client": ?"192\.168\.121\.10:' <<<"$body" &&
+    grep -q unresolved <<<"$outside"
 }
 
 ca_up() {
@@ -162,10 +162,11 @@ check_mtls() {
   certs="$(in_vm "sudo /opt/nodeagent/venv/bin/nodeagent ctl certs")"
   echo "$certs"
   metrics="$(in_vm "curl -fsS --max-time 5 http://127.0.0.1:15020/metrics")"
-  echo "$metrics" | grep '^istio_tcp_connections_opened_total{' | head -3
-  echo "$certs" | grep -q "spiffe://cluster.local/ns/default/sa/ratings" &&
-    echo "$metrics" | grep '^istio_tcp_connections_opened_total{' | grep 'mutual_tls' |
-      grep -q 'source_principal="spiffe://cluster.local/ns/default/sa/ratings"'
+  grep -m3 '^istio_tcp_connections_opened_total{' <<<"$metrics"
+  grep -q "spiffe://cluster.local/ns/default/sa/ratings" <<<"$certs" &&
+    awk '/^istio_tcp_connections_opened_total\{/ && /mutual_tls/ &&
+      /source_principal="spiffe:\/\/cluster.local\/ns\/default\/sa\/ratings"/ { f = 1 }
+      END { exit !f }' <<<"$metrics"
 }
 
 step "host packages" vagrant_host_packages

@@ -47,7 +47,7 @@ KEY="${KEY%%$'\n'*}"
 [ -f "$KEY" ] || { echo "build-box: vagrant's insecure key not found" >&2; exit 1; }
 
 box_listed() {
-  vagrant box list --machine-readable 2>/dev/null | grep -q ",box-name,$NODEAGENT_BOX\$"
+  grep -q ",box-name,$NODEAGENT_BOX\$" <<<"$(vagrant box list --machine-readable 2>/dev/null)"
 }
 if [ "$FORCE" = 0 ] && [ -f "$BOXFILE" ] && [ "$(cat "$ADDED" 2>/dev/null)" = "$RECIPE" ] &&
    box_listed; then

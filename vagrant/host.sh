@@ -13,7 +13,7 @@ VAGRANT_HOST_PKGS=(vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients
 vagrant_host_packages() {
   local missing=() p
   for p in "${VAGRANT_HOST_PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    grep -q "ok installed" <<<"$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "vagrant: installing Debian packages: ${missing[*]}"
