@@ -70,10 +70,11 @@ def own_cgroup(proc_cgroup: str) -> str:
     return "/"
 
 
-def cpus_allowed(root: Path = CGROUP_ROOT) -> int:
-    """CPUs this process may use: its affinity, bounded by its cgroups' quotas."""
+def cpus_allowed(root: Path = CGROUP_ROOT, cgroup: str | None = None) -> int:
+    """CPUs this process may use: its affinity, bounded by the quotas of its cgroup
+    (``cgroup``; None: read from ``/proc/self/cgroup``)."""
     n = len(os.sched_getaffinity(0))
-    cgroup = this_cgroup()
+    cgroup = cgroup if cgroup is not None else this_cgroup()
     quota = cgroup_quota(root, cgroup) if cgroup is not None else None
     return max(1, n if quota is None else min(n, quota))
 
@@ -100,4 +101,4 @@ def auto_allowed(root: Path = CGROUP_ROOT) -> int:
     """``--workers auto`` for this process (its CPUs, its cgroup's CPU and memory limits)."""
     cgroup = this_cgroup()
     memory = cgroup_quota(root, cgroup, "memory.max") if cgroup is not None else None
-    return auto_workers(cpus_allowed(root), memory)
+    return auto_workers(cpus_allowed(root, cgroup), memory)
