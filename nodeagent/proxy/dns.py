@@ -12,8 +12,8 @@ a message that cannot be parsed gets ``FORMERR`` when it has an ID to answer, el
 nothing. Counted in ``nodeagent_dns_requests_total`` by answer (``local``,
 ``forwarded``, ``failed``, ``malformed``).
 
-The wire format is dnspython's; the sockets are handed in (opened in the pod's netns
-by ``proxy/pods.py``), so the server runs on loopback in tests.
+The wire format is ``protocol/dnswire.py``'s; the sockets are handed in (opened in the
+pod's netns by ``proxy/pods.py``), so the server runs on loopback in tests.
 """
 
 from __future__ import annotations
@@ -29,19 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, cast
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
-
 from nodeagent.core.dns import TTL, DnsTable
 from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
 from nodeagent.model.traffic import CLUSTER_DOMAIN
+from nodeagent.protocol import dnswire
+from nodeagent.protocol.dnswire import Query, Record
 from nodeagent.proxy.peerwarn import warn_once
 from nodeagent.telemetry.metrics import Metrics
 
@@ -49,8 +41,6 @@ log = logging.getLogger("nodeagent.dns")
 
 DNS_PORT: Final = 15053
 """The DNS proxy's port in each pod's network (ztunnel's)."""
-UDP_PAYLOAD: Final = 512
-"""What a client without EDNS can take over UDP (RFC 1035)."""
 EDNS_PAYLOAD: Final = 1232
 """The UDP size our answers advertise (the DNS flag day's advice)."""
 TCP_IDLE_TIMEOUT: Final = 5.0
@@ -239,76 +229,68 @@ class DnsProxy:
     async def answer(self, wire: bytes, namespace: str, tcp: bool) -> bytes | None:
         """The answer to one query from a pod of ``namespace`` (None: nothing to say)."""
         try:
-            query = dns.message.from_wire(wire)
-        except Exception as e:  # any bytes a client sends: dnspython rejects them in many ways
+            query = dnswire.parse_query(wire)
+        except dnswire.Malformed as e:
             return self._malformed(wire, e)
-        if query.flags & dns.flags.QR:
+        if query.is_response:
             self._count("malformed")
             return None  # an answer sent to us: answering it could loop
-        if query.opcode() != dns.opcode.QUERY:
+        if query.opcode != dnswire.OPCODE_QUERY:
             self._count("malformed")
-            return self._error(query, dns.rcode.NOTIMP, tcp)
-        if len(query.question) != 1:
+            return self._error(query, dnswire.NOTIMP, tcp)
+        if len(query.questions) != 1:
             self._count("malformed")
-            return self._error(query, dns.rcode.FORMERR, tcp)
-        q = query.question[0]
-        if q.rdclass == dns.rdataclass.IN and q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            name = q.name.to_text(omit_final_dot=True)
-            family = 4 if q.rdtype == dns.rdatatype.A else 6
+            return self._error(query, dnswire.FORMERR, tcp)
+        q = query.questions[0]
+        name = q.text()
+        if (
+            name is not None
+            and q.rdclass == dnswire.CLASS_IN
+            and q.rdtype in (dnswire.TYPE_A, dnswire.TYPE_AAAA)
+        ):
+            family = 4 if q.rdtype == dnswire.TYPE_A else 6
             found = self._table.get(self.snapshot()).lookup(name, namespace, family)
             if found is not None:
                 self._count("local")
-                response = dns.message.make_response(query, our_payload=EDNS_PAYLOAD)
-                response.flags |= dns.flags.AA | dns.flags.RA
-                owner = q.name
+                records: list[Record] = []
+                owner = q.labels
                 if found.stripped is not None:
-                    owner = dns.name.from_text(found.stripped)
-                    response.answer.append(
-                        dns.rrset.from_text(q.name, TTL, "IN", "CNAME", owner.to_text())
-                    )
-                if found.addresses:
-                    addrs = list(found.addresses)
-                    random.shuffle(addrs)  # as ztunnel: spread clients over a headless set
-                    response.answer.append(
-                        dns.rrset.from_text_list(owner, TTL, "IN", q.rdtype, addrs)
-                    )
-                return self._wire(response, query, tcp)
+                    records.append(dnswire.cname_record(q.labels, TTL, found.stripped))
+                    owner = records[0].rdata_name or owner
+                addrs = list(found.addresses)
+                random.shuffle(addrs)  # as ztunnel: spread clients over a headless set
+                records.extend(dnswire.address_record(owner, TTL, a) for a in addrs)
+                limit = _limit(query, tcp)
+                return dnswire.response(
+                    query, records, authoritative=True, payload=EDNS_PAYLOAD, limit=limit
+                )
         return await self._forward(query, wire, tcp)
 
-    async def _forward(self, query: dns.message.Message, wire: bytes, tcp: bool) -> bytes:
+    async def _forward(self, query: Query, wire: bytes, tcp: bool) -> bytes:
         try:
             reply = await self.forwarder.forward(wire, tcp)
         except ForwardError as e:
             self._count("failed")
             warn_once(log, "forward", "DNS upstream failed (answering SERVFAIL): %s", e)
-            return self._error(query, dns.rcode.SERVFAIL, tcp)
+            return self._error(query, dnswire.SERVFAIL, tcp)
         self._count("forwarded")
-        if tcp or len(reply) <= _udp_limit(query):
+        if tcp or len(reply) <= query.udp_limit:
             return reply
         try:  # the upstream answered bigger than this client takes over UDP
-            return dns.message.from_wire(reply).to_wire(
-                max_size=_udp_limit(query), prefer_truncation=True
-            )
-        except Exception:  # an upstream's bytes, whatever they are
-            return self._error(query, dns.rcode.SERVFAIL, tcp)
+            return dnswire.truncated(reply, query.udp_limit)
+        except dnswire.Malformed:  # an upstream's bytes, whatever they are
+            return self._error(query, dnswire.SERVFAIL, tcp)
 
     def _malformed(self, wire: bytes, error: Exception) -> bytes | None:
         self._count("malformed")
         warn_once(log, "malformed", "DNS query that is not one (answered FORMERR): %s", error)
         if len(wire) < 12 or wire[2] & 0x80:  # no ID to answer, or a response
             return None
-        flags = 0x8000 | (wire[2] & 0x79) << 8 | dns.rcode.FORMERR  # QR, opcode, RD
+        flags = 0x8000 | (wire[2] & 0x79) << 8 | dnswire.FORMERR  # QR, opcode, RD
         return wire[:2] + struct.pack("!HHHHH", flags, 0, 0, 0, 0)
 
-    def _error(self, query: dns.message.Message, rcode: dns.rcode.Rcode, tcp: bool) -> bytes:
-        response = dns.message.make_response(query, our_payload=EDNS_PAYLOAD)
-        response.flags |= dns.flags.RA
-        response.set_rcode(rcode)
-        return self._wire(response, query, tcp)
-
-    def _wire(self, response: dns.message.Message, query: dns.message.Message, tcp: bool) -> bytes:
-        limit = 65535 if tcp else _udp_limit(query)
-        return response.to_wire(max_size=limit, prefer_truncation=True)
+    def _error(self, query: Query, rcode: int, tcp: bool) -> bytes:
+        return dnswire.error_response(query, rcode, payload=EDNS_PAYLOAD, limit=_limit(query, tcp))
 
     def _count(self, answer: str) -> None:
         self.metrics.dns_requests.labels(answer).inc()
@@ -327,8 +309,8 @@ class DnsProxy:
         return DnsListeners(transport, server)
 
 
-def _udp_limit(query: dns.message.Message) -> int:
-    return max(UDP_PAYLOAD, query.payload) if query.edns >= 0 else UDP_PAYLOAD
+def _limit(query: Query, tcp: bool) -> int:
+    return 65535 if tcp else query.udp_limit
 
 
 class DnsListeners:
