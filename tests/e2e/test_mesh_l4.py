@@ -246,7 +246,8 @@ def test_agent_socket_reports_workloads_services_connections(sb: Sandbox) -> Non
         assert svcs["echo"]["cluster_ip"] == "10.96.1.10"
     stream = sb.popen(
         "client",
-        [PY, TCPCLIENT, "stream", "echo", "9000", "--seconds", "4"],
+        # long enough to outlast a `ctl` that starts slowly on a loaded machine; ended below
+        [PY, TCPCLIENT, "stream", "echo", "9000", "--seconds", "60"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -266,6 +267,7 @@ def test_agent_socket_reports_workloads_services_connections(sb: Sandbox) -> Non
         )
         assert out.returncode == 0 and "10.96.1.10:9000" in out.stdout
     finally:
+        stream.terminate()
         stream.communicate(timeout=30)
 
 
