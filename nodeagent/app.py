@@ -521,7 +521,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # lightkube's HTTP client logs each request at INFO: every watch resumed, a line
+    # httpx2 (the CA server's lightkube client) logs each request at INFO
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.root.level))
 
 
@@ -604,8 +604,7 @@ def _run_from_api(settings: AgentSettings) -> int:
     with its back-off, and a person running it sees a wrong kubeconfig or a missing
     permission at once instead of a silent wait. Once started, the API server being
     away only backs off the watches; the last snapshot keeps serving."""
-    # (here, not at the top: lightkube and httpx2 hold ~14 MiB an agent without the API
-    # does not need)
+    # (here, not at the top: an agent on a config directory does not need them)
     from nodeagent.control.kube import KubeSource, KubeStartError
     from nodeagent.control.kubeclient import KubeClient, credentials
 

@@ -1,35 +1,56 @@
 """The Kubernetes API as the agent uses it: credentials, one list, one watch stream.
 
-The one module that touches lightkube (1.0.1, chosen over kubernetes-asyncio for its
-types and its async client): ``KubeConfig`` for credentials (a kubeconfig file or the
-pod's ServiceAccount), and its ``GenericAsyncClient`` for requests: ``prepare_request``
-builds a list or watch path, ``list`` pages through a list, ``send`` streams a watch.
-lightkube's own ``AsyncClient.watch`` cannot ask for bookmarks and restarts watches on
-its own, so the watch stream is read here, line by line; objects stay plain dicts (each
-kind a ``GenericNamespacedResource``/``GenericGlobalResource`` made for it, never put in
-lightkube's registry), because the control layer validates them itself.
+Owns talking to the API server: the credentials (a kubeconfig's current context — a
+bearer token or token file, a client certificate, basic auth, an exec plugin — or the
+pod's ServiceAccount) and two requests over HTTPS: a paged list, and a watch whose
+stream is read line by line. Objects stay plain dicts: the control layer validates them
+itself. Each request has its own connection (``Connection: close``): an agent makes one
+per kind at start and one per kind and watch timeout after, so keeping them buys little.
+
+Written on asyncio's streams, ssl and httptools (the HTTP/1.1 parser the proxy already
+loads) rather than with lightkube and httpx2: an agent importing them, with their
+connection pool, held 85 MiB idle where one on a config directory holds 74 (issue 20's
+target is 80). The CA server's TokenReview client (``identity/kube_auth.py``, another
+process) still uses lightkube.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import os
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
-import httpx2
-from lightkube.config.client_adapter import ConnectionParams
-from lightkube.config.kubeconfig import KubeConfig, SingleConfig
-from lightkube.core.exceptions import ConfigError as LightkubeConfigError
-from lightkube.core.generic_client import ALL_NS, GenericAsyncClient
-from lightkube.generic_resource import (
-    GenericGlobalResource,
-    GenericNamespacedResource,
-    create_api_info,
-)
+import httptools
+import yaml
 
-__all__ = ["ApiGone", "ApiStatusError", "KubeClient", "Resource", "credentials"]
+from nodeagent import __version__
+
+__all__ = [
+    "MALFORMED",
+    "ApiConfig",
+    "ApiGone",
+    "ApiProtocolError",
+    "ApiStatusError",
+    "ExecPlugin",
+    "KubeClient",
+    "Resource",
+    "credentials",
+]
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+"""Where kubelet puts a pod's ServiceAccount token and the cluster's CA."""
+READ_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,14 @@ class Resource:
         low = self.kind.lower()
         return low[:-1] + "ies" if low.endswith("y") else low + "s"
 
+    @property
+    def path(self) -> str:
+        """The collection's path: ``/api/v1/pods``, ``/apis/G/V/namespaces/NS/PLURAL``."""
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and self.namespace:
+            root += f"/namespaces/{quote(self.namespace, safe='')}"
+        return f"{root}/{self.plural}"
+
     def __str__(self) -> str:
         where = f" in namespace {self.namespace}" if self.namespace else ""
         return f"{self.api_version} {self.kind}{where}"
@@ -70,34 +99,251 @@ class ApiGone(ApiStatusError):
     """410 Gone: the resourceVersion asked for is too old; relist."""
 
 
-def credentials(kubeconfig: Path | None) -> SingleConfig:
+class ApiProtocolError(OSError):
+    """The server's bytes are not an HTTP answer, or it closed mid-answer."""
+
+
+@dataclass(frozen=True)
+class ExecPlugin:
+    """A kubeconfig user's ``exec``: a command that prints an ``ExecCredential``."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    api_version: str = "client.authentication.k8s.io/v1"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Where the API server is and how to prove who we are (a kubeconfig context)."""
+
+    server: str
+    context_name: str = ""
+    ca_pem: bytes | None = None
+    """None: the system's trusted CAs."""
+    insecure: bool = False
+    tls_server_name: str = ""
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+    token: str = ""
+    token_file: str = ""
+    """Read at each request: kubelet rotates a ServiceAccount's token in place."""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    exec_plugin: ExecPlugin | None = None
+
+
+# -- credentials -------------------------------------------------------------------------
+
+
+def credentials(kubeconfig: Path | None, service_account: Path = SERVICE_ACCOUNT_DIR) -> ApiConfig:
     """The kubeconfig's current context, or the pod's ServiceAccount (token, CA and the
     ``KUBERNETES_SERVICE_HOST``/``_PORT`` environment) when ``kubeconfig`` is None;
     ``ValueError`` naming the file and what is wrong."""
-    where = str(kubeconfig) if kubeconfig else "in-cluster ServiceAccount credentials"
+    if kubeconfig is None:
+        return _in_cluster(service_account)
+    where = str(kubeconfig)
     try:
-        if kubeconfig is None:
-            conf = KubeConfig.from_service_account()
-        else:
-            conf = KubeConfig.from_file(kubeconfig)
-        single = conf.get()
-    except KeyError as e:  # the ServiceAccount's environment
-        raise ValueError(f"{where}: {e.args[0]} is not set (not in a pod?)") from e
-    except (LightkubeConfigError, OSError, ValueError, TypeError) as e:
+        text = kubeconfig.read_text()
+    except OSError as e:
+        raise ValueError(f"{where}: {e.strerror or e}") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not YAML: {e}") from e
+    try:
+        config = _from_kubeconfig(doc, kubeconfig.parent)
+        _ssl_context(config)  # a CA or key pair that does not load is told here
+    except (ValueError, TypeError, KeyError, ssl.SSLError) as e:
         raise ValueError(f"{where}: {e}") from e
-    except Exception as e:  # a kubeconfig of the wrong shape fails anywhere
-        raise ValueError(f"{where}: not a usable kubeconfig: {e!r}") from e
-    if single is None:
-        raise ValueError(f"{where}: no current context")
-    if single.user is None:
-        raise ValueError(f"{where}: context {single.context_name!r} names no user")
-    return single
+    return config
 
 
-def _resource_class(res: Resource) -> type[Any]:
-    base: type[Any] = GenericNamespacedResource if res.namespaced else GenericGlobalResource
-    info = create_api_info(res.group, res.version, res.kind, res.plural)
-    return type(res.kind, (base,), {"_api_info": info})
+def _in_cluster(sa: Path) -> ApiConfig:
+    where = "in-cluster ServiceAccount credentials"
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "")
+    for name, value in (("KUBERNETES_SERVICE_HOST", host), ("KUBERNETES_SERVICE_PORT", port)):
+        if not value:
+            raise ValueError(f"{where}: {name} is not set (not in a pod?)")
+    token = sa / "token"
+    try:
+        ca = (sa / "ca.crt").read_bytes()
+        token.read_text()
+    except OSError as e:
+        raise ValueError(f"{where}: {e.filename}: {e.strerror}") from e
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ApiConfig(server=f"https://{hostport}", context_name="in-cluster", ca_pem=ca,
+                     token_file=str(token))  # fmt: skip
+
+
+def _named(doc: Mapping[str, Any], section: str, name: str) -> dict[str, Any]:
+    entries = doc.get(section) or []
+    if not isinstance(entries, list):
+        raise ValueError(f"{section}: expected a list")
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            body = entry.get(section[:-1]) or {}
+            if not isinstance(body, dict):
+                raise ValueError(f"{section}[{name}]: expected a mapping")
+            return body
+    raise ValueError(f"{section[:-1]} {name!r} is not in {section}")
+
+
+def _data(entry: Mapping[str, Any], key: str, base: Path) -> bytes | None:
+    """``key-data`` (base64) or ``key`` (a file, relative to the kubeconfig's directory)."""
+    inline = entry.get(f"{key}-data")
+    if inline:
+        try:
+            return base64.b64decode(str(inline), validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"{key}-data: not base64: {e}") from e
+    path = entry.get(key)
+    if not path:
+        return None
+    try:
+        return (base / str(path)).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{key}: {e.filename}: {e.strerror}") from e
+
+
+def _from_kubeconfig(doc: Any, base: Path) -> ApiConfig:
+    if not isinstance(doc, dict):
+        raise ValueError("not a kubeconfig (expected a mapping)")
+    name = doc.get("current-context")
+    if not name:
+        raise ValueError("no current context")
+    context = _named(doc, "contexts", str(name))
+    cluster = _named(doc, "clusters", str(context.get("cluster", "")))
+    if not context.get("user"):
+        raise ValueError(f"context {name!r} names no user")
+    user = _named(doc, "users", str(context["user"]))
+    server = str(cluster.get("server") or "")
+    if urlsplit(server).scheme not in ("https", "http") or not urlsplit(server).hostname:
+        raise ValueError(f"cluster {context.get('cluster')!r}: server {server!r} is not a URL")
+    for unsupported in ("proxy-url",):
+        if cluster.get(unsupported):
+            raise ValueError(f"cluster {context.get('cluster')!r}: {unsupported} is not supported")
+    if user.get("auth-provider"):
+        raise ValueError(
+            f"user {context['user']!r}: auth-provider is not supported (use an exec plugin)"
+        )
+    plugin = None
+    if user.get("exec"):
+        e = user["exec"]
+        if not isinstance(e, dict) or not e.get("command"):
+            raise ValueError(f"user {context['user']!r}: exec needs a command")
+        env = tuple((str(v["name"]), str(v.get("value", ""))) for v in e.get("env") or [])
+        plugin = ExecPlugin(
+            command=str(e["command"]),
+            args=tuple(str(a) for a in e.get("args") or []),
+            env=env,
+            api_version=str(e.get("apiVersion") or "client.authentication.k8s.io/v1"),
+        )
+    token_file = str(user.get("tokenFile") or "")
+    return ApiConfig(
+        server=server.rstrip("/"),
+        context_name=str(name),
+        ca_pem=_data(cluster, "certificate-authority", base),
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        tls_server_name=str(cluster.get("tls-server-name") or ""),
+        cert_pem=_data(user, "client-certificate", base),
+        key_pem=_data(user, "client-key", base),
+        token=str(user.get("token") or ""),
+        token_file=str(base / token_file) if token_file else "",
+        username=str(user.get("username") or ""),
+        password=str(user.get("password") or ""),
+        exec_plugin=plugin,
+    )
+
+
+def _ssl_context(config: ApiConfig) -> ssl.SSLContext:
+    if config.ca_pem is not None:
+        ctx = ssl.create_default_context(cadata=config.ca_pem.decode(errors="replace"))
+    else:
+        ctx = ssl.create_default_context()
+    if config.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if config.cert_pem is not None:
+        if config.key_pem is None:
+            raise ValueError("a client certificate without its key")
+        # ssl loads a key pair from files only: one that lives as long as the load
+        with tempfile.NamedTemporaryFile(prefix="nodeagent-kube-", suffix=".pem") as f:
+            f.write(config.cert_pem + b"\n" + config.key_pem)
+            f.flush()
+            ctx.load_cert_chain(f.name)
+    return ctx
+
+
+class _Auth:
+    """The ``Authorization`` header of the next request."""
+
+    def __init__(self, config: ApiConfig) -> None:
+        self.config = config
+        self._exec_token = ""
+        self._exec_expires = 0.0
+
+    async def header(self) -> str:
+        c = self.config
+        if c.exec_plugin is not None:
+            return f"Bearer {await self._from_exec(c.exec_plugin)}"
+        if c.token_file:
+            try:
+                return f"Bearer {Path(c.token_file).read_text().strip()}"
+            except OSError as e:
+                raise ValueError(f"token file {c.token_file}: {e.strerror}") from e
+        if c.token:
+            return f"Bearer {c.token}"
+        if c.username:
+            raw = f"{c.username}:{c.password}".encode()
+            return f"Basic {base64.b64encode(raw).decode()}"
+        return ""
+
+    def refused(self) -> None:
+        """The server answered 401: an exec plugin's token is asked for again."""
+        self._exec_expires = 0.0
+
+    async def _from_exec(self, plugin: ExecPlugin) -> str:
+        if self._exec_token and time.time() < self._exec_expires:
+            return self._exec_token
+        info = {"apiVersion": plugin.api_version, "kind": "ExecCredential",
+                "spec": {"interactive": False}}  # fmt: skip
+        env = {**os.environ, **dict(plugin.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                plugin.command, *plugin.args, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        except (OSError, TimeoutError) as e:
+            raise ValueError(f"exec plugin {plugin.command}: {e}") from e
+        if proc.returncode != 0:
+            raise ValueError(
+                f"exec plugin {plugin.command} exited {proc.returncode}: "
+                f"{err.decode(errors='replace').strip()[:300]}"
+            )
+        try:
+            status = json.loads(out)["status"]
+            token = str(status["token"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"exec plugin {plugin.command}: no ExecCredential with a status.token: {e!r}"
+            ) from e
+        expires = status.get("expirationTimestamp")
+        self._exec_token = token
+        self._exec_expires = _timestamp(expires) - 10 if expires else float("inf")
+        return token
+
+
+def _timestamp(text: str) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0  # unreadable: ask again next time
+
+
+# -- requests ----------------------------------------------------------------------------
 
 
 def _status_error(code: int, body: bytes) -> ApiStatusError:
@@ -116,27 +362,134 @@ MALFORMED = "MALFORMED"
 """The type ``watch`` gives a line that is not a watch event (our own, not Kubernetes')."""
 
 
+class _Response:
+    """One HTTP/1.1 answer being read: the status once the head is in, then its body."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.status = 0
+        self._head = False
+        self._done = False
+        self._delimited = False
+        self._body: list[bytes] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    # httptools' callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self._delimited = True
+
+    def on_headers_complete(self) -> None:
+        self._head = True
+        self.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._done = True
+
+    async def _feed(self, timeout: float) -> bool:
+        """Read once; False at the end of the answer."""
+        if self._done:
+            return False
+        try:
+            data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no bytes from the API server in {timeout:g}s") from None
+        if not data:
+            if self._head and not self._delimited:
+                self._done = True  # a body that ends with the connection
+                return False
+            raise ApiProtocolError("the API server closed the connection mid-answer")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            raise ApiProtocolError(f"not an HTTP answer from the API server: {e}") from None
+        return True
+
+    async def head(self, timeout: float) -> None:
+        while not self._head:
+            await self._feed(timeout)
+
+    async def chunks(self, timeout: float) -> AsyncIterator[bytes]:
+        while True:
+            if self._body:
+                body, self._body = self._body, []
+                for b in body:
+                    yield b
+            if not await self._feed(timeout):
+                if self._body:
+                    body, self._body = self._body, []
+                    for b in body:
+                        yield b
+                return
+
+    async def read(self, timeout: float) -> bytes:
+        return b"".join([b async for b in self.chunks(timeout)])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class KubeClient:
     """Lists and watches of whole kinds (all namespaces) on one API server."""
 
-    def __init__(self, config: SingleConfig, *, timeout: float = 10.0) -> None:
-        self.server = str(config.cluster.server)
+    def __init__(self, config: ApiConfig, *, timeout: float = 10.0) -> None:
+        self.server = config.server
+        url = urlsplit(config.server)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or ""
+        self._port = url.port or (443 if self._https else 80)
+        self._authority = url.netloc
+        self._prefix = url.path.rstrip("/")
+        self._server_name = config.tls_server_name or self._host
+        self._ssl = _ssl_context(config) if self._https else None
+        self._auth = _Auth(config)
         self._timeout = timeout
-        params = ConnectionParams(timeout=httpx2.Timeout(timeout))
-        self._client = GenericAsyncClient(params, config)
-        self._classes: dict[Resource, type[Any]] = {}
 
-    def _cls(self, res: Resource) -> type[Any]:
-        cls = self._classes.get(res)
-        if cls is None:
-            cls = self._classes[res] = _resource_class(res)
-        return cls
+    async def _get(self, path: str, params: Mapping[str, str], read_timeout: float) -> _Response:
+        """The answer's head to ``GET path?params``; ``ApiStatusError`` for an error
+        status (a 401 asks an exec plugin for a new token and tries once more)."""
+        for attempt in (0, 1):
+            resp = await self._open(path, params, read_timeout)
+            if resp.status < 400:
+                return resp
+            try:
+                body = await resp.read(read_timeout)
+            finally:
+                resp.close()
+            if resp.status == 401 and attempt == 0 and self._auth.config.exec_plugin:
+                self._auth.refused()
+                continue
+            raise _status_error(resp.status, body)
+        raise AssertionError("unreachable")
 
-    def _request(self, res: Resource, params: dict[str, str], *, watch: bool) -> Any:
-        namespace = (res.namespace or ALL_NS) if res.namespaced else None
-        return self._client.prepare_request(
-            "list", res=self._cls(res), namespace=namespace, watch=watch, params=params
-        )
+    async def _open(self, path: str, params: Mapping[str, str], read_timeout: float) -> _Response:
+        auth = await self._auth.header()
+        target = f"{self._prefix}{path}?{urlencode(params)}"
+        lines = [f"GET {target} HTTP/1.1", f"Host: {self._authority}",
+                 f"User-Agent: nodeagent/{__version__}", "Accept: application/json",
+                 "Connection: close"]  # fmt: skip
+        if auth:
+            lines.append(f"Authorization: {auth}")
+        try:
+            async with asyncio.timeout(self._timeout):
+                reader, writer = await asyncio.open_connection(
+                    self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._server_name if self._ssl else None,
+                    limit=READ_CHUNK,
+                )  # fmt: skip
+        except TimeoutError:
+            raise TimeoutError(f"no connection in {self._timeout:g}s") from None
+        resp = _Response(reader, writer)
+        try:
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+            await resp.head(read_timeout)
+        except BaseException:
+            resp.close()
+            raise
+        return resp
 
     async def list(
         self, res: Resource, *, field_selector: str = "", page: int = 500
@@ -146,16 +499,28 @@ class KubeClient:
         params = {"limit": str(page)}
         if field_selector:
             params["fieldSelector"] = field_selector
-        br = self._request(res, params, watch=False)
         out: list[dict[str, Any]] = []
         rv = ""
-        try:
-            async for chunk_rv, chunk in self._client.list_chunks(br):
-                rv = chunk_rv or rv
-                out.extend(dict(item) for item in chunk)
-        except httpx2.HTTPStatusError as e:
-            raise _status_error(e.response.status_code, e.response.content) from None
-        return out, rv
+        while True:
+            resp = await self._get(res.path, params, self._timeout)
+            try:
+                body = await resp.read(self._timeout)
+            finally:
+                resp.close()
+            try:
+                doc = json.loads(body)
+                meta = doc.get("metadata") or {}
+                items = doc.get("items") or []
+                if not isinstance(meta, dict) or not isinstance(items, list):
+                    raise ValueError("metadata or items of the wrong type")
+            except (ValueError, AttributeError, RecursionError) as e:
+                raise ApiProtocolError(f"a list of {res} that is not one: {e}") from None
+            out.extend(item for item in items if isinstance(item, dict))
+            rv = str(meta.get("resourceVersion") or rv)
+            cont = meta.get("continue")
+            if not cont:
+                return out, rv
+            params["continue"] = str(cont)
 
     async def watch(
         self,
@@ -171,39 +536,50 @@ class KubeClient:
         is ``(MALFORMED, {"error": why, "line": its start})``: the watch goes on (resumed,
         the server would send it again)."""
         params = {
+            "watch": "true",
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(timeout_seconds),
         }
         if field_selector:
             params["fieldSelector"] = field_selector
-        br = self._request(res, params, watch=True)
         # a silent server is noticed when the watch outlives timeoutSeconds by a margin
-        br.timeout = httpx2.Timeout(self._timeout, read=timeout_seconds + self._timeout)
-        req = self._client.build_adapter_request(br)
-        resp: httpx2.Response = await self._client.send(req, stream=True)  # type: ignore[no-untyped-call]
+        silence = timeout_seconds + self._timeout
+        resp = await self._get(res.path, params, silence)
         try:
-            if resp.status_code >= 400:
-                raise _status_error(resp.status_code, await resp.aread())
-            async for line in resp.aiter_lines():
-                if not line.strip():
-                    continue
-                try:  # nested too deep, an integer past 4,300 digits, not JSON
-                    event = json.loads(line)
-                except (ValueError, RecursionError) as e:
-                    yield MALFORMED, {"error": f"not JSON: {str(e)[:200]}", "line": line[:200]}
-                    continue
-                kind = event.get("type") if isinstance(event, dict) else None
-                obj = event.get("object") if isinstance(event, dict) else None
-                if not isinstance(kind, str) or not isinstance(obj, dict):
-                    yield MALFORMED, {"error": "not a watch event", "line": line[:200]}
-                    continue
-                if kind == "ERROR":
-                    code = int(obj.get("code") or 500)
-                    raise _status_error(code, json.dumps(obj).encode())
-                yield kind, obj
+            pending = b""
+            async for chunk in resp.chunks(silence):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    event = _event(line)
+                    if event is not None:
+                        yield event
+            if pending.strip():
+                event = _event(pending)
+                if event is not None:
+                    yield event
         finally:
-            await resp.aclose()
+            resp.close()
 
     async def close(self) -> None:
-        await self._client.close()  # type: ignore[no-untyped-call]
+        """Nothing is kept open between requests; here for the callers' symmetry."""
+
+
+def _event(raw: bytes) -> tuple[str, dict[str, Any]] | None:
+    """One watch line as ``(type, object)``; None for a blank line."""
+    line = raw.decode(errors="replace")
+    if not line.strip():
+        return None
+    try:  # nested too deep, an integer past 4,300 digits, not JSON
+        event = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        return MALFORMED, {"error": f"not JSON: {str(e)[:200]}", "line": line[:200]}
+    kind = event.get("type") if isinstance(event, dict) else None
+    obj = event.get("object") if isinstance(event, dict) else None
+    if not isinstance(kind, str) or not isinstance(obj, dict):
+        return MALFORMED, {"error": "not a watch event", "line": line[:200]}
+    if kind == "ERROR":
+        code = int(obj.get("code") or 500)
+        raise _status_error(code, json.dumps(obj).encode())
+    return kind, obj

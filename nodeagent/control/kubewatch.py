@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-
 from nodeagent.control.kubeclient import MALFORMED, ApiGone, ApiStatusError, KubeClient, Resource
 from nodeagent.control.schema import shorten
 from nodeagent.errors import ConfigError
@@ -79,9 +77,9 @@ def _version(obj: dict[str, Any]) -> str:
 def describe_error(error: BaseException) -> str:
     if isinstance(error, ApiStatusError):
         return f"the API server answered {error}"
-    if isinstance(error, httpx2.TimeoutException):
+    if isinstance(error, TimeoutError):
         return "the API server did not answer in time"
-    if isinstance(error, httpx2.TransportError | OSError):
+    if isinstance(error, OSError):
         return f"cannot reach the API server: {error or type(error).__name__}"
     return f"{type(error).__name__}: {error}"
 
