@@ -8,6 +8,11 @@ cryptography, OpenSSL, uvloop, libbpf, LLVM/clang when bcc is mapped). ``--out F
 the figures as JSON; ``--before FILE`` prints an earlier run's beside them (e.g. one of
 another checkout: ``PYTHONPATH=<checkout> ... --out before.json``).
 
+``--source kubernetes`` measures agents as a DaemonSet runs them: they follow a Kubernetes
+API server (``run --source kubernetes``; the test API server of ``tests/kubeapi.py`` on the
+sandbox's fabric, holding bookinfo's Services and its pods as running on their nodes), so
+they hold the Kubernetes client and the watches' state as well.
+
 Needs root; takes ``/run/nodeagent/e2e.lock`` like ``run.py`` (the sandbox is one per
 machine). RSS is not timing-sensitive: a loaded machine changes it little.
 """
@@ -19,10 +24,15 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,14 +84,75 @@ def _group(path: str) -> str:
     return "other .so" if ".so" in path else "other files"
 
 
-def measure(mode: str, settle: float) -> dict[str, Any]:
-    """Bring bookinfo up with ``--redirect mode``, wait ``settle`` s, read every agent."""
-    with Sandbox.up(BOOKINFO, agent_args=[f"--redirect={mode}"]) as sb:
-        time.sleep(settle)
-        agents: dict[str, dict[str, int]] = {}
-        for node, pid in sorted(sb.agent_pids.items()):
-            agents[node] = smaps(pid)
-        return {"mode": mode, "agents": agents}
+def measure(mode: str, settle: float, source: str = "files") -> dict[str, Any]:
+    """Bring bookinfo up with ``--redirect mode`` (agents on the config directory, or on
+    an API server holding the same objects), wait ``settle`` s, read every agent."""
+    with _api_server(source) as (kubeconfig, before_agents):
+        sb = Sandbox.up(
+            BOOKINFO,
+            agent_args=[f"--redirect={mode}"],
+            kubeconfig=kubeconfig,
+            before_agents=before_agents,
+        )
+        with sb:
+            time.sleep(settle)
+            agents: dict[str, dict[str, int]] = {}
+            for node, pid in sorted(sb.agent_pids.items()):
+                agents[node] = smaps(pid)
+    label = mode if source == "files" else f"{mode}+api"
+    return {"mode": label, "agents": agents}
+
+
+@contextmanager
+def _api_server(
+    source: str,
+) -> Iterator[tuple[Path | None, Callable[[Sandbox], None] | None]]:
+    """``(kubeconfig, before_agents)`` for ``Sandbox.up``: none for ``files``; for
+    ``kubernetes`` the test API server on the fabric, filled with bookinfo's objects."""
+    if source == "files":
+        yield None, None
+        return
+    tests = ROOT / "tests"
+    sys.path[:0] = [str(tests), str(tests / "e2e")]
+    from kubeapi import running_pod  # the test API server lives with the tests
+    from kubeobjects import namespace
+    from kuberig import fabric_api_server, start_on_fabric
+
+    docs = [
+        d for f in sorted(BOOKINFO.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d
+    ]
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    api = fabric_api_server(endpointslices=True)
+    with tempfile.TemporaryDirectory(prefix="rss-idle-") as tmp:
+        kubeconfig = Path(tmp) / "kubeconfig"
+
+        def before_agents(sb: Sandbox) -> None:
+            api.create(namespace("default"))
+            for name in sorted({p["spec"]["nodeName"] for p in pods}):
+                api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+            for d in docs:
+                if d["kind"] != "Pod":
+                    api.create(d)
+            for p in pods:  # as running: the IP the sandbox gave the pod
+                meta, spec = p["metadata"], p["spec"]
+                ports = [q for c in spec["containers"] for q in c.get("ports", [])]
+                api.create(
+                    running_pod(
+                        meta["name"],
+                        ip=sb.pod_ip(meta["name"]),
+                        node=spec["nodeName"],
+                        namespace=meta.get("namespace", "default"),
+                        labels=meta.get("labels", {}),
+                        service_account=spec.get("serviceAccountName", "default"),
+                        ports=ports,
+                    )
+                )
+            start_on_fabric(sb, api, kubeconfig)
+
+        try:
+            yield kubeconfig, before_agents
+        finally:
+            api.close()
 
 
 def report(runs: list[dict[str, Any]], before: list[dict[str, Any]] | None) -> str:
@@ -101,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default=",".join(MODES), help="capture modes, comma-separated")
     p.add_argument("--settle", type=float, default=10.0, help="seconds idle before reading")
+    p.add_argument(
+        "--source",
+        choices=("files", "kubernetes"),
+        default="files",
+        help="what the agents follow: the config directory, or a Kubernetes API server",
+    )
     p.add_argument("--out", help="write the figures as JSON to this file")
     p.add_argument("--before", help="a JSON file of an earlier run to print beside")
     args = p.parse_args(argv)
@@ -110,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with e2e_lock():
         for mode in args.modes.split(","):
-            runs.append(measure(mode, args.settle))
+            runs.append(measure(mode, args.settle, args.source))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     print(report(runs, before))
     if args.out:

@@ -1,11 +1,13 @@
 """bench/rss_idle.py's reading of /proc/PID/smaps: on this very process, its parts add up
 to the RSS the kernel reports in smaps_rollup, a library loaded through ctypes shows
-under its own name, and the report prints a run beside an earlier one."""
+under its own name, the report prints a run beside an earlier one; and an agent does not
+import the libraries it once held idle memory for."""
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -58,14 +60,29 @@ def test_the_report_prints_the_earlier_figure_beside() -> None:
     assert "heap+anon 40.0" in text
 
 
-def test_an_agent_without_the_kubernetes_api_does_not_load_its_client() -> None:
-    """lightkube and httpx2 cost an agent ~5 MiB of RSS idle: only ``--kube`` loads
-    them (the agent's and a worker's imports, in a fresh interpreter)."""
+def loaded(imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter holds after ``import {imports}``."""
     script = (
-        "import sys, nodeagent.cli, nodeagent.app, nodeagent.workers.child\n"
-        "print(sorted(m for m in ('lightkube', 'httpx2') if m in sys.modules))"
+        f"import json, sys, {imports}\n"
+        f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]"
+    names: list[str] = json.loads(out)
+    return names
+
+
+HEAVY = ("lightkube", "httpx2", "msgspec", "dns", "importlib.metadata", "idna")
+"""Libraries an idle agent was measured to hold MiB for, and no longer imports: the
+Kubernetes client lightkube (with httpx2, msgspec: 6 MiB), dnspython (with
+importlib.metadata and idna: 3.2 MiB)."""
+
+
+def test_an_agent_on_a_config_directory_loads_none_of_them() -> None:
+    assert loaded("nodeagent.cli, nodeagent.app, nodeagent.workers.child", HEAVY) == []
+
+
+def test_an_agent_on_the_kubernetes_api_loads_none_of_them() -> None:
+    imports = "nodeagent.app, nodeagent.control.kube, nodeagent.control.kubeclient"
+    assert loaded(imports, HEAVY) == []
