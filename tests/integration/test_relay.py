@@ -38,12 +38,15 @@ async def echo_server(reset_after: int | None = None) -> asyncio.base_events.Ser
 
 
 async def relay_server(
-    table: ConnectionTable, upstream: tuple[str, int]
+    table: ConnectionTable, upstream: tuple[str, int], opened: list[Relay] | None = None
 ) -> asyncio.base_events.Server:
+    """A relay to ``upstream``; each connection's ``Relay`` is appended to ``opened``."""
     loop = asyncio.get_running_loop()
 
     def make() -> ClientSide:
         relay = table.open({"direction": "test"})
+        if opened is not None:
+            opened.append(relay)
 
         async def dial(side: ClientSide) -> None:
             await loop.create_connection(lambda: UpstreamSide(relay), *upstream)
@@ -131,15 +134,7 @@ def test_relay_counts_bytes() -> None:
         table = ConnectionTable(Metrics())
         echo = await echo_server()
         relays: list[Relay] = []
-        orig = table.open
-
-        def spy(meta: dict[str, object]) -> Relay:
-            r = orig(meta)
-            relays.append(r)
-            return r
-
-        table.open = spy  # type: ignore[method-assign]
-        relay = await relay_server(table, echo.sockets[0].getsockname()[:2])
+        relay = await relay_server(table, echo.sockets[0].getsockname()[:2], relays)
         await send_all_and_hash(relay.sockets[0].getsockname()[1], b"x" * 12345)
         await asyncio.sleep(0.05)
         assert (relays[0].bytes_sent, relays[0].bytes_received) == (12345, 12345)

@@ -88,14 +88,14 @@ def test_one_edited_source_makes_all_modules_import_from_source(copy: Path, edit
 
 
 def test_an_extension_of_a_module_taken_off_the_list_is_not_imported(copy: Path) -> None:
-    # as after a build with nodeagent.proxy.relay compiled, then relay taken off MODULES
+    # as after a build with nodeagent.proxy.dns compiled, then dns taken off MODULES
     shutil.copy2(
-        _extension_in(copy, "nodeagent.proxy.pipe"), _extension_in(copy, "nodeagent.proxy.relay")
+        _extension_in(copy, "nodeagent.proxy.pipe"), _extension_in(copy, "nodeagent.proxy.dns")
     )
-    probe = "import nodeagent.proxy.relay as r, nodeagent.native as n; print(r.__file__, n.mode())"
+    probe = "import nodeagent.proxy.dns as r, nodeagent.native as n; print(r.__file__, n.mode())"
     out = _run(copy, probe)
-    assert out.split(" ", 1)[0].endswith("nodeagent/proxy/relay.py"), out
-    assert "no longer compiled: nodeagent.proxy.relay" in out
+    assert out.split(" ", 1)[0].endswith("nodeagent/proxy/dns.py"), out
+    assert "no longer compiled: nodeagent.proxy.dns" in out
 
 
 def test_a_missing_extension_makes_all_modules_import_from_source(copy: Path) -> None:
