@@ -46,6 +46,7 @@ MODULES = (
     "nodeagent.protocol.h2base",
     "nodeagent.protocol.hbone",
     "nodeagent.proxy.pipe",
+    "nodeagent.proxy.relay",
     "nodeagent.proxy.h1pool",
     "nodeagent.proxy.hbone",
     "nodeagent.proxy.hbone_client",
