@@ -108,8 +108,9 @@ class Pod:
     subdomain, the pod answers ``<hostname>.<subdomain>.<ns>.svc.<domain>`` in DNS
     (``core/dns.py``; the hostname defaults to the pod's name)."""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """``namespace/name`` (made once: a connection names its pods a few times)."""
         return f"{self.namespace}/{self.name}"
 
     def identity(self, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
@@ -169,8 +170,9 @@ class Service:
     """A ServiceEntry's ``NONE``, ``STATIC`` or ``DNS``."""
     entry: str = ""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """``namespace/name`` (made once, as ``fqdn``)."""
         return f"{self.namespace}/{self.name}"
 
     @property
