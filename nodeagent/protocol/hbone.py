@@ -374,6 +374,11 @@ class _Connection(Connection[_Stream]):
             header_encoding=None,
             validate_inbound_headers=True,
             normalize_inbound_headers=True,
+            # every header we send is ours (``send_connect``'s callers, ``accept``,
+            # ``_respond_error``): lower-case names, clean values; h2's checks of them
+            # cost each tunnel more than its HPACK encoding
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         super().__init__(H2(config=config), s)
         self._h2.encoder = LiteralEncoder()
