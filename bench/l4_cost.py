@@ -18,7 +18,11 @@ VirtualService route match (rule ``bench``, ``uri: {prefix: /}``), mTLS between 
 the client sends N GETs one after the other on one keep-alive connection: node1's L7 path
 (route, policy, metrics, access log, the upstream pool) → HBONE → node2, which relays the
 stream's bytes (no HTTP policy or spans for the server, as in run.py) → the HTTP app. The
-same client straight to the app is subtracted.
+same client straight to the app is subtracted. Only the N requests are counted (callgrind's
+instrumentation is switched on after a first request and off after the last, with
+``callgrind_control``): the start of the rig, its TLS handshakes and certificates, some
+2.8G instructions that vary by tens of millions from run to run, would otherwise be
+subtracted from itself, a noise of tens of thousands per request.
 
     .venv/bin/python bench/l4_cost.py                 # plain TCP hop and HBONE; ~3 minutes
     .venv/bin/python bench/l4_cost.py --l7            # L7 keep-alive through HBONE; ~2 minutes
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -56,6 +61,12 @@ spec:
 """``--l7``: bench/run.py's route match, on the rig's HTTP Service port."""
 
 
+def _instrument(on: bool) -> None:
+    """Callgrind's instrumentation of this process on or off (``--l7``'s counted window)."""
+    cmd = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
 async def _requests(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
     """N keep-alive GETs one after the other, each answer read whole."""
     want = b"hello from server: /productpage"
@@ -67,7 +78,6 @@ async def _requests(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) ->
             raise SystemExit(f"unexpected response: {head[:200]!r}")
         if (body := await r.readexactly(int(m.group(1)))) != want:
             raise SystemExit(f"unexpected body: {body[:200]!r}")
-    w.close()
 
 
 async def _inner(n: int, mtls: bool, direct: bool, l7: bool = False) -> None:
@@ -89,9 +99,13 @@ async def _inner(n: int, mtls: bool, direct: bool, l7: bool = False) -> None:
                     r, w = await asyncio.open_connection(*app)
                 else:
                     r, w = await rig.connect((loopback.SERVICE_IP, 80))
+                await _requests(r, w, 1)  # the connections, tunnel and pool: not counted
+                _instrument(True)
                 await _requests(r, w, n)
+                _instrument(False)
+                w.close()
                 if not direct:
-                    _l7_seen(rig, n)
+                    _l7_seen(rig, n + 1)
                 return
             echo = rig.net.apps[(loopback.SERVER_IP, loopback.TCP_PORT)]
             for _ in range(n):
@@ -125,11 +139,13 @@ def _l7_seen(rig: object, n: int) -> None:
         raise SystemExit(f"node1 counted {seen} requests by route, not {n} under 'bench'")
 
 
-def instructions(argv: list[str], keep: Path | None, name: str) -> int:
-    """User-space instructions callgrind counts running ``argv`` (``l7_cost.py`` too)."""
+def instructions(argv: list[str], keep: Path | None, name: str, window: bool = False) -> int:
+    """User-space instructions callgrind counts running ``argv`` (``l7_cost.py`` too);
+    with ``window``, only while ``argv`` has switched the instrumentation on."""
     out_file = str(keep / f"callgrind.{name}") if keep else "/dev/null"
+    start = ["--instr-atstart=no"] if window else []
     out = subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *argv],
+        ["valgrind", "--tool=callgrind", *start, f"--callgrind-out-file={out_file}", *argv],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -149,7 +165,7 @@ def _per_unit(mtls: bool, direct: bool, keep: Path | None, l7: bool = False) -> 
         argv += ["--direct"] if direct else []
         argv += ["--l7"] if l7 else []
         kind = "l7" if l7 else "mtls" if mtls else "plain"
-        return instructions(argv, keep, f"{kind}-{'direct' if direct else 'mesh'}-{n}")
+        return instructions(argv, keep, f"{kind}-{'direct' if direct else 'mesh'}-{n}", l7)
 
     return (run(LARGE) - run(SMALL)) / (LARGE - SMALL)
 
