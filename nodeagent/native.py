@@ -62,6 +62,8 @@ MODULES = (
     "nodeagent.proxy.l7http1",
     "nodeagent.proxy.l7retry",
     "nodeagent.core.plan",
+    "nodeagent.core.balancer",
+    "nodeagent.core.outlier",
     "nodeagent.telemetry.accesslog",
     "nodeagent.telemetry.metrics",
 )
