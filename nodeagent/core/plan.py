@@ -220,6 +220,9 @@ class Routed(NamedTuple):
     """The rule asks for nothing but its destinations (no redirect, fault, rewrite,
     retries, timeout, mirror or header operations): ``plan`` reads none of those fields
     (model objects: each read is an interpreted attribute lookup)."""
+    direct: bool
+    """``plain``, to ``cluster``, with no header operations on the destination and no
+    consistent hashing: a plan is the cluster and the headers every request gets."""
 
 
 def _plain(rule: HTTPRoute | None) -> bool:
@@ -253,6 +256,9 @@ class Draws:
 
     def __init__(self, rnd: random.Random) -> None:
         self.rnd = rnd
+        self.hex = ""
+        """Random hex digits for new ids, ``ID_DIGITS`` per request (``id_digits``)."""
+        self._at = 0
 
     def chance(self, percent: float) -> bool:
         """True ``percent`` % of the time (a fault's delay or abort)."""
@@ -262,10 +268,18 @@ class Draws:
         """A destination by weight."""
         return pick_weighted(routes, self.rnd.random())
 
-    def bits(self, n: int) -> int:
-        """``n`` random bits for new ids: for correlation, not secrets (the seeded
-        generator, not a syscall per request)."""
-        return self.rnd.getrandbits(n)
+    def id_digits(self) -> int:
+        """Where ``ID_DIGITS`` fresh random hex digits for new ids start in ``hex``: for
+        correlation, not secrets (the seeded generator, not a syscall per request). Drawn
+        and formatted ``_ID_BATCH`` requests at a time: one draw and one format per
+        request cost more than the rest of the ids."""
+        at = self._at
+        if at >= len(self.hex):
+            bits = self.rnd.getrandbits(ID_DIGITS * 4 * _ID_BATCH) | _NONZERO_BATCH
+            self.hex = f"{bits:0{ID_DIGITS * _ID_BATCH}x}"
+            at = 0
+        self._at = at + ID_DIGITS
+        return at
 
 
 class Likeliest(Draws):
@@ -285,9 +299,13 @@ def _weight(r: RouteDestination) -> int:
     return r.weight
 
 
+ID_DIGITS = 80
+"""Hex digits a request's new ids take: trace id (32), span id (16), request id (32)."""
+_ID_BATCH = 64
 _NONZERO_IDS = (1 << 192) | (1 << 128)
-"""OR-ed into the 320 random bits of new ids: the trace id (the top 128 bits) and the span
-id (the next 64) must not be all zeros."""
+"""OR-ed into the 320 random bits of each request's new ids: the trace id (the top 128
+bits) and the span id (the next 64) must not be all zeros."""
+_NONZERO_BATCH = sum(_NONZERO_IDS << (ID_DIGITS * 4 * i) for i in range(_ID_BATCH))
 _UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 """A random hex digit as the RFC 4122 variant digit of a UUID."""
 
@@ -298,18 +316,17 @@ class Planner:
 
     def __init__(self, clusters: Clusters) -> None:
         self.clusters = clusters
-        self._routed: PerSnapshot[dict[tuple[str, int, str, str, str], Routed]]
-        self._routed = PerSnapshot(_new_memo)
-        """Route decisions by (service, port, method, target, authority), for routes that
-        only look at those (bounded by ``MEMO_MAX``)."""
-        self._route_keyed = PerSnapshot(_route_keyed)
-        """Whether some LocalRateLimit is keyed by route (then the route taken goes along
-        to the destination's node)."""
+        self._memo = PerSnapshot(_Memo)
+        """What is remembered of the serving snapshot (one lookup per request)."""
 
     def route(self, snap: MeshSnapshot, req: Request) -> Routed:
         """The route decision for ``req`` (remembered when only its request line counts)."""
+        return self._route(snap, req, self._memo.get(snap).routed)
+
+    def _route(
+        self, snap: MeshSnapshot, req: Request, memo: dict[tuple[str, int, str, str, str], Routed]
+    ) -> Routed:
         conn = req.conn
-        memo = self._routed.get(snap)
         key = (conn.service.key, conn.port, req.method, req.target, req.authority)
         routed = memo.get(key)
         if routed is None:
@@ -321,12 +338,18 @@ class Planner:
                     cluster = self.clusters.cluster(snap, routes[0].destination, conn.port)
                 except ClusterError:  # raised again per request, on the slow path
                     cluster = None
+            plain = _plain(decision.rule)
+            direct = False
+            if cluster is not None and plain and routes[0].headers is None:
+                lb = cluster.policy.load_balancer
+                direct = lb is None or lb.consistent_hash is None
             routed = Routed(
                 decision,
                 route_name(decision),
                 cluster,
                 decided_by_request_line(decision),
-                _plain(decision.rule),
+                plain,
+                direct,
             )
             if routed.by_request_line:
                 if len(memo) >= MEMO_MAX:
@@ -336,8 +359,13 @@ class Planner:
 
     def plan(self, snap: MeshSnapshot, req: Request, draws: Draws) -> Plan | Answer:
         """Everything decided about ``req`` before its first attempt."""
-        routed = self.route(snap, req)
+        memo = self._memo.get(snap)
+        routed = self._route(snap, req, memo.routed)
         decision, name = routed.decision, routed.name
+        if routed.direct and routed.cluster is not None:  # (no model object read per request)
+            p = Plan(routed.cluster, req.target, req.authority, decision, name)
+            _add_headers(p, req.headers, draws, name, memo.route_keyed)
+            return p
         if decision.outcome is RouteOutcome.NO_ROUTE:
             return Answer(
                 404,
@@ -389,13 +417,7 @@ class Planner:
             if rule.mirror is not None and draws.chance(100.0 if pct is None else pct):
                 p.mirror = rule.mirror
         hdrs = req.headers
-        add = _ids(p, hdrs, draws)
-        add.append(("x-forwarded-proto", "http"))
-        if ROUTE_HEADER in hdrs:
-            p.remove_headers = (ROUTE_HEADER,)
-        if name and self._route_keyed.get(snap):
-            add.append((ROUTE_HEADER, name))
-        p.add_headers = tuple(add)
+        _add_headers(p, hdrs, draws, name, memo.route_keyed)
         rule_headers = rule.headers if rule is not None else None
         if rule_headers is not None or rdest.headers is not None:
             p.request_ops, p.response_ops = _header_ops(rule_headers, rdest.headers)
@@ -416,6 +438,18 @@ class Planner:
         return p
 
 
+def _add_headers(p: Plan, hdrs: dict[str, str], draws: Draws, name: str, route_keyed: bool) -> None:
+    """The headers every routed request gets: ids, ``x-forwarded-proto``, the route taken
+    (when a limit is keyed by route; a client's own claim is dropped)."""
+    add = _ids(p, hdrs, draws)
+    add.append(("x-forwarded-proto", "http"))
+    if ROUTE_HEADER in hdrs:
+        p.remove_headers = (ROUTE_HEADER,)
+    if name and route_keyed:
+        add.append((ROUTE_HEADER, name))
+    p.add_headers = tuple(add)
+
+
 def _ids(p: Plan, hdrs: dict[str, str], draws: Draws) -> list[tuple[str, str]]:
     """Trace context and request id: the client's, else new ones (headers to add).
     ``hdrs`` is ``Request.headers`` (typed ``dict``: compiled, its lookups skip a method
@@ -424,12 +458,16 @@ def _ids(p: Plan, hdrs: dict[str, str], draws: Draws) -> list[tuple[str, str]]:
     tp = hdrs.get("traceparent")
     rid = hdrs.get("x-request-id")
     if tp is None or rid is None:
-        h = f"{draws.bits(320) | _NONZERO_IDS:080x}"
+        o = draws.id_digits()  # (slices of the batch: no 80-digit string per request)
+        h = draws.hex
         if tp is None:  # W3C trace context, not sampled
-            p.trace_id = h[:32]
-            add.append(("traceparent", f"00-{p.trace_id}-{h[32:48]}-00"))
+            p.trace_id = h[o : o + 32]
+            add.append(("traceparent", f"00-{p.trace_id}-{h[o + 32 : o + 48]}-00"))
         if rid is None:  # a version 4 UUID
-            rid = f"{h[48:56]}-{h[56:60]}-4{h[61:64]}-{_UUID_VARIANT[h[64]]}{h[65:68]}-{h[68:]}"
+            rid = (
+                f"{h[o + 48 : o + 56]}-{h[o + 56 : o + 60]}-4{h[o + 61 : o + 64]}-"
+                f"{_UUID_VARIANT[h[o + 64]]}{h[o + 65 : o + 68]}-{h[o + 68 : o + 80]}"
+            )
             add.append(("x-request-id", rid))
     if tp is not None:
         p.trace_id = trace_id(tp)
@@ -484,14 +522,18 @@ def _cookies(header: str | None) -> dict[str, str]:
     return out
 
 
-def _new_memo(snap: MeshSnapshot) -> dict[tuple[str, int, str, str, str], Routed]:
-    return {}
+class _Memo:
+    """What the planner remembers of one snapshot."""
 
-
-def _route_keyed(snap: MeshSnapshot) -> bool:
-    return any(
-        p.http is not None and p.http.key.kind is KeyKind.ROUTE for p in snap.local_rate_limits
-    )
+    def __init__(self, snap: MeshSnapshot) -> None:
+        self.routed: dict[tuple[str, int, str, str, str], Routed] = {}
+        """Route decisions by (service, port, method, target, authority), for routes that
+        only look at those (bounded by ``MEMO_MAX``)."""
+        self.route_keyed = any(
+            p.http is not None and p.http.key.kind is KeyKind.ROUTE for p in snap.local_rate_limits
+        )
+        """Whether some LocalRateLimit is keyed by route (then the route taken goes along
+        to the destination's node)."""
 
 
 __all__ = [
