@@ -64,6 +64,7 @@ MODULES = (
     "nodeagent.core.plan",
     "nodeagent.core.balancer",
     "nodeagent.core.outlier",
+    "nodeagent.core.clusters",
     "nodeagent.telemetry.accesslog",
     "nodeagent.telemetry.metrics",
 )

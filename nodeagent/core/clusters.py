@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from nodeagent.core.balancer import Balancer, BalancerRegistry
 from nodeagent.core.route import subset_filter, traffic_policy_for
 from nodeagent.model.objects import Pod, Service, ServicePort
@@ -70,6 +72,7 @@ class Cluster:
     idle_timeout: float = 3600.0
 
 
+@mypyc_attr(native_class=False)
 class ClusterError(Exception):
     """A route names a host, port or subset that does not exist (503, flag ``NC``)."""
 
