@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,13 @@ def test_no_compiled_function_binds_one_except_name_to_two_types() -> None:
         if f not in exempt
     ]
     assert found == []
+
+
+def test_every_compiled_module_is_type_checked_as_mypyc_needs() -> None:
+    # mypyc turns what mypy calls unreachable into a wrong-type error at run time: the
+    # modules it compiles are the ones pyproject.toml checks with warn_unreachable
+    conf = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    strict = [
+        set(o["module"]) for o in conf["tool"]["mypy"]["overrides"] if o.get("warn_unreachable")
+    ]
+    assert strict == [set(native.MODULES)]
