@@ -20,9 +20,10 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import os
+import re
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import httptools
 import yaml
 
 from nodeagent import __version__
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MALFORMED",
@@ -108,9 +111,12 @@ class ExecPlugin:
     """A kubeconfig user's ``exec``: a command that prints an ``ExecCredential``."""
 
     command: str
+    """Resolved against the kubeconfig's directory when it names a relative path."""
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     api_version: str = "client.authentication.k8s.io/v1"
+    provide_cluster_info: bool = False
+    """``provideClusterInfo``: the plugin is told the cluster (``spec.cluster``)."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +130,8 @@ class ApiConfig:
     insecure: bool = False
     tls_server_name: str = ""
     cert_pem: bytes | None = None
-    key_pem: bytes | None = None
-    token: str = ""
+    key_pem: bytes | None = field(default=None, repr=False)
+    token: str = field(default="", repr=False)
     token_file: str = ""
     """Read at each request: kubelet rotates a ServiceAccount's token in place."""
     username: str = ""
@@ -219,8 +225,22 @@ def _from_kubeconfig(doc: Any, base: Path) -> ApiConfig:
         raise ValueError(f"context {name!r} names no user")
     user = _named(doc, "users", str(context["user"]))
     server = str(cluster.get("server") or "")
-    if urlsplit(server).scheme not in ("https", "http") or not urlsplit(server).hostname:
+    url = urlsplit(server)
+    try:
+        url.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError(
+            f"cluster {context.get('cluster')!r}: server {server!r}: bad port"
+        ) from None
+    if url.scheme not in ("https", "http") or not url.hostname:
         raise ValueError(f"cluster {context.get('cluster')!r}: server {server!r} is not a URL")
+    insecure = _flag(cluster, "insecure-skip-tls-verify")
+    ca_pem = _data(cluster, "certificate-authority", base)
+    if insecure and ca_pem is not None:
+        raise ValueError(  # as kubectl: which one was meant is not ours to guess
+            f"cluster {context.get('cluster')!r}: certificate-authority and "
+            "insecure-skip-tls-verify together"
+        )
     for unsupported in ("proxy-url",):
         if cluster.get(unsupported):
             raise ValueError(f"cluster {context.get('cluster')!r}: {unsupported} is not supported")
@@ -234,18 +254,24 @@ def _from_kubeconfig(doc: Any, base: Path) -> ApiConfig:
         if not isinstance(e, dict) or not e.get("command"):
             raise ValueError(f"user {context['user']!r}: exec needs a command")
         env = tuple((str(v["name"]), str(v.get("value", ""))) for v in e.get("env") or [])
+        command = str(e["command"])
+        if "/" in command and not command.startswith("/"):  # as kubectl: beside the file
+            command = str(base / command)
         plugin = ExecPlugin(
-            command=str(e["command"]),
+            command=command,
             args=tuple(str(a) for a in e.get("args") or []),
             env=env,
             api_version=str(e.get("apiVersion") or "client.authentication.k8s.io/v1"),
+            provide_cluster_info=_flag(e, "provideClusterInfo"),
         )
     token_file = str(user.get("tokenFile") or "")
+    for key in ("token", "username", "password"):
+        _header_safe(str(user.get(key) or ""), f"user {context['user']!r}: {key}")
     return ApiConfig(
         server=server.rstrip("/"),
         context_name=str(name),
-        ca_pem=_data(cluster, "certificate-authority", base),
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        ca_pem=ca_pem,
+        insecure=insecure,
         tls_server_name=str(cluster.get("tls-server-name") or ""),
         cert_pem=_data(user, "client-certificate", base),
         key_pem=_data(user, "client-key", base),
@@ -255,6 +281,26 @@ def _from_kubeconfig(doc: Any, base: Path) -> ApiConfig:
         password=str(user.get("password") or ""),
         exec_plugin=plugin,
     )
+
+
+def _flag(entry: Mapping[str, Any], key: str) -> bool:
+    value = entry.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):  # a quoted YAML boolean
+        return str(value).lower() == "true"
+    raise ValueError(f"{key}: {value!r} is not true or false")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header_safe(value: str, what: str) -> str:
+    """``value`` for an HTTP header; ValueError when a control byte (a line break: another
+    header) is in it."""
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} holds a control character")
+    return value
 
 
 def _ssl_context(config: ApiConfig) -> ssl.SSLContext:
@@ -268,11 +314,13 @@ def _ssl_context(config: ApiConfig) -> ssl.SSLContext:
     if config.cert_pem is not None:
         if config.key_pem is None:
             raise ValueError("a client certificate without its key")
-        # ssl loads a key pair from files only: one that lives as long as the load
-        with tempfile.NamedTemporaryFile(prefix="nodeagent-kube-", suffix=".pem") as f:
-            f.write(config.cert_pem + b"\n" + config.key_pem)
-            f.flush()
-            ctx.load_cert_chain(f.name)
+        # ssl loads a key pair from a file only: an anonymous one in memory, never on disk
+        fd = os.memfd_create("nodeagent-kube-client-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, config.cert_pem + b"\n" + config.key_pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
     return ctx
 
 
@@ -283,6 +331,7 @@ class _Auth:
         self.config = config
         self._exec_token = ""
         self._exec_expires = 0.0
+        self._exec_lock = asyncio.Lock()  # the first lists ask at once: one plugin run
 
     async def header(self) -> str:
         c = self.config
@@ -290,9 +339,10 @@ class _Auth:
             return f"Bearer {await self._from_exec(c.exec_plugin)}"
         if c.token_file:
             try:
-                return f"Bearer {Path(c.token_file).read_text().strip()}"
+                token = Path(c.token_file).read_text().strip()
             except OSError as e:
                 raise ValueError(f"token file {c.token_file}: {e.strerror}") from e
+            return f"Bearer {_header_safe(token, f'token file {c.token_file}')}"
         if c.token:
             return f"Bearer {c.token}"
         if c.username:
@@ -305,19 +355,41 @@ class _Auth:
         self._exec_expires = 0.0
 
     async def _from_exec(self, plugin: ExecPlugin) -> str:
-        if self._exec_token and time.time() < self._exec_expires:
-            return self._exec_token
-        info = {"apiVersion": plugin.api_version, "kind": "ExecCredential",
-                "spec": {"interactive": False}}  # fmt: skip
+        async with self._exec_lock:
+            if self._exec_token and time.time() < self._exec_expires:
+                return self._exec_token
+            return await self._run_exec(plugin)
+
+    async def _run_exec(self, plugin: ExecPlugin) -> str:
+        spec: dict[str, Any] = {"interactive": False}
+        if plugin.provide_cluster_info:
+            c = self.config
+            cluster: dict[str, Any] = {"server": c.server}
+            if c.ca_pem is not None:
+                cluster["certificate-authority-data"] = base64.b64encode(c.ca_pem).decode()
+            if c.tls_server_name:
+                cluster["tls-server-name"] = c.tls_server_name
+            if c.insecure:
+                cluster["insecure-skip-tls-verify"] = True
+            spec["cluster"] = cluster
+        info = {"apiVersion": plugin.api_version, "kind": "ExecCredential", "spec": spec}
         env = {**os.environ, **dict(plugin.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
         try:
             proc = await asyncio.create_subprocess_exec(
-                plugin.command, *plugin.args, env=env,
+                plugin.command, *plugin.args, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-        except (OSError, TimeoutError) as e:
+        except OSError as e:
             raise ValueError(f"exec plugin {plugin.command}: {e}") from e
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        except BaseException as e:  # timed out or cancelled: the plugin goes too
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+            if isinstance(e, TimeoutError):
+                raise ValueError(f"exec plugin {plugin.command}: no answer in 60s") from e
+            raise
         if proc.returncode != 0:
             raise ValueError(
                 f"exec plugin {plugin.command} exited {proc.returncode}: "
@@ -325,7 +397,7 @@ class _Auth:
             )
         try:
             status = json.loads(out)["status"]
-            token = str(status["token"])
+            token = _header_safe(str(status["token"]), f"exec plugin {plugin.command}'s token")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"exec plugin {plugin.command}: no ExecCredential with a status.token: {e!r}"
@@ -447,6 +519,10 @@ class KubeClient:
         self._ssl = _ssl_context(config) if self._https else None
         self._auth = _Auth(config)
         self._timeout = timeout
+        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+        if proxy:
+            log.warning("HTTPS_PROXY is set (%s): the agent reaches the API server "
+                        "%s directly, not through it", proxy, self.server)  # fmt: skip
 
     async def _get(self, path: str, params: Mapping[str, str], read_timeout: float) -> _Response:
         """The answer's head to ``GET path?params``; ``ApiStatusError`` for an error
