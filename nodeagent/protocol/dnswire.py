@@ -187,33 +187,45 @@ def _fixed(wire: bytes, at: int, st: struct.Struct, what: str) -> tuple[int, ...
     return st.unpack_from(wire, at)
 
 
-def parse_query(wire: bytes) -> Query:
-    """The query in ``wire``; raises ``Malformed`` naming what is wrong and where."""
+def _questions(wire: bytes) -> tuple[tuple[int, ...], tuple[Question, ...], int]:
+    """The header's fields, the questions, and the offset after them."""
     if len(wire) < _HEADER.size:
         raise Malformed(f"{len(wire)} bytes: shorter than a DNS header (12)")
-    ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+    header = _HEADER.unpack_from(wire)
     at = _HEADER.size
     questions = []
-    for _ in range(qdcount):
+    for _ in range(header[2]):
         labels, at = _read_name(wire, at)
         rdtype, rdclass = _fixed(wire, at, _QUESTION_FIXED, "a question")
         at += _QUESTION_FIXED.size
         questions.append(Question(labels, rdtype, rdclass))
+    return header, tuple(questions), at
+
+
+def _record(wire: bytes, at: int) -> tuple[tuple[bytes, ...], int, int, int, int]:
+    """The record at ``at``: its owner, type, class, TTL, and the offset after it."""
+    labels, at = _read_name(wire, at)
+    rdtype, rdclass, ttl, rdlength = _fixed(wire, at, _RR_FIXED, "a record")
+    at += _RR_FIXED.size + rdlength
+    if at > len(wire):
+        raise Malformed(f"a record's data is cut off at byte {len(wire)}")
+    return labels, rdtype, rdclass, ttl, at
+
+
+def parse_query(wire: bytes) -> Query:
+    """The query in ``wire``; raises ``Malformed`` naming what is wrong and where."""
+    (ident, flags, _qd, ancount, nscount, arcount), questions, at = _questions(wire)
     question_wire = wire[_HEADER.size : at]
     edns: int | None = None
     for i in range(ancount + nscount + arcount):
-        labels, at = _read_name(wire, at)
-        rdtype, rdclass, _ttl, rdlength = _fixed(wire, at, _RR_FIXED, "a record")
-        at += _RR_FIXED.size + rdlength
-        if at > len(wire):
-            raise Malformed(f"a record's data is cut off at byte {len(wire)}")
+        labels, rdtype, rdclass, _ttl, at = _record(wire, at)
         if rdtype == TYPE_OPT:
             if i < ancount + nscount or labels or edns is not None:
                 raise Malformed("an EDNS (OPT) record out of place, or more than one")
             edns = rdclass
     if at != len(wire):
         raise Malformed(f"{len(wire) - at} bytes after the message's end (byte {at})")
-    return Query(ident, flags, tuple(questions), question_wire, edns)
+    return Query(ident, flags, questions, question_wire, edns)
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -226,14 +238,17 @@ class _Writer:
         self.out = bytearray(head)
         self.names: dict[tuple[bytes, ...], int] = {}
 
+    def written(self, labels: tuple[bytes, ...], at: int) -> None:
+        """The name ``labels`` is at ``at``: later ones point there."""
+        self.names.setdefault(tuple(label.lower() for label in labels), at)
+
     def name(self, labels: tuple[bytes, ...]) -> None:
-        key = tuple(label.lower() for label in labels)
-        seen = self.names.get(key)
+        seen = self.names.get(tuple(label.lower() for label in labels))
         if seen is not None:
             self.out += struct.pack("!H", 0xC000 | seen)
             return
         if labels and len(self.out) < 0x3FFF:
-            self.names[key] = len(self.out)
+            self.written(labels, len(self.out))
         for label in labels:
             self.out.append(len(label))
             self.out += label
@@ -252,8 +267,10 @@ class _Writer:
         struct.pack_into("!H", self.out, at + 8, length)
 
 
-def _opt(payload: int) -> bytes:
-    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, 0, 0)
+def _opt(payload: int, ttl: int = 0) -> bytes:
+    """An EDNS record offering ``payload`` bytes over UDP (``ttl``: extended flags), no
+    options."""
+    return b"\x00" + _RR_FIXED.pack(TYPE_OPT, payload, ttl, 0)
 
 
 def response(
@@ -272,12 +289,9 @@ def response(
     opt = _opt(payload) if query.edns_payload is not None else b""
     head = _HEADER.pack(query.id, flags, len(query.questions), len(records), 0, 1 if opt else 0)
     w = _Writer(head)
+    if query.questions:  # the first question's name starts after the header
+        w.written(query.questions[0].labels, _HEADER.size)
     w.out += query.question_wire
-    offset = _HEADER.size
-    for q in query.questions:  # the question's names, for the records to point at
-        key = tuple(label.lower() for label in q.labels)
-        w.names.setdefault(key, offset)
-        offset += sum(len(x) + 1 for x in q.labels) + 1 + _QUESTION_FIXED.size
     for r in records:
         w.record(r)
     w.out += opt
@@ -296,24 +310,13 @@ def truncated(wire: bytes, limit: int) -> bytes:
     ``wire`` is not a message whose question can be read."""
     if len(wire) <= limit:
         return wire
-    if len(wire) < _HEADER.size:
-        raise Malformed(f"{len(wire)} bytes: shorter than a DNS header (12)")
-    ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
-    at = _HEADER.size
-    for _ in range(qdcount):
-        _, at = _read_name(wire, at)
-        _fixed(wire, at, _QUESTION_FIXED, "a question")
-        at += _QUESTION_FIXED.size
+    (ident, flags, qdcount, ancount, nscount, arcount), _, at = _questions(wire)
     question_end = at
     opt = b""
     for _ in range(ancount + nscount + arcount):
-        labels, at = _read_name(wire, at)
-        rdtype, rdclass, ttl, rdlength = _fixed(wire, at, _RR_FIXED, "a record")
+        labels, rdtype, rdclass, ttl, at = _record(wire, at)
         if rdtype == TYPE_OPT and not labels:
-            opt = b"\x00" + _RR_FIXED.pack(TYPE_OPT, rdclass, ttl, 0)  # its options dropped
-        at += _RR_FIXED.size + rdlength
-        if at > len(wire):
-            raise Malformed(f"a record's data is cut off at byte {len(wire)}")
+            opt = _opt(rdclass, ttl)  # its options dropped
     head = _HEADER.pack(ident, flags | TC, qdcount, 0, 0, 1 if opt else 0)
     cut = head + wire[_HEADER.size : question_end] + opt
     if len(cut) > limit:  # a question bigger than the limit: the header alone
