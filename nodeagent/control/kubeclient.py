@@ -241,9 +241,8 @@ def _from_kubeconfig(doc: Any, base: Path) -> ApiConfig:
             f"cluster {context.get('cluster')!r}: certificate-authority and "
             "insecure-skip-tls-verify together"
         )
-    for unsupported in ("proxy-url",):
-        if cluster.get(unsupported):
-            raise ValueError(f"cluster {context.get('cluster')!r}: {unsupported} is not supported")
+    if cluster.get("proxy-url"):
+        raise ValueError(f"cluster {context.get('cluster')!r}: proxy-url is not supported")
     if user.get("auth-provider"):
         raise ValueError(
             f"user {context['user']!r}: auth-provider is not supported (use an exec plugin)"
@@ -462,7 +461,7 @@ class _Response:
         self._done = True
 
     async def _feed(self, timeout: float) -> bool:
-        """Read once; False at the end of the answer."""
+        """Read once and parse it; False, having parsed nothing, once the answer is whole."""
         if self._done:
             return False
         try:
@@ -485,16 +484,13 @@ class _Response:
             await self._feed(timeout)
 
     async def chunks(self, timeout: float) -> AsyncIterator[bytes]:
+        # what is parsed goes out before the next read (a watch event must not wait for
+        # the next one); a read that ends the answer parses nothing (see _feed)
         while True:
-            if self._body:
-                body, self._body = self._body, []
-                for b in body:
-                    yield b
+            body, self._body = self._body, []
+            for b in body:
+                yield b
             if not await self._feed(timeout):
-                if self._body:
-                    body, self._body = self._body, []
-                    for b in body:
-                        yield b
                 return
 
     async def read(self, timeout: float) -> bytes:
@@ -527,7 +523,8 @@ class KubeClient:
     async def _get(self, path: str, params: Mapping[str, str], read_timeout: float) -> _Response:
         """The answer's head to ``GET path?params``; ``ApiStatusError`` for an error
         status (a 401 asks an exec plugin for a new token and tries once more)."""
-        for attempt in (0, 1):
+        retried = False
+        while True:
             resp = await self._open(path, params, read_timeout)
             if resp.status < 400:
                 return resp
@@ -535,11 +532,10 @@ class KubeClient:
                 body = await resp.read(read_timeout)
             finally:
                 resp.close()
-            if resp.status == 401 and attempt == 0 and self._auth.config.exec_plugin:
-                self._auth.refused()
-                continue
-            raise _status_error(resp.status, body)
-        raise AssertionError("unreachable")
+            if resp.status != 401 or retried or not self._auth.config.exec_plugin:
+                raise _status_error(resp.status, body)
+            self._auth.refused()
+            retried = True
 
     async def _open(self, path: str, params: Mapping[str, str], read_timeout: float) -> _Response:
         auth = await self._auth.header()
