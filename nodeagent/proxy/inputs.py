@@ -14,7 +14,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Set
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nodeagent.core.paths import BASE
 from nodeagent.model.objects import HostWorkload, Pod, PodRuntime
@@ -22,9 +22,11 @@ from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.dns import DnsSettings
 from nodeagent.proxy.identity import MeshIdentity
-from nodeagent.proxy.tracing import SpanExport
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK only where spans are exported
+    from nodeagent.proxy.spanexport import SpanExport
 
 OUTBOUND_PORT = 15001
 """The outbound listener's port, on 127.0.0.1 in each pod's network."""

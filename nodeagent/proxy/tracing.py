@@ -9,11 +9,9 @@ where the request's record is written; a TCP connection at L4 gets one span when
 closes. Sampling: a ``traceparent``'s sampled flag decides when there is one; otherwise
 the workload's ``randomSamplingPercentage`` (Istio's default 1%).
 
-Export (``SpanExport``) is the OpenTelemetry SDK's OTLP/gRPC exporter behind a batch
-processor on its own thread: the data path only appends to a bounded queue, and a span
-that finds the queue full (collector slow, stalled or down) is dropped and counted in
-``nodeagent_spans_dropped_total``. Nothing here runs when no endpoint is configured
-except the Telemetry look-up (a dict hit per request).
+Spans are made and exported by ``proxy/spanexport.py`` (the OpenTelemetry SDK), which is
+not imported when no endpoint is configured: then nothing here runs but the Telemetry
+look-up (a dict hit per request).
 """
 
 from __future__ import annotations
@@ -21,27 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 from collections.abc import Callable
-from typing import Any
-
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    Span,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    Tracer,
-    set_span_in_context,
-)
-from prometheus_client import CollectorRegistry, Counter
+from typing import TYPE_CHECKING, Any
 
 from nodeagent.core.plan import Plan, Request
 from nodeagent.core.telemetry import keeps, resolve
@@ -50,101 +29,10 @@ from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
 from nodeagent.model.telemetry import DEFAULT_TELEMETRY, TelemetryConfig
 from nodeagent.telemetry.metrics import TCP_LABELS
 
+if TYPE_CHECKING:  # the SDK is imported only where spans are exported
+    from nodeagent.proxy.spanexport import SpanExport
+
 log = logging.getLogger("nodeagent.proxy.tracing")
-
-MAX_QUEUE = 2048
-"""Spans held for export (the SDK's default); past it, new spans are dropped."""
-EXPORT_TIMEOUT = 5.0
-"""Seconds one export may take before the exporter gives it up."""
-SHUTDOWN_WAIT = 2.0
-"""Seconds the agent's shutdown waits for the last export."""
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-
-
-class _CountingProcessor(BatchSpanProcessor):
-    """The SDK's batch processor, with a full queue counted: it would drop (and log a
-    warning per span) on its own; here the span is dropped before it and counted."""
-
-    def __init__(
-        self, exporter: SpanExporter, dropped: Counter, max_queue_size: int, delay_ms: float
-    ) -> None:
-        super().__init__(
-            exporter,
-            max_queue_size=max_queue_size,
-            schedule_delay_millis=delay_ms,
-            max_export_batch_size=min(512, max_queue_size),
-            export_timeout_millis=EXPORT_TIMEOUT * 1000,
-        )
-        self._dropped = dropped
-        self._max = max_queue_size
-        self._queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self._queue is not None and len(self._queue) >= self._max:
-            self._dropped.inc()
-            return
-        super().on_end(span)
-
-
-class SpanExport:
-    """Where spans go: one bounded batch queue, its export thread, the drops counted."""
-
-    def __init__(
-        self,
-        exporter: SpanExporter,
-        registry: CollectorRegistry,
-        *,
-        max_queue_size: int = MAX_QUEUE,
-        delay_ms: float = 1000.0,
-        mesh_id: str = "cluster.local",
-    ) -> None:
-        self.dropped = Counter(
-            "nodeagent_spans_dropped",
-            "Spans dropped because the export queue was full (collector slow or down)",
-            registry=registry,
-        )
-        self.exported = Counter(
-            "nodeagent_spans_started",
-            "Spans started (sampled requests and connections)",
-            registry=registry,
-        )
-        self.processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
-        self.processor.add_span_processor(
-            _CountingProcessor(exporter, self.dropped, max_queue_size, delay_ms)
-        )
-        self.mesh_id = mesh_id
-        self.ids = RandomIdGenerator()
-        self._tracers: dict[str, Tracer] = {}
-
-    @classmethod
-    def otlp(cls, endpoint: str, registry: CollectorRegistry, **kw: Any) -> SpanExport:
-        """Export over OTLP/gRPC (plaintext) to ``endpoint`` (``host:port``)."""
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=EXPORT_TIMEOUT)
-        return cls(exporter, registry, **kw)
-
-    def tracer(self, service: str) -> Tracer:
-        """The tracer of one workload (its resource's ``service.name``: Istio's
-        ``canonical-service.namespace``), all sharing the one queue."""
-        t = self._tracers.get(service)
-        if t is None:
-            if len(self._tracers) > 1000:  # bounded by the local workloads; a churn guard
-                self._tracers.clear()
-            provider = TracerProvider(
-                resource=Resource.create({"service.name": service}),
-                active_span_processor=self.processor,
-                id_generator=self.ids,
-            )
-            t = self._tracers[service] = provider.get_tracer("nodeagent")
-        return t
-
-    def close(self) -> None:
-        """Flush what is queued, waiting at most ``SHUTDOWN_WAIT`` (a stalled collector
-        must not hold the agent's exit)."""
-        done = threading.Thread(target=self.processor.shutdown, daemon=True)
-        done.start()
-        done.join(SHUTDOWN_WAIT)
 
 
 def canonical_service(pod: Pod) -> str:
@@ -242,7 +130,7 @@ class Observer:
         if self.export is None:
             return
         tp = req.headers.get("traceparent")
-        value = self._start(ds.pod, req, x, tp, SpanKind.CLIENT, ds.service, ds.port.port)
+        value = self._start(ds.pod, req, x, tp, True, ds.service, ds.port.port)
         if value is not None:
             _send_traceparent(p, value)
 
@@ -253,7 +141,7 @@ class Observer:
         if self.export is None:
             return
         tp = req.headers.get("traceparent")
-        self._start(ds.pod, req, x, tp, SpanKind.CLIENT, ds.service, ds.port.port)
+        self._start(ds.pod, req, x, tp, True, ds.service, ds.port.port)
 
     def server(self, ds: Any, req: Request, x: Any) -> str | None:
         """On the destination's node, before admission: a SERVER span when sampled; the
@@ -261,7 +149,7 @@ class Observer:
         if self.export is None:
             return None
         tp = req.headers.get("traceparent")
-        return self._start(ds.pod, req, x, tp, SpanKind.SERVER, ds.service, ds.port.port)
+        return self._start(ds.pod, req, x, tp, False, ds.service, ds.port.port)
 
     def _start(
         self,
@@ -269,7 +157,7 @@ class Observer:
         req: Request,
         x: Any,
         tp: str | None,
-        kind: SpanKind,
+        client: bool,
         service: Any,
         port: int,
     ) -> str | None:
@@ -284,26 +172,21 @@ class Observer:
         elif self.rnd.random() * 100 >= c.sampling:
             return None
         if not c.report_spans:  # sampled and propagated, never reported
-            trace = parent[0] if parent is not None else export.ids.generate_trace_id()
+            trace, span_id = export.new_ids()
+            if parent is not None:
+                trace = parent[0]
             x.trace_id = f"{trace:032x}"
-            return f"00-{trace:032x}-{export.ids.generate_span_id():016x}-01"
-        ctx = Context()  # a root: the SDK draws a new trace id
-        if parent is not None:
-            remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=_SAMPLED)
-            ctx = set_span_in_context(NonRecordingSpan(remote), ctx)
+            return f"00-{trace:032x}-{span_id:016x}-01"
         host = f"{service.name}.{service.namespace}.svc.cluster.local"
-        tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
-        span = tracer.start_span(
+        x.span, trace, span_id = export.start(
+            f"{canonical_service(pod)}.{pod.namespace}",
             f"{host}:{port}/*",
-            context=ctx,
-            kind=kind,
+            parent=parent[:2] if parent is not None else None,  # None: a new trace
+            client=client,
             attributes=self._attributes(pod, req, x, host, port),
         )
-        export.exported.inc()
-        x.span = span
-        sc = span.get_span_context()
-        x.trace_id = f"{sc.trace_id:032x}"
-        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+        x.trace_id = f"{trace:032x}"
+        return f"00-{trace:032x}-{span_id:016x}-01"
 
     def _attributes(self, pod: Pod, req: Request, x: Any, host: str, port: int) -> dict[str, str]:
         conn = req.conn
@@ -334,11 +217,12 @@ class Observer:
 
     def end(self, x: Any, flags: str) -> None:
         """Where the request's record is written: its outcome on the span, ended."""
-        span: Span | None = x.span
-        if span is None:
+        span = x.span
+        if span is None or self.export is None:
             return
         x.span = None
-        span.set_attributes(
+        self.export.finish(
+            span,
             {
                 "http.status_code": str(x.status),
                 "response_flags": flags,
@@ -347,12 +231,9 @@ class Observer:
                 "upstream_address": x.upstream,
                 "request_size": str(x.bytes_in),
                 "response_size": str(x.bytes_out),
-            }
+            },
+            "" if x.status >= 500 or x.status == 0 else None,
         )
-        if x.status >= 500 or x.status == 0:
-            span.set_attribute("error", "true")
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
 
     # -- L4 spans -------------------------------------------------------------------------
     def tcp_opened(self, relay: Any, pod: Pod) -> str | None:
@@ -368,11 +249,10 @@ class Observer:
             return None
         if not c.report_spans:  # sampled and propagated, never reported
             relay.meta["sampled"] = False
-            ids = export.ids
-            return f"00-{ids.generate_trace_id():032x}-{ids.generate_span_id():016x}-01"
-        span = relay.meta["span"] = self._tcp_span(export, relay, pod, "source", Context())
-        sc = span.get_span_context()
-        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+            trace, span_id = export.new_ids()
+            return f"00-{trace:032x}-{span_id:016x}-01"
+        relay.meta["span"], trace, span_id = self._tcp_span(export, relay, pod, "source", None)
+        return f"00-{trace:032x}-{span_id:016x}-01"
 
     def tcp_closed(self, relay: Any) -> None:
         """A proxied TCP connection (not HTTP: its requests have spans) closed: its span
@@ -383,7 +263,7 @@ class Observer:
         if export is None:
             return
         meta = relay.meta
-        span: Span | None = meta.pop("span", None)
+        span = meta.pop("span", None)
         counted = meta.get("counted")
         if span is None:
             if not counted or meta.get("sampled") is False:
@@ -396,46 +276,48 @@ class Observer:
             pod = peers.src if peers.reporter == "source" else peers.dst  # on this node
             if pod is None:
                 return
-            ctx = Context()
             parent = parse_traceparent(meta.get("traceparent"))
             c = self.config(pod)
             if parent is not None:  # the caller's node decided
                 if not parent[2]:
                     return
-                remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=_SAMPLED)
-                ctx = set_span_in_context(NonRecordingSpan(remote), ctx)
             elif self.rnd.random() * 100 >= c.sampling:
                 return
             if not c.report_spans:
                 return
-            span = self._tcp_span(export, relay, pod, peers.reporter, ctx)
-        span.set_attributes(
+            span = self._tcp_span(
+                export, relay, pod, peers.reporter, parent[:2] if parent is not None else None
+            )[0]
+        export.finish(
+            span,
             {
                 "upstream_address": str(meta.get("upstream", meta.get("destination", ""))),
                 "bytes_sent": str(relay.bytes_sent),
                 "bytes_received": str(relay.bytes_received),
                 "close_reason": relay.close_reason,
-            }
+            },
+            None if counted else relay.close_reason,  # not counted: upstream never reached
         )
-        if not counted:  # its upstream was never reached
-            span.set_attribute("error", "true")
-            span.set_status(Status(StatusCode.ERROR, relay.close_reason))
-        span.end()
 
     def _tcp_span(
-        self, export: SpanExport, relay: Any, pod: Pod, reporter: str, ctx: Context
-    ) -> Span:
+        self,
+        export: SpanExport,
+        relay: Any,
+        pod: Pod,
+        reporter: str,
+        parent: tuple[int, int] | None,
+    ) -> tuple[Any, int, int]:
         """The span of one L4 connection, started when it was accepted."""
         meta = relay.meta
         labels = dict(zip(TCP_LABELS, meta["labels"], strict=False))
-        tracer = export.tracer(f"{canonical_service(pod)}.{pod.namespace}")
         service = labels["destination_service"]
         if service == "unknown":  # at the destination: the workload it reached
             service = f"{labels['destination_workload']}.{labels['destination_workload_namespace']}"
-        span = tracer.start_span(
+        return export.start(
+            f"{canonical_service(pod)}.{pod.namespace}",
             f"tcp {service}",
-            context=ctx,
-            kind=SpanKind.CLIENT if reporter == "source" else SpanKind.SERVER,
+            parent=parent,
+            client=reporter == "source",
             start_time=int(relay.opened_at * 1e9),
             attributes={
                 "component": "proxy",
@@ -448,8 +330,6 @@ class Observer:
                 "istio.mesh_id": export.mesh_id,
             },
         )
-        export.exported.inc()
-        return span
 
     def close(self) -> None:
         if self.export is not None:
@@ -460,4 +340,4 @@ def _new_configs(_snap: MeshSnapshot) -> dict[str, TelemetryConfig]:
     return {}
 
 
-__all__ = ["Observer", "SpanExport", "canonical_service", "parse_traceparent"]
+__all__ = ["Observer", "canonical_service", "parse_traceparent"]

@@ -36,7 +36,7 @@ from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.identity import MeshIdentity
 from nodeagent.proxy.inputs import OUTBOUND_PORT, ConnectionLimits, ProxyInputs
 from nodeagent.proxy.server import Proxy
-from nodeagent.proxy.tracing import SpanExport
+from nodeagent.proxy.spanexport import SpanExport
 from nodeagent.telemetry.accesslog import AccessLog
 from nodeagent.telemetry.metrics import Metrics
 

@@ -23,7 +23,7 @@ from test_proxy_loopback import (
     run,
 )
 
-from nodeagent.proxy.tracing import SpanExport
+from nodeagent.proxy.spanexport import SpanExport
 from nodeagent.telemetry.metrics import Metrics
 
 SAMPLE_ALL = """
