@@ -32,6 +32,7 @@ class Pipe(asyncio.Protocol):
         "_drain_waiter",
         "_eof",
         "_error",
+        "_loop",
         "_read_paused",
         "_size",
         "_waiter",
@@ -50,6 +51,8 @@ class Pipe(asyncio.Protocol):
         self._size = 0
         self._eof = False
         self._error: BaseException | None = None
+        # Python 3.11's get_running_loop() makes a getpid() syscall: asked once per pipe
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
@@ -135,7 +138,9 @@ class Pipe(asyncio.Protocol):
                 if self._error is not None:
                     raise PipeClosed(str(self._error) or type(self._error).__name__)
                 return b""
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
             try:
                 await self._waiter
