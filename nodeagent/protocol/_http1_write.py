@@ -180,7 +180,11 @@ def request_head(
     names = _NAMES
     if method not in names:
         _checked_name(method)
-    if _TARGET.fullmatch(target) is None:
+    # (visible ASCII, the common case, is checked without the regular expression)
+    if (
+        not (target.isascii() and target.isprintable() and target and " " not in target)
+        and _TARGET.fullmatch(target) is None
+    ):
         raise LocalProtocolError(f"invalid request target {target!r}")
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     host = upgrade = False

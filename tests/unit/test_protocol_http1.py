@@ -826,11 +826,27 @@ def test_header_injection_is_refused_upstream(headers: list[tuple[str, str]]) ->
 
 @pytest.mark.parametrize(
     ("method", "target"),
-    [("GET", "/a b"), ("GET", "/a\r\nx: y"), ("GET", ""), ("G T", "/"), ("GET\r\n", "/")],
+    [
+        ("GET", "/a b"),
+        ("GET", "/a\r\nx: y"),
+        ("GET", ""),
+        ("G T", "/"),
+        ("GET\r\n", "/"),
+        ("GET", "/a\tb"),
+        ("GET", "/\x00"),
+        ("GET", "/\x7f"),
+        ("GET", "/\u0100"),
+    ],
 )
 def test_request_line_injection_is_refused(method: str, target: str) -> None:
     with pytest.raises(LocalProtocolError):
         UpstreamHttp1().send_request_head(method, target, [("host", "svc")])
+
+
+def test_a_target_is_written_as_given() -> None:
+    for target in ("/", "/a/b?c=d&e=%20f#g", "/~!$'()*+,;=:@[]", "/\xe9t\xe9"):
+        wire = UpstreamHttp1().send_request_head("GET", target, [("host", "svc")])
+        assert wire == f"GET {target} HTTP/1.1\r\nhost: svc\r\n\r\n".encode("latin-1")
 
 
 def test_reason_and_trailer_injection_is_refused() -> None:
