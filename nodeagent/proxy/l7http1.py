@@ -89,6 +89,8 @@ class Http1Session:
         """The shortest a deadline can be from when it is set: the timer fires at least
         this often while the connection lives, never after a deadline."""
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """Asked once: Python 3.11's ``get_running_loop()`` makes a ``getpid()`` syscall."""
         self._task: asyncio.Task[object] | None = None
         self._waiting = False
         self._head = False
@@ -112,7 +114,9 @@ class Http1Session:
         if events:
             return events.popleft()
         limits = self.engine.http1_limits
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         # one lazy timer per connection (``_expire``), not one per request: here only the
         # deadline moves
         self._deadline = loop.time() + limits.idle_timeout
@@ -145,7 +149,7 @@ class Http1Session:
     def _expire(self) -> None:
         """The connection's timer: cancels ``next_request``'s wait once its deadline has
         passed; otherwise fires again no later than any deadline that may be set before."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         now = loop.time()
         if self._waiting and now >= self._deadline and self._task is not None:
             self._expired = True
