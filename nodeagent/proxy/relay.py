@@ -2,7 +2,9 @@
 
 Each direction is a small ``asyncio.Protocol``: bytes read on one side are written to the
 other; when the writer's buffer is full the reader is paused. An EOF (FIN) on one side is
-forwarded as ``write_eof`` on the other and the relay ends when both directions are done.
+forwarded as ``write_eof`` on the other and the relay ends when both directions are done
+(the second EOF closes both sides at once: the close sends that FIN, one ``shutdown``
+fewer per connection).
 A reset or error on either side aborts the other, so one broken peer ends only its own
 connection.
 """
@@ -86,10 +88,6 @@ class Relay:
                 t.close()
         self._finish(reason)
 
-    def _maybe_done(self) -> None:
-        if self.client_eof and self.upstream_eof:
-            self.close("done")
-
 
 class ClientSide(asyncio.Protocol):
     """The accepted (downstream) side of a relay."""
@@ -123,10 +121,12 @@ class ClientSide(asyncio.Protocol):
     def eof_received(self) -> bool:
         r = self.relay
         r.client_eof = True
+        if r.upstream_eof:  # both done: closing sends the FIN, no shutdown before it
+            r.close("done")
+            return True
         up = r.upstream
         if up is not None and up.can_write_eof():
             up.write_eof()
-        r._maybe_done()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -170,10 +170,12 @@ class UpstreamSide(asyncio.Protocol):
     def eof_received(self) -> bool:
         r = self.relay
         r.upstream_eof = True
+        if r.client_eof:  # both done: closing sends the FIN, no shutdown before it
+            r.close("done")
+            return True
         c = r.client
         if c is not None and c.can_write_eof():
             c.write_eof()
-        r._maybe_done()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

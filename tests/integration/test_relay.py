@@ -141,3 +141,38 @@ def test_relay_counts_bytes() -> None:
         assert relays[0].close_reason == "done"
 
     run(main)
+
+
+def test_upstream_done_first_then_the_client_both_get_everything_and_a_clean_eof() -> None:
+    """The upstream half-closes first (a greeting, then FIN); the client reads it to EOF
+    and only then sends and half-closes: the relay forwards each FIN (the second by
+    closing both sides), the upstream reads the client's bytes and an EOF, not a reset."""
+
+    async def main() -> None:
+        table = ConnectionTable(Metrics())
+        heard: list[bytes] = []
+        finished = asyncio.Event()
+
+        async def greet_then_listen(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"hello\n")
+            w.write_eof()
+            heard.append(await r.read())  # to EOF: a reset would raise here
+            w.close()
+            finished.set()
+
+        upstream = await asyncio.start_server(greet_then_listen, "127.0.0.1", 0)
+        relays: list[Relay] = []
+        relay = await relay_server(table, upstream.sockets[0].getsockname()[:2], relays)
+        r, w = await asyncio.open_connection("127.0.0.1", relay.sockets[0].getsockname()[1])
+        assert await r.read() == b"hello\n"  # the upstream's FIN came through
+        w.write(b"x" * 100_000)
+        w.write_eof()
+        await asyncio.wait_for(finished.wait(), 10)
+        assert await r.read() == b""
+        w.close()
+        await asyncio.sleep(0.05)
+        assert heard == [b"x" * 100_000]
+        assert (relays[0].close_reason, relays[0].bytes_sent) == ("done", 100_000)
+        assert table.live == {}
+
+    run(main)
