@@ -107,28 +107,29 @@ class NetnsHandle:
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> _Socket:
         """A new socket that lives in this netns. IPv4 TCP sockets (one per proxied
         connection) are made ``SOCKET_BATCH`` at a time: one pair of ``setns`` calls, not
-        two per connection; and non-blocking (``SOCK_NONBLOCK``: no ``setblocking``
-        system call after)."""
+        two per connection; non-blocking (``SOCK_NONBLOCK``: no ``setblocking``
+        system call after); and ``IPPROTO_TCP`` by name, so that asyncio's own loop sets
+        ``TCP_NODELAY`` on their transports as uvloop's does on every TCP socket."""
         if family != socket.AF_INET or type != socket.SOCK_STREAM:
             return self._make(family, type, 1)[0]
         try:
             return self._spare.pop()
         except IndexError:
             pass
-        batch = self._make(family, type | socket.SOCK_NONBLOCK, SOCKET_BATCH)
+        batch = self._make(family, type | socket.SOCK_NONBLOCK, SOCKET_BATCH, socket.IPPROTO_TCP)
         s = batch.pop()
         self._spare.extend(batch)
         return s
 
-    def _make(self, family: int, type: int, n: int) -> list[_Socket]:
+    def _make(self, family: int, type: int, n: int, proto: int = 0) -> list[_Socket]:
         out: list[_Socket] = []
         if self._here:
-            return [_Socket(family, type) for _ in range(n)]
+            return [_Socket(family, type, proto) for _ in range(n)]
         with _lock:
             _setns(self.fd)
             try:
                 for _ in range(n):
-                    out.append(_Socket(family, type))
+                    out.append(_Socket(family, type, proto))
             except OSError:
                 for s in out:
                     s.close()

@@ -87,7 +87,8 @@ def _prepare(s: socket.socket, mark: int, source: str | None, bind: str | None =
     the local address ``bind`` when given (a host workload's own)."""
     # a transparent socket's mark tells the pod's routing to bring the answers back
     s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark if source is None else TRANSPARENT_MARK)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # no TCP_NODELAY here: the event loop's transport sets it (uvloop's on any TCP
+    # socket, asyncio's on an IPPROTO_TCP one, as NetnsHandle makes them)
     if source is not None:
         s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         s.bind((source, 0))

@@ -68,6 +68,9 @@ def test_connect_in_carries_bytes_intact_inside_the_netns(netns: str) -> None:
             s = await connect_in(h, ("127.0.0.1", port), 5.0)
             assert netns_cookie(s) == netns_cookie(lsock)  # made inside the netns, not the test's
             _, w = await asyncio.open_connection(sock=s)
+            # connect_in leaves TCP_NODELAY to the loop's transport, which sets it
+            # (asyncio's only on a socket made IPPROTO_TCP by name, uvloop's on any)
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             w.write(payload)
             await w.drain()
             w.write_eof()
@@ -137,6 +140,7 @@ def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str)
     assert {netns_cookie(s) for s in made} == {netns_cookie(first)}
     # non-blocking from socket() on (SOCK_NONBLOCK), a TCP stream as asyncio expects
     assert all(not s.getblocking() and s.type == socket.SOCK_STREAM for s in made)
+    assert all(s.proto == socket.IPPROTO_TCP for s in made)  # asyncio's TCP_NODELAY needs it
     extra = h.socket()  # a second batch
     assert len(h._spare) == SOCKET_BATCH - 1
     left = list(h._spare)
