@@ -25,8 +25,19 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 SOCKET_BATCH = 8
 """IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls."""
-_Socket = socket.socket
-"""``socket.socket`` (inside ``NetnsHandle``, ``socket`` names its method)."""
+
+
+class _Socket(socket.socket):
+    """``socket.socket`` (inside ``NetnsHandle``, ``socket`` names its method) whose
+    ``setblocking`` makes no system call when the socket is already in that mode: the
+    event loop sets every socket it is handed non-blocking again (an ``ioctl`` per
+    proxied connection), though these are made ``SOCK_NONBLOCK``."""
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
 
 
 async def run_in(netns: str, argv: list[str], stdin: str | None = None) -> str:

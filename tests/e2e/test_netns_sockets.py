@@ -141,6 +141,10 @@ def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str)
     # non-blocking from socket() on (SOCK_NONBLOCK), a TCP stream as asyncio expects
     assert all(not s.getblocking() and s.type == socket.SOCK_STREAM for s in made)
     assert all(s.proto == socket.IPPROTO_TCP for s in made)  # asyncio's TCP_NODELAY needs it
+    made[0].setblocking(False)  # already so: no system call, still non-blocking
+    assert not made[0].getblocking() and not os.get_blocking(made[0].fileno())
+    made[0].setblocking(True)  # the file descriptor itself becomes blocking
+    assert made[0].getblocking() and os.get_blocking(made[0].fileno())
     extra = h.socket()  # a second batch
     assert len(h._spare) == SOCKET_BATCH - 1
     left = list(h._spare)
