@@ -7,6 +7,7 @@ eBPF capture answers too).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import socket
@@ -25,16 +26,24 @@ SO_MARK = 36
 IP_TRANSPARENT = 19
 
 
+_getsockopt = ctypes.CDLL(None, use_errno=True).getsockopt
+
+
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
-    """The address the client dialled before capture, or None if it was not redirected."""
-    try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOPROTOOPT):
+    """The address the client dialled before capture, or None if it was not redirected.
+
+    Read on the file descriptor: an event loop transport's socket (uvloop's) makes a
+    whole ``socket.socket`` for each ``getsockopt``, whose constructor checks the
+    descriptor with a ``getsockname`` system call, one per captured connection."""
+    raw = ctypes.create_string_buffer(16)
+    size = ctypes.c_uint32(16)
+    if _getsockopt(sock.fileno(), socket.SOL_IP, SO_ORIGINAL_DST, raw, ctypes.byref(size)):
+        err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOPROTOOPT):
             return None
-        raise
+        raise OSError(err, os.strerror(err))
     port = struct.unpack_from("!H", raw, 2)[0]
-    ip = socket.inet_ntoa(raw[4:8])
+    ip = socket.inet_ntoa(raw.raw[4:8])
     return ip, port
 
 
