@@ -323,7 +323,8 @@ class Rig:
                 snapshot=lambda: self.snap,
                 metrics=metrics,
                 table=ConnectionTable(metrics),
-                access_log=AccessLog(io.BytesIO()),
+                # a buffered stream, as the agent's stdout or file (bench/l4_cost.py counts it)
+                access_log=AccessLog(io.BufferedWriter(io.BytesIO())),
                 sockets=self.net,
                 capture=RecordedCapture(self.net),
                 identity=identity,

@@ -95,7 +95,7 @@ class LabelledRig(Rig):
         """The lines ``node``'s access log wrote out (flushed now)."""
         log = self.proxies[node].access_log
         log.flush()
-        out = log.out.getvalue()  # (a BytesIO)
+        out = log.out.raw.getvalue()  # (the rig's BytesIO, under a buffer)
         return [json.loads(line) for line in out.splitlines()]
 
 
