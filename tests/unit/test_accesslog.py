@@ -4,10 +4,14 @@ shutdown flush writes what is left."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+from nodeagent.telemetry.accesslog import BUFFER, AccessLog
 
 # Runs with ``python -u``: stdout is swapped for a pipe (same fd 1) whose read end the
 # script watches with FIONREAD, and reports what it saw on stderr as JSON.
@@ -57,3 +61,25 @@ def test_records_are_buffered_even_with_unbuffered_stdout_and_flushed_in_time() 
     assert seen["after_interval"] > 0
     assert seen["paths"] == [f"/item/{i}" for i in range(50)]
     assert json.loads(seen["after_close_flush"])["path"] == "/item/50"
+
+
+def test_a_file_gets_every_line_in_order_and_full_buffers_without_waiting(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "access.log"
+    records = [{"path": f"/p/{i}", "pad": "x" * 1000} for i in range(100)]  # ~100 KiB
+
+    async def main() -> bytes:
+        with open(path, "ab", buffering=BUFFER) as out:
+            log = AccessLog(out, flush_interval=60)
+            for r in records:
+                log.write(r)  # type: ignore[arg-type]  # (a record's shape is not checked)
+            before_flush = path.read_bytes()
+            log.flush()
+        return before_flush
+
+    before_flush = asyncio.run(main())
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [r["path"] for r in records]
+    # a buffer's worth went out before the timer's flush, in whole lines
+    assert len(before_flush) >= BUFFER - 1100 and before_flush.endswith(b"\n")
