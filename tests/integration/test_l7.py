@@ -378,6 +378,19 @@ def istio(rig: L7Rig, name: str, **want: str) -> float:
     return total
 
 
+ACCESS_LOG_FIELDS = [
+    *("source_workload", "source_namespace", "source_principal", "destination_service"),
+    *("destination_workload", "destination_namespace", "destination_principal", "protocol"),
+    *("upstream_cluster", "route_name", "reporter", "downstream_remote_address"),
+    *("downstream_local_address", "upstream_local_address", "requested_server_name"),
+    *("connection_termination_details", "start_time", "method", "authority", "path"),
+    *("response_code", "response_flags", "bytes_received", "bytes_sent", "duration"),
+    *("upstream_service_time", "upstream_host", "upstream_transport_failure_reason"),
+    *("x_forwarded_for", "attempts", "trace_id", "request_id", "user_agent", "grpc_status"),
+]
+"""An HTTP request's access-log fields (no policy, JWT or local answer), in line order."""
+
+
 def test_request_metrics_carry_istios_labels_and_count_bytes(rig: L7Rig) -> None:
     c = http.client.HTTPConnection(*rig.address, timeout=10)
     sizes: list[int] = []
@@ -396,6 +409,8 @@ def test_request_metrics_carry_istios_labels_and_count_bytes(rig: L7Rig) -> None
     finally:
         c.close()
     recs = rig.records(4)
+    # every field, in the order the line has always had (whoever parses it by position)
+    assert [list(r) for r in recs] == [ACCESS_LOG_FIELDS] * 4
     assert [r["bytes_sent"] for r in recs] == sizes
     assert [r["bytes_received"] for r in recs] == [0, 0, 0, 3000]
     for r in recs:
