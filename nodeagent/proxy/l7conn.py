@@ -7,9 +7,9 @@ connection). Decides nothing about a request.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import monotonic, time
 from typing import Any, NamedTuple, cast
 
 from nodeagent.core.authz import AuthzRequest
@@ -103,8 +103,8 @@ def begin_exchange(req: Request, protocol: str, grpc: bool = False) -> Exchange:
     """The record of ``req``, started now (the HTTP/1.1 and HTTP/2 paths alike)."""
     hdrs = req.headers
     return Exchange(
-        time.monotonic(),
-        time.time(),
+        monotonic(),  # (imported names: no look-up on the ``time`` module per request)
+        time(),
         req.method,
         req.authority,
         req.target,
@@ -180,6 +180,9 @@ class Downstream:
         """Whose upstream connections these requests may share (default: the pod's)."""
         self.telemetry: dict[tuple[object, ...], RecordContext] = {}
         """``Recorder.record``'s per-destination contexts for this connection."""
+        self.last_record: RecordContext | None = None
+        """The context of the previous request's record: the next one most likely has
+        the same destination, checked without hashing a key."""
         self.conn = Connection(
             pod,
             source_principal,
@@ -198,7 +201,22 @@ class RecordContext:
     made once, not per request. ``series`` holds the metric series by (status, gRPC
     status, flags)."""
 
-    __slots__ = ("dst", "fields", "labels_head", "labels_tail", "series")
+    __slots__ = (
+        "cluster",
+        "dst",
+        "dst_principal",
+        "fields",
+        "grpc",
+        "labels_head",
+        "labels_tail",
+        "last_flags",
+        "last_grpc_status",
+        "last_series",
+        "last_status",
+        "protocol",
+        "route_name",
+        "series",
+    )
 
     def __init__(self, ds: Downstream, x: Exchange, dst: Pod | None) -> None:
         inbound = ds.inbound
@@ -212,7 +230,16 @@ class RecordContext:
         svc_host = x.cluster.rsplit("|", 1)[-1] if x.cluster else fqdn(ds.service)
         service = x.service if x.cluster else ds.service
         self.dst = dst
+        # what ``Recorder.record`` keys contexts by, for ``fits``
+        self.cluster, self.route_name, self.dst_principal = x.cluster, x.route_name, x.dst_principal
+        self.protocol, self.grpc = x.protocol, x.grpc
         self.series: dict[tuple[int, str, str], list[float]] = {}
+        # the last series used and its (status, gRPC status, flags): the next request's
+        # most likely, checked without hashing a key
+        self.last_series: list[float] | None = None
+        self.last_status = -1
+        self.last_grpc_status = ""
+        self.last_flags = ""
         # HTTP_LABELS order, around response_code, grpc_response_status and response_flags
         self.labels_head = (
             *peer_values(
@@ -246,6 +273,17 @@ class RecordContext:
             # a copy of a dict with every key costs less than a dict grown key by key
             **_OWN_FIELDS,
         }
+
+    def fits(self, x: Exchange, dst: Pod | None) -> bool:
+        """Whether ``x``'s record belongs to this context (what its key would say)."""
+        return (
+            self.dst is dst
+            and self.cluster == x.cluster
+            and self.route_name == x.route_name
+            and self.dst_principal == x.dst_principal
+            and self.protocol == x.protocol
+            and self.grpc == x.grpc
+        )
 
 
 _OWN_FIELDS: dict[str, Any] = dict.fromkeys(
@@ -289,7 +327,7 @@ class Recorder:
         """The Telemetry kind's access-log switch and filter, and the spans."""
 
     def record(self, ds: Downstream, x: Exchange) -> None:
-        now = time.monotonic()
+        now = monotonic()
         duration_ms = (now - x.start) * 1000
         flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
         inbound = ds.inbound
@@ -301,15 +339,28 @@ class Recorder:
             inflight = ds.meta.get("inflight")
             if inflight:
                 inflight.pop(id(x), None)
-        k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol, x.grpc)
-        ctx = ds.telemetry.get(k)
-        if ctx is None or ctx.dst is not dst:
-            ctx = ds.telemetry[k] = RecordContext(ds, x, dst)
-        series = ctx.series.get((x.status, x.grpc_status, flags))
-        if series is None:
-            series = ctx.series[(x.status, x.grpc_status, flags)] = self.metrics.requests.series(
-                (*ctx.labels_head, str(x.status), x.grpc_status, flags, *ctx.labels_tail)
-            )
+        ctx = ds.last_record
+        if ctx is None or not ctx.fits(x, dst):
+            k = (id(dst), x.cluster, x.route_name, x.dst_principal, x.protocol, x.grpc)
+            ctx = ds.telemetry.get(k)
+            if ctx is None or ctx.dst is not dst:
+                ctx = ds.telemetry[k] = RecordContext(ds, x, dst)
+            ds.last_record = ctx
+        series = ctx.last_series
+        status, grpc_status = x.status, x.grpc_status
+        if (
+            series is None
+            or ctx.last_status != status
+            or ctx.last_grpc_status != grpc_status
+            or ctx.last_flags != flags
+        ):
+            series = ctx.series.get((status, grpc_status, flags))
+            if series is None:
+                series = ctx.series[(status, grpc_status, flags)] = self.metrics.requests.series(
+                    (*ctx.labels_head, str(status), grpc_status, flags, *ctx.labels_tail)
+                )
+            ctx.last_series, ctx.last_status = series, status
+            ctx.last_grpc_status, ctx.last_flags = grpc_status, flags
         # (``a[i] = a[i] + 1.0``, not ``a[i] += 1``: compiled, float arithmetic, not a
         # generic in-place add)
         bytes_in, bytes_out = float(x.bytes_in), float(x.bytes_out)
