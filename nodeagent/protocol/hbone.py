@@ -500,7 +500,9 @@ class _Connection(Connection[_Stream]):
         max_in = self.settings.max_frame_size
         unpack = FRAME_HEADER.unpack_from
         while n - pos >= 9:
-            hi, lo, ftype, flags, sid = unpack(mv, pos)
+            # (typed: compiled, the arithmetic below is on machine ints, not objects)
+            head: tuple[int, int, int, int, int] = unpack(mv, pos)
+            hi, lo, ftype, flags, sid = head
             length = (hi << 16) | lo
             if length > max_in:
                 self._to_h2(mv[run:])  # h2 answers FRAME_SIZE_ERROR

@@ -516,11 +516,13 @@ class HboneConn(asyncio.BufferedProtocol):
         if buf is None or nbytes <= 0:
             return
         end = self._rkeep + nbytes
-        with memoryview(buf) as whole:
-            mv = whole[:end]
+        # (try/finally, not ``with``: compiled, no __enter__/__exit__ calls per read; the
+        # views must go, or the buffer could not grow)
+        whole = memoryview(buf)
+        mv = whole[:end]
+        try:
             if self.transport is None:  # TLS finished but we have not attached yet
                 self._early.append(mv.tobytes())
-                mv.release()
                 return
             # Writes made by stream protocols while we dispatch go out with the flush
             # below, not in a callback of their own.
@@ -532,7 +534,9 @@ class HboneConn(asyncio.BufferedProtocol):
             if left and used:
                 whole[:left] = mv[used:end]  # the incomplete frame to the front
             self._rkeep = left
+        finally:
             mv.release()
+            whole.release()
         self.dispatch(events)
         self.flush()
         self._flush_scheduled = scheduled and not self.lost
