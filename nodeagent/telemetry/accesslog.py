@@ -16,6 +16,7 @@ is the raw file, which would make every record a ``write`` system call.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import io
 import os
@@ -169,6 +170,11 @@ class AccessLog:
         its flush all the same, and a ``write`` to it costs four times a list append
         (None: another kind of stream, written to per record, as a test's ``BytesIO``)."""
         self._held_size = 0
+        if self._held is not None:
+            # lines held when the process exits (written after the last flush, as an
+            # in-flight request's record at shutdown) still reach the stream, as bytes
+            # in the stream's own buffer do when it is finalized
+            atexit.register(_write_held, self.out, self._held)
 
     def write(self, record: AccessRecord) -> None:
         self._remember(record)
@@ -225,3 +231,13 @@ class AccessLog:
         except (OSError, ValueError):
             return False
         return True
+
+
+def _write_held(out: BinaryIO, held: list[bytes]) -> None:
+    """At exit: ``held`` (an ``AccessLog``'s lines not yet handed over) to ``out``."""
+    if held:
+        data = b"".join(held)
+        held.clear()
+        with contextlib.suppress(OSError, ValueError):
+            out.write(data)
+            out.flush()

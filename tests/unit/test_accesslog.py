@@ -83,3 +83,27 @@ def test_a_file_gets_every_line_in_order_and_full_buffers_without_waiting(
     assert [json.loads(line)["path"] for line in lines] == [r["path"] for r in records]
     # a buffer's worth went out before the timer's flush, in whole lines
     assert len(before_flush) >= BUFFER - 1100 and before_flush.endswith(b"\n")
+
+
+def test_a_line_written_after_the_last_flush_reaches_the_file_at_exit(tmp_path: Path) -> None:
+    # as at the agent's shutdown: the access log flushed, then a cancelled request's
+    # record written, then the loop ends and the process exits
+    path = tmp_path / "access.log"
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from nodeagent.workers.inputs import access_log
+
+        log = access_log({str(path)!r})
+
+        async def main() -> None:
+            log.write_connection({{"path": "/before"}})
+            log.flush()
+            log.write_connection({{"path": "/after"}})
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    lines = [json.loads(line)["path"] for line in path.read_bytes().splitlines()]
+    assert lines == ["/before", "/after"]
