@@ -223,21 +223,24 @@ class AccessLog:
         held = self._held
         if not held:
             return True
-        data = b"".join(held)
-        held.clear()
         self._held_size = 0
-        try:
-            self.out.write(data)
-        except (OSError, ValueError):
-            return False
-        return True
+        return _write_out(self.out, held)
+
+
+def _write_out(out: BinaryIO, held: list[bytes]) -> bool:
+    """``held`` (an ``AccessLog``'s lines not yet handed over) to ``out`` in one write,
+    emptied; False if the write failed."""
+    data = b"".join(held)
+    held.clear()
+    try:
+        out.write(data)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _write_held(out: BinaryIO, held: list[bytes]) -> None:
-    """At exit: ``held`` (an ``AccessLog``'s lines not yet handed over) to ``out``."""
-    if held:
-        data = b"".join(held)
-        held.clear()
+    """At exit: the lines still held to ``out``, flushed."""
+    if held and _write_out(out, held):
         with contextlib.suppress(OSError, ValueError):
-            out.write(data)
             out.flush()
