@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 
@@ -43,6 +44,21 @@ def _load_chain(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
         os.close(fd)
 
 
+class _DirectSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` whose ``read``, ``write`` and ``pending`` are ``_ssl``'s own C
+    methods: the event loop's TLS transport calls them a few times per record, and the
+    stdlib's wrappers only pass their arguments on, at the cost of a Python frame each."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _DirectSSLObject:
+        self = super()._create(*args, **kwargs)  # type: ignore[misc]
+        c = self._sslobj
+        # (instance attributes shadow the class's methods; uvloop binds them once per
+        # connection, after ``wrap_bio``)
+        self.read, self.write, self.pending = c.read, c.write, c.pending
+        return self  # type: ignore[no-any-return]
+
+
 def _base(purpose: ssl.Purpose, cert: WorkloadCert, bundle_pem: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(
         ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
@@ -53,6 +69,7 @@ def _base(purpose: ssl.Purpose, cert: WorkloadCert, bundle_pem: bytes) -> ssl.SS
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=bundle_pem.decode())
     ctx.set_alpn_protocols([ALPN])
+    ctx.sslobject_class = _DirectSSLObject
     _load_chain(ctx, cert)
     return ctx
 
