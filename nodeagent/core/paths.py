@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 NONE: Final = "NONE"
 BASE: Final = "BASE"
 MERGE_SLASHES: Final = "MERGE_SLASHES"
@@ -36,6 +38,7 @@ _SCHEMES: Final = frozenset({"http", "https"})
 _KEEP_SLASHES: Final = frozenset({NONE, BASE})
 
 
+@mypyc_attr(native_class=False)
 class BadTarget(ValueError):
     """A request target the proxy refuses (400); the message says what is wrong."""
 
