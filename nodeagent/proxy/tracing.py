@@ -22,6 +22,8 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from nodeagent.core.plan import Plan, Request
 from nodeagent.core.telemetry import keeps, resolve
 from nodeagent.model.objects import Pod
@@ -108,12 +110,13 @@ class Observer:
             c = memo[key] = resolve(snap, pod)
         return c
 
-    def log_keeps(self, pod: Pod | None, record: Any) -> bool:
-        """Whether ``pod``'s Telemetry keeps this access-log record (on, and its filter)."""
+    def log_keeps(self, pod: Pod | None, line: bytes) -> bool:
+        """Whether ``pod``'s Telemetry keeps this access-log record, given as its JSON
+        line (on, and its filter: the line is parsed only for a filter)."""
         c = self.config(pod)
         if not c.access_log:
             return False
-        return c.log_filter is None or keeps(c.log_filter, record)
+        return c.log_filter is None or keeps(c.log_filter, orjson.loads(line))
 
     def serves_spans(self, pod: Pod) -> bool:
         """Whether ``pod``'s node must see its requests one by one for their SERVER

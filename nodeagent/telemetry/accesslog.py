@@ -2,15 +2,18 @@
 Istio's default JSON access log (Envoy's meanings), per relayed TCP connection as
 ztunnel's "connection complete" (``src.*``, ``dst.*``, ``bytes_sent``, ``bytes_recv``).
 
-Owns the request record's shape (``AccessRecord``, a ``TypedDict``: a plain dict per
-request is cheaper to build than an object) and its writer. The writer appends to a binary
-stream (the agent's stdout by default, or a file) and flushes at most every
-``flush_interval`` seconds from the event loop, so logging costs one ``orjson.dumps``
-(about 1 us; the standard library's ``json`` takes 15) and, on a buffered stream, one
-list append per request (the lines are handed to the stream joined, once per flush or
-``BUFFER`` bytes), never a blocking flush on the data path. Stdout gets a buffer of its own: with
-``PYTHONUNBUFFERED=1`` (or ``python -u``, common in container images) ``sys.stdout.buffer``
-is the raw file, which would make every record a ``write`` system call.
+Owns the request record's shape (``AccessRecord``, a ``TypedDict``) and its writer. The
+L7 path writes a request's line itself (``write_line``: the connection's fixed fields are
+JSON once, the request's own go into a format string, ``json_plain`` checks that none
+needs an escape); other records are a dict and one ``orjson.dumps`` (the standard
+library's ``json`` takes 15 times as long). ``recent`` keeps the lines and parses them only
+when read. The writer appends to a binary stream (the agent's stdout by default, or a
+file) and flushes at most every ``flush_interval`` seconds from the event loop: on a
+buffered stream, one list append per request (the lines are handed to the stream
+joined, once per flush or ``BUFFER`` bytes), never a blocking flush on the data path.
+Stdout gets a buffer of its own: with ``PYTHONUNBUFFERED=1`` (or ``python -u``, common in
+container images) ``sys.stdout.buffer`` is the raw file, which would make every record a
+``write`` system call.
 """
 
 from __future__ import annotations
@@ -23,14 +26,26 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, NotRequired, TypedDict
 
 import orjson
 
 _dumps = orjson.dumps
+_loads = orjson.loads
 _NEWLINE: int = orjson.OPT_APPEND_NEWLINE
 """(Module globals: a look-up of the ``orjson`` module's attributes per record cost more.)"""
+
+
+def json_plain(s: str) -> bool:
+    """Whether ``s`` goes into a JSON string as it is (``orjson`` escapes only quotes,
+    backslashes and control characters, none of which a printable string holds)."""
+    return s.isprintable() and '"' not in s and "\\" not in s
+
+
+def json_text(s: str) -> str:
+    """What ``orjson`` writes between the quotes of the JSON string ``s``."""
+    return _dumps(s)[1:-1].decode()
 
 
 class AccessRecord(TypedDict):
@@ -150,6 +165,23 @@ def buffered_stdout() -> BinaryIO:
     return io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), buffer_size=BUFFER)
 
 
+class RecentRecords:
+    """A live view of an ``AccessLog``'s last request records: kept as their lines,
+    parsed only when read (``nodeagent ctl requests``, tests)."""
+
+    def __init__(self, lines: deque[bytes]) -> None:
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i: int) -> AccessRecord:
+        return _loads(self._lines[i])  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[AccessRecord]:
+        return iter([_loads(line) for line in self._lines])
+
+
 class AccessLog:
     """Buffered JSON-lines writer; ``recent`` keeps the last request records for
     ``nodeagent ctl requests``, ``recent_connections`` the last connection lines."""
@@ -160,8 +192,10 @@ class AccessLog:
         self.out: BinaryIO = out if out is not None else buffered_stdout()
         self.enabled = True
         self.flush_interval = flush_interval
-        self.recent: deque[AccessRecord] = deque(maxlen=keep)
-        self._remember = self.recent.append
+        self._recent: deque[bytes] = deque(maxlen=keep)
+        self.recent = RecentRecords(self._recent)
+        """The last request records, oldest first (kept as lines, parsed when read)."""
+        self._remember = self._recent.append
         """(Bound once: a method call on the deque by name cost ~900 instructions.)"""
         self.recent_connections: deque[dict[str, Any]] = deque(maxlen=keep)
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -177,8 +211,13 @@ class AccessLog:
             atexit.register(_write_held, self.out, self._held)
 
     def write(self, record: AccessRecord) -> None:
-        self._remember(record)
-        self._emit(record)
+        self.write_line(_dumps(record, option=_NEWLINE))
+
+    def write_line(self, line: bytes) -> None:
+        """A request record already written as its JSON line, as ``orjson`` would write
+        it (``json_plain`` and ``json_text`` help)."""
+        self._remember(line)
+        self._emit_line(line)
 
     def write_connection(self, record: dict[str, Any]) -> None:
         """A relayed connection's "connection complete" line (``proxy.connections``)."""
@@ -186,15 +225,18 @@ class AccessLog:
         self._emit(record)
 
     def _emit(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            self._emit_line(_dumps(record, option=_NEWLINE))
+
+    def _emit_line(self, line: bytes) -> None:
         if not self.enabled:
             return
         held = self._held
-        try:
-            line = _dumps(record, option=_NEWLINE)
-            if held is None:
+        if held is None:
+            try:
                 self.out.write(line)
-        except (OSError, ValueError):
-            return
+            except (OSError, ValueError):
+                return
         if held is not None:
             held.append(line)
             self._held_size += len(line)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 from l7harness import L7Rig
 
@@ -389,6 +390,45 @@ ACCESS_LOG_FIELDS = [
     *("x_forwarded_for", "attempts", "trace_id", "request_id", "user_agent", "grpc_status"),
 ]
 """An HTTP request's access-log fields (no policy, JWT or local answer), in line order."""
+
+
+def test_access_log_lines_are_what_orjson_writes_for_awkward_fields(rig: L7Rig) -> None:
+    """Quotes, backslashes, a tab and bytes above ASCII in what the client
+    sends (path, User-Agent, X-Request-Id, X-Forwarded-For, Host) are escaped in the
+    line exactly as ``orjson`` writes the record, and read back as sent."""
+    agent = 'curl "7.88" \\ t\tab caf\xe9'
+    sent = [
+        ("/plain", "t/1", "id-1", "192.0.2.7"),
+        ('/q"uote?a=%E9&b=\\', agent, 'x"id\\', 'a"b, 10.0.0.1'),
+    ]
+    s = socket.create_connection(rig.address, timeout=10)
+    try:
+        for path, ua, rid, xff in sent:
+            head = (
+                f"GET {path} HTTP/1.1\r\nHost: svc\r\nUser-Agent: {ua}\r\n"
+                f"X-Request-Id: {rid}\r\nX-Forwarded-For: {xff}\r\n\r\n"
+            )
+            s.sendall(head.encode("latin-1"))
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(65536)
+            m = re.search(rb"(?i)content-length: *(\d+)", got)
+            assert m is not None, got
+            body = got.split(b"\r\n\r\n", 1)[1]
+            while len(body) < int(m.group(1)):
+                body += s.recv(65536)
+    finally:
+        s.close()
+    recs = rig.records(2)
+    lines = [x for x in rig.log_buffer.getvalue().splitlines() if x][-2:]
+    for line in lines:
+        assert line == orjson.dumps(orjson.loads(line))
+    for rec, (path, ua, rid, xff) in zip(recs[-2:], sent, strict=True):
+        assert rec["path"] == path
+        assert rec["user_agent"] == ua
+        assert rec["request_id"] == rid
+        assert rec["x_forwarded_for"] == xff
+        assert list(rec) == ACCESS_LOG_FIELDS
 
 
 def test_request_metrics_carry_istios_labels_and_count_bytes(rig: L7Rig) -> None:

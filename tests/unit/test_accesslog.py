@@ -5,13 +5,18 @@ shutdown flush writes what is left."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from nodeagent.telemetry.accesslog import BUFFER, AccessLog
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nodeagent.telemetry.accesslog import BUFFER, AccessLog, json_plain, json_text
 
 # Runs with ``python -u``: stdout is swapped for a pipe (same fd 1) whose read end the
 # script watches with FIONREAD, and reports what it saw on stderr as JSON.
@@ -107,3 +112,20 @@ def test_a_line_written_after_the_last_flush_reaches_the_file_at_exit(tmp_path: 
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     lines = [json.loads(line)["path"] for line in path.read_bytes().splitlines()]
     assert lines == ["/before", "/after"]
+
+
+@given(st.text())
+def test_json_text_is_what_orjson_writes_and_plain_text_needs_no_escape(s: str) -> None:
+    assert f'"{json_text(s)}"'.encode() == orjson.dumps(s)
+    if json_plain(s):
+        assert json_text(s) == s
+
+
+def test_recent_records_are_the_lines_written_parsed_back() -> None:
+    log = AccessLog(io.BytesIO())
+    log.write({"method": "GET", "path": '/a"b', "response_code": 200})  # type: ignore[typeddict-item]
+    log.write_line(b'{"method":"POST","path":"/c\\\\d","response_code":503}\n')
+    assert list(log.recent) == [
+        {"method": "GET", "path": '/a"b', "response_code": 200},
+        {"method": "POST", "path": "/c\\d", "response_code": 503},
+    ]
