@@ -44,6 +44,7 @@ from nodeagent.protocol._http1_read import (
     Reader,
     Stop,
     field_name,
+    message_version,
     reraise_bug,
 )
 from nodeagent.protocol._http1_write import (
@@ -84,7 +85,15 @@ _CHUNKED_HEAD: Final = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
 parser already consumed (the Upgrade offer of such a request is dropped)."""
 
 _REQUEST_FIELDS: Final = frozenset(
-    {"host", "connection", "content-length", "transfer-encoding", "upgrade", "expect"}
+    {
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "proxy-connection",
+    }
 )
 
 
@@ -279,12 +288,9 @@ class RequestReader(Reader):
         if self._complete_head_over(len(method) + len(self._url) + 12, headers):
             self._fail(431, f"request head exceeds {self.max_header_size} bytes")
             raise Stop
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            self._fail(505, f"HTTP/{version} is not supported")
-            raise Stop
         connection = expect = upgrade = length = coding = None
         hosts = 0
+        proxy_connection = False
         for k, v in headers:
             if k in _REQUEST_FIELDS:
                 if k == "host":
@@ -298,8 +304,14 @@ class RequestReader(Reader):
                 elif k == "upgrade":
                     if upgrade is None:
                         upgrade = v
-                else:
+                elif k == "expect":
                     expect = v if expect is None else f"{expect},{v}"
+                else:
+                    proxy_connection = True
+        version = message_version(parser, connection is None and not proxy_connection)
+        if version != "1.1" and version != "1.0":
+            self._fail(505, f"HTTP/{version} is not supported")
+            raise Stop
         if hosts != 1 and (hosts or version == "1.1"):  # RFC 9112 §3.2
             self._fail(400, "no Host header" if not hosts else "more than one Host header")
             raise Stop

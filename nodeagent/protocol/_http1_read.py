@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Final
 
+# httptools >= 0.7 ships type hints (used then); 0.6.x has none, hence the ignore, which
+# is unused, and allowed to be, with a typed version.
+import httptools  # type: ignore[import-untyped, unused-ignore]
+
 from nodeagent.protocol._http1_common import DEFAULT_MAX_HEADER_SIZE, NAMES_MAX, Headers
 
 # Message phases.
@@ -35,6 +39,22 @@ def field_name(name: bytes) -> str:
 def head_size(first: int, headers: Headers) -> int:
     """The size of a head as sent: the start line plus ``name: value\\r\\n`` per field."""
     return first + sum(len(k) + len(v) + 4 for k, v in headers) + 2
+
+
+def message_version(
+    parser: httptools.HttpRequestParser | httptools.HttpResponseParser, no_connection: bool
+) -> str:
+    """The HTTP version of the head llhttp just read (from its ``on_headers_complete``);
+    ``no_connection``: the head has neither ``Connection`` nor ``Proxy-Connection``.
+
+    ``get_http_version`` formats a string each call (some 2k instructions); llhttp's
+    keep-alive answer is a flag test. llhttp accepts only the versions 0.9, 1.0, 1.1 and
+    2.0, and without those two fields only 1.1 keeps a connection alive (a 1.x minor
+    above 0, and the message framed without EOF), so that answer names 1.1 then."""
+    if no_connection and parser.should_keep_alive():
+        return "1.1"
+    version: str = parser.get_http_version()
+    return version
 
 
 class Stop(Exception):

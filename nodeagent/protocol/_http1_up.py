@@ -35,7 +35,16 @@ from nodeagent.protocol._http1_common import (
     has_token,
     split_tokens,
 )
-from nodeagent.protocol._http1_read import BODY, DONE, HEAD, IDLE, Reader, Stop, reraise_bug
+from nodeagent.protocol._http1_read import (
+    BODY,
+    DONE,
+    HEAD,
+    IDLE,
+    Reader,
+    Stop,
+    message_version,
+    reraise_bug,
+)
 from nodeagent.protocol._http1_write import (
     CHUNKED,
     LENGTH,
@@ -48,6 +57,9 @@ from nodeagent.protocol._http1_write import (
 )
 
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEAD_FIELDS: Final = RESPONSE_FIELDS | {"proxy-connection"}
+"""The fields a response head is checked for: its framing, and what llhttp reads for
+keep-alive (``message_version``)."""
 
 
 # Why a callback stopped the response parser.
@@ -334,7 +346,19 @@ class UpstreamHttp1(Reader):
         if self._complete_head_over(len(reason) + 15, headers):
             self._fail(f"upstream: response head exceeds {self.max_header_size} bytes")
             raise Stop
-        version = parser.get_http_version()
+        connection = length = coding = None
+        proxy_connection = False
+        for k, v in headers:
+            if k in _HEAD_FIELDS:
+                if k == "content-length":
+                    length = v
+                elif k == "transfer-encoding":
+                    coding = v if coding is None else f"{coding},{v}"
+                elif k == "connection":
+                    connection = v if connection is None else f"{connection},{v}"
+                else:
+                    proxy_connection = True
+        version = message_version(parser, connection is None and not proxy_connection)
         if version != "1.1" and version != "1.0":
             self._fail(f"upstream: HTTP/{version} is not supported")
             raise Stop
@@ -352,15 +376,6 @@ class UpstreamHttp1(Reader):
             if not (self._proposed_upgrade and parser.should_upgrade()):
                 self._fail("upstream: 101 without an upgrade to switch to")
                 raise Stop
-        connection = length = coding = None
-        for k, v in headers:
-            if k in RESPONSE_FIELDS:
-                if k == "content-length":
-                    length = v
-                elif k == "transfer-encoding":
-                    coding = v if coding is None else f"{coding},{v}"
-                else:
-                    connection = v if connection is None else f"{connection},{v}"
         if coding is not None and split_tokens(coding) != ["chunked"]:
             # llhttp would read such a body until close, but the coding is hop-by-hop:
             # relayed without it, the body would reach the client still encoded.

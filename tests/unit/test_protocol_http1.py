@@ -697,6 +697,61 @@ def test_http10_client_gets_a_close_delimited_body() -> None:
     assert not down.keep_alive
 
 
+@pytest.mark.parametrize(
+    ("version", "fields", "keep_alive"),
+    [
+        ("1.1", b"", True),
+        ("1.1", b"Connection: close\r\n", False),
+        ("1.1", b"Proxy-Connection: close\r\n", True),  # read, but not ours to honour
+        ("1.0", b"", False),
+        # an HTTP/1.0 keep-alive is not offered to the client (the response says close)
+        ("1.0", b"Connection: keep-alive\r\n", False),
+        ("1.0", b"Proxy-Connection: keep-alive\r\n", False),
+        ("1.0", b"Keep-Alive: timeout=5\r\n", False),
+    ],
+)
+def test_request_version_and_keep_alive(version: str, fields: bytes, keep_alive: bool) -> None:
+    down = DownstreamHttp1()
+    request = b"GET / HTTP/%b\r\nHost: s\r\n%b\r\n" % (version.encode(), fields)
+    [ev, _] = down.receive_data(request)
+    assert isinstance(ev, RequestHead)
+    assert (ev.http_version, ev.keep_alive) == (version, keep_alive)
+    wire = respond_ok(down)
+    assert wire.endswith(b"\r\n\r\nok")
+    assert (b"Connection: close\r\n" in wire) == (not keep_alive)
+    assert down.keep_alive == keep_alive
+
+
+@pytest.mark.parametrize(
+    ("version", "fields", "keep_alive"),
+    [
+        ("1.1", b"Content-Length: 2\r\n", True),
+        ("1.1", b"Content-Length: 2\r\nConnection: close\r\n", False),
+        ("1.1", b"Content-Length: 2\r\nProxy-Connection: close\r\n", True),
+        ("1.1", b"", True),  # read until close: llhttp's keep-alive says no, 1.1 all the same
+        ("1.0", b"Content-Length: 2\r\n", False),
+        ("1.0", b"Content-Length: 2\r\nConnection: keep-alive\r\n", False),
+        ("1.0", b"Content-Length: 2\r\nProxy-Connection: keep-alive\r\n", False),
+    ],
+)
+def test_response_version_and_keep_alive(version: str, fields: bytes, keep_alive: bool) -> None:
+    up = upstream_after_request()
+    [ev, *_] = up.receive_data(b"HTTP/%b 200 OK\r\n%b\r\nok" % (version.encode(), fields))
+    assert isinstance(ev, ResponseHead)
+    assert (ev.http_version, ev.keep_alive) == (version, keep_alive)
+    if fields:
+        assert up.reusable == keep_alive
+
+
+@pytest.mark.parametrize("version", [b"0.9", b"2.0"])
+def test_versions_other_than_1x_are_refused(version: bytes) -> None:
+    [ev] = DownstreamHttp1().receive_data(b"GET / HTTP/%b\r\nHost: s\r\n\r\n" % version)
+    assert ev == ProtocolError(505, f"HTTP/{version.decode()} is not supported")
+    up = upstream_after_request()
+    [ev] = up.receive_data(b"HTTP/%b 200 OK\r\nContent-Length: 0\r\n\r\n" % version)
+    assert ev == ProtocolError(502, f"upstream: HTTP/{version.decode()} is not supported")
+
+
 def test_connection_close_from_the_caller_ends_keep_alive() -> None:
     down = DownstreamHttp1()
     down.receive_data(GET)
