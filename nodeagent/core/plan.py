@@ -196,6 +196,11 @@ class Plan:
         """Then applied in order: the rule's, then the destination's."""
         self.response_ops = response_ops
 
+    def only_adds(self) -> bool:
+        """``edit_request`` only appends ``add_headers``: each of the client's fields stays
+        as it is, in its place (so its lines may go upstream as they came)."""
+        return not self.remove_headers and not self.request_ops
+
     def edit_request(self, headers: list[tuple[str, str]]) -> None:
         """The plan's changes to the headers sent upstream, in place."""
         if self.remove_headers:

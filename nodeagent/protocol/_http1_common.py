@@ -53,11 +53,31 @@ class LocalProtocolError(ValueError):
 # every request); ``__eq__`` and ``__repr__`` are written out as a dataclass's would be.
 
 
+class ClientFields:
+    """The field lines of a request head as the client sent them, to forward unchanged.
+
+    Made only by ``DownstreamHttp1``, for a head that came whole in one read, with one
+    ``Host`` and none of the fields a proxy drops (hop-by-hop ones, ``Expect``):
+    ``forwardable_headers`` would keep every field. llhttp checked the lines (names are
+    tokens; no CR, LF, NUL or other control byte in a value; CRLF line ends), so they
+    can go out as they came in, without a field rebuilt or checked again.
+    """
+
+    __slots__ = ("length", "wire")
+
+    def __init__(self, wire: bytes, length: int) -> None:
+        self.wire = wire
+        """The lines, each ending in CRLF, without the blank line that ends the head."""
+        self.length = length
+        """Its ``Content-Length`` (0 without one: no body)."""
+
+
 class RequestHead:
     """Downstream: a request line and its header fields arrived."""
 
     __slots__ = (
         "expect_continue",
+        "fields",
         "has_body",
         "headers",
         "http_version",
@@ -77,6 +97,7 @@ class RequestHead:
         expect_continue: bool,
         upgrade: str | None,
         has_body: bool,
+        fields: ClientFields | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -90,6 +111,9 @@ class RequestHead:
         self.upgrade = upgrade
         """The ``Upgrade`` header (e.g. ``"websocket"``) when the client asks to switch."""
         self.has_body = has_body
+        self.fields = fields
+        """The field lines as sent, when they may be forwarded unchanged (not compared:
+        the same head may come with or without them)."""
 
     def _key(self) -> tuple[object, ...]:
         return (

@@ -21,9 +21,11 @@ from nodeagent.protocol._http1_common import (
     CLOSED_CUT,
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_HEADERS,
+    HOP_BY_HOP,
     REQUEST_END,
     RESPONSE_FLAG_HEADER,
     BodyChunk,
+    ClientFields,
     ConnectionClosed,
     DownstreamEvent,
     Headers,
@@ -84,17 +86,9 @@ _CHUNKED_HEAD: Final = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
 """Primes a fresh parser to read the chunked body of a request whose head the first
 parser already consumed (the Upgrade offer of such a request is dropped)."""
 
-_REQUEST_FIELDS: Final = frozenset(
-    {
-        "host",
-        "connection",
-        "content-length",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        "proxy-connection",
-    }
-)
+_REQUEST_FIELDS: Final = HOP_BY_HOP | {"host", "content-length", "expect"}
+"""The fields a request head is checked for: its framing, the switch and ``Expect`` it
+asks for, and whether a proxy forwards each of its fields unchanged."""
 
 
 class RequestReader(Reader):
@@ -111,10 +105,12 @@ class RequestReader(Reader):
         "_backlog",
         "_body_left",
         "_completed",
+        "_data",
         "_mode",
         "_parser",
         "_raw",
         "_raw_eof",
+        "_read_start",
         "_sink",
         "_switch_body",
         "_synthetic",
@@ -136,6 +132,9 @@ class RequestReader(Reader):
         self._synthetic = False
         self._raw = bytearray()
         self._raw_eof = False
+        self._data = b""
+        """The read being parsed, while a head that began at its start may end in it."""
+        self._read_start = False
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         callbacks = SimpleNamespace(
@@ -172,6 +171,13 @@ class RequestReader(Reader):
                 self._raw_eof = True
 
     def _feed(self, data: bytes) -> None:
+        # a request begins at the read's first byte (llhttp skips CRLFs between requests)
+        if self._phase == IDLE and data[0] != 13 and data[0] != 10:
+            self._read_start = True
+            self._data = data
+        elif self._read_start:
+            self._read_start = False
+            self._data = b""
         self._head_new = self._chunk_new = False
         self._feed_len = n = len(data)
         completed = self._completed
@@ -279,6 +285,10 @@ class RequestReader(Reader):
         self._phase = BODY
         headers = tuple(self._fields)
         self._fields = []  # trailers, if any, go here
+        whole, data = self._read_start, self._data  # (only the read's first head)
+        if whole:
+            self._read_start = False
+            self._data = b""
         if self._synthetic:
             self._synthetic = False
             return
@@ -290,7 +300,7 @@ class RequestReader(Reader):
             raise Stop
         connection = expect = upgrade = length = coding = None
         hosts = 0
-        proxy_connection = False
+        hop = False  # another hop-by-hop field
         for k, v in headers:
             if k in _REQUEST_FIELDS:
                 if k == "host":
@@ -302,13 +312,14 @@ class RequestReader(Reader):
                 elif k == "connection":
                     connection = v if connection is None else f"{connection},{v}"
                 elif k == "upgrade":
+                    hop = True  # (``upgrade`` is reset below when llhttp sees no switch)
                     if upgrade is None:
                         upgrade = v
                 elif k == "expect":
                     expect = v if expect is None else f"{expect},{v}"
-                else:
-                    proxy_connection = True
-        version = message_version(parser, connection is None and not proxy_connection)
+                else:  # (Proxy-Connection among them: llhttp reads it for keep-alive)
+                    hop = True
+        version = message_version(parser, connection is None and not hop)
         if version != "1.1" and version != "1.0":
             self._fail(505, f"HTTP/{version} is not supported")
             raise Stop
@@ -336,6 +347,21 @@ class RequestReader(Reader):
         else:
             upgrade = None
         http11 = version == "1.1"
+        fields = None
+        if (
+            whole
+            and hosts == 1
+            and connection is None
+            and coding is None
+            and expect is None
+            and not hop
+        ):
+            # llhttp wants CRLF line ends and no CR or LF inside a line: the request line
+            # ends at the first CRLF, the head at the first empty line
+            fields = ClientFields(
+                data[data.find(b"\r\n") + 2 : data.find(b"\r\n\r\n") + 2],
+                int(length) if length is not None else 0,
+            )
         self._sink.append(
             RequestHead(  # positional: measurably cheaper for a frozen dataclass
                 method,
@@ -346,6 +372,7 @@ class RequestReader(Reader):
                 http11 and expect is not None and has_token(expect, "100-continue"),
                 upgrade,
                 has_body,
+                fields,
             )
         )
 

@@ -24,6 +24,7 @@ from nodeagent.protocol._http1_common import (
     RESPONSE_END,
     RESPONSE_FIELDS,
     BodyChunk,
+    ClientFields,
     Informational,
     LocalProtocolError,
     ProtocolError,
@@ -52,6 +53,7 @@ from nodeagent.protocol._http1_write import (
     SENDING,
     SENT,
     chunk,
+    forwarded_head,
     last_chunk,
     request_head,
 )
@@ -177,12 +179,21 @@ class UpstreamHttp1(Reader):
         headers: Sequence[tuple[str, str]],
         *,
         body: bool = False,
+        fields: ClientFields | None = None,
     ) -> bytes:
         """The request head. ``headers`` must include ``Host``. With ``body`` and no
-        ``Content-Length``, the body is sent chunked (``Transfer-Encoding`` is added)."""
+        ``Content-Length``, the body is sent chunked (``Transfer-Encoding`` is added).
+
+        With ``fields`` (a client's, forwarded as they came), ``headers`` are only the
+        fields added after them, and the body is framed by the client's
+        ``Content-Length``."""
         if self._req != NOTHING or self._failed or self._closed or self._upgraded:
             raise LocalProtocolError("a request was already sent on this connection")
-        wire, framing, left, close, upgrade = request_head(method, target, headers, body)
+        if fields is not None:
+            wire = forwarded_head(method, target, fields.wire, headers)
+            framing, left, close, upgrade = LENGTH, fields.length, False, False
+        else:
+            wire, framing, left, close, upgrade = request_head(method, target, headers, body)
         self._req = SENDING
         self._req_framing = framing
         self._req_left = left

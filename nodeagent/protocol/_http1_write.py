@@ -63,6 +63,11 @@ def _wire(lines: list[str]) -> bytes:
     """Lines (each ending in CRLF) plus the blank line, as bytes; refuses any CR, LF or NUL
     inside a line: one count over the whole head instead of a scan per field."""
     lines.append("\r\n")
+    return _checked_lines(lines)
+
+
+def _checked_lines(lines: list[str]) -> bytes:
+    """Lines (each ending in CRLF) as bytes, refused if one has a CR, LF or NUL inside."""
     text = "".join(lines)
     n = len(lines)
     if text.count("\n") != n or text.count("\r") != n or "\x00" in text:
@@ -178,15 +183,7 @@ def request_head(
     a protocol switch. ``headers`` must include ``Host``. With ``body`` and no
     ``Content-Length``, the body is chunked (``Transfer-Encoding`` is added)."""
     names = _NAMES
-    if method not in names:
-        _checked_name(method)
-    # (visible ASCII, the common case, is checked without the regular expression)
-    if (
-        not (target.isascii() and target.isprintable() and target and " " not in target)
-        and _TARGET.fullmatch(target) is None
-    ):
-        raise LocalProtocolError(f"invalid request target {target!r}")
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines = [_request_line(method, target)]
     host = upgrade = False
     length: str | None = None
     coding: str | None = None
@@ -220,6 +217,38 @@ def request_head(
         framing, left = LENGTH, 0
     close = connection is not None and "close" in split_tokens(connection)
     return _wire(lines), framing, left, close, upgrade
+
+
+def forwarded_head(
+    method: str, target: str, fields: bytes, added: Sequence[tuple[str, str]]
+) -> bytes:
+    """A request head made of the client's field lines (``ClientFields.wire``, which llhttp
+    checked) and ``added`` fields after them, checked here; an added field may not frame
+    the message or name the host (``Host``, ``Connection``, ``Content-Length``,
+    ``Transfer-Encoding``, ``Upgrade``): the client's fields decide those."""
+    names = _NAMES
+    lines = [_request_line(method, target)]
+    for name, value in added:
+        if (names.get(name) or _checked_name(name)) in _REQUEST_OUT_FIELDS:
+            raise LocalProtocolError(f"{name} is not added to a client's fields")
+        lines.append(f"{name}: {value}\r\n")
+    wire = _checked_lines(lines)
+    n = len(lines[0])  # (latin-1: one byte per character)
+    return b"".join((wire[:n], fields, wire[n:], b"\r\n"))
+
+
+def _request_line(method: str, target: str) -> str:
+    """The request line, after checking the method is a token and the target has no
+    space or control character."""
+    if method not in _NAMES:
+        _checked_name(method)
+    # (visible ASCII, the common case, is checked without the regular expression)
+    if (
+        not (target.isascii() and target.isprintable() and target and " " not in target)
+        and _TARGET.fullmatch(target) is None
+    ):
+        raise LocalProtocolError(f"invalid request target {target!r}")
+    return f"{method} {target} HTTP/1.1\r\n"
 
 
 # -- bodies -------------------------------------------------------------------------------

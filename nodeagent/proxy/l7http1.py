@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
@@ -24,6 +24,7 @@ from nodeagent.errors import PeerError
 from nodeagent.model.traffic import HeaderOperations, HTTPRetry
 from nodeagent.protocol.http1 import (
     BodyChunk,
+    ClientFields,
     ConnectionClosed,
     DownstreamEvent,
     DownstreamHttp1,
@@ -242,6 +243,7 @@ class Http1Session:
         if authority != host:  # absolute-form: its authority replaces Host (RFC 9112 §3.2.2)
             hdrs["host"] = authority
             head.headers = (("host", authority), *((k, v) for k, v in head.headers if k != "host"))
+            head.fields = None
         req = Request(head.method, target, authority, hdrs, self.ds.conn)
         x = begin_exchange(req, f"HTTP/{head.http_version}")
         body = RequestBody(self)
@@ -286,9 +288,6 @@ class Http1Session:
 
     async def _route(self, head: RequestHead, req: Request, body: RequestBody, x: Exchange) -> bool:
         pipe, down = self.pipe, self.down
-        out = forwardable_headers(head.headers, upgrade=head.upgrade)
-        if head.expect_continue:
-            out = [(k, v) for k, v in out if k != "expect"]
         try:
             planned = self.engine.plan(self.ds, req, x)
             if isinstance(planned, Answer) or planned.delay is not None:
@@ -306,15 +305,32 @@ class Http1Session:
             if not body.complete:
                 await body.finish()
             return True
-        p.edit_request(out)
-        if p.authority != req.authority:
-            out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
+        fields = head.fields
+        out: list[tuple[str, str]]
+        if (
+            fields is not None
+            and p.mirror is None
+            and p.authority == req.authority
+            and p.only_adds()
+        ):
+            # the client's field lines go upstream as they came, the plan's after them: the
+            # head ``forwardable_headers`` and ``edit_request`` would make, but for the case
+            # of names and the spaces around values
+            out = list(p.add_headers)
+        else:
+            fields = None
+            out = forwardable_headers(head.headers, upgrade=head.upgrade)
+            if head.expect_continue:
+                out = [(k, v) for k, v in out if k != "expect"]
+            p.edit_request(out)
+            if p.authority != req.authority:
+                out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
         if head.upgrade is not None:
             return await self._upgrade(head, p.path, out, p.cluster, x)
         try:
             if p.timeout is None:  # (most routes: no coroutine layer for ``within``)
-                return await self._attempts(head, out, body, p, x)
-            return await within(p.timeout, self._attempts(head, out, body, p, x))
+                return await self._attempts(head, out, fields, body, p, x)
+            return await within(p.timeout, self._attempts(head, out, fields, body, p, x))
         except TimeoutError:
             x.flag("UT")
             if down.response_started:
@@ -329,10 +345,13 @@ class Http1Session:
         self,
         head: RequestHead,
         out: list[tuple[str, str]],
+        fields: ClientFields | None,
         body: RequestBody,
         p: Plan,
         x: Exchange,
     ) -> bool:
+        """The attempts of a request: ``out`` are the headers sent upstream, or with
+        ``fields`` (the client's, as they came) the ones added after them."""
         engine, ds = self.engine, self.ds
         cluster, policy, target = p.cluster, p.retry, p.path
         bal = engine.clusters.balancer(cluster, ds.pod)
@@ -361,13 +380,13 @@ class Http1Session:
                     else:
                         conn, reused = await engine.acquire(ds, cluster, ep)
                     x.dst_principal = conn.principal
-                    resp, fail = await _send(conn, head, target, out, body, policy)
+                    resp, fail = await _send(conn, head, target, out, fields, body, policy)
                     if fail is not None and fail[1] == "UC" and reused and body.replayable:
                         # a pooled connection the peer had closed: once more, on a new one
                         engine.pool.discard(conn)
                         conn = None
                         conn, _ = await engine.acquire(ds, cluster, ep)
-                        resp, fail = await _send(conn, head, target, out, body, policy)
+                        resp, fail = await _send(conn, head, target, out, fields, body, policy)
                 except PeerError as e:
                     bal.report(ep, None, True)
                     failure, last_flag = "connect-failure", "UF"
@@ -519,13 +538,17 @@ def _send(
     conn: H1Conn,
     head: RequestHead,
     target: str,
-    out: list[tuple[str, str]],
+    out: Sequence[tuple[str, str]],
+    fields: ClientFields | None,
     body: RequestBody,
     policy: HTTPRetry,
 ) -> Coroutine[None, None, Sent]:
     """Send the request on ``conn`` now; what to await for the response head (a plain
     function: no coroutine of its own per request)."""
-    conn.pipe.write(conn.machine.send_request_head(head.method, target, out, body=head.has_body))
+    wire = conn.machine.send_request_head(
+        head.method, target, out, body=head.has_body, fields=fields
+    )
+    conn.pipe.write(wire)
     body.attach(H1Sink(conn))
     return _response_head(conn, policy.per_try_timeout)
 

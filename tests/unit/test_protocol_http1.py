@@ -278,6 +278,91 @@ def test_upgrade_refused_continues_as_http() -> None:
 # -- hop-by-hop ---------------------------------------------------------------------------
 
 
+ADDED = [("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")]
+"""What a proxy adds to a request it forwards."""
+
+
+def as_read(wire: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """A request head as an application reads it: names lower-case, values trimmed."""
+    [ev, *_] = DownstreamHttp1().receive_data(wire)
+    assert isinstance(ev, RequestHead)
+    return ev.method, ev.target, ev.headers
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "as_sent"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nUser-Agent: wrk\r\nAccept:  */* \r\n\r\n", True),
+        (b"POST /a HTTP/1.1\r\nhost: svc\r\nContent-Length: 3\r\nX-A: \r\n\r\nabc", True),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n" + GET_B, True),  # (the first of two)
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: x-b\r\nX-B: 1\r\nX-C: 2\r\n\r\n", False),
+        (
+            b"PUT /a HTTP/1.1\r\nHost: svc\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            False,
+        ),
+        (b"POST /a HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nUpgrade: h2c\r\n\r\n", False),  # (no switch)
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nTE: trailers\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nKeep-Alive: 5\r\n\r\n", False),
+        (b"GET /a HTTP/1.1\r\nHost: svc\r\nProxy-Authorization: x\r\n\r\n", False),
+        (b"GET /a HTTP/1.0\r\nX-A: 1\r\n\r\n", False),  # no Host
+        (b"\r\nGET /a HTTP/1.1\r\nHost: svc\r\n\r\n", False),  # not at the read's start
+    ],
+)
+def test_client_fields_go_upstream_as_their_rebuilt_head_would(
+    request_bytes: bytes, as_sent: bool
+) -> None:
+    [head, *_] = DownstreamHttp1().receive_data(request_bytes)
+    assert isinstance(head, RequestHead)
+    assert (head.fields is not None) == as_sent
+    if head.fields is None:
+        return
+    fwd = forwardable_headers(head.headers, upgrade=head.upgrade)
+    rebuilt_up = UpstreamHttp1()
+    rebuilt = rebuilt_up.send_request_head("GET", "/t", [*fwd, *ADDED], body=head.has_body)
+    up = UpstreamHttp1()
+    wire = up.send_request_head("GET", "/t", ADDED, fields=head.fields)
+    assert as_read(wire) == as_read(rebuilt)
+    rest = request_bytes.partition(b"\r\n")[2]
+    assert wire.startswith(b"GET /t HTTP/1.1\r\n" + rest[: len(head.fields.wire)])
+    # the same framing: a Content-Length body, then another request on the connection
+    body = b"abc" if head.has_body else b""
+    for machine in (up, rebuilt_up):
+        assert machine.send_body(body) + machine.send_end() == body
+        machine.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        assert machine.reusable
+
+
+def test_client_fields_as_sent_on_the_wire() -> None:
+    [head, _] = DownstreamHttp1().receive_data(b"GET /a HTTP/1.1\r\nHost:  svc \r\nX-A:1\r\n\r\n")
+    assert isinstance(head, RequestHead) and head.fields is not None
+    wire = UpstreamHttp1().send_request_head(
+        "GET", "/b", [("x-forwarded-proto", "http")], fields=head.fields
+    )
+    assert wire == b"GET /b HTTP/1.1\r\nHost:  svc \r\nX-A:1\r\nx-forwarded-proto: http\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "added",
+    [[("host", "other")], [("Content-Length", "5")], [("x-a", "1\r\nx-b: 2")], [("x a", "1")]],
+)
+def test_fields_added_to_a_clients_are_checked(added: list[tuple[str, str]]) -> None:
+    [head, _] = DownstreamHttp1().receive_data(GET)
+    assert isinstance(head, RequestHead) and head.fields is not None
+    up = UpstreamHttp1()
+    with pytest.raises(LocalProtocolError):
+        up.send_request_head("GET", "/", added, fields=head.fields)
+    assert up.send_request_head("GET", "/", [], fields=head.fields) == GET.replace(b"/a", b"/")
+
+
+def test_a_head_over_two_reads_is_rebuilt() -> None:
+    down = DownstreamHttp1()
+    assert down.receive_data(GET[:20]) == []
+    [head, _] = down.receive_data(GET[20:])
+    assert isinstance(head, RequestHead) and head.fields is None
+
+
 def test_forwardable_headers_strips_hop_by_hop() -> None:
     headers = [
         ("Host", "svc"),
