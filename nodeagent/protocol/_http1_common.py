@@ -53,23 +53,30 @@ class LocalProtocolError(ValueError):
 # every request); ``__eq__`` and ``__repr__`` are written out as a dataclass's would be.
 
 
-class ClientFields:
-    """The field lines of a request head as the client sent them, to forward unchanged.
+class RawHead:
+    """A head as the peer sent it, for a proxy to forward unchanged.
 
-    Made only by ``DownstreamHttp1``, for a head that came whole in one read, with one
-    ``Host`` and none of the fields a proxy drops (hop-by-hop ones, ``Expect``):
-    ``forwardable_headers`` would keep every field. llhttp checked the lines (names are
-    tokens; no CR, LF, NUL or other control byte in a value; CRLF line ends), so they
-    can go out as they came in, without a field rebuilt or checked again.
+    Made only by the machines (``RequestHead.raw``, ``ResponseHead.raw``) for an HTTP/1.1
+    head that came whole in one read, framed by ``Content-Length`` or without a body, with
+    none of the fields a proxy drops (hop-by-hop ones, ``Expect``), so
+    ``forwardable_headers`` would keep every field; a request's also has one ``Host``.
+    llhttp checked it (names are tokens; no CR, LF, NUL or other control byte in a value;
+    CRLF line ends) and its start line is the one the machines would write for it, so it
+    can go out as it came in, without a field rebuilt or checked again.
     """
 
-    __slots__ = ("length", "wire")
+    __slots__ = ("length", "line", "target", "wire")
 
-    def __init__(self, wire: bytes, length: int) -> None:
+    def __init__(self, wire: bytes, line: int, length: int, target: str) -> None:
         self.wire = wire
-        """The lines, each ending in CRLF, without the blank line that ends the head."""
+        """The start line and the field lines, each ending in CRLF, without the blank line
+        that ends the head."""
+        self.line = line
+        """The start line's size, CRLF included."""
         self.length = length
         """Its ``Content-Length`` (0 without one: no body)."""
+        self.target = target
+        """A request's target, as in its start line (``""`` for a response)."""
 
 
 class RequestHead:
@@ -77,12 +84,12 @@ class RequestHead:
 
     __slots__ = (
         "expect_continue",
-        "fields",
         "has_body",
         "headers",
         "http_version",
         "keep_alive",
         "method",
+        "raw",
         "target",
         "upgrade",
     )
@@ -97,7 +104,7 @@ class RequestHead:
         expect_continue: bool,
         upgrade: str | None,
         has_body: bool,
-        fields: ClientFields | None = None,
+        raw: RawHead | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -111,9 +118,9 @@ class RequestHead:
         self.upgrade = upgrade
         """The ``Upgrade`` header (e.g. ``"websocket"``) when the client asks to switch."""
         self.has_body = has_body
-        self.fields = fields
-        """The field lines as sent, when they may be forwarded unchanged (not compared:
-        the same head may come with or without them)."""
+        self.raw = raw
+        """The head as sent, when it may be forwarded unchanged (not compared: the same
+        head may come with or without it)."""
 
     def _key(self) -> tuple[object, ...]:
         return (
@@ -143,10 +150,16 @@ class ResponseHead:
     """Upstream: a final response head arrived (or a ``101``, after which ``Upgraded``
     events carry the raw bytes)."""
 
-    __slots__ = ("headers", "http_version", "keep_alive", "reason", "status")
+    __slots__ = ("headers", "http_version", "keep_alive", "raw", "reason", "status")
 
     def __init__(
-        self, status: int, headers: Headers, reason: str, http_version: str, keep_alive: bool
+        self,
+        status: int,
+        headers: Headers,
+        reason: str,
+        http_version: str,
+        keep_alive: bool,
+        raw: RawHead | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
@@ -154,6 +167,8 @@ class ResponseHead:
         self.http_version = http_version
         self.keep_alive = keep_alive
         """The server allows another request on this connection."""
+        self.raw = raw
+        """The head as sent, when it may be forwarded unchanged (not compared)."""
 
     def _key(self) -> tuple[object, ...]:
         return (self.status, self.headers, self.reason, self.http_version, self.keep_alive)

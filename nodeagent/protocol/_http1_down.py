@@ -25,12 +25,12 @@ from nodeagent.protocol._http1_common import (
     REQUEST_END,
     RESPONSE_FLAG_HEADER,
     BodyChunk,
-    ClientFields,
     ConnectionClosed,
     DownstreamEvent,
     Headers,
     LocalProtocolError,
     ProtocolError,
+    RawHead,
     RequestEnd,
     RequestHead,
     Upgraded,
@@ -56,6 +56,7 @@ from nodeagent.protocol._http1_write import (
     SENDING,
     SENT,
     chunk,
+    forwarded_response,
     interim_head,
     last_chunk,
     response_head,
@@ -89,6 +90,23 @@ parser already consumed (the Upgrade offer of such a request is dropped)."""
 _REQUEST_FIELDS: Final = HOP_BY_HOP | {"host", "content-length", "expect"}
 """The fields a request head is checked for: its framing, the switch and ``Expect`` it
 asks for, and whether a proxy forwards each of its fields unchanged."""
+
+
+_HTTP11_END: Final = b" HTTP/1.1\r\n"
+
+
+def _raw_head(data: bytes, start: int, length: str | None, target: str) -> RawHead | None:
+    """The head that begins ``data`` (a read), whose request line is ``start`` bytes up to
+    `` HTTP/1.1`` (method, one space, target); None if that line has more spaces (llhttp
+    lets them through) or another protocol. llhttp wants CRLF line ends and no CR or LF
+    inside a line: the head ends at the first empty line."""
+    line = start + len(_HTTP11_END)
+    if data[start:line] != _HTTP11_END:
+        return None
+    end = data.find(b"\r\n\r\n", line - 2)
+    if end < 0:  # (cannot be: the head ended in this read)
+        return None
+    return RawHead(data[: end + 2], line, int(length) if length is not None else 0, target)
 
 
 class RequestReader(Reader):
@@ -347,32 +365,29 @@ class RequestReader(Reader):
         else:
             upgrade = None
         http11 = version == "1.1"
-        fields = None
+        target = self._url.decode("latin-1")
+        raw = None
         if (
             whole
+            and http11
             and hosts == 1
             and connection is None
             and coding is None
             and expect is None
             and not hop
         ):
-            # llhttp wants CRLF line ends and no CR or LF inside a line: the request line
-            # ends at the first CRLF, the head at the first empty line
-            fields = ClientFields(
-                data[data.find(b"\r\n") + 2 : data.find(b"\r\n\r\n") + 2],
-                int(length) if length is not None else 0,
-            )
+            raw = _raw_head(data, len(raw_method) + len(self._url) + 1, length, target)
         self._sink.append(
             RequestHead(  # positional: measurably cheaper for a frozen dataclass
                 method,
-                self._url.decode("latin-1"),
+                target,
                 headers,
                 version,
                 http11 and (connection is None or not has_token(connection, "close")),
                 http11 and expect is not None and has_token(expect, "100-continue"),
                 upgrade,
                 has_body,
-                fields,
+                raw,
             )
         )
 
@@ -543,7 +558,12 @@ class DownstreamHttp1(RequestReader):
         return b"HTTP/1.1 100 \r\n\r\n"
 
     def send_response_head(
-        self, status: int, headers: Sequence[tuple[str, str]], reason: str = ""
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        reason: str = "",
+        *,
+        raw: RawHead | None = None,
     ) -> bytes:
         """A response head (use ``forwardable_headers`` on an upstream head first).
 
@@ -551,6 +571,10 @@ class DownstreamHttp1(RequestReader):
         (HTTP/1.0). ``Connection: close`` is added when the connection ends after this
         response. ``101`` (or 2xx to ``CONNECT``) switches to passthrough; then call
         ``take_events`` for the client bytes that followed the request.
+
+        With ``raw`` (an upstream's final head, ``ResponseHead.raw``, whose ``status`` and
+        ``reason`` these are), its start line and fields go as they came and ``headers``
+        are only the fields added after them.
         """
         if self._upgraded or self._resp != NOTHING:
             raise LocalProtocolError("a response was already sent for this request")
@@ -574,15 +598,23 @@ class DownstreamHttp1(RequestReader):
             if switch:
                 self._switch()
             return wire
-        wire, framing, left, close = response_head(
-            status,
-            reason,
-            headers,
-            method,
-            cur is not None and cur.http_version == "1.1",
-            self._failed or cur is None or not cur.keep_alive,
-            switch,
-        )
+        if raw is not None:
+            if switch:
+                raise LocalProtocolError(f"{status} switches: its head is written here")
+            close = self._failed or cur is None or not cur.keep_alive
+            wire = forwarded_response(raw, headers, close)
+            framing = LENGTH
+            left = 0 if status == 204 or status == 304 or method == "HEAD" else raw.length
+        else:
+            wire, framing, left, close = response_head(
+                status,
+                reason,
+                headers,
+                method,
+                cur is not None and cur.http_version == "1.1",
+                self._failed or cur is None or not cur.keep_alive,
+                switch,
+            )
         self._expect = False
         self._resp_close = close
         self._resp_framing = framing

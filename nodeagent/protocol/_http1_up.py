@@ -21,13 +21,14 @@ import httptools  # type: ignore[import-untyped, unused-ignore]
 from nodeagent.protocol._http1_common import (
     CLOSED,
     DEFAULT_MAX_HEADER_SIZE,
+    HOP_BY_HOP,
     RESPONSE_END,
     RESPONSE_FIELDS,
     BodyChunk,
-    ClientFields,
     Informational,
     LocalProtocolError,
     ProtocolError,
+    RawHead,
     ResponseEnd,
     ResponseHead,
     Upgraded,
@@ -59,9 +60,10 @@ from nodeagent.protocol._http1_write import (
 )
 
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_HEAD_FIELDS: Final = RESPONSE_FIELDS | {"proxy-connection"}
-"""The fields a response head is checked for: its framing, and what llhttp reads for
-keep-alive (``message_version``)."""
+_HEAD_FIELDS: Final = RESPONSE_FIELDS | HOP_BY_HOP
+"""The fields a response head is checked for: its framing, and whether a proxy forwards
+each of its fields unchanged (``Proxy-Connection`` among them: llhttp reads it for
+keep-alive, ``message_version``)."""
 
 
 # Why a callback stopped the response parser.
@@ -70,6 +72,29 @@ _STOP_FAILED: Final = 1  # a ProtocolError is already queued
 _STOP_HEAD: Final = 2  # the final head of a HEAD response: the response is complete
 _STOP_TUNNEL: Final = 3  # a 2xx to CONNECT: what follows the head is tunnel data
 _STOP_EXTRA: Final = 4  # bytes after a complete response
+
+
+_HTTP11: Final = b"HTTP/1.1 "
+
+
+def _raw_head(data: bytes, reason: int, length: int) -> RawHead | None:
+    """The head that begins ``data`` (a read), whose reason phrase is ``reason`` bytes;
+    None unless its status line is ``HTTP/1.1 <status> <reason>`` as written here (llhttp
+    also takes ``RTSP/``, and a line without a reason phrase or its space). llhttp wants
+    CRLF line ends and no CR or LF inside a line: the head ends at the first empty line."""
+    line = 13 + reason + 2
+    if (
+        len(data) < line
+        or data[:9] != _HTTP11
+        or data[12] != 32
+        or data[line - 2] != 13
+        or data[line - 1] != 10
+    ):
+        return None
+    end = data.find(b"\r\n\r\n", line - 2)
+    if end < 0:  # (cannot be: the head ended in this read)
+        return None
+    return RawHead(data[: end + 2], line, length, "")
 
 
 class UpstreamHttp1(Reader):
@@ -86,6 +111,7 @@ class UpstreamHttp1(Reader):
 
     __slots__ = (
         "_closed",
+        "_data",
         "_failed",
         "_headbuf",
         "_interim",
@@ -94,6 +120,7 @@ class UpstreamHttp1(Reader):
         "_parser",
         "_parser_ok",
         "_proposed_upgrade",
+        "_read_start",
         "_reason",
         "_req",
         "_req_close",
@@ -129,6 +156,9 @@ class UpstreamHttp1(Reader):
         self._failed = False
         self._upgraded = False
         self._closed = False
+        self._data = b""
+        """The read being parsed, while a head that began at its start may end in it."""
+        self._read_start = False
 
     def _new_parser(self) -> httptools.HttpResponseParser:
         callbacks = SimpleNamespace(
@@ -179,19 +209,19 @@ class UpstreamHttp1(Reader):
         headers: Sequence[tuple[str, str]],
         *,
         body: bool = False,
-        fields: ClientFields | None = None,
+        raw: RawHead | None = None,
     ) -> bytes:
         """The request head. ``headers`` must include ``Host``. With ``body`` and no
         ``Content-Length``, the body is sent chunked (``Transfer-Encoding`` is added).
 
-        With ``fields`` (a client's, forwarded as they came), ``headers`` are only the
-        fields added after them, and the body is framed by the client's
-        ``Content-Length``."""
+        With ``raw`` (a client's head, ``RequestHead.raw``, of a request by ``method``),
+        its fields go as they came and ``headers`` are only the fields added after them;
+        the body is framed by its ``Content-Length``."""
         if self._req != NOTHING or self._failed or self._closed or self._upgraded:
             raise LocalProtocolError("a request was already sent on this connection")
-        if fields is not None:
-            wire = forwarded_head(method, target, fields.wire, headers)
-            framing, left, close, upgrade = LENGTH, fields.length, False, False
+        if raw is not None:
+            wire = forwarded_head(method, target, raw, headers)
+            framing, left, close, upgrade = LENGTH, raw.length, False, False
         else:
             wire, framing, left, close, upgrade = request_head(method, target, headers, body)
         self._req = SENDING
@@ -270,6 +300,13 @@ class UpstreamHttp1(Reader):
         return [ProtocolError(502, "upstream: connection closed before the response ended")]
 
     def _feed(self, data: bytes) -> None:
+        # a response begins at the read's first byte (llhttp skips CRLFs before one)
+        if self._phase == IDLE and data[0] != 13 and data[0] != 10:
+            self._read_start = True
+            self._data = data
+        elif self._read_start:
+            self._read_start = False
+            self._data = b""
         if self._headbuf is not None:
             self._headbuf += data
         self._head_new = self._chunk_new = False
@@ -351,6 +388,10 @@ class UpstreamHttp1(Reader):
         self._phase = BODY
         headers = tuple(self._fields)
         self._fields = []  # trailers, if any, go here
+        whole, data = self._read_start, self._data  # (only the read's first head)
+        if whole:
+            self._read_start = False
+            self._data = b""
         parser = self._parser
         status = parser.get_status_code()
         reason = self._reason.decode("latin-1")
@@ -358,7 +399,7 @@ class UpstreamHttp1(Reader):
             self._fail(f"upstream: response head exceeds {self.max_header_size} bytes")
             raise Stop
         connection = length = coding = None
-        proxy_connection = False
+        hop = False  # another hop-by-hop field
         for k, v in headers:
             if k in _HEAD_FIELDS:
                 if k == "content-length":
@@ -368,8 +409,8 @@ class UpstreamHttp1(Reader):
                 elif k == "connection":
                     connection = v if connection is None else f"{connection},{v}"
                 else:
-                    proxy_connection = True
-        version = message_version(parser, connection is None and not proxy_connection)
+                    hop = True
+        version = message_version(parser, connection is None and not hop)
         if version != "1.1" and version != "1.0":
             self._fail(f"upstream: HTTP/{version} is not supported")
             raise Stop
@@ -393,11 +434,24 @@ class UpstreamHttp1(Reader):
             self._fail(f"upstream: Transfer-Encoding {coding!r} is not supported")
             raise Stop
         keep_alive = version == "1.1" and (connection is None or not has_token(connection, "close"))
-        self._sink.append(ResponseHead(status, headers, reason, version, keep_alive))
+        method = self._method
+        raw = None
+        if (
+            whole
+            and keep_alive
+            and status >= 200
+            and connection is None
+            and length is not None
+            and coding is None
+            and not hop
+            and method != "HEAD"
+            and method != "CONNECT"
+        ):
+            raw = _raw_head(data, len(self._reason), int(length))
+        self._sink.append(ResponseHead(status, headers, reason, version, keep_alive, raw))
         if status < 200:  # 101: llhttp stops after this head (HttpParserUpgrade)
             return
         self._resp_keep_alive = keep_alive
-        method = self._method
         if method == "HEAD":
             self._sink.append(RESPONSE_END)
             self._phase = DONE

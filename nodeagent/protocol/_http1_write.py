@@ -18,6 +18,7 @@ from nodeagent.protocol._http1_common import (
     NAMES_MAX,
     RESPONSE_FIELDS,
     LocalProtocolError,
+    RawHead,
     split_tokens,
 )
 
@@ -63,11 +64,6 @@ def _wire(lines: list[str]) -> bytes:
     """Lines (each ending in CRLF) plus the blank line, as bytes; refuses any CR, LF or NUL
     inside a line: one count over the whole head instead of a scan per field."""
     lines.append("\r\n")
-    return _checked_lines(lines)
-
-
-def _checked_lines(lines: list[str]) -> bytes:
-    """Lines (each ending in CRLF) as bytes, refused if one has a CR, LF or NUL inside."""
     text = "".join(lines)
     n = len(lines)
     if text.count("\n") != n or text.count("\r") != n or "\x00" in text:
@@ -220,21 +216,46 @@ def request_head(
 
 
 def forwarded_head(
-    method: str, target: str, fields: bytes, added: Sequence[tuple[str, str]]
+    method: str, target: str, raw: RawHead, added: Sequence[tuple[str, str]]
 ) -> bytes:
-    """A request head made of the client's field lines (``ClientFields.wire``, which llhttp
-    checked) and ``added`` fields after them, checked here; an added field may not frame
-    the message or name the host (``Host``, ``Connection``, ``Content-Length``,
+    """A request head made of a client's (``raw``: its request line too when ``target`` is
+    its own) and ``added`` fields after its own, checked here; an added field may not
+    frame the message or name the host (``Host``, ``Connection``, ``Content-Length``,
     ``Transfer-Encoding``, ``Upgrade``): the client's fields decide those."""
+    tail = _added(added, _REQUEST_OUT_FIELDS, False)
+    if target == raw.target:
+        return b"%b%b\r\n" % (raw.wire, tail)
+    line = _request_line(method, target).encode("latin-1")
+    return b"%b%b%b\r\n" % (line, raw.wire[raw.line :], tail)
+
+
+def forwarded_response(raw: RawHead, added: Sequence[tuple[str, str]], close: bool) -> bytes:
+    """A response head made of an upstream's (``raw``) and ``added`` fields after its own,
+    checked here, then ``Connection: close`` if ``close``; an added field may not frame
+    the message (``Connection``, ``Content-Length``, ``Transfer-Encoding``)."""
+    if not added and not close:
+        return raw.wire + b"\r\n"
+    return b"%b%b\r\n" % (raw.wire, _added(added, RESPONSE_FIELDS, close))
+
+
+def _added(added: Sequence[tuple[str, str]], refused: frozenset[str], close: bool) -> bytes:
+    """The lines of fields added to a head forwarded as it came (``Connection: close``
+    last if ``close``), after checking none is named in ``refused`` and none has a CR,
+    LF or NUL inside."""
     names = _NAMES
-    lines = [_request_line(method, target)]
+    lines: list[str] = []
     for name, value in added:
-        if (names.get(name) or _checked_name(name)) in _REQUEST_OUT_FIELDS:
-            raise LocalProtocolError(f"{name} is not added to a client's fields")
+        if (names.get(name) or _checked_name(name)) in refused:
+            raise LocalProtocolError(f"{name} is not added to a head forwarded as it came")
+        if "\r" in value or "\n" in value or "\x00" in value:  # (memchr each: no count)
+            raise LocalProtocolError(f"CR, LF or NUL inside a header line: {name}: {value!r}")
         lines.append(f"{name}: {value}\r\n")
-    wire = _checked_lines(lines)
-    n = len(lines[0])  # (latin-1: one byte per character)
-    return b"".join((wire[:n], fields, wire[n:], b"\r\n"))
+    if close:
+        lines.append("Connection: close\r\n")
+    try:
+        return "".join(lines).encode("latin-1")
+    except UnicodeEncodeError as e:
+        raise LocalProtocolError(f"not latin-1: {e.object[e.start : e.end]!r}") from e
 
 
 def _request_line(method: str, target: str) -> str:

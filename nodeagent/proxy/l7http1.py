@@ -24,13 +24,13 @@ from nodeagent.errors import PeerError
 from nodeagent.model.traffic import HeaderOperations, HTTPRetry
 from nodeagent.protocol.http1 import (
     BodyChunk,
-    ClientFields,
     ConnectionClosed,
     DownstreamEvent,
     DownstreamHttp1,
     Headers,
     Informational,
     ProtocolError,
+    RawHead,
     RequestHead,
     ResponseEnd,
     ResponseHead,
@@ -243,7 +243,7 @@ class Http1Session:
         if authority != host:  # absolute-form: its authority replaces Host (RFC 9112 §3.2.2)
             hdrs["host"] = authority
             head.headers = (("host", authority), *((k, v) for k, v in head.headers if k != "host"))
-            head.fields = None
+            head.raw = None
         req = Request(head.method, target, authority, hdrs, self.ds.conn)
         x = begin_exchange(req, f"HTTP/{head.http_version}")
         body = RequestBody(self)
@@ -305,20 +305,15 @@ class Http1Session:
             if not body.complete:
                 await body.finish()
             return True
-        fields = head.fields
+        raw = head.raw
         out: list[tuple[str, str]]
-        if (
-            fields is not None
-            and p.mirror is None
-            and p.authority == req.authority
-            and p.only_adds()
-        ):
-            # the client's field lines go upstream as they came, the plan's after them: the
-            # head ``forwardable_headers`` and ``edit_request`` would make, but for the case
-            # of names and the spaces around values
+        if raw is not None and p.mirror is None and p.authority == req.authority and p.only_adds():
+            # the client's head goes upstream as it came, the plan's fields after its own:
+            # the head ``forwardable_headers`` and ``edit_request`` would make, but for the
+            # case of names and the spaces around values
             out = list(p.add_headers)
         else:
-            fields = None
+            raw = None
             out = forwardable_headers(head.headers, upgrade=head.upgrade)
             if head.expect_continue:
                 out = [(k, v) for k, v in out if k != "expect"]
@@ -329,8 +324,8 @@ class Http1Session:
             return await self._upgrade(head, p.path, out, p.cluster, x)
         try:
             if p.timeout is None:  # (most routes: no coroutine layer for ``within``)
-                return await self._attempts(head, out, fields, body, p, x)
-            return await within(p.timeout, self._attempts(head, out, fields, body, p, x))
+                return await self._attempts(head, out, raw, body, p, x)
+            return await within(p.timeout, self._attempts(head, out, raw, body, p, x))
         except TimeoutError:
             x.flag("UT")
             if down.response_started:
@@ -345,13 +340,13 @@ class Http1Session:
         self,
         head: RequestHead,
         out: list[tuple[str, str]],
-        fields: ClientFields | None,
+        raw: RawHead | None,
         body: RequestBody,
         p: Plan,
         x: Exchange,
     ) -> bool:
         """The attempts of a request: ``out`` are the headers sent upstream, or with
-        ``fields`` (the client's, as they came) the ones added after them."""
+        ``raw`` (the client's head, sent as it came) the ones added after its own."""
         engine, ds = self.engine, self.ds
         cluster, policy, target = p.cluster, p.retry, p.path
         bal = engine.clusters.balancer(cluster, ds.pod)
@@ -380,13 +375,13 @@ class Http1Session:
                     else:
                         conn, reused = await engine.acquire(ds, cluster, ep)
                     x.dst_principal = conn.principal
-                    resp, fail = await _send(conn, head, target, out, fields, body, policy)
+                    resp, fail = await _send(conn, head, target, out, raw, body, policy)
                     if fail is not None and fail[1] == "UC" and reused and body.replayable:
                         # a pooled connection the peer had closed: once more, on a new one
                         engine.pool.discard(conn)
                         conn = None
                         conn, _ = await engine.acquire(ds, cluster, ep)
-                        resp, fail = await _send(conn, head, target, out, fields, body, policy)
+                        resp, fail = await _send(conn, head, target, out, raw, body, policy)
                 except PeerError as e:
                     bal.report(ep, None, True)
                     failure, last_flag = "connect-failure", "UF"
@@ -437,16 +432,20 @@ class Http1Session:
         pipe, down = self.pipe, self.down
         x.status = resp.status
         x.answered_at = time.monotonic()
-        headers = forwardable_headers(resp.headers)
-        for ops in response_ops:
-            apply_header_ops(headers, ops)
-        if set_cookie is not None:
-            headers.append(("set-cookie", set_cookie))
+        raw = resp.raw if not response_ops else None
+        if raw is not None:  # the upstream's head goes as it came, a cookie after it
+            headers = [] if set_cookie is None else [("set-cookie", set_cookie)]
+        else:
+            headers = forwardable_headers(resp.headers)
+            for ops in response_ops:
+                apply_header_ops(headers, ops)
+            if set_cookie is not None:
+                headers.append(("set-cookie", set_cookie))
         ok = False
         try:
             # Bytes are gathered while events are already buffered and written once: a
             # small response (head, body, end in one read) costs one write, not three.
-            out = [down.send_response_head(resp.status, headers, resp.reason)]
+            out = [down.send_response_head(resp.status, headers, resp.reason, raw=raw)]
             while True:
                 if conn.events:
                     ev = conn.events.popleft()
@@ -539,15 +538,13 @@ def _send(
     head: RequestHead,
     target: str,
     out: Sequence[tuple[str, str]],
-    fields: ClientFields | None,
+    raw: RawHead | None,
     body: RequestBody,
     policy: HTTPRetry,
 ) -> Coroutine[None, None, Sent]:
     """Send the request on ``conn`` now; what to await for the response head (a plain
     function: no coroutine of its own per request)."""
-    wire = conn.machine.send_request_head(
-        head.method, target, out, body=head.has_body, fields=fields
-    )
+    wire = conn.machine.send_request_head(head.method, target, out, body=head.has_body, raw=raw)
     conn.pipe.write(wire)
     body.attach(H1Sink(conn))
     return _response_head(conn, policy.per_try_timeout)

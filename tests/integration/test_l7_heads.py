@@ -3,8 +3,8 @@
 are the client's, without hop-by-hop ones or those ``Connection`` names, with ``Expect``
 answered by the proxy, the authority of an absolute-form target as ``Host``, a route's
 header operations applied, then the mesh's own (trace context, request id,
-``x-forwarded-proto``). A head no operation edits goes on with the client's lines as
-they came."""
+``x-forwarded-proto``); the response head the client gets has the app's fields, then
+the route's. A head no operation edits goes on as it came."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ spec:
     match: [{uri: {prefix: /}}]
 %s    route: [{destination: {host: echo.default.svc.cluster.local, port: {number: 80}}}]
 """
-OPS = "    headers: {request: {set: {x-set: one}, add: {x-add: two}, remove: [x-gone]}}\n"
+OPS = """    headers:
+      request: {set: {x-set: one}, add: {x-add: two}, remove: [x-gone]}
+      response: {set: {x-resp: r}}
+"""
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App:  1\r\n\r\nok"
 
 REQUESTS = [
     b"GET /a HTTP/1.1\r\nHost: echo\r\nUser-Agent: t\r\nX-Gone: 1\r\nX-Set: 0\r\n\r\n",
@@ -39,9 +43,11 @@ REQUESTS = [
 IDS = ("traceparent", "x-request-id")
 
 
-async def heads_seen(rig: Rig, route: str) -> list[bytes]:
-    """The heads the app gets for ``REQUESTS``, sent on one keep-alive connection."""
+async def heads_seen(rig: Rig, route: str) -> tuple[list[bytes], list[bytes]]:
+    """The heads the app gets for ``REQUESTS``, sent on one keep-alive connection, and
+    the heads of the responses the client gets (the app answers ``RESPONSE``)."""
     seen: list[bytes] = []
+    answers: list[bytes] = []
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -49,7 +55,7 @@ async def heads_seen(rig: Rig, route: str) -> list[bytes]:
                 seen.append(head)
                 if m := re.search(rb"(?i)\r\ncontent-length: *(\d+)", head):
                     await r.readexactly(int(m.group(1)))
-                w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                w.write(RESPONSE)
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -64,10 +70,11 @@ async def heads_seen(rig: Rig, route: str) -> list[bytes]:
         while (head := await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100"):
             pass
         assert head.startswith(b"HTTP/1.1 200"), head
+        answers.append(head)
         assert await r.readexactly(2) == b"ok"
     w.close()
     app.close()
-    return seen
+    return seen, answers
 
 
 def fields(head: bytes) -> list[tuple[str, str]]:
@@ -99,7 +106,7 @@ and ``X-Set`` of the first one back."""
 @pytest.mark.parametrize("ops", [False, True], ids=["no header ops", "header ops"])
 def test_the_app_reads_the_clients_fields_and_the_meshs(ops: bool, mtls: bool) -> None:
     async def body(rig: Rig) -> None:
-        seen = await heads_seen(rig, ROUTE % (OPS if ops else ""))
+        seen, answers = await heads_seen(rig, ROUTE % (OPS if ops else ""))
         expected = [[*c, *MESH, *(OPS_FIELDS if ops else ())] for c in CLIENT]
         if not ops:
             expected[0][3:3] = [("x-gone", "1"), ("x-set", "0")]
@@ -112,5 +119,13 @@ def test_the_app_reads_the_clients_fields_and_the_meshs(ops: bool, mtls: bool) -
             assert seen[1].startswith(REQUESTS[1][:-2])
         assert seen[2].startswith(b"GET /c HTTP/1.1\r\nhost: echo\r\nx-keep: 1\r\n")
         assert seen[5].startswith(b"GET /f?q=1 HTTP/1.1\r\nhost: echo\r\nx-a: 1\r\n")
+        # the client reads the app's fields, then the route's; they came as the app sent
+        # them when the route has no operation on responses
+        app = [("content-length", "2"), ("x-app", "1")]
+        assert [fields(h)[1:] for h in answers] == [
+            [*app, *([("x-resp", "r")] if ops else [])]
+        ] * len(REQUESTS)
+        if not ops:
+            assert answers == [RESPONSE[:-2]] * len(REQUESTS)
 
     run(mtls, body)

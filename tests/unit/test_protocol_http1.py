@@ -310,22 +310,25 @@ def as_read(wire: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         (b"\r\nGET /a HTTP/1.1\r\nHost: svc\r\n\r\n", False),  # not at the read's start
     ],
 )
-def test_client_fields_go_upstream_as_their_rebuilt_head_would(
-    request_bytes: bytes, as_sent: bool
+@pytest.mark.parametrize("target", ["/a", "/t"])
+def test_client_heads_go_upstream_as_their_rebuilt_head_would(
+    request_bytes: bytes, as_sent: bool, target: str
 ) -> None:
     [head, *_] = DownstreamHttp1().receive_data(request_bytes)
     assert isinstance(head, RequestHead)
-    assert (head.fields is not None) == as_sent
-    if head.fields is None:
+    assert (head.raw is not None) == as_sent
+    if head.raw is None:
         return
     fwd = forwardable_headers(head.headers, upgrade=head.upgrade)
     rebuilt_up = UpstreamHttp1()
-    rebuilt = rebuilt_up.send_request_head("GET", "/t", [*fwd, *ADDED], body=head.has_body)
+    rebuilt = rebuilt_up.send_request_head(head.method, target, [*fwd, *ADDED], body=head.has_body)
     up = UpstreamHttp1()
-    wire = up.send_request_head("GET", "/t", ADDED, fields=head.fields)
+    wire = up.send_request_head(head.method, target, ADDED, raw=head.raw)
     assert as_read(wire) == as_read(rebuilt)
-    rest = request_bytes.partition(b"\r\n")[2]
-    assert wire.startswith(b"GET /t HTTP/1.1\r\n" + rest[: len(head.fields.wire)])
+    line, _, rest = request_bytes.partition(b"\r\n")
+    if target == "/t":
+        line = line.replace(b" /a ", b" /t ")
+    assert wire.startswith(line + b"\r\n" + rest[: len(head.raw.wire) - len(line) - 2])
     # the same framing: a Content-Length body, then another request on the connection
     body = b"abc" if head.has_body else b""
     for machine in (up, rebuilt_up):
@@ -334,13 +337,29 @@ def test_client_fields_go_upstream_as_their_rebuilt_head_would(
         assert machine.reusable
 
 
-def test_client_fields_as_sent_on_the_wire() -> None:
-    [head, _] = DownstreamHttp1().receive_data(b"GET /a HTTP/1.1\r\nHost:  svc \r\nX-A:1\r\n\r\n")
-    assert isinstance(head, RequestHead) and head.fields is not None
-    wire = UpstreamHttp1().send_request_head(
-        "GET", "/b", [("x-forwarded-proto", "http")], fields=head.fields
-    )
+def test_client_heads_as_sent_on_the_wire() -> None:
+    request = b"GET /a HTTP/1.1\r\nHost:  svc \r\nX-A:1\r\n\r\n"
+    [head, _] = DownstreamHttp1().receive_data(request)
+    assert isinstance(head, RequestHead) and head.raw is not None
+    added = [("x-forwarded-proto", "http")]
+    wire = UpstreamHttp1().send_request_head("GET", "/b", added, raw=head.raw)
     assert wire == b"GET /b HTTP/1.1\r\nHost:  svc \r\nX-A:1\r\nx-forwarded-proto: http\r\n\r\n"
+    wire = UpstreamHttp1().send_request_head("GET", "/a", added, raw=head.raw)
+    assert wire == request[:-2] + b"x-forwarded-proto: http\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /a HTTP/1.0\r\nHost: svc\r\n\r\n",  # the request line would change
+        b"GET  /a HTTP/1.1\r\nHost: svc\r\n\r\n",
+        b"GET /a  HTTP/1.1\r\nHost: svc\r\n\r\n",
+        b"GET /a RTSP/1.1\r\nHost: svc\r\n\r\n",
+    ],
+)
+def test_request_lines_not_as_written_here_are_rebuilt(request_bytes: bytes) -> None:
+    [head, *_] = DownstreamHttp1().receive_data(request_bytes)
+    assert isinstance(head, RequestHead) and head.target == "/a" and head.raw is None
 
 
 @pytest.mark.parametrize(
@@ -349,18 +368,91 @@ def test_client_fields_as_sent_on_the_wire() -> None:
 )
 def test_fields_added_to_a_clients_are_checked(added: list[tuple[str, str]]) -> None:
     [head, _] = DownstreamHttp1().receive_data(GET)
-    assert isinstance(head, RequestHead) and head.fields is not None
+    assert isinstance(head, RequestHead) and head.raw is not None
     up = UpstreamHttp1()
     with pytest.raises(LocalProtocolError):
-        up.send_request_head("GET", "/", added, fields=head.fields)
-    assert up.send_request_head("GET", "/", [], fields=head.fields) == GET.replace(b"/a", b"/")
+        up.send_request_head("GET", "/", added, raw=head.raw)
+    assert up.send_request_head("GET", "/", [], raw=head.raw) == GET.replace(b"/a", b"/")
 
 
 def test_a_head_over_two_reads_is_rebuilt() -> None:
     down = DownstreamHttp1()
     assert down.receive_data(GET[:20]) == []
     [head, _] = down.receive_data(GET[20:])
-    assert isinstance(head, RequestHead) and head.fields is None
+    assert isinstance(head, RequestHead) and head.raw is None
+    up = upstream_after_request()
+    assert up.receive_data(b"HTTP/1.1 200 OK\r\nContent-") == []
+    [resp, *_] = up.receive_data(b"Length: 0\r\n\r\n")
+    assert isinstance(resp, ResponseHead) and resp.raw is None
+
+
+@pytest.mark.parametrize(
+    ("response", "as_sent"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 404 Not  Found \r\nContent-Length:2\r\nX-A: 1\r\n\r\nok", True),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x-b\r\nX-B: 1\r\n\r\nok", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: 5\r\n\r\nok", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nok", False),  # until close
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok", False),  # written with a space
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    ],
+)
+@pytest.mark.parametrize(
+    ("request_bytes", "method"),
+    [
+        (GET, "GET"),
+        (b"GET / HTTP/1.0\r\nHost: s\r\n\r\n", "GET"),
+        (b"HEAD / HTTP/1.1\r\nHost: s\r\n\r\n", "HEAD"),
+    ],
+)
+def test_upstream_heads_go_to_the_client_as_their_rebuilt_head_would(
+    response: bytes, as_sent: bool, request_bytes: bytes, method: str
+) -> None:
+    up = upstream_after_request(method)
+    [*_, resp] = [ev for ev in up.receive_data(response) if not isinstance(ev, Informational)][:1]
+    assert isinstance(resp, ResponseHead)
+    assert (resp.raw is not None) == (as_sent and method != "HEAD")
+    if resp.raw is None:
+        return
+    cookie = [("set-cookie", "a=1")]
+    answers = []
+    for headers, raw in ((forwardable_headers(resp.headers) + cookie, None), (cookie, resp.raw)):
+        down = DownstreamHttp1()
+        down.receive_data(request_bytes)
+        wire = down.send_response_head(resp.status, headers, resp.reason, raw=raw)
+        body = b"ok" if b"ok" in response and resp.status != 204 else b""
+        wire += down.send_body(body) + down.send_end()
+        answers.append((wire, down.keep_alive))
+        if raw is not None:
+            assert wire.startswith(response[: len(resp.raw.wire)])
+    [(rebuilt, keep_rebuilt), (forwarded, keep)] = answers
+    assert keep == keep_rebuilt
+    up = upstream_after_request(method)
+    assert [
+        ev.headers if isinstance(ev, ResponseHead) else ev for ev in up.receive_data(forwarded)
+    ] == [
+        ev.headers if isinstance(ev, ResponseHead) else ev
+        for ev in upstream_after_request(method).receive_data(rebuilt)
+    ]
+
+
+def test_fields_added_to_an_upstreams_are_checked() -> None:
+    up = upstream_after_request()
+    [resp, *_] = up.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    assert isinstance(resp, ResponseHead) and resp.raw is not None
+    for added in ([("content-length", "1")], [("Connection", "x")], [("x-a", "1\rx-b: 2")]):
+        down = DownstreamHttp1()
+        down.receive_data(GET)
+        with pytest.raises(LocalProtocolError):
+            down.send_response_head(200, added, "OK", raw=resp.raw)
+    down = DownstreamHttp1()
+    down.receive_data(b"GET / HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+    wire = down.send_response_head(200, [], "OK", raw=resp.raw)
+    assert wire == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nConnection: close\r\n\r\n"
 
 
 def test_forwardable_headers_strips_hop_by_hop() -> None:
