@@ -243,17 +243,17 @@ def _added(added: Sequence[tuple[str, str]], refused: frozenset[str], close: boo
     last if ``close``), after checking none is named in ``refused`` and none has a CR,
     LF or NUL inside."""
     names = _NAMES
-    lines: list[str] = []
+    parts: list[str] = []  # (one join of them all: no string built per line)
     for name, value in added:
         if (names.get(name) or _checked_name(name)) in refused:
             raise LocalProtocolError(f"{name} is not added to a head forwarded as it came")
         if "\r" in value or "\n" in value or "\x00" in value:  # (memchr each: no count)
             raise LocalProtocolError(f"CR, LF or NUL inside a header line: {name}: {value!r}")
-        lines.append(f"{name}: {value}\r\n")
+        parts += (name, ": ", value, "\r\n")
     if close:
-        lines.append("Connection: close\r\n")
+        parts.append("Connection: close\r\n")
     try:
-        return "".join(lines).encode("latin-1")
+        return "".join(parts).encode("latin-1")
     except UnicodeEncodeError as e:
         raise LocalProtocolError(f"not latin-1: {e.object[e.start : e.end]!r}") from e
 
