@@ -10,18 +10,20 @@ policy do) and holds no pod lifecycle (``proxy.pods``).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import logging
+import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod, Service
 from nodeagent.model.snapshot import Endpoint, MeshSnapshot, PerSnapshot
-from nodeagent.proxy.inputs import Addr, ProxyInputs
+from nodeagent.proxy.inputs import Addr, PodSockets, ProxyInputs
 from nodeagent.proxy.l7 import Downstream, L7Proxy
 from nodeagent.proxy.l7h2 import H2Pool, serve_h2
 from nodeagent.proxy.limits import ConnectionCaps, Refused
@@ -35,46 +37,90 @@ Handler = Callable[[PodProxy, ClientSide], None]
 """Serves one accepted connection of a pod's listener: called from its ``connection_made``
 (no Task: what must wait, a dial, goes on by callbacks, see ``drive``)."""
 
-T = TypeVar("T")
 
-
-def drive(
-    coro: Coroutine[Any, Any, T], done: Callable[[T | None, BaseException | None], None]
-) -> None:
+def drive(coro: Coroutine[Any, Any, object], done: Callable[[BaseException | None], None]) -> None:
     """Run ``coro`` without a Task: its first step now, each later one when the future it
-    waits on is done; then ``done(result, None)`` or ``done(None, error)``. A connection's
-    dial usually ends in the first step; a Task would cost a loop turn and its own
-    bookkeeping. ``coro`` must not need ``current_task()`` (no ``asyncio.timeout``)."""
-    _Driver(coro, done).step()
+    waits on is done; then ``done(None)``, or ``done(error)``. A connection's dial usually
+    ends in the first step; a Task would cost a loop turn and its own bookkeeping.
+    ``coro`` must not need ``current_task()`` (no ``asyncio.timeout``); its result is
+    dropped: what it makes, it hands on itself (so its end is seen without a
+    ``StopIteration`` to catch: an exception caught in compiled code costs a traceback
+    entry, ~2.5k instructions)."""
+    _Driver(coro.__await__(), done).step()
 
 
-class _Driver(Generic[T]):
+_END = object()
+"""What ``next`` gives for a driven coroutine that has ended."""
+
+
+class _Driver:
     """One ``drive``: an object, not a closure, as a closure naming itself (to be called
     again) is a reference cycle that keeps the whole connection until the GC runs."""
 
-    __slots__ = ("coro", "done")
+    __slots__ = ("done", "steps")
 
     def __init__(
-        self, coro: Coroutine[Any, Any, T], done: Callable[[T | None, BaseException | None], None]
+        self, steps: Generator[Any, None, object], done: Callable[[BaseException | None], None]
     ) -> None:
-        self.coro = coro
+        self.steps = steps
         self.done = done
 
     def step(self, _: object = None) -> None:
         try:
-            waiting = self.coro.send(None)
-        except StopIteration as stop:
-            self.done(stop.value, None)
+            waiting: Any = next(self.steps, _END)
         except BaseException as e:  # handed to ``done``, which decides
-            self.done(None, e)
+            self.done(e)
+            return
+        if waiting is _END:
+            self.done(None)
+        elif waiting is None:  # a bare yield (``asyncio.sleep(0)``): again next turn
+            asyncio.get_running_loop().call_soon(self.step)
         else:
-            if waiting is None:  # a bare yield (``asyncio.sleep(0)``): again next turn
-                asyncio.get_running_loop().call_soon(self.step)
-            else:
-                waiting.add_done_callback(self.step)
+            waiting.add_done_callback(self.step)
 
 
-def _ran(_: None, exc: BaseException | None) -> None:
+class Descriptor:
+    """A connected socket's descriptor, as the event loop's ``create_connection(sock=)``
+    is handed it: what uvloop asks of a socket (``family``, ``type``, ``fileno``,
+    ``setblocking``; ``detach`` or ``close`` once its transport has closed the
+    descriptor) as plain attributes and no-ops. ``socket.socket`` answers ``family`` and
+    ``type`` with enum conversions in Python and ``setblocking`` with a system call (libuv
+    makes the descriptor non-blocking itself), and is detached in Python on close."""
+
+    __slots__ = ("family", "fd", "type")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.family: int = _FAMILY.__get__(sock)
+        self.type: int = socket.SOCK_STREAM
+        self.fd: int = _socket.socket.detach(sock)  # (C's: no Python frame)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        """Nothing: libuv's ``uv_tcp_open`` makes the descriptor non-blocking."""
+
+    def detach(self) -> int:
+        """The transport closed the descriptor (its dial failed)."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        """The transport closed the descriptor (the connection ended)."""
+        self.fd = -1
+
+    def close_unowned(self) -> None:
+        """``create_connection`` failed before its transport took the descriptor."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_FAMILY: Any = _socket.socket.__dict__["family"]
+"""The C socket's own ``family`` (an int), under ``socket.socket``'s enum property."""
+
+
+def _ran(exc: BaseException | None) -> None:
     """The end of a handler run by ``Plumbing.run``: an error is a bug, logged."""
     if exc is not None:
         log.error("connection handler failed: %r", exc, exc_info=exc)
@@ -262,23 +308,26 @@ class Plumbing:
             self.refuse(relay, direction, "UF", f"pod {pp.pod.key} is no longer captured")
             return
         relay.meta["upstream"] = f"{addr[0]}:{addr[1]}"
+        drive(self._dial(sockets, relay, addr, direction, source), _ran)
 
-        def dialled(sock: socket.socket | None, exc: BaseException | None) -> None:
-            if sock is None:
-                if isinstance(exc, PeerError):
-                    if not relay.closed:
-                        self.refuse(relay, direction, "UF", str(exc))
-                else:
-                    relay.abort(f"upstream {addr[0]}:{addr[1]}: {exc!r}")
-                    log.error("dialling %s failed: %r", addr, exc, exc_info=exc)
-                return
-            if relay.closed:  # the client left while we were connecting
-                sock.close()
-                self.inputs.metrics.failures.labels(direction=direction, response_flags="DC").inc()
-                return
-            self.attach(relay, sock, partial(self._unwired, relay, direction, addr))
-
-        drive(sockets.connect(addr, self.inputs.connect_timeout, source), dialled)
+    async def _dial(
+        self, sockets: PodSockets, relay: Relay, addr: Addr, direction: str, source: str | None
+    ) -> None:
+        try:
+            sock = await sockets.connect(addr, self.inputs.connect_timeout, source)
+        except PeerError as e:
+            if not relay.closed:
+                self.refuse(relay, direction, "UF", str(e))
+            return
+        except BaseException as err:  # a bug: this connection ends, the proxy goes on
+            relay.abort(f"upstream {addr[0]}:{addr[1]}: {err!r}")
+            log.error("dialling %s failed: %r", addr, err, exc_info=err)
+            return
+        if relay.closed:  # the client left while we were connecting
+            sock.close()
+            self.inputs.metrics.failures.labels(direction=direction, response_flags="DC").inc()
+            return
+        self.attach(relay, sock, partial(self._unwired, relay, direction, addr))
 
     def _unwired(self, relay: Relay, direction: str, addr: Addr, e: OSError) -> None:
         self.refuse(relay, direction, "UF", f"upstream {addr}: {e}")
@@ -286,16 +335,18 @@ class Plumbing:
     def attach(self, relay: Relay, sock: socket.socket, failed: Callable[[OSError], None]) -> None:
         """Make the connected ``sock`` the relay's upstream and count the connection as
         opened (by callbacks: no Task); on failure the socket is closed and ``failed``
-        called."""
+        called. The event loop is handed the socket's descriptor (``Descriptor``), not
+        the socket."""
         table = self.inputs.table
+        fd: Any = Descriptor(sock)
 
-        def made(_: object, exc: BaseException | None) -> None:
+        def made(exc: BaseException | None) -> None:
             if isinstance(exc, OSError):
-                sock.close()
+                fd.close_unowned()
                 failed(exc)
                 return
             if exc is not None:  # a bug: this connection ends, the proxy goes on
-                sock.close()
+                fd.close_unowned()
                 relay.abort(f"upstream: {exc!r}")
                 log.error("connection handler failed: %r", exc, exc_info=exc)
                 return
@@ -303,7 +354,7 @@ class Plumbing:
             table.counted(relay)
 
         loop = self._loop or self._running_loop()
-        drive(loop.create_connection(partial(UpstreamSide, relay), sock=sock), made)
+        drive(loop.create_connection(partial(UpstreamSide, relay), sock=fd), made)
 
     async def connect_plain(
         self, pp: PodProxy, ep: Endpoint, pipe: Pipe, source: str | None = None

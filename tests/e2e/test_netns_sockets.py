@@ -117,7 +117,7 @@ def test_connect_in_times_out_when_run_without_a_task(netns: str) -> None:
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[BaseException | None] = loop.create_future()
         coro = connect_in(h, ("10.77.0.2", 80), 0.3)
-        loop.call_soon(drive, coro, lambda _, exc: ended.set_result(exc))
+        loop.call_soon(drive, coro, ended.set_result)
         return await ended
 
     try:

@@ -84,6 +84,23 @@ def test_a_closed_connection_leaves_no_reference_cycle_behind() -> None:
     run(False, body)
 
 
+def test_closed_connections_leave_no_descriptor_open() -> None:
+    # the proxies hand the loop each dialled socket's descriptor, not the socket: the
+    # transport closes it when the connection ends, and nothing closes it a second time
+    async def body(rig: Rig) -> None:
+        payload = os.urandom(100)
+        await round_trip(*await rig.connect((SERVICE_IP, TCP_PORT)), payload)  # warm
+        await eventually(lambda: not any(p.table.live for p in rig.proxies.values()), "closes")
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            got = await round_trip(*await rig.connect((SERVICE_IP, TCP_PORT)), payload)
+            assert got == (hashlib.sha256(payload).hexdigest(), len(payload))
+        await eventually(lambda: not any(p.table.live for p in rig.proxies.values()), "closes")
+        await eventually(lambda: len(os.listdir("/proc/self/fd")) <= before, "descriptors")
+
+    run(False, body)
+
+
 DENY_LOOPBACK = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
