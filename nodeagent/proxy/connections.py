@@ -44,6 +44,12 @@ class Peers(NamedTuple):
     """``dst.service``, ``dst.workload``, ``dst.namespace``, ``dst.identity``."""
     policy: str
     """``connection_security_policy``."""
+    line: dict[str, Any]
+    """The line of a connection to ``dst.addr`` with every field in its place, to be
+    copied and filled in (``connection_record``: a copy of a dict and a few stores, not
+    a dict built field by field)."""
+    hbone_line: dict[str, Any]
+    """The same through a tunnel (``dst.hbone_addr`` after ``dst.addr``)."""
 
 
 def peers_of(
@@ -67,6 +73,13 @@ def peers_of(
         dst_fields["dst.workload"], dst_fields["dst.namespace"] = dst.name, dst.namespace
     _put(dst_fields, "dst.identity", dst_principal)
     policy = security_policy(src_principal, dst_principal)
+    start: dict[str, Any] = {"start_time": "", "message": "connection complete", **head}
+    start["src.addr"] = ""
+    start.update(src_fields)
+    start["dst.addr"] = ""
+    hbone = {**start, "dst.hbone_addr": ""}
+    end = {"bytes_sent": 0, "bytes_recv": 0, "duration": "", "connection_security_policy": policy}
+    end["connection_termination_details"] = ""
     return Peers(
         reporter,
         src,
@@ -78,6 +91,8 @@ def peers_of(
         src_fields,
         dst_fields,
         policy,
+        {**start, **dst_fields, **end},
+        {**hbone, **dst_fields, **end},
     )
 
 
@@ -129,23 +144,18 @@ def connection_record(relay: Relay, peers: Peers, now: float) -> dict[str, Any]:
     (``src.*``, ``dst.*``, ``direction``, ``bytes_sent``/``bytes_recv``, ``duration``,
     ``error``) plus the start time, reporter, security policy and how it ended."""
     m = relay.meta
-    rec: dict[str, Any] = {
-        "start_time": rfc3339(relay.opened_at),
-        "message": "connection complete",
-        **peers.head,
-        "src.addr": m.get("source", ""),
-        **peers.src_fields,
-    }
     upstream = m.get("upstream") or m.get("destination") or ""
     if upstream.startswith("hbone "):  # "hbone <peer>:15008 -> <target>"
+        rec = peers.hbone_line.copy()
         rec["dst.addr"], _, rec["dst.hbone_addr"] = upstream[6:].partition(" -> ")
     else:
+        rec = peers.line.copy()
         rec["dst.addr"] = upstream
-    rec.update(peers.dst_fields)
+    rec["start_time"] = rfc3339(relay.opened_at)
+    rec["src.addr"] = m.get("source", "")
     rec["bytes_sent"] = relay.bytes_sent
     rec["bytes_recv"] = relay.bytes_received
     rec["duration"] = f"{round((now - relay.opened_at) * 1000)}ms"
-    rec["connection_security_policy"] = peers.policy
     reason = rec["connection_termination_details"] = relay.close_reason
     if reason not in CLEAN_ENDS:
         rec["error"] = reason

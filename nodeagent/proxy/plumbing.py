@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from nodeagent.errors import PeerError
 from nodeagent.model.objects import Pod, Service
@@ -91,8 +91,8 @@ class Descriptor:
 
     def __init__(self, sock: socket.socket) -> None:
         self.family: int = _FAMILY.__get__(sock)
-        self.type: int = socket.SOCK_STREAM
-        self.fd: int = _socket.socket.detach(sock)  # (C's: no Python frame)
+        self.type: int = _STREAM
+        self.fd: int = _DETACH(sock)
 
     def fileno(self) -> int:
         return self.fd
@@ -116,8 +116,11 @@ class Descriptor:
             self.fd = -1
 
 
-_FAMILY: Any = _socket.socket.__dict__["family"]
+_FAMILY: Final[Any] = _socket.socket.__dict__["family"]
 """The C socket's own ``family`` (an int), under ``socket.socket``'s enum property."""
+_DETACH: Final = _socket.socket.detach
+"""The C socket's own ``detach`` (``socket.socket``'s is a Python frame more)."""
+_STREAM: Final = int(socket.SOCK_STREAM)
 
 
 def _ran(exc: BaseException | None) -> None:
