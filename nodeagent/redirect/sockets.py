@@ -6,12 +6,11 @@ eBPF capture answers too).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-import ctypes
 import errno
 import os
 import socket
-import struct
 from collections.abc import Coroutine
 from typing import Any
 
@@ -26,25 +25,27 @@ SO_MARK = 36
 IP_TRANSPARENT = 19
 
 
-_getsockopt = ctypes.CDLL(None, use_errno=True).getsockopt
-
-
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     """The address the client dialled before capture, or None if it was not redirected.
 
-    Read on the file descriptor: an event loop transport's socket (uvloop's) makes a
-    whole ``socket.socket`` for each ``getsockopt``, whose constructor checks the
-    descriptor with a ``getsockname`` system call, one per captured connection."""
-    raw = ctypes.create_string_buffer(16)
-    size = ctypes.c_uint32(16)
-    if _getsockopt(sock.fileno(), socket.SOL_IP, SO_ORIGINAL_DST, raw, ctypes.byref(size)):
-        err = ctypes.get_errno()
-        if err in (errno.ENOENT, errno.ENOPROTOOPT):
+    Read on the file descriptor, through a C socket made on it (no system call with its
+    family, type and protocol given) and detached after: an event loop transport's
+    socket (uvloop's) makes a whole ``socket.socket`` for each ``getsockopt``, whose
+    constructor checks the descriptor with a ``getsockname`` system call; and ``ctypes``
+    costs a few microseconds a call."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    on = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        raw = on.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOPROTOOPT):
             return None
-        raise OSError(err, os.strerror(err))
-    port = struct.unpack_from("!H", raw, 2)[0]
-    ip = socket.inet_ntoa(raw.raw[4:8])
-    return ip, port
+        raise
+    finally:
+        on.detach()
+    return socket.inet_ntoa(raw[4:8]), raw[2] << 8 | raw[3]
 
 
 def listen_in(
@@ -90,6 +91,11 @@ tuple in the pod's netns)."""
 
 IP_BIND_ADDRESS_NO_PORT = 24
 
+IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+"""``connect`` errors of a non-blocking connect still under way (``BlockingIOError``'s)."""
+NOT_PERMITTED = frozenset({errno.EPERM, errno.EACCES})
+"""``connect`` errors of a port refused (``PermissionError``'s)."""
+
 
 def _prepare(s: socket.socket, mark: int, source: str | None, bind: str | None = None) -> None:
     """Mark ``s``, and bind it to the client's address ``source`` when given, else to
@@ -131,17 +137,15 @@ async def connect_in(
     refused: list[socket.socket] = []  # held until done: the next bind picks another port
     try:
         _prepare(s, mark, source, bind)
-        err = 0
         while True:
-            try:
-                s.connect(addr)
-            except BlockingIOError:
+            # connect_ex: an error number, not an exception made and caught per connection
+            err = s.connect_ex(addr)
+            if err in IN_PROGRESS:
+                err = 0
                 if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
                     await _writable(s, timeout)
                     err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except PermissionError:
-                if source is None or len(refused) + 1 >= PORT_TRIES:
-                    raise
+            elif err in NOT_PERMITTED and source is not None and len(refused) + 1 < PORT_TRIES:
                 refused.append(s)
                 s = ns.socket()
                 _prepare(s, mark, source, bind)
