@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, BinaryIO, NotRequired, TypedDict
 
 import orjson
@@ -166,8 +166,9 @@ def buffered_stdout() -> BinaryIO:
 
 
 class RecentRecords:
-    """A live view of an ``AccessLog``'s last request records: kept as their lines,
-    parsed only when read (``nodeagent ctl requests``, tests)."""
+    """A live view of an ``AccessLog``'s last records (``AccessRecord`` for requests, a
+    dict for connections): kept as their lines, parsed only when read (``nodeagent ctl
+    requests``, tests)."""
 
     def __init__(self, lines: deque[bytes]) -> None:
         self._lines = lines
@@ -175,10 +176,10 @@ class RecentRecords:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def __getitem__(self, i: int) -> AccessRecord:
-        return _loads(self._lines[i])  # type: ignore[no-any-return]
+    def __getitem__(self, i: int) -> Any:
+        return _loads(self._lines[i])
 
-    def __iter__(self) -> Iterator[AccessRecord]:
+    def __iter__(self) -> Iterator[Any]:
         return iter([_loads(line) for line in self._lines])
 
 
@@ -197,7 +198,9 @@ class AccessLog:
         """The last request records, oldest first (kept as lines, parsed when read)."""
         self._remember = self._recent.append
         """(Bound once: a method call on the deque by name cost ~900 instructions.)"""
-        self.recent_connections: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._recent_connections: deque[bytes] = deque(maxlen=keep)
+        self.recent_connections = RecentRecords(self._recent_connections)
+        """The last "connection complete" records, oldest first (as ``recent``)."""
         self._flush_handle: asyncio.TimerHandle | None = None
         self._held: list[bytes] | None = [] if isinstance(self.out, io.BufferedWriter) else None
         """Lines not yet handed to a buffered ``out``: the stream would hold them until
@@ -219,14 +222,10 @@ class AccessLog:
         self._remember(line)
         self._emit_line(line)
 
-    def write_connection(self, record: dict[str, Any]) -> None:
+    def write_connection(self, line: bytes) -> None:
         """A relayed connection's "connection complete" line (``proxy.connections``)."""
-        self.recent_connections.append(record)
-        self._emit(record)
-
-    def _emit(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            self._emit_line(_dumps(record, option=_NEWLINE))
+        self._recent_connections.append(line)
+        self._emit_line(line)
 
     def _emit_line(self, line: bytes) -> None:
         if not self.enabled:

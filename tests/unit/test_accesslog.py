@@ -102,9 +102,9 @@ def test_a_line_written_after_the_last_flush_reaches_the_file_at_exit(tmp_path: 
         log = access_log({str(path)!r})
 
         async def main() -> None:
-            log.write_connection({{"path": "/before"}})
+            log.write({{"path": "/before"}})
             log.flush()
-            log.write_connection({{"path": "/after"}})
+            log.write({{"path": "/after"}})
 
         asyncio.run(main())
         """

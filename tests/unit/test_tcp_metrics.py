@@ -3,14 +3,21 @@ the Prometheus exposition; and the bound on label sets."""
 
 from __future__ import annotations
 
+import orjson
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.model.objects import Labels, Pod
-from nodeagent.proxy.connections import ConnectionTable, tcp_telemetry
+from nodeagent.proxy.connections import ConnectionTable, connection_line, peers_of, tcp_telemetry
+from nodeagent.proxy.peerlabels import security_policy
+from nodeagent.proxy.relay import Relay
+from nodeagent.telemetry.accesslog import rfc3339
 from nodeagent.telemetry.metrics import TCP_LABELS, Metrics
 
 CLIENT = Pod("default", "client", "node1", labels=Labels.of({"app": "client"}))
+SRC_ID = "spiffe://cluster.local/ns/default/sa/client"
+DST_ID = "spiffe://cluster.local/ns/default/sa/web"
 
 
 def server(name: str) -> Pod:
@@ -126,13 +133,15 @@ def test_each_connection_ends_in_one_line_saying_how() -> None:
     first, second = log.recent_connections
     assert first["message"] == "connection complete" and first["direction"] == "outbound"
     assert (first["src.addr"], first["src.workload"], first["dst.addr"]) == (
-        "10.0.0.1:5555", "client", "10.0.0.2:80")
+        "10.0.0.1:5555",
+        "client",
+        "10.0.0.2:80",
+    )
     assert (first["bytes_sent"], first["bytes_recv"]) == (3, 4) and "error" not in first
     assert "src.identity" not in first  # plain TCP: no identity, left out as ztunnel does
     assert second["dst.workload"] == "web-2" and second["error"] == "UF: connection refused"
     assert second["connection_termination_details"] == "UF: connection refused"
     assert not log.recent  # connection lines are not request records
-
 
 
 def labels_of(m: dict[str, object]) -> dict[str, str]:
@@ -159,3 +168,58 @@ def test_the_labels_of_one_set_of_peers_are_made_once_and_follow_a_new_snapshot(
     tcp_telemetry(other, "destination", CLIENT, web, None, host)
     assert labels_of(other)["reporter"] == "destination"
     assert labels_of(first)["reporter"] == "source"
+
+
+def _ztunnel_record(
+    relay: Relay, src: Pod | None, src_id: str, dst: Pod | None, dst_id: str, host: str
+) -> dict[str, object]:
+    """The "connection complete" record field by field, in ztunnel's order (the spec the
+    line is checked against)."""
+    m = relay.meta
+    upstream = str(m.get("upstream") or "")
+    rec: dict[str, object] = {"start_time": rfc3339(relay.opened_at)}
+    rec["message"] = "connection complete"
+    rec["reporter"] = "source"
+    rec["direction"] = "outbound"
+    rec["src.addr"] = m.get("source", "")
+    if src is not None:
+        rec["src.workload"], rec["src.namespace"] = src.name, src.namespace
+    if src_id not in ("", "unknown"):
+        rec["src.identity"] = src_id
+    if upstream.startswith("hbone "):
+        rec["dst.addr"], _, rec["dst.hbone_addr"] = upstream[6:].partition(" -> ")
+    else:
+        rec["dst.addr"] = upstream
+    if host:
+        rec["dst.service"] = host
+    if dst is not None:
+        rec["dst.workload"], rec["dst.namespace"] = dst.name, dst.namespace
+    if dst_id not in ("", "unknown"):
+        rec["dst.identity"] = dst_id
+    rec["bytes_sent"], rec["bytes_recv"] = relay.bytes_sent, relay.bytes_received
+    rec["duration"] = "1500ms"
+    rec["connection_security_policy"] = security_policy(src_id, dst_id)
+    rec["connection_termination_details"] = relay.close_reason
+    if relay.close_reason not in ("done", "client closed", "upstream closed"):
+        rec["error"] = relay.close_reason
+    return rec
+
+
+@pytest.mark.parametrize("hbone", [False, True])
+@pytest.mark.parametrize("src", [None, CLIENT])
+@pytest.mark.parametrize("ids", [("unknown", "unknown"), (SRC_ID, DST_ID)])
+@pytest.mark.parametrize(
+    "reason", ["done", "UF: connection refused", 'reset: "peer" said \\ no\n', "caf\xe9 \u2028"]
+)
+def test_a_connection_line_is_what_orjson_writes_for_its_record(
+    hbone: bool, src: Pod | None, ids: tuple[str, str], reason: str
+) -> None:
+    dst = server("web-1")
+    m: dict[str, object] = {"source": "10.0.0.1:5555"}
+    m["upstream"] = "hbone 10.0.1.2:15008 -> 10.0.1.9:80" if hbone else "10.0.1.9:80"
+    relay = Relay(1, m, lambda r: None)
+    relay.bytes_sent, relay.bytes_received, relay.close_reason = 3, 40000, reason
+    peers = peers_of("source", src, ids[0], dst, ids[1], "web.default.svc.cluster.local")
+    line = connection_line(relay, peers, relay.opened_at + 1.5)
+    want = _ztunnel_record(relay, src, ids[0], dst, ids[1], "web.default.svc.cluster.local")
+    assert line == orjson.dumps(want, option=orjson.OPT_APPEND_NEWLINE)
