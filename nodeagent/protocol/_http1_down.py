@@ -40,12 +40,11 @@ from nodeagent.protocol._http1_common import (
 )
 from nodeagent.protocol._http1_read import (
     BODY,
-    FIELD_NAMES,
     HEAD,
     IDLE,
     Reader,
     Stop,
-    field_name,
+    field,
     message_version,
     reraise_bug,
 )
@@ -286,9 +285,7 @@ class RequestReader(Reader):
             what = "header" if self._phase == HEAD else "trailer"
             self._fail(431, f"request has more than {self.max_headers} {what} fields")
             raise Stop
-        fields.append(
-            (FIELD_NAMES.get(name) or field_name(name), value.rstrip(b" \t").decode("latin-1"))
-        )
+        fields.append(field(name, value))
 
     def _on_message_begin(self) -> None:
         self._phase = HEAD

@@ -737,9 +737,23 @@ def test_http10_request_may_omit_host() -> None:
 
 def test_header_values_lose_surrounding_whitespace() -> None:
     down = DownstreamHttp1()
-    [ev, _] = down.receive_data(b"GET / HTTP/1.1\r\nHost:   svc \t \r\nX-Empty:\r\n\r\n")
+    [ev, _] = down.receive_data(
+        b"GET / HTTP/1.1\r\nHost:   svc \t \r\nX-Tab: a \tb\t\r\nX-Empty:\r\nX-Blank: \t \r\n\r\n"
+    )
     assert isinstance(ev, RequestHead)
-    assert ev.headers == (("host", "svc"), ("x-empty", ""))
+    assert ev.headers == (("host", "svc"), ("x-tab", "a \tb"), ("x-empty", ""), ("x-blank", ""))
+
+
+def test_response_header_values_lose_trailing_whitespace() -> None:
+    up = UpstreamHttp1()
+    up.send_request_head("GET", "/", (("host", "svc"),))
+    up.send_end()
+    [head, body, end] = up.receive_data(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\nX-Tab: a b\t\r\nX-Same: c\r\n\r\nok"
+    )
+    assert isinstance(head, ResponseHead)
+    assert head.headers == (("content-length", "2"), ("x-tab", "a b"), ("x-same", "c"))
+    assert body == BodyChunk(b"ok") and isinstance(end, ResponseEnd)
 
 
 # -- head size limit ----------------------------------------------------------------------
