@@ -85,7 +85,11 @@ class Descriptor:
     ``setblocking``; ``detach`` or ``close`` once its transport has closed the
     descriptor) as plain attributes and no-ops. ``socket.socket`` answers ``family`` and
     ``type`` with enum conversions in Python and ``setblocking`` with a system call (libuv
-    makes the descriptor non-blocking itself), and is detached in Python on close."""
+    makes the descriptor non-blocking itself), and is detached in Python on close.
+
+    For uvloop only (the agent's loop): the standard library's loop asks a socket for
+    more (``getsockname``…). uvloop from 0.23 calls ``detach`` when ``create_connection``
+    fails after libuv closed the descriptor, which ``close_unowned`` relies on."""
 
     __slots__ = ("family", "fd", "type")
 
