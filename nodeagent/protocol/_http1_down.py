@@ -122,12 +122,10 @@ class RequestReader(Reader):
         "_backlog",
         "_body_left",
         "_completed",
-        "_data",
         "_mode",
         "_parser",
         "_raw",
         "_raw_eof",
-        "_read_start",
         "_sink",
         "_switch_body",
         "_synthetic",
@@ -149,9 +147,6 @@ class RequestReader(Reader):
         self._synthetic = False
         self._raw = bytearray()
         self._raw_eof = False
-        self._data = b""
-        """The read being parsed, while a head that began at its start may end in it."""
-        self._read_start = False
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         callbacks = SimpleNamespace(
@@ -188,13 +183,7 @@ class RequestReader(Reader):
                 self._raw_eof = True
 
     def _feed(self, data: bytes) -> None:
-        # a request begins at the read's first byte (llhttp skips CRLFs between requests)
-        if self._phase == IDLE and data[0] != 13 and data[0] != 10:
-            self._read_start = True
-            self._data = data
-        elif self._read_start:
-            self._read_start = False
-            self._data = b""
+        self._note_read(data)
         self._head_new = self._chunk_new = False
         self._feed_len = n = len(data)
         completed = self._completed
@@ -300,10 +289,7 @@ class RequestReader(Reader):
         self._phase = BODY
         headers = tuple(self._fields)
         self._fields = []  # trailers, if any, go here
-        whole, data = self._read_start, self._data  # (only the read's first head)
-        if whole:
-            self._read_start = False
-            self._data = b""
+        data = self._take_read()
         if self._synthetic:
             self._synthetic = False
             return
@@ -365,7 +351,7 @@ class RequestReader(Reader):
         target = self._url.decode("latin-1")
         raw = None
         if (
-            whole
+            data
             and http11
             and hosts == 1
             and connection is None

@@ -92,11 +92,13 @@ class Reader:
     __slots__ = (
         "_chunk_new",
         "_chunk_open",
+        "_data",
         "_feed_len",
         "_fields",
         "_head_new",
         "_head_seen",
         "_phase",
+        "_read_start",
         "_tail_seen",
         "max_header_size",
     )
@@ -111,6 +113,28 @@ class Reader:
         self._chunk_open = False  # a chunk-size line was read, no data yet (trailers?)
         self._chunk_new = False  # ... in the current read
         self._tail_seen = 0  # bytes charged to the chunk-size line and what follows
+        self._data = b""
+        """The read being parsed, while a head that began at its start may end in it."""
+        self._read_start = False
+
+    def _note_read(self, data: bytes) -> None:
+        """Keep ``data`` when a message begins at its first byte (llhttp skips CRLFs
+        between messages): a head that ends in it can be forwarded as it came."""
+        if self._phase == IDLE and data[0] != 13 and data[0] != 10:
+            self._read_start = True
+            self._data = data
+        elif self._read_start:
+            self._read_start = False
+            self._data = b""
+
+    def _take_read(self) -> bytes:
+        """For a head just completed: the read it began at the start of, once (only the
+        read's first head; empty when it began elsewhere)."""
+        data = self._data
+        if self._read_start:
+            self._read_start = False
+            self._data = b""
+        return data
 
     def _head_over(self, n: int, alone: bool) -> bool:
         """Charge a read of ``n`` bytes that left a head incomplete to that head; ``alone``:

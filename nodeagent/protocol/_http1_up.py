@@ -111,7 +111,6 @@ class UpstreamHttp1(Reader):
 
     __slots__ = (
         "_closed",
-        "_data",
         "_failed",
         "_headbuf",
         "_interim",
@@ -120,7 +119,6 @@ class UpstreamHttp1(Reader):
         "_parser",
         "_parser_ok",
         "_proposed_upgrade",
-        "_read_start",
         "_reason",
         "_req",
         "_req_close",
@@ -156,9 +154,6 @@ class UpstreamHttp1(Reader):
         self._failed = False
         self._upgraded = False
         self._closed = False
-        self._data = b""
-        """The read being parsed, while a head that began at its start may end in it."""
-        self._read_start = False
 
     def _new_parser(self) -> httptools.HttpResponseParser:
         callbacks = SimpleNamespace(
@@ -300,13 +295,7 @@ class UpstreamHttp1(Reader):
         return [ProtocolError(502, "upstream: connection closed before the response ended")]
 
     def _feed(self, data: bytes) -> None:
-        # a response begins at the read's first byte (llhttp skips CRLFs before one)
-        if self._phase == IDLE and data[0] != 13 and data[0] != 10:
-            self._read_start = True
-            self._data = data
-        elif self._read_start:
-            self._read_start = False
-            self._data = b""
+        self._note_read(data)
         if self._headbuf is not None:
             self._headbuf += data
         self._head_new = self._chunk_new = False
@@ -388,10 +377,7 @@ class UpstreamHttp1(Reader):
         self._phase = BODY
         headers = tuple(self._fields)
         self._fields = []  # trailers, if any, go here
-        whole, data = self._read_start, self._data  # (only the read's first head)
-        if whole:
-            self._read_start = False
-            self._data = b""
+        data = self._take_read()
         parser = self._parser
         status = parser.get_status_code()
         reason = self._reason.decode("latin-1")
@@ -437,7 +423,7 @@ class UpstreamHttp1(Reader):
         method = self._method
         raw = None
         if (
-            whole
+            data
             and keep_alive
             and status >= 200
             and connection is None
