@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import gc
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from functools import partial
@@ -127,6 +129,37 @@ _DETACH: Final = _socket.socket.detach
 _STREAM: Final = int(socket.SOCK_STREAM)
 
 
+def untrack_transports(loop: asyncio.AbstractEventLoop) -> bool:
+    """Stop uvloop's ``loop`` recording each new transport by its descriptor: uvloop keeps
+    them in a ``weakref.WeakValueDictionary``, whose ``__setitem__`` (a ``KeyedRef`` made
+    in Python) and removal callback cost ~9k instructions a transport, four per proxied
+    connection, only so that ``add_reader``/``add_writer`` can refuse a transport's own
+    descriptor (the proxy never asks for one). The dictionary (no attribute of uvloop's
+    ``Loop`` reaches it from Python) is found among the loop's references and becomes an
+    ``_Untracked`` one, which drops new entries; what it holds stays. Returns whether it
+    did (False: another loop, or a uvloop laid out otherwise)."""
+    if not type(loop).__module__.startswith("uvloop"):
+        return False  # (asyncio's own loop uses its dictionary for more)
+    kinds = (weakref.WeakValueDictionary, _Untracked)
+    found = [r for r in gc.get_referents(loop) if type(r) in kinds]
+    if len(found) != 1:
+        return False
+    found[0].__class__ = _Untracked
+    return True
+
+
+def _drop(fd: object, transport: object) -> None:
+    """``_Untracked``'s ``__setitem__``: nothing is recorded."""
+
+
+_Untracked: Final[Any] = type(
+    "_Untracked",
+    (weakref.WeakValueDictionary,),
+    {"__slots__": (), "__module__": __name__, "__setitem__": staticmethod(_drop)},
+)
+"""uvloop's dictionary of transports, made to drop new entries (``untrack_transports``)."""
+
+
 def _ran(exc: BaseException | None) -> None:
     """The end of a handler run by ``Plumbing.run``: an error is a bug, logged."""
     if exc is not None:
@@ -229,6 +262,7 @@ class Plumbing:
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = loop = asyncio.get_running_loop()
+        untrack_transports(loop)  # (once per proxy: the loop's transports from here on)
         return loop
 
     def index(self, snap: MeshSnapshot) -> IdentityIndex:

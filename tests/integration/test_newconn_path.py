@@ -10,6 +10,7 @@ import asyncio
 import gc
 import hashlib
 import os
+import weakref
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -97,6 +98,36 @@ def test_closed_connections_leave_no_descriptor_open() -> None:
             assert got == (hashlib.sha256(payload).hexdigest(), len(payload))
         await eventually(lambda: not any(p.table.live for p in rig.proxies.values()), "closes")
         await eventually(lambda: len(os.listdir("/proc/self/fd")) <= before, "descriptors")
+
+    run(False, body)
+
+
+def _tracked(loop: asyncio.AbstractEventLoop) -> int:
+    """Transports uvloop records by descriptor (its one ``WeakValueDictionary``)."""
+    found = [r for r in gc.get_referents(loop) if isinstance(r, weakref.WeakValueDictionary)]
+    assert len(found) == 1
+    return len(found[0])
+
+
+def test_the_proxies_transports_are_not_recorded_by_the_loop() -> None:
+    # uvloop records every transport in a WeakValueDictionary (Python code, ~9k
+    # instructions a transport); the proxies' connections carry on without it
+    async def body(rig: Rig) -> None:
+        payload = os.urandom(100)
+        await round_trip(*await rig.connect((SERVICE_IP, TCP_PORT)), payload)  # warm
+        await eventually(lambda: not any(p.table.live for p in rig.proxies.values()), "closes")
+        loop = asyncio.get_running_loop()
+        before = _tracked(loop)
+        held = [await rig.connect((SERVICE_IP, TCP_PORT)) for _ in range(5)]
+        await eventually(
+            lambda: sum(len(p.table.live) for p in rig.proxies.values()) == 10, "opens"
+        )
+        assert _tracked(loop) <= before  # nor the rig's client's and echo app's
+        for r, w in held:
+            w.write(payload)
+            w.write_eof()
+            assert await r.read() == payload
+            w.close()
 
     run(False, body)
 
