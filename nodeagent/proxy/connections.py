@@ -150,21 +150,16 @@ def connection_line(relay: Relay, peers: Peers, now: float) -> bytes:
     if not json_plain(f"{upstream}{tunnel}{source}{reason}"):
         upstream, tunnel = json_text(upstream), json_text(tunnel)
         source, reason = json_text(source), json_text(reason)
-    line = (
+    hbone_addr = f',"dst.hbone_addr":"{tunnel}"' if hbone else ""
+    error = f',"error":"{reason}"' if relay.close_reason not in CLEAN_ENDS else ""
+    # one string built at once: each ``+=`` would copy the line so far
+    return (
         f'{{"start_time":"{rfc3339(relay.opened_at)}",{peers.start}"src.addr":"{source}"'
-        f'{peers.src_fields},"dst.addr":"{upstream}"'
-    )
-    if hbone:
-        line += f',"dst.hbone_addr":"{tunnel}"'
-    line += (
-        f'{peers.dst_fields},"bytes_sent":{relay.bytes_sent},'
-        f'"bytes_recv":{relay.bytes_received},'
+        f'{peers.src_fields},"dst.addr":"{upstream}"{hbone_addr}{peers.dst_fields},'
+        f'"bytes_sent":{relay.bytes_sent},"bytes_recv":{relay.bytes_received},'
         f'"duration":"{round((now - relay.opened_at) * 1000)}ms"{peers.policy},'
-        f'"connection_termination_details":"{reason}"'
-    )
-    if relay.close_reason not in CLEAN_ENDS:
-        line += f',"error":"{reason}"'
-    return (line + "}\n").encode()
+        f'"connection_termination_details":"{reason}"{error}}}\n'
+    ).encode()
 
 
 class ConnectionTable:

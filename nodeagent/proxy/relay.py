@@ -58,7 +58,7 @@ class Relay:
     # -- lifecycle -------------------------------------------------------------------
     def attach_upstream(self, transport: asyncio.Transport) -> None:
         self.upstream = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # (high: a keyword costs more)
         if self.pending:
             transport.writelines(self.pending)
             self.pending.clear()
@@ -103,7 +103,7 @@ class ClientSide(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         self.relay.client = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)  # (high)
         transport.pause_reading()  # until the upstream is connected
         self.on_made(self)
 
