@@ -69,6 +69,7 @@ MODULES = (
     "nodeagent.core.clusters",
     "nodeagent.telemetry.accesslog",
     "nodeagent.telemetry.metrics",
+    "nodeagent.identity.tlsread",
 )
 """Compiled together as one group (``GROUP``). A module in this list must stay mypyc-clean:
 no attribute narrowed in a subclass, no narrowed attribute re-tested after a call that may

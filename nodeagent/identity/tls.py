@@ -17,6 +17,8 @@ from typing import Any
 
 from cryptography import x509
 
+from nodeagent.identity.tlsread import ReadTracker
+
 ALPN = "h2"
 
 
@@ -45,17 +47,19 @@ def _load_chain(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
 
 
 class _DirectSSLObject(ssl.SSLObject):
-    """An ``SSLObject`` whose ``read``, ``write`` and ``pending`` are ``_ssl``'s own C
-    methods: the event loop's TLS transport calls them a few times per record, and the
-    stdlib's wrappers only pass their arguments on, at the cost of a Python frame each."""
+    """An ``SSLObject`` whose ``write`` is ``_ssl``'s own C method and whose ``read`` and
+    ``pending`` are a compiled ``ReadTracker``'s: the event loop's TLS transport calls them
+    a few times per record, the stdlib's wrappers only pass their arguments on, at the cost
+    of a Python frame each, and ``pending`` after a short read needs no call into OpenSSL."""
 
     @classmethod
     def _create(cls, *args: Any, **kwargs: Any) -> _DirectSSLObject:
         self = super()._create(*args, **kwargs)  # type: ignore[misc]
         c = self._sslobj
+        reads = ReadTracker(c.read, c.pending)
         # (instance attributes shadow the class's methods; uvloop binds them once per
         # connection, after ``wrap_bio``)
-        self.read, self.write, self.pending = c.read, c.write, c.pending
+        self.read, self.write, self.pending = reads.read, c.write, reads.pending
         return self  # type: ignore[no-any-return]
 
 

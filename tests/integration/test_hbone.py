@@ -27,6 +27,7 @@ from certs import TestCA, make_ca, spiffe_id
 
 from nodeagent.errors import PeerError
 from nodeagent.identity.tls import WorkloadCert, client_context, server_context
+from nodeagent.identity.tlsread import ReadTracker
 from nodeagent.proxy.connections import ConnectionTable
 from nodeagent.proxy.hbone import HboneStream
 from nodeagent.proxy.hbone_client import HboneClientPool
@@ -271,21 +272,12 @@ async def relay_outbound(
     return await loop.create_server(make, "127.0.0.1", 0)
 
 
-def test_tls_objects_of_our_contexts_read_and_write_through_ssl_directly(mesh: Mesh) -> None:
-    """The event loop's TLS transport calls ``read``/``write``/``pending`` on the object
-    ``wrap_bio`` makes: ours are ``_ssl``'s C methods, not the stdlib's Python wrappers,
-    and a handshake and 1 MiB each way still go through (memory BIOs, real TLS 1.3)."""
+def _tls_pair(mesh: Mesh) -> tuple[ssl.SSLObject, ssl.SSLObject, list[ssl.MemoryBIO]]:
+    """A client and a server object of our contexts over memory BIOs, handshake done
+    (bios: client in, client out, server in, server out)."""
     bios = [ssl.MemoryBIO() for _ in range(4)]
     client = mesh.client_ctx().wrap_bio(bios[0], bios[1])
     server = mesh.server_ctx().wrap_bio(bios[2], bios[3], server_side=True)
-    for obj in (client, server):
-        for name in ("read", "write", "pending"):
-            assert getattr(obj, name).__self__ is obj._sslobj, name  # type: ignore[attr-defined]
-
-    def pump() -> None:
-        bios[2].write(bios[1].read())
-        bios[0].write(bios[3].read())
-
     for _ in range(10):
         done = 0
         for obj in (client, server):
@@ -294,10 +286,29 @@ def test_tls_objects_of_our_contexts_read_and_write_through_ssl_directly(mesh: M
                 done += 1
             except ssl.SSLWantReadError:
                 pass
-        pump()
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
         if done == 2:
             break
     assert client.version() == "TLSv1.3"
+    return client, server, bios
+
+
+def test_tls_objects_of_our_contexts_read_and_write_through_ssl_directly(mesh: Mesh) -> None:
+    """The event loop's TLS transport calls ``read``/``write``/``pending`` on the object
+    ``wrap_bio`` makes: ours are ``_ssl``'s C methods (or, for ``read`` and ``pending``,
+    a compiled tracker's), not the stdlib's Python wrappers, and 1 MiB each way goes
+    through (memory BIOs, real TLS 1.3)."""
+    client, server, bios = _tls_pair(mesh)
+    for obj in (client, server):
+        assert obj.write.__self__ is obj._sslobj  # type: ignore[attr-defined]
+        for name in ("read", "pending"):
+            assert type(getattr(obj, name).__self__) is ReadTracker, name
+
+    def pump() -> None:
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
+
     payload = os.urandom(1 << 20)
     for sender, receiver in ((client, server), (server, client)):
         sent = 0
@@ -313,6 +324,69 @@ def test_tls_objects_of_our_contexts_read_and_write_through_ssl_directly(mesh: M
                     break
                 got += chunk
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+
+
+def test_tls_pending_after_a_short_read_is_answered_without_openssl(mesh: Mesh) -> None:
+    """``pending()``, which the TLS transport asks before and after each read, says what
+    OpenSSL says at every step (records split over BIO writes, several in one, larger than
+    the read, a close_notify), and after a read that came back short it answers without
+    calling into ``_ssl`` (each call releases and retakes the GIL)."""
+    client, server, bios = _tls_pair(mesh)
+    raw = server._sslobj  # type: ignore[attr-defined]
+    asked: list[str] = []
+
+    def raw_pending() -> int:
+        asked.append("pending")
+        return int(raw.pending())
+
+    tracker = ReadTracker(raw.read, raw_pending)  # as our contexts' objects hold one
+
+    def read(n: int) -> int:
+        buf = bytearray(n)
+        count = int(tracker.read(n, buf))
+        assert tracker.pending() == raw.pending()
+        return count
+
+    def pending() -> int:
+        asked.clear()
+        return tracker.pending()
+
+    # one record of 100 bytes, handed over in two pieces
+    client.write(b"a" * 100)
+    record = bios[1].read()
+    bios[2].write(record[:20])
+    with pytest.raises(ssl.SSLWantReadError):
+        read(4096)
+    assert pending() == 0 and asked == ["pending"]  # a failed read tells nothing
+    bios[2].write(record[20:])
+    assert read(4096) == 100  # short: the record is used up
+    assert pending() == 0 and asked == []
+    # three records in one piece, the first larger than the read
+    for chunk in (b"b" * 3000, b"c" * 10, b"d" * 5):
+        client.write(chunk)
+    bios[2].write(bios[1].read())
+    assert read(1000) == 1000  # full: more of the record is left
+    assert pending() == 2000 and asked == ["pending"]
+    assert read(4096) == 2000
+    assert pending() == 0 and asked == []
+    assert read(4096) == 10 and read(4096) == 5
+    assert pending() == 0 and asked == []
+    # a record of exactly the read's size: full, so OpenSSL is asked (and says 0)
+    client.write(b"e" * 64)
+    bios[2].write(bios[1].read())
+    assert read(64) == 64
+    assert pending() == 0 and asked == ["pending"]
+    # bytes (no buffer): short too
+    client.write(b"f" * 30)
+    bios[2].write(bios[1].read())
+    assert tracker.read(1024) == b"f" * 30
+    assert pending() == 0 and asked == []
+    # close_notify: the read returns 0, and OpenSSL is asked again
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.unwrap()
+    bios[2].write(bios[1].read())
+    assert read(4096) == 0
+    assert pending() == 0 and asked == ["pending"]
 
 
 def test_relay_through_a_tunnel_16_mib_each_way_with_half_close(mesh: Mesh) -> None:
