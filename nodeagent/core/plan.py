@@ -19,7 +19,7 @@ the attempts) and decides none of it again.
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from nodeagent.core.balancer import hash_key_for
 from nodeagent.core.clusters import Cluster, ClusterError, Clusters, fqdn
@@ -261,9 +261,10 @@ class Draws:
 
     def __init__(self, rnd: random.Random) -> None:
         self.rnd = rnd
-        self.hex = ""
-        """Random hex digits for new ids, ``ID_DIGITS`` per request (``id_digits``)."""
-        self._at = 0
+        self.ids = ""
+        """New ids for ``_ID_BATCH`` requests, ``ID_WIDTH`` characters each: a
+        ``traceparent`` value, then a request id (``new_ids``)."""
+        self._at = _BATCH_CHARS  # (none drawn yet)
 
     def chance(self, percent: float) -> bool:
         """True ``percent`` % of the time (a fault's delay or abort)."""
@@ -273,18 +274,29 @@ class Draws:
         """A destination by weight."""
         return pick_weighted(routes, self.rnd.random())
 
-    def id_digits(self) -> int:
-        """Where ``ID_DIGITS`` fresh random hex digits for new ids start in ``hex``: for
-        correlation, not secrets (the seeded generator, not a syscall per request). Drawn
-        and formatted ``_ID_BATCH`` requests at a time: one draw and one format per
-        request cost more than the rest of the ids."""
+    def new_ids(self) -> int:
+        """Where a request's new ids start in ``ids``: for correlation, not secrets (the
+        seeded generator, not a syscall per request). Drawn and formatted ``_ID_BATCH``
+        requests at a time, in place: a request takes slices of the batch, no draw, format
+        or join of its own (those cost more than the rest of its plan)."""
         at = self._at
-        if at >= len(self.hex):
-            bits = self.rnd.getrandbits(ID_DIGITS * 4 * _ID_BATCH) | _NONZERO_BATCH
-            self.hex = f"{bits:0{ID_DIGITS * _ID_BATCH}x}"
+        if at >= _BATCH_CHARS:
+            self.ids = _id_batch(self.rnd)
             at = 0
-        self._at = at + ID_DIGITS
+        self._at = at + ID_WIDTH
         return at
+
+
+def _id_batch(rnd: random.Random) -> str:
+    """``_ID_BATCH`` requests' new ids, ``ID_WIDTH`` characters each: random hex digits,
+    then the fixed characters of each id written over their columns."""
+    n = _BATCH_CHARS // 2
+    ids = bytearray(rnd.getrandbits(n * 8).to_bytes(n, "little").hex(), "ascii")
+    for at, fixed in _FIXED:
+        ids[at::ID_WIDTH] = fixed
+    for at, table in _MAPPED:
+        ids[at::ID_WIDTH] = ids[at::ID_WIDTH].translate(table)
+    return ids.decode("ascii")
 
 
 class Likeliest(Draws):
@@ -304,15 +316,23 @@ def _weight(r: RouteDestination) -> int:
     return r.weight
 
 
-ID_DIGITS = 80
-"""Hex digits a request's new ids take: trace id (32), span id (16), request id (32)."""
-_ID_BATCH = 64
-_NONZERO_IDS = (1 << 192) | (1 << 128)
-"""OR-ed into the 320 random bits of each request's new ids: the trace id (the top 128
-bits) and the span id (the next 64) must not be all zeros."""
-_NONZERO_BATCH = sum(_NONZERO_IDS << (ID_DIGITS * 4 * i) for i in range(_ID_BATCH))
-_UUID_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-"""A random hex digit as the RFC 4122 variant digit of a UUID."""
+ID_WIDTH: Final = 91
+"""Characters a request's new ids take in a batch (``_LAYOUT``)."""
+_TRACEPARENT: Final = 55
+"""Where the request id starts (the ``traceparent`` value ends)."""
+_LAYOUT = "00-" + "x" * 31 + "o-" + "x" * 15 + "o-00" + "xxxxxxxx-xxxx-4xxx-vxxx-" + "x" * 12
+"""A request's new ids in a batch: ``00-{trace id}-{span id}-00``, the ``traceparent``
+of a trace that is not sampled, then the request id (a version 4 UUID). ``x``: a random
+hex digit; ``o``: a random odd one (neither id may be all zeros); ``v``: the UUID's
+variant digit."""
+_ID_BATCH: Final = 64
+_BATCH_CHARS: Final = ID_WIDTH * _ID_BATCH
+_FIXED = tuple((at, c.encode() * _ID_BATCH) for at, c in enumerate(_LAYOUT) if c not in "xov")
+"""The columns of a batch that are the same for every request, and their bytes."""
+_ODD = bytes.maketrans(b"02468ace", b"13579bdf")
+_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab" * 4)
+_MAPPED = tuple((at, _ODD if c == "o" else _VARIANT) for at, c in enumerate(_LAYOUT) if c in "ov")
+"""The columns of a batch whose random digit is mapped, and how."""
 
 
 class Planner:
@@ -463,16 +483,13 @@ def _ids(p: Plan, hdrs: dict[str, str], draws: Draws) -> list[tuple[str, str]]:
     tp = hdrs.get("traceparent")
     rid = hdrs.get("x-request-id")
     if tp is None or rid is None:
-        o = draws.id_digits()  # (slices of the batch: no 80-digit string per request)
-        h = draws.hex
+        o = draws.new_ids()
+        ids = draws.ids
         if tp is None:  # W3C trace context, not sampled
-            p.trace_id = h[o : o + 32]
-            add.append(("traceparent", f"00-{p.trace_id}-{h[o + 32 : o + 48]}-00"))
+            p.trace_id = ids[o + 3 : o + 35]
+            add.append(("traceparent", ids[o : o + _TRACEPARENT]))
         if rid is None:  # a version 4 UUID
-            rid = (
-                f"{h[o + 48 : o + 56]}-{h[o + 56 : o + 60]}-4{h[o + 61 : o + 64]}-"
-                f"{_UUID_VARIANT[h[o + 64]]}{h[o + 65 : o + 68]}-{h[o + 68 : o + 80]}"
-            )
+            rid = ids[o + _TRACEPARENT : o + ID_WIDTH]
             add.append(("x-request-id", rid))
     if tp is not None:
         p.trace_id = trace_id(tp)

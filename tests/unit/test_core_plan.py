@@ -6,6 +6,7 @@ route decisions. Pure: a snapshot from YAML, a request value, scripted draws."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,32 @@ def test_new_ids_are_added_and_the_clients_are_kept(snap: MeshSnapshot) -> None:
     assert p.add_headers == (("x-forwarded-proto", "http"),)
     assert (p.trace_id, p.request_id) == ("0af7651916cd43dd8448eb211c80319c", "r-1")
     assert trace_id("garbage") == trace_id(None) == ""
+
+
+def test_each_request_gets_new_ids_of_its_own_in_the_w3c_and_uuid_formats(
+    snap: MeshSnapshot,
+) -> None:
+    planner_, draws = planner(), Draws(random.Random(3))
+    traceparent = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-00")
+    uuid4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    seen: set[str] = set()
+    variants: set[str] = set()
+    for _ in range(300):  # ids are made many requests at a time: several batches
+        p = planner_.plan(snap, request(snap), draws)
+        assert isinstance(p, Plan)
+        added = dict(p.add_headers)
+        m = traceparent.fullmatch(added["traceparent"])
+        assert m is not None and m[1] == p.trace_id
+        assert int(m[1], 16) != 0 and int(m[2], 16) != 0
+        assert uuid4.fullmatch(p.request_id) and added["x-request-id"] == p.request_id
+        seen.update((p.trace_id, m[2], p.request_id))
+        variants.add(p.request_id[19])
+    assert len(seen) == 900 and variants == set("89ab")
+    # a client's trace context is kept, a request id is still made for it
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    p = planner_.plan(snap, request(snap, "/", ("traceparent", tp)), draws)
+    assert isinstance(p, Plan) and "traceparent" not in dict(p.add_headers)
+    assert uuid4.fullmatch(p.request_id) and p.request_id not in seen
 
 
 def test_the_route_header_goes_only_where_a_limit_is_keyed_by_route(
