@@ -19,6 +19,7 @@ the attempts) and decides none of it again.
 from __future__ import annotations
 
 import random
+import weakref
 from typing import Final, NamedTuple
 
 from nodeagent.core.balancer import hash_key_for
@@ -34,7 +35,7 @@ from nodeagent.core.route import (
 )
 from nodeagent.model.objects import Pod, Service
 from nodeagent.model.ratelimit import KeyKind
-from nodeagent.model.snapshot import MeshSnapshot, PerSnapshot
+from nodeagent.model.snapshot import MeshSnapshot
 from nodeagent.model.traffic import (
     DEFAULT_RETRY,
     Destination,
@@ -341,12 +342,21 @@ class Planner:
 
     def __init__(self, clusters: Clusters) -> None:
         self.clusters = clusters
-        self._memo = PerSnapshot(_Memo)
-        """What is remembered of the serving snapshot (one lookup per request)."""
+        self._memo: _Memo | None = None
+        """What is remembered of the serving snapshot (``memo``)."""
+
+    def memo(self, snap: MeshSnapshot) -> _Memo:
+        """What is remembered of ``snap``: made on first use, made again when the snapshot
+        changes, held without keeping an old snapshot alive (``PerSnapshot``'s rule, kept
+        here: compiled, no interpreted call per request)."""
+        memo = self._memo
+        if memo is None or memo.of() is not snap:
+            memo = self._memo = _Memo(snap)
+        return memo
 
     def route(self, snap: MeshSnapshot, req: Request) -> Routed:
         """The route decision for ``req`` (remembered when only its request line counts)."""
-        return self._route(snap, req, self._memo.get(snap).routed)
+        return self._route(snap, req, self.memo(snap).routed)
 
     def _route(
         self, snap: MeshSnapshot, req: Request, memo: dict[tuple[str, int, str, str, str], Routed]
@@ -384,7 +394,7 @@ class Planner:
 
     def plan(self, snap: MeshSnapshot, req: Request, draws: Draws) -> Plan | Answer:
         """Everything decided about ``req`` before its first attempt."""
-        memo = self._memo.get(snap)
+        memo = self.memo(snap)
         routed = self._route(snap, req, memo.routed)
         decision, name = routed.decision, routed.name
         if routed.direct and routed.cluster is not None:  # (no model object read per request)
@@ -548,6 +558,7 @@ class _Memo:
     """What the planner remembers of one snapshot."""
 
     def __init__(self, snap: MeshSnapshot) -> None:
+        self.of = weakref.ref(snap)
         self.routed: dict[tuple[str, int, str, str, str], Routed] = {}
         """Route decisions by (service, port, method, target, authority), for routes that
         only look at those (bounded by ``MEMO_MAX``)."""

@@ -5,8 +5,10 @@ route decisions. Pure: a snapshot from YAML, a request value, scripted draws."""
 
 from __future__ import annotations
 
+import gc
 import random
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -355,6 +357,20 @@ def test_the_mirror_is_drawn_by_its_percentage(snap: MeshSnapshot) -> None:
     assert p.mirror is not None and p.mirror.subset == "v2"
     assert planned(snap, req, scripted(0.26)).mirror is None
     assert planned(snap, req).mirror is None  # Likeliest: no chance fires
+
+
+def test_what_is_remembered_of_a_snapshot_goes_with_it(tmp_path: Path) -> None:
+    pl = planner()
+    old = load(tmp_path)
+    first = pl.route(old, request(old, "/api/x", service="default/plain"))
+    new = load(tmp_path)
+    again = pl.route(new, request(new, "/api/x", service="default/plain"))
+    assert again is not first and again.name == first.name  # decided again for the new one
+    assert pl.route(new, request(new, "/api/x", service="default/plain")) is again
+    gone = weakref.ref(old)
+    del old, first
+    gc.collect()
+    assert gone() is None  # the planner does not keep the old snapshot alive
 
 
 def test_route_decisions_are_remembered_per_request_line(
