@@ -33,7 +33,8 @@ it already tried as ``exclude``). No I/O and no asyncio; time and randomness are
 
 Use: the proxy keeps one :class:`BalancerRegistry` and per request calls
 ``registry.get(key, endpoints, lb, outlier, source_pod)``, then ``pick()``, ``started()``
-before forwarding, ``finished()`` and ``report()`` when the upstream answered or failed.
+before forwarding, ``finished()`` and ``report()`` when the upstream answered or failed
+(or ``pick_host()``, then the ``Host``'s ``start()`` and ``finish()``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ __all__ = [
     "Balancer",
     "BalancerRegistry",
     "ClusterKey",
+    "Host",
     "Policy",
     "endpoint_address",
     "hash_key_for",
@@ -149,8 +151,11 @@ def endpoint_address(ep: Endpoint) -> str:
 # ------------------------------------------------------------------------- per host
 
 
-class _Host(HostHealth):
-    """Per-address state (health in ``HostHealth``); identity-hashed (used in sets)."""
+class Host(HostHealth):
+    """Per-address state (health in ``HostHealth``); identity-hashed (used in sets).
+    ``Balancer.pick_host`` returns one: its ``endpoint``, its ``addr``
+    (``endpoint_address``), and ``start``/``finish`` for a request to it, with no look-up
+    by address (the proxy's L7 path, per request)."""
 
     __slots__ = ("active", "endpoint", "locality", "points")
 
@@ -160,6 +165,15 @@ class _Host(HostHealth):
         self.locality = endpoint.pod.locality
         self.active = 0
         self.points: tuple[int, ...] | None = None
+
+    def start(self) -> None:
+        """A request to this host is now in flight (``Balancer.started``)."""
+        self.active += 1
+
+    def finish(self) -> None:
+        """A request to this host is over, whatever its outcome (``Balancer.finished``)."""
+        if self.active > 0:
+            self.active -= 1
 
     def ring_points(self) -> tuple[int, ...]:
         if self.points is None:
@@ -174,25 +188,25 @@ class _Ring:
 
     __slots__ = ("hashes", "hosts")
 
-    def __init__(self, hashes: list[int], hosts: list[_Host]) -> None:
+    def __init__(self, hashes: list[int], hosts: list[Host]) -> None:
         self.hashes = hashes
         self.hosts = hosts
 
     @classmethod
-    def build(cls, hosts: Iterable[_Host]) -> _Ring:
+    def build(cls, hosts: Iterable[Host]) -> _Ring:
         entries = sorted((p, i, h) for i, h in enumerate(hosts) for p in h.ring_points())
         return cls([e[0] for e in entries], [e[2] for e in entries])
 
-    def subset(self, members: set[_Host]) -> _Ring:
+    def subset(self, members: set[Host]) -> _Ring:
         hashes: list[int] = []
-        hosts: list[_Host] = []
+        hosts: list[Host] = []
         for hv, h in zip(self.hashes, self.hosts, strict=True):
             if h in members:
                 hashes.append(hv)
                 hosts.append(h)
         return _Ring(hashes, hosts)
 
-    def lookup(self, hv: int, exclude: AbstractSet[str]) -> _Host:
+    def lookup(self, hv: int, exclude: AbstractSet[str]) -> Host:
         """The first host at or after ``hv`` (wrapping) whose address is not excluded; the
         caller guarantees one exists."""
         hashes = self.hashes
@@ -228,8 +242,8 @@ class _Cluster:
         self.rnd = rnd
         self.panic_threshold = panic_threshold
         self.endpoints: tuple[Endpoint, ...] = ()
-        self.hosts: list[_Host] = []
-        self.by_key: dict[tuple[str, int], _Host] = {}
+        self.hosts: list[Host] = []
+        self.by_key: dict[tuple[str, int], Host] = {}
         self.lb: LoadBalancer | None = None
         self.outlier: OutlierDetection | None = None
         self.policy = Policy.LEAST_REQUEST
@@ -250,15 +264,15 @@ class _Cluster:
 
     def set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
         old = self.by_key
-        by_key: dict[tuple[str, int], _Host] = {}
-        hosts: list[_Host] = []
+        by_key: dict[tuple[str, int], Host] = {}
+        hosts: list[Host] = []
         for ep in endpoints:
             k = (ep.ip, ep.port)
             if k in by_key:
                 continue
             h = old.get(k)
             if h is None:
-                h = _Host(ep, endpoint_address(ep))
+                h = Host(ep, endpoint_address(ep))
             else:
                 h.endpoint = ep
                 h.locality = ep.pod.locality
@@ -330,7 +344,7 @@ class Balancer:
         self._c = cluster
         self._locality = locality
         self._version = -1
-        self._tiers: tuple[tuple[_Host, ...], ...] = ()
+        self._tiers: tuple[tuple[Host, ...], ...] = ()
         self._rings: list[_Ring | None] = []
         self._panic = False
 
@@ -367,7 +381,7 @@ class Balancer:
             region, zone, subzone = self._locality
             targets = [to for frm, to in c.failover if frm == region]
             rest = 3 + len(targets)
-            buckets: dict[int, list[_Host]] = {}
+            buckets: dict[int, list[Host]] = {}
             for h in pool:
                 r, z, sz = h.locality
                 if r == region:
@@ -394,6 +408,13 @@ class Balancer:
         while another usable host exists, moving to a worse tier if need be (Envoy's
         ``previous_hosts`` / ``previous_priorities``); if every host was tried, the pick
         ignores ``exclude``."""
+        host = self.pick_host(hash_key, exclude)
+        return None if host is None else host.endpoint
+
+    def pick_host(
+        self, hash_key: str | None = None, exclude: AbstractSet[str] = frozenset()
+    ) -> Host | None:
+        """``pick``, as the chosen endpoint's ``Host``."""
         c = self._c
         od = c.detector
         if od.settings is not None:
@@ -406,7 +427,7 @@ class Balancer:
         if not tiers:
             return None
         ti = 0
-        hosts: Sequence[_Host] = tiers[0]
+        hosts: Sequence[Host] = tiers[0]
         if exclude:
             for i, tier in enumerate(tiers):
                 avail = [h for h in tier if h.addr not in exclude]
@@ -419,22 +440,22 @@ class Balancer:
         n = len(hosts)
         if kind == _LR:
             if n == 1:
-                return hosts[0].endpoint
+                return hosts[0]
             r = c.rnd.random
             a = hosts[int(r() * n)]
             b = hosts[int(r() * n)]
-            return (b if b.active < a.active else a).endpoint
+            return b if b.active < a.active else a
         if kind == _RR:
             i = c.rr
             c.rr = i + 1
-            return hosts[i % n].endpoint
+            return hosts[i % n]
         if kind == _RANDOM:
-            return hosts[int(c.rnd.random() * n)].endpoint
+            return hosts[int(c.rnd.random() * n)]
         ring = self._rings[ti]
         if ring is None:
             ring = self._rings[ti] = c.master_ring().subset(set(tiers[ti]))
         hv = stable_hash(hash_key) if hash_key is not None else c.rnd.getrandbits(64)
-        return ring.lookup(hv, exclude).endpoint
+        return ring.lookup(hv, exclude)
 
     def explain(self, hash_key: str | None = None) -> dict[str, object]:
         """What ``pick`` would do now, without doing it (no counter moves): the hosts by
@@ -501,13 +522,13 @@ class Balancer:
         """A request to ``ep`` is now in flight (for ``LEAST_REQUEST``)."""
         h = self._c.by_key.get((ep.ip, ep.port))
         if h is not None:
-            h.active += 1
+            h.start()
 
     def finished(self, ep: Endpoint) -> None:
         """A request to ``ep`` is over (whatever its outcome)."""
         h = self._c.by_key.get((ep.ip, ep.port))
-        if h is not None and h.active > 0:
-            h.active -= 1
+        if h is not None:
+            h.finish()
 
     def active(self, ep: Endpoint) -> int:
         """Requests in flight to ``ep`` (0 for an unknown endpoint)."""

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
 from nodeagent.core.paths import BadTarget, request_target
 from nodeagent.core.plan import Plan, Request, apply_header_ops, join_headers
@@ -499,14 +498,15 @@ class _Session:
         tried: set[str] = set()
         retries_left = policy.attempts
         while True:
-            ep = bal.pick(p.hash_key, tried)
-            if ep is None:
+            host = bal.pick_host(p.hash_key, tried)
+            if host is None:
                 raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
-            tried.add(endpoint_address(ep))
+            ep = host.endpoint
+            tried.add(host.addr)
             x.attempts += 1
-            x.upstream, x.dst_pod = endpoint_address(ep), ep.pod
+            x.upstream, x.dst_pod = host.addr, ep.pod
             x.sent_at = time.monotonic()
-            bal.started(ep)
+            host.start()
             failure = ""
             flag = "UF"
             try:
@@ -541,7 +541,7 @@ class _Session:
                     failure, flag = result
                     bal.report(ep, 504 if flag == "UT" else 503, False)
             finally:
-                bal.finished(ep)
+                host.finish()
             body.detach()
             s.upstream = None
             if await engine.retry_or_fail(

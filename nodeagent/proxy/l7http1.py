@@ -354,10 +354,10 @@ class Http1Session:
         retries_left = policy.attempts
         last_flag = "UF"
         while True:
-            ep = bal.pick(p.hash_key, tried)
-            if ep is None:
+            host = bal.pick_host(p.hash_key, tried)
+            if host is None:
                 raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
-            addr = endpoint_address(ep)
+            ep, addr = host.endpoint, host.addr
             tried.add(addr)
             x.attempts += 1
             x.upstream = addr
@@ -365,7 +365,7 @@ class Http1Session:
             x.sent_at = time.monotonic()
             failure: str | None = None
             status_retry = False
-            bal.started(ep)
+            host.start()
             conn: H1Conn | None = None
             try:
                 try:
@@ -408,7 +408,7 @@ class Http1Session:
                                 c, cluster, resp, body, p.set_cookie, p.response_ops, x
                             )
             finally:
-                bal.finished(ep)
+                host.finish()
                 if conn is not None:
                     engine.pool.discard(conn, abort=True)
             # a failed attempt: retry, or tell the client

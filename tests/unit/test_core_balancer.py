@@ -178,6 +178,22 @@ def test_least_request_prefers_idle_endpoints() -> None:
     assert 850 <= got["p0"] <= 1150, got
 
 
+def test_a_picked_host_counts_its_requests_in_flight_as_started_and_finished_do() -> None:
+    env = Env()
+    b = env.get(eps(1))
+    host = b.pick_host()
+    assert host is not None and host.endpoint is b.pick() and host.addr == "10.0.0.1:8080"
+    host.start()
+    host.start()
+    assert b.active(host.endpoint) == 2
+    b = env.get((*eps(1), ep("p1", "10.0.0.2")))  # refreshed: the host's state stays
+    host.finish()
+    assert b.active(host.endpoint) == 1
+    host.finish()
+    host.finish()  # one too many is harmless
+    assert b.active(host.endpoint) == 0
+
+
 def test_least_request_finds_the_single_idle_endpoint_more_often() -> None:
     endpoints = eps(10)
     b = Env().get(endpoints)
