@@ -37,15 +37,30 @@ def field_name(name: bytes) -> str:
     return low
 
 
+_RECENT_NAMES: Final[list[tuple[bytes, str]]] = [(b"", "")] * 256
+"""The names last met, each in a slot chosen by its length and three of its bytes, with
+its decoded form: a name read again (a request's or a response's usual fields) is found
+by one comparison. A fresh ``bytes`` has no hash yet: ``FIELD_NAMES`` costs some 400
+instructions a name, hashing it (it stays behind this, for names that share a slot)."""
+
+
+def _slot(name: bytes) -> int:
+    n = len(name)
+    return (n + name[0] * 4 + name[n >> 1] * 7 + name[n - 1] * 2) & 255 if n else 0
+
+
 def field(name: bytes, value: bytes) -> tuple[str, str]:
     """A field as llhttp gave it, decoded: the name lower-cased, the value without the
     trailing whitespace llhttp keeps.
 
     Runs for every field: ``bytes.rstrip`` is a generic method call in compiled code
     (some hundreds of instructions), while most values end in neither space nor tab."""
-    low = FIELD_NAMES.get(name)
-    if low is None:
-        low = field_name(name)
+    i = _slot(name)
+    seen, low = _RECENT_NAMES[i]
+    if seen != name:
+        got = FIELD_NAMES.get(name)
+        low = got if got is not None else field_name(name)
+        _RECENT_NAMES[i] = (name, low)
     end = len(value) - 1
     if end >= 0 and (value[end] == 32 or value[end] == 9):
         value = value.rstrip(b" \t")

@@ -107,6 +107,21 @@ def test_get_keep_alive_two_requests() -> None:
     assert down.receive_data(b"") == [ConnectionClosed()]
 
 
+def test_every_field_name_is_read_as_its_own_in_lower_case() -> None:
+    # more names than the machines remember by slot, in several cases each, interleaved:
+    # a name must never come out as another that was read before it
+    names = [f"X-Field-{i}-{'a' * (i % 7)}" for i in range(600)]
+    down = DownstreamHttp1(max_headers=1000)
+    for spelled in (str.title, str.upper, str.lower, str.title):
+        fields = "".join(f"{spelled(n)}: {i}\r\n" for i, n in enumerate(names))
+        got = down.receive_data(f"GET /a HTTP/1.1\r\nHost: svc\r\n{fields}\r\n".encode())
+        assert isinstance(got[0], RequestHead)
+        want = (("host", "svc"), *((n.lower(), str(i)) for i, n in enumerate(names)))
+        assert got[0].headers == want
+        respond_ok(down)
+        assert down.start_next_request() == []
+
+
 def test_pipelined_pair_in_one_receive_is_buffered_until_next_request() -> None:
     down = DownstreamHttp1()
     assert down.receive_data(GET + GET_B) == [head(), RequestEnd()]
