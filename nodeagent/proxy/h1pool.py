@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import monotonic
 
+from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
 from nodeagent.errors import PeerError
 from nodeagent.model.snapshot import Endpoint
@@ -50,6 +51,7 @@ class H1Conn:
     __slots__ = (
         "cluster",
         "events",
+        "idle",
         "idle_since",
         "key",
         "machine",
@@ -59,8 +61,11 @@ class H1Conn:
         "requests",
     )
 
-    def __init__(self, key: tuple[str, str, int], cluster: str, pipe: Pipe) -> None:
+    def __init__(self, key: tuple[str, str], cluster: str, pipe: Pipe) -> None:
         self.key = key
+        """(source, ``endpoint_address``): the pool's key."""
+        self.idle: list[H1Conn] | None = None
+        """The pool's idle connections of ``key``, once this one has been there."""
         self.cluster = cluster
         self.pipe = pipe
         self.machine = UpstreamHttp1()
@@ -84,7 +89,7 @@ class H1Pool:
     """Idle keep-alive connections per (source pod, endpoint), and per-cluster limits."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[H1Conn]] = {}
+        self._idle: dict[tuple[str, str], list[H1Conn]] = {}
         self._active: dict[str, int] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
 
@@ -92,10 +97,11 @@ class H1Pool:
         self, source: str, cluster: Cluster, ep: Endpoint, connect: ConnectFn
     ) -> tuple[H1Conn, bool]:
         """A connection to ``ep`` (reused when one is idle) and whether it was reused."""
-        conn = self.reuse(source, cluster, ep)
+        addr = endpoint_address(ep)
+        conn = self.reuse(source, cluster, addr)
         if conn is not None:
             return conn, True
-        key = (source, ep.ip, ep.port)
+        key = (source, addr)
         name = cluster.name
         while self._active.get(name, 0) >= cluster.max_connections:
             if self._close_idle_of(name):
@@ -126,13 +132,14 @@ class H1Pool:
             raise
         return conn, False
 
-    def reuse(self, source: str, cluster: Cluster, ep: Endpoint) -> H1Conn | None:
-        """An idle connection to ``ep`` still fit to reuse, or None (``acquire``'s first
-        step, without a coroutine: a keep-alive request usually finds one)."""
-        idle = self._idle.get((source, ep.ip, ep.port))
+    def reuse(self, source: str, cluster: Cluster, addr: str) -> H1Conn | None:
+        """An idle connection to the endpoint at ``addr`` (``endpoint_address``) still fit
+        to reuse, or None (``acquire``'s first step, without a coroutine: a keep-alive
+        request usually finds one)."""
+        idle = self._idle.get((source, addr))
         if not idle:
             return None
-        now = time.monotonic()
+        now = monotonic()
         while idle:
             conn = idle.pop()
             stale = now - conn.idle_since > cluster.idle_timeout
@@ -162,8 +169,11 @@ class H1Pool:
             and (limit <= 0 or conn.requests < limit)
         ):
             conn.machine.start_next_request()
-            conn.idle_since = time.monotonic()
-            self._idle.setdefault(conn.key, []).append(conn)
+            conn.idle_since = monotonic()
+            idle = conn.idle
+            if idle is None:  # (then kept: no key to hash on each release)
+                idle = conn.idle = self._idle.setdefault(conn.key, [])
+            idle.append(conn)
             if self._waiters:
                 self._wake(conn.cluster)
             return
@@ -193,4 +203,4 @@ class H1Pool:
         for conns in self._idle.values():
             for c in conns:
                 c.pipe.close()
-        self._idle.clear()
+            conns.clear()  # (the lists stay: a connection keeps its own, ``H1Conn.idle``)

@@ -369,7 +369,7 @@ class Http1Session:
             conn: H1Conn | None = None
             try:
                 try:
-                    conn = engine.pool.reuse(ds.pool_key, cluster, ep)
+                    conn = engine.pool.reuse(ds.pool_key, cluster, addr)
                     if conn is not None:
                         reused = True
                     else:
