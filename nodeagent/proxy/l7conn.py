@@ -384,6 +384,9 @@ class Recorder:
         # the line: the fields fixed for this context, then this request's own, in the
         # order of Istio's JSON access log (a format string costs less than a dict of
         # every field and its ``orjson.dumps``; the dict is parsed back only if asked for)
+        end = "}\n"  # (the fields only some requests have, then: one string built)
+        if policy or principal or detail:
+            end = _optional_fields(policy, x.policy_rule, principal, detail)
         line = (
             f'{ctx.head}"start_time":"{rfc3339(x.start_wall)}","method":"{method}",'
             f'"authority":"{authority}","path":"{path}","response_code":{status},'
@@ -392,17 +395,9 @@ class Recorder:
             f'"upstream_service_time":{service_time},"upstream_host":"{upstream}",'
             f'"upstream_transport_failure_reason":{failure},"x_forwarded_for":{forwarded},'
             f'"attempts":{x.attempts},"trace_id":"{trace_id}","request_id":"{request_id}",'
-            f'"user_agent":"{agent}","grpc_status":{grpc}'
+            f'"user_agent":"{agent}","grpc_status":{grpc}{end}'
         )
-        if policy:
-            line += f',"authz_policy":"{policy}"'
-            if x.policy_rule is not None:
-                line += f',"authz_rule":{x.policy_rule}'
-        if principal:
-            line += f',"request_principal":"{principal}"'
-        if detail:
-            line += f',"detail":"{detail}"'
-        data = (line + "}\n").encode()
+        data = line.encode()
         obs = self.observer
         if obs is None:
             self.access_log.write_line(data)
@@ -411,6 +406,21 @@ class Recorder:
             obs.end(x, flags)
         if obs.log_keeps(ds.pod, data):
             self.access_log.write_line(data)
+
+
+def _optional_fields(policy: str, rule: int | None, principal: str, detail: str) -> str:
+    """The end of an access-log line: the fields only some requests have (already as JSON
+    writes them), then ``}`` and the newline."""
+    line = ""
+    if policy:
+        line += f',"authz_policy":"{policy}"'
+        if rule is not None:
+            line += f',"authz_rule":{rule}'
+    if principal:
+        line += f',"request_principal":"{principal}"'
+    if detail:
+        line += f',"detail":"{detail}"'
+    return line + "}\n"
 
 
 __all__ = [
