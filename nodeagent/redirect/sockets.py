@@ -28,11 +28,11 @@ IP_TRANSPARENT = 19
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     """The address the client dialled before capture, or None if it was not redirected.
 
-    Read on the file descriptor, through a C socket made on it (no system call with its
-    family, type and protocol given) and detached after: an event loop transport's
-    socket (uvloop's) makes a whole ``socket.socket`` for each ``getsockopt``, whose
-    constructor checks the descriptor with a ``getsockname`` system call; and ``ctypes``
-    costs a few microseconds a call."""
+    Read on the file descriptor, through a C socket made on it and detached after (its
+    constructor checks the descriptor with one ``getsockname`` system call, even with
+    family, type and protocol given): an event loop transport's socket (uvloop's) makes a
+    whole ``socket.socket`` for each ``getsockopt``, with a Python frame more; and
+    ``ctypes`` costs a few microseconds a call."""
     fd = sock.fileno()
     if fd < 0:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
