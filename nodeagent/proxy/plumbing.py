@@ -137,15 +137,29 @@ def untrack_transports(loop: asyncio.AbstractEventLoop) -> bool:
     descriptor (the proxy never asks for one). The dictionary (no attribute of uvloop's
     ``Loop`` reaches it from Python) is found among the loop's references and becomes an
     ``_Untracked`` one, which drops new entries; what it holds stays. Returns whether it
-    did (False: another loop, or a uvloop laid out otherwise)."""
+    did (False: another loop, a uvloop laid out otherwise, or a uvloop release whose use of
+    that dictionary nobody has read yet: ``UNTRACKED_UVLOOP``)."""
     if not type(loop).__module__.startswith("uvloop"):
         return False  # (asyncio's own loop uses its dictionary for more)
+    if not _uvloop_version().startswith(UNTRACKED_UVLOOP):
+        return False
     kinds = (weakref.WeakValueDictionary, _Untracked)
     found = [r for r in gc.get_referents(loop) if type(r) in kinds]
     if len(found) != 1:
         return False
     found[0].__class__ = _Untracked
     return True
+
+
+UNTRACKED_UVLOOP: Final = "0.23."
+"""The uvloop releases whose loop.pyx was read for ``untrack_transports`` (its dictionary
+is written by ``_track_transport`` and read only by ``_ensure_fd_no_transport``)."""
+
+
+def _uvloop_version() -> str:
+    import uvloop  # (already imported by whoever made a uvloop loop)
+
+    return str(getattr(uvloop, "__version__", ""))
 
 
 def _drop(fd: object, transport: object) -> None:

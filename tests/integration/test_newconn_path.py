@@ -14,7 +14,10 @@ import weakref
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+import uvloop
 from test_proxy_loopback import SERVICE_IP, TCP_PORT, Rig, eventually, round_trip, run
+
+from nodeagent.proxy.plumbing import UNTRACKED_UVLOOP, untrack_transports
 
 CONNECTIONS = 5
 
@@ -130,6 +133,25 @@ def test_the_proxies_transports_are_not_recorded_by_the_loop() -> None:
             w.close()
 
     run(False, body)
+
+
+def test_untracking_is_for_uvloop_releases_that_were_read() -> None:
+    # A new uvloop may use its transports' dictionary for more: this fails until someone
+    # reads its loop.pyx and adds the release to UNTRACKED_UVLOOP
+    assert uvloop.__version__.startswith(UNTRACKED_UVLOOP), (
+        f"uvloop {uvloop.__version__}: check its use of Loop._transports, then extend "
+        "plumbing.UNTRACKED_UVLOOP"
+    )
+    loop = uvloop.new_event_loop()
+    try:
+        assert untrack_transports(loop)
+    finally:
+        loop.close()
+    other = asyncio.new_event_loop()  # asyncio's own loop needs its dictionary
+    try:
+        assert not untrack_transports(other)
+    finally:
+        other.close()
 
 
 DENY_LOOPBACK = """
