@@ -167,11 +167,11 @@ class Host(HostHealth):
         self.points: tuple[int, ...] | None = None
 
     def start(self) -> None:
-        """A request to this host is now in flight (``Balancer.started``)."""
+        """A request to this host is now in flight (for ``LEAST_REQUEST``)."""
         self.active += 1
 
     def finish(self) -> None:
-        """A request to this host is over, whatever its outcome (``Balancer.finished``)."""
+        """A request to this host is over, whatever its outcome."""
         if self.active > 0:
             self.active -= 1
 
@@ -518,17 +518,10 @@ class Balancer:
 
     # ---- bookkeeping reported by the proxy
 
-    def started(self, ep: Endpoint) -> None:
-        """A request to ``ep`` is now in flight (for ``LEAST_REQUEST``)."""
-        h = self._c.by_key.get((ep.ip, ep.port))
-        if h is not None:
-            h.start()
-
-    def finished(self, ep: Endpoint) -> None:
-        """A request to ``ep`` is over (whatever its outcome)."""
-        h = self._c.by_key.get((ep.ip, ep.port))
-        if h is not None:
-            h.finish()
+    def host(self, ep: Endpoint) -> Host | None:
+        """``ep``'s host in this cluster (None for an endpoint it does not hold). The proxy
+        keeps the ``Host`` that ``pick_host`` gave; this finds one by address."""
+        return self._c.by_key.get((ep.ip, ep.port))
 
     def active(self, ep: Endpoint) -> int:
         """Requests in flight to ``ep`` (0 for an unknown endpoint)."""

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nodeagent.core.balancer import (
     Balancer,
     BalancerRegistry,
+    Host,
     Policy,
     endpoint_address,
     locality_of,
@@ -124,6 +125,14 @@ def picks(b: Balancer, n: int, hash_key: str | None = None) -> Counter[str]:
     return out
 
 
+def start(b: Balancer, e: Endpoint) -> Host:
+    """A request to ``e`` starts, as the proxy starts one on the host it picked."""
+    host = b.host(e)
+    assert host is not None, e
+    host.start()
+    return host
+
+
 def fail(b: Balancer, e: Endpoint, times: int, status: int = 500) -> None:
     for _ in range(times):
         b.report(e, status, False)
@@ -165,20 +174,20 @@ def test_least_request_prefers_idle_endpoints() -> None:
     endpoints = eps(2)
     b = Env().get(endpoints)
     for _ in range(3):
-        b.started(endpoints[0])
+        host = start(b, endpoints[0])
     assert b.active(endpoints[0]) == 3
     got = picks(b, 2000)
     # power of two choices: the busy one wins only when both samples land on it (1/4)
     assert 1350 <= got["p1"] <= 1650, got
     for _ in range(3):
-        b.finished(endpoints[0])
-    b.finished(endpoints[0])  # one too many is harmless
+        host.finish()
+    host.finish()  # one too many is harmless
     assert b.active(endpoints[0]) == 0
     got = picks(b, 2000)
     assert 850 <= got["p0"] <= 1150, got
 
 
-def test_a_picked_host_counts_its_requests_in_flight_as_started_and_finished_do() -> None:
+def test_a_picked_host_counts_its_requests_in_flight_across_a_refresh() -> None:
     env = Env()
     b = env.get(eps(1))
     host = b.pick_host()
@@ -198,7 +207,7 @@ def test_least_request_finds_the_single_idle_endpoint_more_often() -> None:
     endpoints = eps(10)
     b = Env().get(endpoints)
     for e in endpoints[1:]:
-        b.started(e)
+        start(b, e)
     got = picks(b, 2000)
     # 1 - 0.9² = 19 % instead of 10 %
     assert 300 <= got["p0"] <= 460, got
@@ -208,14 +217,14 @@ def test_least_request_balances_a_simulated_load() -> None:
     endpoints = eps(5)
     b = Env().get(endpoints)
     rnd = random.Random(3)
-    in_flight: list[Endpoint] = []
+    in_flight: list[Host] = []
     for _ in range(2000):
-        e = b.pick()
-        assert e is not None
-        b.started(e)
-        in_flight.append(e)
+        h = b.pick_host()
+        assert h is not None
+        h.start()
+        in_flight.append(h)
         if len(in_flight) > 20:
-            b.finished(in_flight.pop(rnd.randrange(len(in_flight))))
+            in_flight.pop(rnd.randrange(len(in_flight))).finish()
     loads = [b.active(e) for e in endpoints]
     assert sum(loads) == 20 and max(loads) - min(loads) <= 3, loads
 
@@ -430,7 +439,7 @@ def test_sources_in_other_localities_share_host_state() -> None:
     assert there is not here
     assert env.get(WORLD, RR, OD_ALL, SRC) is here
     assert set(picks(there, 6)) == {"C"}
-    here.started(C)
+    start(here, C)
     assert there.active(C) == 1
     fail(here, C, 5)
     assert ejected_names(there, WORLD) == {"C"}
@@ -653,8 +662,7 @@ def test_reports_for_unknown_endpoints_are_ignored() -> None:
     b = Env().get(eps(2), RR, OD)
     stranger = ep("x", "10.9.9.9")
     fail(b, stranger, 10)
-    b.started(stranger)
-    b.finished(stranger)
+    assert b.host(stranger) is None
     assert b.active(stranger) == 0 and b.ejected() == []
 
 
@@ -693,8 +701,8 @@ def test_state_survives_an_endpoint_refresh() -> None:
     env = Env()
     endpoints = eps(10)
     b = env.get(endpoints, RR, OD)
-    b.started(endpoints[0])
-    b.started(endpoints[0])
+    start(b, endpoints[0])
+    start(b, endpoints[0])
     fail(b, endpoints[1], 3)
     fail(b, endpoints[2], 5)
     refreshed = (*eps(10), ep("p10", "10.0.0.11"))  # new objects, one more endpoint
@@ -709,12 +717,12 @@ def test_state_of_removed_endpoints_is_dropped() -> None:
     env = Env()
     endpoints = eps(10)
     b = env.get(endpoints, RR, OD)
-    b.started(endpoints[9])
+    gone = start(b, endpoints[9])
     fail(b, endpoints[9], 5)
     fail(b, endpoints[8], 4)
     b = env.get(endpoints[:8], RR, OD)
     assert b.ejected() == [] and b.active(endpoints[9]) == 0
-    b.finished(endpoints[9])  # a request that outlived its endpoint
+    gone.finish()  # a request that outlived its endpoint
     b = env.get(endpoints, RR, OD)
     assert b.ejected() == [] and b.active(endpoints[9]) == 0
     fail(b, endpoints[8], 4)  # counting starts over
@@ -747,7 +755,7 @@ def test_policy_change_on_reload_keeps_host_state() -> None:
     env = Env()
     endpoints = eps(3)
     b = env.get(endpoints, RR, OD)
-    b.started(endpoints[0])
+    start(b, endpoints[0])
     b = env.get(endpoints, HASH, OD)
     assert b.policy is Policy.RING_HASH and b.active(endpoints[0]) == 1
     assert len({b.pick("same") for _ in range(20)}) == 1
@@ -759,7 +767,7 @@ def test_registry_keys_clusters_and_retain_forgets_the_rest() -> None:
     endpoints = eps(2)
     b1 = env.get(endpoints)
     b2 = env.get(endpoints, key=other)
-    b1.started(endpoints[0])
+    start(b1, endpoints[0])
     assert b2.active(endpoints[0]) == 0 and b1.key == KEY and b2.key == other
     assert len(env.reg) == 2 and other in env.reg
     fail(b2, endpoints[0], 5)
