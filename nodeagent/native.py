@@ -10,11 +10,16 @@ x86_64-linux-gnu.so``, git-ignored, plus the group's shared library ``nodeagent/
 mypyc...so``), and Python imports an extension in preference to its ``.py``. The same code
 then spends about a third fewer instructions per proxied request (``bench/l7_cost.py``).
 
-A build is used only while it matches the sources: when any ``.py`` of the package is
-newer than the build (an edit or a ``git pull`` since; compiled code holds the types of the
-modules it imports, so not only the compiled ones count), or the environment sets
-``NODEAGENT_PURE=1``, or the extensions are missing, built for another Python or include a
-module no longer on the list, every compiled module is imported from its source instead.
+A build is used only while it matches the sources. The build records every ``.py`` of the
+package (size, modification time and a SHA-256 of its bytes, in ``_native.sources.json``
+beside the extensions); when one differs in content (an edit or a ``git pull`` since, even
+one that leaves an older modification time, as ``cp -p`` or ``rsync -t`` do; compiled code
+holds the types of the modules it imports, so not only the compiled ones count), is added
+or removed, or the environment sets ``NODEAGENT_PURE=1``, or the extensions are missing,
+built for another Python or include a module no longer on the list, every compiled module
+is imported from its source instead. A file touched with its bytes unchanged (a branch
+switched and back) keeps the build. Only a file whose size or time differs from the record
+is read.
 It is all or nothing: compiled modules call each other directly, so a source module among
 them would run beside the old compiled code of the others. ``mode()`` says which one runs
 and why; the agent logs it at start.
@@ -26,12 +31,13 @@ and why; the agent logs it at start.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +96,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
+SOURCES_RECORD = PACKAGE_DIR / "_native.sources.json"
+"""The sources a build was made from: ``{path: [size, mtime_ns, sha256]}``, paths relative
+to the package's parent (git-ignored, written by ``build``)."""
+BUILD_HINT = "nodeagent native build"
+
+
 def source_of(module: str) -> Path:
     return PACKAGE_DIR.parent.joinpath(*module.split(".")).with_suffix(".py")
 
@@ -111,6 +123,47 @@ def _strays() -> list[str]:
     return [_module_of(p) for p in PACKAGE_DIR.rglob(f"*{SUFFIX}") if p not in ours]
 
 
+def _sources() -> dict[str, Path]:
+    return {str(p.relative_to(PACKAGE_DIR.parent)): p for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record_sources() -> dict[str, list[int | str]]:
+    """Each source's size, time and digest, as ``SOURCES_RECORD`` holds them."""
+    record: dict[str, list[int | str]] = {}
+    for rel, p in sorted(_sources().items()):
+        st = p.stat()
+        record[rel] = [st.st_size, st.st_mtime_ns, _digest(p)]
+    return record
+
+
+def _changed_sources() -> list[str] | None:
+    """How the package's sources differ from the build's, one phrase per file (``[]``:
+    none), or None when the build has no readable record."""
+    try:
+        record = json.loads(SOURCES_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    now = _sources()
+    changed = []
+    for rel, p in sorted(now.items()):
+        was = record.get(rel)
+        if not isinstance(was, list) or len(was) != 3:
+            changed.append(f"{rel} is new")
+            continue
+        st = p.stat()
+        # a differing size or time only sends us to the bytes: a touch alone is no change
+        if [st.st_size, st.st_mtime_ns] != was[:2] and _digest(p) != was[2]:
+            changed.append(f"the source of {rel} changed")
+    changed += [f"{rel} was removed" for rel in sorted(record) if rel not in now]
+    return changed
+
+
 def _check(honour_env: bool = True) -> tuple[bool, str]:
     """(compiled modules usable, why not / what)."""
     if honour_env and os.environ.get(PURE_ENV, "") not in ("", "0"):
@@ -124,18 +177,13 @@ def _check(honour_env: bool = True) -> tuple[bool, str]:
     if strays:
         return False, f"built with modules no longer compiled: {', '.join(strays)} (rebuild)"
     # Compiled code holds the types of every module it imports, so any source of the
-    # package newer than the build makes it stale (setup.sh then rebuilds).
-    built = min(extension_of(m).stat().st_mtime for m in MODULES)
-    newer = sorted(
-        str(p.relative_to(PACKAGE_DIR.parent))
-        for p in PACKAGE_DIR.rglob("*.py")
-        if p.stat().st_mtime > built
-    )
-    if newer:
-        more = f" and {len(newer) - 1} more" if len(newer) > 1 else ""
-        return False, (
-            f"build older than the source of {newer[0]}{more} (rebuild: nodeagent native build)"
-        )
+    # package that differs from the build's makes it stale (setup.sh then rebuilds).
+    changed = _changed_sources()
+    if changed is None:
+        return False, f"the build has no record of its sources; rebuild: {BUILD_HINT}"
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return False, f"{changed[0]}{more} since the build; rebuild: {BUILD_HINT}"
     return True, f"{len(MODULES)} modules compiled with mypyc"
 
 
@@ -176,7 +224,7 @@ def build() -> None:
     from mypyc.build import mypycify  # build-time only: mypy is a dev dependency
     from setuptools import setup
 
-    started = time.time()  # a source edited during the build must still count as newer
+    sources = _record_sources()  # before compiling: an edit during the build counts
     root = PACKAGE_DIR.parent
     os.chdir(root)  # mypy reads pyproject.toml's [tool.mypy] from here
     paths = [str(source_of(m).relative_to(root)) for m in MODULES]
@@ -195,8 +243,8 @@ def build() -> None:
             str(work / "lib"),
         ],
     )
-    for m in MODULES:  # an unchanged module is not rewritten: mark it as built then
-        os.utime(extension_of(m), (started, started))
+    lines = (f"{json.dumps(rel)}: {json.dumps(entry)}" for rel, entry in sources.items())
+    SOURCES_RECORD.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # a file per line
     for stray in _strays():  # taken off the list: its extension would import a lost group
         extension_of(stray).unlink()
 
@@ -207,7 +255,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "native",
         help=about,
         description="The modules every proxied request runs through, compiled with mypyc. "
-        "A build older than any source of the package is not used (pure Python then).",
+        "A build is not used once any source of the package differs from the one it was "
+        "built from (pure Python then).",
     )
     p.add_argument(
         "action",

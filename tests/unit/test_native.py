@@ -4,6 +4,7 @@ matches its sources, ``NODEAGENT_PURE=1`` forces the sources, and it is all or n
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -51,11 +52,11 @@ def copy(tmp_path: Path) -> Path:
     """The package as built here (sources and extensions), somewhere we may touch it."""
     if not all(native.extension_of(m).exists() for m in native.EXTENSIONS):
         pytest.skip("the hot path is not built here (scripts/setup.sh builds it)")
+    if native._changed_sources() != []:
+        pytest.skip("the build here is stale: nodeagent native build")
     shutil.copytree(
         native.PACKAGE_DIR, tmp_path / "nodeagent", ignore=shutil.ignore_patterns("__pycache__")
     )
-    for m in native.MODULES:  # copytree keeps mtimes; keep sources < extensions as built
-        os.utime(_extension_in(tmp_path, m), (time.time(), time.time()))
     return tmp_path
 
 
@@ -81,11 +82,52 @@ def test_pure_env_imports_every_compiled_module_from_source(copy: Path) -> None:
     ],
 )
 def test_one_edited_source_makes_all_modules_import_from_source(copy: Path, edited: str) -> None:
-    later = time.time() + 10
-    os.utime(copy / edited, (later, later))
+    with open(copy / edited, "a") as f:
+        f.write("# edited\n")
     files, mode = _imports(copy, pure=False)
     assert all(f.endswith(".py") for f in files.values()), files
-    assert f"older than the source of {edited}" in mode
+    assert f"the source of {edited} changed since the build" in mode
+
+
+def test_an_edit_that_keeps_an_older_time_is_still_seen(copy: Path) -> None:
+    # as `cp -p` or `rsync -t` of an edited tree leave it: the file's time before the build
+    path = copy / "nodeagent/proxy/l7.py"
+    st = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"def ", b"def  ", 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**12))
+    files, mode = _imports(copy, pure=False)
+    assert all(f.endswith(".py") for f in files.values()), files
+    assert "the source of nodeagent/proxy/l7.py changed" in mode
+
+
+def test_a_source_touched_with_its_bytes_unchanged_keeps_the_build(copy: Path) -> None:
+    later = time.time() + 10  # as a branch switched away and back leaves it
+    os.utime(copy / "nodeagent/proxy/l7.py", (later, later))
+    files, mode = _imports(copy, pure=False)
+    assert all(f.endswith(native.SUFFIX) for f in files.values()), files
+    assert mode.startswith(f"compiled ({len(native.MODULES)} modules")
+
+
+def test_a_new_or_removed_source_makes_all_modules_import_from_source(copy: Path) -> None:
+    (copy / "nodeagent/proxy/extra.py").write_text("X = 1\n")
+    assert "nodeagent/proxy/extra.py is new since the build" in _imports(copy, pure=False)[1]
+    (copy / "nodeagent/proxy/extra.py").unlink()
+    assert _imports(copy, pure=False)[1].startswith("compiled (")
+    # as a build made while a module existed that a pull has since removed
+    record_path = copy / "nodeagent" / native.SOURCES_RECORD.name
+    record = json.loads(record_path.read_text())
+    record["nodeagent/proxy/gone.py"] = [1, 1, "0" * 64]
+    record_path.write_text(json.dumps(record))
+    files, mode = _imports(copy, pure=False)
+    assert all(f.endswith(".py") for f in files.values()), files
+    assert "nodeagent/proxy/gone.py was removed since the build" in mode
+
+
+def test_a_build_without_a_record_of_its_sources_is_not_imported(copy: Path) -> None:
+    (copy / "nodeagent" / native.SOURCES_RECORD.name).unlink()
+    files, mode = _imports(copy, pure=False)
+    assert all(f.endswith(".py") for f in files.values()), files
+    assert "no record of its sources" in mode
 
 
 def test_an_extension_of_a_module_taken_off_the_list_is_not_imported(copy: Path) -> None:
