@@ -25,7 +25,8 @@ exec 9>"$OUT/.lock"
 flock 9
 sources() {
   tar -C "$ROOT" --exclude=.git --exclude=.venv --exclude=vagrant --exclude=bench \
-      --exclude=__pycache__ --exclude='*.so' --exclude=build --exclude='*.egg-info' \
+      --exclude=__pycache__ --exclude='*.so' --exclude=_native.sources.json --exclude=build \
+      --exclude='*.egg-info' \
       --sort=name -cf - .
 }
 stamp="$(sources | sha256sum | cut -c1-16)"
