@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -466,7 +467,11 @@ class _Response:
             return False
         try:
             data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
-        except TimeoutError:
+        except TimeoutError as e:
+            if e.errno is not None:  # ETIMEDOUT from the kernel, not our wait
+                raise TimeoutError(
+                    e.errno, "the API server's end stopped answering (TCP keepalive)"
+                ) from None
             raise TimeoutError(f"no bytes from the API server in {timeout:g}s") from None
         if not data:
             if self._head and not self._delimited:
@@ -500,10 +505,32 @@ class _Response:
         self.writer.close()
 
 
+KEEPALIVE = (20, 10, 3)
+"""TCP keepalive on every connection to the API server: first probe after 20 s idle, then
+every 10 s, given up after 3 unanswered (and unacknowledged data is given up after as long,
+``TCP_USER_TIMEOUT``). A server gone without a FIN or RST (a node or a partition, a load
+balancer that forgot the flow) fails the watch in ~50 s rather than at its timeoutSeconds,
+and the probes keep an idle watch's flow alive through balancers that drop idle flows."""
+
+
+def _keep_alive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * count) * 1000)
+
+
 class KubeClient:
     """Lists and watches of whole kinds (all namespaces) on one API server."""
 
-    def __init__(self, config: ApiConfig, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: ApiConfig,
+        *,
+        timeout: float = 10.0,
+        keepalive: tuple[int, int, int] = KEEPALIVE,
+    ) -> None:
         self.server = config.server
         url = urlsplit(config.server)
         self._https = url.scheme == "https"
@@ -515,6 +542,7 @@ class KubeClient:
         self._ssl = _ssl_context(config) if self._https else None
         self._auth = _Auth(config)
         self._timeout = timeout
+        self._keepalive = keepalive
         proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
         if proxy:
             log.warning("HTTPS_PROXY is set (%s): the agent reaches the API server "
@@ -554,6 +582,9 @@ class KubeClient:
                 )  # fmt: skip
         except TimeoutError:
             raise TimeoutError(f"no connection in {self._timeout:g}s") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            _keep_alive(sock, *self._keepalive)
         resp = _Response(reader, writer)
         try:
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())

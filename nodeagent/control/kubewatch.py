@@ -77,8 +77,9 @@ def _version(obj: dict[str, Any]) -> str:
 def describe_error(error: BaseException) -> str:
     if isinstance(error, ApiStatusError):
         return f"the API server answered {error}"
-    if isinstance(error, TimeoutError):
-        return "the API server did not answer in time"
+    if isinstance(error, TimeoutError):  # ours say how long, or that keepalive gave up
+        why = f" ({error})" if str(error) else ""
+        return f"the API server did not answer in time{why}"
     if isinstance(error, OSError):
         return f"cannot reach the API server: {error or type(error).__name__}"
     return f"{type(error).__name__}: {error}"
