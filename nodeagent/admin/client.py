@@ -214,7 +214,12 @@ class AdminClient:
         if self._channel is None:
             self._channel = grpc.insecure_channel(
                 f"unix:{self.socket_path}",
-                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    # a channel of its own connections: grpc's process-wide pool would give
+                    # the retry's new channel the broken one, failed fast with its old error
+                    ("grpc.use_local_subchannel_pool", 1),
+                ],
             )
         rpc: Callable[..., _Resp] = self._channel.unary_unary(
             f"/nodeagent.v1.NodeAgent/{method}",
