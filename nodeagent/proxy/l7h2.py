@@ -232,10 +232,14 @@ class H2Conn:
 
 class H2Pool:
     """Multiplexed connections per (source pod, endpoint); ``http2MaxRequests`` limits the
-    requests in flight per cluster."""
+    requests in flight per cluster. Requests that find no usable connection while one to
+    their endpoint is being dialled wait for it rather than dial their own (as Envoy's
+    pending requests wait for a connection in progress): a burst of N calls makes one
+    connection, not N."""
 
     def __init__(self) -> None:
         self._conns: dict[tuple[str, str, int], list[H2Conn]] = {}
+        self._dialing: dict[tuple[str, str, int], asyncio.Future[H2Conn]] = {}
         self._active: dict[str, int] = {}
 
     async def stream(
@@ -251,16 +255,56 @@ class H2Pool:
             raise Overflow(f"{cluster.name}: {limit} requests in flight (http2MaxRequests)")
         key = (source, ep.ip, ep.port)
         conns = self._conns.setdefault(key, [])
-        conns[:] = [c for c in conns if not c.dead]
-        conn = next((c for c in conns if c.usable()), None)
-        if conn is None:
+        while True:
+            conns[:] = [c for c in conns if not c.dead]
+            conn = next((c for c in conns if c.usable()), None)
+            if conn is not None:
+                break
+            pending = self._dialing.get(key)
+            if pending is None:
+                conn = await self._dial(key, conns, cluster, ep, connect)
+                break
+            try:
+                await asyncio.shield(pending)  # its failure is this request's too
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request was cancelled, not the dial
+            # the dialled connection may be full already (its peer's stream limit), or
+            # the dial was abandoned by its request: look again
+        if self._active.get(cluster.name, 0) >= limit:  # others may have opened meanwhile
+            raise Overflow(f"{cluster.name}: {limit} requests in flight (http2MaxRequests)")
+        self._active[cluster.name] = self._active.get(cluster.name, 0) + 1
+        return conn.open(*open_args)
+
+    async def _dial(
+        self,
+        key: tuple[str, str, int],
+        conns: list[H2Conn],
+        cluster: Cluster,
+        ep: Endpoint,
+        connect: ConnectFn,
+    ) -> H2Conn:
+        """A new connection for ``key``, announced to requests that arrive meanwhile."""
+        pending: asyncio.Future[H2Conn] = asyncio.get_running_loop().create_future()
+        # a failure nobody waited for is not an "exception never retrieved" warning
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._dialing[key] = pending
+        try:
             pipe = Pipe()
             conn = H2Conn(pipe)
             conn.path, conn.principal = await dial(connect, ep, pipe, cluster)
             conn.start()
             conns.append(conn)
-        self._active[cluster.name] = self._active.get(cluster.name, 0) + 1
-        return conn.open(*open_args)
+            pending.set_result(conn)
+            return conn
+        except Exception as e:
+            pending.set_exception(e)
+            raise
+        except BaseException:  # cancelled with its request: the waiters dial again
+            pending.cancel()
+            raise
+        finally:
+            del self._dialing[key]
 
     def done(self, cluster: Cluster) -> None:
         n = self._active.get(cluster.name, 0)

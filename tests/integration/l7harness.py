@@ -88,6 +88,8 @@ class L7Rig:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.h2pool = H2Pool()
+        self.dial_delay = 0.0  # seconds each upstream dial takes before it connects
+        self.dials = 0
         self.proxy = L7Proxy(lambda: self._snap, self.metrics, self.access_log)
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = self._call(self._listen())
@@ -140,6 +142,9 @@ class L7Rig:
         async def connect(ep: Endpoint, pipe: Pipe) -> tuple[str, str]:
             name = ep.pod.name
             port = self.grpc_port[name] if ep.port == 50051 else self.app_port[name]
+            self.dials += 1
+            if self.dial_delay:
+                await asyncio.sleep(self.dial_delay)
             loop = asyncio.get_running_loop()
             try:
                 await loop.create_connection(lambda: pipe, "127.0.0.1", port)

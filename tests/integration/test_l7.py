@@ -369,6 +369,107 @@ def test_grpc_unavailable_is_retried(tmp_path: Path) -> None:
         assert call_unary(t, "ok").text == "ok"
 
 
+def test_a_burst_of_grpc_calls_shares_one_upstream_connection(tmp_path: Path) -> None:
+    # 20 calls at once on one client connection, while the first dial to the endpoint is
+    # still in progress: they wait for it and multiplex on it, as Envoy's pending requests
+    # do, rather than dial 20 connections
+    with L7Rig(tmp_path, {"v1": 1}) as rig:
+        rig.dial_delay = 0.3
+        t = grpc_target(rig)
+        replies: list[str] = []
+        with grpc.insecure_channel(t) as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            threads = [
+                threading.Thread(
+                    target=lambda i=i: replies.append(
+                        call_unary(t, f"c{i}", delay_ms=100, channel=channel).text
+                    )
+                )
+                for i in range(20)
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+        assert sorted(replies) == sorted(f"c{i}" for i in range(20))
+        assert rig.dials == 1
+        assert len(rig.records(20)) == 20  # recorded after the replies went out
+        assert istio(rig, "istio_requests_total", grpc_response_status="0") == 20
+
+
+def test_a_failed_dial_fails_the_calls_that_waited_for_it(tmp_path: Path) -> None:
+    with L7Rig(tmp_path, {"v1": 1}) as rig:
+        rig.dial_delay = 0.3
+        rig.apps["web-v1-0"].kill()  # nothing listens: the one dial is refused
+        rig.apps["web-v1-0"].wait()
+        t = grpc_target(rig)
+        codes: list[grpc.StatusCode] = []
+
+        def call(i: int) -> None:
+            try:
+                call_unary(t, f"c{i}", channel=channel)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+
+        with grpc.insecure_channel(t) as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(5)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+        assert codes == [grpc.StatusCode.UNAVAILABLE] * 5
+        # the first try and Istio's two default retries: each dial shared by all five
+        assert rig.dials == 3
+        records = rig.records(5)
+        assert [(r["response_flags"], r["attempts"]) for r in records] == [("URX", 3)] * 5
+
+
+def test_calls_waiting_on_a_dial_its_caller_abandoned_dial_again(tmp_path: Path) -> None:
+    # the call that started the dial gives up (its deadline) while others wait on it:
+    # they are not failed with its cancellation, one of them dials anew
+    with L7Rig(tmp_path, {"v1": 1}) as rig:
+        rig.apply("""
+            apiVersion: networking.istio.io/v1
+            kind: VirtualService
+            metadata: {name: web, namespace: default}
+            spec:
+              hosts: [web]
+              http:
+              - retries: {attempts: 0}  # a waiter failed would not be saved by a retry
+                route: [{destination: {host: web}}]
+        """)
+        rig.dial_delay = 0.5
+        t = grpc_target(rig)
+        first: list[grpc.StatusCode] = []
+        replies: list[str] = []
+
+        def impatient() -> None:
+            try:
+                call_unary(t, "first", channel=channel, timeout=0.2)
+            except grpc.RpcError as e:
+                first.append(e.code())
+
+        with grpc.insecure_channel(t) as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            a = threading.Thread(target=impatient)
+            a.start()
+            time.sleep(0.1)  # its dial is under way
+            others = [
+                threading.Thread(
+                    target=lambda i=i: replies.append(call_unary(t, f"c{i}", channel=channel).text)
+                )
+                for i in range(4)
+            ]
+            for th in others:
+                th.start()
+            for th in (a, *others):
+                th.join(30)
+        assert first == [grpc.StatusCode.DEADLINE_EXCEEDED]
+        assert sorted(replies) == ["c0", "c1", "c2", "c3"]
+        assert rig.dials == 2
+
+
 def istio(rig: L7Rig, name: str, **want: str) -> float:
     """The sum of the samples of ``name`` whose labels include ``want``."""
     total = 0.0

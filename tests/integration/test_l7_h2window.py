@@ -159,4 +159,5 @@ def test_streams_into_a_silent_upstream_hold_one_connection_window(
     held = sent - written
     assert held <= 16 * MiB + 64 * 1024 + 256 * 1024, f"the proxy holds {held} bytes"
     assert held >= 15 * MiB, f"only {held} bytes held: did the client send?"
-    assert queued <= held
+    # (what was written upstream includes the preface and frame headers, not only body)
+    assert queued <= held + 16 * 1024
