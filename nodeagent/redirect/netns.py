@@ -14,6 +14,7 @@ import ctypes
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from nodeagent.errors import LocalStateError
@@ -24,7 +25,13 @@ NETNS_DIR = Path("/var/run/netns")
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = threading.Lock()
 SOCKET_BATCH = 8
-"""IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls."""
+"""IPv4 TCP sockets a ``NetnsHandle`` makes per pair of ``setns`` calls, at first."""
+SOCKET_BATCH_MAX = 32
+"""The most it makes at once: a busy pod's batch doubles up to this (a pair of ``setns``
+costs more than a ``socket`` call; a spare socket holds ~3 KB of kernel memory)."""
+BUSY_REFILL = 1.0
+"""Seconds: a batch used up within this after it was made doubles the next one; a
+slower pod's batch goes back to ``SOCKET_BATCH``."""
 
 
 class _Socket(socket.socket):
@@ -111,14 +118,19 @@ class NetnsHandle:
             raise LocalStateError(f"network namespace {self.path} does not exist") from None
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._spare: list[_Socket] = []
+        self.batch = SOCKET_BATCH
+        """IPv4 TCP sockets the next batch makes (``SOCKET_BATCH`` … ``SOCKET_BATCH_MAX``)."""
+        self._made_at = 0.0
+        """When the last batch was made (``time.monotonic``)."""
         self._here = _same(os.fstat(self._home), os.fstat(self.fd))
         """The netns is the agent's own (host mode): no ``setns``, which would need
         ``CAP_SYS_ADMIN``."""
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> _Socket:
         """A new socket that lives in this netns. IPv4 TCP sockets (one per proxied
-        connection) are made ``SOCKET_BATCH`` at a time: one pair of ``setns`` calls, not
-        two per connection; non-blocking (``SOCK_NONBLOCK``: no ``setblocking``
+        connection) are made in batches (``SOCKET_BATCH``, doubled up to
+        ``SOCKET_BATCH_MAX`` while the pod uses them up within ``BUSY_REFILL``): one pair of
+        ``setns`` calls, not two per connection; non-blocking (``SOCK_NONBLOCK``: no ``setblocking``
         system call after); and ``IPPROTO_TCP`` by name, so that asyncio's own loop sets
         ``TCP_NODELAY`` on their transports as uvloop's does on every TCP socket."""
         if family != socket.AF_INET or type != socket.SOCK_STREAM:
@@ -127,7 +139,11 @@ class NetnsHandle:
             return self._spare.pop()
         except IndexError:
             pass
-        batch = self._make(family, type | socket.SOCK_NONBLOCK, SOCKET_BATCH, socket.IPPROTO_TCP)
+        now = time.monotonic()
+        busy = now - self._made_at < BUSY_REFILL
+        self.batch = min(self.batch * 2, SOCKET_BATCH_MAX) if busy else SOCKET_BATCH
+        self._made_at = now
+        batch = self._make(family, type | socket.SOCK_NONBLOCK, self.batch, socket.IPPROTO_TCP)
         s = batch.pop()
         self._spare.extend(batch)
         return s

@@ -19,8 +19,9 @@ import pytest
 
 from nodeagent.errors import PeerError
 from nodeagent.proxy.plumbing import drive
+from nodeagent.redirect import netns as netns_mod
 from nodeagent.redirect.ebpf import netns_cookie
-from nodeagent.redirect.netns import SOCKET_BATCH, NetnsHandle, netns_path
+from nodeagent.redirect.netns import SOCKET_BATCH, SOCKET_BATCH_MAX, NetnsHandle, netns_path
 from nodeagent.redirect.sockets import connect_in, listen_in
 
 pytestmark = pytest.mark.privileged
@@ -145,10 +146,34 @@ def test_netns_handle_makes_sockets_in_batches_and_closes_the_spares(netns: str)
     assert not made[0].getblocking() and not os.get_blocking(made[0].fileno())
     made[0].setblocking(True)  # the file descriptor itself becomes blocking
     assert made[0].getblocking() and os.get_blocking(made[0].fileno())
-    extra = h.socket()  # a second batch
-    assert len(h._spare) == SOCKET_BATCH - 1
+    extra = h.socket()  # a second batch, twice the first: the first was used up at once
+    assert len(h._spare) == 2 * SOCKET_BATCH - 1
     left = list(h._spare)
     h.close()
     assert all(s.fileno() == -1 for s in left), "spare sockets must not outlive the handle"
     for s in (*made, extra):
         s.close()
+
+
+def test_a_busy_pods_socket_batch_grows_and_an_idle_ones_shrinks_back(
+    netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer ``setns`` pairs per connection for a pod that dials fast; few spare
+    sockets held for one that does not."""
+    h = NetnsHandle(netns)
+    made: list[socket.socket] = []
+    batches: list[int] = []
+    try:
+        for _ in range(4):  # each batch used up at once: 8, 16, 32, then 32 again
+            made.append(h.socket())
+            batches.append(len(h._spare) + 1)
+            made += [h.socket() for _ in range(len(h._spare))]
+        assert batches == [SOCKET_BATCH, 2 * SOCKET_BATCH, SOCKET_BATCH_MAX, SOCKET_BATCH_MAX]
+        assert {netns_cookie(s) for s in made} == {netns_cookie(made[0])}
+        monkeypatch.setattr(netns_mod, "BUSY_REFILL", 0.0)  # the pod went quiet
+        made.append(h.socket())
+        assert len(h._spare) == SOCKET_BATCH - 1
+    finally:
+        h.close()
+        for s in made:
+            s.close()
