@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import atexit
 import errno
 import os
 import socket
@@ -28,24 +29,42 @@ IP_TRANSPARENT = 19
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     """The address the client dialled before capture, or None if it was not redirected.
 
-    Read on the file descriptor, through a C socket made on it and detached after (its
-    constructor checks the descriptor with one ``getsockname`` system call, even with
-    family, type and protocol given): an event loop transport's socket (uvloop's) makes a
-    whole ``socket.socket`` for each ``getsockopt``, with a Python frame more; and
-    ``ctypes`` costs a few microseconds a call."""
+    Read on the file descriptor, through the C socket ``_on_fd`` keeps for its number: an
+    event loop transport's socket (uvloop's) makes a whole ``socket.socket`` for each
+    ``getsockopt``, with a Python frame more; a C socket made on the descriptor checks it
+    with a ``getsockname`` system call; and ``ctypes`` costs a few microseconds a call."""
     fd = sock.fileno()
     if fd < 0:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    on = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    on = _ON_FD.get(fd) or _on_fd(fd)
     try:
         raw = on.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOPROTOOPT):
             return None
         raise
-    finally:
-        on.detach()
     return socket.inet_ntoa(raw[4:8]), raw[2] << 8 | raw[3]
+
+
+_ON_FD: dict[int, _socket.socket] = {}
+"""Descriptor number → a C socket made on it once and kept: ``getsockopt`` hands the
+kernel only the number, so it reads whichever socket holds that number when called (the
+next connection accepted on a closed one's number); held for the process's life, and
+detached at exit (``_forget``), since a C socket closes its descriptor when freed."""
+
+
+def _on_fd(fd: int) -> _socket.socket:
+    on = _ON_FD[fd] = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    if len(_ON_FD) == 1:
+        atexit.register(_forget)
+    return on
+
+
+def _forget() -> None:
+    """Detach the kept C sockets: none may close a number another file holds by then."""
+    for on in _ON_FD.values():
+        on.detach()
+    _ON_FD.clear()
 
 
 def listen_in(
