@@ -18,6 +18,7 @@ the attempts) and decides none of it again.
 
 from __future__ import annotations
 
+import itertools
 import random
 import weakref
 from typing import Final, NamedTuple
@@ -85,6 +86,14 @@ class Connection:
         self.key = key
         """Tells client connections apart (``peer-ip:port>local-ip:port``): a generated
         consistent-hash cookie is a hash of it."""
+        self.last_routed: Routed | None = None
+        """The remembered route decision of this connection's last request, for the next
+        one with the same request line (most are), found without a key's tuple and hash;
+        valid for the ``_Memo`` numbered ``last_memo`` (``Planner._route``)."""
+        self.last_memo = -1
+        self.last_method = ""
+        self.last_target = ""
+        self.last_authority = ""
 
 
 class Request:
@@ -356,13 +365,22 @@ class Planner:
 
     def route(self, snap: MeshSnapshot, req: Request) -> Routed:
         """The route decision for ``req`` (remembered when only its request line counts)."""
-        return self._route(snap, req, self.memo(snap).routed)
+        return self._route(snap, req, self.memo(snap))
 
-    def _route(
-        self, snap: MeshSnapshot, req: Request, memo: dict[tuple[str, int, str, str, str], Routed]
-    ) -> Routed:
+    def _route(self, snap: MeshSnapshot, req: Request, remembered: _Memo) -> Routed:
         conn = req.conn
-        key = (conn.service.key, conn.port, req.method, req.target, req.authority)
+        method, target, authority = req.method, req.target, req.authority
+        routed = conn.last_routed
+        if (
+            routed is not None
+            and conn.last_memo == remembered.number
+            and conn.last_target == target
+            and conn.last_method == method
+            and conn.last_authority == authority
+        ):
+            return routed
+        memo = remembered.routed
+        key = (conn.service.key, conn.port, method, target, authority)
         routed = memo.get(key)
         if routed is None:
             decision = select_route(snap, fqdn(conn.service), _request_info(req))
@@ -390,12 +408,15 @@ class Planner:
                 if len(memo) >= MEMO_MAX:
                     memo.clear()
                 memo[key] = routed
+        if routed.by_request_line:
+            conn.last_routed, conn.last_memo = routed, remembered.number
+            conn.last_method, conn.last_target, conn.last_authority = method, target, authority
         return routed
 
     def plan(self, snap: MeshSnapshot, req: Request, draws: Draws) -> Plan | Answer:
         """Everything decided about ``req`` before its first attempt."""
         memo = self.memo(snap)
-        routed = self._route(snap, req, memo.routed)
+        routed = self._route(snap, req, memo)
         decision, name = routed.decision, routed.name
         if routed.direct and routed.cluster is not None:  # (no model object read per request)
             p = Plan(routed.cluster, req.target, req.authority, decision, name)
@@ -476,13 +497,27 @@ class Planner:
 def _add_headers(p: Plan, hdrs: dict[str, str], draws: Draws, name: str, route_keyed: bool) -> None:
     """The headers every routed request gets: ids, ``x-forwarded-proto``, the route taken
     (when a limit is keyed by route; a client's own claim is dropped)."""
-    add = _ids(p, hdrs, draws)
-    add.append(("x-forwarded-proto", "http"))
+    if (name and route_keyed) or "traceparent" in hdrs or "x-request-id" in hdrs:
+        add = _ids(p, hdrs, draws)
+        add.append(_FORWARDED_PROTO)
+        if name and route_keyed:
+            add.append((ROUTE_HEADER, name))
+        p.add_headers = tuple(add)
+    else:  # new ids, the common case: the tuple made at once (no list, appends, copy)
+        o = draws.new_ids()
+        ids = draws.ids
+        p.trace_id = ids[o + 3 : o + 35]
+        p.request_id = rid = ids[o + _TRACEPARENT : o + ID_WIDTH]
+        p.add_headers = (
+            ("traceparent", ids[o : o + _TRACEPARENT]),
+            ("x-request-id", rid),
+            _FORWARDED_PROTO,
+        )
     if ROUTE_HEADER in hdrs:
         p.remove_headers = (ROUTE_HEADER,)
-    if name and route_keyed:
-        add.append((ROUTE_HEADER, name))
-    p.add_headers = tuple(add)
+
+
+_FORWARDED_PROTO: Final = ("x-forwarded-proto", "http")
 
 
 def _ids(p: Plan, hdrs: dict[str, str], draws: Draws) -> list[tuple[str, str]]:
@@ -554,11 +589,17 @@ def _cookies(header: str | None) -> dict[str, str]:
     return out
 
 
+_MEMO_NUMBERS = itertools.count()
+
+
 class _Memo:
     """What the planner remembers of one snapshot."""
 
     def __init__(self, snap: MeshSnapshot) -> None:
         self.of = weakref.ref(snap)
+        self.number = next(_MEMO_NUMBERS)
+        """Tells this memo from the ones before (what ``Connection.last_memo`` holds: no
+        reference that would keep an old memo alive)."""
         self.routed: dict[tuple[str, int, str, str, str], Routed] = {}
         """Route decisions by (service, port, method, target, authority), for routes that
         only look at those (bounded by ``MEMO_MAX``)."""

@@ -384,3 +384,47 @@ def test_route_decisions_are_remembered_per_request_line(
     one = pl.route(snap, request(snap, "/api/x"))
     assert pl.route(snap, request(snap, "/api/x")) is not one
     assert pl.route(snap, request(snap, "/api/x")).name == one.name == "api"
+
+
+PLAIN_ROUTES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: plain, namespace: default}
+spec:
+  hosts: [plain.default.svc.cluster.local]
+  http:
+  - name: %s
+    match: [{uri: {prefix: /a}}]
+    route: [{destination: {host: plain.default.svc.cluster.local}}]
+  - name: posts
+    match: [{method: {exact: POST}}]
+    route: [{destination: {host: plain.default.svc.cluster.local}}]
+  - name: other-host
+    match: [{authority: {exact: other}}]
+    route: [{destination: {host: plain.default.svc.cluster.local}}]
+  - name: rest
+    route: [{destination: {host: plain.default.svc.cluster.local}}]
+"""
+
+
+def test_each_request_on_a_connection_is_routed_by_its_own_line_and_snapshot(
+    tmp_path: Path,
+) -> None:
+    pl = planner()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = load(tmp_path / "old", PLAIN_ROUTES % "a")
+    conn = request(old, service="default/plain").conn
+
+    def on(snap: MeshSnapshot, target: str, method: str = "GET", host: str = "plain") -> str:
+        return pl.route(snap, Request(method, target, host, {"host": host}, conn)).name
+
+    # a request like the last one on the connection, then each part of the line changed
+    assert [on(old, "/a"), on(old, "/a"), on(old, "/b"), on(old, "/a")] == ["a", "a", "rest", "a"]
+    assert [on(old, "/b", "POST"), on(old, "/b"), on(old, "/b", host="other")] == [
+        "posts",
+        "rest",
+        "other-host",
+    ]
+    new = load(tmp_path / "new", PLAIN_ROUTES % "renamed")
+    assert [on(new, "/a"), on(new, "/a"), on(old, "/a")] == ["renamed", "renamed", "a"]
