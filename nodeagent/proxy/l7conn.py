@@ -7,9 +7,9 @@ connection). Decides nothing about a request.
 
 from __future__ import annotations
 
+import time as _time
 from collections.abc import Callable
 from dataclasses import dataclass
-from time import monotonic, time
 from typing import Any, Final, NamedTuple
 
 from orjson import dumps as _dumps
@@ -37,6 +37,10 @@ from nodeagent.telemetry.metrics import (
     Metrics,
     bucket,
 )
+
+_monotonic: Final = _time.monotonic
+_wall: Final = _time.time
+"""(Final names: no look-up in the module's dict per request, as an imported name has.)"""
 
 
 class Exchange:
@@ -105,8 +109,8 @@ def begin_exchange(req: Request, protocol: str, grpc: bool = False) -> Exchange:
     """The record of ``req``, started now (the HTTP/1.1 and HTTP/2 paths alike)."""
     hdrs = req.headers
     return Exchange(
-        monotonic(),  # (imported names: no look-up on the ``time`` module per request)
-        time(),
+        _monotonic(),
+        _wall(),
         req.method,
         req.authority,
         req.target,
@@ -313,7 +317,7 @@ class Recorder:
         """The Telemetry kind's access-log switch and filter, and the spans."""
 
     def record(self, ds: Downstream, x: Exchange) -> None:
-        now = monotonic()
+        now = _monotonic()
         duration_ms = (now - x.start) * 1000
         flags = (",".join(f for f in x.flags if f != "-") or "-") if x.flags else "-"
         inbound = ds.inbound
@@ -369,11 +373,12 @@ class Recorder:
         trace_id, request_id, agent, xff = x.trace_id, x.request_id, x.user_agent, x.forwarded_for
         detail, policy, principal = x.detail, x.policy, x.request_principal
         # the strings as JSON writes them: as they are when none needs an escape (one
-        # check over all of them; the client's are almost always plain)
-        if not json_plain(
-            f"{method}{authority}{path}{upstream}{flags}{trace_id}{request_id}{agent}"
-            f"{xff or ''}{grpc_status}{detail}{policy}{principal}"
-        ):
+        # check over all of them, but those most requests have empty or none: the
+        # client's are almost always plain)
+        plain = f"{method}{authority}{path}{upstream}{trace_id}{request_id}{agent}"
+        if xff is not None or grpc_status or detail or policy or principal or flags != "-":
+            plain = f"{plain}{flags}{xff or ''}{grpc_status}{detail}{policy}{principal}"
+        if not json_plain(plain):
             method, authority, path = json_text(method), json_text(authority), json_text(path)
             upstream, flags, trace_id = json_text(upstream), json_text(flags), json_text(trace_id)
             request_id, agent = json_text(request_id), json_text(agent)

@@ -102,3 +102,32 @@ def test_numbers_are_written_in_decimal_at_any_size(n: int) -> None:
     line, record = _recorded(x)
     assert line == orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     assert (record["bytes_received"], record["bytes_sent"]) == (n, n + 1)
+
+
+@pytest.mark.parametrize("odd", ODD)
+@pytest.mark.parametrize(
+    ("field", "attr"),
+    [
+        ("method", "method"),
+        ("authority", "authority"),
+        ("path", "path"),
+        ("user_agent", "user_agent"),
+        ("trace_id", "trace_id"),
+        ("request_id", "request_id"),
+        ("upstream_host", "upstream"),
+        ("x_forwarded_for", "forwarded_for"),
+        ("grpc_status", "grpc_status"),
+        ("detail", "detail"),
+        ("authz_policy", "policy"),
+        ("request_principal", "request_principal"),
+    ],
+)
+def test_each_string_alone_is_written_as_orjson_writes_it(field: str, attr: str, odd: str) -> None:
+    # the others plain: each string is checked, not only the line as a whole
+    x = Exchange(1.0, 1_764_000_000.0, "GET", "web", "/", "HTTP/1.1")
+    x.status, x.attempts, x.upstream = 200, 1, "10.1.0.1:8080"
+    setattr(x, attr, f"a{odd}")
+    line, record = _recorded(x)
+    assert line == orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    assert record[field] == f"a{odd}"
+    assert record["response_flags"] == "-"
