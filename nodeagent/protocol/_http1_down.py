@@ -44,7 +44,9 @@ from nodeagent.protocol._http1_read import (
     IDLE,
     Reader,
     Stop,
+    content_length,
     field,
+    head_end,
     message_version,
     reraise_bug,
 )
@@ -94,18 +96,23 @@ asks for, and whether a proxy forwards each of its fields unchanged."""
 _HTTP11_END: Final = b" HTTP/1.1\r\n"
 
 
-def _raw_head(data: bytes, start: int, length: str | None, target: str) -> RawHead | None:
-    """The head that begins ``data`` (a read), whose request line is ``start`` bytes up to
-    `` HTTP/1.1`` (method, one space, target); None if that line has more spaces (llhttp
-    lets them through) or another protocol. llhttp wants CRLF line ends and no CR or LF
-    inside a line: the head ends at the first empty line."""
-    line = start + len(_HTTP11_END)
-    if data[start:line] != _HTTP11_END:
+def _raw_head(
+    data: bytes, line: int, length: str | None, target: str, headers: Headers
+) -> RawHead | None:
+    """The head that begins ``data`` (a read, the head ended in it), whose request line,
+    ``line`` bytes, is ``method target HTTP/1.1``, as a ``RawHead``; None if the head is
+    not found (cannot be: llhttp read it there)."""
+    end = head_end(data, line, headers)
+    if end < 0:
         return None
-    end = data.find(b"\r\n\r\n", line - 2)
-    if end < 0:  # (cannot be: the head ended in this read)
-        return None
-    return RawHead(data[: end + 2], line, int(length) if length is not None else 0, target)
+    return RawHead(data[:end], line, content_length(length) if length is not None else 0, target)
+
+
+def _http11_line(data: bytes, start: int) -> bool:
+    """The request line that begins ``data`` is ``start`` bytes up to `` HTTP/1.1`` and its
+    CRLF (method, one space, target): not if that line has more spaces (llhttp lets them
+    through) or another protocol."""
+    return data[start : start + len(_HTTP11_END)] == _HTTP11_END
 
 
 class RequestReader(Reader):
@@ -294,12 +301,19 @@ class RequestReader(Reader):
             self._synthetic = False
             return
         parser = self._parser
-        raw_method = parser.get_method()
-        if raw_method == b"GET":  # (a comparison: a fresh bytes' hash costs some 400)
-            method = "GET"
+        url = self._url
+        if len(data) > 4 and data[0] == 71 and data[1] == 69 and data[2] == 84 and data[3] == 32:
+            method = "GET"  # the read begins with this head: "GET " without asking llhttp
         else:
-            method = _METHODS.get(raw_method) or raw_method.decode("ascii")
-        if self._complete_head_over(len(method) + len(self._url) + 12, headers):
+            raw_method = parser.get_method()
+            if raw_method == b"GET":  # (a comparison: a fresh bytes' hash costs some 400)
+                method = "GET"
+            else:
+                method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        # ``method target HTTP/1.1`` CRLF at the start of the read: the version is read there
+        start = len(method) + len(url) + 1
+        plain_line = len(data) > 0 and _http11_line(data, start)
+        if self._complete_head_over(start + 11, headers):
             self._fail(431, f"request head exceeds {self.max_header_size} bytes")
             raise Stop
         connection = expect = upgrade = length = coding = None
@@ -323,7 +337,7 @@ class RequestReader(Reader):
                     expect = v if expect is None else f"{expect},{v}"
                 else:  # (Proxy-Connection among them: llhttp reads it for keep-alive)
                     hop = True
-        version = message_version(parser, connection is None and not hop)
+        version = "1.1" if plain_line else message_version(parser, connection is None and not hop)
         if version != "1.1" and version != "1.0":
             self._fail(505, f"HTTP/{version} is not supported")
             raise Stop
@@ -334,8 +348,9 @@ class RequestReader(Reader):
         if chunked and split_tokens(coding or "") != ["chunked"]:
             self._fail(501, f"Transfer-Encoding {coding!r} is not supported")
             raise Stop
-        has_body = chunked or (length is not None and int(length) > 0)
-        if parser.should_upgrade():  # llhttp stops after this head
+        has_body = chunked or (length is not None and content_length(length) > 0)
+        # llhttp stops after this head; without an Upgrade field, for CONNECT only
+        if (upgrade is not None or method == "CONNECT") and parser.should_upgrade():
             if method == "CONNECT":
                 upgrade = None
                 if chunked:
@@ -351,18 +366,17 @@ class RequestReader(Reader):
         else:
             upgrade = None
         http11 = version == "1.1"
-        target = self._url.decode("latin-1")
+        target = url.decode("latin-1")
         raw = None
         if (
-            data
-            and http11
+            plain_line
             and hosts == 1
             and connection is None
             and coding is None
             and expect is None
             and not hop
         ):
-            raw = _raw_head(data, len(raw_method) + len(self._url) + 1, length, target)
+            raw = _raw_head(data, start + len(_HTTP11_END), length, target, headers)
         self._sink.append(
             RequestHead(  # positional: measurably cheaper for a frozen dataclass
                 method,

@@ -9,7 +9,6 @@ Rule: no I/O here; bytes in, events out, commands return the bytes to write.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Final
@@ -25,6 +24,7 @@ from nodeagent.protocol._http1_common import (
     RESPONSE_END,
     RESPONSE_FIELDS,
     BodyChunk,
+    Headers,
     Informational,
     LocalProtocolError,
     ProtocolError,
@@ -44,6 +44,8 @@ from nodeagent.protocol._http1_read import (
     IDLE,
     Reader,
     Stop,
+    content_length,
+    head_end,
     message_version,
     reraise_bug,
 )
@@ -59,7 +61,6 @@ from nodeagent.protocol._http1_write import (
     request_head,
 )
 
-_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HEAD_FIELDS: Final = RESPONSE_FIELDS | HOP_BY_HOP
 """The fields a response head is checked for: its framing, and whether a proxy forwards
 each of its fields unchanged (``Proxy-Connection`` among them: llhttp reads it for
@@ -77,11 +78,11 @@ _STOP_EXTRA: Final = 4  # bytes after a complete response
 _HTTP11: Final = b"HTTP/1.1 "
 
 
-def _raw_head(data: bytes, reason: int, length: int) -> RawHead | None:
-    """The head that begins ``data`` (a read), whose reason phrase is ``reason`` bytes;
-    None unless its status line is ``HTTP/1.1 <status> <reason>`` as written here (llhttp
-    also takes ``RTSP/``, and a line without a reason phrase or its space). llhttp wants
-    CRLF line ends and no CR or LF inside a line: the head ends at the first empty line."""
+def _status_line(data: bytes, reason: int) -> int:
+    """The status code of the head that begins ``data`` (a read) when its status line is
+    ``HTTP/1.1 <status> <reason>`` as written here, ``reason`` bytes of reason phrase
+    (llhttp checked the three digits); 0 if it is another (llhttp also takes ``RTSP/``,
+    and a line without a reason phrase or its space)."""
     line = 13 + reason + 2
     if (
         len(data) < line
@@ -90,11 +91,28 @@ def _raw_head(data: bytes, reason: int, length: int) -> RawHead | None:
         or data[line - 2] != 13
         or data[line - 1] != 10
     ):
+        return 0
+    return data[9] * 100 + data[10] * 10 + data[11] - 5328  # (ord("0") * 111)
+
+
+def _raw_head(data: bytes, reason: int, length: int, headers: Headers) -> RawHead | None:
+    """The head that begins ``data`` (a read, the head ended in it), whose status line
+    ``_status_line`` found, as a ``RawHead``; None if the head is not found (cannot be:
+    llhttp read it there)."""
+    line = 13 + reason + 2
+    end = head_end(data, line, headers)
+    if end < 0:
         return None
-    end = data.find(b"\r\n\r\n", line - 2)
-    if end < 0:  # (cannot be: the head ended in this read)
-        return None
-    return RawHead(data[: end + 2], line, length, "")
+    return RawHead(data[:end], line, length, "")
+
+
+def _has_control(reason: str) -> bool:
+    """A control character other than tab in a reason phrase (llhttp lets them through)."""
+    for c in reason:
+        o = ord(c)
+        if (o < 32 and o != 9) or o == 127:
+            return True
+    return False
 
 
 class UpstreamHttp1(Reader):
@@ -379,7 +397,11 @@ class UpstreamHttp1(Reader):
         self._fields = []  # trailers, if any, go here
         data = self._take_read()
         parser = self._parser
-        status = parser.get_status_code()
+        # ``HTTP/1.1 <status> <reason>`` CRLF at the start of the read: read there
+        status = _status_line(data, len(self._reason)) if data else 0
+        plain_line = status != 0
+        if not plain_line:
+            status = parser.get_status_code()
         reason = self._reason.decode("latin-1")
         if self._complete_head_over(len(reason) + 15, headers):
             self._fail(f"upstream: response head exceeds {self.max_header_size} bytes")
@@ -396,14 +418,14 @@ class UpstreamHttp1(Reader):
                     connection = v if connection is None else f"{connection},{v}"
                 else:
                     hop = True
-        version = message_version(parser, connection is None and not hop)
+        version = "1.1" if plain_line else message_version(parser, connection is None and not hop)
         if version != "1.1" and version != "1.0":
             self._fail(f"upstream: HTTP/{version} is not supported")
             raise Stop
         if status < 100:  # llhttp takes any three digits
             self._fail(f"upstream: invalid status {status:03d}")
             raise Stop
-        if reason and _CONTROL.search(reason):  # llhttp lets them through
+        if reason and _has_control(reason):  # llhttp lets them through
             self._fail("upstream: control character in the reason phrase")
             raise Stop
         if status < 200:
@@ -423,7 +445,7 @@ class UpstreamHttp1(Reader):
         method = self._method
         raw = None
         if (
-            data
+            plain_line
             and keep_alive
             and status >= 200
             and connection is None
@@ -433,7 +455,7 @@ class UpstreamHttp1(Reader):
             and method != "HEAD"
             and method != "CONNECT"
         ):
-            raw = _raw_head(data, len(self._reason), int(length))
+            raw = _raw_head(data, len(self._reason), content_length(length), headers)
         self._sink.append(ResponseHead(status, headers, reason, version, keep_alive, raw))
         if status < 200:  # 101: llhttp stops after this head (HttpParserUpgrade)
             return

@@ -242,20 +242,38 @@ def _added(added: Sequence[tuple[str, str]], refused: frozenset[str], close: boo
     """The lines of fields added to a head forwarded as it came (``Connection: close``
     last if ``close``), after checking none is named in ``refused`` and none has a CR,
     LF or NUL inside."""
-    names = _NAMES
+    prefixes = _REQUEST_ADDED if refused is _REQUEST_OUT_FIELDS else _RESPONSE_ADDED
     parts: list[str] = []  # (one join of them all: no string built per line)
     for name, value in added:
-        if (names.get(name) or _checked_name(name)) in refused:
-            raise LocalProtocolError(f"{name} is not added to a head forwarded as it came")
+        prefix = prefixes.get(name)
+        if prefix is None:
+            prefix = _added_prefix(name, refused, prefixes)
         if "\r" in value or "\n" in value or "\x00" in value:  # (memchr each: no count)
             raise LocalProtocolError(f"CR, LF or NUL inside a header line: {name}: {value!r}")
-        parts += (name, ": ", value, "\r\n")
+        parts += (prefix, value, "\r\n")
     if close:
         parts.append("Connection: close\r\n")
     try:
         return "".join(parts).encode("latin-1")
     except UnicodeEncodeError as e:
         raise LocalProtocolError(f"not latin-1: {e.object[e.start : e.end]!r}") from e
+
+
+_REQUEST_ADDED: Final[dict[str, str]] = {}
+_RESPONSE_ADDED: Final[dict[str, str]] = {}
+"""Names ``_added`` checked (tokens a request's, or a response's, forwarded head may have
+added) mapped to the start of their line, ``name: ``: memos bounded by ``NAMES_MAX``, one
+look-up a field."""
+
+
+def _added_prefix(name: str, refused: frozenset[str], prefixes: dict[str, str]) -> str:
+    """The slow path of ``_added``'s memos: ``name`` must be a token not in ``refused``."""
+    if (_NAMES.get(name) or _checked_name(name)) in refused:
+        raise LocalProtocolError(f"{name} is not added to a head forwarded as it came")
+    prefix = f"{name}: "
+    if len(prefixes) < NAMES_MAX:
+        prefixes[name] = prefix
+    return prefix
 
 
 def _request_line(method: str, target: str) -> str:

@@ -455,6 +455,76 @@ def test_upstream_heads_go_to_the_client_as_their_rebuilt_head_would(
     ]
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # no space after the colons, a body of blank lines just where a head of one-space
+        # fields would end
+        b"POST /a HTTP/1.1\r\nHost:svc\r\nA:1\r\nB:2\r\nC:3\r\nContent-Length: 4\r\n\r\n\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost:  svc  \r\nX-A:\t1\r\nX-E: \r\nX-F:\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A:1 \r\n\r\n" + GET_B,
+    ],
+)
+def test_a_client_head_as_sent_ends_at_its_blank_line(request_bytes: bytes) -> None:
+    events = DownstreamHttp1().receive_data(request_bytes)
+    head = events[0]
+    assert isinstance(head, RequestHead) and head.raw is not None
+    assert head.raw.wire == request_bytes[: request_bytes.index(b"\r\n\r\n") + 2]
+    wire = UpstreamHttp1().send_request_head("POST", "/a", [], raw=head.raw)
+    assert wire == request_bytes[: len(head.raw.wire) + 2]
+    if head.has_body:
+        assert events[1:] == [BodyChunk(b"\r\n\r\n"), RequestEnd()]
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length:4\r\nA:1\r\nB:2\r\nC:3\r\nD:4\r\n\r\n\r\n\r\n",
+        b"HTTP/1.1 201 Made\r\nContent-Length:  004 \r\nX-A:\t1\r\n\r\nabcd",
+    ],
+)
+def test_an_upstream_head_as_sent_ends_at_its_blank_line(response: bytes) -> None:
+    up = upstream_after_request()
+    [resp, body, end] = up.receive_data(response)
+    assert isinstance(resp, ResponseHead) and resp.raw is not None
+    assert resp.raw.wire == response[: response.index(b"\r\n\r\n") + 2]
+    assert resp.raw.length == 4 and body == BodyChunk(response[-4:]) and end == ResponseEnd()
+    assert (
+        resp.status == int(response[9:12]) and resp.reason == response[13:].split(b"\r")[0].decode()
+    )
+    down = DownstreamHttp1()
+    down.receive_data(GET)
+    wire = down.send_response_head(resp.status, [], resp.reason, raw=resp.raw)
+    assert wire + down.send_body(response[-4:]) + down.send_end() == response
+
+
+@pytest.mark.parametrize(
+    ("reason", "refused"),
+    [
+        (b"O\x01K", True),
+        (b"O\x7fK", True),
+        (b"O\x1fK", True),
+        (b"O\tK", False),
+        (b"Caf\xe9", False),
+    ],
+)
+def test_control_characters_in_an_upstreams_reason_are_refused(
+    reason: bytes, refused: bool
+) -> None:
+    up = upstream_after_request()
+    [ev, *_] = up.receive_data(b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 0\r\n\r\n")
+    if refused:
+        assert ev == ProtocolError(502, "upstream: control character in the reason phrase")
+    else:
+        assert isinstance(ev, ResponseHead) and ev.reason == reason.decode("latin-1")
+
+
+def test_an_upstream_status_below_100_is_refused() -> None:
+    up = upstream_after_request()
+    [ev] = up.receive_data(b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n")
+    assert ev == ProtocolError(502, "upstream: invalid status 099")
+
+
 def test_fields_added_to_an_upstreams_are_checked() -> None:
     up = upstream_after_request()
     [resp, *_] = up.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
