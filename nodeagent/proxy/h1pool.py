@@ -1,7 +1,8 @@
 """The upstream HTTP/1.1 connection pool of the L7 path: idle keep-alive connections per
 (source pod, endpoint), and the per-cluster limits of a DestinationRule's
 ``connectionPool`` (``tcp.maxConnections``, ``http.http1MaxPendingRequests``,
-``maxRequestsPerConnection``, ``idleTimeout``).
+``maxRequestsPerConnection``, ``idleTimeout``); and ``Events``, the queue of what an
+HTTP/1.1 machine read and its connection's user has not taken yet (both sides').
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import monotonic
+from typing import Any, Final, Generic, TypeVar
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
@@ -34,6 +36,55 @@ async def dial(connect: ConnectFn, ep: Endpoint, pipe: Pipe, cluster: Cluster) -
             f"connect to {ep} timed out after {cluster.connect_timeout:g}s "
             f"(connectionPool.tcp.connectTimeout of {cluster.name})"
         ) from None
+
+
+E = TypeVar("E")
+
+_DRAINED: Final[list[Any]] = []
+"""What an ``Events`` holds once all is taken (never changed: ``put`` replaces it)."""
+
+
+class Events(Generic[E]):
+    """The events a machine's ``receive_data`` returned, taken one by one. Its lists are
+    fresh each call: one is kept as it came and read by position (a deque's methods, or
+    a list's ``pop(0)``, cost some 300-400 instructions a call compiled)."""
+
+    __slots__ = ("_at", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[E] = _DRAINED
+        self._at = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._at
+
+    def put(self, events: list[E]) -> None:
+        """Queue ``events`` (a list the caller hands over and no longer changes)."""
+        if not events:
+            return
+        if self._at >= len(self._items):
+            self._items = events
+        else:
+            self._items = [*self._items[self._at :], *events]
+        self._at = 0
+
+    def take(self) -> E | None:
+        """The next event, or None."""
+        items, i = self._items, self._at
+        if i >= len(items):
+            return None
+        if i + 1 == len(items):  # (the events taken are not kept alive)
+            self._items = _DRAINED
+            self._at = 0
+        else:
+            self._at = i + 1
+        return items[i]
+
+    def take_all(self) -> list[E]:
+        items = self._items[self._at :]
+        self._items = _DRAINED
+        self._at = 0
+        return items
 
 
 class Overflow(Exception):
@@ -69,20 +120,23 @@ class H1Conn:
         self.cluster = cluster
         self.pipe = pipe
         self.machine = UpstreamHttp1()
-        self.events: deque[UpstreamEvent] = deque()
+        self.events: Events[UpstreamEvent] = Events()
         self.requests = 0
         self.idle_since = 0.0
         self.path = ""
         self.principal = "unknown"
 
     async def next_event(self) -> UpstreamEvent:
-        while not self.events:
+        events = self.events
+        while True:
+            ev = events.take()
+            if ev is not None:
+                return ev
             data = await self.pipe.read()
             evs = self.machine.receive_data(data)
             if not evs and not data:
                 return ConnectionClosed(clean=False)
-            self.events.extend(evs)
-        return self.events.popleft()
+            events.put(evs)
 
 
 class H1Pool:
@@ -98,7 +152,7 @@ class H1Pool:
     ) -> tuple[H1Conn, bool]:
         """A connection to ``ep`` (reused when one is idle) and whether it was reused."""
         addr = endpoint_address(ep)
-        conn = self.reuse(source, cluster, addr)
+        conn = self.reuse(source, cluster, addr, monotonic())
         if conn is not None:
             return conn, True
         key = (source, addr)
@@ -132,14 +186,18 @@ class H1Pool:
             raise
         return conn, False
 
-    def reuse(self, source: str, cluster: Cluster, addr: str) -> H1Conn | None:
+    def reuse(self, source: str, cluster: Cluster, addr: str, now: float) -> H1Conn | None:
         """An idle connection to the endpoint at ``addr`` (``endpoint_address``) still fit
-        to reuse, or None (``acquire``'s first step, without a coroutine: a keep-alive
-        request usually finds one)."""
+        to reuse at ``now`` (``time.monotonic()``), or None (``acquire``'s first step,
+        without a coroutine: a keep-alive request usually finds one)."""
         idle = self._idle.get((source, addr))
         if not idle:
             return None
-        now = monotonic()
+        return self.take_idle(idle, cluster, now)
+
+    def take_idle(self, idle: list[H1Conn], cluster: Cluster, now: float) -> H1Conn | None:
+        """``reuse`` from ``idle``, the idle connections of one (source, endpoint) (an
+        ``H1Conn.idle``: a caller that kept it skips hashing the key)."""
         while idle:
             conn = idle.pop()
             stale = now - conn.idle_since > cluster.idle_timeout

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Coroutine, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Final
 
 from nodeagent.core.balancer import endpoint_address
 from nodeagent.core.clusters import Cluster
@@ -37,7 +38,7 @@ from nodeagent.protocol.http1 import (
     Upgraded,
     forwardable_headers,
 )
-from nodeagent.proxy.h1pool import H1Conn
+from nodeagent.proxy.h1pool import Events, H1Conn
 from nodeagent.proxy.l7body import RETRY_BUFFER, RequestBody, done_body
 from nodeagent.proxy.l7conn import Downstream, Exchange, begin_exchange
 from nodeagent.proxy.l7engine import L7Engine
@@ -45,6 +46,12 @@ from nodeagent.proxy.l7retry import LocalReply, Redirect, retriable_status, with
 from nodeagent.proxy.pipe import Pipe, PipeClosed
 
 log = logging.getLogger("nodeagent.proxy.l7")
+
+_monotonic: Final = time.monotonic
+"""(``Final``: compiled code reads it from a C static, not through the module ``time``.)"""
+
+_NO_HOSTS: Final[frozenset[str]] = frozenset()
+"""The hosts a request's first attempt excludes (a set is made only for a retry)."""
 
 
 class H1Sink:
@@ -80,7 +87,7 @@ class Http1Session:
         self.down = DownstreamHttp1(
             max_header_size=limits.max_header_size, max_headers=limits.max_headers
         )
-        self.events: deque[DownstreamEvent] = deque()
+        self.events: Events[DownstreamEvent] = Events()
         self.timed_out = ""
         """Why ``next_request`` gave up waiting: ``idle_timeout`` or
         ``request_headers_timeout`` (empty: it did not)."""
@@ -96,24 +103,31 @@ class Http1Session:
         self._waiting = False
         self._head = False
         self._expired = False
+        self._idle_addr = ""
+        self._idle: list[H1Conn] | None = None
+        """The pool's idle connections to ``_idle_addr`` from this client's pod (the
+        endpoint of the last request, usually the next one's too)."""
 
     async def next_event(self) -> DownstreamEvent:
         events = self.events
-        while not events:
+        while True:
+            ev = events.take()
+            if ev is not None:
+                return ev
             data = await self.pipe.read()
             evs = self.down.receive_data(data)
             if not evs and not data:
                 return ConnectionClosed(clean=False)
-            events.extend(evs)
-        return events.popleft()
+            events.put(evs)
 
     async def next_request(self) -> DownstreamEvent | None:
         """The next request's first event; None when the client stayed silent for the
         idle timeout, or took longer than the head timeout from the request's first byte
         to the end of its head (``timed_out`` says which)."""
         events = self.events
-        if events:
-            return events.popleft()
+        ev = events.take()
+        if ev is not None:
+            return ev
         limits = self.engine.http1_limits
         loop = self._loop
         if loop is None:
@@ -127,12 +141,14 @@ class Http1Session:
             self._timer = loop.call_at(loop.time() + self._tick, self._expire)
         self._waiting = True
         try:
-            while not events:
+            while True:
                 data = await self.pipe.read()
                 evs = self.down.receive_data(data)
-                if not evs and not data:
+                if evs:
+                    events.put(evs)
+                    break
+                if not data:
                     return ConnectionClosed(clean=False)
-                events.extend(evs)
                 if not self._head:  # the head's clock starts at its first byte
                     self._head = True
                     self._deadline = loop.time() + limits.request_headers_timeout
@@ -145,7 +161,7 @@ class Http1Session:
             return None
         finally:
             self._waiting = False
-        return events.popleft()
+        return events.take()
 
     def _expire(self) -> None:
         """The connection's timer: cancels ``next_request``'s wait once its deadline has
@@ -163,7 +179,7 @@ class Http1Session:
         self._timer = loop.call_at(due, self._expire)
 
     def take_now(self) -> DownstreamEvent | None:
-        return self.events.popleft() if self.events else None
+        return self.events.take()
 
     async def serve(self) -> None:
         pipe, down, ds = self.pipe, self.down, self.ds
@@ -180,7 +196,7 @@ class Http1Session:
                     keep = await self._exchange(ev)
                     if not keep or not down.keep_alive:
                         return
-                    self.events.extend(down.start_next_request())
+                    self.events.put(down.start_next_request())
                 elif isinstance(ev, ProtocolError):
                     flag = "DPE"
                     pipe.write(down.send_error(ev.status, ev.reason, flag))
@@ -197,7 +213,7 @@ class Http1Session:
                             ev.status,
                             ev.reason,
                         )
-                    x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
+                    x = Exchange(_monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
                     x.status = ev.status
                     x.flag(flag)
                     self.engine.recorder.record(ds, x)
@@ -225,7 +241,7 @@ class Http1Session:
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
         )
         self.engine.limit_hit(limit, self.ds, reason)
-        x = Exchange(time.monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
+        x = Exchange(_monotonic(), time.time(), "-", "-", "-", "HTTP/1.1")
         x.status = 408
         self.engine.recorder.record(self.ds, x)
 
@@ -245,7 +261,8 @@ class Http1Session:
             head.headers = (("host", authority), *((k, v) for k, v in head.headers if k != "host"))
             head.raw = None
         req = Request(head.method, target, authority, hdrs, self.ds.conn)
-        x = begin_exchange(req, f"HTTP/{head.http_version}")
+        version = head.http_version
+        x = begin_exchange(req, "HTTP/1.1" if version == "1.1" else f"HTTP/{version}")
         body = RequestBody(self)
         if head.expect_continue and not bad:  # Envoy's default: answer 100 ourselves
             self.pipe.write(self.down.send_continue())
@@ -306,20 +323,21 @@ class Http1Session:
                 await body.finish()
             return True
         raw = head.raw
-        out: list[tuple[str, str]]
+        out: Sequence[tuple[str, str]]
         if raw is not None and p.mirror is None and p.authority == req.authority and p.only_adds():
             # the client's head goes upstream as it came, the plan's fields after its own:
             # the head ``forwardable_headers`` and ``edit_request`` would make, but for the
             # case of names and the spaces around values
-            out = list(p.add_headers)
+            out = p.add_headers
         else:
             raw = None
-            out = forwardable_headers(head.headers, upgrade=head.upgrade)
+            fields = forwardable_headers(head.headers, upgrade=head.upgrade)
             if head.expect_continue:
-                out = [(k, v) for k, v in out if k != "expect"]
-            p.edit_request(out)
+                fields = [(k, v) for k, v in fields if k != "expect"]
+            p.edit_request(fields)
             if p.authority != req.authority:
-                out = [("host", p.authority), *((k, v) for k, v in out if k != "host")]
+                fields = [("host", p.authority), *((k, v) for k, v in fields if k != "host")]
+            out = fields
         if head.upgrade is not None:
             return await self._upgrade(head, p.path, out, p.cluster, x)
         try:
@@ -334,12 +352,12 @@ class Http1Session:
             raise LocalReply(504, "UT", f"upstream request timeout ({p.timeout:g}s)") from None
         finally:
             if p.mirror is not None:
-                self.engine.maybe_mirror(self.ds, p.mirror, head.method, p.path, out, body)
+                self.engine.maybe_mirror(self.ds, p.mirror, head.method, p.path, list(out), body)
 
     async def _attempts(
         self,
         head: RequestHead,
-        out: list[tuple[str, str]],
+        out: Sequence[tuple[str, str]],
         raw: RawHead | None,
         body: RequestBody,
         p: Plan,
@@ -350,7 +368,7 @@ class Http1Session:
         engine, ds = self.engine, self.ds
         cluster, policy, target = p.cluster, p.retry, p.path
         bal = engine.clusters.balancer(cluster, ds.pod)
-        tried: set[str] = set()
+        tried: AbstractSet[str] = _NO_HOSTS
         retries_left = policy.attempts
         last_flag = "UF"
         while True:
@@ -358,20 +376,25 @@ class Http1Session:
             if host is None:
                 raise LocalReply(503, "UH", f"no healthy upstream for {cluster.name}")
             ep, addr = host.endpoint, host.addr
-            tried.add(addr)
             x.attempts += 1
             x.upstream = addr
             x.dst_pod = ep.pod
-            x.sent_at = time.monotonic()
+            x.sent_at = now = _monotonic()
             failure: str | None = None
             status_retry = False
             host.start()
             conn: H1Conn | None = None
             try:
                 try:
-                    conn = engine.pool.reuse(ds.pool_key, cluster, addr)
+                    idle = self._idle if addr == self._idle_addr else None
+                    if idle is not None:
+                        conn = engine.pool.take_idle(idle, cluster, now)
+                    else:
+                        conn = engine.pool.reuse(ds.pool_key, cluster, addr, now)
                     if conn is not None:
                         reused = True
+                        if idle is None:  # (a pooled connection has been in its list)
+                            self._idle_addr, self._idle = addr, conn.idle
                     else:
                         conn, reused = await engine.acquire(ds, cluster, ep)
                     x.dst_principal = conn.principal
@@ -417,6 +440,7 @@ class Http1Session:
                 x, cluster, policy, body, retries_left, failure or "", last_flag, status_retry
             ):
                 retries_left -= 1
+                tried = {*tried, addr}  # the next attempt goes elsewhere when it can
                 continue
 
     async def _respond(
@@ -431,7 +455,7 @@ class Http1Session:
     ) -> bool:
         pipe, down = self.pipe, self.down
         x.status = resp.status
-        x.answered_at = time.monotonic()
+        x.answered_at = _monotonic()
         raw = resp.raw if not response_ops else None
         if raw is not None:  # the upstream's head goes as it came, a cookie after it
             headers = [] if set_cookie is None else [("set-cookie", set_cookie)]
@@ -447,9 +471,8 @@ class Http1Session:
             # small response (head, body, end in one read) costs one write, not three.
             out = [down.send_response_head(resp.status, headers, resp.reason, raw=raw)]
             while True:
-                if conn.events:
-                    ev = conn.events.popleft()
-                else:
+                ev = conn.events.take()
+                if ev is None:
                     if out:
                         pipe.write(b"".join(out))
                         out = []
@@ -486,7 +509,7 @@ class Http1Session:
         self,
         head: RequestHead,
         target: str,
-        out: list[tuple[str, str]],
+        out: Sequence[tuple[str, str]],
         cluster: Cluster,
         x: Exchange,
     ) -> bool:
@@ -519,10 +542,9 @@ class Http1Session:
             for item in down.take_events():
                 if isinstance(item, Upgraded):
                     conn.pipe.write(item.data)
-            for up_item in list(conn.events):
+            for up_item in conn.events.take_all():
                 if isinstance(up_item, Upgraded):
                     pipe.write(up_item.data)
-            conn.events.clear()
             await asyncio.gather(_copy(pipe, conn.pipe), _copy(conn.pipe, pipe))
             return False
         finally:
@@ -558,13 +580,14 @@ async def _response_head(conn: H1Conn, per_try_timeout: float | None) -> Sent:
                 return await _response_head(conn, None)
         events, machine, pipe = conn.events, conn.machine, conn.pipe
         while True:
-            while not events:  # ``conn.next_event`` inlined: one coroutine less per request
+            ev = events.take()
+            while ev is None:  # ``conn.next_event`` inlined: one coroutine less per request
                 data = await pipe.read()
                 evs = machine.receive_data(data)
                 if not evs and not data:
                     return None, ("reset", "UC")
-                events.extend(evs)
-            ev = events.popleft()
+                events.put(evs)
+                ev = events.take()
             if isinstance(ev, ResponseHead):
                 return ev, None
             if isinstance(ev, Informational):
