@@ -431,6 +431,44 @@ def test_relay_through_a_tunnel_16_mib_each_way_with_half_close(mesh: Mesh) -> N
     run(main)
 
 
+def test_a_relayed_read_reaches_tls_in_its_own_callback_and_writes_batch(mesh: Mesh) -> None:
+    """The relay passes each read on in one write, so its write into a tunnel goes to TLS
+    at once (no flush of its own on the next pass of the loop); plain writes still wait
+    for one flush that sends all written in that callback."""
+
+    async def main() -> None:
+        server = await echo_server(mesh)
+        pool = pool_for(mesh)
+        peer = await open_peer(pool, server)
+        stream = peer.transport
+        assert isinstance(stream, HboneStream)
+        conn = stream._conn
+        relay = ConnectionTable(Metrics()).open({"direction": "outbound"})
+        relay.client = stream
+        before = conn.bytes_out
+        UpstreamSide(relay).data_received(b"ping")
+        assert conn.bytes_out == before + 9 + 4  # one DATA frame, handed to TLS already
+        while peer.received < 4:
+            peer.arrived.clear()
+            await peer.arrived.wait()
+        before = conn.bytes_out
+        stream.write(b"po")
+        stream.write(b"ng")
+        assert conn.bytes_out == before  # not yet: the flush comes after this callback
+        await asyncio.sleep(0)
+        assert conn.bytes_out == before + 2 * (9 + 2)
+        while peer.received < 8:
+            peer.arrived.clear()
+            await peer.arrived.wait()
+        stream.write_eof()
+        await peer.eof
+        assert peer.digest.hexdigest() == hashlib.sha256(b"pingpong").hexdigest()
+        pool.close()
+        server.abort()
+
+    run(main)
+
+
 # -- pooling ------------------------------------------------------------------------------
 
 
