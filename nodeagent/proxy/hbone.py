@@ -492,7 +492,10 @@ class HboneConn(asyncio.BufferedProtocol):
         self.received_any = False
         self._early: list[bytes] = []
         self._rbuf: bytearray | None = None
-        """The read buffer (made on the first read, grown to what TLS asks for)."""
+        """The read buffer (made on the first read, grown to what TLS asks for: a new one,
+        never resized in place, so a view of it may live as long as it does)."""
+        self._rview: memoryview | None = None
+        """A view of all of ``_rbuf`` (made with it: slicing it costs one view per read)."""
         self._rkeep = 0
         """Bytes at the start of ``_rbuf``: an incomplete frame, completed by the next read."""
         self._flush_scheduled = False
@@ -519,26 +522,28 @@ class HboneConn(asyncio.BufferedProtocol):
         self.flush()
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def get_buffer(self, sizehint: int) -> bytearray | memoryview:
         keep = self._rkeep
         want = keep + max(sizehint, READ_MIN)
         buf = self._rbuf
-        if buf is None or len(buf) < want:
+        view = self._rview
+        if buf is None or view is None or len(buf) < want:
             grown = bytearray((want + READ_GRANULE - 1) // READ_GRANULE * READ_GRANULE)
             if keep and buf is not None:
                 grown[:keep] = buf[:keep]
             self._rbuf = buf = grown
-        return memoryview(buf)[keep:]
+            self._rview = view = memoryview(grown)
+        # (the buffer itself when it starts empty, as it mostly does: no view to make)
+        return view[keep:] if keep else buf
 
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf
-        if buf is None or nbytes <= 0:
+        view = self._rview
+        if buf is None or view is None or nbytes <= 0:
             return
         end = self._rkeep + nbytes
-        # (try/finally, not ``with``: compiled, no __enter__/__exit__ calls per read; the
-        # views must go, or the buffer could not grow)
-        whole = memoryview(buf)
-        mv = whole[:end]
+        # (try/finally, not ``with``: compiled, no __enter__/__exit__ calls per read)
+        mv = view[:end]
         try:
             if self.transport is None:  # TLS finished but we have not attached yet
                 self._early.append(mv.tobytes())
@@ -551,11 +556,10 @@ class HboneConn(asyncio.BufferedProtocol):
             events, used = self.machine.receive_frames(mv)
             left = end - used
             if left and used:
-                whole[:left] = mv[used:end]  # the incomplete frame to the front
+                view[:left] = mv[used:end]  # the incomplete frame to the front
             self._rkeep = left
         finally:
             mv.release()
-            whole.release()
         self.dispatch(events)
         self.flush()
         self._flush_scheduled = scheduled and not self.lost
@@ -576,6 +580,7 @@ class HboneConn(asyncio.BufferedProtocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self._rbuf = None
+        self._rview = None
         self._rkeep = 0
         err = self.lost_error(exc)
         for st in list(self.streams.values()):
