@@ -41,7 +41,7 @@ import contextlib
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
 
 import h2.events as h2e
 import h2.exceptions as h2x
@@ -55,15 +55,16 @@ if TYPE_CHECKING:
     from h2.stream import H2Stream
     from hyperframe.frame import Frame
 
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65535
+MAX_WINDOW: Final = 2**31 - 1
+DEFAULT_WINDOW: Final = 65535
 """A window before any SETTINGS or WINDOW_UPDATE (RFC 9113 §6.9.2)."""
 
 # Frame layout (RFC 9113 §4.1): 24-bit length, type, flags, 31-bit stream id.
-FRAME_HEADER = struct.Struct(">BHBBL")
-DATA = 0x0
+# (``Final``: compiled, a constant or a static, not a lookup in the module dict per use)
+FRAME_HEADER: Final = struct.Struct(">BHBBL")
+DATA: Final = 0x0
 
-OWN_PIECE = 16 * 1024
+OWN_PIECE: Final = 16 * 1024
 """``take_output`` hands a DATA payload this large on as it is (a TLS record's worth: a
 smaller one costs less copied into its neighbours than written as a record of its own)."""
 
@@ -411,14 +412,11 @@ class Connection(Generic[S]):
             # Fast path: nothing queued, and it fits the windows and one frame.
             h2 = self._h2
             hs = s.h2
-            conn_window = h2.outbound_flow_control_window
-            if (
-                size <= conn_window
-                and size <= hs.outbound_flow_control_window
-                and size <= h2.max_outbound_frame_size
-            ):
+            conn_window: int = h2.outbound_flow_control_window
+            stream_window: int = hs.outbound_flow_control_window
+            if size <= conn_window and size <= stream_window and size <= h2.max_outbound_frame_size:
                 h2.outbound_flow_control_window = conn_window - size
-                hs.outbound_flow_control_window -= size
+                hs.outbound_flow_control_window = stream_window - size
                 out = self._out
                 if h2._data_to_send:  # h2's frames (HEADERS, ...) go first
                     out.append(h2.data_to_send())

@@ -37,7 +37,7 @@ import secrets
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import h2.events as h2e
 import h2.exceptions as h2x
@@ -312,13 +312,15 @@ def _decode_headers(
 # -- machines -----------------------------------------------------------------------------
 
 # What the DATA fast path (``_frames``) reads of a frame header, and the WINDOW_UPDATE it writes.
-_WINDOW_UPDATE = struct.Struct(">BHBBLL")
-_HEADERS = 0x1
-_PUSH_PROMISE = 0x5
-_CONTINUATION = 0x9
-_END_STREAM = 0x1
-_END_HEADERS = 0x4
-_PADDED = 0x8
+# (``Final``: compiled, constants and statics, not lookups in the module dict per frame)
+_WINDOW_UPDATE: Final = struct.Struct(">BHBBLL")
+_UNPACK_HEADER: Final = FRAME_HEADER.unpack_from
+_HEADERS: Final = 0x1
+_PUSH_PROMISE: Final = 0x5
+_CONTINUATION: Final = 0x9
+_END_STREAM: Final = 0x1
+_END_HEADERS: Final = 0x4
+_PADDED: Final = 0x8
 
 
 def _data_header(length: int, stream_id: int, flags: int = 0) -> bytes:
@@ -498,7 +500,7 @@ class _Connection(Connection[_Stream]):
         n = len(mv)
         run = pos  # start of a run of frames for h2
         max_in = self.settings.max_frame_size
-        unpack = FRAME_HEADER.unpack_from
+        unpack = _UNPACK_HEADER
         while n - pos >= 9:
             # (typed: compiled, the arithmetic below is on machine ints, not objects)
             head: tuple[int, int, int, int, int] = unpack(mv, pos)

@@ -27,7 +27,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from nodeagent.errors import PeerError
 from nodeagent.identity.tls import describe_verify_error
@@ -45,19 +45,20 @@ from nodeagent.proxy.peerwarn import warn_once
 
 log = logging.getLogger("nodeagent.hbone")
 
-HBONE_PORT = 15008
+# (``Final``: compiled, constants, not lookups in the module dict per read or write)
+HBONE_PORT: Final = 15008
 """Where a node's proxy serves HBONE for its pods, and so where clients dial."""
-STREAM_HIGH_WATER = 256 * 1024
+STREAM_HIGH_WATER: Final = 256 * 1024
 """Default write high-water mark of a stream (bytes queued waiting for window)."""
-TLS_HIGH_WATER = 1024 * 1024
+TLS_HIGH_WATER: Final = 1024 * 1024
 """Write high-water mark of the TLS transport under all streams of a connection."""
-READ_MIN = 16 * 1024 + 256
+READ_MIN: Final = 16 * 1024 + 256
 """The least room offered to TLS for a read (a record's plaintext, and some)."""
-READ_GRANULE = 64 * 1024
+READ_GRANULE: Final = 64 * 1024
 """The read buffer grows in steps of this (TLS asks for what it holds, up to ~256 KiB)."""
-WRITE_CHUNK = 64 * 1024
+WRITE_CHUNK: Final = 64 * 1024
 """Bytes handed to TLS per write (see ``HboneConn._write``)."""
-CLOSE_GRACE = 5.0
+CLOSE_GRACE: Final = 5.0
 """Seconds a closed connection may take to hand its last bytes (GOAWAY) to a peer that
 does not read before it is aborted (its unsent output would otherwise stay forever)."""
 
@@ -629,6 +630,10 @@ class HboneConn(asyncio.BufferedProtocol):
         """Hand ``pieces`` to TLS in writes of about ``WRITE_CHUNK`` bytes: each write's
         records are read out of TLS as one new bytes object, which stays small enough to
         be reused from the heap rather than mapped and unmapped (page faults) every time."""
+        if len(pieces) == 1:  # (the common case: no batch list to build)
+            transport.writelines(pieces)
+            self.bytes_out += len(pieces[0])
+            return
         total = 0
         batch: list[bytes | memoryview] = []
         size = 0
