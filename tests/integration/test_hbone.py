@@ -37,6 +37,7 @@ from nodeagent.proxy.hbone_server import (
     HboneServer,
     start_hbone_server,
 )
+from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, UpstreamSide
 from nodeagent.telemetry.metrics import Metrics
 
@@ -463,6 +464,46 @@ def test_a_relayed_read_reaches_tls_in_its_own_callback_and_writes_batch(mesh: M
         stream.write_eof()
         await peer.eof
         assert peer.digest.hexdigest() == hashlib.sha256(b"pingpong").hexdigest()
+        pool.close()
+        server.abort()
+
+    run(main)
+
+
+def test_a_pipes_last_write_before_it_waits_reaches_tls_at_once(mesh: Mesh) -> None:
+    """``Pipe.write_last`` (a request without a body, then its answer is awaited) goes
+    to TLS in the caller's callback; after a ``Pipe.write``, both go in the one flush
+    scheduled for that callback (one TLS record, no head and body apart)."""
+
+    async def main() -> None:
+        server = await echo_server(mesh)
+        pool = pool_for(mesh)
+        pipe = Pipe()
+        await pool.open_stream(
+            source_identity=CLIENT_ID,
+            expected_identity=SERVER_ID,
+            peer=server.sockets[0].getsockname()[:2],
+            authority="10.0.0.1:80",
+            headers={},
+            protocol=pipe,
+        )
+        stream = pipe.transport
+        assert isinstance(stream, HboneStream)
+        conn = stream._conn
+        before = conn.bytes_out
+        pipe.write_last(b"GET / HTTP/1.1\r\n\r\n")
+        assert conn.bytes_out == before + 9 + 18  # one DATA frame, handed to TLS already
+        before = conn.bytes_out
+        pipe.write(b"POST / HTTP/1.1\r\n")
+        pipe.write_last(b"\r\n")  # a flush is pending: it joins that one
+        assert conn.bytes_out == before
+        await asyncio.sleep(0)
+        assert conn.bytes_out == before + 2 * 9 + 19
+        got = b""
+        while len(got) < 18 + 19:
+            got += await pipe.read()
+        assert got == b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\n\r\n"
+        assert pipe.bytes_out == 18 + 19
         pool.close()
         server.abort()
 
