@@ -7,6 +7,7 @@ connection and request has its log line with the right fields."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -90,6 +91,9 @@ class LabelledRig(Rig):
                     assert set(PEERS) <= set(smp.labels), smp.labels
                     total += smp.value
         return total
+
+    def _log_file(self) -> io.BufferedWriter:
+        return io.BufferedWriter(io.BytesIO())  # read back by ``written``
 
     def written(self, node: str) -> list[dict[str, Any]]:
         """The lines ``node``'s access log wrote out (flushed now)."""
