@@ -534,8 +534,9 @@ class HboneConn(asyncio.BufferedProtocol):
                 grown[:keep] = buf[:keep]
             self._rbuf = buf = grown
             self._rview = view = memoryview(grown)
-        # (the buffer itself when it starts empty, as it mostly does: no view to make)
-        return view[keep:] if keep else buf
+        # the kept view, not the bytearray: asyncio's SSL transport reads into slices of
+        # what it is given, and a bytearray's slice is a copy (the bytes would be lost)
+        return view[keep:] if keep else view
 
     def buffer_updated(self, nbytes: int) -> None:
         buf = self._rbuf

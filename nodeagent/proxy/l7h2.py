@@ -267,8 +267,9 @@ class H2Pool:
             try:
                 await asyncio.shield(pending)  # its failure is this request's too
             except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # this request was cancelled, not the dial
+                me = asyncio.current_task()
+                if not pending.cancelled() or (me is not None and me.cancelling()):
+                    raise  # this request was cancelled (perhaps with the dial's)
             # the dialled connection may be full already (its peer's stream limit), or
             # the dial was abandoned by its request: look again
         if self._active.get(cluster.name, 0) >= limit:  # others may have opened meanwhile
