@@ -195,39 +195,20 @@ class HboneStream(asyncio.Transport):
 
     # -- asyncio.Transport: writing ----------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._queue(data):
-            conn = self._conn
-            if not conn._flush_scheduled:
-                conn.schedule_flush()
-
-    def write_flush(self, data: bytes) -> None:
-        """``write``, from a caller that writes nothing more in this callback (the relay,
-        passing on one read): the bytes go to TLS now, as one record with whatever else
-        is queued, not in a flush of their own on the next pass of the loop (a Handle
-        and a loop iteration per write). Inside the connection's own dispatch, or with a
-        flush scheduled already, they wait for that one as ``write``'s do."""
-        if self._queue(data):
-            conn = self._conn
-            if not conn._flush_scheduled:
-                conn._flush_scheduled = True  # (writes made while it runs join it)
-                conn.flush()
-
-    def _queue(self, data: bytes | bytearray | memoryview) -> bool:
-        """Hand ``data`` to the machine (pausing the protocol above the high-water mark);
-        False if there was nothing to send."""
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or self._lost or not data:
-            return False
+            return
         if type(data) is not bytes:
             data = bytes(data)
         conn = self._conn
         pending = conn.machine.send_data(self.id, data)
+        if not conn._flush_scheduled:
+            conn.schedule_flush()
         if pending > self._high and not self._write_paused:
             self._write_paused = True
             conn.write_paused.add(self)
             self._call("pause_writing")
-        return True
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:

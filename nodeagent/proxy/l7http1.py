@@ -567,10 +567,7 @@ def _send(
     """Send the request on ``conn`` now; what to await for the response head (a plain
     function: no coroutine of its own per request)."""
     wire = conn.machine.send_request_head(head.method, target, out, body=head.has_body, raw=raw)
-    if head.has_body:
-        conn.pipe.write(wire)  # the body's first bytes join it in one TLS record
-    else:  # nothing follows before the answer: into HBONE's TLS now, not a loop pass later
-        conn.pipe.write_last(wire)
+    conn.pipe.write(wire)
     body.attach(H1Sink(conn))
     return _response_head(conn, policy.per_try_timeout)
 

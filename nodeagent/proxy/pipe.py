@@ -17,8 +17,6 @@ from typing import cast
 
 from mypy_extensions import mypyc_attr
 
-from nodeagent.proxy.hbone import HboneStream
-
 READ_LIMIT = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -162,20 +160,6 @@ class Pipe(asyncio.Protocol):
             return
         self.bytes_out += len(data)
         t.write(data)
-
-    def write_last(self, data: bytes) -> None:
-        """``write``, from a caller that writes nothing more before it waits (a request
-        without a body, then its answer): on an HBONE stream the tunnel's TLS write goes
-        now (``HboneStream.write_flush``), not in a flush of its own on the next pass of
-        the loop; on any other transport, as ``write``."""
-        t = self.transport
-        if t is None or self.lost or not data:
-            return
-        self.bytes_out += len(data)
-        if type(t) is HboneStream:
-            t.write_flush(data)
-        else:
-            t.write(data)
 
     def write_backlogged(self) -> bool:
         """The transport's write buffer is above its high-water mark (the peer is not

@@ -6,8 +6,7 @@ forwarded as ``write_eof`` on the other and the relay ends when both directions 
 (the second EOF closes both sides at once: the close sends that FIN, one ``shutdown``
 fewer per connection).
 A reset or error on either side aborts the other, so one broken peer ends only its own
-connection. Each read is passed on in one write; on an HBONE stream that write also
-flushes the tunnel (``HboneStream.write_flush``): nothing more follows in that callback.
+connection.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, cast
-
-from nodeagent.proxy.hbone import HboneStream
 
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -114,9 +111,7 @@ class ClientSide(asyncio.Protocol):
         r = self.relay
         r.bytes_sent += len(data)
         up = r.upstream
-        if type(up) is HboneStream:  # one read passed on: the tunnel's TLS write goes now
-            up.write_flush(data)
-        elif up is not None:
+        if up is not None:
             up.write(data)
         else:
             r.pending.append(data)
@@ -169,9 +164,7 @@ class UpstreamSide(asyncio.Protocol):
         r = self.relay
         r.bytes_received += len(data)
         c = r.client
-        if type(c) is HboneStream:
-            c.write_flush(data)
-        elif c is not None:
+        if c is not None:
             c.write(data)
 
     def eof_received(self) -> bool:

@@ -37,7 +37,6 @@ from nodeagent.proxy.hbone_server import (
     HboneServer,
     start_hbone_server,
 )
-from nodeagent.proxy.pipe import Pipe
 from nodeagent.proxy.relay import ClientSide, UpstreamSide
 from nodeagent.telemetry.metrics import Metrics
 
@@ -438,84 +437,6 @@ def test_relay_through_a_tunnel_16_mib_each_way_with_half_close(
         echo.close()
 
     run(main, runner=runner)
-
-
-def test_a_relayed_read_reaches_tls_in_its_own_callback_and_writes_batch(mesh: Mesh) -> None:
-    """The relay passes each read on in one write, so its write into a tunnel goes to TLS
-    at once (no flush of its own on the next pass of the loop); plain writes still wait
-    for one flush that sends all written in that callback."""
-
-    async def main() -> None:
-        server = await echo_server(mesh)
-        pool = pool_for(mesh)
-        peer = await open_peer(pool, server)
-        stream = peer.transport
-        assert isinstance(stream, HboneStream)
-        conn = stream._conn
-        relay = ConnectionTable(Metrics()).open({"direction": "outbound"})
-        relay.client = stream
-        before = conn.bytes_out
-        UpstreamSide(relay).data_received(b"ping")
-        assert conn.bytes_out == before + 9 + 4  # one DATA frame, handed to TLS already
-        while peer.received < 4:
-            peer.arrived.clear()
-            await peer.arrived.wait()
-        before = conn.bytes_out
-        stream.write(b"po")
-        stream.write(b"ng")
-        assert conn.bytes_out == before  # not yet: the flush comes after this callback
-        await asyncio.sleep(0)
-        assert conn.bytes_out == before + 2 * (9 + 2)
-        while peer.received < 8:
-            peer.arrived.clear()
-            await peer.arrived.wait()
-        stream.write_eof()
-        await peer.eof
-        assert peer.digest.hexdigest() == hashlib.sha256(b"pingpong").hexdigest()
-        pool.close()
-        server.abort()
-
-    run(main)
-
-
-def test_a_pipes_last_write_before_it_waits_reaches_tls_at_once(mesh: Mesh) -> None:
-    """``Pipe.write_last`` (a request without a body, then its answer is awaited) goes
-    to TLS in the caller's callback; after a ``Pipe.write``, both go in the one flush
-    scheduled for that callback (one TLS record, no head and body apart)."""
-
-    async def main() -> None:
-        server = await echo_server(mesh)
-        pool = pool_for(mesh)
-        pipe = Pipe()
-        await pool.open_stream(
-            source_identity=CLIENT_ID,
-            expected_identity=SERVER_ID,
-            peer=server.sockets[0].getsockname()[:2],
-            authority="10.0.0.1:80",
-            headers={},
-            protocol=pipe,
-        )
-        stream = pipe.transport
-        assert isinstance(stream, HboneStream)
-        conn = stream._conn
-        before = conn.bytes_out
-        pipe.write_last(b"GET / HTTP/1.1\r\n\r\n")
-        assert conn.bytes_out == before + 9 + 18  # one DATA frame, handed to TLS already
-        before = conn.bytes_out
-        pipe.write(b"POST / HTTP/1.1\r\n")
-        pipe.write_last(b"\r\n")  # a flush is pending: it joins that one
-        assert conn.bytes_out == before
-        await asyncio.sleep(0)
-        assert conn.bytes_out == before + 2 * 9 + 19
-        got = b""
-        while len(got) < 18 + 19:
-            got += await pipe.read()
-        assert got == b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\n\r\n"
-        assert pipe.bytes_out == 18 + 19
-        pool.close()
-        server.abort()
-
-    run(main)
 
 
 # -- pooling ------------------------------------------------------------------------------
