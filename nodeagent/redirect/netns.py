@@ -149,20 +149,27 @@ class NetnsHandle:
         return s
 
     def _make(self, family: int, type: int, n: int, proto: int = 0) -> list[_Socket]:
-        out: list[_Socket] = []
+        """Up to ``n`` sockets; fewer when one fails after the first (near the process's
+        descriptor limit a batch of 32 must not fail where one socket would do)."""
         if self._here:
-            return [_Socket(family, type, proto) for _ in range(n)]
+            return self._make_here(family, type, n, proto)
         with _lock:
             _setns(self.fd)
             try:
-                for _ in range(n):
-                    out.append(_Socket(family, type, proto))
-            except OSError:
-                for s in out:
-                    s.close()
-                raise
+                return self._make_here(family, type, n, proto)
             finally:
                 _setns(self._home)
+
+    @staticmethod
+    def _make_here(family: int, type: int, n: int, proto: int) -> list[_Socket]:
+        out: list[_Socket] = []
+        for _ in range(n):
+            try:
+                out.append(_Socket(family, type, proto))
+            except OSError:
+                if not out:
+                    raise
+                break
         return out
 
     def close(self) -> None:
