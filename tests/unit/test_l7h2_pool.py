@@ -5,16 +5,44 @@ its streams' tasks at once)."""
 from __future__ import annotations
 
 import asyncio
-import types
+import random
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from nodeagent.control.files import load_directory
+from nodeagent.core.balancer import BalancerRegistry
+from nodeagent.core.clusters import Cluster, Clusters
+from nodeagent.model.objects import PodRuntime
+from nodeagent.model.traffic import Destination
 from nodeagent.proxy.l7h2 import H2Pool
 from nodeagent.proxy.pipe import Pipe
 
+MESH = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {nodeName: n2, containers: [{name: c, command: [x]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: grpc, port: 50051, appProtocol: grpc}]
+"""
 
-def test_waiters_cancelled_with_the_dial_they_wait_for_end_cancelled() -> None:
+
+def web_cluster(tmp: Path) -> Cluster:
+    (tmp / "mesh.yaml").write_text(MESH)
+    runtimes = {"default/web": PodRuntime("default/web", "10.1.0.1", "n2", "")}
+    snap = load_directory(tmp, runtimes=runtimes).snapshot
+    clusters = Clusters(BalancerRegistry(lambda: 0.0, random.Random(1)))
+    return clusters.cluster(snap, Destination("web.default.svc.cluster.local"), 50051)
+
+
+def test_waiters_cancelled_with_the_dial_they_wait_for_end_cancelled(tmp_path: Path) -> None:
     dials: list[str] = []
 
     async def connect(ep: Any, pipe: Pipe) -> tuple[str, str]:
@@ -22,8 +50,8 @@ def test_waiters_cancelled_with_the_dial_they_wait_for_end_cancelled() -> None:
         await asyncio.sleep(3600)  # an endpoint that never answers the dial
         raise AssertionError("unreachable")
 
-    cluster: Any = types.SimpleNamespace(name="c", max_h2_requests=100, connect_timeout=None)
-    ep: Any = types.SimpleNamespace(ip="10.0.0.1", port=80)
+    cluster = web_cluster(tmp_path)
+    (ep,) = cluster.endpoints
 
     async def main() -> None:
         pool = H2Pool()
