@@ -222,7 +222,7 @@ def forwarded_head(
     its own) and ``added`` fields after its own, checked here; an added field may not
     frame the message or name the host (``Host``, ``Connection``, ``Content-Length``,
     ``Transfer-Encoding``, ``Upgrade``): the client's fields decide those."""
-    tail = _added(added, _REQUEST_OUT_FIELDS, False)
+    tail = _added(added, _REQUEST_OUT_FIELDS, _REQUEST_ADDED, False)
     if target == raw.target:
         return b"%b%b\r\n" % (raw.wire, tail)
     line = _request_line(method, target).encode("latin-1")
@@ -235,14 +235,19 @@ def forwarded_response(raw: RawHead, added: Sequence[tuple[str, str]], close: bo
     the message (``Connection``, ``Content-Length``, ``Transfer-Encoding``)."""
     if not added and not close:
         return raw.wire + b"\r\n"
-    return b"%b%b\r\n" % (raw.wire, _added(added, RESPONSE_FIELDS, close))
+    return b"%b%b\r\n" % (raw.wire, _added(added, RESPONSE_FIELDS, _RESPONSE_ADDED, close))
 
 
-def _added(added: Sequence[tuple[str, str]], refused: frozenset[str], close: bool) -> bytes:
+def _added(
+    added: Sequence[tuple[str, str]],
+    refused: frozenset[str],
+    prefixes: dict[str, str],
+    close: bool,
+) -> bytes:
     """The lines of fields added to a head forwarded as it came (``Connection: close``
     last if ``close``), after checking none is named in ``refused`` and none has a CR,
-    LF or NUL inside."""
-    prefixes = _REQUEST_ADDED if refused is _REQUEST_OUT_FIELDS else _RESPONSE_ADDED
+    LF or NUL inside; ``prefixes``: the names already checked against ``refused``, each
+    caller's own memo (``_REQUEST_ADDED``, ``_RESPONSE_ADDED``)."""
     parts: list[str] = []  # (one join of them all: no string built per line)
     for name, value in added:
         prefix = prefixes.get(name)
