@@ -504,7 +504,7 @@ class HboneConn(asyncio.BufferedProtocol):
         self.flush()
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------
-    def get_buffer(self, sizehint: int) -> bytearray | memoryview:
+    def get_buffer(self, sizehint: int) -> memoryview:
         keep = self._rkeep
         want = keep + max(sizehint, READ_MIN)
         buf = self._rbuf

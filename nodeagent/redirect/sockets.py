@@ -55,11 +55,10 @@ detached at exit (``_forget``), since a C socket closes its descriptor when free
 
 def _on_fd(fd: int) -> _socket.socket:
     on = _ON_FD[fd] = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-    if len(_ON_FD) == 1:
-        atexit.register(_forget)
     return on
 
 
+@atexit.register
 def _forget() -> None:
     """Detach the kept C sockets: none may close a number another file holds by then."""
     for on in _ON_FD.values():
