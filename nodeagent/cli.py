@@ -415,8 +415,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.source != "kubernetes" and args.kubeconfig:
         print("nodeagent run: --kubeconfig is for --source kubernetes", file=sys.stderr)
         return 2
-    # The agent forks only for nsenter/iptables; gRPC's fork handlers just log noise then.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from nodeagent.app import run_agent
     from nodeagent.config import AgentSettings
 
@@ -522,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports grpc, which reads it once: the agent forks only for
+    # nsenter/iptables, and gRPC's fork handlers then log a line per fork, nothing more.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     try:
         try:
             rc = _main(argv)

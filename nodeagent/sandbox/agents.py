@@ -25,6 +25,10 @@ from nodeagent.sandbox.topology import NodePlan, host_cgroup_root_rel
 
 AGENT_TIMEOUT = 30.0
 """Seconds an agent gets to report ready."""
+TAKEOVER_TIMEOUT = 90.0
+"""Seconds a new agent gets to take a running one's listeners over (``roll_agent``): it
+waits up to 60 s for its pods to be ready (``app.HANDOVER_READY_TIMEOUT``), then up to 10
+s for the old agent to let go, after its own start."""
 AGENT_GRACE = 3.0
 """Seconds an agent gets after SIGTERM (to drain and clean up) before it is killed."""
 BPF_PIN_DIR = "/sys/fs/bpf/nodeagent-sandbox"
@@ -100,15 +104,23 @@ def start(
 
 def ready(node: NodePlan) -> bool:
     """Whether ``node``'s agent answers on its socket with status ready."""
+    return not_ready(node) is None
+
+
+def not_ready(node: NodePlan) -> str | None:
+    """Why ``node``'s agent is not ready, as seen on its socket (None: it is)."""
     from nodeagent.admin.client import AdminClient
 
     if not os.path.exists(node.socket):
-        return False
+        return f"no socket at {node.socket}"
     try:
         with AdminClient(node.socket, timeout=1.0) as client:
-            return client.status().get("ready") is True
-    except Exception:
-        return False
+            status = client.status()
+    except Exception as e:
+        return f"its socket did not answer: {e}"
+    if status.get("ready") is True:
+        return None
+    return "it answers not ready: `nodeagent ctl workloads` shows each pod's capture state"
 
 
 def wait_ready(
@@ -179,12 +191,17 @@ def wait_taken_over(
                 f"{processes.indent(processes.tail(node.log))}"
             )
         now = socket_inode(path)
-        if now is not None and now != before and ready(node):
-            return
+        if now is None or now == before:
+            why: str | None = f"the hand-over socket {path} is still the old agent's"
+        else:
+            why = not_ready(node)
+            if why is None:
+                return
         if time.monotonic() > deadline:
             raise LocalStateError(
-                f"the new agent of node {node.name} did not take over within {timeout:.0f}s; "
-                f"the end of {node.log}:\n{processes.indent(processes.tail(node.log))}"
+                f"the new agent of node {node.name} did not take over within {timeout:.0f}s "
+                f"({why}); the end of {node.log}:\n"
+                f"{processes.indent(processes.tail(node.log))}"
             )
         time.sleep(0.1)
 

@@ -24,7 +24,7 @@ from typing import Any
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.sandbox import agents, ca, cgroups, netlink, pods, processes
-from nodeagent.sandbox.agents import AGENT_TIMEOUT, dns_proxy_on
+from nodeagent.sandbox.agents import AGENT_TIMEOUT, TAKEOVER_TIMEOUT, dns_proxy_on
 from nodeagent.sandbox.cleanup import leftovers, teardown, teardown_locked
 from nodeagent.sandbox.pods import POD_TIMEOUT
 from nodeagent.sandbox.state import PODS_FILE, Progress, Record, locked, quiet, require_root
@@ -284,7 +284,7 @@ class Sandbox(Record):
     def roll_agent(
         self,
         node: str,
-        timeout: float = AGENT_TIMEOUT,
+        timeout: float = TAKEOVER_TIMEOUT,
         exit_timeout: float | None = 120.0,
         cgroup: str = "",
     ) -> int:

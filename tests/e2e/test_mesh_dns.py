@@ -259,3 +259,7 @@ def test_an_upgrade_hands_the_dns_sockets_over(sb: Sandbox, resolver: Resolver) 
     assert sb.agent_pids["node1"] != old
     assert getent(sb, "client", "web") == [service_ip(sb, "web")]
     assert getent(sb, "client", "outside.test") == ["192.0.2.10"]
+    # The agents forked for their pods' capture (nsenter, iptables) with gRPC running:
+    # its fork handlers are off, so the log holds no line of theirs per fork.
+    log = Path(sb.agent_log("node1")).read_text()
+    assert "captured" in log and "fork() handlers" not in log

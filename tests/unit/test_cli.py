@@ -214,6 +214,36 @@ def test_run_reaches_the_config_loader(tmp_path: Path) -> None:
     assert f"{missing}: not a directory".encode() in done.stderr
 
 
+def test_grpc_sees_fork_support_off_before_it_is_imported() -> None:
+    """gRPC reads ``GRPC_ENABLE_FORK_SUPPORT`` when it is first imported; the command
+    line's own imports (the subcommands' modules) bring it in, so the setting must come
+    first, or every fork of the agent (nsenter, iptables) logs a line of gRPC's."""
+    script = (
+        "import os, sys\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'grpc':\n"
+        "            print('at import:', os.environ.get('GRPC_ENABLE_FORK_SUPPORT'))\n"
+        "            sys.meta_path.remove(self)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "from nodeagent.cli import main\n"
+        "main(['native', 'status'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert "at import: false" in done.stdout.splitlines(), done.stdout + done.stderr
+
+
 def test_path_normalization_is_istios_option_default_base(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
