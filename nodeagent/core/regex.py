@@ -11,20 +11,31 @@ from __future__ import annotations
 
 from typing import Any
 
-import re2
-from re2 import _re2
-
 __all__ = ["MAX_PATTERN_LENGTH", "Re2Regex", "RegexError", "compile_regex"]
 
 MAX_PATTERN_LENGTH = 1024
 """Longer patterns are refused: a route match is not a program (Envoy's default
 ``max_program_size`` refuses large ones the same way)."""
 
-_OPTIONS: Any = re2.Options()
-_OPTIONS.log_errors = False  # a bad pattern is our ConfigError, not a line on stderr
-_OPTIONS.never_capture = True  # only whether it matches counts: the fastest RE2 path
-_BOTH: Any = _re2.RE2.Anchor.ANCHOR_BOTH
+_RE2: Any = None
+_OPTIONS: Any = None
+_BOTH: Any = None
+"""RE2's compiler, its options and its whole-input anchor, loaded by the first pattern
+compiled (``_load``): a mesh without a ``regex`` match never maps RE2 and its C++
+runtime (1 MiB of each agent's RSS)."""
 _NO_MATCH = (-1, -1)
+
+
+def _load() -> Any:
+    global _RE2, _OPTIONS, _BOTH
+    import re2
+    from re2 import _re2
+
+    options = re2.Options()
+    options.log_errors = False  # a bad pattern is our ConfigError, not a line on stderr
+    options.never_capture = True  # only whether it matches counts: the fastest RE2 path
+    _OPTIONS, _BOTH, _RE2 = options, _re2.RE2.Anchor.ANCHOR_BOTH, _re2.RE2
+    return _RE2
 
 
 class RegexError(ValueError):
@@ -58,7 +69,7 @@ def compile_regex(pattern: str) -> Re2Regex:
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise RegexError(f"longer than {MAX_PATTERN_LENGTH} characters")
     try:
-        compiled = _re2.RE2(pattern.encode(), _OPTIONS)
+        compiled = (_RE2 or _load())(pattern.encode(), _OPTIONS)
     except UnicodeEncodeError:
         raise RegexError("not valid Unicode text") from None
     if not compiled.ok():

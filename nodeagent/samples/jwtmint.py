@@ -12,16 +12,18 @@ import sys
 import time
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from nodeagent.core.jwt import ALGORITHMS, MIN_RSA_BITS
 
 
 def generate_key(alg: str, kid: str = "key-1") -> tuple[bytes, str]:
     """A new key for ``alg`` (RS256 or ES256): ``(private key PEM, JWKS JSON text)``."""
+    # PyJWT here, not at import: every `nodeagent` command, the agent's too, builds this
+    # subcommand's parser, and the agent loads PyJWT only for a RequestAuthentication.
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     if alg == "RS256":
         key = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
@@ -42,6 +44,8 @@ def generate_key(alg: str, kid: str = "key-1") -> tuple[bytes, str]:
 
 def mint(private_pem: bytes, alg: str, kid: str | None, claims: dict[str, Any]) -> str:
     """A token with ``claims`` signed by ``private_pem`` (``kid`` in the header if given)."""
+    import jwt  # (see generate_key)
+
     if alg not in ALGORITHMS:
         raise ValueError(f"unsupported alg {alg!r} (one of {', '.join(ALGORITHMS)})")
     key = serialization.load_pem_private_key(private_pem, password=None)

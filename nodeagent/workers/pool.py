@@ -14,9 +14,8 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
 from prometheus_client.core import Metric
 
 from nodeagent.config import AgentSettings
@@ -27,6 +26,9 @@ from nodeagent.model.status import ConnectionInfo, WorkerStatus
 from nodeagent.proxy.pods import LocalPods
 from nodeagent.proxy.sharedbuckets import SharedBuckets
 from nodeagent.workers.wire import Channel, ChannelClosed
+
+if TYPE_CHECKING:  # imported by a pool when made: an agent without workers does without
+    import psutil
 
 log = logging.getLogger("nodeagent.workers")
 
@@ -97,6 +99,8 @@ class WorkerPool:
         self._ids = 0
         self._refused: dict[str, PodRuntime] = {}
         """Pods whose listeners are in no reuseport group (logged once each)."""
+        import psutil
+
         self._main = psutil.Process()
         self._main.cpu_percent(interval=None)
 
@@ -351,6 +355,8 @@ class WorkerPool:
 
 
 def _process(pid: int) -> psutil.Process | None:
+    import psutil
+
     try:
         p = psutil.Process(pid)
         p.cpu_percent(interval=None)  # the first call starts the measurement
@@ -360,6 +366,8 @@ def _process(pid: int) -> psutil.Process | None:
 
 
 def _usage(index: int, p: psutil.Process, state: str, conns: int, restarts: int) -> WorkerStatus:
+    import psutil
+
     try:
         with p.oneshot():
             cpu = p.cpu_percent(interval=None)

@@ -73,15 +73,28 @@ def loaded(imports: str, modules: tuple[str, ...]) -> list[str]:
     return names
 
 
-HEAVY = ("lightkube", "httpx2", "msgspec", "dns", "importlib.metadata", "idna", "opentelemetry")
+HEAVY = (
+    *("lightkube", "httpx2", "msgspec", "dns", "importlib.metadata", "idna", "opentelemetry"),
+    *("re2", "jwt", "psutil"),
+)
 """Libraries an idle agent was measured to hold MiB for, and no longer imports: the
 Kubernetes client lightkube (with httpx2, msgspec: 6 MiB), dnspython (with
 importlib.metadata and idna: 3.2 MiB), the OpenTelemetry SDK when no span is exported
-(2.3 MiB)."""
+(2.3 MiB); RE2 (1.0 MiB) until a pattern is compiled, PyJWT (0.8) until a JWKS key is
+parsed, psutil (0.8) until a Status or a worker pool asks."""
+AGENT = "nodeagent.cli, nodeagent.app, nodeagent.workers.child, nodeagent.admin.server"
+"""What an agent imports; ``nodeagent run`` builds the command line's whole parser too."""
 
 
 def test_an_agent_on_a_config_directory_loads_none_of_them() -> None:
-    assert loaded("nodeagent.cli, nodeagent.app, nodeagent.workers.child", HEAVY) == []
+    assert loaded(f"{AGENT}; nodeagent.cli.build_parser()", HEAVY) == []
+
+
+def test_a_mesh_without_regex_or_jwt_rules_loads_neither() -> None:
+    """Loading a config (bookinfo's) compiles no pattern and parses no JWKS."""
+    bookinfo = Path(__file__).resolve().parents[2] / "examples" / "bookinfo"
+    load = f"nodeagent.control.files; nodeagent.control.files.load_directory({str(bookinfo)!r})"
+    assert loaded(f"{AGENT}, {load}", ("re2", "jwt")) == []
 
 
 def test_an_agent_on_the_kubernetes_api_loads_none_of_them() -> None:
