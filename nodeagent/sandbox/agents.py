@@ -192,7 +192,7 @@ def wait_taken_over(
             )
         now = socket_inode(path)
         if now is None or now == before:
-            why: str | None = f"the hand-over socket {path} is still the old agent's"
+            why: str | None = f"no new hand-over socket at {path}: the old agent has not let go"
         else:
             why = not_ready(node)
             if why is None:
