@@ -56,6 +56,15 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _settled_fds(most: int, timeout: float = 5.0) -> int:
+    """The open descriptors' count once it is at most ``most``, or at ``timeout``: other
+    threads of the test run (gRPC's, executors) may hold one for a moment."""
+    deadline = time.monotonic() + timeout
+    while (n := _open_fds()) > most and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n
+
+
 class OldAgent:
     """A ``HandoverServer`` in an event loop of its own thread, serving ``socks``."""
 
@@ -310,4 +319,4 @@ def test_a_broken_old_agent_means_a_cold_start_and_no_leaked_descriptor(
         s.close()
     for fd in fds[: len(fds) - len(mine)]:
         os.close(fd)
-    assert _open_fds() == before - len(fds)  # everything received was closed again
+    assert _settled_fds(before - len(fds)) <= before - len(fds)  # all received was closed
