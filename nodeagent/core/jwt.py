@@ -48,10 +48,17 @@ DEFAULT_PARAM = "access_token"
 
 Claim: TypeAlias = str | tuple[str, ...]
 
-_JWS: list[jwt.PyJWS] = []
-"""PyJWT's verifier, made by the first key parsed: PyJWT (with ``http.client``,
-``urllib.request`` and ``email``, which it imports) is loaded only by a mesh that has a
-RequestAuthentication (0.8 MiB of each agent's RSS otherwise)."""
+
+@lru_cache(maxsize=1)
+def _verifier() -> jwt.PyJWS:
+    """PyJWT's verifier, made when a token is first checked: PyJWT (with ``http.client``,
+    ``urllib.request`` and ``email``, which it imports) is loaded only by a mesh that has
+    a RequestAuthentication (0.8 MiB of each agent's RSS otherwise)."""
+    import jwt
+
+    return jwt.PyJWS(algorithms=list(ALGORITHMS))
+
+
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 
 
@@ -141,8 +148,6 @@ def _jwk_alg(jwk: Mapping[str, Any]) -> str:
 def _key(jwk: Mapping[str, Any], kid: str | None) -> Key:
     import jwt
 
-    if not _JWS:
-        _JWS.append(jwt.PyJWS(algorithms=list(ALGORITHMS)))
     alg = _jwk_alg(jwk)
     try:
         pyjwk = jwt.PyJWK(dict(jwk), algorithm=alg)
@@ -351,8 +356,8 @@ def _signed_by(token: str, key: Key) -> bool:
         return hit[1]
     import jwt
 
-    try:  # (a Key exists, so _key made the verifier)
-        _JWS[0].decode_complete(token, key=key.jwk, algorithms=[key.alg])
+    try:
+        _verifier().decode_complete(token, key=key.jwk, algorithms=[key.alg])
         ok = True
     except jwt.PyJWTError:
         ok = False
