@@ -466,7 +466,7 @@ class Agent:
         """Once ready, tell the old agent to let go; then serve the hand-over socket."""
         if inherited is not None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + HANDOVER_READY_TIMEOUT
+            deadline = loop.time() + handover.READY_TIMEOUT
             while not self.proxy.all_ready() and loop.time() < deadline:
                 await asyncio.sleep(0.1)
             if not self.proxy.all_ready():
@@ -474,7 +474,7 @@ class Agent:
             for lst in inherited.untaken():
                 log.info("hand-over: %s %s:%d is not served here", lst.kind, lst.pod, lst.port)
             inherited.close_untaken()
-            released = await asyncio.to_thread(inherited.release, 10.0)
+            released = await asyncio.to_thread(inherited.release, handover.RELEASE_TIMEOUT)
             log.info(
                 "hand-over: serving %d listener(s) of pid %d (%s)",
                 inherited.count,
@@ -511,8 +511,6 @@ class Agent:
 
 HANDOVER_TIMEOUT = 5.0
 """Seconds the old agent gets to hand its listeners over; beyond, a cold start."""
-HANDOVER_READY_TIMEOUT = 60.0
-"""Seconds a new agent waits for its pods (certificates, capture) before taking over."""
 
 
 def _setup_logging(level: str) -> None:

@@ -58,6 +58,10 @@ MAX_LISTENERS = 16_384
 KINDS = frozenset({"outbound", "inbound", "hbone", "dns-udp", "dns-tcp", "metrics", "ready"})
 """What a listener may be: a pod's five (``dns-udp`` a bound UDP socket, the rest
 listening TCP sockets), the node's HTTP two."""
+READY_TIMEOUT = 60.0
+"""Seconds a new agent waits for its pods (certificates, capture) before taking over."""
+RELEASE_TIMEOUT = 10.0
+"""Seconds a new agent then waits for the old one to confirm it let go."""
 _LEN = struct.Struct(">I")
 
 

@@ -25,10 +25,9 @@ from nodeagent.sandbox.topology import NodePlan, host_cgroup_root_rel
 
 AGENT_TIMEOUT = 30.0
 """Seconds an agent gets to report ready."""
-TAKEOVER_TIMEOUT = 90.0
-"""Seconds a new agent gets to take a running one's listeners over (``roll_agent``): it
-waits up to 60 s for its pods to be ready (``app.HANDOVER_READY_TIMEOUT``), then up to 10
-s for the old agent to let go, after its own start."""
+TAKEOVER_START = 20.0
+"""Seconds a new agent gets to start, before what it allows itself to take over
+(``takeover_timeout``)."""
 AGENT_GRACE = 3.0
 """Seconds an agent gets after SIGTERM (to drain and clean up) before it is killed."""
 BPF_PIN_DIR = "/sys/fs/bpf/nodeagent-sandbox"
@@ -170,6 +169,15 @@ def socket_inode(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def takeover_timeout() -> float:
+    """Seconds a new agent gets to take a running one's listeners over (``roll_agent``):
+    its start, then what it waits itself: its pods' readiness and the old agent's
+    release (``proxy.handover``, imported only here: it brings grpc)."""
+    from nodeagent.proxy.handover import READY_TIMEOUT, RELEASE_TIMEOUT
+
+    return TAKEOVER_START + READY_TIMEOUT + RELEASE_TIMEOUT
 
 
 def wait_taken_over(

@@ -24,7 +24,7 @@ from typing import Any
 from nodeagent.errors import ConfigError, ConfigErrors, LocalStateError
 from nodeagent.model.objects import PodRuntime
 from nodeagent.sandbox import agents, ca, cgroups, netlink, pods, processes
-from nodeagent.sandbox.agents import AGENT_TIMEOUT, TAKEOVER_TIMEOUT, dns_proxy_on
+from nodeagent.sandbox.agents import AGENT_TIMEOUT, dns_proxy_on
 from nodeagent.sandbox.cleanup import leftovers, teardown, teardown_locked
 from nodeagent.sandbox.pods import POD_TIMEOUT
 from nodeagent.sandbox.state import PODS_FILE, Progress, Record, locked, quiet, require_root
@@ -284,15 +284,16 @@ class Sandbox(Record):
     def roll_agent(
         self,
         node: str,
-        timeout: float = TAKEOVER_TIMEOUT,
+        timeout: float | None = None,
         exit_timeout: float | None = 120.0,
         cgroup: str = "",
     ) -> int:
         """What a DaemonSet rolling update does (maxSurge 1, maxUnavailable 0): start a new
         agent (same command line, the node's cgroup) alongside the running one, which
         hands it its listeners (docs/upgrade.md); once the new one serves, the old one
-        drains and exits. Waits up to ``exit_timeout`` seconds for that exit (None: not at
-        all). ``cgroup``: the new agent runs in a cgroup of that name beside the node's
+        drains and exits. Waits up to ``timeout`` seconds for the take-over (None:
+        ``agents.takeover_timeout()``) and up to ``exit_timeout`` for that exit (None: not
+        at all). ``cgroup``: the new agent runs in a cgroup of that name beside the node's
         (a DaemonSet's new pod, ``agents.pod_cgroups``). Returns the old agent's pid; the
         state records the new one's."""
         if not self.agents:
@@ -308,7 +309,8 @@ class Sandbox(Record):
         self._reap()
         new = self._start_agent(plan_, successor=True, cgroup=cgroup)
         try:
-            agents.wait_taken_over(plan_, new, before, timeout)
+            wait = agents.takeover_timeout() if timeout is None else timeout
+            agents.wait_taken_over(plan_, new, before, wait)
         except LocalStateError:
             self.agent_pids[plan_.name] = old
             with contextlib.suppress(ProcessLookupError):
