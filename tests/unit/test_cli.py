@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from checkout import ROOT, python_env
 
 from nodeagent.cli import EXIT_BROKEN_PIPE, build_parser, main
 from nodeagent.config import AgentSettings
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -141,9 +140,7 @@ def test_otlp_endpoint_is_off_unless_given() -> None:
 
 def _run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     """``nodeagent ARGV`` in a real process whose stdout's reader is already gone."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = python_env()
     read, write = os.pipe()
     os.close(read)
     try:
@@ -174,9 +171,7 @@ def test_a_closed_pipe_ends_quietly(argv: list[str], code: int) -> None:
 
 
 def test_piped_into_head_ends_quietly() -> None:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = python_env()
     done = subprocess.run(
         [
             "sh",
@@ -197,9 +192,7 @@ def test_piped_into_head_ends_quietly() -> None:
 def test_run_reaches_the_config_loader(tmp_path: Path) -> None:
     """``nodeagent run`` gets as far as reading its config (the agent's start-up path:
     a stray local import once shadowed ``os`` there and every agent died at start)."""
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = python_env()
     missing = tmp_path / "no-such-config"
     done = subprocess.run(
         [sys.executable, "-m", "nodeagent", "run", "--node", "n1", "--config", str(missing)],
@@ -230,8 +223,8 @@ def test_grpc_sees_fork_support_off_before_it_is_imported() -> None:
         "from nodeagent.cli import main\n"
         "main(['native', 'status'])\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = python_env()
+    env.pop("GRPC_ENABLE_FORK_SUPPORT", None)
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

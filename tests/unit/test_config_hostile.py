@@ -7,13 +7,13 @@ status`` and loads the next good edit."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from checkout import python_env
 from fuzzing import fuzz
 from hypothesis import given
 from hypothesis import strategies as st
@@ -177,8 +177,7 @@ def test_the_watcher_keeps_serving_and_loads_each_good_edit_after_a_bad_one(
 
 
 def _run_agent(directory: Path) -> subprocess.CompletedProcess[bytes]:
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, PYTHONPATH=path)
+    env = python_env()
     return subprocess.run(
         [sys.executable, "-m", "nodeagent", "run", "--node", "n1", "--config", str(directory)],
         capture_output=True,

@@ -5,12 +5,10 @@ agent's own netns, as host mode does: no ``setns``, no root)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from checkout import ROOT, python_env
 
 SCENARIO = """
 import json, os, resource
@@ -43,9 +41,7 @@ print(json.dumps({"fds": sorted(s.fileno() for s in got), "free": free[:3], "las
 def test_a_batch_near_the_descriptor_limit_gives_what_it_could_make() -> None:
     # In a process of its own: in the test run's, other threads (gRPC's, executors) open
     # and close descriptors meanwhile and take the free numbers counted on.
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = python_env()
     done = subprocess.run(
         [sys.executable, "-c", SCENARIO],
         capture_output=True,
